@@ -1,0 +1,85 @@
+"""JSON that keeps FHIR's decimals as written.
+
+FHIR ``decimal`` carries its precision in its text (``1.50`` is not ``1.5``;
+https://hl7.org/fhir/R4/datatypes.html#decimal). ``orjson`` parses numbers to
+binary floats, so a body that holds a number whose text a float would not
+reproduce (trailing zeros, exponents, more than 15 significant digits, integers
+beyond 64 bits) is parsed again with the standard library, keeping those
+numbers as :class:`Decimal`, and :func:`dumps` writes them back verbatim.
+Everything else takes the fast path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from gateway.fhir.outcome import Code, FhirError
+
+# A number literal that a binary float would not round-trip textually.
+# JSON numbers only follow ``:``, ``[`` or ``,``; text inside strings rarely does.
+_LOSSY = re.compile(
+    rb"[:\[,]\s*-?[0-9]+(?:\.[0-9]*0(?![0-9])|(?:\.[0-9]+)?[eE]|[0-9.]{16,})"
+)
+
+
+class Number(Decimal):
+    """A decimal that remembers how it was written."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def __new__(cls, text: str) -> Number:
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, Number):
+        return orjson.Fragment(obj.text)
+    if isinstance(obj, Decimal):
+        return orjson.Fragment(str(obj))
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _big_int(text: str) -> int | Number:
+    value = int(text)
+    return value if -(2**63) <= value < 2**64 else Number(text)
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON; raise :class:`FhirError` (GW-1001) on malformed input."""
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        if _LOSSY.search(raw):
+            return json.loads(raw, parse_float=Number, parse_int=_big_int)
+        return orjson.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise FhirError(Code.MALFORMED_JSON, str(exc)) from None
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj, default=_default)
+
+
+def dumps_pretty(obj: Any) -> bytes:
+    return orjson.dumps(obj, default=_default, option=orjson.OPT_INDENT_2)
+
+
+def depth_exceeds(obj: Any, limit: int) -> bool:
+    """True when ``obj`` nests objects/arrays deeper than ``limit``."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return False

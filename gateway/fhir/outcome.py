@@ -1,0 +1,129 @@
+"""OperationOutcome and the gateway's stable error codes.
+
+Every failure the gateway reports carries a ``GW-NNNN`` code in
+``OperationOutcome.issue.details.coding`` (system :data:`ERROR_SYSTEM`). The
+code, its FHIR issue type and its HTTP status live in one table,
+:class:`Code`; the HTTP layer reads the status from there and nowhere else.
+
+Spec: https://hl7.org/fhir/R4/operationoutcome.html,
+https://hl7.org/fhir/R4/http.html#Status-Codes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+ERROR_SYSTEM = "https://carepath-gateway.org/fhir/CodeSystem/error-code"
+
+
+class Code(Enum):
+    """``GW-NNNN`` code -> (HTTP status, issue type, summary)."""
+
+    # 1xxx: the request itself is malformed
+    MALFORMED_JSON = ("GW-1001", 400, "structure", "Body is not valid JSON")
+    NOT_AN_OBJECT = ("GW-1002", 400, "structure", "Body is not a JSON object")
+    UNKNOWN_RESOURCE_TYPE = ("GW-1003", 400, "not-supported", "Unknown resource type")
+    TYPE_MISMATCH = ("GW-1004", 400, "invalid", "resourceType does not match the URL")
+    ID_MISMATCH = ("GW-1005", 400, "invalid", "Resource id does not match the URL")
+    ID_MISSING = ("GW-1006", 400, "required", "Resource id is required for update")
+    INVALID_ID = ("GW-1007", 400, "value", "Invalid resource id")
+    UNSUPPORTED_MEDIA_TYPE = ("GW-1008", 415, "not-supported", "Unsupported media type")
+    NOT_ACCEPTABLE = ("GW-1009", 406, "not-supported", "Requested format is not supported")
+    TOO_DEEP = ("GW-1010", 400, "too-costly", "JSON nesting is too deep")
+    TOO_LARGE = ("GW-1011", 413, "too-costly", "Request body is too large")
+    TOO_MANY_ENTRIES = ("GW-1012", 413, "too-costly", "Bundle has too many entries")
+    INVALID_SEARCH_VALUE = ("GW-1013", 400, "value", "Invalid search parameter value")
+    UNKNOWN_SEARCH_PARAM = ("GW-1014", 400, "not-supported", "Unknown search parameter")
+    INVALID_PATCH = ("GW-1016", 400, "invalid", "Invalid JSON Patch document")
+    INVALID_BUNDLE = ("GW-1017", 400, "invalid", "Invalid Bundle")
+    INVALID_ENTRY = ("GW-1018", 400, "invalid", "Invalid Bundle entry")
+    INVALID_HEADER = ("GW-1020", 400, "value", "Invalid HTTP header value")
+    INVALID_CONDITION = ("GW-1021", 400, "invalid", "Invalid conditional criteria")
+    INVALID_RESOURCE = ("GW-1022", 400, "structure", "Resource content is invalid")
+    UNKNOWN_ENDPOINT = ("GW-1023", 404, "not-found", "Unknown endpoint")
+    UNSUPPORTED_SEARCH = ("GW-1024", 400, "not-supported", "Unsupported search feature")
+    # 2xxx: what was asked for is not there
+    NOT_FOUND = ("GW-2001", 404, "not-found", "Resource not found")
+    GONE = ("GW-2002", 410, "deleted", "Resource was deleted")
+    VERSION_NOT_FOUND = ("GW-2003", 404, "not-found", "Resource version not found")
+    SEARCH_EXPIRED = ("GW-2004", 410, "not-found", "Search result set expired or unknown")
+    # 3xxx: state conflicts
+    VERSION_CONFLICT = ("GW-3001", 412, "conflict", "Version does not match If-Match")
+    MULTIPLE_MATCHES = ("GW-3002", 412, "multiple-matches", "Conditional criteria match more than one resource")
+    UNRESOLVED_REFERENCE = ("GW-3003", 412, "not-found", "Conditional reference does not resolve to one resource")
+    DUPLICATE_IDENTITY = ("GW-3004", 409, "conflict", "Transaction entries touch the same resource")
+    CONCURRENT_CONFLICT = ("GW-3005", 409, "conflict", "Concurrent modification; retry the request")
+    # 4xxx: not supported
+    METHOD_NOT_ALLOWED = ("GW-4001", 405, "not-supported", "Interaction not supported here")
+    VALIDATION_FAILED = ("GW-4002", 422, "processing", "Resource failed validation")
+    PATCH_RESULT_INVALID = ("GW-4003", 422, "processing", "Patched resource is invalid")
+    # 5xxx: the gateway's own trouble
+    INTERNAL = ("GW-5001", 500, "exception", "Internal error")
+    UNAVAILABLE = ("GW-5002", 503, "transient", "Storage is unavailable")
+
+    def __init__(self, gw: str, status: int, issue_type: str, summary: str) -> None:
+        self.gw = gw
+        self.status = status
+        self.issue_type = issue_type
+        self.summary = summary
+
+
+@dataclass(frozen=True, slots=True)
+class Issue:
+    code: Code
+    diagnostics: str | None = None
+    expression: tuple[str, ...] = ()
+    severity: str = "error"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "severity": self.severity,
+            "code": self.code.issue_type,
+            "details": {
+                "coding": [{"system": ERROR_SYSTEM, "code": self.code.gw}],
+                "text": self.code.summary,
+            },
+        }
+        if self.diagnostics:
+            out["diagnostics"] = self.diagnostics
+        if self.expression:
+            out["expression"] = list(self.expression)
+        return out
+
+
+@dataclass(slots=True)
+class FhirError(Exception):
+    """A failure the client caused or must know about; becomes an OperationOutcome."""
+
+    code: Code
+    diagnostics: str | None = None
+    expression: tuple[str, ...] = ()
+    extra: list[Issue] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.code.gw} {self.code.summary}: {self.diagnostics or ''}"
+
+    @property
+    def status(self) -> int:
+        return self.code.status
+
+    def issues(self) -> list[Issue]:
+        return [Issue(self.code, self.diagnostics, self.expression), *self.extra]
+
+    def outcome(self) -> dict[str, Any]:
+        return operation_outcome(self.issues())
+
+
+def operation_outcome(issues: Iterable[Issue]) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome", "issue": [i.to_json() for i in issues]}
+
+
+def information(text: str) -> dict[str, Any]:
+    """An all-is-well OperationOutcome (``Prefer: return=OperationOutcome``)."""
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "information", "code": "informational", "diagnostics": text}],
+    }

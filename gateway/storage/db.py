@@ -1,0 +1,251 @@
+"""Database connections for SQLite (embedded) and PostgreSQL (production).
+
+SQL in the gateway is written once with ``?`` placeholders; the PostgreSQL
+connection rewrites them to ``$n`` (cached per statement). Both connection
+kinds offer the same four calls: ``execute``, ``executemany``, ``fetch``,
+``fetchrow``. :meth:`Database.transaction` yields a connection inside one
+database transaction that holds the write lock for its resources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
+
+import aiosqlite
+import asyncpg
+
+Row = tuple[Any, ...]
+
+
+class RetryableError(Exception):
+    """A transaction lost a race (deadlock, serialisation, busy); run it again."""
+
+
+class Connection(Protocol):
+    dialect: str
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None: ...
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
+    async def lock(self, key: str) -> None:
+        """Hold an exclusive lock on ``key`` until the transaction ends."""
+
+
+class Database(Protocol):
+    dialect: str
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    def transaction(self) -> Any: ...
+    def read(self) -> Any: ...
+
+
+def open_database(url: str, pool_size: int = 10, schema: str | None = None) -> Database:
+    if url.startswith("sqlite:"):
+        return SqliteDatabase(sqlite_path(url))
+    if url.startswith(("postgresql:", "postgres:")):
+        return PostgresDatabase(url, pool_size=pool_size, schema=schema)
+    raise ValueError(f"unsupported database URL: {url!r} (use sqlite:/// or postgresql://)")
+
+
+def sqlite_path(url: str) -> str:
+    """``sqlite:///./x.db`` -> ``./x.db``; ``sqlite:////abs/x.db`` -> ``/abs/x.db``."""
+    if url in ("sqlite://", "sqlite:///:memory:"):
+        return ":memory:"
+    rest = url.split(":", 1)[1]
+    if rest.startswith("///"):
+        return unquote(rest[3:])
+    return unquote(urlparse(url).path)
+
+
+# -- SQLite -----------------------------------------------------------------
+
+
+class _SqliteConnection:
+    dialect = "sqlite"
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        await self._conn.execute(sql, tuple(params))
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._conn.executemany(sql, [tuple(r) for r in rows])
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        async with self._conn.execute(sql, tuple(params)) as cur:
+            return [tuple(r) for r in await cur.fetchall()]
+
+    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        async with self._conn.execute(sql, tuple(params)) as cur:
+            row = await cur.fetchone()
+        return tuple(row) if row is not None else None
+
+    async def lock(self, key: str) -> None:
+        # BEGIN IMMEDIATE already holds the database-wide write lock.
+        return None
+
+
+class SqliteDatabase:
+    """One writer connection (SQLite allows one writer) and a few readers (WAL)."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str, readers: int = 4) -> None:
+        self.path = path
+        self._readers_n = readers if path != ":memory:" else 0
+        self._writer: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._all: list[aiosqlite.Connection] = []
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA synchronous=FULL")
+        await conn.execute("PRAGMA busy_timeout=30000")
+        await conn.execute("PRAGMA foreign_keys=ON")
+        self._all.append(conn)
+        return conn
+
+    async def open(self) -> None:
+        self._writer = await self._connect()
+        for _ in range(self._readers_n):
+            self._readers.put_nowait(await self._connect())
+
+    async def close(self) -> None:
+        for conn in self._all:
+            await conn.close()
+        self._all.clear()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        assert self._writer is not None, "database not opened"
+        async with self._write_lock:
+            conn = self._writer
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+            except aiosqlite.OperationalError as exc:
+                raise RetryableError(str(exc)) from exc
+            try:
+                yield _SqliteConnection(conn)
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            try:
+                await conn.execute("COMMIT")
+            except aiosqlite.OperationalError as exc:
+                await conn.execute("ROLLBACK")
+                raise RetryableError(str(exc)) from exc
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Connection]:
+        if not self._readers_n:
+            async with self._write_lock:
+                assert self._writer is not None
+                yield _SqliteConnection(self._writer)
+            return
+        conn = await self._readers.get()
+        try:
+            await conn.execute("BEGIN")
+            try:
+                yield _SqliteConnection(conn)
+            finally:
+                await conn.execute("COMMIT")
+        finally:
+            self._readers.put_nowait(conn)
+
+
+# -- PostgreSQL -------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+@lru_cache(maxsize=4096)
+def _pg_sql(sql: str) -> str:
+    counter = iter(range(1, 1_000_000))
+    return _PLACEHOLDER.sub(lambda _m: f"${next(counter)}", sql)
+
+
+_RETRYABLE_PG = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+
+
+class _PostgresConnection:
+    dialect = "postgresql"
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        try:
+            await self._conn.execute(_pg_sql(sql), *params)
+        except _RETRYABLE_PG as exc:
+            raise RetryableError(str(exc)) from exc
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            try:
+                await self._conn.executemany(_pg_sql(sql), rows)
+            except _RETRYABLE_PG as exc:
+                raise RetryableError(str(exc)) from exc
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        try:
+            return [tuple(r) for r in await self._conn.fetch(_pg_sql(sql), *params)]
+        except _RETRYABLE_PG as exc:
+            raise RetryableError(str(exc)) from exc
+
+    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        try:
+            row = await self._conn.fetchrow(_pg_sql(sql), *params)
+        except _RETRYABLE_PG as exc:
+            raise RetryableError(str(exc)) from exc
+        return tuple(row) if row is not None else None
+
+    async def lock(self, key: str) -> None:
+        await self.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (key,))
+
+
+class PostgresDatabase:
+    dialect = "postgresql"
+
+    def __init__(self, url: str, pool_size: int = 10, schema: str | None = None) -> None:
+        self.url = url
+        self.pool_size = pool_size
+        self.schema = schema
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        settings = {"search_path": self.schema} if self.schema else {}
+        self._pool = await asyncpg.create_pool(
+            self.url, min_size=1, max_size=self.pool_size, server_settings=settings,
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        assert self._pool is not None, "database not opened"
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield _PostgresConnection(conn)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Connection]:
+        assert self._pool is not None, "database not opened"
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            yield _PostgresConnection(conn)
