@@ -7,12 +7,15 @@ override some of them with flags.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str = "sqlite:///./carepath.db"
+    #: PostgreSQL schema to use (``search_path``); default: the server's default
+    database_schema: str | None = None
     redis_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
@@ -28,17 +31,13 @@ class Settings:
     max_page_size: int = 1000
     #: largest number of matches a search keeps for stable paging
     max_search_results: int = 100_000
-    search_snapshot_ttl_seconds: int = 3600
     db_pool_size: int = 10
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         base = cls()
         values: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name == "extra":
-                continue
             raw = os.environ.get(f"CAREPATH_{f.name.upper()}")
             if raw is None:
                 continue

@@ -77,7 +77,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE TABLE IF NOT EXISTS search_snapshot (
     search_id TEXT PRIMARY KEY,
     created BIGINT NOT NULL,
-    res_type TEXT,
+    query TEXT NOT NULL,
     total INTEGER NOT NULL,
     truncated SMALLINT NOT NULL DEFAULT 0,
     ids {blob} NOT NULL

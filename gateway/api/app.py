@@ -1,0 +1,157 @@
+"""HTTP edge: the only module that knows FastAPI.
+
+One catch-all route per FHIR base hands a neutral
+:class:`~gateway.interactions.router.FhirRequest` to the route table and
+renders what comes back. Here, and only here: content negotiation
+(``application/fhir+json``; ``_format``), body size and JSON depth limits,
+and the mapping of :class:`~gateway.fhir.outcome.FhirError` to HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from gateway.fhir import json as fjson
+from gateway.fhir.outcome import Code, FhirError
+from gateway.interactions.base import Context, FhirResponse
+from gateway.interactions.router import FhirRequest, route
+
+log = logging.getLogger("carepath.api")
+
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+_JSON_TYPES = ("application/fhir+json", "application/json", "text/json", "json")
+_XML_TYPES = ("application/fhir+xml", "application/xml", "text/xml", "xml")
+_PATCH_TYPES = ("application/json-patch+json",)
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _media(value: str) -> str:
+    return value.split(";", 1)[0].strip().lower()
+
+
+def _wants_json(request: Request) -> bool:
+    fmt = request.query_params.get("_format")
+    if fmt is not None:
+        kind = _media(fmt)
+        if kind in _JSON_TYPES:
+            return True
+        raise FhirError(Code.NOT_ACCEPTABLE, f"_format '{fmt[:60]}' is not supported; use json")
+    accept = request.headers.get("accept", "")
+    if not accept:
+        return True
+    kinds = [_media(a) for a in accept.split(",")]
+    if any(k in _JSON_TYPES or k in ("*/*", "application/*") for k in kinds):
+        return True
+    if any(k in _XML_TYPES for k in kinds):
+        raise FhirError(Code.NOT_ACCEPTABLE, "this server speaks FHIR JSON only")
+    return True
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise FhirError(Code.TOO_LARGE, f"{declared} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise FhirError(Code.TOO_LARGE, f"more than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_body(ctx: Context, request: Request, raw: bytes, method: str) -> tuple[Any, list[tuple[str, str]]]:
+    """Parsed JSON body, plus form pairs for ``POST _search``."""
+    if not raw:
+        return None, []
+    ctype = _media(request.headers.get("content-type", "application/fhir+json"))
+    if ctype == _FORM:
+        return None, parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
+    if ctype in _XML_TYPES:
+        raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE, "this server accepts FHIR JSON only")
+    if ctype not in _JSON_TYPES and ctype not in _PATCH_TYPES:
+        raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE, f"Content-Type '{ctype[:60]}' is not supported")
+    if method == "PATCH" and ctype not in _PATCH_TYPES:
+        raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                        "PATCH takes application/json-patch+json")
+    body = fjson.loads(raw)
+    if fjson.depth_exceeds(body, ctx.settings.max_json_depth):
+        raise FhirError(Code.TOO_DEEP, f"nesting deeper than {ctx.settings.max_json_depth}")
+    return body, []
+
+
+def _render(resp: FhirResponse, pretty: bool, head: bool) -> Response:
+    body: bytes | None
+    if resp.body is None or resp.status == 304:
+        body = None
+    elif isinstance(resp.body, bytes) and not pretty:
+        body = resp.body
+    else:
+        value = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
+        body = fjson.dumps_pretty(value) if pretty else fjson.dumps(value)
+    headers = dict(resp.headers)
+    if head:
+        body = None
+    if body is None:
+        return Response(status_code=resp.status, headers=headers)
+    return Response(body, status_code=resp.status, headers=headers, media_type=FHIR_JSON)
+
+
+def _base_url(ctx: Context, request: Request) -> str:
+    if ctx.settings.public_base_url:
+        return ctx.settings.public_base_url.rstrip("/")
+    return str(request.base_url).rstrip("/") + ctx.settings.base_path
+
+
+def create_api(
+    ctx: Context,
+    startup: Callable[[], Awaitable[None]],
+    shutdown: Callable[[], Awaitable[None]],
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await startup()
+        try:
+            yield
+        finally:
+            await shutdown()
+
+    app = FastAPI(title="carepath-gateway", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    base_path = ctx.settings.base_path.rstrip("/")
+    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+
+    async def handle(request: Request, path: str) -> Response:
+        pretty = request.query_params.get("_pretty") == "true"
+        try:
+            _wants_json(request)
+            raw = await _read_body(request, ctx.settings.max_request_bytes)
+            body, form = _parse_body(ctx, request, raw, request.method)
+            query = parse_qsl(request.url.query, keep_blank_values=True) + form
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            fhir_request = FhirRequest(request.method, path, query, headers, body,
+                                       _base_url(ctx, request))
+            resp = await route(ctx, fhir_request)
+        except FhirError as exc:
+            resp = FhirResponse(exc.status, exc.outcome())
+        except Exception:  # a bug of ours: still an OperationOutcome, never a bare 500
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            err = FhirError(Code.INTERNAL, "internal error; the gateway logged the details")
+            resp = FhirResponse(err.status, err.outcome())
+        return _render(resp, pretty, request.method == "HEAD")
+
+    app.add_api_route(base_path + "/{path:path}", handle, methods=methods,
+                      include_in_schema=False)
+    async def handle_base(request: Request) -> Response:
+        return await handle(request, "")
+
+    app.add_api_route(base_path, handle_base, methods=methods, include_in_schema=False)
+    return app

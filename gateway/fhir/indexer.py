@@ -1,0 +1,894 @@
+"""Search-index extraction: FHIR R4 resource -> rows of the ``sp_*`` index tables.
+
+Each SearchParameter's FHIRPath ``expression`` is compiled once (per resource
+type) into Python closures by :mod:`gateway.fhir.paths`; expressions the compiler
+does not translate are evaluated with ``fhirpathpy`` instead (see
+:meth:`Indexer.fallbacks`).  Values are then turned into rows according to the
+parameter type and the FHIR type of the value, following
+https://hl7.org/fhir/R4/search.html.
+
+Row shapes (the caller prefixes ``res_type``/``res_id``):
+
+``sp_string``    ``(param, value, exact)``
+``sp_token``     ``(param, system, code, display)``
+``sp_date``      ``(param, lo, hi)``              inclusive epoch microseconds
+``sp_number``    ``(param, lo, hi)``              floats
+``sp_quantity``  ``(param, system, code, unit, lo, hi)``
+``sp_reference`` ``(param, target_type, target_id, target_version, url,
+                  ident_system, ident_value)``
+``sp_uri``       ``(param, value)``
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.fhir.paths import (
+    Branch,
+    CompileError,
+    Compiler,
+    Model,
+    Step,
+    reference_target_type,
+    root_name,
+    split_union,
+)
+
+Row = tuple[Any, ...]
+Rows = list[Row]
+Converter = Callable[[str, Any, Rows], None]
+
+TABLES: tuple[str, ...] = (
+    "sp_string",
+    "sp_token",
+    "sp_date",
+    "sp_number",
+    "sp_quantity",
+    "sp_reference",
+    "sp_uri",
+)
+TABLE_FOR_TYPE: dict[str, str] = {
+    "string": "sp_string",
+    "token": "sp_token",
+    "date": "sp_date",
+    "number": "sp_number",
+    "quantity": "sp_quantity",
+    "reference": "sp_reference",
+    "uri": "sp_uri",
+}
+
+#: Longest text stored in any index column; longer values are truncated.
+MAX_LEN = 2000
+#: Open ends of date ranges (Period without start/end).
+DATE_MIN = -(2**62)
+DATE_MAX = 2**62
+#: Open ends of number/quantity ranges (Range without low/high, comparators).
+NUM_MIN = -1e300
+NUM_MAX = 1e300
+ISO4217 = "urn:iso:std:iso:4217"
+
+#: Parameters kept on the resource row by the storage, never indexed here.
+NOT_INDEXED = frozenset({"_id", "_lastUpdated"})
+
+_QUANTITY_TYPES = frozenset(
+    {"Quantity", "Age", "Duration", "Distance", "Count", "SimpleQuantity", "MoneyQuantity"}
+)
+_TEXT_TYPES = frozenset(
+    {"string", "markdown", "code", "id", "uri", "url", "canonical", "oid", "uuid", "xhtml"}
+)
+_NUMBER_TYPES = frozenset({"integer", "decimal", "positiveInt", "unsignedInt"})
+_DATE_TYPES = frozenset({"date", "dateTime", "instant"})
+
+
+# --------------------------------------------------------------------------- definitions
+
+
+@dataclass(frozen=True, slots=True)
+class SearchParam:
+    code: str
+    type: str  # number|date|string|token|reference|composite|quantity|uri|special
+    url: str
+    base: tuple[str, ...]
+    expression: str | None
+    targets: tuple[str, ...] = ()
+    modifiers: tuple[str, ...] = ()
+    comparators: tuple[str, ...] = ()
+    chains: tuple[str, ...] = ()
+    multiple_or: bool | None = None
+    multiple_and: bool | None = None
+    #: composite parameters: (component definition url, component expression)
+    components: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def table(self) -> str | None:
+        """The index table holding this parameter's rows (None: not indexed)."""
+        return TABLE_FOR_TYPE.get(self.type)
+
+    @classmethod
+    def from_resource(cls, sp: dict[str, Any]) -> SearchParam:
+        def strs(key: str) -> tuple[str, ...]:
+            v = sp.get(key)
+            return tuple(x for x in v if isinstance(x, str)) if isinstance(v, list) else ()
+
+        def opt_bool(key: str) -> bool | None:
+            v = sp.get(key)
+            return v if isinstance(v, bool) else None
+
+        expression = sp.get("expression")
+        components = tuple(
+            (str(c.get("definition", "")), str(c.get("expression", "")))
+            for c in sp.get("component") or ()
+            if isinstance(c, dict)
+        )
+        return cls(
+            code=str(sp["code"]),
+            type=str(sp["type"]),
+            url=str(sp.get("url", "")),
+            base=strs("base"),
+            expression=expression if isinstance(expression, str) and expression else None,
+            targets=strs("target"),
+            modifiers=strs("modifier"),
+            comparators=strs("comparator"),
+            chains=strs("chain"),
+            multiple_or=opt_bool("multipleOr"),
+            multiple_and=opt_bool("multipleAnd"),
+            components=components,
+        )
+
+
+# --------------------------------------------------------------------------- value helpers
+
+
+def normalize_string(s: str) -> str:
+    """Search normalisation: NFKD, no combining marks, casefolded, single spaces, stripped."""
+    if s.isascii():
+        return " ".join(s.lower().split())
+    s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
+    s = s.casefold()
+    if not s.isascii():
+        s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
+    return " ".join(s.split())
+
+
+_DATE_RE = re.compile(
+    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?"
+    r"(Z|[+-]\d{2}:\d{2})?)?)?)?"
+)
+_EPOCH = date(1970, 1, 1).toordinal()
+_DAY = 86_400_000_000
+
+
+def _days(y: int, m: int, d: int) -> int:
+    return date(y, m, d).toordinal() - _EPOCH
+
+
+@lru_cache(maxsize=8192)
+def date_bounds(text: str) -> tuple[int, int] | None:
+    """Inclusive epoch-microsecond bounds of a FHIR date/dateTime/instant, or None.
+
+    The bounds cover the value's precision: ``2020`` is all of 2020, ``2020-05-17``
+    the whole (UTC) day, ``2020-05-17T10:00:00+02:00`` one second.  A value
+    without a timezone is taken as UTC.
+    """
+    if not isinstance(text, str):
+        return None
+    m = _DATE_RE.fullmatch(text.strip())
+    if m is None:
+        return None
+    ys, ms, ds, hs, mins, ss, fs, tz = m.groups()
+    try:
+        y = int(ys)
+        if y < 1:
+            return None
+        if ms is None:
+            lo = _days(y, 1, 1) * _DAY
+            return lo, (_days(y, 12, 31) + 1) * _DAY - 1
+        mo = int(ms)
+        if ds is None:
+            lo = _days(y, mo, 1) * _DAY
+            end = _days(y, 12, 31) + 1 if mo == 12 else _days(y, mo + 1, 1)
+            return lo, end * _DAY - 1
+        day = _days(y, mo, int(ds))
+        if hs is None:
+            return day * _DAY, (day + 1) * _DAY - 1
+        h, mi = int(hs), int(mins)
+        if h > 23 or mi > 59:
+            return None
+        us = day * _DAY + (h * 3600 + mi * 60) * 1_000_000
+        if ss is None:
+            width = 60_000_000
+        else:
+            sec = int(ss)
+            if sec > 59:
+                return None
+            us += sec * 1_000_000
+            if fs is None:
+                width = 1_000_000
+            elif len(fs) >= 6:
+                us += int(fs[:6])
+                width = 1
+            else:
+                width = 10 ** (6 - len(fs))
+                us += int(fs) * width
+        if tz is not None and tz != "Z":
+            oh, om = int(tz[1:3]), int(tz[4:6])
+            if oh > 23 or om > 59:
+                return None
+            offset = (oh * 60 + om) * 60_000_000
+            us += -offset if tz[0] == "+" else offset
+        return us, us + width - 1
+    except ValueError:
+        return None
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float | Decimal):
+        return None
+    try:
+        f = float(v)
+    except (ValueError, OverflowError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _str(v: Any) -> str | None:
+    return v[:MAX_LEN] if isinstance(v, str) and v else None
+
+
+def _display(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return None
+    n = normalize_string(v)[:MAX_LEN]
+    return n or None
+
+
+_REL_REF = re.compile(
+    r"([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([A-Za-z0-9\-.]{1,64}))?"
+)
+_ABS_REF = re.compile(
+    r"([A-Za-z][A-Za-z0-9+.\-]*://.+?)/([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})"
+    r"(?:/_history/([A-Za-z0-9\-.]{1,64}))?"
+)
+
+
+# --------------------------------------------------------------------------- converters
+
+
+class _Converters:
+    """Value -> rows, per (parameter type, FHIR type)."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.resource_types = model.resource_types
+        c = self
+        self.table: dict[str, dict[str, Converter]] = {
+            "string": {
+                **dict.fromkeys(_TEXT_TYPES, c.string_text),
+                "HumanName": c.string_name,
+                "Address": c.string_address,
+                "CodeableConcept": c.string_cc,
+                "Coding": c.string_coding,
+                "Annotation": c.string_annotation,
+                "ContactPoint": c.string_contact,
+            },
+            "token": {
+                **dict.fromkeys(_TEXT_TYPES, c.token_text),
+                "CodeableConcept": c.token_cc,
+                "Coding": c.token_coding,
+                "Identifier": c.token_identifier,
+                "ContactPoint": c.token_contact,
+                "boolean": c.token_boolean,
+                **dict.fromkeys(_NUMBER_TYPES, c.token_number),
+                "Reference": c.token_reference,
+            },
+            "date": {
+                **dict.fromkeys(_DATE_TYPES, c.date_text),
+                "Period": c.date_period,
+                "Timing": c.date_timing,
+            },
+            "number": {
+                **dict.fromkeys(_NUMBER_TYPES, c.number_value),
+                "Range": c.number_range,
+                **dict.fromkeys(_QUANTITY_TYPES, c.number_quantity),
+            },
+            "quantity": {
+                **dict.fromkeys(_QUANTITY_TYPES, c.quantity),
+                "Money": c.quantity_money,
+                "Range": c.quantity_range,
+                **dict.fromkeys(_NUMBER_TYPES, c.quantity_number),
+            },
+            "reference": {
+                "Reference": c.reference,
+                "canonical": c.reference_uri,
+                "uri": c.reference_uri,
+                "url": c.reference_uri,
+                "Resource": c.reference_resource,
+                "Attachment": c.reference_attachment,
+                "Identifier": c.reference_identifier,
+            },
+            "uri": dict.fromkeys(("uri", "url", "canonical", "oid", "uuid", "string"), c.uri),
+        }
+
+    def for_type(self, param_type: str, fhir_type: str | None) -> Converter | None:
+        """The converter for values of ``fhir_type`` (None: decided per value)."""
+        convs = self.table.get(param_type)
+        if convs is None:
+            return None
+        if fhir_type is None or fhir_type in ("Extension", "Element"):
+            return self._dynamic(param_type)
+        conv = convs.get(fhir_type)
+        if conv is None:
+            for sup in convs:  # profiles / specialisations (e.g. SimpleQuantity)
+                if self.model.is_subtype(fhir_type, sup):
+                    return convs[sup]
+        return conv
+
+    def _dynamic(self, param_type: str) -> Converter:
+        convs = self.table[param_type]
+
+        def dynamic(code: str, v: Any, out: Rows) -> None:
+            value, t = self.typed(v, param_type)
+            if t is not None:
+                conv = convs.get(t)
+                if conv is not None:
+                    conv(code, value, out)
+
+        return dynamic
+
+    def typed(self, v: Any, param_type: str) -> tuple[Any, str | None]:
+        """Guess the FHIR type of an untyped value (fallback results, extensions)."""
+        if isinstance(v, bool):
+            return v, "boolean"
+        if isinstance(v, int | float | Decimal):
+            return v, "decimal"
+        if isinstance(v, str):
+            if param_type == "date":
+                return v, "dateTime"
+            if param_type == "reference":
+                return v, "uri"
+            return v, "string"
+        if not isinstance(v, dict):
+            return v, None
+        if "url" in v and not ("reference" in v or "contentType" in v):
+            for key, value in v.items():  # an Extension: index its value[x]
+                if key.startswith("value") and len(key) > 5:
+                    t = self.model.type_by_suffix.get(key[5:])
+                    if t is not None:
+                        return value, t
+            return v, None
+        if "resourceType" in v:
+            return v, "Resource"
+        if "reference" in v or ("identifier" in v and param_type == "reference"):
+            return v, "Reference"
+        if "coding" in v or ("text" in v and len(v) == 1 and param_type == "token"):
+            return v, "CodeableConcept"
+        if "family" in v or "given" in v:
+            return v, "HumanName"
+        if "line" in v or "city" in v or "postalCode" in v:
+            return v, "Address"
+        if "low" in v or "high" in v:
+            return v, "Range"
+        if "start" in v or "end" in v:
+            return v, "Period"
+        if "event" in v or "repeat" in v:
+            return v, "Timing"
+        if "currency" in v:
+            return v, "Money"
+        if "value" in v and _num(v.get("value")) is not None:
+            return v, "Quantity"
+        if "value" in v and v.get("system") in (
+            "phone", "fax", "email", "pager", "url", "sms", "other"
+        ):
+            return v, "ContactPoint"
+        if "value" in v:
+            return v, "Identifier"
+        if "code" in v or "system" in v or "display" in v:
+            return v, "Coding"
+        return v, None
+
+    # ---- string
+
+    @staticmethod
+    def _add_string(code: str, s: Any, out: Rows) -> None:
+        if isinstance(s, str):
+            value = normalize_string(s)
+            if value:
+                out.append((code, value[:MAX_LEN], s[:MAX_LEN]))
+
+    def string_text(self, code: str, v: Any, out: Rows) -> None:
+        self._add_string(code, v, out)
+
+    def _string_parts(self, code: str, v: Any, out: Rows, single: tuple[str, ...],
+                      multi: tuple[str, ...]) -> None:
+        if not isinstance(v, dict):
+            return
+        add = self._add_string
+        for key in single:
+            s = v.get(key)
+            if s is not None:
+                add(code, s, out)
+        for key in multi:
+            items = v.get(key)
+            if isinstance(items, list):
+                for s in items:
+                    add(code, s, out)
+            elif items is not None:
+                add(code, items, out)
+
+    def string_name(self, code: str, v: Any, out: Rows) -> None:
+        self._string_parts(code, v, out, ("family", "text"), ("given", "prefix", "suffix"))
+
+    def string_address(self, code: str, v: Any, out: Rows) -> None:
+        self._string_parts(
+            code, v, out, ("city", "district", "state", "postalCode", "country", "text"), ("line",)
+        )
+
+    def string_cc(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, dict):
+            self._add_string(code, v.get("text"), out)
+            for c in v.get("coding") or ():
+                self.string_coding(code, c, out)
+
+    def string_coding(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, dict):
+            self._add_string(code, v.get("display"), out)
+
+    def string_annotation(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, dict):
+            self._add_string(code, v.get("text"), out)
+
+    def string_contact(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, dict):
+            self._add_string(code, v.get("value"), out)
+
+    # ---- token
+
+    def token_text(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, str) and v:
+            out.append((code, None, v[:MAX_LEN], None))
+
+    def token_number(self, code: str, v: Any, out: Rows) -> None:
+        if _num(v) is not None:
+            out.append((code, None, str(v), None))
+
+    def token_boolean(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, bool):
+            out.append((code, None, "true" if v else "false", None))
+
+    def token_coding(self, code: str, v: Any, out: Rows) -> None:
+        self._coding_row(code, v, out, None)
+
+    def _coding_row(self, code: str, v: Any, out: Rows, fallback_display: str | None) -> str | None:
+        """Append the row of a Coding; returns the display used."""
+        if not isinstance(v, dict):
+            return None
+        system, value = _str(v.get("system")), _str(v.get("code"))
+        display = _display(v.get("display")) or fallback_display
+        if value is None and system is None and display is None:
+            return None
+        out.append((code, system, value, display))
+        return display
+
+    def token_cc(self, code: str, v: Any, out: Rows) -> None:
+        if not isinstance(v, dict):
+            return
+        text = _display(v.get("text"))
+        codings = v.get("coding")
+        shown: set[str | None] = set()
+        if isinstance(codings, list):
+            for c in codings:
+                shown.add(self._coding_row(code, c, out, text))
+        if text is not None and text not in shown:
+            out.append((code, None, None, text))
+
+    def token_identifier(self, code: str, v: Any, out: Rows) -> None:
+        if not isinstance(v, dict):
+            return
+        system, value = _str(v.get("system")), _str(v.get("value"))
+        if system is None and value is None:
+            return
+        t = v.get("type")
+        out.append((code, system, value, _display(t.get("text")) if isinstance(t, dict) else None))
+
+    def token_contact(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, dict):
+            value = _str(v.get("value"))
+            if value is not None:
+                out.append((code, _str(v.get("system")), value, None))
+
+    def token_reference(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, dict):
+            self.token_identifier(code, v.get("identifier"), out)
+
+    # ---- date
+
+    def date_text(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, str):
+            b = date_bounds(v)
+            if b is not None:
+                out.append((code, b[0], b[1]))
+
+    def date_period(self, code: str, v: Any, out: Rows) -> None:
+        if not isinstance(v, dict):
+            return
+        start, end = v.get("start"), v.get("end")
+        if start is None and end is None:
+            return
+        lo, hi = DATE_MIN, DATE_MAX
+        if start is not None:
+            b = date_bounds(start) if isinstance(start, str) else None
+            if b is None:
+                return
+            lo = b[0]
+        if end is not None:
+            b = date_bounds(end) if isinstance(end, str) else None
+            if b is None:
+                return
+            hi = b[1]
+        out.append((code, lo, hi))
+
+    def date_timing(self, code: str, v: Any, out: Rows) -> None:
+        if not isinstance(v, dict):
+            return
+        events = v.get("event")
+        if isinstance(events, list):
+            for e in events:
+                self.date_text(code, e, out)
+        repeat = v.get("repeat")
+        if isinstance(repeat, dict):
+            self.date_period(code, repeat.get("boundsPeriod"), out)
+
+    # ---- number
+
+    def number_value(self, code: str, v: Any, out: Rows) -> None:
+        f = _num(v)
+        if f is not None:
+            out.append((code, f, f))
+
+    def number_quantity(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, dict):
+            self.number_value(code, v.get("value"), out)
+
+    def number_range(self, code: str, v: Any, out: Rows) -> None:
+        if not isinstance(v, dict):
+            return
+        low, high = v.get("low"), v.get("high")
+        lo = _num(low.get("value")) if isinstance(low, dict) else None
+        hi = _num(high.get("value")) if isinstance(high, dict) else None
+        if lo is None and hi is None:
+            return
+        out.append((code, NUM_MIN if lo is None else lo, NUM_MAX if hi is None else hi))
+
+    # ---- quantity
+
+    def quantity(self, code: str, v: Any, out: Rows) -> None:
+        if not isinstance(v, dict):
+            return
+        f = _num(v.get("value"))
+        if f is None:
+            return
+        lo = hi = f
+        comparator = v.get("comparator")
+        if comparator in ("<", "<="):
+            lo = NUM_MIN
+        elif comparator in (">", ">="):
+            hi = NUM_MAX
+        out.append((code, _str(v.get("system")), _str(v.get("code")), _str(v.get("unit")), lo, hi))
+
+    def quantity_money(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, dict):
+            f = _num(v.get("value"))
+            if f is not None:
+                out.append((code, ISO4217, _str(v.get("currency")), None, f, f))
+
+    def quantity_number(self, code: str, v: Any, out: Rows) -> None:
+        f = _num(v)
+        if f is not None:
+            out.append((code, None, None, None, f, f))
+
+    def quantity_range(self, code: str, v: Any, out: Rows) -> None:
+        if not isinstance(v, dict):
+            return
+        low, high = v.get("low"), v.get("high")
+        low = low if isinstance(low, dict) else {}
+        high = high if isinstance(high, dict) else {}
+        lo, hi = _num(low.get("value")), _num(high.get("value"))
+        if lo is None and hi is None:
+            return
+        units = low if lo is not None else high
+        out.append((
+            code,
+            _str(units.get("system")),
+            _str(units.get("code")),
+            _str(units.get("unit")),
+            NUM_MIN if lo is None else lo,
+            NUM_MAX if hi is None else hi,
+        ))
+
+    # ---- reference
+
+    def parse_reference(self, ref: str) -> tuple[str | None, str | None, str | None, str | None]:
+        """``(type, id, version, url)`` of a literal reference; url only when absolute."""
+        m = _REL_REF.fullmatch(ref)
+        if m is not None and m.group(1) in self.resource_types:
+            return m.group(1), m.group(2), m.group(3), None
+        m = _ABS_REF.fullmatch(ref)
+        if m is not None and m.group(2) in self.resource_types:
+            return m.group(2), m.group(3), m.group(4), f"{m.group(1)}/{m.group(2)}/{m.group(3)}"
+        return None, None, None, ref[:MAX_LEN]
+
+    def reference(self, code: str, v: Any, out: Rows) -> None:
+        if not isinstance(v, dict):
+            return
+        ident = v.get("identifier")
+        isys = ival = None
+        if isinstance(ident, dict):
+            isys, ival = _str(ident.get("system")), _str(ident.get("value"))
+        ref = v.get("reference")
+        if isinstance(ref, str) and ref and not ref.startswith("#"):
+            t, i, ver, url = self.parse_reference(ref)
+            out.append((code, t, i, ver, url, isys, ival))
+        elif ival is not None or isys is not None:
+            out.append((code, None, None, None, None, isys, ival))
+
+    def reference_uri(self, code: str, v: Any, out: Rows) -> None:
+        if not isinstance(v, str) or not v or v.startswith("#"):
+            return
+        canonical = v.split("|", 1)[0]
+        t, i, _version, url = self.parse_reference(canonical)
+        out.append((code, t, i, None, url, None, None))
+
+    def reference_resource(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, dict):
+            t, i = v.get("resourceType"), _str(v.get("id"))
+            if isinstance(t, str) and i is not None:
+                out.append((code, t, i, None, None, None, None))
+
+    def reference_attachment(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, dict):
+            self.reference_uri(code, v.get("url"), out)
+
+    def reference_identifier(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, dict):
+            isys, ival = _str(v.get("system")), _str(v.get("value"))
+            if isys is not None or ival is not None:
+                out.append((code, None, None, None, None, isys, ival))
+
+    # ---- uri
+
+    def uri(self, code: str, v: Any, out: Rows) -> None:
+        if isinstance(v, str) and v:
+            out.append((code, v[:MAX_LEN]))
+            if "|" in v:  # canonical|version also matches the version-less canonical
+                out.append((code, v.split("|", 1)[0][:MAX_LEN]))
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+def _fallback_getter(expression: str, resource_types: frozenset[str]) -> Step:
+    """Evaluate ``expression`` with fhirpathpy (for what :mod:`paths` cannot compile)."""
+    from fhirpathpy import compile as fp_compile
+    from fhirpathpy.engine.nodes import ResourceNode
+    from fhirpathpy.models import models
+
+    def resolve(inputs: list[Any]) -> list[Any]:
+        out = []
+        for v in inputs:
+            t = reference_target_type(v, resource_types)
+            if t is not None:
+                node = ResourceNode.create_node({"resourceType": t}, t)  # type: ignore[no-untyped-call]
+                out.append(node)
+        return out
+
+    options = {"userInvocationTable": {"resolve": {"fn": resolve, "arity": {0: []}}}}
+    fn = fp_compile(expression, models["r4"], options)
+
+    def get(roots: list[Any]) -> list[Any]:
+        try:
+            result = fn(roots[0], None)
+        except Exception:
+            return []
+        return [
+            v if isinstance(v, dict | list | str | bool | int | float | Decimal) else str(v)
+            for v in result
+        ]
+
+    return get
+
+
+# --------------------------------------------------------------------------- indexer
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    """An expression part evaluated by fhirpathpy because it could not be compiled."""
+
+    resource_type: str
+    code: str
+    expression: str
+    reason: str
+
+
+_Entry = tuple[str, str, Step, Converter]  # code, table, run, converter
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    #: entries whose ``run`` starts from the values of a top-level key
+    by_key: tuple[tuple[str, tuple[_Entry, ...]], ...]
+    #: entries whose ``run`` starts from ``[resource]``
+    rooted: tuple[_Entry, ...]
+
+
+def _profiles_dir() -> Path:
+    import gateway
+
+    pkg = Path(gateway.__file__).parent
+    for candidate in (pkg / "_data" / "profiles" / "r4", pkg.parent / "profiles" / "r4"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("profiles/r4 not found next to the gateway package")
+
+
+def _bundle_resources(path: Path) -> list[dict[str, Any]]:
+    bundle = orjson.loads(path.read_bytes())
+    return [
+        e["resource"]
+        for e in bundle.get("entry") or ()
+        if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+    ]
+
+
+class Indexer:
+    """Extracts search-index rows from resources (thread-safe after construction)."""
+
+    #: Re-raise unexpected errors instead of skipping the value (tests only).
+    raise_errors: bool = False
+
+    def __init__(
+        self, search_parameters: list[dict[str, Any]], structure_definitions: list[dict[str, Any]]
+    ) -> None:
+        self.model = Model(structure_definitions)
+        self._conv = _Converters(self.model)
+        by_type: dict[str, dict[str, SearchParam]] = {}
+        core: set[tuple[str, str]] = set()
+        for raw in search_parameters:
+            if not isinstance(raw, dict) or not raw.get("code") or not raw.get("type"):
+                continue
+            sp = SearchParam.from_resource(raw)
+            is_core = raw.get("version") == "4.0.1"
+            for base in sp.base:
+                params = by_type.setdefault(base, {})
+                if sp.code in params and ((base, sp.code) in core or not is_core):
+                    continue  # keep the first / the core definition of a code
+                params[sp.code] = sp
+                if is_core:
+                    core.add((base, sp.code))
+        self._by_base = by_type
+        self._params: dict[str, dict[str, SearchParam]] = {}
+        self._plans: dict[str, _Plan] = {}
+        self._fallbacks: dict[str, tuple[Fallback, ...]] = {}
+
+    @classmethod
+    def from_profiles(cls, directory: Path | None = None) -> Indexer:
+        d = directory or _profiles_dir()
+        return cls(
+            _bundle_resources(d / "Bundle-r4-search-parameters.json"),
+            _bundle_resources(d / "Bundle-r4-structure-definitions.json"),
+        )
+
+    @property
+    def resource_types(self) -> frozenset[str]:
+        return self.model.resource_types
+
+    def params_for(self, resource_type: str) -> dict[str, SearchParam]:
+        """Search parameters of a type, code -> param (including Resource/DomainResource ones)."""
+        params = self._params.get(resource_type)
+        if params is None:
+            if resource_type not in self.model.resource_types:
+                return {}
+            params = dict(self._by_base.get("Resource", {}))
+            if resource_type in self.model.domain_resource_types:
+                params.update(self._by_base.get("DomainResource", {}))
+            params.update(self._by_base.get(resource_type, {}))
+            self._params[resource_type] = params
+        return dict(params)
+
+    def fallbacks(self, resource_types: Iterable[str] | None = None) -> list[Fallback]:
+        """Expression parts evaluated by fhirpathpy (compiling the types' plans if needed)."""
+        out: list[Fallback] = []
+        for rt in sorted(self.model.resource_types if resource_types is None else resource_types):
+            self._plan(rt)
+            out.extend(self._fallbacks.get(rt, ()))
+        return out
+
+    def _plan(self, resource_type: str) -> _Plan:
+        plan = self._plans.get(resource_type)
+        if plan is not None:
+            return plan
+        by_key: dict[str, list[_Entry]] = {}
+        rooted: list[_Entry] = []
+        fallbacks: list[Fallback] = []
+        compiler = Compiler(self.model, resource_type)
+        model = self.model
+        for code, sp in self.params_for(resource_type).items():
+            table = sp.table
+            if table is None or sp.expression is None or code in NOT_INDEXED:
+                continue
+            for part in split_union(sp.expression):
+                root = root_name(part)
+                if root is None:
+                    continue
+                if model.is_type_name(root) and root not in (resource_type, "Resource") and not (
+                    root == "DomainResource" and resource_type in model.domain_resource_types
+                ):
+                    continue  # the part of a shared expression for another type
+                branches: list[Branch]
+                try:
+                    branches = compiler.compile(part)
+                except (CompileError, RecursionError) as exc:
+                    fallbacks.append(Fallback(resource_type, code, part, str(exc)))
+                    try:
+                        getter = _fallback_getter(part, model.resource_types)
+                    except Exception:  # noqa: S112 - not even fhirpathpy understands it
+                        continue
+                    branches = [Branch(getter, None)]
+                for b in branches:
+                    conv = self._conv.for_type(sp.type, b.type)
+                    if conv is None:
+                        continue
+                    if b.key is None:
+                        rooted.append((code, table, b.run, conv))
+                    else:
+                        by_key.setdefault(b.key, []).append((code, table, b.run, conv))
+        plan = _Plan(tuple((k, tuple(v)) for k, v in by_key.items()), tuple(rooted))
+        self._plans[resource_type] = plan
+        self._fallbacks[resource_type] = tuple(fallbacks)
+        return plan
+
+    def extract(self, resource: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]:
+        """Index rows of ``resource``, table name -> deduplicated rows (every table present)."""
+        out: dict[str, Rows] = {t: [] for t in TABLES}
+        if not isinstance(resource, dict):
+            return out
+        rt = resource.get("resourceType")
+        if not isinstance(rt, str) or rt not in self.model.resource_types:
+            return out
+        plan = self._plan(rt)
+        get = resource.get
+        for key, entries in plan.by_key:
+            x = get(key)
+            if x is None:
+                continue
+            self._run(entries, x if isinstance(x, list) else [x], out)
+        if plan.rooted:
+            self._run(plan.rooted, [resource], out)
+        for table, rows in out.items():
+            if len(rows) > 1:
+                out[table] = list(dict.fromkeys(rows))
+        return out
+
+    def _run(self, entries: tuple[_Entry, ...], start: list[Any], out: dict[str, Rows]) -> None:
+        for code, table, run, conv in entries:
+            try:
+                values = run(start)
+                if values:
+                    rows = out[table]
+                    for v in values:
+                        conv(code, v, rows)
+            except Exception:
+                if self.raise_errors:
+                    raise
+                continue

@@ -1,0 +1,58 @@
+"""Reference rewriting for transactions: https://hl7.org/fhir/R4/bundle.html#references.
+
+In a transaction, entries name each other by ``fullUrl`` (often
+``urn:uuid:…``). Once the server has assigned ids, every place such a name
+occurs is rewritten: ``Reference.reference``, canonical/uri values, and
+``href``/``src`` attributes in narrative XHTML.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+CONDITIONAL_REF = re.compile(r"[A-Z][A-Za-z]+\?.+")
+_ATTR = re.compile(r"""(\b(?:href|src)\s*=\s*)(["'])(.*?)\2""", re.IGNORECASE | re.DOTALL)
+
+
+def rewrite(
+    node: Any,
+    mapping: Mapping[str, str],
+    conditional: Callable[[str], str] | None = None,
+) -> Any:
+    """Return ``node`` with every mapped name replaced (in place for dicts/lists).
+
+    ``conditional`` resolves a conditional reference (``Patient?identifier=…``)
+    found in a ``reference`` element to ``Type/id``.
+    """
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(value, str):
+                if key == "reference" and conditional and CONDITIONAL_REF.fullmatch(value):
+                    node[key] = conditional(value)
+                elif value in mapping:
+                    node[key] = mapping[value]
+                elif key == "div" and mapping:
+                    node[key] = _rewrite_xhtml(value, mapping)
+                elif "|" in value and value.split("|", 1)[0] in mapping:
+                    # canonical with a version: urn:uuid:…|1.0
+                    head, tail = value.split("|", 1)
+                    node[key] = f"{mapping[head]}|{tail}"
+            elif isinstance(value, dict | list):
+                rewrite(value, mapping, conditional)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            if isinstance(value, str) and value in mapping:
+                node[i] = mapping[value]
+            elif isinstance(value, dict | list):
+                rewrite(value, mapping, conditional)
+    return node
+
+
+def _rewrite_xhtml(div: str, mapping: Mapping[str, str]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        target = mapping.get(m.group(3))
+        return f"{m.group(1)}{m.group(2)}{target}{m.group(2)}" if target else m.group(0)
+
+    return _ATTR.sub(sub, div)

@@ -1,0 +1,140 @@
+"""Request and response values shared by the interactions, and the context they run in.
+
+Interactions are framework-free (compare Medplum's fhir-router): they take a
+:class:`Context` and plain values and return a :class:`FhirResponse` or raise
+:class:`~gateway.fhir.outcome.FhirError`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from email.utils import format_datetime
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+from gateway.fhir.outcome import Code, FhirError, information
+from gateway.registry import Registry
+from gateway.settings import Settings
+from gateway.storage.interface import Store, StoredResource
+
+ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_ETAG_RE = re.compile(r'\s*(?:W/)?"?([0-9]+)"?\s*')
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    store: Store
+    registry: Registry
+    settings: Settings
+
+
+@dataclass(slots=True)
+class FhirResponse:
+    """``body`` is stored JSON bytes or a JSON-able value; ``None`` for no body."""
+
+    status: int
+    body: bytes | dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Prefer:
+    """The ``Prefer`` header (http.html#ops and search.html#errors)."""
+
+    return_: str | None = None  # minimal | representation | OperationOutcome
+    strict: bool = False
+
+    @classmethod
+    def parse(cls, header: str | None) -> Prefer:
+        if not header:
+            return cls()
+        ret = None
+        strict = False
+        for part in header.split(","):
+            for token in part.split(";"):
+                key, _, value = token.strip().partition("=")
+                value = value.strip().strip('"')
+                if key.strip().lower() == "return":
+                    ret = value
+                elif key.strip().lower() == "handling":
+                    strict = value.lower() == "strict"
+        return cls(ret, strict)
+
+
+def http_date(micros: int) -> str:
+    return format_datetime(datetime.fromtimestamp(micros / 1_000_000, UTC), usegmt=True)
+
+
+def check_type(ctx: Context, resource_type: str) -> None:
+    if not ctx.registry.is_resource_type(resource_type):
+        raise FhirError(Code.UNKNOWN_ENDPOINT, f"Unknown resource type '{resource_type}'")
+
+
+def check_id(id: str) -> None:
+    if not ID_RE.fullmatch(id):
+        raise FhirError(Code.INVALID_ID, f"'{id[:80]}' is not a valid FHIR id")
+
+
+def check_body(ctx: Context, body: Any, resource_type: str) -> dict[str, Any]:
+    """The body is a resource of ``resource_type`` (http.html#create, #update)."""
+    if not isinstance(body, dict):
+        raise FhirError(Code.NOT_AN_OBJECT, "the body must be a FHIR resource (a JSON object)")
+    rt = body.get("resourceType")
+    if not isinstance(rt, str):
+        raise FhirError(Code.INVALID_RESOURCE, "resourceType is missing", ("resourceType",))
+    if not ctx.registry.is_resource_type(rt):
+        raise FhirError(Code.UNKNOWN_RESOURCE_TYPE, f"Unknown resource type '{rt[:80]}'",
+                        ("resourceType",))
+    if rt != resource_type:
+        raise FhirError(Code.TYPE_MISMATCH,
+                        f"resourceType '{rt}' does not match the URL's '{resource_type}'",
+                        ("resourceType",))
+    rid = body.get("id")
+    if rid is not None and (not isinstance(rid, str) or not ID_RE.fullmatch(rid)):
+        raise FhirError(Code.INVALID_ID, "Resource.id is not a valid FHIR id", ("id",))
+    meta = body.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise FhirError(Code.INVALID_RESOURCE, "Resource.meta must be an object", ("meta",))
+    return body
+
+
+def parse_etag(value: str) -> int:
+    m = _ETAG_RE.fullmatch(value)
+    if not m:
+        raise FhirError(Code.INVALID_HEADER, f"'{value[:80]}' is not a version ETag like W/\"3\"")
+    return int(m.group(1))
+
+
+def parse_criteria(query: str) -> list[tuple[str, str]]:
+    """``identifier=a|b&name=x`` (If-None-Exist, conditional URLs) -> pairs."""
+    pairs = parse_qsl(query.lstrip("?"), keep_blank_values=True)
+    if not pairs:
+        raise FhirError(Code.INVALID_CONDITION, "conditional criteria are empty")
+    return pairs
+
+
+def location(base: str, stored: StoredResource) -> str:
+    return f"{base}/{stored.resource_type}/{stored.id}/_history/{stored.version}"
+
+
+def version_headers(stored: StoredResource) -> dict[str, str]:
+    return {"ETag": stored.etag, "Last-Modified": http_date(stored.last_updated)}
+
+
+def write_response(
+    status: int, stored: StoredResource, base: str, prefer: Prefer, *, created: bool = False
+) -> FhirResponse:
+    """Response to create/update/patch honouring ``Prefer: return=`` (http.html#ops)."""
+    headers = version_headers(stored)
+    if created or status == 201:
+        headers["Location"] = location(base, stored)
+    body: bytes | dict[str, Any] | None = stored.content
+    if prefer.return_ == "minimal":
+        body = None
+    elif prefer.return_ == "OperationOutcome":
+        body = information(
+            f"{stored.resource_type}/{stored.id} version {stored.version} stored"
+        )
+    return FhirResponse(status, body, headers)

@@ -1,0 +1,80 @@
+"""capabilities: https://hl7.org/fhir/R4/http.html#capabilities.
+
+The CapabilityStatement is generated from what the registry really holds:
+every resource type, its interactions and its search parameters.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import gateway
+from gateway.interactions.base import Context, FhirResponse
+from gateway.registry import Registry
+
+TYPE_INTERACTIONS = (
+    "read", "vread", "update", "patch", "delete", "history-instance", "history-type",
+    "create", "search-type",
+)
+SEARCH_RESULT_PARAMS = (
+    ("_sort", "string"), ("_count", "number"), ("_include", "string"),
+    ("_revinclude", "string"), ("_summary", "token"), ("_elements", "string"),
+    ("_total", "token"), ("_has", "string"),
+)
+
+
+@lru_cache(maxsize=4)
+def _statement(registry: Registry, base: str) -> dict[str, Any]:
+    resources = []
+    for rt in registry.resource_types:
+        params = [
+            {"name": p.code, "definition": p.url, "type": p.type}
+            for p in sorted(registry.search_params(rt).values(), key=lambda p: p.code)
+            if p.type not in ("composite", "special")
+        ]
+        params.extend({"name": n, "type": t} for n, t in SEARCH_RESULT_PARAMS)
+        resources.append({
+            "type": rt,
+            "profile": f"http://hl7.org/fhir/StructureDefinition/{rt}",
+            "interaction": [{"code": c} for c in TYPE_INTERACTIONS],
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": True,
+            "conditionalCreate": True,
+            "conditionalRead": "not-supported",
+            "conditionalUpdate": True,
+            "conditionalDelete": "single",
+            "referencePolicy": ["literal", "logical"],
+            "searchInclude": ["*"],
+            "searchRevInclude": ["*"],
+            "searchParam": params,
+        })
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-23",
+        "publisher": "carepath-gateway",
+        "kind": "instance",
+        "software": {"name": "carepath-gateway", "version": gateway.__version__},
+        "implementation": {"description": "carepath-gateway FHIR R4 server", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [{
+            "mode": "server",
+            "resource": resources,
+            "interaction": [
+                {"code": "transaction"}, {"code": "batch"},
+                {"code": "search-system"}, {"code": "history-system"},
+            ],
+            "searchParam": [
+                {"name": p.code, "definition": p.url, "type": p.type}
+                for p in sorted(registry.common_search_params.values(), key=lambda p: p.code)
+            ],
+        }],
+    }
+
+
+def capabilities(ctx: Context, *, base: str) -> FhirResponse:
+    return FhirResponse(200, _statement(ctx.registry, base))

@@ -1,0 +1,40 @@
+"""Conditional create/update/delete/patch matching, written once (http.html#ccreate).
+
+Matching runs inside the write transaction, under a lock on the normalised
+criteria, so that concurrent conditional creates with the same criteria
+create exactly one resource.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.search import parse_search
+from gateway.interactions.base import Context
+from gateway.storage.interface import StoreTransaction
+
+
+def criteria_key(resource_type: str, pairs: list[tuple[str, str]]) -> str:
+    return f"{resource_type}?{urlencode(sorted(pairs))}"
+
+
+async def matches(
+    ctx: Context, tx: StoreTransaction, resource_type: str, pairs: list[tuple[str, str]]
+) -> list[str]:
+    """Ids of the resources of ``resource_type`` matching ``pairs`` (at most 2)."""
+    query = parse_search(resource_type, pairs, ctx.registry.search_params, strict=True)
+    if not query.criteria:
+        raise FhirError(Code.INVALID_CONDITION, "conditional criteria select nothing")
+    await tx.lock(criteria_key(resource_type, pairs))
+    return [rid for _, rid in await tx.search_keys(query, 2)]
+
+
+async def single_match(
+    ctx: Context, tx: StoreTransaction, resource_type: str, pairs: list[tuple[str, str]]
+) -> str | None:
+    found = await matches(ctx, tx, resource_type, pairs)
+    if len(found) > 1:
+        raise FhirError(Code.MULTIPLE_MATCHES,
+                        f"{criteria_key(resource_type, pairs)} matches more than one resource")
+    return found[0] if found else None

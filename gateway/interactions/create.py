@@ -1,0 +1,70 @@
+"""create and conditional create: https://hl7.org/fhir/R4/http.html#create, #ccreate."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from gateway.interactions.base import (
+    Context,
+    FhirResponse,
+    Prefer,
+    check_body,
+    check_type,
+    parse_criteria,
+    version_headers,
+    write_response,
+)
+from gateway.interactions.conditional import single_match
+from gateway.storage.interface import StoredResource, StoreTransaction
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+async def create_in(
+    ctx: Context,
+    tx: StoreTransaction,
+    resource_type: str,
+    body: dict[str, Any],
+    *,
+    if_none_exist: str | None = None,
+    id: str | None = None,
+) -> tuple[StoredResource, bool]:
+    """Create (or find, under ``If-None-Exist``) in ``tx``; True when created."""
+    if if_none_exist:
+        existing = await single_match(ctx, tx, resource_type, parse_criteria(if_none_exist))
+        if existing is not None:
+            current = await tx.current(resource_type, existing)
+            assert current is not None
+            return current, False
+    rid = id or new_id()
+    await tx.lock(f"{resource_type}/{rid}")
+    return await tx.put(resource_type, rid, body, "POST", None), True
+
+
+async def create(
+    ctx: Context,
+    resource_type: str,
+    body: Any,
+    *,
+    base: str,
+    prefer: Prefer,
+    if_none_exist: str | None = None,
+) -> FhirResponse:
+    check_type(ctx, resource_type)
+    resource = check_body(ctx, body, resource_type)
+    resource.pop("id", None)  # the server assigns the id on create
+
+    async def work(tx: StoreTransaction) -> tuple[StoredResource, bool]:
+        return await create_in(ctx, tx, resource_type, dict(resource),
+                               if_none_exist=if_none_exist)
+
+    stored, created = await ctx.store.run(work)
+    if not created:
+        # ccreate found a match: 200 OK, nothing written
+        response = write_response(200, stored, base, prefer)
+        response.headers.update(version_headers(stored))
+        return response
+    return write_response(201, stored, base, prefer, created=True)

@@ -1,0 +1,66 @@
+"""delete and conditional delete: https://hl7.org/fhir/R4/http.html#delete.
+
+Deletion is logical: a new version marks the resource deleted; history keeps
+the earlier versions and later reads answer 410 Gone. Deleting what does not
+exist, or is already deleted, succeeds (204) without writing.
+"""
+
+from __future__ import annotations
+
+from gateway.fhir.outcome import FhirError, Code
+from gateway.interactions.base import (
+    Context,
+    FhirResponse,
+    check_id,
+    check_type,
+    parse_criteria,
+    parse_etag,
+)
+from gateway.interactions.conditional import single_match
+from gateway.storage.interface import StoredResource, StoreTransaction
+
+
+async def delete_in(
+    ctx: Context,
+    tx: StoreTransaction,
+    resource_type: str,
+    id: str,
+    *,
+    if_match: str | None = None,
+) -> StoredResource | None:
+    await tx.lock(f"{resource_type}/{id}")
+    current = await tx.current(resource_type, id)
+    if if_match is not None:
+        wanted = parse_etag(if_match)
+        if current is None or current.deleted or current.version != wanted:
+            raise FhirError(Code.VERSION_CONFLICT,
+                            f"{resource_type}/{id}: If-Match wants version {wanted}")
+    if current is None or current.deleted:
+        return None
+    return await tx.delete(current)
+
+
+async def delete(
+    ctx: Context,
+    resource_type: str,
+    id: str | None,
+    *,
+    if_match: str | None = None,
+    criteria: str | None = None,
+) -> FhirResponse:
+    check_type(ctx, resource_type)
+    if id is not None:
+        check_id(id)
+
+    async def work(tx: StoreTransaction) -> StoredResource | None:
+        target = id
+        if target is None:
+            assert criteria is not None
+            target = await single_match(ctx, tx, resource_type, parse_criteria(criteria))
+            if target is None:
+                return None
+        return await delete_in(ctx, tx, resource_type, target, if_match=if_match)
+
+    deleted = await ctx.store.run(work)
+    headers = {"ETag": deleted.etag} if deleted else {}
+    return FhirResponse(204, None, headers)

@@ -1,0 +1,75 @@
+"""history at instance, type and system level: https://hl7.org/fhir/R4/http.html#history.
+
+Newest first. Paging is by position in the history log (``_cursor``), so
+versions written while a client pages do not shift the pages it has yet to
+read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from gateway.fhir.bundles import bundle, raw
+from gateway.fhir.indexer import date_bounds
+from gateway.fhir.outcome import Code, FhirError
+from gateway.interactions.base import Context, FhirResponse, check_id, check_type, http_date
+from gateway.storage.interface import StoredResource
+
+_STATUS = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK", "DELETE": "204 No Content"}
+
+
+def _bound(name: str, value: str) -> tuple[int, int]:
+    bounds = date_bounds(value)
+    if bounds is None:
+        raise FhirError(Code.INVALID_SEARCH_VALUE, f"{name}: '{value[:40]}' is not a FHIR instant")
+    return bounds
+
+
+def _entry(base: str, s: StoredResource) -> dict[str, Any]:
+    url = f"{s.resource_type}/{s.id}"
+    entry: dict[str, Any] = {"fullUrl": f"{base}/{url}"}
+    if s.content is not None:
+        entry["resource"] = raw(s.content)
+    method = s.method or "PUT"
+    entry["request"] = {"method": method, "url": s.resource_type if method == "POST" else url}
+    entry["response"] = {
+        "status": _STATUS.get(method, "200 OK"),
+        "etag": s.etag,
+        "lastModified": http_date(s.last_updated),
+    }
+    return entry
+
+
+async def history(
+    ctx: Context,
+    resource_type: str | None,
+    id: str | None,
+    pairs: list[tuple[str, str]],
+    *,
+    base: str,
+) -> FhirResponse:
+    if resource_type is not None:
+        check_type(ctx, resource_type)
+    if id is not None:
+        check_id(id)
+    params = dict(pairs)
+    since = _bound("_since", params["_since"])[0] if "_since" in params else None
+    at = _bound("_at", params["_at"]) if "_at" in params else None
+    try:
+        count = int(params.get("_count", ctx.settings.default_page_size))
+        before = int(params["_cursor"]) if "_cursor" in params else None
+    except ValueError:
+        raise FhirError(Code.INVALID_SEARCH_VALUE, "_count and _cursor are integers") from None
+    count = max(1, min(count, ctx.settings.max_page_size))
+    page = await ctx.store.history(resource_type, id, since=since, at=at, before=before,
+                                   limit=count)
+    if id is not None and before is None and not page.entries:
+        raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
+    path = "/".join(p for p in (base, resource_type, id, "_history") if p)
+    kept = [(k, v) for k, v in pairs if k not in ("_cursor", "_format", "_pretty")]
+    links = [("self", f"{path}?{urlencode(pairs)}" if pairs else path)]
+    if page.next_cursor is not None:
+        links.append(("next", f"{path}?{urlencode([*kept, ('_cursor', page.next_cursor)])}"))
+    return FhirResponse(200, bundle("history", [_entry(base, s) for s in page.entries],
+                                    total=page.total, links=links))

@@ -1,0 +1,96 @@
+"""patch with JSON Patch: https://hl7.org/fhir/R4/http.html#patch (RFC 6902).
+
+The patch applies to the current version inside the write transaction; the
+result must still be the same resource (type and id unchanged).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonpatch
+
+from gateway.fhir.outcome import Code, FhirError
+from gateway.interactions.base import (
+    Context,
+    FhirResponse,
+    Prefer,
+    check_id,
+    check_type,
+    parse_criteria,
+    write_response,
+)
+from gateway.interactions.conditional import single_match
+from gateway.interactions.update import check_version
+from gateway.fhir import json as fjson
+from gateway.storage.interface import StoredResource, StoreTransaction
+
+
+def check_patch(body: Any) -> list[dict[str, Any]]:
+    if not isinstance(body, list) or not all(isinstance(op, dict) for op in body):
+        raise FhirError(Code.INVALID_PATCH, "a JSON Patch document is an array of operations")
+    return body
+
+
+def apply_patch(current: StoredResource, ops: list[dict[str, Any]]) -> dict[str, Any]:
+    assert current.content is not None
+    doc = fjson.loads(current.content)
+    try:
+        result = jsonpatch.JsonPatch(ops).apply(doc)
+    except jsonpatch.JsonPatchTestFailed as exc:
+        raise FhirError(Code.VERSION_CONFLICT, f"JSON Patch test failed: {exc}") from None
+    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError,
+            ValueError, KeyError, IndexError) as exc:
+        raise FhirError(Code.INVALID_PATCH, f"JSON Patch cannot be applied: {exc}") from None
+    if not isinstance(result, dict):
+        raise FhirError(Code.PATCH_RESULT_INVALID, "the patched document is not a resource")
+    if result.get("resourceType") != current.resource_type or result.get("id") != current.id:
+        raise FhirError(Code.PATCH_RESULT_INVALID, "a patch may not change resourceType or id")
+    return result
+
+
+async def patch_in(
+    ctx: Context,
+    tx: StoreTransaction,
+    resource_type: str,
+    id: str,
+    ops: list[dict[str, Any]],
+    *,
+    if_match: str | None = None,
+) -> StoredResource:
+    await tx.lock(f"{resource_type}/{id}")
+    current = await tx.current(resource_type, id)
+    if current is None:
+        raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
+    if current.deleted:
+        raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
+    check_version(current, if_match, f"{resource_type}/{id}")
+    return await tx.put(resource_type, id, apply_patch(current, ops), "PATCH", current)
+
+
+async def patch(
+    ctx: Context,
+    resource_type: str,
+    id: str | None,
+    body: Any,
+    *,
+    base: str,
+    prefer: Prefer,
+    if_match: str | None = None,
+    criteria: str | None = None,
+) -> FhirResponse:
+    check_type(ctx, resource_type)
+    if id is not None:
+        check_id(id)
+    ops = check_patch(body)
+
+    async def work(tx: StoreTransaction) -> StoredResource:
+        target = id
+        if target is None:
+            assert criteria is not None
+            target = await single_match(ctx, tx, resource_type, parse_criteria(criteria))
+            if target is None:
+                raise FhirError(Code.NOT_FOUND, "no resource matches the patch criteria")
+        return await patch_in(ctx, tx, resource_type, target, ops, if_match=if_match)
+
+    return write_response(200, await ctx.store.run(work), base, prefer)

@@ -1,0 +1,39 @@
+"""read and vread: https://hl7.org/fhir/R4/http.html#read, #vread.
+
+Serves the stored bytes as they are; a deleted resource answers 410 Gone.
+"""
+
+from __future__ import annotations
+
+from gateway.fhir.outcome import Code, FhirError
+from gateway.interactions.base import Context, FhirResponse, check_id, check_type, version_headers
+
+
+async def read(
+    ctx: Context, resource_type: str, id: str, *, if_none_match: str | None = None
+) -> FhirResponse:
+    check_type(ctx, resource_type)
+    check_id(id)
+    stored = await ctx.store.read(resource_type, id)
+    if stored is None:
+        raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
+    if stored.deleted:
+        raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
+    headers = version_headers(stored)
+    if if_none_match and if_none_match.strip() in (stored.etag, f'"{stored.version}"'):
+        return FhirResponse(304, None, headers)
+    return FhirResponse(200, stored.content, headers)
+
+
+async def vread(ctx: Context, resource_type: str, id: str, version: str) -> FhirResponse:
+    check_type(ctx, resource_type)
+    check_id(id)
+    if not version.isdigit():
+        raise FhirError(Code.VERSION_NOT_FOUND, f"version '{version[:20]}' is not known")
+    stored = await ctx.store.vread(resource_type, id, int(version))
+    if stored is None:
+        raise FhirError(Code.VERSION_NOT_FOUND,
+                        f"{resource_type}/{id} has no version {version}")
+    if stored.deleted:
+        raise FhirError(Code.GONE, f"{resource_type}/{id} version {version} is a deletion")
+    return FhirResponse(200, stored.content, version_headers(stored))

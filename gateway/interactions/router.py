@@ -1,0 +1,130 @@
+"""The FHIR REST route table, free of any web framework.
+
+``route`` maps a :class:`FhirRequest` (method, path below the FHIR base,
+query pairs, headers, parsed body) to an interaction. The HTTP layer and the
+batch/transaction processor both call it, so a Bundle entry behaves exactly
+like the same request sent alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.fhir.outcome import Code, FhirError
+from gateway.interactions import capabilities, create, delete, history, patch, read, search
+from gateway.interactions import update as update_mod
+from gateway.interactions.base import Context, FhirResponse, Prefer
+
+
+@dataclass(slots=True)
+class FhirRequest:
+    method: str
+    path: str  # below the base, without leading slash: "Patient/1/_history/2"
+    query: list[tuple[str, str]] = field(default_factory=list)
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    body: Any = None
+    base: str = ""
+
+    @property
+    def prefer(self) -> Prefer:
+        return Prefer.parse(self.headers.get("prefer"))
+
+    def criteria(self) -> str:
+        from urllib.parse import urlencode
+
+        kept = [(k, v) for k, v in self.query if k not in ("_format", "_pretty")]
+        return urlencode(kept)
+
+
+def _not_allowed(req: FhirRequest) -> FhirError:
+    return FhirError(Code.METHOD_NOT_ALLOWED, f"{req.method} is not supported on '{req.path}'")
+
+
+async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
+    parts = [p for p in req.path.split("/") if p]
+    method = req.method.upper()
+    h = req.headers
+    if method == "HEAD":
+        method = "GET"
+    n = len(parts)
+    if n == 0:
+        if method == "GET":
+            q = dict(req.query)
+            if "_getpages" in q:
+                return await search.search_page(ctx, q["_getpages"], q.get("_getpagesoffset", "0"),
+                                                q.get("_count"), base=req.base)
+            return await search.search(ctx, None, req.query, base=req.base, prefer=req.prefer)
+        if method == "POST":
+            from gateway.interactions.transaction import process_bundle
+
+            return await process_bundle(ctx, req.body, base=req.base, prefer=req.prefer)
+        raise _not_allowed(req)
+    head = parts[0]
+    if n == 1 and head == "metadata":
+        if method != "GET":
+            raise _not_allowed(req)
+        return capabilities.capabilities(ctx, base=req.base)
+    if n == 1 and head == "_history":
+        if method != "GET":
+            raise _not_allowed(req)
+        return await history.history(ctx, None, None, req.query, base=req.base)
+    if n == 1 and head == "_search":
+        if method != "POST":
+            raise _not_allowed(req)
+        return await search.search(ctx, None, req.query, base=req.base, prefer=req.prefer)
+    if head.startswith("$") or not head[:1].isupper():
+        raise FhirError(Code.UNKNOWN_ENDPOINT, f"'{head[:64]}' is not a known endpoint")
+    rt = head
+    if n == 1:
+        if method == "GET":
+            return await search.search(ctx, rt, req.query, base=req.base, prefer=req.prefer)
+        if method == "POST":
+            return await create.create(ctx, rt, req.body, base=req.base, prefer=req.prefer,
+                                       if_none_exist=h.get("if-none-exist"))
+        conditional = req.criteria()
+        if not conditional:
+            raise _not_allowed(req)
+        if method == "PUT":
+            return await update_mod.update(ctx, rt, None, req.body, base=req.base,
+                                           prefer=req.prefer, if_match=h.get("if-match"),
+                                           criteria=conditional)
+        if method == "DELETE":
+            return await delete.delete(ctx, rt, None, if_match=h.get("if-match"),
+                                       criteria=conditional)
+        if method == "PATCH":
+            return await patch.patch(ctx, rt, None, req.body, base=req.base, prefer=req.prefer,
+                                     if_match=h.get("if-match"), criteria=conditional)
+        raise _not_allowed(req)
+    second = parts[1]
+    if n == 2 and second == "_search":
+        if method != "POST":
+            raise _not_allowed(req)
+        return await search.search(ctx, rt, req.query, base=req.base, prefer=req.prefer)
+    if n == 2 and second == "_history":
+        if method != "GET":
+            raise _not_allowed(req)
+        return await history.history(ctx, rt, None, req.query, base=req.base)
+    if second.startswith("$"):
+        raise FhirError(Code.UNKNOWN_ENDPOINT, f"operation '{second[:64]}' is not supported")
+    id = second
+    if n == 2:
+        if method == "GET":
+            return await read.read(ctx, rt, id, if_none_match=h.get("if-none-match"))
+        if method == "PUT":
+            return await update_mod.update(ctx, rt, id, req.body, base=req.base,
+                                           prefer=req.prefer, if_match=h.get("if-match"))
+        if method == "DELETE":
+            return await delete.delete(ctx, rt, id, if_match=h.get("if-match"))
+        if method == "PATCH":
+            return await patch.patch(ctx, rt, id, req.body, base=req.base, prefer=req.prefer,
+                                     if_match=h.get("if-match"))
+        raise _not_allowed(req)
+    if parts[2] == "_history" and n in (3, 4):
+        if method != "GET":
+            raise _not_allowed(req)
+        if n == 3:
+            return await history.history(ctx, rt, id, req.query, base=req.base)
+        return await read.vread(ctx, rt, id, parts[3])
+    raise FhirError(Code.UNKNOWN_ENDPOINT, f"'{req.path[:100]}' is not a known endpoint")

@@ -1,0 +1,155 @@
+"""search (type and system level): https://hl7.org/fhir/R4/search.html.
+
+Paging is stable under concurrent writes: when a search has more than one
+page, the ordered list of matching ids is kept as a snapshot and the paging
+links (``_getpages`` / ``_getpagesoffset``, as HAPI names them) walk that
+list; later writes neither shift nor duplicate entries.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from gateway.fhir import json as fjson
+from gateway.fhir.bundles import bundle, raw
+from gateway.fhir.outcome import Code, FhirError, Issue, operation_outcome
+from gateway.fhir.search import SearchQuery, parse_search
+from gateway.fhir.summary import subset, summarize
+from gateway.interactions.base import Context, FhirResponse, Prefer, check_type
+from gateway.storage.interface import Snapshot, StoredResource
+
+PAGING_PARAMS = frozenset({"_getpages", "_getpagesoffset", "_format", "_pretty"})
+
+
+def _page_size(ctx: Context, query: SearchQuery) -> int:
+    if query.count is None:
+        return ctx.settings.default_page_size
+    return min(query.count, ctx.settings.max_page_size)
+
+
+def _shape(ctx: Context, query: SearchQuery, stored: StoredResource) -> Any:
+    assert stored.content is not None
+    if query.elements:
+        info = ctx.registry.types[stored.resource_type]
+        return subset(fjson.loads(stored.content), set(query.elements), info.choices)
+    if query.summary in ("true", "text", "data"):
+        info = ctx.registry.types[stored.resource_type]
+        return summarize(fjson.loads(stored.content), query.summary, summary=info.summary,
+                         mandatory=info.mandatory, choices=info.choices)
+    return raw(stored.content)
+
+
+async def _page(
+    ctx: Context,
+    query: SearchQuery,
+    keys: list[tuple[str, str]],
+    base: str,
+    *,
+    total: int | None,
+    links: list[tuple[str, str]],
+    warnings: tuple[str, ...],
+) -> FhirResponse:
+    included = await ctx.store.includes(query, keys, ctx.settings.max_page_size * 10) if (
+        query.includes or query.revincludes) and keys else []
+    stored = await ctx.store.read_many([*keys, *included])
+    matched = set(keys)
+    entries: list[dict[str, Any]] = []
+    for s in stored:
+        mode = "match" if (s.resource_type, s.id) in matched else "include"
+        entries.append({
+            "fullUrl": f"{base}/{s.resource_type}/{s.id}",
+            "resource": _shape(ctx, query, s),
+            "search": {"mode": mode},
+        })
+    if warnings:
+        entries.append({
+            "resource": operation_outcome(
+                Issue(Code.UNKNOWN_SEARCH_PARAM, w, severity="warning") for w in warnings),
+            "search": {"mode": "outcome"},
+        })
+    return FhirResponse(200, bundle("searchset", entries, total=total, links=links,
+                                    id=str(uuid.uuid4())))
+
+
+def _self_link(base: str, resource_type: str | None, pairs: list[tuple[str, str]]) -> str:
+    path = f"{base}/{resource_type}" if resource_type else base
+    kept = [(k, v) for k, v in pairs if k not in PAGING_PARAMS]
+    return f"{path}?{urlencode(kept)}" if kept else path
+
+
+def _pages_link(base: str, search_id: str, offset: int, count: int) -> str:
+    query = urlencode({"_getpages": search_id, "_getpagesoffset": offset, "_count": count})
+    return f"{base}?{query}"
+
+
+async def search(
+    ctx: Context,
+    resource_type: str | None,
+    pairs: list[tuple[str, str]],
+    *,
+    base: str,
+    prefer: Prefer,
+) -> FhirResponse:
+    if resource_type is not None:
+        check_type(ctx, resource_type)
+    query = parse_search(resource_type, pairs, ctx.registry.search_params, strict=prefer.strict)
+    links = [("self", _self_link(base, resource_type, pairs))]
+    if query.summary == "count" or query.count == 0:
+        total = await ctx.store.count(query)
+        return await _page(ctx, query, [], base, total=total, links=links,
+                           warnings=query.warnings)
+    size = _page_size(ctx, query)
+    keys = await ctx.store.search_keys(query, size + 1)
+    if len(keys) <= size:
+        total = None if query.total == "none" else len(keys)
+        return await _page(ctx, query, keys, base, total=total, links=links,
+                           warnings=query.warnings)
+    # more than one page: keep the ordered result as a snapshot for stable paging
+    cap = ctx.settings.max_search_results
+    everything = await ctx.store.search_keys(query, cap + 1)
+    truncated = len(everything) > cap
+    everything = everything[:cap]
+    total: int | None = len(everything)
+    if truncated:
+        total = await ctx.store.count(query) if query.total == "accurate" else None
+    if query.total == "none":
+        total = None
+    snapshot = Snapshot(str(uuid.uuid4()), f"{resource_type or ''}?{urlencode(pairs)}", everything,
+                        total if total is not None else -1, truncated)
+    await ctx.store.save_snapshot(snapshot)
+    links.append(("next", _pages_link(base, snapshot.search_id, size, size)))
+    warnings = query.warnings
+    if truncated:
+        warnings = (*warnings, f"only the first {cap} matches can be paged through")
+    return await _page(ctx, query, everything[:size], base, total=total, links=links,
+                       warnings=warnings)
+
+
+async def search_page(
+    ctx: Context, search_id: str, offset: str, count: str | None, *, base: str
+) -> FhirResponse:
+    snapshot = await ctx.store.load_snapshot(search_id)
+    if snapshot is None:
+        raise FhirError(Code.SEARCH_EXPIRED, f"search '{search_id[:64]}' is unknown or expired")
+    try:
+        start = max(int(offset), 0)
+        size = min(max(int(count), 1), ctx.settings.max_page_size) if count else (
+            ctx.settings.default_page_size)
+    except ValueError:
+        raise FhirError(Code.INVALID_SEARCH_VALUE, "_getpagesoffset and _count are integers")\
+            from None
+    rt, _, qs = snapshot.query.partition("?")
+    pairs = parse_qsl(qs, keep_blank_values=True)
+    query = parse_search(rt or None, pairs, ctx.registry.search_params)
+    links = [("self", _pages_link(base, search_id, start, size)),
+             ("first", _pages_link(base, search_id, 0, size))]
+    if start > 0:
+        links.append(("previous", _pages_link(base, search_id, max(start - size, 0), size)))
+    if start + size < len(snapshot.keys):
+        links.append(("next", _pages_link(base, search_id, start + size, size)))
+    total = snapshot.total if snapshot.total >= 0 else None
+    return await _page(ctx, query, snapshot.keys[start : start + size], base, total=total,
+                       links=links, warnings=())
+

@@ -1,0 +1,399 @@
+"""batch and transaction: https://hl7.org/fhir/R4/http.html#transaction,
+https://hl7.org/fhir/R4/bundle.html#transaction.
+
+A transaction is one database transaction: every entry succeeds or none
+does, and a failure answers with one OperationOutcome naming the entry
+(``Bundle.entry[i]``). Entries are processed in the spec's order (DELETE,
+POST, PUT/PATCH, then GET/HEAD after the writes commit); ``fullUrl`` names
+(``urn:uuid:…``) and conditional references (``Patient?identifier=…``) are
+resolved and rewritten in every resource; identical conditional creates in
+one Bundle yield one resource. A batch runs each entry on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from gateway.fhir.bundles import bundle, raw
+from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.references import rewrite
+from gateway.interactions.base import (
+
+    Context,
+    FhirResponse,
+    Prefer,
+    check_body,
+    check_id,
+    check_type,
+    http_date,
+    location,
+    parse_criteria,
+)
+from gateway.interactions.conditional import single_match
+from gateway.interactions.create import create_in, new_id
+from gateway.interactions.delete import delete_in
+from gateway.interactions.patch import check_patch, patch_in
+from gateway.interactions.router import FhirRequest, route
+from gateway.interactions.update import resolve_conditional_id, update_in
+from gateway.storage.interface import StoredResource, StoreTransaction
+
+_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+_REASON = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified"}
+
+
+@dataclass(slots=True)
+class Entry:
+    index: int
+    method: str
+    path: str  # below the base
+    query: str
+    full_url: str | None
+    resource: Any
+    headers: dict[str, str]
+    resource_type: str = ""
+    id: str | None = None
+    outcome: tuple[StoredResource, int] | None = None  # stored version, status
+    response: FhirResponse | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return f"Bundle.entry[{self.index}]"
+
+
+def _entry_error(entry: Entry, exc: FhirError) -> FhirError:
+    prefix = f"{entry.where} ({entry.method} {entry.path}{'?' if entry.query else ''}"
+    prefix += f"{entry.query}): "
+    return FhirError(exc.code, prefix + (exc.diagnostics or exc.code.summary),
+                     (f"{entry.where}", *exc.expression), exc.extra)
+
+
+def _relative(url: str, base: str) -> tuple[str, str]:
+    if base and url.startswith(base + "/"):
+        url = url[len(base) + 1 :]
+    elif "://" in url:
+        raise FhirError(Code.INVALID_ENTRY, f"request.url '{url[:100]}' is not on this server")
+    parts = urlsplit(url)
+    return parts.path.strip("/"), parts.query
+
+
+def parse_entries(ctx: Context, body: Any, base: str) -> tuple[str, list[Entry]]:
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        raise FhirError(Code.INVALID_BUNDLE, "POST to the base expects a Bundle")
+    kind = body.get("type")
+    if kind not in ("transaction", "batch"):
+        raise FhirError(Code.INVALID_BUNDLE,
+                        f"Bundle.type must be transaction or batch, not '{kind}'", ("Bundle.type",))
+    raw_entries = body.get("entry", [])
+    if not isinstance(raw_entries, list):
+        raise FhirError(Code.INVALID_BUNDLE, "Bundle.entry must be an array", ("Bundle.entry",))
+    if len(raw_entries) > ctx.settings.max_bundle_entries:
+        raise FhirError(Code.TOO_MANY_ENTRIES,
+                        f"{len(raw_entries)} entries; at most {ctx.settings.max_bundle_entries}")
+    entries = []
+    for i, e in enumerate(raw_entries):
+        where = f"Bundle.entry[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("request"), dict):
+            raise FhirError(Code.INVALID_ENTRY, f"{where}: request is missing",
+                            (f"{where}.request",))
+        req = e["request"]
+        method = req.get("method")
+        url = req.get("url")
+        if method not in _ORDER or not isinstance(url, str) or not url:
+            raise FhirError(Code.INVALID_ENTRY,
+                            f"{where}: request.method and request.url are required",
+                            (f"{where}.request",))
+        try:
+            path, query = _relative(url, base)
+        except FhirError as exc:
+            raise FhirError(exc.code, f"{where}: {exc.diagnostics}") from None
+        headers = {
+            name: req[key] for key, name in (
+                ("ifNoneExist", "if-none-exist"), ("ifMatch", "if-match"),
+                ("ifNoneMatch", "if-none-match"), ("ifModifiedSince", "if-modified-since"))
+            if isinstance(req.get(key), str)
+        }
+        full_url = e.get("fullUrl") if isinstance(e.get("fullUrl"), str) else None
+        entries.append(Entry(i, method, path, query, full_url, e.get("resource"), headers))
+    return kind, entries
+
+
+def _status_line(status: int) -> str:
+    return f"{status} {_REASON.get(status, '')}".strip()
+
+
+def _response_entry(entry: Entry, base: str, prefer: Prefer) -> dict[str, Any]:
+    if entry.response is not None:  # GET/HEAD, or a batch entry
+        resp = entry.response
+        out: dict[str, Any] = {"response": {"status": _status_line(resp.status)}}
+        for header, key in (("Location", "location"), ("ETag", "etag"),
+                            ("Last-Modified", "lastModified")):
+            if header in resp.headers:
+                out["response"][key] = resp.headers[header]
+        if isinstance(resp.body, bytes):
+            out["resource"] = raw(resp.body)
+        elif isinstance(resp.body, dict):
+            if resp.body.get("resourceType") == "OperationOutcome" and resp.status >= 400:
+                out["response"]["outcome"] = resp.body
+            else:
+                out["resource"] = resp.body
+        return out
+    response: dict[str, Any] = {}
+    if entry.outcome is None:  # delete of nothing
+        return {"response": {"status": "204 No Content"}}
+    stored, status = entry.outcome
+    response["status"] = _status_line(status)
+    if status in (200, 201) and not stored.deleted:
+        response["location"] = location(base, stored)
+    response["etag"] = stored.etag
+    response["lastModified"] = http_date(stored.last_updated)
+    out = {"response": response}
+    if stored.content is not None and prefer.return_ == "representation":
+        out["fullUrl"] = f"{base}/{stored.resource_type}/{stored.id}"
+        out["resource"] = raw(stored.content)
+    return out
+
+
+class _Transaction:
+    """Resolves identities, rewrites references and writes the entries in ``tx``."""
+
+    def __init__(self, ctx: Context, tx: StoreTransaction, entries: list[Entry]) -> None:
+        self.ctx = ctx
+        self.tx = tx
+        self.entries = entries
+        self.names: dict[str, str] = {}  # fullUrl -> Type/id
+        self.conditional_creates: dict[tuple[str, str], Entry] = {}
+        self.resolved_refs: dict[str, str] = {}
+
+    async def run(self) -> None:
+        writes = [e for e in self.entries if e.method not in ("GET", "HEAD")]
+        for e in writes:
+            try:
+                await self._identify(e)
+            except FhirError as exc:
+                raise _entry_error(e, exc) from None
+        self._check_overlap(writes)
+        for e in writes:
+            if e.method in ("POST", "PUT") and isinstance(e.resource, dict):
+                try:
+                    await self._rewrite(e)
+                except FhirError as exc:
+                    raise _entry_error(e, exc) from None
+        for e in sorted(writes, key=lambda e: (_ORDER[e.method], e.index)):
+            try:
+                await self._execute(e)
+            except FhirError as exc:
+                raise _entry_error(e, exc) from None
+
+    async def _identify(self, e: Entry) -> None:
+        parts = e.path.split("/") if e.path else []
+        if not parts or not parts[0]:
+            raise FhirError(Code.INVALID_ENTRY, "request.url names no resource type")
+        e.resource_type = parts[0]
+        check_type(self.ctx, e.resource_type)
+        if e.method == "POST":
+            if len(parts) != 1:
+                raise FhirError(Code.INVALID_ENTRY, "POST request.url must be a resource type")
+            res = check_body(self.ctx, e.resource, e.resource_type)
+            res.pop("id", None)
+            cond = e.headers.get("if-none-exist")
+            if cond:
+                key = (e.resource_type, "&".join(sorted(
+                    f"{k}={v}" for k, v in parse_criteria(cond))))
+                first = self.conditional_creates.get(key)
+                if first is not None:  # identical conditional create: same resource
+                    e.id = first.id
+                    e.extra["same_as"] = first
+                else:
+                    self.conditional_creates[key] = e
+                    found = await single_match(self.ctx, self.tx, e.resource_type,
+                                               parse_criteria(cond))
+                    e.id = found or new_id()
+                    e.extra["exists"] = found is not None
+            else:
+                e.id = new_id()
+        elif e.method in ("PUT", "PATCH", "DELETE"):
+            if len(parts) == 2:
+                check_id(parts[1])
+                e.id = parts[1]
+            elif len(parts) == 1 and e.query:
+                if e.method == "PUT":
+                    body_id = e.resource.get("id") if isinstance(e.resource, dict) else None
+                    e.id = await resolve_conditional_id(self.ctx, self.tx, e.resource_type,
+                                                        e.query, body_id)
+                else:
+                    e.id = await single_match(self.ctx, self.tx, e.resource_type,
+                                              parse_criteria(e.query))
+                    if e.id is None and e.method == "PATCH":
+                        raise FhirError(Code.NOT_FOUND, "no resource matches the patch criteria")
+            else:
+                raise FhirError(Code.INVALID_ENTRY,
+                                f"{e.method} request.url must be Type/id or Type?criteria")
+            if e.method == "PUT":
+                res = check_body(self.ctx, e.resource, e.resource_type)
+                if len(parts) == 2 and res.get("id") != e.id:
+                    raise FhirError(Code.ID_MISMATCH, "Resource.id must match request.url",
+                                    ("id",))
+            if e.method == "PATCH":
+                e.extra["ops"] = check_patch(self._patch_ops(e))
+        if e.full_url and e.id:
+            self.names[e.full_url] = f"{e.resource_type}/{e.id}"
+
+    @staticmethod
+    def _patch_ops(e: Entry) -> Any:
+        # FHIR carries a JSON Patch in a transaction as a Binary resource (base64 data)
+        res = e.resource
+        if isinstance(res, dict) and res.get("resourceType") == "Binary":
+            import base64
+
+            from gateway.fhir import json as fjson
+
+            try:
+                return fjson.loads(base64.b64decode(res.get("data", ""), validate=True))
+            except ValueError:
+                raise FhirError(Code.INVALID_PATCH, "Binary.data is not a base64 JSON Patch")\
+                    from None
+        return res
+
+    def _check_overlap(self, writes: list[Entry]) -> None:
+        seen: dict[tuple[str, str], Entry] = {}
+        for e in writes:
+            if e.id is None or "same_as" in e.extra:
+                continue
+            key = (e.resource_type, e.id)
+            if key in seen:
+                raise FhirError(
+                    Code.DUPLICATE_IDENTITY,
+                    f"{e.where} and {seen[key].where} both write {e.resource_type}/{e.id}",
+                    (e.where,))
+            seen[key] = e
+
+    async def _rewrite(self, e: Entry) -> None:
+        async def resolve_all(node: Any) -> None:
+            # conditional references are resolved first (they need I/O) …
+            refs: list[str] = []
+            _collect_conditional(node, refs)
+            for ref in refs:
+                if ref not in self.resolved_refs:
+                    rt, _, query = ref.partition("?")
+                    check_type(self.ctx, rt)
+                    found = await single_match(self.ctx, self.tx, rt, parse_criteria(query))
+                    if found is None:
+                        raise FhirError(Code.UNRESOLVED_REFERENCE,
+                                        f"conditional reference '{ref[:200]}' matches nothing")
+                    self.resolved_refs[ref] = f"{rt}/{found}"
+
+        await resolve_all(e.resource)
+        # … then every name is replaced in one walk
+        rewrite(e.resource, self.names, self.resolved_refs.__getitem__)
+
+    async def _execute(self, e: Entry) -> None:
+        assert e.id is not None or e.method == "DELETE"
+        ctx, tx = self.ctx, self.tx
+        if e.method == "DELETE":
+            if e.id is None:
+                e.outcome = None
+                return
+            deleted = await delete_in(ctx, tx, e.resource_type, e.id,
+                                      if_match=e.headers.get("if-match"))
+            e.outcome = (deleted, 204) if deleted else None
+            return
+        assert e.id is not None
+        if e.method == "POST":
+            first = e.extra.get("same_as")
+            if first is not None:
+                e.outcome = first.outcome
+                if e.outcome is not None:
+                    e.outcome = (e.outcome[0], 200)
+                return
+            if e.extra.get("exists"):
+                current = await tx.current(e.resource_type, e.id)
+                assert current is not None
+                e.outcome = (current, 200)
+                return
+            stored, _ = await create_in(ctx, tx, e.resource_type, copy.copy(e.resource),
+                                        id=e.id)
+            e.outcome = (stored, 201)
+        elif e.method == "PUT":
+            stored, created = await update_in(ctx, tx, e.resource_type, e.id,
+                                              copy.copy(e.resource),
+                                              if_match=e.headers.get("if-match"))
+            e.outcome = (stored, 201 if created else 200)
+        elif e.method == "PATCH":
+            stored = await patch_in(ctx, tx, e.resource_type, e.id, e.extra["ops"],
+                                    if_match=e.headers.get("if-match"))
+            e.outcome = (stored, 200)
+
+
+def _collect_conditional(node: Any, out: list[str]) -> None:
+    from gateway.fhir.references import CONDITIONAL_REF
+
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str) and CONDITIONAL_REF.fullmatch(value):
+                out.append(value)
+            elif isinstance(value, dict | list):
+                _collect_conditional(value, out)
+    elif isinstance(node, list):
+        for value in node:
+            if isinstance(value, dict | list):
+                _collect_conditional(value, out)
+
+
+async def _run_get(ctx: Context, e: Entry, base: str) -> FhirResponse:
+    req = FhirRequest(e.method, e.path, parse_qsl(e.query, keep_blank_values=True),
+                      e.headers, None, base)
+    try:
+        return await route(ctx, req)
+    except FhirError as exc:
+        return FhirResponse(exc.status, exc.outcome())
+
+
+async def process_bundle(ctx: Context, body: Any, *, base: str, prefer: Prefer) -> FhirResponse:
+    kind, entries = parse_entries(ctx, body, base)
+    if kind == "batch":
+        return await _batch(ctx, entries, base, prefer)
+    fresh = entries
+
+    async def work(tx: StoreTransaction) -> None:
+        nonlocal fresh
+        # each attempt starts from the Bundle as received
+        fresh = [Entry(e.index, e.method, e.path, e.query, e.full_url,
+                       copy.deepcopy(e.resource), e.headers) for e in entries]
+        await _Transaction(ctx, tx, fresh).run()
+
+    await ctx.store.run(work)
+    for e in fresh:
+        if e.method in ("GET", "HEAD"):
+            e.response = await _run_get(ctx, e, base)
+    return FhirResponse(200, bundle("transaction-response",
+                                    [_response_entry(e, base, prefer) for e in fresh]))
+
+
+async def _batch(ctx: Context, entries: list[Entry], base: str, prefer: Prefer) -> FhirResponse:
+    out = []
+    for e in entries:
+        headers = dict(e.headers)
+        if prefer.return_:
+            headers["prefer"] = f"return={prefer.return_}"
+        body = e.resource
+        if e.method == "PATCH":
+            try:
+                body = _Transaction._patch_ops(e)
+            except FhirError as exc:
+                e.response = FhirResponse(exc.status, _entry_error(e, exc).outcome())
+                out.append(_response_entry(e, base, prefer))
+                continue
+        req = FhirRequest(e.method, e.path, parse_qsl(e.query, keep_blank_values=True),
+                          headers, body, base)
+        try:
+            e.response = await route(ctx, req)
+        except FhirError as exc:
+            e.response = FhirResponse(exc.status, _entry_error(e, exc).outcome())
+        out.append(_response_entry(e, base, prefer))
+    return FhirResponse(200, bundle("batch-response", out))
+
+

@@ -1,0 +1,103 @@
+"""update and conditional update: https://hl7.org/fhir/R4/http.html#update, #cond-update.
+
+Create-on-update is allowed (the client chooses the id). ``If-Match`` with a
+weak ETag makes the update conditional on the current version (412 when it
+is not).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.fhir.outcome import Code, FhirError
+from gateway.interactions.base import (
+    Context,
+    FhirResponse,
+    Prefer,
+    check_body,
+    check_id,
+    check_type,
+    parse_criteria,
+    parse_etag,
+    write_response,
+)
+from gateway.interactions.conditional import single_match
+from gateway.interactions.create import new_id
+from gateway.storage.interface import StoredResource, StoreTransaction
+
+
+def check_version(current: StoredResource | None, if_match: str | None, what: str) -> None:
+    if if_match is None:
+        return
+    wanted = parse_etag(if_match)
+    if current is None or current.deleted or current.version != wanted:
+        have = "none" if current is None or current.deleted else str(current.version)
+        raise FhirError(Code.VERSION_CONFLICT,
+                        f"{what}: If-Match wants version {wanted}, current is {have}")
+
+
+async def update_in(
+    ctx: Context,
+    tx: StoreTransaction,
+    resource_type: str,
+    id: str,
+    resource: dict[str, Any],
+    *,
+    if_match: str | None = None,
+    method: str = "PUT",
+) -> tuple[StoredResource, bool]:
+    """Write the next version of ``resource_type/id``; True when it did not exist before."""
+    await tx.lock(f"{resource_type}/{id}")
+    current = await tx.current(resource_type, id)
+    check_version(current, if_match, f"{resource_type}/{id}")
+    stored = await tx.put(resource_type, id, resource, method, current)
+    return stored, current is None or current.deleted
+
+
+async def resolve_conditional_id(
+    ctx: Context, tx: StoreTransaction, resource_type: str, criteria: str, body_id: Any
+) -> str:
+    """The id a conditional update writes to (http.html#cond-update)."""
+    found = await single_match(ctx, tx, resource_type, parse_criteria(criteria))
+    if found is None:
+        return body_id if isinstance(body_id, str) else new_id()
+    if body_id is not None and body_id != found:
+        raise FhirError(Code.ID_MISMATCH,
+                        f"Resource.id '{body_id}' differs from the matching resource '{found}'",
+                        ("id",))
+    return found
+
+
+async def update(
+    ctx: Context,
+    resource_type: str,
+    id: str | None,
+    body: Any,
+    *,
+    base: str,
+    prefer: Prefer,
+    if_match: str | None = None,
+    criteria: str | None = None,
+) -> FhirResponse:
+    check_type(ctx, resource_type)
+    resource = check_body(ctx, body, resource_type)
+    if id is not None:
+        check_id(id)
+        if "id" not in resource:
+            raise FhirError(Code.ID_MISSING, "Resource.id is required for update", ("id",))
+        if resource["id"] != id:
+            raise FhirError(Code.ID_MISMATCH,
+                            f"Resource.id '{resource['id']}' differs from the URL's '{id}'",
+                            ("id",))
+
+    async def work(tx: StoreTransaction) -> tuple[StoredResource, bool]:
+        target = id
+        if target is None:
+            assert criteria is not None
+            target = await resolve_conditional_id(ctx, tx, resource_type, criteria,
+                                                  resource.get("id"))
+        return await update_in(ctx, tx, resource_type, target, dict(resource),
+                               if_match=if_match)
+
+    stored, created = await ctx.store.run(work)
+    return write_response(201 if created else 200, stored, base, prefer, created=created)

@@ -1,0 +1,104 @@
+"""The store interface: what the rest of the gateway may ask of storage.
+
+Narrow on purpose (compare HAPI's DAO sprawl): read the current or a given
+version, read many, search, history, and a unit of work
+(:class:`StoreTransaction`) in which writes happen. A write stores the
+resource, its history row, its search index rows and its outbox event in one
+database transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from gateway.fhir.search import SearchQuery
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResource:
+    """One version of a resource as stored. ``content`` is ``None`` for a deletion."""
+
+    resource_type: str
+    id: str
+    version: int
+    last_updated: int  # epoch microseconds
+    deleted: bool
+    content: bytes | None
+    method: str = ""  # history only: POST, PUT, PATCH, DELETE
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    entries: list[StoredResource]
+    next_cursor: int | None  # pass back as ``before`` for the next (older) page
+    total: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    search_id: str
+    query: str  # the original query string, re-parsed for each page's _include
+    keys: list[tuple[str, str]]
+    total: int
+    truncated: bool
+
+
+class StoreTransaction(Protocol):
+    async def lock(self, key: str) -> None:
+        """Serialise with other writers of ``key`` until commit."""
+
+    async def current(self, resource_type: str, id: str) -> StoredResource | None: ...
+
+    async def search_keys(self, query: SearchQuery, limit: int) -> list[tuple[str, str]]: ...
+
+    async def put(
+        self,
+        resource_type: str,
+        id: str,
+        resource: dict[str, Any],
+        method: str,
+        previous: StoredResource | None,
+    ) -> StoredResource:
+        """Store ``resource`` as the next version. Sets ``id`` and ``meta`` in it."""
+
+    async def delete(self, previous: StoredResource) -> StoredResource: ...
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def run(self, work: Callable[[StoreTransaction], Awaitable[T]]) -> T:
+        """Run ``work`` in one database transaction, retrying lost races."""
+
+    async def read(self, resource_type: str, id: str) -> StoredResource | None: ...
+    async def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None: ...
+    async def read_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]: ...
+
+    async def search_keys(self, query: SearchQuery, limit: int) -> list[tuple[str, str]]: ...
+    async def count(self, query: SearchQuery) -> int: ...
+    async def includes(
+        self, query: SearchQuery, matches: list[tuple[str, str]], limit: int
+    ) -> list[tuple[str, str]]: ...
+    async def save_snapshot(self, snapshot: Snapshot) -> None: ...
+    async def load_snapshot(self, search_id: str) -> Snapshot | None: ...
+
+    async def history(
+        self,
+        resource_type: str | None,
+        id: str | None,
+        *,
+        since: int | None,
+        at: tuple[int, int] | None,
+        before: int | None,
+        limit: int,
+    ) -> HistoryPage: ...

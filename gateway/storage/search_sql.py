@@ -1,0 +1,484 @@
+"""Compile a :class:`gateway.fhir.search.SearchQuery` to SQL (SQLite and PostgreSQL).
+
+The statement is ``SELECT r.res_type, r.res_id FROM resource r WHERE
+r.res_type = ? AND r.deleted = 0 AND <criterion> AND …`` where each criterion
+is an ``EXISTS`` over its index table (``sp_*``, rows for current versions
+only), correlated on ``(res_type, res_id)`` and restricted to the parameter's
+code. Chains nest ``target_id IN (SELECT … FROM resource r2 …)``, ``_has``
+nests ``r.res_id IN (SELECT ref.target_id FROM sp_reference ref …)``.
+``_id`` and ``_lastUpdated`` are answered from the ``resource`` row.
+
+Every user value is a bound parameter; SQL text holds only identifiers and
+constants chosen here (and never a literal question mark: the PostgreSQL
+connection rewrites each one to ``$n``). LIKE patterns escape ``%``, ``_`` and
+the escape character ``!`` itself.
+
+Ordering: the ``_sort`` keys, then ``r.created_seq, r.res_id``. A key on an
+index parameter sorts by a correlated ``MIN`` (ascending) or ``MAX``
+(descending) of its value: string -> ``value``, token -> ``code``, date,
+number, quantity -> ``lo`` ascending / ``hi`` descending, reference ->
+``target_id``, uri -> ``value``. Resources without a value sort last either
+way. On PostgreSQL text compares with ``COLLATE "C"`` (code point order, as
+SQLite does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gateway.fhir.search import (
+    Criterion,
+    DateValue,
+    Include,
+    MissingValue,
+    NumberValue,
+    QuantityValue,
+    ReferenceValue,
+    SearchQuery,
+    SortKey,
+    StringValue,
+    TokenValue,
+    UriValue,
+    Value,
+)
+from gateway.storage.db import Connection
+
+__all__ = ["count", "like_escape", "resolve_includes", "select_ids"]
+
+DIALECTS = ("sqlite", "postgresql")
+
+_TABLE = {
+    "string": "sp_string",
+    "token": "sp_token",
+    "date": "sp_date",
+    "number": "sp_number",
+    "quantity": "sp_quantity",
+    "reference": "sp_reference",
+    "uri": "sp_uri",
+}
+#: (ascending column, descending column, is text) per parameter type
+_SORT_COLUMN = {
+    "string": ("value", "value", True),
+    "token": ("code", "code", True),
+    "date": ("lo", "hi", False),
+    "number": ("lo", "hi", False),
+    "quantity": ("lo", "hi", False),
+    "reference": ("target_id", "target_id", True),
+    "uri": ("value", "value", True),
+}
+_ESCAPE = "!"
+_CHUNK = 500
+
+Frag = tuple[str, list[Any]]
+
+
+def like_escape(text: str) -> str:
+    """Escape ``text`` for ``LIKE … ESCAPE '!'``."""
+    return (
+        text.replace(_ESCAPE, _ESCAPE * 2)
+        .replace("%", _ESCAPE + "%")
+        .replace("_", _ESCAPE + "_")
+    )
+
+
+class _Ctx:
+    def __init__(self, dialect: str) -> None:
+        if dialect not in DIALECTS:
+            raise ValueError(f"unsupported SQL dialect {dialect!r}")
+        self.dialect = dialect
+        self._n = 0
+
+    def alias(self, stem: str) -> str:
+        self._n += 1
+        return f"{stem}{self._n}"
+
+    def text(self, expr: str) -> str:
+        """``expr`` compared in code point order on both dialects."""
+        return f'{expr} COLLATE "C"' if self.dialect == "postgresql" else expr
+
+
+# -- public API -----------------------------------------------------------------
+
+
+def select_ids(
+    query: SearchQuery, dialect: str, limit: int | None = None
+) -> tuple[str, list[Any]]:
+    """SQL for the matching ``(res_type, res_id)`` rows in result order."""
+    ctx = _Ctx(dialect)
+    where, params = _from_where(query, ctx)
+    order: list[str] = []
+    for key in query.sort:
+        expr, p = _sort_expr(key, ctx)
+        order.append(f"{expr} {'DESC' if key.descending else 'ASC'} NULLS LAST")
+        params.extend(p)
+    order.append("r.created_seq")
+    order.append(ctx.text("r.res_id"))
+    sql = f"SELECT r.res_type, r.res_id {where} ORDER BY {', '.join(order)}"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(int(limit))
+    return sql, params
+
+
+def count(query: SearchQuery, dialect: str) -> tuple[str, list[Any]]:
+    """SQL for one row ``(count,)`` of the matches."""
+    where, params = _from_where(query, _Ctx(dialect))
+    return f"SELECT COUNT(*) {where}", params
+
+
+async def resolve_includes(
+    conn: Connection, query: SearchQuery, matches: list[tuple[str, str]], limit: int
+) -> list[tuple[str, str]]:
+    """The ``_include``/``_revinclude`` resources of ``matches``: current, not
+    deleted, each once, none of ``matches``, in discovery order, at most
+    ``limit``. The first round applies every include to ``matches``; later
+    rounds apply the ``:iterate`` ones to what the previous round found, until
+    nothing new turns up."""
+    if limit <= 0 or not (query.includes or query.revincludes):
+        return []
+    seen: set[tuple[str, str]] = set(matches)
+    found: list[tuple[str, str]] = []
+    frontier = list(dict.fromkeys(matches))
+    first = True
+    while frontier:
+        forward = [i for i in query.includes if first or i.iterate]
+        reverse = [i for i in query.revincludes if first or i.iterate]
+        if not forward and not reverse:
+            break
+        new: list[tuple[str, str]] = []
+        steps = [(inc, False) for inc in forward] + [(inc, True) for inc in reverse]
+        for inc, rev in steps:
+            for sql, params in _include_sql(inc, frontier, rev):
+                for row in await conn.fetch(sql, params):
+                    key = (str(row[0]), str(row[1]))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    found.append(key)
+                    new.append(key)
+                    if len(found) >= limit:
+                        return found
+        frontier = new
+        first = False
+    return found
+
+
+# -- WHERE ----------------------------------------------------------------------
+
+
+def _from_where(query: SearchQuery, ctx: _Ctx) -> Frag:
+    conds: list[str] = []
+    params: list[Any] = []
+    if query.resource_type is not None:
+        conds.append("r.res_type = ?")
+        params.append(query.resource_type)
+    elif query.types:
+        conds.append(f"r.res_type IN ({_marks(len(query.types))})")
+        params.extend(query.types)
+    conds.append("r.deleted = 0")
+    for crit in query.criteria:
+        sql, p = _criterion(crit, "r", query.resource_type, ctx)
+        conds.append(sql)
+        params.extend(p)
+    return f"FROM resource r WHERE {' AND '.join(conds)}", params
+
+
+def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx) -> Frag:
+    """A condition on the resource row aliased ``a`` (of type ``rtype`` if known)."""
+    if c.has is not None:
+        h = c.has
+        ref, a2 = ctx.alias("ref"), ctx.alias("r")
+        inner, ip = _criterion(h.criterion, a2, h.source_type, ctx)
+        type_sql, tp = ("?", [rtype]) if rtype else (f"{a}.res_type", [])
+        return (
+            f"{a}.res_id IN (SELECT {ref}.target_id FROM sp_reference {ref}"
+            f" WHERE {ref}.res_type = ? AND {ref}.param = ? AND {ref}.target_type = {type_sql}"
+            f" AND {ref}.res_id IN (SELECT {a2}.res_id FROM resource {a2}"
+            f" WHERE {a2}.res_type = ? AND {a2}.deleted = 0 AND {inner}))",
+            [h.source_type, h.param_code, *tp, h.source_type, *ip],
+        )
+    if c.chain:
+        ref = ctx.alias("ref")
+        ors: list[str] = []
+        params: list[Any] = [c.code]
+        for link in c.chain:
+            a2 = ctx.alias("r")
+            inner, ip = _criterion(link.criterion, a2, link.target_type, ctx)
+            ors.append(
+                f"({ref}.target_type = ? AND {ref}.target_id IN (SELECT {a2}.res_id"
+                f" FROM resource {a2} WHERE {a2}.res_type = ? AND {a2}.deleted = 0"
+                f" AND {inner}))"
+            )
+            params.extend([link.target_type, link.target_type, *ip])
+        return (
+            f"EXISTS (SELECT 1 FROM sp_reference {ref} WHERE {ref}.res_type = {a}.res_type"
+            f" AND {ref}.res_id = {a}.res_id AND {ref}.param = ? AND ({' OR '.join(ors)}))",
+            params,
+        )
+    if c.code == "_id":
+        return _id_criterion(c, a)
+    if c.code == "_lastUpdated":
+        return _last_updated(c, a)
+    table = _TABLE.get(c.type)
+    if table is None:
+        raise ValueError(f"cannot search {c.type} parameter {c.code!r}")
+    t = ctx.alias("t")
+    base = (
+        f"SELECT 1 FROM {table} {t} WHERE {t}.res_type = {a}.res_type"
+        f" AND {t}.res_id = {a}.res_id AND {t}.param = ?"
+    )
+    if c.modifier == "missing":
+        frags = [
+            (f"{'NOT ' if _missing(v) else ''}EXISTS ({base})", [c.code]) for v in c.values
+        ]
+        return _or(frags)
+    cond, p = _or([_value(c, v, t) for v in c.values])
+    sql = f"EXISTS ({base} AND {cond})"
+    if c.modifier == "not":
+        sql = "NOT " + sql
+    return sql, [c.code, *p]
+
+
+def _missing(v: Value) -> bool:
+    if not isinstance(v, MissingValue):
+        raise ValueError(f":missing takes true or false, not {v!r}")
+    return v.missing
+
+
+def _id_criterion(c: Criterion, a: str) -> Frag:
+    if c.modifier == "missing":
+        return _or([("1 = 0" if _missing(v) else "1 = 1", []) for v in c.values])
+    ids: list[Any] = []
+    for v in c.values:
+        if not isinstance(v, TokenValue) or v.code is None:
+            raise ValueError(f"_id takes ids, not {v!r}")
+        ids.append(v.code)
+    if not ids:
+        return "1 = 0", []
+    op = "NOT IN" if c.modifier == "not" else "IN"
+    return f"{a}.res_id {op} ({_marks(len(ids))})", ids
+
+
+def _last_updated(c: Criterion, a: str) -> Frag:
+    if c.modifier == "missing":
+        return _or([("1 = 0" if _missing(v) else "1 = 1", []) for v in c.values])
+    frags: list[Frag] = []
+    for v in c.values:
+        if not isinstance(v, DateValue):
+            raise ValueError(f"_lastUpdated takes dates, not {v!r}")
+        col = f"{a}.last_updated"
+        frags.append(_date(v, col, col))
+    return _or(frags)
+
+
+def _value(c: Criterion, v: Value, t: str) -> Frag:
+    if isinstance(v, TokenValue):
+        if c.type == "reference":
+            return _token(v, f"{t}.ident_system", f"{t}.ident_value")
+        return _token(v, f"{t}.system", f"{t}.code")
+    if isinstance(v, StringValue):
+        if c.type == "token":  # :text on the display
+            pat = like_escape(v.normalized)
+            return (
+                f"({t}.display LIKE ? ESCAPE '{_ESCAPE}'"
+                f" OR {t}.display LIKE ? ESCAPE '{_ESCAPE}')",
+                [pat + "%", "% " + pat + "%"],
+            )
+        if c.modifier == "exact":
+            return f"{t}.exact = ?", [v.text]
+        pat = like_escape(v.normalized) + "%"
+        if c.modifier == "contains":
+            pat = "%" + pat
+        return f"{t}.value LIKE ? ESCAPE '{_ESCAPE}'", [pat]
+    if isinstance(v, DateValue):
+        return _date(v, f"{t}.lo", f"{t}.hi")
+    if isinstance(v, QuantityValue):
+        sql, params = _number(v.prefix, v.value, v.lo, v.hi, f"{t}.lo", f"{t}.hi")
+        if v.system is not None:
+            sql += f" AND {t}.system = ?"
+            params.append(v.system)
+            if v.code is not None:
+                sql += f" AND {t}.code = ?"
+                params.append(v.code)
+        elif v.code is not None:
+            sql += f" AND ({t}.code = ? OR {t}.unit = ?)"
+            params.extend([v.code, v.code])
+        return f"({sql})", params
+    if isinstance(v, NumberValue):
+        sql, params = _number(v.prefix, v.value, v.lo, v.hi, f"{t}.lo", f"{t}.hi")
+        return f"({sql})", params
+    if isinstance(v, ReferenceValue):
+        if v.url is not None:
+            return f"{t}.url = ?", [v.url]
+        if v.id is None:
+            raise ValueError(f"reference value without id or url: {v!r}")
+        conds, params = [f"{t}.target_id = ?"], [v.id]
+        if v.type is not None:
+            conds.append(f"{t}.target_type = ?")
+            params.append(v.type)
+        if v.version is not None:
+            conds.append(f"{t}.target_version = ?")
+            params.append(v.version)
+        return f"({' AND '.join(conds)})", params
+    if isinstance(v, UriValue):
+        if c.modifier == "below":
+            return f"substr({t}.value, 1, ?) = ?", [len(v.value), v.value]
+        if c.modifier == "above":
+            return f"{t}.value = substr(CAST(? AS TEXT), 1, length({t}.value))", [v.value]
+        return f"{t}.value = ?", [v.value]
+    raise ValueError(f"unexpected value {v!r} for {c.type} parameter {c.code!r}")
+
+
+def _token(v: TokenValue, sys_col: str, code_col: str) -> Frag:
+    conds: list[str] = []
+    params: list[Any] = []
+    if not v.any_system:
+        if v.system is None:
+            conds.append(f"({sys_col} IS NULL OR {sys_col} = '')")
+        else:
+            conds.append(f"{sys_col} = ?")
+            params.append(v.system)
+    if v.code is not None:
+        conds.append(f"{code_col} = ?")
+        params.append(v.code)
+    if not conds:
+        return "1 = 0", []
+    return f"({' AND '.join(conds)})", params
+
+
+def _date(v: DateValue, lo: str, hi: str) -> Frag:
+    """Stored [lo, hi] against search [slo, shi], all inclusive (R4 search.html)."""
+    slo, shi = v.lo, v.hi
+    eq = f"({lo} >= ? AND {hi} <= ?)"
+    match v.prefix:
+        case "eq":
+            return eq, [slo, shi]
+        case "ne":
+            return f"NOT {eq}", [slo, shi]
+        case "gt":  # the range above the search value overlaps the target
+            return f"{hi} > ?", [shi]
+        case "lt":
+            return f"{lo} < ?", [slo]
+        case "ge":  # gt, or the search range contains the target
+            return f"({hi} > ? OR {eq})", [shi, slo, shi]
+        case "le":
+            return f"({lo} < ? OR {eq})", [slo, slo, shi]
+        case "sa":
+            return f"{lo} > ?", [shi]
+        case "eb":
+            return f"{hi} < ?", [slo]
+        case "ap":  # bounds already widened by the parser: overlap
+            return f"({lo} <= ? AND {hi} >= ?)", [shi, slo]
+    raise ValueError(f"unknown prefix {v.prefix!r}")
+
+
+def _number(
+    prefix: str, value: float, slo: float, shi: float, lo: str, hi: str
+) -> tuple[str, list[Any]]:
+    """Stored [lo, hi] against the search value (eq/ne: its range [slo, shi))."""
+    match prefix:
+        case "eq":
+            return f"{lo} >= ? AND {hi} < ?", [slo, shi]
+        case "ne":
+            return f"NOT ({lo} >= ? AND {hi} < ?)", [slo, shi]
+        case "gt":
+            return f"{hi} > ?", [value]
+        case "lt":
+            return f"{lo} < ?", [value]
+        case "ge":
+            return f"{hi} >= ?", [value]
+        case "le":
+            return f"{lo} <= ?", [value]
+        case "sa":
+            return f"{lo} > ?", [value]
+        case "eb":
+            return f"{hi} < ?", [value]
+        case "ap":
+            return f"{lo} <= ? AND {hi} >= ?", [shi, slo]
+    raise ValueError(f"unknown prefix {prefix!r}")
+
+
+def _or(frags: Sequence[Frag]) -> Frag:
+    if not frags:
+        return "1 = 0", []
+    if len(frags) == 1:
+        return frags[0]
+    params: list[Any] = []
+    for _, p in frags:
+        params.extend(p)
+    return "(" + " OR ".join(sql for sql, _ in frags) + ")", params
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" for _ in range(n))
+
+
+# -- ORDER BY -------------------------------------------------------------------
+
+
+def _sort_expr(key: SortKey, ctx: _Ctx) -> Frag:
+    if key.param_code == "_id":
+        return ctx.text("r.res_id"), []
+    if key.param_code == "_lastUpdated":
+        return "r.last_updated", []
+    spec = _SORT_COLUMN.get(key.type)
+    if spec is None:
+        raise ValueError(f"cannot sort by {key.type or 'untyped'} parameter {key.param_code!r}")
+    asc_col, desc_col, is_text = spec
+    s = ctx.alias("s")
+    col = f"{s}.{desc_col if key.descending else asc_col}"
+    if is_text:
+        col = ctx.text(col)
+    agg = "MAX" if key.descending else "MIN"
+    return (
+        f"(SELECT {agg}({col}) FROM {_TABLE[key.type]} {s} WHERE {s}.res_type = r.res_type"
+        f" AND {s}.res_id = r.res_id AND {s}.param = ?)",
+        [key.param_code],
+    )
+
+
+# -- _include / _revinclude -----------------------------------------------------
+
+
+def _include_sql(
+    inc: Include, frontier: list[tuple[str, str]], reverse: bool
+) -> list[Frag]:
+    by_type: dict[str, list[str]] = {}
+    for rtype, rid in frontier:
+        by_type.setdefault(rtype, []).append(rid)
+    out: list[Frag] = []
+    for rtype, ids in by_type.items():
+        if reverse:
+            if inc.target_type is not None and rtype != inc.target_type:
+                continue
+        elif inc.source_type != "*" and rtype != inc.source_type:
+            continue
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            params: list[Any] = []
+            if reverse:
+                conds = ["ref.target_type = ?", f"ref.target_id IN ({_marks(len(chunk))})"]
+                params += [rtype, *chunk]
+                if inc.source_type != "*":
+                    conds.append("ref.res_type = ?")
+                    params.append(inc.source_type)
+                pick, join = ("ref.res_type", "ref.res_id")
+            else:
+                conds = ["ref.res_type = ?", f"ref.res_id IN ({_marks(len(chunk))})"]
+                params += [rtype, *chunk]
+                if inc.target_type is not None:
+                    conds.append("ref.target_type = ?")
+                    params.append(inc.target_type)
+                pick, join = ("ref.target_type", "ref.target_id")
+            if not inc.wildcard:
+                conds.append("ref.param = ?")
+                params.append(inc.param_code)
+            out.append((
+                f"SELECT DISTINCT {pick}, {join} FROM sp_reference ref"
+                f" JOIN resource x ON x.res_type = {pick} AND x.res_id = {join}"
+                f" WHERE x.deleted = 0 AND {' AND '.join(conds)}"
+                f" ORDER BY {pick}, {join}",
+                params,
+            ))
+    return out

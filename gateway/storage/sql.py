@@ -1,0 +1,336 @@
+"""The SQL store (SQLite and PostgreSQL): :class:`gateway.storage.interface.Store`.
+
+A write is one database transaction holding: the ``resource`` row (current
+version, JSON bytes as served), a ``resource_history`` row, the search index
+rows (replaced), and an ``outbox`` row for the event consumers.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import orjson
+
+from gateway.fhir import json as fjson
+from gateway.fhir.outcome import Code, FhirError
+from gateway.storage import search_sql
+from gateway.storage.db import Connection, Database, RetryableError
+from gateway.storage.interface import HistoryPage, Snapshot, StoredResource
+from gateway.storage.migrate import migrate
+from gateway.storage.schema import INDEX_TABLES
+
+if TYPE_CHECKING:
+    from gateway.fhir.search import SearchQuery
+
+T = TypeVar("T")
+
+MAX_ATTEMPTS = 5
+
+_INSERT_INDEX = {
+    table: (
+        f"INSERT INTO {table} (res_type, res_id, param, {', '.join(cols)}) "
+        f"VALUES (?, ?, ?, {', '.join('?' for _ in cols)})"
+    )
+    for table, cols in INDEX_TABLES.items()
+}
+_DELETE_INDEX = {t: f"DELETE FROM {t} WHERE res_type = ? AND res_id = ?" for t in INDEX_TABLES}
+
+_RESOURCE_COLS = "res_type, res_id, version, last_updated, deleted, content"
+
+
+class Indexer(Protocol):
+    def extract(self, resource: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]: ...
+
+
+def now_micros() -> int:
+    """Wall clock in epoch microseconds, truncated to milliseconds (``meta.lastUpdated``)."""
+    return int(time.time() * 1000) * 1000
+
+
+def instant(micros: int) -> str:
+    """Epoch microseconds -> FHIR instant with millisecond precision, UTC."""
+    return datetime.fromtimestamp(micros / 1_000_000, UTC).isoformat(timespec="milliseconds")
+
+
+def _stored(row: Sequence[Any], method: str = "") -> StoredResource:
+    content = row[5]
+    return StoredResource(
+        resource_type=row[0],
+        id=row[1],
+        version=row[2],
+        last_updated=row[3],
+        deleted=bool(row[4]),
+        content=bytes(content) if content is not None else None,
+        method=method,
+    )
+
+
+class _Transaction:
+    def __init__(self, conn: Connection, indexer: Indexer) -> None:
+        self.conn = conn
+        self.indexer = indexer
+
+    async def lock(self, key: str) -> None:
+        await self.conn.lock(key)
+
+    async def current(self, resource_type: str, id: str) -> StoredResource | None:
+        row = await self.conn.fetchrow(
+            f"SELECT {_RESOURCE_COLS} FROM resource WHERE res_type = ? AND res_id = ?",
+            (resource_type, id),
+        )
+        return _stored(row) if row else None
+
+    async def search_keys(self, query: SearchQuery, limit: int) -> list[tuple[str, str]]:
+        sql, params = search_sql.select_ids(query, self.conn.dialect, limit)
+        return [(r[0], r[1]) for r in await self.conn.fetch(sql, params)]
+
+    async def put(
+        self,
+        resource_type: str,
+        id: str,
+        resource: dict[str, Any],
+        method: str,
+        previous: StoredResource | None,
+    ) -> StoredResource:
+        version = previous.version + 1 if previous else 1
+        updated = now_micros()
+        if previous and updated <= previous.last_updated:
+            updated = previous.last_updated + 1000
+        resource["id"] = id
+        meta = resource.get("meta")
+        if not isinstance(meta, dict):
+            meta = {}
+        # versionId and lastUpdated lead meta, as servers conventionally write them
+        resource["meta"] = {
+            "versionId": str(version),
+            "lastUpdated": instant(updated),
+            **{k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")},
+        }
+        content = fjson.dumps(resource)
+        seq = await self._history(resource_type, id, version, updated, method, content)
+        await self.conn.execute(
+            "INSERT INTO resource (res_type, res_id, version, last_updated, deleted, content,"
+            " created_seq) VALUES (?, ?, ?, ?, 0, ?, ?)"
+            " ON CONFLICT (res_type, res_id) DO UPDATE SET version = excluded.version,"
+            " last_updated = excluded.last_updated, deleted = 0, content = excluded.content",
+            (resource_type, id, version, updated, content, seq),
+        )
+        if previous and not previous.deleted:
+            await self._clear_index(resource_type, id)
+        for table, rows in self.indexer.extract(resource).items():
+            if rows:
+                await self.conn.executemany(
+                    _INSERT_INDEX[table], [(resource_type, id, *r) for r in rows]
+                )
+        await self._event(resource_type, id, version, updated, seq, "create" if version == 1
+                          or (previous is not None and previous.deleted) else "update")
+        return StoredResource(resource_type, id, version, updated, False, content, method)
+
+    async def delete(self, previous: StoredResource) -> StoredResource:
+        version = previous.version + 1
+        updated = max(now_micros(), previous.last_updated + 1000)
+        rt, id = previous.resource_type, previous.id
+        seq = await self._history(rt, id, version, updated, "DELETE", None)
+        await self.conn.execute(
+            "UPDATE resource SET version = ?, last_updated = ?, deleted = 1, content = NULL"
+            " WHERE res_type = ? AND res_id = ?",
+            (version, updated, rt, id),
+        )
+        await self._clear_index(rt, id)
+        await self._event(rt, id, version, updated, seq, "delete")
+        return StoredResource(rt, id, version, updated, True, None, "DELETE")
+
+    async def _history(
+        self, rt: str, id: str, version: int, updated: int, method: str, content: bytes | None
+    ) -> int:
+        row = await self.conn.fetchrow(
+            "INSERT INTO resource_history (res_type, res_id, version, last_updated, method,"
+            " content) VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+            (rt, id, version, updated, method, content),
+        )
+        assert row is not None
+        return int(row[0])
+
+    async def _clear_index(self, rt: str, id: str) -> None:
+        for sql in _DELETE_INDEX.values():
+            await self.conn.execute(sql, (rt, id))
+
+    async def _event(
+        self, rt: str, id: str, version: int, ts: int, seq: int, interaction: str
+    ) -> None:
+        await self.conn.execute(
+            "INSERT INTO outbox (event_id, res_type, res_id, version, interaction, ts,"
+            " history_seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (str(uuid.uuid4()), rt, id, version, interaction, ts, seq),
+        )
+
+
+class SqlStore:
+    """:class:`~gateway.storage.interface.Store` over SQLite or PostgreSQL."""
+
+    def __init__(self, db: Database, indexer: Indexer) -> None:
+        self.db = db
+        self.indexer = indexer
+
+    @property
+    def dialect(self) -> str:
+        return self.db.dialect
+
+    async def open(self) -> None:
+        await self.db.open()
+        await migrate(self.db)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def run(self, work: Callable[[_Transaction], Awaitable[T]]) -> T:
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                async with self.db.transaction() as conn:
+                    return await work(_Transaction(conn, self.indexer))
+            except RetryableError:
+                if attempt == MAX_ATTEMPTS - 1:
+                    break
+            except Exception as exc:
+                if _is_retryable(exc) and attempt < MAX_ATTEMPTS - 1:
+                    continue
+                raise
+        raise FhirError(Code.CONCURRENT_CONFLICT, "the transaction kept losing races")
+
+    async def read(self, resource_type: str, id: str) -> StoredResource | None:
+        async with self.db.read() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_RESOURCE_COLS} FROM resource WHERE res_type = ? AND res_id = ?",
+                (resource_type, id),
+            )
+        return _stored(row) if row else None
+
+    async def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None:
+        async with self.db.read() as conn:
+            row = await conn.fetchrow(
+                "SELECT res_type, res_id, version, last_updated, content IS NULL, content, method"
+                " FROM resource_history WHERE res_type = ? AND res_id = ? AND version = ?",
+                (resource_type, id, version),
+            )
+        return _stored(row, row[6]) if row else None
+
+    async def read_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]:
+        """Current, non-deleted versions of ``keys``, in the order given."""
+        if not keys:
+            return []
+        found: dict[tuple[str, str], StoredResource] = {}
+        async with self.db.read() as conn:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                cond = " OR ".join("(res_type = ? AND res_id = ?)" for _ in chunk)
+                params = [v for k in chunk for v in k]
+                for row in await conn.fetch(
+                    f"SELECT {_RESOURCE_COLS} FROM resource WHERE deleted = 0 AND ({cond})",
+                    params,
+                ):
+                    s = _stored(row)
+                    found[(s.resource_type, s.id)] = s
+        return [found[k] for k in keys if k in found]
+
+    async def search_keys(self, query: SearchQuery, limit: int) -> list[tuple[str, str]]:
+        sql, params = search_sql.select_ids(query, self.dialect, limit)
+        async with self.db.read() as conn:
+            return [(r[0], r[1]) for r in await conn.fetch(sql, params)]
+
+    async def count(self, query: SearchQuery) -> int:
+        sql, params = search_sql.count(query, self.dialect)
+        async with self.db.read() as conn:
+            row = await conn.fetchrow(sql, params)
+        return int(row[0]) if row else 0
+
+    async def includes(
+        self, query: SearchQuery, matches: list[tuple[str, str]], limit: int
+    ) -> list[tuple[str, str]]:
+        async with self.db.read() as conn:
+            return await search_sql.resolve_includes(conn, query, matches, limit)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        cutoff = now_micros() - 24 * 3600 * 1_000_000
+        async with self.db.transaction() as conn:
+            await conn.execute("DELETE FROM search_snapshot WHERE created < ?", (cutoff,))
+            await conn.execute(
+                "INSERT INTO search_snapshot (search_id, created, query, total, truncated, ids)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (snapshot.search_id, now_micros(), snapshot.query, snapshot.total,
+                 int(snapshot.truncated), orjson.dumps(snapshot.keys)),
+            )
+
+    async def load_snapshot(self, search_id: str) -> Snapshot | None:
+        async with self.db.read() as conn:
+            row = await conn.fetchrow(
+                "SELECT query, total, truncated, ids FROM search_snapshot WHERE search_id = ?",
+                (search_id,),
+            )
+        if row is None:
+            return None
+        keys = [(k[0], k[1]) for k in orjson.loads(bytes(row[3]))]
+        return Snapshot(search_id, row[0], keys, int(row[1]), bool(row[2]))
+
+    async def history(
+        self,
+        resource_type: str | None,
+        id: str | None,
+        *,
+        since: int | None,
+        at: tuple[int, int] | None,
+        before: int | None,
+        limit: int,
+    ) -> HistoryPage:
+        where: list[str] = []
+        params: list[Any] = []
+        if resource_type is not None:
+            where.append("h.res_type = ?")
+            params.append(resource_type)
+        if id is not None:
+            where.append("h.res_id = ?")
+            params.append(id)
+        if since is not None:
+            where.append("h.last_updated >= ?")
+            params.append(since)
+        if at is not None:
+            # versions current at some moment of the period [lo, hi]
+            where.append("h.last_updated <= ?")
+            params.append(at[1])
+            where.append(
+                "NOT EXISTS (SELECT 1 FROM resource_history h2 WHERE h2.res_type = h.res_type"
+                " AND h2.res_id = h.res_id AND h2.version > h.version AND h2.last_updated < ?)"
+            )
+            params.append(at[0])
+        filters = list(where)
+        fparams = list(params)
+        if before is not None:
+            where.append("h.seq < ?")
+            params.append(before)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        async with self.db.read() as conn:
+            rows = await conn.fetch(
+                "SELECT h.res_type, h.res_id, h.version, h.last_updated, h.content IS NULL,"
+                f" h.content, h.method, h.seq FROM resource_history h {clause}"
+                " ORDER BY h.seq DESC LIMIT ?",
+                [*params, limit + 1],
+            )
+            total = None
+            if before is None:
+                fclause = f"WHERE {' AND '.join(filters)}" if filters else ""
+                row = await conn.fetchrow(
+                    f"SELECT count(*) FROM resource_history h {fclause}", fparams
+                )
+                total = int(row[0]) if row else 0
+        more = len(rows) > limit
+        rows = rows[:limit]
+        entries = [_stored(r, r[6]) for r in rows]
+        return HistoryPage(entries, int(rows[-1][7]) if more and rows else None, total)
+
+
+def _is_retryable(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "database is locked" in text or "deadlock detected" in text

@@ -1,0 +1,257 @@
+"""create, read, vread, update, delete, If-Match, Prefer: http.html of FHIR R4."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.api.helpers import FHIR, gw_code, patient, post, put, search_ids
+from tests.conftest import unique
+
+
+def test_create_assigns_id_version_and_headers(client: httpx.Client) -> None:
+    body = patient(unique("mrn"), id="client-chosen")
+    response = post(client, body)
+    assert response.status_code == 201
+    created = response.json()
+    assert created["id"] != "client-chosen"
+    assert created["meta"]["versionId"] == "1"
+    assert created["meta"]["lastUpdated"].endswith("+00:00")
+    assert response.headers["ETag"] == 'W/"1"'
+    assert response.headers["Location"].endswith(f"/Patient/{created['id']}/_history/1")
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    assert "Last-Modified" in response.headers
+
+
+def test_read_serves_what_was_stored(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    response = client.get(f"/Patient/{created['id']}")
+    assert response.status_code == 200
+    assert response.json() == created
+    assert response.headers["ETag"] == 'W/"1"'
+
+
+def test_decimal_precision_survives_the_round_trip(client: httpx.Client) -> None:
+    obs = {
+        "resourceType": "Observation", "status": "final",
+        "code": {"text": "weight"},
+        "valueQuantity": {"value": 1.50, "unit": "kg"},
+        "component": [{"code": {"text": "x"}, "valueQuantity": {"value": 1e2}}],
+    }
+    raw = (
+        b'{"resourceType":"Observation","status":"final","code":{"text":"weight"},'
+        b'"valueQuantity":{"value":1.50,"unit":"kg"},'
+        b'"component":[{"code":{"text":"x"},"valueQuantity":{"value":1.0e2}}]}'
+    )
+    del obs
+    created = client.post("/Observation", content=raw, headers={"Content-Type": FHIR})
+    assert created.status_code == 201, created.text
+    read = client.get(f"/Observation/{created.json()['id']}")
+    assert b'"value":1.50' in read.content
+    assert b'"value":1.0e2' in read.content
+
+
+def test_vread_returns_each_version(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"), family="Eins")).json()
+    created["name"][0]["family"] = "Zwei"
+    assert put(client, created).status_code == 200
+    v1 = client.get(f"/Patient/{created['id']}/_history/1")
+    v2 = client.get(f"/Patient/{created['id']}/_history/2")
+    assert v1.json()["name"][0]["family"] == "Eins"
+    assert v2.json()["name"][0]["family"] == "Zwei"
+    assert v2.headers["ETag"] == 'W/"2"'
+    assert client.get(f"/Patient/{created['id']}/_history/3").status_code == 404
+
+
+def test_update_and_create_on_update(client: httpx.Client) -> None:
+    rid = unique("pat")
+    body = patient(unique("mrn"), id=rid)
+    first = put(client, body)
+    assert first.status_code == 201
+    assert first.json()["meta"]["versionId"] == "1"
+    assert first.headers["Location"].endswith(f"/Patient/{rid}/_history/1")
+    second = put(client, body)
+    assert second.status_code == 200
+    assert second.json()["meta"]["versionId"] == "2"
+
+
+def test_if_match_accepts_current_and_rejects_stale_version(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    ok = put(client, created, **{"If-Match": 'W/"1"'})
+    assert ok.status_code == 200
+    stale = put(client, created, **{"If-Match": 'W/"1"'})
+    assert stale.status_code == 412
+    assert gw_code(stale) == "GW-3001"
+    bad = put(client, created, **{"If-Match": "nonsense"})
+    assert bad.status_code == 400
+
+
+def test_delete_is_logical_and_read_answers_gone(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    path = f"/Patient/{created['id']}"
+    assert client.delete(path).status_code == 204
+    gone = client.get(path)
+    assert gone.status_code == 410
+    assert gw_code(gone) == "GW-2002"
+    assert client.delete(path).status_code == 204  # idempotent
+    assert client.get(f"{path}/_history/1").status_code == 200
+    history = client.get(f"{path}/_history").json()
+    assert [e["request"]["method"] for e in history["entry"]] == ["DELETE", "POST"]
+    assert "resource" not in history["entry"][0]
+    # a deleted resource can be brought back by update
+    again = put(client, created)
+    assert again.status_code == 201
+    assert again.json()["meta"]["versionId"] == "3"
+
+
+def test_read_of_unknown_resource_is_404(client: httpx.Client) -> None:
+    response = client.get(f"/Patient/{unique('none')}")
+    assert response.status_code == 404
+    assert gw_code(response) == "GW-2001"
+
+
+def test_conditional_create(client: httpx.Client) -> None:
+    mrn = unique("mrn")
+    criteria = f"identifier=urn:test:mrn|{mrn}"
+    first = post(client, patient(mrn), **{"If-None-Exist": criteria})
+    assert first.status_code == 201
+    second = post(client, patient(mrn), **{"If-None-Exist": criteria})
+    assert second.status_code == 200
+    assert second.json()["id"] == first.json()["id"]
+    assert search_ids(client, "/Patient", identifier=f"urn:test:mrn|{mrn}") == [
+        first.json()["id"]]
+    post(client, patient(mrn))  # a second one, unconditionally
+    third = post(client, patient(mrn), **{"If-None-Exist": criteria})
+    assert third.status_code == 412
+    assert gw_code(third) == "GW-3002"
+
+
+def test_conditional_update(client: httpx.Client) -> None:
+    mrn = unique("mrn")
+    url = f"/Patient?identifier=urn:test:mrn|{mrn}"
+    created = client.put(url, json=patient(mrn), headers={"Content-Type": FHIR})
+    assert created.status_code == 201
+    rid = created.json()["id"]
+    updated = client.put(url, json=patient(mrn, family="Neu"), headers={"Content-Type": FHIR})
+    assert updated.status_code == 200
+    assert updated.json()["id"] == rid
+    assert updated.json()["meta"]["versionId"] == "2"
+    mismatch = client.put(url, json=patient(mrn, id="other"), headers={"Content-Type": FHIR})
+    assert mismatch.status_code == 400
+    post(client, patient(mrn))
+    multiple = client.put(url, json=patient(mrn), headers={"Content-Type": FHIR})
+    assert multiple.status_code == 412
+
+
+def test_conditional_delete(client: httpx.Client) -> None:
+    mrn = unique("mrn")
+    rid = post(client, patient(mrn)).json()["id"]
+    response = client.delete("/Patient", params={"identifier": f"urn:test:mrn|{mrn}"})
+    assert response.status_code == 204
+    assert client.get(f"/Patient/{rid}").status_code == 410
+    # nothing matches any more: still fine
+    assert client.delete("/Patient", params={"identifier": f"urn:test:mrn|{mrn}"}
+                         ).status_code == 204
+
+
+def test_prefer_return(client: httpx.Client) -> None:
+    minimal = post(client, patient(unique("mrn")), Prefer="return=minimal")
+    assert minimal.status_code == 201
+    assert minimal.content == b""
+    assert minimal.headers["Location"]
+    outcome = post(client, patient(unique("mrn")), Prefer="return=OperationOutcome")
+    assert outcome.status_code == 201
+    assert outcome.json()["resourceType"] == "OperationOutcome"
+    rep = post(client, patient(unique("mrn")), Prefer="return=representation")
+    assert rep.json()["resourceType"] == "Patient"
+
+
+def test_json_patch(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    path = f"/Patient/{created['id']}"
+    ops = [{"op": "replace", "path": "/name/0/family", "value": "Gepatcht"},
+           {"op": "add", "path": "/active", "value": True}]
+    response = client.patch(path, json=ops,
+                            headers={"Content-Type": "application/json-patch+json",
+                                     "If-Match": 'W/"1"'})
+    assert response.status_code == 200, response.text
+    assert response.json()["name"][0]["family"] == "Gepatcht"
+    assert response.json()["active"] is True
+    assert response.json()["meta"]["versionId"] == "2"
+    history = client.get(f"{path}/_history").json()
+    assert history["entry"][0]["request"]["method"] == "PATCH"
+
+
+def test_json_patch_errors(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    path = f"/Patient/{created['id']}"
+    patch_type = {"Content-Type": "application/json-patch+json"}
+    not_a_patch = client.patch(path, json={"op": "replace"}, headers=patch_type)
+    assert not_a_patch.status_code == 400
+    bad_path = client.patch(path, json=[{"op": "remove", "path": "/nothing/here"}],
+                            headers=patch_type)
+    assert bad_path.status_code == 400
+    change_id = client.patch(path, json=[{"op": "replace", "path": "/id", "value": "x"}],
+                             headers=patch_type)
+    assert change_id.status_code == 422
+    wrong_type = client.patch(path, json=[], headers={"Content-Type": FHIR})
+    assert wrong_type.status_code == 415
+    assert client.get(path).json()["meta"]["versionId"] == "1"
+
+
+def test_bad_input_is_an_operation_outcome_never_a_500(client: httpx.Client) -> None:
+    cases = [
+        (client.post("/Patient", content=b"{not json", headers={"Content-Type": FHIR}),
+         400, "GW-1001"),
+        (client.post("/Patient", content=b"[1,2]", headers={"Content-Type": FHIR}),
+         400, "GW-1002"),
+        (client.post("/Patient", json={"resourceType": "Observation", "status": "final"},
+                     headers={"Content-Type": FHIR}), 400, "GW-1004"),
+        (client.post("/Patient", json={"name": []}, headers={"Content-Type": FHIR}),
+         400, "GW-1022"),
+        (client.post("/Foo", json={"resourceType": "Foo"}, headers={"Content-Type": FHIR}),
+         404, "GW-1023"),
+        (client.put("/Patient/abc", json={"resourceType": "Patient", "id": "xyz"},
+                    headers={"Content-Type": FHIR}), 400, "GW-1005"),
+        (client.put("/Patient/abc", json={"resourceType": "Patient"},
+                    headers={"Content-Type": FHIR}), 400, "GW-1006"),
+        (client.get("/Patient/bad$id"), 400, "GW-1007"),
+        (client.put("/Patient/" + "a" * 65, json={"resourceType": "Patient", "id": "a" * 65},
+                    headers={"Content-Type": FHIR}), 400, "GW-1007"),
+        (client.post("/Patient", content=b"<Patient/>",
+                     headers={"Content-Type": "application/fhir+xml"}), 415, "GW-1008"),
+        (client.get("/metadata", params={"_format": "xml"}), 406, "GW-1009"),
+        (client.post("/Patient", content=b"[" * 100 + b"]" * 100,
+                     headers={"Content-Type": FHIR}), 400, "GW-1010"),
+        (client.delete("/metadata"), 405, "GW-4001"),
+        (client.post("/", json={"resourceType": "Bundle", "type": "collection"},
+                     headers={"Content-Type": FHIR}), 400, "GW-1017"),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status, (response.request.url, response.text)
+        assert gw_code(response) == code, response.text
+
+
+def test_request_larger_than_the_limit_is_413(client: httpx.Client, server) -> None:  # type: ignore[no-untyped-def]
+    limit = server.settings.max_request_bytes
+    body = b'{"resourceType":"Basic","code":{"text":"' + b"x" * (limit + 10) + b'"}}'
+    response = client.post("/Basic", content=body, headers={"Content-Type": FHIR})
+    assert response.status_code == 413
+    assert gw_code(response) == "GW-1011"
+
+
+def test_format_parameter_and_pretty(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    response = client.get(f"/Patient/{created['id']}", params={"_format": "json",
+                                                             "_pretty": "true"})
+    assert response.status_code == 200
+    assert b"\n  " in response.content
+    assert response.json() == created
+    fhir_json = client.get(f"/Patient/{created['id']}",
+                           params={"_format": "application/fhir+json"})
+    assert fhir_json.status_code == 200
+
+
+def test_conditional_read_with_if_none_match(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    response = client.get(f"/Patient/{created['id']}", headers={"If-None-Match": 'W/"1"'})
+    assert response.status_code == 304

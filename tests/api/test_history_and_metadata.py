@@ -1,0 +1,92 @@
+"""history (instance, type, system) and the CapabilityStatement."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from tests.api.helpers import FHIR, gw_code, patient, post, put
+from tests.conftest import unique
+
+
+def test_instance_history_newest_first_with_paging(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    for family in ("B", "C", "D"):
+        created["name"][0]["family"] = family
+        put(client, created)
+    path = f"/Patient/{created['id']}/_history"
+    page1 = client.get(path, params={"_count": 2}).json()
+    assert page1["type"] == "history"
+    assert page1["total"] == 4
+    assert [e["resource"]["meta"]["versionId"] for e in page1["entry"]] == ["4", "3"]
+    assert page1["entry"][0]["request"] == {"method": "PUT",
+                                            "url": f"Patient/{created['id']}"}
+    assert page1["entry"][0]["response"]["etag"] == 'W/"4"'
+    next_url = next(link["url"] for link in page1["link"] if link["relation"] == "next")
+    # a write between pages does not shift the next page
+    created["name"][0]["family"] = "E"
+    put(client, created)
+    page2 = httpx.get(next_url, timeout=30).json()
+    assert [e["resource"]["meta"]["versionId"] for e in page2["entry"]] == ["2", "1"]
+    assert page2["entry"][-1]["request"] == {"method": "POST", "url": "Patient"}
+    assert not any(link["relation"] == "next" for link in page2["link"])
+
+
+def test_type_and_system_history_and_since(client: httpx.Client) -> None:
+    time.sleep(0.01)
+    marker = client.get("/Patient", params={"_count": 0})  # any request
+    assert marker.status_code == 200
+    before = post(client, patient(unique("mrn"))).json()
+    since = before["meta"]["lastUpdated"]
+    time.sleep(0.005)
+    org = post(client, {"resourceType": "Organization", "name": unique("org")}).json()
+    typed = client.get("/Organization/_history", params={"_since": since}).json()
+    assert org["id"] in [e["resource"]["id"] for e in typed["entry"]]
+    assert all(e["resource"]["resourceType"] == "Organization" for e in typed["entry"])
+    system = client.get("/_history", params={"_since": since, "_count": 1000}).json()
+    ids = {(e["resource"]["resourceType"], e["resource"]["id"]) for e in system["entry"]}
+    assert ("Organization", org["id"]) in ids
+    assert ("Patient", before["id"]) in ids
+
+
+def test_history_of_unknown_resource_is_404(client: httpx.Client) -> None:
+    response = client.get(f"/Patient/{unique('none')}/_history")
+    assert response.status_code == 404
+
+
+def test_history_rejects_bad_since(client: httpx.Client) -> None:
+    response = client.get("/_history", params={"_since": "yesterday"})
+    assert response.status_code == 400
+    assert gw_code(response) == "GW-1013"
+
+
+def test_capability_statement_reflects_the_registry(client: httpx.Client) -> None:
+    response = client.get("/metadata")
+    assert response.status_code == 200
+    cs = response.json()
+    assert cs["resourceType"] == "CapabilityStatement"
+    assert cs["fhirVersion"] == "4.0.1"
+    assert cs["kind"] == "instance"
+    rest = cs["rest"][0]
+    by_type = {r["type"]: r for r in rest["resource"]}
+    for rt in ("Patient", "EpisodeOfCare", "CarePlan", "Task", "ServiceRequest",
+               "Composition", "DocumentReference", "Subscription", "Consent", "AuditEvent"):
+        assert rt in by_type
+    patient_params = {p["name"]: p["type"] for p in by_type["Patient"]["searchParam"]}
+    assert patient_params["identifier"] == "token"
+    assert patient_params["birthdate"] == "date"
+    assert patient_params["general-practitioner"] == "reference"
+    codes = {i["code"] for i in by_type["Patient"]["interaction"]}
+    assert {"read", "vread", "update", "patch", "delete", "create", "search-type",
+            "history-instance", "history-type"} <= codes
+    assert {"transaction", "batch"} <= {i["code"] for i in rest["interaction"]}
+    assert "application/fhir+json" in cs["format"]
+
+
+def test_content_type_variants_are_accepted(client: httpx.Client) -> None:
+    body = patient(unique("mrn"))
+    for ctype in (FHIR, "application/json", "application/fhir+json; charset=utf-8",
+                  "application/fhir+json;fhirVersion=4.0"):
+        response = client.post("/Patient", json=body, headers={"Content-Type": ctype})
+        assert response.status_code == 201, (ctype, response.text)

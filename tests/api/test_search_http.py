@@ -1,0 +1,159 @@
+"""Search over HTTP: parameters, includes, paging, totals, summaries (search.html)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from tests.api.helpers import gw_code, patient, post, search_ids
+from tests.conftest import unique
+
+
+def _family_patients(client: httpx.Client, family: str, n: int) -> list[str]:
+    return [post(client, patient(unique("mrn"), family=family,
+                                 birthDate=f"19{50 + i}-03-0{1 + i % 9}")).json()["id"]
+            for i in range(n)]
+
+
+def test_search_by_identifier_name_and_date(client: httpx.Client) -> None:
+    family = unique("Fam")
+    mrn = unique("mrn")
+    rid = post(client, patient(mrn, family=family, birthDate="1980-05-17")).json()["id"]
+    assert search_ids(client, "/Patient", identifier=f"urn:test:mrn|{mrn}") == [rid]
+    assert search_ids(client, "/Patient", identifier=mrn) == [rid]
+    assert search_ids(client, "/Patient", family=family[:6].lower()) != []
+    assert search_ids(client, "/Patient", **{"family:exact": family}) == [rid]
+    assert search_ids(client, "/Patient", **{"family:exact": family.lower()}) == []
+    assert search_ids(client, "/Patient", **{"name:contains": family[4:]}) == [rid]
+    both = {"family": family}
+    assert search_ids(client, "/Patient", **both, birthdate="1980") == [rid]
+    assert search_ids(client, "/Patient", **both, birthdate="ge1980-05-17") == [rid]
+    assert search_ids(client, "/Patient", **both, birthdate="gt1980-05-17") == []
+    assert search_ids(client, "/Patient", **both, birthdate="lt1980-06") == [rid]
+    assert search_ids(client, "/Patient", _id=rid) == [rid]
+
+
+def test_reference_chain_include_revinclude_and_has(client: httpx.Client) -> None:
+    mrn = unique("mrn")
+    pid = post(client, patient(mrn)).json()["id"]
+    code = unique("code")
+    obs_ids = [post(client, {
+        "resourceType": "Observation", "status": "final",
+        "code": {"coding": [{"system": "urn:test:code", "code": code}]},
+        "subject": {"reference": f"Patient/{pid}"},
+    }).json()["id"] for _ in range(2)]
+    assert sorted(search_ids(client, "/Observation", subject=f"Patient/{pid}")) == sorted(obs_ids)
+    assert sorted(search_ids(client, "/Observation",
+                             **{"subject:Patient.identifier": f"urn:test:mrn|{mrn}"})
+                  ) == sorted(obs_ids)
+    assert sorted(search_ids(client, "/Observation", patient=pid)) == sorted(obs_ids)
+    bundle = client.get("/Observation", params={"code": f"urn:test:code|{code}",
+                                                "_include": "Observation:subject"}).json()
+    modes = sorted((e["resource"]["resourceType"], e["search"]["mode"]) for e in bundle["entry"])
+    assert modes == [("Observation", "match"), ("Observation", "match"), ("Patient", "include")]
+    rev = client.get("/Patient", params={"_id": pid,
+                                         "_revinclude": "Observation:subject"}).json()
+    assert sorted(e["resource"]["resourceType"] for e in rev["entry"]) == [
+        "Observation", "Observation", "Patient"]
+    assert search_ids(client, "/Patient",
+                      **{"_has:Observation:subject:code": f"urn:test:code|{code}"}) == [pid]
+
+
+def test_sort_and_paging_are_stable_under_concurrent_writes(client: httpx.Client) -> None:
+    family = unique("Page")
+    ids = _family_patients(client, family, 7)
+    first = client.get("/Patient", params={"family": family, "_count": 3,
+                                           "_sort": "birthdate"}).json()
+    assert first["total"] == 7
+    seen = [e["resource"]["id"] for e in first["entry"]]
+    link = next(x["url"] for x in first["link"] if x["relation"] == "next")
+    # writes while paging: a new match and a deletion must not shift pages
+    _family_patients(client, family, 1)
+    while link:
+        page = httpx.get(link, timeout=30).json()
+        seen += [e["resource"]["id"] for e in page["entry"] if e["search"]["mode"] == "match"]
+        link = next((x["url"] for x in page.get("link", []) if x["relation"] == "next"), None)
+    assert seen == ids  # birth dates ascend with creation order
+    descending = search_ids(client, "/Patient", family=family, _sort="-birthdate", _count=100)
+    assert descending[:6] == list(reversed(ids))[:6]
+
+
+def test_total_summary_count_and_elements(client: httpx.Client) -> None:
+    family = unique("Sum")
+    _family_patients(client, family, 3)
+    counted = client.get("/Patient", params={"family": family, "_summary": "count"}).json()
+    assert counted["total"] == 3
+    assert "entry" not in counted
+    none = client.get("/Patient", params={"family": family, "_total": "none",
+                                          "_count": 1}).json()
+    assert "total" not in none
+    accurate = client.get("/Patient", params={"family": family, "_total": "accurate",
+                                              "_count": 1}).json()
+    assert accurate["total"] == 3
+    elements = client.get("/Patient", params={"family": family, "_elements": "birthDate"}
+                          ).json()["entry"][0]["resource"]
+    assert set(elements) == {"resourceType", "id", "meta", "birthDate"}
+    assert any(t["code"] == "SUBSETTED" for t in elements["meta"]["tag"])
+    summary = client.get("/Patient", params={"family": family, "_summary": "true"}
+                         ).json()["entry"][0]["resource"]
+    assert "name" in summary and "birthDate" in summary
+
+
+def test_unknown_parameters_lenient_and_strict(client: httpx.Client) -> None:
+    lenient = client.get("/Patient", params={"foo": "bar", "_count": 1})
+    assert lenient.status_code == 200
+    outcome = [e for e in lenient.json().get("entry", []) if e["search"]["mode"] == "outcome"]
+    assert outcome and "foo" in outcome[0]["resource"]["issue"][0]["diagnostics"]
+    strict = client.get("/Patient", params={"foo": "bar"}, headers={"Prefer": "handling=strict"})
+    assert strict.status_code == 400
+    assert gw_code(strict) == "GW-1014"
+
+
+def test_invalid_search_values_are_400(client: httpx.Client) -> None:
+    for params in ({"birthdate": "not-a-date"}, {"_count": "many"},
+                   {"_sort": "nonexistent"}, {"birthdate": "xx2020"}):
+        response = client.get("/Patient", params=params)
+        assert response.status_code == 400, (params, response.text)
+        assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_post_search_with_form_body(client: httpx.Client) -> None:
+    mrn = unique("mrn")
+    rid = post(client, patient(mrn)).json()["id"]
+    response = client.post("/Patient/_search", content=f"identifier={mrn}",
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200
+    assert [e["resource"]["id"] for e in response.json()["entry"]] == [rid]
+
+
+def test_expired_page_is_410(client: httpx.Client) -> None:
+    response = client.get("/", params={"_getpages": "no-such-search", "_getpagesoffset": 3})
+    assert response.status_code == 410
+    assert gw_code(response) == "GW-2004"
+
+
+def test_token_quantity_and_search_on_task(client: httpx.Client) -> None:
+    owner = post(client, {"resourceType": "Organization", "name": unique("org")}).json()["id"]
+    focus = unique("sr")
+    body: dict[str, Any] = {
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "focus": {"reference": f"ServiceRequest/{focus}"},
+        "owner": {"reference": f"Organization/{owner}"},
+        "businessStatus": {"coding": [{"system": "urn:test:bs", "code": "created"}]},
+    }
+    tid = post(client, body).json()["id"]
+    assert search_ids(client, "/Task", owner=f"Organization/{owner}", status="requested") == [tid]
+    assert search_ids(client, "/Task", owner=f"Organization/{owner}",
+                      **{"status:not": "requested"}) == []
+    obs = {"resourceType": "Observation", "status": "final", "code": {"text": unique()},
+           "valueQuantity": {"value": 72.5, "system": "http://unitsofmeasure.org",
+                             "code": "kg", "unit": "kg"},
+           "subject": {"reference": f"Organization/{owner}"}}
+    oid = post(client, obs).json()["id"]
+    subject = f"Organization/{owner}"
+    assert search_ids(client, "/Observation", subject=subject,
+                      **{"value-quantity": "gt70|http://unitsofmeasure.org|kg"}) == [oid]
+    assert search_ids(client, "/Observation", subject=subject,
+                      **{"value-quantity": "lt70"}) == []
+

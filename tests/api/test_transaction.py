@@ -1,0 +1,212 @@
+"""batch and transaction Bundles: http.html#transaction, bundle.html#transaction."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+
+from tests.api.helpers import FHIR, gw_code, patient, post, search_ids
+from tests.conftest import unique
+
+
+def urn() -> str:
+    return f"urn:uuid:{uuid.uuid4()}"
+
+
+def tx(entries: list[dict[str, Any]], kind: str = "transaction") -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": kind, "entry": entries}
+
+
+def send(client: httpx.Client, bundle: dict[str, Any], **headers: str) -> httpx.Response:
+    return client.post("/", json=bundle, headers={"Content-Type": FHIR, **headers})
+
+
+def test_transaction_rewrites_urn_uuid_references(client: httpx.Client) -> None:
+    mrn = unique("mrn")
+    p, e = urn(), urn()
+    obs = [{
+        "fullUrl": urn(),
+        "resource": {"resourceType": "Observation", "status": "final",
+                     "code": {"text": f"obs-{i}"}, "subject": {"reference": p},
+                     "encounter": {"reference": e}},
+        "request": {"method": "POST", "url": "Observation"},
+    } for i in range(3)]
+    bundle = tx([
+        *obs,
+        {"fullUrl": e, "resource": {"resourceType": "Encounter", "status": "finished",
+                                    "class": {"code": "IMP"}, "subject": {"reference": p}},
+         "request": {"method": "POST", "url": "Encounter"}},
+        {"fullUrl": p, "resource": {**patient(mrn), "text": {
+            "status": "generated",
+            "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><a href="{e}">stay</a></div>'}},
+         "request": {"method": "POST", "url": "Patient"}},
+    ])
+    response = send(client, bundle)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["type"] == "transaction-response"
+    assert [x["response"]["status"] for x in result["entry"]] == ["201 Created"] * 5
+    locations = [x["response"]["location"] for x in result["entry"]]
+    patient_id = locations[4].split("/Patient/")[1].split("/")[0]
+    encounter_id = locations[3].split("/Encounter/")[1].split("/")[0]
+    for loc in locations[:3]:
+        o = client.get(loc).json()
+        assert o["subject"]["reference"] == f"Patient/{patient_id}"
+        assert o["encounter"]["reference"] == f"Encounter/{encounter_id}"
+    stored = client.get(f"/Patient/{patient_id}").json()
+    assert f'href="Encounter/{encounter_id}"' in stored["text"]["div"]
+    assert search_ids(client, "/Observation", subject=f"Patient/{patient_id}").__len__() == 3
+
+
+def test_transaction_is_all_or_nothing(client: httpx.Client) -> None:
+    mrn = unique("mrn")
+    bundle = tx([
+        {"fullUrl": urn(), "resource": patient(mrn), "request": {"method": "POST",
+                                                                 "url": "Patient"}},
+        {"resource": {"resourceType": "Patient", "id": "a"},
+         "request": {"method": "PUT", "url": "Patient/b"}},
+    ])
+    response = send(client, bundle)
+    assert response.status_code == 400
+    outcome = response.json()
+    assert gw_code(response) == "GW-1005"
+    assert "Bundle.entry[1]" in outcome["issue"][0]["diagnostics"]
+    assert "Bundle.entry[1]" in outcome["issue"][0]["expression"]
+    assert search_ids(client, "/Patient", identifier=f"urn:test:mrn|{mrn}") == []
+
+
+def test_transaction_conditional_reference_and_identical_conditional_creates(
+    client: httpx.Client,
+) -> None:
+    mrn = unique("mrn")
+    existing = post(client, patient(mrn)).json()["id"]
+    org_ident = unique("org")
+    org_entry = {
+        "fullUrl": urn(),
+        "resource": {"resourceType": "Organization", "name": "Klinik",
+                     "identifier": [{"system": "urn:test:org", "value": org_ident}]},
+        "request": {"method": "POST", "url": "Organization",
+                    "ifNoneExist": f"identifier=urn:test:org|{org_ident}"},
+    }
+    twin = {**org_entry, "fullUrl": urn()}
+    bundle = tx([
+        org_entry, twin,
+        {"fullUrl": urn(), "resource": {
+            "resourceType": "EpisodeOfCare", "status": "active",
+            "patient": {"reference": f"Patient?identifier=urn:test:mrn|{mrn}"},
+            "managingOrganization": {"reference": twin["fullUrl"]}},
+         "request": {"method": "POST", "url": "EpisodeOfCare"}},
+    ])
+    response = send(client, bundle)
+    assert response.status_code == 200, response.text
+    orgs = search_ids(client, "/Organization", identifier=f"urn:test:org|{org_ident}")
+    assert len(orgs) == 1
+    episode_loc = response.json()["entry"][2]["response"]["location"]
+    episode = client.get(episode_loc).json()
+    assert episode["patient"]["reference"] == f"Patient/{existing}"
+    assert episode["managingOrganization"]["reference"] == f"Organization/{orgs[0]}"
+    # sending the same Bundle again creates no second Organization
+    again = send(client, bundle)
+    assert again.status_code == 200
+    assert again.json()["entry"][0]["response"]["status"] == "200 OK"
+    assert len(search_ids(client, "/Organization", identifier=f"urn:test:org|{org_ident}")) == 1
+
+
+def test_unresolvable_conditional_reference_fails_the_transaction(client: httpx.Client) -> None:
+    bundle = tx([{
+        "fullUrl": urn(),
+        "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                     "subject": {"reference": f"Patient?identifier=urn:test:mrn|{unique()}"}},
+        "request": {"method": "POST", "url": "Observation"},
+    }])
+    response = send(client, bundle)
+    assert response.status_code == 412
+    assert gw_code(response) == "GW-3003"
+
+
+def test_transaction_order_delete_post_put_get(client: httpx.Client) -> None:
+    mrn = unique("mrn")
+    doomed = post(client, patient(unique("mrn"))).json()["id"]
+    rid = unique("pat")
+    bundle = tx([
+        {"request": {"method": "GET", "url": f"Patient?identifier=urn:test:mrn|{mrn}"}},
+        {"resource": patient(mrn, id=rid), "request": {"method": "PUT",
+                                                      "url": f"Patient/{rid}"}},
+        {"request": {"method": "DELETE", "url": f"Patient/{doomed}"}},
+    ])
+    response = send(client, bundle)
+    assert response.status_code == 200, response.text
+    entries = response.json()["entry"]
+    # the GET ran after the writes: it sees the PUT's resource
+    assert entries[0]["response"]["status"] == "200 OK"
+    assert entries[0]["resource"]["total"] == 1
+    assert entries[1]["response"]["status"] == "201 Created"
+    assert entries[2]["response"]["status"] == "204 No Content"
+    assert client.get(f"/Patient/{doomed}").status_code == 410
+
+
+def test_transaction_entries_touching_one_resource_conflict(client: httpx.Client) -> None:
+    rid = unique("pat")
+    bundle = tx([
+        {"resource": patient(unique(), id=rid), "request": {"method": "PUT",
+                                                           "url": f"Patient/{rid}"}},
+        {"request": {"method": "DELETE", "url": f"Patient/{rid}"}},
+    ])
+    response = send(client, bundle)
+    assert response.status_code == 409
+    assert gw_code(response) == "GW-3004"
+    assert client.get(f"/Patient/{rid}").status_code == 404
+
+
+def test_transaction_prefer_representation_returns_resources(client: httpx.Client) -> None:
+    bundle = tx([{"fullUrl": urn(), "resource": patient(unique()),
+                  "request": {"method": "POST", "url": "Patient"}}])
+    response = send(client, bundle, Prefer="return=representation")
+    entry = response.json()["entry"][0]
+    assert entry["resource"]["resourceType"] == "Patient"
+    assert entry["resource"]["meta"]["versionId"] == "1"
+
+
+def test_batch_runs_entries_independently(client: httpx.Client) -> None:
+    mrn = unique("mrn")
+    bundle = tx([
+        {"resource": patient(mrn), "request": {"method": "POST", "url": "Patient"}},
+        {"request": {"method": "GET", "url": f"Patient/{unique('missing')}"}},
+        {"resource": {"resourceType": "Patient", "id": "a"},
+         "request": {"method": "PUT", "url": "Patient/b"}},
+    ], kind="batch")
+    response = send(client, bundle)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["type"] == "batch-response"
+    statuses = [e["response"]["status"] for e in result["entry"]]
+    assert statuses[0].startswith("201")
+    assert statuses[1].startswith("404")
+    assert statuses[2].startswith("400")
+    assert result["entry"][2]["response"]["outcome"]["resourceType"] == "OperationOutcome"
+    assert len(search_ids(client, "/Patient", identifier=f"urn:test:mrn|{mrn}")) == 1
+
+
+def test_bundle_with_too_many_entries_is_413(client: httpx.Client, server) -> None:  # type: ignore[no-untyped-def]
+    n = server.settings.max_bundle_entries + 1
+    bundle = tx([{"request": {"method": "GET", "url": "metadata"}}] * n, kind="batch")
+    response = send(client, bundle)
+    assert response.status_code == 413
+    assert gw_code(response) == "GW-1012"
+
+
+def test_malformed_bundles_are_rejected_clearly(client: httpx.Client) -> None:
+    cases = [
+        tx([{"resource": patient(unique())}]),  # no request
+        tx([{"request": {"method": "FETCH", "url": "Patient"}}]),
+        tx([{"request": {"method": "POST", "url": "Patient/1"}, "resource": patient("x")}]),
+        tx([{"request": {"method": "POST", "url": "http://elsewhere.example/fhir/Patient"},
+             "resource": patient("x")}]),
+        {"resourceType": "Bundle", "type": "transaction", "entry": {"not": "a list"}},
+    ]
+    for bundle in cases:
+        response = send(client, bundle)
+        assert response.status_code == 400, response.text
+        assert response.json()["resourceType"] == "OperationOutcome"

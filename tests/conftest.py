@@ -1,0 +1,123 @@
+"""Shared fixtures: a real gateway over real HTTP, on SQLite and on PostgreSQL.
+
+Every test that takes ``client`` (or ``server``) runs once per backend. The
+PostgreSQL backend uses a schema of its own in database ``test`` on
+127.0.0.1:5432 and drops it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+
+from gateway.main import create_app
+from gateway.settings import Settings
+
+PG_URL = os.environ.get("CAREPATH_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
+BACKENDS = ["sqlite", "postgresql"]
+
+
+async def _pg(sql: str) -> None:
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def pg_execute(sql: str) -> None:
+    asyncio.run(_pg(sql))
+
+
+@dataclass
+class Server:
+    backend: str
+    url: str  # FHIR base, e.g. http://127.0.0.1:1234/fhir
+    settings: Settings
+
+
+@pytest.fixture(scope="session")
+def new_schema() -> Iterator[callable]:  # type: ignore[valid-type]
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        pg_execute(f"CREATE SCHEMA {name}")
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        pg_execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+
+
+def backend_settings(backend: str, tmp: Path, new_schema: callable, **kw: object) -> Settings:  # type: ignore[valid-type]
+    if backend == "sqlite":
+        return Settings(database_url=f"sqlite:///{tmp / 'gateway.db'}", **kw)  # type: ignore[arg-type]
+    return Settings(database_url=PG_URL, database_schema=new_schema(), **kw)  # type: ignore[arg-type]
+
+
+class RunningServer:
+    """uvicorn serving the gateway on a loopback port, in a thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self) -> RunningServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("gateway did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.settings.base_path}"
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           new_schema: callable) -> Iterator[Server]:  # type: ignore[valid-type]
+    settings = backend_settings(request.param, tmp_path_factory.mktemp(request.param),
+                                new_schema)
+    with RunningServer(settings) as running:
+        yield Server(request.param, running.url, settings)
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30,
+                      headers={"Accept": "application/fhir+json"}) as c:
+        yield c
+
+
+def unique(prefix: str = "x") -> str:
+    """A value no other test uses: keeps tests independent on a shared database."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
