@@ -94,9 +94,9 @@ def main(package: Path) -> None:
         sps.append(trim_sp(json.loads(f.read_text())))
     for f in sorted(package.glob("StructureDefinition-*.json")):
         sd = json.loads(f.read_text())
-        if sd.get("derivation") == "specialization" and sd.get("kind") in (
+        if (sd.get("derivation") == "specialization" and sd.get("kind") in (
             "resource", "complex-type", "primitive-type"
-        ) or sd.get("id") in ("Resource", "Element"):
+        )) or sd.get("id") in ("Resource", "Element"):
             sds.append(trim_sd(sd))
     OUT.mkdir(parents=True, exist_ok=True)
     for name, items in (("r4-search-parameters", sps), ("r4-structure-definitions", sds)):

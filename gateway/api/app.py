@@ -68,7 +68,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_body(ctx: Context, request: Request, raw: bytes, method: str) -> tuple[Any, list[tuple[str, str]]]:
+def _parse_body(
+    ctx: Context, request: Request, raw: bytes, method: str
+) -> tuple[Any, list[tuple[str, str]]]:
     """Parsed JSON body, plus form pairs for ``POST _search``."""
     if not raw:
         return None, []
@@ -78,7 +80,8 @@ def _parse_body(ctx: Context, request: Request, raw: bytes, method: str) -> tupl
     if ctype in _XML_TYPES:
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE, "this server accepts FHIR JSON only")
     if ctype not in _JSON_TYPES and ctype not in _PATCH_TYPES:
-        raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE, f"Content-Type '{ctype[:60]}' is not supported")
+        raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                        f"Content-Type '{ctype[:60]}' is not supported")
     if method == "PATCH" and ctype not in _PATCH_TYPES:
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
                         "PATCH takes application/json-patch+json")

@@ -173,16 +173,22 @@ def _days(y: int, m: int, d: int) -> int:
     return date(y, m, d).toordinal() - _EPOCH
 
 
-@lru_cache(maxsize=8192)
 def date_bounds(text: str) -> tuple[int, int] | None:
     """Inclusive epoch-microsecond bounds of a FHIR date/dateTime/instant, or None.
 
-    The bounds cover the value's precision: ``2020`` is all of 2020, ``2020-05-17``
-    the whole (UTC) day, ``2020-05-17T10:00:00+02:00`` one second.  A value
-    without a timezone is taken as UTC.
+    The bounds cover the value's precision: ``2020`` is all of 2020, ``2020-05``
+    the month, ``2020-05-17`` the whole (UTC) day, ``2020-05-17T10:00+02:00`` one
+    minute, ``2020-05-17T10:00:00+02:00`` one second, ``...:00.5Z`` 100 ms.
+    A value without a timezone is taken as UTC.  Anything else (bad shape,
+    impossible date such as ``2021-02-30``, a non-string) gives None.
     """
-    if not isinstance(text, str):
+    if not isinstance(text, str) or len(text) > 64:
         return None
+    return _date_bounds(text)
+
+
+@lru_cache(maxsize=8192)
+def _date_bounds(text: str) -> tuple[int, int] | None:
     m = _DATE_RE.fullmatch(text.strip())
     if m is None:
         return None

@@ -52,8 +52,10 @@ class Code(Enum):
     SEARCH_EXPIRED = ("GW-2004", 410, "not-found", "Search result set expired or unknown")
     # 3xxx: state conflicts
     VERSION_CONFLICT = ("GW-3001", 412, "conflict", "Version does not match If-Match")
-    MULTIPLE_MATCHES = ("GW-3002", 412, "multiple-matches", "Conditional criteria match more than one resource")
-    UNRESOLVED_REFERENCE = ("GW-3003", 412, "not-found", "Conditional reference does not resolve to one resource")
+    MULTIPLE_MATCHES = ("GW-3002", 412, "multiple-matches",
+                        "Conditional criteria match more than one resource")
+    UNRESOLVED_REFERENCE = ("GW-3003", 412, "not-found",
+                            "Conditional reference does not resolve to one resource")
     DUPLICATE_IDENTITY = ("GW-3004", 409, "conflict", "Transaction entries touch the same resource")
     CONCURRENT_CONFLICT = ("GW-3005", 409, "conflict", "Concurrent modification; retry the request")
     # 4xxx: not supported

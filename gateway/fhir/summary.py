@@ -21,7 +21,7 @@ _ALWAYS = frozenset({"resourceType", "id", "meta"})
 
 
 def _element_name(key: str, choices: Collection[str]) -> str:
-    """``valueQuantity`` -> ``value`` when ``value[x]`` is a choice; ``_birthDate`` -> ``birthDate``."""
+    """``valueQuantity`` -> ``value`` for a choice ``value[x]``; ``_birthDate`` -> ``birthDate``."""
     key = key.lstrip("_")
     for choice in choices:
         if key.startswith(choice) and key[len(choice) : len(choice) + 1].isupper():

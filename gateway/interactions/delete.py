@@ -7,7 +7,7 @@ exist, or is already deleted, succeeds (204) without writing.
 
 from __future__ import annotations
 
-from gateway.fhir.outcome import FhirError, Code
+from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import (
     Context,
     FhirResponse,

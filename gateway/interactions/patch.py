@@ -10,6 +10,7 @@ from typing import Any
 
 import jsonpatch
 
+from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import (
     Context,
@@ -22,7 +23,6 @@ from gateway.interactions.base import (
 )
 from gateway.interactions.conditional import single_match
 from gateway.interactions.update import check_version
-from gateway.fhir import json as fjson
 from gateway.storage.interface import StoredResource, StoreTransaction
 
 

@@ -96,6 +96,7 @@ async def search(
         check_type(ctx, resource_type)
     query = parse_search(resource_type, pairs, ctx.registry.search_params, strict=prefer.strict)
     links = [("self", _self_link(base, resource_type, pairs))]
+    total: int | None
     if query.summary == "count" or query.count == 0:
         total = await ctx.store.count(query)
         return await _page(ctx, query, [], base, total=total, links=links,
@@ -111,13 +112,13 @@ async def search(
     everything = await ctx.store.search_keys(query, cap + 1)
     truncated = len(everything) > cap
     everything = everything[:cap]
-    total: int | None = len(everything)
+    total = len(everything)
     if truncated:
         total = await ctx.store.count(query) if query.total == "accurate" else None
     if query.total == "none":
         total = None
-    snapshot = Snapshot(str(uuid.uuid4()), f"{resource_type or ''}?{urlencode(pairs)}", everything,
-                        total if total is not None else -1, truncated)
+    snapshot = Snapshot(str(uuid.uuid4()), f"{resource_type or ''}?{urlencode(pairs)}",
+                        everything, total if total is not None else -1, truncated)
     await ctx.store.save_snapshot(snapshot)
     links.append(("next", _pages_link(base, snapshot.search_id, size, size)))
     warnings = query.warnings

@@ -21,7 +21,6 @@ from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.references import rewrite
 from gateway.interactions.base import (
-
     Context,
     FhirResponse,
     Prefer,

@@ -130,7 +130,9 @@ CREATE INDEX IF NOT EXISTS sp_uri_res ON sp_uri (res_type, res_id);
 """
 
 #: (version, description, DDL template). Append only; never edit a released step.
-MIGRATIONS: tuple[tuple[int, str, str], ...] = ((1, "resources, history, outbox, search index", _V1),)
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "resources, history, outbox, search index", _V1),
+)
 
 
 def statements(ddl: str, dialect: str) -> list[str]:

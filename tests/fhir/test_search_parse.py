@@ -1,0 +1,515 @@
+"""gateway.fhir.search.parse_search: FHIR R4 search request -> SearchQuery."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+import pytest
+
+from gateway.fhir.indexer import Indexer, SearchParam, date_bounds
+from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.search import (
+    AP_DATE_MIN_MICROS,
+    Chain,
+    Criterion,
+    DateValue,
+    Has,
+    Include,
+    MissingValue,
+    NumberValue,
+    QuantityValue,
+    ReferenceValue,
+    SearchQuery,
+    SortKey,
+    StringValue,
+    TokenValue,
+    UriValue,
+    parse_search,
+    split_escaped,
+    unescape,
+)
+
+_INDEXER = Indexer.from_profiles()
+
+
+def params(resource_type: str) -> Mapping[str, SearchParam]:
+    return _INDEXER.params_for(resource_type)
+
+
+def parse(rt: str | None, query: str | list[tuple[str, str]], **kw: object) -> SearchQuery:
+    if isinstance(query, str):
+        pairs = [tuple(p.split("=", 1)) for p in query.split("&") if p]
+    else:
+        pairs = query
+    return parse_search(rt, pairs, params, **kw)  # type: ignore[arg-type]
+
+
+def one(rt: str | None, query: str | list[tuple[str, str]], **kw: object) -> Criterion:
+    q = parse(rt, query, **kw)
+    assert len(q.criteria) == 1, q
+    return q.criteria[0]
+
+
+def error(rt: str | None, query: str | list[tuple[str, str]], **kw: object) -> FhirError:
+    with pytest.raises(FhirError) as exc:
+        parse(rt, query, **kw)
+    return exc.value
+
+
+def micros(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()) * 1_000_000
+
+
+# -- escaping, AND / OR ---------------------------------------------------------
+
+
+def test_split_and_unescape() -> None:
+    assert split_escaped(r"a,b\,c,d", ",") == ["a", r"b\,c", "d"]
+    assert split_escaped(r"sys|co\|de", "|") == ["sys", r"co\|de"]
+    assert unescape(r"a\,b\|c\$d\\e\x") == r"a,b|c$d\e\x"
+
+
+def test_comma_is_or_and_repeat_is_and() -> None:
+    q = parse("Patient", "gender=male,female&gender=other")
+    assert [c.values for c in q.criteria] == [
+        (TokenValue("male"), TokenValue("female")),
+        (TokenValue("other"),),
+    ]
+
+
+def test_escaped_comma_and_bar_are_literal() -> None:
+    c = one("Patient", [("name", r"Smith\, John")])
+    assert c.values == (StringValue("Smith, John", "smith, john"),)
+    c = one("Patient", [("identifier", r"urn:sys|a\|b\,c")])
+    assert c.values == (TokenValue("a|b,c", "urn:sys", False),)
+
+
+def test_duplicate_or_values_collapse() -> None:
+    assert one("Patient", "gender=male,male").values == (TokenValue("male"),)
+
+
+# -- token ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        ("1234-5", TokenValue("1234-5")),
+        ("http://loinc.org|1234-5", TokenValue("1234-5", "http://loinc.org", False)),
+        ("|1234-5", TokenValue("1234-5", None, False)),
+        ("http://loinc.org|", TokenValue(None, "http://loinc.org", False)),
+    ],
+)
+def test_token_forms(raw: str, value: TokenValue) -> None:
+    c = one("Observation", [("code", raw)])
+    assert (c.code, c.type, c.modifier, c.values) == ("code", "token", None, (value,))
+
+
+def test_token_modifiers() -> None:
+    assert one("Observation", "code:not=x").modifier == "not"
+    c = one("Observation", "code:text=Blood Sugar")
+    assert c.modifier == "text"
+    assert c.values == (StringValue("Blood Sugar", "blood sugar"),)
+    assert one("Observation", "code:missing=true").values == (MissingValue(True),)
+    assert one("Observation", "code:missing=false").values == (MissingValue(False),)
+
+
+@pytest.mark.parametrize("mod", ["in", "not-in", "below", "above", "of-type"])
+def test_unsupported_token_modifiers(mod: str) -> None:
+    assert error("Observation", f"code:{mod}=x").code is Code.UNSUPPORTED_SEARCH
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["code:bogus=x", "code:exact=x", "code:missing=maybe", "code=a|b|c", "code=|",
+     "birthdate:contains=2000"],
+)
+def test_invalid_token_queries(query: str) -> None:
+    rt = "Patient" if query.startswith("birthdate") else "Observation"
+    assert error(rt, query).code is Code.INVALID_SEARCH_VALUE
+
+
+def test_boolean_and_contactpoint_tokens() -> None:
+    assert one("Patient", "active=true").values == (TokenValue("true"),)
+    assert one("Patient", "phone=555").values == (TokenValue("555"),)
+
+
+# -- string ---------------------------------------------------------------------
+
+
+def test_string_modifiers() -> None:
+    c = one("Patient", "name=Müller")
+    assert (c.type, c.modifier, c.values) == ("string", None, (StringValue("Müller", "muller"),))
+    assert one("Patient", "name:exact=Müller").modifier == "exact"
+    assert one("Patient", "name:contains=ull").modifier == "contains"
+    assert one("Patient", "name:missing=true").values == (MissingValue(True),)
+    assert error("Patient", "name:text=x").code is Code.INVALID_SEARCH_VALUE
+    assert error("Patient", "name:below=x").code is Code.INVALID_SEARCH_VALUE
+
+
+def test_string_keeps_like_metacharacters_verbatim() -> None:
+    assert one("Patient", "family=50%_off").values == (StringValue("50%_off", "50%_off"),)
+
+
+# -- date -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["", "eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"])
+def test_date_prefixes(prefix: str) -> None:
+    c = one("Patient", f"birthdate={prefix}2013-01")
+    lo, hi = micros("2013-01-01T00:00:00"), micros("2013-02-01T00:00:00") - 1
+    assert c.values == (DateValue(prefix or "eq", lo, hi, "2013-01"),)
+
+
+def test_date_precision_defines_the_range() -> None:
+    (v,) = one("Observation", "date=2013-01-14T10:00:00Z").values
+    assert isinstance(v, DateValue)
+    assert (v.lo, v.hi) == date_bounds("2013-01-14T10:00:00Z")
+    assert v.hi - v.lo == 999_999
+
+
+def test_date_unencoded_plus_in_timezone_is_repaired() -> None:
+    (v,) = one("Observation", [("date", "ge2013-01-14T10:00:00 01:00")]).values
+    assert isinstance(v, DateValue)
+    assert v.text == "2013-01-14T10:00:00+01:00"
+    assert (v.lo, v.hi) == date_bounds("2013-01-14T10:00:00+01:00")
+
+
+def test_date_ap_widens_by_a_tenth_of_the_gap_to_now() -> None:
+    now = micros("2023-01-01T00:00:00")
+    (v,) = one("Patient", "birthdate=ap2013-01-01", now=now).values
+    lo, hi = date_bounds("2013-01-01")  # type: ignore[misc]
+    delta = (now - (lo + hi) // 2) // 10
+    assert v == DateValue("ap", lo - delta, hi + delta, "2013-01-01")
+    # near now the widening is at least a day
+    (v,) = one("Patient", "birthdate=ap2022-12-31", now=now).values
+    lo, hi = date_bounds("2022-12-31")  # type: ignore[misc]
+    assert v == DateValue("ap", lo - AP_DATE_MIN_MICROS, hi + AP_DATE_MIN_MICROS, "2022-12-31")
+
+
+@pytest.mark.parametrize("raw", ["2013-13-01", "xx2013", "gt", "13-01-2013", "2013-01-01T25:00",
+                                 "today"])
+def test_invalid_dates(raw: str) -> None:
+    assert error("Patient", [("birthdate", raw)]).code is Code.INVALID_SEARCH_VALUE
+
+
+def test_last_updated_is_a_date() -> None:
+    c = one("Patient", "_lastUpdated=gt2020-01-01")
+    assert c.code == "_lastUpdated" and c.type == "date"
+    assert isinstance(c.values[0], DateValue) and c.values[0].prefix == "gt"
+
+
+# -- number and quantity ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "prefix", "value", "lo", "hi"),
+    [
+        ("100", "eq", 100.0, 99.5, 100.5),
+        ("100.00", "eq", 100.0, 99.995, 100.005),
+        ("1e2", "eq", 100.0, 50.0, 150.0),
+        ("0.8", "eq", 0.8, 0.75, 0.85),
+        ("gt-5", "gt", -5.0, -5.5, -4.5),
+        ("ne.5", "ne", 0.5, 0.45, 0.55),
+        ("ap100", "ap", 100.0, 90.0, 110.0),
+    ],
+)
+def test_number_precision(raw: str, prefix: str, value: float, lo: float, hi: float) -> None:
+    (v,) = one("RiskAssessment", [("probability", raw)]).values
+    assert isinstance(v, NumberValue)
+    assert (v.prefix, v.value) == (prefix, value)
+    assert v.lo == pytest.approx(lo) and v.hi == pytest.approx(hi)
+
+
+@pytest.mark.parametrize("raw", ["abc", "1,5x", "xx5", "5.4.1", "NaN", "inf", "1e"])
+def test_invalid_numbers(raw: str) -> None:
+    assert error("RiskAssessment", [("probability", raw)]).code is Code.INVALID_SEARCH_VALUE
+
+
+def test_quantity_forms() -> None:
+    (v,) = one("Observation", "value-quantity=le5.4|http://unitsofmeasure.org|mg").values
+    assert isinstance(v, QuantityValue)
+    assert (v.prefix, v.value, v.system, v.code) == ("le", 5.4, "http://unitsofmeasure.org", "mg")
+    assert (v.lo, v.hi) == pytest.approx((5.35, 5.45))
+    (v,) = one("Observation", "value-quantity=5.4||mg").values
+    assert isinstance(v, QuantityValue) and (v.system, v.code) == (None, "mg")
+    (v,) = one("Observation", "value-quantity=5.4").values
+    assert isinstance(v, QuantityValue) and (v.system, v.code) == (None, None)
+    for bad in ("5.4|mg", "mg", "5.4|a|b|c"):
+        assert error("Observation", [("value-quantity", bad)]).code is Code.INVALID_SEARCH_VALUE
+
+
+# -- reference --------------------------------------------------------------------
+
+
+def test_reference_forms() -> None:
+    assert one("Observation", "subject=Patient/123").values == (ReferenceValue("Patient", "123"),)
+    # a bare id takes the type of a single-target parameter ...
+    assert one("Patient", "organization=123").values == (ReferenceValue("Organization", "123"),)
+    # ... and any type otherwise
+    assert one("Observation", "subject=123").values == (ReferenceValue(None, "123"),)
+    c = one("Observation", "subject:Patient=123")
+    assert (c.modifier, c.values) == ("Patient", (ReferenceValue("Patient", "123"),))
+    assert one("Observation", "subject=Patient/123/_history/2").values == (
+        ReferenceValue("Patient", "123", None, "2"),
+    )
+    assert one("Observation", "subject=http://other.org/fhir/Patient/1").values == (
+        ReferenceValue(url="http://other.org/fhir/Patient/1"),
+    )
+    assert one("QuestionnaireResponse", "questionnaire=http://x.org/Questionnaire/q|1.0").values \
+        == (ReferenceValue(url="http://x.org/Questionnaire/q", version="1.0"),)
+
+
+def test_reference_under_own_base_becomes_relative() -> None:
+    c = one("Observation", "subject=https://gw.example/fhir/Patient/7",
+            base_url="https://gw.example/fhir/")
+    assert c.values == (ReferenceValue("Patient", "7"),)
+
+
+def test_reference_identifier_and_missing() -> None:
+    c = one("Observation", "subject:identifier=urn:mrn|42")
+    assert (c.modifier, c.values) == ("identifier", (TokenValue("42", "urn:mrn", False),))
+    assert one("Observation", "subject:missing=true").values == (MissingValue(True),)
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ("subject:Medication=1", Code.INVALID_SEARCH_VALUE),  # not a target of subject
+        ("subject:Patient=Group/1", Code.INVALID_SEARCH_VALUE),
+        ("subject=not a reference", Code.INVALID_SEARCH_VALUE),
+        ("subject:exact=1", Code.INVALID_SEARCH_VALUE),
+        ("subject:below=1", Code.UNSUPPORTED_SEARCH),
+    ],
+)
+def test_invalid_references(query: str, code: Code) -> None:
+    assert error("Observation", [tuple(query.split("=", 1))]).code is code  # type: ignore[list-item]
+
+
+# -- uri, _id, meta parameters ---------------------------------------------------
+
+
+def test_uri() -> None:
+    c = one("ValueSet", "url=http://acme.org/fhir/ValueSet/123")
+    assert (c.type, c.modifier, c.values) == (
+        "uri", None, (UriValue("http://acme.org/fhir/ValueSet/123"),))
+    assert one("ValueSet", "url:below=http://acme.org/fhir/").modifier == "below"
+    assert one("ValueSet", "url:above=http://acme.org/fhir/ValueSet/123/x").modifier == "above"
+    assert error("ValueSet", "url:contains=x").code is Code.INVALID_SEARCH_VALUE
+
+
+def test_id_and_meta_params() -> None:
+    c = one("Patient", "_id=a,b")
+    assert (c.code, c.values) == ("_id", (TokenValue("a"), TokenValue("b")))
+    assert error("Patient", "_id=a/b").code is Code.INVALID_SEARCH_VALUE
+    assert one("Patient", "_tag=http://s|t").values == (TokenValue("t", "http://s", False),)
+    assert one("Patient", "_security=http://s|R").type == "token"
+    assert one("Patient", "_profile=http://p").values == (UriValue("http://p"),)
+    assert one("Patient", "_source=urn:x").type == "uri"
+
+
+# -- chains and _has ---------------------------------------------------------------
+
+
+def test_chain_with_type() -> None:
+    c = one("Observation", "subject:Patient.name=peter,paul")
+    assert c == Criterion(
+        "subject", "reference", "Patient", (),
+        (Chain("Patient", Criterion("name", "string", None, (
+            StringValue("peter", "peter"), StringValue("paul", "paul")))),),
+    )
+
+
+def test_chain_without_type_spans_the_targets_that_have_the_param() -> None:
+    c = one("Observation", "subject.name=peter")
+    assert {link.target_type for link in c.chain} == {"Patient", "Location"}
+    c = one("Observation", "subject.birthdate=2000")
+    assert [link.target_type for link in c.chain] == ["Patient"]
+
+
+def test_multi_level_chain_with_modifier_at_the_end() -> None:
+    c = one("Observation", "subject:Patient.organization.name:exact=Acme")
+    (link,) = c.chain
+    assert link.target_type == "Patient"
+    (link2,) = link.criterion.chain
+    assert link2.target_type == "Organization"
+    assert link2.criterion == Criterion("name", "string", "exact", (StringValue("Acme", "acme"),))
+
+
+def test_chain_errors() -> None:
+    assert error("Patient", "name.family=x").code is Code.INVALID_SEARCH_VALUE
+    assert error("Observation", "subject:missing.name=x").code is Code.INVALID_SEARCH_VALUE
+    q = parse("Observation", "subject:Patient.nope=x")
+    assert q.criteria == ()
+    assert "nope" in q.warnings[0]
+    assert error("Observation", "subject.nope=x", strict=True).code is Code.UNKNOWN_SEARCH_PARAM
+
+
+def test_has() -> None:
+    c = one("Patient", "_has:Observation:patient:code=1234,5678")
+    assert c == Criterion("_has", "_has", has=Has("Observation", "patient", Criterion(
+        "code", "token", None, (TokenValue("1234"), TokenValue("5678")))))
+
+
+def test_nested_has() -> None:
+    c = one("Patient", "_has:Observation:patient:_has:AuditEvent:entity:agent=Practitioner/1")
+    assert c.has is not None and c.has.source_type == "Observation"
+    inner = c.has.criterion
+    assert inner.has == Has("AuditEvent", "entity", Criterion(
+        "agent", "reference", None, (ReferenceValue("Practitioner", "1"),)))
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["_has:Observation:patient=1", "_has:Nope:patient:code=1",
+     "_has:Observation:code:code=1", "_has:Observation:patient:code:bogus=1"],
+)
+def test_invalid_has(query: str) -> None:
+    assert error("Patient", [tuple(query.split("=", 1))]).code is \
+        Code.INVALID_SEARCH_VALUE  # type: ignore[list-item]
+
+
+def test_has_reference_must_point_at_the_searched_type() -> None:
+    # Observation.patient refers to Patients only
+    assert error("Practitioner", "_has:Observation:patient:code=1").code is \
+        Code.INVALID_SEARCH_VALUE
+
+
+def test_has_with_unknown_inner_param() -> None:
+    q = parse("Patient", "_has:Observation:patient:nope=1")
+    assert q.criteria == () and q.warnings
+    e = error("Patient", "_has:Observation:patient:nope=1", strict=True)
+    assert e.code is Code.UNKNOWN_SEARCH_PARAM
+
+
+def test_nesting_is_bounded() -> None:
+    deep = "subject:Patient." + "link:Patient." * 6 + "name=x"
+    assert error("Observation", deep, strict=True).code is Code.UNSUPPORTED_SEARCH
+
+
+# -- unknown, unsupported, ignored --------------------------------------------------
+
+
+def test_unknown_param_lenient_and_strict() -> None:
+    q = parse("Patient", "foo=1&name=x")
+    assert q.warnings == ("Unknown search parameter 'foo' for Patient was ignored",)
+    assert [c.code for c in q.criteria] == ["name"]
+    e = error("Patient", "foo=1", strict=True)
+    assert e.code is Code.UNKNOWN_SEARCH_PARAM and "foo" in (e.diagnostics or "")
+
+
+def test_composite_and_special_params() -> None:
+    q = parse("Observation", "code-value-quantity=1234$gt5")
+    assert q.criteria == () and "code-value-quantity" in q.warnings[0]
+    e = error("Observation", "code-value-quantity=1234$gt5", strict=True)
+    assert e.code is Code.UNSUPPORTED_SEARCH
+    assert error("Location", "near=1|2|3|km", strict=True).code is Code.UNSUPPORTED_SEARCH
+    assert error("Patient", "_text=x", strict=True).code is Code.UNSUPPORTED_SEARCH
+    assert error("Patient", "_filter=x", strict=True).code is Code.UNSUPPORTED_SEARCH
+
+
+def test_http_layer_params_are_ignored_silently() -> None:
+    q = parse("Patient", "_format=json&_pretty=true&_getpages=x&_getpagesoffset=10&_page=2"
+                         "&_contained=false&_containedType=container", strict=True)
+    assert q == SearchQuery("Patient")
+
+
+def test_empty_value_is_ignored_with_a_warning() -> None:
+    q = parse("Patient", "name=&gender=,")
+    assert q.criteria == ()
+    assert len(q.warnings) == 2
+
+
+def test_invalid_values_fail_even_when_lenient() -> None:
+    assert error("Patient", "birthdate=yesterday").code is Code.INVALID_SEARCH_VALUE
+
+
+def test_unknown_resource_type() -> None:
+    assert error("Nope", "name=x").code is Code.UNKNOWN_RESOURCE_TYPE
+
+
+# -- result parameters ----------------------------------------------------------------
+
+
+def test_sort() -> None:
+    q = parse("Observation", "_sort=-date,code&_sort=_id&_sort=-_lastUpdated")
+    assert q.sort == (
+        SortKey("date", True, "date"), SortKey("code", False, "token"),
+        SortKey("_id", False, "token"), SortKey("_lastUpdated", True, "date"),
+    )
+    assert error("Observation", "_sort=nope").code is Code.INVALID_SEARCH_VALUE
+    assert error("Observation", "_sort=code-value-quantity").code is Code.INVALID_SEARCH_VALUE
+    assert error("Observation", "_sort:asc=date").code is Code.INVALID_SEARCH_VALUE
+
+
+@pytest.mark.parametrize(("raw", "count"), [("0", 0), ("10", 10), ("500", 500)])
+def test_count(raw: str, count: int) -> None:
+    assert parse("Patient", f"_count={raw}").count == count
+
+
+@pytest.mark.parametrize("raw", ["-1", "abc", "1.5"])
+def test_invalid_count(raw: str) -> None:
+    assert error("Patient", f"_count={raw}").code is Code.INVALID_SEARCH_VALUE
+
+
+def test_total_summary_elements() -> None:
+    q = parse("Patient", "_total=accurate&_summary=count&_elements=name,birthDate,name")
+    assert (q.total, q.summary, q.elements) == ("accurate", "count", ("name", "birthDate"))
+    for bad in ("_total=all", "_summary=yes", "_elements=na me"):
+        assert error("Patient", bad).code is Code.INVALID_SEARCH_VALUE
+
+
+def test_include_forms() -> None:
+    q = parse("Observation", "_include=Observation:subject:Patient&_include=Observation:performer"
+                             "&_include:iterate=Patient:organization&_include=*"
+                             "&_revinclude=Provenance:target&_revinclude:iterate=Observation:*")
+    assert q.includes == (
+        Include("Observation", "subject", "Patient"),
+        Include("Observation", "performer"),
+        Include("Patient", "organization", None, iterate=True),
+        Include("*", "*", None, wildcard=True),
+    )
+    assert q.revincludes == (
+        Include("Provenance", "target"),
+        Include("Observation", "*", None, iterate=True, wildcard=True),
+    )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["Observation:code", "Observation:nope", "Observation", "Nope:subject",
+     "Observation:subject:Medication", "Observation:subject:Patient:x"],
+)
+def test_invalid_includes(raw: str) -> None:
+    assert error("Observation", [("_include", raw)]).code is Code.INVALID_SEARCH_VALUE
+    assert error("Observation", [("_include:bogus", "Observation:subject")]).code is \
+        Code.INVALID_SEARCH_VALUE
+
+
+# -- system search --------------------------------------------------------------------
+
+
+def test_system_search_common_params_only() -> None:
+    q = parse(None, "_id=a&_lastUpdated=gt2020&_tag=s|t&_profile=http://p&_security=s|x"
+                    "&_source=urn:s&_sort=-_lastUpdated")
+    assert q.resource_type is None and q.types == ()
+    assert [c.code for c in q.criteria] == ["_id", "_lastUpdated", "_tag", "_profile",
+                                            "_security", "_source"]
+    q = parse(None, "name=x")
+    assert q.criteria == ()
+    assert q.warnings == ("Unknown search parameter 'name' for a system-wide search was ignored",)
+
+
+def test_system_search_with_type() -> None:
+    q = parse(None, "_type=Patient,Practitioner&name=x&_sort=name")
+    assert q.types == ("Patient", "Practitioner")
+    assert [c.code for c in q.criteria] == ["name"]
+    assert q.sort == (SortKey("name", False, "string"),)
+    assert parse(None, "_type=Patient,Observation&name=x").warnings
+    assert error(None, "_type=Nope").code is Code.INVALID_SEARCH_VALUE
+
+
+def test_type_param_on_type_level_search_is_ignored_with_warning() -> None:
+    q = parse("Patient", "_type=Patient")
+    assert q.criteria == () and q.warnings

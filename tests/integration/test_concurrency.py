@@ -1,0 +1,102 @@
+"""Several worker processes on one PostgreSQL: races resolve correctly (issue: concurrency).
+
+``carepath serve --workers 3`` runs three processes behind one port; many
+threads race on the same resource.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.conftest import PG_URL, unique
+from tests.integration.serve import Served
+
+FHIR = {"Content-Type": "application/fhir+json"}
+RACERS = 24
+
+
+@pytest.fixture(scope="module")
+def workers(new_schema) -> Iterator[Served]:  # type: ignore[no-untyped-def]
+    env = {"CAREPATH_DATABASE_URL": PG_URL, "CAREPATH_DATABASE_SCHEMA": new_schema()}
+    with Served(env, workers=3) as served:
+        yield served
+
+
+def _race(fn, n: int = RACERS) -> list[httpx.Response]:  # type: ignore[no-untyped-def]
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(lambda _: fn(), range(n)))
+
+
+def test_concurrent_if_match_updates_exactly_one_wins(workers: Served) -> None:
+    with httpx.Client(base_url=workers.url, timeout=60) as client:
+        created = client.post("/Patient", json={"resourceType": "Patient"}, headers=FHIR).json()
+
+        def update() -> httpx.Response:
+            body = {**created, "active": True}
+            with httpx.Client(base_url=workers.url, timeout=60) as c:
+                return c.put(f"/Patient/{created['id']}", json=body,
+                             headers={**FHIR, "If-Match": 'W/"1"'})
+
+        statuses = Counter(r.status_code for r in _race(update))
+        assert statuses == {200: 1, 412: RACERS - 1}
+        final = client.get(f"/Patient/{created['id']}").json()
+        assert final["meta"]["versionId"] == "2"
+
+
+def test_concurrent_unconditional_updates_all_apply_in_sequence(workers: Served) -> None:
+    with httpx.Client(base_url=workers.url, timeout=60) as client:
+        created = client.post("/Patient", json={"resourceType": "Patient"}, headers=FHIR).json()
+
+        def update() -> httpx.Response:
+            with httpx.Client(base_url=workers.url, timeout=60) as c:
+                return c.put(f"/Patient/{created['id']}", json=created, headers=FHIR)
+
+        responses = _race(update)
+        assert {r.status_code for r in responses} == {200}
+        versions = sorted(int(r.json()["meta"]["versionId"]) for r in responses)
+        assert versions == list(range(2, RACERS + 2))
+
+
+def test_concurrent_conditional_creates_make_exactly_one_resource(workers: Served) -> None:
+    ident = unique("kvnr")
+    body = {"resourceType": "Patient",
+            "identifier": [{"system": "http://fhir.de/sid/gkv/kvid-10", "value": ident}]}
+
+    def create() -> httpx.Response:
+        with httpx.Client(base_url=workers.url, timeout=60) as c:
+            return c.post("/Patient", json=body, headers={
+                **FHIR, "If-None-Exist": f"identifier=http://fhir.de/sid/gkv/kvid-10|{ident}"})
+
+    responses = _race(create)
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses == {201: 1, 200: RACERS - 1}
+    assert len({r.json()["id"] for r in responses}) == 1
+    with httpx.Client(base_url=workers.url, timeout=60) as client:
+        found = client.get("/Patient", params={"identifier": ident}).json()
+    assert found["total"] == 1
+
+
+def test_concurrent_transactions_with_the_same_conditional_create(workers: Served) -> None:
+    ident = unique("org")
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [{
+        "fullUrl": "urn:uuid:5f0c6f4e-9d55-4c55-9d7a-0d4a3a1f2b11",
+        "resource": {"resourceType": "Organization",
+                     "identifier": [{"system": "urn:test:org", "value": ident}]},
+        "request": {"method": "POST", "url": "Organization",
+                    "ifNoneExist": f"identifier=urn:test:org|{ident}"},
+    }]}
+
+    def send() -> httpx.Response:
+        with httpx.Client(base_url=workers.url, timeout=60) as c:
+            return c.post("/", json=bundle, headers=FHIR)
+
+    responses = _race(send, 12)
+    assert {r.status_code for r in responses} == {200}
+    with httpx.Client(base_url=workers.url, timeout=60) as client:
+        found = client.get("/Organization", params={"identifier": f"urn:test:org|{ident}"})
+    assert found.json()["total"] == 1

@@ -1,0 +1,47 @@
+"""``carepath serve`` as users start it: defaults, start-up time, restarts."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import PG_URL
+from tests.integration.serve import Served
+
+
+def test_serve_defaults_to_sqlite_in_the_working_directory(tmp_path: Path) -> None:
+    with Served({"CAREPATH_DATABASE_URL": "sqlite:///./carepath.db"}, cwd=tmp_path) as served:
+        assert served.ready_after is not None and served.ready_after < 5
+        cs = httpx.get(f"{served.url}/metadata").json()
+        assert cs["fhirVersion"] == "4.0.1"
+        created = httpx.post(f"{served.url}/Patient", json={"resourceType": "Patient"},
+                             headers={"Content-Type": "application/fhir+json"})
+        assert created.status_code == 201
+    assert (tmp_path / "carepath.db").exists()
+    # the resource was durably committed: it is in the file after the server stopped
+    with sqlite3.connect(tmp_path / "carepath.db") as db:
+        count = db.execute("SELECT count(*) FROM resource").fetchone()[0]
+    assert count == 1
+    # starting again on the same database is safe: migrations are not re-applied
+    with Served({"CAREPATH_DATABASE_URL": "sqlite:///./carepath.db"}, cwd=tmp_path) as served:
+        rid = created.json()["id"]
+        assert httpx.get(f"{served.url}/Patient/{rid}").status_code == 200
+    with sqlite3.connect(tmp_path / "carepath.db") as db:
+        versions = db.execute("SELECT version FROM schema_version").fetchall()
+    assert versions == [(1,)]
+
+
+def test_two_processes_starting_together_on_postgresql(new_schema) -> None:  # type: ignore[no-untyped-def]
+    schema = new_schema()
+    env = {"CAREPATH_DATABASE_URL": PG_URL, "CAREPATH_DATABASE_SCHEMA": schema}
+    a, b = Served(env), Served(env)
+    a.start()
+    b.start()  # both migrate the fresh schema at once
+    with a.wait_ready(), b.wait_ready():
+        for served in (a, b):
+            assert httpx.get(f"{served.url}/metadata").status_code == 200
+        created = httpx.post(f"{a.url}/Patient", json={"resourceType": "Patient"},
+                             headers={"Content-Type": "application/fhir+json"}).json()
+        assert httpx.get(f"{b.url}/Patient/{created['id']}").status_code == 200
