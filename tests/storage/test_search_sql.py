@@ -184,7 +184,7 @@ async def keys(
 ) -> list[tuple[str, str]]:
     q = _parse(rt, query)
     sql, params = select_ids(q, db.dialect, limit)
-    assert "?" not in "".join(str(p) for p in params if p is None)  # noqa: PLC1901 (no Nones)
+    assert all(p is not None for p in params)
     async with db.read() as conn:
         rows = [(str(r[0]), str(r[1])) for r in await conn.fetch(sql, params)]
         csql, cparams = count(q, db.dialect)
@@ -267,7 +267,7 @@ async def test_token(db: Database, rt: str, query: str, expected: list[str]) -> 
         ("name=peter,paula", ["p1", "p2"]),
         ("name=peter&name=müller", ["p1"]),
         ("name=peter&name=smith", []),
-        ("given=per", ["p1", "p3"]),
+        ("given=pe", ["p1", "p3"]),
         ("family=o'brien", ["p7"]),
     ],
 )
