@@ -139,6 +139,10 @@ def create_api(
             raw = await _read_body(request, ctx.settings.max_request_bytes)
             body, form = _parse_body(ctx, request, raw, request.method)
             query = parse_qsl(request.url.query, keep_blank_values=True) + form
+            bad = fjson.first_forbidden(query)
+            if bad is not None:
+                raise FhirError(Code.INVALID_SEARCH_VALUE,
+                                f"a parameter contains the forbidden character U+{ord(bad):04X}")
             headers = {k.lower(): v for k, v in request.headers.items()}
             fhir_request = FhirRequest(request.method, path, query, headers, body,
                                        _base_url(ctx, request))

@@ -27,6 +27,12 @@ _LOSSY = re.compile(
 )
 
 
+# Escapes that may decode to what FHIR strings forbid: control characters other
+# than tab/LF/CR (datatypes.html#string) and lone UTF-16 surrogates.
+_SUSPECT = re.compile(rb"\\u00[01][0-9a-fA-F]|\\[bf]|\\u[dD][89a-fA-F]")
+_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+
+
 class Number(Decimal):
     """A decimal that remembers how it was written."""
 
@@ -57,10 +63,34 @@ def loads(data: bytes | str) -> Any:
     raw = data.encode() if isinstance(data, str) else data
     try:
         if _LOSSY.search(raw):
-            return json.loads(raw, parse_float=Number, parse_int=_big_int)
-        return orjson.loads(raw)
+            value = json.loads(raw, parse_float=Number, parse_int=_big_int)
+        else:
+            value = orjson.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise FhirError(Code.MALFORMED_JSON, str(exc)) from None
+    if _SUSPECT.search(raw):
+        bad = first_forbidden(value)
+        if bad is not None:
+            raise FhirError(Code.INVALID_RESOURCE,
+                            f"a string contains the forbidden character U+{ord(bad):04X}")
+    return value
+
+
+def first_forbidden(value: Any) -> str | None:
+    """The first character FHIR strings may not hold, anywhere in ``value``."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            m = _FORBIDDEN.search(node)
+            if m:
+                return m.group()
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return None
 
 
 def dumps(obj: Any) -> bytes:

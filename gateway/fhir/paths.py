@@ -7,8 +7,9 @@ interprets FHIRPath text again.
 The compiler is type-aware: it follows the StructureDefinition snapshots to know
 that ``Observation.value`` means the JSON keys ``valueQuantity``,
 ``valueCodeableConcept``, ... and which FHIR type each key holds.  A compiled
-expression is a list of :class:`Branch` objects, each with a getter
-(``resource -> list of values``) and the static FHIR type of those values (``None``
+expression is a list of :class:`Branch` objects, each with a ``run`` function
+(``[resource] -> list of values``, or starting from the values of one top-level
+key, see :attr:`Branch.key`) and the static FHIR type of those values (``None``
 when it can only be known at run time).
 
 Supported: member access, choice elements (``value[x]``), contentReference,
@@ -29,7 +30,6 @@ from typing import Any
 
 Values = list[Any]
 Step = Callable[[Values], Values]
-Getter = Callable[[Any], Values]
 
 # Pseudo-type of the values produced by ``resolve()``: the target's type name.
 RESOLVED = "__resolved__"

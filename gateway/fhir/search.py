@@ -40,11 +40,12 @@ the value exactly (as the R4 number table says); ``ap`` is ±10 % of the value
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, localcontext
 from typing import TYPE_CHECKING, Protocol
 
 from gateway.fhir.indexer import date_bounds, normalize_string
@@ -336,6 +337,11 @@ class _Unsupported(Exception):
     """A parameter or feature the server knows but cannot answer."""
 
 
+def _q(text: str) -> str:
+    """``text`` quoted for a diagnostic, shortened if long."""
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
 def _invalid(msg: str) -> FhirError:
     return FhirError(Code.INVALID_SEARCH_VALUE, msg)
 
@@ -496,7 +502,7 @@ class _Parser:
                     sort.extend(self.sort(value, rt, top))
                 elif base == "_count":
                     if not value.isdigit():
-                        raise _invalid(f"_count must be a non-negative integer, not {value!r}")
+                        raise _invalid(f"_count must be a non-negative integer, not {_q(value)}")
                     count = int(value)
                 elif base == "_total":
                     if value not in _TOTAL:
@@ -511,7 +517,7 @@ class _Parser:
                         if not el:
                             continue
                         if not _ELEMENT.fullmatch(el):
-                            raise _invalid(f"_elements: invalid element name {el!r}")
+                            raise _invalid(f"_elements: invalid element name {_q(el)}")
                         if el not in elements:
                             elements.append(el)
                 continue
@@ -590,7 +596,7 @@ class _Parser:
             return [Include("*", "*", None, iterate, True)]
         parts = value.split(":")
         if len(parts) not in (2, 3) or not all(parts):
-            raise _invalid(f"{which}: expected Type:param[:TargetType], not {value!r}")
+            raise _invalid(f"{which}: expected Type:param[:TargetType], not {_q(value)}")
         source, code = parts[0], parts[1]
         target = parts[2] if len(parts) == 3 else None
         if not self.known_type(source):
@@ -620,7 +626,7 @@ class _Parser:
         head, dot, tail = name.partition(".")
         code, _, modifier = head.partition(":")
         if not code:
-            raise _invalid(f"Invalid search parameter name {name!r}")
+            raise _invalid(f"Invalid search parameter name {_q(name)}")
         if code in _UNSUPPORTED_CONTROL:
             raise _Unsupported(f"Search parameter '{code}' is not supported")
         p = pmap.get(code)
@@ -701,7 +707,7 @@ class _Parser:
     def has(self, rt: str | None, name: str, value: str, depth: int) -> Criterion | None:
         parts = name.split(":", 3)
         if len(parts) != 4 or not all(parts[1:]):
-            raise _invalid(f"_has must be _has:Type:reference:parameter, not {name!r}")
+            raise _invalid(f"_has must be _has:Type:reference:parameter, not {_q(name)}")
         _, source, ref_code, rest = parts
         if rt is None:
             raise _Unsupported("_has is not supported in a system-wide search")
@@ -735,13 +741,13 @@ class _Parser:
         if modifier == "missing":
             text = raw.strip()
             if text not in ("true", "false"):
-                raise _invalid(f"'{p.code}:missing' must be true or false, not {text!r}")
+                raise _invalid(f"'{p.code}:missing' must be true or false, not {_q(text)}")
             return MissingValue(text == "true")
         t = p.type
         if p.code == "_id":
             text = unescape(raw).strip()
             if not _ID.fullmatch(text):
-                raise _invalid(f"Invalid resource id {text!r}")
+                raise _invalid(f"Invalid resource id {_q(text)}")
             return TokenValue(text)
         if t == "string":
             text = unescape(raw)
@@ -775,10 +781,10 @@ class _Parser:
             code = unescape(pieces[0])
             return TokenValue(code)
         if len(pieces) != 2:
-            raise _invalid(f"Invalid token {raw!r} for '{p.code}' (use [system]|[code])")
+            raise _invalid(f"Invalid token {_q(raw)} for '{p.code}' (use [system]|[code])")
         system, code = unescape(pieces[0]), unescape(pieces[1])
         if not system and not code:
-            raise _invalid(f"Invalid token {raw!r} for '{p.code}'")
+            raise _invalid(f"Invalid token {_q(raw)} for '{p.code}'")
         return TokenValue(code or None, system or None, False)
 
     def date(self, p: _Param, raw: str) -> DateValue:
@@ -788,7 +794,7 @@ class _Parser:
         text = _SPACE_TZ.sub(r"\1+\2", m.group(2))
         bounds = date_bounds(text) if text else None
         if bounds is None:
-            raise _invalid(f"Invalid date {raw!r} for '{p.code}' "
+            raise _invalid(f"Invalid date {_q(raw)} for '{p.code}' "
                            f"(expected [prefix]YYYY[-MM[-DD[Thh:mm:ss[.fff][Z|±hh:mm]]]])")
         lo, hi = bounds
         if prefix == "ap":
@@ -803,24 +809,29 @@ class _Parser:
         prefix = m.group(1) or "eq"
         text = m.group(2).strip()
         if not _DECIMAL.fullmatch(text):
-            raise _invalid(f"Invalid number {raw!r} for '{p.code}'")
+            raise _invalid(f"Invalid number {_q(raw)} for '{p.code}'")
         try:
-            d = Decimal(text)
-        except InvalidOperation:  # pragma: no cover - the regex admits only decimals
-            raise _invalid(f"Invalid number {raw!r} for '{p.code}'") from None
-        exponent = d.as_tuple().exponent
-        assert isinstance(exponent, int)
-        half = Decimal(5).scaleb(exponent - 1)
-        lo, hi = d - half, d + half
-        if prefix == "ap":
-            spread = abs(d) / 10
-            lo, hi = min(lo, d - spread), max(hi, d + spread)
-        return prefix, float(d), float(lo), float(hi), text
+            with localcontext() as ctx:
+                ctx.prec = 50
+                d = Decimal(text)
+                exponent = d.as_tuple().exponent
+                assert isinstance(exponent, int)
+                half = Decimal(5).scaleb(exponent - 1)
+                lo, hi = d - half, d + half
+                if prefix == "ap":
+                    spread = abs(d) / 10
+                    lo, hi = min(lo, d - spread), max(hi, d + spread)
+                bounds = float(d), float(lo), float(hi)
+        except ArithmeticError:  # decimal's Overflow, InvalidOperation, ...
+            raise _invalid(f"Number {_q(raw)} for '{p.code}' is out of range") from None
+        if not all(math.isfinite(b) for b in bounds):
+            raise _invalid(f"Number {_q(raw)} for '{p.code}' is out of range")
+        return prefix, *bounds, text
 
     def quantity(self, p: _Param, raw: str) -> QuantityValue:
         pieces = split_escaped(raw, "|")
         if len(pieces) not in (1, 3):
-            raise _invalid(f"Invalid quantity {raw!r} for '{p.code}' "
+            raise _invalid(f"Invalid quantity {_q(raw)} for '{p.code}' "
                            f"(use [prefix]number or [prefix]number|system|code)")
         prefix, value, lo, hi, text = self.number(p, unescape(pieces[0]).strip())
         system = code = None
@@ -840,7 +851,7 @@ class _Parser:
         if m:
             rtype = m.group("type")
             if modifier and rtype != modifier:
-                raise _invalid(f"'{p.code}:{modifier}' does not match reference {text!r}")
+                raise _invalid(f"'{p.code}:{modifier}' does not match reference {_q(text)}")
             return ReferenceValue(rtype, m.group("id"), None, m.group("ver"))
         if _ID.fullmatch(text):
             rtype = modifier
@@ -850,5 +861,5 @@ class _Parser:
         if _ABSOLUTE.fullmatch(text):
             url, bar, version = text.partition("|")
             return ReferenceValue(None, None, url, version if bar else None)
-        raise _invalid(f"Invalid reference {text!r} for '{p.code}'")
+        raise _invalid(f"Invalid reference {_q(text)} for '{p.code}'")
 

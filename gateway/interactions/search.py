@@ -94,7 +94,8 @@ async def search(
 ) -> FhirResponse:
     if resource_type is not None:
         check_type(ctx, resource_type)
-    query = parse_search(resource_type, pairs, ctx.registry.search_params, strict=prefer.strict)
+    query = parse_search(resource_type, pairs, ctx.registry.search_params, strict=prefer.strict,
+                         base_url=base)
     links = [("self", _self_link(base, resource_type, pairs))]
     total: int | None
     if query.summary == "count" or query.count == 0:
@@ -143,7 +144,7 @@ async def search_page(
             from None
     rt, _, qs = snapshot.query.partition("?")
     pairs = parse_qsl(qs, keep_blank_values=True)
-    query = parse_search(rt or None, pairs, ctx.registry.search_params)
+    query = parse_search(rt or None, pairs, ctx.registry.search_params, base_url=base)
     links = [("self", _pages_link(base, search_id, start, size)),
              ("first", _pages_link(base, search_id, 0, size))]
     if start > 0:

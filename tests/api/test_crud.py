@@ -255,3 +255,17 @@ def test_conditional_read_with_if_none_match(client: httpx.Client) -> None:
     created = post(client, patient(unique("mrn"))).json()
     response = client.get(f"/Patient/{created['id']}", headers={"If-None-Match": 'W/"1"'})
     assert response.status_code == 304
+
+
+def test_forbidden_characters_in_bodies_and_queries_are_400(client: httpx.Client) -> None:
+    nul = client.post("/Patient", content=b'{"resourceType":"Patient","name":[{"family":"a\\u0000"}]}',
+                      headers={"Content-Type": FHIR})
+    assert nul.status_code == 400
+    assert gw_code(nul) == "GW-1022"
+    surrogate = client.post(
+        "/Patient", content=b'{"resourceType":"Patient","name":[{"family":"\\ud800"}],"x":1.50}',
+        headers={"Content-Type": FHIR})
+    assert surrogate.status_code == 400
+    query = client.get("/Patient", params={"name": "a\x00b"})
+    assert query.status_code == 400
+    assert gw_code(query) == "GW-1013"

@@ -1,7 +1,8 @@
-"""Several worker processes on one PostgreSQL: races resolve correctly (issue: concurrency).
+"""Several worker processes on one database: races resolve correctly.
 
 ``carepath serve --workers 3`` runs three processes behind one port; many
-threads race on the same resource.
+threads race on the same resource. PostgreSQL is the production case; SQLite
+(one file shared by the processes) must behave the same.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ FHIR = {"Content-Type": "application/fhir+json"}
 RACERS = 24
 
 
-@pytest.fixture(scope="module")
-def workers(new_schema) -> Iterator[Served]:  # type: ignore[no-untyped-def]
-    env = {"CAREPATH_DATABASE_URL": PG_URL, "CAREPATH_DATABASE_SCHEMA": new_schema()}
+@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
+def workers(request, new_schema, tmp_path_factory) -> Iterator[Served]:  # type: ignore[no-untyped-def]
+    if request.param == "postgresql":
+        env = {"CAREPATH_DATABASE_URL": PG_URL, "CAREPATH_DATABASE_SCHEMA": new_schema()}
+    else:
+        path = tmp_path_factory.mktemp("workers") / "gateway.db"
+        env = {"CAREPATH_DATABASE_URL": f"sqlite:///{path}"}
     with Served(env, workers=3) as served:
         yield served
 

@@ -18,8 +18,11 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.fhir.indexer import Indexer
+from gateway.fhir.outcome import FhirError
 from gateway.fhir.search import SearchQuery, parse_search
 from gateway.storage.db import Database, open_database
 from gateway.storage.migrate import migrate
@@ -184,6 +187,7 @@ async def keys(
 ) -> list[tuple[str, str]]:
     q = _parse(rt, query)
     sql, params = select_ids(q, db.dialect, limit)
+    assert sql.count("?") == len(params)  # every value bound, none spliced into the text
     assert all(p is not None for p in params)
     async with db.read() as conn:
         rows = [(str(r[0]), str(r[1])) for r in await conn.fetch(sql, params)]
@@ -603,3 +607,30 @@ async def test_injection_attempts_match_nothing(
 ) -> None:
     assert await ids(db, rt, [(name, value)]) == []
     assert await ids(db, "Patient", "_id=p1") == ["p1"]  # the tables are still there
+
+
+# -- property: any input parses to an error or to SQL with every value bound ----------------
+
+_NAMES = [
+    "name", "name:exact", "name:contains", "family", "code", "code:not", "code:text",
+    "code:missing", "date", "value-quantity", "subject", "subject:Patient", "subject:identifier",
+    "subject.name", "subject:Patient.organization.name", "_id", "_lastUpdated", "_tag",
+    "_profile", "_has:Observation:patient:code", "_sort", "_count", "_include",
+    "_revinclude:iterate", "performer", "status", "combo-code", "nope", "_elements",
+]
+_VALUE = st.text(
+    alphabet=st.sampled_from(list("abcXYZ019.-+|,\\$%_'\"?:/ ()eEgtlpsaq")), max_size=24
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_NAMES), _VALUE), max_size=5))
+def test_any_query_compiles_with_bound_values(pairs: list[tuple[str, str]]) -> None:
+    try:
+        q = parse_search("Observation", pairs, _INDEXER.params_for, now=NOW)
+    except FhirError:
+        return
+    for dialect in ("sqlite", "postgresql"):
+        for sql, params in (select_ids(q, dialect, 10), count(q, dialect)):
+            assert sql.count("?") == len(params)
+            assert "'" not in sql.replace("ESCAPE '!'", "").replace("= ''", "")

@@ -1,0 +1,68 @@
+"""gateway.fhir.json: decimals keep their text; forbidden characters are refused."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.fhir import json as fjson
+from gateway.fhir.outcome import FhirError
+
+
+@pytest.mark.parametrize("text", [
+    b'{"v":1.50}', b'{"v":-0.10}', b'{"v":1e3}', b'{"v":1.0E-2}', b'{"v":[2.0,3.25]}',
+    b'{"v":12345678901234567890123}', b'{"v":0.12345678901234567}', b'{"v":1.5}',
+    b'{"v":100}', b'{"v":"1.50"}',
+])
+def test_numbers_are_written_back_as_received(text: bytes) -> None:
+    assert fjson.dumps(fjson.loads(text)) == text
+
+
+@pytest.mark.parametrize("text", [b"{", b"", b'{"a":}', b"[1,]", b'{"a":"\\ud800"}', b"nan"])
+def test_malformed_json_is_gw_1001(text: bytes) -> None:
+    with pytest.raises(FhirError) as err:
+        fjson.loads(text)
+    assert err.value.code.gw == "GW-1001"
+
+
+@pytest.mark.parametrize("text", [
+    b'{"a":"x\\u0000"}', b'{"a":"\\u001f"}', b'{"a":"\\b"}', b'{"a":["\\f"]}',
+    b'{"a":"\\ud800", "n": 1.50}',  # lone surrogate on the Decimal path
+])
+def test_forbidden_characters_are_refused(text: bytes) -> None:
+    with pytest.raises(FhirError) as err:
+        fjson.loads(text)
+    assert err.value.code.gw in ("GW-1022", "GW-1001")
+
+
+def test_allowed_whitespace_and_escaped_backslashes_pass() -> None:
+    assert fjson.loads(b'{"a":"\\t\\n\\r","b":"\\\\u0000"}') == {"a": "\t\n\r", "b": "\\u0000"}
+
+
+def test_depth_limit() -> None:
+    assert fjson.depth_exceeds(fjson.loads(b"[" * 10 + b"]" * 10), 9)
+    assert not fjson.depth_exceeds(fjson.loads(b"[" * 10 + b"]" * 10), 10)
+
+
+fhir_text = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")))
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | fhir_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(fhir_text, inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(json_values)
+def test_round_trip_is_stable(value: object) -> None:
+    once = fjson.dumps(value)
+    assert fjson.dumps(fjson.loads(once)) == once
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_crash(data: bytes) -> None:
+    try:
+        fjson.loads(data)
+    except FhirError:
+        pass
