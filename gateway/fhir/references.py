@@ -21,7 +21,7 @@ def rewrite(
     mapping: Mapping[str, str],
     conditional: Callable[[str], str] | None = None,
 ) -> Any:
-    """Return ``node`` with every mapped name replaced (in place for dicts/lists).
+    """Replace every mapped name in ``node`` (in place) and return it.
 
     ``conditional`` resolves a conditional reference (``Patient?identifier=…``)
     found in a ``reference`` element to ``Type/id``.
@@ -31,23 +31,30 @@ def rewrite(
             if isinstance(value, str):
                 if key == "reference" and conditional and CONDITIONAL_REF.fullmatch(value):
                     node[key] = conditional(value)
-                elif value in mapping:
-                    node[key] = mapping[value]
-                elif key == "div" and mapping:
-                    node[key] = _rewrite_xhtml(value, mapping)
-                elif "|" in value and value.split("|", 1)[0] in mapping:
-                    # canonical with a version: urn:uuid:…|1.0
-                    head, tail = value.split("|", 1)
-                    node[key] = f"{mapping[head]}|{tail}"
+                elif key == "div":
+                    node[key] = _rewrite_xhtml(value, mapping) if mapping else value
+                else:
+                    node[key] = _renamed(value, mapping)
             elif isinstance(value, dict | list):
                 rewrite(value, mapping, conditional)
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            if isinstance(value, str) and value in mapping:
-                node[i] = mapping[value]
+            if isinstance(value, str):
+                node[i] = _renamed(value, mapping)
             elif isinstance(value, dict | list):
                 rewrite(value, mapping, conditional)
     return node
+
+
+def _renamed(value: str, mapping: Mapping[str, str]) -> str:
+    target = mapping.get(value)
+    if target is not None:
+        return target
+    if "|" in value:  # a canonical with a version: urn:uuid:…|1.0
+        head, tail = value.split("|", 1)
+        if head in mapping:
+            return f"{mapping[head]}|{tail}"
+    return value
 
 
 def _rewrite_xhtml(div: str, mapping: Mapping[str, str]) -> str:

@@ -258,7 +258,8 @@ def test_conditional_read_with_if_none_match(client: httpx.Client) -> None:
 
 
 def test_forbidden_characters_in_bodies_and_queries_are_400(client: httpx.Client) -> None:
-    nul = client.post("/Patient", content=b'{"resourceType":"Patient","name":[{"family":"a\\u0000"}]}',
+    nul = client.post("/Patient",
+                      content=b'{"resourceType":"Patient","name":[{"family":"a\\u0000"}]}',
                       headers={"Content-Type": FHIR})
     assert nul.status_code == 400
     assert gw_code(nul) == "GW-1022"

@@ -90,3 +90,21 @@ def test_content_type_variants_are_accepted(client: httpx.Client) -> None:
                   "application/fhir+json;fhirVersion=4.0"):
         response = client.post("/Patient", json=body, headers={"Content-Type": ctype})
         assert response.status_code == 201, (ctype, response.text)
+
+
+def test_history_at_returns_the_version_current_then(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"), family="Alt")).json()
+    first_time = created["meta"]["lastUpdated"]
+    time.sleep(0.01)
+    created["name"][0]["family"] = "Neu"
+    put(client, created)
+    at = client.get(f"/Patient/{created['id']}/_history", params={"_at": first_time}).json()
+    assert [e["resource"]["meta"]["versionId"] for e in at["entry"]] == ["1"]
+
+
+def test_head_answers_headers_without_a_body(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    response = client.head(f"/Patient/{created['id']}")
+    assert response.status_code == 200
+    assert response.headers["ETag"] == 'W/"1"'
+    assert response.content == b""

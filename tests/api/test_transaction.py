@@ -210,3 +210,38 @@ def test_malformed_bundles_are_rejected_clearly(client: httpx.Client) -> None:
         response = send(client, bundle)
         assert response.status_code == 400, response.text
         assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_canonical_positions_are_rewritten_too(client: httpx.Client) -> None:
+    lib = urn()
+    bundle = tx([
+        {"fullUrl": urn(), "resource": {
+            "resourceType": "PlanDefinition", "status": "draft",
+            "library": [lib, f"{lib}|1.0"]},
+         "request": {"method": "POST", "url": "PlanDefinition"}},
+        {"fullUrl": lib, "resource": {"resourceType": "Library", "status": "draft",
+                                      "type": {"text": "logic-library"}},
+         "request": {"method": "POST", "url": "Library"}},
+    ])
+    response = send(client, bundle)
+    assert response.status_code == 200, response.text
+    locations = [e["response"]["location"] for e in response.json()["entry"]]
+    library_id = locations[1].split("/Library/")[1].split("/")[0]
+    plan = client.get(locations[0]).json()
+    assert plan["library"] == [f"Library/{library_id}", f"Library/{library_id}|1.0"]
+
+
+def test_transaction_json_patch_entry_as_binary(client: httpx.Client) -> None:
+    import base64
+    import json
+
+    rid = post(client, patient(unique("mrn"))).json()["id"]
+    ops = [{"op": "replace", "path": "/gender", "value": "male"}]
+    bundle = tx([{
+        "resource": {"resourceType": "Binary", "contentType": "application/json-patch+json",
+                     "data": base64.b64encode(json.dumps(ops).encode()).decode()},
+        "request": {"method": "PATCH", "url": f"Patient/{rid}"},
+    }])
+    response = send(client, bundle)
+    assert response.status_code == 200, response.text
+    assert client.get(f"/Patient/{rid}").json()["gender"] == "male"
