@@ -1,0 +1,145 @@
+"""SqlStore on SQLite and PostgreSQL: one write = one transaction of four parts."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from gateway.fhir.indexer import Indexer
+from gateway.storage.db import open_database
+from gateway.storage.interface import StoreTransaction
+from gateway.storage.sql import SqlStore
+from tests.conftest import PG_URL
+
+INDEXER = Indexer.from_profiles()
+
+
+class ExplodingIndexer:
+    """Indexes like the real one, then fails: the write must leave no trace."""
+
+    def extract(self, resource: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]:
+        INDEXER.extract(resource)
+        raise RuntimeError("index failure")
+
+
+async def _pg(sql: str) -> None:
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[SqlStore]:
+    schema = None
+    if request.param == "sqlite":
+        db = open_database(f"sqlite:///{tmp_path / 'store.db'}")
+    else:
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        await _pg(f"CREATE SCHEMA {schema}")
+        db = open_database(PG_URL, pool_size=2, schema=schema)
+    s = SqlStore(db, INDEXER)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+        if schema:
+            await _pg(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def counts(store: SqlStore, rid: str) -> dict[str, int]:
+    out = {}
+    async with store.db.read() as conn:
+        for table in ("resource", "resource_history", "outbox", "sp_string", "sp_token"):
+            row = await conn.fetchrow(f"SELECT count(*) FROM {table} WHERE res_id = ?", (rid,))
+            assert row is not None
+            out[table] = int(row[0])
+    return out
+
+
+PATIENT = {"resourceType": "Patient", "name": [{"family": "Muster"}],
+           "identifier": [{"system": "urn:x", "value": "1"}]}
+
+
+async def test_put_writes_resource_history_index_and_outbox(store: SqlStore) -> None:
+    async def work(tx: StoreTransaction) -> Any:
+        return await tx.put("Patient", "p1", dict(PATIENT), "POST", None)
+
+    stored = await store.run(work)
+    assert stored.version == 1
+    c = await counts(store, "p1")
+    assert (c["resource"], c["resource_history"], c["outbox"]) == (1, 1, 1)
+    assert c["sp_string"] > 0 and c["sp_token"] > 0
+    async with store.db.read() as conn:
+        event = await conn.fetchrow(
+            "SELECT res_type, version, interaction FROM outbox WHERE res_id = ?", ("p1",))
+    assert event == ("Patient", 1, "create")
+
+
+async def test_failed_write_leaves_nothing_behind(store: SqlStore) -> None:
+    failing = SqlStore(store.db, ExplodingIndexer())
+
+    async def work(tx: StoreTransaction) -> Any:
+        return await tx.put("Patient", "p2", dict(PATIENT), "POST", None)
+
+    with pytest.raises(RuntimeError):
+        await failing.run(work)
+    assert await counts(store, "p2") == {"resource": 0, "resource_history": 0, "outbox": 0,
+                                         "sp_string": 0, "sp_token": 0}
+
+
+async def test_update_replaces_index_rows_and_delete_clears_them(store: SqlStore) -> None:
+    async def create(tx: StoreTransaction) -> Any:
+        return await tx.put("Patient", "p3", dict(PATIENT), "POST", None)
+
+    first = await store.run(create)
+    strings_before = (await counts(store, "p3"))["sp_string"]
+
+    async def update(tx: StoreTransaction) -> Any:
+        current = await tx.current("Patient", "p3")
+        body = {**PATIENT, "name": [{"family": "Neu"}, {"family": "Zweit"}]}
+        return await tx.put("Patient", "p3", body, "PUT", current)
+
+    second = await store.run(update)
+    assert second.version == first.version + 1
+    strings_after = (await counts(store, "p3"))["sp_string"]
+    assert strings_after > strings_before  # two names now, and no stale rows of the first
+    async with store.db.read() as conn:
+        values = {r[0] for r in await conn.fetch(
+            "SELECT value FROM sp_string WHERE res_id = ? AND param = 'family'", ("p3",))}
+    assert values == {"neu", "zweit"}
+
+    async def delete(tx: StoreTransaction) -> Any:
+        current = await tx.current("Patient", "p3")
+        assert current is not None
+        return await tx.delete(current)
+
+    gone = await store.run(delete)
+    assert gone.deleted and gone.version == 3
+    c = await counts(store, "p3")
+    assert c["sp_string"] == 0 and c["sp_token"] == 0
+    assert c["resource_history"] == 3 and c["outbox"] == 3
+    current = await store.read("Patient", "p3")
+    assert current is not None and current.deleted and current.content is None
+    v1 = await store.vread("Patient", "p3", 1)
+    assert v1 is not None and b"Muster" in (v1.content or b"")
+
+
+async def test_stored_bytes_carry_meta_and_are_served_as_is(store: SqlStore) -> None:
+    async def work(tx: StoreTransaction) -> Any:
+        return await tx.put("Patient", "p4", {**PATIENT, "meta": {"tag": [{"code": "t"}]}},
+                            "POST", None)
+
+    stored = await store.run(work)
+    read = await store.read("Patient", "p4")
+    assert read is not None and read.content == stored.content
+    assert stored.content is not None
+    assert stored.content.startswith(b'{"resourceType":"Patient"')
+    assert b'"meta":{"versionId":"1","lastUpdated":"' in stored.content
+    assert b'"tag":[{"code":"t"}]' in stored.content
