@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
-from gateway.fhir.outcome import Code, FhirError, information
+from gateway.fhir.outcome import Code, FhirError, Issue, information
 from gateway.registry import Registry
 from gateway.settings import Settings
 from gateway.storage.interface import Store, StoredResource
@@ -23,11 +23,31 @@ ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _ETAG_RE = re.compile(r'\s*(?:W/)?"?([0-9]+)"?\s*')
 
 
+class Validator(Protocol):
+    """Checks a resource against R4 and the profiles it claims (or ``profile``)."""
+
+    def validate(self, resource: dict[str, Any], *, profile: str | None = None) -> list[Issue]:
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Context:
     store: Store
     registry: Registry
     settings: Settings
+    validator: Validator | None = None
+
+
+def check_valid(ctx: Context, resource: dict[str, Any]) -> None:
+    """Refuse (422) a resource the validator finds errors in; the store stays unchanged."""
+    if ctx.validator is None:
+        return
+    issues = ctx.validator.validate(resource)
+    errors = [i for i in issues if i.severity in ("error", "fatal")]
+    if errors:
+        raise FhirError(Code.VALIDATION_FAILED,
+                        f"{resource.get('resourceType')} has {len(errors)} validation error(s)",
+                        extra=issues)
 
 
 @dataclass(slots=True)

@@ -11,6 +11,8 @@ from typing import Any
 
 import gateway
 from gateway.interactions.base import Context, FhirResponse
+from gateway.interactions.operation_table import OPERATIONS
+from gateway.interactions.operations import Operation
 from gateway.registry import Registry
 
 TYPE_INTERACTIONS = (
@@ -24,10 +26,23 @@ SEARCH_RESULT_PARAMS = (
 )
 
 
+def _operation_entry(op: Operation) -> dict[str, Any]:
+    entry = {"name": op.name}
+    entry["definition"] = op.definition or f"{BASE_CANONICAL}/OperationDefinition/{op.name}"
+    return entry
+
+
+BASE_CANONICAL = "https://carepath-gateway.org/fhir"
+
+
 @lru_cache(maxsize=4)
 def _statement(registry: Registry, base: str) -> dict[str, Any]:
     resources = []
     for rt in registry.resource_types:
+        type_ops = [
+            _operation_entry(op) for op in OPERATIONS.values()
+            if op.allows(rt, None) or op.allows(rt, "x")
+        ]
         params = [
             {"name": p.code, "definition": p.url, "type": p.type}
             for p in sorted(registry.search_params(rt).values(), key=lambda p: p.code)
@@ -49,7 +64,9 @@ def _statement(registry: Registry, base: str) -> dict[str, Any]:
             "searchInclude": ["*"],
             "searchRevInclude": ["*"],
             "searchParam": params,
+            **({"operation": type_ops} if type_ops else {}),
         })
+    system_ops = [_operation_entry(op) for op in OPERATIONS.values() if op.system]
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -72,6 +89,7 @@ def _statement(registry: Registry, base: str) -> dict[str, Any]:
                 {"name": p.code, "definition": p.url, "type": p.type}
                 for p in sorted(registry.common_search_params.values(), key=lambda p: p.code)
             ],
+            **({"operation": system_ops} if system_ops else {}),
         }],
     }
 

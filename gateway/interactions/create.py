@@ -11,6 +11,7 @@ from gateway.interactions.base import (
     Prefer,
     check_body,
     check_type,
+    check_valid,
     parse_criteria,
     version_headers,
     write_response,
@@ -56,6 +57,7 @@ async def create(
     check_type(ctx, resource_type)
     resource = check_body(ctx, body, resource_type)
     resource.pop("id", None)  # the server assigns the id on create
+    check_valid(ctx, resource)
 
     async def work(tx: StoreTransaction) -> tuple[StoredResource, bool]:
         return await create_in(ctx, tx, resource_type, dict(resource),

@@ -18,6 +18,7 @@ from gateway.interactions.base import (
     Prefer,
     check_id,
     check_type,
+    check_valid,
     parse_criteria,
     write_response,
 )
@@ -65,7 +66,9 @@ async def patch_in(
     if current.deleted:
         raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
     check_version(current, if_match, f"{resource_type}/{id}")
-    return await tx.put(resource_type, id, apply_patch(current, ops), "PATCH", current)
+    result = apply_patch(current, ops)
+    check_valid(ctx, result)
+    return await tx.put(resource_type, id, result, "PATCH", current)
 
 
 async def patch(

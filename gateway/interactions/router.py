@@ -16,6 +16,8 @@ from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions import capabilities, create, delete, history, patch, read, search
 from gateway.interactions import update as update_mod
 from gateway.interactions.base import Context, FhirResponse, Prefer
+from gateway.interactions.operation_table import OPERATIONS
+from gateway.interactions.operations import OperationRequest, invoke
 
 
 @dataclass(slots=True)
@@ -36,6 +38,13 @@ class FhirRequest:
 
         kept = [(k, v) for k, v in self.query if k not in ("_format", "_pretty")]
         return urlencode(kept)
+
+
+async def _operation(
+    ctx: Context, req: FhirRequest, method: str, name: str, rt: str | None, id: str | None
+) -> FhirResponse:
+    op_req = OperationRequest(name, method, rt, id, req.query, req.body, req.base, req.headers)
+    return await invoke(ctx, OPERATIONS, op_req)
 
 
 def _not_allowed(req: FhirRequest) -> FhirError:
@@ -62,6 +71,8 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
             return await process_bundle(ctx, req.body, base=req.base, prefer=req.prefer)
         raise _not_allowed(req)
     head = parts[0]
+    if n == 1 and head.startswith("$"):
+        return await _operation(ctx, req, method, head[1:], None, None)
     if n == 1 and head == "metadata":
         if method != "GET":
             raise _not_allowed(req)
@@ -74,9 +85,11 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
         if method != "POST":
             raise _not_allowed(req)
         return await search.search(ctx, None, req.query, base=req.base, prefer=req.prefer)
-    if head.startswith("$") or not head[:1].isupper():
+    if not head[:1].isupper():
         raise FhirError(Code.UNKNOWN_ENDPOINT, f"'{head[:64]}' is not a known endpoint")
     rt = head
+    if not ctx.registry.is_resource_type(rt):
+        raise FhirError(Code.UNKNOWN_ENDPOINT, f"Unknown resource type '{rt[:64]}'")
     if n == 1:
         if method == "GET":
             return await search.search(ctx, rt, req.query, base=req.base, prefer=req.prefer)
@@ -106,9 +119,11 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
         if method != "GET":
             raise _not_allowed(req)
         return await history.history(ctx, rt, None, req.query, base=req.base)
-    if second.startswith("$"):
-        raise FhirError(Code.UNKNOWN_ENDPOINT, f"operation '{second[:64]}' is not supported")
+    if n == 2 and second.startswith("$"):
+        return await _operation(ctx, req, method, second[1:], rt, None)
     id = second
+    if n == 3 and parts[2].startswith("$"):
+        return await _operation(ctx, req, method, parts[2][1:], rt, id)
     if n == 2:
         if method == "GET":
             return await read.read(ctx, rt, id, if_none_match=h.get("if-none-match"))

@@ -27,6 +27,7 @@ from gateway.interactions.base import (
     check_body,
     check_id,
     check_type,
+    check_valid,
     http_date,
     location,
     parse_criteria,
@@ -179,6 +180,8 @@ class _Transaction:
             if e.method in ("POST", "PUT") and isinstance(e.resource, dict):
                 try:
                     await self._rewrite(e)
+                    if "same_as" not in e.extra and not e.extra.get("exists"):
+                        check_valid(self.ctx, e.resource)
                 except FhirError as exc:
                     raise _entry_error(e, exc) from None
         for e in sorted(writes, key=lambda e: (_ORDER[e.method], e.index)):

@@ -17,6 +17,7 @@ from gateway.interactions.base import (
     check_body,
     check_id,
     check_type,
+    check_valid,
     parse_criteria,
     parse_etag,
     write_response,
@@ -89,6 +90,7 @@ async def update(
             raise FhirError(Code.ID_MISMATCH,
                             f"Resource.id '{resource['id']}' differs from the URL's '{id}'",
                             ("id",))
+    check_valid(ctx, resource)
 
     async def work(tx: StoreTransaction) -> tuple[StoredResource, bool]:
         target = id

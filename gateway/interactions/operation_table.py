@@ -1,0 +1,13 @@
+"""Every extended operation the gateway offers (see ``operations.py``).
+
+Add an operation by writing its module in this package and listing its
+``Operation`` here.
+"""
+
+from __future__ import annotations
+
+from gateway.interactions.operations import Operation
+
+_ALL: tuple[Operation, ...] = ()
+
+OPERATIONS: dict[str, Operation] = {op.name: op for op in _ALL}

@@ -1,0 +1,93 @@
+"""Extended operations (``$name``): https://hl7.org/fhir/R4/operations.html.
+
+Each operation is a module in this package exposing an :class:`Operation`;
+``operation_table.OPERATIONS`` lists them. The router dispatches ``$name`` at
+system (``/$name``), type (``/Type/$name``) and instance
+(``/Type/id/$name``) level; the CapabilityStatement advertises the same table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.fhir.outcome import Code, FhirError
+from gateway.interactions.base import Context, FhirResponse
+
+
+@dataclass(frozen=True, slots=True)
+class OperationRequest:
+    name: str
+    method: str
+    resource_type: str | None
+    id: str | None
+    query: list[tuple[str, str]]
+    body: Any
+    base: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def parameters(self) -> dict[str, list[Any]]:
+        """Inputs by name: query pairs (GET) and/or a ``Parameters`` body (POST).
+
+        A ``Parameters`` part gives its ``value[x]`` (or ``resource``, or the
+        part itself when it has ``part``); query pairs give strings.
+        """
+        out: dict[str, list[Any]] = {}
+        for k, v in self.query:
+            if k not in ("_format", "_pretty"):
+                out.setdefault(k, []).append(v)
+        body = self.body
+        if isinstance(body, dict) and body.get("resourceType") == "Parameters":
+            for part in body.get("parameter", []) or []:
+                if not isinstance(part, dict) or not isinstance(part.get("name"), str):
+                    raise FhirError(Code.INVALID_RESOURCE, "Parameters.parameter needs a name")
+                out.setdefault(part["name"], []).append(parameter_value(part))
+        return out
+
+
+def parameter_value(part: dict[str, Any]) -> Any:
+    if "resource" in part:
+        return part["resource"]
+    if "part" in part:
+        return part
+    for key, value in part.items():
+        if key.startswith("value"):
+            return value
+    return None
+
+
+Handler = Callable[[Context, OperationRequest], Awaitable[FhirResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    name: str  # without the "$"
+    handler: Handler
+    system: bool = False
+    type_level: bool = False
+    instance: bool = False
+    types: frozenset[str] | None = None  # None: every resource type
+    affects_state: bool = False  # True: POST only
+    definition: str | None = None  # canonical URL of the OperationDefinition
+
+    def allows(self, resource_type: str | None, id: str | None) -> bool:
+        if resource_type is None:
+            return self.system
+        if self.types is not None and resource_type not in self.types:
+            return False
+        return self.instance if id is not None else self.type_level
+
+
+async def invoke(
+    ctx: Context, operations: Mapping[str, Operation], req: OperationRequest
+) -> FhirResponse:
+    op = operations.get(req.name)
+    where = "/".join(p for p in (req.resource_type, req.id) if p) or "the system"
+    if op is None or not op.allows(req.resource_type, req.id):
+        raise FhirError(Code.UNKNOWN_ENDPOINT, f"operation ${req.name[:64]} is not supported "
+                                               f"on {where}")
+    if req.method not in ("GET", "POST") or (req.method == "GET" and op.affects_state):
+        raise FhirError(Code.METHOD_NOT_ALLOWED,
+                        f"${op.name} takes {'POST' if op.affects_state else 'GET or POST'}")
+    return await op.handler(ctx, req)
