@@ -8,16 +8,20 @@ Interactions are framework-free (compare Medplum's fhir-router): they take a
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl
 
 from gateway.fhir.outcome import Code, FhirError, Issue, information
 from gateway.registry import Registry
 from gateway.settings import Settings
 from gateway.storage.interface import Store, StoredResource
+
+if TYPE_CHECKING:
+    from gateway.interactions.operations import Operation
 
 ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _ETAG_RE = re.compile(r'\s*(?:W/)?"?([0-9]+)"?\s*')
@@ -36,6 +40,8 @@ class Context:
     registry: Registry
     settings: Settings
     validator: Validator | None = None
+    #: extended operations by name, composed in ``gateway.main``
+    operations: Mapping[str, Operation] = field(default_factory=dict)
 
 
 def check_valid(ctx: Context, resource: dict[str, Any]) -> None:

@@ -6,12 +6,11 @@ every resource type, its interactions and its search parameters.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from collections.abc import Mapping
 from typing import Any
 
 import gateway
 from gateway.interactions.base import Context, FhirResponse
-from gateway.interactions.operation_table import OPERATIONS
 from gateway.interactions.operations import Operation
 from gateway.registry import Registry
 
@@ -35,12 +34,13 @@ def _operation_entry(op: Operation) -> dict[str, Any]:
 BASE_CANONICAL = "https://carepath-gateway.org/fhir"
 
 
-@lru_cache(maxsize=4)
-def _statement(registry: Registry, base: str) -> dict[str, Any]:
+def _statement(
+    registry: Registry, base: str, operations: Mapping[str, Operation]
+) -> dict[str, Any]:
     resources = []
     for rt in registry.resource_types:
         type_ops = [
-            _operation_entry(op) for op in OPERATIONS.values()
+            _operation_entry(op) for op in operations.values()
             if op.allows(rt, None) or op.allows(rt, "x")
         ]
         params = [
@@ -66,7 +66,7 @@ def _statement(registry: Registry, base: str) -> dict[str, Any]:
             "searchParam": params,
             **({"operation": type_ops} if type_ops else {}),
         })
-    system_ops = [_operation_entry(op) for op in OPERATIONS.values() if op.system]
+    system_ops = [_operation_entry(op) for op in operations.values() if op.system]
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -94,5 +94,12 @@ def _statement(registry: Registry, base: str) -> dict[str, Any]:
     }
 
 
+_CACHE: dict[tuple[int, str], dict[str, Any]] = {}
+
+
 def capabilities(ctx: Context, *, base: str) -> FhirResponse:
-    return FhirResponse(200, _statement(ctx.registry, base))
+    key = (id(ctx), base)
+    statement = _CACHE.get(key)
+    if statement is None:
+        statement = _CACHE[key] = _statement(ctx.registry, base, ctx.operations)
+    return FhirResponse(200, statement)

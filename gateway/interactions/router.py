@@ -16,7 +16,6 @@ from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions import capabilities, create, delete, history, patch, read, search
 from gateway.interactions import update as update_mod
 from gateway.interactions.base import Context, FhirResponse, Prefer
-from gateway.interactions.operation_table import OPERATIONS
 from gateway.interactions.operations import OperationRequest, invoke
 
 
@@ -44,7 +43,7 @@ async def _operation(
     ctx: Context, req: FhirRequest, method: str, name: str, rt: str | None, id: str | None
 ) -> FhirResponse:
     op_req = OperationRequest(name, method, rt, id, req.query, req.body, req.base, req.headers)
-    return await invoke(ctx, OPERATIONS, op_req)
+    return await invoke(ctx, ctx.operations, op_req)
 
 
 def _not_allowed(req: FhirRequest) -> FhirError:

@@ -1,0 +1,1 @@
+"""Topic-based subscriptions (R4 Subscriptions Backport IG)."""
