@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -75,6 +77,83 @@ def migrate_cmd(
 
     applied = asyncio.run(run())
     console.print(f"applied migrations: {applied or 'none (up to date)'}")
+
+
+clients_app = typer.Typer(help="Register the systems allowed to call the gateway.")
+app.add_typer(clients_app, name="clients")
+
+
+def _run_db(settings: Settings, work: Any) -> Any:
+    from gateway.storage.db import open_database
+    from gateway.storage.migrate import migrate
+
+    async def run() -> Any:
+        db = open_database(settings.database_url, pool_size=1, schema=settings.database_schema)
+        await db.open()
+        try:
+            await migrate(db)
+            return await work(db)
+        finally:
+            await db.close()
+
+    return asyncio.run(run())
+
+
+@clients_app.command("add")
+def clients_add(
+    client_id: str = typer.Argument(..., help="client_id the system authenticates as"),
+    organization: str = typer.Option(..., help="Organization id the client acts for"),
+    scope: str = typer.Option("system/*.cruds", help="scopes the client may request"),
+    jwks: Path = typer.Option(None, help="file with the client's public JWKS"),
+    jwks_url: str = typer.Option(None, help="URL of the JWKS, fetched now (only now)"),
+    database_url: str = typer.Option(None, "--db", help="sqlite:///… or postgresql://…"),
+) -> None:
+    """Register (or replace) a SMART Backend Services client."""
+    import json
+
+    import httpx
+
+    from gateway.security.scopes import Grant, ScopeError
+    from gateway.storage.security import Client, add_client
+
+    if (jwks is None) == (jwks_url is None):
+        raise typer.BadParameter("give exactly one of --jwks and --jwks-url")
+    if jwks is not None:
+        keys = json.loads(jwks.read_text())
+    else:
+        response = httpx.get(jwks_url, timeout=10, follow_redirects=False)
+        response.raise_for_status()
+        keys = response.json()
+    public = [k for k in keys.get("keys", []) if isinstance(k, dict)]
+    if not public or any("kid" not in k or "d" in k for k in public):
+        raise typer.BadParameter("the JWKS needs public keys, each with a kid")
+    try:
+        if not Grant.parse(scope).scopes:
+            raise ScopeError("no system/ scope given")
+    except ScopeError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    org = organization.removeprefix("Organization/")
+    client = Client(client_id, org, json.dumps({"keys": public}), jwks_url, scope, True)
+    settings = Settings.from_env(database_url=database_url)
+    _run_db(settings, lambda db: add_client(db, client))
+    console.print(f"registered client [bold]{client_id}[/bold] for Organization/{org} "
+                  f"({len(public)} key(s), scope {scope})")
+
+
+@clients_app.command("list")
+def clients_list(
+    database_url: str = typer.Option(None, "--db", help="sqlite:///… or postgresql://…"),
+) -> None:
+    """Show the registered clients."""
+    from rich.table import Table
+
+    from gateway.storage.security import list_clients
+
+    settings = Settings.from_env(database_url=database_url)
+    table = Table("client_id", "organization", "scope", "active")
+    for c in _run_db(settings, list_clients):
+        table.add_row(c.client_id, c.organization, c.scope, "yes" if c.active else "no")
+    Console().print(table)
 
 
 def main() -> None:  # pragma: no cover - console entry

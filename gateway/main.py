@@ -15,6 +15,7 @@ from gateway.api.app import create_api
 from gateway.interactions.base import Context
 from gateway.interactions.operation_table import OPERATIONS
 from gateway.registry import Registry
+from gateway.security.auth import Authenticator
 from gateway.settings import Settings
 from gateway.storage.db import open_database
 from gateway.storage.sql import SqlStore
@@ -45,15 +46,24 @@ def build_store(settings: Settings, reg: Registry) -> SqlStore:
     return SqlStore(db, reg.indexer)
 
 
+def public_base(settings: Settings) -> str:
+    """The FHIR base URL tokens are issued for (``iss``/``aud``)."""
+    if settings.public_base_url:
+        return settings.public_base_url.rstrip("/")
+    return f"http://{settings.host}:{settings.port}{settings.base_path}"
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     reg = registry()
     store = build_store(settings, reg)
     ctx = Context(store=store, registry=reg, settings=settings, operations=dict(OPERATIONS))
     services: list[Service] = []
+    auth = Authenticator(store.db, settings)
 
     async def startup() -> None:
         await store.open()
+        await auth.start(public_base(settings))
         for service in services:
             await service.start()
         log.info("carepath-gateway ready on %s (%s)", settings.base_path, store.dialect)
@@ -63,6 +73,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await service.stop()
         await store.close()
 
-    app = create_api(ctx, startup, shutdown)
+    app = create_api(ctx, startup, shutdown, auth)
     app.state.context = ctx
     return app

@@ -32,6 +32,52 @@ class Settings:
     #: largest number of matches a search keeps for stable paging
     max_search_results: int = 100_000
     db_pool_size: int = 10
+    #: tokens of an external authorisation server instead of (or beside) our own
+    auth_issuer: str | None = None
+    auth_jwks_url: str | None = None
+    auth_audience: str | None = None
+    auth_org_claim: str = "organization"
+    access_token_lifetime: int = 300
+    #: consent policy of the deployment's jurisdiction (mappings/security)
+    jurisdiction: str = "DE"
+    # -- events and subscriptions (docs/subscriptions.md) --------------------
+    #: development mode: rest-hook endpoints may use http:// on loopback and may
+    #: point at loopback/private addresses. Unset: on when bound to loopback.
+    dev_mode: bool | None = None
+    #: Redis key prefix of the event stream (one deployment per prefix)
+    redis_prefix: str = "carepath"
+    #: how often the outbox relay looks for commits no local write told it about
+    event_poll_ms: int = 500
+    #: Redis entries a consumer left pending this long are reclaimed (XAUTOCLAIM)
+    event_claim_idle_ms: int = 30_000
+    #: where rest-hook endpoints may point, comma-separated host names
+    #: (``*.example.org``, ``*`` = any) and networks (``10.20.0.0/16``; listing
+    #: a network also permits its private/loopback addresses in production)
+    subscription_endpoint_allowlist: str = ""
+    #: how long (s) deliveries are retried before a subscription turns ``error``
+    subscription_retry_period: int = 86_400
+    subscription_retry_initial_ms: int = 1_000
+    subscription_retry_max_ms: int = 300_000
+    #: delivery timeout (s) when the Subscription has no ``backport-timeout``, and its cap
+    subscription_timeout: int = 10
+    subscription_max_timeout: int = 60
+    #: most events in one notification when the Subscription has no ``backport-max-count``
+    subscription_max_batch: int = 20
+    #: how often each process looks for due retries, heartbeats and orphaned work
+    subscription_poll_ms: int = 1_000
+    #: most deliveries in flight per process
+    subscription_concurrency: int = 100
+    #: handshake attempts before a new subscription turns ``error``
+    subscription_handshake_attempts: int = 3
+    #: lifetime (s) of a ``$get-ws-binding-token`` token
+    subscription_ws_token_lifetime: int = 3_600
+
+    @property
+    def effective_dev_mode(self) -> bool:
+        """``dev_mode``, or on when the gateway listens on loopback only."""
+        if self.dev_mode is not None:
+            return self.dev_mode
+        return self.host in ("127.0.0.1", "localhost", "::1")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -41,7 +87,12 @@ class Settings:
             raw = os.environ.get(f"CAREPATH_{f.name.upper()}")
             if raw is None:
                 continue
-            current = getattr(base, f.name)
-            values[f.name] = int(raw) if isinstance(current, int) else raw
+            values[f.name] = _parse(raw, str(f.type), getattr(base, f.name))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(base, **values)
+
+
+def _parse(raw: str, annotation: str, current: Any) -> Any:
+    if annotation.startswith("bool"):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return int(raw) if isinstance(current, int) else raw

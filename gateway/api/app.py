@@ -16,12 +16,15 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import Context, FhirResponse
 from gateway.interactions.router import FhirRequest, route
+from gateway.security.auth import Authenticator
+from gateway.security.principal import CALLER, Caller
+from gateway.security.tokens import AuthError
 
 log = logging.getLogger("carepath.api")
 
@@ -114,10 +117,41 @@ def _base_url(ctx: Context, request: Request) -> str:
     return str(request.base_url).rstrip("/") + ctx.settings.base_path
 
 
+def _auth_failure(exc: AuthError) -> FhirResponse:
+    err = FhirError(Code.UNAUTHENTICATED, exc.description)
+    header = f'Bearer error="{exc.error}", error_description="{exc.description[:200]}"'
+    return FhirResponse(401, err.outcome(), {"WWW-Authenticate": header.replace("\n", " ")})
+
+
+async def _smart_endpoint(
+    auth: Authenticator, request: Request, path: str, base: str
+) -> Response | None:
+    """``.well-known/smart-configuration``, the JWKS and the token endpoint."""
+    token_url = f"{base}/auth/token"
+    if path == ".well-known/smart-configuration" and request.method == "GET":
+        return JSONResponse(auth.smart_configuration(base, token_url))
+    if path == ".well-known/jwks.json" and request.method == "GET":
+        return JSONResponse(auth.jwks())
+    if path == "auth/token":
+        if request.method != "POST":
+            return JSONResponse({"error": "invalid_request", "error_description": "use POST"},
+                                status_code=405)
+        raw = await _read_body(request, 64 * 1024)
+        form = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+        try:
+            body = await auth.token(form, token_url)
+        except AuthError as exc:
+            return JSONResponse({"error": exc.error, "error_description": exc.description},
+                                status_code=exc.status)
+        return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+    return None
+
+
 def create_api(
     ctx: Context,
     startup: Callable[[], Awaitable[None]],
     shutdown: Callable[[], Awaitable[None]],
+    auth: Authenticator,
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -134,6 +168,19 @@ def create_api(
 
     async def handle(request: Request, path: str) -> Response:
         pretty = request.query_params.get("_pretty") == "true"
+        base = _base_url(ctx, request)
+        try:
+            special = await _smart_endpoint(auth, request, path, base)
+            if special is not None:
+                return special
+        except FhirError as exc:
+            return _render(FhirResponse(exc.status, exc.outcome()), pretty, False)
+        address = request.client.host if request.client else None
+        try:
+            principal = await auth.authenticate(request.headers.get("authorization"), address)
+        except AuthError as exc:
+            return _render(_auth_failure(exc), pretty, request.method == "HEAD")
+        CALLER.set(Caller(principal))
         try:
             _wants_json(request)
             raw = await _read_body(request, ctx.settings.max_request_bytes)
@@ -144,8 +191,7 @@ def create_api(
                 raise FhirError(Code.INVALID_SEARCH_VALUE,
                                 f"a parameter contains the forbidden character U+{ord(bad):04X}")
             headers = {k.lower(): v for k, v in request.headers.items()}
-            fhir_request = FhirRequest(request.method, path, query, headers, body,
-                                       _base_url(ctx, request))
+            fhir_request = FhirRequest(request.method, path, query, headers, body, base)
             resp = await route(ctx, fhir_request)
         except FhirError as exc:
             resp = FhirResponse(exc.status, exc.outcome())

@@ -18,7 +18,7 @@ async def migrate(db: Database) -> list[int]:
             "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)"
         )
         done = {r[0] for r in await conn.fetch("SELECT version FROM schema_version")}
-        for version, description, ddl in MIGRATIONS:
+        for version, description, ddl in sorted(MIGRATIONS):
             if version in done:
                 continue
             for stmt in statements(ddl, db.dialect):

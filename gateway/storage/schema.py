@@ -24,8 +24,12 @@ sp_uri         value
 from __future__ import annotations
 
 DIALECT_TYPES = {
-    "sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "float": "REAL"},
-    "postgresql": {"serial": "BIGSERIAL PRIMARY KEY", "blob": "BYTEA", "float": "DOUBLE PRECISION"},
+    "sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "float": "REAL",
+               # one writer at a time: outbox seq order is commit order already
+               "txid": "0"},
+    "postgresql": {"serial": "BIGSERIAL PRIMARY KEY", "blob": "BYTEA", "float": "DOUBLE PRECISION",
+                   # the writing transaction's 64-bit id (see gateway/storage/outbox.py)
+                   "txid": "(pg_current_xact_id()::text::bigint)"},
 }
 
 INDEX_TABLES: dict[str, tuple[str, ...]] = {
@@ -38,6 +42,8 @@ INDEX_TABLES: dict[str, tuple[str, ...]] = {
         "target_type", "target_id", "target_version", "url", "ident_system", "ident_value",
     ),
     "sp_uri": ("value",),
+    # derived by gateway.security: one row per Consent provision (param "consent")
+    "sp_consent": ("patient_id", "actor", "purpose", "permit", "lo", "hi"),
 }
 
 _V1 = """
@@ -129,9 +135,119 @@ CREATE INDEX IF NOT EXISTS sp_uri_value ON sp_uri (res_type, param, value);
 CREATE INDEX IF NOT EXISTS sp_uri_res ON sp_uri (res_type, res_id);
 """
 
+_V10 = """
+CREATE TABLE IF NOT EXISTS auth_client (
+    client_id TEXT PRIMARY KEY,
+    organization TEXT NOT NULL,
+    jwks TEXT NOT NULL,
+    jwks_url TEXT,
+    scope TEXT NOT NULL,
+    created BIGINT NOT NULL,
+    active SMALLINT NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS auth_jti (
+    jti TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    expires BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS auth_jti_expires ON auth_jti (expires);
+CREATE TABLE IF NOT EXISTS auth_key (
+    kid TEXT PRIMARY KEY,
+    private_pem TEXT NOT NULL,
+    created BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq {serial},
+    recorded BIGINT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    client_id TEXT,
+    patient TEXT,
+    outcome TEXT NOT NULL,
+    record {blob} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_patient ON audit_log (patient);
+CREATE TABLE IF NOT EXISTS resource_creator (
+    res_type TEXT NOT NULL,
+    res_id TEXT NOT NULL,
+    organization TEXT NOT NULL,
+    PRIMARY KEY (res_type, res_id)
+);
+CREATE INDEX IF NOT EXISTS resource_creator_org ON resource_creator (organization, res_type);
+CREATE TABLE IF NOT EXISTS sp_consent (
+    res_type TEXT NOT NULL, res_id TEXT NOT NULL, param TEXT NOT NULL,
+    patient_id TEXT NOT NULL, actor TEXT NOT NULL, purpose TEXT NOT NULL,
+    permit SMALLINT NOT NULL, lo BIGINT NOT NULL, hi BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sp_consent_patient ON sp_consent (patient_id, actor);
+CREATE INDEX IF NOT EXISTS sp_consent_res ON sp_consent (res_type, res_id)
+"""
+
+# Outbox rows are read in (tx_id, seq) order; positions of the relay and of
+# each consumer group are kept in event_position (gateway/storage/outbox.py).
+# subscription_state holds one row per Subscription resource, subscription_event
+# one row per (subscription, event number) (gateway/storage/subscription_tables.py).
+_V2 = """
+ALTER TABLE outbox ADD COLUMN tx_id BIGINT NOT NULL DEFAULT {txid};
+CREATE INDEX IF NOT EXISTS outbox_position ON outbox (tx_id, seq);
+CREATE TABLE IF NOT EXISTS event_position (
+    name TEXT PRIMARY KEY,
+    tx_id BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    epoch TEXT,
+    updated BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS subscription_state (
+    id TEXT PRIMARY KEY,
+    resource_version INTEGER NOT NULL,
+    resource_status TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    status TEXT NOT NULL,
+    config {blob} NOT NULL,
+    heartbeat INTEGER NOT NULL DEFAULT 0,
+    end_at BIGINT NOT NULL DEFAULT 0,
+    events_since_start BIGINT NOT NULL DEFAULT 0,
+    delivered_number BIGINT NOT NULL DEFAULT 0,
+    handshake_pending SMALLINT NOT NULL DEFAULT 0,
+    resend_from BIGINT,
+    resend_to BIGINT,
+    next_attempt BIGINT NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    failing_since BIGINT,
+    last_error TEXT,
+    last_sent BIGINT NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_until BIGINT NOT NULL DEFAULT 0,
+    created BIGINT NOT NULL,
+    updated BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS subscription_state_topic ON subscription_state (topic, status);
+CREATE TABLE IF NOT EXISTS subscription_event (
+    subscription_id TEXT NOT NULL,
+    event_number BIGINT NOT NULL,
+    event_id TEXT NOT NULL,
+    res_type TEXT NOT NULL,
+    res_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    interaction TEXT NOT NULL,
+    ts BIGINT NOT NULL,
+    PRIMARY KEY (subscription_id, event_number),
+    UNIQUE (subscription_id, event_id)
+);
+CREATE TABLE IF NOT EXISTS subscription_ws_token (
+    token_hash TEXT PRIMARY KEY,
+    subscriptions TEXT NOT NULL,
+    expires BIGINT NOT NULL
+)
+"""
+
 #: (version, description, DDL template). Append only; never edit a released step.
+#: Versions 2-9 belong to events/subscriptions, 10-19 to security.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "resources, history, outbox, search index", _V1),
+    (2, "events: outbox transaction ids, relay/consumer positions; subscriptions", _V2),
+    (10, "security: clients, token replay, signing keys, audit log, consent index", _V10),
 )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 
+from gateway.storage.schema import MIGRATIONS
 from tests.conftest import PG_URL
 from tests.integration.serve import Served
 
@@ -29,8 +30,9 @@ def test_serve_defaults_to_sqlite_in_the_working_directory(tmp_path: Path) -> No
         rid = created.json()["id"]
         assert httpx.get(f"{served.url}/Patient/{rid}").status_code == 200
     with sqlite3.connect(tmp_path / "carepath.db") as db:
-        versions = db.execute("SELECT version FROM schema_version").fetchall()
-    assert versions == [(1,)]
+        versions = [v for (v,) in db.execute("SELECT version FROM schema_version")]
+    assert versions == sorted(set(versions))  # each migration once
+    assert versions == sorted(v for v, _, _ in MIGRATIONS)
 
 
 def test_two_processes_starting_together_on_postgresql(new_schema) -> None:  # type: ignore[no-untyped-def]

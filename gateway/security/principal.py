@@ -1,0 +1,59 @@
+"""Who is calling: the authenticated client, its organisation and grant.
+
+The caller of the request being handled is kept in a context variable set at
+the HTTP edge (and for each Bundle entry), so every interaction and the
+store's audit hook see the same principal without threading it through every
+signature.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from gateway.security.scopes import Grant
+
+DEFAULT_PURPOSE = "TREAT"  # v3 ActReason: treatment
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    client_id: str | None
+    organization: str | None  # Organization id
+    grant: Grant
+    purpose_of_use: str = DEFAULT_PURPOSE
+    user: str | None = None
+    on_behalf_of: str | None = None
+    address: str | None = None
+    #: dev mode without a token: no organisation compartment applies
+    unrestricted: bool = False
+
+    @classmethod
+    def developer(cls, address: str | None = None) -> Principal:
+        return cls(None, None, Grant.everything(), address=address, unrestricted=True)
+
+    @classmethod
+    def system(cls) -> Principal:
+        """The gateway itself (background work)."""
+        return cls("carepath-gateway", None, Grant.everything(), unrestricted=True)
+
+
+@dataclass(slots=True)
+class Caller:
+    principal: Principal
+    #: what the request touched, for its AuditEvent
+    entities: list[tuple[str, str | None, int | None, str | None]] = field(default_factory=list)
+    patients: set[str] = field(default_factory=set)
+    query: str | None = None
+    audited: bool = False
+
+
+CALLER: ContextVar[Caller | None] = ContextVar("carepath_caller", default=None)
+
+
+def current() -> Caller:
+    caller = CALLER.get()
+    if caller is None:  # background work and tests that call interactions directly
+        caller = Caller(Principal.system())
+        CALLER.set(caller)
+    return caller

@@ -1,0 +1,162 @@
+"""Tables of the security layer: registered clients, assertion ids seen,
+the gateway's signing keys, and the hash-chained audit log.
+
+The audit log is append-only: each record stores the SHA-256 of the previous
+record's hash and its own bytes, so altering or removing a record breaks the
+chain (``carepath audit verify``). Appends serialise on one lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.storage.db import Connection, Database
+
+GENESIS = "0" * 64
+AUDIT_LOCK = "carepath:audit"
+
+
+def _now() -> int:
+    return int(time.time() * 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    client_id: str
+    organization: str  # Organization id (no "Organization/")
+    jwks: str  # JSON text
+    jwks_url: str | None
+    scope: str
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """What to append; ``record`` is the AuditEvent JSON bytes."""
+
+    record: bytes
+    client_id: str | None
+    patient: str | None
+    outcome: str
+
+
+async def add_client(db: Database, client: Client) -> None:
+    async with db.transaction() as conn:
+        await conn.execute("DELETE FROM auth_client WHERE client_id = ?", (client.client_id,))
+        await conn.execute(
+            "INSERT INTO auth_client (client_id, organization, jwks, jwks_url, scope, created,"
+            " active) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (client.client_id, client.organization, client.jwks, client.jwks_url, client.scope,
+             _now(), int(client.active)),
+        )
+
+
+async def get_client(db: Database, client_id: str) -> Client | None:
+    async with db.read() as conn:
+        row = await conn.fetchrow(
+            "SELECT client_id, organization, jwks, jwks_url, scope, active FROM auth_client"
+            " WHERE client_id = ?", (client_id,))
+    if row is None:
+        return None
+    return Client(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
+
+
+async def list_clients(db: Database) -> list[Client]:
+    async with db.read() as conn:
+        rows = await conn.fetch(
+            "SELECT client_id, organization, jwks, jwks_url, scope, active FROM auth_client"
+            " ORDER BY client_id")
+    return [Client(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows]
+
+
+async def count_clients(db: Database) -> int:
+    async with db.read() as conn:
+        row = await conn.fetchrow("SELECT count(*) FROM auth_client WHERE active = 1")
+    return int(row[0]) if row else 0
+
+
+async def remember_jti(db: Database, jti: str, client_id: str, expires: int) -> bool:
+    """Record an assertion id; False when it was seen before (a replay)."""
+    async with db.transaction() as conn:
+        await conn.lock(f"jti:{jti}")
+        await conn.execute("DELETE FROM auth_jti WHERE expires < ?", (_now(),))
+        if await conn.fetchrow("SELECT 1 FROM auth_jti WHERE jti = ?", (jti,)):
+            return False
+        await conn.execute("INSERT INTO auth_jti (jti, client_id, expires) VALUES (?, ?, ?)",
+                           (jti, client_id, expires))
+    return True
+
+
+async def signing_key(db: Database, make: Any) -> tuple[str, str]:
+    """The newest (kid, private PEM); ``make()`` creates one when there is none."""
+    async with db.transaction() as conn:
+        await conn.lock("carepath:signing-key")
+        row = await conn.fetchrow(
+            "SELECT kid, private_pem FROM auth_key ORDER BY created DESC LIMIT 1")
+        if row is not None:
+            return row[0], row[1]
+        kid, pem = make()
+        await conn.execute("INSERT INTO auth_key (kid, private_pem, created) VALUES (?, ?, ?)",
+                           (kid, pem, _now()))
+        return kid, pem
+
+
+def chain_hash(prev: str, record: bytes) -> str:
+    return hashlib.sha256(prev.encode() + b"\n" + record).hexdigest()
+
+
+async def append_audit(conn: Connection, records: Sequence[AuditRecord]) -> None:
+    """Append ``records`` to the chain inside the caller's transaction."""
+    if not records:
+        return
+    await conn.lock(AUDIT_LOCK)
+    row = await conn.fetchrow("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+    prev = row[0] if row else GENESIS
+    now = _now()
+    rows = []
+    for r in records:
+        digest = chain_hash(prev, r.record)
+        rows.append((now, prev, digest, r.client_id, r.patient, r.outcome, r.record))
+        prev = digest
+    await conn.executemany(
+        "INSERT INTO audit_log (recorded, prev_hash, hash, client_id, patient, outcome, record)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    records: int
+    broken_at: int | None  # seq of the first record that does not verify
+    reason: str = ""
+
+
+async def verify_chain(db: Database, batch: int = 5000) -> ChainReport:
+    prev = GENESIS
+    last = 0
+    count = 0
+    async with db.read() as conn:
+        while True:
+            rows = await conn.fetch(
+                "SELECT seq, prev_hash, hash, record FROM audit_log WHERE seq > ?"
+                " ORDER BY seq LIMIT ?", (last, batch))
+            if not rows:
+                return ChainReport(count, None)
+            for seq, prev_hash, digest, record in rows:
+                if prev_hash != prev:
+                    return ChainReport(count, seq, "previous hash does not match")
+                if chain_hash(prev, bytes(record)) != digest:
+                    return ChainReport(count, seq, "record does not match its hash")
+                prev = digest
+                last = seq
+                count += 1
+
+
+async def audit_records(db: Database, after: int = 0, limit: int = 1000) -> list[tuple[int, bytes]]:
+    async with db.read() as conn:
+        rows = await conn.fetch(
+            "SELECT seq, record FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+    return [(int(r[0]), bytes(r[1])) for r in rows]

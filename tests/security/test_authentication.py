@@ -1,0 +1,152 @@
+"""SMART Backend Services: real signed assertions over HTTP, and every rejection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from gateway.security.auth import Authenticator
+from gateway.settings import Settings
+from gateway.storage.db import open_database
+from gateway.storage.migrate import migrate
+from tests.security.conftest import Secured
+from tests.security.keys import ClientKey, token_form
+
+
+def _token(secured: Secured, assertion: str, scope: str = "system/*.cruds") -> httpx.Response:
+    return httpx.post(secured.token_url, data=token_form(assertion, scope))
+
+
+def test_smart_configuration_is_published(secured: Secured) -> None:
+    config = httpx.get(f"{secured.url}/.well-known/smart-configuration").json()
+    assert config["token_endpoint"] == secured.token_url
+    assert "private_key_jwt" in config["token_endpoint_auth_methods_supported"]
+    assert {"RS384", "ES384"} <= set(config["token_endpoint_auth_signing_alg_values_supported"])
+    assert "client-confidential-asymmetric" in config["capabilities"]
+
+
+@pytest.mark.parametrize("client", ["hospital-a", "gp-b"])  # RS384 and ES384
+def test_client_credentials_with_a_signed_assertion(secured: Secured, client: str) -> None:
+    key = secured.keys[client]
+    response = _token(secured, key.assertion(secured.token_url), "system/Patient.rs")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["token_type"] == "bearer"
+    assert body["scope"] == "system/Patient.rs"
+    assert 0 < body["expires_in"] <= 300
+    headers = {"Authorization": f"Bearer {body['access_token']}"}
+    assert httpx.get(f"{secured.url}/Patient", headers=headers).status_code == 200
+    claims = jwt.decode(body["access_token"], options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] <= 300
+
+
+def test_replayed_jti_is_rejected(secured: Secured) -> None:
+    assertion = secured.keys["hospital-a"].assertion(secured.token_url)
+    assert _token(secured, assertion).status_code == 200
+    replay = _token(secured, assertion)
+    assert replay.status_code == 401
+    assert replay.json()["error"] == "invalid_client"
+
+
+def test_assertion_rejections(secured: Secured) -> None:
+    key = secured.keys["hospital-a"]
+    url = secured.token_url
+    public_pem = key.private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    now = int(time.time())
+    cases = {
+        "exp too far ahead": key.assertion(url, exp=now + 600),
+        "wrong aud": key.assertion(url, aud="https://elsewhere.example/token"),
+        "expired": key.assertion(url, exp=now - 120),
+        "not yet valid": key.assertion(url, nbf=now + 300),
+        "unknown kid": key.assertion(url, kid="no-such-key"),
+        "iss is not the client": key.assertion(url, iss="gp-b"),
+        "signed by another key": ClientKey.rsa("hospital-a").assertion(url, kid=key.kid),
+        "alg none": jwt.encode({"iss": "hospital-a", "sub": "hospital-a", "aud": url,
+                                "exp": now + 60, "jti": "x-none"}, None, algorithm="none",
+                               headers={"kid": key.kid}),
+        "HS/RS confusion": _hs_with_public_key(key, url, public_pem),
+        "RS256 instead of RS384": key.assertion(url, alg="RS256"),
+        "no jti": key.assertion(url, jti=None),
+        "not a JWT": "definitely-not-a-jwt",
+    }
+    for name, assertion in cases.items():
+        response = _token(secured, assertion)
+        assert response.status_code == 401, (name, response.text)
+        assert response.json()["error"] == "invalid_client", name
+
+
+def _hs_with_public_key(key: ClientKey, url: str, public_pem: bytes) -> str:
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = b64(json.dumps({"alg": "HS384", "kid": key.kid, "typ": "JWT"}).encode())
+    claims = b64(json.dumps({"iss": key.client_id, "sub": key.client_id, "aud": url,
+                             "exp": int(time.time()) + 60, "jti": "hs-confusion"}).encode())
+    signature = hmac.new(public_pem, f"{header}.{claims}".encode(), hashlib.sha384).digest()
+    return f"{header}.{claims}.{b64(signature)}"
+
+
+def test_scope_escalation_and_bad_grants_are_refused(secured: Secured) -> None:
+    key = secured.keys["reader-c"]  # granted Patient.rs and Observation.rs only
+    for scope in ("system/*.cruds", "system/Patient.cruds", "system/Encounter.rs",
+                  "system/Patient.write"):
+        response = _token(secured, key.assertion(secured.token_url), scope)
+        assert response.status_code == 400, (scope, response.text)
+        assert response.json()["error"] == "invalid_scope"
+    ok = _token(secured, key.assertion(secured.token_url), "system/Patient.read")
+    assert ok.status_code == 200, ok.text
+    bad_grant = httpx.post(secured.token_url, data={
+        **token_form(key.assertion(secured.token_url)), "grant_type": "password"})
+    assert bad_grant.status_code == 400
+    unknown = ClientKey.ec("stranger")
+    assert _token(secured, unknown.assertion(secured.token_url)).status_code == 401
+
+
+def test_fhir_requests_need_a_valid_token(secured: Secured) -> None:
+    none = httpx.get(f"{secured.url}/Patient")
+    assert none.status_code == 401
+    assert none.json()["issue"][0]["details"]["coding"][0]["code"] == "GW-1030"
+    assert none.headers["WWW-Authenticate"].startswith("Bearer")
+    token = secured.token("hospital-a")
+    tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    assert httpx.get(f"{secured.url}/Patient",
+                     headers={"Authorization": f"Bearer {tampered}"}).status_code == 401
+    assert httpx.get(f"{secured.url}/Patient",
+                     headers={"Authorization": f"Basic {token}"}).status_code == 401
+    foreign = jwt.encode({"iss": secured.url, "aud": secured.url, "sub": "hospital-a",
+                          "exp": int(time.time()) + 60, "scope": "system/*.cruds"},
+                         ClientKey.ec("x").private, algorithm="ES384", headers={"kid": "k"})
+    assert httpx.get(f"{secured.url}/Patient",
+                     headers={"Authorization": f"Bearer {foreign}"}).status_code == 401
+
+
+def test_dev_mode_still_verifies_a_presented_token(client: httpx.Client) -> None:
+    assert client.get("/Patient", params={"_count": 1}).status_code == 200  # no token: dev mode
+    bad = client.get("/Patient", headers={"Authorization": "Bearer nonsense"})
+    assert bad.status_code == 401
+
+
+def test_refuses_to_start_on_a_public_address_without_clients(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async def run() -> None:
+        settings = Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}", host="0.0.0.0")
+        db = open_database(settings.database_url)
+        await db.open()
+        await migrate(db)
+        try:
+            with pytest.raises(RuntimeError, match="refusing"):
+                await Authenticator(db, settings).start("http://0.0.0.0:8080/fhir")
+        finally:
+            await db.close()
+
+    asyncio.run(run())
