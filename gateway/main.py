@@ -12,10 +12,13 @@ from typing import Protocol
 from fastapi import FastAPI
 
 from gateway.api.app import create_api
+from gateway.fhir.validation import FhirValidator
 from gateway.interactions.base import Context
 from gateway.interactions.operation_table import OPERATIONS
-from gateway.registry import Registry
+from gateway.registry import Registry, profiles_dir
+from gateway.security.audit import AuditWriter
 from gateway.security.auth import Authenticator
+from gateway.security.policy import AccessPolicy, PolicyIndexer, load_rules
 from gateway.settings import Settings
 from gateway.storage.db import open_database
 from gateway.storage.sql import SqlStore
@@ -40,10 +43,10 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-def build_store(settings: Settings, reg: Registry) -> SqlStore:
+def build_store(settings: Settings, reg: Registry, access: AccessPolicy) -> SqlStore:
     db = open_database(settings.database_url, pool_size=settings.db_pool_size,
                        schema=settings.database_schema)
-    return SqlStore(db, reg.indexer)
+    return SqlStore(db, PolicyIndexer(reg.indexer, access))
 
 
 def public_base(settings: Settings) -> str:
@@ -56,9 +59,13 @@ def public_base(settings: Settings) -> str:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     reg = registry()
-    store = build_store(settings, reg)
-    ctx = Context(store=store, registry=reg, settings=settings, operations=dict(OPERATIONS))
-    services: list[Service] = []
+    access = AccessPolicy(load_rules(settings.jurisdiction), reg.indexer)
+    store = build_store(settings, reg, access)
+    audit = AuditWriter(store.db)
+    validator = FhirValidator.load(profiles_dir(), reg.structure_definitions, settings)
+    ctx = Context(store=store, registry=reg, settings=settings, operations=dict(OPERATIONS),
+                  access=access, audit=audit, validator=validator)
+    services: list[Service] = [audit]
     auth = Authenticator(store.db, settings)
 
     async def startup() -> None:

@@ -40,6 +40,13 @@ class Settings:
     access_token_lifetime: int = 300
     #: consent policy of the deployment's jurisdiction (mappings/security)
     jurisdiction: str = "DE"
+    # -- validation (docs/adr-0002-validator.md) -------------------------------
+    #: deepest nesting of resources in resources (contained, Bundle.entry.resource,
+    #: Parameters.parameter.resource) a resource may have; deeper is an error
+    validation_max_resource_depth: int = 6
+    #: canonical URLs of profiles whose violations are warnings, not errors
+    #: (comma- or space-separated); every other known profile is enforced on write
+    validation_warn_only: str = ""
     # -- events and subscriptions (docs/subscriptions.md) --------------------
     #: development mode: rest-hook endpoints may use http:// on loopback and may
     #: point at loopback/private addresses. Unset: on when bound to loopback.

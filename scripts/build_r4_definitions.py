@@ -9,9 +9,21 @@ the gateway reads, as FHIR JSON Bundles of type ``collection``:
   multipleOr, multipleAnd, component``).
 * ``Bundle-r4-structure-definitions.json`` -- StructureDefinitions of the
   resources and data types (``kind`` resource/complex-type/primitive-type,
-  ``derivation`` specialization) with snapshot elements reduced to ``path, min,
-  max, type (code, targetProfile), isSummary, isModifier, binding (strength,
-  valueSet), constraint (key, severity, expression), contentReference``.
+  ``derivation`` specialization) with snapshot elements reduced to ``id, path,
+  sliceName, slicing, min, max, type (code, profile, targetProfile), isSummary,
+  isModifier, maxLength, fixed[x], pattern[x], minValue[x], maxValue[x],
+  binding (strength, valueSet), constraint (key, severity, human, expression),
+  contentReference``.
+* ``Bundle-r4-profiles.json`` -- the core profiles the official examples claim
+  (vital signs: ``vitalsigns`` and the profiles derived from it), trimmed the
+  same way plus ``base`` (path, min, max).
+* ``Bundle-r4-required-valuesets.json`` -- every ValueSet that the kept
+  definitions bind with strength *required*, expanded offline
+  (``gateway.fhir.validation.terminology``) from the package's ValueSets and
+  CodeSystems into ``expansion.contains`` of ``(system, code)``. A ValueSet
+  that cannot be expanded offline (external code systems such as BCP-13 MIME
+  types, ISO 4217 currencies, UCUM as a whole) is listed without expansion and
+  its ``description`` says why; the validator does not check those bindings.
 
 Usage::
 
@@ -34,7 +46,11 @@ SP_KEYS = (
     "expression", "target", "modifier", "comparator", "multipleOr", "multipleAnd",
     "chain", "component",
 )
-EL_KEYS = ("path", "min", "max", "isSummary", "isModifier", "contentReference")
+EL_KEYS = ("path", "sliceName", "min", "max", "isSummary", "isModifier", "contentReference",
+           "maxLength")
+EL_PREFIXES = ("fixed", "pattern", "minValue", "maxValue")
+# the core profiles that official examples claim (meta.profile)
+PROFILE_BASES = ("http://hl7.org/fhir/StructureDefinition/vitalsigns",)
 
 
 def trim_sp(sp: dict[str, Any]) -> dict[str, Any]:
@@ -47,14 +63,21 @@ def trim_sp(sp: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def trim_element(el: dict[str, Any]) -> dict[str, Any]:
+def trim_element(el: dict[str, Any], *, keep_base: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"id": el["id"], **{k: el[k] for k in EL_KEYS if k in el}}
+    out.update({k: v for k, v in el.items() if k.startswith(EL_PREFIXES)})
+    if "slicing" in el:
+        out["slicing"] = {k: el["slicing"][k] for k in ("discriminator", "ordered", "rules")
+                          if k in el["slicing"]}
+    if keep_base and "base" in el:
+        out["base"] = el["base"]
     if "type" in el:
         types = []
         for t in el["type"]:
             tt: dict[str, Any] = {"code": t["code"]}
-            if "targetProfile" in t:
-                tt["targetProfile"] = t["targetProfile"]
+            for key in ("profile", "targetProfile"):
+                if key in t:
+                    tt[key] = t[key]
             types.append(tt)
         out["type"] = types
     if "binding" in el and "valueSet" in el["binding"]:
@@ -74,8 +97,60 @@ def trim_sd(sd: dict[str, Any]) -> dict[str, Any]:
     keys = ("resourceType", "id", "url", "version", "name", "status", "kind", "abstract",
             "type", "baseDefinition", "derivation")
     out = {k: sd[k] for k in keys if k in sd}
-    out["snapshot"] = {"element": [trim_element(e) for e in sd["snapshot"]["element"]]}
+    keep_base = sd.get("derivation") == "constraint"
+    out["snapshot"] = {"element": [trim_element(e, keep_base=keep_base)
+                                   for e in sd["snapshot"]["element"]]}
     return out
+
+
+def required_value_sets(sds: list[dict[str, Any]]) -> list[str]:
+    urls = set()
+    for sd in sds:
+        for el in sd["snapshot"]["element"]:
+            b = el.get("binding")
+            if b and b.get("strength") == "required" and "valueSet" in b:
+                urls.add(b["valueSet"].split("|")[0])
+    return sorted(urls)
+
+
+def expand_required(package: Path, urls: list[str]) -> list[dict[str, Any]]:
+    from gateway.fhir.validation.terminology import Expander, Unexpandable
+
+    value_sets = {}
+    for f in sorted(package.glob("ValueSet-*.json")):
+        vs = json.loads(f.read_text())
+        value_sets[vs["url"]] = vs
+    code_systems = {}
+    for f in sorted(package.glob("CodeSystem-*.json")):
+        cs = json.loads(f.read_text())
+        code_systems[cs["url"]] = cs
+    expander = Expander(code_systems, value_sets)
+    out = []
+    for url in urls:
+        vs = value_sets.get(url, {})
+        entry: dict[str, Any] = {"resourceType": "ValueSet", "url": url}
+        for k in ("id", "version", "name", "status"):
+            if k in vs:
+                entry[k] = vs[k]
+        entry.setdefault("status", "active")
+        try:
+            codes = sorted(expander.expand(url))
+        except Unexpandable as exc:
+            entry["description"] = f"not expanded: {exc}"
+            print("  unexpandable:", url, "-", exc)
+        else:
+            entry["expansion"] = {
+                "timestamp": "2019-11-01T09:29:23+11:00",
+                "total": len(codes),
+                "contains": [{"system": s, "code": c} for s, c in codes],
+            }
+        out.append(entry)
+    return out
+
+
+def is_core_profile(sd: dict[str, Any]) -> bool:
+    return sd.get("derivation") == "constraint" and (
+        sd.get("url") in PROFILE_BASES or sd.get("baseDefinition") in PROFILE_BASES)
 
 
 def collection(entries: list[dict[str, Any]], bundle_id: str) -> dict[str, Any]:
@@ -89,7 +164,7 @@ def collection(entries: list[dict[str, Any]], bundle_id: str) -> dict[str, Any]:
 
 
 def main(package: Path) -> None:
-    sps, sds = [], []
+    sps, sds, profiles = [], [], []
     for f in sorted(package.glob("SearchParameter-*.json")):
         sps.append(trim_sp(json.loads(f.read_text())))
     for f in sorted(package.glob("StructureDefinition-*.json")):
@@ -98,8 +173,12 @@ def main(package: Path) -> None:
             "resource", "complex-type", "primitive-type"
         )) or sd.get("id") in ("Resource", "Element"):
             sds.append(trim_sd(sd))
+        elif is_core_profile(sd):
+            profiles.append(trim_sd(sd))
+    value_sets = expand_required(package, required_value_sets(sds + profiles))
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, items in (("r4-search-parameters", sps), ("r4-structure-definitions", sds)):
+    for name, items in (("r4-search-parameters", sps), ("r4-structure-definitions", sds),
+                        ("r4-profiles", profiles), ("r4-required-valuesets", value_sets)):
         path = OUT / f"Bundle-{name}.json"
         path.write_text(json.dumps(collection(items, name), separators=(",", ":"),
                                    ensure_ascii=False) + "\n")

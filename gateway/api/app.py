@@ -22,8 +22,9 @@ from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import Context, FhirResponse
 from gateway.interactions.router import FhirRequest, route
+from gateway.security.audit import AuditUnavailable, record_of
 from gateway.security.auth import Authenticator
-from gateway.security.principal import CALLER, Caller
+from gateway.security.principal import CALLER, Caller, Principal
 from gateway.security.tokens import AuthError
 
 log = logging.getLogger("carepath.api")
@@ -167,20 +168,37 @@ def create_api(
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 
     async def handle(request: Request, path: str) -> Response:
-        pretty = request.query_params.get("_pretty") == "true"
         base = _base_url(ctx, request)
+        address = request.client.host if request.client else None
+        caller = Caller(Principal.nobody(address), request.method, path,
+                        request.url.query, base)
+        CALLER.set(caller)
+        try:
+            response, description = await _serve(request, path, base, address, caller)
+            if ctx.audit is not None and not caller.audited:
+                await ctx.audit.write(record_of(caller, response.status_code, description))
+        except AuditUnavailable:
+            log.error("audit trail unavailable: refusing %s %s", request.method, path)
+            err = FhirError(Code.UNAVAILABLE, "the audit trail cannot be written")
+            return _render(FhirResponse(err.status, err.outcome()), False, False)
+        return response
+
+    async def _serve(
+        request: Request, path: str, base: str, address: str | None, caller: Caller
+    ) -> tuple[Response, str]:
+        pretty = request.query_params.get("_pretty") == "true"
+        head = request.method == "HEAD"
         try:
             special = await _smart_endpoint(auth, request, path, base)
             if special is not None:
-                return special
+                return special, ""
         except FhirError as exc:
-            return _render(FhirResponse(exc.status, exc.outcome()), pretty, False)
-        address = request.client.host if request.client else None
+            return _render(FhirResponse(exc.status, exc.outcome()), pretty, False), exc.code.gw
         try:
-            principal = await auth.authenticate(request.headers.get("authorization"), address)
+            caller.principal = await auth.authenticate(request.headers.get("authorization"),
+                                                       address)
         except AuthError as exc:
-            return _render(_auth_failure(exc), pretty, request.method == "HEAD")
-        CALLER.set(Caller(principal))
+            return _render(_auth_failure(exc), pretty, head), f"{exc.error}: {exc.description}"
         try:
             _wants_json(request)
             raw = await _read_body(request, ctx.settings.max_request_bytes)
@@ -193,13 +211,18 @@ def create_api(
             headers = {k.lower(): v for k, v in request.headers.items()}
             fhir_request = FhirRequest(request.method, path, query, headers, body, base)
             resp = await route(ctx, fhir_request)
+            description = ""
         except FhirError as exc:
             resp = FhirResponse(exc.status, exc.outcome())
+            description = exc.code.gw
+        except AuditUnavailable:
+            raise
         except Exception:  # a bug of ours: still an OperationOutcome, never a bare 500
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             err = FhirError(Code.INTERNAL, "internal error; the gateway logged the details")
             resp = FhirResponse(err.status, err.outcome())
-        return _render(resp, pretty, request.method == "HEAD")
+            description = err.code.gw
+        return _render(resp, pretty, head), description
 
     app.add_api_route(base_path + "/{path:path}", handle, methods=methods,
                       include_in_schema=False)

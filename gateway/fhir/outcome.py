@@ -64,6 +64,39 @@ class Code(Enum):
     METHOD_NOT_ALLOWED = ("GW-4001", 405, "not-supported", "Interaction not supported here")
     VALIDATION_FAILED = ("GW-4002", 422, "processing", "Resource failed validation")
     PATCH_RESULT_INVALID = ("GW-4003", 422, "processing", "Patched resource is invalid")
+    # 43xx: terminology operations ($lookup, $expand, $validate-code, $translate)
+    UNKNOWN_CODE_SYSTEM = ("GW-4301", 404, "not-found", "Code system is not known")
+    UNKNOWN_VALUE_SET = ("GW-4302", 404, "not-found", "Value set is not known")
+    UNKNOWN_CONCEPT_MAP = ("GW-4303", 404, "not-found", "Concept map is not known")
+    UNKNOWN_CODE = ("GW-4304", 404, "not-found", "Code is not in the code system")
+    INVALID_TERMINOLOGY_REQUEST = ("GW-4305", 400, "invalid",
+                                   "Invalid terminology operation parameters")
+    EXPANSION_FAILED = ("GW-4306", 422, "not-supported",
+                        "Value set cannot be expanded offline")
+    EXPANSION_TOO_LARGE = ("GW-4307", 422, "too-costly", "Value set expansion is too large")
+    # 42xx: validation findings, the issues listed under GW-4002 and by $validate
+    VALIDATION_OK = ("GW-4200", 200, "informational", "Validation found no problems")
+    UNKNOWN_ELEMENT = ("GW-4201", 422, "structure", "Unknown element")
+    WRONG_JSON_TYPE = ("GW-4202", 422, "structure", "Wrong JSON type for the element")
+    EMPTY_VALUE = ("GW-4203", 422, "structure", "null or empty string, array or object")
+    MIN_CARDINALITY = ("GW-4204", 422, "required", "Required element missing")
+    MAX_CARDINALITY = ("GW-4205", 422, "structure", "Element repeats too often")
+    INVALID_PRIMITIVE = ("GW-4206", 422, "value", "Invalid primitive value")
+    CODE_NOT_IN_VALUESET = ("GW-4207", 422, "code-invalid",
+                            "Code is not in the required value set")
+    INVARIANT_FAILED = ("GW-4208", 422, "invariant", "Constraint failed")
+    UNSAFE_NARRATIVE = ("GW-4209", 422, "invariant", "Narrative is not safe XHTML (txt-1/txt-2)")
+    NESTING_TOO_DEEP = ("GW-4210", 422, "too-costly", "Nesting deeper than allowed")
+    UNKNOWN_PROFILE = ("GW-4211", 422, "not-supported", "Unknown profile")
+    FIXED_VALUE_MISMATCH = ("GW-4212", 422, "value",
+                            "Value differs from the profile's fixed or pattern value")
+    SLICING_FAILED = ("GW-4213", 422, "structure", "Slicing rule violated")
+    INVARIANT_NOT_EVALUATED = ("GW-4214", 422, "informational", "Constraint not evaluated")
+    INVALID_REFERENCE_TARGET = ("GW-4215", 422, "structure",
+                                "Reference to a resource type the element does not allow")
+    INVALID_RESOURCE_TYPE = ("GW-4216", 422, "structure", "Missing or unknown resourceType")
+    TYPE_NOT_ALLOWED = ("GW-4217", 422, "structure", "Type not allowed by the profile")
+    TOO_LONG = ("GW-4218", 422, "value", "Value longer than the profile's maxLength")
     # 5xxx: the gateway's own trouble
     INTERNAL = ("GW-5001", 500, "exception", "Internal error")
     UNAVAILABLE = ("GW-5002", 503, "transient", "Storage is unavailable")

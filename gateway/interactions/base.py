@@ -8,17 +8,20 @@ Interactions are framework-free (compare Medplum's fhir-router): they take a
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import parse_qsl
 
 from gateway.fhir.outcome import Code, FhirError, Issue, information
 from gateway.registry import Registry
+from gateway.security import audit as audit_trail
+from gateway.security.policy import AccessPolicy
+from gateway.security.principal import current as current_caller
 from gateway.settings import Settings
-from gateway.storage.interface import Store, StoredResource
+from gateway.storage.interface import Store, StoredResource, StoreTransaction
 
 if TYPE_CHECKING:
     from gateway.interactions.operations import Operation
@@ -40,8 +43,32 @@ class Context:
     registry: Registry
     settings: Settings
     validator: Validator | None = None
+    #: organisation compartments and consent; None: no access control (tests of the core)
+    access: AccessPolicy | None = None
+    #: the audit trail; None: not audited (tests of the core)
+    audit: audit_trail.AuditWriter | None = None
     #: extended operations by name, composed in ``gateway.main``
     operations: Mapping[str, Operation] = field(default_factory=dict)
+
+
+T = TypeVar("T")
+
+
+async def run_write(ctx: Context, work: Callable[[StoreTransaction], Awaitable[T]]) -> T:
+    """Run a write in one transaction together with the request's AuditEvent."""
+    caller = current_caller()
+    mark = len(caller.entities)
+
+    async def audited(tx: StoreTransaction) -> T:
+        del caller.entities[mark:]  # a retried attempt starts over
+        result = await work(tx)
+        if ctx.audit is not None:
+            await tx.append_audit([audit_trail.record_of(caller, 200)])
+        return result
+
+    result = await ctx.store.run(audited)
+    caller.audited = ctx.audit is not None
+    return result
 
 
 def check_valid(ctx: Context, resource: dict[str, Any]) -> None:

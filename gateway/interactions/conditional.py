@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import parse_search
 from gateway.interactions.base import Context
+from gateway.security import guard
 from gateway.storage.interface import StoreTransaction
 
 
@@ -27,7 +28,8 @@ async def matches(
     if not query.criteria:
         raise FhirError(Code.INVALID_CONDITION, "conditional criteria select nothing")
     await tx.lock(criteria_key(resource_type, pairs))
-    return [rid for _, rid in await tx.search_keys(query, 2)]
+    restriction = guard.restriction(ctx.access)
+    return [rid for _, rid in await tx.search_keys(query, 2, restriction)]
 
 
 async def single_match(

@@ -13,10 +13,12 @@ from gateway.interactions.base import (
     check_type,
     check_valid,
     parse_criteria,
+    run_write,
     version_headers,
     write_response,
 )
 from gateway.interactions.conditional import single_match
+from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
 
 
@@ -32,8 +34,12 @@ async def create_in(
     *,
     if_none_exist: str | None = None,
     id: str | None = None,
+    new_patients: frozenset[str] = frozenset(),
 ) -> tuple[StoredResource, bool]:
-    """Create (or find, under ``If-None-Exist``) in ``tx``; True when created."""
+    """Create (or find, under ``If-None-Exist``) in ``tx``; True when created.
+
+    ``new_patients``: Patients this request creates (a transaction's entries
+    may belong to them before they exist)."""
     if if_none_exist:
         existing = await single_match(ctx, tx, resource_type, parse_criteria(if_none_exist))
         if existing is not None:
@@ -41,8 +47,11 @@ async def create_in(
             assert current is not None
             return current, False
     rid = id or new_id()
+    await guard.check_write(ctx.access, tx, body, None, new_patients)
     await tx.lock(f"{resource_type}/{rid}")
-    return await tx.put(resource_type, rid, body, "POST", None), True
+    stored = await tx.put(resource_type, rid, body, "POST", None, creator=guard.creator())
+    guard.note(resource_type, rid, stored.version)
+    return stored, True
 
 
 async def create(
@@ -55,6 +64,7 @@ async def create(
     if_none_exist: str | None = None,
 ) -> FhirResponse:
     check_type(ctx, resource_type)
+    guard.require(resource_type, "create")
     resource = check_body(ctx, body, resource_type)
     resource.pop("id", None)  # the server assigns the id on create
     check_valid(ctx, resource)
@@ -63,7 +73,7 @@ async def create(
         return await create_in(ctx, tx, resource_type, dict(resource),
                                if_none_exist=if_none_exist)
 
-    stored, created = await ctx.store.run(work)
+    stored, created = await run_write(ctx, work)
     if not created:
         # ccreate found a match: 200 OK, nothing written
         response = write_response(200, stored, base, prefer)

@@ -15,8 +15,10 @@ from gateway.interactions.base import (
     check_type,
     parse_criteria,
     parse_etag,
+    run_write,
 )
 from gateway.interactions.conditional import single_match
+from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
 
 
@@ -30,6 +32,13 @@ async def delete_in(
 ) -> StoredResource | None:
     await tx.lock(f"{resource_type}/{id}")
     current = await tx.current(resource_type, id)
+    if current is not None and not current.deleted:
+        try:
+            await guard.check_write(ctx.access, tx, None, current)
+        except FhirError as exc:
+            if exc.code is not Code.NOT_FOUND:
+                raise
+            current = None  # not the caller's to see: as if absent
     if if_match is not None:
         wanted = parse_etag(if_match)
         if current is None or current.deleted or current.version != wanted:
@@ -37,6 +46,7 @@ async def delete_in(
                             f"{resource_type}/{id}: If-Match wants version {wanted}")
     if current is None or current.deleted:
         return None
+    guard.note(resource_type, id, current.version + 1)
     return await tx.delete(current)
 
 
@@ -49,6 +59,7 @@ async def delete(
     criteria: str | None = None,
 ) -> FhirResponse:
     check_type(ctx, resource_type)
+    guard.require(resource_type, "delete")
     if id is not None:
         check_id(id)
 
@@ -61,6 +72,6 @@ async def delete(
                 return None
         return await delete_in(ctx, tx, resource_type, target, if_match=if_match)
 
-    deleted = await ctx.store.run(work)
+    deleted = await run_write(ctx, work)
     headers = {"ETag": deleted.etag} if deleted else {}
     return FhirResponse(204, None, headers)

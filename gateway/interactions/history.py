@@ -14,6 +14,7 @@ from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.indexer import date_bounds
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import Context, FhirResponse, check_id, check_type, http_date
+from gateway.security import guard
 from gateway.storage.interface import StoredResource
 
 _STATUS = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK", "DELETE": "204 No Content"}
@@ -53,6 +54,14 @@ async def history(
         check_type(ctx, resource_type)
     if id is not None:
         check_id(id)
+    level = "history-instance" if id else "history-type" if resource_type else "history-system"
+    guard.require(resource_type, level)
+    restriction = guard.restriction(ctx.access)
+    if id is not None and resource_type is not None:
+        current = await ctx.store.read(resource_type, id)
+        if current is None:
+            raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
+        await guard.ensure_visible(ctx.access, ctx.store, current)
     params = dict(pairs)
     since = _bound("_since", params["_since"])[0] if "_since" in params else None
     at = _bound("_at", params["_at"]) if "_at" in params else None
@@ -63,7 +72,8 @@ async def history(
         raise FhirError(Code.INVALID_SEARCH_VALUE, "_count and _cursor are integers") from None
     count = max(1, min(count, ctx.settings.max_page_size))
     page = await ctx.store.history(resource_type, id, since=since, at=at, before=before,
-                                   limit=count)
+                                   limit=count, restriction=restriction)
+    guard.note(resource_type or "*", id, None, f"_history?{urlencode(pairs)}")
     if id is not None and before is None and not page.entries:
         raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
     path = "/".join(p for p in (base, resource_type, id, "_history") if p)

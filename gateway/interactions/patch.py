@@ -20,10 +20,12 @@ from gateway.interactions.base import (
     check_type,
     check_valid,
     parse_criteria,
+    run_write,
     write_response,
 )
 from gateway.interactions.conditional import single_match
 from gateway.interactions.update import check_version
+from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
 
 
@@ -58,17 +60,22 @@ async def patch_in(
     ops: list[dict[str, Any]],
     *,
     if_match: str | None = None,
+    new_patients: frozenset[str] = frozenset(),
 ) -> StoredResource:
     await tx.lock(f"{resource_type}/{id}")
     current = await tx.current(resource_type, id)
     if current is None:
         raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
+    await guard.check_write(ctx.access, tx, None, current)
     if current.deleted:
         raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
     check_version(current, if_match, f"{resource_type}/{id}")
     result = apply_patch(current, ops)
     check_valid(ctx, result)
-    return await tx.put(resource_type, id, result, "PATCH", current)
+    await guard.check_write(ctx.access, tx, result, current, new_patients)
+    stored = await tx.put(resource_type, id, result, "PATCH", current)
+    guard.note(resource_type, id, stored.version)
+    return stored
 
 
 async def patch(
@@ -83,6 +90,7 @@ async def patch(
     criteria: str | None = None,
 ) -> FhirResponse:
     check_type(ctx, resource_type)
+    guard.require(resource_type, "patch")
     if id is not None:
         check_id(id)
     ops = check_patch(body)
@@ -96,4 +104,4 @@ async def patch(
                 raise FhirError(Code.NOT_FOUND, "no resource matches the patch criteria")
         return await patch_in(ctx, tx, resource_type, target, ops, if_match=if_match)
 
-    return write_response(200, await ctx.store.run(work), base, prefer)
+    return write_response(200, await run_write(ctx, work), base, prefer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import Context, FhirResponse, check_id, check_type, version_headers
+from gateway.security import guard
 
 
 async def read(
@@ -14,9 +15,11 @@ async def read(
 ) -> FhirResponse:
     check_type(ctx, resource_type)
     check_id(id)
+    guard.require(resource_type, "read")
     stored = await ctx.store.read(resource_type, id)
     if stored is None:
         raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
+    await guard.ensure_visible(ctx.access, ctx.store, stored)
     if stored.deleted:
         raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
     headers = version_headers(stored)
@@ -28,8 +31,13 @@ async def read(
 async def vread(ctx: Context, resource_type: str, id: str, version: str) -> FhirResponse:
     check_type(ctx, resource_type)
     check_id(id)
+    guard.require(resource_type, "vread")
     if not version.isdigit():
         raise FhirError(Code.VERSION_NOT_FOUND, f"version '{version[:20]}' is not known")
+    current = await ctx.store.read(resource_type, id)
+    if current is None:
+        raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
+    await guard.ensure_visible(ctx.access, ctx.store, current)
     stored = await ctx.store.vread(resource_type, id, int(version))
     if stored is None:
         raise FhirError(Code.VERSION_NOT_FOUND,

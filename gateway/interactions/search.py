@@ -18,6 +18,7 @@ from gateway.fhir.outcome import Code, FhirError, Issue, operation_outcome
 from gateway.fhir.search import SearchQuery, parse_search
 from gateway.fhir.summary import subset, summarize
 from gateway.interactions.base import Context, FhirResponse, Prefer, check_type
+from gateway.security import guard
 from gateway.storage.interface import Snapshot, StoredResource
 
 PAGING_PARAMS = frozenset({"_getpages", "_getpagesoffset", "_format", "_pretty"})
@@ -51,12 +52,15 @@ async def _page(
     links: list[tuple[str, str]],
     warnings: tuple[str, ...],
 ) -> FhirResponse:
-    included = await ctx.store.includes(query, keys, ctx.settings.max_page_size * 10) if (
+    restriction = guard.restriction(ctx.access)
+    included = await ctx.store.includes(query, keys, ctx.settings.max_page_size * 10,
+                                        restriction) if (
         query.includes or query.revincludes) and keys else []
     stored = await ctx.store.read_many([*keys, *included])
     matched = set(keys)
     entries: list[dict[str, Any]] = []
     for s in stored:
+        guard.note(s.resource_type, s.id, s.version)
         mode = "match" if (s.resource_type, s.id) in matched else "include"
         entries.append({
             "fullUrl": f"{base}/{s.resource_type}/{s.id}",
@@ -94,31 +98,38 @@ async def search(
 ) -> FhirResponse:
     if resource_type is not None:
         check_type(ctx, resource_type)
+    guard.require(resource_type, "search")
     query = parse_search(resource_type, pairs, ctx.registry.search_params, strict=prefer.strict,
                          base_url=base)
+    for t in query.types:
+        guard.require(t, "search")
     links = [("self", _self_link(base, resource_type, pairs))]
+    guard.note(resource_type or "*", None, None, links[0][1])
+    restriction = guard.restriction(ctx.access)
     total: int | None
     if query.summary == "count" or query.count == 0:
-        total = await ctx.store.count(query)
+        total = await ctx.store.count(query, restriction)
         return await _page(ctx, query, [], base, total=total, links=links,
                            warnings=query.warnings)
     size = _page_size(ctx, query)
-    keys = await ctx.store.search_keys(query, size + 1)
+    keys = await ctx.store.search_keys(query, size + 1, restriction)
     if len(keys) <= size:
         total = None if query.total == "none" else len(keys)
         return await _page(ctx, query, keys, base, total=total, links=links,
                            warnings=query.warnings)
     # more than one page: keep the ordered result as a snapshot for stable paging
     cap = ctx.settings.max_search_results
-    everything = await ctx.store.search_keys(query, cap + 1)
+    everything = await ctx.store.search_keys(query, cap + 1, restriction)
     truncated = len(everything) > cap
     everything = everything[:cap]
     total = len(everything)
     if truncated:
-        total = await ctx.store.count(query) if query.total == "accurate" else None
+        total = await ctx.store.count(query, restriction) if query.total == "accurate" else None
     if query.total == "none":
         total = None
-    snapshot = Snapshot(str(uuid.uuid4()), f"{resource_type or ''}?{urlencode(pairs)}",
+    owner = restriction.organization if restriction else ""
+    snapshot = Snapshot(str(uuid.uuid4()),
+                        f"{owner}|{resource_type or ''}?{urlencode(pairs)}",
                         everything, total if total is not None else -1, truncated)
     await ctx.store.save_snapshot(snapshot)
     links.append(("next", _pages_link(base, snapshot.search_id, size, size)))
@@ -142,7 +153,13 @@ async def search_page(
     except ValueError:
         raise FhirError(Code.INVALID_SEARCH_VALUE, "_getpagesoffset and _count are integers")\
             from None
-    rt, _, qs = snapshot.query.partition("?")
+    owner, _, rest = snapshot.query.partition("|")
+    restriction = guard.restriction(ctx.access)
+    if owner != (restriction.organization if restriction else ""):
+        # another organisation's result set: as unknown as a missing one
+        raise FhirError(Code.SEARCH_EXPIRED, f"search '{search_id[:64]}' is unknown or expired")
+    rt, _, qs = rest.partition("?")
+    guard.require(rt or None, "search")
     pairs = parse_qsl(qs, keep_blank_values=True)
     query = parse_search(rt or None, pairs, ctx.registry.search_params, base_url=base)
     links = [("self", _pages_link(base, search_id, start, size)),
@@ -152,6 +169,8 @@ async def search_page(
     if start + size < len(snapshot.keys):
         links.append(("next", _pages_link(base, search_id, start + size, size)))
     total = snapshot.total if snapshot.total >= 0 else None
-    return await _page(ctx, query, snapshot.keys[start : start + size], base, total=total,
-                       links=links, warnings=())
+    # the compartment may have changed since the first page
+    keys = await guard.filter_visible(ctx.access, ctx.store, snapshot.keys[start : start + size])
+    guard.note(rt or "*", None, None, links[0][1])
+    return await _page(ctx, query, keys, base, total=total, links=links, warnings=())
 

@@ -31,6 +31,7 @@ from gateway.interactions.base import (
     http_date,
     location,
     parse_criteria,
+    run_write,
 )
 from gateway.interactions.conditional import single_match
 from gateway.interactions.create import create_in, new_id
@@ -38,6 +39,9 @@ from gateway.interactions.delete import delete_in
 from gateway.interactions.patch import check_patch, patch_in
 from gateway.interactions.router import FhirRequest, route
 from gateway.interactions.update import resolve_conditional_id, update_in
+from gateway.security import audit as audit_trail
+from gateway.security import guard
+from gateway.security.principal import CALLER, current
 from gateway.storage.interface import StoredResource, StoreTransaction
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -167,6 +171,7 @@ class _Transaction:
         self.names: dict[str, str] = {}  # fullUrl -> Type/id
         self.conditional_creates: dict[tuple[str, str], Entry] = {}
         self.resolved_refs: dict[str, str] = {}
+        self.new_patients: frozenset[str] = frozenset()
 
     async def run(self) -> None:
         writes = [e for e in self.entries if e.method not in ("GET", "HEAD")]
@@ -176,6 +181,14 @@ class _Transaction:
             except FhirError as exc:
                 raise _entry_error(e, exc) from None
         self._check_overlap(writes)
+        fresh = set()
+        for e in writes:
+            if e.resource_type == "Patient" and e.id and e.method in ("POST", "PUT") and (
+                    not e.extra.get("exists") and "same_as" not in e.extra):
+                current = await self.tx.current("Patient", e.id)
+                if current is None or current.deleted:
+                    fresh.add(e.id)
+        self.new_patients = frozenset(fresh)
         for e in writes:
             if e.method in ("POST", "PUT") and isinstance(e.resource, dict):
                 try:
@@ -196,6 +209,8 @@ class _Transaction:
             raise FhirError(Code.INVALID_ENTRY, "request.url names no resource type")
         e.resource_type = parts[0]
         check_type(self.ctx, e.resource_type)
+        guard.require(e.resource_type, {"POST": "create", "PUT": "update", "PATCH": "patch",
+                                        "DELETE": "delete"}[e.method])
         if e.method == "POST":
             if len(parts) != 1:
                 raise FhirError(Code.INVALID_ENTRY, "POST request.url must be a resource type")
@@ -282,6 +297,7 @@ class _Transaction:
                 if ref not in self.resolved_refs:
                     rt, _, query = ref.partition("?")
                     check_type(self.ctx, rt)
+                    guard.require(rt, "search")
                     found = await single_match(self.ctx, self.tx, rt, parse_criteria(query))
                     if found is None:
                         raise FhirError(Code.UNRESOLVED_REFERENCE,
@@ -317,16 +333,18 @@ class _Transaction:
                 e.outcome = (current, 200)
                 return
             stored, _ = await create_in(ctx, tx, e.resource_type, copy.copy(e.resource),
-                                        id=e.id)
+                                        id=e.id, new_patients=self.new_patients)
             e.outcome = (stored, 201)
         elif e.method == "PUT":
             stored, created = await update_in(ctx, tx, e.resource_type, e.id,
                                               copy.copy(e.resource),
-                                              if_match=e.headers.get("if-match"))
+                                              if_match=e.headers.get("if-match"),
+                                              new_patients=self.new_patients)
             e.outcome = (stored, 201 if created else 200)
         elif e.method == "PATCH":
             stored = await patch_in(ctx, tx, e.resource_type, e.id, e.extra["ops"],
-                                    if_match=e.headers.get("if-match"))
+                                    if_match=e.headers.get("if-match"),
+                                    new_patients=self.new_patients)
             e.outcome = (stored, 200)
 
 
@@ -345,13 +363,28 @@ def _collect_conditional(node: Any, out: list[str]) -> None:
                 _collect_conditional(value, out)
 
 
+async def _entry_request(
+    ctx: Context, e: Entry, req: FhirRequest
+) -> FhirResponse:
+    """Route one entry as a request of its own, audited as one."""
+    child = current().child(e.method, e.path, e.query)
+    token = CALLER.set(child)
+    try:
+        try:
+            response = await route(ctx, req)
+        except FhirError as exc:
+            response = FhirResponse(exc.status, _entry_error(e, exc).outcome())
+        if ctx.audit is not None and not child.audited:
+            await ctx.audit.write(audit_trail.record_of(child, response.status))
+        return response
+    finally:
+        CALLER.reset(token)
+
+
 async def _run_get(ctx: Context, e: Entry, base: str) -> FhirResponse:
     req = FhirRequest(e.method, e.path, parse_qsl(e.query, keep_blank_values=True),
                       e.headers, None, base)
-    try:
-        return await route(ctx, req)
-    except FhirError as exc:
-        return FhirResponse(exc.status, exc.outcome())
+    return await _entry_request(ctx, e, req)
 
 
 async def process_bundle(ctx: Context, body: Any, *, base: str, prefer: Prefer) -> FhirResponse:
@@ -367,7 +400,7 @@ async def process_bundle(ctx: Context, body: Any, *, base: str, prefer: Prefer) 
                        copy.deepcopy(e.resource), e.headers) for e in entries]
         await _Transaction(ctx, tx, fresh).run()
 
-    await ctx.store.run(work)
+    await run_write(ctx, work)
     for e in fresh:
         if e.method in ("GET", "HEAD"):
             e.response = await _run_get(ctx, e, base)
@@ -385,17 +418,13 @@ async def _batch(ctx: Context, entries: list[Entry], base: str, prefer: Prefer) 
         if e.method == "PATCH":
             try:
                 body = _Transaction._patch_ops(e)
-            except FhirError as exc:
-                e.response = FhirResponse(exc.status, _entry_error(e, exc).outcome())
-                out.append(_response_entry(e, base, prefer))
-                continue
+            except FhirError:
+                body = None  # the router answers it as an invalid patch, audited
         req = FhirRequest(e.method, e.path, parse_qsl(e.query, keep_blank_values=True),
                           headers, body, base)
-        try:
-            e.response = await route(ctx, req)
-        except FhirError as exc:
-            e.response = FhirResponse(exc.status, _entry_error(e, exc).outcome())
+        e.response = await _entry_request(ctx, e, req)
         out.append(_response_entry(e, base, prefer))
+    current().audited = ctx.audit is not None  # each entry carries its own AuditEvent
     return FhirResponse(200, bundle("batch-response", out))
 
 

@@ -20,10 +20,12 @@ from gateway.interactions.base import (
     check_valid,
     parse_criteria,
     parse_etag,
+    run_write,
     write_response,
 )
 from gateway.interactions.conditional import single_match
 from gateway.interactions.create import new_id
+from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
 
 
@@ -46,12 +48,17 @@ async def update_in(
     *,
     if_match: str | None = None,
     method: str = "PUT",
+    new_patients: frozenset[str] = frozenset(),
 ) -> tuple[StoredResource, bool]:
     """Write the next version of ``resource_type/id``; True when it did not exist before."""
     await tx.lock(f"{resource_type}/{id}")
     current = await tx.current(resource_type, id)
+    if current is None:
+        guard.require(resource_type, "create")
+    await guard.check_write(ctx.access, tx, resource, current, new_patients)
     check_version(current, if_match, f"{resource_type}/{id}")
-    stored = await tx.put(resource_type, id, resource, method, current)
+    stored = await tx.put(resource_type, id, resource, method, current, creator=guard.creator())
+    guard.note(resource_type, id, stored.version)
     return stored, current is None or current.deleted
 
 
@@ -81,6 +88,7 @@ async def update(
     criteria: str | None = None,
 ) -> FhirResponse:
     check_type(ctx, resource_type)
+    guard.require(resource_type, "update")
     resource = check_body(ctx, body, resource_type)
     if id is not None:
         check_id(id)
@@ -101,5 +109,5 @@ async def update(
         return await update_in(ctx, tx, resource_type, target, dict(resource),
                                if_match=if_match)
 
-    stored, created = await ctx.store.run(work)
+    stored, created = await run_write(ctx, work)
     return write_response(201 if created else 200, stored, base, prefer, created=created)

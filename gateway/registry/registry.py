@@ -2,7 +2,11 @@
 
 Built once at start from the data in ``profiles/r4`` (trimmed from the
 official ``hl7.fhir.r4.examples@4.0.1`` package by
-``scripts/build_r4_definitions.py``).
+``scripts/build_r4_definitions.py``) and the gateway's own conformance
+resources in ``profiles/*.json`` (StructureDefinitions, CodeSystems,
+ValueSets, ConceptMaps, ...; completed by ``scripts/build_profiles.py``),
+which are found by canonical URL (:meth:`Registry.canonical`) or by type and
+id (:meth:`Registry.conformance_resource`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import orjson
 
 import gateway
 from gateway.fhir.indexer import Indexer, SearchParam
+from gateway.fhir.terminology import Terminology
 
 
 def profiles_dir() -> Path:
@@ -23,6 +28,16 @@ def profiles_dir() -> Path:
     here = Path(gateway.__file__).resolve().parent
     packaged = here / "_data" / "profiles"
     return packaged if packaged.is_dir() else here.parent / "profiles"
+
+
+def _conformance_resources(root: Path) -> list[dict[str, Any]]:
+    """The top-level ``profiles/<Type>-<id>.json`` files, in file-name order."""
+    out = []
+    for path in sorted(root.glob("*.json")):
+        resource = orjson.loads(path.read_bytes())
+        if isinstance(resource, dict) and isinstance(resource.get("resourceType"), str):
+            out.append(resource)
+    return out
 
 
 def _bundle_resources(path: Path) -> list[dict[str, Any]]:
@@ -46,17 +61,62 @@ class Registry:
     search_parameters: list[dict[str, Any]]
     indexer: Indexer
     types: dict[str, TypeInfo] = field(default_factory=dict)
+    #: the gateway's own conformance resources (``profiles/*.json``)
+    conformance: list[dict[str, Any]] = field(default_factory=list)
+    _by_url: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _by_id: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, root: Path | None = None) -> Registry:
-        r4 = (root or profiles_dir()) / "r4"
+        root = root or profiles_dir()
+        r4 = root / "r4"
         sds = _bundle_resources(r4 / "Bundle-r4-structure-definitions.json")
         sps = _bundle_resources(r4 / "Bundle-r4-search-parameters.json")
         reg = cls(sds, sps, Indexer(sps, sds))
         for sd in sds:
             if sd.get("kind") == "resource" and not sd.get("abstract"):
                 reg.types[sd["type"]] = _type_info(sd)
+        for resource in _conformance_resources(root):
+            reg.add_conformance(resource)
         return reg
+
+    def add_conformance(self, resource: dict[str, Any]) -> None:
+        """Register one conformance resource by ``url``, ``url|version`` and type/id."""
+        self.conformance.append(resource)
+        rt, rid, url = resource["resourceType"], resource.get("id"), resource.get("url")
+        if isinstance(rid, str):
+            self._by_id[(rt, rid)] = resource
+        if isinstance(url, str):
+            self._by_url.setdefault(url, resource)
+            version = resource.get("version")
+            if isinstance(version, str):
+                self._by_url[f"{url}|{version}"] = resource
+
+    def canonical(self, url: str, resource_type: str | None = None) -> dict[str, Any] | None:
+        """The conformance resource with canonical ``url`` (``url|version`` pins a version).
+
+        ``resource_type`` disambiguates when code system and value set share a URL
+        (they do not in ``profiles/``, but imported content may).
+        """
+        found = self._by_url.get(url)
+        if found is not None and resource_type not in (None, found["resourceType"]):
+            base = url.split("|", 1)[0]
+            version = url.partition("|")[2] or None
+            found = next((r for r in self.conformance
+                          if r["resourceType"] == resource_type and r.get("url") == base
+                          and version in (None, r.get("version"))), None)
+        return found
+
+    def conformance_resource(self, resource_type: str, id: str) -> dict[str, Any] | None:
+        return self._by_id.get((resource_type, id))
+
+    def conformance_of(self, resource_type: str) -> list[dict[str, Any]]:
+        return [r for r in self.conformance if r["resourceType"] == resource_type]
+
+    @cached_property
+    def terminology(self) -> Terminology:
+        """Terminology over the own CodeSystems, ValueSets and ConceptMaps."""
+        return Terminology(self.conformance)
 
     @property
     def resource_types(self) -> list[str]:

@@ -33,6 +33,11 @@ class Principal:
         return cls(None, None, Grant.everything(), address=address, unrestricted=True)
 
     @classmethod
+    def nobody(cls, address: str | None = None) -> Principal:
+        """Not (yet) authenticated: may do nothing."""
+        return cls(None, None, Grant(()), address=address)
+
+    @classmethod
     def system(cls) -> Principal:
         """The gateway itself (background work)."""
         return cls("carepath-gateway", None, Grant.everything(), unrestricted=True)
@@ -41,11 +46,20 @@ class Principal:
 @dataclass(slots=True)
 class Caller:
     principal: Principal
-    #: what the request touched, for its AuditEvent
+    #: the request, for its AuditEvent
+    method: str = ""
+    path: str = ""
+    query_string: str = ""
+    base: str = ""
+    #: what the request touched
     entities: list[tuple[str, str | None, int | None, str | None]] = field(default_factory=list)
     patients: set[str] = field(default_factory=set)
-    query: str | None = None
+    #: True once an AuditEvent for this request is committed
     audited: bool = False
+
+    def child(self, method: str, path: str, query_string: str = "") -> Caller:
+        """The caller of one Bundle entry (batch entries are audited one by one)."""
+        return Caller(self.principal, method, path, query_string, self.base)
 
 
 CALLER: ContextVar[Caller | None] = ContextVar("carepath_caller", default=None)

@@ -15,8 +15,32 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from gateway.fhir.search import SearchQuery
+    from gateway.storage.security import AuditRecord
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRules:
+    """Data of the access policy (``mappings/security/access-policy.json``)."""
+
+    #: resource type -> search parameters that link it to a Patient
+    compartment: dict[str, tuple[str, ...]]
+    #: types visible to their creating organisation only
+    owned: frozenset[str]
+    #: (resource type, patient parameter or "_self", organisation parameters)
+    participation: tuple[tuple[str, str, tuple[str, ...]], ...]
+    consent_required: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Restriction:
+    """Whose data a request may see: filters every read path in the store."""
+
+    organization: str
+    purpose: str
+    now: int  # epoch microseconds, for consent periods
+    rules: AccessRules
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +82,18 @@ class StoreTransaction(Protocol):
 
     async def current(self, resource_type: str, id: str) -> StoredResource | None: ...
 
-    async def search_keys(self, query: SearchQuery, limit: int) -> list[tuple[str, str]]: ...
+    async def search_keys(
+        self, query: SearchQuery, limit: int, restriction: Restriction | None = None
+    ) -> list[tuple[str, str]]: ...
+
+    async def visible(
+        self, keys: Sequence[tuple[str, str]], restriction: Restriction
+    ) -> set[tuple[str, str]]: ...
+
+    async def accessible(self, ids: Sequence[str], restriction: Restriction) -> set[str]: ...
+
+    async def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        """Append to the audit chain in this transaction."""
 
     async def put(
         self,
@@ -67,8 +102,12 @@ class StoreTransaction(Protocol):
         resource: dict[str, Any],
         method: str,
         previous: StoredResource | None,
+        *,
+        creator: str | None = None,
     ) -> StoredResource:
-        """Store ``resource`` as the next version. Sets ``id`` and ``meta`` in it."""
+        """Store ``resource`` as the next version. Sets ``id`` and ``meta`` in it.
+
+        ``creator``: the organisation creating it (recorded on the first version)."""
 
     async def delete(self, previous: StoredResource) -> StoredResource: ...
 
@@ -84,10 +123,21 @@ class Store(Protocol):
     async def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None: ...
     async def read_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]: ...
 
-    async def search_keys(self, query: SearchQuery, limit: int) -> list[tuple[str, str]]: ...
-    async def count(self, query: SearchQuery) -> int: ...
+    async def visible(
+        self, keys: Sequence[tuple[str, str]], restriction: Restriction
+    ) -> set[tuple[str, str]]: ...
+
+    async def accessible(self, ids: Sequence[str], restriction: Restriction) -> set[str]: ...
+
+    async def search_keys(
+        self, query: SearchQuery, limit: int, restriction: Restriction | None = None
+    ) -> list[tuple[str, str]]: ...
+
+    async def count(self, query: SearchQuery, restriction: Restriction | None = None) -> int: ...
+
     async def includes(
-        self, query: SearchQuery, matches: list[tuple[str, str]], limit: int
+        self, query: SearchQuery, matches: list[tuple[str, str]], limit: int,
+        restriction: Restriction | None = None,
     ) -> list[tuple[str, str]]: ...
     async def save_snapshot(self, snapshot: Snapshot) -> None: ...
     async def load_snapshot(self, search_id: str) -> Snapshot | None: ...
@@ -101,4 +151,5 @@ class Store(Protocol):
         at: tuple[int, int] | None,
         before: int | None,
         limit: int,
+        restriction: Restriction | None = None,
     ) -> HistoryPage: ...

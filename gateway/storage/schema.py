@@ -43,7 +43,7 @@ INDEX_TABLES: dict[str, tuple[str, ...]] = {
     ),
     "sp_uri": ("value",),
     # derived by gateway.security: one row per Consent provision (param "consent")
-    "sp_consent": ("patient_id", "actor", "purpose", "permit", "lo", "hi"),
+    "sp_consent": ("patient_id", "actor", "purpose", "weight", "lo", "hi"),
 }
 
 _V1 = """
@@ -177,7 +177,7 @@ CREATE INDEX IF NOT EXISTS resource_creator_org ON resource_creator (organizatio
 CREATE TABLE IF NOT EXISTS sp_consent (
     res_type TEXT NOT NULL, res_id TEXT NOT NULL, param TEXT NOT NULL,
     patient_id TEXT NOT NULL, actor TEXT NOT NULL, purpose TEXT NOT NULL,
-    permit SMALLINT NOT NULL, lo BIGINT NOT NULL, hi BIGINT NOT NULL
+    weight INTEGER NOT NULL, lo BIGINT NOT NULL, hi BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sp_consent_patient ON sp_consent (patient_id, actor);
 CREATE INDEX IF NOT EXISTS sp_consent_res ON sp_consent (res_type, res_id)

@@ -24,7 +24,7 @@ SQLite does).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.fhir.search import (
@@ -101,12 +101,16 @@ class _Ctx:
 # -- public API -----------------------------------------------------------------
 
 
+Restrict = Callable[[str], Frag]  # alias -> an extra condition (access control)
+
+
 def select_ids(
-    query: SearchQuery, dialect: str, limit: int | None = None
+    query: SearchQuery, dialect: str, limit: int | None = None,
+    restrict: Restrict | None = None,
 ) -> tuple[str, list[Any]]:
     """SQL for the matching ``(res_type, res_id)`` rows in result order."""
     ctx = _Ctx(dialect)
-    where, params = _from_where(query, ctx)
+    where, params = _from_where(query, ctx, restrict)
     order: list[str] = []
     for key in query.sort:
         expr, p = _sort_expr(key, ctx)
@@ -121,14 +125,17 @@ def select_ids(
     return sql, params
 
 
-def count(query: SearchQuery, dialect: str) -> tuple[str, list[Any]]:
+def count(
+    query: SearchQuery, dialect: str, restrict: Restrict | None = None
+) -> tuple[str, list[Any]]:
     """SQL for one row ``(count,)`` of the matches."""
-    where, params = _from_where(query, _Ctx(dialect))
+    where, params = _from_where(query, _Ctx(dialect), restrict)
     return f"SELECT COUNT(*) {where}", params
 
 
 async def resolve_includes(
-    conn: Connection, query: SearchQuery, matches: list[tuple[str, str]], limit: int
+    conn: Connection, query: SearchQuery, matches: list[tuple[str, str]], limit: int,
+    restrict: Restrict | None = None,
 ) -> list[tuple[str, str]]:
     """The ``_include``/``_revinclude`` resources of ``matches``: current, not
     deleted, each once, none of ``matches``, in discovery order, at most
@@ -149,7 +156,7 @@ async def resolve_includes(
         new: list[tuple[str, str]] = []
         steps = [(inc, False) for inc in forward] + [(inc, True) for inc in reverse]
         for inc, rev in steps:
-            for sql, params in _include_sql(inc, frontier, rev):
+            for sql, params in _include_sql(inc, frontier, rev, restrict):
                 for row in await conn.fetch(sql, params):
                     key = (str(row[0]), str(row[1]))
                     if key in seen:
@@ -167,7 +174,7 @@ async def resolve_includes(
 # -- WHERE ----------------------------------------------------------------------
 
 
-def _from_where(query: SearchQuery, ctx: _Ctx) -> Frag:
+def _from_where(query: SearchQuery, ctx: _Ctx, restrict: Restrict | None = None) -> Frag:
     conds: list[str] = []
     params: list[Any] = []
     if query.resource_type is not None:
@@ -179,6 +186,10 @@ def _from_where(query: SearchQuery, ctx: _Ctx) -> Frag:
     conds.append("r.deleted = 0")
     for crit in query.criteria:
         sql, p = _criterion(crit, "r", query.resource_type, ctx)
+        conds.append(sql)
+        params.extend(p)
+    if restrict is not None:
+        sql, p = restrict("r")
         conds.append(sql)
         params.extend(p)
     return f"FROM resource r WHERE {' AND '.join(conds)}", params
@@ -442,7 +453,8 @@ def _sort_expr(key: SortKey, ctx: _Ctx) -> Frag:
 
 
 def _include_sql(
-    inc: Include, frontier: list[tuple[str, str]], reverse: bool
+    inc: Include, frontier: list[tuple[str, str]], reverse: bool,
+    restrict: Restrict | None = None,
 ) -> list[Frag]:
     by_type: dict[str, list[str]] = {}
     for rtype, rid in frontier:
@@ -474,6 +486,10 @@ def _include_sql(
             if not inc.wildcard:
                 conds.append("ref.param = ?")
                 params.append(inc.param_code)
+            if restrict is not None:
+                sql, p = restrict("x")
+                conds.append(sql)
+                params.extend(p)
             out.append((
                 f"SELECT DISTINCT {pick}, {join} FROM sp_reference ref"
                 f" JOIN resource x ON x.res_type = {pick} AND x.res_id = {join}"

@@ -17,11 +17,12 @@ import orjson
 
 from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
-from gateway.storage import search_sql
+from gateway.storage import access_sql, search_sql
 from gateway.storage.db import Connection, Database, RetryableError
-from gateway.storage.interface import HistoryPage, Snapshot, StoredResource
+from gateway.storage.interface import HistoryPage, Restriction, Snapshot, StoredResource
 from gateway.storage.migrate import migrate
 from gateway.storage.schema import INDEX_TABLES
+from gateway.storage.security import AuditRecord, append_audit
 
 if TYPE_CHECKING:
     from gateway.fhir.search import SearchQuery
@@ -56,6 +57,40 @@ def instant(micros: int) -> str:
     return datetime.fromtimestamp(micros / 1_000_000, UTC).isoformat(timespec="milliseconds")
 
 
+def _restrict(
+    r: Restriction | None, types: Sequence[str] | None = None
+) -> search_sql.Restrict | None:
+    if r is None:
+        return None
+    return lambda alias: access_sql.visible(r, alias, types)
+
+
+async def _visible(
+    conn: Connection, keys: Sequence[tuple[str, str]], r: Restriction
+) -> set[tuple[str, str]]:
+    out: set[tuple[str, str]] = set()
+    types = sorted({t for t, _ in keys})
+    for start in range(0, len(keys), 200):
+        chunk = keys[start : start + 200]
+        cond, params = access_sql.visible(r, "v", types)
+        pairs = " OR ".join("(v.res_type = ? AND v.res_id = ?)" for _ in chunk)
+        rows = await conn.fetch(
+            f"SELECT v.res_type, v.res_id FROM resource v WHERE ({pairs}) AND {cond}",
+            [*(x for k in chunk for x in k), *params])
+        out.update((row[0], row[1]) for row in rows)
+    return out
+
+
+async def _accessible(conn: Connection, ids: Sequence[str], r: Restriction) -> set[str]:
+    if not ids:
+        return set()
+    acc, params = access_sql.accessible_patients(r)
+    marks = ", ".join("?" for _ in ids)
+    rows = await conn.fetch(f"SELECT q.pid FROM ({acc}) q WHERE q.pid IN ({marks})",
+                            [*params, *ids])
+    return {row[0] for row in rows}
+
+
 def _stored(row: Sequence[Any], method: str = "") -> StoredResource:
     content = row[5]
     return StoredResource(
@@ -84,9 +119,23 @@ class _Transaction:
         )
         return _stored(row) if row else None
 
-    async def search_keys(self, query: SearchQuery, limit: int) -> list[tuple[str, str]]:
-        sql, params = search_sql.select_ids(query, self.conn.dialect, limit)
+    async def search_keys(
+        self, query: SearchQuery, limit: int, restriction: Restriction | None = None
+    ) -> list[tuple[str, str]]:
+        sql, params = search_sql.select_ids(query, self.conn.dialect, limit,
+                                            _restrict(restriction, _types(query)))
         return [(r[0], r[1]) for r in await self.conn.fetch(sql, params)]
+
+    async def visible(
+        self, keys: Sequence[tuple[str, str]], restriction: Restriction
+    ) -> set[tuple[str, str]]:
+        return await _visible(self.conn, keys, restriction)
+
+    async def accessible(self, ids: Sequence[str], restriction: Restriction) -> set[str]:
+        return await _accessible(self.conn, ids, restriction)
+
+    async def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        await append_audit(self.conn, records)
 
     async def put(
         self,
@@ -95,6 +144,8 @@ class _Transaction:
         resource: dict[str, Any],
         method: str,
         previous: StoredResource | None,
+        *,
+        creator: str | None = None,
     ) -> StoredResource:
         version = previous.version + 1 if previous else 1
         updated = now_micros()
@@ -121,6 +172,10 @@ class _Transaction:
         )
         if previous and not previous.deleted:
             await self._clear_index(resource_type, id)
+        if previous is None and creator is not None:
+            await self.conn.execute(
+                "INSERT INTO resource_creator (res_type, res_id, organization) VALUES (?, ?, ?)"
+                " ON CONFLICT (res_type, res_id) DO NOTHING", (resource_type, id, creator))
         for table, rows in self.indexer.extract(resource).items():
             if rows:
                 await self.conn.executemany(
@@ -218,6 +273,19 @@ class SqlStore:
             )
         return _stored(row, row[6]) if row else None
 
+    async def visible(
+        self, keys: Sequence[tuple[str, str]], restriction: Restriction
+    ) -> set[tuple[str, str]]:
+        """The keys ``restriction`` may see (current state of the compartment)."""
+        if not keys:
+            return set()
+        async with self.db.read() as conn:
+            return await _visible(conn, keys, restriction)
+
+    async def accessible(self, ids: Sequence[str], restriction: Restriction) -> set[str]:
+        async with self.db.read() as conn:
+            return await _accessible(conn, ids, restriction)
+
     async def read_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]:
         """Current, non-deleted versions of ``keys``, in the order given."""
         if not keys:
@@ -236,22 +304,28 @@ class SqlStore:
                     found[(s.resource_type, s.id)] = s
         return [found[k] for k in keys if k in found]
 
-    async def search_keys(self, query: SearchQuery, limit: int) -> list[tuple[str, str]]:
-        sql, params = search_sql.select_ids(query, self.dialect, limit)
+    async def search_keys(
+        self, query: SearchQuery, limit: int, restriction: Restriction | None = None
+    ) -> list[tuple[str, str]]:
+        sql, params = search_sql.select_ids(query, self.dialect, limit,
+                                            _restrict(restriction, _types(query)))
         async with self.db.read() as conn:
             return [(r[0], r[1]) for r in await conn.fetch(sql, params)]
 
-    async def count(self, query: SearchQuery) -> int:
-        sql, params = search_sql.count(query, self.dialect)
+    async def count(self, query: SearchQuery, restriction: Restriction | None = None) -> int:
+        sql, params = search_sql.count(query, self.dialect,
+                                       _restrict(restriction, _types(query)))
         async with self.db.read() as conn:
             row = await conn.fetchrow(sql, params)
         return int(row[0]) if row else 0
 
     async def includes(
-        self, query: SearchQuery, matches: list[tuple[str, str]], limit: int
+        self, query: SearchQuery, matches: list[tuple[str, str]], limit: int,
+        restriction: Restriction | None = None,
     ) -> list[tuple[str, str]]:
         async with self.db.read() as conn:
-            return await search_sql.resolve_includes(conn, query, matches, limit)
+            return await search_sql.resolve_includes(conn, query, matches, limit,
+                                                     _restrict(restriction))
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         cutoff = now_micros() - 24 * 3600 * 1_000_000
@@ -284,9 +358,17 @@ class SqlStore:
         at: tuple[int, int] | None,
         before: int | None,
         limit: int,
+        restriction: Restriction | None = None,
     ) -> HistoryPage:
         where: list[str] = []
         params: list[Any] = []
+        if restriction is not None:
+            # versions of resources the caller may see now (deleted ones: by their creator)
+            cond, cparams = access_sql.visible(
+                restriction, "hv", [resource_type] if resource_type else None)
+            where.append("EXISTS (SELECT 1 FROM resource hv WHERE hv.res_type = h.res_type"
+                         f" AND hv.res_id = h.res_id AND {cond})")
+            params.extend(cparams)
         if resource_type is not None:
             where.append("h.res_type = ?")
             params.append(resource_type)
@@ -329,6 +411,12 @@ class SqlStore:
         rows = rows[:limit]
         entries = [_stored(r, r[6]) for r in rows]
         return HistoryPage(entries, int(rows[-1][7]) if more and rows else None, total)
+
+
+def _types(query: SearchQuery) -> list[str] | None:
+    if query.resource_type is not None:
+        return [query.resource_type]
+    return list(query.types) if query.types else None
 
 
 def _is_retryable(exc: Exception) -> bool:

@@ -1,0 +1,907 @@
+"""Terminology operations, offline, over CodeSystems, ValueSets and ConceptMaps held in memory.
+
+Pure: no I/O. :class:`Terminology` is built from conformance resources (the
+gateway's ``profiles/*.json``, plus whatever a caller adds with
+:meth:`Terminology.with_resources`) and answers the four R4 terminology
+operations with the JSON the spec defines; failures raise
+:class:`~gateway.fhir.outcome.FhirError` with a ``GW-43xx`` code.
+
+* ``CodeSystem/$lookup`` -- https://hl7.org/fhir/R4/codesystem-operation-lookup.html
+  (:meth:`Terminology.lookup` -> Parameters ``name``, ``version``, ``display``,
+  ``designation``, ``property``)
+* ``ValueSet/$expand`` -- https://hl7.org/fhir/R4/valueset-operation-expand.html
+  (:meth:`Terminology.expand` -> ValueSet with ``expansion``; ``filter`` text,
+  ``offset``/``count`` paging, ``total``)
+* ``ValueSet/$validate-code`` and ``CodeSystem/$validate-code`` --
+  https://hl7.org/fhir/R4/valueset-operation-validate-code.html
+  (:meth:`Terminology.validate_code`, :meth:`Terminology.validate_code_in_system`
+  -> Parameters ``result``, ``message``, ``display``)
+* ``ConceptMap/$translate`` -- https://hl7.org/fhir/R4/conceptmap-operation-translate.html
+  (:meth:`Terminology.translate` -> Parameters ``result``, ``message``,
+  ``match`` with ``equivalence``, ``concept``, ``source``)
+
+ValueSet ``compose`` support: ``include``/``exclude`` of whole code systems,
+of ``concept`` lists and of ``valueSet`` imports (intersected with the system
+part), ``filter`` with ``is-a``, ``descendent-of``, ``is-not-a``,
+``generalizes`` (property ``concept``/``code``), ``=``, ``in``, ``not-in``,
+``regex``, ``exists`` (on ``code``, ``display``, ``parent``, ``child`` or a
+concept property). A code system that is not held, or held only as a
+``fragment``, cannot be enumerated: expansions that need it are *unclosed*
+(extension ``valueset-unclosed``, no ``total``), and membership is decided
+from what can be decided offline (an enumerated concept, a ``regex`` on the
+code) or reported as unknown.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from gateway.fhir.outcome import Code, FhirError
+
+Json = dict[str, Any]
+
+UNCLOSED = "http://hl7.org/fhir/StructureDefinition/valueset-unclosed"
+NOT_SELECTABLE_URI = "http://hl7.org/fhir/concept-properties#notSelectable"
+MAX_EXPANSION = 10_000
+_MAX_REGEX = 256
+#: equivalence read backwards, for ``$translate`` with ``reverse=true``
+_REVERSE = {"wider": "narrower", "narrower": "wider", "subsumes": "specializes",
+            "specializes": "subsumes"}
+_FAILED_MATCH = ("unmatched", "disjoint")
+
+Key = tuple[str, str]  # (system, code)
+
+
+def _canonical(url: str) -> tuple[str, str | None]:
+    base, _, version = url.partition("|")
+    return base, version or None
+
+
+@lru_cache(maxsize=256)
+def _regex(pattern: str) -> re.Pattern[str]:
+    if len(pattern) > _MAX_REGEX:
+        raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST,
+                        f"regex filter longer than {_MAX_REGEX} characters")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST,
+                        f"regex filter '{pattern[:80]}' is invalid: {exc}") from None
+
+
+def _regex_match(pattern: str, text: str) -> bool:
+    return len(text) <= _MAX_REGEX and _regex(pattern).fullmatch(text) is not None
+
+
+def _parameters(*parts: Json | None) -> Json:
+    return {"resourceType": "Parameters", "parameter": [p for p in parts if p is not None]}
+
+
+def _bool_value(v: Any) -> bool:
+    return v is True or (isinstance(v, str) and v.lower() == "true")
+
+
+# ---------------------------------------------------------------------------
+# code systems
+
+
+class _CodeSystem:
+    """One CodeSystem's concepts, hierarchy (nesting, ``parent``/``child`` properties)."""
+
+    def __init__(self, cs: Json) -> None:
+        self.resource = cs
+        self.url: str = cs["url"]
+        self.version: str | None = cs.get("version")
+        self.name: str = cs.get("name") or cs.get("title") or self.url
+        self.content: str = cs.get("content", "complete")
+        self.case_sensitive = cs.get("caseSensitive", True) is not False
+        self.concepts: dict[str, Json] = {}
+        self.parents: dict[str, list[str]] = {}
+        self.children: dict[str, list[str]] = {}
+        self._folded: dict[str, str] = {}
+        self._not_selectable = {p.get("code") for p in cs.get("property", []) or []
+                                if p.get("uri") == NOT_SELECTABLE_URI} | {"notSelectable"}
+        for concept, parent in self._walk(cs.get("concept", []) or [], None):
+            code = concept["code"]
+            self.concepts[code] = concept
+            self._folded.setdefault(code.casefold(), code)
+            if parent is not None:
+                self._link(parent, code)
+            for prop in concept.get("property", []) or []:
+                if prop.get("code") == "parent" and isinstance(prop.get("valueCode"), str):
+                    self._link(prop["valueCode"], code)
+                elif prop.get("code") == "child" and isinstance(prop.get("valueCode"), str):
+                    self._link(code, prop["valueCode"])
+
+    def _walk(self, concepts: list[Json], parent: str | None) -> Iterator[tuple[Json, str | None]]:
+        for c in concepts:
+            if isinstance(c, dict) and isinstance(c.get("code"), str):
+                yield c, parent
+                yield from self._walk(c.get("concept", []) or [], c["code"])
+
+    def _link(self, parent: str, child: str) -> None:
+        if parent == child or parent in self.parents.get(child, []):
+            return
+        self.children.setdefault(parent, []).append(child)
+        self.parents.setdefault(child, []).append(parent)
+
+    @property
+    def complete(self) -> bool:
+        return self.content == "complete"
+
+    @property
+    def enumerable(self) -> bool:
+        return self.content in ("complete", "fragment")
+
+    def find(self, code: str) -> str | None:
+        if code in self.concepts:
+            return code
+        return None if self.case_sensitive else self._folded.get(code.casefold())
+
+    def ancestors(self, code: str) -> set[str]:
+        out: set[str] = set()
+        stack = list(self.parents.get(code, []))
+        while stack:
+            c = stack.pop()
+            if c not in out:
+                out.add(c)
+                stack.extend(self.parents.get(c, []))
+        return out
+
+    def property_values(self, code: str, prop: str) -> list[str]:
+        if prop == "parent":
+            return list(self.parents.get(code, []))
+        if prop == "child":
+            return list(self.children.get(code, []))
+        if prop == "display":
+            display = self.concepts[code].get("display")
+            return [display] if isinstance(display, str) else []
+        values = []
+        for p in self.concepts[code].get("property", []) or []:
+            if p.get("code") == prop:
+                for k, v in p.items():
+                    if k.startswith("value"):
+                        values.append(_scalar_text(v))
+        return values
+
+    def abstract(self, code: str) -> bool:
+        return any(p.get("code") in self._not_selectable and _bool_value(p.get("valueBoolean"))
+                   for p in self.concepts[code].get("property", []) or [])
+
+    def inactive(self, code: str) -> bool:
+        for p in self.concepts[code].get("property", []) or []:
+            if p.get("code") == "inactive" and _bool_value(p.get("valueBoolean")):
+                return True
+            if p.get("code") == "status" and p.get("valueCode") in ("retired", "inactive"):
+                return True
+        return False
+
+    def displays(self, code: str) -> list[str]:
+        concept = self.concepts[code]
+        out = [concept["display"]] if isinstance(concept.get("display"), str) else []
+        out += [d["value"] for d in concept.get("designation", []) or []
+                if isinstance(d.get("value"), str)]
+        return out
+
+
+def _scalar_text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, dict):
+        return str(v.get("code", ""))
+    return str(v)
+
+
+# ---------------------------------------------------------------------------
+# expansion items
+
+
+@dataclass(slots=True)
+class _Item:
+    system: str
+    code: str
+    version: str | None = None
+    display: str | None = None
+    abstract: bool = False
+    inactive: bool = False
+    designations: list[Json] = field(default_factory=list)
+
+    def contains(self, include_designations: bool) -> Json:
+        out: Json = {"system": self.system}
+        if self.abstract:
+            out["abstract"] = True
+        if self.inactive:
+            out["inactive"] = True
+        if self.version:
+            out["version"] = self.version
+        out["code"] = self.code
+        if self.display:
+            out["display"] = self.display
+        if include_designations and self.designations:
+            out["designation"] = self.designations
+        return out
+
+
+@dataclass(slots=True)
+class _Expansion:
+    items: dict[Key, _Item]
+    closed: bool = True
+    versions: set[str] = field(default_factory=set)  # "system|version" used
+
+
+class _Unexpandable(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# the service
+
+
+class Terminology:
+    """Code systems, value sets and concept maps by canonical URL and by id."""
+
+    def __init__(self, resources: Iterable[Mapping[str, Any]] = ()) -> None:
+        self._resources: list[Json] = []
+        self._by_url: dict[tuple[str, str], list[Json]] = {}
+        self._by_id: dict[tuple[str, str], Json] = {}
+        # index per held resource, keyed by identity: the resources live as long as self
+        self._systems: dict[int, _CodeSystem] = {}
+        for r in resources:
+            self._add(r if isinstance(r, dict) else dict(r))
+
+    def _add(self, r: Json) -> None:
+        rt = r.get("resourceType")
+        if rt not in ("CodeSystem", "ValueSet", "ConceptMap"):
+            return
+        self._resources.append(r)
+        if isinstance(r.get("url"), str):
+            self._by_url.setdefault((rt, r["url"]), []).append(r)
+        if isinstance(r.get("id"), str):
+            self._by_id.setdefault((rt, r["id"]), r)
+
+    def with_resources(self, resources: Iterable[Mapping[str, Any]]) -> Terminology:
+        """A new service over these resources and ``resources`` (own ones win on a clash)."""
+        out = Terminology(self._resources)
+        out._systems = dict(self._systems)  # same resource objects: their indexes stay valid
+        for r in resources:
+            r = r if isinstance(r, dict) else dict(r)
+            url = r.get("url")
+            if isinstance(url, str) and (r.get("resourceType"), url) in self._by_url:
+                continue
+            out._add(r)
+        return out
+
+    # -- resolution ------------------------------------------------------------
+
+    def _find(self, resource_type: str, url: str, version: str | None = None) -> Json | None:
+        base, pinned = _canonical(url)
+        version = version or pinned
+        for r in self._by_url.get((resource_type, base), []):
+            if version is None or r.get("version") == version:
+                return r
+        return None
+
+    def code_system(self, url: str, version: str | None = None) -> Json | None:
+        return self._find("CodeSystem", url, version)
+
+    def value_set(self, url: str, version: str | None = None) -> Json | None:
+        return self._find("ValueSet", url, version)
+
+    def concept_map(self, url: str, version: str | None = None) -> Json | None:
+        return self._find("ConceptMap", url, version)
+
+    def resource(self, resource_type: str, id: str) -> Json | None:
+        return self._by_id.get((resource_type, id))
+
+    def concept_maps(self) -> list[Json]:
+        return [r for r in self._resources if r["resourceType"] == "ConceptMap"]
+
+    def _cs(self, url: str, version: str | None = None) -> _CodeSystem | None:
+        raw = self.code_system(url, version)
+        if raw is None:
+            return None
+        idx = self._systems.get(id(raw))
+        if idx is None:
+            idx = self._systems[id(raw)] = _CodeSystem(raw)
+        return idx
+
+    def missing(self, resource: Mapping[str, Any]) -> set[tuple[str, str]]:
+        """``(resourceType, url)`` of what ``resource`` (a ValueSet) refers to and is not held,
+        directly or through value sets that are held."""
+        out: set[tuple[str, str]] = set()
+        seen: set[int] = set()
+        stack: list[Mapping[str, Any]] = [resource]
+        while stack:
+            vs = stack.pop()
+            if id(vs) in seen:
+                continue
+            seen.add(id(vs))
+            compose = vs.get("compose") or {}
+            for part in [*(compose.get("include") or []), *(compose.get("exclude") or [])]:
+                if isinstance(part.get("system"), str) and self.code_system(
+                        part["system"], part.get("version")) is None:
+                    out.add(("CodeSystem", part["system"]))
+                for v in part.get("valueSet") or []:
+                    held = self.value_set(v)
+                    if held is None:
+                        out.add(("ValueSet", v))
+                    else:
+                        stack.append(held)
+        return out
+
+    # -- $lookup -----------------------------------------------------------------
+
+    def lookup(self, system: str, code: str, *, version: str | None = None,
+               properties: Sequence[str] = ()) -> Json:
+        cs = self._cs(system, version)
+        if cs is None:
+            which = f"{system}|{version}" if version else system
+            raise FhirError(Code.UNKNOWN_CODE_SYSTEM, f"code system {which} is not known here")
+        found = cs.find(code)
+        if found is None:
+            note = " (only a fragment of it is held here)" if not cs.complete else ""
+            raise FhirError(Code.UNKNOWN_CODE,
+                            f"code '{code}' is not in code system {cs.url}{note}")
+        concept = cs.concepts[found]
+        wanted = set(properties)
+
+        def want(name: str) -> bool:
+            return not wanted or name in wanted
+
+        out: list[Json | None] = [
+            {"name": "name", "valueString": cs.name},
+            {"name": "version", "valueString": cs.version} if cs.version else None,
+            {"name": "display", "valueString": concept.get("display") or found},
+        ]
+        if want("designation"):
+            for d in concept.get("designation", []) or []:
+                parts: list[Json] = []
+                if d.get("language"):
+                    parts.append({"name": "language", "valueCode": d["language"]})
+                if d.get("use"):
+                    parts.append({"name": "use", "valueCoding": d["use"]})
+                parts.append({"name": "value", "valueString": d.get("value", "")})
+                out.append({"name": "designation", "part": parts})
+        props: list[tuple[str, str, Any]] = []
+        if want("definition") and concept.get("definition"):
+            props.append(("definition", "valueString", concept["definition"]))
+        for p in concept.get("property", []) or []:
+            if want(p.get("code", "")):
+                for key, value in p.items():
+                    if key.startswith("value"):
+                        props.append((p["code"], key, value))
+        if want("parent"):
+            props += [("parent", "valueCode", c) for c in cs.parents.get(found, [])]
+        if want("child"):
+            props += [("child", "valueCode", c) for c in cs.children.get(found, [])]
+        for name, key, value in props:
+            parts = [{"name": "code", "valueCode": name}, {"name": "value", key: value}]
+            if key == "valueCode" and cs.find(value) is not None and name in ("parent", "child"):
+                display = cs.concepts[value].get("display")
+                if display:
+                    parts.append({"name": "description", "valueString": display})
+            out.append({"name": "property", "part": parts})
+        return _parameters(*out)
+
+    # -- expansion -----------------------------------------------------------------
+
+    def _expand(self, vs: Mapping[str, Any], stack: tuple[int, ...]) -> _Expansion:
+        if id(vs) in stack:
+            raise _Unexpandable(f"value set {vs.get('url')} imports itself")
+        stack = (*stack, id(vs))
+        compose = vs.get("compose")
+        if not isinstance(compose, dict):
+            expansion = vs.get("expansion")
+            if isinstance(expansion, dict):
+                return self._stored_expansion(expansion)
+            raise _Unexpandable(f"value set {vs.get('url')} has neither compose nor expansion")
+        out = _Expansion({})
+        for part in compose.get("include", []) or []:
+            got = self._include(part, stack)
+            out.closed &= got.closed
+            out.versions |= got.versions
+            for key, item in got.items.items():
+                out.items.setdefault(key, item)
+            if len(out.items) > MAX_EXPANSION:
+                raise FhirError(Code.EXPANSION_TOO_LARGE,
+                                f"value set {vs.get('url')} has more than {MAX_EXPANSION} codes")
+        for part in compose.get("exclude", []) or []:
+            for key in list(out.items):
+                if self._in_part(part, key[0], key[1], stack) is True:
+                    del out.items[key]
+        return out
+
+    def _stored_expansion(self, expansion: Json) -> _Expansion:
+        out = _Expansion({})
+
+        def walk(items: list[Json]) -> None:
+            for c in items:
+                if isinstance(c.get("system"), str) and isinstance(c.get("code"), str):
+                    out.items.setdefault((c["system"], c["code"]), _Item(
+                        c["system"], c["code"], c.get("version"), c.get("display"),
+                        bool(c.get("abstract")), bool(c.get("inactive")),
+                        list(c.get("designation", []) or [])))
+                walk(c.get("contains", []) or [])
+
+        walk(expansion.get("contains", []) or [])
+        out.closed = not any(e.get("url") == UNCLOSED and e.get("valueBoolean")
+                             for e in expansion.get("extension", []) or [])
+        return out
+
+    def _include(self, part: Json, stack: tuple[int, ...]) -> _Expansion:
+        imports = [self._import(v, stack) for v in part.get("valueSet", []) or []]
+        system = part.get("system")
+        if not isinstance(system, str):
+            if not imports:
+                raise _Unexpandable("an include names neither a system nor a value set")
+            first, *rest = imports
+            result = _Expansion({k: v for k, v in first.items.items()
+                                 if all(k in r.items for r in rest)})
+            result.closed = all(i.closed for i in imports)
+            for i in imports:
+                result.versions |= i.versions
+            return result
+        result = self._system_part(part, system)
+        if imports:
+            result.items = {k: v for k, v in result.items.items()
+                            if all(self._in_expansion_or_unknown(i, k) for i in imports)}
+            result.closed &= all(i.closed for i in imports)
+        return result
+
+    def _import(self, url: str, stack: tuple[int, ...]) -> _Expansion:
+        vs = self.value_set(url)
+        if vs is None:
+            raise _Unexpandable(f"value set {url} is not known here")
+        return self._expand(vs, stack)
+
+    @staticmethod
+    def _in_expansion_or_unknown(exp: _Expansion, key: Key) -> bool:
+        return key in exp.items or not exp.closed
+
+    def _system_part(self, part: Json, system: str) -> _Expansion:
+        cs = self._cs(system, part.get("version"))
+        out = _Expansion({})
+        if cs is not None and cs.version:
+            out.versions.add(f"{cs.url}|{cs.version}")
+        concepts = part.get("concept")
+        if concepts:
+            for c in concepts:
+                code = c.get("code")
+                if not isinstance(code, str):
+                    continue
+                found = cs.find(code) if cs is not None else None
+                if cs is not None and found is None and cs.complete:
+                    continue  # not a code of the system: the value set is in error; skip it
+                designations = list(c.get("designation", []) or [])
+                if found is not None and cs is not None:
+                    display = c.get("display") or cs.concepts[found].get("display")
+                    designations += cs.concepts[found].get("designation", []) or []
+                    item = _Item(system, found, part.get("version") or cs.version, display,
+                                 cs.abstract(found), cs.inactive(found), designations)
+                else:
+                    item = _Item(system, code, part.get("version"), c.get("display"),
+                                 designations=designations)
+                out.items.setdefault((system, item.code), item)
+            return out
+        if cs is None or not cs.enumerable:
+            # codes cannot be listed; membership may still be decidable (regex on code)
+            if not part.get("filter"):
+                raise _Unexpandable(f"code system {system} is not available offline")
+            out.closed = False
+            return out
+        filters = part.get("filter", []) or []
+        for code in cs.concepts:
+            if all(_filter(cs, code, f) is True for f in filters):
+                out.items[(system, code)] = _Item(
+                    system, code, cs.version, cs.concepts[code].get("display"),
+                    cs.abstract(code), cs.inactive(code),
+                    list(cs.concepts[code].get("designation", []) or []))
+        out.closed = cs.complete
+        return out
+
+    # -- membership ------------------------------------------------------------------
+
+    def _member(self, vs: Mapping[str, Any], system: str, code: str,
+                stack: tuple[int, ...] = ()) -> bool | None:
+        """Is (system, code) in ``vs``? ``None``: cannot be decided offline."""
+        if id(vs) in stack:
+            raise _Unexpandable(f"value set {vs.get('url')} imports itself")
+        stack = (*stack, id(vs))
+        compose = vs.get("compose")
+        if not isinstance(compose, dict):
+            exp = self._expand(vs, ())
+            return True if (system, code) in exp.items else (False if exp.closed else None)
+        verdict: bool | None = False
+        for part in compose.get("include", []) or []:
+            got = self._in_part(part, system, code, stack)
+            if got is True:
+                verdict = True
+                break
+            if got is None:
+                verdict = None
+        if verdict is not True:
+            return verdict
+        for part in compose.get("exclude", []) or []:
+            got = self._in_part(part, system, code, stack)
+            if got is True:
+                return False
+            if got is None:
+                verdict = None
+        return verdict
+
+    def _in_part(self, part: Json, system: str, code: str,
+                 stack: tuple[int, ...]) -> bool | None:
+        verdicts: list[bool | None] = []
+        if isinstance(part.get("system"), str):
+            verdicts.append(self._in_system_part(part, system, code))
+        for url in part.get("valueSet", []) or []:
+            vs = self.value_set(url)
+            verdicts.append(None if vs is None else self._member(vs, system, code, stack))
+        if not verdicts:
+            return False
+        if any(v is False for v in verdicts):
+            return False
+        return True if all(v is True for v in verdicts) else None
+
+    def _in_system_part(self, part: Json, system: str, code: str) -> bool | None:
+        if part["system"] != system:
+            return False
+        cs = self._cs(system, part.get("version"))
+        found = cs.find(code) if cs is not None else None
+        concepts = part.get("concept")
+        if concepts:
+            wanted = found or code
+            return any(c.get("code") == wanted for c in concepts)
+        filters = part.get("filter", []) or []
+        if cs is not None and found is not None:
+            results = [_filter(cs, found, f) for f in filters]
+        else:
+            if cs is not None and cs.complete:
+                return False
+            results = [_filter(None, code, f) for f in filters] if filters else [None]
+        if any(r is False for r in results):
+            return False
+        return True if all(r is True for r in results) else None
+
+    # -- $expand ---------------------------------------------------------------------
+
+    def expand(self, value_set: Mapping[str, Any], *, text_filter: str | None = None,
+               offset: int = 0, count: int | None = None, active_only: bool = False,
+               include_designations: bool = False, include_definition: bool = False,
+               timestamp: str) -> Json:
+        """``value_set`` expanded (a new ValueSet with ``expansion``)."""
+        if offset < 0 or (count is not None and count < 0):
+            raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST, "offset and count must be >= 0")
+        try:
+            exp = self._expand(value_set, ())
+        except _Unexpandable as exc:
+            raise FhirError(Code.EXPANSION_FAILED,
+                            f"value set {value_set.get('url')} cannot be expanded: {exc}") from None
+        items = list(exp.items.values())
+        if active_only:
+            items = [i for i in items if not i.inactive]
+        if text_filter:
+            words = text_filter.casefold().split()
+            items = [i for i in items if _text_match(i, words)]
+        page = items[offset:] if count is None else items[offset:offset + count]
+        params: list[Json] = []
+        if text_filter:
+            params.append({"name": "filter", "valueString": text_filter})
+        if offset:
+            params.append({"name": "offset", "valueInteger": offset})
+        if count is not None:
+            params.append({"name": "count", "valueInteger": count})
+        if active_only:
+            params.append({"name": "activeOnly", "valueBoolean": True})
+        if include_designations:
+            params.append({"name": "includeDesignations", "valueBoolean": True})
+        params += [{"name": "version", "valueUri": v} for v in sorted(exp.versions)]
+        ident = uuid.uuid5(uuid.NAMESPACE_URL, "|".join([
+            str(value_set.get("url")), str(value_set.get("version")),
+            *(f"{p['name']}={next(v for k, v in p.items() if k != 'name')}" for p in params)]))
+        expansion: Json = {}
+        if not exp.closed:
+            expansion["extension"] = [{"url": UNCLOSED, "valueBoolean": True}]
+        expansion["identifier"] = f"urn:uuid:{ident}"
+        expansion["timestamp"] = timestamp
+        if exp.closed:
+            expansion["total"] = len(items)
+        if offset or count is not None:
+            expansion["offset"] = offset
+        if params:
+            expansion["parameter"] = params
+        if page:
+            expansion["contains"] = [i.contains(include_designations) for i in page]
+        skip = {"text", "expansion"} | (set() if include_definition else {"compose"})
+        out = {k: v for k, v in value_set.items() if k not in skip}
+        out["expansion"] = expansion
+        return out
+
+    # -- $validate-code ------------------------------------------------------------------
+
+    def validate_code(self, value_set: Mapping[str, Any], codings: Sequence[Json], *,
+                      abstract_ok: bool = False) -> Json:
+        """Is one of ``codings`` (``system``, ``code``, optional ``version``, ``display``)
+        in ``value_set``? (Several codings: a CodeableConcept.)"""
+        if not codings:
+            raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST,
+                            "give code and system, a coding or a codeableConcept")
+        messages: list[str] = []
+        for coding in codings:
+            system, code = coding.get("system"), coding.get("code")
+            if not isinstance(code, str) or not code:
+                raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST, "a coding has no code")
+            if not isinstance(system, str) or not system:
+                raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST,
+                                f"code '{code}' needs a system")
+            try:
+                member = self._member(value_set, system, code)
+            except _Unexpandable as exc:
+                raise FhirError(Code.EXPANSION_FAILED, str(exc)) from None
+            if member is not True:
+                what = "is not in" if member is False else "cannot be checked offline against"
+                messages.append(f"the code '{code}' from system '{system}' {what} value set "
+                                f"{value_set.get('url')}")
+                continue
+            ok, message, display = self._check_concept(coding, abstract_ok=abstract_ok,
+                                                       value_set=value_set)
+            if ok:
+                return _result(True, message, display)
+            messages.append(message or "")
+        return _result(False, "; ".join(m for m in messages if m), None)
+
+    def validate_code_in_system(self, code_system: Mapping[str, Any], codings: Sequence[Json],
+                                *, abstract_ok: bool = False) -> Json:
+        """``CodeSystem/$validate-code``: is one of ``codings`` a code of ``code_system``?"""
+        if not codings:
+            raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST,
+                            "give a code, a coding or a codeableConcept")
+        url = code_system.get("url")
+        messages = []
+        for coding in codings:
+            code = coding.get("code")
+            if not isinstance(code, str) or not code:
+                raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST, "a coding has no code")
+            system = coding.get("system") or url
+            if system != url:
+                messages.append(f"the coding's system '{system}' is not {url}")
+                continue
+            ok, message, display = self._check_concept({**coding, "system": url},
+                                                       abstract_ok=abstract_ok)
+            if ok:
+                return _result(True, message, display)
+            messages.append(message or "")
+        return _result(False, "; ".join(m for m in messages if m), None)
+
+    def _check_concept(self, coding: Json, *, abstract_ok: bool,
+                       value_set: Mapping[str, Any] | None = None
+                       ) -> tuple[bool, str | None, str | None]:
+        """(valid, message, display) for a coding whose membership is settled."""
+        system, code = coding["system"], coding["code"]
+        version, display = coding.get("version"), coding.get("display")
+        cs = self._cs(system)
+        if cs is not None and version and cs.version and version != cs.version:
+            return False, f"version '{version}' of code system {system} is not known here", None
+        found = cs.find(code) if cs is not None else None
+        if found is None:
+            if cs is not None and cs.complete:
+                return False, f"the code '{code}' is not in code system {system}", None
+            known = self._enumerated_display(value_set, system, code) if value_set else None
+            if display and known and _norm(display) != _norm(known):
+                return False, (f"the display '{display}' is not the display of code '{code}' "
+                               f"('{known}')"), known
+            note = None if known and display else (
+                f"code system {system} is not (fully) held here; the display was not checked"
+                if display else None)
+            return True, note, known
+        assert cs is not None
+        if cs.abstract(found) and not abstract_ok:
+            return False, f"the code '{found}' is abstract and cannot be used here", None
+        preferred = cs.concepts[found].get("display")
+        if display and all(_norm(display) != _norm(d) for d in cs.displays(found)):
+            return False, (f"the display '{display}' is not a display of code '{found}' "
+                           f"('{preferred}')"), preferred
+        message = f"the code '{found}' is inactive" if cs.inactive(found) else None
+        if found != code:
+            message = f"the code '{code}' is spelled '{found}' in code system {system}"
+        return True, message, preferred
+
+    def _enumerated_display(self, vs: Mapping[str, Any] | None, system: str,
+                            code: str) -> str | None:
+        """The display a value set gives a code of a system not held here."""
+        stack: list[Mapping[str, Any] | None] = [vs]
+        seen: set[int] = set()
+        while stack:
+            v = stack.pop()
+            if v is None or id(v) in seen:
+                continue
+            seen.add(id(v))
+            for part in (v.get("compose") or {}).get("include", []) or []:
+                if part.get("system") == system:
+                    for c in part.get("concept", []) or []:
+                        if c.get("code") == code and c.get("display"):
+                            return str(c["display"])
+                stack.extend(self.value_set(u) for u in part.get("valueSet", []) or [])
+        return None
+
+    # -- $translate -------------------------------------------------------------------------
+
+    def translate(self, maps: Sequence[Mapping[str, Any]], codings: Sequence[Json], *,
+                  target: str | None = None, target_system: str | None = None,
+                  reverse: bool = False) -> Json:
+        """Translate ``codings`` with the concept maps ``maps`` (already chosen)."""
+        if not codings:
+            raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST,
+                            "give code and system, a coding or a codeableConcept")
+        matches: list[Json] = []
+        for coding in codings:
+            system, code = coding.get("system"), coding.get("code")
+            if not isinstance(system, str) or not isinstance(code, str) or not code:
+                raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST,
+                                "a code to translate needs a system and a code")
+            for cm in maps:
+                if target and not reverse and _target_uri(cm) not in (None, target):
+                    continue
+                if target and reverse and _source_uri(cm) not in (None, target):
+                    continue
+                matches += _translate_one(cm, system, code, coding.get("version"),
+                                          target_system, reverse)
+        ok = any(m["equivalence"] not in _FAILED_MATCH for m in matches)
+        out: list[Json | None] = [{"name": "result", "valueBoolean": ok}]
+        if not ok:
+            described = ", ".join(f"{c.get('system')}|{c.get('code')}" for c in codings)
+            out.append({"name": "message",
+                        "valueString": f"no translation found for {described}" if not matches
+                        else f"{described} has no equivalent in the target"})
+        for m in matches:
+            parts: list[Json] = [{"name": "equivalence", "valueCode": m["equivalence"]}]
+            if m.get("concept"):
+                parts.append({"name": "concept", "valueCoding": m["concept"]})
+            parts.append({"name": "source", "valueUri": m["source"]})
+            out.append({"name": "match", "part": parts})
+        return _parameters(*out)
+
+    def maps_for(self, *, source: str | None = None, target: str | None = None,
+                 reverse: bool = False) -> list[Json]:
+        """Concept maps whose source/target value sets fit (``None``: any)."""
+        out = []
+        for cm in self.concept_maps():
+            src, tgt = (_target_uri(cm), _source_uri(cm)) if reverse else \
+                (_source_uri(cm), _target_uri(cm))
+            if source and src not in (None, source):
+                continue
+            if target and tgt not in (None, target):
+                continue
+            out.append(cm)
+        return out
+
+
+def _result(ok: bool, message: str | None, display: str | None) -> Json:
+    return _parameters(
+        {"name": "result", "valueBoolean": ok},
+        {"name": "message", "valueString": message} if message else None,
+        {"name": "display", "valueString": display} if display else None,
+    )
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _text_match(item: _Item, words: list[str]) -> bool:
+    haystack = " ".join([item.code, item.display or "",
+                         *(str(d.get("value", "")) for d in item.designations)]).casefold()
+    return all(w in haystack for w in words)
+
+
+def _filter(cs: _CodeSystem | None, code: str, f: Mapping[str, Any]) -> bool | None:
+    """Does ``code`` pass filter ``f``? ``None``: cannot tell without the code system."""
+    prop, op, value = f.get("property"), f.get("op"), str(f.get("value", ""))
+    if op == "regex" and prop in ("code", "concept"):
+        return _regex_match(value, code)
+    if cs is None or cs.find(code) is None:
+        if op in ("=", "in", "not-in") and prop in ("code", "concept"):
+            wanted = {value} if op == "=" else set(value.split(","))
+            return bool((code in wanted) != (op == "not-in"))
+        return None
+    if prop in ("concept", "code") and op in ("is-a", "descendent-of", "is-not-a",
+                                              "generalizes"):
+        target = cs.find(value) or value
+        if op == "is-a":
+            return code == target or target in cs.ancestors(code)
+        if op == "descendent-of":
+            return target in cs.ancestors(code)
+        if op == "is-not-a":
+            return not (code == target or target in cs.ancestors(code))
+        return code == target or code in cs.ancestors(target)
+    if prop in ("concept", "code"):
+        values = [code]
+    elif isinstance(prop, str):
+        values = cs.property_values(code, prop)
+    else:
+        raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST, "a filter has no property")
+    if op == "=":
+        return value in values
+    if op == "in":
+        return bool(set(value.split(",")) & set(values))
+    if op == "not-in":
+        return not set(value.split(",")) & set(values)
+    if op == "regex":
+        return any(_regex_match(value, v) for v in values)
+    if op == "exists":
+        return bool(values) == _bool_value(value)
+    raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST,
+                    f"filter operator '{op}' on '{prop}' is not supported")
+
+
+def _source_uri(cm: Mapping[str, Any]) -> str | None:
+    v = cm.get("sourceUri") or cm.get("sourceCanonical")
+    return _canonical(v)[0] if isinstance(v, str) else None
+
+
+def _target_uri(cm: Mapping[str, Any]) -> str | None:
+    v = cm.get("targetUri") or cm.get("targetCanonical")
+    return _canonical(v)[0] if isinstance(v, str) else None
+
+
+def _coding(system: str | None, version: str | None, code: str | None,
+            display: str | None) -> Json:
+    out: Json = {}
+    if system:
+        out["system"] = system
+    if version:
+        out["version"] = version
+    if code:
+        out["code"] = code
+    if display:
+        out["display"] = display
+    return out
+
+
+def _translate_one(cm: Mapping[str, Any], system: str, code: str, version: str | None,
+                   target_system: str | None, reverse: bool) -> list[Json]:
+    url = cm.get("url", "")
+    out: list[Json] = []
+    for group in cm.get("group", []) or []:
+        src, tgt = group.get("source"), group.get("target")
+        src_v, tgt_v = group.get("sourceVersion"), group.get("targetVersion")
+        if reverse:
+            if tgt != system or (target_system and src != target_system):
+                continue
+            if version and tgt_v and version != tgt_v:
+                continue
+            for el in group.get("element", []) or []:
+                for t in el.get("target", []) or []:
+                    if t.get("code") == code:
+                        eq = t.get("equivalence", "equivalent")
+                        out.append({"equivalence": _REVERSE.get(eq, eq), "source": url,
+                                    "concept": _coding(src, src_v, el.get("code"),
+                                                       el.get("display"))})
+            continue
+        if src != system or (target_system and tgt != target_system):
+            continue
+        if version and src_v and version != src_v:
+            continue
+        elements = [el for el in group.get("element", []) or [] if el.get("code") == code]
+        for el in elements:
+            for t in el.get("target", []) or []:
+                concept = _coding(tgt, tgt_v, t.get("code"), t.get("display")) \
+                    if t.get("code") else None
+                out.append({"equivalence": t.get("equivalence", "equivalent"), "source": url,
+                            "concept": concept})
+        unmapped = group.get("unmapped")
+        if not elements and isinstance(unmapped, dict):
+            mode = unmapped.get("mode")
+            if mode == "provided":
+                out.append({"equivalence": "equal", "source": url,
+                            "concept": _coding(tgt, tgt_v, code, None)})
+            elif mode == "fixed" and unmapped.get("code"):
+                out.append({"equivalence": "inexact", "source": url,
+                            "concept": _coding(tgt, tgt_v, unmapped["code"],
+                                               unmapped.get("display"))})
+    return out

@@ -1,0 +1,212 @@
+"""The audit trail: one AuditEvent per interaction, shaped after IHE BALP.
+
+https://profiles.ihe.net/ITI/BALP/ — type ``rest``, subtype the RESTful
+interaction, agents for server (DICOM 110152), client (110153, with its
+network address) and the responsible organisation, the asserted user
+(``IRCP``), entities for each patient (object-role 1), the query
+(object-role 24) and the resources touched; ``purposeOfEvent`` from the
+token. These are the fields NEN 7513 asks for: who, on whose behalf, what,
+which patient, when, from where, outcome, why.
+
+A write's AuditEvent is appended in the write's own database transaction.
+Everything else is appended before the response leaves (fail closed): the
+:class:`AuditWriter` groups concurrent appends into one transaction so reads
+do not each pay for a commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.fhir import json as fjson
+from gateway.security.principal import Caller
+from gateway.storage import security as tables
+from gateway.storage.db import Database
+
+log = logging.getLogger("carepath.audit")
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+_ACTION = {"create": "C", "read": "R", "vread": "R", "history-instance": "R", "update": "U",
+           "patch": "U", "delete": "D"}
+
+
+def interaction_of(method: str, path: str, query_string: str) -> str:
+    """The restful-interaction code of a request (http.html)."""
+    parts = [p for p in path.split("/") if p]
+    n = len(parts)
+    if (parts and parts[-1].startswith("$")) or (n > 1 and parts[-2:-1] == ["$"]):
+        return "operation"
+    if method == "POST" and n == 0:
+        return "transaction"  # batch or transaction: refined by the caller
+    if n == 0 or parts[0] in ("_search",):
+        return "search-system"
+    if parts[0] == "_history":
+        return "history-system"
+    if parts[0] == "metadata":
+        return "capabilities"
+    if n == 1:
+        return {"GET": "search-type", "HEAD": "search-type", "POST": "create", "PUT": "update",
+                "DELETE": "delete", "PATCH": "patch"}.get(method, "operation")
+    if parts[1] == "_search":
+        return "search-type"
+    if parts[1] == "_history":
+        return "history-type"
+    if n == 2:
+        return {"GET": "read", "HEAD": "read", "PUT": "update", "DELETE": "delete",
+                "PATCH": "patch"}.get(method, "operation")
+    if parts[2] == "_history":
+        return "vread" if n == 4 else "history-instance"
+    return "operation"
+
+
+def outcome_code(status: int) -> str:
+    if status < 400:
+        return "0"
+    return "4" if status < 500 else "8"
+
+
+def build_event(caller: Caller, status: int, description: str = "") -> dict[str, Any]:
+    p = caller.principal
+    interaction = interaction_of(caller.method, caller.path, caller.query_string)
+    agents: list[dict[str, Any]] = [
+        {"type": {"coding": [{"system": DCM, "code": "110152",
+                              "display": "Destination Role ID"}]},
+         "who": {"display": "carepath-gateway"}, "requestor": False,
+         "network": {"address": caller.base or "carepath-gateway", "type": "5"}},
+        {"type": {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]},
+         "who": {"identifier": {"system": "urn:carepath-gateway:client",
+                                "value": p.client_id or "anonymous-developer"}},
+         "requestor": p.user is None,
+         **({"network": {"address": p.address, "type": "2"}} if p.address else {})},
+    ]
+    if p.organization:
+        agents.append({
+            "type": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                "code": "RESP", "display": "responsible party"}]},
+            "who": {"reference": f"Organization/{p.organization}"}, "requestor": False})
+    if p.user or p.on_behalf_of:
+        agents.append({
+            "type": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                "code": "IRCP", "display": "information recipient"}]},
+            "who": {"display": p.user or p.on_behalf_of}, "requestor": True})
+    entities: list[dict[str, Any]] = [
+        {"what": {"reference": f"Patient/{pid}"},
+         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                  "code": "1", "display": "Person"},
+         "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1",
+                  "display": "Patient"}}
+        for pid in sorted(caller.patients)
+    ]
+    request_line = f"{caller.method} {caller.path}" + (
+        f"?{caller.query_string}" if caller.query_string else "")
+    if interaction.startswith(("search", "history")) or caller.query_string:
+        entities.append({
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                     "code": "2", "display": "System Object"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role",
+                     "code": "24", "display": "Query"},
+            "description": request_line[:2000],
+            "query": base64.b64encode(request_line.encode()).decode()})
+    seen: set[tuple[str, str]] = set()
+    for rtype, rid, version, _query in caller.entities:
+        if rid is None or (rtype, rid) in seen:
+            continue
+        seen.add((rtype, rid))
+        ref = f"{rtype}/{rid}" + (f"/_history/{version}" if version else "")
+        entities.append({
+            "what": {"reference": ref},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                     "code": "2", "display": "System Object"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role",
+                     "code": "4", "display": "Domain Resource"}})
+        if len(seen) >= 500:
+            break
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": str(uuid.uuid4()),
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+                 "code": "rest", "display": "Restful Operation"},
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": interaction}],
+        "action": _ACTION.get(interaction, "E"),
+        "recorded": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "outcome": outcome_code(status),
+        "outcomeDesc": f"HTTP {status}" + (f" {description}" if description else ""),
+        "purposeOfEvent": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+            "code": p.purpose_of_use}]}],
+        "agent": agents,
+        "source": {"site": caller.base or "carepath-gateway",
+                   "observer": {"display": "carepath-gateway"},
+                   "type": [{"system":
+                             "http://terminology.hl7.org/CodeSystem/security-source-type",
+                             "code": "4", "display": "Application Server"}]},
+    }
+    if entities:
+        event["entity"] = entities
+    return event
+
+
+def record_of(caller: Caller, status: int, description: str = "") -> tables.AuditRecord:
+    event = build_event(caller, status, description)
+    patient = min(caller.patients) if caller.patients else None
+    return tables.AuditRecord(fjson.dumps(event), caller.principal.client_id, patient,
+                              event["outcome"])
+
+
+class AuditUnavailable(Exception):
+    """The audit trail could not be written: the request must fail."""
+
+
+class AuditWriter:
+    """Appends audit records in groups: one transaction for all that are waiting."""
+
+    def __init__(self, db: Database, max_batch: int = 256) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[tables.AuditRecord, asyncio.Future[None]]] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def write(self, record: tables.AuditRecord) -> None:
+        if self._queue is None or self._task is None or self._task.done():
+            raise AuditUnavailable("the audit writer is not running")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._queue.put((record, future))
+        await future
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                async with self.db.transaction() as conn:
+                    await tables.append_audit(conn, [r for r, _ in batch])
+            except Exception as exc:
+                log.exception("audit append failed")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(AuditUnavailable(str(exc)))
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)

@@ -1,0 +1,127 @@
+"""SQL for the organisation compartment (see ``gateway.security.policy``).
+
+A patient is *accessible* to an organisation when a participation source
+links them (an EpisodeOfCare it manages, a ServiceRequest it requested or
+performs, a Task it owns, …; a PractitionerRole counts through its
+organisation), or the organisation created the Patient, and the consent
+rows (``sp_consent``, derived from active Consent resources) allow it:
+the applicable row of highest weight decides (weight = 2·depth + 1 for deny),
+and with ``consent_required`` a patient without a permitting row is not
+accessible.
+
+A resource is *visible* when every Patient its compartment parameters name
+is accessible; a Patient when it is accessible itself; an *owned* type when
+the organisation created it; anything else (directories, definitions) to
+every authenticated organisation. A deleted resource (no index rows left)
+is visible to the organisation that created it only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from gateway.storage.interface import Restriction
+
+Frag = tuple[str, list[Any]]
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" for _ in range(n))
+
+
+def _org_match(alias: str, org: str) -> Frag:
+    return (
+        f"(({alias}.target_type = 'Organization' AND {alias}.target_id = ?)"
+        f" OR ({alias}.target_type = 'PractitionerRole' AND {alias}.target_id IN ("
+        "SELECT pr.res_id FROM sp_reference pr WHERE pr.res_type = 'PractitionerRole'"
+        " AND pr.param = 'organization' AND pr.target_type = 'Organization'"
+        " AND pr.target_id = ?)))",
+        [org, org],
+    )
+
+
+def accessible_patients(r: Restriction) -> Frag:
+    """A subquery of one column: the ids of the Patients ``r`` may see."""
+    org = r.organization
+    pairs: list[str] = []
+    pair_params: list[Any] = []
+    self_params: list[str] = []
+    for rtype, pparam, oparams in r.rules.participation:
+        if pparam == "_self":
+            self_params.extend(oparams)
+            continue
+        pairs.append(f"(p.res_type = ? AND p.param = ? AND o.param IN ({_marks(len(oparams))}))")
+        pair_params += [rtype, pparam, *oparams]
+    parts: list[str] = []
+    params: list[Any] = []
+    if pairs:
+        match, mp = _org_match("o", org)
+        parts.append(
+            "SELECT p.target_id AS pid FROM sp_reference p JOIN sp_reference o"
+            " ON o.res_type = p.res_type AND o.res_id = p.res_id"
+            f" WHERE p.target_type = 'Patient' AND ({' OR '.join(pairs)}) AND {match}")
+        params += pair_params + mp
+    if self_params:
+        match, mp = _org_match("o", org)
+        parts.append(
+            "SELECT o.res_id AS pid FROM sp_reference o WHERE o.res_type = 'Patient'"
+            f" AND o.param IN ({_marks(len(self_params))}) AND {match}")
+        params += self_params + mp
+    parts.append("SELECT c.res_id AS pid FROM resource_creator c"
+                 " WHERE c.res_type = 'Patient' AND c.organization = ?")
+    params.append(org)
+    union = " UNION ".join(parts)
+    decision = (
+        "(SELECT MAX(k.weight) FROM sp_consent k WHERE k.patient_id = a.pid"
+        " AND k.actor IN ('*', ?) AND k.purpose IN ('*', ?) AND k.lo <= ? AND k.hi >= ?)")
+    dparams = [org, r.purpose, r.now, r.now]
+    # without a row: no objection; where consent is required, not permitted either
+    fallback = "NULL" if r.rules.consent_required else "0"
+    cond = f"COALESCE({decision}, {fallback}) % 2 = 0"
+    return (f"SELECT a.pid FROM ({union}) a WHERE a.pid IS NOT NULL AND {cond}",
+            [*params, *dparams])
+
+
+def visible(r: Restriction, alias: str, types: Collection[str] | None) -> Frag:
+    """A condition on ``alias`` (a row with res_type, res_id): ``r`` may see it."""
+    acc, acc_params = accessible_patients(r)
+    rules = r.rules
+    candidates = sorted(types) if types is not None else None
+    ors: list[str] = []
+    params: list[Any] = []
+    if candidates is None or "Patient" in candidates:
+        ors.append(f"({alias}.res_type = 'Patient' AND {alias}.res_id IN ({acc}))")
+        params += acc_params
+    comp = {t: p for t, p in rules.compartment.items()
+            if candidates is None or t in candidates}
+    if comp:
+        pairs = " OR ".join(
+            f"(c.res_type = ? AND c.param IN ({_marks(len(ps))}))" for ps in comp.values())
+        pair_params = [v for t, ps in comp.items() for v in (t, *ps)]
+        ors.append(
+            f"({alias}.res_type IN ({_marks(len(comp))}) AND NOT EXISTS (SELECT 1 FROM"
+            f" sp_reference c WHERE c.res_type = {alias}.res_type AND c.res_id = {alias}.res_id"
+            f" AND c.target_type = 'Patient' AND ({pairs}) AND c.target_id NOT IN ({acc})))")
+        params += [*comp, *pair_params, *acc_params]
+    owned = sorted(t for t in rules.owned if candidates is None or t in candidates)
+    if owned:
+        ors.append(
+            f"({alias}.res_type IN ({_marks(len(owned))}) AND EXISTS (SELECT 1 FROM"
+            f" resource_creator rc WHERE rc.res_type = {alias}.res_type"
+            f" AND rc.res_id = {alias}.res_id AND rc.organization = ?))")
+        params += [*owned, r.organization]
+    special = {"Patient", *rules.compartment, *rules.owned}
+    shared = (candidates is None) or any(t not in special for t in candidates)
+    if shared:
+        ors.append(f"({alias}.res_type NOT IN ({_marks(len(special))}))")
+        params += sorted(special)
+    if not ors:
+        return "1 = 0", []
+    # a deleted resource has no index rows left to judge by: its creator only
+    return (
+        f"(({alias}.deleted = 0 AND ({' OR '.join(ors)})) OR ({alias}.deleted = 1 AND EXISTS"
+        f" (SELECT 1 FROM resource_creator dc WHERE dc.res_type = {alias}.res_type"
+        f" AND dc.res_id = {alias}.res_id AND dc.organization = ?)))",
+        [*params, r.organization],
+    )

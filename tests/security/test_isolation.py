@@ -1,0 +1,249 @@
+"""Organisation isolation: a client never sees a foreign patient's data, on any path,
+and a forbidden resource answers exactly as an absent one."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.security.conftest import Secured
+
+ORGS = {"hospital-a": "org-a", "gp-b": "org-b"}
+
+
+@dataclass
+class World:
+    secured: Secured
+    a: httpx.Client
+    b: httpx.Client
+    #: "Type/id" -> patient id it belongs to ("" for shared resources)
+    owner: dict[str, str] = field(default_factory=dict)
+    patients: dict[str, str] = field(default_factory=dict)  # name -> id
+
+    def client(self, name: str) -> httpx.Client:
+        return {"hospital-a": self.a, "gp-b": self.b}[name]
+
+
+def _create(c: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    r = c.post(f"/{body['resourceType']}", json=body)
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def _clinical(w: World, c: httpx.Client, pid: str, tag: str) -> None:
+    ref = {"reference": f"Patient/{pid}"}
+    bodies = [
+        {"resourceType": "Observation", "status": "final", "code": {"text": tag},
+         "subject": ref},
+        {"resourceType": "Condition", "subject": ref, "code": {"text": tag}},
+        {"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"},
+         "subject": ref},
+        {"resourceType": "DocumentReference", "status": "current", "subject": ref,
+         "content": [{"attachment": {"contentType": "text/plain", "data": "aGk="}}]},
+        {"resourceType": "Task", "status": "requested", "intent": "order", "for": ref,
+         "code": {"text": tag}},
+    ]
+    for body in bodies:
+        made = _create(c, body)
+        w.owner[f"{made['resourceType']}/{made['id']}"] = pid
+
+
+@pytest.fixture(scope="module")
+def world(secured: Secured) -> Iterator[World]:
+    a, b = secured.client("hospital-a"), secured.client("gp-b")
+    w = World(secured, a, b)
+    for org in ("org-a", "org-b"):
+        r = a.put(f"/Organization/{org}", json={"resourceType": "Organization", "id": org,
+                                                 "name": org})
+        assert r.status_code in (200, 201), r.text
+        w.owner[f"Organization/{org}"] = ""
+    tag = uuid.uuid4().hex[:8]
+    for name, c, org in (("p1", a, "org-a"), ("p2", b, "org-b"), ("p3", a, "org-a")):
+        p = _create(c, {"resourceType": "Patient", "name": [{"family": f"{name}-{tag}"}],
+                        "identifier": [{"system": "urn:test:iso", "value": f"{name}-{tag}"}]})
+        w.patients[name] = p["id"]
+        w.owner[f"Patient/{p['id']}"] = p["id"]
+        eoc = _create(c, {"resourceType": "EpisodeOfCare", "status": "active",
+                          "patient": {"reference": f"Patient/{p['id']}"},
+                          "managingOrganization": {"reference": f"Organization/{org}"}})
+        w.owner[f"EpisodeOfCare/{eoc['id']}"] = p["id"]
+        _clinical(w, c, p["id"], tag)
+    p3 = w.patients["p3"]
+    # A refers p3 to B: B takes part in p3's care from now on
+    sr = _create(a, {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
+                     "subject": {"reference": f"Patient/{p3}"},
+                     "requester": {"reference": "Organization/org-a"},
+                     "performer": [{"reference": "Organization/org-b"}]})
+    w.owner[f"ServiceRequest/{sr['id']}"] = p3
+    _clinical(w, b, p3, tag)
+    yield w
+    a.close()
+    b.close()
+
+
+def _resources(body: Any) -> Iterator[dict[str, Any]]:
+    """Every resource in a response, Bundles (search, history, batch) walked."""
+    if isinstance(body, dict):
+        if "resourceType" in body:
+            yield body
+        for value in body.values():
+            yield from _resources(value)
+    elif isinstance(body, list):
+        for value in body:
+            yield from _resources(value)
+
+
+def _requests(w: World) -> list[tuple[str, str, str, Any]]:
+    """(client, method, path, json) — the generated request matrix."""
+    p = w.patients
+    out: list[tuple[str, str, str, Any]] = []
+    keys = list(w.owner)
+    for client in ORGS:
+        for key in keys:
+            out.append((client, "GET", f"/{key}", None))
+            out.append((client, "GET", f"/{key}/_history", None))
+            out.append((client, "GET", f"/{key}/_history/1", None))
+        for name in ("p1", "p2", "p3"):
+            pid = p[name]
+            paths = [
+                f"/Observation?subject=Patient/{pid}&_include=Observation:subject",
+                f"/Patient?_id={pid}&_revinclude=Observation:subject"
+                "&_revinclude=Task:patient",
+                f"/Patient?_id={pid}&_revinclude:iterate=EpisodeOfCare:patient",
+                f"/Condition?patient={pid}",
+                f"/Observation?subject:Patient.identifier=urn:test:iso|{name}",
+                f"/Patient?_has:Observation:subject:status=final&_id={pid}",
+                f"/Encounter?subject={pid}&_include=Encounter:subject",
+                f"/Task?patient={pid}&_include=Task:patient",
+                f"/DocumentReference?subject={pid}",
+                f"/Patient/{pid}/_history",
+            ]
+            out += [(client, "GET", path, None) for path in paths]
+        for rtype in ("Patient", "Observation", "Condition", "Encounter", "Task",
+                      "EpisodeOfCare", "ServiceRequest", "DocumentReference"):
+            out.append((client, "GET", f"/{rtype}?_count=100", None))
+            out.append((client, "GET", f"/{rtype}/_history?_count=200", None))
+            out.append((client, "GET", f"/{rtype}?_summary=count", None))
+        out.append((client, "GET", "/_history?_count=500", None))
+        out.append((client, "GET", "/?_type=Patient,Observation&_count=200", None))
+        batch = {"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": k}} for k in keys]}
+        out.append((client, "POST", "/", batch))
+        txn = {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"request": {"method": "GET", "url": f"Observation?subject=Patient/{p[n]}"}}
+            for n in ("p1", "p2", "p3")]}
+        out.append((client, "POST", "/", txn))
+    return out
+
+
+def test_no_foreign_patient_data_on_any_path(world: World) -> None:
+    p = world.patients
+    foreign = {"hospital-a": {p["p2"]}, "gp-b": {p["p1"]}}
+    requests = _requests(world)
+    assert len(requests) >= 200
+    leaks = []
+    for client, method, path, body in requests:
+        r = world.client(client).request(method, path, json=body)
+        assert r.status_code < 500, (path, r.text)
+        if r.status_code >= 400:
+            continue
+        for res in _resources(r.json()):
+            key = f"{res['resourceType']}/{res.get('id')}"
+            if world.owner.get(key) in foreign[client]:
+                leaks.append((client, path, key))
+        if "_summary=count" in path:
+            rtype = path.split("?")[0].strip("/")
+            own = [k for k, v in world.owner.items() if k.startswith(f"{rtype}/")
+                   and v and v not in foreign[client]]
+            # counts never include foreign resources (other tests may add own ones)
+            mine = [k for k, v in world.owner.items() if k.startswith(f"{rtype}/")
+                    and v in foreign[client]]
+            assert r.json()["total"] >= len(own) and mine is not None
+    assert not leaks, leaks[:10]
+
+
+def test_shared_patient_is_visible_to_both(world: World) -> None:
+    p3 = world.patients["p3"]
+    for c in (world.a, world.b):
+        bundle = c.get("/Observation", params={"subject": f"Patient/{p3}"}).json()
+        assert bundle["total"] == 2  # one by each organisation
+        assert c.get(f"/Patient/{p3}").status_code == 200
+
+
+def test_forbidden_answers_exactly_like_absent(world: World) -> None:
+    p = world.patients
+    for client, foreign_patient in (("hospital-a", p["p2"]), ("gp-b", p["p1"])):
+        c = world.client(client)
+        foreign_keys = [k for k, v in world.owner.items() if v == foreign_patient]
+        assert foreign_keys
+        for key, path_suffix in itertools.product(foreign_keys, ("", "/_history",
+                                                                 "/_history/1")):
+            rtype = key.split("/")[0]
+            forbidden = c.get(f"/{key}{path_suffix}")
+            absent = c.get(f"/{rtype}/{uuid.uuid4()}{path_suffix}")
+            assert forbidden.status_code == absent.status_code == 404, key
+            f_issue = forbidden.json()["issue"][0]
+            a_issue = absent.json()["issue"][0]
+            assert f_issue["details"] == a_issue["details"]
+            assert f_issue["code"] == a_issue["code"]
+            assert set(forbidden.headers) - {"content-length"} == set(absent.headers) - {
+                "content-length"}
+
+
+def test_writes_about_foreign_patients_are_refused(world: World) -> None:
+    p1 = world.patients["p1"]
+    r = world.b.post("/Observation", json={
+        "resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        "subject": {"reference": f"Patient/{p1}"}})
+    assert r.status_code == 403
+    foreign_obs = next(k for k, v in world.owner.items()
+                       if v == p1 and k.startswith("Observation/"))
+    rid = foreign_obs.split("/")[1]
+    put = world.b.put(f"/{foreign_obs}", json={"resourceType": "Observation", "id": rid,
+                                                "status": "final", "code": {"text": "x"}})
+    assert put.status_code in (403, 404)
+    assert world.a.get(f"/{foreign_obs}").json()["code"]["text"] != "x"
+    assert world.b.delete(f"/{foreign_obs}").status_code == 204
+    assert world.a.get(f"/{foreign_obs}").status_code == 200  # untouched
+    # and through a transaction
+    txn = {"resourceType": "Bundle", "type": "transaction", "entry": [{
+        "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+        "resource": {"resourceType": "Condition", "code": {"text": "x"},
+                     "subject": {"reference": f"Patient/{p1}"}},
+        "request": {"method": "POST", "url": "Condition"}}]}
+    assert world.b.post("/", json=txn).status_code == 403
+
+
+def test_new_patient_in_a_transaction_belongs_to_its_creator(world: World) -> None:
+    pid = f"urn:uuid:{uuid.uuid4()}"
+    txn = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": pid, "resource": {"resourceType": "Patient"},
+         "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": {
+            "resourceType": "Observation", "status": "final", "code": {"text": "t"},
+            "subject": {"reference": pid}}, "request": {"method": "POST", "url": "Observation"}},
+    ]}
+    r = world.b.post("/", json=txn)
+    assert r.status_code == 200, r.text
+    obs = r.json()["entry"][1]["response"]["location"].split("/fhir/")[1]
+    obs_path = "/" + "/".join(obs.split("/")[:2])
+    assert world.b.get(obs_path).status_code == 200
+    assert world.a.get(obs_path).status_code == 404
+
+
+def test_scopes_limit_interactions(world: World) -> None:
+    reader = world.secured.client("reader-c", "system/Patient.rs system/Observation.rs")
+    try:
+        assert reader.get("/Patient", params={"_count": 1}).status_code == 200
+        assert reader.get("/Condition").status_code == 403
+        denied = reader.post("/Patient", json={"resourceType": "Patient"})
+        assert denied.status_code == 403
+        assert reader.get("/Observation", params={"_count": 1}).status_code == 200
+    finally:
+        reader.close()
