@@ -156,5 +156,25 @@ def clients_list(
     Console().print(table)
 
 
+audit_app = typer.Typer(help="The hash-chained audit trail.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    database_url: str = typer.Option(None, "--db", help="sqlite:///… or postgresql://…"),
+) -> None:
+    """Check every record of the audit chain; exit 1 at the first broken link."""
+    from gateway.storage.security import verify_chain
+
+    settings = Settings.from_env(database_url=database_url)
+    report = _run_db(settings, verify_chain)
+    if report.broken_at is not None:
+        console.print(f"[red]audit chain broken at record {report.broken_at}: "
+                      f"{report.reason}[/red] ({report.records} records verified before it)")
+        raise typer.Exit(1)
+    console.print(f"[green]audit chain intact[/green]: {report.records} records")
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())

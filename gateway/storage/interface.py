@@ -139,6 +139,12 @@ class Store(Protocol):
         self, query: SearchQuery, matches: list[tuple[str, str]], limit: int,
         restriction: Restriction | None = None,
     ) -> list[tuple[str, str]]: ...
+    async def audit_records(
+        self, *, after: int, limit: int, patient: str | None,
+        restriction: Restriction | None, client_id: str | None,
+    ) -> list[tuple[int, bytes]]:
+        """The audit chain's records (sequence number, AuditEvent JSON) after ``after``."""
+
     async def save_snapshot(self, snapshot: Snapshot) -> None: ...
     async def load_snapshot(self, search_id: str) -> Snapshot | None: ...
 

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.storage.access_sql import accessible_patients
 from gateway.storage.db import Connection, Database
+from gateway.storage.interface import Restriction
 
 GENESIS = "0" * 64
 AUDIT_LOCK = "carepath:audit"
@@ -155,8 +157,28 @@ async def verify_chain(db: Database, batch: int = 5000) -> ChainReport:
                 count += 1
 
 
-async def audit_records(db: Database, after: int = 0, limit: int = 1000) -> list[tuple[int, bytes]]:
+async def audit_records(
+    db: Database,
+    *,
+    after: int = 0,
+    limit: int = 1000,
+    patient: str | None = None,
+    restriction: Restriction | None = None,
+    client_id: str | None = None,
+) -> list[tuple[int, bytes]]:
+    """Records in chain order; a restricted caller sees its own client's records and
+    those about patients it may see."""
+    where = ["seq > ?"]
+    params: list[Any] = [after]
+    if patient is not None:
+        where.append("patient = ?")
+        params.append(patient)
+    if restriction is not None:
+        acc, acc_params = accessible_patients(restriction)
+        where.append(f"(client_id = ? OR patient IN ({acc}))")
+        params += [client_id, *acc_params]
     async with db.read() as conn:
         rows = await conn.fetch(
-            "SELECT seq, record FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+            f"SELECT seq, record FROM audit_log WHERE {' AND '.join(where)}"
+            " ORDER BY seq LIMIT ?", [*params, limit])
     return [(int(r[0]), bytes(r[1])) for r in rows]

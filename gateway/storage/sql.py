@@ -22,7 +22,7 @@ from gateway.storage.db import Connection, Database, RetryableError
 from gateway.storage.interface import HistoryPage, Restriction, Snapshot, StoredResource
 from gateway.storage.migrate import migrate
 from gateway.storage.schema import INDEX_TABLES
-from gateway.storage.security import AuditRecord, append_audit
+from gateway.storage.security import AuditRecord, append_audit, audit_records
 
 if TYPE_CHECKING:
     from gateway.fhir.search import SearchQuery
@@ -326,6 +326,13 @@ class SqlStore:
         async with self.db.read() as conn:
             return await search_sql.resolve_includes(conn, query, matches, limit,
                                                      _restrict(restriction))
+
+    async def audit_records(
+        self, *, after: int, limit: int, patient: str | None,
+        restriction: Restriction | None, client_id: str | None,
+    ) -> list[tuple[int, bytes]]:
+        return await audit_records(self.db, after=after, limit=limit, patient=patient,
+                                   restriction=restriction, client_id=client_id)
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         cutoff = now_micros() - 24 * 3600 * 1_000_000

@@ -1,0 +1,194 @@
+"""Reading the outbox in commit-safe order, and the positions of its readers.
+
+Every committed write appends an ``outbox`` row in its own transaction
+(:mod:`gateway.storage.sql`). Readers walk the outbox by **position**
+``(tx_id, seq)`` and remember how far they got in ``event_position``.
+
+Why not ``seq`` alone: on PostgreSQL, ``seq`` comes from a sequence, drawn
+when the row is inserted, not when it commits. A transaction that drew
+``seq = 10`` may commit after one that drew ``seq = 11``; a reader that had
+already moved past 11 would never see 10. So each row also records the id of
+the transaction that wrote it (``tx_id``, a column default of
+``pg_current_xact_id()``), rows are read in ``(tx_id, seq)`` order, and
+:func:`read_after` returns only rows below a **frontier** no new row can
+appear under:
+
+1. First it notes the next transaction id to be assigned (``xmax`` of the
+   current snapshot) and the ids of the running transactions that hold a lock
+   on any table of this schema (``pg_locks``). A transaction takes its table
+   lock *before* its first write draws its id, so every running writer of
+   this schema that already has an id is in that list.
+2. Then, in a new statement (a new snapshot), it reads the committed rows
+   whose ``tx_id`` is below the least of those ids. A transaction with a
+   smaller id that has not committed yet would have to be in the list.
+
+Long transactions of other schemas, databases or applications on the same
+PostgreSQL do not hold the frontier back; a long write transaction of the
+gateway itself does (events wait, none are lost). On SQLite there is one
+writer at a time, so ``seq`` order is commit order and ``tx_id`` is 0.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.storage.db import Connection, Row
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A point in the outbox: everything at or before it has been handled."""
+
+    tx_id: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.tx_id}:{self.seq}"
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        tx, _, seq = text.partition(":")
+        return cls(int(tx), int(seq))
+
+
+START = Position(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """One committed write: what changed, which version, how."""
+
+    position: Position
+    event_id: str
+    resource_type: str
+    id: str
+    version: int
+    interaction: str  # create | update | delete
+    ts: int  # epoch microseconds (the version's meta.lastUpdated)
+
+
+@dataclass(frozen=True, slots=True)
+class SavedPosition:
+    position: Position
+    epoch: str | None  # relay: the Redis generation it published into
+
+
+_COLS = "tx_id, seq, event_id, res_type, res_id, version, interaction, ts"
+
+
+def _event(row: Row) -> OutboxEvent:
+    return OutboxEvent(Position(int(row[0]), int(row[1])), row[2], row[3], row[4], int(row[5]),
+                       row[6], int(row[7]))
+
+
+_FRONTIER = (
+    "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint,"
+    " ARRAY(SELECT DISTINCT t.transactionid::text::bigint"
+    " FROM pg_locks r JOIN pg_locks t ON t.virtualtransaction = r.virtualtransaction"
+    " AND t.locktype = 'transactionid'"
+    " WHERE r.locktype = 'relation' AND r.pid <> pg_backend_pid()"
+    " AND r.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND r.relation IN (SELECT oid FROM pg_class"
+    " WHERE relnamespace = current_schema()::regnamespace))"
+)
+
+
+def _widen(xid32: int, reference: int) -> int:
+    """A 32-bit xid from ``pg_locks`` as the 64-bit id just below ``reference``."""
+    value = (reference & ~0xFFFFFFFF) | xid32
+    return value - (1 << 32) if value > reference else value
+
+
+async def frontier(conn: Connection) -> int:
+    """Outbox rows with a smaller ``tx_id`` are final (PostgreSQL; see the module doc)."""
+    row = await conn.fetchrow(_FRONTIER)
+    assert row is not None
+    xmax = int(row[0])
+    return min([xmax, *(_widen(int(x), xmax) for x in row[1] or ())])
+
+
+async def read_after(
+    conn: Connection, after: Position, limit: int
+) -> tuple[list[OutboxEvent], bool]:
+    """Final outbox events after ``after`` in position order (at most ``limit``).
+
+    The flag says whether committed rows beyond them are held back because an
+    older transaction is still running (PostgreSQL): read again shortly.
+    ``conn`` must be in a READ COMMITTED transaction (each statement sees the
+    latest commits).
+    """
+    if conn.dialect != "postgresql":
+        rows = await conn.fetch(
+            f"SELECT {_COLS} FROM outbox WHERE (tx_id, seq) > (?, ?) ORDER BY tx_id, seq LIMIT ?",
+            (after.tx_id, after.seq, limit),
+        )
+        return [_event(r) for r in rows], False
+    below = await frontier(conn)
+    # rows of older transactions sort first (tx_id order): the final ones are a prefix
+    rows = await conn.fetch(
+        f"SELECT {_COLS}, tx_id < ? FROM outbox WHERE (tx_id, seq) > (?, ?)"
+        " ORDER BY tx_id, seq LIMIT ?",
+        (below, after.tx_id, after.seq, limit),
+    )
+    final = [_event(r) for r in rows if r[8]]
+    return final, len(final) < len(rows)
+
+
+async def read_range(
+    conn: Connection, after: Position, upto: Position, limit: int
+) -> list[OutboxEvent]:
+    """Events in ``(after, upto]`` — a range a relay has already found final."""
+    rows = await conn.fetch(
+        f"SELECT {_COLS} FROM outbox WHERE (tx_id, seq) > (?, ?) AND (tx_id, seq) <= (?, ?)"
+        " ORDER BY tx_id, seq LIMIT ?",
+        (after.tx_id, after.seq, upto.tx_id, upto.seq, limit),
+    )
+    return [_event(r) for r in rows]
+
+
+async def load_position(conn: Connection, name: str) -> SavedPosition | None:
+    row = await conn.fetchrow(
+        "SELECT tx_id, seq, epoch FROM event_position WHERE name = ?", (name,)
+    )
+    if row is None:
+        return None
+    return SavedPosition(Position(int(row[0]), int(row[1])), row[2])
+
+
+async def save_position(
+    conn: Connection, name: str, position: Position, epoch: str | None = None
+) -> None:
+    await conn.execute(
+        "INSERT INTO event_position (name, tx_id, seq, epoch, updated) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET tx_id = excluded.tx_id, seq = excluded.seq,"
+        " epoch = excluded.epoch, updated = excluded.updated",
+        (name, position.tx_id, position.seq, epoch, int(time.time() * 1_000_000)),
+    )
+
+
+async def lowest_position(conn: Connection, prefix: str) -> Position | None:
+    """The least position among readers named ``prefix…`` (consumer groups)."""
+    rows = await conn.fetch(
+        "SELECT tx_id, seq FROM event_position WHERE name LIKE ?", (prefix + "%",)
+    )
+    positions = [Position(int(r[0]), int(r[1])) for r in rows]
+    return min(positions) if positions else None
+
+
+async def versions(
+    conn: Connection, keys: list[tuple[str, str, int]]
+) -> dict[tuple[str, str, int], bytes | None]:
+    """Stored JSON of the given resource versions (``None`` for a deletion)."""
+    out: dict[tuple[str, str, int], bytes | None] = {}
+    for start in range(0, len(keys), 300):
+        chunk = keys[start : start + 300]
+        cond = " OR ".join("(res_type = ? AND res_id = ? AND version = ?)" for _ in chunk)
+        params: list[Any] = [v for k in chunk for v in k]
+        for row in await conn.fetch(
+            f"SELECT res_type, res_id, version, content FROM resource_history WHERE {cond}",
+            params,
+        ):
+            out[(row[0], row[1], int(row[2]))] = bytes(row[3]) if row[3] is not None else None
+    return out

@@ -1,0 +1,198 @@
+"""The audit trail: one AuditEvent per request with the NEN 7513 fields, hash-chained,
+written with the write it records, and the gateway fails closed without it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.settings import Settings
+from gateway.storage.db import open_database
+from tests.conftest import RunningServer, backend_settings
+from tests.security.conftest import CLIENTS, register
+from tests.security.keys import ClientKey
+
+
+async def _fetch(settings: Settings, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    db = open_database(settings.database_url, pool_size=1, schema=settings.database_schema)
+    await db.open()
+    try:
+        async with db.read() as conn:
+            return await conn.fetch(sql, params)
+    finally:
+        await db.close()
+
+
+async def _execute(settings: Settings, *statements: str) -> None:
+    db = open_database(settings.database_url, pool_size=1, schema=settings.database_schema)
+    await db.open()
+    try:
+        async with db.transaction() as conn:
+            for sql in statements:
+                await conn.execute(sql)
+    finally:
+        await db.close()
+
+
+def records(settings: Settings) -> list[dict[str, Any]]:
+    rows = asyncio.run(_fetch(settings, "SELECT record FROM audit_log ORDER BY seq"))
+    return [json.loads(bytes(r[0])) for r in rows]
+
+
+class Audited:
+    def __init__(self, backend: str, settings: Settings, url: str,
+                 keys: dict[str, ClientKey]) -> None:
+        self.backend, self.settings, self.url, self.keys = backend, settings, url, keys
+
+    def token(self, client: str = "hospital-a") -> str:
+        from tests.security.keys import token_form
+
+        url = f"{self.url}/auth/token"
+        r = httpx.post(url, data=token_form(self.keys[client].assertion(url)))
+        assert r.status_code == 200, r.text
+        return str(r.json()["access_token"])
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def audited(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            new_schema) -> Iterator[Audited]:  # type: ignore[no-untyped-def]
+    settings = backend_settings(request.param, tmp_path_factory.mktemp("audit"), new_schema)
+    keys = {cid: ClientKey.ec(cid) for cid in CLIENTS}
+    register(settings, keys)
+    with RunningServer(settings) as running:
+        yield Audited(request.param, settings, running.url, keys)
+
+
+def test_every_request_yields_exactly_one_audit_event(audited: Audited) -> None:
+    before = len(records(audited.settings))
+    token = audited.token()  # a token request is audited too
+    h = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
+    url = audited.url
+    patient = httpx.post(f"{url}/Patient", json={"resourceType": "Patient"}, headers=h).json()
+    pid = patient["id"]
+    calls = [
+        ("GET", f"/Patient/{pid}", None),
+        ("GET", f"/Patient?_id={pid}", None),
+        ("GET", f"/Patient/{pid}/_history", None),
+        ("PUT", f"/Patient/{pid}", {**patient, "active": True}),
+        ("GET", "/metadata", None),
+        ("GET", f"/Patient/{uuid.uuid4()}", None),  # 404
+        ("POST", "/Patient", {"resourceType": "Observation"}),  # 400
+        ("POST", "/", {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "request": {"method": "POST",
+                                                                "url": "Observation"},
+             "resource": {"resourceType": "Observation", "status": "final",
+                          "code": {"text": "x"}, "subject": {"reference": f"Patient/{pid}"}}}]}),
+        ("DELETE", f"/Patient/{uuid.uuid4()}", None),
+    ]
+    for method, path, body in calls:
+        r = httpx.request(method, f"{url}{path}", json=body, headers=h)
+        assert r.status_code < 500, r.text
+    unauthenticated = httpx.get(f"{url}/Patient")
+    assert unauthenticated.status_code == 401
+    after = records(audited.settings)[before:]
+    # token + create + calls + the denied attempt
+    assert len(after) == 1 + 1 + len(calls) + 1
+    read = next(e for e in after if e["subtype"][0]["code"] == "read"
+                and e["outcome"] == "0")
+    assert read["action"] == "R"
+    assert {"reference": f"Patient/{pid}"} in [x.get("what") for x in read["entity"]]
+    roles = {a["type"]["coding"][0]["code"] for a in read["agent"]}
+    assert {"110152", "110153", "RESP"} <= roles
+    client_agent = next(a for a in read["agent"]
+                        if a["type"]["coding"][0]["code"] == "110153")
+    assert client_agent["who"]["identifier"]["value"] == "hospital-a"
+    assert client_agent["network"]["address"] == "127.0.0.1"
+    assert read["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT"
+    assert read["recorded"]
+    search = next(e for e in after if e["subtype"][0]["code"] == "search-type")
+    query = next(x for x in search["entity"] if x["role"]["code"] == "24")
+    assert f"_id={pid}" in base64.b64decode(query["query"]).decode()
+    denied = after[-1]
+    assert denied["outcome"] == "4" and "401" in denied["outcomeDesc"]
+    update = next(e for e in after if e["subtype"][0]["code"] == "update")
+    assert update["action"] == "U"
+    assert any(x.get("what", {}).get("reference") == f"Patient/{pid}/_history/2"
+               for x in update["entity"])
+
+
+def test_audit_log_is_readable_and_reading_it_is_audited(audited: Audited) -> None:
+    h = {"Authorization": f"Bearer {audited.token()}"}
+    first = httpx.get(f"{audited.url}/$audit-log", params={"_count": 1000}, headers=h)
+    assert first.status_code == 200, first.text
+    n = len(first.json().get("entry", []))
+    second = httpx.get(f"{audited.url}/$audit-log", params={"_count": 1000}, headers=h).json()
+    events = [e["resource"] for e in second["entry"]]
+    assert len(events) == n + 1
+    assert events[-1]["subtype"][0]["code"] == "operation"
+    assert "$audit-log" in events[-1]["entity"][-1]["description"]
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"CAREPATH_DATABASE_URL": settings.database_url}
+    if settings.database_schema:
+        env["CAREPATH_DATABASE_SCHEMA"] = settings.database_schema
+    import os
+
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=120)
+
+
+def test_audit_verify_passes_then_fails_after_tampering(audited: Audited) -> None:
+    h = {"Authorization": f"Bearer {audited.token()}"}
+    for _ in range(3):
+        httpx.get(f"{audited.url}/metadata", headers=h)
+    ok = _cli(audited.settings, "audit", "verify")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "intact" in ok.stdout + ok.stderr
+    seq = records_seq(audited.settings)[1]
+    blob = "X'7b7d'" if audited.backend == "sqlite" else "'\\x7b7d'::bytea"
+    asyncio.run(_execute(audited.settings,
+                         f"UPDATE audit_log SET record = {blob} WHERE seq = {seq}"))
+    broken = _cli(audited.settings, "audit", "verify")
+    assert broken.returncode == 1
+    assert f"broken at record {seq}" in broken.stdout + broken.stderr
+
+
+def records_seq(settings: Settings) -> list[int]:
+    return [int(r[0]) for r in asyncio.run(_fetch(settings,
+                                                  "SELECT seq FROM audit_log ORDER BY seq"))]
+
+
+def test_no_audit_no_access(audited: Audited) -> None:
+    """If the audit record cannot be written, neither the write nor the read goes through."""
+    h = {"Authorization": f"Bearer {audited.token()}", "Content-Type": "application/fhir+json"}
+    made = httpx.post(f"{audited.url}/Patient", json={"resourceType": "Patient"}, headers=h)
+    pid = made.json()["id"]
+    if audited.backend == "sqlite":
+        block = ["CREATE TRIGGER block_audit BEFORE INSERT ON audit_log BEGIN "
+                 "SELECT RAISE(ABORT, 'audit blocked'); END"]
+        unblock = ["DROP TRIGGER block_audit"]
+    else:
+        block = ["CREATE FUNCTION block_audit() RETURNS trigger AS $$ BEGIN "
+                 "RAISE EXCEPTION 'audit blocked'; END $$ LANGUAGE plpgsql",
+                 "CREATE TRIGGER block_audit BEFORE INSERT ON audit_log "
+                 "FOR EACH ROW EXECUTE FUNCTION block_audit()"]
+        unblock = ["DROP TRIGGER block_audit ON audit_log", "DROP FUNCTION block_audit()"]
+    asyncio.run(_execute(audited.settings, *block))
+    try:
+        marker = uuid.uuid4().hex
+        write = httpx.post(f"{audited.url}/Patient", headers=h, json={
+            "resourceType": "Patient", "name": [{"family": marker}]})
+        assert write.status_code >= 500
+        read = httpx.get(f"{audited.url}/Patient/{pid}", headers=h)
+        assert read.status_code == 503
+        assert "Patient" not in read.text.replace("OperationOutcome", "")
+    finally:
+        asyncio.run(_execute(audited.settings, *unblock))
+    found = httpx.get(f"{audited.url}/Patient", params={"family": marker}, headers=h).json()
+    assert found.get("total") == 0  # the write was not committed without its audit record
