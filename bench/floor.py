@@ -106,7 +106,9 @@ class _Postgres:
             " ON CONFLICT (id) DO UPDATE SET content = excluded.content", id, content)
 
     async def get(self, id: str) -> bytes | None:
-        return await self.pool.fetchval(f"SELECT content FROM {TABLE} WHERE id = $1", id)
+        content: bytes | None = await self.pool.fetchval(
+            f"SELECT content FROM {TABLE} WHERE id = $1", id)
+        return content
 
 
 class _Sqlite:

@@ -27,6 +27,8 @@ class Settings:
     max_request_bytes: int = 10 * 1024 * 1024
     max_bundle_entries: int = 5000
     max_json_depth: int = 64
+    #: longest string value accepted (base64 documents included), in characters
+    max_string_length: int = 8 * 1024 * 1024
     default_page_size: int = 20
     max_page_size: int = 1000
     #: largest number of matches a search keeps for stable paging

@@ -17,10 +17,12 @@ from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import Context, FhirResponse
+from gateway.api.openapi import openapi
 from gateway.interactions.router import FhirRequest, route
 from gateway.security.audit import AuditUnavailable, record_of
 from gateway.security.auth import Authenticator
@@ -90,8 +92,11 @@ def _parse_body(
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
                         "PATCH takes application/json-patch+json")
     body = fjson.loads(raw)
-    if fjson.depth_exceeds(body, ctx.settings.max_json_depth):
-        raise FhirError(Code.TOO_DEEP, f"nesting deeper than {ctx.settings.max_json_depth}")
+    problem = fjson.check_limits(body, ctx.settings.max_json_depth,
+                                 ctx.settings.max_string_length)
+    if problem is not None:
+        code = Code.TOO_DEEP if problem.startswith("nesting") else Code.STRING_TOO_LONG
+        raise FhirError(code, problem)
     return body, []
 
 
@@ -165,7 +170,15 @@ def create_api(
     app = FastAPI(title="carepath-gateway", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     base_path = ctx.settings.base_path.rstrip("/")
-    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+    # every method reaches the router, which answers unsupported ones with 405 + outcome
+    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: Code.UNKNOWN_ENDPOINT, 405: Code.METHOD_NOT_ALLOWED}.get(
+            exc.status_code, Code.INVALID_HEADER)
+        err = FhirError(code, str(exc.detail))
+        return _render(FhirResponse(exc.status_code, err.outcome()), False, False)
 
     async def handle(request: Request, path: str) -> Response:
         base = _base_url(ctx, request)
@@ -230,4 +243,6 @@ def create_api(
         return await handle(request, "")
 
     app.add_api_route(base_path, handle_base, methods=methods, include_in_schema=False)
+    spec = openapi(ctx.registry, ctx.settings.base_path)
+    app.openapi = lambda: spec  # type: ignore[method-assign]
     return app

@@ -103,13 +103,26 @@ def dumps_pretty(obj: Any) -> bytes:
 
 def depth_exceeds(obj: Any, limit: int) -> bool:
     """True when ``obj`` nests objects/arrays deeper than ``limit``."""
+    return check_limits(obj, limit, None) is not None
+
+
+def check_limits(obj: Any, max_depth: int, max_string: int | None) -> str | None:
+    """Why ``obj`` exceeds the nesting or string-length limits, or None."""
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         node, depth = stack.pop()
-        if depth > limit:
-            return True
+        if depth > max_depth:
+            return f"nesting deeper than {max_depth}"
         if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+            for v in node.values():
+                if isinstance(v, dict | list):
+                    stack.append((v, depth + 1))
+                elif max_string is not None and isinstance(v, str) and len(v) > max_string:
+                    return f"a string longer than {max_string} characters"
         elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
-    return False
+            for v in node:
+                if isinstance(v, dict | list):
+                    stack.append((v, depth + 1))
+                elif max_string is not None and isinstance(v, str) and len(v) > max_string:
+                    return f"a string longer than {max_string} characters"
+    return None

@@ -45,6 +45,7 @@ class Code(Enum):
     INVALID_RESOURCE = ("GW-1022", 400, "structure", "Resource content is invalid")
     UNKNOWN_ENDPOINT = ("GW-1023", 404, "not-found", "Unknown endpoint")
     UNSUPPORTED_SEARCH = ("GW-1024", 400, "not-supported", "Unsupported search feature")
+    STRING_TOO_LONG = ("GW-1025", 413, "too-long", "A string is longer than allowed")
     UNAUTHENTICATED = ("GW-1030", 401, "login", "Authentication required or failed")
     FORBIDDEN = ("GW-1031", 403, "forbidden", "Not permitted")
     # 2xxx: what was asked for is not there

@@ -270,3 +270,17 @@ def test_forbidden_characters_in_bodies_and_queries_are_400(client: httpx.Client
     query = client.get("/Patient", params={"name": "a\x00b"})
     assert query.status_code == 400
     assert gw_code(query) == "GW-1013"
+
+
+def test_string_length_limit(client: httpx.Client, server) -> None:  # type: ignore[no-untyped-def]
+    limit = server.settings.max_string_length
+    if limit >= server.settings.max_request_bytes:
+        # the request limit is the tighter one: show that a long string under it passes
+        body = {"resourceType": "Basic", "code": {"text": "x" * 100_000}}
+        assert client.post("/Basic", json=body, headers={"Content-Type": FHIR}
+                           ).status_code == 201
+        return
+    body = {"resourceType": "Basic", "code": {"text": "x" * (limit + 1)}}
+    response = client.post("/Basic", json=body, headers={"Content-Type": FHIR})
+    assert response.status_code == 413
+    assert gw_code(response) == "GW-1025"
