@@ -19,10 +19,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.api.openapi import openapi
 from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import Context, FhirResponse
-from gateway.api.openapi import openapi
 from gateway.interactions.router import FhirRequest, route
 from gateway.security.audit import AuditUnavailable, record_of
 from gateway.security.auth import Authenticator
