@@ -26,12 +26,16 @@ and reads with one SELECT by primary key; for the searches the floor gets a
 read by id of the same patient (it has no search), so those ratios compare a
 search with the cheapest possible read.
 
-The client: one or more processes (``--clients``), each one ``httpx.AsyncClient``
-(HTTP/1.1 keep-alive, a pool as large as its share of ``--concurrency``) on
-uvloop, with request bodies serialised before the clock starts. Each scenario
-warms up (not measured) before its measured window. CPU use of client,
-server and PostgreSQL during the window is read from /proc and reported, since
-on a small machine they all share the same cores.
+The client: one or more processes (``--clients``) on uvloop, with request
+bodies serialised before the clock starts and one HTTP/1.1 keep-alive
+connection per concurrent task: by default a minimal client on asyncio
+streams (``--client raw``, ~0.06 ms CPU per request), or httpx
+(``--client httpx``, ~1 ms per request here: on 2 cores it starves the
+servers and caps the floor; see bench/README.md). Each scenario warms up (not
+measured) before its measured window. CPU use of client, server and
+PostgreSQL during the window is read from /proc and reported, since on a
+small machine they all share the same cores (and may share them with others:
+``cpu.other``); ``cpu_ms_per_op`` is the cost of one operation.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ from typing import Protocol
 from fastapi import FastAPI
 
 from gateway.api.app import create_api
+from gateway.events import EventRuntime
 from gateway.fhir.validation import FhirValidator
+from gateway.interactions import capabilities
 from gateway.interactions.base import Context
 from gateway.interactions.operation_table import OPERATIONS
 from gateway.registry import Registry, profiles_dir
@@ -20,8 +22,10 @@ from gateway.security.audit import AuditWriter
 from gateway.security.auth import Authenticator
 from gateway.security.policy import AccessPolicy, PolicyIndexer, load_rules
 from gateway.settings import Settings
+from gateway.storage.commit_hooks import HookedSqlStore
 from gateway.storage.db import open_database
-from gateway.storage.sql import SqlStore
+from gateway.subscriptions import SubscriptionService
+from gateway.subscriptions.service import WEBSOCKET_PATH
 
 log = logging.getLogger("carepath")
 
@@ -43,10 +47,10 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-def build_store(settings: Settings, reg: Registry, access: AccessPolicy) -> SqlStore:
+def build_store(settings: Settings, reg: Registry, access: AccessPolicy) -> HookedSqlStore:
     db = open_database(settings.database_url, pool_size=settings.db_pool_size,
                        schema=settings.database_schema)
-    return SqlStore(db, PolicyIndexer(reg.indexer, access))
+    return HookedSqlStore(db, PolicyIndexer(reg.indexer, access))
 
 
 def public_base(settings: Settings) -> str:
@@ -62,10 +66,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     access = AccessPolicy(load_rules(settings.jurisdiction), reg.indexer)
     store = build_store(settings, reg, access)
     audit = AuditWriter(store.db)
-    validator = FhirValidator.load(profiles_dir(), reg.structure_definitions, settings)
-    ctx = Context(store=store, registry=reg, settings=settings, operations=dict(OPERATIONS),
+    events = EventRuntime(store.db, settings)  # outbox relay and bus
+    store.after_commit.append(events.relay.wake)
+    subscriptions = SubscriptionService(store.db, store, settings, events,
+                                        base_url=public_base(settings))
+    validator = subscriptions.checks(
+        FhirValidator.load(profiles_dir(), reg.structure_definitions, settings))
+    operations = {**OPERATIONS, **{op.name: op for op in subscriptions.operations()}}
+    ctx = Context(store=store, registry=reg, settings=settings, operations=operations,
                   access=access, audit=audit, validator=validator)
-    services: list[Service] = [audit]
+    capabilities.contribute(ctx, "Subscription", subscriptions.subscription_extensions)
+    capabilities.contribute(ctx, None, subscriptions.rest_extensions)
+    services: list[Service] = [audit, events, subscriptions]
     auth = Authenticator(store.db, settings)
 
     async def startup() -> None:
@@ -81,5 +93,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await store.close()
 
     app = create_api(ctx, startup, shutdown, auth)
+    app.router.add_websocket_route(f"{settings.base_path}{WEBSOCKET_PATH}", subscriptions.websocket)
     app.state.context = ctx
     return app

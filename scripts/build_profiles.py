@@ -250,6 +250,8 @@ class Snapshot:
             self._add_slice(sliced, slice_name)
         else:
             self.ensure(parent)
+            if element_id in self.pos:  # creating the parent (a slice) brought its children
+                return self.elements[self.pos[element_id]]
             start = self.pos[parent]
             has_children = start + 1 < len(self.elements) and \
                 self.elements[start + 1]["id"].startswith(parent + ".")

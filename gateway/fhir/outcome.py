@@ -98,6 +98,18 @@ class Code(Enum):
     INVALID_RESOURCE_TYPE = ("GW-4216", 422, "structure", "Missing or unknown resourceType")
     TYPE_NOT_ALLOWED = ("GW-4217", 422, "structure", "Type not allowed by the profile")
     TOO_LONG = ("GW-4218", 422, "value", "Value longer than the profile's maxLength")
+    # 44xx: subscriptions (R4 Subscriptions Backport; docs/subscriptions.md)
+    UNKNOWN_TOPIC = ("GW-4401", 422, "not-supported", "Unknown SubscriptionTopic")
+    INVALID_FILTER = ("GW-4402", 422, "invalid", "Filter not supported by the topic")
+    UNSUPPORTED_CHANNEL = ("GW-4403", 422, "not-supported", "Unsupported subscription channel")
+    ENDPOINT_REFUSED = ("GW-4404", 422, "security", "Subscription endpoint refused")
+    UNSUPPORTED_PAYLOAD = ("GW-4405", 422, "not-supported",
+                           "Unsupported notification payload or content")
+    INVALID_SUBSCRIPTION = ("GW-4406", 422, "invalid", "Invalid Subscription")
+    INVALID_EVENT_RANGE = ("GW-4407", 400, "invalid", "Invalid event number range")
+    NOT_A_TOPIC_SUBSCRIPTION = ("GW-4408", 422, "not-supported",
+                                "Not a topic-based subscription managed by this gateway")
+    INVALID_BINDING_TOKEN = ("GW-4409", 401, "security", "Invalid or expired binding token")
     # 5xxx: the gateway's own trouble
     INTERNAL = ("GW-5001", 500, "exception", "Internal error")
     UNAVAILABLE = ("GW-5002", 503, "transient", "Storage is unavailable")

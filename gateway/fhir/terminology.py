@@ -632,6 +632,7 @@ class Terminology:
             raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST,
                             "give code and system, a coding or a codeableConcept")
         messages: list[str] = []
+        known: str | None = None  # the right display of a code whose details were wrong
         for coding in codings:
             system, code = coding.get("system"), coding.get("code")
             if not isinstance(code, str) or not code:
@@ -653,7 +654,8 @@ class Terminology:
             if ok:
                 return _result(True, message, display)
             messages.append(message or "")
-        return _result(False, "; ".join(m for m in messages if m), None)
+            known = known or display
+        return _result(False, "; ".join(m for m in messages if m), known)
 
     def validate_code_in_system(self, code_system: Mapping[str, Any], codings: Sequence[Json],
                                 *, abstract_ok: bool = False) -> Json:
@@ -663,6 +665,7 @@ class Terminology:
                             "give a code, a coding or a codeableConcept")
         url = code_system.get("url")
         messages = []
+        known: str | None = None
         for coding in codings:
             code = coding.get("code")
             if not isinstance(code, str) or not code:
@@ -676,7 +679,8 @@ class Terminology:
             if ok:
                 return _result(True, message, display)
             messages.append(message or "")
-        return _result(False, "; ".join(m for m in messages if m), None)
+            known = known or display
+        return _result(False, "; ".join(m for m in messages if m), known)
 
     def _check_concept(self, coding: Json, *, abstract_ok: bool,
                        value_set: Mapping[str, Any] | None = None

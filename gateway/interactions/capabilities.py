@@ -6,7 +6,7 @@ every resource type, its interactions and its search parameters.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gateway
@@ -33,10 +33,28 @@ def _operation_entry(op: Operation) -> dict[str, Any]:
 
 BASE_CANONICAL = "https://carepath-gateway.org/fhir"
 
+#: extensions of the base URL that a higher layer adds to a resource type's
+#: entry (or, for type ``None``, to ``rest``), e.g. the subscription topics
+Contribution = Callable[[str], list[dict[str, Any]]]
+_CONTRIBUTIONS: dict[int, list[tuple[str | None, Contribution]]] = {}
+
+
+def contribute(ctx: Context, resource_type: str | None, extensions: Contribution) -> None:
+    """Add extensions to the statement served for ``ctx`` (called by ``gateway.main``)."""
+    _CONTRIBUTIONS.setdefault(id(ctx), []).append((resource_type, extensions))
+
+
+def _extensions(contributions: list[tuple[str | None, Contribution]], rt: str | None,
+                base: str) -> dict[str, Any]:
+    found = [e for t, fn in contributions if t == rt for e in fn(base)]
+    return {"extension": found} if found else {}
+
 
 def _statement(
-    registry: Registry, base: str, operations: Mapping[str, Operation]
+    registry: Registry, base: str, operations: Mapping[str, Operation],
+    contributions: list[tuple[str | None, Contribution]] | None = None,
 ) -> dict[str, Any]:
+    contributions = contributions or []
     resources = []
     for rt in registry.resource_types:
         type_ops = [
@@ -50,6 +68,7 @@ def _statement(
         ]
         params.extend({"name": n, "type": t} for n, t in SEARCH_RESULT_PARAMS)
         resources.append({
+            **_extensions(contributions, rt, base),
             "type": rt,
             "profile": f"http://hl7.org/fhir/StructureDefinition/{rt}",
             "interaction": [{"code": c} for c in TYPE_INTERACTIONS],
@@ -79,6 +98,7 @@ def _statement(
         "format": ["application/fhir+json", "json"],
         "patchFormat": ["application/json-patch+json"],
         "rest": [{
+            **_extensions(contributions, None, base),
             "mode": "server",
             "resource": resources,
             "interaction": [
@@ -101,5 +121,6 @@ def capabilities(ctx: Context, *, base: str) -> FhirResponse:
     key = (id(ctx), base)
     statement = _CACHE.get(key)
     if statement is None:
-        statement = _CACHE[key] = _statement(ctx.registry, base, ctx.operations)
+        statement = _CACHE[key] = _statement(ctx.registry, base, ctx.operations,
+                                             _CONTRIBUTIONS.get(id(ctx)))
     return FhirResponse(200, statement)

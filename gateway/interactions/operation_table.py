@@ -6,12 +6,13 @@ Add an operation by writing its module in this package and listing its
 
 from __future__ import annotations
 
-from gateway.interactions import audit_log, terminology
+from gateway.interactions import audit_log, terminology, validate
 from gateway.interactions.operations import Operation
 
 _ALL: tuple[Operation, ...] = (
     audit_log.OPERATION,
     *terminology.OPERATIONS,
+    validate.OPERATION,
 )
 
 OPERATIONS: dict[str, Operation] = {op.name: op for op in _ALL}

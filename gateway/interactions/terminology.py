@@ -7,10 +7,11 @@ https://hl7.org/fhir/R4/codesystem-operation-validate-code.html,
 https://hl7.org/fhir/R4/conceptmap-operation-translate.html.
 
 The answers come from :class:`gateway.fhir.terminology.Terminology` over the
-gateway's own content (``profiles/*.json``, through the registry). Content
-a client stored (``POST /CodeSystem`` etc.) is used too: an instance id or
-canonical URL the profiles do not know is looked up in the store, as are the
-code systems and value sets such a value set refers to. Type level:
+gateway's own content (``profiles/*.json``, through the registry; public like
+the CapabilityStatement). Content a client stored (``POST /CodeSystem`` etc.)
+is used too: an instance id or canonical URL the profiles do not know is looked
+up in the store, as are the code systems and value sets such a value set refers
+to -- with the same scope and visibility checks as read and search. Type level:
 ``/CodeSystem/$lookup``, ``/ValueSet/$expand``, ``/ValueSet/$validate-code``,
 ``/CodeSystem/$validate-code``, ``/ConceptMap/$translate``; instance level
 where R4 defines it (``/ValueSet/{id}/$expand`` ...; ``$lookup`` has none).
@@ -26,8 +27,9 @@ import orjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import parse_search
 from gateway.fhir.terminology import Terminology
-from gateway.interactions.base import Context, FhirResponse
+from gateway.interactions.base import Context, FhirResponse, check_id
 from gateway.interactions.operations import Operation, OperationRequest
+from gateway.security import guard
 
 Json = dict[str, Any]
 _DEPENDENCY_ROUNDS = 8
@@ -159,8 +161,13 @@ def _now() -> str:
 
 
 async def _stored_by_id(ctx: Context, resource_type: str, id: str) -> Json | None:
+    check_id(id)
+    guard.require(resource_type, "read")
     stored = await ctx.store.read(resource_type, id)
-    if stored is None or stored.deleted or stored.content is None:
+    if stored is None:
+        return None
+    await guard.ensure_visible(ctx.access, ctx.store, stored)
+    if stored.deleted or stored.content is None:
         return None
     found = orjson.loads(stored.content)
     return found if isinstance(found, dict) else None
@@ -169,10 +176,13 @@ async def _stored_by_id(ctx: Context, resource_type: str, id: str) -> Json | Non
 async def _stored_by_url(ctx: Context, resource_type: str, url: str) -> Json | None:
     base, _, version = url.partition("|")
     pairs = [("url", base)] + ([("version", version)] if version else [])
+    guard.require(resource_type, "search")
     query = parse_search(resource_type, pairs, ctx.registry.search_params)
-    keys = await ctx.store.search_keys(query, 20)
+    keys = await ctx.store.search_keys(query, 20, guard.restriction(ctx.access))
     if not keys:
         return None
+    for rt, id in keys:
+        guard.note(rt, id)
     candidates = []
     for stored in await ctx.store.read_many(keys):
         if stored.content is not None and not stored.deleted:
@@ -214,11 +224,21 @@ async def _with_dependencies(ctx: Context, term: Terminology, value_set: Json) -
             break
         tried |= wanted
         found = [r for rt, url in sorted(wanted)
-                 if (r := await _stored_by_url(ctx, rt, url)) is not None]
+                 if (r := await _dependency(ctx, rt, url)) is not None]
         if not found:
             break
         term = term.with_resources(found)
     return term
+
+
+async def _dependency(ctx: Context, resource_type: str, url: str) -> Json | None:
+    """A stored dependency, or None -- also when the caller may not search for it."""
+    try:
+        return await _stored_by_url(ctx, resource_type, url)
+    except FhirError as exc:
+        if exc.code is Code.FORBIDDEN:
+            return None
+        raise
 
 
 async def _value_set(ctx: Context, req: OperationRequest, p: _Params,

@@ -149,9 +149,9 @@ def test_token_quantity_and_search_on_task(client: httpx.Client) -> None:
     obs = {"resourceType": "Observation", "status": "final", "code": {"text": unique()},
            "valueQuantity": {"value": 72.5, "system": "http://unitsofmeasure.org",
                              "code": "kg", "unit": "kg"},
-           "subject": {"reference": f"Organization/{owner}"}}
+           "subject": {"reference": f"Group/{owner}"}}  # Observation.subject: no Organization
     oid = post(client, obs).json()["id"]
-    subject = f"Organization/{owner}"
+    subject = f"Group/{owner}"
     assert search_ids(client, "/Observation", subject=subject,
                       **{"value-quantity": "gt70|http://unitsofmeasure.org|kg"}) == [oid]
     assert search_ids(client, "/Observation", subject=subject,

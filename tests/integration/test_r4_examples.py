@@ -45,8 +45,16 @@ def without_server_meta(resource: dict[str, Any]) -> dict[str, Any]:
 def test_every_vendored_example_loads_through_a_transaction_and_reads_back_equal(
     server: Server,
 ) -> None:
-    examples = load_examples()
-    exceptions = json.loads((DATA / "r4-examples-exceptions.json").read_text())["exceptions"]
+    # the examples that break R4 rules (listed with reasons) are refused, not stored
+    invalid = {e["file"] for e in json.loads(
+        (DATA / "r4-examples-validation-exceptions.json").read_text())["exceptions"]}
+    listed = json.loads((DATA / "r4-examples-exceptions.json").read_text())
+    exceptions = listed["exceptions"]
+    rejected = invalid | {e["file"] for e in listed["rejected"]}
+    everything = load_examples()
+    refused = [(f, t) for f, t in everything if f in rejected]
+    assert len(refused) == len(rejected)
+    examples = [e for e in everything if e[0] not in rejected]
     assert len(examples) >= 300
     assert {e["file"] for e in exceptions}.isdisjoint(f for f, _ in examples)
     failures: list[str] = []
@@ -58,6 +66,11 @@ def test_every_vendored_example_loads_through_a_transaction_and_reads_back_equal
                                    headers={"Content-Type": "application/fhir+json"})
             if response.status_code != 200:
                 failures.append(f"chunk {start}: {response.status_code} {response.text[:300]}")
+        for name, text in refused:
+            response = client.post("/", content=_bundle_text(server.url, [(name, text)]),
+                                   headers={"Content-Type": "application/fhir+json"})
+            if response.status_code < 400 or response.status_code >= 500:
+                failures.append(f"{name}: expected a refusal, got {response.status_code}")
         for name, text in examples:
             original = exact(text)
             read = client.get(f"/{original['resourceType']}/{original['id']}")

@@ -1,0 +1,129 @@
+"""The outbox relay: committed outbox events → the bus, from a position kept in the DB.
+
+Every gateway process runs a relay; one relays at a time. Each round is one
+database transaction that takes the lock ``{namespace}:relay``, reads the
+relay's position (``event_position`` row ``relay``), publishes the final
+outbox events after it (:func:`gateway.storage.outbox.read_after`) and stores
+the new position. A crash between publishing and committing publishes those
+events again: delivery to the bus is at least once and consumers are
+idempotent on the event id.
+
+Redis loss: the position row also records the Redis generation
+(:meth:`~gateway.events.bus.Bus.epoch`) it published into. When Redis comes
+back empty, the relay rewinds to the lowest consumer position
+(``event_position`` rows ``group:*``) and publishes from there again.
+
+The relay runs when a local commit wakes it (:meth:`wake`, wired to the
+store's commit hook) and otherwise every ``poll_ms`` (commits made by other
+processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from gateway.events.bus import Bus
+from gateway.storage.db import Database
+from gateway.storage.outbox import START, load_position, lowest_position, read_after, save_position
+
+log = logging.getLogger("carepath.events")
+
+RELAY = "relay"
+GROUP_PREFIX = "group:"
+BATCH = 500
+#: how soon to look again when an older transaction holds committed events back
+HELD_RETRY_S = 0.003
+TRIM_EVERY_S = 10.0
+
+
+class Relay:
+    def __init__(self, db: Database, bus: Bus, *, namespace: str = "carepath",
+                 poll_ms: int = 500) -> None:
+        self.db = db
+        self.bus = bus
+        self.lock_key = f"{namespace}:relay"
+        self.poll = poll_ms / 1000
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._last_trim = 0.0
+        self.published = 0  # events published by this process (for tests and metrics)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        await self.bus.open()
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        # the flag too: a client library may turn our cancellation into its own error
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                published, held = await self.relay_once()
+                backoff = 0.05
+            except Exception as exc:
+                if self._stopping:
+                    return
+                log.warning("outbox relay: %s; retrying in %.2fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if published == BATCH:
+                continue
+            if time.monotonic() - self._last_trim > TRIM_EVERY_S:
+                await self._trim()
+            if held:
+                await asyncio.sleep(HELD_RETRY_S)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll)
+
+    async def _trim(self) -> None:
+        self._last_trim = time.monotonic()
+        try:
+            await self.bus.trim()
+        except Exception as exc:
+            log.warning("trimming the event stream failed: %s", exc)
+
+    async def relay_once(self) -> tuple[int, bool]:
+        """One round; returns (events published, whether final events were held back)."""
+        async with self.db.transaction() as conn:
+            await conn.lock(self.lock_key)
+            saved = await load_position(conn, RELAY)
+            position = saved.position if saved else START
+            epoch = await self.bus.epoch()
+            changed = saved is None
+            if saved is not None and epoch != saved.epoch:
+                # the transport lost (or never had) what we published: go back to
+                # where the slowest consumer group stands
+                floor = await lowest_position(conn, GROUP_PREFIX)
+                rewind = min(position, floor) if floor is not None else position
+                log.warning("event bus generation changed (%s -> %s): re-publishing after %s",
+                            saved.epoch, epoch, rewind)
+                position = rewind
+                changed = True
+            if epoch is None:
+                epoch = await self.bus.new_epoch()
+            events, held = await read_after(conn, position, BATCH)
+            if events:
+                await self.bus.publish(events)
+                position = events[-1].position
+            if events or changed:
+                await save_position(conn, RELAY, position, epoch)
+        self.published += len(events)
+        return len(events), held

@@ -1,0 +1,138 @@
+"""The validator: base R4 validation plus the profiles a resource claims.
+
+:class:`FhirValidator` implements ``gateway.interactions.base.Validator``.
+``validate(resource, profile=None)`` returns issues (errors, warnings,
+information); the resource is never changed.
+
+* Base validation (``walker``) always runs.
+* Profiles: ``profile=`` if given, else the resource's ``meta.profile`` (and
+  those of resources nested in it). A known profile is checked as an overlay of
+  what it adds to the base (``profiles``); an unknown one gives a warning. A
+  profile whose canonical URL is in ``warn_only`` reports its errors as
+  warnings (configured by ``CAREPATH_VALIDATION_WARN_ONLY``).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.fhir.outcome import Code, Issue
+from gateway.fhir.validation.loader import Definitions, load_definitions
+from gateway.fhir.validation.model import Model, value_sets_index
+from gateway.fhir.validation.profiles import ProfileSet
+from gateway.fhir.validation.walker import Loc, Walker, render
+
+
+class ValidationSettings(Protocol):
+    """The settings the validator reads (``gateway.settings.Settings`` has them)."""
+
+    @property
+    def max_json_depth(self) -> int: ...
+    @property
+    def validation_max_resource_depth(self) -> int: ...
+    @property
+    def validation_warn_only(self) -> str: ...
+
+
+_SHARED: dict[tuple[str, int], tuple[Definitions, Model, ProfileSet]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _urls(value: str | Iterable[str]) -> frozenset[str]:
+    items = re.split(r"[\s,]+", value) if isinstance(value, str) else list(value)
+    return frozenset(u.split("|", 1)[0] for u in items if u)
+
+
+class FhirValidator:
+    def __init__(self, definitions: Definitions, *, max_depth: int = 64,
+                 max_nesting: int = 6, warn_only: str | Iterable[str] = (),
+                 _compiled: tuple[Model, ProfileSet] | None = None) -> None:
+        self.definitions = definitions
+        if _compiled is None:
+            model = Model(definitions.structure_definitions,
+                          value_sets_index(definitions.value_sets))
+            _compiled = model, ProfileSet(model, definitions.profiles,
+                                          value_sets_index(definitions.value_sets))
+        self.model, self.profiles = _compiled
+        self.max_depth = max_depth
+        self.max_nesting = max_nesting
+        self.warn_only = _urls(warn_only)
+        #: invariant evaluations of the last call (tests check linearity with it)
+        self.last_evaluations = 0
+
+    @classmethod
+    def load(cls, root: Path, structure_definitions: list[dict[str, Any]],
+             settings: ValidationSettings) -> FhirValidator:
+        """The validator for ``root`` (``profiles/``); the compiled tables are shared
+        by every validator of the process over the same definitions."""
+        key = (str(root.resolve()), id(structure_definitions))
+        with _SHARED_LOCK:
+            shared = _SHARED.get(key)
+            if shared is None:
+                defs = load_definitions(root, structure_definitions)
+                model = Model(defs.structure_definitions, value_sets_index(defs.value_sets))
+                shared = _SHARED[key] = (defs, model, ProfileSet(
+                    model, defs.profiles, value_sets_index(defs.value_sets)))
+        defs, model, profiles = shared
+        return cls(defs, max_depth=settings.max_json_depth,
+                   max_nesting=settings.validation_max_resource_depth,
+                   warn_only=settings.validation_warn_only, _compiled=(model, profiles))
+
+    def knows_profile(self, url: str) -> bool:
+        return self.profiles.get(url) is not None
+
+    def validate(self, resource: dict[str, Any], *, profile: str | None = None) -> list[Issue]:
+        walker = Walker(self.model, max_depth=self.max_depth, max_nesting=self.max_nesting)
+        walker.resource(resource)
+        issues = walker.issues
+        evaluations = walker.evaluations
+        if isinstance(resource, dict):
+            claims: list[tuple[dict[str, Any], Loc, list[str]]] = []
+            rt = resource.get("resourceType")
+            root_loc: Loc = (None, rt if isinstance(rt, str) else "Resource", None)
+            if profile is not None:
+                claims.append((resource, root_loc, [profile]))
+            else:
+                claims.append((resource, root_loc, _claimed(resource)))
+            for nested, loc in walker.nested:
+                claims.append((nested, loc, _claimed(nested)))
+            for target, loc, urls in claims:
+                for url in urls:
+                    found, evals = self._profile(target, loc, url)
+                    issues.extend(found)
+                    evaluations += evals
+        self.last_evaluations = evaluations
+        return issues
+
+    def _profile(self, resource: dict[str, Any], loc: Loc, url: str) -> tuple[list[Issue], int]:
+        canonical = url.split("|", 1)[0]
+        compiled = self.profiles.get(canonical)
+        if compiled is None:
+            return [Issue(Code.UNKNOWN_PROFILE,
+                          f"profile {url[:200]} is not known here; validated against the "
+                          "base definition only", (render((loc, "meta", None)),),
+                          "warning")], 0
+        if compiled.type != resource.get("resourceType"):
+            return [Issue(Code.UNKNOWN_PROFILE,
+                          f"profile {url[:200]} constrains {compiled.type}, not "
+                          f"{resource.get('resourceType')}", (render(loc),))], 0
+        found, evaluations = compiled.check(resource, loc)
+        if canonical in self.warn_only:
+            found = [replace(i, severity="warning") if i.severity in ("error", "fatal")
+                     else i for i in found]
+        return found, evaluations
+
+
+def _claimed(resource: dict[str, Any]) -> list[str]:
+    meta = resource.get("meta")
+    if not isinstance(meta, dict):
+        return []
+    urls = meta.get("profile")
+    if not isinstance(urls, list):
+        return []
+    return [u for u in urls if isinstance(u, str)]

@@ -1,0 +1,115 @@
+"""$validate: https://hl7.org/fhir/R4/resource-operation-validate.html.
+
+Type level (``POST /Type/$validate``) and instance level (``GET`` or ``POST
+/Type/id/$validate``). The resource comes as the body, or as the ``resource``
+parameter of a ``Parameters`` body; at instance level without one, the stored
+resource is validated. ``profile`` (query or parameter) validates against that
+profile instead of the ones the resource claims; ``mode=delete`` has nothing
+to check. The answer is always 200 with an OperationOutcome: the issues found
+(each located by ``expression``), or one information issue when there are
+none. Nothing is stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.fhir import json as fjson
+from gateway.fhir.outcome import Code, FhirError, Issue, operation_outcome
+from gateway.interactions.base import Context, FhirResponse, check_id
+from gateway.interactions.operations import Operation, OperationRequest
+from gateway.security import guard
+
+_MODES = ("create", "update", "delete")
+
+
+def _single(values: list[Any] | None, name: str) -> Any:
+    if not values:
+        return None
+    if len(values) > 1:
+        raise FhirError(Code.INVALID_RESOURCE, f"parameter '{name}' is given more than once")
+    return values[0]
+
+
+def _inputs(req: OperationRequest) -> tuple[Any, str | None, str | None]:
+    """(resource or None, profile, mode) from the query and the body."""
+    body = req.body
+    resource: Any = None
+    params: dict[str, list[Any]] = {}
+    wraps = isinstance(body, dict) and body.get("resourceType") == "Parameters" and (
+        req.resource_type != "Parameters" or any(
+            isinstance(p, dict) and p.get("name") == "resource"
+            for p in body.get("parameter", []) or []))
+    if wraps:
+        params = req.parameters()
+        resource = _single(params.get("resource"), "resource")
+    else:
+        params = OperationRequest(req.name, req.method, req.resource_type, req.id, req.query,
+                                  None, req.base).parameters()
+        resource = body
+    profile = _single(params.get("profile"), "profile")
+    mode = _single(params.get("mode"), "mode")
+    if profile is not None and not isinstance(profile, str):
+        raise FhirError(Code.INVALID_RESOURCE, "parameter 'profile' must be a canonical URL")
+    if mode is not None and mode not in _MODES:
+        raise FhirError(Code.INVALID_RESOURCE, f"mode must be one of {', '.join(_MODES)}")
+    return resource, profile, mode
+
+
+async def _stored(ctx: Context, resource_type: str, id: str) -> dict[str, Any]:
+    guard.require(resource_type, "read")
+    stored = await ctx.store.read(resource_type, id)
+    if stored is None:
+        raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
+    await guard.ensure_visible(ctx.access, ctx.store, stored)
+    if stored.deleted or stored.content is None:
+        raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
+    value = fjson.loads(stored.content)
+    assert isinstance(value, dict)
+    return value
+
+
+async def validate(ctx: Context, req: OperationRequest) -> FhirResponse:
+    rt = req.resource_type
+    assert rt is not None
+    if ctx.validator is None:
+        raise FhirError(Code.UNKNOWN_ENDPOINT, "validation is not configured on this server")
+    resource, profile, mode = _inputs(req)
+    if req.id is not None:
+        check_id(req.id)
+    if mode == "delete":
+        if req.id is not None:
+            await _stored(ctx, rt, req.id)
+        return FhirResponse(200, operation_outcome([_all_ok("nothing to check for a delete")]))
+    if resource is None:
+        if req.id is None:
+            raise FhirError(Code.INVALID_RESOURCE,
+                            f"POST /{rt}/$validate needs the resource as the body or as the "
+                            "'resource' parameter")
+        resource = await _stored(ctx, rt, req.id)
+    else:
+        guard.require(rt, "operation")
+    if not isinstance(resource, dict):
+        raise FhirError(Code.NOT_AN_OBJECT, "the resource to validate must be a JSON object")
+    found = resource.get("resourceType")
+    if isinstance(found, str) and found != rt:
+        raise FhirError(Code.TYPE_MISMATCH,
+                        f"resourceType '{found[:64]}' does not match the URL's '{rt}'",
+                        ("resourceType",))
+    issues = ctx.validator.validate(resource, profile=profile)
+    if not issues:
+        issues = [_all_ok(f"{rt} is valid" + (f" against {profile}" if profile else ""))]
+    return FhirResponse(200, operation_outcome(issues))
+
+
+def _all_ok(text: str) -> Issue:
+    return Issue(Code.VALIDATION_OK, text, severity="information")
+
+
+OPERATION = Operation(
+    name="validate",
+    handler=validate,
+    type_level=True,
+    instance=True,
+    definition="http://hl7.org/fhir/OperationDefinition/Resource-validate",
+)

@@ -1,0 +1,240 @@
+"""The matcher: outbox events → numbered events per subscription.
+
+A member of the bus consumer group ``subscriptions`` in every process. Bus
+entries only wake it; the work is done from the database (ADR 0003): one
+transaction, under the lock ``{namespace}:matcher``, reads the outbox from
+the matcher's own position (``event_position`` row ``group:subscriptions``)
+up to what the relay has published, and for each event in order
+
+* on a ``Subscription`` write: creates, updates or removes the subscription's
+  delivery state (status requested → handshake; client status changes;
+  endpoint changes ask for a new handshake);
+* on any other write: evaluates the topics triggering on its resource type
+  (FHIRPath over the previous and the new version) and, for each
+  subscription of a firing topic whose filters pass, assigns the next event
+  number and records the event.
+
+The event rows, the new counters and the new position commit together, so an
+event is numbered exactly once per subscription however often its bus entry
+arrives, and numbers follow commit order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway.events.bus import BusEntry
+from gateway.settings import Settings
+from gateway.storage import subscription_tables as tables
+from gateway.storage.db import Connection, Database
+from gateway.storage.outbox import (
+    START,
+    OutboxEvent,
+    load_position,
+    read_range,
+    save_position,
+    versions,
+)
+from gateway.subscriptions.endpoint import EndpointPolicy
+from gateway.subscriptions.filters import EventValues, accepts
+from gateway.subscriptions.subscription import SubscriptionConfig, parse_subscription
+from gateway.subscriptions.topics import TopicRegistry
+
+log = logging.getLogger("carepath.subscriptions")
+
+GROUP = "subscriptions"
+POSITION = f"group:{GROUP}"
+BATCH = 200
+
+
+def now_micros() -> int:
+    return int(time.time() * 1_000_000)
+
+
+@dataclass(slots=True)
+class _Live:
+    """A subscription as the matcher sees it during one round."""
+
+    state: tables.StateRow
+    config: SubscriptionConfig | None
+    count: int
+
+
+class Matcher:
+    def __init__(self, db: Database, topics: TopicRegistry, settings: Settings,
+                 policy: EndpointPolicy, *, namespace: str,
+                 on_work: Callable[[set[str]], None]) -> None:
+        self.db = db
+        self.topics = topics
+        self.settings = settings
+        self.policy = policy
+        self.lock_key = f"{namespace}:matcher"
+        self.on_work = on_work
+        self._configs: dict[tuple[str, int], SubscriptionConfig | None] = {}
+        self.matched = 0  # events numbered by this process (metrics, tests)
+
+    async def handle(self, entries: Sequence[BusEntry]) -> None:
+        await self.catch_up()
+
+    async def catch_up(self) -> None:
+        while True:
+            processed, touched = await self._round()
+            if touched:
+                self.on_work(touched)
+            if processed < BATCH:
+                return
+
+    def _config(self, state: tables.StateRow) -> SubscriptionConfig | None:
+        key = (state.id, state.resource_version)
+        if key not in self._configs:
+            if len(self._configs) > 10_000:
+                self._configs.clear()
+            try:
+                self._configs[key] = SubscriptionConfig.from_json(state.config, self.topics)
+            except Exception as exc:  # a topic removed from the data, say
+                log.warning("subscription %s: unusable configuration (%s)", state.id, exc)
+                self._configs[key] = None
+        return self._configs[key]
+
+    async def _round(self) -> tuple[int, set[str]]:
+        async with self.db.transaction() as conn:
+            await conn.lock(self.lock_key)
+            saved = await load_position(conn, POSITION)
+            relayed = await load_position(conn, "relay")
+            cursor = saved.position if saved else START
+            if relayed is None or cursor >= relayed.position:
+                return 0, set()
+            events = await read_range(conn, cursor, relayed.position, BATCH)
+            if not events:
+                await save_position(conn, POSITION, relayed.position)
+                return 0, set()
+            touched = await self._process(conn, events)
+            await save_position(conn, POSITION, events[-1].position)
+        return len(events), touched
+
+    async def _process(self, conn: Connection, events: list[OutboxEvent]) -> set[str]:
+        live = {s.id: _Live(s, self._config(s), s.events_since_start)
+                for s in await tables.matchable(conn)}
+        has_subscription_events = any(e.resource_type == "Subscription" for e in events)
+        if not live and not has_subscription_events:
+            return set()
+        wanted: list[tuple[str, str, int]] = []
+        for e in events:
+            if e.resource_type == "Subscription" or self.topics.for_type(e.resource_type):
+                wanted.append((e.resource_type, e.id, e.version))
+                if e.version > 1 and e.resource_type != "Subscription":
+                    wanted.append((e.resource_type, e.id, e.version - 1))
+        contents = await versions(conn, wanted)
+        parsed: dict[tuple[str, str, int], Any] = {}
+
+        def load(rt: str, id: str, version: int) -> Any:
+            key = (rt, id, version)
+            if key not in parsed:
+                raw = contents.get(key)
+                parsed[key] = orjson.loads(raw) if raw else None
+            return parsed[key]
+
+        touched: set[str] = set()
+        rows: list[tuple[Any, ...]] = []
+        for event in events:
+            if event.resource_type == "Subscription":
+                await self._reconcile(conn, event, load("Subscription", event.id, event.version),
+                                      live, touched)
+                continue
+            topics = self.topics.for_type(event.resource_type)
+            if not topics or not live:
+                continue
+            current = load(event.resource_type, event.id, event.version)
+            previous = (load(event.resource_type, event.id, event.version - 1)
+                        if event.version > 1 else None)
+            if event.interaction == "delete":
+                current = None
+            values = EventValues(current if current is not None else previous)
+            for topic in topics:
+                subscribers = [s for s in live.values()
+                               if s.config is not None and s.config.topic == topic.url]
+                if not subscribers or not topic.fires(event.resource_type, event.interaction,
+                                                       previous, current):
+                    continue
+                for sub in sorted(subscribers, key=lambda s: s.state.id):
+                    assert sub.config is not None
+                    if not accepts(topic, list(sub.config.criteria), event.resource_type, values):
+                        continue
+                    sub.count += 1
+                    rows.append((sub.state.id, sub.count, event.event_id, event.resource_type,
+                                 event.id, event.version, event.interaction, event.ts))
+                    touched.add(sub.state.id)
+        if rows:
+            await tables.add_events(conn, rows)
+            await tables.set_event_counts(
+                conn, {s.state.id: s.count for s in live.values()
+                       if s.count != s.state.events_since_start and s.state.id in touched})
+            self.matched += len(rows)
+        return touched
+
+    async def _reconcile(self, conn: Connection, event: OutboxEvent, resource: Any,
+                         live: dict[str, _Live], touched: set[str]) -> None:
+        state = live[event.id].state if event.id in live else await tables.get_state(
+            conn, event.id)
+        if state is not None and event.version <= state.resource_version:
+            return  # the dispatcher's own status write, already applied
+        if event.interaction == "delete" or not isinstance(resource, dict):
+            if state is not None:
+                await tables.delete_state(conn, event.id)
+            live.pop(event.id, None)
+            return
+        config, issues = parse_subscription(resource, self.topics, self.policy, self.settings,
+                                            resolve=False)
+        now = now_micros()
+        said = str(resource.get("status", ""))
+        if config is None:
+            # not a topic-based subscription of ours (or no longer valid): stop serving it
+            if state is not None:
+                await tables.upsert_state(
+                    conn, id=event.id, resource_version=event.version, resource_status=said,
+                    topic=state.topic, channel=state.channel, status="off",
+                    config=state.config, heartbeat=0, end_at=0, handshake_pending=False,
+                    now=now, reset_retry=False)
+                await tables.set_status(conn, event.id, "off",
+                                        "; ".join(i.diagnostics or "" for i in issues)[:1000])
+            live.pop(event.id, None)
+            return
+        status, handshake, reset = self._next_status(state, config, said)
+        if config.channel == "websocket" and status == "requested":
+            status, handshake = "active", False  # the handshake goes out when a socket binds
+        await tables.upsert_state(
+            conn, id=event.id, resource_version=event.version, resource_status=said,
+            topic=config.topic, channel=config.channel, status=status, config=config.to_json(),
+            heartbeat=config.heartbeat, end_at=config.end, handshake_pending=handshake,
+            now=now, reset_retry=reset)
+        fresh = await tables.get_state(conn, event.id)
+        assert fresh is not None
+        if status == "off":
+            live.pop(event.id, None)
+        else:
+            count = live[event.id].count if event.id in live else fresh.events_since_start
+            live[event.id] = _Live(fresh, config, count)
+        self._configs[(event.id, event.version)] = config
+        touched.add(event.id)
+
+    @staticmethod
+    def _next_status(state: tables.StateRow | None, config: SubscriptionConfig,
+                     said: str) -> tuple[str, bool, bool]:
+        """(status, handshake pending, reset retries) after a client's write."""
+        if said == "off":
+            return "off", False, False
+        if state is None:
+            return "requested", True, True
+        old = orjson.loads(state.config)
+        moved = (old.get("endpoint"), old.get("channel")) != (config.endpoint, config.channel)
+        if said == "requested" or moved:
+            return "requested", True, True
+        if said != state.status and said != state.resource_status and said == "active":
+            return "requested", True, True  # the client reactivates it: handshake first
+        return state.status, state.handshake_pending, False

@@ -1,0 +1,211 @@
+"""Subscription operations of the R4 Subscriptions Backport IG.
+
+* ``$status`` (type and instance level):
+  https://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition-backport-subscription-status.html
+* ``$events`` (instance): replay numbered events from the database; the
+  ``notification-event`` parts and entries equal those delivered.
+  https://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition-backport-subscription-events.html
+* ``$resend`` (instance, POST): deliver a range of events again.
+* ``$get-ws-binding-token`` (type and instance): a token for the websocket
+  channel.
+  https://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition-backport-subscription-get-ws-binding-token.html
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from gateway.fhir.outcome import Code, FhirError, information
+from gateway.interactions.base import Context, FhirResponse, check_id
+from gateway.interactions.operations import Operation, OperationRequest
+from gateway.settings import Settings
+from gateway.storage import subscription_tables as tables
+from gateway.storage.db import Database
+from gateway.storage.outbox import versions
+from gateway.subscriptions.dispatcher import events_of
+from gateway.subscriptions.notification import (
+    CONTENTS,
+    instant,
+    notification,
+    status_parameters,
+)
+from gateway.subscriptions.subscription import SubscriptionConfig
+from gateway.subscriptions.topics import TopicRegistry
+
+BACKPORT_OP = "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition"
+MAX_EVENTS = 1000
+SUBSCRIPTION = frozenset({"Subscription"})
+
+
+def now_micros() -> int:
+    return int(time.time() * 1_000_000)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class SubscriptionOperations:
+    def __init__(self, db: Database, topics: TopicRegistry, settings: Settings,
+                 kick: Callable[[set[str]], None], websocket_path: str, *,
+                 base_url: str) -> None:
+        #: the base deliveries use (references must be equal in $events replays)
+        self.base_url = base_url.rstrip("/")
+        self.db = db
+        self.topics = topics
+        self.settings = settings
+        self.kick = kick
+        self.websocket_path = websocket_path
+
+    def operations(self) -> list[Operation]:
+        return [
+            Operation("status", self.status, type_level=True, instance=True, types=SUBSCRIPTION,
+                      definition=f"{BACKPORT_OP}/backport-subscription-status"),
+            Operation("events", self.events, instance=True, types=SUBSCRIPTION,
+                      definition=f"{BACKPORT_OP}/backport-subscription-events"),
+            Operation("resend", self.resend, instance=True, types=SUBSCRIPTION,
+                      affects_state=True,
+                      definition=f"{BACKPORT_OP}/backport-subscription-resend"),
+            Operation("get-ws-binding-token", self.ws_token, type_level=True, instance=True,
+                      types=SUBSCRIPTION,
+                      definition=f"{BACKPORT_OP}/backport-subscription-get-ws-binding-token"),
+        ]
+
+    async def _state(self, ctx: Context, sid: str) -> tables.StateRow:
+        check_id(sid)
+        async with self.db.read() as conn:
+            state = await tables.get_state(conn, sid)
+        if state is not None:
+            return state
+        stored = await ctx.store.read("Subscription", sid)
+        if stored is None:
+            raise FhirError(Code.NOT_FOUND, f"Subscription/{sid} is not known")
+        if stored.deleted:
+            raise FhirError(Code.GONE, f"Subscription/{sid} was deleted")
+        raise FhirError(Code.NOT_A_TOPIC_SUBSCRIPTION,
+                        f"Subscription/{sid} is not (yet) a topic-based subscription in "
+                        "delivery; try again in a moment if it was just created")
+
+    def _config(self, state: tables.StateRow) -> SubscriptionConfig:
+        return SubscriptionConfig.from_json(state.config, self.topics)
+
+    def _status_entry(self, req: OperationRequest, state: tables.StateRow) -> dict[str, Any]:
+        config = self._config(state)
+        params = status_parameters(
+            base=self.base_url, subscription_id=state.id, topic=config.topic, status=state.status,
+            type_="query-status", events_since_start=state.events_since_start, events=[],
+            content="id-only", error=state.last_error,
+        )
+        return {"fullUrl": f"{req.base}/Subscription/{state.id}/$status", "resource": params,
+                "search": {"mode": "match"}}
+
+    async def status(self, ctx: Context, req: OperationRequest) -> FhirResponse:
+        if req.id is not None:
+            states = [await self._state(ctx, req.id)]
+        else:
+            params = req.parameters()
+            ids = [str(i) for v in params.get("id", []) for i in str(v).split(",") if i]
+            wanted = [str(s) for v in params.get("status", []) for s in str(v).split(",") if s]
+            async with self.db.read() as conn:
+                states = await tables.all_states(conn, ids or None, wanted or None)
+        bundle = {
+            "resourceType": "Bundle", "type": "searchset", "total": len(states),
+            "entry": [self._status_entry(req, s) for s in states],
+        }
+        return FhirResponse(200, bundle)
+
+    def _range(self, req: OperationRequest, state: tables.StateRow) -> tuple[int, int]:
+        params = req.parameters()
+
+        def number(name: str) -> int | None:
+            values = params.get(name)
+            if not values:
+                return None
+            try:
+                return int(str(values[0]))
+            except ValueError:
+                raise FhirError(Code.INVALID_EVENT_RANGE, f"{name} must be a whole number") \
+                    from None
+
+        last = number("eventsUntilNumber") or state.events_since_start
+        last = min(last, state.events_since_start)
+        first = number("eventsSinceNumber") or max(1, last - 99)
+        if first < 1 or (last >= 1 and first > last):
+            raise FhirError(Code.INVALID_EVENT_RANGE,
+                            f"no events {first}..{last} (this subscription has 1.."
+                            f"{state.events_since_start})")
+        if last - first + 1 > MAX_EVENTS:
+            raise FhirError(Code.INVALID_EVENT_RANGE, f"at most {MAX_EVENTS} events per call")
+        return first, last
+
+    async def events(self, ctx: Context, req: OperationRequest) -> FhirResponse:
+        assert req.id is not None
+        state = await self._state(ctx, req.id)
+        config = self._config(state)
+        content = config.content
+        asked = req.parameters().get("content")
+        if asked:
+            content = str(asked[0])
+            if content not in CONTENTS:
+                raise FhirError(Code.UNSUPPORTED_PAYLOAD, f"content must be {', '.join(CONTENTS)}")
+        rows: list[tables.EventRow] = []
+        contents: dict[tuple[str, str, int], bytes | None] = {}
+        if state.events_since_start:
+            first, last = self._range(req, state)
+            async with self.db.read() as conn:
+                rows = await tables.events_between(conn, state.id, first, last, MAX_EVENTS)
+                if content == "full-resource":
+                    contents = await versions(conn, [(r.resource_type, r.id, r.version)
+                                                     for r in rows])
+        bundle = notification(
+            base=self.base_url, subscription_id=state.id, topic=config.topic, status=state.status,
+            type_="query-event", events_since_start=state.events_since_start,
+            events=events_of(rows), content=content, contents=contents, now=now_micros(),
+        )
+        return FhirResponse(200, orjson.dumps(bundle))
+
+    async def resend(self, ctx: Context, req: OperationRequest) -> FhirResponse:
+        assert req.id is not None
+        state = await self._state(ctx, req.id)
+        if not state.events_since_start:
+            return FhirResponse(200, information("this subscription has no events yet"))
+        first, last = self._range(req, state)
+        async with self.db.transaction() as conn:
+            await tables.request_resend(conn, state.id, first, last)
+        self.kick({state.id})
+        return FhirResponse(200, information(f"events {first}..{last} of Subscription/"
+                                             f"{state.id} queued for delivery"))
+
+    async def ws_token(self, ctx: Context, req: OperationRequest) -> FhirResponse:
+        if req.id is not None:
+            ids = [req.id]
+        else:
+            ids = [str(i) for v in req.parameters().get("id", []) for i in str(v).split(",")
+                   if i]
+            if not ids:
+                raise FhirError(Code.INVALID_SUBSCRIPTION,
+                                "name the subscriptions with one or more 'id' parameters")
+        for sid in ids:
+            state = await self._state(ctx, sid)
+            if state.channel != "websocket":
+                raise FhirError(Code.UNSUPPORTED_CHANNEL,
+                                f"Subscription/{sid} does not use the websocket channel")
+        token = secrets.token_urlsafe(32)
+        now = now_micros()
+        expires = now + self.settings.subscription_ws_token_lifetime * 1_000_000
+        async with self.db.transaction() as conn:
+            await tables.save_ws_token(conn, token_hash(token), ",".join(ids), expires, now)
+        ws_base = req.base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        body = {"resourceType": "Parameters", "parameter": [
+            {"name": "token", "valueString": token},
+            {"name": "expiration", "valueDateTime": instant(expires)},
+            *({"name": "subscription", "valueString": sid} for sid in ids),
+            {"name": "websocket-url", "valueUrl": f"{ws_base}{self.websocket_path}"},
+        ]}
+        return FhirResponse(200, body)

@@ -1,0 +1,104 @@
+"""Topic-based subscriptions of one gateway process, composed for ``gateway.main``.
+
+Matcher (a consumer of the event bus), dispatcher (deliveries), websocket
+hub, the Subscription checks on every write path, the operations and the
+CapabilityStatement additions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from gateway.events.consumer import ConsumerService
+from gateway.events.runtime import EventRuntime
+from gateway.fhir.outcome import Issue
+from gateway.interactions.operations import Operation
+from gateway.settings import Settings
+from gateway.storage.db import Database
+from gateway.storage.interface import Store
+from gateway.subscriptions.delivery import RestHookSender
+from gateway.subscriptions.dispatcher import Dispatcher
+from gateway.subscriptions.endpoint import EndpointPolicy, Resolver
+from gateway.subscriptions.matcher import GROUP, Matcher
+from gateway.subscriptions.operations import SubscriptionOperations
+from gateway.subscriptions.subscription import PROFILE, parse_subscription
+from gateway.subscriptions.topics import TopicRegistry
+from gateway.subscriptions.websocket import Socket, WebSocketHub
+
+TOPIC_CANONICAL = ("http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
+                   "capabilitystatement-subscriptiontopic-canonical")
+WEBSOCKET_EXTENSION = "http://hl7.org/fhir/StructureDefinition/capabilitystatement-websocket"
+WEBSOCKET_PATH = "/$websocket"
+
+
+class Validator(Protocol):
+    def validate(self, resource: dict[str, Any], *, profile: str | None = None) -> list[Issue]:
+        ...
+
+
+class SubscriptionChecks:
+    """The write-path validator plus the Subscription rules (422 at create/update)."""
+
+    def __init__(self, inner: Validator | None, service: SubscriptionService) -> None:
+        self.inner = inner
+        self.service = service
+
+    def validate(self, resource: dict[str, Any], *, profile: str | None = None) -> list[Issue]:
+        issues = self.inner.validate(resource, profile=profile) if self.inner else []
+        if resource.get("resourceType") == "Subscription":
+            _config, found = parse_subscription(resource, self.service.topics,
+                                                self.service.policy, self.service.settings)
+            issues += found
+        return issues
+
+
+class SubscriptionService:
+    def __init__(self, db: Database, store: Store, settings: Settings, events: EventRuntime,
+                 *, base_url: str, topics: TopicRegistry | None = None,
+                 resolver: Resolver | None = None) -> None:
+        self.settings = settings
+        self.topics = topics or TopicRegistry.load()
+        self.policy = EndpointPolicy.from_settings(settings)
+        self.sender = RestHookSender(self.policy, resolver=resolver,
+                                     max_connections=settings.subscription_concurrency)
+        self.dispatcher = Dispatcher(db, store, self.topics, settings, self.sender,
+                                     base_url=base_url)
+        self.hub = WebSocketHub(db, self.topics, base_url=base_url, kick=self.dispatcher.notify)
+        self.dispatcher.ws_bound = self.hub.bound
+        self.dispatcher.ws_send = self.hub.send
+        self.matcher = Matcher(db, self.topics, settings, self.policy,
+                               namespace=events.namespace, on_work=self.dispatcher.notify)
+        events.add_consumer(ConsumerService(
+            events.bus, GROUP, self.matcher.handle, idle=self.matcher.catch_up,
+            block_ms=settings.subscription_poll_ms, claim_idle_ms=settings.event_claim_idle_ms,
+        ))
+        self._operations = SubscriptionOperations(db, self.topics, settings,
+                                                  self.dispatcher.notify, WEBSOCKET_PATH,
+                                                  base_url=base_url)
+
+    def checks(self, inner: Validator | None) -> SubscriptionChecks:
+        return SubscriptionChecks(inner, self)
+
+    def operations(self) -> list[Operation]:
+        return self._operations.operations()
+
+    def subscription_extensions(self, base: str) -> list[dict[str, Any]]:
+        """``rest.resource`` (Subscription): one topic canonical extension per topic."""
+        return [{"url": TOPIC_CANONICAL, "valueCanonical": url} for url in self.topics.canonicals]
+
+    def rest_extensions(self, base: str) -> list[dict[str, Any]]:
+        ws = base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        return [{"url": WEBSOCKET_EXTENSION, "valueUri": f"{ws}{WEBSOCKET_PATH}"}]
+
+    @property
+    def supported_profile(self) -> str:
+        return PROFILE
+
+    async def websocket(self, socket: Socket) -> None:
+        await self.hub.serve(socket)
+
+    async def start(self) -> None:
+        await self.dispatcher.start()
+
+    async def stop(self) -> None:
+        await self.dispatcher.stop()

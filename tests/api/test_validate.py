@@ -1,0 +1,237 @@
+"""$validate over HTTP, and every write refusing invalid content (422, store unchanged).
+
+Spec: https://hl7.org/fhir/R4/resource-operation-validate.html
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api import helpers
+from tests.api.helpers import FHIR, gw_code, post, put, search_ids
+from tests.conftest import RunningServer, backend_settings, unique
+
+BP = "http://hl7.org/fhir/StructureDefinition/bp"
+SCRIPT = '<div xmlns="http://www.w3.org/1999/xhtml">x<script>alert(1)</script></div>'
+
+
+def patient(identifier: str, **extra: Any) -> dict[str, Any]:
+    """helpers.patient with narrative (without, dom-6 adds a warning)."""
+    text = {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">x</div>'}
+    return helpers.patient(identifier, **{"text": text, **extra})
+
+
+def issues(response: httpx.Response) -> list[dict[str, Any]]:
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome", body
+    return list(body["issue"])
+
+
+def gw_codes(response: httpx.Response) -> set[str]:
+    return {i["details"]["coding"][0]["code"] for i in issues(response)
+            if i["severity"] in ("error", "fatal")}
+
+
+def expressions(response: httpx.Response) -> set[str]:
+    return {e for i in issues(response) if i["severity"] in ("error", "fatal")
+            for e in i.get("expression", [])}
+
+
+def blood_pressure(**extra: Any) -> dict[str, Any]:
+    """An Observation claiming the R4 blood pressure profile, without its components."""
+    return {
+        "resourceType": "Observation", "meta": {"profile": [BP]}, "status": "final",
+        "category": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+            "code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+        "subject": {"reference": "Patient/x"}, "effectiveDateTime": "2020-01-01",
+        **extra,
+    }
+
+
+def validate(client: httpx.Client, path: str, body: Any, **params: str) -> httpx.Response:
+    return client.post(path, json=body, params=params, headers={"Content-Type": FHIR})
+
+
+# -- $validate ------------------------------------------------------------------------
+
+
+def test_validate_a_valid_resource_says_so(client: httpx.Client) -> None:
+    response = validate(client, "/Patient/$validate", patient(unique("mrn")))
+    assert response.status_code == 200
+    [issue] = issues(response)
+    assert issue["severity"] == "information"
+    assert issue["details"]["coding"][0]["code"] == "GW-4200"
+
+
+def test_validate_lists_every_problem_with_its_location(client: httpx.Client) -> None:
+    body = patient(unique("mrn"), gender="xyz", active="true", nickname="x",
+                   birthDate="1970-02-30")
+    response = validate(client, "/Patient/$validate", body)
+    assert response.status_code == 200
+    assert gw_codes(response) == {"GW-4207", "GW-4202", "GW-4201", "GW-4206"}
+    assert expressions(response) == {"Patient.gender", "Patient.active", "Patient.nickname",
+                                     "Patient.birthDate"}
+    assert search_ids(client, "/Patient", identifier=body["identifier"][0]["value"]) == []
+
+
+def test_validate_takes_a_parameters_body_with_a_profile(client: httpx.Client) -> None:
+    obs = blood_pressure()
+    del obs["meta"]
+    params = {"resourceType": "Parameters", "parameter": [
+        {"name": "resource", "resource": obs}, {"name": "profile", "valueCanonical": BP}]}
+    response = validate(client, "/Observation/$validate", params)
+    assert response.status_code == 200
+    assert gw_codes(response) == {"GW-4204", "GW-4208"}  # SystolicBP missing, vs-2
+    text = " ".join(i.get("diagnostics", "") for i in issues(response))
+    assert "slice 'SystolicBP'" in text and BP in text
+    # the same resource without the profile is valid R4 (a warning: no narrative)
+    response = validate(client, "/Observation/$validate", obs)
+    assert gw_codes(response) == set()
+    assert {i["severity"] for i in issues(response)} == {"warning"}
+
+
+def test_validate_profile_as_query_parameter(client: httpx.Client) -> None:
+    obs = blood_pressure()
+    del obs["meta"]
+    response = validate(client, "/Observation/$validate", obs, profile=BP)
+    assert "GW-4204" in gw_codes(response)
+
+
+def test_validate_an_unknown_profile_warns(client: httpx.Client) -> None:
+    response = validate(client, "/Patient/$validate", patient(unique("mrn")),
+                        profile="http://example.org/StructureDefinition/unknown")
+    assert response.status_code == 200
+    assert [(i["severity"], i["details"]["coding"][0]["code"]) for i in issues(response)] == [
+        ("warning", "GW-4211")]
+
+
+def test_validate_a_stored_resource(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    response = client.get(f"/Patient/{created['id']}/$validate")
+    assert response.status_code == 200
+    assert [i["severity"] for i in issues(response)] == ["information"]
+    response = client.get(f"/Patient/{created['id']}/$validate",
+                          params={"profile": "http://example.org/nope"})
+    assert [i["severity"] for i in issues(response)] == ["warning"]
+    # instance level with a body validates the body
+    response = validate(client, f"/Patient/{created['id']}/$validate",
+                        {**created, "gender": "xyz"})
+    assert gw_codes(response) == {"GW-4207"}
+    assert client.get(f"/Patient/{unique('nope')}/$validate").status_code == 404
+
+
+def test_validate_refuses_a_resource_of_another_type(client: httpx.Client) -> None:
+    response = validate(client, "/Observation/$validate", patient(unique("mrn")))
+    assert response.status_code == 400
+    assert gw_code(response) == "GW-1004"
+    response = client.post("/Patient/$validate", json={"resourceType": "Parameters"},
+                           headers={"Content-Type": FHIR})
+    assert response.status_code == 400
+
+
+def test_validate_mode_delete_has_nothing_to_check(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    response = client.post(f"/Patient/{created['id']}/$validate", params={"mode": "delete"},
+                           headers={"Content-Type": FHIR})
+    assert response.status_code == 200
+    assert [i["severity"] for i in issues(response)] == ["information"]
+
+
+def test_capability_statement_offers_validate(client: httpx.Client) -> None:
+    statement = client.get("/metadata").json()
+    patient_entry = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Patient")
+    assert "validate" in {op["name"] for op in patient_entry.get("operation", [])}
+
+
+# -- every write validates ------------------------------------------------------------
+
+
+def test_create_of_invalid_content_is_422_and_nothing_is_stored(client: httpx.Client) -> None:
+    mrn = unique("mrn")
+    for bad in (patient(mrn, gender="xyz"), patient(mrn, active="true"),
+                patient(mrn, photo=[]), patient(mrn, birthDate="1970-13-01"),
+                patient(mrn, text={"status": "generated", "div": SCRIPT})):
+        response = post(client, bad)
+        assert response.status_code == 422, bad
+        outcome = issues(response)
+        assert outcome[0]["details"]["coding"][0]["code"] == "GW-4002"
+        assert outcome[1]["expression"]
+    assert search_ids(client, "/Patient", identifier=mrn) == []
+
+
+def test_update_of_invalid_content_leaves_the_stored_version(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    response = put(client, {**created, "gender": "xyz"})
+    assert response.status_code == 422
+    assert expressions(response) == {"Patient.gender"}
+    read = client.get(f"/Patient/{created['id']}")
+    assert read.json()["meta"]["versionId"] == "1"
+    assert read.json()["gender"] == "female"
+
+
+def test_patch_to_invalid_content_is_refused(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    ops = [{"op": "replace", "path": "/birthDate", "value": "1970-02-30"}]
+    response = client.patch(f"/Patient/{created['id']}", json=ops,
+                            headers={"Content-Type": "application/json-patch+json"})
+    assert response.status_code == 422
+    assert expressions(response) == {"Patient.birthDate"}
+    assert client.get(f"/Patient/{created['id']}").json()["birthDate"] == "1970-01-01"
+
+
+def test_transaction_with_an_invalid_entry_stores_nothing(client: httpx.Client) -> None:
+    mrn = unique("mrn")
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": patient(mrn), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": patient(mrn, unknownThing=1), "request": {"method": "POST",
+                                                                "url": "Patient"}},
+    ]}
+    response = client.post("/", json=bundle, headers={"Content-Type": FHIR})
+    assert response.status_code == 422
+    assert "Patient.unknownThing" in expressions(response)
+    assert search_ids(client, "/Patient", identifier=mrn) == []
+
+
+def test_claimed_profile_is_enforced_on_write(client: httpx.Client) -> None:
+    response = post(client, blood_pressure())
+    assert response.status_code == 422
+    assert "GW-4204" in gw_codes(response)
+
+
+def test_nesting_deeper_than_the_limit_is_refused(client: httpx.Client) -> None:
+    resource: dict[str, Any] = {"resourceType": "Basic", "code": {"text": "leaf"}}
+    for _ in range(7):
+        resource = {"resourceType": "Bundle", "type": "collection",
+                    "entry": [{"fullUrl": f"urn:uuid:{unique('x')}", "resource": resource}]}
+    response = post(client, resource)
+    assert response.status_code == 422
+    assert "GW-4210" in gw_codes(response)
+
+
+# -- warn-only profiles ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lenient(tmp_path_factory: pytest.TempPathFactory, new_schema: Any
+            ) -> Iterator[httpx.Client]:
+    tmp: Path = tmp_path_factory.mktemp("lenient")
+    settings = backend_settings("sqlite", tmp, new_schema, validation_warn_only=BP)
+    with RunningServer(settings) as running, httpx.Client(base_url=running.url,
+                                                          timeout=30) as c:
+        yield c
+
+
+def test_warn_only_profile_accepts_what_it_would_refuse(lenient: httpx.Client) -> None:
+    response = post(lenient, blood_pressure())
+    assert response.status_code == 201, response.text
+    response = validate(lenient, "/Observation/$validate", blood_pressure())
+    assert {i["severity"] for i in issues(response)} == {"warning"}
+    # base R4 rules stay enforced
+    assert post(lenient, blood_pressure(status="xyz")).status_code == 422

@@ -1,0 +1,131 @@
+"""Fixtures for the event tests: a migrated database per backend, Redis, private Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+import redis
+
+from gateway.fhir.indexer import Indexer
+from gateway.storage.commit_hooks import HookedSqlStore
+from gateway.storage.db import open_database
+from tests.conftest import PG_URL
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+async def pg(sql: str) -> None:
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+INDEXER = Indexer.from_profiles()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[HookedSqlStore]:
+    schema = None
+    if request.param == "sqlite":
+        db = open_database(f"sqlite:///{tmp_path / 'events.db'}")
+    else:
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        await pg(f"CREATE SCHEMA {schema}")
+        db = open_database(PG_URL, pool_size=4, schema=schema)
+    s = HookedSqlStore(db, INDEXER)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+        if schema:
+            await pg(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A Redis key prefix of its own; its keys are removed afterwards."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    yield name
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(f"{name}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of this test's own (safe to flush and restart), no persistence."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.skip("redis-server is not installed")
+        self.proc = subprocess.Popen(
+            [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        client = redis.Redis(port=self.port)
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def flush(self) -> None:
+        client = redis.Redis(port=self.port)
+        client.flushall()
+        client.close()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def eventually(check: Callable[[], bool | Awaitable[bool]], within: float = 10.0) -> bool:
+    """Poll ``check`` until it is true or ``within`` seconds pass; returns its last value."""
+    deadline = time.monotonic() + within
+    for _ in itertools.count():
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value or time.monotonic() > deadline:
+            return bool(value)
+        await asyncio.sleep(0.01)
+    return False
