@@ -21,9 +21,11 @@ import orjson
 from gateway.fhir.outcome import Code, FhirError
 
 # A number literal that a binary float would not round-trip textually.
-# JSON numbers only follow ``:``, ``[`` or ``,``; text inside strings rarely does.
+# A JSON number follows ``:``, ``[`` or ``,`` and ends before ``,``, ``]`` or ``}``;
+# text inside strings rarely looks like that.
 _LOSSY = re.compile(
-    rb"[:\[,]\s*-?[0-9]+(?:\.[0-9]*0(?![0-9])|(?:\.[0-9]+)?[eE]|[0-9.]{16,})"
+    rb"[:\[,]\s*-?[0-9]+(?:\.[0-9]*0|(?:\.[0-9]+)?[eE][-+]?[0-9]+|[0-9.]{15,})"
+    rb"(?=\s*[,\]}])"
 )
 
 
@@ -62,18 +64,37 @@ def loads(data: bytes | str) -> Any:
     """Parse JSON; raise :class:`FhirError` (GW-1001) on malformed input."""
     raw = data.encode() if isinstance(data, str) else data
     try:
-        if _LOSSY.search(raw):
+        value = orjson.loads(raw)
+        # only a document with a float can have lost a digit; then look at the text
+        exact = not _has_float(value) or not _LOSSY.search(raw)
+    except orjson.JSONDecodeError:
+        exact = False  # malformed, or a number beyond a double (1e400): let json decide
+    if not exact:
+        try:
             value = json.loads(raw, parse_float=Number, parse_int=_big_int)
-        else:
-            value = orjson.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise FhirError(Code.MALFORMED_JSON, str(exc)) from None
+        except (ValueError, RecursionError) as exc:
+            raise FhirError(Code.MALFORMED_JSON, str(exc)) from None
     if _SUSPECT.search(raw):
         bad = first_forbidden(value)
         if bad is not None:
             raise FhirError(Code.INVALID_RESOURCE,
                             f"a string contains the forbidden character U+{ord(bad):04X}")
     return value
+
+
+def _has_float(value: Any) -> bool:
+    stack = [value]
+    pop, extend = stack.pop, stack.extend
+    while stack:
+        node = pop()
+        kind = type(node)
+        if kind is dict:
+            extend(node.values())
+        elif kind is list:
+            extend(node)
+        elif kind is float:
+            return True
+    return False
 
 
 def first_forbidden(value: Any) -> str | None:

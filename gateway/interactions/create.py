@@ -48,7 +48,7 @@ async def create_in(
             return current, False
     rid = id or new_id()
     await guard.check_write(ctx.access, tx, body, None, new_patients)
-    await tx.lock(f"{resource_type}/{rid}")
+    # no lock: the id is a fresh UUID nobody else can be writing to
     stored = await tx.put(resource_type, rid, body, "POST", None, creator=guard.creator())
     guard.note(resource_type, rid, stored.version)
     return stored, True

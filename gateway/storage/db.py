@@ -218,6 +218,12 @@ class _PostgresConnection:
         await self.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (key,))
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release without ``RESET ALL``: the gateway sets no session state beyond
+    what the pool's ``server_settings`` give every connection, and a transaction
+    left open is rolled back by asyncpg before release."""
+
+
 class PostgresDatabase:
     dialect = "postgresql"
 
@@ -231,6 +237,7 @@ class PostgresDatabase:
         settings = {"search_path": self.schema} if self.schema else {}
         self._pool = await asyncpg.create_pool(
             self.url, min_size=1, max_size=self.pool_size, server_settings=settings,
+            reset=_keep_session,
         )
 
     async def close(self) -> None:
@@ -246,6 +253,7 @@ class PostgresDatabase:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Connection]:
+        """A connection for reads, in autocommit: each statement sees committed data."""
         assert self._pool is not None, "database not opened"
-        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+        async with self._pool.acquire() as conn:
             yield _PostgresConnection(conn)

@@ -26,10 +26,10 @@ from __future__ import annotations
 DIALECT_TYPES = {
     "sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "float": "REAL",
                # one writer at a time: outbox seq order is commit order already
-               "txid": "0"},
+               "txid": "0", "collate_c": ""},
     "postgresql": {"serial": "BIGSERIAL PRIMARY KEY", "blob": "BYTEA", "float": "DOUBLE PRECISION",
                    # the writing transaction's 64-bit id (see gateway/storage/outbox.py)
-                   "txid": "(pg_current_xact_id()::text::bigint)"},
+                   "txid": "(pg_current_xact_id()::text::bigint)", "collate_c": ' COLLATE "C"'},
 }
 
 INDEX_TABLES: dict[str, tuple[str, ...]] = {
@@ -242,12 +242,17 @@ CREATE TABLE IF NOT EXISTS subscription_ws_token (
 )
 """
 
+_V20 = """
+CREATE INDEX IF NOT EXISTS sp_string_prefix ON sp_string (res_type, param, value{collate_c})
+"""
+
 #: (version, description, DDL template). Append only; never edit a released step.
-#: Versions 2-9 belong to events/subscriptions, 10-19 to security.
+#: Versions 2-9 belong to events/subscriptions, 10-19 to security, 20-29 to the core store.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "resources, history, outbox, search index", _V1),
     (2, "events: outbox transaction ids, relay/consumer positions; subscriptions", _V2),
     (10, "security: clients, token replay, signing keys, audit log, consent index", _V10),
+    (20, "search: starts-with index in code point order", _V20),
 )
 
 

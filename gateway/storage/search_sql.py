@@ -222,6 +222,12 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx) -> Frag:
                 f" AND {inner}))"
             )
             params.extend([link.target_type, link.target_type, *ip])
+        if rtype is not None:  # uncorrelated: the planner can drive it from the index
+            return (
+                f"{a}.res_id IN (SELECT {ref}.res_id FROM sp_reference {ref}"
+                f" WHERE {ref}.res_type = ? AND {ref}.param = ? AND ({' OR '.join(ors)}))",
+                [rtype, *params],
+            )
         return (
             f"EXISTS (SELECT 1 FROM sp_reference {ref} WHERE {ref}.res_type = {a}.res_type"
             f" AND {ref}.res_id = {a}.res_id AND {ref}.param = ? AND ({' OR '.join(ors)}))",
@@ -244,11 +250,15 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx) -> Frag:
             (f"{'NOT ' if _missing(v) else ''}EXISTS ({base})", [c.code]) for v in c.values
         ]
         return _or(frags)
-    cond, p = _or([_value(c, v, t) for v in c.values])
-    sql = f"EXISTS ({base} AND {cond})"
-    if c.modifier == "not":
-        sql = "NOT " + sql
-    return sql, [c.code, *p]
+    cond, p = _or([_value(c, v, t, ctx) for v in c.values])
+    negate = "NOT " if c.modifier == "not" else ""
+    if rtype is not None:  # uncorrelated: the planner can drive it from the index
+        return (
+            f"{a}.res_id {negate}IN (SELECT {t}.res_id FROM {table} {t}"
+            f" WHERE {t}.res_type = ? AND {t}.param = ? AND {cond})",
+            [rtype, c.code, *p],
+        )
+    return f"{negate}EXISTS ({base} AND {cond})", [c.code, *p]
 
 
 def _missing(v: Value) -> bool:
@@ -283,7 +293,7 @@ def _last_updated(c: Criterion, a: str) -> Frag:
     return _or(frags)
 
 
-def _value(c: Criterion, v: Value, t: str) -> Frag:
+def _value(c: Criterion, v: Value, t: str, ctx: _Ctx) -> Frag:
     if isinstance(v, TokenValue):
         if c.type == "reference":
             return _token(v, f"{t}.ident_system", f"{t}.ident_value")
@@ -300,8 +310,13 @@ def _value(c: Criterion, v: Value, t: str) -> Frag:
             return f"{t}.exact = ?", [v.text]
         pat = like_escape(v.normalized) + "%"
         if c.modifier == "contains":
-            pat = "%" + pat
-        return f"{t}.value LIKE ? ESCAPE '{_ESCAPE}'", [pat]
+            return f"{t}.value LIKE ? ESCAPE '{_ESCAPE}'", ["%" + pat]
+        # starts-with as a range too, so a (bytewise-ordered) index can serve it
+        value = ctx.text(f"{t}.value")
+        return (
+            f"({value} >= ? AND {value} < ? AND {t}.value LIKE ? ESCAPE '{_ESCAPE}')",
+            [v.normalized, v.normalized + "\U0010ffff", pat],
+        )
     if isinstance(v, DateValue):
         return _date(v, f"{t}.lo", f"{t}.hi")
     if isinstance(v, QuantityValue):

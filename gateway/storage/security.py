@@ -111,11 +111,25 @@ def chain_hash(prev: str, record: bytes) -> str:
     return hashlib.sha256(prev.encode() + b"\n" + record).hexdigest()
 
 
+# PostgreSQL computes the link itself: one round trip after the lock
+_PG_APPEND_ONE = (
+    "INSERT INTO audit_log (recorded, prev_hash, hash, client_id, patient, outcome, record)"
+    " SELECT ?, p.h, encode(sha256(convert_to(p.h, 'UTF8') || '\\x0a'::bytea || ?::bytea),"
+    " 'hex'), ?, ?, ?, ? FROM (SELECT COALESCE((SELECT hash FROM audit_log"
+    " ORDER BY seq DESC LIMIT 1), ?) AS h) p"
+)
+
+
 async def append_audit(conn: Connection, records: Sequence[AuditRecord]) -> None:
     """Append ``records`` to the chain inside the caller's transaction."""
     if not records:
         return
     await conn.lock(AUDIT_LOCK)
+    if conn.dialect == "postgresql" and len(records) == 1:
+        r = records[0]
+        await conn.execute(_PG_APPEND_ONE, (_now(), r.record, r.client_id, r.patient, r.outcome,
+                                            r.record, GENESIS))
+        return
     row = await conn.fetchrow("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
     prev = row[0] if row else GENESIS
     now = _now()

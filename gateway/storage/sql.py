@@ -42,6 +42,71 @@ _DELETE_INDEX = {t: f"DELETE FROM {t} WHERE res_type = ? AND res_id = ?" for t i
 
 _RESOURCE_COLS = "res_type, res_id, version, last_updated, deleted, content"
 
+# PostgreSQL element types of each index table's value columns (after ``param``)
+_PG_TYPES: dict[str, tuple[str, ...]] = {
+    "sp_string": ("text", "text"),
+    "sp_token": ("text", "text", "text"),
+    "sp_date": ("bigint", "bigint"),
+    "sp_number": ("float8", "float8"),
+    "sp_quantity": ("text", "text", "text", "float8", "float8"),
+    "sp_reference": ("text",) * 6,
+    "sp_uri": ("text",),
+    "sp_consent": ("text", "text", "text", "integer", "bigint", "bigint"),
+}
+
+
+def _pg_put_sql() -> str:
+    """The whole of a PostgreSQL write as one statement of data-modifying CTEs.
+
+    Parameters: $1 type, $2 id, $3 version, $4 last_updated, $5 method,
+    $6 content, $7 creator (or NULL), $8 event id, $9 interaction, $10 whether
+    to clear the previous index rows; then one array per index column.
+    Sub-statements share one snapshot: the DELETEs remove only the previous
+    version's rows, never the ones inserted here.
+    """
+    parts = [
+        "h AS (INSERT INTO resource_history (res_type, res_id, version, last_updated, method,"
+        " content) VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq)",
+        "r AS (INSERT INTO resource (res_type, res_id, version, last_updated, deleted, content,"
+        " created_seq) SELECT $1, $2, $3, $4, 0, $6, h.seq FROM h"
+        " ON CONFLICT (res_type, res_id) DO UPDATE SET version = excluded.version,"
+        " last_updated = excluded.last_updated, deleted = 0, content = excluded.content)",
+        "c AS (INSERT INTO resource_creator (res_type, res_id, organization)"
+        " SELECT $1, $2, $7::text WHERE $7::text IS NOT NULL"
+        " ON CONFLICT (res_type, res_id) DO NOTHING)",
+        "o AS (INSERT INTO outbox (event_id, res_type, res_id, version, interaction, ts,"
+        " history_seq) SELECT $8, $1, $2, $3, $9, $4, h.seq FROM h)",
+    ]
+    n = 10
+    for table, cols in INDEX_TABLES.items():
+        types = ("text", *_PG_TYPES[table])
+        arrays = []
+        for t in types:
+            n += 1
+            arrays.append(f"${n}::{t}[]")
+        parts.append(f"d_{table} AS (DELETE FROM {table} WHERE $10::boolean"
+                     " AND res_type = $1 AND res_id = $2)")
+        parts.append(f"i_{table} AS (INSERT INTO {table} (res_type, res_id, param,"
+                     f" {', '.join(cols)}) SELECT $1, $2, u.* FROM unnest({', '.join(arrays)})"
+                     " AS u)")
+    return "WITH " + ", ".join(parts) + " SELECT seq FROM h"
+
+
+_PG_PUT = _pg_put_sql()
+
+
+def _columns(rows: dict[str, list[tuple[Any, ...]]]) -> list[list[Any]]:
+    """Index rows as one list per column, table by table, in ``_PG_PUT``'s order."""
+    out: list[list[Any]] = []
+    for table, cols in INDEX_TABLES.items():
+        table_rows = rows.get(table, [])
+        width = len(cols) + 1
+        if table_rows:
+            out.extend([list(col) for col in zip(*table_rows, strict=True)])
+        else:
+            out.extend([] for _ in range(width))
+    return out
+
 
 class Indexer(Protocol):
     def extract(self, resource: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]: ...
@@ -162,6 +227,17 @@ class _Transaction:
             **{k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")},
         }
         content = fjson.dumps(resource)
+        interaction = "create" if version == 1 or (
+            previous is not None and previous.deleted) else "update"
+        rows = self.indexer.extract(resource)
+        if self.conn.dialect == "postgresql":
+            # one round trip: history, current row, creator, index rows and outbox event
+            clear = previous is not None and not previous.deleted
+            await self.conn.execute(_PG_PUT, (
+                resource_type, id, version, updated, method, content,
+                creator if previous is None else None, str(uuid.uuid4()), interaction, clear,
+                *_columns(rows)))
+            return StoredResource(resource_type, id, version, updated, False, content, method)
         seq = await self._history(resource_type, id, version, updated, method, content)
         await self.conn.execute(
             "INSERT INTO resource (res_type, res_id, version, last_updated, deleted, content,"
@@ -176,13 +252,12 @@ class _Transaction:
             await self.conn.execute(
                 "INSERT INTO resource_creator (res_type, res_id, organization) VALUES (?, ?, ?)"
                 " ON CONFLICT (res_type, res_id) DO NOTHING", (resource_type, id, creator))
-        for table, rows in self.indexer.extract(resource).items():
-            if rows:
+        for table, table_rows in rows.items():
+            if table_rows:
                 await self.conn.executemany(
-                    _INSERT_INDEX[table], [(resource_type, id, *r) for r in rows]
+                    _INSERT_INDEX[table], [(resource_type, id, *r) for r in table_rows]
                 )
-        await self._event(resource_type, id, version, updated, seq, "create" if version == 1
-                          or (previous is not None and previous.deleted) else "update")
+        await self._event(resource_type, id, version, updated, seq, interaction)
         return StoredResource(resource_type, id, version, updated, False, content, method)
 
     async def delete(self, previous: StoredResource) -> StoredResource:

@@ -21,7 +21,7 @@ def test_numbers_are_written_back_as_received(text: bytes) -> None:
     assert fjson.dumps(fjson.loads(text)) == text
 
 
-@pytest.mark.parametrize("text", [b"{", b"", b'{"a":}', b"[1,]", b'{"a":"\\ud800"}', b"nan"])
+@pytest.mark.parametrize("text", [b"{", b"", b'{"a":}', b"[1,]", b"nan"])
 def test_malformed_json_is_gw_1001(text: bytes) -> None:
     with pytest.raises(FhirError) as err:
         fjson.loads(text)
@@ -31,6 +31,7 @@ def test_malformed_json_is_gw_1001(text: bytes) -> None:
 @pytest.mark.parametrize("text", [
     b'{"a":"x\\u0000"}', b'{"a":"\\u001f"}', b'{"a":"\\b"}', b'{"a":["\\f"]}',
     b'{"a":"\\ud800", "n": 1.50}',  # lone surrogate on the Decimal path
+    b'{"a":"\\ud800"}',
 ])
 def test_forbidden_characters_are_refused(text: bytes) -> None:
     with pytest.raises(FhirError) as err:

@@ -148,9 +148,12 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_audit_verify_passes_then_fails_after_tampering(audited: Audited) -> None:
-    h = {"Authorization": f"Bearer {audited.token()}"}
+    h = {"Authorization": f"Bearer {audited.token()}", "Content-Type": "application/fhir+json"}
     for _ in range(3):
         httpx.get(f"{audited.url}/metadata", headers=h)
+        # writes append their record in their own transaction (a separate code path)
+        made = httpx.post(f"{audited.url}/Patient", json={"resourceType": "Patient"}, headers=h)
+        assert made.status_code == 201
     ok = _cli(audited.settings, "audit", "verify")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "intact" in ok.stdout + ok.stderr
