@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.fhir.outcome import Code, FhirError
-from gateway.interactions.base import Context, FhirResponse
+from gateway.interactions.base import Context, FhirResponse, check_id
+from gateway.security import guard
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,4 +91,13 @@ async def invoke(
     if req.method not in ("GET", "POST") or (req.method == "GET" and op.affects_state):
         raise FhirError(Code.METHOD_NOT_ALLOWED,
                         f"${op.name} takes {'POST' if op.affects_state else 'GET or POST'}")
+    if req.resource_type is not None and req.id is not None:
+        # an instance operation acts on a resource: the caller must be able to see it
+        guard.require(req.resource_type, "update" if op.affects_state else "read")
+        check_id(req.id)
+        stored = await ctx.store.read(req.resource_type, req.id)
+        if stored is not None:  # (the gateway's own conformance resources are not stored)
+            await guard.ensure_visible(ctx.access, ctx.store, stored)
+    elif req.resource_type is not None:
+        guard.require(req.resource_type, "update" if op.affects_state else "search")
     return await op.handler(ctx, req)
