@@ -10,8 +10,9 @@
 creates 1, 10 and 100 active rest-hook subscriptions on the topic
 ``encounter-discharge`` (id-only payload), and for each count writes
 discharged Encounters at ``--rate`` writes/s for ``--seconds`` s. The latency
-of an event is its arrival at the receiver minus the moment the write's
-``201`` came back (the commit happened just before): p50/p99 over every
+of an event is its arrival at the receiver minus its ``timestamp`` in the
+notification (the version's ``lastUpdated``, taken in the write transaction
+just before the commit, millisecond precision): p50/p99 over every
 (subscription, event) pair. A second run per count writes as fast as
 ``--concurrency`` clients can and reports the sustained write rate and the
 delivered events/s (and whether delivery kept up).
@@ -40,6 +41,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,8 @@ ENCOUNTER = orjson.dumps({"resourceType": "Encounter", "status": "finished",
 
 # -- the receiver (runs in its own process: uvicorn bench.subscriptions:receiver) ---------
 
-_ARRIVALS: list[tuple[str, str, float]] = []  # (subscription path, focus id, arrival)
+#: (subscription path, focus id, event timestamp, arrival), times in epoch seconds
+_ARRIVALS: list[tuple[str, str, float, float]] = []
 
 
 async def receiver(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -79,10 +82,10 @@ async def receiver(scope: dict[str, Any], receive: Any, send: Any) -> None:
         bundle = orjson.loads(body)
         for p in bundle["entry"][0]["resource"]["parameter"]:
             if p["name"] == "notification-event":
-                for part in p["part"]:
-                    if part["name"] == "focus":
-                        focus = part["valueReference"]["reference"].rsplit("/", 1)[-1]
-                        _ARRIVALS.append((scope["path"], focus, now))
+                parts = {part["name"]: part for part in p["part"]}
+                focus = parts["focus"]["valueReference"]["reference"].rsplit("/", 1)[-1]
+                stamp = datetime.fromisoformat(parts["timestamp"]["valueInstant"]).timestamp()
+                _ARRIVALS.append((scope["path"], focus, stamp, now))
         out = b""
     else:
         out = orjson.dumps(_ARRIVALS)
@@ -137,6 +140,12 @@ def uvicorn(app: str, port: int, factory: bool) -> list[str]:
 
 
 # -- measurements -------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -240,14 +249,18 @@ async def collect(receiver_url: str, expected: int, within: float) -> list[Any]:
 
 
 async def latency_run(base: str, receiver_url: str, subs: int, rate: float, seconds: float,
-                      concurrency: int) -> dict[str, Any]:
+                      concurrency: int, gateway_pid: int) -> dict[str, Any]:
     await collect(receiver_url, 0, 0)  # clear
+    cpu = cpu_seconds(gateway_pid)
     started = time.monotonic()
     acked = await drive(base, rate, seconds, concurrency)
     elapsed = time.monotonic() - started
     arrivals = await collect(receiver_url, len(acked) * subs, within=120)
     drained = time.monotonic() - started
-    latencies = [(at - acked[focus]) * 1000 for _path, focus, at in arrivals if focus in acked]
+    cpu = cpu_seconds(gateway_pid) - cpu
+    # from the event's timestamp (taken in the write transaction, just before its commit;
+    # millisecond precision) to the arrival at the receiver, both on this machine's clock
+    latencies = [(at - stamp) * 1000 for _path, focus, stamp, at in arrivals if focus in acked]
     return {
         "measure": "latency", "subscriptions": subs, "target_rate": rate,
         "writes": len(acked), "writes_per_s": round(len(acked) / elapsed, 1),
@@ -255,23 +268,29 @@ async def latency_run(base: str, receiver_url: str, subs: int, rate: float, seco
         "p50_ms": round(pct(latencies, 0.50), 1), "p99_ms": round(pct(latencies, 0.99), 1),
         "max_ms": round(max(latencies, default=float("nan")), 1),
         "events_per_s": round(len(latencies) / drained, 1),
+        "gateway_cpu_ms_per_write": round(cpu * 1000 / max(1, len(acked)), 2),
+        "gateway_cpu_share": round(cpu / drained, 2),
     }
 
 
 async def throughput_run(base: str, receiver_url: str, subs: int, seconds: float,
-                         concurrency: int) -> dict[str, Any]:
+                         concurrency: int, gateway_pid: int) -> dict[str, Any]:
     await collect(receiver_url, 0, 0)
+    cpu = cpu_seconds(gateway_pid)
     started = time.monotonic()
     acked = await drive(base, None, seconds, concurrency)
     write_time = time.monotonic() - started
     arrivals = await collect(receiver_url, len(acked) * subs, within=300)
     drained = time.monotonic() - started
+    cpu = cpu_seconds(gateway_pid) - cpu
     return {
         "measure": "sustained", "subscriptions": subs, "concurrency": concurrency,
         "writes": len(acked), "writes_per_s": round(len(acked) / write_time, 1),
         "deliveries": len(arrivals), "expected": len(acked) * subs,
         "delivered_events_per_s": round(len(arrivals) / drained, 1),
         "drain_after_writes_s": round(drained - write_time, 1),
+        "gateway_cpu_ms_per_write": round(cpu * 1000 / max(1, len(acked)), 2),
+        "gateway_cpu_share": round(cpu / drained, 2),
     }
 
 
@@ -329,34 +348,37 @@ async def redis_floor(url: str, rate: float, seconds: float) -> dict[str, Any]:
 # -- main ---------------------------------------------------------------------------------
 
 
-def record(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def record(results: list[dict[str, Any]], args: argparse.Namespace, note: str) -> None:
     lines = [
         "",
         f"## Subscriptions (`bench/subscriptions.py`), {time.strftime('%Y-%m-%d')}",
         "",
-        f"Commit → rest-hook delivery on this machine ({os.cpu_count()} cores shared by the "
-        "gateway, PostgreSQL, Redis, the receiver and the load generator); one gateway "
-        f"worker, PostgreSQL + Redis, topic `encounter-discharge`, id-only payload, "
-        f"{args.seconds:g} s per run.",
+        f"Commit → rest-hook delivery, one gateway worker on PostgreSQL + Redis, topic "
+        f"`encounter-discharge`, id-only payload, {args.seconds:g} s per run, "
+        f"{os.cpu_count()} cores shared by the gateway, PostgreSQL, Redis, the receiver and "
+        f"the load generator. Latency = arrival at the receiver minus the event's timestamp "
+        f"(taken in the write transaction). {note}",
         "",
-        "| measurement | subscriptions | writes/s | deliveries (expected) | p50 ms | p99 ms |"
-        " events delivered/s |",
-        "|---|---|---|---|---|---|---|",
+        "| measurement | subs | writes/s | deliveries (expected) | p50 ms | p99 ms |"
+        " events delivered/s | gateway CPU ms/write |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r["measure"] == "floor":
             lines.append(f"| floor: Redis XADD→XREADGROUP at {r['rate']:g}/s | - | "
                          f"{r['rate']:g} | {r['messages']} | {r['p50_ms']} | {r['p99_ms']} | "
-                         f"{r['sequential_round_trips_per_s']} (sequential round trips) |")
+                         f"{r['sequential_round_trips_per_s']} sequential round trips/s | - |")
         elif r["measure"] == "latency":
-            lines.append(f"| latency at {r['target_rate']:g} writes/s | {r['subscriptions']} | "
+            lines.append(f"| at {r['target_rate']:g} writes/s | {r['subscriptions']} | "
                          f"{r['writes_per_s']} | {r['deliveries']} ({r['expected']}) | "
-                         f"{r['p50_ms']} | {r['p99_ms']} | {r['events_per_s']} |")
+                         f"{r['p50_ms']} | {r['p99_ms']} | {r['events_per_s']} | "
+                         f"{r['gateway_cpu_ms_per_write']} |")
         else:
             lines.append(f"| sustained, {r['concurrency']} writers flat out | "
                          f"{r['subscriptions']} | {r['writes_per_s']} | {r['deliveries']} "
                          f"({r['expected']}) | - | - | {r['delivered_events_per_s']} "
-                         f"(drained {r['drain_after_writes_s']} s after the writes) |")
+                         f"(drained {r['drain_after_writes_s']} s after) | "
+                         f"{r['gateway_cpu_ms_per_write']} |")
     with (ROOT / "bench" / "RESULTS.md").open("a") as out:
         out.write("\n".join(lines) + "\n")
 
@@ -390,19 +412,22 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         with started(uvicorn("bench.subscriptions:receiver", rc_port, False), {},
                      f"{receiver_url}/results"), \
              started(uvicorn("gateway.main:create_app", gw_port, True), env,
-                     f"{base}/metadata"):
+                     f"{base}/metadata") as gateway:
             await drive(base, args.rate, 3, args.concurrency)  # warm up
             subs: list[str] = []
             for count in args.subscriptions:
                 subs += await create_subscriptions(base, receiver_url, count - len(subs))
                 await collect(receiver_url, 0, 0)
                 for measure in ("latency", "sustained"):
-                    if measure == "latency":
+                    if measure == "latency" and count:
                         result = await latency_run(base, receiver_url, count, args.rate,
-                                                   args.seconds, args.concurrency)
+                                                   args.seconds, args.concurrency, gateway.pid)
+                    elif measure == "latency":
+                        continue  # no subscriptions: nothing to time, only the write path
                     else:
                         result = await throughput_run(base, receiver_url, count,
-                                                      args.seconds, args.concurrency)
+                                                      args.seconds, args.concurrency,
+                                                      gateway.pid)
                     print(json.dumps(result), flush=True)
                     results.append(result)
             await delete_subscriptions(base, subs)
@@ -427,14 +452,15 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="writes/s in latency runs")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--subscriptions", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--subscriptions", type=int, nargs="+", default=[0, 1, 10, 100])
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    parser.add_argument("--note", default="", help="a sentence for the recorded section")
     args = parser.parse_args()
     results = asyncio.run(run(args))
     print(json.dumps({"median_p99_ms": statistics.median(
         [r["p99_ms"] for r in results if r["measure"] == "latency"] or [0])}), file=sys.stderr)
     if args.record:
-        record(results, args)
+        record(results, args, args.note)
 
 
 if __name__ == "__main__":

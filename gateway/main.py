@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store.after_commit.append(events.relay.wake)
     subscriptions = SubscriptionService(store.db, store, settings, events,
                                         base_url=public_base(settings))
+    subscriptions.matcher.access_rules = access.rules  # notifications obey the compartment
     validator = subscriptions.checks(
         FhirValidator.load(profiles_dir(), reg.structure_definitions, settings))
     operations = {**OPERATIONS, **{op.name: op for op in subscriptions.operations()}}

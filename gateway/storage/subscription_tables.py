@@ -224,9 +224,9 @@ async def delivered(conn: Connection, id: str, owner: str, *, number: int | None
 
 
 async def record_progress(conn: Connection, owner: str,
-                          progress: dict[str, tuple[int, int]], until: int) -> set[str]:
-    """Write delivery progress (sid -> (delivered number, last sent)) and extend the
-    leases; returns the subscriptions whose lease this owner still holds."""
+                          progress: dict[str, tuple[int, int, int]]) -> set[str]:
+    """Write delivery progress (sid -> (delivered number, last sent, lease until)) and
+    extend the leases; returns the subscriptions whose lease this owner still holds."""
     if not progress:
         return set()
     await conn.executemany(
@@ -234,7 +234,7 @@ async def record_progress(conn: Connection, owner: str,
         " delivered_number = CASE WHEN ? > delivered_number THEN ? ELSE delivered_number END,"
         " last_sent = CASE WHEN ? > last_sent THEN ? ELSE last_sent END, lease_until = ?"
         " WHERE id = ? AND lease_owner = ?",
-        [(n, n, sent, sent, until, sid, owner) for sid, (n, sent) in progress.items()])
+        [(n, n, sent, sent, until, sid, owner) for sid, (n, sent, until) in progress.items()])
     ids = list(progress)
     rows = await conn.fetch(
         f"SELECT id FROM subscription_state WHERE lease_owner = ? AND id IN"

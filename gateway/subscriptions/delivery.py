@@ -2,9 +2,9 @@
 
 https://hl7.org/fhir/uv/subscriptions-backport/channels.html#rest-hook
 
-* the endpoint is checked (:mod:`gateway.subscriptions.endpoint`) before
-  every delivery, and the connection itself is made by a network backend that
-  resolves and checks again, connecting only to a checked address;
+* the endpoint is resolved and checked (:mod:`gateway.subscriptions.endpoint`)
+  before every delivery, and the connection goes to exactly those checked
+  addresses (:mod:`gateway.subscriptions.http1`), never to a fresh lookup;
 * redirects are not followed (3xx is a failure), no proxy or ``.netrc``
   from the environment is used, nothing but the subscriber's own
   ``channel.header`` lines is sent;
@@ -16,18 +16,15 @@ https://hl7.org/fhir/uv/subscriptions-backport/channels.html#rest-hook
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
-import ssl
-
-import httpcore
+from urllib.parse import urlsplit
 
 import gateway
-from gateway.subscriptions.endpoint import EndpointPolicy, EndpointRefused, GuardedBackend, Resolver
+from gateway.subscriptions.endpoint import EndpointPolicy, EndpointRefused, Resolver
+from gateway.subscriptions.http1 import Http1Client, HttpError
 from gateway.subscriptions.subscription import SubscriptionConfig
 
-MAX_RESPONSE_BYTES = 64 * 1024
 SIGNATURE_HEADER = "X-Carepath-Signature"
 
 
@@ -46,20 +43,13 @@ def signature(secret: str, body: bytes) -> str:
 
 class RestHookSender:
     def __init__(self, policy: EndpointPolicy, *, resolver: Resolver | None = None,
-                 max_connections: int = 100) -> None:
+                 client: Http1Client | None = None) -> None:
         self.policy = policy
         self.resolver = resolver
-        self.pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl.create_default_context(),
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
-            retries=0,
-            network_backend=GuardedBackend(policy, resolver),
-        )
+        self.client = client or Http1Client()
 
     async def close(self) -> None:
-        await self.pool.aclose()
+        await self.client.close()
 
     async def send(self, config: SubscriptionConfig, body: bytes) -> int:
         """POST ``body``; returns the HTTP status or raises :class:`DeliveryFailed`."""
@@ -67,9 +57,11 @@ class RestHookSender:
             raise DeliveryFailed("the subscription has no endpoint", permanent=True)
         try:
             target = self.policy.check_url(config.endpoint)
-            await self.policy.resolve(target, self.resolver)
+            addresses = await self.policy.resolve(target, self.resolver)
         except EndpointRefused as exc:
             raise DeliveryFailed(f"endpoint refused: {exc}", permanent=True) from exc
+        parts = urlsplit(config.endpoint)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         headers = [
             ("Content-Type", config.mime),
             ("Accept", "application/fhir+json, application/json;q=0.9, */*;q=0.1"),
@@ -79,27 +71,20 @@ class RestHookSender:
         if config.secret:
             headers.append((SIGNATURE_HEADER, signature(config.secret, body)))
         timeout = float(config.timeout)
-        limits = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
-        try:
-            async with asyncio.timeout(timeout):
-                async with self.pool.stream("POST", config.endpoint, headers=headers,
-                                            content=body,
-                                            extensions={"timeout": limits}) as response:
-                    read = 0
-                    async for chunk in response.aiter_stream():
-                        read += len(chunk)
-                        if read > MAX_RESPONSE_BYTES:
-                            break
-                    status = response.status
-        except EndpointRefused as exc:
-            raise DeliveryFailed(f"endpoint refused: {exc}", permanent=True) from exc
-        except TimeoutError as exc:
-            raise DeliveryFailed(f"no answer within {timeout:g}s") from exc
-        except httpcore.TimeoutException as exc:
-            raise DeliveryFailed(f"timed out ({type(exc).__name__})") from exc
-        except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
-            raise DeliveryFailed(f"{type(exc).__name__}: {exc}"[:300]) from exc
-        if not 200 <= status < 300:
-            kind = "redirect (not followed)" if 300 <= status < 400 else "answer"
-            raise DeliveryFailed(f"HTTP {status} {kind}")
-        return status
+        failure = "no address"
+        for address in addresses:  # each one checked above; connect to exactly these
+            try:
+                status = await self.client.post(
+                    scheme=target.scheme, host=target.host, port=target.port,
+                    address=address, target=path, headers=headers, body=body,
+                    deadline_s=timeout)
+            except TimeoutError as exc:
+                raise DeliveryFailed(f"no answer within {timeout:g}s") from exc
+            except HttpError as exc:
+                failure = str(exc)
+                continue
+            if not 200 <= status < 300:
+                kind = "redirect (not followed)" if 300 <= status < 400 else "answer"
+                raise DeliveryFailed(f"HTTP {status} {kind}")
+            return status
+        raise DeliveryFailed(failure[:300])

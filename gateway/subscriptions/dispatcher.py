@@ -22,11 +22,15 @@ subscription turns ``error`` with the reason in ``Subscription.error``.
 Events keep being numbered meanwhile and are delivered once the subscriber
 is back (or reactivated), so nothing is skipped.
 
-A process crash between a 2xx and the ``delivered_number`` update sends
-those events again after the lease expires (timeout + 5 s): duplicates carry
-the same event numbers. A slow or dead subscriber only ever holds its own
-task and lease; ``CAREPATH_SUBSCRIPTION_CONCURRENCY`` bounds deliveries in
-flight per process.
+Progress is kept in memory and written for all subscriptions together every
+``FLUSH_S`` (one transaction; it also extends the leases), and always before
+a lease is let go, on failures, handshakes and at shutdown. Events the local
+matcher numbered reach the dispatcher in memory too, so a steady stream costs
+no database round trip per notification. A process crash loses at most the
+unwritten progress: those events are sent again after the lease expires
+(timeout + 5 s), with the same event numbers. A slow or dead subscriber only
+ever holds its own task and lease; ``CAREPATH_SUBSCRIPTION_CONCURRENCY``
+bounds deliveries in flight per process.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -57,10 +62,14 @@ log = logging.getLogger("carepath.subscriptions")
 _JITTER = random.SystemRandom()
 
 LEASE_MARGIN_S = 5
+#: how often delivery progress is written (and leases extended)
+FLUSH_S = 0.02
+#: events kept in memory per subscription beyond those delivered
+CACHE_MAX = 2_000
+#: an idle subscriber's lease is kept this long for events that follow closely
+LINGER_S = 0.1
 #: a websocket channel: send(bundle bytes) to the sockets bound to a subscription
 WsSend = Callable[[str, bytes], Awaitable[bool]]
-#: what a step leaves: the state to go on with (None: stop), events already read
-Step = tuple["tables.StateRow | None", "list[tables.EventRow] | None"]
 
 
 def now_micros() -> int:
@@ -90,14 +99,44 @@ class Dispatcher:
         self._again: set[str] = set()
         self._slots = asyncio.Semaphore(settings.subscription_concurrency)
         self._poller: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self._stopping = False
         self._configs: dict[tuple[str, int], SubscriptionConfig] = {}
+        #: events the local matcher numbered, by subscription, ascending
+        self._cache: dict[str, list[tables.EventRow]] = {}
+        #: highest event number the local matcher assigned, by subscription
+        self._known: dict[str, int] = {}
+        #: delivered but not yet written: subscription -> (delivered number, last sent)
+        self._progress: dict[str, tuple[int, int]] = {}
+        #: leases held: subscription -> (until (epoch µs), the subscription's timeout in s)
+        self._leases: dict[str, tuple[int, int]] = {}
+        self._lost: set[str] = set()
+        #: set when work arrives for a subscription whose task is lingering
+        self._wakeups: dict[str, asyncio.Event] = {}
+        #: subscriptions whose state changed other than by new events (re-read it)
+        self._dirty: set[str] = set()
+        #: progress is written before a lease is let go, never after (it would be lost)
+        self._writing = asyncio.Lock()
         self.sent = 0  # notifications delivered by this process (metrics, tests)
 
     # -- scheduling ---------------------------------------------------------
 
-    def notify(self, ids: set[str]) -> None:
+    def notify(self, ids: set[str],
+               rows: dict[str, list[tables.EventRow]] | None = None) -> None:
+        """Work for ``ids``; ``rows``: events just numbered for them (after commit)."""
+        for sid, new in (rows or {}).items():
+            if not new:
+                continue
+            cache = self._cache.setdefault(sid, [])
+            if cache and new[0].number != cache[-1].number + 1:
+                cache.clear()  # a gap (another process numbered some): read from the DB
+            cache.extend(new)
+            if len(cache) > CACHE_MAX:
+                del cache[: len(cache) - CACHE_MAX]
+            self._known[sid] = max(self._known.get(sid, 0), new[-1].number)
         for sid in ids:
+            if rows is None or sid not in rows:
+                self._dirty.add(sid)
             self._kick(sid)
 
     def _kick(self, sid: str) -> None:
@@ -105,6 +144,9 @@ class Dispatcher:
             return
         if sid in self._running:
             self._again.add(sid)
+            wakeup = self._wakeups.get(sid)
+            if wakeup is not None:
+                wakeup.set()
             return
         self._running[sid] = asyncio.create_task(self._work(sid), name=f"subscription-{sid}")
 
@@ -123,16 +165,20 @@ class Dispatcher:
 
     async def start(self) -> None:
         self._poller = asyncio.create_task(self._poll(), name="subscription-poller")
+        self._flusher = asyncio.create_task(self._flush_loop(), name="subscription-flusher")
 
     async def stop(self) -> None:
         self._stopping = True
-        tasks = [t for t in (self._poller, *self._running.values()) if t is not None]
+        tasks = [t for t in (self._poller, self._flusher, *self._running.values())
+                 if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._running.clear()
+        with contextlib.suppress(Exception):  # a clean stop writes what was delivered
+            await self._flush(release=True)
         await self.sender.close()
 
     async def _poll(self) -> None:
@@ -151,6 +197,73 @@ class Dispatcher:
             except Exception as exc:
                 log.warning("subscription poll failed: %s", exc)
             await asyncio.sleep(interval * (0.8 + 0.4 * _JITTER.random()))
+
+    # -- progress -------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(FLUSH_S)
+            try:
+                await self._flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("writing delivery progress failed: %s", exc)
+
+    async def _flush(self, *, release: bool = False) -> None:
+        """Write progress and extend leases running short (``release``: let all go)."""
+        async with self._writing:
+            await self._flush_locked(release)
+
+    async def _flush_locked(self, release: bool) -> None:
+        now = now_micros()
+        # a lease is renewed when it has less than (timeout + 3 s) left, to timeout + 5 s
+        due = {sid for sid, (until, timeout) in self._leases.items()
+               if until < now + (timeout + 3) * 1_000_000}
+        if not self._progress and not due and not release:
+            return
+        taken, self._progress = self._progress, {}
+        progress: dict[str, tuple[int, int, int]] = {}
+        for sid in set(taken) | due:
+            number, sent = taken.get(sid, (0, 0))
+            _until, timeout = self._leases.get(sid, (0, self.settings.subscription_timeout))
+            progress[sid] = (number, sent, now + (timeout + LEASE_MARGIN_S) * 1_000_000)
+        try:
+            async with self.db.transaction() as conn:
+                held = await tables.record_progress(conn, self.owner, progress)
+                if release:
+                    for sid in list(self._leases):
+                        await tables.release(conn, sid, self.owner)
+        except BaseException:
+            for sid, (number, sent, _until) in progress.items():  # keep it for next time
+                if number:
+                    old = self._progress.get(sid, (0, 0))
+                    self._progress[sid] = (max(old[0], number), max(old[1], sent))
+            raise
+        for sid, (_n, _s, until) in progress.items():
+            if sid in self._leases:
+                if sid in held:
+                    self._leases[sid] = (until, self._leases[sid][1])
+                else:
+                    self._lost.add(sid)
+
+    def _merge(self, state: tables.StateRow) -> tables.StateRow:
+        """The DB state plus what this process knows and has not written yet."""
+        done = self._progress.get(state.id)
+        if done and done[0] > state.delivered_number:
+            state = replace(state, delivered_number=done[0], last_sent=max(done[1],
+                                                                            state.last_sent))
+        known = self._known.get(state.id, 0)
+        if known > state.events_since_start:
+            state = replace(state, events_since_start=known)
+        return state
+
+    def _take_progress(self, sid: str, number: int | None) -> int | None:
+        """Unwritten progress of ``sid`` folded into ``number`` (for an immediate write)."""
+        done = self._progress.pop(sid, None)
+        if done is None:
+            return number
+        return max(done[0], number or 0)
 
     # -- one subscription ---------------------------------------------------
 
@@ -173,32 +286,85 @@ class Dispatcher:
                                          now_micros())
         if state is None:
             return  # another process has it; it looks again before letting go
-        rows: list[tables.EventRow] | None = None
+        self._leases[sid] = (state.lease_until, self.settings.subscription_timeout)
+        self._lost.discard(sid)
+        self._dirty.discard(sid)
+        last = self._merge(state)
+        current: tables.StateRow | None = last
         try:
-            while state is not None:
-                state, rows = await self._step(state, rows)
+            while current is not None and sid not in self._lost:
+                current = await self._step(current)
+                if current is not None:
+                    last = current
+                    continue
+                if not await self._linger(sid, last):
+                    break
+                if sid in self._dirty:
+                    self._dirty.discard(sid)
+                    current = await self._reread(sid)
+                else:
+                    current = self._merge(last)
         finally:
-            async with self.db.transaction() as conn:
+            self._wakeups.pop(sid, None)
+            self._leases.pop(sid, None)
+            async with self._writing, self.db.transaction() as conn:
+                number = self._take_progress(sid, None)
+                if number:
+                    await tables.record_progress(
+                        conn, self.owner, {sid: (number, now_micros(), now_micros())})
                 after = await tables.release(conn, sid, self.owner)
-            if after is not None and self._has_work(after):
-                self._again.add(sid)
+            if after is not None:
+                self._forget(sid, after.delivered_number)
+                if self._has_work(after):
+                    self._again.add(sid)
+
+    async def _linger(self, sid: str, last: tables.StateRow) -> bool:
+        """Keep the lease of a healthy, idle subscription a moment; True if work came."""
+        if last.status != "active" or last.attempts or self._stopping:
+            return False
+        if sid in self._again:
+            self._again.discard(sid)
+            return True
+        wakeup = self._wakeups.setdefault(sid, asyncio.Event())
+        wakeup.clear()
+        try:
+            await asyncio.wait_for(wakeup.wait(), LINGER_S)
+        except TimeoutError:
+            return False
+        self._again.discard(sid)
+        return True
+
+    def _forget(self, sid: str, delivered: int) -> None:
+        cache = self._cache.get(sid)
+        if cache:
+            while cache and cache[0].number <= delivered:
+                cache.pop(0)
+            if not cache:
+                self._cache.pop(sid, None)
+
+    def _cached(self, sid: str, first: int, batch: int) -> list[tables.EventRow]:
+        cache = self._cache.get(sid, [])
+        while cache and cache[0].number < first:
+            cache.pop(0)
+        if not cache or cache[0].number != first:
+            return []
+        return cache[:batch]
 
     def _has_work(self, s: tables.StateRow) -> bool:
         if s.status not in ("requested", "active") or s.next_attempt > now_micros():
             return False
         if s.channel == "websocket" and not self.ws_bound(s.id):
             return False
-        return s.events_since_start > s.delivered_number or s.resend_from is not None
+        known = max(s.events_since_start, self._known.get(s.id, 0))
+        return known > s.delivered_number or s.resend_from is not None
 
-    async def _reread(self, sid: str) -> Step:
+    async def _reread(self, sid: str) -> tables.StateRow | None:
         async with self.db.read() as conn:
-            return await tables.get_state(conn, sid), None
+            state = await tables.get_state(conn, sid)
+        return self._merge(state) if state is not None else None
 
-    async def _step(self, state: tables.StateRow, rows: list[tables.EventRow] | None) -> Step:
-        """Do the next piece of work: the state to go on with (None: nothing to do now).
-
-        ``rows``: the next events, when the previous step already read them.
-        """
+    async def _step(self, state: tables.StateRow) -> tables.StateRow | None:
+        """Do the next piece of work: the state to go on with (None: nothing to do now)."""
         now = now_micros()
         config = self._config(state)
         if state.end_at and state.end_at <= now and state.status != "off":
@@ -206,13 +372,11 @@ class Dispatcher:
                 await tables.set_status(conn, state.id, "off", "the subscription's end passed")
             return await self._reread(state.id)
         if state.status != state.resource_status and state.status != "requested":
-            if await self._sync_resource(state):
-                return await self._reread(state.id)
-            return None, None
+            return await self._reread(state.id) if await self._sync_resource(state) else None
         if state.status not in ("requested", "active") or state.next_attempt > now:
-            return None, None
+            return None
         if config.channel == "websocket" and not self.ws_bound(state.id):
-            return None, None
+            return None
         topic = self.topics.get(config.topic)
         topic_url = topic.url if topic else config.topic
         if state.handshake_pending:
@@ -228,20 +392,21 @@ class Dispatcher:
             done = last >= state.resend_to
             if not rows:
                 async with self.db.transaction() as conn:
-                    after = await tables.delivered(conn, state.id, self.owner, number=None,
-                                                   sent=state.last_sent,
-                                                   until=self._lease_until(config),
-                                                   resend_done=True)
-                return after, None
+                    after = await tables.delivered(
+                        conn, state.id, self.owner,
+                        number=self._take_progress(state.id, None), sent=state.last_sent,
+                        until=self._lease_until(config), resend_done=True)
+                return self._merge(after) if after else None
             body = await self._event_bundle(state, config, topic_url, rows)
             return await self._deliver(state, config, body, resend_to=(last, done))
         if state.events_since_start > state.delivered_number:
             first = state.delivered_number + 1
-            if not rows or rows[0].number != first:
+            rows = self._cached(state.id, first, batch)
+            if not rows:
                 rows = await self._events(state.id, first, first + batch - 1)
             if not rows:
                 log.error("subscription %s: events %d.. missing", state.id, first)
-                return None, None
+                return None
             body = await self._event_bundle(state, config, topic_url, rows)
             return await self._deliver(state, config, body, number=rows[-1].number)
         heartbeat_due = state.last_sent + config.heartbeat * 1_000_000 <= now
@@ -251,7 +416,7 @@ class Dispatcher:
                                 events_since_start=state.events_since_start, events=[],
                                 content=config.content, now=now)
             return await self._deliver(state, config, body)
-        return None, None
+        return None
 
     async def _events(self, sid: str, first: int, last: int) -> list[tables.EventRow]:
         async with self.db.read() as conn:
@@ -272,47 +437,56 @@ class Dispatcher:
     async def _deliver(self, state: tables.StateRow, config: SubscriptionConfig,
                        bundle: dict[str, Any], *, handshake: bool = False,
                        number: int | None = None,
-                       resend_to: tuple[int, bool] | None = None) -> Step:
+                       resend_to: tuple[int, bool] | None = None) -> tables.StateRow | None:
         body = dumps(bundle)
-        until = self._lease_until(config)
-        # the lease must outlast this send; every recorded delivery extends it
-        if state.lease_until - now_micros() < (config.timeout + 1) * 1_000_000:
+        # the lease must outlast this send (the flusher extends it in the background)
+        held_until = self._leases.get(state.id, (0, 0))[0]
+        self._leases[state.id] = (held_until, config.timeout)
+        if held_until - now_micros() < (config.timeout + 1) * 1_000_000:
+            until = self._lease_until(config)
             async with self.db.transaction() as conn:
                 if not await tables.renew(conn, state.id, self.owner, until):
-                    return None, None  # lost the lease (too slow): the new holder goes on
+                    self._lost.add(state.id)
+                    return None  # lost the lease (too slow): the new holder goes on
+            self._leases[state.id] = (until, config.timeout)
         try:
             async with self._slots:
                 if config.channel == "websocket":
                     if self.ws_send is None or not await self.ws_send(state.id, body):
-                        return None, None
+                        return None
                 else:
                     await self.sender.send(config, body)
         except DeliveryFailed as exc:
             await self._failed(state, config, exc, handshake=handshake)
             return await self._reread(state.id)  # the failure may have changed the status
         self.sent += 1
+        now = now_micros()
+        if not handshake and resend_to is None and not state.attempts and not state.last_error:
+            # the common case: remember, write with the next flush, go on
+            delivered = number if number is not None else state.delivered_number
+            self._progress[state.id] = (delivered, now)
+            self._forget(state.id, delivered)
+            return self._merge(replace(state, delivered_number=delivered, last_sent=now))
         until = self._lease_until(config)
-        rows: list[tables.EventRow] | None = None
         async with self.db.transaction() as conn:
             if resend_to is not None:
                 last, done = resend_to
                 if not done:
                     await tables.resend_progress(conn, state.id, self.owner, last + 1)
-                after = await tables.delivered(conn, state.id, self.owner, number=None,
-                                               sent=now_micros(), until=until, resend_done=done)
+                after = await tables.delivered(conn, state.id, self.owner,
+                                               number=self._take_progress(state.id, None),
+                                               sent=now, until=until, resend_done=done)
             else:
-                after = await tables.delivered(conn, state.id, self.owner, number=number,
-                                               sent=now_micros(), until=until,
+                after = await tables.delivered(conn, state.id, self.owner,
+                                               number=self._take_progress(state.id, number),
+                                               sent=now, until=until,
                                                handshake_done=handshake,
                                                status="active" if handshake else None)
-            if (after is not None and after.events_since_start > after.delivered_number
-                    and after.resend_from is None and not after.handshake_pending):
-                # read the next batch in the same round trip to the database
-                batch = config.max_count or self.settings.subscription_max_batch
-                first = after.delivered_number + 1
-                rows = await tables.events_between(conn, state.id, first, first + batch - 1,
-                                                   batch)
-        return after, rows
+        if after is None:
+            self._lost.add(state.id)
+            return None
+        self._leases[state.id] = (until, config.timeout)
+        return self._merge(after)
 
     async def _failed(self, state: tables.StateRow, config: SubscriptionConfig,
                       exc: DeliveryFailed, *, handshake: bool) -> None:
@@ -334,7 +508,11 @@ class Dispatcher:
         delay_ms = int(delay_ms * (0.5 + _JITTER.random() / 2))  # equal jitter
         log.warning("subscription %s: %s (attempt %d%s)", state.id, reason, attempts,
                     "; now error" if status else f"; next in {delay_ms} ms")
+        number = self._take_progress(state.id, None)
         async with self.db.transaction() as conn:
+            if number:
+                await tables.record_progress(conn, self.owner,
+                                             {state.id: (number, now, self._lease_until(config))})
             await tables.failed(conn, state.id, self.owner, attempts=attempts,
                                 next_attempt=now + delay_ms * 1000, failing_since=since,
                                 error=reason, status=status)

@@ -6,8 +6,8 @@ forgery target. The rules (docs/subscriptions.md, "Endpoint safety"):
 * ``https`` only; ``http`` only to loopback, and only in development mode;
 * no user info in the URL (no credentials are ever forwarded);
 * every address the host resolves to is checked, and the delivery connects
-  to a checked address (:class:`GuardedBackend`), so DNS rebinding between
-  check and connect does not help;
+  to one of those checked addresses (:mod:`gateway.subscriptions.http1`), so
+  DNS rebinding between check and connect does not help;
 * never: link-local (169.254.0.0/16, fe80::/10 — cloud metadata lives there),
   the metadata addresses fd00:ec2::254 and 100.100.100.200, unspecified,
   multicast, broadcast, reserved — also when embedded in IPv6 (mapped,
@@ -28,10 +28,7 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
-
-import httpcore
 
 from gateway.settings import Settings
 
@@ -137,6 +134,8 @@ class EndpointPolicy:
             raise EndpointRefused("the endpoint must be an https:// URL")
         if parts.username is not None or parts.password is not None:
             raise EndpointRefused("the endpoint URL must not carry credentials")
+        if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+            raise EndpointRefused("the endpoint URL contains spaces or control characters")
         host = (parts.hostname or "").rstrip(".")
         if not host or any(c in host for c in " \t\r\n/\\@"):
             raise EndpointRefused("the endpoint URL has no valid host")
@@ -224,43 +223,3 @@ async def system_resolver(host: str, port: int) -> list[str]:
         loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), DNS_TIMEOUT_S
     )
     return _unique(str(info[4][0]) for info in infos)
-
-
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Connects only to addresses the policy allows, resolved and checked right here."""
-
-    def __init__(self, policy: EndpointPolicy, resolver: Resolver | None = None) -> None:
-        self.policy = policy
-        self.resolver = resolver
-        self._inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's backend interface
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        # the scheme was checked before the request; here only addresses matter
-        target = Target("https", host.strip("[]"), port, "")
-        addresses = await self.policy.resolve(target, self.resolver)
-        last: Exception | None = None
-        for address in addresses:
-            try:
-                return await self._inner.connect_tcp(
-                    address, port, timeout=timeout, local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except httpcore.ConnectError as exc:
-                last = exc
-        raise httpcore.ConnectError(str(last or "no address"))
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None,  # noqa: ASYNC109 - httpcore's
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("unix sockets are not notification targets")
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)

@@ -30,9 +30,12 @@ from typing import Any
 import orjson
 
 from gateway.events.bus import BusEntry
+from gateway.security.principal import DEFAULT_PURPOSE
 from gateway.settings import Settings
+from gateway.storage import access_sql
 from gateway.storage import subscription_tables as tables
 from gateway.storage.db import Connection, Database
+from gateway.storage.interface import AccessRules, Restriction
 from gateway.storage.outbox import (
     START,
     OutboxEvent,
@@ -69,7 +72,7 @@ class _Live:
 class Matcher:
     def __init__(self, db: Database, topics: TopicRegistry, settings: Settings,
                  policy: EndpointPolicy, *, namespace: str,
-                 on_work: Callable[[set[str]], None]) -> None:
+                 on_work: Callable[[set[str], dict[str, list[tables.EventRow]]], None]) -> None:
         self.db = db
         self.topics = topics
         self.settings = settings
@@ -78,15 +81,17 @@ class Matcher:
         self.on_work = on_work
         self._configs: dict[tuple[str, int], SubscriptionConfig | None] = {}
         self.matched = 0  # events numbered by this process (metrics, tests)
+        #: the access policy: a subscription only hears of what its organisation may see
+        self.access_rules: AccessRules | None = None
 
     async def handle(self, entries: Sequence[BusEntry]) -> None:
         await self.catch_up()
 
     async def catch_up(self) -> None:
         while True:
-            processed, touched = await self._round()
+            processed, touched, rows = await self._round()
             if touched:
-                self.on_work(touched)
+                self.on_work(touched, rows)  # after the commit
             if processed < BATCH:
                 return
 
@@ -102,28 +107,33 @@ class Matcher:
                 self._configs[key] = None
         return self._configs[key]
 
-    async def _round(self) -> tuple[int, set[str]]:
+    async def _round(self) -> tuple[int, set[str], dict[str, list[tables.EventRow]]]:
         async with self.db.transaction() as conn:
             await conn.lock(self.lock_key)
             saved = await load_position(conn, POSITION)
             relayed = await load_position(conn, "relay")
             cursor = saved.position if saved else START
             if relayed is None or cursor >= relayed.position:
-                return 0, set()
+                return 0, set(), {}
             events = await read_range(conn, cursor, relayed.position, BATCH)
             if not events:
                 await save_position(conn, POSITION, relayed.position)
-                return 0, set()
-            touched = await self._process(conn, events)
+                return 0, set(), {}
+            touched, rows = await self._process(conn, events)
             await save_position(conn, POSITION, events[-1].position)
-        return len(events), touched
+        by_subscription: dict[str, list[tables.EventRow]] = {}
+        for sid, number, event_id, rt, rid, version, interaction, ts in rows:
+            by_subscription.setdefault(sid, []).append(
+                tables.EventRow(number, event_id, rt, rid, version, interaction, ts))
+        return len(events), touched, by_subscription
 
-    async def _process(self, conn: Connection, events: list[OutboxEvent]) -> set[str]:
+    async def _process(self, conn: Connection,
+                       events: list[OutboxEvent]) -> tuple[set[str], list[tuple[Any, ...]]]:
         live = {s.id: _Live(s, self._config(s), s.events_since_start)
                 for s in await tables.matchable(conn)}
         has_subscription_events = any(e.resource_type == "Subscription" for e in events)
         if not live and not has_subscription_events:
-            return set()
+            return set(), []
         wanted: list[tuple[str, str, int]] = []
         for e in events:
             if e.resource_type == "Subscription" or self.topics.for_type(e.resource_type):
@@ -142,6 +152,7 @@ class Matcher:
 
         touched: set[str] = set()
         rows: list[tuple[Any, ...]] = []
+        candidates: list[tuple[_Live, OutboxEvent]] = []
         for event in events:
             if event.resource_type == "Subscription":
                 await self._reconcile(conn, event, load("Subscription", event.id, event.version),
@@ -166,17 +177,58 @@ class Matcher:
                     assert sub.config is not None
                     if not accepts(topic, list(sub.config.criteria), event.resource_type, values):
                         continue
-                    sub.count += 1
-                    rows.append((sub.state.id, sub.count, event.event_id, event.resource_type,
-                                 event.id, event.version, event.interaction, event.ts))
-                    touched.add(sub.state.id)
+                    candidates.append((sub, event))
+        allowed = await self._authorised(conn, candidates)
+        for i, (sub, event) in enumerate(candidates):
+            if i not in allowed:
+                continue
+            sub.count += 1
+            rows.append((sub.state.id, sub.count, event.event_id, event.resource_type,
+                         event.id, event.version, event.interaction, event.ts))
+            touched.add(sub.state.id)
         if rows:
             await tables.add_events(conn, rows)
             await tables.set_event_counts(
                 conn, {s.state.id: s.count for s in live.values()
                        if s.count != s.state.events_since_start and s.state.id in touched})
             self.matched += len(rows)
-        return touched
+        return touched, rows
+
+    async def _authorised(
+        self, conn: Connection, candidates: list[tuple[_Live, OutboxEvent]]
+    ) -> set[int]:
+        """Indexes of the candidates whose subscription's organisation may see the focus.
+
+        A subscription created without an organisation (dev mode) hears everything."""
+        if self.access_rules is None or not candidates:
+            return set(range(len(candidates)))
+        ids = sorted({sub.state.id for sub, _ in candidates})
+        marks = ", ".join("?" for _ in ids)
+        owners = {row[0]: row[1] for row in await conn.fetch(
+            "SELECT res_id, organization FROM resource_creator WHERE res_type = 'Subscription'"
+            f" AND res_id IN ({marks})", ids)}
+        wanted: dict[str, set[tuple[str, str]]] = {}
+        for sub, event in candidates:
+            org = owners.get(sub.state.id)
+            if org is not None:
+                wanted.setdefault(org, set()).add((event.resource_type, event.id))
+        seen: dict[str, set[tuple[str, str]]] = {}
+        now = int(time.time() * 1_000_000)
+        for org, keys in wanted.items():
+            restriction = Restriction(org, DEFAULT_PURPOSE, now, self.access_rules)
+            ordered = sorted(keys)
+            cond, params = access_sql.visible(restriction, "v", sorted({t for t, _ in ordered}))
+            pairs = " OR ".join("(v.res_type = ? AND v.res_id = ?)" for _ in ordered)
+            rows = await conn.fetch(
+                f"SELECT v.res_type, v.res_id FROM resource v WHERE ({pairs}) AND {cond}",
+                [*(x for k in ordered for x in k), *params])
+            seen[org] = {(r[0], r[1]) for r in rows}
+        out = set()
+        for i, (sub, event) in enumerate(candidates):
+            org = owners.get(sub.state.id)
+            if org is None or (event.resource_type, event.id) in seen.get(org, set()):
+                out.add(i)
+        return out
 
     async def _reconcile(self, conn: Connection, event: OutboxEvent, resource: Any,
                          live: dict[str, _Live], touched: set[str]) -> None:

@@ -24,9 +24,10 @@ import orjson
 from gateway.fhir.outcome import Code, FhirError, information
 from gateway.interactions.base import Context, FhirResponse, check_id
 from gateway.interactions.operations import Operation, OperationRequest
+from gateway.security import guard
 from gateway.settings import Settings
 from gateway.storage import subscription_tables as tables
-from gateway.storage.db import Database
+from gateway.storage.db import Connection, Database
 from gateway.storage.outbox import versions
 from gateway.subscriptions.dispatcher import events_of
 from gateway.subscriptions.notification import (
@@ -92,6 +93,21 @@ class SubscriptionOperations:
                         f"Subscription/{sid} is not (yet) a topic-based subscription in "
                         "delivery; try again in a moment if it was just created")
 
+    @staticmethod
+    async def _own(
+        ctx: Context, conn: Connection, states: list[tables.StateRow]
+    ) -> list[tables.StateRow]:
+        """The subscriptions the caller's organisation created (all, unrestricted)."""
+        restriction = guard.restriction(ctx.access)
+        if restriction is None or not states:
+            return states
+        marks = ", ".join("?" for _ in states)
+        mine = {row[0] for row in await conn.fetch(
+            "SELECT res_id FROM resource_creator WHERE res_type = 'Subscription'"
+            f" AND organization = ? AND res_id IN ({marks})",
+            [restriction.organization, *(s.id for s in states)])}
+        return [s for s in states if s.id in mine]
+
     def _config(self, state: tables.StateRow) -> SubscriptionConfig:
         return SubscriptionConfig.from_json(state.config, self.topics)
 
@@ -114,6 +130,7 @@ class SubscriptionOperations:
             wanted = [str(s) for v in params.get("status", []) for s in str(v).split(",") if s]
             async with self.db.read() as conn:
                 states = await tables.all_states(conn, ids or None, wanted or None)
+                states = await self._own(ctx, conn, states)
         bundle = {
             "resourceType": "Bundle", "type": "searchset", "total": len(states),
             "entry": [self._status_entry(req, s) for s in states],

@@ -59,8 +59,7 @@ class SubscriptionService:
         self.settings = settings
         self.topics = topics or TopicRegistry.load()
         self.policy = EndpointPolicy.from_settings(settings)
-        self.sender = RestHookSender(self.policy, resolver=resolver,
-                                     max_connections=settings.subscription_concurrency)
+        self.sender = RestHookSender(self.policy, resolver=resolver)
         self.dispatcher = Dispatcher(db, store, self.topics, settings, self.sender,
                                      base_url=base_url)
         self.hub = WebSocketHub(db, self.topics, base_url=base_url, kick=self.dispatcher.notify)

@@ -171,7 +171,7 @@ def parse_subscription(
         else:
             try:
                 target = policy.check_url(endpoint)
-                if resolve:
+                if resolve and not issues:  # no lookups for what is refused anyway
                     policy.resolve_blocking(target)
             except EndpointRefused as exc:
                 bad(Code.ENDPOINT_REFUSED, str(exc), "channel.endpoint")

@@ -178,7 +178,8 @@ def test_production_mode_refuses_unsafe_endpoints_at_creation(gateway: GatewayFa
         codes = [i["details"]["coding"][0]["code"] for i in issues]
         assert "GW-4404" in codes, codes
         assert any(expect in (i.get("diagnostics") or "") for i in issues)
-    unknown = gw.client.post("/Subscription", json=subscription("no-topic", "https://x.example"))
+    unknown = gw.client.post("/Subscription",
+                             json=subscription("no-topic", "https://93.184.216.34/hook"))
     assert unknown.status_code == 422
 
 
@@ -222,3 +223,27 @@ def test_websocket_channel_binds_with_a_token(gateway: GatewayFactory) -> None:
                   if p["name"] == "type") for m in messages]
     assert kinds == ["handshake", "event-notification", "event-notification"]
     assert messages[1]["entry"][1]["fullUrl"].endswith(f"/Encounter/{first}")
+
+
+def test_off_stops_numbering_and_delete_forgets(gateway: GatewayFactory,
+                                                receiver: Receiver) -> None:
+    gw = gateway()
+    sid = gw.subscribe("encounter-discharge", receiver.url)
+    active = gw.wait_status(sid, "active", receiver)
+    discharge(gw)
+    assert receiver.wait(lambda: receiver.event_numbers(sid) == [1])
+    active["status"] = "off"
+    off = gw.update(active)
+    discharge(gw)  # not an event of an "off" subscription
+    time.sleep(0.5)
+    off["status"] = "requested"
+    gw.update(off)
+    gw.wait_status(sid, "active", receiver)
+    discharge(gw)
+    assert receiver.wait(lambda: receiver.event_numbers(sid) == [1, 2])
+    assert gw.client.delete(f"/Subscription/{sid}").status_code in (200, 204)
+    discharge(gw)
+    time.sleep(0.5)
+    assert receiver.event_numbers(sid) == [1, 2]
+    gone = gw.client.get(f"/Subscription/{sid}/$status")
+    assert gone.status_code == 410

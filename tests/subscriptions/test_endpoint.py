@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from typing import Any
 
-import httpcore
 import pytest
 
 from gateway.settings import Settings
-from gateway.subscriptions.endpoint import EndpointPolicy, EndpointRefused, GuardedBackend
+from gateway.subscriptions.delivery import DeliveryFailed, RestHookSender
+from gateway.subscriptions.endpoint import EndpointPolicy, EndpointRefused
+from gateway.subscriptions.http1 import Http1Client
+from gateway.subscriptions.subscription import SubscriptionConfig
 
 PRODUCTION = EndpointPolicy(dev_mode=False)
 DEV = EndpointPolicy(dev_mode=True)
@@ -97,26 +100,23 @@ def test_dev_mode_defaults_to_loopback_binding() -> None:
     assert not Settings(host="127.0.0.1", dev_mode=False).effective_dev_mode
 
 
-def test_the_connection_backend_refuses_before_connecting() -> None:
-    """A name that re-resolves to a metadata address at connect time never gets a socket."""
-    connected: list[str] = []
+def test_a_delivery_is_refused_before_any_connection() -> None:
+    """A name that resolves to a metadata address at delivery time never gets a socket."""
+    posted: list[str] = []
 
-    class Recording(httpcore.AnyIOBackend):
-        async def connect_tcp(  # type: ignore[override]
-            self, host: str, port: int, **kw: object
-        ) -> httpcore.AsyncNetworkStream:
-            connected.append(host)
+    class Recording(Http1Client):
+        async def post(self, **kw: Any) -> int:
+            posted.append(kw["address"])
             raise AssertionError("must not connect")
 
     async def rebinding(host: str, port: int) -> list[str]:
-        return ["169.254.169.254"]
+        return ["93.184.216.34", "169.254.169.254"]
 
-    backend = GuardedBackend(PRODUCTION, rebinding)
-    backend._inner = Recording()
-
-    async def go() -> None:
-        with pytest.raises(EndpointRefused):
-            await backend.connect_tcp("hooks.partner.example", 443)
-
-    asyncio.run(go())
-    assert connected == []
+    sender = RestHookSender(PRODUCTION, resolver=rebinding, client=Recording())
+    config = SubscriptionConfig(topic="t", filters=(), channel="rest-hook",
+                                endpoint="https://hooks.partner.example/x",
+                                mime="application/fhir+json", content="empty")
+    with pytest.raises(DeliveryFailed) as failure:
+        asyncio.run(sender.send(config, b"{}"))
+    assert failure.value.permanent and "metadata" in failure.value.reason
+    assert posted == []

@@ -55,7 +55,9 @@ def test_every_topic_notifies_with_contiguous_event_numbers(gateway: GatewayFact
     task = gw.update(task)  # nothing changed: no event
     task["status"] = "accepted"
     task = gw.update(task)  # status changed
-    task2["businessStatus"] = {"coding": [{"code": "overdue"}]}
+    task2["businessStatus"] = {"coding": [{
+        "system": "https://carepath-gateway.org/fhir/CodeSystem/handoff-business-status",
+        "code": "overdue"}]}
     gw.update(task2)  # referral-status-changed #3 and handoff-overdue #1
 
     # encounter-discharge (2)

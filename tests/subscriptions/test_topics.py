@@ -70,10 +70,11 @@ def test_filters_parse_against_the_topic_and_match_per_event() -> None:
     topic = TOPICS.get(TOPIC + "referral-created")
     assert topic is not None
     criteria = parse_filter("Task?patient=Patient/1&care-level=https://carepath-gateway.org/"
-                            "fhir/CodeSystem/care-level|2", topic)
+                            "fhir/CodeSystem/care-level|level-2", topic)
     task = {"resourceType": "Task", "for": {"reference": "http://x/fhir/Patient/1"},
             "performerType": [{"coding": [{"system": "https://carepath-gateway.org/fhir/"
-                                                     "CodeSystem/care-level", "code": "2"}]}]}
+                                                     "CodeSystem/care-level",
+                                        "code": "level-2"}]}]}
     assert accepts(topic, criteria, "Task", EventValues(task))
     other = {**task, "for": {"reference": "Patient/2"}}
     assert not accepts(topic, criteria, "Task", EventValues(other))

@@ -1,0 +1,86 @@
+"""A subscription hears only of what its organisation may see."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.security.conftest import Secured
+from tests.subscriptions.conftest import subscription
+from tests.subscriptions.receiver import Receiver
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.down()
+
+
+def _referral(secured: Secured, client_name: str, owner_org: str) -> str:
+    """A patient of hospital-a and a referral Task owned by ``owner_org``; the Task's id."""
+    a = secured.client(client_name)
+    try:
+        pid = a.post("/Patient", json={"resourceType": "Patient"}).json()["id"]
+        sr = a.post("/ServiceRequest", json={
+            "resourceType": "ServiceRequest", "status": "active", "intent": "order",
+            "subject": {"reference": f"Patient/{pid}"},
+            "requester": {"reference": "Organization/org-a"},
+            "performer": [{"reference": f"Organization/{owner_org}"}]}).json()["id"]
+        task = a.post("/Task", json={
+            "resourceType": "Task", "status": "requested", "intent": "order",
+            "focus": {"reference": f"ServiceRequest/{sr}"}, "for": {"reference": f"Patient/{pid}"},
+            "requester": {"reference": "Organization/org-a"},
+            "owner": {"reference": f"Organization/{owner_org}"}})
+        assert task.status_code == 201, task.text
+        return str(task.json()["id"])
+    finally:
+        a.close()
+
+
+def test_notifications_only_for_resources_the_subscriber_may_see(
+    secured: Secured, receiver: Receiver
+) -> None:
+    b = secured.client("gp-b")
+    try:
+        made = b.post("/Subscription", json=subscription("referral-created", receiver.url))
+        assert made.status_code == 201, made.text
+        sid = made.json()["id"]
+    finally:
+        b.close()
+    assert receiver.wait(lambda: len(receiver.of(sid, "handshake")) == 1)
+    hidden = _referral(secured, "hospital-a", "org-c")  # no business of gp-b's organisation
+    shown = _referral(secured, "hospital-a", "org-b")  # referred to gp-b's organisation
+    assert receiver.wait(lambda: len(receiver.of(sid, "event-notification")) >= 1)
+    time.sleep(1.0)  # give a wrongly delivered second notification the time to arrive
+    notes = receiver.of(sid, "event-notification")
+    focuses = [focus for note in notes for _, focus in note.events()]
+    assert len(focuses) == 1, focuses
+    assert focuses[0] is not None and focuses[0].endswith(f"/Task/{shown}")
+    assert not any(f and f.endswith(f"/Task/{hidden}") for f in focuses)
+    assert uuid.UUID(shown)
+
+
+def test_status_lists_only_the_callers_subscriptions(secured: Secured,
+                                                     receiver: Receiver) -> None:
+    a, b = secured.client("hospital-a"), secured.client("gp-b")
+    try:
+        mine = b.post("/Subscription", json=subscription("referral-created", receiver.url))
+        theirs = a.post("/Subscription", json=subscription("referral-created", receiver.url))
+        assert mine.status_code == theirs.status_code == 201
+        mine_id, theirs_id = mine.json()["id"], theirs.json()["id"]
+        assert receiver.wait(lambda: len(receiver.of(mine_id, "handshake")) == 1
+                             and len(receiver.of(theirs_id, "handshake")) == 1)
+        listed = b.get("/Subscription/$status").json()
+        ids = {e["resource"]["parameter"][0]["valueReference"]["reference"].split("/")[-1]
+               for e in listed.get("entry", [])}
+        assert mine_id in ids and theirs_id not in ids
+        # and another organisation's subscription is as unknown as a missing one
+        assert b.get(f"/Subscription/{theirs_id}/$status").status_code == 404
+        assert b.get(f"/Subscription/{theirs_id}/$events").status_code == 404
+    finally:
+        a.close()
+        b.close()
