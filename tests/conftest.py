@@ -13,9 +13,11 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -24,6 +26,8 @@ import uvicorn
 
 from gateway.main import create_app
 from gateway.settings import Settings
+from gateway.storage.db import open_database
+from gateway.storage.sql import SqlStore
 
 PG_URL = os.environ.get("CAREPATH_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]
@@ -39,6 +43,27 @@ async def _pg(sql: str) -> None:
 
 def pg_execute(sql: str) -> None:
     asyncio.run(_pg(sql))
+
+
+@asynccontextmanager
+async def sql_store(backend: str, tmp: Path, indexer: Any) -> AsyncIterator[SqlStore]:
+    """An opened SqlStore on ``backend``: a SQLite file in ``tmp``, or a fresh
+    PostgreSQL schema dropped afterwards."""
+    schema = None
+    if backend == "sqlite":
+        db = open_database(f"sqlite:///{tmp / 'store.db'}")
+    else:
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        await _pg(f"CREATE SCHEMA {schema}")
+        db = open_database(PG_URL, pool_size=2, schema=schema)
+    store = SqlStore(db, indexer)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+        if schema:
+            await _pg(f"DROP SCHEMA {schema} CASCADE")
 
 
 @dataclass

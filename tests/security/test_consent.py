@@ -5,48 +5,27 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from gateway.main import registry
 from gateway.security.policy import AccessPolicy, PolicyIndexer, load_rules
 from gateway.security.principal import Principal
 from gateway.security.scopes import Grant
-from gateway.storage.db import open_database
 from gateway.storage.interface import StoreTransaction
 from gateway.storage.sql import SqlStore
-from tests.conftest import PG_URL
+from tests.conftest import sql_store
 
 POLICY = AccessPolicy(load_rules("DE"), registry().indexer)
 
 
-async def _pg(sql: str) -> None:
-    conn = await asyncpg.connect(PG_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[SqlStore]:
-    schema = None
-    if request.param == "sqlite":
-        db = open_database(f"sqlite:///{tmp_path / 'consent.db'}")
-    else:
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        await _pg(f"CREATE SCHEMA {schema}")
-        db = open_database(PG_URL, pool_size=2, schema=schema)
-    s = SqlStore(db, PolicyIndexer(registry().indexer, POLICY))
-    await s.open()
-    try:
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlStore]:
+    indexer = PolicyIndexer(registry().indexer, POLICY)
+    async with sql_store(request.param, tmp_path, indexer) as s:
         yield s
-    finally:
-        await s.close()
-        if schema:
-            await _pg(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def put(store: SqlStore, resource: dict[str, Any], creator: str | None = None) -> str:

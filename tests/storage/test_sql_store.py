@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from gateway.fhir.indexer import Indexer
-from gateway.storage.db import open_database
 from gateway.storage.interface import StoreTransaction
 from gateway.storage.sql import SqlStore
-from tests.conftest import PG_URL
+from tests.conftest import sql_store
 
 INDEXER = Indexer.from_profiles()
 
@@ -26,31 +24,10 @@ class ExplodingIndexer:
         raise RuntimeError("index failure")
 
 
-async def _pg(sql: str) -> None:
-    conn = await asyncpg.connect(PG_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[SqlStore]:
-    schema = None
-    if request.param == "sqlite":
-        db = open_database(f"sqlite:///{tmp_path / 'store.db'}")
-    else:
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        await _pg(f"CREATE SCHEMA {schema}")
-        db = open_database(PG_URL, pool_size=2, schema=schema)
-    s = SqlStore(db, INDEXER)
-    await s.open()
-    try:
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlStore]:
+    async with sql_store(request.param, tmp_path, INDEXER) as s:
         yield s
-    finally:
-        await s.close()
-        if schema:
-            await _pg(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def counts(store: SqlStore, rid: str) -> dict[str, int]:
