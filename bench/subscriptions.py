@@ -119,9 +119,11 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], within: float = 60) -> No
 
 
 @contextlib.contextmanager
-def started(args: list[str], env: dict[str, str], probe: str) -> Iterator[subprocess.Popen[bytes]]:
+def started(args: list[str], env: dict[str, str], probe: str,
+            log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    out = log.open("wb") if log else subprocess.DEVNULL
     proc = subprocess.Popen(args, env={**os.environ, **env}, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_http(probe, proc)
         yield proc
@@ -133,9 +135,10 @@ def started(args: list[str], env: dict[str, str], probe: str) -> Iterator[subpro
             proc.kill()
 
 
-def uvicorn(app: str, port: int, factory: bool) -> list[str]:
+def uvicorn(app: str, port: int, factory: bool, workers: int = 1) -> list[str]:
     args = [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--log-level", "warning",
-            "--no-access-log", "--loop", "uvloop", "--http", "httptools"]
+            "--no-access-log", "--loop", "uvloop", "--http", "httptools",
+            "--workers", str(workers)]
     return args + (["--factory"] if factory else [])
 
 
@@ -143,9 +146,16 @@ def uvicorn(app: str, port: int, factory: bool) -> list[str]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of a process and its children (Linux /proc)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def pct(values: list[float], q: float) -> float:
@@ -261,12 +271,16 @@ async def latency_run(base: str, receiver_url: str, subs: int, rate: float, seco
     # from the event's timestamp (taken in the write transaction, just before its commit;
     # millisecond precision) to the arrival at the receiver, both on this machine's clock
     latencies = [(at - stamp) * 1000 for _path, focus, stamp, at in arrivals if focus in acked]
+    # from the 201 reaching the client (right after the commit; late when the client lags)
+    after_ack = [(at - acked[focus]) * 1000 for _path, focus, _stamp, at in arrivals
+                 if focus in acked]
     return {
         "measure": "latency", "subscriptions": subs, "target_rate": rate,
         "writes": len(acked), "writes_per_s": round(len(acked) / elapsed, 1),
         "deliveries": len(latencies), "expected": len(acked) * subs,
         "p50_ms": round(pct(latencies, 0.50), 1), "p99_ms": round(pct(latencies, 0.99), 1),
         "max_ms": round(max(latencies, default=float("nan")), 1),
+        "ack_p50_ms": round(pct(after_ack, 0.50), 1), "ack_p99_ms": round(pct(after_ack, 0.99), 1),
         "events_per_s": round(len(latencies) / drained, 1),
         "gateway_cpu_ms_per_write": round(cpu * 1000 / max(1, len(acked)), 2),
         "gateway_cpu_share": round(cpu / drained, 2),
@@ -306,7 +320,7 @@ async def redis_floor(url: str, rate: float, seconds: float) -> dict[str, Any]:
 
     async def consume() -> None:
         while not done.is_set():
-            reply = await reader.xreadgroup("g", "c", {key: ">"}, count=100, block=200)
+            reply: Any = await reader.xreadgroup("g", "c", {key: ">"}, count=100, block=200)
             now = time.time()
             ids = []
             for _stream, items in reply or []:
@@ -332,8 +346,8 @@ async def redis_floor(url: str, rate: float, seconds: float) -> dict[str, Any]:
     count, t0 = 0, time.monotonic()
     while time.monotonic() - t0 < 2:
         await client.xadd(key, {"t": "0"})
-        reply = await reader.xreadgroup("g", "c", {key: ">"}, count=1, block=1000)
-        await reader.xack(key, "g", reply[0][1][0][0])
+        got: Any = await reader.xreadgroup("g", "c", {key: ">"}, count=1, block=1000)
+        await reader.xack(key, "g", got[0][1][0][0])
         count += 1
     sequential = count / (time.monotonic() - t0)
     await client.delete(key)
@@ -359,20 +373,20 @@ def record(results: list[dict[str, Any]], args: argparse.Namespace, note: str) -
         f"the load generator. Latency = arrival at the receiver minus the event's timestamp "
         f"(taken in the write transaction). {note}",
         "",
-        "| measurement | subs | writes/s | deliveries (expected) | p50 ms | p99 ms |"
-        " events delivered/s | gateway CPU ms/write |",
+        "| measurement | subs | writes/s | deliveries (expected) | p50 / p99 ms |"
+        " p50 / p99 ms after the 201 | events delivered/s | gateway CPU ms/write |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r["measure"] == "floor":
             lines.append(f"| floor: Redis XADD→XREADGROUP at {r['rate']:g}/s | - | "
-                         f"{r['rate']:g} | {r['messages']} | {r['p50_ms']} | {r['p99_ms']} | "
+                         f"{r['rate']:g} | {r['messages']} | {r['p50_ms']} / {r['p99_ms']} | - | "
                          f"{r['sequential_round_trips_per_s']} sequential round trips/s | - |")
         elif r["measure"] == "latency":
             lines.append(f"| at {r['target_rate']:g} writes/s | {r['subscriptions']} | "
                          f"{r['writes_per_s']} | {r['deliveries']} ({r['expected']}) | "
-                         f"{r['p50_ms']} | {r['p99_ms']} | {r['events_per_s']} | "
-                         f"{r['gateway_cpu_ms_per_write']} |")
+                         f"{r['p50_ms']} / {r['p99_ms']} | {r['ack_p50_ms']} / {r['ack_p99_ms']} | "
+                         f"{r['events_per_s']} | {r['gateway_cpu_ms_per_write']} |")
         else:
             lines.append(f"| sustained, {r['concurrency']} writers flat out | "
                          f"{r['subscriptions']} | {r['writes_per_s']} | {r['deliveries']} "
@@ -399,7 +413,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
            "CAREPATH_REDIS_URL": args.redis, "CAREPATH_REDIS_PREFIX": prefix,
            "CAREPATH_PUBLIC_BASE_URL": base, "CAREPATH_PORT": str(gw_port)}
     try:
-        floor = await redis_floor(args.redis, args.rate, min(args.seconds, 10))
+        floor = await redis_floor(args.redis, max(args.rates), min(args.seconds, 10))
         print(json.dumps(floor), flush=True)
         results.append(floor)
         from gateway.storage.db import open_database
@@ -411,25 +425,22 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         await db.close()
         with started(uvicorn("bench.subscriptions:receiver", rc_port, False), {},
                      f"{receiver_url}/results"), \
-             started(uvicorn("gateway.main:create_app", gw_port, True), env,
-                     f"{base}/metadata") as gateway:
-            await drive(base, args.rate, 3, args.concurrency)  # warm up
+             started(uvicorn("gateway.main:create_app", gw_port, True, args.workers), env,
+                     f"{base}/metadata", args.gateway_log) as gateway:
+            await drive(base, min(args.rates), 3, args.concurrency)  # warm up
             subs: list[str] = []
             for count in args.subscriptions:
                 subs += await create_subscriptions(base, receiver_url, count - len(subs))
                 await collect(receiver_url, 0, 0)
-                for measure in ("latency", "sustained"):
-                    if measure == "latency" and count:
-                        result = await latency_run(base, receiver_url, count, args.rate,
-                                                   args.seconds, args.concurrency, gateway.pid)
-                    elif measure == "latency":
-                        continue  # no subscriptions: nothing to time, only the write path
-                    else:
-                        result = await throughput_run(base, receiver_url, count,
-                                                      args.seconds, args.concurrency,
-                                                      gateway.pid)
+                for rate in args.rates if count else []:
+                    result = await latency_run(base, receiver_url, count, rate, args.seconds,
+                                               args.concurrency, gateway.pid)
                     print(json.dumps(result), flush=True)
                     results.append(result)
+                result = await throughput_run(base, receiver_url, count, args.seconds,
+                                              args.concurrency, gateway.pid)
+                print(json.dumps(result), flush=True)
+                results.append(result)
             await delete_subscriptions(base, subs)
     finally:
         conn = await asyncpg.connect(args.db)
@@ -449,12 +460,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", default="postgresql://127.0.0.1:5432/test")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--rate", type=float, default=200.0, help="writes/s in latency runs")
+    parser.add_argument("--rates", type=float, nargs="+", default=[50.0, 200.0],
+                        help="writes/s of the latency runs")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--subscriptions", type=int, nargs="+", default=[0, 1, 10, 100])
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     parser.add_argument("--note", default="", help="a sentence for the recorded section")
+    parser.add_argument("--gateway-log", type=Path, help="write the gateway's output here")
+    parser.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     args = parser.parse_args()
     results = asyncio.run(run(args))
     print(json.dumps({"median_p99_ms": statistics.median(

@@ -38,9 +38,15 @@ UNGROUPED_MAXLEN = 10_000
 DEAD_CONSUMER_MS = 3_600_000
 
 
-def _stream_id(text: str) -> tuple[int, int]:
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
+def _stream_id(text: object) -> tuple[int, int] | None:
+    if not isinstance(text, str | bytes) or not text:
+        return None
+    raw = text.decode() if isinstance(text, bytes) else text
+    ms, _, seq = raw.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return None
 
 
 class RedisStreamBus:
@@ -85,10 +91,15 @@ class RedisStreamBus:
         floor: tuple[int, int] | None = None
         for group in groups:
             name = str(group["name"])
-            mark = _stream_id(str(group["last-delivered-id"]))
-            if int(group["pending"]) > 0:
+            mark = _stream_id(group.get("last-delivered-id"))
+            if int(group.get("pending") or 0) > 0:
                 pending = await self.redis.xpending(self.stream, name)
-                mark = min(mark, _stream_id(str(pending["min"])))
+                oldest = _stream_id(pending.get("min"))
+                if oldest is None:
+                    return  # the summary raced with acknowledgements: next time
+                mark = oldest if mark is None else min(mark, oldest)
+            if mark is None:
+                return  # unknown: trim nothing rather than too much
             floor = mark if floor is None else min(floor, mark)
             await self._drop_dead_consumers(name)
         if floor is not None and floor > (0, 0):
@@ -98,7 +109,8 @@ class RedisStreamBus:
 
     async def _drop_dead_consumers(self, group: str) -> None:
         for member in await self.redis.xinfo_consumers(self.stream, group):
-            if int(member["pending"]) == 0 and int(member["idle"]) > DEAD_CONSUMER_MS:
+            if int(member.get("pending") or 0) == 0 and int(member.get("idle") or 0) > \
+                    DEAD_CONSUMER_MS:
                 await self.redis.xgroup_delconsumer(self.stream, group, str(member["name"]))
 
     def consumer(self, group: str, name: str) -> BusConsumer:

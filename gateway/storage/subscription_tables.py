@@ -141,9 +141,10 @@ async def add_events(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
 
 
 async def set_event_counts(conn: Connection, counts: dict[str, int]) -> None:
+    # rows are always locked in id order (here and in record_progress): no deadlocks
     await conn.executemany(
         "UPDATE subscription_state SET events_since_start = ? WHERE id = ?",
-        [(n, sid) for sid, n in counts.items()])
+        [(counts[sid], sid) for sid in sorted(counts)])
 
 
 _EVENT_COLS = "event_number, event_id, res_type, res_id, version, interaction, ts"
@@ -223,6 +224,11 @@ async def delivered(conn: Connection, id: str, owner: str, *, number: int | None
     return _state(row) if row else None
 
 
+def _progress_row(sid: str, owner: str, number: int, sent: int,
+                  until: int) -> tuple[Any, ...]:
+    return (number, number, sent, sent, until, sid, owner)
+
+
 async def record_progress(conn: Connection, owner: str,
                           progress: dict[str, tuple[int, int, int]]) -> set[str]:
     """Write delivery progress (sid -> (delivered number, last sent, lease until)) and
@@ -234,7 +240,7 @@ async def record_progress(conn: Connection, owner: str,
         " delivered_number = CASE WHEN ? > delivered_number THEN ? ELSE delivered_number END,"
         " last_sent = CASE WHEN ? > last_sent THEN ? ELSE last_sent END, lease_until = ?"
         " WHERE id = ? AND lease_owner = ?",
-        [(n, n, sent, sent, until, sid, owner) for sid, (n, sent, until) in progress.items()])
+        [_progress_row(sid, owner, *progress[sid]) for sid in sorted(progress)])
     ids = list(progress)
     rows = await conn.fetch(
         f"SELECT id FROM subscription_state WHERE lease_owner = ? AND id IN"

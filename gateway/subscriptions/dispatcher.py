@@ -232,7 +232,7 @@ class Dispatcher:
             async with self.db.transaction() as conn:
                 held = await tables.record_progress(conn, self.owner, progress)
                 if release:
-                    for sid in list(self._leases):
+                    for sid in sorted(self._leases):
                         await tables.release(conn, sid, self.owner)
         except BaseException:
             for sid, (number, sent, _until) in progress.items():  # keep it for next time

@@ -1,7 +1,8 @@
 """The matcher: outbox events → numbered events per subscription.
 
 A member of the bus consumer group ``subscriptions`` in every process. Bus
-entries only wake it; the work is done from the database (ADR 0003): one
+entries only wake it (and say up to which outbox position the relay found
+the outbox final); the work is done from the database (ADR 0003): one
 transaction, under the lock ``{namespace}:matcher``, reads the outbox from
 the matcher's own position (``event_position`` row ``group:subscriptions``)
 up to what the relay has published, and for each event in order
@@ -39,6 +40,7 @@ from gateway.storage.interface import AccessRules, Restriction
 from gateway.storage.outbox import (
     START,
     OutboxEvent,
+    Position,
     load_position,
     read_range,
     save_position,
@@ -85,11 +87,13 @@ class Matcher:
         self.access_rules: AccessRules | None = None
 
     async def handle(self, entries: Sequence[BusEntry]) -> None:
-        await self.catch_up()
+        # the relay publishes before its own position commits: the entries say how far
+        # the outbox is final (the relay found it so), the position row may lag behind
+        await self.catch_up(max((e.position for e in entries), default=None))
 
-    async def catch_up(self) -> None:
+    async def catch_up(self, upto: Position | None = None) -> None:
         while True:
-            processed, touched, rows = await self._round()
+            processed, touched, rows = await self._round(upto)
             if touched:
                 self.on_work(touched, rows)  # after the commit
             if processed < BATCH:
@@ -107,17 +111,20 @@ class Matcher:
                 self._configs[key] = None
         return self._configs[key]
 
-    async def _round(self) -> tuple[int, set[str], dict[str, list[tables.EventRow]]]:
+    async def _round(
+        self, upto: Position | None
+    ) -> tuple[int, set[str], dict[str, list[tables.EventRow]]]:
         async with self.db.transaction() as conn:
             await conn.lock(self.lock_key)
             saved = await load_position(conn, POSITION)
             relayed = await load_position(conn, "relay")
             cursor = saved.position if saved else START
-            if relayed is None or cursor >= relayed.position:
+            final = max(relayed.position if relayed else START, upto or START)
+            if cursor >= final:
                 return 0, set(), {}
-            events = await read_range(conn, cursor, relayed.position, BATCH)
+            events = await read_range(conn, cursor, final, BATCH)
             if not events:
-                await save_position(conn, POSITION, relayed.position)
+                await save_position(conn, POSITION, final)
                 return 0, set(), {}
             touched, rows = await self._process(conn, events)
             await save_position(conn, POSITION, events[-1].position)
