@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import subprocess
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -214,9 +217,24 @@ def test_a_file_named_against_its_id_is_refused(tmp_path: Path, trimmed_package:
     assert bp.main(["--profiles", str(tmp_path), "--package", str(trimmed_package)]) == 2
 
 
-def test_committed_files_equal_a_build_with_the_r4_package() -> None:
-    """Byte-for-byte, when the npm package is at hand (the snapshots carry its texts)."""
+def _r4_package() -> Path:
+    """The npm package hl7.fhir.r4.examples@4.0.1, unpacked (fetched by name once)."""
     package = bp.DEFAULT_PACKAGE
-    if not (package / "StructureDefinition-Resource.json").is_file():
-        pytest.skip(f"hl7.fhir.r4.examples@4.0.1 is not unpacked at {package}")
-    assert bp.main(["--check", "--package", str(package)]) == 0
+    if (package / "StructureDefinition-Resource.json").is_file():
+        return package
+    cache = Path.home() / ".cache" / "carepath" / "hl7.fhir.r4.examples-4.0.1"
+    unpacked = cache / "package"
+    if not (unpacked / "StructureDefinition-Resource.json").is_file():
+        npm = shutil.which("npm")
+        assert npm is not None, "npm is needed to fetch hl7.fhir.r4.examples@4.0.1"
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([npm, "pack", "--silent", "hl7.fhir.r4.examples@4.0.1"], cwd=cache,
+                       check=True, capture_output=True, timeout=600)
+        with tarfile.open(cache / "hl7.fhir.r4.examples-4.0.1.tgz") as tar:
+            tar.extractall(cache, filter="data")
+    return unpacked
+
+
+def test_committed_files_equal_a_build_with_the_r4_package() -> None:
+    """Byte-for-byte against the npm package (the snapshots carry its texts)."""
+    assert bp.main(["--check", "--package", str(_r4_package())]) == 0
