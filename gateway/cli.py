@@ -173,7 +173,9 @@ def audit_verify(
         console.print(f"[red]audit chain broken at record {report.broken_at}: "
                       f"{report.reason}[/red] ({report.records} records verified before it)")
         raise typer.Exit(1)
-    console.print(f"[green]audit chain intact[/green]: {report.records} records")
+    pending = (f"; {report.pending} committed records not linked yet (an older transaction"
+               " is still running)") if report.pending else ""
+    console.print(f"[green]audit chain intact[/green]: {report.records} records{pending}")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -18,7 +18,7 @@ from gateway.interactions import capabilities
 from gateway.interactions.base import Context
 from gateway.interactions.operation_table import OPERATIONS
 from gateway.registry import Registry, profiles_dir
-from gateway.security.audit import AuditWriter
+from gateway.security.audit import AuditChainer, AuditWriter
 from gateway.security.auth import Authenticator
 from gateway.security.policy import AccessPolicy, PolicyIndexer, load_rules
 from gateway.settings import Settings
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   access=access, audit=audit, validator=validator)
     capabilities.contribute(ctx, "Subscription", subscriptions.subscription_extensions)
     capabilities.contribute(ctx, None, subscriptions.rest_extensions)
-    services: list[Service] = [audit, events, subscriptions]
+    services: list[Service] = [audit, AuditChainer(store.db), events, subscriptions]
     auth = Authenticator(store.db, settings)
 
     async def startup() -> None:

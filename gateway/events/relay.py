@@ -35,13 +35,16 @@ RELAY = "relay"
 GROUP_PREFIX = "group:"
 BATCH = 500
 #: how soon to look again when an older transaction holds committed events back
-HELD_RETRY_S = 0.003
+HELD_RETRY_S = 0.005
+#: how long events may be held back before the relay looks at pg_locks for the reason
+PRECISE_AFTER_S = 0.25
+PRECISE_FOR_S = 2.0
 TRIM_EVERY_S = 10.0
 
 
 class Relay:
     def __init__(self, db: Database, bus: Bus, *, namespace: str = "carepath",
-                 poll_ms: int = 500) -> None:
+                 poll_ms: int = 500, precise: bool = False) -> None:
         self.db = db
         self.bus = bus
         self.lock_key = f"{namespace}:relay"
@@ -51,6 +54,11 @@ class Relay:
         self._stopping = False
         self._last_trim = 0.0
         self.published = 0  # events published by this process (for tests and metrics)
+        self._stalled_since: float | None = None  # held back and nothing published
+        #: always bound reads by this schema's writers (pg_locks): one round then
+        #: publishes everything committed, whatever else runs on the server
+        self._always_precise = precise
+        self._precise_until = 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -119,7 +127,16 @@ class Relay:
                 changed = True
             if epoch is None:
                 epoch = await self.bus.new_epoch()
-            events, held = await read_after(conn, position, BATCH)
+            now = time.monotonic()
+            precise = self._always_precise or now < self._precise_until
+            events, held = await read_after(conn, position, BATCH, precise=precise)
+            if events or not held:
+                self._stalled_since = None
+            elif self._stalled_since is None:
+                self._stalled_since = now
+            elif not precise and now - self._stalled_since > PRECISE_AFTER_S:
+                # perhaps a long transaction elsewhere on the server: look closer for a while
+                self._precise_until = now + PRECISE_FOR_S
             if events:
                 await self.bus.publish(events)
                 position = events[-1].position

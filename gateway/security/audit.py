@@ -11,7 +11,9 @@ which patient, when, from where, outcome, why.
 A write's AuditEvent is appended in the write's own database transaction.
 Everything else is appended before the response leaves (fail closed): the
 :class:`AuditWriter` groups concurrent appends into one transaction so reads
-do not each pay for a commit.
+do not each pay for a commit. The :class:`AuditChainer` links committed
+records into the hash chain shortly afterwards (see
+:mod:`gateway.storage.security` for why not at once).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -210,3 +213,52 @@ class AuditWriter:
                 for _, future in batch:
                     if not future.done():
                         future.set_result(None)
+
+
+class AuditChainer:
+    """Links committed audit records into the hash chain, in every process.
+
+    Chainers of several processes take turns (one lock); each looks every
+    ``interval`` seconds, or at once after a :meth:`wake`. When the cheap
+    bound has held records back for a while (a long transaction elsewhere on
+    the server), it switches to the precise one for that round.
+    """
+
+    def __init__(self, db: Database, interval: float = 0.2, batch: int = 2000) -> None:
+        self.db = db
+        self.interval = interval
+        self.batch = batch
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.chained = 0  # records linked by this process
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-chainer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            self._wake.clear()
+            precise = time.monotonic() - idle_since > 5 * self.interval
+            try:
+                n = await tables.chain_pending(self.db, self.batch, precise=precise)
+            except Exception as exc:
+                log.warning("audit chaining failed: %s", exc)
+                n = 0
+            self.chained += n
+            if n:
+                idle_since = time.monotonic()
+            if n >= self.batch:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)

@@ -22,6 +22,11 @@ appear under:
    whose ``tx_id`` is below the least of those ids. A transaction with a
    smaller id that has not committed yet would have to be in the list.
 
+Reading ``pg_locks`` is costly when many transactions run, so readers first
+use a cheaper bound, the snapshot's ``xmin`` (no transaction older than it
+is still running, in any database), and fall back to the frontier above only
+when that bound stops moving (:func:`read_after`).
+
 Long transactions of other schemas, databases or applications on the same
 PostgreSQL do not hold the frontier back; a long write transaction of the
 gateway itself does (events wait, none are lost). On SQLite there is one
@@ -109,8 +114,11 @@ async def frontier(conn: Connection) -> int:
     return min([xmax, *(_widen(int(x), xmax) for x in row[1] or ())])
 
 
+_XMIN = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+
+
 async def read_after(
-    conn: Connection, after: Position, limit: int
+    conn: Connection, after: Position, limit: int, *, precise: bool = False
 ) -> tuple[list[OutboxEvent], bool]:
     """Final outbox events after ``after`` in position order (at most ``limit``).
 
@@ -118,21 +126,42 @@ async def read_after(
     older transaction is still running (PostgreSQL): read again shortly.
     ``conn`` must be in a READ COMMITTED transaction (each statement sees the
     latest commits).
+
+    By default the bound is the statement snapshot's ``xmin``, the oldest
+    transaction still running anywhere on the server: one cheap statement.
+    A long transaction of another application holds that back; ``precise``
+    uses :func:`frontier` instead, which only waits for this schema's writers
+    but reads ``pg_locks`` (costly under load). Callers use it when the cheap
+    bound has not moved for a while.
     """
+    rows, held = await read_final(conn, "outbox", _COLS, after, limit, precise=precise)
+    return [_event(r) for r in rows], held
+
+
+async def read_final(
+    conn: Connection, table: str, cols: str, after: Position, limit: int, *,
+    precise: bool = False,
+) -> tuple[list[Row], bool]:
+    """:func:`read_after` for any table written like the outbox (``tx_id``, ``seq``):
+    rows of ``cols`` (which must start with ``tx_id, seq``)."""
     if conn.dialect != "postgresql":
         rows = await conn.fetch(
-            f"SELECT {_COLS} FROM outbox WHERE (tx_id, seq) > (?, ?) ORDER BY tx_id, seq LIMIT ?",
+            f"SELECT {cols} FROM {table} WHERE (tx_id, seq) > (?, ?) ORDER BY tx_id, seq LIMIT ?",
             (after.tx_id, after.seq, limit),
         )
-        return [_event(r) for r in rows], False
-    below = await frontier(conn)
-    # rows of older transactions sort first (tx_id order): the final ones are a prefix
+        return list(rows), False
+    bound: list[Any] = [await frontier(conn)] if precise else []
+    # rows of older transactions sort first (tx_id order): the final ones are a prefix;
+    # one row past the bound is enough to know that something is held back
     rows = await conn.fetch(
-        f"SELECT {_COLS}, tx_id < ? FROM outbox WHERE (tx_id, seq) > (?, ?)"
-        " ORDER BY tx_id, seq LIMIT ?",
-        (below, after.tx_id, after.seq, limit),
+        f"WITH f AS (SELECT {'?::bigint' if precise else _XMIN} AS x)"
+        f" (SELECT {cols}, true FROM {table}, f WHERE (tx_id, seq) > (?, ?) AND tx_id < f.x"
+        " ORDER BY tx_id, seq LIMIT ?)"
+        f" UNION ALL (SELECT {cols}, false FROM {table}, f WHERE (tx_id, seq) > (?, ?)"
+        " AND tx_id >= f.x ORDER BY tx_id, seq LIMIT 1)",
+        (*bound, after.tx_id, after.seq, limit, after.tx_id, after.seq),
     )
-    final = [_event(r) for r in rows if r[8]]
+    final = [r for r in rows if r[-1]]
     return final, len(final) < len(rows)
 
 

@@ -242,6 +242,22 @@ CREATE TABLE IF NOT EXISTS subscription_ws_token (
 )
 """
 
+_V11 = """
+ALTER TABLE audit_log ADD COLUMN tx_id BIGINT NOT NULL DEFAULT {txid};
+CREATE INDEX IF NOT EXISTS audit_log_position ON audit_log (tx_id, seq);
+CREATE TABLE IF NOT EXISTS audit_chain (
+    pos BIGINT PRIMARY KEY,
+    tx_id BIGINT NOT NULL,
+    seq BIGINT NOT NULL UNIQUE,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+INSERT INTO audit_chain (pos, tx_id, seq, prev_hash, hash)
+    SELECT seq, tx_id, seq, prev_hash, hash FROM audit_log;
+ALTER TABLE audit_log DROP COLUMN prev_hash;
+ALTER TABLE audit_log DROP COLUMN hash
+"""
+
 _V20 = """
 CREATE INDEX IF NOT EXISTS sp_string_prefix ON sp_string (res_type, param, value{collate_c})
 """
@@ -252,6 +268,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "resources, history, outbox, search index", _V1),
     (2, "events: outbox transaction ids, relay/consumer positions; subscriptions", _V2),
     (10, "security: clients, token replay, signing keys, audit log, consent index", _V10),
+    (11, "security: audit records chained after commit (audit_chain)", _V11),
     (20, "search: starts-with index in code point order", _V20),
 )
 

@@ -1,9 +1,18 @@
 """Tables of the security layer: registered clients, assertion ids seen,
 the gateway's signing keys, and the hash-chained audit log.
 
-The audit log is append-only: each record stores the SHA-256 of the previous
-record's hash and its own bytes, so altering or removing a record breaks the
-chain (``carepath audit verify``). Appends serialise on one lock.
+The audit log is append-only and hash-chained: ``audit_chain`` gives each
+record a position and the SHA-256 of the previous link and the record's
+bytes, so altering or removing a record breaks the chain (``carepath audit
+verify``).
+
+Requests append their records without waiting for one another (in the
+write's own transaction, or grouped for reads); a chainer links committed
+records afterwards, one at a time across all processes, in the outbox's
+commit-safe order (``tx_id``, ``seq``; see :mod:`gateway.storage.outbox`).
+Chaining right at append time would put every write of every process behind
+one lock held until commit. The price is a short window, normally well under
+a second, in which a committed record is not yet linked.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from typing import Any
 from gateway.storage.access_sql import accessible_patients
 from gateway.storage.db import Connection, Database
 from gateway.storage.interface import Restriction
+from gateway.storage.outbox import START, Position, read_final
 
 GENESIS = "0" * 64
 AUDIT_LOCK = "carepath:audit"
@@ -111,36 +121,54 @@ def chain_hash(prev: str, record: bytes) -> str:
     return hashlib.sha256(prev.encode() + b"\n" + record).hexdigest()
 
 
-# PostgreSQL computes the link itself: one round trip after the lock
-_PG_APPEND_ONE = (
-    "INSERT INTO audit_log (recorded, prev_hash, hash, client_id, patient, outcome, record)"
-    " SELECT ?, p.h, encode(sha256(convert_to(p.h, 'UTF8') || '\\x0a'::bytea || ?::bytea),"
-    " 'hex'), ?, ?, ?, ? FROM (SELECT COALESCE((SELECT hash FROM audit_log"
-    " ORDER BY seq DESC LIMIT 1), ?) AS h) p"
-)
+_APPEND = ("INSERT INTO audit_log (recorded, client_id, patient, outcome, record)"
+           " VALUES (?, ?, ?, ?, ?)")
 
 
 async def append_audit(conn: Connection, records: Sequence[AuditRecord]) -> None:
-    """Append ``records`` to the chain inside the caller's transaction."""
-    if not records:
-        return
-    await conn.lock(AUDIT_LOCK)
-    if conn.dialect == "postgresql" and len(records) == 1:
-        r = records[0]
-        await conn.execute(_PG_APPEND_ONE, (_now(), r.record, r.client_id, r.patient, r.outcome,
-                                            r.record, GENESIS))
-        return
-    row = await conn.fetchrow("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-    prev = row[0] if row else GENESIS
+    """Append ``records`` inside the caller's transaction (chained after commit)."""
     now = _now()
-    rows = []
-    for r in records:
-        digest = chain_hash(prev, r.record)
-        rows.append((now, prev, digest, r.client_id, r.patient, r.outcome, r.record))
-        prev = digest
-    await conn.executemany(
-        "INSERT INTO audit_log (recorded, prev_hash, hash, client_id, patient, outcome, record)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    rows = [(now, r.client_id, r.patient, r.outcome, r.record) for r in records]
+    if len(rows) == 1:
+        await conn.execute(_APPEND, rows[0])
+    elif rows:
+        await conn.executemany(_APPEND, rows)
+
+
+async def chain_pending(db: Database, limit: int = 2000, *, precise: bool = False) -> int:
+    """Link committed records that are not chained yet (at most ``limit``); how many.
+
+    ``precise`` waits only for this schema's writers, not for every transaction on
+    the server (see :func:`gateway.storage.outbox.read_final`).
+    """
+    async with db.transaction() as conn:
+        await conn.lock(AUDIT_LOCK)
+        last = await conn.fetchrow(
+            "SELECT pos, tx_id, seq, hash FROM audit_chain ORDER BY pos DESC LIMIT 1")
+        pos, after, prev = (
+            (int(last[0]), Position(int(last[1]), int(last[2])), str(last[3])) if last
+            else (0, START, GENESIS))
+        rows, _held = await read_final(conn, "audit_log", "tx_id, seq, record", after, limit,
+                                       precise=precise)
+        links = []
+        for tx_id, seq, record, *_ in rows:
+            pos += 1
+            digest = chain_hash(prev, bytes(record))
+            links.append((pos, int(tx_id), int(seq), prev, digest))
+            prev = digest
+        if links:
+            await conn.executemany(
+                "INSERT INTO audit_chain (pos, tx_id, seq, prev_hash, hash) VALUES (?, ?, ?, ?, ?)",
+                links)
+    return len(links)
+
+
+async def chain_all(db: Database) -> int:
+    """Link every record committed so far."""
+    total = 0
+    while n := await chain_pending(db, precise=True):
+        total += n
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,27 +176,37 @@ class ChainReport:
     records: int
     broken_at: int | None  # seq of the first record that does not verify
     reason: str = ""
+    pending: int = 0  # committed records not linked yet (still held back)
 
 
 async def verify_chain(db: Database, batch: int = 5000) -> ChainReport:
+    """Link what is committed, then check every link in chain order."""
+    await chain_all(db)
     prev = GENESIS
     last = 0
     count = 0
     async with db.read() as conn:
         while True:
             rows = await conn.fetch(
-                "SELECT seq, prev_hash, hash, record FROM audit_log WHERE seq > ?"
-                " ORDER BY seq LIMIT ?", (last, batch))
+                "SELECT c.pos, c.seq, c.prev_hash, c.hash, a.record FROM audit_chain c"
+                " LEFT JOIN audit_log a ON a.seq = c.seq WHERE c.pos > ?"
+                " ORDER BY c.pos LIMIT ?", (last, batch))
             if not rows:
-                return ChainReport(count, None)
-            for seq, prev_hash, digest, record in rows:
+                break
+            for pos, seq, prev_hash, digest, record in rows:
                 if prev_hash != prev:
                     return ChainReport(count, seq, "previous hash does not match")
+                if record is None:
+                    return ChainReport(count, seq, "record is missing")
                 if chain_hash(prev, bytes(record)) != digest:
                     return ChainReport(count, seq, "record does not match its hash")
                 prev = digest
-                last = seq
+                last = pos
                 count += 1
+        row = await conn.fetchrow(
+            "SELECT count(*) FROM audit_log a WHERE NOT EXISTS"
+            " (SELECT 1 FROM audit_chain c WHERE c.seq = a.seq)")
+    return ChainReport(count, None, pending=int(row[0]) if row else 0)
 
 
 async def audit_records(

@@ -37,7 +37,7 @@ async def test_relay_publishes_every_event_in_order_into_the_in_process_bus(
 ) -> None:
     bus = InProcessBus()
     member = bus.consumer("g", "one")
-    relay = Relay(store.db, bus)
+    relay = Relay(store.db, bus, precise=True)
     ids = await write(store, 5)
     assert await relay.relay_once() == (5, False)
     got = await member.read(100, 100)
@@ -53,9 +53,9 @@ async def test_relay_resumes_from_its_stored_position_after_a_restart(
     bus = RedisStreamBus(REDIS_URL, prefix)
     try:
         await write(store, 3, "a")
-        await Relay(store.db, bus).relay_once()
+        await Relay(store.db, bus, precise=True).relay_once()
         await write(store, 2, "b")
-        again = Relay(store.db, bus)  # a new process
+        again = Relay(store.db, bus, precise=True)  # a new process
         assert await again.relay_once() == (2, False)
         assert await stream_ids(bus) == ["a0", "a1", "a2", "b0", "b1"]
     finally:
@@ -101,7 +101,7 @@ async def test_redis_flushed_relay_republishes_from_the_lowest_consumer_position
     store: HookedSqlStore, private_redis: PrivateRedis,
 ) -> None:
     bus = RedisStreamBus(private_redis.url, "c")
-    relay = Relay(store.db, bus)
+    relay = Relay(store.db, bus, precise=True)
     try:
         await write(store, 6)
         await relay.relay_once()
@@ -142,7 +142,7 @@ async def test_entries_of_a_crashed_consumer_are_reclaimed(
         crashed = bus.consumer("g", "crashed")
         await crashed.read(10, 10)  # creates the group
         ids = await write(store, 3)
-        await Relay(store.db, bus).relay_once()
+        await Relay(store.db, bus, precise=True).relay_once()
         taken = await crashed.read(10, 100)
         assert [e.id for e in taken] == ids  # ... and never acknowledged
         survivor = bus.consumer("g", "survivor")
@@ -165,7 +165,7 @@ async def test_trimming_never_drops_pending_or_unread_entries(
         await fast.read(1, 1)
         await slow.read(1, 1)
         ids = await write(store, 6)
-        await Relay(store.db, bus).relay_once()
+        await Relay(store.db, bus, precise=True).relay_once()
         await fast.ack(await fast.read(10, 100))  # fast is done with all six
         slow_got = await slow.read(2, 100)  # slow took two, acknowledged one
         await slow.ack(slow_got[:1])
@@ -199,7 +199,7 @@ async def test_consumer_service_handles_and_acknowledges(
     await service.start()
     try:
         ids = await write(store, 4)
-        await Relay(store.db, bus).relay_once()
+        await Relay(store.db, bus, precise=True).relay_once()
         await eventually(lambda: len(seen) >= 4)
         assert seen == ids
         await asyncio.sleep(0.2)
@@ -239,3 +239,34 @@ async def test_redis_down_relay_retries_without_losing_its_position(
     finally:
         await relay.stop()
         await bus.close()
+
+
+async def test_a_long_transaction_elsewhere_delays_the_relay_only_briefly(
+    store: HookedSqlStore,
+) -> None:
+    if store.dialect != "postgresql":
+        return
+    import asyncpg
+
+    from tests.conftest import PG_URL
+
+    bus = InProcessBus()
+    member = bus.consumer("g", "one")
+    relay = Relay(store.db, bus, poll_ms=20)
+    other = await asyncpg.connect(PG_URL)
+    outside = other.transaction()
+    await outside.start()
+    await other.fetchval("SELECT pg_current_xact_id()")
+    await relay.start()
+    try:
+        ids = await write(store, 3)
+        started = time.monotonic()
+        got: list[Any] = []
+        while len(got) < 3:
+            assert time.monotonic() - started < 3, "events stayed behind the open transaction"
+            got += await member.read(10, 50)
+        assert [e.id for e in got] == ids
+    finally:
+        await relay.stop()
+        await outside.rollback()
+        await other.close()
