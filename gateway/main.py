@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     reg = registry()
     access = AccessPolicy(load_rules(settings.jurisdiction), reg.indexer)
     store = build_store(settings, reg, access)
-    audit = AuditWriter(store.db)
+    audit = AuditWriter(store.db, durable=settings.audit_durable_reads)
     events = EventRuntime(store.db, settings)  # outbox relay and bus
     store.after_commit.append(events.relay.wake)
     subscriptions = SubscriptionService(store.db, store, settings, events,

@@ -42,6 +42,10 @@ class Settings:
     access_token_lifetime: int = 300
     #: consent policy of the deployment's jurisdiction (mappings/security)
     jurisdiction: str = "DE"
+    #: wait for the WAL flush of the audit records of reads (PostgreSQL). Off, a
+    #: database crash can lose the read records of its last moments (writes'
+    #: records always commit with the write); reads do not each wait for a flush.
+    audit_durable_reads: bool = False
     # -- validation (docs/adr-0002-validator.md) -------------------------------
     #: deepest nesting of resources in resources (contained, Bundle.entry.resource,
     #: Parameters.parameter.resource) a resource may have; deeper is an error

@@ -11,7 +11,8 @@ which patient, when, from where, outcome, why.
 A write's AuditEvent is appended in the write's own database transaction.
 Everything else is appended before the response leaves (fail closed): the
 :class:`AuditWriter` groups concurrent appends into one transaction so reads
-do not each pay for a commit. The :class:`AuditChainer` links committed
+do not each pay for a commit, and by default does not wait for the
+database's WAL flush (``audit_durable_reads``). The :class:`AuditChainer` links committed
 records into the hash chain shortly afterwards (see
 :mod:`gateway.storage.security` for why not at once).
 """
@@ -171,9 +172,12 @@ class AuditUnavailable(Exception):
 class AuditWriter:
     """Appends audit records in groups: one transaction for all that are waiting."""
 
-    def __init__(self, db: Database, max_batch: int = 256) -> None:
+    def __init__(self, db: Database, max_batch: int = 256, *, durable: bool = True) -> None:
         self.db = db
         self.max_batch = max_batch
+        #: False: commit without waiting for the WAL flush (PostgreSQL
+        #: ``synchronous_commit = off`` for these transactions only)
+        self.durable = durable
         self._queue: asyncio.Queue[tuple[tables.AuditRecord, asyncio.Future[None]]] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -203,6 +207,8 @@ class AuditWriter:
                 batch.append(self._queue.get_nowait())
             try:
                 async with self.db.transaction() as conn:
+                    if not self.durable and conn.dialect == "postgresql":
+                        await conn.execute("SET LOCAL synchronous_commit = off")
                     await tables.append_audit(conn, [r for r, _ in batch])
             except Exception as exc:
                 log.exception("audit append failed")

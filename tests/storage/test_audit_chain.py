@@ -148,3 +148,20 @@ async def test_an_upgraded_database_keeps_its_chain(db: Database) -> None:
     report = await tables.verify_chain(db)
     assert report.records == 4 and report.broken_at is None
     assert await chained_records(db) == [record(n).record for n in range(4)]
+
+
+@pytest.mark.parametrize("durable", [True, False])
+async def test_the_grouped_writer_commits_every_record(db: Database, durable: bool) -> None:
+    """Reads' records: grouped, committed (with or without waiting for the WAL flush)."""
+    from gateway.security.audit import AuditWriter
+
+    await migrate(db)
+    writer = AuditWriter(db, durable=durable)
+    await writer.start()
+    try:
+        await asyncio.gather(*(writer.write(record(n)) for n in range(50)))
+    finally:
+        await writer.stop()
+    async with db.read() as conn:
+        rows = await conn.fetch("SELECT record FROM audit_log ORDER BY seq")
+    assert sorted(bytes(r[0]) for r in rows) == sorted(record(n).record for n in range(50))
