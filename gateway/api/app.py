@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from gateway.api.openapi import openapi
 from gateway.fhir import json as fjson
@@ -153,6 +154,32 @@ async def _smart_endpoint(
     return None
 
 
+class _GatewayApp(FastAPI):
+    """FastAPI, except that every HTTP request under the FHIR base goes straight to
+    :func:`create_api`'s handler, whatever its method (unsupported ones get a 405
+    OperationOutcome from the router).
+
+    It is one catch-all route: FastAPI's routing, dependency and middleware
+    layers around it cost several times the handler's own dispatch (tens of
+    microseconds per request) and add nothing here. Lifespan, websockets
+    and anything outside the base still go through FastAPI.
+    """
+
+    fhir_endpoint: tuple[str, Callable[[Scope, Receive, Send, str], Awaitable[None]]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.fhir_endpoint is not None:
+            base, endpoint = self.fhir_endpoint
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):]
+            if path == base or path.startswith(base + "/"):
+                await endpoint(scope, receive, send, path[len(base) + 1:])
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_api(
     ctx: Context,
     startup: Callable[[], Awaitable[None]],
@@ -167,11 +194,9 @@ def create_api(
         finally:
             await shutdown()
 
-    app = FastAPI(title="carepath-gateway", version="0.1.0", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+    app = _GatewayApp(title="carepath-gateway", version="0.1.0", lifespan=lifespan,
+                      docs_url=None, redoc_url=None)
     base_path = ctx.settings.base_path.rstrip("/")
-    # every method reaches the router, which answers unsupported ones with 405 + outcome
-    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
@@ -237,12 +262,11 @@ def create_api(
             description = err.code.gw
         return _render(resp, pretty, head), description
 
-    app.add_api_route(base_path + "/{path:path}", handle, methods=methods,
-                      include_in_schema=False)
-    async def handle_base(request: Request) -> Response:
-        return await handle(request, "")
+    async def fhir(scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        response = await handle(Request(scope, receive), path)
+        await response(scope, receive, send)
 
-    app.add_api_route(base_path, handle_base, methods=methods, include_in_schema=False)
+    app.fhir_endpoint = (base_path, fhir)
     spec = openapi(ctx.registry, ctx.settings.base_path)
     app.openapi = lambda: spec  # type: ignore[method-assign]
     return app

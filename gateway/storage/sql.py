@@ -2,7 +2,8 @@
 
 A write is one database transaction holding: the ``resource`` row (current
 version, JSON bytes as served), a ``resource_history`` row, the search index
-rows (replaced), and an ``outbox`` row for the event consumers.
+rows (replaced), and an ``outbox`` row for the event consumers. On PostgreSQL
+the writes of one transaction (a whole Bundle) go out as one statement.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -56,7 +58,8 @@ _PG_TYPES: dict[str, tuple[str, ...]] = {
 
 
 def _pg_put_sql() -> str:
-    """The whole of a PostgreSQL write as one statement of data-modifying CTEs.
+    """One PostgreSQL write as one statement of data-modifying CTEs: the common
+    case (a create or update), cheaper than ``_PG_PUT_MANY`` with one row.
 
     Parameters: $1 type, $2 id, $3 version, $4 last_updated, $5 method,
     $6 content, $7 creator (or NULL), $8 event id, $9 interaction, $10 whether
@@ -105,6 +108,90 @@ def _columns(rows: dict[str, list[tuple[Any, ...]]]) -> list[list[Any]]:
             out.extend([list(col) for col in zip(*table_rows, strict=True)])
         else:
             out.extend([] for _ in range(width))
+    return out
+
+
+def _pg_put_many_sql() -> str:
+    """Several PostgreSQL writes of a transaction as one statement of data-modifying CTEs.
+
+    Parameters: one array per put, ``$1`` types, ``$2`` ids, ``$3`` versions,
+    ``$4`` last_updated, ``$5`` methods, ``$6`` contents, ``$7`` creators (NULL:
+    none), ``$8`` event ids, ``$9`` interactions, ``$10`` whether to clear the
+    previous index rows; then per index table one array per column, res_type
+    and res_id first. History and outbox rows are inserted in put order: event
+    consumers read the outbox in seq order. Sub-statements share one snapshot:
+    the DELETEs remove only the previous versions' rows, never the ones
+    inserted here. A resource may occur once per statement.
+    """
+    parts = [
+        "p AS (SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[],"
+        " $5::text[], $6::bytea[], $7::text[], $8::text[], $9::text[], $10::boolean[])"
+        " WITH ORDINALITY AS p(res_type, res_id, version, last_updated, method, content,"
+        " creator, event_id, interaction, clear, ord))",
+        "h AS (INSERT INTO resource_history (res_type, res_id, version, last_updated, method,"
+        " content) SELECT res_type, res_id, version, last_updated, method, content FROM p"
+        " ORDER BY ord RETURNING seq, res_type, res_id)",
+        "r AS (INSERT INTO resource (res_type, res_id, version, last_updated, deleted, content,"
+        " created_seq) SELECT p.res_type, p.res_id, p.version, p.last_updated, 0, p.content,"
+        " h.seq FROM p JOIN h USING (res_type, res_id)"
+        " ON CONFLICT (res_type, res_id) DO UPDATE SET version = excluded.version,"
+        " last_updated = excluded.last_updated, deleted = 0, content = excluded.content)",
+        "c AS (INSERT INTO resource_creator (res_type, res_id, organization)"
+        " SELECT res_type, res_id, creator FROM p WHERE creator IS NOT NULL"
+        " ON CONFLICT (res_type, res_id) DO NOTHING)",
+        "o AS (INSERT INTO outbox (event_id, res_type, res_id, version, interaction, ts,"
+        " history_seq) SELECT p.event_id, p.res_type, p.res_id, p.version, p.interaction,"
+        " p.last_updated, h.seq FROM p JOIN h USING (res_type, res_id) ORDER BY p.ord)",
+    ]
+    n = 10
+    for table, cols in INDEX_TABLES.items():
+        types = ("text", "text", "text", *_PG_TYPES[table])
+        arrays = []
+        for t in types:
+            n += 1
+            arrays.append(f"${n}::{t}[]")
+        parts.append(f"d_{table} AS (DELETE FROM {table} x USING p WHERE p.clear"
+                     " AND x.res_type = p.res_type AND x.res_id = p.res_id)")
+        parts.append(f"i_{table} AS (INSERT INTO {table} (res_type, res_id, param,"
+                     f" {', '.join(cols)}) SELECT * FROM unnest({', '.join(arrays)}))")
+    return "WITH " + ", ".join(parts) + " SELECT count(*) FROM h"
+
+
+_PG_PUT_MANY = _pg_put_many_sql()
+
+
+@dataclass(frozen=True, slots=True)
+class _Put:
+    """One pending PostgreSQL write."""
+
+    res_type: str
+    res_id: str
+    version: int
+    updated: int
+    method: str
+    content: bytes
+    creator: str | None
+    event_id: str
+    interaction: str
+    clear: bool
+    rows: dict[str, list[tuple[Any, ...]]]
+
+
+def _pg_put_many_params(puts: Sequence[_Put]) -> list[list[Any]]:
+    """``_PG_PUT_MANY``'s parameters: the puts' columns, then index rows column by column,
+    table by table."""
+    out: list[list[Any]] = [
+        [p.res_type for p in puts], [p.res_id for p in puts], [p.version for p in puts],
+        [p.updated for p in puts], [p.method for p in puts], [p.content for p in puts],
+        [p.creator for p in puts], [p.event_id for p in puts],
+        [p.interaction for p in puts], [p.clear for p in puts],
+    ]
+    for table, cols in INDEX_TABLES.items():
+        table_rows = [(p.res_type, p.res_id, *r) for p in puts for r in p.rows.get(table, ())]
+        if table_rows:
+            out.extend([list(col) for col in zip(*table_rows, strict=True)])
+        else:
+            out.extend([] for _ in range(len(cols) + 3))
     return out
 
 
@@ -170,14 +257,34 @@ def _stored(row: Sequence[Any], method: str = "") -> StoredResource:
 
 
 class _Transaction:
+    """A unit of work. On PostgreSQL puts wait in ``_pending`` and go out together
+    (one round trip for a whole Bundle); anything that touches the database
+    sends them first, so the transaction always sees its own writes."""
+
     def __init__(self, conn: Connection, indexer: Indexer) -> None:
         self.conn = conn
         self.indexer = indexer
+        self._pending: dict[tuple[str, str], _Put] = {}
+
+    async def _flush(self) -> None:
+        if not self._pending:
+            return
+        puts = list(self._pending.values())
+        self._pending.clear()
+        if len(puts) == 1:
+            p = puts[0]
+            await self.conn.execute(_PG_PUT, (
+                p.res_type, p.res_id, p.version, p.updated, p.method, p.content, p.creator,
+                p.event_id, p.interaction, p.clear, *_columns(p.rows)))
+        else:
+            await self.conn.execute(_PG_PUT_MANY, _pg_put_many_params(puts))
 
     async def lock(self, key: str) -> None:
+        await self._flush()
         await self.conn.lock(key)
 
     async def current(self, resource_type: str, id: str) -> StoredResource | None:
+        await self._flush()
         row = await self.conn.fetchrow(
             f"SELECT {_RESOURCE_COLS} FROM resource WHERE res_type = ? AND res_id = ?",
             (resource_type, id),
@@ -187,6 +294,7 @@ class _Transaction:
     async def search_keys(
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
     ) -> list[tuple[str, str]]:
+        await self._flush()
         sql, params = search_sql.select_ids(query, self.conn.dialect, limit,
                                             _restrict(restriction, _types(query)))
         return [(r[0], r[1]) for r in await self.conn.fetch(sql, params)]
@@ -194,12 +302,15 @@ class _Transaction:
     async def visible(
         self, keys: Sequence[tuple[str, str]], restriction: Restriction
     ) -> set[tuple[str, str]]:
+        await self._flush()
         return await _visible(self.conn, keys, restriction)
 
     async def accessible(self, ids: Sequence[str], restriction: Restriction) -> set[str]:
+        await self._flush()
         return await _accessible(self.conn, ids, restriction)
 
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        await self._flush()
         await append_audit(self.conn, records)
 
     async def put(
@@ -231,12 +342,13 @@ class _Transaction:
             previous is not None and previous.deleted) else "update"
         rows = self.indexer.extract(resource)
         if self.conn.dialect == "postgresql":
-            # one round trip: history, current row, creator, index rows and outbox event
-            clear = previous is not None and not previous.deleted
-            await self.conn.execute(_PG_PUT, (
+            key = (resource_type, id)
+            if key in self._pending:
+                await self._flush()
+            self._pending[key] = _Put(
                 resource_type, id, version, updated, method, content,
-                creator if previous is None else None, str(uuid.uuid4()), interaction, clear,
-                *_columns(rows)))
+                creator if previous is None else None, str(uuid.uuid4()), interaction,
+                previous is not None and not previous.deleted, rows)
             return StoredResource(resource_type, id, version, updated, False, content, method)
         seq = await self._history(resource_type, id, version, updated, method, content)
         await self.conn.execute(
@@ -261,6 +373,7 @@ class _Transaction:
         return StoredResource(resource_type, id, version, updated, False, content, method)
 
     async def delete(self, previous: StoredResource) -> StoredResource:
+        await self._flush()
         version = previous.version + 1
         updated = max(now_micros(), previous.last_updated + 1000)
         rt, id = previous.resource_type, previous.id
@@ -321,7 +434,10 @@ class SqlStore:
         for attempt in range(MAX_ATTEMPTS):
             try:
                 async with self.db.transaction() as conn:
-                    return await work(_Transaction(conn, self.indexer))
+                    tx = _Transaction(conn, self.indexer)
+                    result = await work(tx)
+                    await tx._flush()
+                    return result
             except RetryableError:
                 if attempt == MAX_ATTEMPTS - 1:
                     break

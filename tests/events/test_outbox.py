@@ -13,6 +13,7 @@ from gateway.storage.outbox import START, read_after
 def put(rid: str, gate: asyncio.Event | None = None, entered: asyncio.Event | None = None) -> Any:
     async def work(tx: StoreTransaction) -> Any:
         stored = await tx.put("Patient", rid, {"resourceType": "Patient"}, "POST", None)
+        await tx.current("Patient", rid)  # sends a batched write: its outbox row exists now
         if entered is not None:
             entered.set()
         if gate is not None:
