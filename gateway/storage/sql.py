@@ -57,15 +57,31 @@ _PG_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _json_columns(table: str, keyed: bool = False) -> str:
+    """The SELECT list reading one index row ``x`` of a JSON array: ``[param, values…]``,
+    or with ``keyed`` ``[res_type, res_id, param, values…]``.
+
+    Index rows travel as JSON text rather than one PostgreSQL array per column:
+    asyncpg encodes arrays element by element in Python-facing code, which for
+    the ~50 rows of a typical resource cost more client CPU than the whole
+    statement costs the database. Every value is a string, an integer or a
+    finite float (``gateway.fhir.indexer``), so JSON carries them exactly.
+    """
+    types = ("text", *(("text", "text") if keyed else ()), *_PG_TYPES[table])
+    return ", ".join(f"x->>{i}" if t == "text" else f"(x->>{i})::{t}"
+                     for i, t in enumerate(types))
+
+
 def _pg_put_sql() -> str:
     """One PostgreSQL write as one statement of data-modifying CTEs: the common
     case (a create or update), cheaper than ``_PG_PUT_MANY`` with one row.
 
     Parameters: $1 type, $2 id, $3 version, $4 last_updated, $5 method,
     $6 content, $7 creator (or NULL), $8 event id, $9 interaction, $10 whether
-    to clear the previous index rows; then one array per index column.
-    Sub-statements share one snapshot: the DELETEs remove only the previous
-    version's rows, never the ones inserted here.
+    to clear the previous index rows; then per index table its rows as one
+    JSON array (:func:`_json_rows`). Sub-statements share one snapshot: the
+    DELETEs remove only the previous version's rows, never the ones inserted
+    here.
     """
     parts = [
         "h AS (INSERT INTO resource_history (res_type, res_id, version, last_updated, method,"
@@ -80,35 +96,21 @@ def _pg_put_sql() -> str:
         "o AS (INSERT INTO outbox (event_id, res_type, res_id, version, interaction, ts,"
         " history_seq) SELECT $8, $1, $2, $3, $9, $4, h.seq FROM h)",
     ]
-    n = 10
-    for table, cols in INDEX_TABLES.items():
-        types = ("text", *_PG_TYPES[table])
-        arrays = []
-        for t in types:
-            n += 1
-            arrays.append(f"${n}::{t}[]")
+    for n, (table, cols) in enumerate(INDEX_TABLES.items(), start=11):
         parts.append(f"d_{table} AS (DELETE FROM {table} WHERE $10::boolean"
                      " AND res_type = $1 AND res_id = $2)")
         parts.append(f"i_{table} AS (INSERT INTO {table} (res_type, res_id, param,"
-                     f" {', '.join(cols)}) SELECT $1, $2, u.* FROM unnest({', '.join(arrays)})"
-                     " AS u)")
+                     f" {', '.join(cols)}) SELECT $1, $2, {_json_columns(table)}"
+                     f" FROM json_array_elements(${n}::json) x)")
     return "WITH " + ", ".join(parts) + " SELECT seq FROM h"
 
 
 _PG_PUT = _pg_put_sql()
 
 
-def _columns(rows: dict[str, list[tuple[Any, ...]]]) -> list[list[Any]]:
-    """Index rows as one list per column, table by table, in ``_PG_PUT``'s order."""
-    out: list[list[Any]] = []
-    for table, cols in INDEX_TABLES.items():
-        table_rows = rows.get(table, [])
-        width = len(cols) + 1
-        if table_rows:
-            out.extend([list(col) for col in zip(*table_rows, strict=True)])
-        else:
-            out.extend([] for _ in range(width))
-    return out
+def _json_rows(rows: dict[str, list[tuple[Any, ...]]]) -> list[str]:
+    """Index rows as one JSON array per table, in ``_PG_PUT``'s order."""
+    return [orjson.dumps(rows.get(table, ())).decode() for table in INDEX_TABLES]
 
 
 def _pg_put_many_sql() -> str:
@@ -117,11 +119,12 @@ def _pg_put_many_sql() -> str:
     Parameters: one array per put, ``$1`` types, ``$2`` ids, ``$3`` versions,
     ``$4`` last_updated, ``$5`` methods, ``$6`` contents, ``$7`` creators (NULL:
     none), ``$8`` event ids, ``$9`` interactions, ``$10`` whether to clear the
-    previous index rows; then per index table one array per column, res_type
-    and res_id first. History and outbox rows are inserted in put order: event
-    consumers read the outbox in seq order. Sub-statements share one snapshot:
-    the DELETEs remove only the previous versions' rows, never the ones
-    inserted here. A resource may occur once per statement.
+    previous index rows; then per index table its rows as one JSON array, each
+    row ``[res_type, res_id, param, values…]``. History and outbox rows are
+    inserted in put order: event consumers read the outbox in seq order.
+    Sub-statements share one snapshot: the DELETEs remove only the previous
+    versions' rows, never the ones inserted here. A resource may occur once
+    per statement.
     """
     parts = [
         "p AS (SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[],"
@@ -143,17 +146,12 @@ def _pg_put_many_sql() -> str:
         " history_seq) SELECT p.event_id, p.res_type, p.res_id, p.version, p.interaction,"
         " p.last_updated, h.seq FROM p JOIN h USING (res_type, res_id) ORDER BY p.ord)",
     ]
-    n = 10
-    for table, cols in INDEX_TABLES.items():
-        types = ("text", "text", "text", *_PG_TYPES[table])
-        arrays = []
-        for t in types:
-            n += 1
-            arrays.append(f"${n}::{t}[]")
+    for n, (table, cols) in enumerate(INDEX_TABLES.items(), start=11):
         parts.append(f"d_{table} AS (DELETE FROM {table} x USING p WHERE p.clear"
                      " AND x.res_type = p.res_type AND x.res_id = p.res_id)")
         parts.append(f"i_{table} AS (INSERT INTO {table} (res_type, res_id, param,"
-                     f" {', '.join(cols)}) SELECT * FROM unnest({', '.join(arrays)}))")
+                     f" {', '.join(cols)}) SELECT {_json_columns(table, keyed=True)}"
+                     f" FROM json_array_elements(${n}::json) x)")
     return "WITH " + ", ".join(parts) + " SELECT count(*) FROM h"
 
 
@@ -177,21 +175,18 @@ class _Put:
     rows: dict[str, list[tuple[Any, ...]]]
 
 
-def _pg_put_many_params(puts: Sequence[_Put]) -> list[list[Any]]:
-    """``_PG_PUT_MANY``'s parameters: the puts' columns, then index rows column by column,
-    table by table."""
-    out: list[list[Any]] = [
+def _pg_put_many_params(puts: Sequence[_Put]) -> list[Any]:
+    """``_PG_PUT_MANY``'s parameters: the puts' columns, then the index rows, table by
+    table."""
+    out: list[Any] = [
         [p.res_type for p in puts], [p.res_id for p in puts], [p.version for p in puts],
         [p.updated for p in puts], [p.method for p in puts], [p.content for p in puts],
         [p.creator for p in puts], [p.event_id for p in puts],
         [p.interaction for p in puts], [p.clear for p in puts],
     ]
-    for table, cols in INDEX_TABLES.items():
-        table_rows = [(p.res_type, p.res_id, *r) for p in puts for r in p.rows.get(table, ())]
-        if table_rows:
-            out.extend([list(col) for col in zip(*table_rows, strict=True)])
-        else:
-            out.extend([] for _ in range(len(cols) + 3))
+    for table in INDEX_TABLES:
+        out.append(orjson.dumps(
+            [(p.res_type, p.res_id, *r) for p in puts for r in p.rows.get(table, ())]).decode())
     return out
 
 
@@ -275,7 +270,7 @@ class _Transaction:
             p = puts[0]
             await self.conn.execute(_PG_PUT, (
                 p.res_type, p.res_id, p.version, p.updated, p.method, p.content, p.creator,
-                p.event_id, p.interaction, p.clear, *_columns(p.rows)))
+                p.event_id, p.interaction, p.clear, *_json_rows(p.rows)))
         else:
             await self.conn.execute(_PG_PUT_MANY, _pg_put_many_params(puts))
 
