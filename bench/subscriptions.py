@@ -206,23 +206,33 @@ async def delete_subscriptions(base: str, ids: list[str]) -> None:
 
 async def drive(base: str, rate: float | None, seconds: float,
                 concurrency: int) -> dict[str, float]:
-    """Write Encounters (at ``rate``/s, or flat out); returns focus id -> ack time."""
-    import httpx
+    """Write Encounters (at ``rate``/s, or flat out); returns focus id -> ack time.
+
+    ``concurrency`` keep-alive connections of ``bench.rest``'s raw client:
+    httpx costs about 1 ms of client CPU per request here, which on two shared
+    cores comes out of the gateway's share (see bench/RESULTS.md).
+    """
+    from bench.rest import RawConnection
 
     acked: dict[str, float] = {}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits,
-                                 headers={"Content-Type": "application/fhir+json"}) as client:
-        start = time.monotonic()
-        stop = start + seconds
-        sent = 0
+    pool: asyncio.Queue[RawConnection] = asyncio.Queue()
+    for _ in range(concurrency):
+        pool.put_nowait(RawConnection(base))
+    start = time.monotonic()
+    stop = start + seconds
+    sent = 0
 
-        async def one() -> None:
-            r = await client.post("/Encounter", content=ENCOUNTER)
-            now = time.time()
-            if r.status_code == 201:
-                acked[r.json()["id"]] = now
+    async def one() -> None:
+        conn = await pool.get()
+        try:
+            status, _headers, body = await conn.request("POST", "/Encounter", ENCOUNTER, None)
+        finally:
+            pool.put_nowait(conn)
+        now = time.time()
+        if status == 201:
+            acked[orjson.loads(body)["id"]] = now
 
+    try:
         if rate is None:
             async def worker() -> None:
                 while time.monotonic() < stop:
@@ -242,6 +252,9 @@ async def drive(base: str, rate: float | None, seconds: float,
                 sent += 1
             if pending:
                 await asyncio.gather(*pending)
+    finally:
+        while not pool.empty():
+            await pool.get_nowait().close()
     return acked
 
 
