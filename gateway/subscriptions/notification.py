@@ -21,6 +21,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -34,7 +35,9 @@ CONTENTS = ("empty", "id-only", "full-resource")
 _METHOD = {"create": ("POST", "201"), "update": ("PUT", "200"), "delete": ("DELETE", "204")}
 
 
+@lru_cache(maxsize=4096)
 def instant(micros: int) -> str:
+    # cached: every subscription of a topic renders the same event times
     return datetime.fromtimestamp(micros / 1_000_000, UTC).isoformat(timespec="milliseconds")
 
 
