@@ -12,8 +12,8 @@ A write's AuditEvent is appended in the write's own database transaction.
 Everything else is appended before the response leaves (fail closed): the
 :class:`AuditWriter` groups concurrent appends into one transaction so reads
 do not each pay for a commit, and by default does not wait for the
-database's WAL flush (``audit_durable_reads``). The :class:`AuditChainer` links committed
-records into the hash chain shortly afterwards (see
+database's WAL flush (``audit_durable_reads``). The :class:`AuditChainer`
+links committed records into the hash chain shortly afterwards (see
 :mod:`gateway.storage.security` for why not at once).
 """
 
@@ -225,21 +225,18 @@ class AuditChainer:
     """Links committed audit records into the hash chain, in every process.
 
     Chainers of several processes take turns (one lock); each looks every
-    ``interval`` seconds, or at once after a :meth:`wake`. When the cheap
-    bound has held records back for a while (a long transaction elsewhere on
-    the server), it switches to the precise one for that round.
+    ``interval`` seconds, and again at once after a full batch. Once nothing
+    has been linked for a while (an idle gateway, or records held back by a
+    long transaction elsewhere on the server), it uses the precise bound,
+    which is cheap when little runs and waits only for this schema's writers.
     """
 
     def __init__(self, db: Database, interval: float = 0.2, batch: int = 2000) -> None:
         self.db = db
         self.interval = interval
         self.batch = batch
-        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.chained = 0  # records linked by this process
-
-    def wake(self) -> None:
-        self._wake.set()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-chainer")
@@ -254,7 +251,6 @@ class AuditChainer:
     async def _run(self) -> None:
         idle_since = time.monotonic()
         while True:
-            self._wake.clear()
             precise = time.monotonic() - idle_since > 5 * self.interval
             try:
                 n = await tables.chain_pending(self.db, self.batch, precise=precise)
@@ -264,7 +260,5 @@ class AuditChainer:
             self.chained += n
             if n:
                 idle_since = time.monotonic()
-            if n >= self.batch:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+            if n < self.batch:
+                await asyncio.sleep(self.interval)

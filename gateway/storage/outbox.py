@@ -28,8 +28,8 @@ is still running, in any database), and fall back to the frontier above only
 when that bound stops moving (:func:`read_after`).
 
 Long transactions of other schemas, databases or applications on the same
-PostgreSQL do not hold the frontier back; a long write transaction of the
-gateway itself does (events wait, none are lost). On SQLite there is one
+PostgreSQL do not hold that frontier back (the cheap bound, briefly); a long
+write transaction of the gateway itself does (events wait, none are lost). On SQLite there is one
 writer at a time, so ``seq`` order is commit order and ``tx_id`` is 0.
 """
 
