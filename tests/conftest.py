@@ -26,7 +26,7 @@ import uvicorn
 
 from gateway.main import create_app
 from gateway.settings import Settings
-from gateway.storage.db import open_database
+from gateway.storage.db import Database, open_database
 from gateway.storage.sql import SqlStore
 
 PG_URL = os.environ.get("CAREPATH_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
@@ -46,8 +46,8 @@ def pg_execute(sql: str) -> None:
 
 
 @asynccontextmanager
-async def sql_store(backend: str, tmp: Path, indexer: Any) -> AsyncIterator[SqlStore]:
-    """An opened SqlStore on ``backend``: a SQLite file in ``tmp``, or a fresh
+async def backend_database(backend: str, tmp: Path, pool_size: int = 2) -> AsyncIterator[Database]:
+    """A Database on ``backend``, not opened yet: a SQLite file in ``tmp``, or a fresh
     PostgreSQL schema dropped afterwards."""
     schema = None
     if backend == "sqlite":
@@ -55,15 +55,24 @@ async def sql_store(backend: str, tmp: Path, indexer: Any) -> AsyncIterator[SqlS
     else:
         schema = f"t_{uuid.uuid4().hex[:12]}"
         await _pg(f"CREATE SCHEMA {schema}")
-        db = open_database(PG_URL, pool_size=2, schema=schema)
-    store = SqlStore(db, indexer)
-    await store.open()
+        db = open_database(PG_URL, pool_size=pool_size, schema=schema)
     try:
-        yield store
+        yield db
     finally:
-        await store.close()
         if schema:
             await _pg(f"DROP SCHEMA {schema} CASCADE")
+
+
+@asynccontextmanager
+async def sql_store(backend: str, tmp: Path, indexer: Any) -> AsyncIterator[SqlStore]:
+    """An opened SqlStore on ``backend`` (see :func:`backend_database`)."""
+    async with backend_database(backend, tmp) as db:
+        store = SqlStore(db, indexer)
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
 
 
 @dataclass

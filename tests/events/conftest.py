@@ -13,44 +13,28 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-import asyncpg
 import pytest
 import redis
 
 from gateway.fhir.indexer import Indexer
 from gateway.storage.commit_hooks import HookedSqlStore
-from gateway.storage.db import open_database
-from tests.conftest import PG_URL
+from tests.conftest import backend_database
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-async def pg(sql: str) -> None:
-    conn = await asyncpg.connect(PG_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 INDEXER = Indexer.from_profiles()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[HookedSqlStore]:
-    schema = None
-    if request.param == "sqlite":
-        db = open_database(f"sqlite:///{tmp_path / 'events.db'}")
-    else:
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        await pg(f"CREATE SCHEMA {schema}")
-        db = open_database(PG_URL, pool_size=4, schema=schema)
-    s = HookedSqlStore(db, INDEXER)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
-        if schema:
-            await pg(f"DROP SCHEMA {schema} CASCADE")
+    async with backend_database(request.param, tmp_path, pool_size=4) as db:
+        s = HookedSqlStore(db, INDEXER)
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.close()
 
 
 @pytest.fixture

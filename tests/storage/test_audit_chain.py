@@ -4,17 +4,16 @@ order no later commit can slip into; an upgraded database keeps its old links.""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from gateway.storage import security as tables
-from gateway.storage.db import Database, open_database
+from gateway.storage.db import Database
 from gateway.storage.migrate import migrate
 from gateway.storage.schema import MIGRATIONS, statements
-from tests.conftest import PG_URL, _pg
+from tests.conftest import backend_database
 
 
 def record(n: int) -> tables.AuditRecord:
@@ -23,20 +22,12 @@ def record(n: int) -> tables.AuditRecord:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    schema = None
-    if request.param == "sqlite":
-        database = open_database(f"sqlite:///{tmp_path / 'audit.db'}")
-    else:
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        await _pg(f"CREATE SCHEMA {schema}")
-        database = open_database(PG_URL, pool_size=4, schema=schema)
-    await database.open()
-    try:
-        yield database
-    finally:
-        await database.close()
-        if schema:
-            await _pg(f"DROP SCHEMA {schema} CASCADE")
+    async with backend_database(request.param, tmp_path, pool_size=4) as database:
+        await database.open()
+        try:
+            yield database
+        finally:
+            await database.close()
 
 
 async def append(db: Database, *ns: int) -> None:
