@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import redis
 import uvicorn
 
 from gateway.main import create_app
@@ -30,6 +31,7 @@ from gateway.storage.db import Database, open_database
 from gateway.storage.sql import SqlStore
 
 PG_URL = os.environ.get("CAREPATH_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
+REDIS_URL = "redis://127.0.0.1:6379/0"
 BACKENDS = ["sqlite", "postgresql"]
 
 
@@ -43,6 +45,18 @@ async def _pg(sql: str) -> None:
 
 def pg_execute(sql: str) -> None:
     asyncio.run(_pg(sql))
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A Redis key prefix of its own; its keys are removed afterwards."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    yield name
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(f"{name}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 @asynccontextmanager

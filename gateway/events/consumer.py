@@ -14,12 +14,12 @@ there, so an event whose bus entry was lost (Redis flushed) is still handled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
+from gateway import tasks
 from gateway.events.bus import Bus, BusEntry
 
 log = logging.getLogger("carepath.events")
@@ -60,11 +60,8 @@ class ConsumerService:
     async def stop(self) -> None:
         # the flag too: a client library may turn our cancellation into its own error
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await tasks.cancel(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         member = self.bus.consumer(self.group, self.name)

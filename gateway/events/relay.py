@@ -25,6 +25,7 @@ import contextlib
 import logging
 import time
 
+from gateway import tasks
 from gateway.events.bus import Bus
 from gateway.storage.db import Database
 from gateway.storage.outbox import START, load_position, lowest_position, read_after, save_position
@@ -71,11 +72,8 @@ class Relay:
     async def stop(self) -> None:
         # the flag too: a client library may turn our cancellation into its own error
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await tasks.cancel(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         backoff = 0.05

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway import tasks
 from gateway.fhir import json as fjson
 from gateway.security.principal import Caller
 from gateway.storage import security as tables
@@ -186,11 +186,8 @@ class AuditWriter:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await tasks.cancel(self._task)
+        self._task = None
 
     async def write(self, record: tables.AuditRecord) -> None:
         if self._queue is None or self._task is None or self._task.done():
@@ -242,11 +239,8 @@ class AuditChainer:
         self._task = asyncio.create_task(self._run(), name="audit-chainer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await tasks.cancel(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         idle_since = time.monotonic()

@@ -47,6 +47,7 @@ from typing import Any
 
 import orjson
 
+from gateway import tasks
 from gateway.settings import Settings
 from gateway.storage import subscription_tables as tables
 from gateway.storage.db import Database
@@ -169,13 +170,7 @@ class Dispatcher:
 
     async def stop(self) -> None:
         self._stopping = True
-        tasks = [t for t in (self._poller, self._flusher, *self._running.values())
-                 if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await tasks.cancel(self._poller, self._flusher, *self._running.values())
         self._running.clear()
         with contextlib.suppress(Exception):  # a clean stop writes what was delivered
             await self._flush(release=True)

@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -19,9 +18,6 @@ import redis
 from gateway.fhir.indexer import Indexer
 from gateway.storage.commit_hooks import HookedSqlStore
 from tests.conftest import backend_database
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
 
 INDEXER = Indexer.from_profiles()
 
@@ -35,18 +31,6 @@ async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[
             yield s
         finally:
             await s.close()
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    """A Redis key prefix of its own; its keys are removed afterwards."""
-    name = f"test-{uuid.uuid4().hex[:10]}"
-    yield name
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{name}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def _free_port() -> int:

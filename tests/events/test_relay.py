@@ -11,7 +11,8 @@ from gateway.events.consumer import ConsumerService
 from gateway.storage.commit_hooks import HookedSqlStore
 from gateway.storage.interface import StoreTransaction
 from gateway.storage.outbox import Position, load_position, save_position
-from tests.events.conftest import REDIS_URL, PrivateRedis, eventually
+from tests.conftest import REDIS_URL
+from tests.events.conftest import PrivateRedis, eventually
 
 
 async def write(store: HookedSqlStore, n: int, prefix: str = "p") -> list[str]:

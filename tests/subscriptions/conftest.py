@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -10,12 +9,10 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
-from tests.conftest import PG_URL, RunningServer
+from tests.conftest import PG_URL, REDIS_URL, RunningServer
 from tests.subscriptions.receiver import Receiver
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 TOPIC = "https://carepath-gateway.org/fhir/SubscriptionTopic/"
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
 FAST = {
@@ -113,15 +110,6 @@ def subscription(topic: str, endpoint: str | None, *, filters: tuple[str, ...] =
     return body
 
 
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    name = f"test-{uuid.uuid4().hex[:10]}"
-    yield name
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{name}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture

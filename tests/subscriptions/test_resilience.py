@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from gateway.settings import Settings
-from tests.conftest import PG_URL, RunningServer
+from tests.conftest import PG_URL, REDIS_URL, RunningServer
 from tests.events.conftest import PrivateRedis
 from tests.integration.serve import Served
-from tests.subscriptions.conftest import REDIS_URL, subscription
+from tests.subscriptions.conftest import subscription
 from tests.subscriptions.receiver import Receiver
 
 OUTAGE = float(os.environ.get("CAREPATH_TEST_OUTAGE_SECONDS", "120"))
