@@ -30,6 +30,10 @@ class BusEntry:
     ts: int
 
 
+#: the names of :func:`entry_fields`, in order
+FIELDS = ("e", "p", "t", "i", "v", "o", "ts")
+
+
 def entry_fields(event: OutboxEvent) -> dict[str, str]:
     """The fields an event travels with (Redis stream entry fields)."""
     return {
@@ -74,7 +78,9 @@ class Bus(Protocol):
     async def new_epoch(self) -> str:
         """Start a generation (after a loss); returns the marker now in force."""
 
-    async def publish(self, events: Sequence[OutboxEvent]) -> None: ...
+    async def publish(self, events: Sequence[OutboxEvent], epoch: str) -> str | None:
+        """Append ``events`` if the generation is still ``epoch`` (atomically); returns the
+        generation found (the events went in only when it equals ``epoch``)."""
 
     async def trim(self) -> None:
         """Drop entries every group has acknowledged; never pending ones."""

@@ -39,13 +39,14 @@ class InProcessBus:
     async def new_epoch(self) -> str:
         return self.kind
 
-    async def publish(self, events: Sequence[OutboxEvent]) -> None:
+    async def publish(self, events: Sequence[OutboxEvent], epoch: str) -> str | None:
         for event in events:
             entry = entry_from_fields(str(next(self._ids)), entry_fields(event))
             for queue in self._groups.values():
                 if queue.qsize() >= MAX_QUEUED:
                     queue.get_nowait()
                 queue.put_nowait(entry)
+        return self.kind
 
     async def trim(self) -> None:
         return None

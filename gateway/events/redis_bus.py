@@ -27,7 +27,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from gateway.events.bus import BusConsumer, BusEntry, entry_fields, entry_from_fields
+from gateway.events.bus import FIELDS, BusConsumer, BusEntry, entry_fields, entry_from_fields
 from gateway.storage.outbox import OutboxEvent
 
 log = logging.getLogger("carepath.events")
@@ -36,6 +36,18 @@ log = logging.getLogger("carepath.events")
 UNGROUPED_MAXLEN = 10_000
 #: a consumer that has been idle this long with nothing pending is removed
 DEAD_CONSUMER_MS = 3_600_000
+
+
+#: XADD the entries (ARGV[2..]: name/value pairs, FIELDS per entry) only while the
+#: generation (KEYS[1]) is still ARGV[1]; returns the generation found
+_PUBLISH = f"""
+local current = redis.call('GET', KEYS[1])
+if current ~= ARGV[1] then return current end
+for i = 2, #ARGV, {2 * len(FIELDS)} do
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, i, i + {2 * len(FIELDS) - 1}))
+end
+return current
+"""
 
 
 def _stream_id(text: object) -> tuple[int, int] | None:
@@ -57,6 +69,7 @@ class RedisStreamBus:
         self.stream = f"{prefix}:events"
         self.epoch_key = f"{prefix}:epoch"
         self.redis: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+        self._publish = self.redis.register_script(_PUBLISH)
 
     async def open(self) -> None:
         return None  # connections are made on first use; Redis may start later
@@ -74,11 +87,13 @@ class RedisStreamBus:
         assert value is not None
         return str(value)
 
-    async def publish(self, events: Sequence[OutboxEvent]) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for event in events:
-                pipe.xadd(self.stream, entry_fields(event))  # type: ignore[arg-type]
-            await pipe.execute()
+    async def publish(self, events: Sequence[OutboxEvent], epoch: str) -> str | None:
+        args: list[str] = [epoch]
+        for event in events:
+            for name, value in entry_fields(event).items():
+                args += (name, value)
+        current = await self._publish(keys=[self.epoch_key, self.stream], args=args)
+        return str(current) if current is not None else None
 
     async def trim(self) -> None:
         try:

@@ -15,7 +15,13 @@ back empty, the relay rewinds to the lowest consumer position
 
 The relay runs when a local commit wakes it (:meth:`wake`, wired to the
 store's commit hook) and otherwise every ``poll_ms`` (commits made by other
-processes).
+processes). After a round that published, it tells the :attr:`~Relay.listeners`
+of its own process how far the outbox is now published, so that local
+consumers need not wait for the bus to hand the events back.
+
+A publication names the generation it expects and the bus appends only into
+that one (same round trip); a relay with nothing to publish looks at the
+generation every ``epoch_check_s`` (1 s).
 """
 
 from __future__ import annotations
@@ -24,11 +30,19 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from gateway import tasks
 from gateway.events.bus import Bus
 from gateway.storage.db import Database
-from gateway.storage.outbox import START, load_position, lowest_position, read_after, save_position
+from gateway.storage.outbox import (
+    START,
+    Position,
+    load_position,
+    lowest_position,
+    read_after,
+    save_position,
+)
 
 log = logging.getLogger("carepath.events")
 
@@ -41,11 +55,14 @@ HELD_RETRY_S = 0.005
 PRECISE_AFTER_S = 0.25
 PRECISE_FOR_S = 2.0
 TRIM_EVERY_S = 10.0
+#: how often an idle relay checks that the bus still has what it published
+EPOCH_CHECK_S = 1.0
 
 
 class Relay:
     def __init__(self, db: Database, bus: Bus, *, namespace: str = "carepath",
-                 poll_ms: int = 500, precise: bool = False) -> None:
+                 poll_ms: int = 500, precise: bool = False,
+                 epoch_check_s: float = EPOCH_CHECK_S) -> None:
         self.db = db
         self.bus = bus
         self.lock_key = f"{namespace}:relay"
@@ -60,6 +77,11 @@ class Relay:
         #: publishes everything committed, whatever else runs on the server
         self._always_precise = precise
         self._precise_until = 0.0
+        self._epoch_checked = 0.0
+        self._epoch_check_s = epoch_check_s
+        #: called with the position published up to, after each round's commit
+        #: (consumers in this process start at once instead of waiting for the bus)
+        self.listeners: list[Callable[[Position], None]] = []
 
     def wake(self) -> None:
         self._wake.set()
@@ -112,19 +134,6 @@ class Relay:
             await conn.lock(self.lock_key)
             saved = await load_position(conn, RELAY)
             position = saved.position if saved else START
-            epoch = await self.bus.epoch()
-            changed = saved is None
-            if saved is not None and epoch != saved.epoch:
-                # the transport lost (or never had) what we published: go back to
-                # where the slowest consumer group stands
-                floor = await lowest_position(conn, GROUP_PREFIX)
-                rewind = min(position, floor) if floor is not None else position
-                log.warning("event bus generation changed (%s -> %s): re-publishing after %s",
-                            saved.epoch, epoch, rewind)
-                position = rewind
-                changed = True
-            if epoch is None:
-                epoch = await self.bus.new_epoch()
             now = time.monotonic()
             precise = self._always_precise or now < self._precise_until
             events, held = await read_after(conn, position, BATCH, precise=precise)
@@ -135,10 +144,42 @@ class Relay:
             elif not precise and now - self._stalled_since > PRECISE_AFTER_S:
                 # perhaps a long transaction elsewhere on the server: look closer for a while
                 self._precise_until = now + PRECISE_FOR_S
+            expected = saved.epoch if saved else None
+            if events and expected is None:  # the first round ever
+                expected = await self.bus.new_epoch()
             if events:
-                await self.bus.publish(events)
-                position = events[-1].position
-            if events or changed:
-                await save_position(conn, RELAY, position, epoch)
+                assert expected is not None
+                # appended only into the generation we published into before; the
+                # generation found comes back in the same round trip
+                epoch = await self.bus.publish(events, expected)
+                self._epoch_checked = now
+            elif saved is None or now - self._epoch_checked >= self._epoch_check_s:
+                epoch = await self.bus.epoch()
+                self._epoch_checked = now
+            else:
+                epoch = expected  # looked at a moment ago
+            if epoch is not None and epoch == expected:
+                if not events and saved is not None:
+                    return 0, held
+                position = events[-1].position if events else position
+            elif saved is None:  # the first round ever, nothing to publish
+                epoch = await self.bus.new_epoch()
+            else:
+                # the transport lost (or never had) what we published: go back to where
+                # the slowest consumer group stands and publish from there again
+                floor = await lowest_position(conn, GROUP_PREFIX)
+                rewind = min(position, floor) if floor is not None else position
+                log.warning("event bus generation changed (%s -> %s): re-publishing after %s",
+                            saved.epoch, epoch, rewind)
+                if epoch is None:
+                    epoch = await self.bus.new_epoch()
+                events, held = await read_after(conn, rewind, BATCH, precise=precise)
+                if events and await self.bus.publish(events, epoch) != epoch:
+                    raise RuntimeError("the event bus changed generation again; retrying")
+                position = events[-1].position if events else rewind
+            await save_position(conn, RELAY, position, epoch)
         self.published += len(events)
+        if events:
+            for listener in self.listeners:
+                listener(position)  # committed: local readers may go on at once
         return len(events), held

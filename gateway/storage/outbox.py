@@ -186,6 +186,15 @@ async def load_position(conn: Connection, name: str) -> SavedPosition | None:
     return SavedPosition(Position(int(row[0]), int(row[1])), row[2])
 
 
+async def load_positions(conn: Connection, *names: str) -> dict[str, SavedPosition]:
+    """Several saved positions in one round trip (absent names are left out)."""
+    marks = ", ".join("?" for _ in names)
+    rows = await conn.fetch(
+        f"SELECT name, tx_id, seq, epoch FROM event_position WHERE name IN ({marks})", names
+    )
+    return {r[0]: SavedPosition(Position(int(r[1]), int(r[2])), r[3]) for r in rows}
+
+
 async def save_position(
     conn: Connection, name: str, position: Position, epoch: str | None = None
 ) -> None:

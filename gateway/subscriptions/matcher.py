@@ -18,10 +18,16 @@ up to what the relay has published, and for each event in order
 The event rows, the new counters and the new position commit together, so an
 event is numbered exactly once per subscription however often its bus entry
 arrives, and numbers follow commit order.
+
+The relay of the same process hands its published position over directly
+(:meth:`Matcher.published`), so the process that relays also matches without
+a round trip through the bus; the bus entries then find the work done (the
+matcher remembers the position it committed) and cost no database round.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +36,7 @@ from typing import Any
 
 import orjson
 
+from gateway import tasks
 from gateway.events.bus import BusEntry
 from gateway.security.principal import DEFAULT_PURPOSE
 from gateway.settings import Settings
@@ -41,7 +48,7 @@ from gateway.storage.outbox import (
     START,
     OutboxEvent,
     Position,
-    load_position,
+    load_positions,
     read_range,
     save_position,
     versions,
@@ -55,6 +62,7 @@ log = logging.getLogger("carepath.subscriptions")
 
 GROUP = "subscriptions"
 POSITION = f"group:{GROUP}"
+RELAY = "relay"
 BATCH = 200
 
 
@@ -85,19 +93,52 @@ class Matcher:
         self.matched = 0  # events numbered by this process (metrics, tests)
         #: the access policy: a subscription only hears of what its organisation may see
         self.access_rules: AccessRules | None = None
+        #: the matcher position known committed (by this process or another)
+        self._done = START
+        self._local = asyncio.Lock()
+        self._target: Position | None = None
+        self._nudge = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
     async def handle(self, entries: Sequence[BusEntry]) -> None:
         # the relay publishes before its own position commits: the entries say how far
         # the outbox is final (the relay found it so), the position row may lag behind
         await self.catch_up(max((e.position for e in entries), default=None))
 
-    async def catch_up(self, upto: Position | None = None) -> None:
+    def published(self, upto: Position) -> None:
+        """The relay of this process committed events up to ``upto`` (a relay listener)."""
+        if self._target is None or upto > self._target:
+            self._target = upto
+        self._nudge.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._follow_relay(), name="subscription-matcher")
+
+    async def stop(self) -> None:
+        await tasks.cancel(self._task)
+        self._task = None
+
+    async def _follow_relay(self) -> None:
         while True:
-            processed, touched, rows = await self._round(upto)
-            if touched:
-                self.on_work(touched, rows)  # after the commit
-            if processed < BATCH:
-                return
+            await self._nudge.wait()
+            self._nudge.clear()
+            try:
+                await self.catch_up(self._target)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the bus entries and the idle catch-up come later
+                log.warning("matching published events failed: %s", exc)
+                await asyncio.sleep(0.1)
+
+    async def catch_up(self, upto: Position | None = None) -> None:
+        """Number the events up to ``upto`` (None: whatever the relay has published)."""
+        async with self._local:  # one round at a time in this process
+            while upto is None or upto > self._done:
+                processed, touched, rows = await self._round(upto)
+                if touched:
+                    self.on_work(touched, rows)  # after the commit
+                if processed < BATCH:
+                    return
 
     def _config(self, state: tables.StateRow) -> SubscriptionConfig | None:
         key = (state.id, state.resource_version)
@@ -116,18 +157,24 @@ class Matcher:
     ) -> tuple[int, set[str], dict[str, list[tables.EventRow]]]:
         async with self.db.transaction() as conn:
             await conn.lock(self.lock_key)
-            saved = await load_position(conn, POSITION)
-            relayed = await load_position(conn, "relay")
-            cursor = saved.position if saved else START
-            final = max(relayed.position if relayed else START, upto or START)
+            saved = await load_positions(conn, POSITION, RELAY)
+            cursor = saved[POSITION].position if POSITION in saved else START
+            relayed = saved[RELAY].position if RELAY in saved else START
+            final = max(relayed, upto or START)
             if cursor >= final:
+                self._done = max(self._done, cursor)
                 return 0, set(), {}
             events = await read_range(conn, cursor, final, BATCH)
             if not events:
                 await save_position(conn, POSITION, final)
-                return 0, set(), {}
-            touched, rows = await self._process(conn, events)
-            await save_position(conn, POSITION, events[-1].position)
+                done = final
+            else:
+                touched, rows = await self._process(conn, events)
+                done = events[-1].position
+                await save_position(conn, POSITION, done)
+        self._done = max(self._done, done)  # committed
+        if not events:
+            return 0, set(), {}
         by_subscription: dict[str, list[tables.EventRow]] = {}
         for sid, number, event_id, rt, rid, version, interaction, ts in rows:
             by_subscription.setdefault(sid, []).append(

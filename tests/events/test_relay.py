@@ -102,7 +102,8 @@ async def test_redis_flushed_relay_republishes_from_the_lowest_consumer_position
     store: HookedSqlStore, private_redis: PrivateRedis,
 ) -> None:
     bus = RedisStreamBus(private_redis.url, "c")
-    relay = Relay(store.db, bus, precise=True)
+    # an idle relay looks at the bus's generation every epoch_check_s
+    relay = Relay(store.db, bus, precise=True, epoch_check_s=0)
     try:
         await write(store, 6)
         await relay.relay_once()
@@ -124,6 +125,28 @@ async def test_redis_flushed_relay_republishes_from_the_lowest_consumer_position
         private_redis.start()
         assert (await relay.relay_once())[0] == 4
         assert await stream_ids(bus) == ["p2", "p3", "p4", "p5"]
+    finally:
+        await bus.close()
+
+
+async def test_a_flush_noticed_by_the_next_publication_rewinds_at_once(
+    store: HookedSqlStore, private_redis: PrivateRedis,
+) -> None:
+    bus = RedisStreamBus(private_redis.url, "c")
+    relay = Relay(store.db, bus, precise=True)  # idle checks a second apart
+    try:
+        await write(store, 3)
+        assert (await relay.relay_once())[0] == 3
+        first = await _position_of(store, "p0")
+        async with store.db.transaction() as conn:
+            await save_position(conn, "group:test", first)
+        private_redis.flush()
+        assert (await relay.relay_once())[0] == 0  # idle: not looked at yet
+        await write(store, 1, prefix="q")
+        # the publication of q0 finds the generation changed (and appends nothing), so
+        # the round publishes again after the slowest consumer
+        assert (await relay.relay_once())[0] == 3
+        assert await stream_ids(bus) == ["p1", "p2", "q0"]
     finally:
         await bus.close()
 
