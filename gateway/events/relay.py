@@ -15,9 +15,9 @@ back empty, the relay rewinds to the lowest consumer position
 
 The relay runs when a local commit wakes it (:meth:`wake`, wired to the
 store's commit hook) and otherwise every ``poll_ms`` (commits made by other
-processes). After a round that published, it tells the :attr:`~Relay.listeners`
-of its own process how far the outbox is now published, so that local
-consumers need not wait for the bus to hand the events back.
+processes). Work that must follow the published events closely can run in the
+round's own transaction (:attr:`Relay.in_round`; the subscription matcher):
+it then costs no transaction and no trip through the bus of its own.
 
 A publication names the generation it expects and the bus appends only into
 that one (same round trip); a relay with nothing to publish looks at the
@@ -30,13 +30,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from gateway import tasks
 from gateway.events.bus import Bus
-from gateway.storage.db import Database
+from gateway.storage.db import Connection, Database, RetryableError
 from gateway.storage.outbox import (
     START,
+    OutboxEvent,
     Position,
     load_position,
     lowest_position,
@@ -59,6 +60,13 @@ TRIM_EVERY_S = 10.0
 EPOCH_CHECK_S = 1.0
 
 
+#: ``in_round(conn, after, events)``: ``events`` follow position ``after``; returns
+#: a callback told after the round whether its transaction committed
+InRound = Callable[[Connection, Position, list[OutboxEvent]], Awaitable[Callable[[bool], None]]]
+#: after ``in_round`` failed, rounds go without it this long (the bus path covers it)
+IN_ROUND_OFF_S = 30.0
+
+
 class Relay:
     def __init__(self, db: Database, bus: Bus, *, namespace: str = "carepath",
                  poll_ms: int = 500, precise: bool = False,
@@ -79,9 +87,10 @@ class Relay:
         self._precise_until = 0.0
         self._epoch_checked = 0.0
         self._epoch_check_s = epoch_check_s
-        #: called with the position published up to, after each round's commit
-        #: (consumers in this process start at once instead of waiting for the bus)
-        self.listeners: list[Callable[[Position], None]] = []
+        #: work done inside the round's transaction with the events just published
+        #: (the subscription matcher numbers them there); see :data:`InRound`
+        self.in_round: InRound | None = None
+        self._in_round_off_until = 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -130,56 +139,80 @@ class Relay:
 
     async def relay_once(self) -> tuple[int, bool]:
         """One round; returns (events published, whether final events were held back)."""
-        async with self.db.transaction() as conn:
-            await conn.lock(self.lock_key)
-            saved = await load_position(conn, RELAY)
-            position = saved.position if saved else START
-            now = time.monotonic()
-            precise = self._always_precise or now < self._precise_until
-            events, held = await read_after(conn, position, BATCH, precise=precise)
-            if events or not held:
-                self._stalled_since = None
-            elif self._stalled_since is None:
-                self._stalled_since = now
-            elif not precise and now - self._stalled_since > PRECISE_AFTER_S:
-                # perhaps a long transaction elsewhere on the server: look closer for a while
-                self._precise_until = now + PRECISE_FOR_S
-            expected = saved.epoch if saved else None
-            if events and expected is None:  # the first round ever
-                expected = await self.bus.new_epoch()
-            if events:
-                assert expected is not None
-                # appended only into the generation we published into before; the
-                # generation found comes back in the same round trip
-                epoch = await self.bus.publish(events, expected)
-                self._epoch_checked = now
-            elif saved is None or now - self._epoch_checked >= self._epoch_check_s:
-                epoch = await self.bus.epoch()
-                self._epoch_checked = now
-            else:
-                epoch = expected  # looked at a moment ago
-            if epoch is not None and epoch == expected:
-                if not events and saved is not None:
-                    return 0, held
-                position = events[-1].position if events else position
-            elif saved is None:  # the first round ever, nothing to publish
-                epoch = await self.bus.new_epoch()
-            else:
-                # the transport lost (or never had) what we published: go back to where
-                # the slowest consumer group stands and publish from there again
-                floor = await lowest_position(conn, GROUP_PREFIX)
-                rewind = min(position, floor) if floor is not None else position
-                log.warning("event bus generation changed (%s -> %s): re-publishing after %s",
-                            saved.epoch, epoch, rewind)
-                if epoch is None:
-                    epoch = await self.bus.new_epoch()
-                events, held = await read_after(conn, rewind, BATCH, precise=precise)
-                if events and await self.bus.publish(events, epoch) != epoch:
-                    raise RuntimeError("the event bus changed generation again; retrying")
-                position = events[-1].position if events else rewind
-            await save_position(conn, RELAY, position, epoch)
+        told: Callable[[bool], None] | None = None
+        try:
+            async with self.db.transaction() as conn:
+                events, held, told = await self._round(conn)
+        except BaseException:
+            if told is not None:
+                told(False)
+            raise
+        if told is not None:
+            told(True)
         self.published += len(events)
-        if events:
-            for listener in self.listeners:
-                listener(position)  # committed: local readers may go on at once
         return len(events), held
+
+    async def _round(
+        self, conn: Connection
+    ) -> tuple[list[OutboxEvent], bool, Callable[[bool], None] | None]:
+        await conn.lock(self.lock_key)
+        saved = await load_position(conn, RELAY)
+        position = saved.position if saved else START
+        now = time.monotonic()
+        precise = self._always_precise or now < self._precise_until
+        events, held = await read_after(conn, position, BATCH, precise=precise)
+        if events or not held:
+            self._stalled_since = None
+        elif self._stalled_since is None:
+            self._stalled_since = now
+        elif not precise and now - self._stalled_since > PRECISE_AFTER_S:
+            # perhaps a long transaction elsewhere on the server: look closer for a while
+            self._precise_until = now + PRECISE_FOR_S
+        expected = saved.epoch if saved else None
+        if events and expected is None:  # the first round ever
+            expected = await self.bus.new_epoch()
+        if events:
+            assert expected is not None
+            # appended only into the generation we published into before; the
+            # generation found comes back in the same round trip
+            epoch = await self.bus.publish(events, expected)
+            self._epoch_checked = now
+        elif saved is None or now - self._epoch_checked >= self._epoch_check_s:
+            epoch = await self.bus.epoch()
+            self._epoch_checked = now
+        else:
+            epoch = expected  # looked at a moment ago
+        after = position
+        if epoch is not None and epoch == expected:
+            if not events and saved is not None:
+                return [], held, None
+            position = events[-1].position if events else position
+        elif saved is None:  # the first round ever, nothing to publish
+            epoch = await self.bus.new_epoch()
+        else:
+            # the transport lost (or never had) what we published: go back to where
+            # the slowest consumer group stands and publish from there again
+            floor = await lowest_position(conn, GROUP_PREFIX)
+            after = min(position, floor) if floor is not None else position
+            log.warning("event bus generation changed (%s -> %s): re-publishing after %s",
+                        saved.epoch, epoch, after)
+            if epoch is None:
+                epoch = await self.bus.new_epoch()
+            events, held = await read_after(conn, after, BATCH, precise=precise)
+            if events and await self.bus.publish(events, epoch) != epoch:
+                raise RuntimeError("the event bus changed generation again; retrying")
+            position = events[-1].position if events else after
+        told = None
+        if events and self.in_round is not None and now >= self._in_round_off_until:
+            try:
+                told = await self.in_round(conn, after, events)
+            except RetryableError:
+                raise  # a deadlock, say: the next round goes again
+            except Exception as exc:
+                # keep the bus going: for a while, leave that work to the bus consumers
+                log.warning("work in the relay round failed (%s); relaying without it for"
+                            " %.0f s", exc, IN_ROUND_OFF_S)
+                self._in_round_off_until = now + IN_ROUND_OFF_S
+                raise
+        await save_position(conn, RELAY, position, epoch)
+        return events, held, told

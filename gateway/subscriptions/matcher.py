@@ -19,10 +19,12 @@ The event rows, the new counters and the new position commit together, so an
 event is numbered exactly once per subscription however often its bus entry
 arrives, and numbers follow commit order.
 
-The relay of the same process hands its published position over directly
-(:meth:`Matcher.published`), so the process that relays also matches without
-a round trip through the bus; the bus entries then find the work done (the
-matcher remembers the position it committed) and cost no database round.
+The process that relays also matches, in the relay's own transaction
+(:meth:`Matcher.within_relay`, ADR 0004): no transaction, lock wait or trip
+through the bus of its own. The bus entries then find the work done (the
+matcher remembers the position it committed) and cost no database round;
+they, and the catch-up when the bus is quiet, still do the work whenever the
+relay's process could not.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from typing import Any
 
 import orjson
 
-from gateway import tasks
 from gateway.events.bus import BusEntry
 from gateway.security.principal import DEFAULT_PURPOSE
 from gateway.settings import Settings
@@ -96,45 +97,47 @@ class Matcher:
         #: the matcher position known committed (by this process or another)
         self._done = START
         self._local = asyncio.Lock()
-        self._target: Position | None = None
-        self._nudge = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        #: the relay round numbering events right now: (up to, ended)
+        self._in_relay: tuple[Position, asyncio.Future[None]] | None = None
 
     async def handle(self, entries: Sequence[BusEntry]) -> None:
         # the relay publishes before its own position commits: the entries say how far
         # the outbox is final (the relay found it so), the position row may lag behind
         await self.catch_up(max((e.position for e in entries), default=None))
 
-    def published(self, upto: Position) -> None:
-        """The relay of this process committed events up to ``upto`` (a relay listener)."""
-        if self._target is None or upto > self._target:
-            self._target = upto
-        self._nudge.set()
+    async def within_relay(self, conn: Connection, after: Position,
+                           events: list[OutboxEvent]) -> Callable[[bool], None]:
+        """Number ``events`` (which follow ``after``) in the relay's own transaction.
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._follow_relay(), name="subscription-matcher")
+        The relay calls this after publishing (:attr:`gateway.events.relay.Relay.in_round`)
+        and calls the result once its transaction has ended."""
+        upto = events[-1].position
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._in_relay = (upto, ended)
+        try:
+            _n, done, touched, rows = await self._advance(conn, upto, (after, events))
+        except BaseException:
+            ended.set_result(None)
+            raise
 
-    async def stop(self) -> None:
-        await tasks.cancel(self._task)
-        self._task = None
+        def told(committed: bool) -> None:
+            if committed:
+                self._done = max(self._done, done)
+                if touched:
+                    self.on_work(touched, rows)
+            ended.set_result(None)
 
-    async def _follow_relay(self) -> None:
-        while True:
-            await self._nudge.wait()
-            self._nudge.clear()
-            try:
-                await self.catch_up(self._target)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the bus entries and the idle catch-up come later
-                log.warning("matching published events failed: %s", exc)
-                await asyncio.sleep(0.1)
+        return told
 
     async def catch_up(self, upto: Position | None = None) -> None:
         """Number the events up to ``upto`` (None: whatever the relay has published)."""
+        if upto is not None and self._in_relay is not None and upto <= self._in_relay[0]:
+            await self._in_relay[1]  # the relay of this process is numbering them right now
         async with self._local:  # one round at a time in this process
             while upto is None or upto > self._done:
-                processed, touched, rows = await self._round(upto)
+                async with self.db.transaction() as conn:
+                    processed, done, touched, rows = await self._advance(conn, upto, None)
+                self._done = max(self._done, done)
                 if touched:
                     self.on_work(touched, rows)  # after the commit
                 if processed < BATCH:
@@ -152,34 +155,35 @@ class Matcher:
                 self._configs[key] = None
         return self._configs[key]
 
-    async def _round(
-        self, upto: Position | None
-    ) -> tuple[int, set[str], dict[str, list[tables.EventRow]]]:
-        async with self.db.transaction() as conn:
-            await conn.lock(self.lock_key)
-            saved = await load_positions(conn, POSITION, RELAY)
-            cursor = saved[POSITION].position if POSITION in saved else START
-            relayed = saved[RELAY].position if RELAY in saved else START
-            final = max(relayed, upto or START)
-            if cursor >= final:
-                self._done = max(self._done, cursor)
-                return 0, set(), {}
+    async def _advance(
+        self, conn: Connection, upto: Position | None,
+        known: tuple[Position, list[OutboxEvent]] | None,
+    ) -> tuple[int, Position, set[str], dict[str, list[tables.EventRow]]]:
+        """Under the matcher lock, number the events after the matcher's position up to
+        ``upto`` or the relay's position; ``known``: events (and the position they follow)
+        already read. Returns (events processed, position reached, subscriptions touched,
+        their new events)."""
+        await conn.lock(self.lock_key)
+        saved = await load_positions(conn, POSITION, RELAY)
+        cursor = saved[POSITION].position if POSITION in saved else START
+        relayed = saved[RELAY].position if RELAY in saved else START
+        final = max(relayed, upto or START)
+        if cursor >= final:
+            return 0, cursor, set(), {}
+        if known is not None and known[0] <= cursor:
+            events = [e for e in known[1] if cursor < e.position <= final][:BATCH]
+        else:
             events = await read_range(conn, cursor, final, BATCH)
-            if not events:
-                await save_position(conn, POSITION, final)
-                done = final
-            else:
-                touched, rows = await self._process(conn, events)
-                done = events[-1].position
-                await save_position(conn, POSITION, done)
-        self._done = max(self._done, done)  # committed
         if not events:
-            return 0, set(), {}
+            await save_position(conn, POSITION, final)
+            return 0, final, set(), {}
+        touched, rows = await self._process(conn, events)
+        await save_position(conn, POSITION, events[-1].position)
         by_subscription: dict[str, list[tables.EventRow]] = {}
         for sid, number, event_id, rt, rid, version, interaction, ts in rows:
             by_subscription.setdefault(sid, []).append(
                 tables.EventRow(number, event_id, rt, rid, version, interaction, ts))
-        return len(events), touched, by_subscription
+        return len(events), events[-1].position, touched, by_subscription
 
     async def _process(self, conn: Connection,
                        events: list[OutboxEvent]) -> tuple[set[str], list[tuple[Any, ...]]]:

@@ -67,8 +67,8 @@ class SubscriptionService:
         self.dispatcher.ws_send = self.hub.send
         self.matcher = Matcher(db, self.topics, settings, self.policy,
                                namespace=events.namespace, on_work=self.dispatcher.notify)
-        # this process's relay hands over directly; the bus wakes the other processes
-        events.relay.listeners.append(self.matcher.published)
+        # numbered in the relay's round; the bus entries are the safety net (ADR 0004)
+        events.relay.in_round = self.matcher.within_relay
         events.add_consumer(ConsumerService(
             events.bus, GROUP, self.matcher.handle, idle=self.matcher.catch_up,
             block_ms=settings.subscription_poll_ms, claim_idle_ms=settings.event_claim_idle_ms,
@@ -100,8 +100,6 @@ class SubscriptionService:
 
     async def start(self) -> None:
         await self.dispatcher.start()
-        await self.matcher.start()
 
     async def stop(self) -> None:
-        await self.matcher.stop()
         await self.dispatcher.stop()

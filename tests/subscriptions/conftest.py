@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import PG_URL, REDIS_URL, RunningServer
+from tests.events.conftest import store  # noqa: F401  (the same store fixture here)
 from tests.subscriptions.receiver import Receiver
 
 TOPIC = "https://carepath-gateway.org/fhir/SubscriptionTopic/"
