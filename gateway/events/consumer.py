@@ -40,6 +40,7 @@ class ConsumerService:
         claim_idle_ms: int = 30_000,
         claim_every_s: float = 10.0,
         count: int = 200,
+        settle_ms: int = 0,
     ) -> None:
         self.bus = bus
         self.group = group
@@ -50,6 +51,9 @@ class ConsumerService:
         self.claim_idle_ms = claim_idle_ms
         self.claim_every_s = claim_every_s
         self.count = count
+        #: after a batch, wait this long before reading again (entries then come in
+        #: batches): for consumers the bus only wakes, whose work is mostly done already
+        self.settle_s = settle_ms / 1000
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -80,6 +84,8 @@ class ConsumerService:
                 if entries:
                     await self.handle(entries)
                     await member.ack(entries)
+                    if self.settle_s:
+                        await asyncio.sleep(self.settle_s)
                 elif self.idle is not None:
                     await self.idle()
                 backoff = 0.05

@@ -218,6 +218,48 @@ class _PostgresConnection:
         await self.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (key,))
 
 
+class _PostgresTransaction(_PostgresConnection):
+    """A transaction that begins with its first statement.
+
+    Work whose writes all wait until the end (``gateway.storage.sql`` buffers
+    them) can then be sent as one statement with no ``BEGIN`` and ``COMMIT``
+    around it (:meth:`execute_last`): PostgreSQL runs a lone statement as a
+    transaction of its own, all or nothing, committed (and flushed, with
+    ``synchronous_commit`` on) before it answers. One round trip instead of
+    three.
+    """
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        super().__init__(conn)
+        self.begun = False
+
+    async def _begin(self) -> None:
+        if not self.begun:
+            self.begun = True
+            await self._conn.execute("BEGIN")
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        await self._begin()
+        await super().execute(sql, params)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._begin()
+        await super().executemany(sql, rows)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        await self._begin()
+        return await super().fetch(sql, params)
+
+    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        await self._begin()
+        return await super().fetchrow(sql, params)
+
+    async def execute_last(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """The transaction's last statement: alone, when nothing was sent before it
+        (then there is nothing left to commit)."""
+        await super().execute(sql, params)
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool release without ``RESET ALL``: the gateway sets no session state beyond
     what the pool's ``server_settings`` give every connection, and a transaction
@@ -248,8 +290,19 @@ class PostgresDatabase:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         assert self._pool is not None, "database not opened"
-        async with self._pool.acquire() as conn, conn.transaction():
-            yield _PostgresConnection(conn)
+        async with self._pool.acquire() as conn:
+            tx = _PostgresTransaction(conn)
+            try:
+                yield tx
+            except BaseException:
+                if tx.begun and not conn.is_closed():
+                    try:
+                        await conn.execute("ROLLBACK")
+                    except Exception:  # a cancelled query, say: the pool discards it
+                        conn.terminate()
+                raise
+            if tx.begun:
+                await conn.execute("COMMIT")
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Connection]:

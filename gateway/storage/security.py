@@ -125,6 +125,22 @@ _APPEND = ("INSERT INTO audit_log (recorded, client_id, patient, outcome, record
            " VALUES (?, ?, ?, ?, ?)")
 
 
+def append_audit_cte(first: int) -> str:
+    """``_APPEND`` as a data-modifying CTE (PostgreSQL) over :func:`audit_arrays`,
+    parameters ``$first`` to ``$first + 4``: part of a statement that writes more."""
+    return ("a AS (INSERT INTO audit_log (recorded, client_id, patient, outcome, record)"
+            f" SELECT * FROM unnest(${first}::bigint[], ${first + 1}::text[],"
+            f" ${first + 2}::text[], ${first + 3}::text[], ${first + 4}::bytea[]))")
+
+
+def audit_arrays(records: Sequence[AuditRecord]) -> list[list[Any]]:
+    """The parameters of :func:`append_audit_cte`."""
+    now = _now()
+    return [[now] * len(records), [r.client_id for r in records],
+            [r.patient for r in records], [r.outcome for r in records],
+            [r.record for r in records]]
+
+
 async def append_audit(conn: Connection, records: Sequence[AuditRecord]) -> None:
     """Append ``records`` inside the caller's transaction (chained after commit)."""
     now = _now()

@@ -24,7 +24,13 @@ from gateway.storage.db import Connection, Database, RetryableError
 from gateway.storage.interface import HistoryPage, Restriction, Snapshot, StoredResource
 from gateway.storage.migrate import migrate
 from gateway.storage.schema import INDEX_TABLES
-from gateway.storage.security import AuditRecord, append_audit, audit_records
+from gateway.storage.security import (
+    AuditRecord,
+    append_audit,
+    append_audit_cte,
+    audit_arrays,
+    audit_records,
+)
 
 if TYPE_CHECKING:
     from gateway.fhir.search import SearchQuery
@@ -158,6 +164,18 @@ def _pg_put_many_sql() -> str:
 _PG_PUT_MANY = _pg_put_many_sql()
 
 
+def _with_audit(sql: str) -> str:
+    """A put statement that also appends audit records (the parameters after its own)."""
+    head, tail = sql.rsplit(" SELECT ", 1)
+    first = 11 + len(INDEX_TABLES)
+    return f"{head}, {append_audit_cte(first)} SELECT {tail}"
+
+
+_PG_PUT_AUDIT = _with_audit(_PG_PUT)
+_PG_PUT_MANY_AUDIT = _with_audit(_PG_PUT_MANY)
+_PG_AUDIT = f"WITH {append_audit_cte(1)} SELECT 1"
+
+
 @dataclass(frozen=True, slots=True)
 class _Put:
     """One pending PostgreSQL write."""
@@ -260,19 +278,32 @@ class _Transaction:
         self.conn = conn
         self.indexer = indexer
         self._pending: dict[tuple[str, str], _Put] = {}
+        #: audit records (PostgreSQL) going out with the pending writes
+        self._audits: list[AuditRecord] = []
 
-    async def _flush(self) -> None:
-        if not self._pending:
+    async def _flush(self, last: bool = False) -> None:
+        """Send the pending writes (and audit records) as one statement; ``last``: the
+        transaction's final statement (alone, without BEGIN/COMMIT, if it is the only one)."""
+        if not self._pending and not self._audits:
             return
         puts = list(self._pending.values())
         self._pending.clear()
+        audits, self._audits = self._audits, []
+        params: list[Any]
         if len(puts) == 1:
             p = puts[0]
-            await self.conn.execute(_PG_PUT, (
-                p.res_type, p.res_id, p.version, p.updated, p.method, p.content, p.creator,
-                p.event_id, p.interaction, p.clear, *_json_rows(p.rows)))
+            sql = _PG_PUT_AUDIT if audits else _PG_PUT
+            params = [p.res_type, p.res_id, p.version, p.updated, p.method, p.content,
+                      p.creator, p.event_id, p.interaction, p.clear, *_json_rows(p.rows)]
+        elif puts:
+            sql = _PG_PUT_MANY_AUDIT if audits else _PG_PUT_MANY
+            params = _pg_put_many_params(puts)
         else:
-            await self.conn.execute(_PG_PUT_MANY, _pg_put_many_params(puts))
+            sql, params = _PG_AUDIT, []
+        if audits:
+            params += audit_arrays(audits)
+        finish = getattr(self.conn, "execute_last", None) if last else None
+        await (finish or self.conn.execute)(sql, params)
 
     async def lock(self, key: str) -> None:
         await self._flush()
@@ -305,7 +336,9 @@ class _Transaction:
         return await _accessible(self.conn, ids, restriction)
 
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
-        await self._flush()
+        if self.conn.dialect == "postgresql":
+            self._audits.extend(records)  # with the writes, in the same statement
+            return
         await append_audit(self.conn, records)
 
     async def put(
@@ -431,7 +464,7 @@ class SqlStore:
                 async with self.db.transaction() as conn:
                     tx = _Transaction(conn, self.indexer)
                     result = await work(tx)
-                    await tx._flush()
+                    await tx._flush(last=True)
                     return result
             except RetryableError:
                 if attempt == MAX_ATTEMPTS - 1:

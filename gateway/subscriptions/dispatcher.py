@@ -323,7 +323,8 @@ class Dispatcher:
         wakeup = self._wakeups.setdefault(sid, asyncio.Event())
         wakeup.clear()
         try:
-            await asyncio.wait_for(wakeup.wait(), LINGER_S)
+            async with asyncio.timeout(LINGER_S):  # no extra task, unlike wait_for
+                await wakeup.wait()
         except TimeoutError:
             return False
         self._again.discard(sid)

@@ -28,6 +28,7 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 from gateway.settings import Settings
@@ -124,6 +125,9 @@ class EndpointPolicy:
 
     def check_url(self, url: str) -> Target:
         """The static rules (scheme, user info, host); raises :class:`EndpointRefused`."""
+        return _checked_url(self, url)  # the same answer every time: remembered
+
+    def _check_url(self, url: str) -> Target:
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -146,6 +150,9 @@ class EndpointPolicy:
 
     def check_address(self, target: Target, address: str) -> None:
         """Whether ``target`` may be reached at ``address``; raises :class:`EndpointRefused`."""
+        _checked_address(self, target, address)  # remembered when allowed
+
+    def _check_address(self, target: Target, address: str) -> None:
         try:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError as exc:
@@ -169,11 +176,7 @@ class EndpointPolicy:
                                   "address (refused in production mode)")
 
     def _literal(self, target: Target) -> list[str] | None:
-        try:
-            ipaddress.ip_address(target.host.split("%", 1)[0])
-        except ValueError:
-            return None
-        return [target.host]
+        return [target.host] if _is_ip_literal(target.host) else None
 
     async def resolve(self, target: Target, resolver: Resolver | None = None) -> list[str]:
         """Every address of the target, each checked; raises :class:`EndpointRefused`."""
@@ -206,6 +209,29 @@ class EndpointPolicy:
         for address in addresses:
             self.check_address(target, address)
         return addresses
+
+
+# The rules are pure functions of the (immutable) policy and their arguments, and a
+# delivery applies them to the same endpoint thousands of times a second. Only
+# answers that allow are remembered; a refusal is worked out (and logged) each time.
+
+@lru_cache(maxsize=4096)
+def _checked_url(policy: EndpointPolicy, url: str) -> Target:
+    return policy._check_url(url)
+
+
+@lru_cache(maxsize=4096)
+def _checked_address(policy: EndpointPolicy, target: Target, address: str) -> None:
+    policy._check_address(target, address)
+
+
+@lru_cache(maxsize=4096)
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _getaddrinfo(host: str, port: int) -> list[str]:

@@ -29,6 +29,9 @@ TOPIC_CANONICAL = ("http://hl7.org/fhir/uv/subscriptions-backport/StructureDefin
                    "capabilitystatement-subscriptiontopic-canonical")
 WEBSOCKET_EXTENSION = "http://hl7.org/fhir/StructureDefinition/capabilitystatement-websocket"
 WEBSOCKET_PATH = "/$websocket"
+#: the relaying process numbers events in its round; the bus path is the safety
+#: net, so its entries are read in batches (up to this much later)
+MATCHER_SETTLE_MS = 25
 
 
 class Validator(Protocol):
@@ -72,6 +75,7 @@ class SubscriptionService:
         events.add_consumer(ConsumerService(
             events.bus, GROUP, self.matcher.handle, idle=self.matcher.catch_up,
             block_ms=settings.subscription_poll_ms, claim_idle_ms=settings.event_claim_idle_ms,
+            settle_ms=MATCHER_SETTLE_MS,
         ))
         self._operations = SubscriptionOperations(db, self.topics, settings,
                                                   self.dispatcher.notify, WEBSOCKET_PATH,

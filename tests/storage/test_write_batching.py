@@ -19,11 +19,18 @@ from gateway.fhir.search import parse_search
 from gateway.storage.db import Connection, Database, RetryableError, Row
 from gateway.storage.interface import StoredResource, StoreTransaction
 from gateway.storage.schema import INDEX_TABLES
-from gateway.storage.security import _APPEND, AuditRecord
-from gateway.storage.sql import _PG_PUT, _PG_PUT_MANY, SqlStore
+from gateway.storage.security import AuditRecord
+from gateway.storage.sql import (
+    _PG_PUT,
+    _PG_PUT_AUDIT,
+    _PG_PUT_MANY,
+    _PG_PUT_MANY_AUDIT,
+    SqlStore,
+)
 from tests.conftest import BACKENDS, sql_store, unique
 
 INDEXER = Indexer.from_profiles()
+PUTS = (_PG_PUT, _PG_PUT_MANY, _PG_PUT_AUDIT, _PG_PUT_MANY_AUDIT)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -72,6 +79,13 @@ class SpyConnection:
         self._note("lock", (key,))
         await self._conn.lock(key)
 
+    async def execute_last(self, sql: str, params: Sequence[Any] = ()) -> None:
+        # PostgreSQL only: the final statement, sent alone when nothing preceded it
+        self._note(sql, params)
+        conn: Any = self._conn  # a PostgreSQL transaction
+        self._spy.alone.append(not conn.begun)
+        await conn.execute_last(sql, params)
+
 
 class SpyDatabase:
     def __init__(self, db: Database) -> None:
@@ -79,6 +93,8 @@ class SpyDatabase:
         self.dialect = db.dialect
         self.statements: list[tuple[str, list[Any]]] = []
         self.fail: Any = None  # (sql) -> bool: raise RetryableError once, at that statement
+        #: per final statement: whether it went alone (no BEGIN/COMMIT around it)
+        self.alone: list[bool] = []
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -92,7 +108,7 @@ class SpyDatabase:
         return self._db.read()
 
     def puts(self) -> list[tuple[str, list[Any]]]:
-        return [s for s in self.statements if s[0] in (_PG_PUT, _PG_PUT_MANY)]
+        return [s for s in self.statements if s[0] in PUTS]
 
 
 def spied(store: SqlStore) -> tuple[SqlStore, SpyDatabase]:
@@ -283,7 +299,9 @@ async def test_one_statement_per_batch_on_postgresql(pg_store: SqlStore) -> None
             await tx.put("Patient", rid, patient(unique("F")), "POST", None)
 
     await spied_store.run(bundle)
+    # nothing read: the writes are the transaction's only statement, without BEGIN/COMMIT
     assert [sql for sql, _ in spy.statements] == [_PG_PUT_MANY]
+    assert spy.alone == [True]
     spy.statements.clear()
     single = unique("s")
 
@@ -292,7 +310,21 @@ async def test_one_statement_per_batch_on_postgresql(pg_store: SqlStore) -> None
         await tx.append_audit([AuditRecord(b"{}", None, None, "0")])
 
     await spied_store.run(create)
-    assert [sql for sql, _ in spy.statements] == [_PG_PUT, _APPEND]
+    assert [sql for sql, _ in spy.statements] == [_PG_PUT_AUDIT]  # the audit record too
+    assert spy.alone == [True, True]
+    assert len(await fetch(store, "SELECT seq FROM audit_log WHERE record = ?", [b"{}"])) >= 1
+    spy.statements.clear()
+
+    async def read_then_write(tx: StoreTransaction) -> None:
+        current = await tx.current("Patient", single)
+        await tx.put("Patient", single, patient(unique("F")), "PUT", current)
+        await tx.append_audit([AuditRecord(b"{}", None, None, "0")])
+
+    await spied_store.run(read_then_write)
+    assert [sql for sql, _ in spy.puts()] == [_PG_PUT_AUDIT]
+    assert spy.alone == [True, True, False]  # within BEGIN ... COMMIT
+    stored = await store.read("Patient", single)
+    assert stored is not None and stored.version == 2
     spy.statements.clear()
 
     async def twice(tx: StoreTransaction) -> None:
@@ -304,4 +336,4 @@ async def test_one_statement_per_batch_on_postgresql(pg_store: SqlStore) -> None
     await spied_store.run(twice)
     assert [sql for sql, _ in spy.puts()] == [_PG_PUT, _PG_PUT]
     stored = await store.read("Patient", single)
-    assert stored is not None and stored.version == 3
+    assert stored is not None and stored.version == 4
