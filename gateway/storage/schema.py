@@ -262,6 +262,16 @@ _V20 = """
 CREATE INDEX IF NOT EXISTS sp_string_prefix ON sp_string (res_type, param, value{collate_c})
 """
 
+_V21 = """
+DROP INDEX IF EXISTS sp_string_value;
+DROP INDEX IF EXISTS sp_reference_url;
+CREATE INDEX IF NOT EXISTS sp_reference_url_set ON sp_reference (res_type, param, url)
+    WHERE url IS NOT NULL;
+DROP INDEX IF EXISTS sp_reference_ident;
+CREATE INDEX IF NOT EXISTS sp_reference_ident_set ON sp_reference (res_type, param, ident_value)
+    WHERE ident_value IS NOT NULL OR ident_system IS NOT NULL
+"""
+
 #: (version, description, DDL template). Append only; never edit a released step.
 #: Versions 2-9 belong to events/subscriptions, 10-19 to security, 20-29 to the core store.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -270,6 +280,8 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (10, "security: clients, token replay, signing keys, audit log, consent index", _V10),
     (11, "security: audit records chained after commit (audit_chain)", _V11),
     (20, "search: starts-with index in code point order", _V20),
+    (21, "search: fewer index entries per write (no second string index; reference url and"
+         " identifier indexes only where set)", _V21),
 )
 
 
