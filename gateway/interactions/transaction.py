@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from gateway.fhir import json as fjson
 from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.outcome import Code, FhirError
-from gateway.fhir.references import rewrite
+from gateway.fhir.references import CONDITIONAL_REF, rewrite
 from gateway.interactions.base import (
     Context,
     FhirResponse,
@@ -349,11 +350,10 @@ class _Transaction:
 
 
 def _collect_conditional(node: Any, out: list[str]) -> None:
-    from gateway.fhir.references import CONDITIONAL_REF
-
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "reference" and isinstance(value, str) and CONDITIONAL_REF.fullmatch(value):
+            if key == "reference" and isinstance(value, str) and "?" in value \
+                    and CONDITIONAL_REF.fullmatch(value):
                 out.append(value)
             elif isinstance(value, dict | list):
                 _collect_conditional(value, out)
@@ -392,12 +392,20 @@ async def process_bundle(ctx: Context, body: Any, *, base: str, prefer: Prefer) 
     if kind == "batch":
         return await _batch(ctx, entries, base, prefer)
     fresh = entries
+    # each attempt starts from the Bundle as received: the first works on the parsed
+    # entries themselves, a retry (a lost race) on copies of them as they came in
+    received = [fjson.dumps(e.resource) if e.resource is not None else None for e in entries]
+    attempts = 0
 
     async def work(tx: StoreTransaction) -> None:
-        nonlocal fresh
-        # each attempt starts from the Bundle as received
-        fresh = [Entry(e.index, e.method, e.path, e.query, e.full_url,
-                       copy.deepcopy(e.resource), e.headers) for e in entries]
+        nonlocal fresh, attempts
+        attempts += 1
+        if attempts == 1:
+            resources = [e.resource for e in entries]
+        else:
+            resources = [fjson.loads(r) if r is not None else None for r in received]
+        fresh = [Entry(e.index, e.method, e.path, e.query, e.full_url, resource, e.headers)
+                 for e, resource in zip(entries, resources, strict=True)]
         await _Transaction(ctx, tx, fresh).run()
 
     await run_write(ctx, work)
