@@ -186,6 +186,9 @@ class _Transaction:
         for e in writes:
             if e.resource_type == "Patient" and e.id and e.method in ("POST", "PUT") and (
                     not e.extra.get("exists") and "same_as" not in e.extra):
+                if e.method == "POST":  # an id the server has just drawn: nobody has it
+                    fresh.add(e.id)
+                    continue
                 current = await self.tx.current("Patient", e.id)
                 if current is None or current.deleted:
                     fresh.add(e.id)
