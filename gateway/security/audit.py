@@ -203,10 +203,8 @@ class AuditWriter:
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                async with self.db.transaction() as conn:
-                    if not self.durable and conn.dialect == "postgresql":
-                        await conn.execute("SET LOCAL synchronous_commit = off")
-                    await tables.append_audit(conn, [r for r, _ in batch])
+                await tables.append_audit_alone(self.db, [r for r, _ in batch],
+                                                durable=self.durable)
             except Exception as exc:
                 log.exception("audit append failed")
                 for _, future in batch:

@@ -151,6 +151,27 @@ async def append_audit(conn: Connection, records: Sequence[AuditRecord]) -> None
         await conn.executemany(_APPEND, rows)
 
 
+#: a batch of records as one statement of its own; the commit need not wait for the
+#: WAL flush (``synchronous_commit`` set for this statement's transaction only)
+_PG_APPEND_LAZY = (f"WITH s AS (SELECT set_config('synchronous_commit', 'off', true)),"
+                   f" {append_audit_cte(1)} SELECT 1 FROM s")
+_PG_APPEND_ALONE = f"WITH {append_audit_cte(1)} SELECT 1"
+
+
+async def append_audit_alone(db: Database, records: Sequence[AuditRecord], *,
+                             durable: bool = True) -> None:
+    """Append ``records`` in a transaction of their own: on PostgreSQL one statement.
+
+    ``durable=False``: the commit does not wait for the WAL to reach the disk
+    (records of reads; a crash may lose the last few hundred milliseconds)."""
+    async with db.transaction() as conn:
+        if conn.dialect != "postgresql":
+            await append_audit(conn, records)
+            return
+        sql = _PG_APPEND_ALONE if durable else _PG_APPEND_LAZY
+        await conn.execute_last(sql, audit_arrays(records))
+
+
 async def chain_pending(db: Database, limit: int = 2000, *, precise: bool = False) -> int:
     """Link committed records that are not chained yet (at most ``limit``); how many.
 

@@ -156,3 +156,21 @@ async def test_the_grouped_writer_commits_every_record(db: Database, durable: bo
     async with db.read() as conn:
         rows = await conn.fetch("SELECT record FROM audit_log ORDER BY seq")
     assert sorted(bytes(r[0]) for r in rows) == sorted(record(n).record for n in range(50))
+
+
+async def test_a_batch_that_skips_the_flush_wait_leaves_the_connection_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """``synchronous_commit`` is off for that batch's own transaction only."""
+    async with backend_database("postgresql", tmp_path, pool_size=1) as db:
+        await db.open()
+        try:
+            await migrate(db)
+            await tables.append_audit_alone(db, [record(1), record(2)], durable=False)
+            async with db.read() as conn:  # the pool's one connection again
+                setting = await conn.fetchrow("SHOW synchronous_commit")
+                rows = await conn.fetch("SELECT record FROM audit_log ORDER BY seq")
+            assert setting == ("on",)
+            assert [bytes(r[0]) for r in rows] == [record(1).record, record(2).record]
+        finally:
+            await db.close()
