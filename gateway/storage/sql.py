@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
@@ -217,8 +218,10 @@ def now_micros() -> int:
     return int(time.time() * 1000) * 1000
 
 
+@lru_cache(maxsize=1024)
 def instant(micros: int) -> str:
-    """Epoch microseconds -> FHIR instant with millisecond precision, UTC."""
+    """Epoch microseconds -> FHIR instant with millisecond precision, UTC (the puts of
+    one transaction mostly share their millisecond: remembered)."""
     return datetime.fromtimestamp(micros / 1_000_000, UTC).isoformat(timespec="milliseconds")
 
 
