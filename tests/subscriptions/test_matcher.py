@@ -30,12 +30,6 @@ class Heard:
             self.rows.setdefault(sid, []).extend(new)
 
 
-def matcher_for(store: HookedSqlStore, heard: Heard) -> Matcher:
-    settings = Settings(dev_mode=True)
-    return Matcher(store.db, TopicRegistry.load(), settings, EndpointPolicy.from_settings(settings),
-                   namespace="t", on_work=heard)
-
-
 async def put(store: HookedSqlStore, resource: dict[str, Any]) -> None:
     async def work(tx: StoreTransaction) -> Any:
         return await tx.put(resource["resourceType"], resource["id"], resource, "POST", None)
@@ -66,6 +60,17 @@ class NoDatabase:
     read = transaction
 
 
+async def subscribed(store: HookedSqlStore) -> tuple[Heard, Matcher, Relay]:
+    """A matcher (telling ``Heard``), a relay without it, and Subscription s1 written."""
+    heard = Heard()
+    settings = Settings(dev_mode=True)
+    matcher = Matcher(store.db, TopicRegistry.load(), settings,
+                      EndpointPolicy.from_settings(settings), namespace="t", on_work=heard)
+    relay = Relay(store.db, InProcessBus(), precise=True)
+    await put(store, {**subscription(DISCHARGE, "http://127.0.0.1:9/hook"), "id": "s1"})
+    return heard, matcher, relay
+
+
 def entry(position: Position) -> BusEntry:
     return BusEntry("1-0", "x", position, "Encounter", "e", 1, "create", 0)
 
@@ -73,11 +78,8 @@ def entry(position: Position) -> BusEntry:
 async def test_the_relay_round_numbers_the_events_and_bus_entries_then_cost_nothing(
     store: HookedSqlStore,
 ) -> None:
-    heard = Heard()
-    matcher = matcher_for(store, heard)
-    relay = Relay(store.db, InProcessBus(), precise=True)
+    heard, matcher, relay = await subscribed(store)
     relay.in_round = matcher.within_relay
-    await put(store, {**subscription(DISCHARGE, "http://127.0.0.1:9/hook"), "id": "s1"})
     ids = await discharge(store, 3)
     assert (await relay.relay_once())[0] == 4  # the Subscription and three Encounters
     assert await numbered(store, "s1") == [(1, ids[0]), (2, ids[1]), (3, ids[2])]
@@ -97,10 +99,7 @@ async def test_the_relay_round_numbers_the_events_and_bus_entries_then_cost_noth
 async def test_a_matcher_behind_the_relay_reads_what_it_missed_in_order(
     store: HookedSqlStore,
 ) -> None:
-    heard = Heard()
-    matcher = matcher_for(store, heard)
-    relay = Relay(store.db, InProcessBus(), precise=True)
-    await put(store, {**subscription(DISCHARGE, "http://127.0.0.1:9/hook"), "id": "s1"})
+    _heard, matcher, relay = await subscribed(store)
     first = await discharge(store, 2, "a")
     await relay.relay_once()  # relayed without matching (another process, say)
     relay.in_round = matcher.within_relay
@@ -113,10 +112,7 @@ async def test_a_matcher_behind_the_relay_reads_what_it_missed_in_order(
 async def test_a_failed_relay_round_numbers_nothing_and_the_bus_path_takes_over(
     store: HookedSqlStore,
 ) -> None:
-    heard = Heard()
-    matcher = matcher_for(store, heard)
-    relay = Relay(store.db, InProcessBus(), precise=True)
-    await put(store, {**subscription(DISCHARGE, "http://127.0.0.1:9/hook"), "id": "s1"})
+    heard, matcher, relay = await subscribed(store)
     ids = await discharge(store, 2)
     calls = 0
 
