@@ -78,10 +78,11 @@ async def backend_database(backend: str, tmp: Path, pool_size: int = 2) -> Async
 
 
 @asynccontextmanager
-async def sql_store(backend: str, tmp: Path, indexer: Any) -> AsyncIterator[SqlStore]:
-    """An opened SqlStore on ``backend`` (see :func:`backend_database`)."""
-    async with backend_database(backend, tmp) as db:
-        store = SqlStore(db, indexer)
+async def sql_store(backend: str, tmp: Path, indexer: Any, *, kind: type[SqlStore] = SqlStore,
+                    **db_options: Any) -> AsyncIterator[Any]:
+    """An opened SqlStore (or subclass ``kind``) on ``backend`` (see :func:`backend_database`)."""
+    async with backend_database(backend, tmp, **db_options) as db:
+        store = kind(db, indexer)
         await store.open()
         try:
             yield store

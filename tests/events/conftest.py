@@ -17,20 +17,16 @@ import redis
 
 from gateway.fhir.indexer import Indexer
 from gateway.storage.commit_hooks import HookedSqlStore
-from tests.conftest import backend_database
+from tests.conftest import sql_store
 
 INDEXER = Indexer.from_profiles()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[HookedSqlStore]:
-    async with backend_database(request.param, tmp_path, pool_size=4) as db:
-        s = HookedSqlStore(db, INDEXER)
-        await s.open()
-        try:
-            yield s
-        finally:
-            await s.close()
+    async with sql_store(request.param, tmp_path, INDEXER, kind=HookedSqlStore,
+                         pool_size=4) as s:
+        yield s
 
 
 def _free_port() -> int:
