@@ -1,10 +1,12 @@
-"""HTTP edge: the only module that knows FastAPI.
+"""HTTP edge: the only module that knows the web framework.
 
-One catch-all route per FHIR base hands a neutral
-:class:`~gateway.interactions.router.FhirRequest` to the route table and
-renders what comes back. Here, and only here: content negotiation
-(``application/fhir+json``; ``_format``), body size and JSON depth limits,
-and the mapping of :class:`~gateway.fhir.outcome.FhirError` to HTTP.
+Every request under the FHIR base is handled here as plain ASGI: it becomes a
+neutral :class:`~gateway.interactions.router.FhirRequest` for the route table,
+and what comes back is sent as it is (stored JSON bytes go out untouched).
+Here, and only here: content negotiation (``application/fhir+json``;
+``_format``), body size and JSON depth limits, and the mapping of
+:class:`~gateway.fhir.outcome.FhirError` to HTTP. FastAPI serves the rest
+(lifespan, websockets, ``/openapi.json``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
@@ -33,55 +36,100 @@ from gateway.security.tokens import AuthError
 log = logging.getLogger("carepath.api")
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
+_FHIR_JSON = FHIR_JSON.encode()
+_PLAIN_JSON = b"application/json"
 _JSON_TYPES = ("application/fhir+json", "application/json", "text/json", "json")
 _XML_TYPES = ("application/fhir+xml", "application/xml", "text/xml", "xml")
 _PATCH_TYPES = ("application/json-patch+json",)
 _FORM = "application/x-www-form-urlencoded"
+_NO_BODY_STATUS = (204, 304)
+
+
+class _Disconnected(Exception):
+    """The client went away before its request body arrived."""
+
+
+@dataclass(slots=True)
+class HttpRequest:
+    """What the edge needs of an ASGI request (header names are lower-case)."""
+
+    method: str
+    path: str  # below the FHIR base, without leading slash
+    query_string: str
+    headers: dict[str, str]
+    address: str | None
+    receive: Receive
+
+    @classmethod
+    def of(cls, scope: Scope, receive: Receive, path: str) -> HttpRequest:
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            # the first of repeated fields, as most frameworks' get() answers
+            headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        client = scope.get("client")
+        return cls(scope["method"], path, scope.get("query_string", b"").decode("latin-1"),
+                   headers, client[0] if client else None, receive)
+
+    async def body(self, limit: int) -> bytes:
+        declared = self.headers.get("content-length")
+        if declared is None and "transfer-encoding" not in self.headers:
+            return b""  # RFC 9112 6.3: a request without either has no content
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise FhirError(Code.TOO_LARGE, f"{declared} bytes; the limit is {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise FhirError(Code.TOO_LARGE, f"more than {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    async def send(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status,
+                    "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 def _media(value: str) -> str:
     return value.split(";", 1)[0].strip().lower()
 
 
-def _wants_json(request: Request) -> bool:
-    fmt = request.query_params.get("_format")
+def _wants_json(query: list[tuple[str, str]], headers: dict[str, str]) -> None:
+    fmt = next((v for k, v in query if k == "_format"), None)
     if fmt is not None:
-        kind = _media(fmt)
-        if kind in _JSON_TYPES:
-            return True
+        if _media(fmt) in _JSON_TYPES:
+            return
         raise FhirError(Code.NOT_ACCEPTABLE, f"_format '{fmt[:60]}' is not supported; use json")
-    accept = request.headers.get("accept", "")
+    accept = headers.get("accept", "")
     if not accept:
-        return True
+        return
     kinds = [_media(a) for a in accept.split(",")]
     if any(k in _JSON_TYPES or k in ("*/*", "application/*") for k in kinds):
-        return True
+        return
     if any(k in _XML_TYPES for k in kinds):
         raise FhirError(Code.NOT_ACCEPTABLE, "this server speaks FHIR JSON only")
-    return True
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise FhirError(Code.TOO_LARGE, f"{declared} bytes; the limit is {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise FhirError(Code.TOO_LARGE, f"more than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _parse_body(
-    ctx: Context, request: Request, raw: bytes, method: str
+    ctx: Context, headers: dict[str, str], raw: bytes, method: str
 ) -> tuple[Any, list[tuple[str, str]]]:
     """Parsed JSON body, plus form pairs for ``POST _search``."""
     if not raw:
         return None, []
-    ctype = _media(request.headers.get("content-type", "application/fhir+json"))
+    ctype = _media(headers.get("content-type", "application/fhir+json"))
     if ctype == _FORM:
         return None, parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
     if ctype in _XML_TYPES:
@@ -101,27 +149,35 @@ def _parse_body(
     return body, []
 
 
-def _render(resp: FhirResponse, pretty: bool, head: bool) -> Response:
-    body: bytes | None
-    if resp.body is None or resp.status == 304:
-        body = None
-    elif isinstance(resp.body, bytes) and not pretty:
+def _raw_headers(headers: dict[str, str], content_type: bytes | None,
+                 length: int | None) -> list[tuple[bytes, bytes]]:
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1", "replace"))
+           for k, v in headers.items()]
+    if length is not None:
+        raw.append((b"content-length", b"%d" % length))
+    if content_type is not None:
+        raw.append((b"content-type", content_type))
+    return raw
+
+
+def _render(resp: FhirResponse, pretty: bool, head: bool) -> Reply:
+    """The HTTP response; a HEAD request gets the GET's headers without the body."""
+    if resp.body is None or resp.status in _NO_BODY_STATUS:
+        length = None if resp.status in _NO_BODY_STATUS else 0
+        return Reply(resp.status, _raw_headers(resp.headers, None, length), b"")
+    if isinstance(resp.body, bytes) and not pretty:
         body = resp.body
     else:
         value = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
         body = fjson.dumps_pretty(value) if pretty else fjson.dumps(value)
-    headers = dict(resp.headers)
-    if head:
-        body = None
-    if body is None:
-        return Response(status_code=resp.status, headers=headers)
-    return Response(body, status_code=resp.status, headers=headers, media_type=FHIR_JSON)
+    return Reply(resp.status, _raw_headers(resp.headers, _FHIR_JSON, len(body)),
+                 b"" if head else body)
 
 
-def _base_url(ctx: Context, request: Request) -> str:
-    if ctx.settings.public_base_url:
-        return ctx.settings.public_base_url.rstrip("/")
-    return str(request.base_url).rstrip("/") + ctx.settings.base_path
+def _json_reply(status: int, value: dict[str, Any], headers: dict[str, str] | None = None
+                ) -> Reply:
+    body = fjson.dumps(value)
+    return Reply(status, _raw_headers(headers or {}, _PLAIN_JSON, len(body)), body)
 
 
 def _auth_failure(exc: AuthError) -> FhirResponse:
@@ -131,36 +187,36 @@ def _auth_failure(exc: AuthError) -> FhirResponse:
 
 
 async def _smart_endpoint(
-    auth: Authenticator, request: Request, path: str, base: str
-) -> Response | None:
+    auth: Authenticator, request: HttpRequest, base: str
+) -> Reply | None:
     """``.well-known/smart-configuration``, the JWKS and the token endpoint."""
     token_url = f"{base}/auth/token"
-    if path == ".well-known/smart-configuration" and request.method == "GET":
-        return JSONResponse(auth.smart_configuration(base, token_url))
-    if path == ".well-known/jwks.json" and request.method == "GET":
-        return JSONResponse(auth.jwks())
+    path, method = request.path, request.method
+    if path == ".well-known/smart-configuration" and method == "GET":
+        return _json_reply(200, auth.smart_configuration(base, token_url))
+    if path == ".well-known/jwks.json" and method == "GET":
+        return _json_reply(200, auth.jwks())
     if path == "auth/token":
-        if request.method != "POST":
-            return JSONResponse({"error": "invalid_request", "error_description": "use POST"},
-                                status_code=405)
-        raw = await _read_body(request, 64 * 1024)
+        if method != "POST":
+            return _json_reply(405, {"error": "invalid_request", "error_description": "use POST"})
+        raw = await request.body(64 * 1024)
         form = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
         try:
             body = await auth.token(form, token_url)
         except AuthError as exc:
-            return JSONResponse({"error": exc.error, "error_description": exc.description},
-                                status_code=exc.status)
-        return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+            return _json_reply(exc.status, {"error": exc.error,
+                                            "error_description": exc.description})
+        return _json_reply(200, body, {"Cache-Control": "no-store", "Pragma": "no-cache"})
     return None
 
 
 class _GatewayApp(FastAPI):
     """FastAPI, except that every HTTP request under the FHIR base goes straight to
-    :func:`create_api`'s handler, whatever its method (unsupported ones get a 405
+    :func:`create_api`'s endpoint, whatever its method (unsupported ones get a 405
     OperationOutcome from the router).
 
-    It is one catch-all route: FastAPI's routing, dependency and middleware
-    layers around it cost several times the handler's own dispatch (tens of
+    FastAPI's routing, request and response objects, dependency and middleware
+    layers cost several times the endpoint's own dispatch (tens of
     microseconds per request) and add nothing here. Lifespan, websockets
     and anything outside the base still go through FastAPI.
     """
@@ -197,74 +253,86 @@ def create_api(
     app = _GatewayApp(title="carepath-gateway", version="0.1.0", lifespan=lifespan,
                       docs_url=None, redoc_url=None)
     base_path = ctx.settings.base_path.rstrip("/")
+    public_base = ctx.settings.public_base_url.rstrip("/") if ctx.settings.public_base_url \
+        else None
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: Code.UNKNOWN_ENDPOINT, 405: Code.METHOD_NOT_ALLOWED}.get(
             exc.status_code, Code.INVALID_HEADER)
         err = FhirError(code, str(exc.detail))
-        return _render(FhirResponse(exc.status_code, err.outcome()), False, False)
+        reply = _render(FhirResponse(exc.status_code, err.outcome()), False, False)
+        return Response(reply.body, status_code=reply.status, media_type=FHIR_JSON)
 
-    async def handle(request: Request, path: str) -> Response:
-        base = _base_url(ctx, request)
-        address = request.client.host if request.client else None
-        caller = Caller(Principal.nobody(address), request.method, path,
-                        request.url.query, base)
-        CALLER.set(caller)
-        try:
-            response, description = await _serve(request, path, base, address, caller)
-            if ctx.audit is not None and not caller.audited:
-                await ctx.audit.write(record_of(caller, response.status_code, description))
-        except AuditUnavailable:
-            log.error("audit trail unavailable: refusing %s %s", request.method, path)
-            err = FhirError(Code.UNAVAILABLE, "the audit trail cannot be written")
-            return _render(FhirResponse(err.status, err.outcome()), False, False)
-        return response
+    def base_url(scope: Scope, headers: dict[str, str]) -> str:
+        """The FHIR base as the client addressed it (or as configured)."""
+        if public_base is not None:
+            return public_base
+        host = headers.get("host")
+        if not host:
+            server = scope.get("server")
+            host = f"{server[0]}:{server[1]}" if server else "localhost"
+        return f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}{base_path}"
 
-    async def _serve(
-        request: Request, path: str, base: str, address: str | None, caller: Caller
-    ) -> tuple[Response, str]:
-        pretty = request.query_params.get("_pretty") == "true"
-        head = request.method == "HEAD"
+    async def serve(request: HttpRequest, base: str, caller: Caller) -> tuple[Reply, str]:
+        """The reply, and what the AuditEvent says of the outcome."""
         try:
-            special = await _smart_endpoint(auth, request, path, base)
+            special = await _smart_endpoint(auth, request, base)
             if special is not None:
                 return special, ""
         except FhirError as exc:
-            return _render(FhirResponse(exc.status, exc.outcome()), pretty, False), exc.code.gw
+            return _render(FhirResponse(exc.status, exc.outcome()), False, False), exc.code.gw
+        query = parse_qsl(request.query_string, keep_blank_values=True)
+        pretty = ("_pretty", "true") in query
+        head = request.method == "HEAD"
         try:
             caller.principal = await auth.authenticate(request.headers.get("authorization"),
-                                                       address)
+                                                       request.address)
         except AuthError as exc:
             return _render(_auth_failure(exc), pretty, head), f"{exc.error}: {exc.description}"
         try:
-            _wants_json(request)
-            raw = await _read_body(request, ctx.settings.max_request_bytes)
-            body, form = _parse_body(ctx, request, raw, request.method)
-            query = parse_qsl(request.url.query, keep_blank_values=True) + form
+            _wants_json(query, request.headers)
+            raw = await request.body(ctx.settings.max_request_bytes)
+            body, form = _parse_body(ctx, request.headers, raw, request.method)
+            if form:
+                query += form
             bad = fjson.first_forbidden(query)
             if bad is not None:
                 raise FhirError(Code.INVALID_SEARCH_VALUE,
                                 f"a parameter contains the forbidden character U+{ord(bad):04X}")
-            headers = {k.lower(): v for k, v in request.headers.items()}
-            fhir_request = FhirRequest(request.method, path, query, headers, body, base)
+            fhir_request = FhirRequest(request.method, request.path, query, request.headers,
+                                       body, base)
             resp = await route(ctx, fhir_request)
             description = ""
         except FhirError as exc:
             resp = FhirResponse(exc.status, exc.outcome())
             description = exc.code.gw
-        except AuditUnavailable:
+        except (AuditUnavailable, _Disconnected):
             raise
         except Exception:  # a bug of ours: still an OperationOutcome, never a bare 500
-            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            log.exception("unhandled error on %s /%s", request.method, request.path)
             err = FhirError(Code.INTERNAL, "internal error; the gateway logged the details")
             resp = FhirResponse(err.status, err.outcome())
             description = err.code.gw
         return _render(resp, pretty, head), description
 
     async def fhir(scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        response = await handle(Request(scope, receive), path)
-        await response(scope, receive, send)
+        request = HttpRequest.of(scope, receive, path)
+        base = base_url(scope, request.headers)
+        caller = Caller(Principal.nobody(request.address), request.method, path,
+                        request.query_string, base)
+        CALLER.set(caller)
+        try:
+            reply, description = await serve(request, base, caller)
+            if ctx.audit is not None and not caller.audited:
+                await ctx.audit.write(record_of(caller, reply.status, description))
+        except _Disconnected:
+            return
+        except AuditUnavailable:
+            log.error("audit trail unavailable: refusing %s /%s", request.method, path)
+            err = FhirError(Code.UNAVAILABLE, "the audit trail cannot be written")
+            reply = _render(FhirResponse(err.status, err.outcome()), False, False)
+        await reply.send(send)
 
     app.fhir_endpoint = (base_path, fhir)
     spec = openapi(ctx.registry, ctx.settings.base_path)

@@ -85,7 +85,7 @@ class Grant:
 
     @classmethod
     def everything(cls) -> Grant:
-        return cls((parse_scope("system/*.cruds"),))
+        return _EVERYTHING
 
     @classmethod
     def parse(cls, text: str) -> Grant:
@@ -112,3 +112,6 @@ class Grant:
 
     def text(self) -> str:
         return " ".join(s.text for s in self.scopes)
+
+
+_EVERYTHING = Grant((parse_scope("system/*.cruds"),))
