@@ -785,6 +785,7 @@ class Indexer:
         self._by_base = by_type
         self._params: dict[str, dict[str, SearchParam]] = {}
         self._plans: dict[str, _Plan] = {}
+        self._part_plans: dict[tuple[str, frozenset[str]], _Plan] = {}
         self._fallbacks: dict[str, tuple[Fallback, ...]] = {}
 
     @classmethod
@@ -864,15 +865,29 @@ class Indexer:
         self._fallbacks[resource_type] = tuple(fallbacks)
         return plan
 
-    def extract(self, resource: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]:
-        """Index rows of ``resource``, table name -> deduplicated rows (every table present)."""
+    def _part_plan(self, resource_type: str, codes: frozenset[str]) -> _Plan:
+        """The plan of ``resource_type`` restricted to the parameters ``codes``."""
+        plan = self._part_plans.get((resource_type, codes))
+        if plan is None:
+            whole = self._plan(resource_type)
+            by_key = tuple((k, kept) for k, entries in whole.by_key
+                           if (kept := tuple(e for e in entries if e[0] in codes)))
+            plan = _Plan(by_key, tuple(e for e in whole.rooted if e[0] in codes))
+            self._part_plans[(resource_type, codes)] = plan
+        return plan
+
+    def extract(
+        self, resource: dict[str, Any], codes: frozenset[str] | None = None
+    ) -> dict[str, list[tuple[Any, ...]]]:
+        """Index rows of ``resource``, table name -> deduplicated rows (every table present);
+        only those of the parameters ``codes`` when given."""
         out: dict[str, Rows] = {t: [] for t in TABLES}
         if not isinstance(resource, dict):
             return out
         rt = resource.get("resourceType")
         if not isinstance(rt, str) or rt not in self.model.resource_types:
             return out
-        plan = self._plan(rt)
+        plan = self._plan(rt) if codes is None else self._part_plan(rt, codes)
         get = resource.get
         for key, entries in plan.by_key:
             x = get(key)

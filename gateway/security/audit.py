@@ -75,48 +75,80 @@ def outcome_code(status: int) -> str:
     return "4" if status < 500 else "8"
 
 
+_PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+_ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+_OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
+# the parts every event shares, built once (orjson writes shared objects as often as
+# they occur)
+_SERVER_ROLE = {"coding": [{"system": DCM, "code": "110152", "display": "Destination Role ID"}]}
+_CLIENT_ROLE = {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]}
+_RESPONSIBLE = {"coding": [{"system": _PARTICIPATION, "code": "RESP",
+                            "display": "responsible party"}]}
+_RECIPIENT = {"coding": [{"system": _PARTICIPATION, "code": "IRCP",
+                          "display": "information recipient"}]}
+_SERVER_WHO = {"display": "carepath-gateway"}
+_PERSON = {"system": _ENTITY_TYPE, "code": "1", "display": "Person"}
+_SYSTEM_OBJECT = {"system": _ENTITY_TYPE, "code": "2", "display": "System Object"}
+_PATIENT_ROLE = {"system": _OBJECT_ROLE, "code": "1", "display": "Patient"}
+_QUERY_ROLE = {"system": _OBJECT_ROLE, "code": "24", "display": "Query"}
+_DOMAIN_ROLE = {"system": _OBJECT_ROLE, "code": "4", "display": "Domain Resource"}
+_REST = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
+         "display": "Restful Operation"}
+_SOURCE_TYPE = [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                 "code": "4", "display": "Application Server"}]
+_SUBTYPES: dict[str, list[dict[str, str]]] = {}
+_PURPOSES: dict[str, list[dict[str, Any]]] = {}
+
+
+def _subtype(interaction: str) -> list[dict[str, str]]:
+    found = _SUBTYPES.get(interaction)
+    if found is None:
+        found = _SUBTYPES[interaction] = [
+            {"system": "http://hl7.org/fhir/restful-interaction", "code": interaction}]
+    return found
+
+
+def _purpose(code: str) -> list[dict[str, Any]]:
+    found = _PURPOSES.get(code)
+    if found is None:
+        found = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                              "code": code}]}]
+        if len(_PURPOSES) < 256:  # codes come from tokens: keep the cache bounded
+            _PURPOSES[code] = found
+    return found
+
+
 def build_event(caller: Caller, status: int, description: str = "") -> dict[str, Any]:
     p = caller.principal
     interaction = interaction_of(caller.method, caller.path, caller.query_string)
+    site = caller.base or "carepath-gateway"
+    client: dict[str, Any] = {
+        "type": _CLIENT_ROLE,
+        "who": {"identifier": {"system": "urn:carepath-gateway:client",
+                               "value": p.client_id or "anonymous-developer"}},
+        "requestor": p.user is None}
+    if p.address:
+        client["network"] = {"address": p.address, "type": "2"}
     agents: list[dict[str, Any]] = [
-        {"type": {"coding": [{"system": DCM, "code": "110152",
-                              "display": "Destination Role ID"}]},
-         "who": {"display": "carepath-gateway"}, "requestor": False,
-         "network": {"address": caller.base or "carepath-gateway", "type": "5"}},
-        {"type": {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]},
-         "who": {"identifier": {"system": "urn:carepath-gateway:client",
-                                "value": p.client_id or "anonymous-developer"}},
-         "requestor": p.user is None,
-         **({"network": {"address": p.address, "type": "2"}} if p.address else {})},
+        {"type": _SERVER_ROLE, "who": _SERVER_WHO, "requestor": False,
+         "network": {"address": site, "type": "5"}},
+        client,
     ]
     if p.organization:
-        agents.append({
-            "type": {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                "code": "RESP", "display": "responsible party"}]},
-            "who": {"reference": f"Organization/{p.organization}"}, "requestor": False})
+        agents.append({"type": _RESPONSIBLE, "who": {"reference": f"Organization/{p.organization}"},
+                       "requestor": False})
     if p.user or p.on_behalf_of:
-        agents.append({
-            "type": {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                "code": "IRCP", "display": "information recipient"}]},
-            "who": {"display": p.user or p.on_behalf_of}, "requestor": True})
+        agents.append({"type": _RECIPIENT, "who": {"display": p.user or p.on_behalf_of},
+                       "requestor": True})
     entities: list[dict[str, Any]] = [
-        {"what": {"reference": f"Patient/{pid}"},
-         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
-                  "code": "1", "display": "Person"},
-         "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1",
-                  "display": "Patient"}}
+        {"what": {"reference": f"Patient/{pid}"}, "type": _PERSON, "role": _PATIENT_ROLE}
         for pid in sorted(caller.patients)
     ]
-    request_line = f"{caller.method} {caller.path}" + (
-        f"?{caller.query_string}" if caller.query_string else "")
     if interaction.startswith(("search", "history")) or caller.query_string:
+        request_line = f"{caller.method} {caller.path}" + (
+            f"?{caller.query_string}" if caller.query_string else "")
         entities.append({
-            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
-                     "code": "2", "display": "System Object"},
-            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role",
-                     "code": "24", "display": "Query"},
+            "type": _SYSTEM_OBJECT, "role": _QUERY_ROLE,
             "description": request_line[:2000],
             "query": base64.b64encode(request_line.encode()).decode()})
     seen: set[tuple[str, str]] = set()
@@ -125,33 +157,22 @@ def build_event(caller: Caller, status: int, description: str = "") -> dict[str,
             continue
         seen.add((rtype, rid))
         ref = f"{rtype}/{rid}" + (f"/_history/{version}" if version else "")
-        entities.append({
-            "what": {"reference": ref},
-            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
-                     "code": "2", "display": "System Object"},
-            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role",
-                     "code": "4", "display": "Domain Resource"}})
+        entities.append({"what": {"reference": ref}, "type": _SYSTEM_OBJECT,
+                         "role": _DOMAIN_ROLE})
         if len(seen) >= 500:
             break
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": str(uuid.uuid4()),
-        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
-                 "code": "rest", "display": "Restful Operation"},
-        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": interaction}],
+        "type": _REST,
+        "subtype": _subtype(interaction),
         "action": _ACTION.get(interaction, "E"),
         "recorded": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "outcome": outcome_code(status),
-        "outcomeDesc": f"HTTP {status}" + (f" {description}" if description else ""),
-        "purposeOfEvent": [{"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
-            "code": p.purpose_of_use}]}],
+        "outcomeDesc": f"HTTP {status} {description}" if description else f"HTTP {status}",
+        "purposeOfEvent": _purpose(p.purpose_of_use),
         "agent": agents,
-        "source": {"site": caller.base or "carepath-gateway",
-                   "observer": {"display": "carepath-gateway"},
-                   "type": [{"system":
-                             "http://terminology.hl7.org/CodeSystem/security-source-type",
-                             "code": "4", "display": "Application Server"}]},
+        "source": {"site": site, "observer": _SERVER_WHO, "type": _SOURCE_TYPE},
     }
     if entities:
         event["entity"] = entities

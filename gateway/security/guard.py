@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-import orjson
-
 from gateway.fhir.outcome import Code, FhirError
 from gateway.security.policy import AccessPolicy
 from gateway.security.principal import Caller, current
@@ -76,7 +74,7 @@ async def ensure_visible(
     note(stored.resource_type, stored.id, stored.version)
     if access is not None and stored.content is not None:
         # stored bytes were checked on the way in: only references are read here
-        note_patients(access.patients_of(orjson.loads(stored.content)))
+        note_patients(access.patients_in(stored.resource_type, stored.id, stored.content))
 
 
 async def filter_visible(

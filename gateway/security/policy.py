@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
+
 import gateway
 from gateway.fhir.indexer import DATE_MAX, DATE_MIN, date_bounds
 from gateway.security.principal import Principal
@@ -26,7 +28,9 @@ CONSENT_SCOPES = {None, "patient-privacy", "treatment"}
 
 
 class Indexer(Protocol):
-    def extract(self, resource: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]: ...
+    def extract(
+        self, resource: dict[str, Any], codes: frozenset[str] | None = None
+    ) -> dict[str, list[tuple[Any, ...]]]: ...
 
 
 def mappings_dir() -> Path:
@@ -79,6 +83,8 @@ class AccessPolicy:
     def __init__(self, rules: AccessRules, indexer: Indexer) -> None:
         self.rules = rules
         self.indexer = indexer
+        #: type -> its patient-compartment parameters
+        self._links = {t: frozenset(p) for t, p in rules.compartment.items() if p}
 
     def restriction(self, principal: Principal) -> Restriction | None:
         if principal.unrestricted:
@@ -93,12 +99,21 @@ class AccessPolicy:
         if rtype == "Patient":
             rid = resource.get("id")
             return {rid} if isinstance(rid, str) else set()
-        params = self.rules.compartment.get(rtype) if isinstance(rtype, str) else None
+        params = self._links.get(rtype) if isinstance(rtype, str) else None
         if not params:
             return set()
-        rows = self.indexer.extract(resource).get("sp_reference", [])
+        rows = self.indexer.extract(resource, params).get("sp_reference", [])
         return {row[2] for row in rows
                 if row[0] in params and row[1] == "Patient" and row[2] is not None}
+
+    def patients_in(self, resource_type: str, id: str, content: bytes) -> set[str]:
+        """:meth:`patients_of` for stored bytes, parsed only when the type links to
+        patients (a Patient is its own)."""
+        if resource_type == "Patient":
+            return {id}
+        if resource_type not in self._links:
+            return set()
+        return self.patients_of(orjson.loads(content))
 
     def consent_rows(self, resource: dict[str, Any]) -> list[tuple[Any, ...]]:
         """``sp_consent`` rows of an active Consent: one per provision and actor/purpose."""

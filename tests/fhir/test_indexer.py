@@ -684,6 +684,23 @@ def test_extract_all_examples(ix: Indexer) -> None:
     assert all(counts[t] > 0 for t in TABLES), counts
 
 
+def test_extract_some_parameters_gives_their_rows_of_the_whole(ix: Indexer) -> None:
+    """``extract(resource, codes)`` is the whole extraction cut down to ``codes``."""
+    checked = 0
+    for example in load_examples():
+        for resource in with_bundle_entries(example):
+            whole = ix.extract(resource)
+            codes = sorted({r[0] for table_rows in whole.values() for r in table_rows})
+            for some in (frozenset(codes[::2]), frozenset(codes[1::3]), frozenset({"patient"})):
+                part = ix.extract(resource, some)
+                assert set(part) == set(whole)
+                for table, table_rows in whole.items():
+                    assert part[table] == [r for r in table_rows if r[0] in some], table
+                checked += 1
+    assert checked > 1200
+    assert ix.extract({"resourceType": "Observation"}, frozenset()) == {t: [] for t in TABLES}
+
+
 # Independent readings of fhirpathpy results, per parameter type.
 _REF = re.compile(r"(?:.*/)?([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]+)?")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -139,3 +140,16 @@ def test_unknown_jurisdiction_is_refused() -> None:
         load_rules("XX")
     rules = load_rules("NL")
     assert rules.consent_required and not replace(rules, consent_required=False).consent_required
+
+
+def test_patients_in_stored_bytes() -> None:
+    """The patients a stored resource belongs to; bytes are parsed only when needed."""
+    obs = {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+           "subject": {"reference": "Patient/p1"},
+           "performer": [{"reference": "Patient/p2"}, {"reference": "Practitioner/d1"}]}
+    assert POLICY.patients_in("Observation", "o1", json.dumps(obs).encode()) == {"p1", "p2"}
+    assert POLICY.patients_in("Observation", "o1", json.dumps(obs).encode()) == \
+        POLICY.patients_of(obs)
+    # a Patient is its own; a type outside the compartment has none: no parse of either
+    assert POLICY.patients_in("Patient", "p9", b"not json") == {"p9"}
+    assert POLICY.patients_in("Organization", "o1", b"not json") == set()
