@@ -14,8 +14,9 @@ this HTTP stack and this database can do at all:
 Storage, chosen by ``FLOOR_DATABASE_URL`` (``FLOOR_DATABASE_SCHEMA`` sets the
 PostgreSQL ``search_path``):
 
-* PostgreSQL: an asyncpg pool per worker of the gateway's default size (10);
-  each statement runs in autocommit, i.e. one commit (WAL flush) per write.
+* PostgreSQL: an asyncpg pool per worker of the gateway's default size (10) and
+  settings; each statement runs in autocommit, i.e. one commit (WAL flush) per
+  write.
 * SQLite: WAL, ``synchronous=FULL``, ``busy_timeout``; writes run on one
   thread per worker (as aiosqlite would), reads run inline on the event loop
   (a cached primary-key lookup is a few microseconds).
@@ -81,6 +82,10 @@ async def prepare(url: str, schema: str | None = None) -> None:
         await conn.close()
 
 
+async def _no_reset(_conn: Any) -> None:
+    """Pool release without a reset query."""
+
+
 class _Postgres:
     def __init__(self, url: str, schema: str | None) -> None:
         self.url, self.schema = url, schema
@@ -89,9 +94,13 @@ class _Postgres:
     async def open(self) -> None:
         import asyncpg
 
+        # the gateway's pool settings: no reset query on release (asyncpg's default
+        # costs a round trip per request; neither server sets session state) and no
+        # idle timer
         self.pool = await asyncpg.create_pool(
             self.url, min_size=1, max_size=POOL_SIZE,
             server_settings={"search_path": self.schema} if self.schema else {},
+            reset=_no_reset, max_inactive_connection_lifetime=0,
         )
 
     async def close(self) -> None:

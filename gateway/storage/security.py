@@ -193,11 +193,19 @@ async def chain_pending(db: Database, limit: int = 2000, *, precise: bool = Fals
             digest = chain_hash(prev, bytes(record))
             links.append((pos, int(tx_id), int(seq), prev, digest))
             prev = digest
-        if links:
+        if conn.dialect == "postgresql" and links:
+            await conn.execute(_PG_CHAIN, [list(column) for column in zip(*links, strict=True)])
+        elif links:
             await conn.executemany(
                 "INSERT INTO audit_chain (pos, tx_id, seq, prev_hash, hash) VALUES (?, ?, ?, ?, ?)",
                 links)
     return len(links)
+
+
+#: a batch of links as one statement (PostgreSQL)
+_PG_CHAIN = ("INSERT INTO audit_chain (pos, tx_id, seq, prev_hash, hash)"
+             " SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[],"
+             " $5::text[])")
 
 
 async def chain_all(db: Database) -> int:
