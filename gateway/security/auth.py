@@ -23,6 +23,7 @@ from gateway.security.principal import DEFAULT_PURPOSE, Principal
 from gateway.security.scopes import Grant, ScopeError
 from gateway.security.tokens import (
     ASSERTION_TYPE,
+    CLOCK_SKEW,
     AuthError,
     ExternalIssuer,
     TokenClaims,
@@ -38,6 +39,8 @@ from gateway.storage.db import Database
 log = logging.getLogger("carepath.security")
 
 DEV_RECHECK_SECONDS = 5.0
+#: verified access tokens kept per process (about 1 KB each)
+VERIFIED_TOKENS_MAX = 10_000
 
 
 def is_loopback(host: str) -> bool:
@@ -58,6 +61,11 @@ class Authenticator:
         self._dev_checked = 0.0
         self._dev = False
         self._warned = 0.0
+        #: token -> what it grants and until when (epoch seconds, leeway included).
+        #: Checking a signature costs about a millisecond of CPU (ES384), several
+        #: times a whole read, and a client sends the same token until it expires.
+        self._verified: dict[str, tuple[TokenClaims, Grant, float]] = {}
+        self.clock = time.time
 
     async def start(self, base_url: str) -> None:
         kid, pem = await tables.signing_key(self.db, generate_signing_key)
@@ -105,14 +113,38 @@ class Authenticator:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("invalid_request", "use 'Authorization: Bearer <token>'")
-        claims = self._verify(token.strip())
+        claims, grant = self._verified_token(token.strip())
+        return Principal(claims.client_id, claims.organization, grant,
+                         purpose_of_use=claims.purpose_of_use or DEFAULT_PURPOSE,
+                         user=claims.user, address=address)
+
+    def _verified_token(self, token: str) -> tuple[TokenClaims, Grant]:
+        """The claims and grant of a valid token, from the cache while it is valid."""
+        now = self.clock()
+        known = self._verified.get(token)
+        if known is not None:
+            if now <= known[2]:
+                return known[0], known[1]
+            del self._verified[token]
+            raise AuthError("invalid_token", "the access token has expired")
+        claims = self._verify(token)
         try:
             grant = Grant.parse(claims.scope)
         except ScopeError as exc:
             raise AuthError("invalid_token", str(exc)) from None
-        return Principal(claims.client_id, claims.organization, grant,
-                         purpose_of_use=claims.purpose_of_use or DEFAULT_PURPOSE,
-                         user=claims.user, address=address)
+        if len(self._verified) >= VERIFIED_TOKENS_MAX:
+            self._forget_tokens(now)
+        self._verified[token] = (claims, grant, claims.expires + CLOCK_SKEW)
+        return claims, grant
+
+    def _forget_tokens(self, now: float) -> None:
+        """Room in the cache: expired tokens go, then the oldest half if still full."""
+        cache = self._verified
+        for token in [t for t, (_, _, until) in cache.items() if until < now]:
+            del cache[token]
+        if len(cache) >= VERIFIED_TOKENS_MAX:
+            for token in list(cache)[:VERIFIED_TOKENS_MAX // 2]:
+                del cache[token]
 
     def _verify(self, token: str) -> TokenClaims:
         assert self.issuer is not None

@@ -11,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from gateway.security.auth import Authenticator
+from gateway.security.tokens import AuthError
 from gateway.settings import Settings
 from gateway.storage.db import open_database
 from gateway.storage.migrate import migrate
@@ -146,6 +147,49 @@ def test_refuses_to_start_on_a_public_address_without_clients(tmp_path) -> None:
         try:
             with pytest.raises(RuntimeError, match="refusing"):
                 await Authenticator(db, settings).start("http://0.0.0.0:8080/fhir")
+        finally:
+            await db.close()
+
+    asyncio.run(run())
+
+
+def test_verified_tokens_are_remembered_until_they_expire(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A token's signature is checked once; its expiry on every request."""
+    async def run() -> None:
+        settings = Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}")
+        db = open_database(settings.database_url)
+        await db.open()
+        await migrate(db)
+        try:
+            auth = Authenticator(db, settings)
+            await auth.start("http://127.0.0.1:8080/fhir")
+            assert auth.issuer is not None
+            checked: list[str] = []
+            verify = auth.issuer.verify
+            monkeypatch.setattr(auth.issuer, "verify",
+                                lambda t: (checked.append(t), verify(t))[1])
+            token, lifetime = auth.issuer.issue("c1", "org-1", "system/Patient.rs")
+            for _ in range(3):
+                p = await auth.authenticate(f"Bearer {token}", "10.0.0.7")
+                assert (p.client_id, p.organization, p.address) == ("c1", "org-1", "10.0.0.7")
+                assert p.grant.allows("Patient", "r") and not p.grant.allows("Patient", "c")
+            assert checked == [token]
+            tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+            with pytest.raises(AuthError):
+                await auth.authenticate(f"Bearer {tampered}", None)
+            # past exp and the clock-skew leeway: refused without a new signature check
+            auth.clock = lambda: time.time() + lifetime + 31
+            with pytest.raises(AuthError, match="expired"):
+                await auth.authenticate(f"Bearer {token}", None)
+            assert checked == [token, tampered]
+            # the cache stays bounded
+            monkeypatch.setattr("gateway.security.auth.VERIFIED_TOKENS_MAX", 4)
+            auth.clock = time.time
+            for i in range(10):
+                other, _ = auth.issuer.issue(f"c{i}", "org-1", "system/Patient.rs")
+                await auth.authenticate(f"Bearer {other}", None)
+                assert len(auth._verified) <= 4
         finally:
             await db.close()
 
