@@ -625,13 +625,21 @@ class _Converters:
     # ---- reference
 
     def parse_reference(self, ref: str) -> tuple[str | None, str | None, str | None, str | None]:
-        """``(type, id, version, url)`` of a literal reference; url only when absolute."""
+        """``(type, id, version, url)`` of a literal reference.
+
+        A relative reference (``Patient/1``) names a resource of this server: type,
+        id and version. Anything else is a url only: an absolute RESTful url
+        (``http://other.org/fhir/Patient/1``, kept without its ``_history`` part)
+        names a resource elsewhere, which local searches, chains, includes and
+        compartments must not take for this server's ``Patient/1``. References to
+        this server's own base are made relative before storage
+        (:func:`gateway.interactions.base.admit`)."""
         m = _REL_REF.fullmatch(ref)
         if m is not None and m.group(1) in self.resource_types:
             return m.group(1), m.group(2), m.group(3), None
         m = _ABS_REF.fullmatch(ref)
         if m is not None and m.group(2) in self.resource_types:
-            return m.group(2), m.group(3), m.group(4), f"{m.group(1)}/{m.group(2)}/{m.group(3)}"
+            return None, None, None, f"{m.group(1)}/{m.group(2)}/{m.group(3)}"[:MAX_LEN]
         return None, None, None, ref[:MAX_LEN]
 
     def reference(self, code: str, v: Any, out: Rows) -> None:

@@ -12,7 +12,11 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from gateway.fhir import json as fjson
+
 CONDITIONAL_REF = re.compile(r"[A-Z][A-Za-z]+\?.+")
+#: a relative RESTful reference (http.html#general-form)
+RELATIVE_REF = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?")
 _ATTR = re.compile(r"""(\b(?:href|src)\s*=\s*)(["'])(.*?)\2""", re.IGNORECASE | re.DOTALL)
 
 
@@ -63,3 +67,37 @@ def _rewrite_xhtml(div: str, mapping: Mapping[str, str]) -> str:
         return f"{m.group(1)}{m.group(2)}{target}{m.group(2)}" if target else m.group(0)
 
     return _ATTR.sub(sub, div)
+
+
+def localize(resource: dict[str, Any], bases: tuple[str, ...]) -> None:
+    """Make ``reference`` values that point into one of ``bases`` (this server's
+    FHIR base urls, each ending in ``/``) relative, in place.
+
+    ``http://gw.example/fhir/Patient/1`` and ``Patient/1`` name the same
+    resource here; stored relative, both match ``subject=Patient/1`` and count
+    for the patient's compartment, while absolute references to other servers
+    stay as they are (and match only their url). Canonical and uri values are
+    identities and keep their form. A Bundle (a document or message kept as a
+    whole) is left untouched.
+    """
+    if not bases or resource.get("resourceType") == "Bundle":
+        return
+    text = fjson.dumps(resource)  # a few µs; the walk below costs ten times that
+    if not any(base.encode() in text for base in bases):
+        return
+    stack: list[Any] = [resource]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, str):
+                    if key == "reference" and value.startswith(bases):
+                        for base in bases:
+                            rest = value[len(base):]
+                            if value.startswith(base) and RELATIVE_REF.fullmatch(rest):
+                                node[key] = rest
+                                break
+                elif isinstance(value, dict | list):
+                    stack.append(value)
+        else:
+            stack.extend(v for v in node if isinstance(v, dict | list))

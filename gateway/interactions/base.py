@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import parse_qsl
 
 from gateway.fhir.outcome import Code, FhirError, Issue, information
+from gateway.fhir.references import localize
 from gateway.registry import Registry
 from gateway.security import audit as audit_trail
 from gateway.security.policy import AccessPolicy
@@ -71,8 +72,19 @@ async def run_write(ctx: Context, work: Callable[[StoreTransaction], Awaitable[T
     return result
 
 
-def check_valid(ctx: Context, resource: dict[str, Any]) -> None:
-    """Refuse (422) a resource the validator finds errors in; the store stays unchanged."""
+def local_bases(ctx: Context) -> tuple[str, ...]:
+    """This server's FHIR base urls (configured, and as the request addressed it),
+    each ending in ``/``."""
+    bases = [b.rstrip("/") + "/" for b in (ctx.settings.public_base_url, current_caller().base)
+             if b]
+    return tuple(dict.fromkeys(bases))
+
+
+def admit(ctx: Context, resource: dict[str, Any]) -> None:
+    """Ready a resource for storage: references to this server made relative
+    (:func:`gateway.fhir.references.localize`), then validated (422 on errors; the
+    store stays unchanged)."""
+    localize(resource, local_bases(ctx))
     if ctx.validator is None:
         return
     issues = ctx.validator.validate(resource)

@@ -9,9 +9,9 @@ from gateway.interactions.base import (
     Context,
     FhirResponse,
     Prefer,
+    admit,
     check_body,
     check_type,
-    check_valid,
     parse_criteria,
     run_write,
     version_headers,
@@ -67,7 +67,7 @@ async def create(
     guard.require(resource_type, "create")
     resource = check_body(ctx, body, resource_type)
     resource.pop("id", None)  # the server assigns the id on create
-    check_valid(ctx, resource)
+    admit(ctx, resource)
 
     async def work(tx: StoreTransaction) -> tuple[StoredResource, bool]:
         return await create_in(ctx, tx, resource_type, dict(resource),

@@ -16,9 +16,9 @@ from gateway.interactions.base import (
     Context,
     FhirResponse,
     Prefer,
+    admit,
     check_id,
     check_type,
-    check_valid,
     parse_criteria,
     run_write,
     write_response,
@@ -71,7 +71,7 @@ async def patch_in(
         raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
     check_version(current, if_match, f"{resource_type}/{id}")
     result = apply_patch(current, ops)
-    check_valid(ctx, result)
+    admit(ctx, result)
     await guard.check_write(ctx.access, tx, result, current, new_patients)
     stored = await tx.put(resource_type, id, result, "PATCH", current)
     guard.note(resource_type, id, stored.version)

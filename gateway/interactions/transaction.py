@@ -25,10 +25,10 @@ from gateway.interactions.base import (
     Context,
     FhirResponse,
     Prefer,
+    admit,
     check_body,
     check_id,
     check_type,
-    check_valid,
     http_date,
     location,
     parse_criteria,
@@ -198,7 +198,7 @@ class _Transaction:
                 try:
                     await self._rewrite(e)
                     if "same_as" not in e.extra and not e.extra.get("exists"):
-                        check_valid(self.ctx, e.resource)
+                        admit(self.ctx, e.resource)
                 except FhirError as exc:
                     raise _entry_error(e, exc) from None
         for e in sorted(writes, key=lambda e: (_ORDER[e.method], e.index)):

@@ -14,10 +14,10 @@ from gateway.interactions.base import (
     Context,
     FhirResponse,
     Prefer,
+    admit,
     check_body,
     check_id,
     check_type,
-    check_valid,
     parse_criteria,
     parse_etag,
     run_write,
@@ -98,7 +98,7 @@ async def update(
             raise FhirError(Code.ID_MISMATCH,
                             f"Resource.id '{resource['id']}' differs from the URL's '{id}'",
                             ("id",))
-    check_valid(ctx, resource)
+    admit(ctx, resource)
 
     async def work(tx: StoreTransaction) -> tuple[StoredResource, bool]:
         target = id

@@ -272,6 +272,11 @@ CREATE INDEX IF NOT EXISTS sp_reference_ident_set ON sp_reference (res_type, par
     WHERE ident_value IS NOT NULL OR ident_system IS NOT NULL
 """
 
+_V22 = """
+UPDATE sp_reference SET target_type = NULL, target_id = NULL, target_version = NULL
+    WHERE url IS NOT NULL AND target_id IS NOT NULL
+"""
+
 #: (version, description, DDL template). Append only; never edit a released step.
 #: Versions 2-9 belong to events/subscriptions, 10-19 to security, 20-29 to the core store.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -282,6 +287,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (20, "search: starts-with index in code point order", _V20),
     (21, "search: fewer index entries per write (no second string index; reference url and"
          " identifier indexes only where set)", _V21),
+    (22, "search: an absolute reference names a resource elsewhere, not a local one", _V22),
 )
 
 

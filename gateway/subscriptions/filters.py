@@ -8,9 +8,10 @@ alternatives (OR). Spec:
 https://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition-backport-filter-criteria.html
 
 Value semantics follow the search parameter types
-(https://hl7.org/fhir/R4/search.html): ``reference`` (``Type/id``, an absolute
-URL, or a bare id), ``token`` (``system|code``, ``|code``, ``code``,
-``system|``), ``string`` (case-insensitive, starts-with).
+(https://hl7.org/fhir/R4/search.html): ``reference`` (``Type/id`` or a bare id
+for a resource of this server, an absolute URL for one elsewhere), ``token``
+(``system|code``, ``|code``, ``code``, ``system|``), ``string``
+(case-insensitive, starts-with).
 """
 
 from __future__ import annotations
@@ -74,11 +75,13 @@ def _reference_keys(value: Any) -> set[str]:
     ref = value.get("reference") if isinstance(value, dict) else value
     if not isinstance(ref, str) or not ref:
         return set()
-    ref = ref.split("/_history/", 1)[0]
-    parts = ref.rstrip("/").split("/")
-    if len(parts) >= 2:
-        return {f"{parts[-2]}/{parts[-1]}", parts[-1]}
-    return {parts[-1]}
+    ref = ref.split("/_history/", 1)[0].rstrip("/")
+    parts = ref.split("/")
+    if len(parts) == 2 and ":" not in ref:  # Type/id: this server's resource
+        return {ref, parts[1]}
+    # an absolute url names a resource elsewhere (references to this server are
+    # stored relative): it matches only itself
+    return {ref}
 
 
 def _tokens(value: Any) -> set[tuple[str | None, str]]:
@@ -101,8 +104,6 @@ def _tokens(value: Any) -> set[tuple[str | None, str]]:
 def _matches(kind: str, wanted: str, values: list[Any]) -> bool:
     if kind == "reference":
         key = wanted.split("/_history/", 1)[0].rstrip("/")
-        parts = key.split("/")
-        key = f"{parts[-2]}/{parts[-1]}" if len(parts) >= 2 else parts[-1]
         return any(key in _reference_keys(v) for v in values)
     if kind == "token":
         system, bar, code = wanted.partition("|")

@@ -60,6 +60,36 @@ def test_reference_chain_include_revinclude_and_has(client: httpx.Client) -> Non
                       **{"_has:Observation:subject:code": f"urn:test:code|{code}"}) == [pid]
 
 
+def test_references_to_this_server_are_local_and_to_others_are_not(
+        client: httpx.Client) -> None:
+    """``[base]/Patient/1`` is this server's Patient/1 (stored relative); the same
+    path on another server is another patient."""
+    pid = post(client, patient(unique("mrn"))).json()["id"]
+    code = unique("code")
+    base = str(client.base_url).rstrip("/")
+
+    def observation(subject: str) -> dict[str, Any]:
+        return {"resourceType": "Observation", "status": "final",
+                "code": {"coding": [{"system": "urn:test:code", "code": code}]},
+                "subject": {"reference": subject}}
+
+    here = post(client, observation(f"{base}/Patient/{pid}"))
+    assert here.status_code == 201, here.text
+    assert here.json()["subject"]["reference"] == f"Patient/{pid}"
+    foreign = f"http://other.example/fhir/Patient/{pid}"
+    there = post(client, observation(foreign)).json()
+    assert there["subject"]["reference"] == foreign
+    assert search_ids(client, "/Observation", subject=f"Patient/{pid}") == [here.json()["id"]]
+    assert search_ids(client, "/Observation", patient=pid) == [here.json()["id"]]
+    assert search_ids(client, "/Observation",
+                      subject=f"{base}/Patient/{pid}") == [here.json()["id"]]
+    assert search_ids(client, "/Observation", subject=foreign) == [there["id"]]
+    bundle = client.get("/Observation", params={"code": f"urn:test:code|{code}",
+                                                "_include": "Observation:subject"}).json()
+    included = [e["resource"]["id"] for e in bundle["entry"] if e["search"]["mode"] == "include"]
+    assert included == [pid]  # once, for the local reference only
+
+
 def test_sort_and_paging_are_stable_under_concurrent_writes(client: httpx.Client) -> None:
     family = unique("Page")
     ids = _family_patients(client, family, 7)

@@ -419,7 +419,8 @@ def test_where_resolve_is_patient(ix: Indexer) -> None:
         return rows(out, "sp_reference", "patient"), rows(out, "sp_reference", "subject")
 
     assert refs({"reference": "Group/g1"}) == (set(), {("Group", "g1", None, None, None, None)})
-    absolute = ("Patient", "9", "3", "http://other.org/fhir/Patient/9", None, None)
+    # a Patient elsewhere: its url only (no local type and id), still under "patient"
+    absolute = (None, None, None, "http://other.org/fhir/Patient/9", None, None)
     assert refs({"reference": "http://other.org/fhir/Patient/9/_history/3"}) == (
         {absolute}, {absolute})
     urn = (None, None, None, "urn:uuid:7f0c2a0e-6b1e-4f1e-9d4c-0c9f3f1e2b3a", None, None)
@@ -500,14 +501,14 @@ def test_service_request(ix: Indexer) -> None:
         "authoredOn": "2020-05-31",
     })
     assert rows(out, "sp_reference", "requester") == {
-        ("Practitioner", "pr9", None, "http://example.org/fhir/Practitioner/pr9", None, None)}
+        (None, None, None, "http://example.org/fhir/Practitioner/pr9", None, None)}
     assert rows(out, "sp_reference", "performer") == {
         ("Organization", "o1", None, None, None, None),
         ("CareTeam", "ct1", None, None, None, None),
         (None, None, None, None, None, "perf-7"),
     }
     assert rows(out, "sp_reference", "instantiates-canonical") == {
-        ("PlanDefinition", "pd1", None, "http://example.org/fhir/PlanDefinition/pd1", None, None),
+        (None, None, None, "http://example.org/fhir/PlanDefinition/pd1", None, None),
         ("ActivityDefinition", "ad1", None, None, None, None),
     }
     assert rows(out, "sp_uri", "instantiates-uri") == set()
@@ -702,7 +703,9 @@ def test_extract_some_parameters_gives_their_rows_of_the_whole(ix: Indexer) -> N
 
 
 # Independent readings of fhirpathpy results, per parameter type.
-_REF = re.compile(r"(?:.*/)?([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]+)?")
+_REF = re.compile(r"([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]+)?")
+# an absolute RESTful url: names a resource elsewhere, kept as base/Type/id
+_ABS = re.compile(r"(.+://.+?)/([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]+)?")
 
 
 def _expected(param_type: str, value: Any, out: set[str], types: frozenset[str]) -> None:
@@ -744,8 +747,12 @@ def _expected(param_type: str, value: Any, out: set[str], types: frozenset[str])
             elif isinstance(value.get("identifier"), dict):
                 out.add(f"identifier:{value['identifier'].get('value')}")
         elif isinstance(value, str) and not value.startswith("#"):
-            m = _REF.fullmatch(value.split("|")[0])
-            out.add(f"{m[1]}/{m[2]}" if m and m[1] in types else value.split("|")[0])
+            text = value.split("|")[0]
+            m, a = _REF.fullmatch(text), _ABS.fullmatch(text)
+            if m and m[1] in types:
+                out.add(f"{m[1]}/{m[2]}")
+            else:
+                out.add(f"{a[1]}/{a[2]}/{a[3]}" if a and a[2] in types else text)
 
 
 def _got(param_type: str, row: tuple[Any, ...]) -> str | None:

@@ -150,6 +150,11 @@ def test_patients_in_stored_bytes() -> None:
     assert POLICY.patients_in("Observation", "o1", json.dumps(obs).encode()) == {"p1", "p2"}
     assert POLICY.patients_in("Observation", "o1", json.dumps(obs).encode()) == \
         POLICY.patients_of(obs)
+    # a Patient of another server is not one of ours
+    elsewhere = {**obs, "performer": [{"reference": "http://other.org/fhir/Patient/p1"}]}
+    assert POLICY.patients_of(elsewhere) == {"p1"}  # the subject still is
+    assert POLICY.patients_of({**elsewhere, "subject": {"reference": "http://o/fhir/Patient/p1"}}
+                              ) == set()
     # a Patient is its own; a type outside the compartment has none: no parse of either
     assert POLICY.patients_in("Patient", "p9", b"not json") == {"p9"}
     assert POLICY.patients_in("Organization", "o1", b"not json") == set()

@@ -412,6 +412,9 @@ async def test_quantity(db: Database, query: str, expected: list[str]) -> None:
         ("Observation", "subject:Patient=p2", ["o2"]),
         ("Observation", "subject=Group/p1", []),
         ("Observation", "subject=http://other.org/fhir/Patient/p9", ["o5"]),
+        # o5's subject is a Patient p9 on another server, not this server's p9
+        ("Observation", "subject=Patient/p9", []),
+        ("Observation", "patient=p9", []),
         ("Observation", "patient=Patient/p1", ["o1", "o3"]),
         ("Observation", "subject=Patient/p1,Patient/p2", ["o1", "o2", "o3"]),
         ("Patient", "general-practitioner:identifier=urn:npi|9", ["p2"]),
@@ -503,7 +506,7 @@ async def test_missing_not_id(db: Database, rt: str, query: str, expected: list[
         ("Patient", "_sort=-_lastUpdated", ["p7", "p6", "p4", "p3", "p2", "p1"]),
         ("RiskAssessment", "_sort=probability", ["ra4", "ra3", "ra1", "ra2"]),
         ("RiskAssessment", "_sort=-probability", ["ra4", "ra2", "ra1", "ra3"]),
-        ("Observation", "_sort=subject", ["o1", "o3", "o2", "o6", "o5", "o4"]),
+        ("Observation", "_sort=subject", ["o1", "o3", "o2", "o6", "o4", "o5"]),
         ("Observation", "_sort=-date", ["o3", "o2", "o1", "o4", "o5", "o6"]),
         ("Observation", "_sort=date", ["o2", "o1", "o3", "o4", "o5", "o6"]),
         ("Observation", "status=final&_sort=code", ["o1", "o5", "o6", "o4"]),

@@ -71,13 +71,22 @@ def test_filters_parse_against_the_topic_and_match_per_event() -> None:
     assert topic is not None
     criteria = parse_filter("Task?patient=Patient/1&care-level=https://carepath-gateway.org/"
                             "fhir/CodeSystem/care-level|level-2", topic)
-    task = {"resourceType": "Task", "for": {"reference": "http://x/fhir/Patient/1"},
+    task = {"resourceType": "Task", "for": {"reference": "Patient/1/_history/2"},
             "performerType": [{"coding": [{"system": "https://carepath-gateway.org/fhir/"
                                                      "CodeSystem/care-level",
                                         "code": "level-2"}]}]}
     assert accepts(topic, criteria, "Task", EventValues(task))
     other = {**task, "for": {"reference": "Patient/2"}}
     assert not accepts(topic, criteria, "Task", EventValues(other))
+    # Patient/1 of another server is not this server's Patient/1; its url matches it
+    elsewhere = {**task, "for": {"reference": "http://x/fhir/Patient/1"}}
+    assert not accepts(topic, criteria, "Task", EventValues(elsewhere))
+    by_url = parse_filter("Task?patient=http://x/fhir/Patient/1", topic)
+    assert accepts(topic, by_url, "Task", EventValues(elsewhere))
+    assert not accepts(topic, by_url, "Task", EventValues(task))
+    by_id = parse_filter("Task?patient=1", topic)
+    assert accepts(topic, by_id, "Task", EventValues(task))
+    assert not accepts(topic, by_id, "Task", EventValues(elsewhere))
     assert accepts(topic, parse_filter("patient=Patient/2,Patient/1", topic), "Task",
                    EventValues(task))
     assert accepts(topic, parse_filter("organization=Organization/o", topic), "Task",

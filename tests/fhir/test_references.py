@@ -1,0 +1,51 @@
+"""References to this server made relative before storage (gateway.fhir.references)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from gateway.fhir.references import localize
+
+BASES = ("https://gw.example/fhir/", "http://127.0.0.1:8080/fhir/")
+
+
+def test_references_into_this_server_become_relative() -> None:
+    plan: dict[str, Any] = {
+        "resourceType": "CarePlan", "status": "active", "intent": "plan",
+        "subject": {"reference": "https://gw.example/fhir/Patient/p1"},
+        "careTeam": [{"reference": "http://127.0.0.1:8080/fhir/CareTeam/t1/_history/3"}],
+        "activity": [{"reference": {"reference": "https://gw.example/fhir/Task/t9"}}],
+        "contained": [{"resourceType": "Goal", "id": "g",
+                       "subject": {"reference": "https://gw.example/fhir/Patient/p1"}}],
+        "author": {"reference": "https://other.example/fhir/Practitioner/d1"},
+        "instantiatesCanonical": ["https://gw.example/fhir/PlanDefinition/pd"],
+        "note": [{"text": "see https://gw.example/fhir/Patient/p1"}],
+        "supportingInfo": [{"reference": "https://gw.example/fhir/metadata"},
+                           {"reference": "https://gw.example/fhirish/Patient/p1"}],
+    }
+    localize(plan, BASES)
+    assert plan["subject"] == {"reference": "Patient/p1"}
+    assert plan["careTeam"] == [{"reference": "CareTeam/t1/_history/3"}]
+    assert plan["activity"][0]["reference"] == {"reference": "Task/t9"}
+    assert plan["contained"][0]["subject"] == {"reference": "Patient/p1"}
+    # elsewhere, canonicals, text and what is not Type/id stay as they are
+    assert plan["author"] == {"reference": "https://other.example/fhir/Practitioner/d1"}
+    assert plan["instantiatesCanonical"] == ["https://gw.example/fhir/PlanDefinition/pd"]
+    assert plan["note"] == [{"text": "see https://gw.example/fhir/Patient/p1"}]
+    assert plan["supportingInfo"] == [{"reference": "https://gw.example/fhir/metadata"},
+                                      {"reference": "https://gw.example/fhirish/Patient/p1"}]
+
+
+def test_bundles_and_unknown_bases_are_left_alone() -> None:
+    document = {"resourceType": "Bundle", "type": "document", "entry": [
+        {"fullUrl": "https://gw.example/fhir/Composition/c1",
+         "resource": {"resourceType": "Composition",
+                      "subject": {"reference": "https://gw.example/fhir/Patient/p1"}}}]}
+    kept = copy.deepcopy(document)
+    localize(document, BASES)
+    assert document == kept
+    obs = {"resourceType": "Observation",
+           "subject": {"reference": "https://gw.example/fhir/Patient/p1"}}
+    localize(obs, ())
+    assert obs["subject"]["reference"] == "https://gw.example/fhir/Patient/p1"
