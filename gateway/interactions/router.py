@@ -125,7 +125,8 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
         return await _operation(ctx, req, method, parts[2][1:], rt, id)
     if n == 2:
         if method == "GET":
-            return await read.read(ctx, rt, id, if_none_match=h.get("if-none-match"))
+            return await read.read(ctx, rt, id, if_none_match=h.get("if-none-match"),
+                                   if_modified_since=h.get("if-modified-since"))
         if method == "PUT":
             return await update_mod.update(ctx, rt, id, req.body, base=req.base,
                                            prefer=req.prefer, if_match=h.get("if-match"))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+from email.utils import format_datetime, parsedate_to_datetime
+
 import httpx
 
 from tests.api.helpers import FHIR, gw_code, patient, post, put, search_ids
@@ -253,8 +256,31 @@ def test_format_parameter_and_pretty(client: httpx.Client) -> None:
 
 def test_conditional_read_with_if_none_match(client: httpx.Client) -> None:
     created = post(client, patient(unique("mrn"))).json()
-    response = client.get(f"/Patient/{created['id']}", headers={"If-None-Match": 'W/"1"'})
+    path = f"/Patient/{created['id']}"
+    response = client.get(path, headers={"If-None-Match": 'W/"1"'})
     assert response.status_code == 304
+    assert response.headers["ETag"] == 'W/"1"' and response.content == b""
+    assert client.get(path, headers={"If-None-Match": 'W/"0", W/"1"'}).status_code == 304
+    assert client.get(path, headers={"If-None-Match": "*"}).status_code == 304
+    assert client.get(path, headers={"If-None-Match": 'W/"2"'}).status_code == 200
+
+
+def test_conditional_read_with_if_modified_since(client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    path = f"/Patient/{created['id']}"
+    last_modified = client.get(path).headers["Last-Modified"]
+    since = parsedate_to_datetime(last_modified)
+    assert client.get(path, headers={"If-Modified-Since": last_modified}).status_code == 304
+    later = format_datetime(since + timedelta(hours=1), usegmt=True)
+    assert client.get(path, headers={"If-Modified-Since": later}).status_code == 304
+    earlier = format_datetime(since - timedelta(seconds=1), usegmt=True)
+    assert client.get(path, headers={"If-Modified-Since": earlier}).status_code == 200
+    assert client.get(path, headers={"If-Modified-Since": "yesterday"}).status_code == 200
+    # If-None-Match decides when both are sent
+    assert client.get(path, headers={"If-Modified-Since": later,
+                                     "If-None-Match": 'W/"7"'}).status_code == 200
+    caps = client.get("/metadata").json()["rest"][0]["resource"]
+    assert {r["type"]: r["conditionalRead"] for r in caps}["Patient"] == "full-support"
 
 
 def test_forbidden_characters_in_bodies_and_queries_are_400(client: httpx.Client) -> None:
