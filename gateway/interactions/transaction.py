@@ -4,16 +4,17 @@ https://hl7.org/fhir/R4/bundle.html#transaction.
 A transaction is one database transaction: every entry succeeds or none
 does, and a failure answers with one OperationOutcome naming the entry
 (``Bundle.entry[i]``). Entries are processed in the spec's order (DELETE,
-POST, PUT/PATCH, then GET/HEAD after the writes commit); ``fullUrl`` names
-(``urn:uuid:…``) and conditional references (``Patient?identifier=…``) are
-resolved and rewritten in every resource; identical conditional creates in
-one Bundle yield one resource. A batch runs each entry on its own.
+POST, PUT/PATCH, then GET/HEAD, which run inside the transaction: they see
+its writes, and their failure fails it); ``fullUrl`` names (``urn:uuid:…``)
+and conditional references (``Patient?identifier=…``) are resolved and
+rewritten in every resource; identical conditional creates in one Bundle
+yield one resource. A batch runs each entry on its own.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -384,10 +385,25 @@ async def _entry_request(
         CALLER.reset(token)
 
 
-async def _run_get(ctx: Context, e: Entry, base: str) -> FhirResponse:
+async def _read_within(ctx: Context, tx: StoreTransaction, e: Entry, base: str
+                       ) -> FhirResponse:
+    """A GET/HEAD entry of a transaction, run inside it: it sees the Bundle's writes,
+    and its failure fails the Bundle. Audited as a request of its own, in the
+    transaction."""
     req = FhirRequest(e.method, e.path, parse_qsl(e.query, keep_blank_values=True),
                       e.headers, None, base)
-    return await _entry_request(ctx, e, req)
+    child = current().child(e.method, e.path, e.query)
+    token = CALLER.set(child)
+    try:
+        try:
+            response = await route(replace(ctx, store=ctx.store.within(tx)), req)
+        except FhirError as exc:
+            raise _entry_error(e, exc) from None
+        if ctx.audit is not None:
+            await tx.append_audit([audit_trail.record_of(child, response.status)])
+        return response
+    finally:
+        CALLER.reset(token)
 
 
 async def process_bundle(ctx: Context, body: Any, *, base: str, prefer: Prefer) -> FhirResponse:
@@ -410,11 +426,11 @@ async def process_bundle(ctx: Context, body: Any, *, base: str, prefer: Prefer) 
         fresh = [Entry(e.index, e.method, e.path, e.query, e.full_url, resource, e.headers)
                  for e, resource in zip(entries, resources, strict=True)]
         await _Transaction(ctx, tx, fresh).run()
+        for e in fresh:
+            if e.method in ("GET", "HEAD"):
+                e.response = await _read_within(ctx, tx, e, base)
 
     await run_write(ctx, work)
-    for e in fresh:
-        if e.method in ("GET", "HEAD"):
-            e.response = await _run_get(ctx, e, base)
     return FhirResponse(200, bundle("transaction-response",
                                     [_response_entry(e, base, prefer) for e in fresh]))
 

@@ -119,6 +119,9 @@ class Store(Protocol):
     async def run(self, work: Callable[[StoreTransaction], Awaitable[T]]) -> T:
         """Run ``work`` in one database transaction, retrying lost races."""
 
+    def within(self, tx: StoreTransaction) -> Store:
+        """The store as seen from inside ``tx`` (its reads see ``tx``'s writes)."""
+
     async def read(self, resource_type: str, id: str) -> StoredResource | None: ...
     async def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None: ...
     async def read_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]: ...

@@ -8,9 +8,11 @@ the writes of one transaction (a whole Bundle) go out as one statement.
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -443,6 +445,31 @@ class _Transaction:
         )
 
 
+class _Within:
+    """A :class:`Database` whose every read and write goes through one open
+    transaction, after its pending writes (:meth:`SqlStore.within`)."""
+
+    def __init__(self, tx: _Transaction, dialect: str) -> None:
+        self._tx = tx
+        self.dialect = dialect
+
+    async def open(self) -> None:
+        raise RuntimeError("a transaction's view is opened with the transaction")
+
+    async def close(self) -> None:
+        raise RuntimeError("a transaction's view is closed with the transaction")
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Connection]:
+        await self._tx._flush()
+        yield self._tx.conn
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        await self._tx._flush()
+        yield self._tx.conn
+
+
 class SqlStore:
     """:class:`~gateway.storage.interface.Store` over SQLite or PostgreSQL."""
 
@@ -460,6 +487,16 @@ class SqlStore:
 
     async def close(self) -> None:
         await self.db.close()
+
+    def within(self, tx: Any) -> SqlStore:
+        """This store as seen from inside ``tx``, one of its open transactions:
+        reads (searches, history…) see what ``tx`` wrote so far, and commit or roll
+        back with it. For the reads of a transaction Bundle."""
+        if not isinstance(tx, _Transaction):
+            raise TypeError(f"not a transaction of this store: {type(tx).__name__}")
+        view = copy.copy(self)
+        view.db = _Within(tx, self.db.dialect)
+        return view
 
     async def run(self, work: Callable[[_Transaction], Awaitable[T]]) -> T:
         for attempt in range(MAX_ATTEMPTS):

@@ -147,6 +147,36 @@ def test_transaction_order_delete_post_put_get(client: httpx.Client) -> None:
     assert client.get(f"/Patient/{doomed}").status_code == 410
 
 
+def test_transaction_reads_run_inside_it(client: httpx.Client) -> None:
+    """A GET entry sees what the Bundle wrote; a failing GET fails the Bundle and
+    nothing is written."""
+    mrn = unique("mrn")
+    rid = unique("pat")
+    bundle = tx([
+        {"request": {"method": "GET", "url": f"Patient/{rid}"}},
+        {"request": {"method": "GET", "url": f"Patient/{rid}/_history"}},
+        {"resource": patient(mrn, id=rid), "request": {"method": "PUT",
+                                                      "url": f"Patient/{rid}"}},
+    ])
+    response = send(client, bundle)
+    assert response.status_code == 200, response.text
+    read, history, _put = response.json()["entry"]
+    assert read["resource"]["id"] == rid and read["response"]["etag"] == 'W/"1"'
+    assert history["resource"]["total"] == 1
+
+    other = unique("mrn")
+    failing = tx([
+        {"resource": patient(other), "request": {"method": "POST", "url": "Patient"}},
+        {"request": {"method": "GET", "url": f"Patient/{unique('missing')}"}},
+    ])
+    response = send(client, failing)
+    assert response.status_code == 404
+    outcome = response.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert "Bundle.entry[1]" in outcome["issue"][0]["expression"]
+    assert search_ids(client, "/Patient", identifier=f"urn:test:mrn|{other}") == []
+
+
 def test_transaction_entries_touching_one_resource_conflict(client: httpx.Client) -> None:
     rid = unique("pat")
     bundle = tx([
