@@ -25,6 +25,7 @@ from gateway.security.policy import AccessPolicy, PolicyIndexer, load_rules
 from gateway.settings import Settings
 from gateway.storage.commit_hooks import HookedSqlStore
 from gateway.storage.db import open_database
+from gateway.storage.retention import Retention
 from gateway.subscriptions import SubscriptionService
 from gateway.subscriptions.service import WEBSOCKET_PATH
 
@@ -93,7 +94,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   access=access, audit=audit, validator=validator)
     capabilities.contribute(ctx, "Subscription", subscriptions.subscription_extensions)
     capabilities.contribute(ctx, None, subscriptions.rest_extensions)
-    services: list[Service] = [audit, AuditChainer(store.db), events, subscriptions]
+    retention = Retention(store.db, outbox_hours=settings.outbox_retention_hours,
+                          subscription_event_hours=settings.subscription_event_retention_hours)
+    services: list[Service] = [audit, AuditChainer(store.db), events, subscriptions, retention]
     auth = Authenticator(store.db, settings)
 
     async def startup() -> None:

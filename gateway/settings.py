@@ -63,6 +63,10 @@ class Settings:
     event_poll_ms: int = 500
     #: Redis entries a consumer left pending this long are reclaimed (XAUTOCLAIM)
     event_claim_idle_ms: int = 30_000
+    #: outbox events every reader has passed are kept this long (hours; 0: for ever)
+    outbox_retention_hours: int = 168
+    #: delivered subscription events (``$events``) are kept this long (hours; 0: for ever)
+    subscription_event_retention_hours: int = 720
     #: where rest-hook endpoints may point, comma-separated host names
     #: (``*.example.org``, ``*`` = any) and networks (``10.20.0.0/16``; listing
     #: a network also permits its private/loopback addresses in production)
