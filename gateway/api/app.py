@@ -63,9 +63,10 @@ class HttpRequest:
     @classmethod
     def of(cls, scope: Scope, receive: Receive, path: str) -> HttpRequest:
         headers: dict[str, str] = {}
-        for name, value in scope["headers"]:
-            # the first of repeated fields, as most frameworks' get() answers
-            headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        for raw_name, raw_value in scope["headers"]:
+            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+            # a field sent twice is one list (RFC 9110 5.3): Prefer, Accept, If-None-Match
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
         client = scope.get("client")
         return cls(scope["method"], path, scope.get("query_string", b"").decode("latin-1"),
                    headers, client[0] if client else None, receive)

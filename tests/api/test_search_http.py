@@ -138,6 +138,11 @@ def test_unknown_parameters_lenient_and_strict(client: httpx.Client) -> None:
     strict = client.get("/Patient", params={"foo": "bar"}, headers={"Prefer": "handling=strict"})
     assert strict.status_code == 400
     assert gw_code(strict) == "GW-1014"
+    # a header field sent twice counts as one list (RFC 9110 5.3)
+    twice = client.get("/Patient", params={"foo": "bar"},
+                       headers=[("Prefer", "return=representation"),
+                                ("Prefer", "handling=strict")])
+    assert twice.status_code == 400
 
 
 def test_invalid_search_values_are_400(client: httpx.Client) -> None:
