@@ -633,7 +633,7 @@ class _Converters:
         names a resource elsewhere, which local searches, chains, includes and
         compartments must not take for this server's ``Patient/1``. References to
         this server's own base are made relative before storage
-        (:func:`gateway.interactions.base.admit`)."""
+        (:func:`gateway.interactions.base.admit`; ADR 0005)."""
         m = _REL_REF.fullmatch(ref)
         if m is not None and m.group(1) in self.resource_types:
             return m.group(1), m.group(2), m.group(3), None
