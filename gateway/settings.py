@@ -29,6 +29,9 @@ class Settings:
     max_json_depth: int = 64
     #: longest string value accepted (base64 documents included), in characters
     max_string_length: int = 8 * 1024 * 1024
+    #: responses this large or larger are gzip-compressed for clients that accept it
+    #: (0: never); request bodies may be sent with ``Content-Encoding: gzip``
+    gzip_min_bytes: int = 8_192
     default_page_size: int = 20
     max_page_size: int = 1000
     #: largest number of matches a search keeps for stable paging

@@ -4,14 +4,16 @@ Every request under the FHIR base is handled here as plain ASGI: it becomes a
 neutral :class:`~gateway.interactions.router.FhirRequest` for the route table,
 and what comes back is sent as it is (stored JSON bytes go out untouched).
 Here, and only here: content negotiation (``application/fhir+json``;
-``_format``), body size and JSON depth limits, and the mapping of
+``_format``; gzip both ways), body size and JSON depth limits, and the mapping of
 :class:`~gateway.fhir.outcome.FhirError` to HTTP. FastAPI serves the rest
 (lifespan, websockets, ``/openapi.json``).
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -72,11 +74,13 @@ class HttpRequest:
                    headers, client[0] if client else None, receive)
 
     async def body(self, limit: int) -> bytes:
+        """The request content, at most ``limit`` bytes (after ``gzip`` decoding)."""
         declared = self.headers.get("content-length")
         if declared is None and "transfer-encoding" not in self.headers:
             return b""  # RFC 9112 6.3: a request without either has no content
         if declared and declared.isdigit() and int(declared) > limit:
             raise FhirError(Code.TOO_LARGE, f"{declared} bytes; the limit is {limit}")
+        decoder = _decoder(self.headers.get("content-encoding"))
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -84,12 +88,38 @@ class HttpRequest:
             if message["type"] == "http.disconnect":
                 raise _Disconnected
             chunk = message.get("body", b"")
+            if decoder is not None:
+                chunk = _inflate(decoder, chunk, limit - size)
             size += len(chunk)
             if size > limit:
                 raise FhirError(Code.TOO_LARGE, f"more than {limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
+                if decoder is not None and not decoder.eof:
+                    raise FhirError(Code.BAD_CONTENT_ENCODING, "the gzip stream is truncated")
                 return b"".join(chunks)
+
+
+def _decoder(encoding: str | None) -> Any:
+    """A gzip decoder for ``Content-Encoding: gzip``; None for no encoding."""
+    codings = [c.strip().lower() for c in (encoding or "").split(",") if c.strip()]
+    if not codings or codings == ["identity"]:
+        return None
+    if codings in (["gzip"], ["x-gzip"]):
+        return zlib.decompressobj(wbits=31)
+    raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                    f"Content-Encoding '{(encoding or '')[:40]}' is not supported; use gzip")
+
+
+def _inflate(decoder: Any, chunk: bytes, room: int) -> bytes:
+    """Decode ``chunk``, never more than ``room`` + 1 bytes (a bomb stops here)."""
+    try:
+        out: bytes = decoder.decompress(chunk, max(room, 0) + 1)
+    except zlib.error as exc:
+        raise FhirError(Code.BAD_CONTENT_ENCODING, f"the body is not valid gzip: {exc}") from None
+    if decoder.unused_data:
+        raise FhirError(Code.BAD_CONTENT_ENCODING, "data after the end of the gzip stream")
+    return out
 
 
 @dataclass(slots=True)
@@ -161,8 +191,27 @@ def _raw_headers(headers: dict[str, str], content_type: bytes | None,
     return raw
 
 
-def _render(resp: FhirResponse, pretty: bool, head: bool) -> Reply:
-    """The HTTP response; a HEAD request gets the GET's headers without the body."""
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """``Accept-Encoding`` allows gzip: named, or ``*``, with a quality above 0."""
+    quality: dict[str, float] = {}
+    for item in (accept_encoding or "").lower().split(","):
+        coding, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        quality.setdefault(coding, q)
+    q = quality.get("gzip", quality.get("x-gzip", quality.get("*", 0.0)))
+    return q > 0
+
+
+def _render(resp: FhirResponse, pretty: bool, head: bool, gzip_from: int = 0) -> Reply:
+    """The HTTP response; a HEAD request gets the GET's headers without the body.
+    A body of ``gzip_from`` bytes or more (0: never) is sent gzip-compressed."""
     if resp.body is None or resp.status in _NO_BODY_STATUS:
         length = None if resp.status in _NO_BODY_STATUS else 0
         return Reply(resp.status, _raw_headers(resp.headers, None, length), b"")
@@ -171,7 +220,11 @@ def _render(resp: FhirResponse, pretty: bool, head: bool) -> Reply:
     else:
         value = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
         body = fjson.dumps_pretty(value) if pretty else fjson.dumps(value)
-    return Reply(resp.status, _raw_headers(resp.headers, _FHIR_JSON, len(body)),
+    headers = resp.headers
+    if gzip_from and len(body) >= gzip_from:
+        body = gzip.compress(body, compresslevel=5, mtime=0)
+        headers = {**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+    return Reply(resp.status, _raw_headers(headers, _FHIR_JSON, len(body)),
                  b"" if head else body)
 
 
@@ -315,7 +368,9 @@ def create_api(
             err = FhirError(Code.INTERNAL, "internal error; the gateway logged the details")
             resp = FhirResponse(err.status, err.outcome())
             description = err.code.gw
-        return _render(resp, pretty, head), description
+        gzip_from = ctx.settings.gzip_min_bytes if accepts_gzip(
+            request.headers.get("accept-encoding")) else 0
+        return _render(resp, pretty, head, gzip_from), description
 
     async def fhir(scope: Scope, receive: Receive, send: Send, path: str) -> None:
         request = HttpRequest.of(scope, receive, path)

@@ -46,6 +46,7 @@ class Code(Enum):
     UNKNOWN_ENDPOINT = ("GW-1023", 404, "not-found", "Unknown endpoint")
     UNSUPPORTED_SEARCH = ("GW-1024", 400, "not-supported", "Unsupported search feature")
     STRING_TOO_LONG = ("GW-1025", 413, "too-long", "A string is longer than allowed")
+    BAD_CONTENT_ENCODING = ("GW-1026", 400, "structure", "Body cannot be decoded")
     UNAUTHENTICATED = ("GW-1030", 401, "login", "Authentication required or failed")
     FORBIDDEN = ("GW-1031", 403, "forbidden", "Not permitted")
     # 2xxx: what was asked for is not there

@@ -1,0 +1,81 @@
+"""gzip over HTTP: compressed responses for clients that accept them, compressed
+request bodies, and what is refused (decompression bombs, broken streams)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import httpx
+import pytest
+
+from gateway.api.app import accepts_gzip
+from tests.api.helpers import FHIR, gw_code, patient, post
+from tests.conftest import unique
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("gzip", True), ("gzip, deflate, br", True), ("br;q=1.0, gzip;q=0.5", True),
+    ("*", True), ("x-gzip", True), ("GZIP", True),
+    (None, False), ("", False), ("identity", False), ("br", False),
+    ("gzip;q=0", False), ("gzip;q=0.000", False), ("*;q=0", False),
+    ("gzip;q=0, *", False), ("br, *;q=0.1", True), ("gzip;q=nonsense", False),
+])
+def test_accept_encoding(header: str | None, expected: bool) -> None:
+    assert accepts_gzip(header) is expected
+
+
+def _raw(client: httpx.Client, path: str, **headers: str) -> httpx.Response:
+    """The response as it came over the wire (no automatic decoding)."""
+    with client.stream("GET", path, headers=headers) as response:
+        response.raw = b"".join(response.iter_raw())  # type: ignore[attr-defined]
+    return response
+
+
+def test_large_responses_are_gzipped_for_clients_that_accept_it(client: httpx.Client) -> None:
+    family = unique("Zip")
+    for i in range(8):  # about 1.5 KB each: a Bundle of all is over the 8 KiB threshold
+        post(client, patient(unique("mrn"), family=family,
+                             address=[{"line": [f"Hauptstrasse {i}, Hinterhaus " * 40]}]))
+    big = _raw(client, f"/Patient?family={family}", **{"Accept-Encoding": "gzip"})
+    assert big.status_code == 200
+    assert big.headers["Content-Encoding"] == "gzip"
+    assert "Accept-Encoding" in big.headers["Vary"]
+    assert int(big.headers["Content-Length"]) == len(big.raw)  # type: ignore[attr-defined]
+    bundle = json.loads(gzip.decompress(big.raw))  # type: ignore[attr-defined]
+    assert bundle["total"] == 8
+    plain = _raw(client, f"/Patient?family={family}", **{"Accept-Encoding": "identity"})
+    assert "Content-Encoding" not in plain.headers
+    assert json.loads(plain.raw)["total"] == 8  # type: ignore[attr-defined]
+    # a small body is not worth compressing
+    one = post(client, patient(unique("mrn"))).json()
+    small = _raw(client, f"/Patient/{one['id']}", **{"Accept-Encoding": "gzip"})
+    assert "Content-Encoding" not in small.headers
+    assert json.loads(small.raw)["id"] == one["id"]  # type: ignore[attr-defined]
+
+
+def test_gzip_request_bodies(client: httpx.Client) -> None:
+    resource = patient(unique("mrn"))
+    headers = {"Content-Type": FHIR, "Content-Encoding": "gzip"}
+    created = client.post("/Patient", content=gzip.compress(json.dumps(resource).encode()),
+                          headers=headers)
+    assert created.status_code == 201, created.text
+    assert created.json()["identifier"] == resource["identifier"]
+
+    broken = client.post("/Patient", content=b"not gzip at all", headers=headers)
+    assert (broken.status_code, gw_code(broken)) == (400, "GW-1026")
+    truncated = gzip.compress(json.dumps(resource).encode())[:-12]
+    cut = client.post("/Patient", content=truncated, headers=headers)
+    assert (cut.status_code, gw_code(cut)) == (400, "GW-1026")
+    other = client.post("/Patient", content=json.dumps(resource).encode(),
+                        headers={**headers, "Content-Encoding": "br"})
+    assert (other.status_code, gw_code(other)) == (415, "GW-1008")
+
+
+def test_a_decompression_bomb_stops_at_the_size_limit(client: httpx.Client) -> None:
+    # 10 KB on the wire, 64 MiB inflated (the default limit is 10 MiB)
+    bomb = gzip.compress(b'{"resourceType":"Patient","x":"' + b"0" * (64 << 20) + b'"}')
+    assert len(bomb) < 100_000
+    response = client.post("/Patient", content=bomb,
+                           headers={"Content-Type": FHIR, "Content-Encoding": "gzip"})
+    assert (response.status_code, gw_code(response)) == (413, "GW-1011")
