@@ -79,6 +79,40 @@ def migrate_cmd(
     console.print(f"applied migrations: {applied or 'none (up to date)'}")
 
 
+@app.command("reindex")
+def reindex_cmd(
+    resource_type: str = typer.Argument(None, help="only this resource type (default: all)"),
+    database_url: str = typer.Option(None, "--db", help="sqlite:///… or postgresql://…"),
+    local_base: list[str] = typer.Option(
+        [], "--local-base", help="a base URL of this server, for references written before it"
+        " was recognised (default: CAREPATH_PUBLIC_BASE_URL); repeatable"),
+) -> None:
+    """Rebuild the search index from the stored resources (after an upgrade that
+    changed what is indexed). Runs beside a serving gateway, in small batches."""
+    from gateway.main import build_store, registry
+    from gateway.security.policy import AccessPolicy, load_rules
+
+    settings = Settings.from_env(database_url=database_url)
+    bases = tuple(dict.fromkeys(
+        b.rstrip("/") + "/" for b in (*local_base, settings.public_base_url or "") if b))
+    reg = registry()
+    store = build_store(settings, reg, AccessPolicy(load_rules(settings.jurisdiction),
+                                                    reg.indexer))
+    if resource_type is not None and not reg.is_resource_type(resource_type):
+        console.print(f"[red]unknown resource type {resource_type}[/red]")
+        raise typer.Exit(2)
+
+    async def run() -> int:
+        await store.open()
+        try:
+            return await store.reindex(resource_type, bases=bases)
+        finally:
+            await store.close()
+
+    count = asyncio.run(run())
+    console.print(f"[green]reindexed[/green] {count} resources")
+
+
 clients_app = typer.Typer(help="Register the systems allowed to call the gateway.")
 app.add_typer(clients_app, name="clients")
 

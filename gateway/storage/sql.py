@@ -22,6 +22,7 @@ import orjson
 
 from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.references import localize
 from gateway.storage import access_sql, search_sql
 from gateway.storage.db import Connection, Database, RetryableError
 from gateway.storage.interface import HistoryPage, Restriction, Snapshot, StoredResource
@@ -50,6 +51,9 @@ _INSERT_INDEX = {
     for table, cols in INDEX_TABLES.items()
 }
 _DELETE_INDEX = {t: f"DELETE FROM {t} WHERE res_type = ? AND res_id = ?" for t in INDEX_TABLES}
+#: the advisory locks of several resources (``Type/id`` keys), in one order
+_PG_LOCK_MANY = ("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0)))"
+                 " FROM (SELECT unnest(?::text[]) AS k ORDER BY 1) s")
 
 _RESOURCE_COLS = "res_type, res_id, version, last_updated, deleted, content"
 
@@ -514,6 +518,66 @@ class SqlStore:
                     continue
                 raise
         raise FhirError(Code.CONCURRENT_CONFLICT, "the transaction kept losing races")
+
+    async def reindex(
+        self, resource_type: str | None = None, *, bases: tuple[str, ...] = (),
+        batch: int = 500, progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Rebuild the search index of the current resources (of one type, or all)
+        from their stored content, ``batch`` resources per transaction; how many.
+
+        For a change in what is indexed (new search parameters, schema 22).
+        Content, versions and history stay as they are. References into
+        ``bases`` (each ending in ``/``) are indexed as this server's, as
+        :func:`gateway.fhir.references.localize` would have stored them."""
+        done, after = 0, ("", "")
+        while True:
+            for attempt in range(MAX_ATTEMPTS):
+                try:
+                    keys = await self._reindex_batch(resource_type, after, bases, batch)
+                    break
+                except RetryableError:  # a deadlock with a writer: this batch again
+                    if attempt == MAX_ATTEMPTS - 1:
+                        raise
+            if not keys:
+                return done
+            done += len(keys)
+            after = keys[-1]
+            if progress is not None:
+                progress(done)
+
+    async def _reindex_batch(self, resource_type: str | None, after: tuple[str, str],
+                             bases: tuple[str, ...], batch: int) -> list[tuple[str, str]]:
+        """One batch of :meth:`reindex`: the keys after ``after``, reindexed."""
+        where = "deleted = 0 AND (res_type > ? OR (res_type = ? AND res_id > ?))"
+        params: list[Any] = [after[0], after[0], after[1]]
+        if resource_type is not None:
+            where += " AND res_type = ?"
+            params.append(resource_type)
+        async with self.db.transaction() as conn:
+            keys = [(str(r[0]), str(r[1])) for r in await conn.fetch(
+                f"SELECT res_type, res_id FROM resource WHERE {where}"
+                " ORDER BY res_type, res_id LIMIT ?", (*params, batch))]
+            if not keys:
+                return keys
+            # the writers' per-resource locks, then the content as it is now: a write
+            # either committed before (and is indexed here) or waits for this batch
+            if conn.dialect == "postgresql":
+                await conn.execute(_PG_LOCK_MANY, [[f"{t}/{i}" for t, i in keys]])
+            rows = await conn.fetch(
+                "SELECT res_type, res_id, content FROM resource WHERE deleted = 0 AND"
+                f" (res_type, res_id) IN ({', '.join('(?, ?)' for _ in keys)})",
+                [v for key in keys for v in key])
+            index: dict[str, list[tuple[Any, ...]]] = {t: [] for t in INDEX_TABLES}
+            for rt, rid, content in rows:
+                resource = fjson.loads(bytes(content))
+                localize(resource, bases)
+                for table, table_rows in self.indexer.extract(resource).items():
+                    index[table].extend((rt, rid, *r) for r in table_rows)
+            for table in INDEX_TABLES:
+                await conn.executemany(_DELETE_INDEX[table], keys)
+                await conn.executemany(_INSERT_INDEX[table], index[table])
+        return keys
 
     async def read(self, resource_type: str, id: str) -> StoredResource | None:
         async with self.db.read() as conn:
