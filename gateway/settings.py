@@ -32,6 +32,9 @@ class Settings:
     #: responses this large or larger are gzip-compressed for clients that accept it
     #: (0: never); request bodies may be sent with ``Content-Encoding: gzip``
     gzip_min_bytes: int = 8_192
+    #: browser origins allowed to call the FHIR API (CORS), comma-separated
+    #: (``https://app.example.org``; ``*``: any); unset: no cross-origin access
+    cors_origins: str = ""
     default_page_size: int = 20
     max_page_size: int = 1000
     #: largest number of matches a search keeps for stable paging

@@ -234,6 +234,52 @@ def _json_reply(status: int, value: dict[str, Any], headers: dict[str, str] | No
     return Reply(status, _raw_headers(headers or {}, _PLAIN_JSON, len(body)), body)
 
 
+_CORS_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+_CORS_HEADERS = (b"Authorization, Content-Type, Content-Encoding, Accept, Accept-Encoding,"
+                 b" If-Match, If-None-Match, If-None-Exist, If-Modified-Since, Prefer")
+_CORS_EXPOSE = b"Location, Content-Location, ETag, Last-Modified, Content-Encoding"
+
+
+class Cors:
+    """Cross-origin access for browser clients (the Fetch standard's CORS protocol),
+    for the origins configured in ``CAREPATH_CORS_ORIGINS`` (``*``: any). Tokens
+    travel in ``Authorization``, never in cookies: no credentials mode."""
+
+    def __init__(self, origins: str) -> None:
+        allowed = {o.strip().rstrip("/") for o in origins.split(",") if o.strip()}
+        self.any = "*" in allowed
+        self.allowed = frozenset(allowed - {"*"})
+
+    def allows(self, origin: str | None) -> bool:
+        return origin is not None and (self.any or origin in self.allowed)
+
+    def preflight(self, request: HttpRequest) -> Reply | None:
+        """The answer to a CORS preflight (``OPTIONS`` with ``Origin`` and
+        ``Access-Control-Request-Method``); None when the request is not one."""
+        origin = request.headers.get("origin")
+        if request.method != "OPTIONS" or origin is None or \
+                "access-control-request-method" not in request.headers:
+            return None
+        if not self.allows(origin):
+            return Reply(403, [(b"content-length", b"0"), (b"vary", b"Origin")], b"")
+        return Reply(204, [
+            (b"access-control-allow-origin", origin.encode("latin-1")),
+            (b"access-control-allow-methods", _CORS_METHODS),
+            (b"access-control-allow-headers", _CORS_HEADERS),
+            (b"access-control-max-age", b"600"),
+            (b"vary", b"Origin"),
+        ], b"")
+
+    def decorate(self, request: HttpRequest, reply: Reply) -> None:
+        """Let an allowed origin read ``reply`` (and the headers a FHIR client needs)."""
+        origin = request.headers.get("origin")
+        if self.allows(origin):
+            assert origin is not None
+            reply.headers += [(b"access-control-allow-origin", origin.encode("latin-1")),
+                              (b"access-control-expose-headers", _CORS_EXPOSE),
+                              (b"vary", b"Origin")]
+
+
 def _auth_failure(exc: AuthError) -> FhirResponse:
     err = FhirError(Code.UNAUTHENTICATED, exc.description)
     header = f'Bearer error="{exc.error}", error_description="{exc.description[:200]}"'
@@ -372,8 +418,15 @@ def create_api(
             request.headers.get("accept-encoding")) else 0
         return _render(resp, pretty, head, gzip_from), description
 
+    cors = Cors(ctx.settings.cors_origins) if ctx.settings.cors_origins else None
+
     async def fhir(scope: Scope, receive: Receive, send: Send, path: str) -> None:
         request = HttpRequest.of(scope, receive, path)
+        if cors is not None:
+            preflight = cors.preflight(request)  # no data: neither authorised nor audited
+            if preflight is not None:
+                await preflight.send(send)
+                return
         base = base_url(scope, request.headers)
         caller = Caller(Principal.nobody(request.address), request.method, path,
                         request.query_string, base)
@@ -388,6 +441,8 @@ def create_api(
             log.error("audit trail unavailable: refusing %s /%s", request.method, path)
             err = FhirError(Code.UNAVAILABLE, "the audit trail cannot be written")
             reply = _render(FhirResponse(err.status, err.outcome()), False, False)
+        if cors is not None:
+            cors.decorate(request, reply)
         await reply.send(send)
 
     app.fhir_endpoint = (base_path, fhir)

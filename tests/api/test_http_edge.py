@@ -1,17 +1,19 @@
-"""gzip over HTTP: compressed responses for clients that accept them, compressed
-request bodies, and what is refused (decompression bombs, broken streams)."""
+"""Over HTTP: gzip (compressed responses for clients that accept them, compressed
+request bodies, what is refused: decompression bombs, broken streams) and CORS."""
 
 from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import httpx
 import pytest
 
 from gateway.api.app import accepts_gzip
+from gateway.settings import Settings
 from tests.api.helpers import FHIR, gw_code, patient, post
-from tests.conftest import unique
+from tests.conftest import RunningServer, unique
 
 
 @pytest.mark.parametrize(("header", "expected"), [
@@ -79,3 +81,48 @@ def test_a_decompression_bomb_stops_at_the_size_limit(client: httpx.Client) -> N
     response = client.post("/Patient", content=bomb,
                            headers={"Content-Type": FHIR, "Content-Encoding": "gzip"})
     assert (response.status_code, gw_code(response)) == (413, "GW-1011")
+
+
+def test_cors_for_configured_origins(tmp_path: Path) -> None:
+    """Preflight and actual requests of an allowed browser origin; others get no
+    CORS headers (and a refused preflight), and without the setting nothing changes."""
+    app_origin = "https://app.example.org"
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'cors.db'}",
+                        cors_origins=f"{app_origin}, https://other.example.org/")
+    with RunningServer(settings) as running:
+        preflight = httpx.options(f"{running.url}/Patient", headers={
+            "Origin": app_origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, if-match"})
+        assert preflight.status_code == 204
+        h = preflight.headers
+        assert h["Access-Control-Allow-Origin"] == app_origin
+        assert "POST" in h["Access-Control-Allow-Methods"]
+        assert {"authorization", "content-type", "if-match"} <= {
+            x.strip().lower() for x in h["Access-Control-Allow-Headers"].split(",")}
+        assert "Origin" in h["Vary"]
+        created = httpx.post(f"{running.url}/Patient", json=patient(unique("mrn")),
+                             headers={"Origin": app_origin, "Content-Type": FHIR})
+        assert created.status_code == 201
+        assert created.headers["Access-Control-Allow-Origin"] == app_origin
+        exposed = {x.strip() for x in created.headers["Access-Control-Expose-Headers"].split(",")}
+        assert {"Location", "ETag"} <= exposed
+        # an origin not configured: refused preflight, no CORS headers on requests
+        evil = "https://evil.example"
+        refused = httpx.options(f"{running.url}/Patient", headers={
+            "Origin": evil, "Access-Control-Request-Method": "GET"})
+        assert refused.status_code == 403
+        assert "Access-Control-Allow-Origin" not in refused.headers
+        read = httpx.get(f"{running.url}/metadata", headers={"Origin": evil})
+        assert read.status_code == 200 and "Access-Control-Allow-Origin" not in read.headers
+        assert httpx.get(f"{running.url}/metadata", headers={
+            "Origin": "https://other.example.org"}).headers["Access-Control-Allow-Origin"] == \
+            "https://other.example.org"
+
+
+def test_no_cors_unless_configured(client: httpx.Client) -> None:
+    preflight = client.options("/Patient", headers={
+        "Origin": "https://app.example.org", "Access-Control-Request-Method": "GET"})
+    assert "Access-Control-Allow-Origin" not in preflight.headers
+    assert preflight.status_code == 405
+    read = client.get("/metadata", headers={"Origin": "https://app.example.org"})
+    assert "Access-Control-Allow-Origin" not in read.headers
