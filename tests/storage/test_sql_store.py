@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 
 from gateway.fhir.indexer import Indexer
 from gateway.storage.interface import StoreTransaction
+from gateway.storage.schema import INDEX_TABLES
 from gateway.storage.sql import SqlStore
 from tests.conftest import sql_store
 
@@ -120,3 +122,62 @@ async def test_stored_bytes_carry_meta_and_are_served_as_is(store: SqlStore) -> 
     assert stored.content.startswith(b'{"resourceType":"Patient"')
     assert b'"meta":{"versionId":"1","lastUpdated":"' in stored.content
     assert b'"tag":[{"code":"t"}]' in stored.content
+
+
+async def _index_of(store: SqlStore, rt: str, rid: str) -> dict[str, Counter[tuple[Any, ...]]]:
+    out = {}
+    async with store.db.read() as conn:
+        for table, cols in INDEX_TABLES.items():
+            rows = await conn.fetch(f"SELECT param, {', '.join(cols)} FROM {table}"
+                                    " WHERE res_type = ? AND res_id = ?", (rt, rid))
+            out[table] = Counter(tuple(r) for r in rows)
+    return out
+
+
+def _expected_index(resource: dict[str, Any]) -> dict[str, Counter[tuple[Any, ...]]]:
+    rows = INDEXER.extract(resource)
+    return {table: Counter(rows.get(table, ())) for table in INDEX_TABLES}
+
+
+def _observation(rid: str, codes: list[str], subject: str | None, value: float | None,
+                 note: str = "") -> dict[str, Any]:
+    obs: dict[str, Any] = {"resourceType": "Observation", "id": rid, "status": "final",
+                           "code": {"coding": [{"system": "urn:c", "code": c} for c in codes],
+                                    "text": f"codes {note}"}}
+    if subject:
+        obs["subject"] = {"reference": subject}
+    if value is not None:
+        obs["valueQuantity"] = {"value": value, "unit": "mg", "system": "http://unitsofmeasure.org",
+                                "code": "mg"}
+    return obs
+
+
+async def test_updates_leave_the_index_equal_to_the_new_content(store: SqlStore) -> None:
+    """An update replaces only the index rows that changed: whatever stays, goes or
+    comes, the rows afterwards are exactly those of the new content."""
+    versions = [
+        _observation("o1", ["a", "b"], "Patient/p1", 1.5),
+        _observation("o1", ["a", "c"], "Patient/p2", 1.5),           # some rows change
+        _observation("o1", ["a", "c"], "Patient/p2", 1.5),           # nothing changes
+        _observation("o1", ["c"], None, 2.25, note="x"),            # rows go
+        _observation("o1", ["c", "d", "e"], "Patient/p1", None, note="x"),  # rows come
+    ]
+    for version in versions:
+        async def work(tx: StoreTransaction, v: dict[str, Any] = version) -> None:
+            await tx.put("Observation", "o1", dict(v), "PUT", await tx.current("Observation", "o1"))
+        await store.run(work)
+        assert await _index_of(store, "Observation", "o1") == _expected_index(version)
+
+    # several resources written together (one statement on PostgreSQL)
+    pairs = [(_observation("o1", ["z"], "Patient/p3", 3.0), _observation("o2", ["a"], None, 1.0)),
+             (_observation("o1", ["z", "y"], "Patient/p3", 3.0),
+              _observation("o2", ["a"], "Patient/p1", 1.0))]
+    for first, second in pairs:
+        async def both(tx: StoreTransaction, a: dict[str, Any] = first,
+                       b: dict[str, Any] = second) -> None:
+            for r in (a, b):
+                await tx.put("Observation", r["id"], dict(r), "PUT",
+                             await tx.current("Observation", r["id"]))
+        await store.run(both)
+        assert await _index_of(store, "Observation", "o1") == _expected_index(first)
+        assert await _index_of(store, "Observation", "o2") == _expected_index(second)
