@@ -11,6 +11,7 @@ Here, and only here: content negotiation (``application/fhir+json``;
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import logging
 import zlib
@@ -209,23 +210,44 @@ def accepts_gzip(accept_encoding: str | None) -> bool:
     return q > 0
 
 
-def _render(resp: FhirResponse, pretty: bool, head: bool, gzip_from: int = 0) -> Reply:
+def _render(resp: FhirResponse, pretty: bool, head: bool,
+            encoded: tuple[bytes, dict[str, str]] | None = None) -> Reply:
     """The HTTP response; a HEAD request gets the GET's headers without the body.
-    A body of ``gzip_from`` bytes or more (0: never) is sent gzip-compressed."""
+    ``encoded``: the body and headers as :func:`_gzipped` made them."""
     if resp.body is None or resp.status in _NO_BODY_STATUS:
         length = None if resp.status in _NO_BODY_STATUS else 0
         return Reply(resp.status, _raw_headers(resp.headers, None, length), b"")
-    if isinstance(resp.body, bytes) and not pretty:
-        body = resp.body
-    else:
-        value = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
-        body = fjson.dumps_pretty(value) if pretty else fjson.dumps(value)
-    headers = resp.headers
-    if gzip_from and len(body) >= gzip_from:
-        body = gzip.compress(body, compresslevel=5, mtime=0)
-        headers = {**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+    body, headers = encoded if encoded is not None else (_body(resp, pretty), resp.headers)
     return Reply(resp.status, _raw_headers(headers, _FHIR_JSON, len(body)),
                  b"" if head else body)
+
+
+def _body(resp: FhirResponse, pretty: bool) -> bytes:
+    if isinstance(resp.body, bytes) and not pretty:
+        return resp.body
+    value = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
+    return fjson.dumps_pretty(value) if pretty else fjson.dumps(value)
+
+
+#: bodies larger than this are compressed on a worker thread (zlib releases the GIL):
+#: about 12 ms per MB here, which would hold up every other request on the loop
+_GZIP_INLINE_MAX = 256 * 1024
+
+
+async def _gzipped(resp: FhirResponse, pretty: bool, gzip_from: int
+                   ) -> tuple[bytes, dict[str, str]] | None:
+    """The body gzip-compressed, with its headers, when it is ``gzip_from`` bytes or
+    more (0: never); else None."""
+    if not gzip_from or resp.body is None or resp.status in _NO_BODY_STATUS:
+        return None
+    body = _body(resp, pretty)
+    if len(body) < gzip_from:
+        return None
+    if len(body) > _GZIP_INLINE_MAX:
+        body = await asyncio.to_thread(gzip.compress, body, 5, mtime=0)
+    else:
+        body = gzip.compress(body, 5, mtime=0)
+    return body, {**resp.headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
 
 
 def _json_reply(status: int, value: dict[str, Any], headers: dict[str, str] | None = None
@@ -416,7 +438,8 @@ def create_api(
             description = err.code.gw
         gzip_from = ctx.settings.gzip_min_bytes if accepts_gzip(
             request.headers.get("accept-encoding")) else 0
-        return _render(resp, pretty, head, gzip_from), description
+        encoded = await _gzipped(resp, pretty, gzip_from)
+        return _render(resp, pretty, head, encoded), description
 
     cors = Cors(ctx.settings.cors_origins) if ctx.settings.cors_origins else None
 

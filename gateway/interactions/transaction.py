@@ -14,6 +14,8 @@ yield one resource. A batch runs each entry on its own.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -43,7 +45,7 @@ from gateway.interactions.router import FhirRequest, route
 from gateway.interactions.update import resolve_conditional_id, update_in
 from gateway.security import audit as audit_trail
 from gateway.security import guard
-from gateway.security.principal import CALLER, current
+from gateway.security.principal import CALLER, Caller, current
 from gateway.storage.interface import StoredResource, StoreTransaction
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -367,13 +369,22 @@ def _collect_conditional(node: Any, out: list[str]) -> None:
                 _collect_conditional(value, out)
 
 
+@contextmanager
+def _entry_caller(e: Entry) -> Iterator[Caller]:
+    """The entry as the request being handled (its own caller, for its AuditEvent)."""
+    child = current().child(e.method, e.path, e.query)
+    token = CALLER.set(child)
+    try:
+        yield child
+    finally:
+        CALLER.reset(token)
+
+
 async def _entry_request(
     ctx: Context, e: Entry, req: FhirRequest
 ) -> FhirResponse:
     """Route one entry as a request of its own, audited as one."""
-    child = current().child(e.method, e.path, e.query)
-    token = CALLER.set(child)
-    try:
+    with _entry_caller(e) as child:
         try:
             response = await route(ctx, req)
         except FhirError as exc:
@@ -381,8 +392,6 @@ async def _entry_request(
         if ctx.audit is not None and not child.audited:
             await ctx.audit.write(audit_trail.record_of(child, response.status))
         return response
-    finally:
-        CALLER.reset(token)
 
 
 async def _read_within(ctx: Context, tx: StoreTransaction, e: Entry, base: str
@@ -392,9 +401,7 @@ async def _read_within(ctx: Context, tx: StoreTransaction, e: Entry, base: str
     transaction."""
     req = FhirRequest(e.method, e.path, parse_qsl(e.query, keep_blank_values=True),
                       e.headers, None, base)
-    child = current().child(e.method, e.path, e.query)
-    token = CALLER.set(child)
-    try:
+    with _entry_caller(e) as child:
         try:
             response = await route(replace(ctx, store=ctx.store.within(tx)), req)
         except FhirError as exc:
@@ -402,8 +409,6 @@ async def _read_within(ctx: Context, tx: StoreTransaction, e: Entry, base: str
         if ctx.audit is not None:
             await tx.append_audit([audit_trail.record_of(child, response.status)])
         return response
-    finally:
-        CALLER.reset(token)
 
 
 async def process_bundle(ctx: Context, body: Any, *, base: str, prefer: Prefer) -> FhirResponse:

@@ -34,7 +34,10 @@ def _raw(client: httpx.Client, path: str, **headers: str) -> httpx.Response:
     return response
 
 
-def test_large_responses_are_gzipped_for_clients_that_accept_it(client: httpx.Client) -> None:
+@pytest.mark.parametrize("inline_max", [1 << 20, 1_000])  # compressed on the loop / a thread
+def test_large_responses_are_gzipped_for_clients_that_accept_it(
+        client: httpx.Client, inline_max: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.api.app._GZIP_INLINE_MAX", inline_max)
     family = unique("Zip")
     for i in range(8):  # about 1.5 KB each: a Bundle of all is over the 8 KiB threshold
         post(client, patient(unique("mrn"), family=family,
