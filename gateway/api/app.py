@@ -236,13 +236,13 @@ _GZIP_INLINE_MAX = 256 * 1024
 
 async def _gzipped(resp: FhirResponse, pretty: bool, gzip_from: int
                    ) -> tuple[bytes, dict[str, str]] | None:
-    """The body gzip-compressed, with its headers, when it is ``gzip_from`` bytes or
-    more (0: never); else None."""
-    if not gzip_from or resp.body is None or resp.status in _NO_BODY_STATUS:
+    """The body and its headers, gzip-compressed when the body is ``gzip_from`` bytes
+    or more (0: never); None when the response has no body."""
+    if resp.body is None or resp.status in _NO_BODY_STATUS:
         return None
     body = _body(resp, pretty)
-    if len(body) < gzip_from:
-        return None
+    if not gzip_from or len(body) < gzip_from:
+        return body, resp.headers
     if len(body) > _GZIP_INLINE_MAX:
         body = await asyncio.to_thread(gzip.compress, body, 5, mtime=0)
     else:
