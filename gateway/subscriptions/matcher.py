@@ -73,11 +73,18 @@ def now_micros() -> int:
 
 @dataclass(slots=True)
 class _Live:
-    """A subscription as the matcher sees it during one round."""
+    """A subscription as the matcher sees it during one round.
+
+    One object per subscription for the whole round: candidates found before a write to
+    the Subscription and after it are numbered from the same count."""
 
     state: tables.StateRow
     config: SubscriptionConfig | None
     count: int
+    #: gets events numbered now (not switched off earlier in the round)
+    matching: bool = True
+    #: deleted later in the round: nothing found for it is recorded
+    gone: bool = False
 
 
 class Matcher:
@@ -217,7 +224,7 @@ class Matcher:
                                       live, touched)
                 continue
             topics = self.topics.for_type(event.resource_type)
-            if not topics or not live:
+            if not topics or not any(s.matching for s in live.values()):
                 continue
             current = load(event.resource_type, event.id, event.version)
             previous = (load(event.resource_type, event.id, event.version - 1)
@@ -226,8 +233,8 @@ class Matcher:
                 current = None
             values = EventValues(current if current is not None else previous)
             for topic in topics:
-                subscribers = [s for s in live.values()
-                               if s.config is not None and s.config.topic == topic.url]
+                subscribers = [s for s in live.values() if s.matching
+                               and s.config is not None and s.config.topic == topic.url]
                 if not subscribers or not topic.fires(event.resource_type, event.interaction,
                                                        previous, current):
                     continue
@@ -237,18 +244,18 @@ class Matcher:
                         continue
                     candidates.append((sub, event))
         allowed = await self._authorised(conn, candidates)
+        counted: dict[str, _Live] = {}
         for i, (sub, event) in enumerate(candidates):
-            if i not in allowed:
+            if i not in allowed or sub.gone:
                 continue
             sub.count += 1
             rows.append((sub.state.id, sub.count, event.event_id, event.resource_type,
                          event.id, event.version, event.interaction, event.ts))
             touched.add(sub.state.id)
+            counted[sub.state.id] = sub
         if rows:
             await tables.add_events(conn, rows)
-            await tables.set_event_counts(
-                conn, {s.state.id: s.count for s in live.values()
-                       if s.count != s.state.events_since_start and s.state.id in touched})
+            await tables.set_event_counts(conn, {sid: s.count for sid, s in counted.items()})
             self.matched += len(rows)
         return touched, rows
 
@@ -290,14 +297,16 @@ class Matcher:
 
     async def _reconcile(self, conn: Connection, event: OutboxEvent, resource: Any,
                          live: dict[str, _Live], touched: set[str]) -> None:
-        state = live[event.id].state if event.id in live else await tables.get_state(
-            conn, event.id)
+        seen = live.get(event.id)
+        state = seen.state if seen is not None else await tables.get_state(conn, event.id)
         if state is not None and event.version <= state.resource_version:
             return  # the dispatcher's own status write, already applied
         if event.interaction == "delete" or not isinstance(resource, dict):
             if state is not None:
                 await tables.delete_state(conn, event.id)
-            live.pop(event.id, None)
+            if seen is not None:
+                seen.gone = True  # its events found earlier in the round went with it
+                del live[event.id]
             return
         config, issues = parse_subscription(resource, self.topics, self.policy, self.settings,
                                             resolve=False)
@@ -313,7 +322,8 @@ class Matcher:
                     now=now, reset_retry=False)
                 await tables.set_status(conn, event.id, "off",
                                         "; ".join(i.diagnostics or "" for i in issues)[:1000])
-            live.pop(event.id, None)
+            if seen is not None:
+                seen.matching = False
             return
         status, handshake, reset = self._next_status(state, config, said)
         if config.channel == "websocket" and status == "requested":
@@ -325,11 +335,10 @@ class Matcher:
             now=now, reset_retry=reset)
         fresh = await tables.get_state(conn, event.id)
         assert fresh is not None
-        if status == "off":
-            live.pop(event.id, None)
-        else:
-            count = live[event.id].count if event.id in live else fresh.events_since_start
-            live[event.id] = _Live(fresh, config, count)
+        if seen is None:
+            live[event.id] = _Live(fresh, config, fresh.events_since_start, status != "off")
+        else:  # the same object: events found before this write keep their numbers
+            seen.state, seen.config, seen.matching = fresh, config, status != "off"
         self._configs[(event.id, event.version)] = config
         touched.add(event.id)
 

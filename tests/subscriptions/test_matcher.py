@@ -32,7 +32,9 @@ class Heard:
 
 async def put(store: HookedSqlStore, resource: dict[str, Any]) -> None:
     async def work(tx: StoreTransaction) -> Any:
-        return await tx.put(resource["resourceType"], resource["id"], resource, "POST", None)
+        previous = await tx.current(resource["resourceType"], resource["id"])
+        return await tx.put(resource["resourceType"], resource["id"], resource,
+                            "PUT" if previous else "POST", previous)
 
     await store.run(work)
 
@@ -133,3 +135,61 @@ async def test_a_failed_relay_round_numbers_nothing_and_the_bus_path_takes_over(
     await matcher.catch_up()  # what the bus entries and the idle catch-up do
     assert await numbered(store, "s1") == [(1, ids[0]), (2, ids[1])]
     assert [r.number for r in heard.rows["s1"]] == [1, 2]
+
+
+async def test_a_subscription_written_between_events_of_one_round_keeps_one_numbering(
+    store: HookedSqlStore,
+) -> None:
+    """An event, a client's write to the Subscription, another event: one round numbers
+    both events for it, 1 and 2, and saves the count 2."""
+    heard, matcher, relay = await subscribed(store)
+    relay.in_round = matcher.within_relay
+    await relay.relay_once()  # s1 registered
+    before = await discharge(store, 1, "a")
+    await put(store, {**subscription(DISCHARGE, "http://127.0.0.1:9/hook", heartbeat=60),
+                      "id": "s1"})
+    after = await discharge(store, 1, "b")
+    assert (await relay.relay_once())[0] == 3
+    assert await numbered(store, "s1") == [(1, before[0]), (2, after[0])]
+    assert [r.number for r in heard.rows["s1"]] == [1, 2]
+    more = await discharge(store, 1, "c")
+    await relay.relay_once()
+    assert await numbered(store, "s1") == [(1, before[0]), (2, after[0]), (3, more[0])]
+
+
+async def test_events_numbered_before_a_subscription_is_switched_off_are_counted(
+    store: HookedSqlStore,
+) -> None:
+    """Switched off after an event in the same round, then on again: numbering goes on
+    from the count, not over the numbers already given."""
+    _heard, matcher, relay = await subscribed(store)
+    relay.in_round = matcher.within_relay
+    await relay.relay_once()
+    first = await discharge(store, 1, "a")
+    await put(store, {**subscription(DISCHARGE, "http://127.0.0.1:9/hook", status="off"),
+                      "id": "s1"})
+    await relay.relay_once()
+    await put(store, {**subscription(DISCHARGE, "http://127.0.0.1:9/hook"), "id": "s1"})
+    second = await discharge(store, 1, "b")
+    await relay.relay_once()
+    assert await numbered(store, "s1") == [(1, first[0]), (2, second[0])]
+
+
+async def test_events_of_a_subscription_deleted_later_in_the_round_are_not_recorded(
+    store: HookedSqlStore,
+) -> None:
+    _heard, matcher, relay = await subscribed(store)
+    relay.in_round = matcher.within_relay
+    await relay.relay_once()
+    await discharge(store, 1, "a")
+
+    async def gone(tx: StoreTransaction) -> Any:
+        previous = await tx.current("Subscription", "s1")
+        assert previous is not None
+        return await tx.delete(previous)
+
+    await store.run(gone)
+    assert (await relay.relay_once())[0] == 2
+    async with store.db.read() as conn:
+        left = await conn.fetch("SELECT count(*) FROM subscription_event", ())
+    assert int(left[0][0]) == 0
