@@ -17,6 +17,11 @@ Row shapes (the caller prefixes ``res_type``/``res_id``):
 ``sp_reference`` ``(param, target_type, target_id, target_version, url,
                   ident_system, ident_value)``
 ``sp_uri``       ``(param, value)``
+``sp_composite`` ``(param, a_system, a_code,`` + :data:`COMPOSITE_COLUMNS` ``)``: a
+                 composite parameter of a token and one other component, one row
+                 per element its expression selects and pair of component values
+                 found on that element (the second component's value in the
+                 columns its own table uses; dates in ``dlo``/``dhi``)
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from decimal import Decimal
 from functools import lru_cache
@@ -57,8 +62,10 @@ TABLES: tuple[str, ...] = (
     "sp_quantity",
     "sp_reference",
     "sp_uri",
+    "sp_composite",
 )
 TABLE_FOR_TYPE: dict[str, str] = {
+    "composite": "sp_composite",
     "string": "sp_string",
     "token": "sp_token",
     "date": "sp_date",
@@ -67,6 +74,43 @@ TABLE_FOR_TYPE: dict[str, str] = {
     "reference": "sp_reference",
     "uri": "sp_uri",
 }
+
+#: ``sp_composite``'s columns for the second component, after ``a_system``, ``a_code``
+COMPOSITE_COLUMNS: tuple[str, ...] = (
+    "system", "code", "unit", "lo", "hi", "dlo", "dhi", "value", "exact",
+    "target_type", "target_id", "target_version", "url", "ident_system", "ident_value",
+)
+#: each table's value columns as named in ``sp_composite``
+_COMPONENT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "sp_string": ("value", "exact"),
+    "sp_token": ("system", "code", "display"),
+    "sp_date": ("dlo", "dhi"),
+    "sp_number": ("lo", "hi"),
+    "sp_quantity": ("system", "code", "unit", "lo", "hi"),
+    "sp_reference": ("target_type", "target_id", "target_version", "url", "ident_system",
+                     "ident_value"),
+    "sp_uri": ("value",),
+}
+#: the composites indexed and searched: a token, then one of these
+COMPOSITE_SECOND = frozenset({"token", "quantity", "number", "date", "string", "reference",
+                              "uri"})
+
+
+def composite_supported(sp: SearchParam) -> bool:
+    return (sp.type == "composite" and len(sp.parts) == 2 and sp.parts[0].type == "token"
+            and sp.parts[1].type in COMPOSITE_SECOND)
+
+
+def _spreader(table: str) -> Callable[[Row], Row]:
+    """A component row of ``table`` -> its values in :data:`COMPOSITE_COLUMNS` order."""
+    names = _COMPONENT_COLUMNS[table]
+    picks = tuple(names.index(c) + 1 if c in names else 0 for c in COMPOSITE_COLUMNS)
+
+    def spread(row: Row) -> Row:
+        return tuple(row[i] if i else None for i in picks)
+
+    return spread
+
 
 #: Longest text stored in any index column; longer values are truncated.
 MAX_LEN = 2000
@@ -109,6 +153,10 @@ class SearchParam:
     multiple_and: bool | None = None
     #: composite parameters: (component definition url, component expression)
     components: tuple[tuple[str, str], ...] = ()
+    #: composite parameters: the components' definitions, each with the component's
+    #: expression (relative to an element the composite's expression selects); empty
+    #: when a component's definition is unknown
+    parts: tuple[SearchParam, ...] = ()
 
     @property
     def table(self) -> str | None:
@@ -725,6 +773,41 @@ def _fallback_getter(expression: str, resource_types: frozenset[str]) -> Step:
 # --------------------------------------------------------------------------- indexer
 
 
+def _composite_converter(first: list[tuple[Step, Converter]],
+                         second: list[tuple[Step, Converter]],
+                         spread: Callable[[Row], Row]) -> Converter:
+    def composite(code: str, element: Any, out: Rows) -> None:
+        tokens: Rows = []
+        for run, conv in first:
+            for v in run([element]):
+                conv(code, v, tokens)
+        tokens = [t for t in tokens if t[1] is not None or t[2] is not None]
+        if not tokens:
+            return
+        values: Rows = []
+        for run, conv in second:
+            for v in run([element]):
+                conv(code, v, values)
+        for t in tokens:
+            for v in values:
+                row = spread(v)
+                if any(x is not None for x in row):
+                    out.append((code, t[1], t[2], *row))
+
+    return composite
+
+
+def _with_parts(sp: SearchParam, by_url: dict[str, SearchParam]) -> SearchParam:
+    """A composite parameter with its components' definitions resolved."""
+    parts = []
+    for url, expression in sp.components:
+        definition = by_url.get(url)
+        if definition is None or not expression:
+            return sp
+        parts.append(replace(definition, expression=expression))
+    return replace(sp, parts=tuple(parts))
+
+
 @dataclass(frozen=True, slots=True)
 class Fallback:
     """An expression part evaluated by fhirpathpy because it could not be compiled."""
@@ -778,10 +861,12 @@ class Indexer:
         self._conv = _Converters(self.model)
         by_type: dict[str, dict[str, SearchParam]] = {}
         core: set[tuple[str, str]] = set()
-        for raw in search_parameters:
-            if not isinstance(raw, dict) or not raw.get("code") or not raw.get("type"):
-                continue
-            sp = SearchParam.from_resource(raw)
+        parsed = [(raw, SearchParam.from_resource(raw)) for raw in search_parameters
+                  if isinstance(raw, dict) and raw.get("code") and raw.get("type")]
+        by_url = {sp.url: sp for _raw, sp in parsed if sp.url}
+        for raw, sp in parsed:
+            if sp.components:
+                sp = _with_parts(sp, by_url)
             is_core = raw.get("version") == "4.0.1"
             for base in sp.base:
                 params = by_type.setdefault(base, {})
@@ -842,6 +927,13 @@ class Indexer:
             table = sp.table
             if table is None or sp.expression is None or code in NOT_INDEXED:
                 continue
+            if sp.type == "composite":
+                for key, entry in self._composite_entries(compiler, resource_type, sp):
+                    if key is None:
+                        rooted.append(entry)
+                    else:
+                        by_key.setdefault(key, []).append(entry)
+                continue
             for part in split_union(sp.expression):
                 root = root_name(part)
                 if root is None:
@@ -872,6 +964,45 @@ class Indexer:
         self._plans[resource_type] = plan
         self._fallbacks[resource_type] = tuple(fallbacks)
         return plan
+
+    def _composite_entries(self, compiler: Compiler, resource_type: str,
+                           sp: SearchParam) -> list[tuple[str | None, _Entry]]:
+        """Plan entries of a composite parameter: ``run`` selects the elements, the
+        converter pairs the components' values found on each."""
+        if not composite_supported(sp) or sp.expression is None:
+            return []
+        first_sp, second_sp = sp.parts
+        second_table = second_sp.table
+        assert second_table is not None
+        spread = _spreader(second_table)
+        out: list[tuple[str | None, _Entry]] = []
+        for part in split_union(sp.expression):
+            root = root_name(part)
+            if root is None or (self.model.is_type_name(root)
+                                and root not in (resource_type, "Resource")):
+                continue
+            try:
+                for branch, ctx in compiler.compile_elements(part):
+                    if ctx is None:
+                        continue
+                    first = self._component(compiler, first_sp, ctx)
+                    second = self._component(compiler, second_sp, ctx)
+                    if first and second:
+                        conv = _composite_converter(first, second, spread)
+                        out.append((branch.key, (sp.code, "sp_composite", branch.run, conv)))
+            except (CompileError, RecursionError):
+                continue  # not indexed; a search on it finds nothing
+        return out
+
+    def _component(self, compiler: Compiler, sp: SearchParam,
+                   ctx: str) -> list[tuple[Step, Converter]]:
+        assert sp.expression is not None
+        out = []
+        for b in compiler.compile_relative(sp.expression, ctx):
+            conv = self._conv.for_type(sp.type, b.type)
+            if conv is not None:
+                out.append((b.run, conv))
+        return out
 
     def _part_plan(self, resource_type: str, codes: frozenset[str]) -> _Plan:
         """The plan of ``resource_type`` restricted to the parameters ``codes``."""

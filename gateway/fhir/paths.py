@@ -566,6 +566,12 @@ def _as_bool(vals: Values) -> bool | None:
     return v if isinstance(v, bool) else True
 
 
+#: FHIRPath system types written where the FHIR primitive is meant
+#: (R4's ``value.as(DateTime)`` in Observation's code-value-date)
+_SYSTEM_TYPES = {"DateTime": "dateTime", "Date": "date", "Time": "time", "String": "string",
+                 "Boolean": "boolean", "Integer": "integer", "Decimal": "decimal"}
+
+
 class Compiler:
     """Compiles expressions for one resource type against a :class:`Model`."""
 
@@ -576,16 +582,28 @@ class Compiler:
     # ---- public
 
     def compile(self, expression: str) -> list[Branch]:
+        return [b for b, _ctx in self.compile_elements(expression)]
+
+    def compile_elements(self, expression: str) -> list[tuple[Branch, str | None]]:
+        """Like :meth:`compile`, with each branch's element context (``Observation``,
+        ``Observation.component``…: what :meth:`compile_relative` takes)."""
         node = parse(expression)
         root = _B((), self.resource_type, self.resource_type)
-        out: list[Branch] = []
+        out: list[tuple[Branch, str | None]] = []
         for b in self._compile(node, [root], top=True):
             first = b.steps[0] if b.steps else None
             if isinstance(first, str):
-                out.append(Branch(chain(b.steps[1:]), b.type, first))
+                out.append((Branch(chain(b.steps[1:]), b.type, first), b.ctx))
             else:
-                out.append(Branch(chain(b.steps), b.type))
+                out.append((Branch(chain(b.steps), b.type), b.ctx))
         return out
+
+    def compile_relative(self, expression: str, ctx: str) -> list[Branch]:
+        """``expression`` evaluated on elements of context ``ctx`` (the components of a
+        composite search parameter): ``run([element])``."""
+        node = parse(expression)
+        root = _B((), ctx, ctx)
+        return [Branch(chain(b.steps), b.type) for b in self._compile(node, [root], top=False)]
 
     # ---- helpers
 
@@ -624,6 +642,7 @@ class Compiler:
     def _type_filter(self, branches: list[_B], type_name: str) -> list[_B]:
         out: list[_B] = []
         model = self.model
+        type_name = _SYSTEM_TYPES.get(type_name, type_name)
         for b in branches:
             if b.type is not None and (
                 b.type == type_name or model.is_subtype(b.type, type_name)

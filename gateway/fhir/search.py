@@ -17,8 +17,11 @@ Conventions
 * Invalid values raise ``FhirError(INVALID_SEARCH_VALUE)`` always. Unknown
   parameters raise ``UNKNOWN_SEARCH_PARAM`` when ``strict`` (``Prefer:
   handling=strict``), otherwise they are dropped with a warning; parameters we
-  know but cannot answer (composite, special, ``_text``, ``_filter`` …) raise
-  ``UNSUPPORTED_SEARCH`` when strict, otherwise warn.
+  know but cannot answer (special, ``_text``, ``_filter``, a composite other
+  than a token and one more component …) raise ``UNSUPPORTED_SEARCH`` when
+  strict, otherwise warn.
+* A composite value is ``token$value``: both must hold on one element the
+  parameter's expression selects (one ``sp_composite`` row).
 
 Prefix semantics (R4 search.html §prefix, "range" reading)
 -----------------------------------------------------------
@@ -48,7 +51,7 @@ from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from typing import TYPE_CHECKING, Protocol
 
-from gateway.fhir.indexer import date_bounds, normalize_string
+from gateway.fhir.indexer import COMPOSITE_SECOND, date_bounds, normalize_string
 from gateway.fhir.outcome import Code, FhirError
 
 if TYPE_CHECKING:
@@ -166,9 +169,19 @@ class MissingValue:
     missing: bool
 
 
+@dataclass(frozen=True, slots=True)
+class CompositeValue:
+    """``token$value`` of a composite parameter: both on one element (``sp_composite``);
+    ``second_type`` is the second component's parameter type."""
+
+    first: TokenValue
+    second: Value
+    second_type: str
+
+
 Value = (
     TokenValue | StringValue | DateValue | NumberValue | QuantityValue | ReferenceValue
-    | UriValue | MissingValue
+    | UriValue | MissingValue | CompositeValue
 )
 
 
@@ -264,6 +277,8 @@ class _Param(Protocol):
     def expression(self) -> str | None: ...
     @property
     def targets(self) -> tuple[str, ...]: ...
+    @property
+    def parts(self) -> tuple[_Param, ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +287,7 @@ class _Builtin:
     type: str
     expression: str | None
     targets: tuple[str, ...] = ()
+    parts: tuple[_Param, ...] = ()
 
 
 #: The parameters every resource type has; all a system search may use (without _type).
@@ -307,6 +323,7 @@ _MODIFIERS: dict[str, frozenset[str]] = {
     "number": frozenset({"missing"}),
     "quantity": frozenset({"missing"}),
     "uri": frozenset({"missing", "below", "above"}),
+    "composite": frozenset({"missing"}),
 }
 _UNSUPPORTED_MODIFIERS: dict[str, frozenset[str]] = {
     "token": frozenset({"in", "not-in", "below", "above", "of-type"}),
@@ -327,6 +344,12 @@ _PREFIXED = re.compile(r"(eq|ne|gt|lt|ge|le|sa|eb|ap)?(.*)", re.DOTALL)
 _ELEMENT = re.compile(r"(?:[A-Z][A-Za-z0-9]*\.)?[A-Za-z_][A-Za-z0-9_]*(?:\[x\])?")
 # "+01:00" arrives as " 01:00" when a client forgets to percent-encode the plus
 _SPACE_TZ = re.compile(r"(T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}:\d{2})$")
+
+
+def _composite_supported(p: _Param) -> bool:
+    """Composites of a token and one other indexed component (see ``sp_composite``)."""
+    parts = p.parts
+    return len(parts) == 2 and parts[0].type == "token" and parts[1].type in COMPOSITE_SECOND
 
 
 class _Unknown(Exception):
@@ -634,7 +657,7 @@ class _Parser:
             raise _Unknown(f"Unknown search parameter '{code}' for {self.where(rt)}")
         if dot:
             return self.chain(rt, p, modifier, tail, value, depth)
-        if p.type in ("composite", "special"):
+        if p.type == "special" or (p.type == "composite" and not _composite_supported(p)):
             raise _Unsupported(f"{p.type.capitalize()} search parameter '{code}' is not supported")
         if p.code not in ("_id", "_lastUpdated") and not p.expression:
             raise _Unsupported(f"Search parameter '{code}' is not supported")
@@ -773,7 +796,19 @@ class _Parser:
             if not text:
                 raise _invalid(f"Empty uri value for '{p.code}'")
             return UriValue(text)
+        if t == "composite":
+            return self.composite(p, raw)
         raise _Unsupported(f"Search parameter type '{t}' ('{p.code}') is not supported")
+
+    def composite(self, p: _Param, raw: str) -> CompositeValue:
+        pieces = split_escaped(raw, "$")
+        if len(pieces) != 2 or not pieces[0].strip() or not pieces[1].strip():
+            raise _invalid(f"Invalid value {_q(raw)} for composite parameter '{p.code}'"
+                           f" (expected {p.parts[0].code}${p.parts[1].code},"
+                           " e.g. system|code$value)")
+        first, second = p.parts
+        value = self.value(second, None, pieces[1])
+        return CompositeValue(self.token(first, pieces[0]), value, second.type)
 
     def token(self, p: _Param, raw: str) -> TokenValue:
         pieces = split_escaped(raw, "|")

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import gateway
+from gateway.fhir.indexer import composite_supported
 from gateway.interactions.base import Context, FhirResponse
 from gateway.interactions.operations import Operation
 from gateway.registry import Registry
@@ -64,7 +65,7 @@ def _statement(
         params = [
             {"name": p.code, "definition": p.url, "type": p.type}
             for p in sorted(registry.search_params(rt).values(), key=lambda p: p.code)
-            if p.type not in ("composite", "special")
+            if p.type != "special" and (p.type != "composite" or composite_supported(p))
         ]
         params.extend({"name": n, "type": t} for n, t in SEARCH_RESULT_PARAMS)
         resources.append({

@@ -18,6 +18,9 @@ sp_quantity    system, code, unit, lo, hi
 sp_reference   target_type, target_id, target_version, url, ident_system,
                ident_value
 sp_uri         value
+sp_composite   a_system, a_code (the first component, a token), then the
+               second component's value in the columns of its own table
+               (dates in dlo, dhi)
 =============  =============================================================
 """
 
@@ -44,6 +47,12 @@ INDEX_TABLES: dict[str, tuple[str, ...]] = {
     "sp_uri": ("value",),
     # derived by gateway.security: one row per Consent provision (param "consent")
     "sp_consent": ("patient_id", "actor", "purpose", "weight", "lo", "hi"),
+    # composite parameters (gateway.fhir.indexer.COMPOSITE_COLUMNS after a_system, a_code)
+    "sp_composite": (
+        "a_system", "a_code", "system", "code", "unit", "lo", "hi", "dlo", "dhi", "value",
+        "exact", "target_type", "target_id", "target_version", "url", "ident_system",
+        "ident_value",
+    ),
 }
 
 _V1 = """
@@ -277,6 +286,18 @@ UPDATE sp_reference SET target_type = NULL, target_id = NULL, target_version = N
     WHERE url IS NOT NULL AND target_id IS NOT NULL
 """
 
+_V23 = """
+CREATE TABLE IF NOT EXISTS sp_composite (
+    res_type TEXT NOT NULL, res_id TEXT NOT NULL, param TEXT NOT NULL,
+    a_system TEXT, a_code TEXT,
+    system TEXT, code TEXT, unit TEXT, lo {float}, hi {float}, dlo BIGINT, dhi BIGINT,
+    value TEXT, exact TEXT, target_type TEXT, target_id TEXT, target_version TEXT, url TEXT,
+    ident_system TEXT, ident_value TEXT
+);
+CREATE INDEX IF NOT EXISTS sp_composite_code ON sp_composite (res_type, param, a_code, a_system);
+CREATE INDEX IF NOT EXISTS sp_composite_res ON sp_composite (res_type, res_id)
+"""
+
 #: (version, description, DDL template). Append only; never edit a released step.
 #: Versions 2-9 belong to events/subscriptions, 10-19 to security, 20-29 to the core store.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -288,6 +309,8 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (21, "search: fewer index entries per write (no second string index; reference url and"
          " identifier indexes only where set)", _V21),
     (22, "search: an absolute reference names a resource elsewhere, not a local one", _V22),
+    (23, "search: composite parameters (sp_composite; `carepath reindex` fills it for"
+         " resources stored before)", _V23),
 )
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.fhir.search import (
+    CompositeValue,
     Criterion,
     DateValue,
     Include,
@@ -56,6 +57,7 @@ _TABLE = {
     "quantity": "sp_quantity",
     "reference": "sp_reference",
     "uri": "sp_uri",
+    "composite": "sp_composite",
 }
 #: (ascending column, descending column, is text) per parameter type
 _SORT_COLUMN = {
@@ -294,6 +296,13 @@ def _last_updated(c: Criterion, a: str) -> Frag:
 
 
 def _value(c: Criterion, v: Value, t: str, ctx: _Ctx) -> Frag:
+    if isinstance(v, CompositeValue):  # one sp_composite row holds both components
+        first, fp = _token(v.first, f"{t}.a_system", f"{t}.a_code")
+        if isinstance(v.second, DateValue):
+            second, sp = _date(v.second, f"{t}.dlo", f"{t}.dhi")
+        else:
+            second, sp = _value(Criterion(c.code, v.second_type), v.second, t, ctx)
+        return f"({first} AND {second})", [*fp, *sp]
     if isinstance(v, TokenValue):
         if c.type == "reference":
             return _token(v, f"{t}.ident_system", f"{t}.ident_value")

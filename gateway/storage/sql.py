@@ -67,6 +67,7 @@ _PG_TYPES: dict[str, tuple[str, ...]] = {
     "sp_reference": ("text",) * 6,
     "sp_uri": ("text",),
     "sp_consent": ("text", "text", "text", "integer", "bigint", "bigint"),
+    "sp_composite": ("text",) * 5 + ("float8", "float8", "bigint", "bigint") + ("text",) * 8,
 }
 
 

@@ -192,3 +192,38 @@ def test_token_quantity_and_search_on_task(client: httpx.Client) -> None:
     assert search_ids(client, "/Observation", subject=subject,
                       **{"value-quantity": "lt70"}) == []
 
+
+
+def test_composite_search_pairs_values_on_one_element(client: httpx.Client) -> None:
+    """A write through the store (PostgreSQL's one-statement write, SQLite's rows) indexes
+    the composite parameters; an update replaces those rows."""
+    loinc, ucum = "http://loinc.org", "http://unitsofmeasure.org"
+    subject = {"reference": f"Group/{unique('g')}"}
+
+    def bp(systolic: float, diastolic: float) -> dict[str, Any]:
+        return {"resourceType": "Observation", "status": "final", "subject": subject,
+                "code": {"coding": [{"system": loinc, "code": "85354-9"}]},
+                "component": [
+                    {"code": {"coding": [{"system": loinc, "code": code}]},
+                     "valueQuantity": {"value": value, "system": ucum, "code": "mm[Hg]"}}
+                    for code, value in (("8480-6", systolic), ("8462-4", diastolic))]}
+
+    high = post(client, bp(150, 80)).json()["id"]
+    low = post(client, bp(120, 95)).json()["id"]
+    param = "component-code-value-quantity"
+    assert search_ids(client, "/Observation", subject=subject["reference"],
+                      **{param: f"{loinc}|8462-4$gt90"}) == [low]
+    assert search_ids(client, "/Observation", subject=subject["reference"],
+                      **{param: "8480-6$gt140"}) == [high]
+    updated = client.put(f"/Observation/{high}", json={**bp(130, 92), "id": high})
+    assert updated.status_code == 200, updated.text
+    assert search_ids(client, "/Observation", subject=subject["reference"],
+                      **{param: "8480-6$gt140"}) == []
+    assert sorted(search_ids(client, "/Observation", subject=subject["reference"],
+                             **{param: f"8462-4$gt90|{ucum}|mm[Hg]"})) == sorted([high, low])
+    bad = client.get("/Observation", params={param: "8480-6"})
+    assert bad.status_code == 400 and gw_code(bad)
+    statement = client.get("/metadata").json()
+    obs = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Observation")
+    composite = {p["name"] for p in obs["searchParam"] if p["type"] == "composite"}
+    assert {param, "code-value-quantity", "combo-code-value-concept"} <= composite

@@ -135,7 +135,9 @@ def test_params_for(ix: Indexer) -> None:
     assert p["_id"].expression == "Resource.id"  # the core definition, not the example one
     assert "eq" in ix.params_for("Observation")["value-quantity"].comparators
     comp = ix.params_for("Observation")["code-value-quantity"]
-    assert comp.type == "composite" and comp.table is None and len(comp.components) == 2
+    assert comp.type == "composite" and comp.table == "sp_composite"
+    assert [(c.code, c.type, c.expression) for c in comp.parts] == [
+        ("code", "token", "code"), ("value-quantity", "quantity", "value.as(Quantity)")]
     assert ix.params_for("Location")["near"].type == "special"
     # Condition.subject: the core parameter wins over the "example-reference" one
     assert ix.params_for("Condition")["subject"].targets == ("Group", "Patient")

@@ -12,6 +12,7 @@ from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import (
     AP_DATE_MIN_MICROS,
     Chain,
+    CompositeValue,
     Criterion,
     DateValue,
     Has,
@@ -400,9 +401,19 @@ def test_unknown_param_lenient_and_strict() -> None:
 
 
 def test_composite_and_special_params() -> None:
-    q = parse("Observation", "code-value-quantity=1234$gt5")
-    assert q.criteria == () and "code-value-quantity" in q.warnings[0]
-    e = error("Observation", "code-value-quantity=1234$gt5", strict=True)
+    q = parse("Observation", "code-value-quantity=http://loinc.org|1234$gt5|http://u|mg"
+                             "&code-value-concept=9$x,s|8\\$1$y")
+    quantity, concept = q.criteria
+    assert quantity.type == "composite" and quantity.values == (
+        CompositeValue(TokenValue("1234", "http://loinc.org", False),
+                       QuantityValue("gt", 5.0, 4.5, 5.5, "5", "http://u", "mg"), "quantity"),)
+    assert concept.values == (CompositeValue(TokenValue("9"), TokenValue("x"), "token"),
+                              CompositeValue(TokenValue("8$1", "s", False), TokenValue("y"),
+                                             "token"))
+    # R4's DocumentReference relationship pairs its components the wrong way round
+    q = parse("DocumentReference", "relationship=replaces$DocumentReference/1")
+    assert q.criteria == () and "relationship" in q.warnings[0]
+    e = error("DocumentReference", "relationship=replaces$DocumentReference/1", strict=True)
     assert e.code is Code.UNSUPPORTED_SEARCH
     assert error("Location", "near=1|2|3|km", strict=True).code is Code.UNSUPPORTED_SEARCH
     assert error("Patient", "_text=x", strict=True).code is Code.UNSUPPORTED_SEARCH

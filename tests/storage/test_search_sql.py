@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -131,9 +132,9 @@ _INSERT = {
 }
 
 
-async def _load(db: Database) -> None:
+async def _load(db: Database, data: list[tuple[dict[str, Any], bool]]) -> None:
     async with db.transaction() as conn:
-        for seq, (res, deleted) in enumerate(DATA, start=1):
+        for seq, (res, deleted) in enumerate(data, start=1):
             rt, rid = res["resourceType"], res["id"]
             await conn.execute(
                 "INSERT INTO resource (res_type, res_id, version, last_updated, deleted, content,"
@@ -153,10 +154,12 @@ async def _pg(sql: str) -> None:
         await conn.close()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-async def db(request: pytest.FixtureRequest) -> AsyncIterator[Database]:
+@asynccontextmanager
+async def loaded(backend: str, data: list[tuple[dict[str, Any], bool]]
+                 ) -> AsyncIterator[Database]:
+    """A fresh database of ``backend`` (sqlite, postgresql) holding ``data``."""
     schema = None
-    if request.param == "sqlite":
+    if backend == "sqlite":
         database = open_database("sqlite:///:memory:")
     else:
         schema = f"t_{uuid.uuid4().hex[:12]}"
@@ -165,12 +168,18 @@ async def db(request: pytest.FixtureRequest) -> AsyncIterator[Database]:
     try:
         await database.open()
         await migrate(database)
-        await _load(database)
+        await _load(database, data)
         yield database
     finally:
         await database.close()
         if schema:
             await _pg(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+async def db(request: pytest.FixtureRequest) -> AsyncIterator[Database]:
+    async with loaded(request.param, DATA) as database:
+        yield database
 
 
 def _pairs(query: str) -> list[tuple[str, str]]:
