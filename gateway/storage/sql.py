@@ -86,59 +86,76 @@ def _json_columns(table: str, keyed: bool = False) -> str:
                      for i, t in enumerate(types))
 
 
-def _pg_put_sql() -> str:
+@lru_cache(maxsize=1024)
+def _pg_put_sql(tables: tuple[str, ...], clear: bool, audit: bool, *, first: bool = False,
+                creator: bool = True) -> str:
     """One PostgreSQL write as one statement of data-modifying CTEs: the common
-    case (a create or update), cheaper than ``_PG_PUT_MANY`` with one row.
+    case (a create or update), cheaper than :func:`_pg_put_many_sql` with one row.
 
     Parameters: $1 type, $2 id, $3 version, $4 last_updated, $5 method,
-    $6 content, $7 creator (or NULL), $8 event id, $9 interaction, $10 whether
-    to clear the previous index rows; then per index table its rows as one
-    JSON array (:func:`_json_rows`). Sub-statements share one snapshot: the
-    DELETEs remove only the previous version's rows, never the ones inserted
-    here.
+    $6 content, $7 event id, $8 interaction, with ``creator`` $9 the creating
+    organisation; then for each of ``tables`` (those the resource has index rows in) its rows as one
+    JSON array (:func:`_json_rows`); with ``audit`` the audit records after
+    them. ``clear``: first delete the previous version's index rows (in every
+    table). ``first``: version 1, so no ``resource`` row exists (a concurrent
+    writer of the same version fails on ``resource_history`` either way).
+    Sub-statements share one snapshot: the DELETEs
+    remove only the previous version's rows, never the ones inserted here.
+    What a write does not need gets no sub-statement: each costs the database
+    time to plan and run, even with nothing to do.
     """
+    upsert = "" if first else (
+        " ON CONFLICT (res_type, res_id) DO UPDATE SET version = excluded.version,"
+        " last_updated = excluded.last_updated, deleted = 0, content = excluded.content")
     parts = [
         "h AS (INSERT INTO resource_history (res_type, res_id, version, last_updated, method,"
         " content) VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq)",
         "r AS (INSERT INTO resource (res_type, res_id, version, last_updated, deleted, content,"
-        " created_seq) SELECT $1, $2, $3, $4, 0, $6, h.seq FROM h"
-        " ON CONFLICT (res_type, res_id) DO UPDATE SET version = excluded.version,"
-        " last_updated = excluded.last_updated, deleted = 0, content = excluded.content)",
-        "c AS (INSERT INTO resource_creator (res_type, res_id, organization)"
-        " SELECT $1, $2, $7::text WHERE $7::text IS NOT NULL"
-        " ON CONFLICT (res_type, res_id) DO NOTHING)",
+        f" created_seq) SELECT $1, $2, $3, $4, 0, $6, h.seq FROM h{upsert})",
         "o AS (INSERT INTO outbox (event_id, res_type, res_id, version, interaction, ts,"
-        " history_seq) SELECT $8, $1, $2, $3, $9, $4, h.seq FROM h)",
+        " history_seq) SELECT $7, $1, $2, $3, $8, $4, h.seq FROM h)",
     ]
-    for n, (table, cols) in enumerate(INDEX_TABLES.items(), start=11):
-        parts.append(f"d_{table} AS (DELETE FROM {table} WHERE $10::boolean"
-                     " AND res_type = $1 AND res_id = $2)")
+    n = 9
+    if creator:
+        parts.append("c AS (INSERT INTO resource_creator (res_type, res_id, organization)"
+                     " VALUES ($1, $2, $9) ON CONFLICT (res_type, res_id) DO NOTHING)")
+        n = 10
+    if clear:
+        parts.extend(f"d_{table} AS (DELETE FROM {table} WHERE res_type = $1 AND res_id = $2)"
+                     for table in INDEX_TABLES)
+    for i, table in enumerate(tables, start=n):
         parts.append(f"i_{table} AS (INSERT INTO {table} (res_type, res_id, param,"
-                     f" {', '.join(cols)}) SELECT $1, $2, {_json_columns(table)}"
-                     f" FROM json_array_elements(${n}::json) x)")
+                     f" {', '.join(INDEX_TABLES[table])}) SELECT $1, $2, {_json_columns(table)}"
+                     f" FROM json_array_elements(${i}::json) x)")
+    if audit:
+        parts.append(append_audit_cte(n + len(tables)))
     return "WITH " + ", ".join(parts) + " SELECT seq FROM h"
 
 
-_PG_PUT = _pg_put_sql()
+def _filled(rows: dict[str, list[tuple[Any, ...]]]) -> tuple[str, ...]:
+    """The index tables ``rows`` has rows for, in ``INDEX_TABLES`` order."""
+    return tuple(t for t in INDEX_TABLES if rows.get(t))
 
 
-def _json_rows(rows: dict[str, list[tuple[Any, ...]]]) -> list[str]:
-    """Index rows as one JSON array per table, in ``_PG_PUT``'s order."""
-    return [orjson.dumps(rows.get(table, ())).decode() for table in INDEX_TABLES]
+def _json_rows(rows: dict[str, list[tuple[Any, ...]]], tables: tuple[str, ...]) -> list[str]:
+    """Index rows as one JSON array per table of ``tables``."""
+    return [orjson.dumps(rows[table]).decode() for table in tables]
 
 
-def _pg_put_many_sql() -> str:
+@lru_cache(maxsize=1024)
+def _pg_put_many_sql(tables: tuple[str, ...], clear: bool, audit: bool) -> str:
     """Several PostgreSQL writes of a transaction as one statement of data-modifying CTEs.
 
     Parameters: one array per put, ``$1`` types, ``$2`` ids, ``$3`` versions,
     ``$4`` last_updated, ``$5`` methods, ``$6`` contents, ``$7`` creators (NULL:
     none), ``$8`` event ids, ``$9`` interactions, ``$10`` whether to clear the
-    previous index rows; then per index table its rows as one JSON array, each
-    row ``[res_type, res_id, param, values…]``. History and outbox rows are
-    inserted in put order: event consumers read the outbox in seq order.
-    Sub-statements share one snapshot: the DELETEs remove only the previous
-    versions' rows, never the ones inserted here. A resource may occur once
-    per statement.
+    previous index rows (``clear``: whether any put does); then for each of
+    ``tables`` the puts' rows as one JSON array, each row ``[res_type, res_id,
+    param, values…]``; with ``audit`` the audit records after them. History and
+    outbox rows are inserted in put order: event consumers read the outbox in
+    seq order. Sub-statements share one snapshot: the DELETEs remove only the
+    previous versions' rows, never the ones inserted here. A resource may occur
+    once per statement.
     """
     parts = [
         "p AS (SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[],"
@@ -160,27 +177,19 @@ def _pg_put_many_sql() -> str:
         " history_seq) SELECT p.event_id, p.res_type, p.res_id, p.version, p.interaction,"
         " p.last_updated, h.seq FROM p JOIN h USING (res_type, res_id) ORDER BY p.ord)",
     ]
-    for n, (table, cols) in enumerate(INDEX_TABLES.items(), start=11):
-        parts.append(f"d_{table} AS (DELETE FROM {table} x USING p WHERE p.clear"
-                     " AND x.res_type = p.res_type AND x.res_id = p.res_id)")
+    if clear:
+        parts.extend(f"d_{table} AS (DELETE FROM {table} x USING p WHERE p.clear"
+                     " AND x.res_type = p.res_type AND x.res_id = p.res_id)"
+                     for table in INDEX_TABLES)
+    for n, table in enumerate(tables, start=11):
         parts.append(f"i_{table} AS (INSERT INTO {table} (res_type, res_id, param,"
-                     f" {', '.join(cols)}) SELECT {_json_columns(table, keyed=True)}"
-                     f" FROM json_array_elements(${n}::json) x)")
+                     f" {', '.join(INDEX_TABLES[table])}) SELECT"
+                     f" {_json_columns(table, keyed=True)} FROM json_array_elements(${n}::json) x)")
+    if audit:
+        parts.append(append_audit_cte(11 + len(tables)))
     return "WITH " + ", ".join(parts) + " SELECT count(*) FROM h"
 
 
-_PG_PUT_MANY = _pg_put_many_sql()
-
-
-def _with_audit(sql: str) -> str:
-    """A put statement that also appends audit records (the parameters after its own)."""
-    head, tail = sql.rsplit(" SELECT ", 1)
-    first = 11 + len(INDEX_TABLES)
-    return f"{head}, {append_audit_cte(first)} SELECT {tail}"
-
-
-_PG_PUT_AUDIT = _with_audit(_PG_PUT)
-_PG_PUT_MANY_AUDIT = _with_audit(_PG_PUT_MANY)
 _PG_AUDIT = f"WITH {append_audit_cte(1)} SELECT 1"
 
 
@@ -201,16 +210,16 @@ class _Put:
     rows: dict[str, list[tuple[Any, ...]]]
 
 
-def _pg_put_many_params(puts: Sequence[_Put]) -> list[Any]:
-    """``_PG_PUT_MANY``'s parameters: the puts' columns, then the index rows, table by
-    table."""
+def _pg_put_many_params(puts: Sequence[_Put], tables: tuple[str, ...]) -> list[Any]:
+    """:func:`_pg_put_many_sql`'s parameters: the puts' columns, then the index rows of
+    ``tables``, table by table."""
     out: list[Any] = [
         [p.res_type for p in puts], [p.res_id for p in puts], [p.version for p in puts],
         [p.updated for p in puts], [p.method for p in puts], [p.content for p in puts],
         [p.creator for p in puts], [p.event_id for p in puts],
         [p.interaction for p in puts], [p.clear for p in puts],
     ]
-    for table in INDEX_TABLES:
+    for table in tables:
         out.append(orjson.dumps(
             [(p.res_type, p.res_id, *r) for p in puts for r in p.rows.get(table, ())]).decode())
     return out
@@ -302,12 +311,16 @@ class _Transaction:
         params: list[Any]
         if len(puts) == 1:
             p = puts[0]
-            sql = _PG_PUT_AUDIT if audits else _PG_PUT
+            tables = _filled(p.rows)
+            sql = _pg_put_sql(tables, p.clear, bool(audits), first=p.version == 1,
+                              creator=p.creator is not None)
             params = [p.res_type, p.res_id, p.version, p.updated, p.method, p.content,
-                      p.creator, p.event_id, p.interaction, p.clear, *_json_rows(p.rows)]
+                      p.event_id, p.interaction, *(() if p.creator is None else (p.creator,)),
+                      *_json_rows(p.rows, tables)]
         elif puts:
-            sql = _PG_PUT_MANY_AUDIT if audits else _PG_PUT_MANY
-            params = _pg_put_many_params(puts)
+            tables = tuple(t for t in INDEX_TABLES if any(p.rows.get(t) for p in puts))
+            sql = _pg_put_many_sql(tables, any(p.clear for p in puts), bool(audits))
+            params = _pg_put_many_params(puts, tables)
         else:
             sql, params = _PG_AUDIT, []
         if audits:

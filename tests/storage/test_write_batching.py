@@ -20,17 +20,23 @@ from gateway.storage.db import Connection, Database, RetryableError, Row
 from gateway.storage.interface import StoredResource, StoreTransaction
 from gateway.storage.schema import INDEX_TABLES
 from gateway.storage.security import AuditRecord
-from gateway.storage.sql import (
-    _PG_PUT,
-    _PG_PUT_AUDIT,
-    _PG_PUT_MANY,
-    _PG_PUT_MANY_AUDIT,
-    SqlStore,
-)
+from gateway.storage.sql import SqlStore
 from tests.conftest import BACKENDS, sql_store, unique
 
 INDEXER = Indexer.from_profiles()
-PUTS = (_PG_PUT, _PG_PUT_MANY, _PG_PUT_AUDIT, _PG_PUT_MANY_AUDIT)
+#: what a PostgreSQL put statement is: one resource, several, each perhaps with audit records
+ONE, MANY = "one", "many"
+ONE_AUDIT = "one+audit"
+
+
+def put_kind(sql: str) -> str | None:
+    if sql.startswith("WITH h AS (INSERT INTO resource_history"):
+        kind = ONE
+    elif sql.startswith("WITH p AS (SELECT * FROM unnest("):
+        kind = MANY
+    else:
+        return None
+    return kind + "+audit" if "INSERT INTO audit_log" in sql else kind
 
 
 @pytest.fixture(params=BACKENDS)
@@ -108,7 +114,7 @@ class SpyDatabase:
         return self._db.read()
 
     def puts(self) -> list[tuple[str, list[Any]]]:
-        return [s for s in self.statements if s[0] in PUTS]
+        return [s for s in self.statements if put_kind(s[0])]
 
 
 def spied(store: SqlStore) -> tuple[SqlStore, SpyDatabase]:
@@ -269,7 +275,7 @@ async def test_failure_at_flush_rolls_back_everything(store: SqlStore) -> None:
 async def test_lost_race_at_flush_retries_with_a_fresh_batch(store: SqlStore) -> None:
     spied_store, spy = spied(store)
     # PostgreSQL loses the race at the flush, SQLite at the put
-    spy.fail = lambda sql: sql == _PG_PUT_MANY or sql.startswith("INSERT INTO outbox")
+    spy.fail = lambda sql: put_kind(sql) == MANY or sql.startswith("INSERT INTO outbox")
     ids = [unique("r") for _ in range(3)]
     attempts = 0
 
@@ -300,7 +306,7 @@ async def test_one_statement_per_batch_on_postgresql(pg_store: SqlStore) -> None
 
     await spied_store.run(bundle)
     # nothing read: the writes are the transaction's only statement, without BEGIN/COMMIT
-    assert [sql for sql, _ in spy.statements] == [_PG_PUT_MANY]
+    assert [put_kind(sql) for sql, _ in spy.statements] == [MANY]
     assert spy.alone == [True]
     spy.statements.clear()
     single = unique("s")
@@ -310,7 +316,7 @@ async def test_one_statement_per_batch_on_postgresql(pg_store: SqlStore) -> None
         await tx.append_audit([AuditRecord(b"{}", None, None, "0")])
 
     await spied_store.run(create)
-    assert [sql for sql, _ in spy.statements] == [_PG_PUT_AUDIT]  # the audit record too
+    assert [put_kind(sql) for sql, _ in spy.statements] == [ONE_AUDIT]  # the audit record too
     assert spy.alone == [True, True]
     assert len(await fetch(store, "SELECT seq FROM audit_log WHERE record = ?", [b"{}"])) >= 1
     spy.statements.clear()
@@ -321,7 +327,7 @@ async def test_one_statement_per_batch_on_postgresql(pg_store: SqlStore) -> None
         await tx.append_audit([AuditRecord(b"{}", None, None, "0")])
 
     await spied_store.run(read_then_write)
-    assert [sql for sql, _ in spy.puts()] == [_PG_PUT_AUDIT]
+    assert [put_kind(sql) for sql, _ in spy.puts()] == [ONE_AUDIT]
     assert spy.alone == [True, True, False]  # within BEGIN ... COMMIT
     stored = await store.read("Patient", single)
     assert stored is not None and stored.version == 2
@@ -334,6 +340,32 @@ async def test_one_statement_per_batch_on_postgresql(pg_store: SqlStore) -> None
         await tx.put("Patient", single, patient(unique("F")), "PUT", first)
 
     await spied_store.run(twice)
-    assert [sql for sql, _ in spy.puts()] == [_PG_PUT, _PG_PUT]
+    assert [put_kind(sql) for sql, _ in spy.puts()] == [ONE, ONE]
     stored = await store.read("Patient", single)
     assert stored is not None and stored.version == 4
+
+
+async def test_an_update_clears_tables_the_new_version_has_no_rows_in(store: SqlStore) -> None:
+    """Only tables with rows get an insert; an update still clears every table."""
+    rid, other = unique("c"), unique("c")
+
+    async def write(rid: str, resource: dict[str, Any]) -> None:
+        async def work(tx: StoreTransaction) -> None:
+            await tx.put("Patient", rid, resource, "PUT", await tx.current("Patient", rid))
+
+        await store.run(work)
+
+    full = {"resourceType": "Patient", "birthDate": "1970-01-01", "gender": "female",
+            "identifier": [{"system": "urn:x", "value": rid}], "name": [{"family": "Alt"}]}
+    await write(rid, full)
+    await write(other, full)
+    await write(rid, {"resourceType": "Patient", "name": [{"family": "Neu"}]})
+    assert await fetch(store, "SELECT 1 FROM sp_date WHERE res_id = ?", [rid]) == []
+    assert await fetch(store, "SELECT 1 FROM sp_date WHERE res_id = ?", [other]) != []
+    tokens = "SELECT param FROM sp_token WHERE res_id = ? ORDER BY param"
+    assert [r[0] for r in await fetch(store, tokens, [rid])] == ["deceased"]
+    assert [r[0] for r in await fetch(store, tokens, [other])] == [
+        "deceased", "gender", "identifier"]
+    names = await fetch(store, "SELECT value FROM sp_string WHERE res_id = ? AND param = ?",
+                        [rid, "family"])
+    assert [r[0] for r in names] == ["neu"]
