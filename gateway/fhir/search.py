@@ -47,7 +47,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal, localcontext
 from typing import TYPE_CHECKING, Protocol
 
@@ -170,6 +170,16 @@ class MissingValue:
 
 
 @dataclass(frozen=True, slots=True)
+class InValue:
+    """A token ``:in``/``:not-in`` value: the ValueSet's canonical ``url`` (with
+    ``|version`` if given) and, once the caller has expanded it
+    (:func:`with_value_sets`), its members as (system, code) pairs."""
+
+    url: str
+    codes: frozenset[tuple[str, str]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CompositeValue:
     """``token$value`` of a composite parameter: both on one element (``sp_composite``);
     ``second_type`` is the second component's parameter type."""
@@ -181,7 +191,7 @@ class CompositeValue:
 
 Value = (
     TokenValue | StringValue | DateValue | NumberValue | QuantityValue | ReferenceValue
-    | UriValue | MissingValue | CompositeValue
+    | UriValue | MissingValue | CompositeValue | InValue
 )
 
 
@@ -317,7 +327,7 @@ _KNOWN_MODIFIERS = frozenset(
 )
 _MODIFIERS: dict[str, frozenset[str]] = {
     "string": frozenset({"missing", "exact", "contains"}),
-    "token": frozenset({"missing", "not", "text"}),
+    "token": frozenset({"missing", "not", "text", "in", "not-in"}),
     "reference": frozenset({"missing", "identifier"}),
     "date": frozenset({"missing"}),
     "number": frozenset({"missing"}),
@@ -326,7 +336,7 @@ _MODIFIERS: dict[str, frozenset[str]] = {
     "composite": frozenset({"missing"}),
 }
 _UNSUPPORTED_MODIFIERS: dict[str, frozenset[str]] = {
-    "token": frozenset({"in", "not-in", "below", "above", "of-type"}),
+    "token": frozenset({"below", "above", "of-type"}),
     "reference": frozenset({"below", "above"}),
     "uri": frozenset({"in", "not-in"}),
 }
@@ -409,6 +419,40 @@ def unescape(text: str) -> str:
 
 
 # -- the parser -----------------------------------------------------------------
+
+
+def value_sets(query: SearchQuery) -> dict[str, set[tuple[str | None, str]]]:
+    """The ValueSet URLs the query's ``:in``/``:not-in`` values name (chains and
+    ``_has`` included), each with where it is used: (resource type, parameter)."""
+    found: dict[str, set[tuple[str | None, str]]] = {}
+
+    def walk(c: Criterion, rtype: str | None) -> None:
+        for v in c.values:
+            if isinstance(v, InValue):
+                found.setdefault(v.url, set()).add((rtype, c.code))
+        for link in c.chain:
+            walk(link.criterion, link.target_type)
+        if c.has is not None:
+            walk(c.has.criterion, c.has.source_type)
+
+    for c in query.criteria:
+        walk(c, query.resource_type)
+    return found
+
+
+def with_value_sets(query: SearchQuery,
+                    members: Mapping[str, frozenset[tuple[str, str]]]) -> SearchQuery:
+    """``query`` with each ``:in``/``:not-in`` value given its ValueSet's members."""
+
+    def fill(c: Criterion) -> Criterion:
+        return replace(
+            c,
+            values=tuple(replace(v, codes=members[v.url]) if isinstance(v, InValue) else v
+                         for v in c.values),
+            chain=tuple(replace(link, criterion=fill(link.criterion)) for link in c.chain),
+            has=None if c.has is None else replace(c.has, criterion=fill(c.has.criterion)))
+
+    return replace(query, criteria=tuple(fill(c) for c in query.criteria))
 
 
 def parse_search(
@@ -779,6 +823,12 @@ class _Parser:
             if modifier == "text":
                 text = unescape(raw)
                 return StringValue(text, normalize_string(text))
+            if modifier in ("in", "not-in"):
+                url = unescape(raw).strip()
+                if not _ABSOLUTE.fullmatch(url):
+                    raise _invalid(f"'{p.code}:{modifier}' takes a ValueSet's canonical URL,"
+                                   f" not {_q(url)}")
+                return InValue(url)
             return self.token(p, raw)
         if t == "date":
             return self.date(p, raw)

@@ -570,6 +570,23 @@ class Terminology:
 
     # -- $expand ---------------------------------------------------------------------
 
+    def member(self, value_set: Mapping[str, Any], system: str, code: str) -> bool | None:
+        """Is (system, code) in ``value_set``? None: that cannot be decided offline."""
+        try:
+            return self._member(value_set, system, code)
+        except _Unexpandable as exc:
+            raise FhirError(Code.EXPANSION_FAILED, str(exc)) from None
+
+    def members(self, value_set: Mapping[str, Any]) -> tuple[frozenset[tuple[str, str]], bool]:
+        """The (system, code) pairs of ``value_set``'s expansion, and whether that
+        expansion is closed (every member known)."""
+        try:
+            exp = self._expand(value_set, ())
+        except _Unexpandable as exc:
+            raise FhirError(Code.EXPANSION_FAILED,
+                            f"value set {value_set.get('url')} cannot be expanded: {exc}") from None
+        return frozenset((i.system, i.code) for i in exp.items.values()), exp.closed
+
     def expand(self, value_set: Mapping[str, Any], *, text_filter: str | None = None,
                offset: int = 0, count: int | None = None, active_only: bool = False,
                include_designations: bool = False, include_definition: bool = False,

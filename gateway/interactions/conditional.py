@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import parse_search
 from gateway.interactions.base import Context
+from gateway.interactions.terminology import with_value_set_members
 from gateway.security import guard
 from gateway.storage.interface import StoreTransaction
 
@@ -24,7 +25,8 @@ async def matches(
     ctx: Context, tx: StoreTransaction, resource_type: str, pairs: list[tuple[str, str]]
 ) -> list[str]:
     """Ids of the resources of ``resource_type`` matching ``pairs`` (at most 2)."""
-    query = parse_search(resource_type, pairs, ctx.registry.search_params, strict=True)
+    query = await with_value_set_members(
+        ctx, parse_search(resource_type, pairs, ctx.registry.search_params, strict=True))
     if not query.criteria:
         raise FhirError(Code.INVALID_CONDITION, "conditional criteria select nothing")
     await tx.lock(criteria_key(resource_type, pairs))

@@ -18,6 +18,7 @@ from gateway.fhir.outcome import Code, FhirError, Issue, operation_outcome
 from gateway.fhir.search import SearchQuery, parse_search
 from gateway.fhir.summary import subset, summarize
 from gateway.interactions.base import Context, FhirResponse, Prefer, check_type
+from gateway.interactions.terminology import with_value_set_members
 from gateway.security import guard
 from gateway.storage.interface import Snapshot, StoredResource
 
@@ -99,8 +100,8 @@ async def search(
     if resource_type is not None:
         check_type(ctx, resource_type)
     guard.require(resource_type, "search")
-    query = parse_search(resource_type, pairs, ctx.registry.search_params, strict=prefer.strict,
-                         base_url=base)
+    query = await with_value_set_members(ctx, parse_search(
+        resource_type, pairs, ctx.registry.search_params, strict=prefer.strict, base_url=base))
     for t in query.types:
         guard.require(t, "search")
     links = [("self", _self_link(base, resource_type, pairs))]

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from gateway.fhir.outcome import Code, FhirError
-from gateway.fhir.search import parse_search
+from gateway.fhir.search import SearchQuery, parse_search, value_sets, with_value_sets
 from gateway.fhir.terminology import Terminology
 from gateway.interactions.base import Context, FhirResponse, check_id
 from gateway.interactions.operations import Operation, OperationRequest
@@ -260,6 +260,53 @@ async def _value_set(ctx: Context, req: OperationRequest, p: _Params,
     if not url:
         raise _bad("give the value set: url, valueSet (POST) or /ValueSet/{id}/$...")
     return await _by_url(ctx, term, "ValueSet", url, version)
+
+
+#: most members a ValueSet may have for token ``:in``/``:not-in`` (two bound values each)
+MAX_IN_CODES = 10_000
+
+
+async def with_value_set_members(ctx: Context, query: SearchQuery) -> SearchQuery:
+    """``query`` with the ValueSets of its ``:in``/``:not-in`` values expanded: those the
+    gateway holds and those stored here (which the caller may search for)."""
+    used = value_sets(query)
+    if not used:
+        return query
+    members: dict[str, frozenset[tuple[str, str]]] = {}
+    for url in sorted(used):
+        base, _, version = url.partition("|")
+        term = ctx.registry.terminology
+        try:
+            value_set = await _by_url(ctx, term, "ValueSet", base, version or None)
+        except FhirError as exc:
+            if exc.code is not Code.UNKNOWN_VALUE_SET:
+                raise
+            raise FhirError(Code.INVALID_SEARCH_VALUE,
+                            f"value set {url} is not known here") from None
+        term = await _with_dependencies(ctx, term, value_set)
+        codes, closed = term.members(value_set)
+        if not closed:
+            # a code system not held (a filter over ICD-10-GM, say): decide membership
+            # for the codes the parameter holds here
+            in_use: set[tuple[str, str]] = set()
+            for rtype, param in sorted(used[url], key=str):
+                in_use.update(await ctx.store.token_codes(rtype, param, MAX_IN_CODES + 1))
+            if len(in_use) > MAX_IN_CODES:
+                raise FhirError(Code.INVALID_SEARCH_VALUE,
+                                f"value set {url} cannot be expanded here, and the searched"
+                                f" parameter holds more than {MAX_IN_CODES} codes to check")
+            verdicts = {pair: term.member(value_set, *pair) for pair in in_use - codes}
+            if any(v is None for v in verdicts.values()):
+                raise FhirError(Code.INVALID_SEARCH_VALUE,
+                                f"value set {url} cannot be expanded here: membership of codes"
+                                " in use depends on a code system this server does not hold")
+            codes = codes | {pair for pair, v in verdicts.items() if v}
+        if len(codes) > MAX_IN_CODES:
+            raise FhirError(Code.INVALID_SEARCH_VALUE,
+                            f"value set {url} has {len(codes)} members; ':in' takes at most"
+                            f" {MAX_IN_CODES}")
+        members[url] = codes
+    return with_value_sets(query, members)
 
 
 # ---------------------------------------------------------------------------

@@ -138,6 +138,11 @@ class Store(Protocol):
 
     async def count(self, query: SearchQuery, restriction: Restriction | None = None) -> int: ...
 
+    async def token_codes(self, resource_type: str | None, param: str,
+                          limit: int) -> list[tuple[str, str]]:
+        """Distinct (system, code) pairs the token parameter ``param`` holds (of one
+        type, or any), at most ``limit``."""
+
     async def includes(
         self, query: SearchQuery, matches: list[tuple[str, str]], limit: int,
         restriction: Restriction | None = None,

@@ -32,6 +32,7 @@ from gateway.fhir.search import (
     Criterion,
     DateValue,
     Include,
+    InValue,
     MissingValue,
     NumberValue,
     QuantityValue,
@@ -253,7 +254,7 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx) -> Frag:
         ]
         return _or(frags)
     cond, p = _or([_value(c, v, t, ctx) for v in c.values])
-    negate = "NOT " if c.modifier == "not" else ""
+    negate = "NOT " if c.modifier in ("not", "not-in") else ""
     if rtype is not None:  # uncorrelated: the planner can drive it from the index
         return (
             f"{a}.res_id {negate}IN (SELECT {t}.res_id FROM {table} {t}"
@@ -296,6 +297,15 @@ def _last_updated(c: Criterion, a: str) -> Frag:
 
 
 def _value(c: Criterion, v: Value, t: str, ctx: _Ctx) -> Frag:
+    if isinstance(v, InValue):  # token :in / :not-in, the value set expanded by the caller
+        if v.codes is None:
+            raise ValueError(f"value set {v.url} was not expanded")
+        if not v.codes:
+            return "1 = 0", []
+        pairs = sorted(v.codes)
+        rows = ", ".join("(?, ?)" for _ in pairs)
+        return (f"({t}.system, {t}.code) IN (VALUES {rows})",
+                [x for pair in pairs for x in pair])
     if isinstance(v, CompositeValue):  # one sp_composite row holds both components
         first, fp = _token(v.first, f"{t}.a_system", f"{t}.a_code")
         if isinstance(v.second, DateValue):

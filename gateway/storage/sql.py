@@ -656,6 +656,19 @@ class SqlStore:
             row = await conn.fetchrow(sql, params)
         return int(row[0]) if row else 0
 
+    async def token_codes(self, resource_type: str | None, param: str,
+                          limit: int) -> list[tuple[str, str]]:
+        where = "param = ? AND system IS NOT NULL AND code IS NOT NULL"
+        params: list[Any] = [param]
+        if resource_type is not None:
+            where = "res_type = ? AND " + where
+            params.insert(0, resource_type)
+        async with self.db.read() as conn:
+            rows = await conn.fetch(
+                f"SELECT DISTINCT system, code FROM sp_token WHERE {where} LIMIT ?",
+                [*params, limit])
+        return [(str(r[0]), str(r[1])) for r in rows]
+
     async def includes(
         self, query: SearchQuery, matches: list[tuple[str, str]], limit: int,
         restriction: Restriction | None = None,

@@ -227,3 +227,44 @@ def test_composite_search_pairs_values_on_one_element(client: httpx.Client) -> N
     obs = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Observation")
     composite = {p["name"] for p in obs["searchParam"] if p["type"] == "composite"}
     assert {param, "code-value-quantity", "combo-code-value-concept"} <= composite
+
+
+def test_token_in_and_not_in_expand_value_sets(client: httpx.Client) -> None:
+    """``:in``/``:not-in`` against a ValueSet the gateway holds and one stored here."""
+    icd = "http://fhir.de/CodeSystem/bfarm/icd-10-gm"
+    subject = {"reference": f"Group/{unique('g')}"}
+
+    def condition(system: str, code: str) -> str:
+        return post(client, {"resourceType": "Condition", "subject": subject,
+                             "code": {"coding": [{"system": system, "code": code}]}}
+                    ).json()["id"]
+
+    infarct, hypertension = condition(icd, "I21"), condition(icd, "I10")
+    elsewhere = condition("urn:test:other", "I21")  # the code, in another system
+    held = "https://carepath-gateway.org/fhir/ValueSet/chd-diagnosis"
+    by_subject = {"subject": subject["reference"]}
+    assert search_ids(client, "/Condition", **by_subject, **{"code:in": held}) == [infarct]
+    assert sorted(search_ids(client, "/Condition", **by_subject, **{"code:not-in": held})
+                  ) == sorted([hypertension, elsewhere])
+    stored_url = f"urn:test:vs:{unique()}"
+    post(client, {"resourceType": "ValueSet", "url": stored_url, "status": "active",
+                  "compose": {"include": [{"system": icd, "concept": [{"code": "I10"}]}]}})
+    assert search_ids(client, "/Condition", **by_subject,
+                      **{"code:in": f"{held},{stored_url}"}) == [infarct, hypertension]
+    unknown = client.get("/Condition", params={"code:in": "urn:test:vs:nowhere"})
+    assert unknown.status_code == 400 and gw_code(unknown) == "GW-1013"
+    # I21.4 is not listed, but matches the value set's regex over ICD-10-GM (not held):
+    # membership is decided for the codes in use
+    sub_code = condition(icd, "I21.4")
+    assert search_ids(client, "/Condition", **by_subject, **{"code:in": held}) == [
+        infarct, sub_code]
+    snomed = "http://snomed.info/sct"
+    condition(snomed, "22298006")
+    undecidable_url = f"urn:test:vs:{unique()}"
+    post(client, {"resourceType": "ValueSet", "url": undecidable_url, "status": "active",
+                  "compose": {"include": [{"system": snomed, "filter": [
+                      {"property": "concept", "op": "is-a", "value": "414545008"}]}]}})
+    undecidable = client.get("/Condition", params={"code:in": undecidable_url})
+    assert undecidable.status_code == 400 and "cannot be expanded" in undecidable.text
+    not_a_url = client.get("/Condition", params={"code:in": "chd"})
+    assert not_a_url.status_code == 400

@@ -17,6 +17,7 @@ from gateway.fhir.search import (
     DateValue,
     Has,
     Include,
+    InValue,
     MissingValue,
     NumberValue,
     QuantityValue,
@@ -29,6 +30,8 @@ from gateway.fhir.search import (
     parse_search,
     split_escaped,
     unescape,
+    value_sets,
+    with_value_sets,
 )
 
 _INDEXER = Indexer.from_profiles()
@@ -116,7 +119,7 @@ def test_token_modifiers() -> None:
     assert one("Observation", "code:missing=false").values == (MissingValue(False),)
 
 
-@pytest.mark.parametrize("mod", ["in", "not-in", "below", "above", "of-type"])
+@pytest.mark.parametrize("mod", ["below", "above", "of-type"])
 def test_unsupported_token_modifiers(mod: str) -> None:
     assert error("Observation", f"code:{mod}=x").code is Code.UNSUPPORTED_SEARCH
 
@@ -524,3 +527,19 @@ def test_system_search_with_type() -> None:
 def test_type_param_on_type_level_search_is_ignored_with_warning() -> None:
     q = parse("Patient", "_type=Patient")
     assert q.criteria == () and q.warnings
+
+
+def test_token_in_names_a_value_set_filled_in_by_the_caller() -> None:
+    vs, other = "https://example.org/ValueSet/a", "https://example.org/ValueSet/b|2"
+    q = parse("Encounter", f"type:in={vs}&subject:Patient.gender:not-in={other}"
+                           f"&_has:Condition:encounter:code:in={vs}")
+    assert q.criteria[0] == Criterion("type", "token", "in", (InValue(vs),))
+    assert value_sets(q) == {vs: {("Encounter", "type"), ("Condition", "code")},
+                             other: {("Patient", "gender")}}
+    filled = with_value_sets(q, {vs: frozenset({("s", "1")}), other: frozenset()})
+    assert filled.criteria[0].values == (InValue(vs, frozenset({("s", "1")})),)
+    assert filled.criteria[1].chain[0].criterion.values == (InValue(other, frozenset()),)
+    has = filled.criteria[2].has
+    assert has is not None and has.criterion.values == (InValue(vs, frozenset({("s", "1")})),)
+    assert error("Observation", "code:in=not-a-url").code is Code.INVALID_SEARCH_VALUE
+    assert error("Observation", "code:below=http://loinc.org|1").code is Code.UNSUPPORTED_SEARCH
