@@ -21,7 +21,9 @@ Row shapes (the caller prefixes ``res_type``/``res_id``):
                  composite parameter of a token and one other component, one row
                  per element its expression selects and pair of component values
                  found on that element (the second component's value in the
-                 columns its own table uses; dates in ``dlo``/``dhi``)
+                 columns its own table uses; dates in ``dlo``/``dhi``). Also,
+                 under a token parameter's code, an Identifier's type coding
+                 with its system and value (``:of-type``).
 """
 
 from __future__ import annotations
@@ -773,6 +775,24 @@ def _fallback_getter(expression: str, resource_types: frozenset[str]) -> Step:
 # --------------------------------------------------------------------------- indexer
 
 
+def _identifier_of_type(code: str, v: Any, out: Rows) -> None:
+    """An Identifier's type codings with its value, as ``sp_composite`` rows under the
+    token parameter's own code (token ``:of-type``): ``a_system``/``a_code`` the type
+    coding, ``system``/``code`` the identifier's system and value."""
+    if not isinstance(v, dict):
+        return
+    value = _str(v.get("value"))
+    t = v.get("type")
+    codings = t.get("coding") if isinstance(t, dict) else None
+    if value is None or not isinstance(codings, list):
+        return
+    system = _str(v.get("system"))
+    for c in codings:
+        if isinstance(c, dict) and (type_code := _str(c.get("code"))) is not None:
+            out.append((code, _str(c.get("system")), type_code, system, value,
+                        *(None,) * (len(COMPOSITE_COLUMNS) - 2)))
+
+
 def _composite_converter(first: list[tuple[Step, Converter]],
                          second: list[tuple[Step, Converter]],
                          spread: Callable[[Row], Row]) -> Converter:
@@ -956,10 +976,13 @@ class Indexer:
                     conv = self._conv.for_type(sp.type, b.type)
                     if conv is None:
                         continue
+                    entries = [(code, table, b.run, conv)]
+                    if sp.type == "token" and b.type == "Identifier":  # for :of-type
+                        entries.append((code, "sp_composite", b.run, _identifier_of_type))
                     if b.key is None:
-                        rooted.append((code, table, b.run, conv))
+                        rooted.extend(entries)
                     else:
-                        by_key.setdefault(b.key, []).append((code, table, b.run, conv))
+                        by_key.setdefault(b.key, []).extend(entries)
         plan = _Plan(tuple((k, tuple(v)) for k, v in by_key.items()), tuple(rooted))
         self._plans[resource_type] = plan
         self._fallbacks[resource_type] = tuple(fallbacks)

@@ -170,6 +170,16 @@ class MissingValue:
 
 
 @dataclass(frozen=True, slots=True)
+class OfTypeValue:
+    """A token ``:of-type`` value ``type-system|type-code|value``: an Identifier with
+    that type coding and that value."""
+
+    type_system: str
+    type_code: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
 class InValue:
     """A token ``:in``/``:not-in`` value: the ValueSet's canonical ``url`` (with
     ``|version`` if given) and, once the caller has expanded it
@@ -191,7 +201,7 @@ class CompositeValue:
 
 Value = (
     TokenValue | StringValue | DateValue | NumberValue | QuantityValue | ReferenceValue
-    | UriValue | MissingValue | CompositeValue | InValue
+    | UriValue | MissingValue | CompositeValue | InValue | OfTypeValue
 )
 
 
@@ -327,7 +337,7 @@ _KNOWN_MODIFIERS = frozenset(
 )
 _MODIFIERS: dict[str, frozenset[str]] = {
     "string": frozenset({"missing", "exact", "contains"}),
-    "token": frozenset({"missing", "not", "text", "in", "not-in"}),
+    "token": frozenset({"missing", "not", "text", "in", "not-in", "of-type"}),
     "reference": frozenset({"missing", "identifier"}),
     "date": frozenset({"missing"}),
     "number": frozenset({"missing"}),
@@ -336,7 +346,7 @@ _MODIFIERS: dict[str, frozenset[str]] = {
     "composite": frozenset({"missing"}),
 }
 _UNSUPPORTED_MODIFIERS: dict[str, frozenset[str]] = {
-    "token": frozenset({"below", "above", "of-type"}),
+    "token": frozenset({"below", "above"}),
     "reference": frozenset({"below", "above"}),
     "uri": frozenset({"in", "not-in"}),
 }
@@ -823,6 +833,12 @@ class _Parser:
             if modifier == "text":
                 text = unescape(raw)
                 return StringValue(text, normalize_string(text))
+            if modifier == "of-type":
+                pieces = [unescape(x) for x in split_escaped(raw, "|")]
+                if len(pieces) != 3 or not all(pieces):
+                    raise _invalid(f"'{p.code}:of-type' takes type-system|type-code|value,"
+                                   f" not {_q(raw)}")
+                return OfTypeValue(*pieces)
             if modifier in ("in", "not-in"):
                 url = unescape(raw).strip()
                 if not _ABSOLUTE.fullmatch(url):

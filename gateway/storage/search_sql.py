@@ -35,6 +35,7 @@ from gateway.fhir.search import (
     InValue,
     MissingValue,
     NumberValue,
+    OfTypeValue,
     QuantityValue,
     ReferenceValue,
     SearchQuery,
@@ -240,7 +241,7 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx) -> Frag:
         return _id_criterion(c, a)
     if c.code == "_lastUpdated":
         return _last_updated(c, a)
-    table = _TABLE.get(c.type)
+    table = "sp_composite" if c.modifier == "of-type" else _TABLE.get(c.type)
     if table is None:
         raise ValueError(f"cannot search {c.type} parameter {c.code!r}")
     t = ctx.alias("t")
@@ -297,6 +298,9 @@ def _last_updated(c: Criterion, a: str) -> Frag:
 
 
 def _value(c: Criterion, v: Value, t: str, ctx: _Ctx) -> Frag:
+    if isinstance(v, OfTypeValue):  # sp_composite rows of the Identifiers' type codings
+        return (f"({t}.a_system = ? AND {t}.a_code = ? AND {t}.code = ?)",
+                [v.type_system, v.type_code, v.value])
     if isinstance(v, InValue):  # token :in / :not-in, the value set expanded by the caller
         if v.codes is None:
             raise ValueError(f"value set {v.url} was not expanded")

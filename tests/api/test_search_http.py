@@ -268,3 +268,28 @@ def test_token_in_and_not_in_expand_value_sets(client: httpx.Client) -> None:
     assert undecidable.status_code == 400 and "cannot be expanded" in undecidable.text
     not_a_url = client.get("/Condition", params={"code:in": "chd"})
     assert not_a_url.status_code == 400
+
+
+def test_identifier_of_type(client: httpx.Client) -> None:
+    v2 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+    mrn, kvnr = unique("mrn"), unique("kvnr")
+    body = patient(mrn)
+    body["identifier"] = [
+        {"type": {"coding": [{"system": v2, "code": "MR"}]}, "system": "urn:test:mrn",
+         "value": mrn},
+        {"type": {"coding": [{"system": "http://fhir.de/CodeSystem/identifier-type-de-basis",
+                              "code": "KVZ10"}]},
+         "system": "http://fhir.de/sid/gkv/kvid-10", "value": kvnr},
+    ]
+    rid = post(client, body).json()["id"]
+    of_type = "identifier:of-type"
+    assert search_ids(client, "/Patient", **{of_type: f"{v2}|MR|{mrn}"}) == [rid]
+    assert search_ids(client, "/Patient", **{of_type: f"{v2}|MR|{kvnr}"}) == []  # other type
+    assert search_ids(client, "/Patient", **{of_type: f"urn:other|MR|{mrn}"}) == []
+    assert search_ids(client, "/Patient", **{
+        of_type: f"http://fhir.de/CodeSystem/identifier-type-de-basis|KVZ10|{kvnr}"}) == [rid]
+    body["identifier"] = body["identifier"][1:]  # the MR identifier removed
+    assert client.put(f"/Patient/{rid}", json={**body, "id": rid}).status_code == 200
+    assert search_ids(client, "/Patient", **{of_type: f"{v2}|MR|{mrn}"}) == []
+    bad = client.get("/Patient", params={of_type: f"MR|{mrn}"})
+    assert bad.status_code == 400 and gw_code(bad) == "GW-1013"

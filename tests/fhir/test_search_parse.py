@@ -20,6 +20,7 @@ from gateway.fhir.search import (
     InValue,
     MissingValue,
     NumberValue,
+    OfTypeValue,
     QuantityValue,
     ReferenceValue,
     SearchQuery,
@@ -119,7 +120,7 @@ def test_token_modifiers() -> None:
     assert one("Observation", "code:missing=false").values == (MissingValue(False),)
 
 
-@pytest.mark.parametrize("mod", ["below", "above", "of-type"])
+@pytest.mark.parametrize("mod", ["below", "above"])
 def test_unsupported_token_modifiers(mod: str) -> None:
     assert error("Observation", f"code:{mod}=x").code is Code.UNSUPPORTED_SEARCH
 
@@ -543,3 +544,11 @@ def test_token_in_names_a_value_set_filled_in_by_the_caller() -> None:
     assert has is not None and has.criterion.values == (InValue(vs, frozenset({("s", "1")})),)
     assert error("Observation", "code:in=not-a-url").code is Code.INVALID_SEARCH_VALUE
     assert error("Observation", "code:below=http://loinc.org|1").code is Code.UNSUPPORTED_SEARCH
+
+
+def test_identifier_of_type_takes_three_parts() -> None:
+    v2 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+    c = one("Patient", f"identifier:of-type={v2}|MR|12\\|3")
+    assert c.modifier == "of-type" and c.values == (OfTypeValue(v2, "MR", "12|3"),)
+    for bad in ("MR|123", f"{v2}||123", f"{v2}|MR|", "123"):
+        assert error("Patient", f"identifier:of-type={bad}").code is Code.INVALID_SEARCH_VALUE
