@@ -51,6 +51,8 @@ from dataclasses import dataclass, replace
 from decimal import Decimal, localcontext
 from typing import TYPE_CHECKING, Protocol
 
+import orjson
+
 from gateway.fhir.indexer import COMPOSITE_SECOND, date_bounds, normalize_string
 from gateway.fhir.outcome import Code, FhirError
 
@@ -183,10 +185,24 @@ class OfTypeValue:
 class InValue:
     """A token ``:in``/``:not-in`` value: the ValueSet's canonical ``url`` (with
     ``|version`` if given) and, once the caller has expanded it
-    (:func:`with_value_sets`), its members as (system, code) pairs."""
+    (:func:`with_value_sets`), its members as (system, code) pairs.
+
+    Token ``:below``/``:above`` are value sets too, defined here: ``compose`` (JSON)
+    includes the code and what it subsumes (or what subsumes it), and ``url``
+    names that definition (``below:system|code``)."""
 
     url: str
     codes: frozenset[tuple[str, str]] | None = None
+    compose: str | None = None
+
+
+@dataclass(slots=True)
+class ValueSetUse:
+    """A value set a query names: its definition when the query gives one (see
+    :class:`InValue`), and the (resource type, parameter) pairs it is used with."""
+
+    compose: str | None
+    used_by: set[tuple[str | None, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +353,8 @@ _KNOWN_MODIFIERS = frozenset(
 )
 _MODIFIERS: dict[str, frozenset[str]] = {
     "string": frozenset({"missing", "exact", "contains"}),
-    "token": frozenset({"missing", "not", "text", "in", "not-in", "of-type"}),
+    "token": frozenset({"missing", "not", "text", "in", "not-in", "of-type", "below",
+                        "above"}),
     "reference": frozenset({"missing", "identifier"}),
     "date": frozenset({"missing"}),
     "number": frozenset({"missing"}),
@@ -346,7 +363,6 @@ _MODIFIERS: dict[str, frozenset[str]] = {
     "composite": frozenset({"missing"}),
 }
 _UNSUPPORTED_MODIFIERS: dict[str, frozenset[str]] = {
-    "token": frozenset({"below", "above"}),
     "reference": frozenset({"below", "above"}),
     "uri": frozenset({"in", "not-in"}),
 }
@@ -431,15 +447,16 @@ def unescape(text: str) -> str:
 # -- the parser -----------------------------------------------------------------
 
 
-def value_sets(query: SearchQuery) -> dict[str, set[tuple[str | None, str]]]:
-    """The ValueSet URLs the query's ``:in``/``:not-in`` values name (chains and
-    ``_has`` included), each with where it is used: (resource type, parameter)."""
-    found: dict[str, set[tuple[str | None, str]]] = {}
+def value_sets(query: SearchQuery) -> dict[str, ValueSetUse]:
+    """The value sets the query's ``:in``/``:not-in``/``:below``/``:above`` values name
+    (chains and ``_has`` included), by URL."""
+    found: dict[str, ValueSetUse] = {}
 
     def walk(c: Criterion, rtype: str | None) -> None:
         for v in c.values:
             if isinstance(v, InValue):
-                found.setdefault(v.url, set()).add((rtype, c.code))
+                found.setdefault(v.url, ValueSetUse(v.compose, set())).used_by.add(
+                    (rtype, c.code))
         for link in c.chain:
             walk(link.criterion, link.target_type)
         if c.has is not None:
@@ -839,6 +856,15 @@ class _Parser:
                     raise _invalid(f"'{p.code}:of-type' takes type-system|type-code|value,"
                                    f" not {_q(raw)}")
                 return OfTypeValue(*pieces)
+            if modifier in ("below", "above"):
+                tok = self.token(p, raw)
+                if tok.any_system or tok.system is None or tok.code is None:
+                    raise _invalid(f"'{p.code}:{modifier}' takes system|code, not {_q(raw)}")
+                op = "is-a" if modifier == "below" else "generalizes"
+                compose = {"include": [{"system": tok.system, "filter": [
+                    {"property": "concept", "op": op, "value": tok.code}]}]}
+                return InValue(f"{modifier}:{tok.system}|{tok.code}",
+                               compose=orjson.dumps(compose).decode())
             if modifier in ("in", "not-in"):
                 url = unescape(raw).strip()
                 if not _ABSOLUTE.fullmatch(url):

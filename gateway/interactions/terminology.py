@@ -267,8 +267,9 @@ MAX_IN_CODES = 10_000
 
 
 async def with_value_set_members(ctx: Context, query: SearchQuery) -> SearchQuery:
-    """``query`` with the ValueSets of its ``:in``/``:not-in`` values expanded: those the
-    gateway holds and those stored here (which the caller may search for)."""
+    """``query`` with the value sets of its ``:in``/``:not-in`` values expanded (those
+    the gateway holds and those stored here, which the caller may search for), and of
+    its ``:below``/``:above`` values (over code systems held or stored here)."""
     used = value_sets(query)
     if not used:
         return query
@@ -276,8 +277,11 @@ async def with_value_set_members(ctx: Context, query: SearchQuery) -> SearchQuer
     for url in sorted(used):
         base, _, version = url.partition("|")
         term = ctx.registry.terminology
+        compose = used[url].compose
         try:
-            value_set = await _by_url(ctx, term, "ValueSet", base, version or None)
+            value_set = ({"resourceType": "ValueSet", "url": url, "status": "active",
+                          "compose": orjson.loads(compose)} if compose is not None
+                         else await _by_url(ctx, term, "ValueSet", base, version or None))
         except FhirError as exc:
             if exc.code is not Code.UNKNOWN_VALUE_SET:
                 raise
@@ -289,7 +293,7 @@ async def with_value_set_members(ctx: Context, query: SearchQuery) -> SearchQuer
             # a code system not held (a filter over ICD-10-GM, say): decide membership
             # for the codes the parameter holds here
             in_use: set[tuple[str, str]] = set()
-            for rtype, param in sorted(used[url], key=str):
+            for rtype, param in sorted(used[url].used_by, key=str):
                 in_use.update(await ctx.store.token_codes(rtype, param, MAX_IN_CODES + 1))
             if len(in_use) > MAX_IN_CODES:
                 raise FhirError(Code.INVALID_SEARCH_VALUE,

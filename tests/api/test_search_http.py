@@ -293,3 +293,33 @@ def test_identifier_of_type(client: httpx.Client) -> None:
     assert search_ids(client, "/Patient", **{of_type: f"{v2}|MR|{mrn}"}) == []
     bad = client.get("/Patient", params={of_type: f"MR|{mrn}"})
     assert bad.status_code == 400 and gw_code(bad) == "GW-1013"
+
+
+def test_token_below_and_above_follow_a_code_system_held_here(client: httpx.Client) -> None:
+    system = f"urn:test:cs:{unique()}"
+    post(client, {"resourceType": "CodeSystem", "url": system, "status": "active",
+                  "content": "complete", "hierarchyMeaning": "is-a", "concept": [
+                      {"code": "heart", "concept": [
+                          {"code": "ischaemic", "concept": [{"code": "infarct"}]},
+                          {"code": "valve"}]},
+                      {"code": "lung"}]})
+    subject = {"reference": f"Group/{unique('g')}"}
+    ids = {code: post(client, {"resourceType": "Condition", "subject": subject,
+                               "code": {"coding": [{"system": system, "code": code}]}}
+                      ).json()["id"] for code in ("heart", "ischaemic", "infarct", "valve",
+                                                   "lung")}
+    by_subject = {"subject": subject["reference"]}
+
+    def found(**params: str) -> set[str]:
+        got = search_ids(client, "/Condition", **by_subject, **params)
+        return {code for code, rid in ids.items() if rid in got}
+
+    assert found(**{"code:below": f"{system}|ischaemic"}) == {"ischaemic", "infarct"}
+    assert found(**{"code:below": f"{system}|heart"}) == {"heart", "ischaemic", "infarct",
+                                                          "valve"}
+    assert found(**{"code:above": f"{system}|infarct"}) == {"heart", "ischaemic", "infarct"}
+    unheld = f"urn:test:cs:{unique()}"
+    post(client, {"resourceType": "Condition", "subject": subject,
+                  "code": {"coding": [{"system": unheld, "code": "x"}]}})
+    response = client.get("/Condition", params={"code:below": f"{unheld}|x"})
+    assert response.status_code == 400 and "cannot be expanded" in response.text

@@ -121,8 +121,8 @@ def test_token_modifiers() -> None:
 
 
 @pytest.mark.parametrize("mod", ["below", "above"])
-def test_unsupported_token_modifiers(mod: str) -> None:
-    assert error("Observation", f"code:{mod}=x").code is Code.UNSUPPORTED_SEARCH
+def test_unsupported_reference_modifiers(mod: str) -> None:
+    assert error("Observation", f"subject:{mod}=x").code is Code.UNSUPPORTED_SEARCH
 
 
 @pytest.mark.parametrize(
@@ -535,15 +535,21 @@ def test_token_in_names_a_value_set_filled_in_by_the_caller() -> None:
     q = parse("Encounter", f"type:in={vs}&subject:Patient.gender:not-in={other}"
                            f"&_has:Condition:encounter:code:in={vs}")
     assert q.criteria[0] == Criterion("type", "token", "in", (InValue(vs),))
-    assert value_sets(q) == {vs: {("Encounter", "type"), ("Condition", "code")},
-                             other: {("Patient", "gender")}}
+    assert {url: use.used_by for url, use in value_sets(q).items()} == {
+        vs: {("Encounter", "type"), ("Condition", "code")}, other: {("Patient", "gender")}}
     filled = with_value_sets(q, {vs: frozenset({("s", "1")}), other: frozenset()})
     assert filled.criteria[0].values == (InValue(vs, frozenset({("s", "1")})),)
     assert filled.criteria[1].chain[0].criterion.values == (InValue(other, frozenset()),)
     has = filled.criteria[2].has
     assert has is not None and has.criterion.values == (InValue(vs, frozenset({("s", "1")})),)
     assert error("Observation", "code:in=not-a-url").code is Code.INVALID_SEARCH_VALUE
-    assert error("Observation", "code:below=http://loinc.org|1").code is Code.UNSUPPORTED_SEARCH
+    below = one("Observation", "code:below=http://loinc.org|LP1")
+    assert below.values == (InValue("below:http://loinc.org|LP1", compose=(
+        '{"include":[{"system":"http://loinc.org","filter":[{"property":"concept",'
+        '"op":"is-a","value":"LP1"}]}]}')),)
+    assert "generalizes" in (one("Observation", "code:above=urn:s|x").values[0].compose or "")
+    for bad in ("LP1", "|LP1", "http://loinc.org|"):
+        assert error("Observation", f"code:below={bad}").code is Code.INVALID_SEARCH_VALUE
 
 
 def test_identifier_of_type_takes_three_parts() -> None:
