@@ -94,15 +94,15 @@ def _pg_put_sql(tables: tuple[str, ...], clear: bool, audit: bool, *, first: boo
 
     Parameters: $1 type, $2 id, $3 version, $4 last_updated, $5 method,
     $6 content, $7 event id, $8 interaction, with ``creator`` $9 the creating
-    organisation; then for each of ``tables`` (those the resource has index rows in) its rows as one
-    JSON array (:func:`_json_rows`); with ``audit`` the audit records after
-    them. ``clear``: first delete the previous version's index rows (in every
-    table). ``first``: version 1, so no ``resource`` row exists (a concurrent
-    writer of the same version fails on ``resource_history`` either way).
-    Sub-statements share one snapshot: the DELETEs
-    remove only the previous version's rows, never the ones inserted here.
-    What a write does not need gets no sub-statement: each costs the database
-    time to plan and run, even with nothing to do.
+    organisation; then for each of ``tables`` (those the resource has index
+    rows in) its rows as one JSON array (:func:`_json_rows`); with ``audit``
+    the audit records after them. ``clear``: first delete the previous
+    version's index rows (in every table). ``first``: version 1, so no
+    ``resource`` row exists (a concurrent writer of the same version fails on
+    ``resource_history`` either way). Sub-statements share one snapshot: the
+    DELETEs remove only the previous version's rows, never the ones inserted
+    here. What a write does not need gets no sub-statement: each costs the
+    database time to plan and run, even with nothing to do.
     """
     upsert = "" if first else (
         " ON CONFLICT (res_type, res_id) DO UPDATE SET version = excluded.version,"
