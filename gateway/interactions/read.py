@@ -2,16 +2,43 @@
 
 Serves the stored bytes as they are; a deleted resource answers 410 Gone.
 Conditional read (``If-None-Match``, ``If-Modified-Since``) answers 304.
+``_summary`` (true, text, data) and ``_elements`` return the resource cut down
+as in a search, tagged SUBSETTED.
 """
 
 from __future__ import annotations
 
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.search import SearchQuery, parse_search
 from gateway.interactions.base import Context, FhirResponse, check_id, check_type, version_headers
+from gateway.interactions.search import shape
 from gateway.security import guard
 from gateway.storage.interface import StoredResource
+
+_READ_PARAMS = frozenset({"_summary", "_elements"})
+
+
+def _subsetting(ctx: Context, resource_type: str,
+                query: list[tuple[str, str]]) -> SearchQuery | None:
+    """``_summary``/``_elements`` of a read, checked; None: the whole resource. Other
+    parameters mean nothing to a read (``_format``, a client's cache buster …)."""
+    pairs = [(k, v) for k, v in query if k in _READ_PARAMS]
+    if not pairs:
+        return None
+    parsed = parse_search(resource_type, pairs, ctx.registry.search_params, strict=True)
+    if parsed.summary == "count":
+        raise FhirError(Code.INVALID_SEARCH_VALUE, "_summary=count applies to searches")
+    if parsed.elements or parsed.summary in ("true", "text", "data"):
+        return parsed
+    return None
+
+
+def _body(ctx: Context, stored: StoredResource,
+          subsetting: SearchQuery | None) -> bytes | dict[str, Any] | None:
+    return stored.content if subsetting is None else shape(ctx, subsetting, stored)
 
 
 def _not_modified(stored: StoredResource, if_none_match: str | None,
@@ -35,11 +62,12 @@ def _not_modified(stored: StoredResource, if_none_match: str | None,
 
 async def read(
     ctx: Context, resource_type: str, id: str, *, if_none_match: str | None = None,
-    if_modified_since: str | None = None,
+    if_modified_since: str | None = None, query: list[tuple[str, str]] | None = None,
 ) -> FhirResponse:
     check_type(ctx, resource_type)
     check_id(id)
     guard.require(resource_type, "read")
+    subsetting = _subsetting(ctx, resource_type, query or [])
     stored = await ctx.store.read(resource_type, id)
     if stored is None:
         raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
@@ -49,13 +77,15 @@ async def read(
     headers = version_headers(stored)
     if _not_modified(stored, if_none_match, if_modified_since):
         return FhirResponse(304, None, headers)
-    return FhirResponse(200, stored.content, headers)
+    return FhirResponse(200, _body(ctx, stored, subsetting), headers)
 
 
-async def vread(ctx: Context, resource_type: str, id: str, version: str) -> FhirResponse:
+async def vread(ctx: Context, resource_type: str, id: str, version: str,
+                query: list[tuple[str, str]] | None = None) -> FhirResponse:
     check_type(ctx, resource_type)
     check_id(id)
     guard.require(resource_type, "vread")
+    subsetting = _subsetting(ctx, resource_type, query or [])
     if not version.isdigit():
         raise FhirError(Code.VERSION_NOT_FOUND, f"version '{version[:20]}' is not known")
     current = await ctx.store.read(resource_type, id)
@@ -68,4 +98,4 @@ async def vread(ctx: Context, resource_type: str, id: str, version: str) -> Fhir
                         f"{resource_type}/{id} has no version {version}")
     if stored.deleted:
         raise FhirError(Code.GONE, f"{resource_type}/{id} version {version} is a deletion")
-    return FhirResponse(200, stored.content, version_headers(stored))
+    return FhirResponse(200, _body(ctx, stored, subsetting), version_headers(stored))

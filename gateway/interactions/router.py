@@ -126,7 +126,8 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
     if n == 2:
         if method == "GET":
             return await read.read(ctx, rt, id, if_none_match=h.get("if-none-match"),
-                                   if_modified_since=h.get("if-modified-since"))
+                                   if_modified_since=h.get("if-modified-since"),
+                                   query=req.query)
         if method == "PUT":
             return await update_mod.update(ctx, rt, id, req.body, base=req.base,
                                            prefer=req.prefer, if_match=h.get("if-match"))
@@ -141,5 +142,5 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
             raise _not_allowed(req)
         if n == 3:
             return await history.history(ctx, rt, id, req.query, base=req.base)
-        return await read.vread(ctx, rt, id, parts[3])
+        return await read.vread(ctx, rt, id, parts[3], req.query)
     raise FhirError(Code.UNKNOWN_ENDPOINT, f"'{req.path[:100]}' is not a known endpoint")

@@ -31,7 +31,9 @@ def _page_size(ctx: Context, query: SearchQuery) -> int:
     return min(query.count, ctx.settings.max_page_size)
 
 
-def _shape(ctx: Context, query: SearchQuery, stored: StoredResource) -> Any:
+def shape(ctx: Context, query: SearchQuery, stored: StoredResource) -> Any:
+    """The resource as ``_elements``/``_summary`` ask (tagged SUBSETTED), or the stored
+    bytes as they are."""
     assert stored.content is not None
     if query.elements:
         info = ctx.registry.types[stored.resource_type]
@@ -65,7 +67,7 @@ async def _page(
         mode = "match" if (s.resource_type, s.id) in matched else "include"
         entries.append({
             "fullUrl": f"{base}/{s.resource_type}/{s.id}",
-            "resource": _shape(ctx, query, s),
+            "resource": shape(ctx, query, s),
             "search": {"mode": mode},
         })
     if warnings:

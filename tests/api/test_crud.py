@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from email.utils import format_datetime, parsedate_to_datetime
+from typing import Any
 
 import httpx
 
@@ -310,3 +311,28 @@ def test_string_length_limit(client: httpx.Client, server) -> None:  # type: ign
     response = client.post("/Basic", json=body, headers={"Content-Type": FHIR})
     assert response.status_code == 413
     assert gw_code(response) == "GW-1025"
+
+
+def test_read_and_vread_with_summary_and_elements(client: httpx.Client) -> None:
+    body = patient(unique("mrn"), family="Teilmenge")
+    body["text"] = {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">'
+                                                  "Teilmenge</div>"}
+    created = post(client, body).json()
+    rid = created["id"]
+
+    def tags(resource: dict[str, Any]) -> list[str]:
+        return [t["code"] for t in resource["meta"].get("tag", [])]
+
+    elements = client.get(f"/Patient/{rid}", params={"_elements": "name"})
+    assert elements.status_code == 200 and elements.headers["etag"] == 'W/"1"'
+    got = elements.json()
+    assert set(got) == {"resourceType", "id", "meta", "name"} and "SUBSETTED" in tags(got)
+    summary = client.get(f"/Patient/{rid}/_history/1", params={"_summary": "true"}).json()
+    assert "name" in summary and "text" not in summary and "SUBSETTED" in tags(summary)
+    text = client.get(f"/Patient/{rid}", params={"_summary": "text"}).json()
+    assert "text" in text and "name" not in text
+    whole = client.get(f"/Patient/{rid}", params={"_summary": "false", "_": "cachebuster"})
+    assert whole.json() == created  # the stored resource, untouched
+    bad = client.get(f"/Patient/{rid}", params={"_summary": "count"})
+    assert bad.status_code == 400 and gw_code(bad) == "GW-1013"
+    assert client.get(f"/Patient/{rid}", params={"_elements": "na me"}).status_code == 400
