@@ -169,15 +169,21 @@ def _parse_body(
     if ctype not in _JSON_TYPES and ctype not in _PATCH_TYPES:
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
                         f"Content-Type '{ctype[:60]}' is not supported")
-    if method == "PATCH" and ctype not in _PATCH_TYPES:
+    if method == "PATCH" and ctype not in _PATCH_TYPES and ctype not in _JSON_TYPES:
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
-                        "PATCH takes application/json-patch+json")
+                        "PATCH takes application/json-patch+json (JSON Patch) or"
+                        " application/fhir+json (FHIRPath Patch)")
     body = fjson.loads(raw)
     problem = fjson.check_limits(body, ctx.settings.max_json_depth,
                                  ctx.settings.max_string_length)
     if problem is not None:
         code = Code.TOO_DEEP if problem.startswith("nesting") else Code.STRING_TOO_LONG
         raise FhirError(code, problem)
+    if method == "PATCH" and ctype in _JSON_TYPES and not (
+            isinstance(body, dict) and body.get("resourceType") == "Parameters"):
+        raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                        f"a PATCH in {ctype} is a FHIRPath Patch (a Parameters resource);"
+                        " JSON Patch is application/json-patch+json")
     return body, []
 
 

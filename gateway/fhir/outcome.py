@@ -37,7 +37,7 @@ class Code(Enum):
     TOO_MANY_ENTRIES = ("GW-1012", 413, "too-costly", "Bundle has too many entries")
     INVALID_SEARCH_VALUE = ("GW-1013", 400, "value", "Invalid search parameter value")
     UNKNOWN_SEARCH_PARAM = ("GW-1014", 400, "not-supported", "Unknown search parameter")
-    INVALID_PATCH = ("GW-1016", 400, "invalid", "Invalid JSON Patch document")
+    INVALID_PATCH = ("GW-1016", 400, "invalid", "Invalid patch document")
     INVALID_BUNDLE = ("GW-1017", 400, "invalid", "Invalid Bundle")
     INVALID_ENTRY = ("GW-1018", 400, "invalid", "Invalid Bundle entry")
     INVALID_HEADER = ("GW-1020", 400, "value", "Invalid HTTP header value")

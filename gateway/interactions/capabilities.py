@@ -97,7 +97,7 @@ def _statement(
         "implementation": {"description": "carepath-gateway FHIR R4 server", "url": base},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
-        "patchFormat": ["application/json-patch+json"],
+        "patchFormat": ["application/json-patch+json", "application/fhir+json"],
         "rest": [{
             **_extensions(contributions, None, base),
             "mode": "server",

@@ -1,4 +1,6 @@
-"""patch with JSON Patch: https://hl7.org/fhir/R4/http.html#patch (RFC 6902).
+"""patch: https://hl7.org/fhir/R4/http.html#patch, with JSON Patch (RFC 6902,
+``application/json-patch+json``) or FHIRPath Patch (a ``Parameters`` resource,
+``application/fhir+json``; :mod:`gateway.fhir.fhirpatch`).
 
 The patch applies to the current version inside the write transaction; the
 result must still be the same resource (type and id unchanged).
@@ -6,10 +8,12 @@ result must still be the same resource (type and id unchanged).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
 
+from gateway.fhir import fhirpatch
 from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import (
@@ -29,17 +33,34 @@ from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
 
 
-def check_patch(body: Any) -> list[dict[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class Patch:
+    """A checked patch: JSON Patch operations, or FHIRPath Patch operations."""
+
+    fhirpath: bool
+    ops: list[dict[str, Any]]
+
+
+def check_patch(body: Any) -> Patch:
+    if fhirpatch.is_fhirpath_patch(body):
+        return Patch(True, fhirpatch.check(body))
     if not isinstance(body, list) or not all(isinstance(op, dict) for op in body):
-        raise FhirError(Code.INVALID_PATCH, "a JSON Patch document is an array of operations")
-    return body
+        raise FhirError(Code.INVALID_PATCH, "a JSON Patch document is an array of operations;"
+                                            " a FHIRPath Patch is a Parameters resource")
+    return Patch(False, body)
 
 
-def apply_patch(current: StoredResource, ops: list[dict[str, Any]]) -> dict[str, Any]:
+def apply_patch(ctx: Context, current: StoredResource, patch: Patch) -> dict[str, Any]:
     assert current.content is not None
     doc = fjson.loads(current.content)
+    if patch.fhirpath:
+        model = getattr(ctx.validator, "model", None)
+        if model is None:
+            raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                            "FHIRPath Patch needs the validator's model; use JSON Patch")
+        return _same_resource(current, fhirpatch.apply(doc, patch.ops, model))
     try:
-        result = jsonpatch.JsonPatch(ops).apply(doc)
+        result = jsonpatch.JsonPatch(patch.ops).apply(doc)
     except jsonpatch.JsonPatchTestFailed as exc:
         raise FhirError(Code.VERSION_CONFLICT, f"JSON Patch test failed: {exc}") from None
     except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError,
@@ -47,6 +68,10 @@ def apply_patch(current: StoredResource, ops: list[dict[str, Any]]) -> dict[str,
         raise FhirError(Code.INVALID_PATCH, f"JSON Patch cannot be applied: {exc}") from None
     if not isinstance(result, dict):
         raise FhirError(Code.PATCH_RESULT_INVALID, "the patched document is not a resource")
+    return _same_resource(current, result)
+
+
+def _same_resource(current: StoredResource, result: dict[str, Any]) -> dict[str, Any]:
     if result.get("resourceType") != current.resource_type or result.get("id") != current.id:
         raise FhirError(Code.PATCH_RESULT_INVALID, "a patch may not change resourceType or id")
     return result
@@ -57,7 +82,7 @@ async def patch_in(
     tx: StoreTransaction,
     resource_type: str,
     id: str,
-    ops: list[dict[str, Any]],
+    ops: Patch,
     *,
     if_match: str | None = None,
     new_patients: frozenset[str] = frozenset(),
@@ -70,7 +95,7 @@ async def patch_in(
     if current.deleted:
         raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
     check_version(current, if_match, f"{resource_type}/{id}")
-    result = apply_patch(current, ops)
+    result = apply_patch(ctx, current, ops)
     admit(ctx, result)
     await guard.check_write(ctx.access, tx, result, current, new_patients)
     stored = await tx.put(resource_type, id, result, "PATCH", current)

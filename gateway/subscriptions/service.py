@@ -46,6 +46,11 @@ class SubscriptionChecks:
         self.inner = inner
         self.service = service
 
+    @property
+    def model(self) -> Any:
+        """The inner validator's R4 model (FHIRPath Patch navigates with it)."""
+        return getattr(self.inner, "model", None)
+
     def validate(self, resource: dict[str, Any], *, profile: str | None = None) -> list[Issue]:
         issues = self.inner.validate(resource, profile=profile) if self.inner else []
         if resource.get("resourceType") == "Subscription":

@@ -336,3 +336,95 @@ def test_read_and_vread_with_summary_and_elements(client: httpx.Client) -> None:
     bad = client.get(f"/Patient/{rid}", params={"_summary": "count"})
     assert bad.status_code == 400 and gw_code(bad) == "GW-1013"
     assert client.get(f"/Patient/{rid}", params={"_elements": "na me"}).status_code == 400
+
+
+def _fhirpath_patch(*operations: dict[str, Any]) -> dict[str, Any]:
+    def part(name: str, value: Any) -> dict[str, Any]:
+        if isinstance(value, list):
+            return {"name": name, "part": value}
+        key = {"type": "valueCode", "path": "valueString", "name": "valueString",
+               "index": "valueInteger", "source": "valueInteger",
+               "destination": "valueInteger"}.get(name)
+        if key is None:  # value: (value[x] key, value)
+            return {"name": name, value[0]: value[1]}
+        return {"name": name, key: value}
+
+    return {"resourceType": "Parameters", "parameter": [
+        {"name": "operation", "part": [part(k, v) for k, v in op.items()]}
+        for op in operations]}
+
+
+def test_fhirpath_patch(client: httpx.Client) -> None:
+    body = patient(unique("mrn"), family="Alt")
+    body["name"].append({"family": "Zweit"})
+    body["telecom"] = [{"system": "phone", "value": "030 1"},
+                       {"system": "email", "value": "a@example.org"}]
+    body["deceasedBoolean"] = False
+    body.pop("birthDate", None)
+    rid = post(client, body).json()["id"]
+    patch = _fhirpath_patch(
+        {"type": "replace", "path": "Patient.name[0].family", "value": ("valueString", "Neu")},
+        {"type": "add", "path": "Patient", "name": "birthDate",
+         "value": ("valueDate", "1970-01-01")},
+        {"type": "add", "path": "Patient", "name": "telecom", "value": [
+            {"name": "system", "valueCode": "fax"}, {"name": "value", "valueString": "030 9"}]},
+        {"type": "delete", "path": "Patient.telecom.where(system = 'email')"},
+        {"type": "insert", "path": "Patient.identifier", "index": 0,
+         "value": ("valueIdentifier", {"system": "urn:test:other", "value": "1"})},
+        {"type": "move", "path": "Patient.name", "source": 1, "destination": 0},
+        {"type": "replace", "path": "Patient.deceased",
+         "value": ("valueDateTime", "2020-02-02")},
+    )
+    response = client.patch(f"/Patient/{rid}", json=patch,
+                            headers={"Content-Type": FHIR, "If-Match": 'W/"1"'})
+    assert response.status_code == 200, response.text
+    got = response.json()
+    assert [n["family"] for n in got["name"]] == ["Zweit", "Neu"]
+    assert got["birthDate"] == "1970-01-01"
+    assert got["telecom"] == [{"system": "phone", "value": "030 1"},
+                              {"system": "fax", "value": "030 9"}]
+    assert got["identifier"][0] == {"system": "urn:test:other", "value": "1"}
+    assert got["deceasedDateTime"] == "2020-02-02" and "deceasedBoolean" not in got
+    assert got["meta"]["versionId"] == "2"
+    assert client.get(f"/Patient/{rid}/_history").json()["entry"][0]["request"][
+        "method"] == "PATCH"
+
+
+def test_fhirpath_patch_errors(client: httpx.Client) -> None:
+    rid = post(client, patient(unique("mrn"))).json()["id"]
+    path = f"/Patient/{rid}"
+
+    def send(*ops: dict[str, Any]) -> httpx.Response:
+        return client.patch(path, json=_fhirpath_patch(*ops), headers={"Content-Type": FHIR})
+
+    for ops in (
+        [{"type": "replace", "path": "Patient.nickname", "value": ("valueString", "x")}],
+        [{"type": "add", "path": "Patient", "name": "gender",
+          "value": ("valueCode", "female")},
+         {"type": "add", "path": "Patient", "name": "gender",
+          "value": ("valueCode", "male")}],  # does not repeat
+        [{"type": "frobnicate", "path": "Patient.name"}],
+        [{"type": "replace", "path": "Patient.name.given.exists()",
+          "value": ("valueBoolean", True)}],
+        [{"type": "insert", "path": "Patient.name", "index": 7,
+          "value": ("valueHumanName", {"family": "X"})}],
+    ):
+        response = send(*ops)
+        assert response.status_code == 400 and gw_code(response) == "GW-1016", ops
+    invalid = send({"type": "replace", "path": "Patient.gender",
+                    "value": ("valueCode", "robot")})
+    assert invalid.status_code == 422  # the patched resource fails validation
+    not_parameters = client.patch(path, json=[], headers={"Content-Type": FHIR})
+    assert not_parameters.status_code == 415
+    assert client.get(path).json()["meta"]["versionId"] == "1"
+
+
+def test_fhirpath_patch_in_a_transaction(client: httpx.Client) -> None:
+    rid = post(client, patient(unique("mrn"), family="Vorher")).json()["id"]
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": _fhirpath_patch({"type": "replace", "path": "Patient.name.first().family",
+                                      "value": ("valueString", "Nachher")}),
+         "request": {"method": "PATCH", "url": f"Patient/{rid}"}}]}
+    response = client.post("", json=bundle, headers={"Content-Type": FHIR})
+    assert response.status_code == 200, response.text
+    assert client.get(f"/Patient/{rid}").json()["name"][0]["family"] == "Nachher"

@@ -1,0 +1,102 @@
+"""FHIRPath Patch (gateway.fhir.fhirpatch) on the R4 model, without HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.fhir import fhirpatch
+from gateway.fhir.outcome import FhirError
+from gateway.fhir.validation.model import Model, value_sets_index
+from gateway.registry import Registry
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return Model(Registry.load().structure_definitions, value_sets_index({}))
+
+
+def op(kind: str, path: str, **parts: Any) -> dict[str, Any]:
+    out: list[dict[str, Any]] = [{"name": "type", "valueCode": kind},
+                                 {"name": "path", "valueString": path}]
+    for name, value in parts.items():
+        if name == "name":
+            out.append({"name": "name", "valueString": value})
+        elif name in ("index", "source", "destination"):
+            out.append({"name": name, "valueInteger": value})
+        else:  # value=(key, value)
+            out.append({"name": "value", value[0]: value[1]})
+    return {"name": "operation", "part": out}
+
+
+def patched(model: Model, resource: dict[str, Any], *ops: dict[str, Any]) -> dict[str, Any]:
+    checked = fhirpatch.check({"resourceType": "Parameters", "parameter": list(ops)})
+    return fhirpatch.apply(resource, checked, model)
+
+
+PATIENT: dict[str, Any] = {
+    "resourceType": "Patient", "id": "p",
+    "name": [{"given": ["Anna", "Maria"], "_given": [None, {"extension": [
+        {"url": "urn:x", "valueString": "second"}]}], "family": "Alt"}],
+    "telecom": [{"system": "phone", "value": "1"}, {"system": "email", "value": "2"}],
+}
+
+
+def test_the_input_is_left_alone(model: Model) -> None:
+    before = repr(PATIENT)
+    out = patched(model, PATIENT, op("replace", "Patient.name.family", value=("valueString", "N")))
+    assert out["name"][0]["family"] == "N" and repr(PATIENT) == before
+
+
+def test_deleting_a_repeated_primitive_keeps_its_extensions_aligned(model: Model) -> None:
+    out = patched(model, PATIENT, op("delete", "Patient.name.given[0]"))
+    assert out["name"][0]["given"] == ["Maria"]
+    assert out["name"][0]["_given"] == [{"extension": [{"url": "urn:x",
+                                                        "valueString": "second"}]}]
+
+
+def test_where_with_not_equal_and_or(model: Model) -> None:
+    out = patched(model, PATIENT,
+                  op("delete", "Patient.telecom.where(system != 'phone')"))
+    assert out["telecom"] == [{"system": "phone", "value": "1"}]
+    with pytest.raises(FhirError, match="takes one"):
+        patched(model, PATIENT,
+                op("delete", "Patient.telecom.where(system = 'phone' or system = 'email')"))
+
+
+def test_delete_of_nothing_is_no_change_and_the_last_item_removes_the_list(
+    model: Model,
+) -> None:
+    assert patched(model, PATIENT, op("delete", "Patient.telecom.where(system = 'fax')")
+                   ) == PATIENT
+    out = patched(model, PATIENT, op("delete", "Patient.telecom[0]"),
+                  op("delete", "Patient.telecom[0]"))
+    assert "telecom" not in out
+
+
+def test_add_to_a_backbone_element_from_parts(model: Model) -> None:
+    contact = {"name": "value", "part": [
+        {"name": "relationship", "valueCodeableConcept": {"text": "Tochter"}},
+        {"name": "name", "valueHumanName": {"family": "Alt"}}]}
+    checked = fhirpatch.check({"resourceType": "Parameters", "parameter": [{
+        "name": "operation", "part": [{"name": "type", "valueCode": "add"},
+                                      {"name": "path", "valueString": "Patient"},
+                                      {"name": "name", "valueString": "contact"}, contact]}]})
+    out = fhirpatch.apply(PATIENT, checked, model)
+    assert out["contact"] == [{"relationship": [{"text": "Tochter"}],
+                               "name": {"family": "Alt"}}]
+
+
+@pytest.mark.parametrize(("ops", "message"), [
+    ([op("add", "Patient", name="nickname", value=("valueString", "x"))], "no element"),
+    ([op("replace", "Patient.name.family.where(true)", value=("valueString", "x"))],
+     "takes comparisons"),
+    ([op("move", "Patient.telecom", source=0, destination=5)], "within"),
+    ([op("insert", "Patient.gender", index=0, value=("valueCode", "x"))], "does not repeat"),
+    ([op("add", "Patient", name="deceased", value=("valueQuantity", {"value": 1}))],
+     "cannot take"),
+])
+def test_errors_name_the_problem(model: Model, ops: list[dict[str, Any]], message: str) -> None:
+    with pytest.raises(FhirError, match=message):
+        patched(model, PATIENT, *ops)
