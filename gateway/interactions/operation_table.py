@@ -6,11 +6,12 @@ Add an operation by writing its module in this package and listing its
 
 from __future__ import annotations
 
-from gateway.interactions import audit_log, terminology, validate
+from gateway.interactions import audit_log, everything, terminology, validate
 from gateway.interactions.operations import Operation
 
 _ALL: tuple[Operation, ...] = (
     audit_log.OPERATION,
+    everything.OPERATION,
     *terminology.OPERATIONS,
     validate.OPERATION,
 )

@@ -130,16 +130,30 @@ async def search(
         total = await ctx.store.count(query, restriction) if query.total == "accurate" else None
     if query.total == "none":
         total = None
-    owner = restriction.organization if restriction else ""
-    snapshot = Snapshot(str(uuid.uuid4()),
-                        f"{owner}|{resource_type or ''}?{urlencode(pairs)}",
-                        everything, total if total is not None else -1, truncated)
-    await ctx.store.save_snapshot(snapshot)
-    links.append(("next", _pages_link(base, snapshot.search_id, size, size)))
     warnings = query.warnings
     if truncated:
         warnings = (*warnings, f"only the first {cap} matches can be paged through")
-    return await _page(ctx, query, everything[:size], base, total=total, links=links,
+    return await first_page(ctx, query, everything, base, size=size, links=links,
+                            warnings=warnings, total=total, truncated=truncated,
+                            replay=f"{resource_type or ''}?{urlencode(pairs)}")
+
+
+async def first_page(
+    ctx: Context, query: SearchQuery, keys: list[tuple[str, str]], base: str, *, size: int,
+    links: list[tuple[str, str]], warnings: tuple[str, ...], total: int | None,
+    truncated: bool, replay: str,
+) -> FhirResponse:
+    """The first page of a result held whole in ``keys``. A longer one is kept as a
+    snapshot for stable paging (``next``); ``replay`` is the ``Type?query`` its pages
+    read ``_include``/``_elements``/``_summary`` from."""
+    if len(keys) > size:
+        restriction = guard.restriction(ctx.access)
+        owner = restriction.organization if restriction else ""
+        snapshot = Snapshot(str(uuid.uuid4()), f"{owner}|{replay}", keys,
+                            total if total is not None else -1, truncated)
+        await ctx.store.save_snapshot(snapshot)
+        links = [*links, ("next", _pages_link(base, snapshot.search_id, size, size))]
+    return await _page(ctx, query, keys[:size], base, total=total, links=links,
                        warnings=warnings)
 
 

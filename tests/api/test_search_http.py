@@ -323,3 +323,45 @@ def test_token_below_and_above_follow_a_code_system_held_here(client: httpx.Clie
                   "code": {"coding": [{"system": unheld, "code": "x"}]}})
     response = client.get("/Condition", params={"code:below": f"{unheld}|x"})
     assert response.status_code == 400 and "cannot be expanded" in response.text
+
+
+def test_patient_everything(client: httpx.Client) -> None:
+    pid = post(client, patient(unique("mrn"))).json()["id"]
+    other = post(client, patient(unique("mrn"))).json()["id"]
+    ref = {"reference": f"Patient/{pid}"}
+    made = [post(client, body).json() for body in (
+        {"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"},
+         "subject": ref},
+        {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+         "subject": ref},
+        {"resourceType": "Condition", "subject": ref, "code": {"text": "y"}},
+        {"resourceType": "Observation", "status": "final", "code": {"text": "z"},
+         "subject": {"reference": f"Patient/{other}"}},
+    )]
+    mine = {f"{m['resourceType']}/{m['id']}" for m in made[:3]}
+
+    def keys(bundle: dict[str, Any]) -> list[str]:
+        return [f"{e['resource']['resourceType']}/{e['resource']['id']}"
+                for e in bundle.get("entry", []) if e["search"]["mode"] == "match"]
+
+    whole = client.get(f"/Patient/{pid}/$everything").json()
+    assert whole["type"] == "searchset" and whole["total"] == 4
+    assert keys(whole)[0] == f"Patient/{pid}" and set(keys(whole)[1:]) == mine
+    only = client.get(f"/Patient/{pid}/$everything", params={"_type": "Observation"}).json()
+    assert keys(only) == [f"Observation/{made[1]['id']}"]
+    paged, seen = client.get(f"/Patient/{pid}/$everything", params={"_count": 3}).json(), []
+    while True:
+        seen += keys(paged)
+        following = [link["url"] for link in paged["link"] if link["relation"] == "next"]
+        if not following:
+            break
+        paged = client.get(following[0]).json()
+    assert seen == keys(whole)
+    later = client.get(f"/Patient/{pid}/$everything", params={"_since": "2999-01-01"}).json()
+    assert later["total"] == 0
+    warned = client.get(f"/Patient/{pid}/$everything", params={"start": "2020"}).json()
+    outcome = [e for e in warned["entry"] if e["search"]["mode"] == "outcome"]
+    assert "start" in outcome[0]["resource"]["issue"][0]["diagnostics"]
+    assert client.get(f"/Patient/{unique('none')}/$everything").status_code == 404
+    assert client.get(f"/Patient/{pid}/$everything",
+                      params={"_type": "Nonsense"}).status_code == 400

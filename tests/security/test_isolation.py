@@ -123,6 +123,7 @@ def _requests(w: World) -> list[tuple[str, str, str, Any]]:
                 f"/Task?patient={pid}&_include=Task:patient",
                 f"/DocumentReference?subject={pid}",
                 f"/Patient/{pid}/_history",
+                f"/Patient/{pid}/$everything?_count=500",
             ]
             out += [(client, "GET", path, None) for path in paths]
         for rtype in ("Patient", "Observation", "Condition", "Encounter", "Task",

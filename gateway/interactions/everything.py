@@ -1,0 +1,116 @@
+"""``Patient/[id]/$everything``:
+https://hl7.org/fhir/R4/patient-operation-everything.html.
+
+The Patient and every resource in its patient compartment (the R4
+CompartmentDefinition, as the access policy holds it), as a searchset Bundle:
+the Patient first, then type by type in creation order. Paged like a search
+(a snapshot, ``next`` links). ``_type`` limits the types, ``_since`` keeps what
+changed since then, ``_count`` sets the page size. Only what the caller may see
+is included: types the granted scopes do not let it search are left out, and
+the organisation's compartment and consent apply as in every search.
+``start``/``end`` (care dates) are not supported and say so in the Bundle.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from urllib.parse import urlencode
+
+from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.search import SearchQuery, parse_search
+from gateway.interactions.base import Context, FhirResponse, check_id
+from gateway.interactions.operations import Operation, OperationRequest
+from gateway.interactions.search import first_page
+from gateway.security import guard
+from gateway.security.policy import load_rules
+
+
+@lru_cache(maxsize=4)
+def _compartment_of(jurisdiction: str) -> dict[str, tuple[str, ...]]:
+    return dict(load_rules(jurisdiction).compartment)
+
+
+def _compartment(ctx: Context) -> dict[str, tuple[str, ...]]:
+    if ctx.access is not None:
+        return dict(ctx.access.rules.compartment)
+    return _compartment_of(ctx.settings.jurisdiction)
+
+
+def _one(values: list[object] | None, name: str) -> str | None:
+    if not values:
+        return None
+    if len(values) > 1 or not isinstance(values[0], str | int):
+        raise FhirError(Code.INVALID_SEARCH_VALUE, f"give {name} once")
+    return str(values[0])
+
+
+async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
+    assert req.id is not None
+    check_id(req.id)
+    guard.require("Patient", "read")
+    params = req.parameters()
+    compartment = _compartment(ctx)
+    types = sorted(compartment)
+    wanted = _one(params.get("_type"), "_type")
+    if wanted:
+        asked = {t.strip() for t in wanted.split(",") if t.strip()}
+        unknown = sorted(t for t in asked if not ctx.registry.is_resource_type(t))
+        if unknown:
+            raise FhirError(Code.INVALID_SEARCH_VALUE, f"_type: unknown type {unknown[0]}")
+        types = [t for t in types if t in asked]
+    since = _one(params.get("_since"), "_since")
+    filters = [("_lastUpdated", f"ge{since}")] if since else []
+    count = _one(params.get("_count"), "_count")
+    if count is not None and not count.isdigit():
+        raise FhirError(Code.INVALID_SEARCH_VALUE, "_count must be a non-negative integer")
+    size = min(int(count), ctx.settings.max_page_size) if count else (
+        ctx.settings.default_page_size)
+    warnings = tuple(f"{p} is not supported by $everything and was ignored"
+                     for p in ("start", "end") if p in params)
+
+    patient = await ctx.store.read("Patient", req.id)
+    if patient is None:
+        raise FhirError(Code.NOT_FOUND, f"Patient/{req.id} is not known")
+    await guard.ensure_visible(ctx.access, ctx.store, patient)
+    if patient.deleted:
+        raise FhirError(Code.GONE, f"Patient/{req.id} was deleted")
+    restriction = guard.restriction(ctx.access)
+    cap = ctx.settings.max_search_results
+    keys: list[tuple[str, str]] = []
+    if "Patient" in types or not wanted:
+        own = parse_search("Patient", [("_id", req.id), *filters], ctx.registry.search_params,
+                           strict=True)
+        keys += await ctx.store.search_keys(own, 1, restriction)
+    seen = set(keys)
+    for rt in types:
+        try:
+            guard.require(rt, "search")
+        except FhirError:
+            continue  # not granted: left out, as a search would not show it
+        for param in compartment[rt]:
+            query = parse_search(rt, [(param, f"Patient/{req.id}"), *filters],
+                                 ctx.registry.search_params, strict=True)
+            for key in await ctx.store.search_keys(query, cap + 1 - len(keys), restriction):
+                if key not in seen:
+                    seen.add(key)
+                    keys.append(key)
+    truncated = len(keys) > cap
+    if truncated:
+        keys = keys[:cap]
+        warnings = (*warnings, f"only the first {cap} resources can be paged through")
+    pairs = [(k, v) for k, v in req.query if k not in ("_format", "_pretty")]
+    self_link = f"{req.base}/Patient/{req.id}/$everything"
+    if pairs:
+        self_link += "?" + urlencode(pairs)
+    guard.note("Patient", req.id, None, self_link)
+    # pages are read back as a plain search over Patient: no includes, no subsetting
+    return await first_page(ctx, SearchQuery("Patient"), keys, req.base, size=size,
+                            links=[("self", self_link)], warnings=warnings,
+                            total=None if truncated else len(keys), truncated=truncated,
+                            replay="Patient?")
+
+
+OPERATION = Operation(
+    "everything", everything, instance=True, types=frozenset({"Patient"}),
+    definition="http://hl7.org/fhir/OperationDefinition/Patient-everything",
+)
