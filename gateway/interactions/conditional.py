@@ -7,6 +7,7 @@ create exactly one resource.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from urllib.parse import urlencode
 
 from gateway.fhir.outcome import Code, FhirError
@@ -25,8 +26,11 @@ async def matches(
     ctx: Context, tx: StoreTransaction, resource_type: str, pairs: list[tuple[str, str]]
 ) -> list[str]:
     """Ids of the resources of ``resource_type`` matching ``pairs`` (at most 2)."""
+    # stored value sets are read through the transaction (on a one-connection SQLite
+    # database that connection is the transaction's)
     query = await with_value_set_members(
-        ctx, parse_search(resource_type, pairs, ctx.registry.search_params, strict=True))
+        replace(ctx, store=ctx.store.within(tx)),
+        parse_search(resource_type, pairs, ctx.registry.search_params, strict=True))
     if not query.criteria:
         raise FhirError(Code.INVALID_CONDITION, "conditional criteria select nothing")
     await tx.lock(criteria_key(resource_type, pairs))

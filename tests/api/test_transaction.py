@@ -275,3 +275,21 @@ def test_transaction_json_patch_entry_as_binary(client: httpx.Client) -> None:
     response = send(client, bundle)
     assert response.status_code == 200, response.text
     assert client.get(f"/Patient/{rid}").json()["gender"] == "male"
+
+
+def test_conditional_create_with_a_stored_value_set(client: httpx.Client) -> None:
+    url, group = f"urn:test:vs:{unique()}", f"Group/{unique('g')}"
+    post(client, {"resourceType": "ValueSet", "url": url, "status": "active",
+                  "compose": {"include": [{"system": "urn:test:cs", "concept": [{"code": "a"}]}]}})
+    condition = {"resourceType": "Condition", "subject": {"reference": group},
+                 "code": {"coding": [{"system": "urn:test:cs", "code": "a"}]}}
+    criteria = f"subject={group}&code:in={url}"
+    first = post(client, condition, **{"If-None-Exist": criteria})
+    assert first.status_code == 201, first.text
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": condition,
+         "request": {"method": "POST", "url": "Condition", "ifNoneExist": criteria}}]}
+    again = client.post("", json=bundle, headers={"Content-Type": FHIR})
+    assert again.status_code == 200, again.text
+    assert again.json()["entry"][0]["response"]["status"].startswith("200")
+    assert search_ids(client, "/Condition", subject=group) == [first.json()["id"]]
