@@ -797,22 +797,22 @@ def _composite_converter(first: list[tuple[Step, Converter]],
                          second: list[tuple[Step, Converter]],
                          spread: Callable[[Row], Row]) -> Converter:
     def composite(code: str, element: Any, out: Rows) -> None:
-        tokens: Rows = []
-        for run, conv in first:
-            for v in run([element]):
-                conv(code, v, tokens)
-        tokens = [t for t in tokens if t[1] is not None or t[2] is not None]
-        if not tokens:
-            return
+        # the second component first: most elements lack it (an Observation has one
+        # value[x] of the several types Observation's composites pair with its code)
         values: Rows = []
         for run, conv in second:
             for v in run([element]):
                 conv(code, v, values)
+        spread_values = [row for row in map(spread, values) if any(x is not None for x in row)]
+        if not spread_values:
+            return
+        tokens: Rows = []
+        for run, conv in first:
+            for v in run([element]):
+                conv(code, v, tokens)
         for t in tokens:
-            for v in values:
-                row = spread(v)
-                if any(x is not None for x in row):
-                    out.append((code, t[1], t[2], *row))
+            if t[1] is not None or t[2] is not None:
+                out.extend((code, t[1], t[2], *row) for row in spread_values)
 
     return composite
 
