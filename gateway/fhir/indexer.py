@@ -775,6 +775,71 @@ def _fallback_getter(expression: str, resource_types: frozenset[str]) -> Step:
 # --------------------------------------------------------------------------- indexer
 
 
+class _ImpliedSystems:
+    """The code system a ``code`` element's values come from, when a required binding
+    names a ValueSet of one code system (``Patient.gender``: administrative-gender).
+    search.html: the system of a code is implied by its binding; it is indexed, so
+    ``gender=http://hl7.org/fhir/administrative-gender|female`` and ``:in`` match."""
+
+    def __init__(self, structure_definitions: list[dict[str, Any]],
+                 value_sets: Iterable[dict[str, Any]]) -> None:
+        self._elements: dict[str, dict[str, Any]] = {}
+        self._complex: set[str] = set()
+        for sd in structure_definitions:
+            if sd.get("derivation") == "constraint":
+                continue
+            if sd.get("kind") == "complex-type":
+                self._complex.add(str(sd.get("type")))
+            for el in (sd.get("snapshot") or {}).get("element") or []:
+                self._elements.setdefault(str(el.get("path")), el)
+        self._vs_systems: dict[str, set[str]] = {}
+        for vs in value_sets:
+            systems: set[str] = set()
+            stack = list((vs.get("expansion") or {}).get("contains") or [])
+            while stack:
+                c = stack.pop()
+                if isinstance(c, dict):
+                    if isinstance(c.get("system"), str):
+                        systems.add(c["system"])
+                    stack.extend(c.get("contains") or [])
+            if isinstance(vs.get("url"), str):
+                self._vs_systems[vs["url"]] = systems
+
+    def of(self, expression: str) -> str | None:
+        """The implied system of the element a simple path (``Type.a.b``) names."""
+        segments = expression.strip().split(".")
+        if len(segments) < 2 or not all(s.isidentifier() for s in segments):
+            return None
+        path, el = segments[0], None
+        for i, seg in enumerate(segments[1:], start=1):
+            el = self._elements.get(f"{path}.{seg}")
+            if el is None:
+                return None
+            types = [t.get("code") for t in el.get("type") or []]
+            if i < len(segments) - 1:
+                path = types[0] if len(types) == 1 and types[0] in self._complex else (
+                    f"{path}.{seg}")
+        binding = (el or {}).get("binding") or {}
+        if binding.get("strength") != "required" or not isinstance(binding.get("valueSet"),
+                                                                   str):
+            return None
+        systems = self._vs_systems.get(binding["valueSet"].split("|", 1)[0], set())
+        return next(iter(systems)) if len(systems) == 1 else None
+
+
+def _with_system(conv: Converter, system: str) -> Converter:
+    """``conv`` with ``system`` filled into the rows it leaves without one."""
+    def implied(code: str, v: Any, out: Rows) -> None:
+        n = len(out)
+        conv(code, v, out)
+        for i in range(n, len(out)):
+            row = out[i]
+            if row[1] is None:
+                out[i] = (row[0], system, *row[2:])
+
+    return implied
+
+
 def _identifier_of_type(code: str, v: Any, out: Rows) -> None:
     """An Identifier's type codings with its value, as ``sp_composite`` rows under the
     token parameter's own code (token ``:of-type``): ``a_system``/``a_code`` the type
@@ -875,10 +940,12 @@ class Indexer:
     raise_errors: bool = False
 
     def __init__(
-        self, search_parameters: list[dict[str, Any]], structure_definitions: list[dict[str, Any]]
+        self, search_parameters: list[dict[str, Any]], structure_definitions: list[dict[str, Any]],
+        value_sets: Iterable[dict[str, Any]] = (),
     ) -> None:
         self.model = Model(structure_definitions)
         self._conv = _Converters(self.model)
+        self._systems = _ImpliedSystems(structure_definitions, value_sets)
         by_type: dict[str, dict[str, SearchParam]] = {}
         core: set[tuple[str, str]] = set()
         parsed = [(raw, SearchParam.from_resource(raw)) for raw in search_parameters
@@ -907,6 +974,7 @@ class Indexer:
         return cls(
             _bundle_resources(d / "Bundle-r4-search-parameters.json"),
             _bundle_resources(d / "Bundle-r4-structure-definitions.json"),
+            _bundle_resources(d / "Bundle-r4-required-valuesets.json"),
         )
 
     @property
@@ -976,6 +1044,10 @@ class Indexer:
                     conv = self._conv.for_type(sp.type, b.type)
                     if conv is None:
                         continue
+                    if sp.type == "token" and b.type == "code":
+                        system = self._systems.of(part)
+                        if system is not None:
+                            conv = _with_system(conv, system)
                     entries = [(code, table, b.run, conv)]
                     if sp.type == "token" and b.type == "Identifier":  # for :of-type
                         entries.append((code, "sp_composite", b.run, _identifier_of_type))

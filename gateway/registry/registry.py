@@ -63,6 +63,8 @@ class Registry:
     types: dict[str, TypeInfo] = field(default_factory=dict)
     #: the gateway's own conformance resources (``profiles/*.json``)
     conformance: list[dict[str, Any]] = field(default_factory=list)
+    #: R4's ValueSets with a required binding, expanded (``profiles/r4``)
+    r4_value_sets: list[dict[str, Any]] = field(default_factory=list)
     _by_url: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     _by_id: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict, repr=False)
 
@@ -72,12 +74,14 @@ class Registry:
         r4 = root / "r4"
         sds = _bundle_resources(r4 / "Bundle-r4-structure-definitions.json")
         sps = _bundle_resources(r4 / "Bundle-r4-search-parameters.json")
-        reg = cls(sds, sps, Indexer(sps, sds))
+        value_sets = _bundle_resources(r4 / "Bundle-r4-required-valuesets.json")
+        reg = cls(sds, sps, Indexer(sps, sds, value_sets))
         for sd in sds:
             if sd.get("kind") == "resource" and not sd.get("abstract"):
                 reg.types[sd["type"]] = _type_info(sd)
         for resource in _conformance_resources(root):
             reg.add_conformance(resource)
+        reg.r4_value_sets = value_sets
         return reg
 
     def add_conformance(self, resource: dict[str, Any]) -> None:
@@ -115,8 +119,9 @@ class Registry:
 
     @cached_property
     def terminology(self) -> Terminology:
-        """Terminology over the own CodeSystems, ValueSets and ConceptMaps."""
-        return Terminology(self.conformance)
+        """Terminology over the own CodeSystems, ValueSets and ConceptMaps, and R4's
+        required-binding ValueSets (expanded: their members are all there is)."""
+        return Terminology([*self.conformance, *self.r4_value_sets])
 
     @property
     def resource_types(self) -> list[str]:

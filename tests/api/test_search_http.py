@@ -365,3 +365,18 @@ def test_patient_everything(client: httpx.Client) -> None:
     assert client.get(f"/Patient/{unique('none')}/$everything").status_code == 404
     assert client.get(f"/Patient/{pid}/$everything",
                       params={"_type": "Nonsense"}).status_code == 400
+
+
+def test_a_code_searches_with_the_system_its_binding_implies(client: httpx.Client) -> None:
+    family = unique("Fam")
+    rid = post(client, patient(unique("mrn"), family=family)).json()["id"]
+    gender = patient(unique("mrn"))["gender"]
+    system = "http://hl7.org/fhir/administrative-gender"
+    assert search_ids(client, "/Patient", family=family, gender=f"{system}|{gender}") == [rid]
+    assert search_ids(client, "/Patient", family=family, gender=gender) == [rid]
+    assert search_ids(client, "/Patient", family=family, gender=f"urn:other|{gender}") == []
+    # R4's required-binding value sets are held: :in works with them
+    assert search_ids(client, "/Patient", family=family, **{
+        "gender:in": "http://hl7.org/fhir/ValueSet/administrative-gender"}) == [rid]
+    assert search_ids(client, "/Patient", family=family, **{
+        "gender:not-in": "http://hl7.org/fhir/ValueSet/administrative-gender"}) == []

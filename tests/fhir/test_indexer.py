@@ -236,14 +236,18 @@ def test_patient_tokens(ix: Indexer) -> None:
         (None, "no-system", None),
     }
     assert len([r for r in out["sp_token"] if r[0] == "identifier"]) == 2  # deduplicated
-    assert rows(out, "sp_token", "gender") == {(None, "male", None)}
+    # a code's system is implied by its required binding (administrative-gender)
+    assert rows(out, "sp_token", "gender") == {
+        ("http://hl7.org/fhir/administrative-gender", "male", None)}
     assert rows(out, "sp_token", "active") == {(None, "true", None)}
     assert rows(out, "sp_token", "deceased") == {(None, "true", None)}
     assert rows(out, "sp_token", "telecom") == {
         ("phone", "(03) 5555 6473", None), ("email", "peter@example.org", None)}
     assert rows(out, "sp_token", "phone") == {("phone", "(03) 5555 6473", None)}
     assert rows(out, "sp_token", "email") == {("email", "peter@example.org", None)}
-    assert rows(out, "sp_token", "address-use") == {(None, "home", None)}
+    # through the datatype: Patient.address.use is Address.use, bound to address-use
+    assert rows(out, "sp_token", "address-use") == {("http://hl7.org/fhir/address-use", "home",
+                                                     None)}
     assert rows(out, "sp_token", "_tag") == {("http://example.org/tags", "vip", "v.i.p.")}
     assert rows(out, "sp_token", "_security") == {
         ("http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "R", None)}
@@ -367,7 +371,8 @@ def test_observation(ix: Indexer) -> None:
     }
     assert rows(out, "sp_reference", "encounter") == {
         ("Encounter", "e1", None, None, None, None)}
-    assert rows(out, "sp_token", "status") == {(None, "final", None)}
+    assert rows(out, "sp_token", "status") == {("http://hl7.org/fhir/observation-status",
+                                                "final", None)}
     # the choice element is restricted by the as(): no value-concept/value-date rows
     assert rows(out, "sp_token", "value-concept") == set()
     assert rows(out, "sp_date", "value-date") == set()
