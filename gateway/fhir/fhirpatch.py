@@ -48,6 +48,7 @@ class _Loc:
     index: int | None
     value: Any
     node: Node | None  # the value's model node (complex values)
+    parent: Node | None = None  # the container's model node
 
 
 @dataclass(slots=True)
@@ -141,13 +142,10 @@ def _apply_one(doc: dict[str, Any], root: Node, parts: dict[str, Any]) -> None:
         if len(found) != 1:
             raise _bad(f"the path finds {len(found)} elements; replace takes one")
         loc = found[0]
-        if loc.container is None:
+        if loc.container is None or loc.parent is None:
             raise _bad("the resource itself cannot be replaced")
-        parent = _parent_node(doc, root, path)
-        child = parent.children.get(loc.key) if parent is not None else None
-        group = child.group if child is not None else None
-        key, value = _value(parts, parent, group or loc.key) if parent is not None else (
-            loc.key, _plain_value(parts))
+        child = loc.parent.children[loc.key]
+        key, value = _value(parts, loc.parent, child.group or loc.key)
         if loc.index is not None:
             if key != loc.key:
                 raise _bad("a repeating element keeps its type")
@@ -209,18 +207,6 @@ def _list_slot(doc: dict[str, Any], root: Node, path: PathNode) -> tuple[_Slot, 
     return slot, items
 
 
-def _parent_node(doc: dict[str, Any], root: Node, path: PathNode) -> Node | None:
-    """The model node of the element holding what ``path`` finds."""
-    while isinstance(path, Index | Call):
-        if path.base is None:
-            return None
-        path = path.base
-    if isinstance(path, Member):
-        parents = _eval(doc, root, path.base)
-        return parents[0].node if len(parents) == 1 else None
-    return None
-
-
 # -- values --------------------------------------------------------------------
 
 
@@ -263,14 +249,6 @@ def _from_parts(parts: Any, node: Node) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def _plain_value(parts: dict[str, Any]) -> Any:
-    part = parts.get("value") or {}
-    given = [v for k, v in part.items() if k.startswith("value")]
-    if not given:
-        raise _bad("the operation needs a value[x]")
-    return given[0]
 
 
 def _string(parts: dict[str, Any], name: str) -> str:
@@ -337,10 +315,10 @@ def _children(locs: list[_Loc], name: str) -> list[_Loc]:
                 continue
             value = loc.value[child.key]
             if isinstance(value, list):
-                out.extend(_Loc(loc.value, child.key, i, v, child.node)
+                out.extend(_Loc(loc.value, child.key, i, v, child.node, loc.node)
                            for i, v in enumerate(value))
             else:
-                out.append(_Loc(loc.value, child.key, None, value, child.node))
+                out.append(_Loc(loc.value, child.key, None, value, child.node, loc.node))
     return out
 
 

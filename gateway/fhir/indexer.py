@@ -31,13 +31,13 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -98,9 +98,18 @@ COMPOSITE_SECOND = frozenset({"token", "quantity", "number", "date", "string", "
                               "uri"})
 
 
-def composite_supported(sp: SearchParam) -> bool:
-    return (sp.type == "composite" and len(sp.parts) == 2 and sp.parts[0].type == "token"
-            and sp.parts[1].type in COMPOSITE_SECOND)
+class _Composite(Protocol):
+    @property
+    def type(self) -> str: ...
+    @property
+    def parts(self) -> Sequence[_Composite]: ...
+
+
+def composite_supported(sp: _Composite) -> bool:
+    """Indexed and searched: a composite of a token and one other component."""
+    parts = sp.parts
+    return (sp.type == "composite" and len(parts) == 2 and parts[0].type == "token"
+            and parts[1].type in COMPOSITE_SECOND)
 
 
 def _spreader(table: str) -> Callable[[Row], Row]:

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
-from gateway.fhir.indexer import COMPOSITE_SECOND, date_bounds, normalize_string
+from gateway.fhir.indexer import composite_supported, date_bounds, normalize_string
 from gateway.fhir.outcome import Code, FhirError
 
 if TYPE_CHECKING:
@@ -380,12 +380,6 @@ _PREFIXED = re.compile(r"(eq|ne|gt|lt|ge|le|sa|eb|ap)?(.*)", re.DOTALL)
 _ELEMENT = re.compile(r"(?:[A-Z][A-Za-z0-9]*\.)?[A-Za-z_][A-Za-z0-9_]*(?:\[x\])?")
 # "+01:00" arrives as " 01:00" when a client forgets to percent-encode the plus
 _SPACE_TZ = re.compile(r"(T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}:\d{2})$")
-
-
-def _composite_supported(p: _Param) -> bool:
-    """Composites of a token and one other indexed component (see ``sp_composite``)."""
-    parts = p.parts
-    return len(parts) == 2 and parts[0].type == "token" and parts[1].type in COMPOSITE_SECOND
 
 
 class _Unknown(Exception):
@@ -728,7 +722,7 @@ class _Parser:
             raise _Unknown(f"Unknown search parameter '{code}' for {self.where(rt)}")
         if dot:
             return self.chain(rt, p, modifier, tail, value, depth)
-        if p.type == "special" or (p.type == "composite" and not _composite_supported(p)):
+        if p.type == "special" or (p.type == "composite" and not composite_supported(p)):
             raise _Unsupported(f"{p.type.capitalize()} search parameter '{code}' is not supported")
         if p.code not in ("_id", "_lastUpdated") and not p.expression:
             raise _Unsupported(f"Search parameter '{code}' is not supported")

@@ -95,6 +95,7 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
                     seen.add(key)
                     keys.append(key)
     truncated = len(keys) > cap
+    found = len(keys)
     if truncated:
         keys = keys[:cap]
         warnings = (*warnings, f"only the first {cap} resources can be paged through")
@@ -103,10 +104,12 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
     if pairs:
         self_link += "?" + urlencode(pairs)
     guard.note("Patient", req.id, None, self_link)
+    if size == 0:  # _count=0: how many, as in a search
+        keys = []
     # pages are read back as a plain search over Patient: no includes, no subsetting
     return await first_page(ctx, SearchQuery("Patient"), keys, req.base, size=size,
                             links=[("self", self_link)], warnings=warnings,
-                            total=None if truncated else len(keys), truncated=truncated,
+                            total=None if truncated else found, truncated=truncated,
                             replay="Patient?")
 
 

@@ -357,6 +357,11 @@ def test_patient_everything(client: httpx.Client) -> None:
             break
         paged = client.get(following[0]).json()
     assert seen == keys(whole)
+    counted = client.get(f"/Patient/{pid}/$everything", params={"_count": 0}).json()
+    assert counted["total"] == 4 and "entry" not in counted
+    assert not [link for link in counted["link"] if link["relation"] == "next"]
+    bad_since = client.get(f"/Patient/{pid}/$everything", params={"_since": "yesterday"})
+    assert bad_since.status_code == 400 and gw_code(bad_since) == "GW-1013"
     later = client.get(f"/Patient/{pid}/$everything", params={"_since": "2999-01-01"}).json()
     assert later["total"] == 0
     warned = client.get(f"/Patient/{pid}/$everything", params={"start": "2020"}).json()
