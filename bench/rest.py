@@ -984,15 +984,17 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def _profile_starter(server: Server, outdir: Path, name: str) -> Callable[[float], Any]:
+def _profile_starter(server: Server, outdir: Path, name: str,
+                     native: bool = False) -> Callable[[float], Any]:
     def start(seconds: float) -> subprocess.Popen[bytes]:
         assert server.proc is not None
         exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         out = outdir / f"{name}.txt"
         log(f"profiling {server.name} for {seconds:.0f}s -> {out}")
         return subprocess.Popen(
-            [exe, "record", "--pid", str(server.proc.pid), "--subprocesses", "--nonblocking",
-             "--rate", "200", "--duration", str(max(1, int(seconds))), "--format", "raw",
+            [exe, "record", "--pid", str(server.proc.pid), "--subprocesses",
+             # native frames need the process paused while its stack is read
+             *(("--native",) if native else ("--nonblocking",)), "--rate", "200", "--duration", str(max(1, int(seconds))), "--format", "raw",
              "-o", str(out)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
 
@@ -1049,7 +1051,8 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                                       pregen // procs, args.client))
                 log(f"{scenario} on {target}: {seconds:.0f}s after {warmup:.1f}s warm-up, "
                     f"{args.concurrency} concurrent, {procs} {args.client} client process(es)")
-                prof = (_profile_starter(server, profile_dir, f"{store.kind}-{scenario}")
+                prof = (_profile_starter(server, profile_dir, f"{store.kind}-{scenario}",
+                                         args.profile_native)
                         if profile_dir and target == "gateway" else None)
                 m = run_clients(works, server, store.pg_port, prof)
                 if scenario == "create":
@@ -1232,6 +1235,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "unpacked) instead of this checkout")
     p.add_argument("--profile", metavar="DIR",
                    help="record each gateway scenario with py-spy (raw stacks) into DIR")
+    p.add_argument("--profile-native", action="store_true",
+                   help="with --profile: record native frames too (C extensions, system"
+                        " calls; pauses the workers while sampling)")
     p.add_argument("--out", metavar="FILE", help="also write all result lines as JSON to FILE")
     p.add_argument("--profile-summary", metavar="FILE",
                    help="print the hottest functions of a py-spy raw file, then exit")

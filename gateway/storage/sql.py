@@ -80,6 +80,10 @@ def _json_columns(table: str, keyed: bool = False) -> str:
     the ~50 rows of a typical resource cost more client CPU than the whole
     statement costs the database. Every value is a string, an integer or a
     finite float (``gateway.fhir.indexer``), so JSON carries them exactly.
+    The array is read as ``jsonb``: parsed once, so each ``x->>i`` is a lookup.
+    With ``json`` every ``->>`` parses the row's text again from its start,
+    which for a Bundle's ~100 rows of up to 20 columns cost PostgreSQL more
+    than the rows' inserts (``bench/RESULTS.md``).
     """
     types = ("text", *(("text", "text") if keyed else ()), *_PG_TYPES[table])
     return ", ".join(f"x->>{i}" if t == "text" else f"(x->>{i})::{t}"
@@ -126,7 +130,7 @@ def _pg_put_sql(tables: tuple[str, ...], clear: bool, audit: bool, *, first: boo
     for i, table in enumerate(tables, start=n):
         parts.append(f"i_{table} AS (INSERT INTO {table} (res_type, res_id, param,"
                      f" {', '.join(INDEX_TABLES[table])}) SELECT $1, $2, {_json_columns(table)}"
-                     f" FROM json_array_elements(${i}::json) x)")
+                     f" FROM jsonb_array_elements(${i}::jsonb) x)")
     if audit:
         parts.append(append_audit_cte(n + len(tables)))
     return "WITH " + ", ".join(parts) + " SELECT seq FROM h"
@@ -184,7 +188,7 @@ def _pg_put_many_sql(tables: tuple[str, ...], clear: bool, audit: bool) -> str:
     for n, table in enumerate(tables, start=11):
         parts.append(f"i_{table} AS (INSERT INTO {table} (res_type, res_id, param,"
                      f" {', '.join(INDEX_TABLES[table])}) SELECT"
-                     f" {_json_columns(table, keyed=True)} FROM json_array_elements(${n}::json) x)")
+                     f" {_json_columns(table, keyed=True)} FROM jsonb_array_elements(${n}::jsonb) x)")
     if audit:
         parts.append(append_audit_cte(11 + len(tables)))
     return "WITH " + ", ".join(parts) + " SELECT count(*) FROM h"
