@@ -994,7 +994,8 @@ def _profile_starter(server: Server, outdir: Path, name: str,
         return subprocess.Popen(
             [exe, "record", "--pid", str(server.proc.pid), "--subprocesses",
              # native frames need the process paused while its stack is read
-             *(("--native",) if native else ("--nonblocking",)), "--rate", "200", "--duration", str(max(1, int(seconds))), "--format", "raw",
+             *(("--native",) if native else ("--nonblocking",)), "--rate", "200",
+             "--duration", str(max(1, int(seconds))), "--format", "raw",
              "-o", str(out)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
 

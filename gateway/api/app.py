@@ -174,8 +174,9 @@ def _parse_body(
                         "PATCH takes application/json-patch+json (JSON Patch) or"
                         " application/fhir+json (FHIRPath Patch)")
     body = fjson.loads(raw)
+    max_string = ctx.settings.max_string_length
     problem = fjson.check_limits(body, ctx.settings.max_json_depth,
-                                 ctx.settings.max_string_length)
+                                 max_string if len(raw) > max_string else None)
     if problem is not None:
         code = Code.TOO_DEEP if problem.startswith("nesting") else Code.STRING_TOO_LONG
         raise FhirError(code, problem)

@@ -65,8 +65,11 @@ def loads(data: bytes | str) -> Any:
     raw = data.encode() if isinstance(data, str) else data
     try:
         value = orjson.loads(raw)
-        # only a document with a float can have lost a digit; then look at the text
-        exact = not _has_float(value) or not _LOSSY.search(raw)
+        # Compact JSON as orjson itself writes it (what most clients send) reads
+        # back to the same bytes: every number kept its text. Otherwise only a
+        # document with a float can have lost a digit; then look at the text.
+        exact = (orjson.dumps(value) == raw or not _has_float(value)
+                 or not _LOSSY.search(raw))
     except orjson.JSONDecodeError:
         exact = False  # malformed, or a number beyond a double (1e400): let json decide
     if not exact:
@@ -128,22 +131,28 @@ def depth_exceeds(obj: Any, limit: int) -> bool:
 
 
 def check_limits(obj: Any, max_depth: int, max_string: int | None) -> str | None:
-    """Why ``obj`` exceeds the nesting or string-length limits, or None."""
-    stack: list[tuple[Any, int]] = [(obj, 1)]
-    while stack:
-        node, depth = stack.pop()
+    """Why ``obj`` exceeds the nesting or string-length limits, or None.
+
+    Walks level by level, looking only at containers; strings only when
+    ``max_string`` is given (a caller whose document is shorter than that in
+    bytes can pass None: no string in it can be longer).
+    """
+    level = [obj]
+    depth = 1
+    while level:
         if depth > max_depth:
             return f"nesting deeper than {max_depth}"
-        if isinstance(node, dict):
-            for v in node.values():
-                if isinstance(v, dict | list):
-                    stack.append((v, depth + 1))
-                elif max_string is not None and isinstance(v, str) and len(v) > max_string:
+        below: list[Any] = []
+        add = below.append
+        for node in level:
+            kind = type(node)
+            values = node.values() if kind is dict else node if kind is list else ()
+            for v in values:
+                vk = type(v)
+                if vk is dict or vk is list:
+                    add(v)
+                elif max_string is not None and vk is str and len(v) > max_string:
                     return f"a string longer than {max_string} characters"
-        elif isinstance(node, list):
-            for v in node:
-                if isinstance(v, dict | list):
-                    stack.append((v, depth + 1))
-                elif max_string is not None and isinstance(v, str) and len(v) > max_string:
-                    return f"a string longer than {max_string} characters"
+        level = below
+        depth += 1
     return None

@@ -187,8 +187,8 @@ def _pg_put_many_sql(tables: tuple[str, ...], clear: bool, audit: bool) -> str:
                      for table in INDEX_TABLES)
     for n, table in enumerate(tables, start=11):
         parts.append(f"i_{table} AS (INSERT INTO {table} (res_type, res_id, param,"
-                     f" {', '.join(INDEX_TABLES[table])}) SELECT"
-                     f" {_json_columns(table, keyed=True)} FROM jsonb_array_elements(${n}::jsonb) x)")
+                     f" {', '.join(INDEX_TABLES[table])}) SELECT {_json_columns(table, keyed=True)}"
+                     f" FROM jsonb_array_elements(${n}::jsonb) x)")
     if audit:
         parts.append(append_audit_cte(11 + len(tables)))
     return "WITH " + ", ".join(parts) + " SELECT count(*) FROM h"

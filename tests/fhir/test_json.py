@@ -67,3 +67,20 @@ def test_round_trip_is_stable(value: object) -> None:
 def test_arbitrary_bytes_never_crash(data: bytes) -> None:
     with contextlib.suppress(FhirError):
         fjson.loads(data)
+
+
+def test_compact_bodies_read_back_exact_and_others_keep_their_text() -> None:
+    # written as orjson writes it: floats are exact, no stdlib pass needed
+    assert type(fjson.loads(b'{"v":[1.5,2]}')["v"][0]) is float
+    # the same numbers, spaced or with a trailing zero, keep their text
+    for text in (b'{"v": [1.50, 2]}', b'{ "v":[1.0E-2] }', b'{"a":"x","v":36.60}'):
+        assert fjson.dumps(fjson.loads(text)).replace(b" ", b"") == text.replace(b" ", b"")
+
+
+def test_limits_look_at_every_branch() -> None:
+    deep = {"a": [1, {"b": "x"}], "c": {"d": {"e": [[{"f": "y" * 20}]]}}}
+    assert fjson.check_limits(deep, 6, None) is None
+    assert fjson.check_limits(deep, 5, None) == "nesting deeper than 5"
+    assert fjson.check_limits(deep, 6, 19) == "a string longer than 19 characters"
+    assert fjson.check_limits(deep, 6, 20) is None
+    assert fjson.check_limits(["z" * 30], 6, 29) == "a string longer than 29 characters"
