@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import parse_qsl
 
@@ -128,6 +129,7 @@ class Prefer:
         return cls(ret, strict)
 
 
+@lru_cache(maxsize=1024)
 def http_date(micros: int) -> str:
     return format_datetime(datetime.fromtimestamp(micros / 1_000_000, UTC), usegmt=True)
 

@@ -12,8 +12,9 @@ from urllib.parse import urlencode
 
 from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.indexer import date_bounds
+from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError
-from gateway.interactions.base import Context, FhirResponse, check_id, check_type, http_date
+from gateway.interactions.base import Context, FhirResponse, check_id, check_type
 from gateway.security import guard
 from gateway.storage.interface import StoredResource
 
@@ -37,7 +38,7 @@ def _entry(base: str, s: StoredResource) -> dict[str, Any]:
     entry["response"] = {
         "status": _STATUS.get(method, "200 OK"),
         "etag": s.etag,
-        "lastModified": http_date(s.last_updated),
+        "lastModified": instant(s.last_updated),
     }
     return entry
 

@@ -17,11 +17,13 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from gateway.fhir import json as fjson
 from gateway.fhir.bundles import bundle, raw
+from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.references import CONDITIONAL_REF, rewrite
 from gateway.interactions.base import (
@@ -32,7 +34,6 @@ from gateway.interactions.base import (
     check_body,
     check_id,
     check_type,
-    http_date,
     location,
     parse_criteria,
     run_write,
@@ -133,14 +134,27 @@ def _status_line(status: int) -> str:
     return f"{status} {_REASON.get(status, '')}".strip()
 
 
+def _instant_of_http_date(value: str | None) -> str | None:
+    """A ``Last-Modified`` header as the ``instant`` Bundle.entry.response.lastModified is."""
+    if not value:
+        return None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return instant(int(when.timestamp()) * 1_000_000)
+
+
 def _response_entry(entry: Entry, base: str, prefer: Prefer) -> dict[str, Any]:
     if entry.response is not None:  # GET/HEAD, or a batch entry
         resp = entry.response
         out: dict[str, Any] = {"response": {"status": _status_line(resp.status)}}
-        for header, key in (("Location", "location"), ("ETag", "etag"),
-                            ("Last-Modified", "lastModified")):
+        for header, key in (("Location", "location"), ("ETag", "etag")):
             if header in resp.headers:
                 out["response"][key] = resp.headers[header]
+        modified = _instant_of_http_date(resp.headers.get("Last-Modified"))
+        if modified is not None:
+            out["response"]["lastModified"] = modified
         if isinstance(resp.body, bytes):
             out["resource"] = raw(resp.body)
         elif isinstance(resp.body, dict):
@@ -157,7 +171,7 @@ def _response_entry(entry: Entry, base: str, prefer: Prefer) -> dict[str, Any]:
     if status in (200, 201) and not stored.deleted:
         response["location"] = location(base, stored)
     response["etag"] = stored.etag
-    response["lastModified"] = http_date(stored.last_updated)
+    response["lastModified"] = instant(stored.last_updated)
     out = {"response": response}
     if stored.content is not None and prefer.return_ == "representation":
         out["fullUrl"] = f"{base}/{stored.resource_type}/{stored.id}"

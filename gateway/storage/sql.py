@@ -14,13 +14,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 
 from gateway.fhir import json as fjson
+from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.references import localize
 from gateway.storage import access_sql, search_sql
@@ -236,13 +236,6 @@ class Indexer(Protocol):
 def now_micros() -> int:
     """Wall clock in epoch microseconds, truncated to milliseconds (``meta.lastUpdated``)."""
     return int(time.time() * 1000) * 1000
-
-
-@lru_cache(maxsize=1024)
-def instant(micros: int) -> str:
-    """Epoch microseconds -> FHIR instant with millisecond precision, UTC (the puts of
-    one transaction mostly share their millisecond: remembered)."""
-    return datetime.fromtimestamp(micros / 1_000_000, UTC).isoformat(timespec="milliseconds")
 
 
 def _restrict(

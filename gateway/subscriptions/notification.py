@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 
 import orjson
+
+from gateway.fhir.instants import instant
 
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport"
 STATUS_PROFILE = f"{BACKPORT}/StructureDefinition/backport-subscription-status-r4"
@@ -33,12 +33,6 @@ _NAMESPACE = uuid.UUID("6f1c0b1e-4c1a-4d43-9a4e-2f7c6a0d5e11")
 CONTENTS = ("empty", "id-only", "full-resource")
 
 _METHOD = {"create": ("POST", "201"), "update": ("PUT", "200"), "delete": ("DELETE", "204")}
-
-
-@lru_cache(maxsize=4096)
-def instant(micros: int) -> str:
-    # cached: every subscription of a topic renders the same event times
-    return datetime.fromtimestamp(micros / 1_000_000, UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError, information
 from gateway.interactions.base import Context, FhirResponse, check_id
 from gateway.interactions.operations import Operation, OperationRequest
@@ -30,12 +31,7 @@ from gateway.storage import subscription_tables as tables
 from gateway.storage.db import Connection, Database
 from gateway.storage.outbox import versions
 from gateway.subscriptions.dispatcher import events_of
-from gateway.subscriptions.notification import (
-    CONTENTS,
-    instant,
-    notification,
-    status_parameters,
-)
+from gateway.subscriptions.notification import CONTENTS, notification, status_parameters
 from gateway.subscriptions.subscription import SubscriptionConfig
 from gateway.subscriptions.topics import TopicRegistry
 

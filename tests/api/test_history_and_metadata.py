@@ -23,6 +23,9 @@ def test_instance_history_newest_first_with_paging(client: httpx.Client) -> None
     assert page1["entry"][0]["request"] == {"method": "PUT",
                                             "url": f"Patient/{created['id']}"}
     assert page1["entry"][0]["response"]["etag"] == 'W/"4"'
+    # Bundle.entry.response.lastModified is an instant, the version's meta.lastUpdated
+    for e in page1["entry"]:
+        assert e["response"]["lastModified"] == e["resource"]["meta"]["lastUpdated"]
     next_url = next(link["url"] for link in page1["link"] if link["relation"] == "next")
     # a write between pages does not shift the next page
     created["name"][0]["family"] = "E"

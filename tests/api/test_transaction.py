@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -21,6 +22,28 @@ def tx(entries: list[dict[str, Any]], kind: str = "transaction") -> dict[str, An
 
 def send(client: httpx.Client, bundle: dict[str, Any], **headers: str) -> httpx.Response:
     return client.post("/", json=bundle, headers={"Content-Type": FHIR, **headers})
+
+
+#: the R4 ``instant`` type (datatypes.html#instant)
+INSTANT = re.compile(r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)-(0[1-9]|1[0-2])-"
+                     r"(0[1-9]|[1-2][0-9]|3[0-1])T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)"
+                     r"(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))")
+
+
+def test_response_entries_carry_last_modified_as_an_instant(client: httpx.Client) -> None:
+    p = urn()
+    written = send(client, tx([
+        {"fullUrl": p, "resource": patient(unique("mrn")),
+         "request": {"method": "POST", "url": "Patient"}},
+    ])).json()["entry"][0]["response"]
+    assert INSTANT.fullmatch(written["lastModified"]), written
+    stored = client.get(written["location"]).json()
+    assert written["lastModified"] == stored["meta"]["lastUpdated"]
+    read = send(client, tx([{"request": {"method": "GET", "url": f"Patient/{stored['id']}"}}],
+                           "batch")).json()["entry"][0]["response"]
+    assert INSTANT.fullmatch(read["lastModified"]), read
+    # the GET's Last-Modified header has whole seconds
+    assert read["lastModified"][:19] == stored["meta"]["lastUpdated"][:19]
 
 
 def test_transaction_rewrites_urn_uuid_references(client: httpx.Client) -> None:
