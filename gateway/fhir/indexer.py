@@ -994,6 +994,8 @@ class Indexer:
         """Search parameters of a type, code -> param (including Resource/DomainResource ones)."""
         params = self._params.get(resource_type)
         if params is None:
+            if resource_type == "Resource":  # what every type has (system-level search)
+                return dict(self._by_base.get("Resource", {}))
             if resource_type not in self.model.resource_types:
                 return {}
             params = dict(self._by_base.get("Resource", {}))

@@ -6,11 +6,11 @@ every resource type, its interactions and its search parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import gateway
-from gateway.fhir.indexer import composite_supported
+from gateway.fhir.indexer import SearchParam, composite_supported
 from gateway.interactions.base import Context, FhirResponse
 from gateway.interactions.operations import Operation
 from gateway.registry import Registry
@@ -51,6 +51,18 @@ def _extensions(contributions: list[tuple[str | None, Contribution]], rt: str | 
     return {"extension": found} if found else {}
 
 
+def _search_params(params: Iterable[SearchParam]) -> list[dict[str, Any]]:
+    """The parameters a search here answers: those with an expression to index
+    (``_text``, ``_content`` and ``_query`` have none; special ones need code of
+    their own), composites only where both components are indexed."""
+    return [
+        {"name": p.code, "definition": p.url, "type": p.type}
+        for p in sorted(params, key=lambda p: p.code)
+        if p.expression and p.type != "special"
+        and (p.type != "composite" or composite_supported(p))
+    ]
+
+
 def _statement(
     registry: Registry, base: str, operations: Mapping[str, Operation],
     contributions: list[tuple[str | None, Contribution]] | None = None,
@@ -62,11 +74,7 @@ def _statement(
             _operation_entry(op) for op in operations.values()
             if op.allows(rt, None) or op.allows(rt, "x")
         ]
-        params = [
-            {"name": p.code, "definition": p.url, "type": p.type}
-            for p in sorted(registry.search_params(rt).values(), key=lambda p: p.code)
-            if p.type != "special" and (p.type != "composite" or composite_supported(p))
-        ]
+        params = _search_params(registry.search_params(rt).values())
         params.extend({"name": n, "type": t} for n, t in SEARCH_RESULT_PARAMS)
         resources.append({
             **_extensions(contributions, rt, base),
@@ -106,10 +114,7 @@ def _statement(
                 {"code": "transaction"}, {"code": "batch"},
                 {"code": "search-system"}, {"code": "history-system"},
             ],
-            "searchParam": [
-                {"name": p.code, "definition": p.url, "type": p.type}
-                for p in sorted(registry.common_search_params.values(), key=lambda p: p.code)
-            ],
+            "searchParam": _search_params(registry.common_search_params.values()),
             **({"operation": system_ops} if system_ops else {}),
         }],
     }
