@@ -47,6 +47,7 @@ async def create_in(
             assert current is not None
             return current, False
     rid = id or new_id()
+    body["id"] = rid  # known before the checks: a new Patient is its own compartment
     await guard.check_write(ctx.access, tx, body, None, new_patients)
     # no lock: the id is a fresh UUID nobody else can be writing to
     stored = await tx.put(resource_type, rid, body, "POST", None, creator=guard.creator())

@@ -85,3 +85,35 @@ def test_capability_statement_lists_only_parameters_a_search_answers(
         found = client.get("/", params={name: "gt2000-01-01" if name == "_lastUpdated"
                                         else "no-such-id", "_type": "Patient"})
         assert found.status_code == 200, found.text
+
+
+def test_operation_answers_are_valid_r4(client: httpx.Client, validator: FhirValidator) -> None:
+    b = "https://carepath-gateway.org/fhir"
+    pid = post(client, patient(unique("mrn"))).json()["id"]
+    answers = {
+        "$lookup": client.get("/CodeSystem/$lookup", params={
+            "system": f"{b}/CodeSystem/handoff-obligation", "code": "H7"}),
+        "$expand": client.get("/ValueSet/$expand", params={
+            "url": f"{b}/ValueSet/follow-up-care-level", "count": 2}),
+        "$validate-code": client.get("/ValueSet/$validate-code", params={
+            "url": f"{b}/ValueSet/follow-up-care-level",
+            "system": f"{b}/CodeSystem/care-level", "code": "level-3"}),
+        "$translate": client.get("/ConceptMap/$translate", params={
+            "system": f"{b}/CodeSystem/dutch-care-line", "code": "first-line",
+            "source": f"{b}/ValueSet/dutch-care-line"}),
+        "$validate with issues": client.post(
+            "/Patient/$validate", headers={"Content-Type": FHIR},
+            json={"resourceType": "Parameters", "parameter": [{"name": "resource", "resource": {
+                "resourceType": "Patient", "gender": "none", "birthDate": "1990-13-01"}}]}),
+        "$validate of a good one": client.post("/Patient/$validate",
+                                               headers={"Content-Type": FHIR},
+                                               json=patient(unique("mrn"))),
+        "$audit-log": client.get("/$audit-log", params={"patient": pid, "_count": 5}),
+    }
+    for name, r in answers.items():
+        assert r.status_code == 200, (name, r.text)
+    # creating a Patient is an event about that patient (BALP: the patient entity)
+    logged = [e["resource"] for e in answers["$audit-log"].json()["entry"]]
+    assert any(e["subtype"][0]["code"] == "create" for e in logged), logged
+    found = {name: errors(validator, r.json()) for name, r in answers.items()}
+    assert found == {name: [] for name in answers}
