@@ -790,7 +790,12 @@ def test_examples_agree_with_fhirpathpy(ix: Indexer) -> None:
                 continue
             expected: set[str] = set()
             for part in split_union(sp.expression):
-                if root_name(part) not in (rt, "Resource", "DomainResource"):
+                root = root_name(part)
+                if root is not None and root[:1].islower():
+                    # relative to the resource (R4 writes InsurancePlan's name as
+                    # "name | alias"): FHIRPath evaluates it on the resource
+                    part, root = f"{rt}.{part}", rt
+                if root not in (rt, "Resource", "DomainResource"):
                     continue
                 # fhirpathpy does not treat "Resource." as a type filter, and its `as`
                 # yields nothing on a collection of more than one item
