@@ -41,8 +41,11 @@ log = logging.getLogger("carepath.api")
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 _FHIR_JSON = FHIR_JSON.encode()
 _PLAIN_JSON = b"application/json"
-_JSON_TYPES = ("application/fhir+json", "application/json", "text/json", "json")
-_XML_TYPES = ("application/fhir+xml", "application/xml", "text/xml", "xml")
+# application/json+fhir and application/xml+fhir: the DSTU2 names, still sent by clients
+_JSON_TYPES = ("application/fhir+json", "application/json", "text/json", "json",
+               "application/json+fhir")
+_XML_TYPES = ("application/fhir+xml", "application/xml", "text/xml", "xml",
+              "application/xml+fhir")
 _PATCH_TYPES = ("application/json-patch+json",)
 _FORM = "application/x-www-form-urlencoded"
 _NO_BODY_STATUS = (204, 304)
@@ -142,7 +145,8 @@ def _media(value: str) -> str:
 def _wants_json(query: list[tuple[str, str]], headers: dict[str, str]) -> None:
     fmt = next((v for k, v in query if k == "_format"), None)
     if fmt is not None:
-        if _media(fmt) in _JSON_TYPES:
+        # an unescaped "+" in the query string arrives as a space
+        if _media(fmt).replace(" ", "+") in _JSON_TYPES:
             return
         raise FhirError(Code.NOT_ACCEPTABLE, f"_format '{fmt[:60]}' is not supported; use json")
     accept = headers.get("accept", "")

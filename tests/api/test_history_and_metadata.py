@@ -90,9 +90,18 @@ def test_capability_statement_reflects_the_registry(client: httpx.Client) -> Non
 def test_content_type_variants_are_accepted(client: httpx.Client) -> None:
     body = patient(unique("mrn"))
     for ctype in (FHIR, "application/json", "application/fhir+json; charset=utf-8",
-                  "application/fhir+json;fhirVersion=4.0"):
+                  "application/fhir+json;fhirVersion=4.0", "application/json+fhir"):
         response = client.post("/Patient", json=body, headers={"Content-Type": ctype})
         assert response.status_code == 201, (ctype, response.text)
+    # the DSTU2 name in Accept (HAPI's client lists it), _format with an unescaped "+"
+    accepted = client.get("/metadata", headers={
+        "Accept": "application/xml+fhir;q=1.0, application/json+fhir;q=0.9"})
+    assert accepted.status_code == 200
+    base = str(client.base_url).rstrip("/")
+    raw_plus = httpx.get(f"{base}/metadata?_format=application/fhir+json")
+    assert raw_plus.status_code == 200, raw_plus.text
+    xml = client.get("/metadata", params={"_format": "application/fhir+xml"})
+    assert xml.status_code == 406
 
 
 def test_history_at_returns_the_version_current_then(client: httpx.Client) -> None:
