@@ -565,6 +565,13 @@ class _Parser:
 
         for name, value in pairs:
             base, _, modifier = name.partition(":")
+            if base == "_contained" and value not in ("", "false"):
+                # searching inside contained resources (search.html#contained) is not offered
+                msg = f"_contained={value[:20]} is not supported"
+                if self.strict:
+                    raise FhirError(Code.UNSUPPORTED_SEARCH, msg)
+                self.warn(f"{msg}; the parameter was ignored")
+                continue
             if base in _IGNORED:
                 continue
             if base in _RESULT_PARAMS:

@@ -145,6 +145,21 @@ def test_unknown_parameters_lenient_and_strict(client: httpx.Client) -> None:
     assert twice.status_code == 400
 
 
+def test_searching_contained_resources_is_declined_not_ignored(client: httpx.Client) -> None:
+    asked = client.get("/Patient", params={"_contained": "true", "_count": 1})
+    assert asked.status_code == 200
+    outcome = [e["resource"] for e in asked.json().get("entry", [])
+               if e["search"]["mode"] == "outcome"]
+    assert outcome and "_contained=true" in outcome[0]["issue"][0]["diagnostics"]
+    strict = client.get("/Patient", params={"_contained": "both"},
+                        headers={"Prefer": "handling=strict"})
+    assert strict.status_code == 400
+    # false is what every search does anyway
+    plain = client.get("/Patient", params={"_contained": "false", "_count": 1},
+                       headers={"Prefer": "handling=strict"})
+    assert plain.status_code == 200
+
+
 def test_invalid_search_values_are_400(client: httpx.Client) -> None:
     for params in ({"birthdate": "not-a-date"}, {"_count": "many"},
                    {"_sort": "nonexistent"}, {"birthdate": "xx2020"}):
