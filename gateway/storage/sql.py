@@ -147,7 +147,8 @@ def _json_rows(rows: dict[str, list[tuple[Any, ...]]], tables: tuple[str, ...]) 
 
 
 @lru_cache(maxsize=1024)
-def _pg_put_many_sql(tables: tuple[str, ...], clear: bool, audit: bool) -> str:
+def _pg_put_many_sql(tables: tuple[str, ...], clear: bool, audit: bool,
+                     first: bool = False) -> str:
     """Several PostgreSQL writes of a transaction as one statement of data-modifying CTEs.
 
     Parameters: one array per put, ``$1`` types, ``$2`` ids, ``$3`` versions,
@@ -159,8 +160,13 @@ def _pg_put_many_sql(tables: tuple[str, ...], clear: bool, audit: bool) -> str:
     outbox rows are inserted in put order: event consumers read the outbox in
     seq order. Sub-statements share one snapshot: the DELETEs remove only the
     previous versions' rows, never the ones inserted here. A resource may occur
-    once per statement.
+    once per statement. ``first``: every put is a version 1, so the current rows
+    are plain INSERTs (an upsert inserts speculatively and confirms: a second
+    WAL record per row).
     """
+    upsert = "" if first else (
+        " ON CONFLICT (res_type, res_id) DO UPDATE SET version = excluded.version,"
+        " last_updated = excluded.last_updated, deleted = 0, content = excluded.content")
     parts = [
         "p AS (SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[],"
         " $5::text[], $6::bytea[], $7::text[], $8::text[], $9::text[], $10::boolean[])"
@@ -171,9 +177,7 @@ def _pg_put_many_sql(tables: tuple[str, ...], clear: bool, audit: bool) -> str:
         " ORDER BY ord RETURNING seq, res_type, res_id)",
         "r AS (INSERT INTO resource (res_type, res_id, version, last_updated, deleted, content,"
         " created_seq) SELECT p.res_type, p.res_id, p.version, p.last_updated, 0, p.content,"
-        " h.seq FROM p JOIN h USING (res_type, res_id)"
-        " ON CONFLICT (res_type, res_id) DO UPDATE SET version = excluded.version,"
-        " last_updated = excluded.last_updated, deleted = 0, content = excluded.content)",
+        f" h.seq FROM p JOIN h USING (res_type, res_id){upsert})",
         "c AS (INSERT INTO resource_creator (res_type, res_id, organization)"
         " SELECT res_type, res_id, creator FROM p WHERE creator IS NOT NULL"
         " ON CONFLICT (res_type, res_id) DO NOTHING)",
@@ -316,7 +320,8 @@ class _Transaction:
                       *_json_rows(p.rows, tables)]
         elif puts:
             tables = tuple(t for t in INDEX_TABLES if any(p.rows.get(t) for p in puts))
-            sql = _pg_put_many_sql(tables, any(p.clear for p in puts), bool(audits))
+            sql = _pg_put_many_sql(tables, any(p.clear for p in puts), bool(audits),
+                                   all(p.version == 1 for p in puts))
             params = _pg_put_many_params(puts, tables)
         else:
             sql, params = _PG_AUDIT, []

@@ -307,6 +307,10 @@ async def test_one_statement_per_batch_on_postgresql(pg_store: SqlStore) -> None
     await spied_store.run(bundle)
     # nothing read: the writes are the transaction's only statement, without BEGIN/COMMIT
     assert [put_kind(sql) for sql, _ in spy.statements] == [MANY]
+    # all new: plain inserts of the current rows, no speculative upsert
+    assert "ON CONFLICT (res_type, res_id) DO UPDATE" not in spy.statements[0][0]
+    for rid in ids:
+        assert await store.read("Patient", rid) is not None
     assert spy.alone == [True]
     spy.statements.clear()
     single = unique("s")
@@ -343,6 +347,19 @@ async def test_one_statement_per_batch_on_postgresql(pg_store: SqlStore) -> None
     assert [put_kind(sql) for sql, _ in spy.puts()] == [ONE, ONE]
     stored = await store.read("Patient", single)
     assert stored is not None and stored.version == 4
+    spy.statements.clear()
+
+    async def mixed(tx: StoreTransaction) -> None:
+        # an update among new resources: the current rows are upserted
+        await tx.put("Patient", single, patient(unique("F")), "PUT",
+                     await tx.current("Patient", single))
+        await tx.put("Patient", unique("s"), patient(unique("F")), "POST", None)
+
+    await spied_store.run(mixed)
+    (sql, _), = spy.puts()
+    assert put_kind(sql) == MANY and "ON CONFLICT (res_type, res_id) DO UPDATE" in sql
+    stored = await store.read("Patient", single)
+    assert stored is not None and stored.version == 5
 
 
 async def test_an_update_clears_tables_the_new_version_has_no_rows_in(store: SqlStore) -> None:
