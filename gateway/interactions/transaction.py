@@ -21,6 +21,8 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import orjson
+
 from gateway.fhir import json as fjson
 from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.instants import instant
@@ -190,6 +192,7 @@ class _Transaction:
         self.conditional_creates: dict[tuple[str, str], Entry] = {}
         self.resolved_refs: dict[str, str] = {}
         self.new_patients: frozenset[str] = frozenset()
+        self._name_needles: list[bytes] = []
 
     async def run(self) -> None:
         writes = [e for e in self.entries if e.method not in ("GET", "HEAD")]
@@ -325,9 +328,22 @@ class _Transaction:
                                         f"conditional reference '{ref[:200]}' matches nothing")
                     self.resolved_refs[ref] = f"{rt}/{found}"
 
-        await resolve_all(e.resource)
+        # Both walks look at every element; the entry's JSON text (orjson, C speed)
+        # says whether there is anything for them to find: a conditional reference
+        # holds a "?", a name to replace its own (escaped) text.
+        text = orjson.dumps(e.resource, default=str)
+        if b"?" in text:
+            await resolve_all(e.resource)
+        elif not any(needle in text for needle in self._needles()):
+            return
         # … then every name is replaced in one walk
         rewrite(e.resource, self.names, self.resolved_refs.__getitem__)
+
+    def _needles(self) -> list[bytes]:
+        """The fullUrls of the Bundle's entries as they appear in JSON text."""
+        if len(self._name_needles) != len(self.names):
+            self._name_needles = [orjson.dumps(n)[1:-1] for n in self.names]
+        return self._name_needles
 
     async def _execute(self, e: Entry) -> None:
         assert e.id is not None or e.method == "DELETE"
