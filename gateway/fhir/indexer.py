@@ -168,6 +168,11 @@ class SearchParam:
     #: expression (relative to an element the composite's expression selects); empty
     #: when a component's definition is unknown
     parts: tuple[SearchParam, ...] = ()
+    #: (set per resource type by :meth:`Indexer.params_for`) the parameters whose
+    #: index rows are this one's too: it has the same expression as one of them
+    #: (Patient ``phonetic`` is ``name``) or is their union (Observation
+    #: ``combo-code`` is ``code | component-code``). It gets no rows of its own.
+    stored_as: tuple[str, ...] = ()
 
     @property
     def table(self) -> str | None:
@@ -1002,8 +1007,50 @@ class Indexer:
             if resource_type in self.model.domain_resource_types:
                 params.update(self._by_base.get("DomainResource", {}))
             params.update(self._by_base.get(resource_type, {}))
+            params = self._shared_rows(resource_type, params)
             self._params[resource_type] = params
         return dict(params)
+
+    def _applies(self, part: str, resource_type: str) -> bool:
+        """Whether an expression part (of a union) is about ``resource_type``: rooted
+        at it, at Resource/DomainResource, or relative (``name | alias``)."""
+        root = root_name(part)
+        if root is None:
+            return False
+        model = self.model
+        return not model.is_type_name(root) or root in (resource_type, "Resource") or (
+            root == "DomainResource" and resource_type in model.domain_resource_types)
+
+    def _shared_rows(self, resource_type: str,
+                     params: dict[str, SearchParam]) -> dict[str, SearchParam]:
+        """``params`` with ``stored_as`` set where a parameter's rows would repeat other
+        parameters' rows: the parts of its expression (those about this type) are
+        exactly the parts of other parameters of the same type together (for a
+        composite: with the same components). Parameters are looked at smallest
+        first, the shorter code first among equals, so of two with the same
+        expression the first keeps the rows. References are left alone: their rows
+        also serve _include, chains and compartments by their own code."""
+        parts_of: dict[str, frozenset[tuple[Any, ...]]] = {}
+        for code, sp in params.items():
+            if sp.type in ("reference", "special") or sp.table is None \
+                    or sp.expression is None or code in NOT_INDEXED \
+                    or (sp.type == "composite" and not composite_supported(sp)):
+                continue
+            components = tuple((c.type, c.expression) for c in sp.parts)
+            parts = frozenset((sp.type, p, components) for p in split_union(sp.expression)
+                              if self._applies(p, resource_type))
+            if parts:
+                parts_of[code] = parts
+        owners: list[str] = []
+        out = dict(params)
+        for code in sorted(parts_of, key=lambda c: (len(parts_of[c]), len(c), c)):
+            mine = parts_of[code]
+            within = [o for o in owners if parts_of[o] <= mine]
+            if within and frozenset().union(*(parts_of[o] for o in within)) == mine:
+                out[code] = replace(params[code], stored_as=tuple(sorted(within)))
+            else:
+                owners.append(code)
+        return out
 
     def fallbacks(self, resource_types: Iterable[str] | None = None) -> list[Fallback]:
         """Expression parts evaluated by fhirpathpy (compiling the types' plans if needed)."""
@@ -1024,7 +1071,7 @@ class Indexer:
         model = self.model
         for code, sp in self.params_for(resource_type).items():
             table = sp.table
-            if table is None or sp.expression is None or code in NOT_INDEXED:
+            if table is None or sp.expression is None or code in NOT_INDEXED or sp.stored_as:
                 continue
             if sp.type == "composite":
                 for key, entry in self._composite_entries(compiler, resource_type, sp):

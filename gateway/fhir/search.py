@@ -254,6 +254,9 @@ class Criterion:
 
     ``modifier`` is one of None, 'missing', 'exact', 'contains', 'not',
     'text', 'identifier', 'below', 'above' or a resource type.
+
+    ``stored``: the parameters whose index rows answer this one, when it has
+    none of its own (``SearchParam.stored_as``); :attr:`codes` in either case.
     """
 
     code: str
@@ -262,6 +265,12 @@ class Criterion:
     values: tuple[Value, ...] = ()
     chain: tuple[Chain, ...] = ()
     has: Has | None = None
+    stored: tuple[str, ...] = ()
+
+    @property
+    def codes(self) -> tuple[str, ...]:
+        """The ``param`` values of the index rows to look at."""
+        return self.stored or (self.code,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +278,11 @@ class SortKey:
     param_code: str
     descending: bool = False
     type: str = ""  # the parameter's type, for the SQL compiler
+    stored: tuple[str, ...] = ()  # as Criterion.stored
+
+    @property
+    def codes(self) -> tuple[str, ...]:
+        return self.stored or (self.param_code,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +329,8 @@ class _Param(Protocol):
     def targets(self) -> tuple[str, ...]: ...
     @property
     def parts(self) -> tuple[_Param, ...]: ...
+    @property
+    def stored_as(self) -> tuple[str, ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +340,7 @@ class _Builtin:
     expression: str | None
     targets: tuple[str, ...] = ()
     parts: tuple[_Param, ...] = ()
+    stored_as: tuple[str, ...] = ()
 
 
 #: The parameters every resource type has; all a system search may use (without _type).
@@ -449,8 +466,8 @@ def value_sets(query: SearchQuery) -> dict[str, ValueSetUse]:
     def walk(c: Criterion, rtype: str | None) -> None:
         for v in c.values:
             if isinstance(v, InValue):
-                found.setdefault(v.url, ValueSetUse(v.compose, set())).used_by.add(
-                    (rtype, c.code))
+                found.setdefault(v.url, ValueSetUse(v.compose, set())).used_by.update(
+                    (rtype, code) for code in c.codes)
         for link in c.chain:
             walk(link.criterion, link.target_type)
         if c.has is not None:
@@ -653,9 +670,10 @@ class _Parser:
         common: dict[str, _Param] = dict(self.params_of(types[0]))
         for t in types[1:]:
             other = self.params_of(t)
-            common = {
+            common = {  # the same kind, answered by the same index rows
                 code: p for code, p in common.items()
                 if code in other and other[code].type == p.type
+                and other[code].stored_as == p.stored_as
             }
         for code, p in _COMMON.items():
             common.setdefault(code, p)
@@ -678,7 +696,7 @@ class _Parser:
                 raise _invalid(f"_sort: cannot sort by {p.type} parameter '{code}'")
             if p.code not in ("_id", "_lastUpdated") and not p.expression:
                 raise _invalid(f"_sort: parameter '{code}' is not indexed")
-            keys.append(SortKey(code, desc, p.type))
+            keys.append(SortKey(code, desc, p.type, p.stored_as))
         return keys
 
     def include(
@@ -737,7 +755,7 @@ class _Parser:
         values = self.values(p, mod, value)
         if not values:
             return None
-        return Criterion(code, p.type, mod, tuple(values))
+        return Criterion(code, p.type, mod, tuple(values), stored=p.stored_as)
 
     def modifier(self, p: _Param, modifier: str) -> str | None:
         if not modifier:

@@ -298,6 +298,21 @@ CREATE INDEX IF NOT EXISTS sp_composite_code ON sp_composite (res_type, param, a
 CREATE INDEX IF NOT EXISTS sp_composite_res ON sp_composite (res_type, res_id)
 """
 
+# rows of the parameters answered by other parameters' rows (SearchParam.stored_as)
+_V24 = """
+DELETE FROM sp_string WHERE res_type IN ('Patient', 'Person', 'Practitioner', 'RelatedPerson')
+    AND param = 'phonetic';
+DELETE FROM sp_string WHERE res_type = 'Observation'
+    AND param IN ('gene-amino-acid-change', 'gene-dnavariant');
+DELETE FROM sp_token WHERE res_type = 'Observation'
+    AND param IN ('combo-code', 'combo-data-absent-reason', 'combo-value-concept');
+DELETE FROM sp_token WHERE res_type = 'CapabilityStatement' AND param = 'fhirversion';
+DELETE FROM sp_quantity WHERE res_type = 'Observation' AND param = 'combo-value-quantity';
+DELETE FROM sp_composite WHERE res_type = 'Observation'
+    AND param IN ('combo-code-value-concept', 'combo-code-value-quantity');
+DELETE FROM sp_uri WHERE res_type = 'CodeSystem' AND param = 'system'
+"""
+
 #: (version, description, DDL template). Append only; never edit a released step.
 #: Versions 2-9 belong to events/subscriptions, 10-19 to security, 20-29 to the core store.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -311,6 +326,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (22, "search: an absolute reference names a resource elsewhere, not a local one", _V22),
     (23, "search: composite parameters (sp_composite; `carepath reindex` fills it for"
          " resources stored before)", _V23),
+    (24, "search: no rows for parameters that repeat others' (phonetic, combo-*)", _V24),
 )
 
 

@@ -245,13 +245,14 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx) -> Frag:
     if table is None:
         raise ValueError(f"cannot search {c.type} parameter {c.code!r}")
     t = ctx.alias("t")
+    param, codes = _param_is(t, c.codes)
     base = (
         f"SELECT 1 FROM {table} {t} WHERE {t}.res_type = {a}.res_type"
-        f" AND {t}.res_id = {a}.res_id AND {t}.param = ?"
+        f" AND {t}.res_id = {a}.res_id AND {param}"
     )
     if c.modifier == "missing":
         frags = [
-            (f"{'NOT ' if _missing(v) else ''}EXISTS ({base})", [c.code]) for v in c.values
+            (f"{'NOT ' if _missing(v) else ''}EXISTS ({base})", codes) for v in c.values
         ]
         return _or(frags)
     cond, p = _or([_value(c, v, t, ctx) for v in c.values])
@@ -259,10 +260,17 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx) -> Frag:
     if rtype is not None:  # uncorrelated: the planner can drive it from the index
         return (
             f"{a}.res_id {negate}IN (SELECT {t}.res_id FROM {table} {t}"
-            f" WHERE {t}.res_type = ? AND {t}.param = ? AND {cond})",
-            [rtype, c.code, *p],
+            f" WHERE {t}.res_type = ? AND {param} AND {cond})",
+            [rtype, *codes, *p],
         )
-    return f"{negate}EXISTS ({base} AND {cond})", [c.code, *p]
+    return f"{negate}EXISTS ({base} AND {cond})", [*codes, *p]
+
+
+def _param_is(alias: str, codes: tuple[str, ...]) -> Frag:
+    """``alias.param`` is one of ``codes`` (a parameter answered by others' rows: several)."""
+    if len(codes) == 1:
+        return f"{alias}.param = ?", list(codes)
+    return f"{alias}.param IN ({_marks(len(codes))})", list(codes)
 
 
 def _missing(v: Value) -> bool:
@@ -480,10 +488,11 @@ def _sort_expr(key: SortKey, ctx: _Ctx) -> Frag:
     if is_text:
         col = ctx.text(col)
     agg = "MAX" if key.descending else "MIN"
+    param, codes = _param_is(s, key.codes)
     return (
         f"(SELECT {agg}({col}) FROM {_TABLE[key.type]} {s} WHERE {s}.res_type = r.res_type"
-        f" AND {s}.res_id = r.res_id AND {s}.param = ?)",
-        [key.param_code],
+        f" AND {s}.res_id = r.res_id AND {param})",
+        codes,
     )
 
 
