@@ -68,8 +68,8 @@ def loads(data: bytes | str) -> Any:
         # Compact JSON as orjson itself writes it (what most clients send) reads
         # back to the same bytes: every number kept its text. Otherwise only a
         # document with a float can have lost a digit; then look at the text.
-        exact = (orjson.dumps(value) == raw or not _has_float(value)
-                 or not _LOSSY.search(raw))
+        exact = _written_as_orjson(value, raw) or not _has_float(value) \
+            or not _LOSSY.search(raw)
     except orjson.JSONDecodeError:
         exact = False  # malformed, or a number beyond a double (1e400): let json decide
     if not exact:
@@ -83,6 +83,13 @@ def loads(data: bytes | str) -> Any:
             raise FhirError(Code.INVALID_RESOURCE,
                             f"a string contains the forbidden character U+{ord(bad):04X}")
     return value
+
+
+def _written_as_orjson(value: Any, raw: bytes) -> bool:
+    try:
+        return orjson.dumps(value) == raw
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (the limits refuse it)
+        return False
 
 
 def _has_float(value: Any) -> bool:

@@ -43,6 +43,14 @@ def test_allowed_whitespace_and_escaped_backslashes_pass() -> None:
     assert fjson.loads(b'{"a":"\\t\\n\\r","b":"\\\\u0000"}') == {"a": "\t\n\r", "b": "\\u0000"}
 
 
+def test_deeper_than_orjson_writes_still_parses() -> None:
+    # orjson reads 1,024 levels but writes 255: the compact-text shortcut must not fail
+    deep = b'{"a":' * 300 + b"1.50" + b"}" * 300
+    value = fjson.loads(deep)
+    assert fjson.depth_exceeds(value, 64)
+    assert fjson.loads(b"[" * 300 + b"]" * 300)
+
+
 def test_depth_limit() -> None:
     assert fjson.depth_exceeds(fjson.loads(b"[" * 10 + b"]" * 10), 9)
     assert not fjson.depth_exceeds(fjson.loads(b"[" * 10 + b"]" * 10), 10)
