@@ -226,6 +226,9 @@ def test_bad_input_is_an_operation_outcome_never_a_500(client: httpx.Client) -> 
         (client.get("/metadata", params={"_format": "xml"}), 406, "GW-1009"),
         (client.post("/Patient", content=b"[" * 100 + b"]" * 100,
                      headers={"Content-Type": FHIR}), 400, "GW-1010"),
+        # deeper than orjson writes (255), with a decimal that keeps its text
+        (client.post("/Patient", content=b'{"a":' * 300 + b"1.50" + b"}" * 300,
+                     headers={"Content-Type": FHIR}), 400, "GW-1010"),
         (client.delete("/metadata"), 405, "GW-4001"),
         (client.post("/", json={"resourceType": "Bundle", "type": "collection"},
                      headers={"Content-Type": FHIR}), 400, "GW-1017"),
