@@ -24,30 +24,59 @@ def rewrite(
     node: Any,
     mapping: Mapping[str, str],
     conditional: Callable[[str], str] | None = None,
+    relative: Mapping[str, str] | None = None,
 ) -> Any:
     """Replace every mapped name in ``node`` (in place) and return it.
 
     ``conditional`` resolves a conditional reference (``Patient?identifier=…``)
-    found in a ``reference`` element to ``Type/id``.
+    found in a ``reference`` element to ``Type/id``. ``relative`` maps relative
+    references (``Patient/abc``) that, read against the base of the containing
+    entry's fullUrl, name another entry (``http://x.org/fhir/Patient/abc``):
+    see :func:`relative_names`.
     """
     if isinstance(node, dict):
         for key, value in node.items():
             if isinstance(value, str):
                 if key == "reference" and conditional and CONDITIONAL_REF.fullmatch(value):
                     node[key] = conditional(value)
+                elif key == "reference" and relative and value in relative:
+                    node[key] = relative[value]
                 elif key == "div":
                     node[key] = _rewrite_xhtml(value, mapping) if mapping else value
                 else:
                     node[key] = _renamed(value, mapping)
             elif isinstance(value, dict | list):
-                rewrite(value, mapping, conditional)
+                rewrite(value, mapping, conditional, relative)
     elif isinstance(node, list):
         for i, value in enumerate(node):
             if isinstance(value, str):
                 node[i] = _renamed(value, mapping)
             elif isinstance(value, dict | list):
-                rewrite(value, mapping, conditional)
+                rewrite(value, mapping, conditional, relative)
     return node
+
+
+def split_restful(url: str) -> tuple[str, str] | None:
+    """``http://x.org/fhir/Patient/abc`` -> (``http://x.org/fhir/``, ``Patient/abc``);
+    None for anything else (``urn:uuid:…``, relative, not Type/id)."""
+    if not url.startswith(("http://", "https://")):
+        return None
+    base, _, tail = url.rpartition("/")
+    base, _, rtype = base.rpartition("/")
+    rel = f"{rtype}/{tail}"
+    return (f"{base}/", rel) if base and RELATIVE_REF.fullmatch(rel) else None
+
+
+def relative_names(names: Mapping[str, str], base: str) -> dict[str, str]:
+    """The entries named by absolute RESTful fullUrls under ``base``, by their
+    relative form: a relative reference in an entry whose fullUrl has that base
+    means them (bundle.html#references)."""
+    out: dict[str, str] = {}
+    for name, target in names.items():
+        split = split_restful(name)
+        if split is not None and split[0] == base:
+            out[split[1]] = target
+    return out
 
 
 def _renamed(value: str, mapping: Mapping[str, str]) -> str:

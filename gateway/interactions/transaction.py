@@ -27,7 +27,7 @@ from gateway.fhir import json as fjson
 from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError
-from gateway.fhir.references import CONDITIONAL_REF, rewrite
+from gateway.fhir.references import CONDITIONAL_REF, relative_names, rewrite, split_restful
 from gateway.interactions.base import (
     Context,
     FhirResponse,
@@ -193,6 +193,7 @@ class _Transaction:
         self.resolved_refs: dict[str, str] = {}
         self.new_patients: frozenset[str] = frozenset()
         self._name_needles: list[bytes] = []
+        self._relative_names: dict[str, dict[str, str]] = {}
 
     async def run(self) -> None:
         writes = [e for e in self.entries if e.method not in ("GET", "HEAD")]
@@ -331,19 +332,28 @@ class _Transaction:
         # Both walks look at every element; the entry's JSON text (orjson, C speed)
         # says whether there is anything for them to find: a conditional reference
         # holds a "?", a name to replace its own (escaped) text.
+        split = split_restful(e.full_url) if e.full_url else None
+        relative = self._relative(split[0]) if split else {}
         text = orjson.dumps(e.resource, default=str)
         if b"?" in text:
             await resolve_all(e.resource)
-        elif not any(needle in text for needle in self._needles()):
+        elif not any(needle in text for needle in self._needles()) and not any(
+                orjson.dumps(r)[1:-1] in text for r in relative):
             return
         # … then every name is replaced in one walk
-        rewrite(e.resource, self.names, self.resolved_refs.__getitem__)
+        rewrite(e.resource, self.names, self.resolved_refs.__getitem__, relative)
 
     def _needles(self) -> list[bytes]:
         """The fullUrls of the Bundle's entries as they appear in JSON text."""
         if len(self._name_needles) != len(self.names):
             self._name_needles = [orjson.dumps(n)[1:-1] for n in self.names]
         return self._name_needles
+
+    def _relative(self, base: str) -> dict[str, str]:
+        found = self._relative_names.get(base)
+        if found is None:
+            found = self._relative_names[base] = relative_names(self.names, base)
+        return found
 
     async def _execute(self, e: Entry) -> None:
         assert e.id is not None or e.method == "DELETE"

@@ -46,6 +46,31 @@ def test_response_entries_carry_last_modified_as_an_instant(client: httpx.Client
     assert read["lastModified"][:19] == stored["meta"]["lastUpdated"][:19]
 
 
+def test_relative_references_to_an_entry_named_by_its_full_url(client: httpx.Client) -> None:
+    """bundle.html#references: a relative reference is read against the base of its
+    entry's fullUrl; naming a created entry, it becomes that entry's new id."""
+    base = "http://hospital.example.org/fhir"
+    bundle = tx([
+        {"fullUrl": f"{base}/Patient/tmp-1", "resource": {**patient(unique("mrn")), "id": "tmp-1"},
+         "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": f"{base}/Observation/tmp-2",
+         "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                      "subject": {"reference": "Patient/tmp-1"}},
+         "request": {"method": "POST", "url": "Observation"}},
+        {"fullUrl": urn(),  # a relative reference here means this server's Patient/tmp-1
+         "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "y"},
+                      "subject": {"reference": "Patient/tmp-1"}},
+         "request": {"method": "POST", "url": "Observation"}},
+    ])
+    response = send(client, bundle)
+    assert response.status_code == 200, response.text
+    locations = [e["response"]["location"] for e in response.json()["entry"]]
+    pid = locations[0].split("/Patient/")[1].split("/")[0]
+    assert pid != "tmp-1"
+    assert client.get(locations[1]).json()["subject"] == {"reference": f"Patient/{pid}"}
+    assert client.get(locations[2]).json()["subject"] == {"reference": "Patient/tmp-1"}
+
+
 def test_transaction_rewrites_urn_uuid_references(client: httpx.Client) -> None:
     mrn = unique("mrn")
     p, e = urn(), urn()

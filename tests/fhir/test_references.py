@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from gateway.fhir.references import localize
+from gateway.fhir.references import localize, relative_names, rewrite, split_restful
 
 BASES = ("https://gw.example/fhir/", "http://127.0.0.1:8080/fhir/")
 
@@ -49,3 +49,23 @@ def test_bundles_and_unknown_bases_are_left_alone() -> None:
            "subject": {"reference": "https://gw.example/fhir/Patient/p1"}}
     localize(obs, ())
     assert obs["subject"]["reference"] == "https://gw.example/fhir/Patient/p1"
+
+
+def test_relative_references_resolve_against_the_entrys_full_url() -> None:
+    names = {"http://x.org/fhir/Patient/abc": "Patient/new1",
+             "urn:uuid:0c4a5e6e-1111-4c1e-9d2b-000000000001": "Encounter/new2",
+             "https://y.org/Patient/abc": "Patient/new3"}
+    assert split_restful("http://x.org/fhir/Patient/abc") == ("http://x.org/fhir/", "Patient/abc")
+    assert split_restful("urn:uuid:0c4a5e6e-1111-4c1e-9d2b-000000000001") is None
+    assert split_restful("http://x.org/fhir/metadata") is None
+    relative = relative_names(names, "http://x.org/fhir/")
+    assert relative == {"Patient/abc": "Patient/new1"}
+    obs: dict[str, Any] = {
+        "resourceType": "Observation", "subject": {"reference": "Patient/abc"},
+        "performer": [{"reference": "Patient/abcd"}],
+        "note": [{"text": "Patient/abc"}],  # text, not a reference
+    }
+    rewrite(obs, names, None, relative)
+    assert obs["subject"] == {"reference": "Patient/new1"}
+    assert obs["performer"] == [{"reference": "Patient/abcd"}]
+    assert obs["note"] == [{"text": "Patient/abc"}]
