@@ -13,6 +13,7 @@ the organisation's compartment and consent apply as in every search.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 from urllib.parse import urlencode
 
@@ -82,18 +83,28 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
                            strict=True)
         keys += await ctx.store.search_keys(own, 1, restriction)
     seen = set(keys)
+    # only the types whose compartment parameters point at the patient anywhere
+    # (one index lookup), each with one search over those parameters together
+    pointing: dict[str, list[str]] = {}
+    for rt, param in sorted(await ctx.store.referrers("Patient", req.id)):
+        if param in compartment.get(rt, ()):
+            pointing.setdefault(rt, []).append(param)
     for rt in types:
+        if rt not in pointing:
+            continue
         try:
             guard.require(rt, "search")
         except FhirError:
             continue  # not granted: left out, as a search would not show it
-        for param in compartment[rt]:
-            query = parse_search(rt, [(param, f"Patient/{req.id}"), *filters],
-                                 ctx.registry.search_params, strict=True)
-            for key in await ctx.store.search_keys(query, cap + 1 - len(keys), restriction):
-                if key not in seen:
-                    seen.add(key)
-                    keys.append(key)
+        linked = pointing[rt]
+        query = parse_search(rt, [(linked[0], f"Patient/{req.id}"), *filters],
+                             ctx.registry.search_params, strict=True)
+        link, *rest = query.criteria
+        query = replace(query, criteria=(replace(link, stored=tuple(linked)), *rest))
+        for key in await ctx.store.search_keys(query, cap + 1 - len(keys), restriction):
+            if key not in seen:
+                seen.add(key)
+                keys.append(key)
     truncated = len(keys) > cap
     found = len(keys)
     if truncated:

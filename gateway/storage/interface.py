@@ -143,6 +143,10 @@ class Store(Protocol):
         """Distinct (system, code) pairs the token parameter ``param`` holds (of one
         type, or any), at most ``limit``."""
 
+    async def referrers(self, target_type: str, target_id: str) -> set[tuple[str, str]]:
+        """(type, reference parameter) of the current resources whose index rows point
+        at ``target_type/target_id``: where to search, not what may be shown."""
+
     async def includes(
         self, query: SearchQuery, matches: list[tuple[str, str]], limit: int,
         restriction: Restriction | None = None,

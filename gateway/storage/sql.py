@@ -671,6 +671,13 @@ class SqlStore:
                 [*params, limit])
         return [(str(r[0]), str(r[1])) for r in rows]
 
+    async def referrers(self, target_type: str, target_id: str) -> set[tuple[str, str]]:
+        async with self.db.read() as conn:
+            rows = await conn.fetch(
+                "SELECT DISTINCT res_type, param FROM sp_reference"
+                " WHERE target_id = ? AND target_type = ?", (target_id, target_type))
+        return {(str(r[0]), str(r[1])) for r in rows}
+
     async def includes(
         self, query: SearchQuery, matches: list[tuple[str, str]], limit: int,
         restriction: Restriction | None = None,

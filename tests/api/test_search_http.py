@@ -352,18 +352,24 @@ def test_patient_everything(client: httpx.Client) -> None:
         {"resourceType": "Condition", "subject": ref, "code": {"text": "y"}},
         {"resourceType": "Observation", "status": "final", "code": {"text": "z"},
          "subject": {"reference": f"Patient/{other}"}},
+        # by another compartment parameter of a type: in (Observation performer)
+        {"resourceType": "Observation", "status": "final", "code": {"text": "p"},
+         "subject": {"reference": f"Patient/{other}"}, "performer": [ref]},
+        # by a reference that is not one of the compartment's: out (Observation focus)
+        {"resourceType": "Observation", "status": "final", "code": {"text": "f"},
+         "focus": [ref]},
     )]
-    mine = {f"{m['resourceType']}/{m['id']}" for m in made[:3]}
+    mine = {f"{m['resourceType']}/{m['id']}" for m in (*made[:3], made[4])}
 
     def keys(bundle: dict[str, Any]) -> list[str]:
         return [f"{e['resource']['resourceType']}/{e['resource']['id']}"
                 for e in bundle.get("entry", []) if e["search"]["mode"] == "match"]
 
     whole = client.get(f"/Patient/{pid}/$everything").json()
-    assert whole["type"] == "searchset" and whole["total"] == 4
+    assert whole["type"] == "searchset" and whole["total"] == 5
     assert keys(whole)[0] == f"Patient/{pid}" and set(keys(whole)[1:]) == mine
     only = client.get(f"/Patient/{pid}/$everything", params={"_type": "Observation"}).json()
-    assert keys(only) == [f"Observation/{made[1]['id']}"]
+    assert keys(only) == [f"Observation/{made[1]['id']}", f"Observation/{made[4]['id']}"]
     paged, seen = client.get(f"/Patient/{pid}/$everything", params={"_count": 3}).json(), []
     while True:
         seen += keys(paged)
@@ -373,7 +379,7 @@ def test_patient_everything(client: httpx.Client) -> None:
         paged = client.get(following[0]).json()
     assert seen == keys(whole)
     counted = client.get(f"/Patient/{pid}/$everything", params={"_count": 0}).json()
-    assert counted["total"] == 4 and "entry" not in counted
+    assert counted["total"] == 5 and "entry" not in counted
     assert not [link for link in counted["link"] if link["relation"] == "next"]
     bad_since = client.get(f"/Patient/{pid}/$everything", params={"_since": "yesterday"})
     assert bad_since.status_code == 400 and gw_code(bad_since) == "GW-1013"
