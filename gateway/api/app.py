@@ -138,6 +138,10 @@ class Reply:
         await send({"type": "http.response.body", "body": self.body})
 
 
+#: paths below the base anyone may GET, token or not
+_DISCOVERY = frozenset({"metadata", "$versions"})
+
+
 def _media(value: str) -> str:
     return value.split(";", 1)[0].strip().lower()
 
@@ -152,11 +156,22 @@ def _wants_json(query: list[tuple[str, str]], headers: dict[str, str]) -> None:
     accept = headers.get("accept", "")
     if not accept:
         return
-    kinds = [_media(a) for a in accept.split(",")]
-    if any(k in _JSON_TYPES or k in ("*/*", "application/*") for k in kinds):
+    ranges = [(_media(a), _our_version(a)) for a in accept.split(",")]
+    if any((k in _JSON_TYPES or k in ("*/*", "application/*")) and ours for k, ours in ranges):
         return
-    if any(k in _XML_TYPES for k in kinds):
+    if any(k in _JSON_TYPES for k, _ in ranges):
+        raise FhirError(Code.NOT_ACCEPTABLE, "this server speaks FHIR 4.0 (fhirVersion=4.0)")
+    if any(k in _XML_TYPES for k, _ in ranges):
         raise FhirError(Code.NOT_ACCEPTABLE, "this server speaks FHIR JSON only")
+
+
+def _our_version(value: str) -> bool:
+    """No ``fhirVersion`` parameter in a media type, or R4's (http.html#version-parameter)."""
+    for param in value.split(";")[1:]:
+        key, _, version = param.partition("=")
+        if key.strip().lower() == "fhirversion":
+            return version.strip().strip('"') in ("4.0", "4.0.1")
+    return True
 
 
 def _parse_body(
@@ -170,6 +185,9 @@ def _parse_body(
         return None, parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
     if ctype in _XML_TYPES:
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE, "this server accepts FHIR JSON only")
+    if not _our_version(headers.get("content-type", "")):
+        raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                        "this server accepts FHIR 4.0 only (fhirVersion=4.0)")
     if ctype not in _JSON_TYPES and ctype not in _PATCH_TYPES:
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
                         f"Content-Type '{ctype[:60]}' is not supported")
@@ -419,8 +437,14 @@ def create_api(
         pretty = ("_pretty", "true") in query
         head = request.method == "HEAD"
         try:
-            caller.principal = await auth.authenticate(request.headers.get("authorization"),
-                                                       request.address)
+            if request.path in _DISCOVERY and request.method in ("GET", "HEAD") \
+                    and not request.headers.get("authorization"):
+                # what the server is and speaks: read before a client has a token
+                # (http.html#capabilities; SMART discovery), by nobody in particular
+                caller.principal = Principal.nobody(request.address)
+            else:
+                caller.principal = await auth.authenticate(request.headers.get("authorization"),
+                                                           request.address)
         except AuthError as exc:
             return _render(_auth_failure(exc), pretty, head), f"{exc.error}: {exc.description}"
         try:

@@ -12,7 +12,7 @@ from typing import Any
 import gateway
 from gateway.fhir.indexer import SearchParam, composite_supported
 from gateway.interactions.base import Context, FhirResponse
-from gateway.interactions.operations import Operation
+from gateway.interactions.operations import Operation, OperationRequest
 from gateway.registry import Registry
 
 TYPE_INTERACTIONS = (
@@ -130,3 +130,15 @@ def capabilities(ctx: Context, *, base: str) -> FhirResponse:
         statement = _CACHE[key] = _statement(ctx.registry, base, ctx.operations,
                                              _CONTRIBUTIONS.get(id(ctx)))
     return FhirResponse(200, statement)
+
+
+async def versions(ctx: Context, req: OperationRequest) -> FhirResponse:
+    """``$versions``: the FHIR versions served here (one) and the default."""
+    return FhirResponse(200, {"resourceType": "Parameters", "parameter": [
+        {"name": "version", "valueCode": "4.0"}, {"name": "default", "valueCode": "4.0"}]})
+
+
+VERSIONS = Operation(
+    "versions", versions, system=True,
+    definition="http://hl7.org/fhir/OperationDefinition/CapabilityStatement-versions",
+)

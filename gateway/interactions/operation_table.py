@@ -6,7 +6,7 @@ Add an operation by writing its module in this package and listing its
 
 from __future__ import annotations
 
-from gateway.interactions import audit_log, everything, terminology, validate
+from gateway.interactions import audit_log, capabilities, everything, terminology, validate
 from gateway.interactions.operations import Operation
 
 _ALL: tuple[Operation, ...] = (
@@ -14,6 +14,7 @@ _ALL: tuple[Operation, ...] = (
     everything.OPERATION,
     *terminology.OPERATIONS,
     validate.OPERATION,
+    capabilities.VERSIONS,
 )
 
 OPERATIONS: dict[str, Operation] = {op.name: op for op in _ALL}

@@ -102,6 +102,16 @@ def test_content_type_variants_are_accepted(client: httpx.Client) -> None:
     assert raw_plus.status_code == 200, raw_plus.text
     xml = client.get("/metadata", params={"_format": "application/fhir+xml"})
     assert xml.status_code == 406
+    # the fhirVersion parameter (http.html#version-parameter): 4.0 is served, others not
+    for accept, status in (("application/fhir+json; fhirVersion=4.0", 200),
+                           ("application/fhir+json; fhirVersion=4.0.1", 200),
+                           ("application/fhir+json; fhirVersion=3.0", 406),
+                           ("application/fhir+json; fhirVersion=3.0, */*;q=0.1", 200)):
+        got = client.get("/metadata", headers={"Accept": accept})
+        assert got.status_code == status, (accept, got.text)
+    stu3 = client.post("/Patient", json=body,
+                       headers={"Content-Type": "application/fhir+json; fhirVersion=3.0"})
+    assert stu3.status_code == 415 and gw_code(stu3) == "GW-1008"
 
 
 def test_history_at_returns_the_version_current_then(client: httpx.Client) -> None:

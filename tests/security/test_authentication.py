@@ -114,6 +114,23 @@ def test_scope_escalation_and_bad_grants_are_refused(secured: Secured) -> None:
     assert _token(secured, unknown.assertion(secured.token_url)).status_code == 401
 
 
+def test_discovery_needs_no_token(secured: Secured) -> None:
+    """The CapabilityStatement and $versions tell a client what the server is before it
+    has a token (http.html#capabilities); nothing else does."""
+    metadata = httpx.get(f"{secured.url}/metadata")
+    assert metadata.status_code == 200, metadata.text
+    assert metadata.json()["resourceType"] == "CapabilityStatement"
+    versions = httpx.get(f"{secured.url}/$versions")
+    assert versions.status_code == 200, versions.text
+    assert {p["name"]: p["valueCode"] for p in versions.json()["parameter"]} == {
+        "version": "4.0", "default": "4.0"}
+    assert httpx.post(f"{secured.url}/$versions").status_code == 401
+    assert httpx.get(f"{secured.url}/$audit-log").status_code == 401
+    # a presented token is still checked
+    bad = httpx.get(f"{secured.url}/metadata", headers={"Authorization": "Bearer x.y.z"})
+    assert bad.status_code == 401
+
+
 def test_fhir_requests_need_a_valid_token(secured: Secured) -> None:
     none = httpx.get(f"{secured.url}/Patient")
     assert none.status_code == 401
