@@ -63,9 +63,28 @@ def _search_params(params: Iterable[SearchParam]) -> list[dict[str, Any]]:
     ]
 
 
+def _security(base: str, cors: bool) -> dict[str, Any]:
+    """SMART Backend Services (the token endpoint also in the SMART v1 extension;
+    ``.well-known/smart-configuration`` has the rest)."""
+    return {
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": [{"url": "token", "valueUri": f"{base}/auth/token"}],
+        }],
+        "cors": cors,
+        "service": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+            "code": "SMART-on-FHIR"}], "text": "SMART Backend Services (client credentials)"}],
+        "description": "Bearer tokens from the SMART Backend Services token endpoint"
+                       f" ({base}/.well-known/smart-configuration); the CapabilityStatement"
+                       " and $versions are public.",
+    }
+
+
 def _statement(
     registry: Registry, base: str, operations: Mapping[str, Operation],
     contributions: list[tuple[str | None, Contribution]] | None = None,
+    cors: bool = False,
 ) -> dict[str, Any]:
     contributions = contributions or []
     resources = []
@@ -109,6 +128,7 @@ def _statement(
         "rest": [{
             **_extensions(contributions, None, base),
             "mode": "server",
+            "security": _security(base, cors),
             "resource": resources,
             "interaction": [
                 {"code": "transaction"}, {"code": "batch"},
@@ -128,7 +148,8 @@ def capabilities(ctx: Context, *, base: str) -> FhirResponse:
     statement = _CACHE.get(key)
     if statement is None:
         statement = _CACHE[key] = _statement(ctx.registry, base, ctx.operations,
-                                             _CONTRIBUTIONS.get(id(ctx)))
+                                             _CONTRIBUTIONS.get(id(ctx)),
+                                             cors=bool(ctx.settings.cors_origins))
     return FhirResponse(200, statement)
 
 
