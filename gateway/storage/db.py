@@ -259,6 +259,22 @@ class _PostgresTransaction(_PostgresConnection):
         (then there is nothing left to commit)."""
         await super().execute(sql, params)
 
+    async def lock(self, key: str) -> None:
+        if self.begun:
+            await super().lock(key)
+            return
+        # the transaction's first statement: BEGIN and the lock in one round trip (a
+        # simple query of two statements, which takes no parameters: the key goes
+        # in as hex digits, so no text of a client's can end the literal)
+        self.begun = True
+        key_hex = key.encode().hex()
+        try:
+            await self._conn.execute(
+                "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended("
+                f"convert_from(decode('{key_hex}', 'hex'), 'UTF8'), 0))")
+        except _RETRYABLE_PG as exc:
+            raise RetryableError(str(exc)) from exc
+
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool release without ``RESET ALL``: the gateway sets no session state beyond

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from gateway.fhir.indexer import Indexer
+from gateway.storage.db import open_database
 from gateway.storage.interface import StoreTransaction
 from gateway.storage.schema import INDEX_TABLES
 from gateway.storage.sql import SqlStore
-from tests.conftest import sql_store
+from tests.conftest import PG_URL, sql_store
 
 INDEXER = Indexer.from_profiles()
 
@@ -181,3 +182,29 @@ async def test_updates_leave_the_index_equal_to_the_new_content(store: SqlStore)
         await store.run(both)
         assert await _index_of(store, "Observation", "o1") == _expected_index(first)
         assert await _index_of(store, "Observation", "o2") == _expected_index(second)
+
+
+@pytest.mark.parametrize("key", ["Patient/p1", "jti:it's \\ a 'key'; --", "Krankenhaus/Ärzte"])
+async def test_a_first_lock_with_begin_excludes_like_any_other(key: str) -> None:
+    """The transaction's first lock goes out with BEGIN (one round trip, the key as hex):
+    it takes the same advisory lock the parameterised form takes."""
+    db = open_database(PG_URL, pool_size=2)
+    await db.open()
+    try:
+        async with db.transaction() as tx:
+            await tx.lock(key)  # the first statement: BEGIN and the lock together
+            async with db.read() as other:
+                held = await other.fetchrow(
+                    "SELECT pg_try_advisory_xact_lock(hashtextextended(?, 0))", (key,))
+            assert held == (False,)
+            row = await tx.fetchrow("SELECT 1")  # the transaction goes on
+            assert row == (1,)
+        async with db.transaction() as tx:  # released at commit
+            await tx.execute("SELECT 1")
+            await tx.lock(key)  # after BEGIN: the parameterised form
+            async with db.read() as other:
+                held = await other.fetchrow(
+                    "SELECT pg_try_advisory_xact_lock(hashtextextended(?, 0))", (key,))
+            assert held == (False,)
+    finally:
+        await db.close()
