@@ -182,6 +182,20 @@ def parse_criteria(query: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def if_none_exist_criteria(value: str, resource_type: str) -> list[tuple[str, str]]:
+    """The criteria of an ``If-None-Exist`` header (``Bundle.entry.request.ifNoneExist``):
+    the query part of a search (http.html#ccreate), which some clients write as a
+    whole search URL (``Patient?identifier=…``); its type must be the one created."""
+    head, sep, tail = value.partition("?")
+    if sep and "=" not in head and "&" not in head:
+        named = head.rstrip("/").rsplit("/", 1)[-1]
+        if named and named != resource_type:
+            raise FhirError(Code.INVALID_CONDITION,
+                            f"If-None-Exist searches {named[:64]}, not {resource_type}")
+        value = tail
+    return parse_criteria(value)
+
+
 def location(base: str, stored: StoredResource) -> str:
     return f"{base}/{stored.resource_type}/{stored.id}/_history/{stored.version}"
 

@@ -12,7 +12,7 @@ from gateway.interactions.base import (
     admit,
     check_body,
     check_type,
-    parse_criteria,
+    if_none_exist_criteria,
     run_write,
     version_headers,
     write_response,
@@ -41,7 +41,8 @@ async def create_in(
     ``new_patients``: Patients this request creates (a transaction's entries
     may belong to them before they exist)."""
     if if_none_exist:
-        existing = await single_match(ctx, tx, resource_type, parse_criteria(if_none_exist))
+        existing = await single_match(ctx, tx, resource_type,
+                                      if_none_exist_criteria(if_none_exist, resource_type))
         if existing is not None:
             current = await tx.current(resource_type, existing)
             assert current is not None

@@ -36,6 +36,7 @@ from gateway.interactions.base import (
     check_body,
     check_id,
     check_type,
+    if_none_exist_criteria,
     location,
     parse_criteria,
     run_write,
@@ -243,16 +244,15 @@ class _Transaction:
             res.pop("id", None)
             cond = e.headers.get("if-none-exist")
             if cond:
-                key = (e.resource_type, "&".join(sorted(
-                    f"{k}={v}" for k, v in parse_criteria(cond))))
+                criteria = if_none_exist_criteria(cond, e.resource_type)
+                key = (e.resource_type, "&".join(sorted(f"{k}={v}" for k, v in criteria)))
                 first = self.conditional_creates.get(key)
                 if first is not None:  # identical conditional create: same resource
                     e.id = first.id
                     e.extra["same_as"] = first
                 else:
                     self.conditional_creates[key] = e
-                    found = await single_match(self.ctx, self.tx, e.resource_type,
-                                               parse_criteria(cond))
+                    found = await single_match(self.ctx, self.tx, e.resource_type, criteria)
                     e.id = found or new_id()
                     e.extra["exists"] = found is not None
             else:

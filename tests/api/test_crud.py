@@ -123,6 +123,12 @@ def test_conditional_create(client: httpx.Client) -> None:
     assert second.json()["id"] == first.json()["id"]
     assert search_ids(client, "/Patient", identifier=f"urn:test:mrn|{mrn}") == [
         first.json()["id"]]
+    # written as a whole search URL, as some clients do
+    for written in (f"Patient?{criteria}", f"{client.base_url}Patient?{criteria}", f"?{criteria}"):
+        again = post(client, patient(mrn), **{"If-None-Exist": written})
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"], written
+    wrong = post(client, patient(mrn), **{"If-None-Exist": f"Observation?{criteria}"})
+    assert wrong.status_code == 400 and gw_code(wrong) == "GW-1021", wrong.text
     post(client, patient(mrn))  # a second one, unconditionally
     third = post(client, patient(mrn), **{"If-None-Exist": criteria})
     assert third.status_code == 412

@@ -138,7 +138,10 @@ def test_transaction_conditional_reference_and_identical_conditional_creates(
         "request": {"method": "POST", "url": "Organization",
                     "ifNoneExist": f"identifier=urn:test:org|{org_ident}"},
     }
-    twin = {**org_entry, "fullUrl": urn()}
+    # the twin writes its criteria as a search URL: the same criteria, one resource
+    twin = {**org_entry, "fullUrl": urn(), "request": {
+        "method": "POST", "url": "Organization",
+        "ifNoneExist": f"Organization?identifier=urn:test:org|{org_ident}"}}
     bundle = tx([
         org_entry, twin,
         {"fullUrl": urn(), "resource": {
