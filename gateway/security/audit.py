@@ -125,7 +125,8 @@ def build_event(caller: Caller, status: int, description: str = "") -> dict[str,
     client: dict[str, Any] = {
         "type": _CLIENT_ROLE,
         "who": {"identifier": {"system": "urn:carepath-gateway:client",
-                               "value": p.client_id or "anonymous-developer"}},
+                               "value": p.client_id or (
+                                   "anonymous-developer" if p.unrestricted else "anonymous")}},
         "requestor": p.user is None}
     if p.address:
         client["network"] = {"address": p.address, "type": "2"}

@@ -17,6 +17,7 @@ from gateway.storage.db import open_database
 from gateway.storage.migrate import migrate
 from tests.security.conftest import Secured
 from tests.security.keys import ClientKey, token_form
+from tests.security.test_audit import records
 
 
 def _token(secured: Secured, assertion: str, scope: str = "system/*.cruds") -> httpx.Response:
@@ -129,6 +130,12 @@ def test_discovery_needs_no_token(secured: Secured) -> None:
     # a presented token is still checked
     bad = httpx.get(f"{secured.url}/metadata", headers={"Authorization": "Bearer x.y.z"})
     assert bad.status_code == 401
+    # and the token-less reads are audited, by an anonymous client
+    logged = records(secured.settings)
+    anonymous = [e for e in logged if any(
+        a.get("who", {}).get("identifier", {}).get("value") == "anonymous"
+        for a in e["agent"])]
+    assert {e["subtype"][0]["code"] for e in anonymous} >= {"capabilities", "operation"}
 
 
 def test_fhir_requests_need_a_valid_token(secured: Secured) -> None:
