@@ -329,24 +329,28 @@ class _Transaction:
                                         f"conditional reference '{ref[:200]}' matches nothing")
                     self.resolved_refs[ref] = f"{rt}/{found}"
 
-        # Both walks look at every element; the entry's JSON text (orjson, C speed)
-        # says whether there is anything for them to find: a conditional reference
-        # holds a "?", a name to replace its own (escaped) text.
         split = split_restful(e.full_url) if e.full_url else None
         relative = self._relative(split[0]) if split else {}
-        text = orjson.dumps(e.resource, default=str)
-        if b"?" in text:
+        # Both walks look at every element. In a small Bundle the entry's JSON text
+        # (orjson, C speed) says whether there is anything for them to find: a
+        # conditional reference holds a "?", a name its own (escaped) text. Looking
+        # for every name in every entry would grow with the square of the Bundle.
+        if len(self.names) + len(relative) <= _LOOK_FIRST:
+            text = orjson.dumps(e.resource, default=str)
+            if b"?" not in text and not any(
+                    n in text for n in (*self._needles(), *map(_needle, relative))):
+                return
+            if b"?" in text:
+                await resolve_all(e.resource)
+        else:
             await resolve_all(e.resource)
-        elif not any(needle in text for needle in self._needles()) and not any(
-                orjson.dumps(r)[1:-1] in text for r in relative):
-            return
         # … then every name is replaced in one walk
         rewrite(e.resource, self.names, self.resolved_refs.__getitem__, relative)
 
     def _needles(self) -> list[bytes]:
         """The fullUrls of the Bundle's entries as they appear in JSON text."""
         if len(self._name_needles) != len(self.names):
-            self._name_needles = [orjson.dumps(n)[1:-1] for n in self.names]
+            self._name_needles = [_needle(n) for n in self.names]
         return self._name_needles
 
     def _relative(self, base: str) -> dict[str, str]:
@@ -393,6 +397,15 @@ class _Transaction:
                                     if_match=e.headers.get("if-match"),
                                     new_patients=self.new_patients)
             e.outcome = (stored, 200)
+
+
+#: up to how many names an entry's text is searched for them before the walks
+_LOOK_FIRST = 16
+
+
+def _needle(name: str) -> bytes:
+    """``name`` as it appears inside a JSON string."""
+    return orjson.dumps(name)[1:-1]
 
 
 def _collect_conditional(node: Any, out: list[str]) -> None:
