@@ -170,7 +170,8 @@ def _our_version(value: str) -> bool:
     for param in value.split(";")[1:]:
         key, _, version = param.partition("=")
         if key.strip().lower() == "fhirversion":
-            return version.strip().strip('"') in ("4.0", "4.0.1")
+            version = version.strip().strip('"')
+            return version == "4.0" or version.startswith("4.0.")
     return True
 
 
