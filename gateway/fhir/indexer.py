@@ -999,8 +999,6 @@ class Indexer:
         """Search parameters of a type, code -> param (including Resource/DomainResource ones)."""
         params = self._params.get(resource_type)
         if params is None:
-            if resource_type == "Resource":  # what every type has (system-level search)
-                return dict(self._by_base.get("Resource", {}))
             if resource_type not in self.model.resource_types:
                 return {}
             params = dict(self._by_base.get("Resource", {}))
@@ -1010,6 +1008,10 @@ class Indexer:
             params = self._shared_rows(resource_type, params)
             self._params[resource_type] = params
         return dict(params)
+
+    def common_params(self) -> dict[str, SearchParam]:
+        """The parameters every type has (based on Resource): a system-level search's."""
+        return dict(self._by_base.get("Resource", {}))
 
     def _applies(self, part: str, resource_type: str) -> bool:
         """Whether an expression part (of a union) is about ``resource_type``: rooted

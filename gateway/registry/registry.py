@@ -136,7 +136,7 @@ class Registry:
     @cached_property
     def common_search_params(self) -> dict[str, SearchParam]:
         """Parameters every type has (base Resource/DomainResource)."""
-        return self.indexer.params_for("Resource")
+        return self.indexer.common_params()
 
 
 def _type_info(sd: dict[str, Any]) -> TypeInfo:

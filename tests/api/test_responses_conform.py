@@ -87,6 +87,8 @@ def test_capability_statement_lists_only_parameters_a_search_answers(
     assert any(p["name"] == "versions" for p in rest["operation"])
     # no expression to index: a search on them only warns (search.html#errors)
     assert not {"_text", "_content", "_query", "_filter"} & (system | patient_params)
+    # "Resource" names the parameters' base, not a type one can search
+    assert client.get("/", params={"_type": "Resource"}).status_code == 400
     for name in ("_id", "_lastUpdated"):
         found = client.get("/", params={name: "gt2000-01-01" if name == "_lastUpdated"
                                         else "no-such-id", "_type": "Patient"})
