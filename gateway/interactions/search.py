@@ -54,12 +54,18 @@ async def _page(
     total: int | None,
     links: list[tuple[str, str]],
     warnings: tuple[str, ...],
+    matches: list[StoredResource] | None = None,
 ) -> FhirResponse:
+    """A searchset page of ``keys`` (with their resources when the search read them:
+    ``matches``) and what they include."""
     restriction = guard.restriction(ctx.access)
     included = await ctx.store.includes(query, keys, ctx.settings.max_page_size * 10,
                                         restriction) if (
         query.includes or query.revincludes) and keys else []
-    stored = await ctx.store.read_many([*keys, *included])
+    if matches is None:
+        stored = await ctx.store.read_many([*keys, *included])
+    else:
+        stored = [*matches, *await ctx.store.read_many(included)]
     matched = set(keys)
     entries: list[dict[str, Any]] = []
     for s in stored:
@@ -115,11 +121,12 @@ async def search(
         return await _page(ctx, query, [], base, total=total, links=links,
                            warnings=query.warnings)
     size = _page_size(ctx, query)
-    keys = await ctx.store.search_keys(query, size + 1, restriction)
-    if len(keys) <= size:
-        total = None if query.total == "none" else len(keys)
-        return await _page(ctx, query, keys, base, total=total, links=links,
-                           warnings=query.warnings)
+    # the first page's resources come with the search: one round trip, not two
+    found = await ctx.store.search_resources(query, size + 1, restriction)
+    if len(found) <= size:
+        total = None if query.total == "none" else len(found)
+        return await _page(ctx, query, [(s.resource_type, s.id) for s in found], base,
+                           total=total, links=links, warnings=query.warnings, matches=found)
     # more than one page: keep the ordered result as a snapshot for stable paging
     cap = ctx.settings.max_search_results
     everything = await ctx.store.search_keys(query, cap + 1, restriction)
@@ -133,15 +140,20 @@ async def search(
     warnings = query.warnings
     if truncated:
         warnings = (*warnings, f"only the first {cap} matches can be paged through")
+    # what was read with the first search is the first page, unless a write since
+    # then changed which resources lead the result
+    first = found[:size]
+    same = [(s.resource_type, s.id) for s in first] == everything[:size]
     return await first_page(ctx, query, everything, base, size=size, links=links,
                             warnings=warnings, total=total, truncated=truncated,
-                            replay=f"{resource_type or ''}?{urlencode(pairs)}")
+                            replay=f"{resource_type or ''}?{urlencode(pairs)}",
+                            matches=first if same else None)
 
 
 async def first_page(
     ctx: Context, query: SearchQuery, keys: list[tuple[str, str]], base: str, *, size: int,
     links: list[tuple[str, str]], warnings: tuple[str, ...], total: int | None,
-    truncated: bool, replay: str,
+    truncated: bool, replay: str, matches: list[StoredResource] | None = None,
 ) -> FhirResponse:
     """The first page of a result held whole in ``keys``. A longer one is kept as a
     snapshot for stable paging (``next``); ``replay`` is the ``Type?query`` its pages
@@ -154,7 +166,7 @@ async def first_page(
         await ctx.store.save_snapshot(snapshot)
         links = [*links, ("next", _pages_link(base, snapshot.search_id, size, size))]
     return await _page(ctx, query, keys[:size], base, total=total, links=links,
-                       warnings=warnings)
+                       warnings=warnings, matches=matches)
 
 
 async def search_page(

@@ -136,6 +136,11 @@ class Store(Protocol):
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
     ) -> list[tuple[str, str]]: ...
 
+    async def search_resources(
+        self, query: SearchQuery, limit: int, restriction: Restriction | None = None
+    ) -> list[StoredResource]:
+        """:meth:`search_keys` with the resources themselves (current versions)."""
+
     async def count(self, query: SearchQuery, restriction: Restriction | None = None) -> int: ...
 
     async def token_codes(self, resource_type: str | None, param: str,

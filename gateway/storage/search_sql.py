@@ -110,9 +110,10 @@ Restrict = Callable[[str], Frag]  # alias -> an extra condition (access control)
 
 def select_ids(
     query: SearchQuery, dialect: str, limit: int | None = None,
-    restrict: Restrict | None = None,
+    restrict: Restrict | None = None, columns: str = "r.res_type, r.res_id",
 ) -> tuple[str, list[Any]]:
-    """SQL for the matching ``(res_type, res_id)`` rows in result order."""
+    """SQL for the matching rows in result order: ``(res_type, res_id)``, or the
+    ``columns`` of ``resource r`` given."""
     ctx = _Ctx(dialect)
     where, params = _from_where(query, ctx, restrict)
     order: list[str] = []
@@ -122,7 +123,7 @@ def select_ids(
         params.extend(p)
     order.append("r.created_seq")
     order.append(ctx.text("r.res_id"))
-    sql = f"SELECT r.res_type, r.res_id {where} ORDER BY {', '.join(order)}"
+    sql = f"SELECT {columns} {where} ORDER BY {', '.join(order)}"
     if limit is not None:
         sql += " LIMIT ?"
         params.append(int(limit))

@@ -56,6 +56,8 @@ _PG_LOCK_MANY = ("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0)))"
                  " FROM (SELECT unnest(?::text[]) AS k ORDER BY 1) s")
 
 _RESOURCE_COLS = "res_type, res_id, version, last_updated, deleted, content"
+#: the same, of the search's ``resource r``
+_MATCH_COLS = ", ".join(f"r.{c}" for c in _RESOURCE_COLS.split(", "))
 
 # PostgreSQL element types of each index table's value columns (after ``param``)
 _PG_TYPES: dict[str, tuple[str, ...]] = {
@@ -650,6 +652,15 @@ class SqlStore:
                                             _restrict(restriction, _types(query)))
         async with self.db.read() as conn:
             return [(r[0], r[1]) for r in await conn.fetch(sql, params)]
+
+    async def search_resources(
+        self, query: SearchQuery, limit: int, restriction: Restriction | None = None
+    ) -> list[StoredResource]:
+        sql, params = search_sql.select_ids(query, self.dialect, limit,
+                                            _restrict(restriction, _types(query)),
+                                            columns=_MATCH_COLS)
+        async with self.db.read() as conn:
+            return [_stored(row) for row in await conn.fetch(sql, params)]
 
     async def count(self, query: SearchQuery, restriction: Restriction | None = None) -> int:
         sql, params = search_sql.count(query, self.dialect,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from gateway.fhir.indexer import Indexer
+from gateway.fhir.search import parse_search
 from gateway.storage.db import open_database
 from gateway.storage.interface import StoreTransaction
 from gateway.storage.schema import INDEX_TABLES
@@ -208,3 +210,32 @@ async def test_a_first_lock_with_begin_excludes_like_any_other(key: str) -> None
             assert held == (False,)
     finally:
         await db.close()
+
+
+async def test_a_search_reads_its_matches_with_it(store: SqlStore) -> None:
+    """``search_resources``: the matches in result order with their current versions,
+    as ``search_keys`` and ``read_many`` give them one after the other."""
+    family = f"Seite{uuid.uuid4().hex[:8]}"
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+
+    async def write(tx: StoreTransaction) -> None:
+        for n, rid in enumerate(ids):
+            body = {**PATIENT, "name": [{"family": family, "given": [f"g{n}"]}]}
+            await tx.put("Patient", rid, body, "POST", None)
+
+    await store.run(write)
+
+    async def update(tx: StoreTransaction) -> None:  # the middle one gets a version 2
+        current = await tx.current("Patient", ids[1])
+        await tx.put("Patient", ids[1], {**PATIENT, "name": [{"family": family}]}, "PUT",
+                     current)
+
+    await store.run(update)
+    query = parse_search("Patient", [("family", family), ("_sort", "-given")],
+                         INDEXER.params_for, strict=True)
+    found = await store.search_resources(query, 10)
+    keys = await store.search_keys(query, 10)
+    assert [(s.resource_type, s.id) for s in found] == keys
+    assert found == await store.read_many(keys)
+    assert [s.version for s in found] == [1, 1, 2]  # g2, g0, then the one without given
+    assert len(await store.search_resources(query, 2)) == 2
