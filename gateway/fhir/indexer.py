@@ -123,8 +123,29 @@ def _spreader(table: str) -> Callable[[Row], Row]:
     return spread
 
 
-#: Longest text stored in any index column; longer values are truncated.
+#: Longest text stored in an index column that no database index covers (sp_string's
+#: ``exact``, displays); longer values are truncated.
 MAX_LEN = 2000
+#: Longest text, in UTF-8 bytes, of a column that database indexes cover (PostgreSQL's
+#: B-tree takes at most 2,704 bytes per entry, and some indexes hold two such
+#: columns): longer values are clipped (:func:`clip`), and so are search values.
+MAX_KEY_BYTES = 800
+
+
+def clip(s: str) -> str:
+    """``s`` cut to :data:`MAX_KEY_BYTES` of UTF-8 (at a character boundary)."""
+    if len(s) <= MAX_KEY_BYTES // 4:  # no character takes more than four bytes
+        return s
+    raw = s.encode("utf-8", "surrogatepass")
+    if len(raw) <= MAX_KEY_BYTES:
+        return s
+    return raw[:MAX_KEY_BYTES].decode("utf-8", "ignore")
+
+
+def clip_normalized(s: str) -> str:
+    """:func:`clip` of a :func:`normalize_string` result, still normalised (no
+    trailing space): what string rows hold and string searches look for."""
+    return clip(s).rstrip(" ")
 #: Open ends of date ranges (Period without start/end).
 DATE_MIN = -(2**62)
 DATE_MAX = 2**62
@@ -313,7 +334,7 @@ def _num(v: Any) -> float | None:
 
 
 def _str(v: Any) -> str | None:
-    return v[:MAX_LEN] if isinstance(v, str) and v else None
+    return clip(v) if isinstance(v, str) and v else None
 
 
 def _display(v: Any) -> str | None:
@@ -474,7 +495,7 @@ class _Converters:
         if isinstance(s, str):
             value = normalize_string(s)
             if value:
-                out.append((code, value[:MAX_LEN], s[:MAX_LEN]))
+                out.append((code, clip_normalized(value), s[:MAX_LEN]))
 
     def string_text(self, code: str, v: Any, out: Rows) -> None:
         self._add_string(code, v, out)
@@ -526,7 +547,7 @@ class _Converters:
 
     def token_text(self, code: str, v: Any, out: Rows) -> None:
         if isinstance(v, str) and v:
-            out.append((code, None, v[:MAX_LEN], None))
+            out.append((code, None, clip(v), None))
 
     def token_number(self, code: str, v: Any, out: Rows) -> None:
         if _num(v) is not None:
@@ -703,8 +724,8 @@ class _Converters:
             return m.group(1), m.group(2), m.group(3), None
         m = _ABS_REF.fullmatch(ref)
         if m is not None and m.group(2) in self.resource_types:
-            return None, None, None, f"{m.group(1)}/{m.group(2)}/{m.group(3)}"[:MAX_LEN]
-        return None, None, None, ref[:MAX_LEN]
+            return None, None, None, clip(f"{m.group(1)}/{m.group(2)}/{m.group(3)}")
+        return None, None, None, clip(ref)
 
     def reference(self, code: str, v: Any, out: Rows) -> None:
         if not isinstance(v, dict):
@@ -747,9 +768,9 @@ class _Converters:
 
     def uri(self, code: str, v: Any, out: Rows) -> None:
         if isinstance(v, str) and v:
-            out.append((code, v[:MAX_LEN]))
+            out.append((code, clip(v)))
             if "|" in v:  # canonical|version also matches the version-less canonical
-                out.append((code, v.split("|", 1)[0][:MAX_LEN]))
+                out.append((code, clip(v.split("|", 1)[0])))
 
 
 # --------------------------------------------------------------------------- fallback

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gateway.fhir.indexer import clip, clip_normalized
 from gateway.fhir.search import (
     CompositeValue,
     Criterion,
@@ -340,14 +341,15 @@ def _value(c: Criterion, v: Value, t: str, ctx: _Ctx) -> Frag:
             )
         if c.modifier == "exact":
             return f"{t}.exact = ?", [v.text]
-        pat = like_escape(v.normalized) + "%"
+        normalized = clip_normalized(v.normalized)  # as stored
+        pat = like_escape(normalized) + "%"
         if c.modifier == "contains":
             return f"{t}.value LIKE ? ESCAPE '{_ESCAPE}'", ["%" + pat]
         # starts-with as a range too, so a (bytewise-ordered) index can serve it
         value = ctx.text(f"{t}.value")
         return (
             f"({value} >= ? AND {value} < ? AND {t}.value LIKE ? ESCAPE '{_ESCAPE}')",
-            [v.normalized, v.normalized + "\U0010ffff", pat],
+            [normalized, normalized + "\U0010ffff", pat],
         )
     if isinstance(v, DateValue):
         return _date(v, f"{t}.lo", f"{t}.hi")
@@ -368,7 +370,7 @@ def _value(c: Criterion, v: Value, t: str, ctx: _Ctx) -> Frag:
         return f"({sql})", params
     if isinstance(v, ReferenceValue):
         if v.url is not None:
-            return f"{t}.url = ?", [v.url]
+            return f"{t}.url = ?", [clip(v.url)]
         if v.id is None:
             raise ValueError(f"reference value without id or url: {v!r}")
         conds, params = [f"{t}.target_id = ?"], [v.id]
@@ -380,11 +382,12 @@ def _value(c: Criterion, v: Value, t: str, ctx: _Ctx) -> Frag:
             params.append(v.version)
         return f"({' AND '.join(conds)})", params
     if isinstance(v, UriValue):
+        uri = clip(v.value)  # as stored
         if c.modifier == "below":
-            return f"substr({t}.value, 1, ?) = ?", [len(v.value), v.value]
+            return f"substr({t}.value, 1, ?) = ?", [len(uri), uri]
         if c.modifier == "above":
-            return f"{t}.value = substr(CAST(? AS TEXT), 1, length({t}.value))", [v.value]
-        return f"{t}.value = ?", [v.value]
+            return f"{t}.value = substr(CAST(? AS TEXT), 1, length({t}.value))", [uri]
+        return f"{t}.value = ?", [uri]
     raise ValueError(f"unexpected value {v!r} for {c.type} parameter {c.code!r}")
 
 
@@ -396,10 +399,10 @@ def _token(v: TokenValue, sys_col: str, code_col: str) -> Frag:
             conds.append(f"({sys_col} IS NULL OR {sys_col} = '')")
         else:
             conds.append(f"{sys_col} = ?")
-            params.append(v.system)
+            params.append(clip(v.system))
     if v.code is not None:
         conds.append(f"{code_col} = ?")
-        params.append(v.code)
+        params.append(clip(v.code))
     if not conds:
         return "1 = 0", []
     return f"({' AND '.join(conds)})", params

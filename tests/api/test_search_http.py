@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
+import string
 from typing import Any
 
 import httpx
 
-from tests.api.helpers import gw_code, patient, post, search_ids
+from tests.api.helpers import FHIR, gw_code, patient, post, search_ids
 from tests.conftest import unique
 
 
@@ -406,3 +408,23 @@ def test_a_code_searches_with_the_system_its_binding_implies(client: httpx.Clien
         "gender:in": "http://hl7.org/fhir/ValueSet/administrative-gender"}) == [rid]
     assert search_ids(client, "/Patient", family=family, **{
         "gender:not-in": "http://hl7.org/fhir/ValueSet/administrative-gender"}) == []
+
+
+def test_values_longer_than_an_index_entry_are_stored_and_found(client: httpx.Client) -> None:
+    """PostgreSQL's B-tree takes at most 2,704 bytes an entry: long values are clipped in
+    the index (and in searches), never a 500."""
+    rnd = random.Random(7)
+    family = "".join(chr(rnd.randint(0x4E00, 0x9FFF)) for _ in range(1500))  # 4,500 bytes
+    system = "urn:" + "".join(rnd.choice(string.ascii_letters) for _ in range(1900))
+    value = "".join(rnd.choice(string.ascii_letters) for _ in range(1900))
+    body = {"resourceType": "Patient", "name": [{"family": family}],
+            "identifier": [{"system": system, "value": value}],
+            "meta": {"profile": ["http://example.org/" + value]}}
+    created = client.post("/Patient", json=body, headers={"Content-Type": FHIR})
+    assert created.status_code == 201, created.text
+    pid = created.json()["id"]
+    assert search_ids(client, "/Patient", identifier=f"{system}|{value}") == [pid]
+    assert search_ids(client, "/Patient", family=family) == [pid]
+    assert search_ids(client, "/Patient", _profile="http://example.org/" + value) == [pid]
+    # read back whole: only the index is clipped
+    assert client.get(f"/Patient/{pid}").json()["name"][0]["family"] == family

@@ -19,6 +19,7 @@ from gateway.fhir.indexer import (
     DATE_MAX,
     DATE_MIN,
     ISO4217,
+    MAX_KEY_BYTES,
     MAX_LEN,
     NUM_MAX,
     NUM_MIN,
@@ -26,6 +27,7 @@ from gateway.fhir.indexer import (
     Indexer,
     SearchParam,
     _fallback_getter,
+    clip,
     date_bounds,
     normalize_string,
 )
@@ -314,8 +316,22 @@ def test_long_strings_truncated(ix: Indexer) -> None:
     long = "Ab " * 1000
     out = ix.extract({"resourceType": "Patient", "name": [{"family": long}]})
     ((value, exact),) = rows(out, "sp_string", "family")
-    assert len(value) == MAX_LEN and len(exact) == MAX_LEN
+    # the indexed column to a B-tree entry's share, the other one further
+    assert len(value) == MAX_KEY_BYTES and len(exact) == MAX_LEN
     assert value.startswith("ab ab") and exact == long[:MAX_LEN]
+
+
+def test_indexed_columns_are_clipped_in_bytes_at_a_character_boundary(ix: Indexer) -> None:
+    wide = "\u6f22" * 1000  # three bytes each
+    assert clip("x" * 10) == "x" * 10
+    assert clip(wide) == wide[:MAX_KEY_BYTES // 3]
+    assert len(clip("\U0001f600" * 300).encode()) == MAX_KEY_BYTES  # four bytes each: 200
+    out = ix.extract({"resourceType": "Patient", "name": [{"family": wide}],
+                      "identifier": [{"system": "urn:" + "s" * 3000, "value": wide}]})
+    ((value, _),) = rows(out, "sp_string", "family")
+    ((system, code, _),) = rows(out, "sp_token", "identifier")
+    assert all(len(v.encode()) <= MAX_KEY_BYTES for v in (value, system, code))
+    assert code == wide[:MAX_KEY_BYTES // 3]
 
 
 # --------------------------------------------------------------------------- Observation
