@@ -25,6 +25,7 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_ALGS = ("RS384", "ES384")
 MAX_ASSERTION_LIFETIME = 300  # seconds; SMART: exp no more than five minutes ahead
 CLOCK_SKEW = 30
+MAX_JTI = 255  # characters
 TOKEN_LIFETIME = 300
 
 
@@ -100,6 +101,8 @@ def verify_client_assertion(
         raise AuthError("invalid_client", "exp is more than five minutes ahead")
     if not isinstance(claims["jti"], str) or not claims["jti"]:
         raise AuthError("invalid_client", "jti must be a non-empty string")
+    if len(claims["jti"]) > MAX_JTI:  # it is kept (replay check) under a database index
+        raise AuthError("invalid_client", f"jti must be at most {MAX_JTI} characters")
     return claims
 
 
