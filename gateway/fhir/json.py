@@ -20,13 +20,21 @@ import orjson
 
 from gateway.fhir.outcome import Code, FhirError
 
-# A number literal that a binary float would not round-trip textually.
-# A JSON number follows ``:``, ``[`` or ``,`` and ends before ``,``, ``]`` or ``}``;
-# text inside strings rarely looks like that.
-_LOSSY = re.compile(
-    rb"[:\[,]\s*-?[0-9]+(?:\.[0-9]*0|(?:\.[0-9]+)?[eE][-+]?[0-9]+|[0-9.]{15,})"
-    rb"(?=\s*[,\]}])"
-)
+# A number literal: it follows ``:``, ``[`` or ``,`` and ends before ``,``, ``]`` or
+# ``}`` (text inside strings rarely looks like that). No part of the pattern can
+# match what another part gave back, so a long run of digits that turns out not
+# to be a number costs one pass, not one per digit (no catastrophic backtracking).
+_NUMBER = re.compile(rb"[:\[,]\s*-?([0-9]+(?:\.[0-9]+)?)([eE][-+]?[0-9]+)?(?=\s*[,\]}])")
+
+
+def _lossy(raw: bytes) -> bool:
+    """Whether ``raw`` holds a number literal a binary float would not write back the
+    same: a fraction ending in 0, an exponent, or 16 or more digits."""
+    for m in _NUMBER.finditer(raw):
+        mantissa, exponent = m.group(1), m.group(2)
+        if exponent or len(mantissa) >= 16 or (b"." in mantissa and mantissa[-1:] == b"0"):
+            return True
+    return False
 
 
 # Escapes that may decode to what FHIR strings forbid: control characters other
@@ -68,8 +76,7 @@ def loads(data: bytes | str) -> Any:
         # Compact JSON as orjson itself writes it (what most clients send) reads
         # back to the same bytes: every number kept its text. Otherwise only a
         # document with a float can have lost a digit; then look at the text.
-        exact = _written_as_orjson(value, raw) or not _has_float(value) \
-            or not _LOSSY.search(raw)
+        exact = _written_as_orjson(value, raw) or not _has_float(value) or not _lossy(raw)
     except orjson.JSONDecodeError:
         exact = False  # malformed, or a number beyond a double (1e400): let json decide
     if not exact:

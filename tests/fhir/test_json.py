@@ -92,3 +92,15 @@ def test_limits_look_at_every_branch() -> None:
     assert fjson.check_limits(deep, 6, 19) == "a string longer than 19 characters"
     assert fjson.check_limits(deep, 6, 20) is None
     assert fjson.check_limits(["z" * 30], 6, 29) == "a string longer than 29 characters"
+
+
+def test_digits_in_text_that_are_no_number_are_read_in_one_pass() -> None:
+    # ":" and a long run of digits inside a string, in a body with a decimal that is
+    # not written as orjson writes it: the number scan must give up in one pass (a
+    # backtracking pattern took minutes for this; it is one body among many here)
+    text = ":" + "1" * 100_000 + "x"
+    body = ('{"resourceType": "Observation", "valueQuantity": {"value": 1.50},'
+            f' "note": [{{"text": "{text}"}}]}}').encode()
+    value = fjson.loads(body)
+    assert value["note"][0]["text"] == text
+    assert fjson.dumps(value["valueQuantity"]) == b'{"value":1.50}'
