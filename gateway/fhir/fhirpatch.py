@@ -96,6 +96,8 @@ def apply(resource: dict[str, Any], ops: list[dict[str, Any]], model: Model) -> 
             _apply_one(doc, root, parts)
         except FhirError as exc:
             raise FhirError(exc.code, f"operation {n}: {exc.diagnostics}") from None
+        except RecursionError:  # a path that reads but nests deeper than it can be followed
+            raise _bad(f"operation {n}: the path nests too deeply") from None
     return doc
 
 

@@ -96,6 +96,9 @@ def test_add_to_a_backbone_element_from_parts(model: Model) -> None:
     ([op("insert", "Patient.gender", index=0, value=("valueCode", "x"))], "does not repeat"),
     ([op("add", "Patient", name="deceased", value=("valueQuantity", {"value": 1}))],
      "cannot take"),
+    # paths that read but nest deeper than they can be followed: a 400, not a crash
+    ([op("delete", "Patient" + ".where(name.exists())" * 3000)], "nests too deeply"),
+    ([op("delete", "Patient.name" + "[0]" * 5000)], "nests too deeply"),
 ])
 def test_errors_name_the_problem(model: Model, ops: list[dict[str, Any]], message: str) -> None:
     with pytest.raises(FhirError, match=message):
