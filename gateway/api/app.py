@@ -82,7 +82,7 @@ class HttpRequest:
         declared = self.headers.get("content-length")
         if declared is None and "transfer-encoding" not in self.headers:
             return b""  # RFC 9112 6.3: a request without either has no content
-        if declared and declared.isdigit() and int(declared) > limit:
+        if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise FhirError(Code.TOO_LARGE, f"{declared} bytes; the limit is {limit}")
         decoder = _decoder(self.headers.get("content-encoding"))
         chunks: list[bytes] = []

@@ -613,7 +613,7 @@ class _Parser:
                 if base == "_sort":
                     sort.extend(self.sort(value, rt, top))
                 elif base == "_count":
-                    if not value.isdigit():
+                    if not (value.isascii() and value.isdigit()):
                         raise _invalid(f"_count must be a non-negative integer, not {_q(value)}")
                     count = int(value)
                 elif base == "_total":

@@ -27,6 +27,8 @@ async def audit_log(ctx: Context, req: OperationRequest) -> FhirResponse:
         after = int(params.get("_cursor", 0))
     except (TypeError, ValueError):
         raise FhirError(Code.INVALID_SEARCH_VALUE, "_count and _cursor are integers") from None
+    if not 0 <= after < 2**63:  # a sequence number the store can hold
+        raise FhirError(Code.INVALID_SEARCH_VALUE, "_cursor is out of range")
     patient = params.get("patient")
     if patient is not None:
         patient = str(patient).removeprefix("Patient/")

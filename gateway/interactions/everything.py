@@ -62,7 +62,7 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
     since = _one(params.get("_since"), "_since")
     filters = [("_lastUpdated", f"ge{since}")] if since else []
     count = _one(params.get("_count"), "_count")
-    if count is not None and not count.isdigit():
+    if count is not None and not (count.isascii() and count.isdigit()):
         raise FhirError(Code.INVALID_SEARCH_VALUE, "_count must be a non-negative integer")
     size = min(int(count), ctx.settings.max_page_size) if count else (
         ctx.settings.default_page_size)

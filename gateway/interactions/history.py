@@ -71,6 +71,8 @@ async def history(
         before = int(params["_cursor"]) if "_cursor" in params else None
     except ValueError:
         raise FhirError(Code.INVALID_SEARCH_VALUE, "_count and _cursor are integers") from None
+    if before is not None and not 0 <= before < 2**63:  # a position the store can hold
+        raise FhirError(Code.INVALID_SEARCH_VALUE, "_cursor is out of range")
     count = max(1, min(count, ctx.settings.max_page_size))
     page = await ctx.store.history(resource_type, id, since=since, at=at, before=before,
                                    limit=count, restriction=restriction)

@@ -86,7 +86,9 @@ async def vread(ctx: Context, resource_type: str, id: str, version: str,
     check_id(id)
     guard.require(resource_type, "vread")
     subsetting = _subsetting(ctx, resource_type, query or [])
-    if not version.isdigit():
+    # ASCII digits only ("²" is a digit to Python, not to int()), and no more of them
+    # than a version number the store keeps (a 32-bit integer) can have
+    if not (version.isascii() and version.isdigit()) or len(version) > 9:
         raise FhirError(Code.VERSION_NOT_FOUND, f"version '{version[:20]}' is not known")
     current = await ctx.store.read(resource_type, id)
     if current is None:

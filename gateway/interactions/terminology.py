@@ -64,9 +64,11 @@ class _Params:
         v = self.one(name)
         if v is None:
             return None
-        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str)
-                                                             and v.isdigit())):
+        if isinstance(v, bool) or not (isinstance(v, int) or (
+                isinstance(v, str) and v.isascii() and v.isdigit())):
             raise _bad(f"parameter '{name}' must be a non-negative integer")
+        if not 0 <= int(v) <= 2**31 - 1:  # FHIR integer (the expansion echoes it)
+            raise _bad(f"parameter '{name}' must be between 0 and 2147483647")
         return int(v)
 
     def boolean(self, name: str) -> bool:

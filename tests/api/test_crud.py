@@ -244,6 +244,29 @@ def test_bad_input_is_an_operation_outcome_never_a_500(client: httpx.Client) -> 
         assert gw_code(response) == code, response.text
 
 
+def test_numbers_beyond_what_the_store_holds_are_client_errors(client: httpx.Client) -> None:
+    """Digits Python's int() refuses ("²"), or more than a version, cursor or FHIR
+    integer holds: a 4xx with an OperationOutcome, never a 500."""
+    pid = post(client, patient(unique("mrn"))).json()["id"]
+    cases = [
+        (client.get(f"/Patient/{pid}/_history/99999999999999999999"), 404, "GW-2003"),
+        (client.get(f"/Patient/{pid}/_history/%C2%B2"), 404, "GW-2003"),
+        (client.get("/Patient/_history", params={"_cursor": "9" * 30}), 400, "GW-1013"),
+        (client.get("/$audit-log", params={"_cursor": "9" * 30}), 400, "GW-1013"),
+        (client.get("/Patient", params={"_count": "\u00b2"}), 400, "GW-1013"),
+        (client.get(f"/Patient/{pid}/$everything", params={"_count": "\u00b2"}), 400,
+         "GW-1013"),
+        (client.get("/ValueSet/$expand", params={
+            "url": "http://hl7.org/fhir/ValueSet/administrative-gender",
+            "offset": "9" * 30}), 400, None),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status, (response.request.url, response.text)
+        assert response.json()["resourceType"] == "OperationOutcome"
+        if code is not None:
+            assert gw_code(response) == code, response.text
+
+
 def test_request_larger_than_the_limit_is_413(client: httpx.Client, server) -> None:  # type: ignore[no-untyped-def]
     limit = server.settings.max_request_bytes
     body = b'{"resourceType":"Basic","code":{"text":"' + b"x" * (limit + 10) + b'"}}'
