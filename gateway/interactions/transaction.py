@@ -21,8 +21,6 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-import orjson
-
 from gateway.fhir import json as fjson
 from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.instants import instant
@@ -193,7 +191,6 @@ class _Transaction:
         self.conditional_creates: dict[tuple[str, str], Entry] = {}
         self.resolved_refs: dict[str, str] = {}
         self.new_patients: frozenset[str] = frozenset()
-        self._name_needles: list[bytes] = []
         self._relative_names: dict[str, dict[str, str]] = {}
 
     async def run(self) -> None:
@@ -331,27 +328,9 @@ class _Transaction:
 
         split = split_restful(e.full_url) if e.full_url else None
         relative = self._relative(split[0]) if split else {}
-        # Both walks look at every element. In a small Bundle the entry's JSON text
-        # (orjson, C speed) says whether there is anything for them to find: a
-        # conditional reference holds a "?", a name its own (escaped) text. Looking
-        # for every name in every entry would grow with the square of the Bundle.
-        if len(self.names) + len(relative) <= _LOOK_FIRST:
-            text = orjson.dumps(e.resource, default=str)
-            if b"?" not in text and not any(
-                    n in text for n in (*self._needles(), *map(_needle, relative))):
-                return
-            if b"?" in text:
-                await resolve_all(e.resource)
-        else:
-            await resolve_all(e.resource)
+        await resolve_all(e.resource)
         # … then every name is replaced in one walk
         rewrite(e.resource, self.names, self.resolved_refs.__getitem__, relative)
-
-    def _needles(self) -> list[bytes]:
-        """The fullUrls of the Bundle's entries as they appear in JSON text."""
-        if len(self._name_needles) != len(self.names):
-            self._name_needles = [_needle(n) for n in self.names]
-        return self._name_needles
 
     def _relative(self, base: str) -> dict[str, str]:
         found = self._relative_names.get(base)
@@ -397,15 +376,6 @@ class _Transaction:
                                     if_match=e.headers.get("if-match"),
                                     new_patients=self.new_patients)
             e.outcome = (stored, 200)
-
-
-#: up to how many names an entry's text is searched for them before the walks
-_LOOK_FIRST = 16
-
-
-def _needle(name: str) -> bytes:
-    """``name`` as it appears inside a JSON string."""
-    return orjson.dumps(name)[1:-1]
 
 
 def _collect_conditional(node: Any, out: list[str]) -> None:
