@@ -61,13 +61,13 @@ def test_every_vendored_example_loads_through_a_transaction_and_reads_back_equal
     with httpx.Client(base_url=server.url, timeout=120) as client:
         for start in range(0, len(examples), 40):
             chunk = examples[start : start + 40]
-            body = _bundle_text(server.url, chunk)
+            body = transaction_text(server.url, chunk)
             response = client.post("/", content=body,
                                    headers={"Content-Type": "application/fhir+json"})
             if response.status_code != 200:
                 failures.append(f"chunk {start}: {response.status_code} {response.text[:300]}")
         for name, text in refused:
-            response = client.post("/", content=_bundle_text(server.url, [(name, text)]),
+            response = client.post("/", content=transaction_text(server.url, [(name, text)]),
                                    headers={"Content-Type": "application/fhir+json"})
             if response.status_code < 400 or response.status_code >= 500:
                 failures.append(f"{name}: expected a refusal, got {response.status_code}")
@@ -82,7 +82,7 @@ def test_every_vendored_example_loads_through_a_transaction_and_reads_back_equal
     assert not failures, "\n".join(failures[:20])
 
 
-def _bundle_text(base: str, chunk: list[tuple[str, str]]) -> bytes:
+def transaction_text(base: str, chunk: list[tuple[str, str]]) -> bytes:
     """A transaction Bundle embedding each example's text verbatim (numbers as written)."""
     parts = []
     for _, text in chunk:

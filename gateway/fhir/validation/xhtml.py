@@ -18,10 +18,16 @@ attacks, not only against the letter of the spec:
   stripped of whitespace, control and format characters and lower-cased, so
   ``jav&#x09;ascript:``, ``JaVaScRiPt:`` or `` \\u200bjavascript:`` all read
   ``javascript:``; only ``http``, ``https``, ``mailto``, ``tel``, ``urn`` and
-  ``ftp`` schemes (or no scheme: relative references and ``#fragments``) pass;
+  ``ftp`` schemes (or no scheme: relative references and ``#fragments``) pass,
+  and on ``<img src>`` also ``data:image/…`` (an image inlined: what the HL7
+  validator accepts and the IG Publisher writes; a browser runs no script in
+  an image);
 * ``style`` values are CSS-unescaped and stripped of comments before looking
-  for ``expression(``, ``url(``, ``@import``, ``behavior``, ``-moz-binding``
-  and script schemes;
+  for ``expression(``, ``@import``, ``behavior``, ``-moz-binding`` and script
+  schemes; ``url(…)`` may name a relative reference or a ``data:image/…``
+  (the IG Publisher's tree tables draw their lines with
+  ``background-image: url(tbl_bck1.png)``), nothing that leaves the page's
+  own site;
 * comments holding markup (``<``/``>``, IE conditional comments) are refused,
   since a browser's HTML parser may end a comment where XML would not.
 """
@@ -67,8 +73,10 @@ _SCHEME = re.compile(r"([a-z][a-z0-9+.\-]*):")
 _REFUSED_MARKUP = re.compile(r"<!DOCTYPE|<!ENTITY|<\?|<!\[CDATA\[", re.IGNORECASE)
 _CSS_ESCAPE = re.compile(r"\\([0-9a-fA-F]{1,6})\s?|\\(.)", re.DOTALL)
 _CSS_COMMENT = re.compile(r"/\*.*?(\*/|$)", re.DOTALL)
-_CSS_BAD = ("expression(", "url(", "@import", "behavior", "-moz-binding", "javascript:",
+_CSS_BAD = ("expression(", "@import", "behavior", "-moz-binding", "javascript:",
             "vbscript:", "data:", "image(", "image-set(")
+#: ``url(…)`` in a squashed style value (no whitespace left): quoted or bare argument
+_CSS_URL = re.compile(r"""url\(("[^"]*"|'[^']*'|[^)]*)\)?""")
 
 _local = threading.local()
 
@@ -96,9 +104,28 @@ def _squash(value: str) -> str:
     ).lower()
 
 
-def unsafe_url(value: str) -> bool:
-    m = _SCHEME.match(_squash(value))
-    return m is not None and m.group(1) not in SAFE_SCHEMES
+def unsafe_url(value: str, *, image: bool = False) -> bool:
+    """Whether a URL attribute may not stand in narrative; ``image``: it names an
+    image to show (``<img src>``), which may be inlined as ``data:image/…``."""
+    squashed = _squash(value)
+    m = _SCHEME.match(squashed)
+    if m is None:
+        return False
+    scheme = m.group(1)
+    if scheme == "data":
+        return not (image and squashed.startswith("data:image/"))
+    return scheme not in SAFE_SCHEMES
+
+
+def _unsafe_css_url(argument: str) -> bool:
+    """A ``url(…)`` argument (squashed) is safe if it stays on the page's site: a
+    relative reference (not ``//host/…``) or an inlined image."""
+    url = argument
+    if url[:1] in ("'", '"'):
+        url = url[1:-1] if len(url) > 1 and url[-1] == url[0] else url[1:]
+    if url.startswith(("//", "\\\\")):
+        return True
+    return _SCHEME.match(url) is not None and not url.startswith("data:image/")
 
 
 def _css_unescape(value: str) -> str:
@@ -117,6 +144,11 @@ def unsafe_style(value: str) -> str | None:
     if "/*" in value:
         value = _CSS_COMMENT.sub("", value)
     text = _squash(value)
+    if "url(" in text:
+        for m in _CSS_URL.finditer(text):
+            if _unsafe_css_url(m.group(1)):
+                return "url("
+        text = _CSS_URL.sub("", text)
     for bad in _CSS_BAD:
         if bad in text:
             return bad
@@ -187,7 +219,7 @@ def _attribute_problem(element: str, attr: str, value: str) -> str | None:
         return f"event handler attribute '{attr}' on <{element}> is not allowed"
     if attr not in GLOBAL_ATTRIBUTES and f"{element}.{attr}" not in ELEMENT_ATTRIBUTES:
         return f"attribute '{attr}' on <{element}> is not allowed in narrative"
-    if attr in URL_ATTRIBUTES and unsafe_url(value):
+    if attr in URL_ATTRIBUTES and unsafe_url(value, image=element == "img" and attr == "src"):
         return f"attribute '{attr}' on <{element}> holds an unsafe URL scheme"
     if attr == "style":
         found = unsafe_style(value)

@@ -31,6 +31,36 @@ def test_safe_narrative_passes(inner: str) -> None:
     assert check_narrative(div(inner)) == []
 
 
+#: the IG Publisher's rendering of a Questionnaire (as in the SDC examples): icons
+#: inlined as data: images, tree-table lines as relative CSS background images
+IG_PUBLISHER_TABLE = (
+    "<table style='border: 0px #F0F0F0 solid; font-size: 11px;'><tr>"
+    "<td style='vertical-align: top; text-align : left; background-color: white;"
+    " background-image: url(tbl_bck1.png)' class='hierarchy'>"
+    "<img src='tbl_spacer.png' alt='.' style='background-color: inherit' class='hierarchy'/>"
+    "<img src='data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAYAAAAf8/9hAAAA'"
+    " alt='.' style='background-color: white; background-color: inherit'"
+    " class='hierarchy'/> name</td>"
+    "<td style=\"background-image: url('data:image/gif;base64,R0lGODlhAQABAAAAACw=')\">"
+    "x</td></tr></table>")
+
+
+def test_ig_publisher_narrative_passes() -> None:
+    assert check_narrative(div(IG_PUBLISHER_TABLE)) == []
+
+
+@pytest.mark.parametrize("inner", [
+    "<a href='data:image/png;base64,iVBORw0KGgo='>a data: link is not an image</a>",
+    "<img src='data:text/html;base64,PHNjcmlwdD4='  alt='x'/>",
+    "<span style='background: url(//evil.example/t.gif)'>protocol-relative</span>",
+    "<span style='background: url(\"https://evil.example/t.gif\")'>another site</span>",
+    "<span style='background: url(a.png), url(javascript:alert(1))'>second url</span>",
+    "<span style='background: url(&apos;data:text/html,x&apos;)'>not an image</span>",
+])
+def test_data_urls_only_as_images_and_css_urls_only_on_the_site(inner: str) -> None:
+    assert [key for key, _ in check_narrative(div(inner))] == ["txt-1"]
+
+
 @pytest.mark.parametrize("inner", [
     "<script>alert(1)</script>",
     "<SCRIPT>alert(1)</SCRIPT>",
@@ -165,6 +195,8 @@ def test_unsafe_url_ignores_relative_references() -> None:
     assert not unsafe_url("http://example.org/a:b")
     assert not unsafe_url("https://example.org")
     assert unsafe_url("javascript:x")
+    assert not unsafe_url("data:image/png;base64,AAAA", image=True)
+    assert unsafe_url("data:image/png;base64,AAAA")
 
 
 @settings(max_examples=300, deadline=None)
