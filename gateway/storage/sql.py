@@ -43,6 +43,9 @@ T = TypeVar("T")
 
 MAX_ATTEMPTS = 5
 
+#: the members a stored resource begins with
+_LEADING = frozenset(("resourceType", "id", "meta"))
+
 _INSERT_INDEX = {
     table: (
         f"INSERT INTO {table} (res_type, res_id, param, {', '.join(cols)}) "
@@ -382,16 +385,21 @@ class _Transaction:
         updated = now_micros()
         if previous and updated <= previous.last_updated:
             updated = previous.last_updated + 1000
-        resource["id"] = id
         meta = resource.get("meta")
         if not isinstance(meta, dict):
             meta = {}
-        # versionId and lastUpdated lead meta, as servers conventionally write them
+        # resourceType, id and meta lead, and versionId and lastUpdated lead meta, as
+        # servers conventionally write them (whatever order the client sent)
+        rest = [(k, v) for k, v in resource.items() if k not in _LEADING]
+        resource.clear()
+        resource["resourceType"] = resource_type
+        resource["id"] = id
         resource["meta"] = {
             "versionId": str(version),
             "lastUpdated": instant(updated),
             **{k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")},
         }
+        resource.update(rest)
         content = fjson.dumps(resource)
         interaction = "create" if version == 1 or (
             previous is not None and previous.deleted) else "update"

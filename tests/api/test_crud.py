@@ -34,6 +34,20 @@ def test_read_serves_what_was_stored(client: httpx.Client) -> None:
     assert response.headers["ETag"] == 'W/"1"'
 
 
+def test_stored_resources_begin_with_type_id_and_meta(client: httpx.Client) -> None:
+    # members in the order clients and people expect to read them, whatever the sender's
+    body = {"gender": "female", "meta": {"tag": [{"code": "t"}]}, "active": True,
+            "resourceType": "Patient"}
+    created = post(client, body)
+    updated = put(client, {"active": False, "id": created.json()["id"], "resourceType": "Patient"})
+    for response in (created, updated, client.get(f"/Patient/{created.json()['id']}")):
+        resource = response.json()
+        assert list(resource)[:3] == ["resourceType", "id", "meta"]
+        assert list(resource["meta"])[:2] == ["versionId", "lastUpdated"]
+    assert list(created.json()) == ["resourceType", "id", "meta", "gender", "active"]
+    assert created.json()["meta"]["tag"] == [{"code": "t"}]
+
+
 def test_decimal_precision_survives_the_round_trip(client: httpx.Client) -> None:
     obs = {
         "resourceType": "Observation", "status": "final",
