@@ -62,6 +62,8 @@ class Code(Enum):
                             "Conditional reference does not resolve to one resource")
     DUPLICATE_IDENTITY = ("GW-3004", 409, "conflict", "Transaction entries touch the same resource")
     CONCURRENT_CONFLICT = ("GW-3005", 409, "conflict", "Concurrent modification; retry the request")
+    #: RFC 5789 2.2, conflicting state: the resource is not as the patch's test expects
+    PATCH_TEST_FAILED = ("GW-3006", 409, "conflict", "A JSON Patch test operation failed")
     # 4xxx: not supported
     METHOD_NOT_ALLOWED = ("GW-4001", 405, "not-supported", "Interaction not supported here")
     VALIDATION_FAILED = ("GW-4002", 422, "processing", "Resource failed validation")

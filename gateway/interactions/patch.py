@@ -50,6 +50,21 @@ def check_patch(body: Any) -> Patch:
     return Patch(False, body)
 
 
+def _named(op: dict[str, Any]) -> str:
+    """An operation as the client wrote it, shortened: its op and path."""
+    return f"{str(op.get('op'))[:20]} {str(op.get('path'))[:200]}"
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong, in words of the patch, not of the document."""
+    if isinstance(exc, (jsonpatch.InvalidJsonPatch, jsonpatch.JsonPatchConflict)):
+        # about the operation (a missing member, an unknown op) or its path's last step
+        return str(exc)[:200]
+    if isinstance(exc, jsonpatch.JsonPointerException):
+        return "the path does not lead to an element of the resource"
+    return "the operation does not fit the resource"
+
+
 def apply_patch(ctx: Context, current: StoredResource, patch: Patch) -> dict[str, Any]:
     assert current.content is not None
     doc = fjson.loads(current.content)
@@ -59,13 +74,19 @@ def apply_patch(ctx: Context, current: StoredResource, patch: Patch) -> dict[str
             raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
                             "FHIRPath Patch needs the validator's model; use JSON Patch")
         return _same_resource(current, fhirpatch.apply(doc, patch.ops, model))
-    try:
-        result = jsonpatch.JsonPatch(patch.ops).apply(doc)
-    except jsonpatch.JsonPatchTestFailed as exc:
-        raise FhirError(Code.VERSION_CONFLICT, f"JSON Patch test failed: {exc}") from None
-    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError,
-            ValueError, KeyError, IndexError) as exc:
-        raise FhirError(Code.INVALID_PATCH, f"JSON Patch cannot be applied: {exc}") from None
+    result: Any = doc  # parsed for this patch alone: changed in place
+    for n, op in enumerate(patch.ops):
+        try:
+            result = jsonpatch.JsonPatch([op]).apply(result, in_place=True)
+        except jsonpatch.JsonPatchTestFailed:
+            raise FhirError(Code.PATCH_TEST_FAILED,
+                            f"JSON Patch test failed: operation {n} ({_named(op)})") from None
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError,
+                ValueError, KeyError, IndexError) as exc:
+            # the library's messages quote the document (the value a test found, the
+            # object a path missed in): a patch may be allowed where a read is not
+            raise FhirError(Code.INVALID_PATCH, f"JSON Patch cannot be applied: operation {n}"
+                                                f" ({_named(op)}): {_reason(exc)}") from None
     if not isinstance(result, dict):
         raise FhirError(Code.PATCH_RESULT_INVALID, "the patched document is not a resource")
     return _same_resource(current, result)

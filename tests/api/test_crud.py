@@ -222,6 +222,31 @@ def test_json_patch_errors(client: httpx.Client) -> None:
     assert client.get(path).json()["meta"]["versionId"] == "1"
 
 
+def test_json_patch_errors_name_the_operation_not_the_data(client: httpx.Client) -> None:
+    # a client allowed to patch need not be allowed to read: the outcome of a failed
+    # patch must not quote the resource (jsonpatch's own messages do)
+    secret = unique("Geheimname")
+    body = patient(unique("mrn"))
+    body["name"][0]["family"] = secret
+    path = f"/Patient/{post(client, body).json()['id']}"
+    patch_type = {"Content-Type": "application/json-patch+json"}
+    cases = [
+        ([{"op": "add", "path": "/active", "value": True},
+          {"op": "test", "path": "/name/0/family", "value": "Guess"}], 409, 1),
+        ([{"op": "replace", "path": "/nothing/0", "value": 1}], 400, 0),
+        ([{"op": "add", "path": "/name/0/family/x", "value": 1}], 400, 0),
+        ([{"op": "remove", "path": "/nothing"}], 400, 0),
+    ]
+    for ops, status, failing in cases:
+        response = client.patch(path, json=ops, headers=patch_type)
+        assert response.status_code == status, response.text
+        assert secret not in response.text and "Gepatcht" not in response.text
+        diagnostics = response.json()["issue"][0]["diagnostics"]
+        assert f"operation {failing} ({ops[failing]['op']} {ops[failing]['path']})" \
+            in diagnostics, diagnostics
+    assert client.get(path).json()["meta"]["versionId"] == "1"
+
+
 def test_bad_input_is_an_operation_outcome_never_a_500(client: httpx.Client) -> None:
     cases = [
         (client.post("/Patient", content=b"{not json", headers={"Content-Type": FHIR}),
