@@ -315,6 +315,28 @@ class SearchQuery:
     warnings: tuple[str, ...] = ()
 
 
+def related_types(query: SearchQuery) -> set[str]:
+    """The types a query looks into besides its own: chain targets and ``_has``
+    sources (at any depth: it filters on their data), ``_revinclude`` sources and
+    ``_include`` targets it names (it returns them). A wildcard or an include
+    without a target type names none (what it finds is checked one by one)."""
+    out: set[str] = set()
+
+    def walk(c: Criterion) -> None:
+        for link in c.chain:
+            out.add(link.target_type)
+            walk(link.criterion)
+        if c.has is not None:
+            out.add(c.has.source_type)
+            walk(c.has.criterion)
+
+    for criterion in query.criteria:
+        walk(criterion)
+    out.update(i.source_type for i in query.revincludes if i.source_type != "*")
+    out.update(i.target_type for i in query.includes if i.target_type)
+    return out
+
+
 # -- parameter definitions ------------------------------------------------------
 
 

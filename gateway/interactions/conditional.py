@@ -33,6 +33,7 @@ async def matches(
         parse_search(resource_type, pairs, ctx.registry.search_params, strict=True))
     if not query.criteria:
         raise FhirError(Code.INVALID_CONDITION, "conditional criteria select nothing")
+    guard.require_related(query)  # whether a match exists is an answer too
     await tx.lock(criteria_key(resource_type, pairs))
     restriction = guard.restriction(ctx.access)
     return [rid for _, rid in await tx.search_keys(query, 2, restriction)]

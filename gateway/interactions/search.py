@@ -62,6 +62,9 @@ async def _page(
     included = await ctx.store.includes(query, keys, ctx.settings.max_page_size * 10,
                                         restriction) if (
         query.includes or query.revincludes) and keys else []
+    # what an include found beyond the types it named (checked before the search):
+    # only what the scopes let the caller search
+    included = [k for k in included if guard.allows(k[0], "search")]
     if matches is None:
         stored = await ctx.store.read_many([*keys, *included])
     else:
@@ -112,6 +115,7 @@ async def search(
         resource_type, pairs, ctx.registry.search_params, strict=prefer.strict, base_url=base))
     for t in query.types:
         guard.require(t, "search")
+    guard.require_related(query)
     links = [("self", _self_link(base, resource_type, pairs))]
     guard.note(resource_type or "*", None, None, links[0][1])
     restriction = guard.restriction(ctx.access)
@@ -191,6 +195,9 @@ async def search_page(
     guard.require(rt or None, "search")
     pairs = parse_qsl(qs, keep_blank_values=True)
     query = parse_search(rt or None, pairs, ctx.registry.search_params, base_url=base)
+    for t in query.types:
+        guard.require(t, "search")
+    guard.require_related(query)
     links = [("self", _pages_link(base, search_id, start, size)),
              ("first", _pages_link(base, search_id, 0, size))]
     if start > 0:

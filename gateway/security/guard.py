@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.search import SearchQuery, related_types
 from gateway.security.policy import AccessPolicy
 from gateway.security.principal import Caller, current
 from gateway.storage.interface import Restriction, StoredResource
@@ -37,16 +38,28 @@ def caller() -> Caller:
     return current()
 
 
-def require(resource_type: str | None, interaction: str) -> None:
-    """The caller's scopes allow ``interaction`` on ``resource_type`` (403 otherwise)."""
+def allows(resource_type: str | None, interaction: str) -> bool:
+    """Whether the caller's scopes allow ``interaction`` on ``resource_type``."""
     principal = current().principal
     action = ACTIONS[interaction]
-    rt = resource_type or "*"
-    if principal.grant.allows(rt, action) or (
+    return principal.grant.allows(resource_type or "*", action) or (
         resource_type is None and any(s.resource_type != "*" and action in s.actions
-                                      for s in principal.grant.scopes)):
-        return
-    raise FhirError(Code.FORBIDDEN, f"the granted scopes do not allow {interaction} on {rt}")
+                                      for s in principal.grant.scopes))
+
+
+def require(resource_type: str | None, interaction: str) -> None:
+    """The caller's scopes allow ``interaction`` on ``resource_type`` (403 otherwise)."""
+    if not allows(resource_type, interaction):
+        raise FhirError(Code.FORBIDDEN, f"the granted scopes do not allow {interaction} on"
+                                        f" {resource_type or '*'}")
+
+
+def require_related(query: SearchQuery) -> None:
+    """The caller may search every type ``query`` looks into besides its own
+    (:func:`related_types`): a chain or ``_has`` filters on that type's data, and
+    would otherwise answer questions about a type the scopes keep closed."""
+    for resource_type in sorted(related_types(query)):
+        require(resource_type, "search")
 
 
 def restriction(access: AccessPolicy | None) -> Restriction | None:

@@ -24,8 +24,8 @@ SQLite does).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from gateway.fhir.indexer import clip, clip_normalized
 from gateway.fhir.search import (
@@ -93,6 +93,9 @@ class _Ctx:
             raise ValueError(f"unsupported SQL dialect {dialect!r}")
         self.dialect = dialect
         self._n = 0
+        #: applied to the resources a chain or ``_has`` looks into as well: a search
+        #: must not filter on what the caller may not see
+        self.restrict: Restrict | None = None
 
     def alias(self, stem: str) -> str:
         self._n += 1
@@ -106,7 +109,12 @@ class _Ctx:
 # -- public API -----------------------------------------------------------------
 
 
-Restrict = Callable[[str], Frag]  # alias -> an extra condition (access control)
+class Restrict(Protocol):
+    """Access control: the condition under which the caller may see the row aliased
+    ``alias``; ``types``: the types that row can have, when it is not the searched
+    type's (a chain's target, a ``_has`` source)."""
+
+    def __call__(self, alias: str, types: Sequence[str] | None = None) -> Frag: ...
 
 
 def select_ids(
@@ -190,6 +198,7 @@ def _from_where(query: SearchQuery, ctx: _Ctx, restrict: Restrict | None = None)
         conds.append(f"r.res_type IN ({_marks(len(query.types))})")
         params.extend(query.types)
     conds.append("r.deleted = 0")
+    ctx.restrict = restrict
     for crit in query.criteria:
         sql, p = _criterion(crit, "r", query.resource_type, ctx)
         conds.append(sql)
@@ -206,7 +215,8 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx) -> Frag:
     if c.has is not None:
         h = c.has
         ref, a2 = ctx.alias("ref"), ctx.alias("r")
-        inner, ip = _criterion(h.criterion, a2, h.source_type, ctx)
+        inner, ip = _seen(_criterion(h.criterion, a2, h.source_type, ctx), a2, h.source_type,
+                          ctx)
         type_sql, tp = ("?", [rtype]) if rtype else (f"{a}.res_type", [])
         return (
             f"{a}.res_id IN (SELECT {ref}.target_id FROM sp_reference {ref}"
@@ -221,7 +231,8 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx) -> Frag:
         params: list[Any] = [c.code]
         for link in c.chain:
             a2 = ctx.alias("r")
-            inner, ip = _criterion(link.criterion, a2, link.target_type, ctx)
+            inner, ip = _seen(_criterion(link.criterion, a2, link.target_type, ctx), a2,
+                              link.target_type, ctx)
             ors.append(
                 f"({ref}.target_type = ? AND {ref}.target_id IN (SELECT {a2}.res_id"
                 f" FROM resource {a2} WHERE {a2}.res_type = ? AND {a2}.deleted = 0"
@@ -266,6 +277,14 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx) -> Frag:
             [rtype, *codes, *p],
         )
     return f"{negate}EXISTS ({base} AND {cond})", [*codes, *p]
+
+
+def _seen(cond: Frag, alias: str, resource_type: str, ctx: _Ctx) -> Frag:
+    """``cond`` on a resource a chain or ``_has`` looks into, and the caller may see it."""
+    if ctx.restrict is None:
+        return cond
+    visible, vp = ctx.restrict(alias, [resource_type])
+    return f"{cond[0]} AND {visible}", [*cond[1], *vp]
 
 
 def _param_is(alias: str, codes: tuple[str, ...]) -> Frag:

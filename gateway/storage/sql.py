@@ -252,7 +252,13 @@ def _restrict(
 ) -> search_sql.Restrict | None:
     if r is None:
         return None
-    return lambda alias: access_sql.visible(r, alias, types)
+
+    searched = types
+
+    def restrict(alias: str, types: Sequence[str] | None = None) -> search_sql.Frag:
+        return access_sql.visible(r, alias, searched if types is None else types)
+
+    return restrict
 
 
 async def _visible(

@@ -248,3 +248,94 @@ def test_scopes_limit_interactions(world: World) -> None:
         assert reader.get("/Observation", params={"_count": 1}).status_code == 200
     finally:
         reader.close()
+
+
+def test_chains_has_and_includes_need_the_scopes_of_every_type_they_touch(
+    world: World,
+) -> None:
+    # a search on an allowed type must not become a way to look into another type:
+    # _has filters on Conditions, a chain on Encounters, an include returns them
+    reader = world.secured.client("reader-c", "system/Patient.rs system/Observation.rs")
+    pid = world.patients["p1"]
+    try:
+        for path, params in [
+            ("/Patient", {"_has:Condition:subject:code:text": "x", "_id": pid}),
+            ("/Patient", {"_has:Observation:subject:_has:Task:focus:status": "requested"}),
+            ("/Observation", {"encounter:Encounter.status": "finished"}),
+            ("/Observation", {"subject:Patient.organization.name": "org-a"}),
+            ("/Observation", {"subject.general-practitioner:Practitioner.name": "x"}),
+            ("/Observation", {"subject": pid, "_include": "Observation:encounter:Encounter"}),
+            ("/Patient", {"_id": pid, "_revinclude": "Condition:subject"}),
+            ("/Patient", {"_id": pid, "_revinclude:iterate": "EpisodeOfCare:patient"}),
+        ]:
+            response = reader.get(path, params=params)
+            assert response.status_code == 403, (path, params, response.text[:300])
+        # the types it may search still work, chained and included
+        for path, params in [
+            ("/Patient", {"_has:Observation:subject:status": "final", "_id": pid}),
+            ("/Observation", {"subject:Patient.name": "p1"}),
+            ("/Observation", {"subject": pid, "_include": "Observation:subject"}),
+            ("/Patient", {"_id": pid, "_revinclude": "Observation:subject"}),
+        ]:
+            response = reader.get(path, params=params)
+            assert response.status_code == 200, (path, params, response.text[:300])
+        # an include that names no type returns only what the scopes let it search
+        encounter = _create(world.a, {"resourceType": "Encounter", "status": "finished",
+                                      "class": {"code": "AMB"},
+                                      "subject": {"reference": f"Patient/{pid}"}})
+        obs = _create(world.a, {"resourceType": "Observation", "status": "final",
+                                "code": {"text": "x"}, "subject": {"reference": f"Patient/{pid}"},
+                                "encounter": {"reference": f"Encounter/{encounter['id']}"}})
+        for include in ("Observation:encounter", "Observation:*", "*"):
+            found = {e["resource"]["resourceType"] for e in reader.get("/Observation", params={
+                "_id": obs["id"], "_include": include}).json()["entry"]}
+            assert "Encounter" not in found and "Observation" in found, (include, found)
+            found = {e["resource"]["resourceType"] for e in world.a.get("/Observation", params={
+                "_id": obs["id"], "_include": include}).json()["entry"]}
+            assert "Encounter" in found, (include, found)
+    finally:
+        reader.close()
+    # whether a conditional create finds a match is an answer about the searched types
+    writer = world.secured.client("hospital-a", "system/Patient.cruds")
+    try:
+        response = writer.post("/Patient", json={"resourceType": "Patient"}, headers={
+            "If-None-Exist": f"_id={pid}&_has:Condition:subject:code:text=x"})
+        assert response.status_code == 403, response.text
+    finally:
+        writer.close()
+
+
+def _ids(c: httpx.Client, path: str, params: dict[str, str]) -> list[str]:
+    response = c.get(path, params=params)
+    assert response.status_code == 200, response.text
+    return [e["resource"]["id"] for e in response.json().get("entry", [])
+            if e.get("search", {}).get("mode") == "match"]
+
+
+def test_chains_and_has_do_not_look_into_what_the_caller_may_not_see(world: World) -> None:
+    a, b = world.a, world.b
+    tag = uuid.uuid4().hex[:8]
+    hidden = _create(b, {"resourceType": "Patient", "name": [{"family": f"hidden-{tag}"}]})["id"]
+    shared = _create(a, {"resourceType": "Patient", "name": [{"family": f"shared-{tag}"}]})["id"]
+    _create(a, {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
+                "subject": {"reference": f"Patient/{shared}"},
+                "requester": {"reference": "Organization/org-a"},
+                "performer": [{"reference": "Organization/org-b"}]})
+    # B, taking part in both patients' care, writes what names both: A may not see it
+    _create(b, {"resourceType": "Observation", "status": "final",
+                "code": {"text": f"secret-{tag}"}, "subject": {"reference": f"Patient/{shared}"},
+                "performer": [{"reference": f"Patient/{hidden}"}]})
+    linked = b.get(f"/Patient/{shared}").json()
+    linked["link"] = [{"other": {"reference": f"Patient/{hidden}"}, "type": "seealso"}]
+    assert b.put(f"/Patient/{shared}", json=linked).status_code == 200
+    has = {"_has:Observation:subject:code:text": f"secret-{tag}"}
+    chain = {"_id": shared, "link:Patient.family": f"hidden-{tag}"}
+    assert _ids(b, "/Patient", has) == [shared]
+    assert _ids(b, "/Patient", chain) == [shared]
+    # A sees the shared patient, but a search must not answer questions about the
+    # Observation or the patient it cannot see
+    assert a.get(f"/Patient/{shared}").status_code == 200
+    assert _ids(a, "/Patient", {"_id": shared}) == [shared]
+    assert _ids(a, "/Patient", has) == []
+    assert _ids(a, "/Patient", chain) == []
+    assert _ids(a, "/Patient", {"_id": shared, "link:missing": "false"}) == [shared]
