@@ -9,6 +9,7 @@ list; later writes neither shift nor duplicate entries.
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -89,6 +90,20 @@ async def _page(
                                     id=str(uuid.uuid4())))
 
 
+def _within_scopes(ctx: Context, query: SearchQuery) -> SearchQuery:
+    """``query`` as the caller's scopes allow it: every type it names or looks into
+    must be searchable (403), and a system-level search without ``_type`` covers
+    the searchable types only."""
+    for t in query.types:
+        guard.require(t, "search")
+    guard.require_related(query)
+    if query.resource_type is None and not query.types:
+        allowed = guard.allowed_types(ctx.registry.types, "search")
+        if allowed is not None:
+            query = replace(query, types=allowed)
+    return query
+
+
 def _self_link(base: str, resource_type: str | None, pairs: list[tuple[str, str]]) -> str:
     path = f"{base}/{resource_type}" if resource_type else base
     kept = [(k, v) for k, v in pairs if k not in PAGING_PARAMS]
@@ -113,9 +128,7 @@ async def search(
     guard.require(resource_type, "search")
     query = await with_value_set_members(ctx, parse_search(
         resource_type, pairs, ctx.registry.search_params, strict=prefer.strict, base_url=base))
-    for t in query.types:
-        guard.require(t, "search")
-    guard.require_related(query)
+    query = _within_scopes(ctx, query)
     links = [("self", _self_link(base, resource_type, pairs))]
     guard.note(resource_type or "*", None, None, links[0][1])
     restriction = guard.restriction(ctx.access)
@@ -194,10 +207,8 @@ async def search_page(
     rt, _, qs = rest.partition("?")
     guard.require(rt or None, "search")
     pairs = parse_qsl(qs, keep_blank_values=True)
-    query = parse_search(rt or None, pairs, ctx.registry.search_params, base_url=base)
-    for t in query.types:
-        guard.require(t, "search")
-    guard.require_related(query)
+    query = _within_scopes(ctx, parse_search(rt or None, pairs, ctx.registry.search_params,
+                                             base_url=base))
     links = [("self", _pages_link(base, search_id, start, size)),
              ("first", _pages_link(base, search_id, 0, size))]
     if start > 0:

@@ -54,6 +54,15 @@ def require(resource_type: str | None, interaction: str) -> None:
                                         f" {resource_type or '*'}")
 
 
+def allowed_types(types: Iterable[str], interaction: str) -> tuple[str, ...] | None:
+    """Of ``types``, those the caller's scopes allow ``interaction`` on; ``None`` when a
+    wildcard scope allows it on every type. For system-level searches and history:
+    a scope on some types must not open the others."""
+    if allows("*", interaction):
+        return None
+    return tuple(sorted(t for t in types if allows(t, interaction)))
+
+
 def require_related(query: SearchQuery) -> None:
     """The caller may search every type ``query`` looks into besides its own
     (:func:`related_types`): a chain or ``_has`` filters on that type's data, and

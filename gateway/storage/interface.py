@@ -175,4 +175,6 @@ class Store(Protocol):
         before: int | None,
         limit: int,
         restriction: Restriction | None = None,
-    ) -> HistoryPage: ...
+        types: Sequence[str] | None = None,
+    ) -> HistoryPage:
+        """Versions, newest first; ``types``: of these types only (system level)."""

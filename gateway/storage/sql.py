@@ -750,19 +750,23 @@ class SqlStore:
         before: int | None,
         limit: int,
         restriction: Restriction | None = None,
+        types: Sequence[str] | None = None,
     ) -> HistoryPage:
         where: list[str] = []
         params: list[Any] = []
+        if resource_type is not None:
+            types = [resource_type]
+        if types is not None and not types:
+            return HistoryPage([], None, 0)
         if restriction is not None:
             # versions of resources the caller may see now (deleted ones: by their creator)
-            cond, cparams = access_sql.visible(
-                restriction, "hv", [resource_type] if resource_type else None)
+            cond, cparams = access_sql.visible(restriction, "hv", types)
             where.append("EXISTS (SELECT 1 FROM resource hv WHERE hv.res_type = h.res_type"
                          f" AND hv.res_id = h.res_id AND {cond})")
             params.extend(cparams)
-        if resource_type is not None:
-            where.append("h.res_type = ?")
-            params.append(resource_type)
+        if types is not None:
+            where.append(f"h.res_type IN ({', '.join('?' for _ in types)})")
+            params.extend(types)
         if id is not None:
             where.append("h.res_id = ?")
             params.append(id)

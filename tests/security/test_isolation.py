@@ -246,6 +246,16 @@ def test_scopes_limit_interactions(world: World) -> None:
         denied = reader.post("/Patient", json={"resourceType": "Patient"})
         assert denied.status_code == 403
         assert reader.get("/Observation", params={"_count": 1}).status_code == 200
+        # system level: the types the scopes allow, not every type
+        for path, params in [("/", {"_count": "500"}), ("/_history", {"_count": "500"}),
+                             ("/", {"_lastUpdated": "gt2000-01-01", "_count": "500"}),
+                             ("/", {"_id": ",".join(k.split("/")[1] for k in world.owner)})]:
+            response = reader.get(path, params=params)
+            assert response.status_code == 200, response.text
+            types = {e["resource"]["resourceType"] for e in response.json()["entry"]
+                     if "resource" in e}
+            assert types == {"Patient", "Observation"}, (path, types)
+        assert reader.get("/", params={"_type": "Condition"}).status_code == 403
     finally:
         reader.close()
 
