@@ -13,6 +13,7 @@ from gateway.events.consumer import ConsumerService
 from gateway.events.runtime import EventRuntime
 from gateway.fhir.outcome import Issue
 from gateway.interactions.operations import Operation
+from gateway.security import guard
 from gateway.settings import Settings
 from gateway.storage.db import Database
 from gateway.storage.interface import Store
@@ -54,9 +55,15 @@ class SubscriptionChecks:
     def validate(self, resource: dict[str, Any], *, profile: str | None = None) -> list[Issue]:
         issues = self.inner.validate(resource, profile=profile) if self.inner else []
         if resource.get("resourceType") == "Subscription":
-            _config, found = parse_subscription(resource, self.service.topics,
-                                                self.service.policy, self.service.settings)
+            config, found = parse_subscription(resource, self.service.topics,
+                                               self.service.policy, self.service.settings)
             issues += found
+            topic = self.service.topics.get(config.topic) if config is not None else None
+            if topic is not None:
+                # notifications carry what a search would: the topic's types must be
+                # searchable with the subscriber's scopes (403 otherwise)
+                for resource_type in sorted(topic.resource_types):
+                    guard.require(resource_type, "search")
         return issues
 
 

@@ -84,3 +84,24 @@ def test_status_lists_only_the_callers_subscriptions(secured: Secured,
     finally:
         a.close()
         b.close()
+
+
+def test_subscribing_needs_the_search_scope_of_the_topics_types(
+    secured: Secured, receiver: Receiver
+) -> None:
+    # a notification carries what a search would: the scopes must open the topic's types
+    narrow = secured.client("gp-b", "system/Subscription.cruds system/Patient.rs")
+    wide = secured.client("gp-b", "system/Subscription.cruds system/Task.rs")
+    try:
+        refused = narrow.post("/Subscription", json=subscription("referral-created",
+                                                                  receiver.url))
+        assert refused.status_code == 403, refused.text
+        assert "Task" in refused.json()["issue"][0]["diagnostics"]
+        made = wide.post("/Subscription", json=subscription("referral-created", receiver.url))
+        assert made.status_code == 201, made.text
+        changed = made.json() | {"end": "2099-01-01T00:00:00Z"}
+        refused = narrow.put(f"/Subscription/{changed['id']}", json=changed)
+        assert refused.status_code == 403, refused.text
+    finally:
+        narrow.close()
+        wide.close()
