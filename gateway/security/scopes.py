@@ -1,10 +1,14 @@
 """SMART scopes (App Launch 2.x, scopes-and-launch-context.html).
 
-v2: ``system/Patient.rs``, ``system/*.cruds``, granular
-``system/Observation.rs?category=http://…|laboratory``. v1 names are
-accepted: ``read`` = ``rs``, ``write`` = ``cud``, ``*`` = ``cruds``. Only the
-``system`` context applies to backend services; ``patient/`` and ``user/``
-scopes are parsed and ignored for a system client.
+v2: ``system/Patient.rs``, ``system/*.cruds``. v1 names are accepted:
+``read`` = ``rs``, ``write`` = ``cud``, ``*`` = ``cruds``. Only the ``system``
+context applies to backend services; ``patient/`` and ``user/`` scopes are
+parsed and ignored for a system client.
+
+Granular scopes (``system/Observation.rs?category=http://…|laboratory``) are
+refused, not granted: the gateway does not narrow searches, reads and writes
+by their criteria, and granting one as if it were the whole type would give
+more than it says.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
 
 ACTIONS = "cruds"
 _V1 = {"read": "rs", "write": "cud", "*": "cruds"}
@@ -31,8 +34,6 @@ class Scope:
     context: str
     resource_type: str  # a type or "*"
     actions: frozenset[str]
-    #: granular restriction: (search parameter, value) pairs, all must hold
-    criteria: tuple[tuple[str, str], ...] = ()
     text: str = ""
 
     def covers(self, resource_type: str, action: str) -> bool:
@@ -45,9 +46,7 @@ class Scope:
             return False
         if other.resource_type not in ("*", self.resource_type):
             return False
-        if not self.actions <= other.actions:
-            return False
-        return set(other.criteria) <= set(self.criteria)
+        return self.actions <= other.actions
 
 
 def parse_scope(text: str) -> Scope:
@@ -61,8 +60,10 @@ def parse_scope(text: str) -> Scope:
         if "".join(sorted(set(raw), key=ACTIONS.index)) != raw:
             raise ScopeError(f"'{text[:100]}': actions must be in the order c, r, u, d, s")
         actions = raw
-    criteria = tuple(parse_qsl(m["query"], keep_blank_values=True)) if m["query"] else ()
-    return Scope(m["context"], m["type"], frozenset(actions), criteria, text)
+    if m["query"]:
+        raise ScopeError(f"'{text[:100]}': granular scopes (…?parameter=value) are not"
+                         " supported; grant the type, or leave it out")
+    return Scope(m["context"], m["type"], frozenset(actions), text)
 
 
 def parse_scopes(text: str | Iterable[str]) -> tuple[list[Scope], list[str]]:
@@ -92,20 +93,8 @@ class Grant:
         return cls(tuple(parse_scopes(text)[0]))
 
     def allows(self, resource_type: str, action: str) -> bool:
-        """Some scope allows ``action`` on the type (granular ones with conditions)."""
+        """Some scope allows ``action`` on the type."""
         return any(s.covers(resource_type, action) for s in self.scopes)
-
-    def conditions(
-        self, resource_type: str, action: str
-    ) -> list[tuple[tuple[str, str], ...]] | None:
-        """``None``: allowed without condition; else alternatives, one of which must hold."""
-        alternatives = []
-        for s in self.scopes:
-            if s.covers(resource_type, action):
-                if not s.criteria:
-                    return None
-                alternatives.append(s.criteria)
-        return alternatives
 
     def within(self, other: Grant) -> bool:
         return all(any(s.within(o) for o in other.scopes) for s in self.scopes)
