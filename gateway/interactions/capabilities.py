@@ -136,6 +136,7 @@ def _statement(
             ],
             "searchParam": _search_params(registry.common_search_params.values()),
             **({"operation": system_ops} if system_ops else {}),
+            "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
         }],
     }
 

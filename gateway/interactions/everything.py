@@ -14,27 +14,14 @@ the organisation's compartment and consent apply as in every search.
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import lru_cache
 from urllib.parse import urlencode
 
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import SearchQuery, parse_search
 from gateway.interactions.base import Context, FhirResponse, check_id
 from gateway.interactions.operations import Operation, OperationRequest
-from gateway.interactions.search import first_page
+from gateway.interactions.search import first_page, patient_compartment
 from gateway.security import guard
-from gateway.security.policy import load_rules
-
-
-@lru_cache(maxsize=4)
-def _compartment_of(jurisdiction: str) -> dict[str, tuple[str, ...]]:
-    return dict(load_rules(jurisdiction).compartment)
-
-
-def _compartment(ctx: Context) -> dict[str, tuple[str, ...]]:
-    if ctx.access is not None:
-        return dict(ctx.access.rules.compartment)
-    return _compartment_of(ctx.settings.jurisdiction)
 
 
 def _one(values: list[object] | None, name: str) -> str | None:
@@ -50,7 +37,7 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
     check_id(req.id)
     guard.require("Patient", "read")
     params = req.parameters()
-    compartment = _compartment(ctx)
+    compartment = patient_compartment(ctx)
     types = sorted(compartment)
     wanted = _one(params.get("_type"), "_type")
     if wanted:

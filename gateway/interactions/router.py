@@ -137,6 +137,11 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
             return await patch.patch(ctx, rt, id, req.body, base=req.base, prefer=req.prefer,
                                      if_match=h.get("if-match"))
         raise _not_allowed(req)
+    if ((n == 3 and method == "GET") or (n == 4 and parts[3] == "_search" and method == "POST")) \
+            and ctx.registry.is_resource_type(parts[2]):
+        # search in a compartment: Patient/[id]/Observation (search.html#compartments)
+        return await search.search(ctx, parts[2], req.query, base=req.base,
+                                   prefer=req.prefer, compartment=(rt, id))
     if parts[2] == "_history" and n in (3, 4):
         if method != "GET":
             raise _not_allowed(req)

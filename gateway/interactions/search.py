@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import replace
+from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from gateway.fhir import json as fjson
 from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.outcome import Code, FhirError, Issue, operation_outcome
-from gateway.fhir.search import SearchQuery, parse_search
+from gateway.fhir.search import Criterion, SearchQuery, parse_search
 from gateway.fhir.summary import subset, summarize
-from gateway.interactions.base import Context, FhirResponse, Prefer, check_type
+from gateway.interactions.base import Context, FhirResponse, Prefer, check_id, check_type
 from gateway.interactions.terminology import with_value_set_members
 from gateway.security import guard
+from gateway.security.policy import load_rules
 from gateway.storage.interface import Snapshot, StoredResource
 
 PAGING_PARAMS = frozenset({"_getpages", "_getpagesoffset", "_format", "_pretty"})
@@ -115,6 +117,42 @@ def _pages_link(base: str, search_id: str, offset: int, count: int) -> str:
     return f"{base}?{query}"
 
 
+@lru_cache(maxsize=4)
+def _compartment_of(jurisdiction: str) -> dict[str, tuple[str, ...]]:
+    return dict(load_rules(jurisdiction).compartment)
+
+
+def patient_compartment(ctx: Context) -> dict[str, tuple[str, ...]]:
+    """Type -> the search parameters that put its resources in a Patient's compartment
+    (R4's CompartmentDefinition, as the access policy holds it)."""
+    if ctx.access is not None:
+        return dict(ctx.access.rules.compartment)
+    return _compartment_of(ctx.settings.jurisdiction)
+
+
+def _in_compartment(ctx: Context, resource_type: str, compartment: tuple[str, str]
+                    ) -> Criterion:
+    """The criterion of a search in a compartment (search.html#compartments):
+    ``Patient/[id]/Observation`` finds the Observations any of whose patient
+    compartment parameters names that patient; ``Patient/[id]/Patient`` the patient."""
+    kind, id = compartment
+    if kind != "Patient":
+        raise FhirError(Code.UNSUPPORTED_SEARCH,
+                        f"searches in the {kind[:64]} compartment are not supported;"
+                        " the Patient compartment is")
+    check_id(id)
+    if resource_type == "Patient":
+        return parse_search("Patient", [("_id", id)], ctx.registry.search_params).criteria[0]
+    params = patient_compartment(ctx).get(resource_type)
+    if not params:
+        raise FhirError(Code.UNSUPPORTED_SEARCH,
+                        f"{resource_type} is not in the Patient compartment")
+    link = parse_search(resource_type, [(params[0], f"Patient/{id}")],
+                        ctx.registry.search_params, strict=True).criteria[0]
+    # any of the parameters: their rows read together (as Criterion.stored does)
+    return replace(link, stored=tuple(params))
+
+
 async def search(
     ctx: Context,
     resource_type: str | None,
@@ -122,14 +160,23 @@ async def search(
     *,
     base: str,
     prefer: Prefer,
+    compartment: tuple[str, str] | None = None,
 ) -> FhirResponse:
+    """A search: of one type, of the system, or (``compartment``: its type and id) of
+    one type within a compartment."""
     if resource_type is not None:
         check_type(ctx, resource_type)
     guard.require(resource_type, "search")
     query = await with_value_set_members(ctx, parse_search(
         resource_type, pairs, ctx.registry.search_params, strict=prefer.strict, base_url=base))
+    path = resource_type
+    if compartment is not None and resource_type is not None:
+        query = replace(query, criteria=(_in_compartment(ctx, resource_type, compartment),
+                                         *query.criteria))
+        path = f"{compartment[0]}/{compartment[1]}/{resource_type}"
+        guard.note_patients([compartment[1]])
     query = _within_scopes(ctx, query)
-    links = [("self", _self_link(base, resource_type, pairs))]
+    links = [("self", _self_link(base, path, pairs))]
     guard.note(resource_type or "*", None, None, links[0][1])
     restriction = guard.restriction(ctx.access)
     total: int | None

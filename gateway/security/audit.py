@@ -66,6 +66,8 @@ def interaction_of(method: str, path: str, query_string: str) -> str:
                 "PATCH": "patch"}.get(method, "operation")
     if parts[2] == "_history":
         return "vread" if n == 4 else "history-instance"
+    if parts[2][:1].isupper() and (n == 3 or parts[3:] == ["_search"]):
+        return "search-type"  # in a compartment: Patient/1/Observation
     return "operation"
 
 

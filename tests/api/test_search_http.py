@@ -395,6 +395,43 @@ def test_patient_everything(client: httpx.Client) -> None:
                       params={"_type": "Nonsense"}).status_code == 400
 
 
+def test_search_in_the_patient_compartment(client: httpx.Client) -> None:
+    # GET [base]/Patient/[id]/[type]?... (search.html#compartments)
+    pid = post(client, patient(unique("mrn"))).json()["id"]
+    other = post(client, patient(unique("mrn"))).json()["id"]
+    ref = {"reference": f"Patient/{pid}"}
+    made = [post(client, body).json()["id"] for body in (
+        {"resourceType": "Observation", "status": "final", "code": {"text": "a"},
+         "subject": ref},
+        {"resourceType": "Observation", "status": "preliminary", "code": {"text": "b"},
+         "subject": {"reference": f"Patient/{other}"}, "performer": [ref]},
+        {"resourceType": "Observation", "status": "final", "code": {"text": "c"},
+         "subject": {"reference": f"Patient/{other}"}},
+        {"resourceType": "Observation", "status": "final", "code": {"text": "d"},
+         "focus": [ref]},  # focus is not a compartment parameter
+    )]
+    assert sorted(search_ids(client, f"/Patient/{pid}/Observation")) == sorted(made[:2])
+    assert search_ids(client, f"/Patient/{pid}/Observation", status="final") == [made[0]]
+    assert search_ids(client, f"/Patient/{other}/Observation", _sort="_lastUpdated") == \
+        made[1:3]
+    assert search_ids(client, f"/Patient/{pid}/Patient") == [pid]
+    assert search_ids(client, f"/Patient/{unique('none')}/Observation") == []
+    posted = client.post(f"/Patient/{pid}/Observation/_search", data={"status": "final"})
+    assert posted.status_code == 200, posted.text
+    assert [e["resource"]["id"] for e in posted.json()["entry"]] == [made[0]]
+    bundle = client.get(f"/Patient/{pid}/Observation", params={"_count": 1}).json()
+    assert bundle["total"] == 2
+    links = {link["relation"]: link["url"] for link in bundle["link"]}
+    assert links["self"].endswith(f"/Patient/{pid}/Observation?_count=1")
+    assert client.get(links["next"]).json()["entry"][0]["resource"]["id"] in made[:2]
+    for path in (f"/Patient/{pid}/Organization", f"/Encounter/{pid}/Observation"):
+        response = client.get(path)
+        assert response.status_code == 400 and gw_code(response) == "GW-1024", path
+    metadata = client.get("/metadata").json()
+    assert metadata["rest"][0]["compartment"] == [
+        "http://hl7.org/fhir/CompartmentDefinition/patient"]
+
+
 def test_a_code_searches_with_the_system_its_binding_implies(client: httpx.Client) -> None:
     family = unique("Fam")
     rid = post(client, patient(unique("mrn"), family=family)).json()["id"]

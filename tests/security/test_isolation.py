@@ -124,6 +124,8 @@ def _requests(w: World) -> list[tuple[str, str, str, Any]]:
                 f"/DocumentReference?subject={pid}",
                 f"/Patient/{pid}/_history",
                 f"/Patient/{pid}/$everything?_count=500",
+                f"/Patient/{pid}/Observation?_include=Observation:subject",
+                f"/Patient/{pid}/Condition",
             ]
             out += [(client, "GET", path, None) for path in paths]
         for rtype in ("Patient", "Observation", "Condition", "Encounter", "Task",
