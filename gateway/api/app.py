@@ -12,6 +12,7 @@ Here, and only here: content negotiation (``application/fhir+json``;
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import logging
 import zlib
@@ -175,6 +176,71 @@ def _our_version(value: str) -> bool:
     return True
 
 
+def _binary_content(path: str, method: str, headers: dict[str, str], raw: bytes,
+                    max_string: int) -> dict[str, Any] | None:
+    """A Binary written as its content (binary.html#rest): ``POST Binary`` or
+    ``PUT Binary/[id]`` with a Content-Type that is not FHIR JSON becomes a Binary of
+    that type; ``X-Security-Context`` names the resource that governs access to it.
+    None: not such a request."""
+    parts = [p for p in path.split("/") if p]
+    if not parts or parts[0] != "Binary" or not (
+            (method == "POST" and len(parts) == 1) or (method == "PUT" and len(parts) == 2)):
+        return None
+    declared = headers.get("content-type", "").strip()
+    if not declared or _media(declared) in _JSON_TYPES:
+        return None
+    data = base64.b64encode(raw).decode("ascii")
+    if len(data) > max_string:
+        raise FhirError(Code.STRING_TOO_LONG, f"{len(raw)} bytes of content are more than a"
+                                              " Binary may hold here")
+    binary: dict[str, Any] = {"resourceType": "Binary", "contentType": declared[:200]}
+    if len(parts) == 2:
+        binary["id"] = parts[1]
+    context = headers.get("x-security-context")
+    if context:
+        binary["securityContext"] = {"reference": context.strip()}
+    if raw:
+        binary["data"] = data
+    return binary
+
+
+def _binary_read(path: str, method: str) -> bool:
+    """``GET Binary/[id]`` or ``GET Binary/[id]/_history/[vid]``."""
+    parts = [p for p in path.split("/") if p]
+    return method in ("GET", "HEAD") and bool(parts) and parts[0] == "Binary" and (
+        len(parts) == 2 or (len(parts) == 4 and parts[2] == "_history"))
+
+
+def _asks_for_fhir(query: list[tuple[str, str]], headers: dict[str, str]) -> bool:
+    """The request names a FHIR format (``_format``, or a FHIR or JSON media type in
+    ``Accept``): a Binary is then answered as a resource, else as its content."""
+    if any(k == "_format" for k, _ in query):
+        return True
+    return any(_media(a) in _JSON_TYPES or _media(a) in _XML_TYPES
+               for a in headers.get("accept", "").split(","))
+
+
+def _native(resp: FhirResponse, head: bool) -> Reply | None:
+    """A read Binary as its own content, with its type; None when ``resp`` is not one.
+
+    The content is whatever the writer sent, so a browser must not run it in this
+    origin: ``Content-Security-Policy: sandbox`` and ``nosniff``."""
+    if resp.status != 200 or resp.body is None:
+        return None
+    binary = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
+    if not isinstance(binary, dict) or binary.get("resourceType") != "Binary":
+        return None
+    content = base64.b64decode(binary.get("data", ""))
+    headers = {**resp.headers, "X-Content-Type-Options": "nosniff",
+               "Content-Security-Policy": "sandbox"}
+    context = binary.get("securityContext")
+    if isinstance(context, dict) and isinstance(context.get("reference"), str):
+        headers["X-Security-Context"] = context["reference"]
+    ctype = str(binary.get("contentType") or "application/octet-stream")
+    return Reply(200, _raw_headers(headers, ctype.encode("latin-1", "replace"), len(content)),
+                 b"" if head else content)
+
+
 def _parse_body(
     ctx: Context, headers: dict[str, str], raw: bytes, method: str
 ) -> tuple[Any, list[tuple[str, str]]]:
@@ -288,8 +354,10 @@ def _json_reply(status: int, value: dict[str, Any], headers: dict[str, str] | No
 
 _CORS_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _CORS_HEADERS = (b"Authorization, Content-Type, Content-Encoding, Accept, Accept-Encoding,"
-                 b" If-Match, If-None-Match, If-None-Exist, If-Modified-Since, Prefer")
-_CORS_EXPOSE = b"Location, Content-Location, ETag, Last-Modified, Content-Encoding"
+                 b" If-Match, If-None-Match, If-None-Exist, If-Modified-Since, Prefer,"
+                 b" X-Security-Context")
+_CORS_EXPOSE = (b"Location, Content-Location, ETag, Last-Modified, Content-Encoding,"
+                b" X-Security-Context")
 
 
 class Cors:
@@ -449,9 +517,15 @@ def create_api(
         except AuthError as exc:
             return _render(_auth_failure(exc), pretty, head), f"{exc.error}: {exc.description}"
         try:
-            _wants_json(query, request.headers)
+            native = _binary_read(request.path, request.method) and not _asks_for_fhir(
+                query, request.headers)
+            if not native:
+                _wants_json(query, request.headers)
             raw = await request.body(ctx.settings.max_request_bytes)
-            body, form = _parse_body(ctx, request.headers, raw, request.method)
+            binary = _binary_content(request.path, request.method, request.headers, raw,
+                                     ctx.settings.max_string_length)
+            body, form = (binary, []) if binary is not None else _parse_body(
+                ctx, request.headers, raw, request.method)
             if form:
                 query += form
             bad = fjson.first_forbidden(query)
@@ -462,6 +536,10 @@ def create_api(
                                        body, base)
             resp = await route(ctx, fhir_request)
             description = ""
+            if native:
+                reply = _native(resp, head)
+                if reply is not None:
+                    return reply, description
         except FhirError as exc:
             resp = FhirResponse(exc.status, exc.outcome())
             description = exc.code.gw
