@@ -1191,6 +1191,13 @@ class Indexer:
             self._part_plans[(resource_type, codes)] = plan
         return plan
 
+    def reference_rows(self, code: str, value: Any) -> Rows:
+        """``sp_reference`` rows of one Reference under ``code``, as a reference search
+        parameter would index it (for rows derived outside the search parameters)."""
+        out: Rows = []
+        self._conv.reference(code, value, out)
+        return out
+
     def extract(
         self, resource: dict[str, Any], codes: frozenset[str] | None = None
     ) -> dict[str, list[tuple[Any, ...]]]:

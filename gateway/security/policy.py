@@ -19,6 +19,7 @@ import orjson
 import gateway
 from gateway.fhir.indexer import DATE_MAX, DATE_MIN, date_bounds
 from gateway.security.principal import Principal
+from gateway.storage.access_sql import SECURITY_CONTEXT
 from gateway.storage.interface import AccessRules, Restriction
 from gateway.storage.sql import now_micros
 
@@ -31,6 +32,8 @@ class Indexer(Protocol):
     def extract(
         self, resource: dict[str, Any], codes: frozenset[str] | None = None
     ) -> dict[str, list[tuple[Any, ...]]]: ...
+
+    def reference_rows(self, code: str, value: Any) -> list[tuple[Any, ...]]: ...
 
 
 def mappings_dir() -> Path:
@@ -177,6 +180,13 @@ class PolicyIndexer:
 
     def extract(self, resource: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]:
         rows = self.indexer.extract(resource)
-        if resource.get("resourceType") == "Consent":
+        rtype = resource.get("resourceType")
+        if rtype == "Consent":
             rows = {**rows, "sp_consent": self.policy.consent_rows(resource)}
+        elif rtype == "Binary" and "securityContext" in resource:
+            # the resource that stands in for the Binary's access rules (see
+            # access_sql.visible): kept as a reference row no search parameter names
+            rows = {**rows, "sp_reference": [
+                *rows["sp_reference"],
+                *self.indexer.reference_rows(SECURITY_CONTEXT, resource["securityContext"])]}
         return rows

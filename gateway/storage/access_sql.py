@@ -25,6 +25,10 @@ from gateway.storage.interface import Restriction
 
 Frag = tuple[str, list[Any]]
 
+#: the index ``param`` of ``Binary.securityContext`` (no R4 search parameter has it):
+#: the rows :class:`gateway.security.policy.PolicyIndexer` derives for :func:`visible`
+SECURITY_CONTEXT = "_security-context"
+
 
 def _marks(n: int) -> str:
     return ", ".join("?" for _ in range(n))
@@ -83,8 +87,14 @@ def accessible_patients(r: Restriction) -> Frag:
             [*params, *dparams])
 
 
-def visible(r: Restriction, alias: str, types: Collection[str] | None) -> Frag:
-    """A condition on ``alias`` (a row with res_type, res_id): ``r`` may see it."""
+def visible(r: Restriction, alias: str, types: Collection[str] | None, *,
+            proxies: bool = True) -> Frag:
+    """A condition on ``alias`` (a row with res_type, res_id): ``r`` may see it.
+
+    A Binary is also visible with the resource its ``securityContext`` names
+    (binary.html: the proxy for its access rules), as that resource is: the PDF
+    of a discharge letter goes where its DocumentReference goes. ``proxies``:
+    False inside that look-up (one level)."""
     acc, acc_params = accessible_patients(r)
     rules = r.rules
     candidates = sorted(types) if types is not None else None
@@ -111,6 +121,14 @@ def visible(r: Restriction, alias: str, types: Collection[str] | None) -> Frag:
             f" resource_creator rc WHERE rc.res_type = {alias}.res_type"
             f" AND rc.res_id = {alias}.res_id AND rc.organization = ?))")
         params += [*owned, r.organization]
+        if proxies and "Binary" in owned:
+            inner, inner_params = visible(r, "sx", None, proxies=False)
+            ors.append(
+                f"({alias}.res_type = 'Binary' AND EXISTS (SELECT 1 FROM sp_reference sc"
+                " JOIN resource sx ON sx.res_type = sc.target_type AND sx.res_id = sc.target_id"
+                f" WHERE sc.res_type = 'Binary' AND sc.res_id = {alias}.res_id AND sc.param = ?"
+                f" AND sx.deleted = 0 AND {inner}))")
+            params += [SECURITY_CONTEXT, *inner_params]
     special = {"Patient", *rules.compartment, *rules.owned}
     shared = (candidates is None) or any(t not in special for t in candidates)
     if shared:

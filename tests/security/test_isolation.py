@@ -351,3 +351,37 @@ def test_chains_and_has_do_not_look_into_what_the_caller_may_not_see(world: Worl
     assert _ids(a, "/Patient", has) == []
     assert _ids(a, "/Patient", chain) == []
     assert _ids(a, "/Patient", {"_id": shared, "link:missing": "false"}) == [shared]
+
+
+def test_a_binary_goes_where_its_security_context_goes(world: World) -> None:
+    # the PDF of a discharge letter, behind the DocumentReference that carries it
+    a, b = world.a, world.b
+
+    def letter(pid: str) -> tuple[str, str]:
+        doc = _create(a, {"resourceType": "DocumentReference", "status": "current",
+                          "subject": {"reference": f"Patient/{pid}"},
+                          "content": [{"attachment": {"contentType": "application/pdf"}}]})
+        made = a.post("/Binary", content=b"%PDF-1.4 letter", headers={
+            "Content-Type": "application/pdf",
+            "X-Security-Context": f"DocumentReference/{doc['id']}"})
+        assert made.status_code == 201, made.text
+        return doc["id"], made.json()["id"]
+
+    shared_doc, shared_pdf = letter(world.patients["p3"])  # B takes part in p3's care
+    _own_doc, own_pdf = letter(world.patients["p1"])  # A's patient alone
+    loose = a.post("/Binary", content=b"%PDF-1.4 loose",
+                   headers={"Content-Type": "application/pdf"}).json()["id"]
+    pdf = {"Accept": "application/pdf"}
+    for binary in (shared_pdf, own_pdf, loose):
+        assert a.get(f"/Binary/{binary}", headers=pdf).status_code == 200
+    assert b.get(f"/DocumentReference/{shared_doc}").status_code == 200
+    read = b.get(f"/Binary/{shared_pdf}", headers=pdf)
+    assert read.status_code == 200 and read.content == b"%PDF-1.4 letter"
+    assert b.get(f"/Binary/{own_pdf}", headers=pdf).status_code == 404
+    assert b.get(f"/Binary/{loose}", headers=pdf).status_code == 404
+    found = {e["resource"]["id"] for e in b.get("/Binary", params={
+        "_id": ",".join((shared_pdf, own_pdf, loose))}).json().get("entry", [])}
+    assert found == {shared_pdf}
+    # the context gone (the letter withdrawn), the PDF goes with it
+    assert a.delete(f"/DocumentReference/{shared_doc}").status_code in (200, 204)
+    assert b.get(f"/Binary/{shared_pdf}", headers=pdf).status_code == 404
