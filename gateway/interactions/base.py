@@ -98,11 +98,15 @@ def admit(ctx: Context, resource: dict[str, Any]) -> None:
 
 @dataclass(slots=True)
 class FhirResponse:
-    """``body`` is stored JSON bytes or a JSON-able value; ``None`` for no body."""
+    """``body`` is stored JSON bytes or a JSON-able value; ``None`` for no body.
+    ``modified``: when the version it answers with was stored (epoch microseconds;
+    the ``Last-Modified`` header has whole seconds, a Bundle entry's
+    ``response.lastModified`` is an ``instant``)."""
 
     status: int
     body: bytes | dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    modified: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,4 +222,4 @@ def write_response(
         body = information(
             f"{stored.resource_type}/{stored.id} version {stored.version} stored"
         )
-    return FhirResponse(status, body, headers)
+    return FhirResponse(status, body, headers, stored.last_updated)

@@ -14,7 +14,6 @@ from gateway.interactions.base import (
     check_type,
     if_none_exist_criteria,
     run_write,
-    version_headers,
     write_response,
 )
 from gateway.interactions.conditional import single_match
@@ -78,7 +77,5 @@ async def create(
     stored, created = await run_write(ctx, work)
     if not created:
         # ccreate found a match: 200 OK, nothing written
-        response = write_response(200, stored, base, prefer)
-        response.headers.update(version_headers(stored))
-        return response
+        return write_response(200, stored, base, prefer)
     return write_response(201, stored, base, prefer, created=True)

@@ -73,5 +73,6 @@ async def delete(
         return await delete_in(ctx, tx, resource_type, target, if_match=if_match)
 
     deleted = await run_write(ctx, work)
-    headers = {"ETag": deleted.etag} if deleted else {}
-    return FhirResponse(204, None, headers)
+    if deleted is None:
+        return FhirResponse(204)
+    return FhirResponse(204, None, {"ETag": deleted.etag}, deleted.last_updated)

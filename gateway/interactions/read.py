@@ -76,8 +76,8 @@ async def read(
         raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
     headers = version_headers(stored)
     if _not_modified(stored, if_none_match, if_modified_since):
-        return FhirResponse(304, None, headers)
-    return FhirResponse(200, _body(ctx, stored, subsetting), headers)
+        return FhirResponse(304, None, headers, stored.last_updated)
+    return FhirResponse(200, _body(ctx, stored, subsetting), headers, stored.last_updated)
 
 
 async def vread(ctx: Context, resource_type: str, id: str, version: str,
@@ -100,4 +100,5 @@ async def vread(ctx: Context, resource_type: str, id: str, version: str,
                         f"{resource_type}/{id} has no version {version}")
     if stored.deleted:
         raise FhirError(Code.GONE, f"{resource_type}/{id} version {version} is a deletion")
-    return FhirResponse(200, _body(ctx, stored, subsetting), version_headers(stored))
+    return FhirResponse(200, _body(ctx, stored, subsetting), version_headers(stored),
+                        stored.last_updated)

@@ -17,7 +17,6 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -135,17 +134,6 @@ def _status_line(status: int) -> str:
     return f"{status} {_REASON.get(status, '')}".strip()
 
 
-def _instant_of_http_date(value: str | None) -> str | None:
-    """A ``Last-Modified`` header as the ``instant`` Bundle.entry.response.lastModified is."""
-    if not value:
-        return None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return instant(int(when.timestamp()) * 1_000_000)
-
-
 def _response_entry(entry: Entry, base: str, prefer: Prefer) -> dict[str, Any]:
     if entry.response is not None:  # GET/HEAD, or a batch entry
         resp = entry.response
@@ -153,9 +141,8 @@ def _response_entry(entry: Entry, base: str, prefer: Prefer) -> dict[str, Any]:
         for header, key in (("Location", "location"), ("ETag", "etag")):
             if header in resp.headers:
                 out["response"][key] = resp.headers[header]
-        modified = _instant_of_http_date(resp.headers.get("Last-Modified"))
-        if modified is not None:
-            out["response"]["lastModified"] = modified
+        if resp.modified is not None:
+            out["response"]["lastModified"] = instant(resp.modified)
         if isinstance(resp.body, bytes):
             out["resource"] = raw(resp.body)
         elif isinstance(resp.body, dict):

@@ -39,11 +39,19 @@ def test_response_entries_carry_last_modified_as_an_instant(client: httpx.Client
     assert INSTANT.fullmatch(written["lastModified"]), written
     stored = client.get(written["location"]).json()
     assert written["lastModified"] == stored["meta"]["lastUpdated"]
-    read = send(client, tx([{"request": {"method": "GET", "url": f"Patient/{stored['id']}"}}],
-                           "batch")).json()["entry"][0]["response"]
-    assert INSTANT.fullmatch(read["lastModified"]), read
-    # the GET's Last-Modified header has whole seconds
-    assert read["lastModified"][:19] == stored["meta"]["lastUpdated"][:19]
+    # batch entries run as requests of their own: their times are the versions' too,
+    # to the millisecond (not the whole seconds of a Last-Modified header)
+    batch = send(client, tx([
+        {"request": {"method": "GET", "url": f"Patient/{stored['id']}"}},
+        {"resource": patient(unique("mrn")), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {**stored, "active": True},
+         "request": {"method": "PUT", "url": f"Patient/{stored['id']}"}},
+    ], "batch")).json()["entry"]
+    assert batch[0]["response"]["lastModified"] == stored["meta"]["lastUpdated"]
+    for entry in batch[1:]:
+        response = entry["response"]
+        assert INSTANT.fullmatch(response["lastModified"]), response
+        assert response["lastModified"] == entry["resource"]["meta"]["lastUpdated"], entry
 
 
 def test_relative_references_to_an_entry_named_by_its_full_url(client: httpx.Client) -> None:
