@@ -29,7 +29,9 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.api.openapi import openapi
 from gateway.fhir import json as fjson
+from gateway.fhir import xml as fhir_xml
 from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.validation.model import Model
 from gateway.interactions.base import Context, FhirResponse
 from gateway.interactions.router import FhirRequest, route
 from gateway.security.audit import AuditUnavailable, record_of
@@ -41,6 +43,7 @@ log = logging.getLogger("carepath.api")
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 _FHIR_JSON = FHIR_JSON.encode()
+_FHIR_XML = b"application/fhir+xml; charset=utf-8"
 _PLAIN_JSON = b"application/json"
 # application/json+fhir and application/xml+fhir: the DSTU2 names, still sent by clients
 _JSON_TYPES = ("application/fhir+json", "application/json", "text/json", "json",
@@ -147,23 +150,57 @@ def _media(value: str) -> str:
     return value.split(";", 1)[0].strip().lower()
 
 
-def _wants_json(query: list[tuple[str, str]], headers: dict[str, str]) -> None:
+def _quality(media_range: str) -> float:
+    for param in media_range.split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "q":
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 1.0
+
+
+def _response_format(query: list[tuple[str, str]], headers: dict[str, str],
+                     xml: bool) -> str:
+    """``json`` or ``xml``: ``_format`` decides, else ``Accept`` (the higher quality;
+    JSON on a tie, and for ``*/*``). ``xml``: FHIR XML can be written here. 406 for
+    a format or FHIR version this server does not speak (http.html#mime-type)."""
     fmt = next((v for k, v in query if k == "_format"), None)
     if fmt is not None:
         # an unescaped "+" in the query string arrives as a space
-        if _media(fmt).replace(" ", "+") in _JSON_TYPES:
-            return
-        raise FhirError(Code.NOT_ACCEPTABLE, f"_format '{fmt[:60]}' is not supported; use json")
+        media = _media(fmt).replace(" ", "+")
+        if media in _JSON_TYPES:
+            return "json"
+        if media in _XML_TYPES and xml:
+            return "xml"
+        raise FhirError(Code.NOT_ACCEPTABLE, f"_format '{fmt[:60]}' is not supported; use json"
+                                             + (" or xml" if xml else ""))
     accept = headers.get("accept", "")
-    if not accept:
-        return
-    ranges = [(_media(a), _our_version(a)) for a in accept.split(",")]
-    if any((k in _JSON_TYPES or k in ("*/*", "application/*")) and ours for k, ours in ranges):
-        return
-    if any(k in _JSON_TYPES for k, _ in ranges):
+    named = {_media(a) for a in accept.split(",")} & {*_JSON_TYPES, *_XML_TYPES}
+    if not named:  # no format asked for (nothing, */*, text/html): the one written in
+        written = _media(headers.get("content-type", ""))
+        return "xml" if xml and written in _XML_TYPES else "json"
+    best = {"json": -1.0, "xml": -1.0}
+    named_other_version = False
+    for item in accept.split(","):
+        media, q = _media(item), _quality(item)
+        kind = "json" if media in _JSON_TYPES or media in ("*/*", "application/*") else \
+            "xml" if media in _XML_TYPES and xml else None
+        if kind is None or q <= 0:
+            continue
+        if not _our_version(item):
+            named_other_version = True
+            continue
+        best[kind] = max(best[kind], q)
+    if best["xml"] > best["json"]:
+        return "xml"
+    if best["json"] >= 0:
+        return "json"
+    if named_other_version:
         raise FhirError(Code.NOT_ACCEPTABLE, "this server speaks FHIR 4.0 (fhirVersion=4.0)")
-    if any(k in _XML_TYPES for k, _ in ranges):
-        raise FhirError(Code.NOT_ACCEPTABLE, "this server speaks FHIR JSON only")
+    raise FhirError(Code.NOT_ACCEPTABLE, "this server speaks FHIR JSON" +
+                    (" and XML" if xml else " only"))
 
 
 def _our_version(value: str) -> bool:
@@ -241,6 +278,21 @@ def _native(resp: FhirResponse, head: bool) -> Reply | None:
                  b"" if head else content)
 
 
+def _xml_model(ctx: Context) -> Model | None:
+    """The definitions FHIR XML is read and written with (those of the validator)."""
+    model = getattr(ctx.validator, "model", None)
+    return model if isinstance(model, Model) else None
+
+
+def _check_limits(ctx: Context, body: Any, size: int) -> None:
+    max_string = ctx.settings.max_string_length
+    problem = fjson.check_limits(body, ctx.settings.max_json_depth,
+                                 max_string if size > max_string else None)
+    if problem is not None:
+        code = Code.TOO_DEEP if problem.startswith("nesting") else Code.STRING_TOO_LONG
+        raise FhirError(code, problem)
+
+
 def _parse_body(
     ctx: Context, headers: dict[str, str], raw: bytes, method: str
 ) -> tuple[Any, list[tuple[str, str]]]:
@@ -250,11 +302,19 @@ def _parse_body(
     ctype = _media(headers.get("content-type", "application/fhir+json"))
     if ctype == _FORM:
         return None, parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
-    if ctype in _XML_TYPES:
+    model = _xml_model(ctx)
+    if ctype in _XML_TYPES and model is None:
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE, "this server accepts FHIR JSON only")
     if not _our_version(headers.get("content-type", "")):
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
                         "this server accepts FHIR 4.0 only (fhirVersion=4.0)")
+    if ctype in _XML_TYPES and model is not None:
+        if method == "PATCH" and not raw.lstrip().startswith((b"<Parameters", b"<?xml")):
+            raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                            "a PATCH in XML is a FHIRPath Patch (a Parameters resource)")
+        resource = fhir_xml.loads(raw, model)
+        _check_limits(ctx, resource, len(raw))
+        return resource, []
     if ctype not in _JSON_TYPES and ctype not in _PATCH_TYPES:
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
                         f"Content-Type '{ctype[:60]}' is not supported")
@@ -263,12 +323,7 @@ def _parse_body(
                         "PATCH takes application/json-patch+json (JSON Patch) or"
                         " application/fhir+json (FHIRPath Patch)")
     body = fjson.loads(raw)
-    max_string = ctx.settings.max_string_length
-    problem = fjson.check_limits(body, ctx.settings.max_json_depth,
-                                 max_string if len(raw) > max_string else None)
-    if problem is not None:
-        code = Code.TOO_DEEP if problem.startswith("nesting") else Code.STRING_TOO_LONG
-        raise FhirError(code, problem)
+    _check_limits(ctx, body, len(raw))
     if method == "PATCH" and ctype in _JSON_TYPES and not (
             isinstance(body, dict) and body.get("resourceType") == "Parameters"):
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
@@ -307,18 +362,24 @@ def accepts_gzip(accept_encoding: str | None) -> bool:
 
 
 def _render(resp: FhirResponse, pretty: bool, head: bool,
-            encoded: tuple[bytes, dict[str, str]] | None = None) -> Reply:
+            encoded: tuple[bytes, dict[str, str]] | None = None,
+            xml: Model | None = None) -> Reply:
     """The HTTP response; a HEAD request gets the GET's headers without the body.
-    ``encoded``: the body and headers as :func:`_gzipped` made them."""
+    ``encoded``: the body and headers as :func:`_gzipped` made them; ``xml``: the
+    body is (was) written as FHIR XML with these definitions."""
     if resp.body is None or resp.status in _NO_BODY_STATUS:
         length = None if resp.status in _NO_BODY_STATUS else 0
         return Reply(resp.status, _raw_headers(resp.headers, None, length), b"")
-    body, headers = encoded if encoded is not None else (_body(resp, pretty), resp.headers)
-    return Reply(resp.status, _raw_headers(headers, _FHIR_JSON, len(body)),
+    body, headers = encoded if encoded is not None else (_body(resp, pretty, xml),
+                                                         resp.headers)
+    return Reply(resp.status, _raw_headers(headers, _FHIR_XML if xml else _FHIR_JSON,
+                                           len(body)),
                  b"" if head else body)
 
 
-def _body(resp: FhirResponse, pretty: bool) -> bytes:
+def _body(resp: FhirResponse, pretty: bool, xml: Model | None = None) -> bytes:
+    if xml is not None:
+        return fhir_xml.dumps(_body(resp, False), xml, pretty=pretty)
     if isinstance(resp.body, bytes) and not pretty:
         return resp.body
     value = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
@@ -330,13 +391,13 @@ def _body(resp: FhirResponse, pretty: bool) -> bytes:
 _GZIP_INLINE_MAX = 256 * 1024
 
 
-async def _gzipped(resp: FhirResponse, pretty: bool, gzip_from: int
-                   ) -> tuple[bytes, dict[str, str]] | None:
+async def _gzipped(resp: FhirResponse, pretty: bool, gzip_from: int,
+                   xml: Model | None = None) -> tuple[bytes, dict[str, str]] | None:
     """The body and its headers, gzip-compressed when the body is ``gzip_from`` bytes
     or more (0: never); None when the response has no body."""
     if resp.body is None or resp.status in _NO_BODY_STATUS:
         return None
-    body = _body(resp, pretty)
+    body = _body(resp, pretty, xml)
     if not gzip_from or len(body) < gzip_from:
         return body, resp.headers
     if len(body) > _GZIP_INLINE_MAX:
@@ -516,11 +577,13 @@ def create_api(
                                                            request.address)
         except AuthError as exc:
             return _render(_auth_failure(exc), pretty, head), f"{exc.error}: {exc.description}"
+        xml: Model | None = None
         try:
             native = _binary_read(request.path, request.method) and not _asks_for_fhir(
                 query, request.headers)
-            if not native:
-                _wants_json(query, request.headers)
+            if not native and _response_format(query, request.headers,
+                                               _xml_model(ctx) is not None) == "xml":
+                xml = _xml_model(ctx)
             raw = await request.body(ctx.settings.max_request_bytes)
             binary = _binary_content(request.path, request.method, request.headers, raw,
                                      ctx.settings.max_string_length)
@@ -552,8 +615,8 @@ def create_api(
             description = err.code.gw
         gzip_from = ctx.settings.gzip_min_bytes if accepts_gzip(
             request.headers.get("accept-encoding")) else 0
-        encoded = await _gzipped(resp, pretty, gzip_from)
-        return _render(resp, pretty, head, encoded), description
+        encoded = await _gzipped(resp, pretty, gzip_from, xml)
+        return _render(resp, pretty, head, encoded, xml), description
 
     cors = Cors(ctx.settings.cors_origins) if ctx.settings.cors_origins else None
 

@@ -47,6 +47,7 @@ class Code(Enum):
     UNSUPPORTED_SEARCH = ("GW-1024", 400, "not-supported", "Unsupported search feature")
     STRING_TOO_LONG = ("GW-1025", 413, "too-long", "A string is longer than allowed")
     BAD_CONTENT_ENCODING = ("GW-1026", 400, "structure", "Body cannot be decoded")
+    MALFORMED_XML = ("GW-1027", 400, "structure", "Body is not well-formed XML")
     UNAUTHENTICATED = ("GW-1030", 401, "login", "Authentication required or failed")
     FORBIDDEN = ("GW-1031", 403, "forbidden", "Not permitted")
     # 2xxx: what was asked for is not there

@@ -123,7 +123,7 @@ def _statement(
         "software": {"name": "carepath-gateway", "version": gateway.__version__},
         "implementation": {"description": "carepath-gateway FHIR R4 server", "url": base},
         "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json", "json"],
+        "format": ["application/fhir+json", "json", "application/fhir+xml", "xml"],
         "patchFormat": ["application/json-patch+json", "application/fhir+json"],
         "rest": [{
             **_extensions(contributions, None, base),

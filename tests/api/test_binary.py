@@ -70,4 +70,7 @@ def test_binary_content_errors(client: httpx.Client) -> None:
     missing = client.get("/Binary/nothing-here", headers={"Accept": "application/pdf"})
     assert missing.status_code == 404 and gw_code(missing) == "GW-2001"
     xml = client.get("/Binary/nothing-here", headers={"Accept": "application/fhir+xml"})
-    assert xml.status_code == 406
+    assert xml.status_code == 404 and xml.headers["content-type"].startswith(
+        "application/fhir+xml")
+    other = client.get("/Binary/nothing-here", headers={"Accept": "application/fhir+turtle"})
+    assert other.status_code == 404  # a Binary is its content, whatever the type

@@ -1,0 +1,288 @@
+"""FHIR XML, to and from the JSON the gateway keeps: https://hl7.org/fhir/R4/xml.html.
+
+The two formats carry the same content; the JSON form is stored. Turning one
+into the other needs the definitions (:class:`~gateway.fhir.validation.model.Model`):
+
+* element order: XML elements follow the StructureDefinition's order, JSON
+  members may come in any order;
+* which elements repeat (a JSON array; repeated elements in XML) and which
+  are primitives (``<birthDate value="…"/>``; in JSON the value, with its id and
+  extensions in ``_birthDate``);
+* a primitive's JSON type: ``boolean`` is ``true``/``false``, the integer types
+  and ``decimal`` are numbers (a decimal keeps its text: ``1.50`` stays ``1.50``);
+* ``Element.id`` and ``Extension.url`` are attributes in XML, a resource's
+  ``id`` is an element; resources inside resources (``contained``,
+  ``Bundle.entry.resource``, ``Parameters.parameter.resource``) are wrapped in
+  an element named by their type; the narrative ``div`` is XHTML, inline.
+
+Parsing is hardened as every XML input of the gateway: no DTD, no entities, no
+network, no huge trees; a document that declares any of them is refused. An
+element or attribute R4 does not define is an error (400), as an unknown JSON
+member is; values are not judged here but by the validator afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import Decimal
+from typing import Any
+
+from lxml import etree  # type: ignore[import-untyped]
+
+from gateway.fhir import json as fjson
+from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.validation.model import COMPLEX, PRIM, RESOURCE, XHTML, Model, Node
+
+FHIR_NS = "http://hl7.org/fhir"
+XHTML_NS = "http://www.w3.org/1999/xhtml"
+_F = "{" + FHIR_NS + "}"
+_INTEGERS = frozenset(("integer", "positiveInt", "unsignedInt", "integer64"))
+_INTEGER = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+_REFUSED = re.compile(rb"<!DOCTYPE|<!ENTITY", re.IGNORECASE)
+
+
+def _parser() -> etree.XMLParser:
+    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                           huge_tree=False, dtd_validation=False, remove_pis=True,
+                           collect_ids=False)  # comments stay: a narrative keeps its own
+
+
+def _bad(message: str) -> FhirError:
+    return FhirError(Code.INVALID_RESOURCE, f"FHIR XML: {message}")
+
+
+# -- JSON -> XML ----------------------------------------------------------------------
+
+
+def dumps(value: Any, model: Model, *, pretty: bool = False) -> bytes:
+    """The XML of a resource given as JSON (bytes as stored, or parsed)."""
+    if isinstance(value, bytes | bytearray):
+        value = json.loads(value, parse_float=Decimal)
+    elif not isinstance(value, dict):
+        raise TypeError("a resource is a JSON object")
+    else:  # through JSON text: stored fragments and Numbers become plain values
+        value = json.loads(fjson.dumps(value), parse_float=Decimal)
+    root = _resource_element(value, model, None)
+    return bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8",
+                                pretty_print=pretty))
+
+
+def _resource_element(resource: dict[str, Any], model: Model,
+                      parent: etree._Element | None) -> etree._Element:
+    rtype = resource.get("resourceType")
+    node = model.resource_node(rtype) if isinstance(rtype, str) else None
+    if node is None or not isinstance(rtype, str):
+        raise ValueError(f"not a resource type: {rtype!r}")
+    element = etree.Element(_F + rtype, nsmap={None: FHIR_NS}) if parent is None \
+        else etree.SubElement(parent, _F + rtype)
+    _fill(element, resource, node, model)
+    return element
+
+
+def _text(value: Any) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    return str(value)
+
+
+def _fill(element: etree._Element, value: dict[str, Any], node: Node, model: Model) -> None:
+    resource = node.resource_type is not None
+    if not resource:
+        if isinstance(value.get("id"), str):
+            element.set("id", value["id"])
+        if node.path == "Extension" and isinstance(value.get("url"), str):
+            element.set("url", value["url"])
+    for key, child in node.children.items():
+        if not resource and (key == "id" or (key == "url" and node.path == "Extension")):
+            continue
+        present, extra = value.get(key), value.get("_" + key)
+        if present is None and extra is None:
+            continue
+        if child.kind == PRIM:
+            values = present if isinstance(present, list) else [present]
+            extras = extra if isinstance(extra, list) else [extra]
+            for i in range(max(len(values), len(extras))):
+                v = values[i] if i < len(values) else None
+                x = extras[i] if i < len(extras) else None
+                if v is None and not x:
+                    continue
+                sub = etree.SubElement(element, _F + key)
+                if isinstance(x, dict):
+                    _fill_primitive_extras(sub, x, model)
+                if v is not None:
+                    sub.set("value", _text(v))
+            continue
+        for item in present if isinstance(present, list) else [present]:
+            if item is None:
+                continue
+            if child.kind == XHTML:
+                element.append(_xhtml(item))
+            elif child.kind == RESOURCE:
+                _resource_element(item, model, etree.SubElement(element, _F + key))
+            else:
+                sub = etree.SubElement(element, _F + key)
+                target = child.node if child.kind == COMPLEX else None
+                if target is not None and isinstance(item, dict):
+                    _fill(sub, item, target, model)
+
+
+def _fill_primitive_extras(element: etree._Element, extras: dict[str, Any],
+                           model: Model) -> None:
+    """A primitive's ``_name`` object: its id (attribute) and extensions (elements)."""
+    if isinstance(extras.get("id"), str):
+        element.set("id", extras["id"])
+    extension = model.type_node("Extension")
+    for item in extras.get("extension") or []:
+        sub = etree.SubElement(element, _F + "extension")
+        if extension is not None and isinstance(item, dict):
+            _fill(sub, item, extension, model)
+
+
+def _xhtml(div: Any) -> etree._Element:
+    if not isinstance(div, str) or _REFUSED.search(div.encode()):
+        raise ValueError("the narrative is not XHTML")
+    return etree.fromstring(div.encode(), _parser())
+
+
+# -- XML -> JSON ----------------------------------------------------------------------
+
+
+def loads(data: bytes, model: Model) -> dict[str, Any]:
+    """The JSON form of a FHIR XML resource; :class:`FhirError` (400) when it is not one."""
+    if _REFUSED.search(data):
+        raise _bad("a DOCTYPE or entity declaration is not allowed")
+    try:
+        root = etree.fromstring(data, _parser())
+    except (etree.XMLSyntaxError, ValueError) as exc:
+        raise FhirError(Code.MALFORMED_XML, str(exc)[:200]) from None
+    return _resource_json(root, model, root.tag)
+
+
+def _local(element: etree._Element, where: str) -> str:
+    tag = element.tag
+    if not isinstance(tag, str) or not tag.startswith(_F):
+        raise _bad(f"{where}: <{tag}> is not in the FHIR namespace ({FHIR_NS})")
+    return tag[len(_F):]
+
+
+def _resource_json(element: etree._Element, model: Model, where: str) -> dict[str, Any]:
+    rtype = _local(element, where)
+    node = model.resource_node(rtype)
+    if node is None:
+        raise _bad(f"<{rtype}> is not a resource type")
+    out: dict[str, Any] = {"resourceType": rtype}
+    _read(element, node, out, model, rtype)
+    _tidy(out)
+    return out
+
+
+def _read(element: etree._Element, node: Node, out: dict[str, Any], model: Model,
+          where: str) -> None:
+    resource = node.resource_type is not None
+    for name, value in element.attrib.items():
+        if (not resource and name == "id") or (name == "url" and node.path == "Extension"):
+            out[name] = value
+        else:
+            raise _bad(f"{where}: attribute '{name}' is not defined here")
+    if element.text and element.text.strip():
+        raise _bad(f"{where}: text is not allowed here")
+    for sub in element:
+        if sub.tail and sub.tail.strip():
+            raise _bad(f"{where}: text is not allowed here")
+        if isinstance(sub, etree._Comment):
+            continue
+        if sub.tag == "{" + XHTML_NS + "}div":
+            child = node.children.get("div")
+            if child is None or child.kind != XHTML:
+                raise _bad(f"{where}: a narrative div is not allowed here")
+            sub.tail = None
+            out["div"] = etree.tostring(sub, encoding="unicode", with_tail=False)
+            continue
+        name = _local(sub, where)
+        child = node.children.get(name)
+        if child is None or (not resource and name == "id") or (
+                name == "url" and node.path == "Extension"):
+            raise _bad(f"{where}: element <{name}> is not defined here")
+        path = f"{where}.{name}"
+        if child.kind == PRIM:
+            _read_primitive(sub, child.code, child.array, name, out, model, path)
+            continue
+        if child.kind == RESOURCE:
+            inner = [e for e in sub if not isinstance(e, etree._Comment)]
+            if len(inner) != 1 or sub.attrib:
+                raise _bad(f"{path}: holds one resource")
+            item: Any = _resource_json(inner[0], model, path)
+        elif child.kind == COMPLEX and child.node is not None:
+            item = {}
+            _read(sub, child.node, item, model, path)
+            _tidy(item)
+        else:
+            raise _bad(f"{path}: cannot be read")
+        if child.array:
+            out.setdefault(name, []).append(item)
+        elif name in out:
+            raise _bad(f"{path}: given more than once")
+        else:
+            out[name] = item
+
+
+def _read_primitive(element: etree._Element, code: str, array: bool, name: str,
+                    out: dict[str, Any], model: Model, path: str) -> None:
+    extras: dict[str, Any] = {}
+    for attr, text in element.attrib.items():
+        if attr == "id":
+            extras["id"] = text
+        elif attr != "value":
+            raise _bad(f"{path}: attribute '{attr}' is not defined here")
+    if element.text and element.text.strip():
+        raise _bad(f"{path}: a primitive's value is its value attribute")
+    extension = model.type_node("Extension")
+    for sub in element:
+        if isinstance(sub, etree._Comment):
+            continue
+        if _local(sub, path) != "extension" or extension is None:
+            raise _bad(f"{path}: a primitive holds extensions only")
+        item: dict[str, Any] = {}
+        _read(sub, extension, item, model, f"{path}.extension")
+        extras.setdefault("extension", []).append(item)
+    raw = element.get("value")
+    value = None if raw is None else _typed(raw, code)
+    if array:
+        values, more = out.setdefault(name, []), out.get("_" + name)
+        index = len(values)
+        values.append(value)
+        if extras or more is not None:
+            more = out.setdefault("_" + name, [None] * index)
+            more.extend([None] * (index - len(more)))
+            more.append(extras or None)
+        return
+    if name in out or "_" + name in out:
+        raise _bad(f"{path}: given more than once")
+    if value is not None:
+        out[name] = value
+    if extras:
+        out["_" + name] = extras
+
+
+def _tidy(value: dict[str, Any]) -> None:
+    """A primitive array without a single value, only ids or extensions, is left out
+    (its ``_name`` twin says it all), as FHIR JSON writes it."""
+    for key in [k for k, v in value.items()
+                if isinstance(v, list) and f"_{k}" in value and all(x is None for x in v)]:
+        del value[key]
+
+
+def _typed(text: str, code: str) -> Any:
+    """A primitive's value as its JSON type (a value that does not fit stays a string:
+    the validator says what is wrong with it)."""
+    if code == "boolean":
+        return {"true": True, "false": False}.get(text, text)
+    if code in _INTEGERS:
+        return int(text) if _INTEGER.fullmatch(text) and len(text) < 20 else text
+    if code == "decimal":
+        return fjson.Number(text) if _DECIMAL.fullmatch(text) else text
+    return text

