@@ -50,6 +50,7 @@ _JSON_TYPES = ("application/fhir+json", "application/json", "text/json", "json",
                "application/json+fhir")
 _XML_TYPES = ("application/fhir+xml", "application/xml", "text/xml", "xml",
               "application/xml+fhir")
+_FORMAT_TYPES = frozenset((*_JSON_TYPES, *_XML_TYPES))
 _PATCH_TYPES = ("application/json-patch+json",)
 _FORM = "application/x-www-form-urlencoded"
 _NO_BODY_STATUS = (204, 304)
@@ -177,8 +178,8 @@ def _response_format(query: list[tuple[str, str]], headers: dict[str, str],
         raise FhirError(Code.NOT_ACCEPTABLE, f"_format '{fmt[:60]}' is not supported; use json"
                                              + (" or xml" if xml else ""))
     accept = headers.get("accept", "")
-    named = {_media(a) for a in accept.split(",")} & {*_JSON_TYPES, *_XML_TYPES}
-    if not named:  # no format asked for (nothing, */*, text/html): the one written in
+    if not any(_media(a) in _FORMAT_TYPES for a in accept.split(",")):
+        # no format asked for (nothing, */*, text/html): the one written in
         written = _media(headers.get("content-type", ""))
         return "xml" if xml and written in _XML_TYPES else "json"
     best = {"json": -1.0, "xml": -1.0}
