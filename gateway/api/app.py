@@ -51,6 +51,10 @@ _JSON_TYPES = ("application/fhir+json", "application/json", "text/json", "json",
 _XML_TYPES = ("application/fhir+xml", "application/xml", "text/xml", "xml",
               "application/xml+fhir")
 _FORMAT_TYPES = frozenset((*_JSON_TYPES, *_XML_TYPES))
+#: a Binary written in these is the resource; in anything else (a CDA document in
+#: text/xml, a PDF …) it is the content
+_RESOURCE_FORM = frozenset((*_JSON_TYPES, "application/fhir+xml", "application/xml+fhir"))
+_FHIR_ASKED = _RESOURCE_FORM - {"text/json"}
 _PATCH_TYPES = ("application/json-patch+json",)
 _FORM = "application/x-www-form-urlencoded"
 _NO_BODY_STATUS = (204, 304)
@@ -225,8 +229,8 @@ def _binary_content(path: str, method: str, headers: dict[str, str], raw: bytes,
             (method == "POST" and len(parts) == 1) or (method == "PUT" and len(parts) == 2)):
         return None
     declared = headers.get("content-type", "").strip()
-    if not declared or _media(declared) in _JSON_TYPES:
-        return None
+    if not declared or _media(declared) in _RESOURCE_FORM:
+        return None  # the Binary resource itself, in FHIR JSON or XML
     data = base64.b64encode(raw).decode("ascii")
     if len(data) > max_string:
         raise FhirError(Code.STRING_TOO_LONG, f"{len(raw)} bytes of content are more than a"
@@ -250,12 +254,12 @@ def _binary_read(path: str, method: str) -> bool:
 
 
 def _asks_for_fhir(query: list[tuple[str, str]], headers: dict[str, str]) -> bool:
-    """The request names a FHIR format (``_format``, or a FHIR or JSON media type in
-    ``Accept``): a Binary is then answered as a resource, else as its content."""
+    """The request names a FHIR format (``_format``, or a FHIR media type or plain
+    JSON in ``Accept``): a Binary is then answered as a resource, else as its content
+    (``text/xml`` asks for an XML document such as a CDA, not for FHIR)."""
     if any(k == "_format" for k, _ in query):
         return True
-    return any(_media(a) in _JSON_TYPES or _media(a) in _XML_TYPES
-               for a in headers.get("accept", "").split(","))
+    return any(_media(a) in _FHIR_ASKED for a in headers.get("accept", "").split(","))
 
 
 def _native(resp: FhirResponse, head: bool) -> Reply | None:

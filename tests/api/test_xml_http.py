@@ -110,3 +110,12 @@ def test_capabilities_and_binary_in_xml(client: httpx.Client) -> None:
     binary = _xml(client.get(f"/Binary/{made['id']}", headers={"Accept": XML}))
     assert binary.find(F + "contentType").get("value") == "application/pdf"
     assert binary.find(F + "data").get("value") == made["data"]
+    # a CDA document in text/xml is content; a Binary in FHIR XML is the resource
+    cda = b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>Entlassbrief</title></ClinicalDocument>'
+    stored = client.post("/Binary", content=cda, headers={"Content-Type": "text/xml"}).json()
+    assert stored["contentType"] == "text/xml"
+    assert client.get(f"/Binary/{stored['id']}", headers={"Accept": "text/xml"}).content == cda
+    resource = client.post("/Binary", content=(
+        b'<Binary xmlns="http://hl7.org/fhir"><contentType value="text/plain"/>'
+        b'<data value="aGFsbG8="/></Binary>'), headers={"Content-Type": XML}).json()
+    assert resource["contentType"] == "text/plain" and resource["data"] == "aGFsbG8="
