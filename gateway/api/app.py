@@ -276,9 +276,12 @@ def _native(resp: FhirResponse, head: bool) -> Reply | None:
     headers = {**resp.headers, "X-Content-Type-Options": "nosniff",
                "Content-Security-Policy": "sandbox"}
     context = binary.get("securityContext")
-    if isinstance(context, dict) and isinstance(context.get("reference"), str):
-        headers["X-Security-Context"] = context["reference"]
-    ctype = str(binary.get("contentType") or "application/octet-stream")
+    reference = context.get("reference") if isinstance(context, dict) else None
+    if isinstance(reference, str) and reference.isprintable() and reference.isascii():
+        headers["X-Security-Context"] = reference  # a header value: no line breaks
+    ctype = binary.get("contentType")
+    if not (isinstance(ctype, str) and ctype.isprintable() and ctype.isascii() and ctype):
+        ctype = "application/octet-stream"
     return Reply(200, _raw_headers(headers, ctype.encode("latin-1", "replace"), len(content)),
                  b"" if head else content)
 
@@ -314,11 +317,11 @@ def _parse_body(
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
                         "this server accepts FHIR 4.0 only (fhirVersion=4.0)")
     if ctype in _XML_TYPES and model is not None:
-        if method == "PATCH" and not raw.lstrip().startswith((b"<Parameters", b"<?xml")):
-            raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
-                            "a PATCH in XML is a FHIRPath Patch (a Parameters resource)")
         resource = fhir_xml.loads(raw, model)
         _check_limits(ctx, resource, len(raw))
+        if method == "PATCH" and resource.get("resourceType") != "Parameters":
+            raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                            "a PATCH in XML is a FHIRPath Patch (a Parameters resource)")
         return resource, []
     if ctype not in _JSON_TYPES and ctype not in _PATCH_TYPES:
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,

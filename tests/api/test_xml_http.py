@@ -51,6 +51,17 @@ def test_write_and_read_in_xml(client: httpx.Client) -> None:
         b"<Patient xmlns=\"http://hl7.org/fhir\">",
         f'<Patient xmlns="http://hl7.org/fhir"><id value="{pid}"/>'.encode()).replace(
         b'value="true"', b'value="false"'), headers={"Content-Type": XML, "Accept": "*/*"})
+    patched = client.patch(f"/Patient/{pid}", content=(
+        b'<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="operation"/>'
+        b'<part><name value="type"/><valueCode value="replace"/></part>'
+        b'<part><name value="path"/><valueString value="Patient.gender"/></part>'
+        b'<part><name value="value"/><valueCode value="male"/></part></parameter>'
+        b'</Parameters>'), headers={"Content-Type": XML, "Accept": XML})
+    assert patched.status_code == 200, patched.text
+    assert _xml(patched).find(F + "gender").get("value") == "male"
+    not_a_patch = client.patch(f"/Patient/{pid}", content=body,
+                               headers={"Content-Type": XML})
+    assert not_a_patch.status_code == 415
     # no format asked for: the one the client wrote in
     assert updated.status_code == 200, updated.text
     assert _xml(updated).find(F + "active").get("value") == "false"
