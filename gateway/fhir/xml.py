@@ -159,6 +159,10 @@ def loads(data: bytes, model: Model) -> dict[str, Any]:
         root = etree.fromstring(data, _parser())
     except (etree.XMLSyntaxError, ValueError) as exc:
         raise FhirError(Code.MALFORMED_XML, str(exc)[:200]) from None
+    info = root.getroottree().docinfo
+    if info.doctype or info.internalDTD is not None or info.externalDTD is not None:
+        # (one the byte scan could not see: in UTF-16, say) never resolved, still refused
+        raise _bad("a DOCTYPE or entity declaration is not allowed")
     return _resource_json(root, model, root.tag)
 
 
