@@ -19,7 +19,7 @@ import orjson
 import gateway
 from gateway.fhir.indexer import DATE_MAX, DATE_MIN, date_bounds
 from gateway.security.principal import Principal
-from gateway.storage.access_sql import SECURITY_CONTEXT
+from gateway.storage.access_sql import ACCESS_PROXY
 from gateway.storage.interface import AccessRules, Restriction
 from gateway.storage.sql import now_micros
 
@@ -180,13 +180,36 @@ class PolicyIndexer:
 
     def extract(self, resource: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]:
         rows = self.indexer.extract(resource)
-        rtype = resource.get("resourceType")
-        if rtype == "Consent":
+        if resource.get("resourceType") == "Consent":
             rows = {**rows, "sp_consent": self.policy.consent_rows(resource)}
-        elif rtype == "Binary" and "securityContext" in resource:
-            # the resource that stands in for the Binary's access rules (see
-            # access_sql.visible): kept as a reference row no search parameter names
-            rows = {**rows, "sp_reference": [
-                *rows["sp_reference"],
-                *self.indexer.reference_rows(SECURITY_CONTEXT, resource["securityContext"])]}
+        else:
+            proxy = _access_proxy(resource)
+            if proxy is not None:
+                # what stands in for this resource's access rules (access_sql.visible):
+                # a reference row no search parameter names
+                rows = {**rows, "sp_reference": [
+                    *rows["sp_reference"], *self.indexer.reference_rows(ACCESS_PROXY, proxy)]}
         return rows
+
+
+def _access_proxy(resource: dict[str, Any]) -> Any:
+    """The Reference that stands in for a resource's access rules: a Binary's
+    ``securityContext``; a document Bundle's patient, its Composition's ``subject``
+    (an entry of the document, by its fullUrl, counts with the id it has)."""
+    rtype = resource.get("resourceType")
+    if rtype == "Binary":
+        return resource.get("securityContext")
+    if rtype != "Bundle" or resource.get("type") != "document":
+        return None
+    entries = [e for e in resource.get("entry") or [] if isinstance(e, dict)]
+    composition = entries[0].get("resource") if entries else None
+    subject = composition.get("subject") if isinstance(composition, dict) else None
+    ref = subject.get("reference") if isinstance(subject, dict) else None
+    if not isinstance(ref, str):
+        return None
+    for entry in entries:
+        patient = entry.get("resource")
+        if entry.get("fullUrl") == ref and isinstance(patient, dict) \
+                and patient.get("resourceType") == "Patient" and isinstance(patient.get("id"), str):
+            return {"reference": f"Patient/{patient['id']}"}
+    return {"reference": ref} if ref.startswith("Patient/") else None

@@ -25,9 +25,12 @@ from gateway.storage.interface import Restriction
 
 Frag = tuple[str, list[Any]]
 
-#: the index ``param`` of ``Binary.securityContext`` (no R4 search parameter has it):
-#: the rows :class:`gateway.security.policy.PolicyIndexer` derives for :func:`visible`
-SECURITY_CONTEXT = "_security-context"
+#: the index ``param`` of an owned resource's access proxy (no search parameter has
+#: it): a Binary's ``securityContext``, a document Bundle's patient. The rows
+#: :class:`gateway.security.policy.PolicyIndexer` derives for :func:`visible`
+ACCESS_PROXY = "_access-proxy"
+#: the owned types a proxy can open
+PROXIED = ("Binary", "Bundle")
 
 
 def _marks(n: int) -> str:
@@ -91,10 +94,12 @@ def visible(r: Restriction, alias: str, types: Collection[str] | None, *,
             proxies: bool = True) -> Frag:
     """A condition on ``alias`` (a row with res_type, res_id): ``r`` may see it.
 
-    A Binary is also visible with the resource its ``securityContext`` names
-    (binary.html: the proxy for its access rules), as that resource is: the PDF
-    of a discharge letter goes where its DocumentReference goes. ``proxies``:
-    False inside that look-up (one level)."""
+    A Binary or Bundle is also visible where its access proxy is (one level;
+    ``proxies``: False inside that look-up): a Binary's ``securityContext``
+    (binary.html: the proxy for its access rules), so the PDF of a discharge
+    letter goes where its DocumentReference goes; a document Bundle's patient
+    (its Composition's subject), so a discharge letter sent as a document goes
+    to the organisations that take part in that patient's care."""
     acc, acc_params = accessible_patients(r)
     rules = r.rules
     candidates = sorted(types) if types is not None else None
@@ -121,14 +126,16 @@ def visible(r: Restriction, alias: str, types: Collection[str] | None, *,
             f" resource_creator rc WHERE rc.res_type = {alias}.res_type"
             f" AND rc.res_id = {alias}.res_id AND rc.organization = ?))")
         params += [*owned, r.organization]
-        if proxies and "Binary" in owned:
+        proxied = [t for t in PROXIED if t in owned]
+        if proxies and proxied:
             inner, inner_params = visible(r, "sx", None, proxies=False)
             ors.append(
-                f"({alias}.res_type = 'Binary' AND EXISTS (SELECT 1 FROM sp_reference sc"
-                " JOIN resource sx ON sx.res_type = sc.target_type AND sx.res_id = sc.target_id"
-                f" WHERE sc.res_type = 'Binary' AND sc.res_id = {alias}.res_id AND sc.param = ?"
-                f" AND sx.deleted = 0 AND {inner}))")
-            params += [SECURITY_CONTEXT, *inner_params]
+                f"({alias}.res_type IN ({_marks(len(proxied))}) AND EXISTS (SELECT 1 FROM"
+                " sp_reference sc JOIN resource sx ON sx.res_type = sc.target_type"
+                f" AND sx.res_id = sc.target_id WHERE sc.res_type = {alias}.res_type"
+                f" AND sc.res_id = {alias}.res_id AND sc.param = ? AND sx.deleted = 0"
+                f" AND {inner}))")
+            params += [*proxied, ACCESS_PROXY, *inner_params]
     special = {"Patient", *rules.compartment, *rules.owned}
     shared = (candidates is None) or any(t not in special for t in candidates)
     if shared:

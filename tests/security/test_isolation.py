@@ -385,3 +385,42 @@ def test_a_binary_goes_where_its_security_context_goes(world: World) -> None:
     # the context gone (the letter withdrawn), the PDF goes with it
     assert a.delete(f"/DocumentReference/{shared_doc}").status_code in (200, 204)
     assert b.get(f"/Binary/{shared_pdf}", headers=pdf).status_code == 404
+
+
+def document_bundle(pid: str, *, by_entry: bool) -> dict[str, Any]:
+    """A discharge letter as a FHIR document: Composition first, naming the patient
+    by the document's own Patient entry or by reference."""
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    subject = patient_url if by_entry else f"Patient/{pid}"
+    entries: list[dict[str, Any]] = [{
+        "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+        "resource": {"resourceType": "Composition", "status": "final",
+                     "type": {"coding": [{"system": "http://loinc.org", "code": "18842-5"}]},
+                     "subject": {"reference": subject}, "date": "2026-11-23",
+                     "author": [{"reference": "Organization/org-a"}],
+                     "title": "Entlassbrief"}}]
+    if by_entry:
+        entries.append({"fullUrl": patient_url,
+                        "resource": {"resourceType": "Patient", "id": pid}})
+    return {"resourceType": "Bundle", "type": "document",
+            "identifier": {"system": "urn:test:doc", "value": str(uuid.uuid4())},
+            "timestamp": "2026-11-23T10:00:00+01:00", "entry": entries}
+
+
+def test_a_document_bundle_goes_where_its_patient_goes(world: World) -> None:
+    # the discharge letter as a document: readable by those who take part in the
+    # patient's care, as the patient's other data is, not by its sender alone
+    a, b = world.a, world.b
+    shared = [_create(a, document_bundle(world.patients["p3"], by_entry=flag))["id"]
+              for flag in (True, False)]
+    own = _create(a, document_bundle(world.patients["p1"], by_entry=True))["id"]
+    collection = _create(a, {"resourceType": "Bundle", "type": "collection"})["id"]
+    for bundle in (*shared, own, collection):
+        assert a.get(f"/Bundle/{bundle}").status_code == 200
+    for bundle in shared:
+        assert b.get(f"/Bundle/{bundle}").status_code == 200
+    assert b.get(f"/Bundle/{own}").status_code == 404
+    assert b.get(f"/Bundle/{collection}").status_code == 404
+    found = {e["resource"]["id"] for e in b.get("/Bundle", params={
+        "_id": ",".join((*shared, own, collection))}).json().get("entry", [])}
+    assert found == set(shared)

@@ -105,3 +105,40 @@ def test_subscribing_needs_the_search_scope_of_the_topics_types(
     finally:
         narrow.close()
         wide.close()
+
+
+def test_discharge_documents_reach_the_organisations_in_the_patients_care(
+    secured: Secured, receiver: Receiver
+) -> None:
+    # a hospital sends the discharge letter as a FHIR document; the GP's organisation,
+    # taking part in the patient's care, hears of it; of another patient's, it does not
+    from tests.security.test_isolation import document_bundle
+
+    a, b = secured.client("hospital-a"), secured.client("gp-b")
+    try:
+        made = b.post("/Subscription", json=subscription("discharge-document-available",
+                                                         receiver.url))
+        assert made.status_code == 201, made.text
+        sid = made.json()["id"]
+        assert receiver.wait(lambda: len(receiver.of(sid, "handshake")) == 1)
+        shared = a.post("/Patient", json={"resourceType": "Patient"}).json()["id"]
+        other = a.post("/Patient", json={"resourceType": "Patient"}).json()["id"]
+        referral = a.post("/ServiceRequest", json={
+            "resourceType": "ServiceRequest", "status": "active", "intent": "order",
+            "subject": {"reference": f"Patient/{shared}"},
+            "requester": {"reference": "Organization/org-a"},
+            "performer": [{"reference": "Organization/org-b"}]})
+        assert referral.status_code == 201, referral.text
+        hidden = a.post("/Bundle", json=document_bundle(other, by_entry=True))
+        shown = a.post("/Bundle", json=document_bundle(shared, by_entry=True))
+        assert hidden.status_code == 201 and shown.status_code == 201, shown.text
+        assert receiver.wait(lambda: len(receiver.of(sid, "event-notification")) >= 1)
+        time.sleep(1.0)  # give a wrongly delivered second notification the time to arrive
+        focuses = [f for note in receiver.of(sid, "event-notification")
+                   for _, f in note.events()]
+        assert len(focuses) == 1 and focuses[0] is not None
+        assert focuses[0].endswith(f"/Bundle/{shown.json()['id']}")
+        assert b.get(f"/Bundle/{shown.json()['id']}").status_code == 200
+    finally:
+        a.close()
+        b.close()
