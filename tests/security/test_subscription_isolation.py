@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.security.conftest import Secured
+from tests.security.test_isolation import document_bundle
 from tests.subscriptions.conftest import subscription
 from tests.subscriptions.receiver import Receiver
 
@@ -112,8 +113,6 @@ def test_discharge_documents_reach_the_organisations_in_the_patients_care(
 ) -> None:
     # a hospital sends the discharge letter as a FHIR document; the GP's organisation,
     # taking part in the patient's care, hears of it; of another patient's, it does not
-    from tests.security.test_isolation import document_bundle
-
     a, b = secured.client("hospital-a"), secured.client("gp-b")
     try:
         made = b.post("/Subscription", json=subscription("discharge-document-available",
