@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     subscriptions.matcher.access_rules = access.rules  # notifications obey the compartment
     validator = subscriptions.checks(
         FhirValidator.load(profiles_dir(), reg.structure_definitions, settings))
+    subscriptions.dispatcher.xml_model = validator.model  # for XML notification payloads
     operations = {**OPERATIONS, **{op.name: op for op in subscriptions.operations()}}
     ctx = Context(store=store, registry=reg, settings=settings, operations=operations,
                   access=access, audit=audit, validator=validator)

@@ -48,6 +48,8 @@ from typing import Any
 import orjson
 
 from gateway import tasks
+from gateway.fhir import xml as fhir_xml
+from gateway.fhir.validation.model import Model
 from gateway.settings import Settings
 from gateway.storage import subscription_tables as tables
 from gateway.storage.db import Database
@@ -55,7 +57,7 @@ from gateway.storage.interface import Store, StoreTransaction
 from gateway.storage.outbox import versions
 from gateway.subscriptions.delivery import DeliveryFailed, RestHookSender
 from gateway.subscriptions.notification import NotificationEvent, dumps, notification
-from gateway.subscriptions.subscription import SubscriptionConfig
+from gateway.subscriptions.subscription import XML_MIME, SubscriptionConfig
 from gateway.subscriptions.topics import TopicRegistry
 
 log = logging.getLogger("carepath.subscriptions")
@@ -95,6 +97,8 @@ class Dispatcher:
         self.base_url = base_url.rstrip("/")
         self.ws_bound = ws_bound or (lambda _id: False)
         self.ws_send = ws_send
+        #: the definitions notifications in FHIR XML are written with (set at startup)
+        self.xml_model: Model | None = None
         self.owner = f"{uuid.uuid4().hex[:16]}"
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
@@ -435,6 +439,8 @@ class Dispatcher:
                        number: int | None = None,
                        resend_to: tuple[int, bool] | None = None) -> tables.StateRow | None:
         body = dumps(bundle)
+        if config.mime.split(";")[0].strip() == XML_MIME and self.xml_model is not None:
+            body = fhir_xml.dumps(body, self.xml_model)
         # the lease must outlast this send (the flusher extends it in the background)
         held_until = self._leases.get(state.id, (0, 0))[0]
         self._leases[state.id] = (held_until, config.timeout)

@@ -6,9 +6,10 @@ Profile: https://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition-back
 * ``_criteria`` extension ``backport-filter-criteria`` — filters (0..*);
 * ``channel.type`` — ``rest-hook`` or ``websocket``; ``channel.endpoint``;
   ``channel.header`` — ``Name: value`` lines sent with every notification;
-* ``channel.payload`` — ``application/fhir+json`` (or ``application/json``),
-  with extension ``backport-payload-content``: ``empty`` | ``id-only`` |
-  ``full-resource`` (default ``id-only``);
+* ``channel.payload`` — ``application/fhir+json`` (or ``application/json``) or
+  ``application/fhir+xml`` (notifications written as FHIR XML), with extension
+  ``backport-payload-content``: ``empty`` | ``id-only`` | ``full-resource``
+  (default ``id-only``);
 * ``channel`` extensions ``backport-heartbeat-period`` (s),
   ``backport-timeout`` (s), ``backport-max-count``;
 * gateway extension ``subscription-signature-secret`` on ``channel``: key of
@@ -42,7 +43,8 @@ SIGNATURE_SECRET = f"{GATEWAY_SD}/subscription-signature-secret"
 PROFILE = f"{BACKPORT_SD}/backport-subscription"
 
 CHANNELS = ("rest-hook", "websocket")
-MIME_TYPES = ("application/fhir+json", "application/json")
+MIME_TYPES = ("application/fhir+json", "application/json", "application/fhir+xml")
+XML_MIME = "application/fhir+xml"
 STATUSES = ("requested", "active", "error", "off")
 #: headers a subscriber may not set: the gateway writes them, or they change framing
 RESERVED_HEADERS = frozenset({

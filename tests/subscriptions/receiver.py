@@ -11,6 +11,25 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from gateway.fhir import json as fjson
+
+_MODEL: list[Any] = []
+
+
+def _bundle(body: bytes, content_type: str) -> dict[str, Any]:
+    """A notification as JSON; one sent in FHIR XML read with the gateway's reader."""
+    if not content_type.startswith("application/fhir+xml"):
+        return dict(json.loads(body))
+    from gateway.fhir import xml as fhir_xml
+    from gateway.fhir.validation import FhirValidator
+    from gateway.main import profiles_dir, registry
+    from gateway.settings import Settings
+
+    if not _MODEL:
+        _MODEL.append(FhirValidator.load(profiles_dir(), registry().structure_definitions,
+                                         Settings.from_env()).model)
+    return dict(json.loads(fjson.dumps(fhir_xml.loads(body, _MODEL[0]))))
+
 
 @dataclass
 class Received:
@@ -77,7 +96,8 @@ class Receiver:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(length)
                 got = Received(self.path, {k.lower(): v for k, v in self.headers.items()},
-                               body, json.loads(body), time.time())
+                               body, _bundle(body, self.headers.get("Content-Type", "")),
+                               time.time())
                 if receiver.delay:
                     time.sleep(receiver.delay)
                 status = receiver.answer(got) if receiver.answer else receiver.status

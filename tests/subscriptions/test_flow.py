@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tests.subscriptions.conftest import GatewayFactory
+from lxml import etree  # type: ignore[import-untyped]
+
+from tests.subscriptions.conftest import GatewayFactory, subscription
 from tests.subscriptions.receiver import Receiver
 
 
@@ -20,6 +22,26 @@ def test_handshake_then_numbered_notifications(gateway: GatewayFactory,
     assert note.events()[0][1].endswith(f"/Encounter/{first['id']}")
     assert note.bundle["type"] == "history"
     assert note.param("events-since-subscription-start") == "1"
+
+
+def test_notifications_in_fhir_xml(gateway: GatewayFactory, receiver: Receiver) -> None:
+    # channel.payload application/fhir+xml: the same notification, written as FHIR XML
+    gw = gateway()
+    sub = subscription("encounter-discharge", receiver.url, content="full-resource")
+    sub["channel"]["payload"] = "application/fhir+xml"
+    sid = str(gw.create(sub)["id"])
+    gw.wait_status(sid, "active", receiver)
+    first = gw.create({"resourceType": "Encounter", "status": "finished",
+                       "class": {"code": "IMP"}})
+    assert receiver.wait(lambda: receiver.event_numbers(sid) == [1])
+    note = receiver.of(sid, "event-notification")[0]
+    assert note.headers["content-type"] == "application/fhir+xml"
+    root = etree.fromstring(note.body)
+    assert root.tag == "{http://hl7.org/fhir}Bundle"
+    assert root.find("{http://hl7.org/fhir}type").get("value") == "history"
+    assert note.events()[0][1].endswith(f"/Encounter/{first['id']}")
+    resource = note.bundle["entry"][1]["resource"]
+    assert resource["id"] == first["id"] and resource["status"] == "finished"
 
 
 LOINC = "http://loinc.org"
