@@ -28,7 +28,8 @@ ACTIONS = {
 
 class Visibility(Protocol):
     async def visible(
-        self, keys: Sequence[tuple[str, str]], restriction: Restriction
+        self, keys: Sequence[tuple[str, str]], restriction: Restriction, *,
+        writing: bool = False,
     ) -> set[tuple[str, str]]: ...
 
     async def accessible(self, ids: Sequence[str], restriction: Restriction) -> set[str]: ...
@@ -131,7 +132,10 @@ async def check_write(
         return
     if previous is not None and not previous.deleted:
         key = (previous.resource_type, previous.id)
-        if key not in await store.visible([key], r):
+        if key not in await store.visible([key], r, writing=True):
+            if key in await store.visible([key], r):  # read through its access proxy
+                raise FhirError(Code.FORBIDDEN, f"{key[0]}/{key[1]} is written by the"
+                                                " organisation that created it only")
             raise FhirError(Code.NOT_FOUND, f"{key[0]}/{key[1]} is not known")
     if resource is not None and resource.get("resourceType") == "Patient" and previous is None:
         return  # registering a new patient: the caller becomes a participant (creator)

@@ -87,7 +87,8 @@ class StoreTransaction(Protocol):
     ) -> list[tuple[str, str]]: ...
 
     async def visible(
-        self, keys: Sequence[tuple[str, str]], restriction: Restriction
+        self, keys: Sequence[tuple[str, str]], restriction: Restriction, *,
+        writing: bool = False,
     ) -> set[tuple[str, str]]: ...
 
     async def accessible(self, ids: Sequence[str], restriction: Restriction) -> set[str]: ...
@@ -127,7 +128,8 @@ class Store(Protocol):
     async def read_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]: ...
 
     async def visible(
-        self, keys: Sequence[tuple[str, str]], restriction: Restriction
+        self, keys: Sequence[tuple[str, str]], restriction: Restriction, *,
+        writing: bool = False,
     ) -> set[tuple[str, str]]: ...
 
     async def accessible(self, ids: Sequence[str], restriction: Restriction) -> set[str]: ...

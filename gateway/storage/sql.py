@@ -262,13 +262,14 @@ def _restrict(
 
 
 async def _visible(
-    conn: Connection, keys: Sequence[tuple[str, str]], r: Restriction
+    conn: Connection, keys: Sequence[tuple[str, str]], r: Restriction, writing: bool
 ) -> set[tuple[str, str]]:
     out: set[tuple[str, str]] = set()
     types = sorted({t for t, _ in keys})
     for start in range(0, len(keys), 200):
         chunk = keys[start : start + 200]
-        cond, params = access_sql.visible(r, "v", types)
+        # an access proxy lets others read, not write (access_sql.visible)
+        cond, params = access_sql.visible(r, "v", types, proxies=not writing)
         pairs = " OR ".join("(v.res_type = ? AND v.res_id = ?)" for _ in chunk)
         rows = await conn.fetch(
             f"SELECT v.res_type, v.res_id FROM resource v WHERE ({pairs}) AND {cond}",
@@ -362,10 +363,11 @@ class _Transaction:
         return [(r[0], r[1]) for r in await self.conn.fetch(sql, params)]
 
     async def visible(
-        self, keys: Sequence[tuple[str, str]], restriction: Restriction
+        self, keys: Sequence[tuple[str, str]], restriction: Restriction, *,
+        writing: bool = False,
     ) -> set[tuple[str, str]]:
         await self._flush()
-        return await _visible(self.conn, keys, restriction)
+        return await _visible(self.conn, keys, restriction, writing)
 
     async def accessible(self, ids: Sequence[str], restriction: Restriction) -> set[str]:
         await self._flush()
@@ -629,13 +631,15 @@ class SqlStore:
         return _stored(row, row[6]) if row else None
 
     async def visible(
-        self, keys: Sequence[tuple[str, str]], restriction: Restriction
+        self, keys: Sequence[tuple[str, str]], restriction: Restriction, *,
+        writing: bool = False,
     ) -> set[tuple[str, str]]:
-        """The keys ``restriction`` may see (current state of the compartment)."""
+        """The keys ``restriction`` may see (current state of the compartment);
+        ``writing``: may write, which an access proxy does not grant."""
         if not keys:
             return set()
         async with self.db.read() as conn:
-            return await _visible(conn, keys, restriction)
+            return await _visible(conn, keys, restriction, writing)
 
     async def accessible(self, ids: Sequence[str], restriction: Restriction) -> set[str]:
         async with self.db.read() as conn:

@@ -382,6 +382,13 @@ def test_a_binary_goes_where_its_security_context_goes(world: World) -> None:
     found = {e["resource"]["id"] for e in b.get("/Binary", params={
         "_id": ",".join((shared_pdf, own_pdf, loose))}).json().get("entry", [])}
     assert found == {shared_pdf}
+    # reading through the proxy is not writing: the sender alone changes its PDF
+    replaced = b.put(f"/Binary/{shared_pdf}", content=b"%PDF-1.4 forged", headers={
+        "Content-Type": "application/pdf",
+        "X-Security-Context": f"DocumentReference/{shared_doc}"})
+    assert replaced.status_code == 403, replaced.text
+    assert b.delete(f"/Binary/{shared_pdf}").status_code == 403
+    assert a.get(f"/Binary/{shared_pdf}", headers=pdf).content == b"%PDF-1.4 letter"
     # the context gone (the letter withdrawn), the PDF goes with it
     assert a.delete(f"/DocumentReference/{shared_doc}").status_code in (200, 204)
     assert b.get(f"/Binary/{shared_pdf}", headers=pdf).status_code == 404
@@ -424,3 +431,9 @@ def test_a_document_bundle_goes_where_its_patient_goes(world: World) -> None:
     found = {e["resource"]["id"] for e in b.get("/Bundle", params={
         "_id": ",".join((*shared, own, collection))}).json().get("entry", [])}
     assert found == set(shared)
+    # read by those in the patient's care, changed by its sender alone
+    letter = b.get(f"/Bundle/{shared[0]}").json()
+    assert b.put(f"/Bundle/{shared[0]}", json={**letter, "timestamp": "2026-11-24T10:00:00Z"}
+                 ).status_code == 403
+    assert b.delete(f"/Bundle/{shared[0]}").status_code == 403
+    assert a.delete(f"/Bundle/{shared[0]}").status_code in (200, 204)
