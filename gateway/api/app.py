@@ -589,9 +589,10 @@ def create_api(
         try:
             native = _binary_read(request.path, request.method) and not _asks_for_fhir(
                 query, request.headers)
+            model = _xml_model(ctx)
             if not native and _response_format(query, request.headers,
-                                               _xml_model(ctx) is not None) == "xml":
-                xml = _xml_model(ctx)
+                                               model is not None) == "xml":
+                xml = model
             raw = await request.body(ctx.settings.max_request_bytes)
             binary = _binary_content(request.path, request.method, request.headers, raw,
                                      ctx.settings.max_string_length)
@@ -623,7 +624,14 @@ def create_api(
             description = err.code.gw
         gzip_from = ctx.settings.gzip_min_bytes if accepts_gzip(
             request.headers.get("accept-encoding")) else 0
-        encoded = await _gzipped(resp, pretty, gzip_from, xml)
+        try:
+            encoded = await _gzipped(resp, pretty, gzip_from, xml)
+        except Exception:  # a body the XML writer cannot write: a bug of ours, said so
+            log.exception("cannot write the answer to %s /%s as XML", request.method,
+                          request.path)
+            err = FhirError(Code.INTERNAL, "internal error; the gateway logged the details")
+            resp, xml, description = FhirResponse(err.status, err.outcome()), None, err.code.gw
+            encoded = await _gzipped(resp, pretty, gzip_from)
         return _render(resp, pretty, head, encoded, xml), description
 
     cors = Cors(ctx.settings.cors_origins) if ctx.settings.cors_origins else None

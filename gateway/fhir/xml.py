@@ -33,6 +33,7 @@ from lxml import etree  # type: ignore[import-untyped]
 from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.validation.model import COMPLEX, PRIM, RESOURCE, XHTML, Model, Node
+from gateway.fhir.validation.xhtml import hardened_parser, has_dtd
 
 FHIR_NS = "http://hl7.org/fhir"
 XHTML_NS = "http://www.w3.org/1999/xhtml"
@@ -41,12 +42,6 @@ _INTEGERS = frozenset(("integer", "positiveInt", "unsignedInt", "integer64"))
 _INTEGER = re.compile(r"-?[0-9]+")
 _DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 _REFUSED = re.compile(rb"<!DOCTYPE|<!ENTITY", re.IGNORECASE)
-
-
-def _parser() -> etree.XMLParser:
-    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                           huge_tree=False, dtd_validation=False, remove_pis=True,
-                           collect_ids=False)  # comments stay: a narrative keeps its own
 
 
 def _bad(message: str) -> FhirError:
@@ -145,7 +140,7 @@ def _fill_primitive_extras(element: etree._Element, extras: dict[str, Any],
 def _xhtml(div: Any) -> etree._Element:
     if not isinstance(div, str) or _REFUSED.search(div.encode()):
         raise ValueError("the narrative is not XHTML")
-    return etree.fromstring(div.encode(), _parser())
+    return etree.fromstring(div.encode(), hardened_parser())
 
 
 # -- XML -> JSON ----------------------------------------------------------------------
@@ -156,19 +151,19 @@ def loads(data: bytes, model: Model) -> dict[str, Any]:
     if _REFUSED.search(data):
         raise _bad("a DOCTYPE or entity declaration is not allowed")
     try:
-        root = etree.fromstring(data, _parser())
+        root = etree.fromstring(data, hardened_parser())
     except (etree.XMLSyntaxError, ValueError) as exc:
         raise FhirError(Code.MALFORMED_XML, str(exc)[:200]) from None
-    info = root.getroottree().docinfo
-    if info.doctype or info.internalDTD is not None or info.externalDTD is not None:
-        # (one the byte scan could not see: in UTF-16, say) never resolved, still refused
+    if has_dtd(root):
         raise _bad("a DOCTYPE or entity declaration is not allowed")
     return _resource_json(root, model, root.tag)
 
 
 def _local(element: etree._Element, where: str) -> str:
     tag = element.tag
-    if not isinstance(tag, str) or not tag.startswith(_F):
+    if not isinstance(tag, str):  # a processing instruction or entity reference
+        raise _bad(f"{where}: only FHIR elements may stand here")
+    if not tag.startswith(_F):
         raise _bad(f"{where}: <{tag}> is not in the FHIR namespace ({FHIR_NS})")
     return tag[len(_F):]
 

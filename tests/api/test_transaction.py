@@ -20,6 +20,15 @@ def tx(entries: list[dict[str, Any]], kind: str = "transaction") -> dict[str, An
     return {"resourceType": "Bundle", "type": kind, "entry": entries}
 
 
+def entry_locations(response: httpx.Response) -> list[str]:
+    return [e["response"]["location"] for e in response.json()["entry"]]
+
+
+def id_in(location: str, resource_type: str) -> str:
+    """The id in ``…/[type]/[id]/_history/[vid]``."""
+    return location.split(f"/{resource_type}/")[1].split("/")[0]
+
+
 def send(client: httpx.Client, bundle: dict[str, Any], **headers: str) -> httpx.Response:
     return client.post("/", json=bundle, headers={"Content-Type": FHIR, **headers})
 
@@ -72,8 +81,8 @@ def test_relative_references_to_an_entry_named_by_its_full_url(client: httpx.Cli
     ])
     response = send(client, bundle)
     assert response.status_code == 200, response.text
-    locations = [e["response"]["location"] for e in response.json()["entry"]]
-    pid = locations[0].split("/Patient/")[1].split("/")[0]
+    locations = entry_locations(response)
+    pid = id_in(locations[0], "Patient")
     assert pid != "tmp-1"
     assert client.get(locations[1]).json()["subject"] == {"reference": f"Patient/{pid}"}
     assert client.get(locations[2]).json()["subject"] == {"reference": "Patient/tmp-1"}
@@ -105,8 +114,8 @@ def test_transaction_rewrites_urn_uuid_references(client: httpx.Client) -> None:
     assert result["type"] == "transaction-response"
     assert [x["response"]["status"] for x in result["entry"]] == ["201 Created"] * 5
     locations = [x["response"]["location"] for x in result["entry"]]
-    patient_id = locations[4].split("/Patient/")[1].split("/")[0]
-    encounter_id = locations[3].split("/Encounter/")[1].split("/")[0]
+    patient_id = id_in(locations[4], "Patient")
+    encounter_id = id_in(locations[3], "Encounter")
     for loc in locations[:3]:
         o = client.get(loc).json()
         assert o["subject"]["reference"] == f"Patient/{patient_id}"
@@ -314,8 +323,8 @@ def test_canonical_positions_are_rewritten_too(client: httpx.Client) -> None:
     ])
     response = send(client, bundle)
     assert response.status_code == 200, response.text
-    locations = [e["response"]["location"] for e in response.json()["entry"]]
-    library_id = locations[1].split("/Library/")[1].split("/")[0]
+    locations = entry_locations(response)
+    library_id = id_in(locations[1], "Library")
     plan = client.get(locations[0]).json()
     assert plan["library"] == [f"Library/{library_id}", f"Library/{library_id}|1.0"]
 

@@ -113,6 +113,7 @@ def test_xml_follows_the_definitions(model: Model) -> None:
     b'<!DOCTYPE Patient SYSTEM "http://evil.example/x.dtd"><Patient xmlns="http://hl7.org/fhir"/>',
     b'<Patient xmlns="http://hl7.org/fhir"><id value="a"></Patient>',
     b'<Patient xmlns="http://hl7.org/fhir"><id value="&undeclared;"/></Patient>',
+    b'<Patient xmlns="http://hl7.org/fhir"><?php echo 1 ?><active value="true"/></Patient>',
     # the same declarations in UTF-16, where a scan of the bytes would not see them
     '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE Patient [<!ENTITY a "aaaa">'
     '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]><Patient xmlns="http://hl7.org/fhir">'

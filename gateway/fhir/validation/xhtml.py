@@ -81,7 +81,9 @@ _CSS_URL = re.compile(r"""url\(("[^"]*"|'[^']*'|[^)]*)\)?""")
 _local = threading.local()
 
 
-def _parser() -> etree.XMLParser:
+def hardened_parser() -> etree.XMLParser:
+    """lxml's parser as every XML input of the gateway uses it: entities unresolved,
+    no DTD, no network, no huge trees (one per thread)."""
     parser = getattr(_local, "parser", None)
     if parser is None:
         parser = _local.parser = etree.XMLParser(
@@ -89,6 +91,13 @@ def _parser() -> etree.XMLParser:
             dtd_validation=False, remove_blank_text=False, collect_ids=False,
         )
     return parser
+
+
+def has_dtd(root: etree._Element) -> bool:
+    """A parsed document declares a DOCTYPE (with entities or not): refused everywhere,
+    also when a scan of its bytes could not see it (UTF-16)."""
+    info = root.getroottree().docinfo
+    return bool(info.doctype) or info.internalDTD is not None or info.externalDTD is not None
 
 
 _ASCII_IGNORED = {i: None for i in range(0x21)} | {0x7F: None}
@@ -167,11 +176,10 @@ def check_narrative(div: str) -> list[tuple[str, str]]:
     if bad:
         return [("txt-1", f"the narrative may not contain '{bad.group()}'")]
     try:
-        root = etree.fromstring(div.encode("utf-8"), _parser())
+        root = etree.fromstring(div.encode("utf-8"), hardened_parser())
     except (etree.XMLSyntaxError, ValueError) as exc:
         return [("txt-1", f"the narrative is not well-formed XHTML: {str(exc)[:120]}")]
-    info = root.getroottree().docinfo
-    if info.doctype or info.internalDTD is not None or info.externalDTD is not None:
+    if has_dtd(root):
         return [("txt-1", "the narrative may not have a DOCTYPE")]
     problems: list[tuple[str, str]] = []
     if root.tag != _X + "div":
