@@ -224,8 +224,10 @@ def _binary_content(path: str, method: str, headers: dict[str, str], raw: bytes,
     ``PUT Binary/[id]`` with a Content-Type that is not FHIR JSON becomes a Binary of
     that type; ``X-Security-Context`` names the resource that governs access to it.
     None: not such a request."""
+    if method not in ("POST", "PUT") or not path.startswith("Binary"):
+        return None
     parts = [p for p in path.split("/") if p]
-    if not parts or parts[0] != "Binary" or not (
+    if parts[0] != "Binary" or not (
             (method == "POST" and len(parts) == 1) or (method == "PUT" and len(parts) == 2)):
         return None
     declared = headers.get("content-type", "").strip()
@@ -248,8 +250,10 @@ def _binary_content(path: str, method: str, headers: dict[str, str], raw: bytes,
 
 def _binary_read(path: str, method: str) -> bool:
     """``GET Binary/[id]`` or ``GET Binary/[id]/_history/[vid]``."""
+    if method not in ("GET", "HEAD") or not path.startswith("Binary"):
+        return False
     parts = [p for p in path.split("/") if p]
-    return method in ("GET", "HEAD") and bool(parts) and parts[0] == "Binary" and (
+    return parts[0] == "Binary" and (
         len(parts) == 2 or (len(parts) == 4 and parts[2] == "_history"))
 
 
