@@ -48,6 +48,7 @@ class Code(Enum):
     STRING_TOO_LONG = ("GW-1025", 413, "too-long", "A string is longer than allowed")
     BAD_CONTENT_ENCODING = ("GW-1026", 400, "structure", "Body cannot be decoded")
     MALFORMED_XML = ("GW-1027", 400, "structure", "Body is not well-formed XML")
+    INVALID_OPERATION = ("GW-1028", 400, "invalid", "Invalid operation parameters")
     UNAUTHENTICATED = ("GW-1030", 401, "login", "Authentication required or failed")
     FORBIDDEN = ("GW-1031", 403, "forbidden", "Not permitted")
     # 2xxx: what was asked for is not there
@@ -65,6 +66,8 @@ class Code(Enum):
     CONCURRENT_CONFLICT = ("GW-3005", 409, "conflict", "Concurrent modification; retry the request")
     #: RFC 5789 2.2, conflicting state: the resource is not as the patch's test expects
     PATCH_TEST_FAILED = ("GW-3006", 409, "conflict", "A JSON Patch test operation failed")
+    #: RFC 9110 13.1.2: If-None-Match on a write names what exists
+    RESOURCE_EXISTS = ("GW-3007", 412, "duplicate", "The resource exists (If-None-Match)")
     # 4xxx: not supported
     METHOD_NOT_ALLOWED = ("GW-4001", 405, "not-supported", "Interaction not supported here")
     VALIDATION_FAILED = ("GW-4002", 422, "processing", "Resource failed validation")

@@ -6,12 +6,13 @@ Add an operation by writing its module in this package and listing its
 
 from __future__ import annotations
 
-from gateway.interactions import audit_log, capabilities, everything, terminology, validate
+from gateway.interactions import audit_log, capabilities, everything, meta, terminology, validate
 from gateway.interactions.operations import Operation
 
 _ALL: tuple[Operation, ...] = (
     audit_log.OPERATION,
     everything.OPERATION,
+    *meta.OPERATIONS,
     *terminology.OPERATIONS,
     validate.OPERATION,
     capabilities.VERSIONS,

@@ -27,6 +27,7 @@ class OperationRequest:
     body: Any
     base: str
     headers: Mapping[str, str] = field(default_factory=dict)
+    version: str | None = None  # Type/id/_history/vid/$name
 
     def parameters(self) -> dict[str, list[Any]]:
         """Inputs by name: query pairs (GET) and/or a ``Parameters`` body (POST).
@@ -70,6 +71,7 @@ class Operation:
     instance: bool = False
     types: frozenset[str] | None = None  # None: every resource type
     affects_state: bool = False  # True: POST only
+    version_level: bool = False  # also on a version: Type/id/_history/vid/$name
     definition: str | None = None  # canonical URL of the OperationDefinition
 
     def allows(self, resource_type: str | None, id: str | None) -> bool:
@@ -85,7 +87,10 @@ async def invoke(
 ) -> FhirResponse:
     op = operations.get(req.name)
     where = "/".join(p for p in (req.resource_type, req.id) if p) or "the system"
-    if op is None or not op.allows(req.resource_type, req.id):
+    if req.version is not None:
+        where += f"/_history/{req.version[:20]}"
+    if op is None or not op.allows(req.resource_type, req.id) or (
+            req.version is not None and not op.version_level):
         raise FhirError(Code.UNKNOWN_ENDPOINT, f"operation ${req.name[:64]} is not supported "
                                                f"on {where}")
     if req.method not in ("GET", "POST") or (req.method == "GET" and op.affects_state):

@@ -40,9 +40,11 @@ class FhirRequest:
 
 
 async def _operation(
-    ctx: Context, req: FhirRequest, method: str, name: str, rt: str | None, id: str | None
+    ctx: Context, req: FhirRequest, method: str, name: str, rt: str | None, id: str | None,
+    version: str | None = None,
 ) -> FhirResponse:
-    op_req = OperationRequest(name, method, rt, id, req.query, req.body, req.base, req.headers)
+    op_req = OperationRequest(name, method, rt, id, req.query, req.body, req.base, req.headers,
+                              version)
     return await invoke(ctx, ctx.operations, op_req)
 
 
@@ -101,6 +103,7 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
         if method == "PUT":
             return await update_mod.update(ctx, rt, None, req.body, base=req.base,
                                            prefer=req.prefer, if_match=h.get("if-match"),
+                                           if_none_match=h.get("if-none-match"),
                                            criteria=conditional)
         if method == "DELETE":
             return await delete.delete(ctx, rt, None, if_match=h.get("if-match"),
@@ -130,7 +133,8 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
                                    query=req.query)
         if method == "PUT":
             return await update_mod.update(ctx, rt, id, req.body, base=req.base,
-                                           prefer=req.prefer, if_match=h.get("if-match"))
+                                           prefer=req.prefer, if_match=h.get("if-match"),
+                                           if_none_match=h.get("if-none-match"))
         if method == "DELETE":
             return await delete.delete(ctx, rt, id, if_match=h.get("if-match"))
         if method == "PATCH":
@@ -142,6 +146,8 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
         # search in a compartment: Patient/[id]/Observation (search.html#compartments)
         return await search.search(ctx, parts[2], req.query, base=req.base,
                                    prefer=req.prefer, compartment=(rt, id))
+    if n == 5 and parts[2] == "_history" and parts[4].startswith("$"):
+        return await _operation(ctx, req, method, parts[4][1:], rt, id, parts[3])
     if parts[2] == "_history" and n in (3, 4):
         if method != "GET":
             raise _not_allowed(req)

@@ -356,6 +356,7 @@ class _Transaction:
             stored, created = await update_in(ctx, tx, e.resource_type, e.id,
                                               copy.copy(e.resource),
                                               if_match=e.headers.get("if-match"),
+                                              if_none_match=e.headers.get("if-none-match"),
                                               new_patients=self.new_patients)
             e.outcome = (stored, 201 if created else 200)
         elif e.method == "PATCH":

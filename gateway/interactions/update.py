@@ -2,7 +2,8 @@
 
 Create-on-update is allowed (the client chooses the id). ``If-Match`` with a
 weak ETag makes the update conditional on the current version (412 when it
-is not).
+is not). ``If-None-Match: *`` makes it create-only (RFC 9110 13.1.2; 412 when the
+resource exists).
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def check_version(current: StoredResource | None, if_match: str | None, what: st
                         f"{what}: If-Match wants version {wanted}, current is {have}")
 
 
+def check_absent(current: StoredResource | None, if_none_match: str | None, what: str) -> None:
+    """``If-None-Match`` on a write (RFC 9110 13.1.2): ``*`` lets it create only; a
+    list of ETags refuses to replace a version it names. 412 when the condition fails."""
+    if if_none_match is None or current is None or current.deleted:
+        return
+    tags = {t.strip() for t in if_none_match.split(",")}
+    if "*" in tags or current.etag in tags or f'"{current.version}"' in tags:
+        raise FhirError(Code.RESOURCE_EXISTS,
+                        f"{what}: If-None-Match {if_none_match[:40]!r} and version "
+                        f"{current.version} exists")
+
+
 async def update_in(
     ctx: Context,
     tx: StoreTransaction,
@@ -47,6 +60,7 @@ async def update_in(
     resource: dict[str, Any],
     *,
     if_match: str | None = None,
+    if_none_match: str | None = None,
     method: str = "PUT",
     new_patients: frozenset[str] = frozenset(),
 ) -> tuple[StoredResource, bool]:
@@ -57,6 +71,7 @@ async def update_in(
         guard.require(resource_type, "create")
     await guard.check_write(ctx.access, tx, resource, current, new_patients)
     check_version(current, if_match, f"{resource_type}/{id}")
+    check_absent(current, if_none_match, f"{resource_type}/{id}")
     stored = await tx.put(resource_type, id, resource, method, current, creator=guard.creator())
     guard.note(resource_type, id, stored.version)
     return stored, current is None or current.deleted
@@ -85,6 +100,7 @@ async def update(
     base: str,
     prefer: Prefer,
     if_match: str | None = None,
+    if_none_match: str | None = None,
     criteria: str | None = None,
 ) -> FhirResponse:
     check_type(ctx, resource_type)
@@ -107,7 +123,7 @@ async def update(
             target = await resolve_conditional_id(ctx, tx, resource_type, criteria,
                                                   resource.get("id"))
         return await update_in(ctx, tx, resource_type, target, dict(resource),
-                               if_match=if_match)
+                               if_match=if_match, if_none_match=if_none_match)
 
     stored, created = await run_write(ctx, work)
     return write_response(201 if created else 200, stored, base, prefer, created=created)

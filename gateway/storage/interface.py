@@ -112,6 +112,15 @@ class StoreTransaction(Protocol):
 
     async def delete(self, previous: StoredResource) -> StoredResource: ...
 
+    async def version(self, resource_type: str, id: str, version: int) -> StoredResource | None:
+        """One version as stored (a deletion has no content)."""
+
+    async def rewrite(self, stored: StoredResource, resource: dict[str, Any], *,
+                      current: bool) -> StoredResource:
+        """Replace the content of the stored version ``stored`` in place: no new
+        version, no event (``$meta-add``, ``$meta-delete``). ``current``: it is the
+        current version, whose current row and search index follow."""
+
 
 class Store(Protocol):
     async def open(self) -> None: ...
@@ -149,6 +158,13 @@ class Store(Protocol):
                           limit: int) -> list[tuple[str, str]]:
         """Distinct (system, code) pairs the token parameter ``param`` holds (of one
         type, or any), at most ``limit``."""
+
+    async def meta_summary(
+        self, types: Sequence[str] | None, limit: int, restriction: Restriction | None = None,
+    ) -> tuple[list[str], list[tuple[str | None, str]], list[tuple[str | None, str]]]:
+        """The profiles, tags and security labels (system, code) that current resources
+        carry (of ``types``, or any; those ``restriction`` may see), at most ``limit``
+        of each (``$meta`` at type and system level)."""
 
     async def referrers(self, target_type: str, target_id: str) -> set[tuple[str, str]]:
         """(type, reference parameter) of the current resources whose index rows point

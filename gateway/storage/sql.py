@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -458,6 +458,34 @@ class _Transaction:
         await self._event(rt, id, version, updated, seq, "delete")
         return StoredResource(rt, id, version, updated, True, None, "DELETE")
 
+    async def version(self, resource_type: str, id: str, version: int) -> StoredResource | None:
+        await self._flush()
+        row = await self.conn.fetchrow(
+            "SELECT res_type, res_id, version, last_updated, content IS NULL, content, method"
+            " FROM resource_history WHERE res_type = ? AND res_id = ? AND version = ?",
+            (resource_type, id, version),
+        )
+        return _stored(row, row[6]) if row else None
+
+    async def rewrite(self, stored: StoredResource, resource: dict[str, Any], *,
+                      current: bool) -> StoredResource:
+        await self._flush()
+        rt, id = stored.resource_type, stored.id
+        content = fjson.dumps(resource)
+        await self.conn.execute(
+            "UPDATE resource_history SET content = ? WHERE res_type = ? AND res_id = ?"
+            " AND version = ?", (content, rt, id, stored.version))
+        if current:
+            await self.conn.execute(
+                "UPDATE resource SET content = ? WHERE res_type = ? AND res_id = ?"
+                " AND version = ?", (content, rt, id, stored.version))
+            await self._clear_index(rt, id)
+            for table, table_rows in self.indexer.extract(resource).items():
+                if table_rows:
+                    await self.conn.executemany(
+                        _INSERT_INDEX[table], [(rt, id, *r) for r in table_rows])
+        return replace(stored, content=content)
+
     async def _history(
         self, rt: str, id: str, version: int, updated: int, method: str, content: bytes | None
     ) -> int:
@@ -699,6 +727,35 @@ class SqlStore:
                 f"SELECT DISTINCT system, code FROM sp_token WHERE {where} LIMIT ?",
                 [*params, limit])
         return [(str(r[0]), str(r[1])) for r in rows]
+
+    async def meta_summary(
+        self, types: Sequence[str] | None, limit: int, restriction: Restriction | None = None,
+    ) -> tuple[list[str], list[tuple[str | None, str]], list[tuple[str | None, str]]]:
+        where, params = "1 = 1", []
+        if types is not None:
+            where = f"x.res_type IN ({', '.join('?' for _ in types)})" if types else "1 = 0"
+            params = list(types)
+        join = ""
+        if restriction is not None:
+            cond, vis = access_sql.visible(restriction, "v", types)
+            join = " JOIN resource v ON v.res_type = x.res_type AND v.res_id = x.res_id"
+            where, params = f"{where} AND {cond}", [*params, *vis]
+        async with self.db.read() as conn:
+            tokens = await conn.fetch(
+                f"SELECT DISTINCT x.param, x.system, x.code FROM sp_token x{join}"
+                f" WHERE x.param IN ('_tag', '_security') AND x.code IS NOT NULL AND {where}"
+                " ORDER BY 1, 2, 3 LIMIT ?", [*params, limit])
+            uris = await conn.fetch(
+                f"SELECT DISTINCT x.value FROM sp_uri x{join}"
+                f" WHERE x.param = '_profile' AND {where} ORDER BY 1 LIMIT ?", [*params, limit])
+        profiles = [str(r[0]) for r in uris]
+        versioned = {p.split("|", 1)[0] for p in profiles if "|" in p}
+        # the index holds a versioned canonical also without its version
+        # (search.html#versions): list it once, as written
+        profiles = [p for p in profiles if "|" in p or p not in versioned]
+        tags = [(r[1], str(r[2])) for r in tokens if r[0] == "_tag"]
+        labels = [(r[1], str(r[2])) for r in tokens if r[0] == "_security"]
+        return profiles, tags, labels
 
     async def referrers(self, target_type: str, target_id: str) -> set[tuple[str, str]]:
         async with self.db.read() as conn:

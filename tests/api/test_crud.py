@@ -103,6 +103,31 @@ def test_if_match_accepts_current_and_rejects_stale_version(client: httpx.Client
     assert bad.status_code == 400
 
 
+def test_if_none_match_makes_a_put_create_only(client: httpx.Client) -> None:
+    """RFC 9110 13.1.2: ``If-None-Match: *`` fails (412) when the resource exists; a
+    list of ETags fails when it names the current version."""
+    body = patient(unique("mrn"), id=unique("inm"))
+    created = put(client, body, **{"If-None-Match": "*"})
+    assert created.status_code == 201, created.text
+    again = put(client, {**body, "gender": "male"}, **{"If-None-Match": "*"})
+    assert again.status_code == 412 and gw_code(again) == "GW-3007"
+    assert client.get(f"/Patient/{body['id']}").json()["gender"] == "female"
+    named = put(client, body, **{"If-None-Match": 'W/"7", W/"1"'})
+    assert named.status_code == 412 and gw_code(named) == "GW-3007"
+    assert put(client, body, **{"If-None-Match": 'W/"7"'}).status_code == 200
+    # a deleted resource may be created again
+    assert client.delete(f"/Patient/{body['id']}").status_code == 204
+    assert put(client, body, **{"If-None-Match": "*"}).status_code == 201
+    # in a transaction (Bundle.entry.request.ifNoneMatch) the whole Bundle fails
+    txn = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": f"urn:uuid:{unique()}", "resource": patient(unique("mrn")),
+         "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": f"Patient/{body['id']}", "resource": body,
+         "request": {"method": "PUT", "url": f"Patient/{body['id']}", "ifNoneMatch": "*"}}]}
+    failed = client.post("/", json=txn, headers={"Content-Type": FHIR})
+    assert failed.status_code == 412 and gw_code(failed) == "GW-3007"
+
+
 def test_delete_is_logical_and_read_answers_gone(client: httpx.Client) -> None:
     created = post(client, patient(unique("mrn"))).json()
     path = f"/Patient/{created['id']}"

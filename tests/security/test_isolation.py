@@ -437,3 +437,52 @@ def test_a_document_bundle_goes_where_its_patient_goes(world: World) -> None:
                  ).status_code == 403
     assert b.delete(f"/Bundle/{shared[0]}").status_code == 403
     assert a.delete(f"/Bundle/{shared[0]}").status_code in (200, 204)
+
+
+def _meta_add(c: httpx.Client, path: str, **meta: Any) -> httpx.Response:
+    return c.post(f"{path}/$meta-add", json={"resourceType": "Parameters", "parameter": [
+        {"name": "meta", "valueMeta": meta}]})
+
+
+def _summary_tags(c: httpx.Client, path: str) -> set[str]:
+    r = c.get(f"{path}/$meta")
+    assert r.status_code == 200, r.text
+    meta = r.json()["parameter"][0]["valueMeta"]
+    return {t["code"] for t in meta.get("tag", [])}
+
+
+def test_meta_operations_keep_to_what_the_caller_may_see_and_write(world: World) -> None:
+    p = world.patients
+    system = f"urn:test:meta:{uuid.uuid4().hex[:8]}"
+    b_obs = next(k for k, v in world.owner.items()
+                 if v == p["p2"] and k.startswith("Observation/"))
+    a_cond = next(k for k, v in world.owner.items()
+                  if v == p["p1"] and k.startswith("Condition/"))
+    assert _meta_add(world.b, f"/{b_obs}", tag=[{"system": system, "code": "b-only"}]
+                     ).status_code == 200
+    assert _meta_add(world.a, f"/{a_cond}", tag=[{"system": system, "code": "a-cond"}]
+                     ).status_code == 200
+    # type and system summaries list the tags of visible resources only
+    assert "b-only" in _summary_tags(world.b, "/Observation")
+    assert "b-only" not in _summary_tags(world.a, "/Observation")
+    assert "b-only" not in _summary_tags(world.a, "")
+    assert "a-cond" in _summary_tags(world.a, "")
+    # a foreign resource: its meta is as absent as the resource, and stays unchanged
+    absent = f"/Observation/{uuid.uuid4()}"
+    assert world.a.get(f"/{b_obs}/$meta").status_code == \
+        world.a.get(f"{absent}/$meta").status_code == 404
+    r = _meta_add(world.a, f"/{b_obs}", tag=[{"system": system, "code": "by-a"}])
+    assert r.status_code == _meta_add(world.a, absent, tag=[]).status_code == 404
+    tags = {t["code"] for t in world.b.get(f"/{b_obs}").json()["meta"].get("tag", [])}
+    assert tags == {"b-only"}
+    # scopes: the summary covers the types the caller may search; changes need update
+    reader = world.secured.client("reader-c", "system/Patient.rs system/Observation.rs")
+    try:
+        assert "a-cond" not in _summary_tags(reader, "")
+        assert reader.get("/Condition/$meta").status_code == 403
+        pid = p["p1"]
+        assert reader.get(f"/Patient/{pid}/$meta").status_code == 200
+        denied = _meta_add(reader, f"/Patient/{pid}", tag=[{"system": system, "code": "r"}])
+        assert denied.status_code == 403
+    finally:
+        reader.close()
