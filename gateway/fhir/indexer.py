@@ -157,6 +157,13 @@ ISO4217 = "urn:iso:std:iso:4217"
 #: Parameters kept on the resource row by the storage, never indexed here.
 NOT_INDEXED = frozenset({"_id", "_lastUpdated"})
 
+#: Bundle parameters whose value is the Bundle's first resource itself (R4:
+#: ``Bundle.entry[0].resource``), by the type that resource must have. Such a
+#: resource is not stored on its own, so a chain into it (``Bundle?composition.
+#: subject=…``) has nothing to join: its index rows are kept as the Bundle's own,
+#: under ``<parameter>.<its parameter>`` (``composition.subject``).
+EMBEDDED: dict[str, str] = {"composition": "Composition", "message": "MessageHeader"}
+
 _QUANTITY_TYPES = frozenset(
     {"Quantity", "Age", "Duration", "Distance", "Count", "SimpleQuantity", "MoneyQuantity"}
 )
@@ -331,6 +338,20 @@ def _num(v: Any) -> float | None:
     except (ValueError, OverflowError):
         return None
     return f if math.isfinite(f) else None
+
+
+def _resolved(node: Any, names: dict[str, str]) -> Any:
+    """A copy of ``node`` with every ``reference`` found in ``names`` replaced by its
+    value."""
+    if isinstance(node, dict):
+        out = {k: _resolved(v, names) for k, v in node.items()}
+        ref = node.get("reference")
+        if isinstance(ref, str) and ref in names:
+            out["reference"] = names[ref]
+        return out
+    if isinstance(node, list):
+        return [_resolved(v, names) for v in node]
+    return node
 
 
 def _str(v: Any) -> str | None:
@@ -1218,10 +1239,37 @@ class Indexer:
             self._run(entries, x if isinstance(x, list) else [x], out)
         if plan.rooted:
             self._run(plan.rooted, [resource], out)
+        if rt == "Bundle":
+            self._embedded(resource, out)
+            if codes is not None:
+                out = {t: [r for r in rows if r[0] in codes] for t, rows in out.items()}
         for table, rows in out.items():
             if len(rows) > 1:
                 out[table] = list(dict.fromkeys(rows))
         return out
+
+    def _embedded(self, bundle: dict[str, Any], out: dict[str, Rows]) -> None:
+        """The rows of a Bundle's first resource (:data:`EMBEDDED`), under the Bundle;
+        the reference row only under the parameter of that resource's type."""
+        entries = bundle.get("entry")
+        head = entries[0] if isinstance(entries, list) and entries else None
+        first = head.get("resource") if isinstance(head, dict) else None
+        kind = first.get("resourceType") if isinstance(first, dict) else None
+        out["sp_reference"] = [r for r in out["sp_reference"]
+                               if r[0] not in EMBEDDED or EMBEDDED[r[0]] == kind]
+        for code, rtype in EMBEDDED.items():
+            if rtype != kind or not isinstance(first, dict):
+                continue
+            # a reference to another entry by its fullUrl (urn:uuid:…) names that
+            # entry's resource: Type/id, as the document's reader resolves it
+            names = {e["fullUrl"]: f"{r['resourceType']}/{r['id']}" for e in entries or ()
+                     if isinstance(e, dict) and isinstance(e.get("fullUrl"), str)
+                     and isinstance(r := e.get("resource"), dict)
+                     and isinstance(r.get("resourceType"), str)
+                     and isinstance(r.get("id"), str)}
+            rows_of = self.extract(_resolved(first, names) if names else first)
+            for table, rows in rows_of.items():
+                out[table].extend((f"{code}.{r[0]}", *r[1:]) for r in rows)
 
     def _run(self, entries: tuple[_Entry, ...], start: list[Any], out: dict[str, Rows]) -> None:
         for code, table, run, conv in entries:

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
-from gateway.fhir.indexer import composite_supported, date_bounds, normalize_string
+from gateway.fhir.indexer import EMBEDDED, composite_supported, date_bounds, normalize_string
 from gateway.fhir.outcome import Code, FhirError
 
 if TYPE_CHECKING:
@@ -383,6 +383,9 @@ _IGNORED = frozenset(
      "_containedType"}
 )
 _UNSUPPORTED_CONTROL = frozenset({"_filter", "_list", "_query", "_text", "_content"})
+#: parameters answered from the resource table, which a Bundle's first resource
+#: is not in (``Parser.embedded``)
+NOT_EMBEDDED = frozenset({"_id", "_lastUpdated"})
 _RESULT_PARAMS = frozenset(
     {"_sort", "_count", "_total", "_summary", "_elements", "_include", "_revinclude", "_type"}
 )
@@ -767,6 +770,8 @@ class _Parser:
         p = pmap.get(code)
         if p is None:
             raise _Unknown(f"Unknown search parameter '{code}' for {self.where(rt)}")
+        if dot and rt == "Bundle" and code in EMBEDDED:
+            return self.embedded(p, modifier, tail, value, depth)
         if dot:
             return self.chain(rt, p, modifier, tail, value, depth)
         if p.type == "special" or (p.type == "composite" and not composite_supported(p)):
@@ -838,6 +843,23 @@ class _Parser:
                 f" (in '{p.code}.{tail}' on {self.where(rt)})"
             )
         return Criterion(p.code, "reference", modifier or None, (), tuple(links))
+
+    def embedded(
+        self, p: _Param, modifier: str, tail: str, value: str, depth: int
+    ) -> Criterion | None:
+        """A chain into a Bundle's first resource (``composition.subject=…``): a criterion
+        on the rows the Bundle holds for it (``gateway.fhir.indexer.EMBEDDED``)."""
+        target = EMBEDDED[p.code]
+        if modifier and modifier != target:
+            raise _invalid(f"Search parameter '{p.code}' cannot refer to {modifier}")
+        inner = self.criterion(target, self.params_of(target), tail, value, depth + 1)
+        if inner is None:
+            return None
+        if inner.code in NOT_EMBEDDED or inner.has is not None:
+            raise _Unsupported(f"'{p.code}.{inner.code}' is not supported: "
+                               f"search the Bundle's {p.code} by its content")
+        return replace(inner, code=f"{p.code}.{inner.code}",
+                       stored=tuple(f"{p.code}.{c}" for c in inner.stored))
 
     def has(self, rt: str | None, name: str, value: str, depth: int) -> Criterion | None:
         parts = name.split(":", 3)

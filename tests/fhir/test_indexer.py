@@ -18,6 +18,7 @@ from gateway.fhir import json as fjson
 from gateway.fhir.indexer import (
     DATE_MAX,
     DATE_MIN,
+    EMBEDDED,
     ISO4217,
     MAX_KEY_BYTES,
     MAX_LEN,
@@ -824,6 +825,10 @@ def test_examples_agree_with_fhirpathpy(ix: Indexer) -> None:
                 for value in compiled[key]([resource]):
                     _expected(sp.type, value, expected, ix.resource_types)
             expected.discard("")
+            if rt == "Bundle" and code in EMBEDDED:
+                # Bundle.entry[0].resource: the first resource when it has the
+                # parameter's target type (Composition, MessageHeader)
+                expected = {v for v in expected if v.startswith(f"{EMBEDDED[code]}/")}
             codes = sp.stored_as or (code,)  # a union of others: their rows
             got = {_got(sp.type, r) for r in out[sp.table or ""] if r[0] in codes} - {None}
             checked += 1
@@ -834,3 +839,39 @@ def test_examples_agree_with_fhirpathpy(ix: Indexer) -> None:
                                   f"{sorted(str(g) for g in got - expected)[:3]}")
     assert checked > 5000 and nonempty > 1500
     assert mismatches == [], "\n".join(mismatches)
+
+
+def test_a_bundles_first_resource_is_indexed_under_the_bundle(ix: Indexer) -> None:
+    """``Bundle.composition``/``message`` are the first entry itself (R4), not stored on
+    its own: its rows go under ``composition.<param>``, references between entries by
+    fullUrl resolved to the entry's Type/id; the reference row only under the parameter
+    of its type."""
+    document = {"resourceType": "Bundle", "id": "b", "type": "document", "entry": [
+        {"fullUrl": "urn:uuid:c", "resource": {
+            "resourceType": "Composition", "id": "c1", "status": "final",
+            "type": {"coding": [{"system": "http://loinc.org", "code": "18842-5"}]},
+            "subject": {"reference": "urn:uuid:p"}, "date": "2024-01-02",
+            "author": [{"reference": "Practitioner/d"}], "title": "Entlassbrief"}},
+        {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient", "id": "p1"}}]}
+    rows = ix.extract(document)
+    refs = {(r[0], r[1], r[2]) for r in rows["sp_reference"]}
+    assert refs == {("composition", "Composition", "c1"),
+                    ("composition.subject", "Patient", "p1"),
+                    ("composition.patient", "Patient", "p1"),
+                    ("composition.author", "Practitioner", "d")}
+    assert ("composition.type", "http://loinc.org", "18842-5") in {
+        r[:3] for r in rows["sp_token"]}
+    assert {r[0] for r in rows["sp_string"]} == {"composition.title"}
+    message = {"resourceType": "Bundle", "type": "message", "entry": [{"resource": {
+        "resourceType": "MessageHeader", "id": "m1",
+        "eventCoding": {"system": "urn:test:events", "code": "discharge"},
+        "source": {"endpoint": "urn:test:his"}}}]}
+    rows = ix.extract(message)
+    assert {(r[0], r[1], r[2]) for r in rows["sp_reference"]} == {
+        ("message", "MessageHeader", "m1")}
+    assert ("message.event", "urn:test:events", "discharge") in {
+        r[:3] for r in rows["sp_token"]}
+    collection = {"resourceType": "Bundle", "type": "collection",
+                  "entry": [{"resource": {"resourceType": "Patient", "id": "x"}}]}
+    assert all(not r[0].startswith(("composition", "message"))
+               for table in ix.extract(collection).values() for r in table)

@@ -431,6 +431,12 @@ def test_a_document_bundle_goes_where_its_patient_goes(world: World) -> None:
     found = {e["resource"]["id"] for e in b.get("/Bundle", params={
         "_id": ",".join((*shared, own, collection))}).json().get("entry", [])}
     assert found == set(shared)
+    # searched by their Composition's patient: the same documents, no others
+    for c, pid, wanted in ((b, "p3", set(shared)), (b, "p1", set()), (a, "p1", {own})):
+        r = c.get("/Bundle", params={"composition.patient": world.patients[pid],
+                                     "_count": "100"})
+        assert r.status_code == 200, r.text
+        assert {e["resource"]["id"] for e in r.json().get("entry", [])} == wanted, pid
     # read by those in the patient's care, changed by its sender alone
     letter = b.get(f"/Bundle/{shared[0]}").json()
     assert b.put(f"/Bundle/{shared[0]}", json={**letter, "timestamp": "2026-11-24T10:00:00Z"}
