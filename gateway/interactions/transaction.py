@@ -8,7 +8,10 @@ POST, PUT/PATCH, then GET/HEAD, which run inside the transaction: they see
 its writes, and their failure fails it); ``fullUrl`` names (``urn:uuid:…``)
 and conditional references (``Patient?identifier=…``) are resolved and
 rewritten in every resource; identical conditional creates in one Bundle
-yield one resource. A batch runs each entry on its own.
+yield one resource, and a conditional reference with the criteria of such a
+create names the resource it found or makes (as HAPI does: Synthea's Bundles
+refer to their Organizations and Practitioners so). A batch runs each entry
+on its own.
 """
 
 from __future__ import annotations
@@ -229,7 +232,7 @@ class _Transaction:
             cond = e.headers.get("if-none-exist")
             if cond:
                 criteria = if_none_exist_criteria(cond, e.resource_type)
-                key = (e.resource_type, "&".join(sorted(f"{k}={v}" for k, v in criteria)))
+                key = (e.resource_type, _criteria_key(criteria))
                 first = self.conditional_creates.get(key)
                 if first is not None:  # identical conditional create: same resource
                     e.id = first.id
@@ -307,7 +310,15 @@ class _Transaction:
                     rt, _, query = ref.partition("?")
                     check_type(self.ctx, rt)
                     guard.require(rt, "search")
-                    found = await single_match(self.ctx, self.tx, rt, parse_criteria(query))
+                    criteria = parse_criteria(query)
+                    # the criteria of a conditional create in this Bundle: the resource
+                    # it found or creates (as a Bundle with the Practitioners and
+                    # Organizations its entries refer to by identifier is written)
+                    same = self.conditional_creates.get((rt, _criteria_key(criteria)))
+                    if same is not None and same.id is not None:
+                        self.resolved_refs[ref] = f"{rt}/{same.id}"
+                        continue
+                    found = await single_match(self.ctx, self.tx, rt, criteria)
                     if found is None:
                         raise FhirError(Code.UNRESOLVED_REFERENCE,
                                         f"conditional reference '{ref[:200]}' matches nothing")
@@ -364,6 +375,11 @@ class _Transaction:
                                     if_match=e.headers.get("if-match"),
                                     new_patients=self.new_patients)
             e.outcome = (stored, 200)
+
+
+def _criteria_key(criteria: list[tuple[str, str]]) -> str:
+    """The same criteria, however ordered or encoded, give the same key."""
+    return "&".join(sorted(f"{k}={v}" for k, v in criteria))
 
 
 def _collect_conditional(node: Any, out: list[str]) -> None:

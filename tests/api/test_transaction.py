@@ -182,6 +182,48 @@ def test_transaction_conditional_reference_and_identical_conditional_creates(
     assert len(search_ids(client, "/Organization", identifier=f"urn:test:org|{org_ident}")) == 1
 
 
+def test_conditional_reference_to_a_conditional_create_in_the_same_bundle(
+    client: httpx.Client,
+) -> None:
+    """Synthea's shape: the Bundle brings the Organization it refers to by identifier
+    (``ifNoneExist``), and its entries name it by that search. The reference names
+    the resource the conditional create found or made."""
+    ident = f"https://github.com/synthetichealth/synthea|{unique('org')}"
+    criteria = f"identifier={ident}"
+
+    def bundle() -> dict[str, Any]:
+        return tx([
+            {"fullUrl": urn(), "resource": {"resourceType": "Encounter", "status": "finished",
+                                            "class": {"code": "AMB"},
+                                            "serviceProvider": {
+                                                "reference": f"Organization?{criteria}"}},
+             "request": {"method": "POST", "url": "Encounter"}},
+            {"fullUrl": urn(), "resource": {
+                "resourceType": "Organization", "name": "Klinikum",
+                "identifier": [{"system": ident.split("|")[0], "value": ident.split("|")[1]}]},
+             # the same criteria, written otherwise (encoded, as a search URL)
+             "request": {"method": "POST", "url": "Organization",
+                         "ifNoneExist": f"Organization?identifier={ident.replace('|', '%7C')}"}},
+        ])
+
+    first = send(client, bundle())
+    assert first.status_code == 200, first.text
+    enc, org = entry_locations(first)
+    org_id = id_in(org, "Organization")
+    assert first.json()["entry"][1]["response"]["status"].startswith("201")
+    encounter = client.get(f"/Encounter/{id_in(enc, 'Encounter')}").json()
+    assert encounter["serviceProvider"]["reference"] == f"Organization/{org_id}"
+    # again: the Organization exists now; the reference names it, nothing new is made
+    again = send(client, bundle())
+    assert again.status_code == 200, again.text
+    enc2, org2 = entry_locations(again)
+    assert id_in(org2, "Organization") == org_id
+    assert again.json()["entry"][1]["response"]["status"].startswith("200")
+    encounter = client.get(f"/Encounter/{id_in(enc2, 'Encounter')}").json()
+    assert encounter["serviceProvider"]["reference"] == f"Organization/{org_id}"
+    assert search_ids(client, "/Organization", identifier=ident) == [org_id]
+
+
 def test_unresolvable_conditional_reference_fails_the_transaction(client: httpx.Client) -> None:
     bundle = tx([{
         "fullUrl": urn(),
