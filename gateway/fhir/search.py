@@ -713,7 +713,14 @@ class _Parser:
                 continue
             desc = item.startswith("-")
             code = item[1:] if desc else item
-            p = top.get(code)
+            head, dot, tail = code.partition(".")
+            prefix = ""
+            if dot and rt == "Bundle" and head in EMBEDDED and tail not in NOT_EMBEDDED:
+                # by the Bundle's first resource (composition.date): its rows, kept
+                # with the Bundle (Parser.embedded)
+                prefix, p = f"{head}.", self.params_of(EMBEDDED[head]).get(tail)
+            else:
+                p = top.get(code)
             if p is None:
                 raise _invalid(f"_sort: unknown search parameter '{code}' for {self.where(rt)}")
             if p.type not in ("string", "token", "date", "number", "quantity", "reference",
@@ -721,7 +728,7 @@ class _Parser:
                 raise _invalid(f"_sort: cannot sort by {p.type} parameter '{code}'")
             if p.code not in ("_id", "_lastUpdated") and not p.expression:
                 raise _invalid(f"_sort: parameter '{code}' is not indexed")
-            keys.append(SortKey(code, desc, p.type, p.stored_as))
+            keys.append(SortKey(code, desc, p.type, tuple(prefix + c for c in p.stored_as)))
         return keys
 
     def include(

@@ -18,12 +18,13 @@ LOINC = "http://loinc.org"
 
 
 def document(subject: str, *, code: str = "18842-5", title: str = "Entlassbrief",
-             patient_entry: dict[str, Any] | None = None) -> dict[str, Any]:
+             patient_entry: dict[str, Any] | None = None,
+             date: str = "2026-11-20") -> dict[str, Any]:
     entries: list[dict[str, Any]] = [{
         "fullUrl": f"urn:uuid:{unique()}",
         "resource": {"resourceType": "Composition", "status": "final",
                      "type": {"coding": [{"system": LOINC, "code": code}]},
-                     "subject": {"reference": subject}, "date": "2026-11-20",
+                     "subject": {"reference": subject}, "date": date,
                      "author": [{"display": "Klinikum"}], "title": title}}]
     if patient_entry is not None:
         entries.append(patient_entry)
@@ -84,6 +85,20 @@ def test_messages_are_found_by_their_header(client: httpx.Client) -> None:
         mid]
     assert search_ids(client, "/Bundle", **{"composition.type": f"urn:test:events|{event}"}
                       ) == []
+
+
+def test_documents_sort_by_their_composition(client: httpx.Client) -> None:
+    pid = stored(client, patient(unique("mrn")))
+    dates = ["2026-03-01", "2026-11-01", "2025-07-15"]
+    ids = {stored(client, document(f"Patient/{pid}", date=d)): d for d in dates}
+    newest_first = search_ids(client, "/Bundle", **{"composition.patient": pid,
+                                                     "_sort": "-composition.date"})
+    assert [ids[i] for i in newest_first] == sorted(dates, reverse=True)
+    by_title_then_date = search_ids(client, "/Bundle", **{
+        "composition.patient": pid, "_sort": "composition.title,composition.date"})
+    assert [ids[i] for i in by_title_then_date] == sorted(dates)
+    unknown = client.get("/Bundle", params={"_sort": "composition._id"})
+    assert unknown.status_code == 400
 
 
 def test_what_a_bundle_chain_cannot_answer_is_said(client: httpx.Client) -> None:
