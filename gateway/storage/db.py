@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from functools import lru_cache
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
@@ -94,8 +94,21 @@ class _SqliteConnection:
         return None
 
 
+#: rows ``ANALYZE`` samples per index (``PRAGMA analysis_limit``): milliseconds at any
+#: size, and enough for the planner to tell a resource's rows from a parameter's
+ANALYSIS_LIMIT = 1000
+
+
 class SqliteDatabase:
-    """One writer connection (SQLite allows one writer) and a few readers (WAL)."""
+    """One writer connection (SQLite allows one writer) and a few readers (WAL).
+
+    The query planner needs statistics (``sqlite_stat1``, written by ``ANALYZE``):
+    without them it guesses, and on the index tables it guesses wrong (a sort
+    looked up every row of the parameter for every resource: 11 s for 3,000
+    Patients instead of 36 ms). :meth:`analyze` refreshes them; a connection
+    loads them when it opens, so readers opened before are replaced when next
+    used.
+    """
 
     dialect = "sqlite"
 
@@ -106,6 +119,8 @@ class SqliteDatabase:
         self._write_lock = asyncio.Lock()
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all: list[aiosqlite.Connection] = []
+        self._statistics = 0  # how often ANALYZE ran
+        self._loaded: dict[aiosqlite.Connection, int] = {}  # reader -> statistics it has
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
@@ -119,12 +134,26 @@ class SqliteDatabase:
     async def open(self) -> None:
         self._writer = await self._connect()
         for _ in range(self._readers_n):
-            self._readers.put_nowait(await self._connect())
+            self._readers.put_nowait(await self._reader())
+
+    async def _reader(self) -> aiosqlite.Connection:
+        conn = await self._connect()
+        self._loaded[conn] = self._statistics
+        return conn
 
     async def close(self) -> None:
         for conn in self._all:
             await conn.close()
         self._all.clear()
+        self._loaded.clear()
+
+    async def analyze(self, limit: int = ANALYSIS_LIMIT) -> None:
+        """Refresh the query planner's statistics (sampling ``limit`` rows per index)."""
+        assert self._writer is not None, "database not opened"
+        async with self._write_lock:
+            await self._writer.execute(f"PRAGMA analysis_limit={int(limit)}")
+            await self._writer.execute("ANALYZE")
+        self._statistics += 1
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
@@ -154,6 +183,19 @@ class SqliteDatabase:
                 yield _SqliteConnection(self._writer)
             return
         conn = await self._readers.get()
+        if self._loaded.get(conn) != self._statistics:
+            # opened before the last ANALYZE: a new connection loads the statistics
+            # (reloading them in place would need the write lock)
+            try:
+                fresh = await self._reader()
+            except BaseException:
+                self._readers.put_nowait(conn)  # keep it; the next use tries again
+                raise
+            stale, conn = conn, fresh
+            self._loaded.pop(stale, None)
+            self._all.remove(stale)
+            with suppress(Exception):  # a connection that will not close is dropped
+                await stale.close()
         try:
             await conn.execute("BEGIN")
             try:

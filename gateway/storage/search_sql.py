@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from gateway.fhir.indexer import clip, clip_normalized
+from gateway.fhir.indexer import MAX_LEN, clip, clip_normalized
 from gateway.fhir.search import (
     CompositeValue,
     Criterion,
@@ -359,6 +359,11 @@ def _value(c: Criterion, v: Value, t: str, ctx: _Ctx) -> Frag:
                 [pat + "%", "% " + pat + "%"],
             )
         if c.modifier == "exact":
+            if len(v.text) < MAX_LEN and v.normalized:
+                # a row with this exact text holds its normalised form as well: the
+                # value index finds the few candidates (the text itself is not indexed)
+                return (f"({t}.value = ? AND {t}.exact = ?)",
+                        [clip_normalized(v.normalized), v.text])
             return f"{t}.exact = ?", [v.text]
         normalized = clip_normalized(v.normalized)  # as stored
         pat = like_escape(normalized) + "%"

@@ -1,0 +1,92 @@
+"""SQLite's query planner gets statistics as the data grows (gateway/storage/planner.py).
+
+Without them it walked every ``family`` row for every Patient to sort by family
+name, and every Patient to find one by identifier. The plans are read with
+``EXPLAIN QUERY PLAN`` on a reader connection, the kind searches use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from gateway.fhir.indexer import Indexer
+from gateway.fhir.search import parse_search
+from gateway.registry import Registry
+from gateway.storage import search_sql
+from gateway.storage.db import SqliteDatabase
+from gateway.storage.interface import StoreTransaction
+from gateway.storage.planner import MIN_VERSIONS, PlannerStatistics
+from gateway.storage.sql import SqlStore
+from tests.conftest import sql_store
+
+INDEXER = Indexer.from_profiles()
+REGISTRY = Registry.load()
+
+
+def patient(i: int) -> dict[str, Any]:
+    return {"resourceType": "Patient", "id": f"p{i}",
+            "identifier": [{"system": "urn:test:mrn", "value": str(i)}],
+            "name": [{"family": f"Family{i % 50}", "given": ["Erika", "Maria"]}],
+            "address": [{"line": ["Hauptstr. 1"], "city": "Berlin", "postalCode": "10115"}],
+            "telecom": [{"system": "phone", "value": f"030-{i}"}], "gender": "female"}
+
+
+async def put_patients(store: SqlStore, first: int, n: int) -> None:
+    async def work(tx: StoreTransaction) -> None:
+        for i in range(first, first + n):
+            await tx.put("Patient", f"p{i}", patient(i), "PUT", None)
+
+    await store.run(work)
+
+
+async def plan(store: SqlStore, pairs: list[tuple[str, str]]) -> str:
+    query = parse_search("Patient", pairs, REGISTRY.search_params)
+    sql, params = search_sql.select_ids(query, "sqlite", 21)
+    async with store.db.read() as conn:
+        rows = await conn.fetch(f"EXPLAIN QUERY PLAN {sql}", params)
+    return " / ".join(str(r[3]) for r in rows)
+
+
+async def test_statistics_follow_the_data_and_reach_the_readers(tmp_path: Path) -> None:
+    async with sql_store("sqlite", tmp_path, INDEXER) as store:
+        db = store.db
+        assert isinstance(db, SqliteDatabase)
+        stats = PlannerStatistics(db)
+        assert not await stats.refresh(force=True)  # nothing stored yet
+        await put_patients(store, 0, MIN_VERSIONS - 1)
+        assert not await stats.refresh()
+        sort = [("_sort", "family")]
+        by_identifier = [("identifier", "urn:test:mrn|7")]
+        # the guesses: the sort walks the parameter's rows for each resource
+        assert "sp_string_res" not in await plan(store, sort)
+
+        await put_patients(store, MIN_VERSIONS, 1)
+        assert await stats.refresh()
+        assert stats.analyzed_at == MIN_VERSIONS
+        sorted_plan = await plan(store, sort)
+        assert "sp_string_res" in sorted_plan, sorted_plan  # one resource's rows
+        found = await plan(store, by_identifier)
+        assert "sp_token_code" in found and "resource_type_created" not in found, found
+        # not again until the data has doubled
+        await put_patients(store, MIN_VERSIONS + 1, 10)
+        assert not await stats.refresh()
+        await put_patients(store, MIN_VERSIONS + 11, MIN_VERSIONS)
+        assert await stats.refresh()
+
+
+async def test_the_service_refreshes_after_commits(tmp_path: Path) -> None:
+    async with sql_store("sqlite", tmp_path, INDEXER) as store:
+        stats = PlannerStatistics(store.db)
+        await stats.start()
+        try:
+            await put_patients(store, 0, MIN_VERSIONS)
+            stats.wake()
+            for _ in range(100):
+                if stats.analyzed_at:
+                    break
+                await asyncio.sleep(0.05)
+            assert stats.analyzed_at == MIN_VERSIONS
+        finally:
+            await stats.stop()
