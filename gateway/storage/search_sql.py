@@ -362,7 +362,7 @@ def _value(c: Criterion, v: Value, t: str, ctx: _Ctx) -> Frag:
             if len(v.text) < MAX_LEN and v.normalized:
                 # a row with this exact text holds its normalised form as well: the
                 # value index finds the few candidates (the text itself is not indexed)
-                return (f"({t}.value = ? AND {t}.exact = ?)",
+                return (f"({ctx.text(f'{t}.value')} = ? AND {t}.exact = ?)",
                         [clip_normalized(v.normalized), v.text])
             return f"{t}.exact = ?", [v.text]
         normalized = clip_normalized(v.normalized)  # as stored
