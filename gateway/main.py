@@ -24,7 +24,7 @@ from gateway.security.auth import Authenticator
 from gateway.security.policy import AccessPolicy, PolicyIndexer, load_rules
 from gateway.settings import Settings
 from gateway.storage.commit_hooks import HookedSqlStore
-from gateway.storage.db import SqliteDatabase, open_database
+from gateway.storage.db import open_database
 from gateway.storage.planner import PlannerStatistics
 from gateway.storage.retention import Retention
 from gateway.subscriptions import SubscriptionService
@@ -99,10 +99,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     retention = Retention(store.db, outbox_hours=settings.outbox_retention_hours,
                           subscription_event_hours=settings.subscription_event_retention_hours)
     services: list[Service] = [audit, AuditChainer(store.db), events, subscriptions, retention]
-    if isinstance(store.db, SqliteDatabase):
-        statistics = PlannerStatistics(store.db)
-        store.after_commit.append(statistics.wake)
-        services.append(statistics)
+    statistics = PlannerStatistics(store.db)
+    store.after_commit.append(statistics.wake)
+    services.append(statistics)
     auth = Authenticator(store.db, settings)
 
     async def startup() -> None:

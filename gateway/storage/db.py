@@ -45,6 +45,8 @@ class Database(Protocol):
     async def close(self) -> None: ...
     def transaction(self) -> Any: ...
     def read(self) -> Any: ...
+    async def analyze(self) -> None:
+        """Refresh the query planner's statistics."""
 
 
 def open_database(url: str, pool_size: int = 10, schema: str | None = None) -> Database:
@@ -370,3 +372,15 @@ class PostgresDatabase:
         assert self._pool is not None, "database not opened"
         async with self._pool.acquire() as conn:
             yield _PostgresConnection(conn)
+
+    async def analyze(self) -> None:
+        """Refresh the planner's statistics of the gateway's tables (its schema's):
+        what autovacuum does after its own delay, sampled, blocking no reader or
+        writer."""
+        assert self._pool is not None, "database not opened"
+        async with self._pool.acquire() as conn:
+            tables = [r[0] for r in await conn.fetch(
+                "SELECT quote_ident(tablename) FROM pg_tables"
+                " WHERE schemaname = current_schema()")]
+            if tables:
+                await conn.execute(f"ANALYZE {', '.join(tables)}")

@@ -1,13 +1,16 @@
-"""Query planner statistics for the embedded database (SQLite).
+"""Query planner statistics, kept in step with the data's growth.
 
-PostgreSQL keeps its statistics itself (autovacuum's ``ANALYZE``). SQLite has
-none until ``ANALYZE`` runs, and its guesses about the search index tables are
-wrong in the way that hurts: a sort or an ``IN`` subquery walks every row of
-the parameter or every resource of the type instead of the few that match.
-:class:`PlannerStatistics` runs :meth:`SqliteDatabase.analyze` when the stored
-versions have doubled since the last time (from :data:`MIN_VERSIONS` on), and
-once at start when there is data: a few milliseconds each time, since
-``ANALYZE`` samples a bounded number of rows per index.
+Without statistics the planners guess, and their guesses about the search
+index tables are wrong in the way that hurts: a sort looks up every row of the
+parameter for every resource, an ``IN`` subquery walks every resource of the
+type. SQLite has none until ``ANALYZE`` runs; PostgreSQL's autovacuum analyzes
+a table only after a delay and a share of changed rows, so a freshly loaded
+database was planned blind (``Observation?code=…&_sort=-date`` over 9,000
+Observations: 10 s, 69 ms once analyzed). :class:`PlannerStatistics` runs the
+database's ``analyze`` once at start when there is data and whenever the stored
+versions have doubled since (from :data:`MIN_VERSIONS` on): sampled, so a few
+milliseconds on SQLite and under a second on PostgreSQL, about twenty times
+in a database's first million versions.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import asyncio
 import logging
 
 from gateway import tasks
-from gateway.storage.db import SqliteDatabase
+from gateway.storage.db import Database
 
 log = logging.getLogger("carepath.storage")
 
@@ -27,10 +30,10 @@ CHECK_INTERVAL = 1.0
 
 
 class PlannerStatistics:
-    """Keeps SQLite's planner statistics in step with the data's growth. ``wake``
-    is a commit listener (``HookedSqlStore.after_commit``)."""
+    """Keeps the planner's statistics in step with the data's growth. ``wake`` is a
+    commit listener (``HookedSqlStore.after_commit``)."""
 
-    def __init__(self, db: SqliteDatabase) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
         self.analyzed_at = 0  # stored versions when ANALYZE last ran
         self._wake = asyncio.Event()

@@ -525,6 +525,9 @@ class _Within:
     async def close(self) -> None:
         raise RuntimeError("a transaction's view is closed with the transaction")
 
+    async def analyze(self) -> None:
+        raise RuntimeError("statistics are refreshed on the database, not in a transaction")
+
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Connection]:
         await self._tx._flush()
