@@ -1,0 +1,165 @@
+"""Search at scale: ``python -m bench.search``.
+
+Loads ``--bundles`` transaction Bundles (the REST benchmark's: a Patient, an
+Encounter and three Observations each) into a fresh database, then times
+typical searches (by reference, code and date with a sort, chains, ``_has``,
+``_revinclude``, sorts, counts, ``$everything``) with the gateway's ASGI app
+called in process: no HTTP, so the figures are the query plans and the
+gateway's search code. One JSON line per search: milliseconds (best of
+``--repeat``), status, total and entries returned.
+
+PostgreSQL: a fresh schema is created and dropped; SQLite: a file in a
+temporary directory. The planner statistics service runs as in ``carepath
+serve`` (``gateway/storage/planner.py``); ``--settle`` seconds after loading
+let it catch up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+from bench.rest import transaction_bytes
+from gateway.main import create_app
+from gateway.settings import Settings
+
+
+async def asgi(app: Any, method: str, path: str, query: str = "",
+               body: bytes = b"") -> tuple[int, bytes]:
+    """One request through the ASGI app: (status, body)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": query.encode(), "root_path": "",
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/fhir+json"),
+                         (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    chunks: list[bytes] = []
+    status = 0
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client never disconnects
+        return {}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+def searches(pid: str, eid: str, patient: dict[str, Any]) -> list[tuple[str, str]]:
+    ident = patient["identifier"][0]
+    family = patient["name"][0]["family"]
+    hr = "http://loinc.org|8867-4"
+    return [
+        ("Observation", f"subject=Patient/{pid}"),
+        ("Observation", f"patient={pid}&code={hr}"),
+        ("Observation", f"code={hr}&date=ge2020&_sort=-date&_count=10"),
+        ("Observation", f"subject:Patient.identifier={ident['system']}|{ident['value']}"),
+        ("Observation", f"subject.family={family}"),
+        ("Patient", "_has:Observation:subject:code=http://loinc.org|59408-5&_count=10"),
+        ("Encounter", f"subject={pid}&_revinclude=Observation:encounter"),
+        ("Patient", f"_id={pid}&_revinclude=Observation:subject&_revinclude=Encounter:subject"),
+        ("Observation", f"encounter=Encounter/{eid}"),
+        ("Observation", f"code={hr}&_summary=count"),
+        ("Observation", "status=final&_count=10"),
+        ("Observation", "code:text=heart&_count=10"),
+        ("Patient", "_sort=-_lastUpdated&_count=10"),
+        ("Patient", "_sort=birthdate&_count=10"),
+        ("Patient", "_sort=family&_count=10"),
+        ("Patient", f"identifier={ident['value']}"),
+        ("Patient", f"name:exact={family}"),
+        ("Patient", f"name={family[:4]}&_count=10"),
+        ("", "_type=Patient,Observation&_lastUpdated=gt2020&_count=10"),
+        (f"Patient/{pid}/$everything", ""),
+    ]
+
+
+async def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> None:
+    schema = None
+    tmp = tempfile.TemporaryDirectory(prefix="carepath-bench-search-")
+    if args.db.startswith("sqlite"):
+        settings = Settings.from_env(database_url=f"sqlite:///{Path(tmp.name) / 'bench.db'}")
+    else:
+        schema = f"bench_search_{uuid.uuid4().hex[:8]}"
+        conn = await asyncpg.connect(args.db)
+        await conn.execute(f"CREATE SCHEMA {schema}")
+        await conn.close()
+        settings = Settings.from_env(database_url=args.db, database_schema=schema)
+    try:
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            t0 = time.perf_counter()
+            keys: list[tuple[str, str]] = []
+            gate = asyncio.Semaphore(8)
+
+            async def load(i: int) -> None:
+                async with gate:
+                    status, body = await asgi(app, "POST", "/fhir", body=transaction_bytes(
+                        args.seed, i))
+                    if status != 200:
+                        raise RuntimeError(f"load failed: {status} {body[:200]!r}")
+                    loc = [e["response"]["location"] for e in orjson.loads(body)["entry"]]
+                    keys.append((loc[0].split("/")[-3], loc[1].split("/")[-3]))
+
+            await asyncio.gather(*(load(i) for i in range(args.bundles)))
+            emit({"loaded_bundles": args.bundles, "resources": 5 * args.bundles,
+                  "seconds": round(time.perf_counter() - t0, 1), "backend": settings.database_url
+                  .split(":", 1)[0]})
+            await asyncio.sleep(args.settle)
+            pid, eid = keys[len(keys) // 2]
+            _, raw = await asgi(app, "GET", f"/fhir/Patient/{pid}")
+            for path, query in searches(pid, eid, orjson.loads(raw)):
+                full = f"/fhir/{path}" if path else "/fhir"
+                best = float("inf")
+                status, body = 0, b""
+                for _ in range(args.repeat):
+                    t = time.perf_counter()
+                    status, body = await asgi(app, "GET", full, query)
+                    best = min(best, time.perf_counter() - t)
+                found = orjson.loads(body)
+                emit({"search": f"{path}?{query}" if query else path, "ms": round(best * 1e3, 2),
+                      "status": status, "total": found.get("total"),
+                      "entries": len(found.get("entry", []))})
+    finally:
+        if schema:
+            conn = await asyncpg.connect(args.db)
+            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+            await conn.close()
+        tmp.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--db", default="postgresql://127.0.0.1/test",
+                        help="postgresql://… (a fresh schema) or sqlite (a temporary file)")
+    parser.add_argument("--bundles", type=int, default=3000, help="Bundles to load (3000)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per search; best kept (3)")
+    parser.add_argument("--settle", type=float, default=2.0,
+                        help="seconds to wait after loading (2)")
+    parser.add_argument("--seed", type=int, default=11, help="seed of the synthetic data")
+    args = parser.parse_args()
+    asyncio.run(run(args, lambda row: print(json.dumps(row), flush=True)))
+
+
+if __name__ == "__main__":
+    main()
