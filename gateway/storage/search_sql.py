@@ -513,8 +513,11 @@ def _sort_expr(key: SortKey, ctx: _Ctx) -> Frag:
     asc_col, desc_col, is_text = spec
     s = ctx.alias("s")
     col = f"{s}.{desc_col if key.descending else asc_col}"
-    if is_text:
-        col = ctx.text(col)
+    # the value as an expression, not the bare column: MIN/MAX of an indexed column
+    # tempts a planner into walking the parameter's value index until it meets this
+    # resource (seconds on a few thousand resources when its statistics are stale);
+    # an expression leaves it the resource's own rows to aggregate
+    col = ctx.text(f"({col} || '')") if is_text else f"({col} + 0)"
     agg = "MAX" if key.descending else "MIN"
     param, codes = _param_is(s, key.codes)
     return (
