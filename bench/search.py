@@ -109,7 +109,7 @@ async def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) 
         app = create_app(settings)
         async with app.router.lifespan_context(app):
             t0 = time.perf_counter()
-            keys: list[tuple[str, str]] = []
+            keys: dict[int, tuple[str, str]] = {}  # Bundle number -> (Patient, Encounter)
             gate = asyncio.Semaphore(8)
 
             async def load(i: int) -> None:
@@ -119,14 +119,14 @@ async def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) 
                     if status != 200:
                         raise RuntimeError(f"load failed: {status} {body[:200]!r}")
                     loc = [e["response"]["location"] for e in orjson.loads(body)["entry"]]
-                    keys.append((loc[0].split("/")[-3], loc[1].split("/")[-3]))
+                    keys[i] = (loc[0].split("/")[-3], loc[1].split("/")[-3])
 
             await asyncio.gather(*(load(i) for i in range(args.bundles)))
             emit({"loaded_bundles": args.bundles, "resources": 5 * args.bundles,
                   "seconds": round(time.perf_counter() - t0, 1), "backend": settings.database_url
                   .split(":", 1)[0]})
             await asyncio.sleep(args.settle)
-            pid, eid = keys[len(keys) // 2]
+            pid, eid = keys[len(keys) // 2]  # the same synthetic patient in every run
             _, raw = await asgi(app, "GET", f"/fhir/Patient/{pid}")
             for path, query in searches(pid, eid, orjson.loads(raw)):
                 full = f"/fhir/{path}" if path else "/fhir"
