@@ -45,8 +45,8 @@ class Database(Protocol):
     async def close(self) -> None: ...
     def transaction(self) -> Any: ...
     def read(self) -> Any: ...
-    async def analyze(self, tables: Sequence[str]) -> None:
-        """Refresh the query planner's statistics of ``tables``."""
+    async def analyze(self, tables: Sequence[str]) -> int:
+        """Refresh the query planner's statistics of ``tables``; how many it analyzed."""
 
 
 def open_database(url: str, pool_size: int = 10, schema: str | None = None) -> Database:
@@ -156,15 +156,16 @@ class SqliteDatabase:
         self._all.clear()
         self._loaded.clear()
 
-    async def analyze(self, tables: Sequence[str]) -> None:
+    async def analyze(self, tables: Sequence[str]) -> int:
         """Refresh the query planner's statistics of ``tables`` (sampling
-        :data:`ANALYSIS_LIMIT` rows per index)."""
+        :data:`ANALYSIS_LIMIT` rows per index); how many."""
         assert self._writer is not None, "database not opened"
         async with self._write_lock:
             await self._writer.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
             for table in tables:
                 await self._writer.execute(f"ANALYZE {_ident(table)}")
         self._statistics += 1
+        return len(tables)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
@@ -385,10 +386,11 @@ class PostgresDatabase:
         async with self._pool.acquire() as conn:
             yield _PostgresConnection(conn)
 
-    async def analyze(self, tables: Sequence[str]) -> None:
-        """Give the planner statistics of those of ``tables`` that were never analyzed:
-        autovacuum analyzes a table only after a delay and a share of changed rows,
-        and keeps it up to date from then on. Sampled; blocks no reader or writer."""
+    async def analyze(self, tables: Sequence[str]) -> int:
+        """Give the planner statistics of those of ``tables`` that were never analyzed
+        (how many): autovacuum analyzes a table only after a delay and a share of
+        changed rows, and keeps it up to date from then on. Sampled; blocks no reader
+        or writer."""
         assert self._pool is not None, "database not opened"
         async with self._pool.acquire() as conn:
             blind = [r[0] for r in await conn.fetch(
@@ -397,3 +399,4 @@ class PostgresDatabase:
                 " AND last_autoanalyze IS NULL", [_ident(t) for t in tables])]
             if blind:
                 await conn.execute(f"ANALYZE {', '.join(_ident(t) for t in blind)}")
+        return len(blind)

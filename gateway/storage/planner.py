@@ -62,14 +62,16 @@ class PlannerStatistics:
         return int(row[0]) if row and row[0] is not None else 0
 
     async def refresh(self, *, force: bool = False) -> bool:
-        """Run ``ANALYZE`` if the data has doubled since the last run (or ``force``
-        and there is data); whether it ran."""
+        """Ask the database to analyze if the data has doubled since the last time (or
+        ``force`` and there is data); whether it asked."""
         n = await self.versions()
         if n < MIN_VERSIONS or (not force and n < 2 * self.analyzed_at):
             return False
-        await self.db.analyze(TABLES)
+        analyzed = await self.db.analyze(TABLES)
         self.analyzed_at = n
-        log.info("planner statistics refreshed at %d stored versions", n)
+        if analyzed:
+            log.info("planner statistics of %d tables refreshed at %d stored versions",
+                     analyzed, n)
         return True
 
     async def _run(self) -> None:

@@ -525,7 +525,7 @@ class _Within:
     async def close(self) -> None:
         raise RuntimeError("a transaction's view is closed with the transaction")
 
-    async def analyze(self, tables: Sequence[str]) -> None:
+    async def analyze(self, tables: Sequence[str]) -> int:
         raise RuntimeError("statistics are refreshed on the database, not in a transaction")
 
     @asynccontextmanager
