@@ -28,6 +28,7 @@ Row shapes (the caller prefixes ``res_type``/``res_id``):
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import unicodedata
@@ -51,6 +52,7 @@ from gateway.fhir.paths import (
     root_name,
     split_union,
 )
+from gateway.fhir.references import rewrite
 
 Row = tuple[Any, ...]
 Rows = list[Row]
@@ -338,20 +340,6 @@ def _num(v: Any) -> float | None:
     except (ValueError, OverflowError):
         return None
     return f if math.isfinite(f) else None
-
-
-def _resolved(node: Any, names: dict[str, str]) -> Any:
-    """A copy of ``node`` with every ``reference`` found in ``names`` replaced by its
-    value."""
-    if isinstance(node, dict):
-        out = {k: _resolved(v, names) for k, v in node.items()}
-        ref = node.get("reference")
-        if isinstance(ref, str) and ref in names:
-            out["reference"] = names[ref]
-        return out
-    if isinstance(node, list):
-        return [_resolved(v, names) for v in node]
-    return node
 
 
 def _str(v: Any) -> str | None:
@@ -1239,7 +1227,8 @@ class Indexer:
             self._run(entries, x if isinstance(x, list) else [x], out)
         if plan.rooted:
             self._run(plan.rooted, [resource], out)
-        if rt == "Bundle":
+        if rt == "Bundle" and (codes is None or any(
+                c.partition(".")[0] in EMBEDDED for c in codes)):
             self._embedded(resource, out)
             if codes is not None:
                 out = {t: [r for r in rows if r[0] in codes] for t, rows in out.items()}
@@ -1267,7 +1256,7 @@ class Indexer:
                      and isinstance(r := e.get("resource"), dict)
                      and isinstance(r.get("resourceType"), str)
                      and isinstance(r.get("id"), str)}
-            rows_of = self.extract(_resolved(first, names) if names else first)
+            rows_of = self.extract(rewrite(copy.deepcopy(first), names) if names else first)
             for table, rows in rows_of.items():
                 out[table].extend((f"{code}.{r[0]}", *r[1:]) for r in rows)
 

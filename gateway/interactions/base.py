@@ -178,6 +178,15 @@ def parse_etag(value: str) -> int:
     return int(m.group(1))
 
 
+def version_number(version: str) -> int:
+    """A version id from a URL (``_history/[vid]``): ASCII digits only ("²" is a digit
+    to Python, not to int()), no more than a stored version (a 32-bit integer) has;
+    404 otherwise."""
+    if not (version.isascii() and version.isdigit()) or len(version) > 9:
+        raise FhirError(Code.VERSION_NOT_FOUND, f"version '{version[:20]}' is not known")
+    return int(version)
+
+
 def parse_criteria(query: str) -> list[tuple[str, str]]:
     """``identifier=a|b&name=x`` (If-None-Exist, conditional URLs) -> pairs."""
     pairs = parse_qsl(query.lstrip("?"), keep_blank_values=True)

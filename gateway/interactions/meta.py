@@ -23,7 +23,7 @@ from typing import Any
 
 from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
-from gateway.interactions.base import Context, FhirResponse, admit, run_write
+from gateway.interactions.base import Context, FhirResponse, admit, run_write, version_number
 from gateway.interactions.operations import Operation, OperationRequest
 from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
@@ -39,12 +39,7 @@ def _returned(meta: dict[str, Any]) -> FhirResponse:
 
 
 def _version(req: OperationRequest) -> int | None:
-    if req.version is None:
-        return None
-    v = req.version
-    if not (v.isascii() and v.isdigit()) or len(v) > 9:
-        raise FhirError(Code.VERSION_NOT_FOUND, f"version '{v[:20]}' is not known")
-    return int(v)
+    return None if req.version is None else version_number(req.version)
 
 
 def _content(stored: StoredResource | None, req: OperationRequest,

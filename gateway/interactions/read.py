@@ -13,7 +13,14 @@ from typing import Any
 
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import SearchQuery, parse_search
-from gateway.interactions.base import Context, FhirResponse, check_id, check_type, version_headers
+from gateway.interactions.base import (
+    Context,
+    FhirResponse,
+    check_id,
+    check_type,
+    version_headers,
+    version_number,
+)
 from gateway.interactions.search import shape
 from gateway.security import guard
 from gateway.storage.interface import StoredResource
@@ -86,15 +93,12 @@ async def vread(ctx: Context, resource_type: str, id: str, version: str,
     check_id(id)
     guard.require(resource_type, "vread")
     subsetting = _subsetting(ctx, resource_type, query or [])
-    # ASCII digits only ("²" is a digit to Python, not to int()), and no more of them
-    # than a version number the store keeps (a 32-bit integer) can have
-    if not (version.isascii() and version.isdigit()) or len(version) > 9:
-        raise FhirError(Code.VERSION_NOT_FOUND, f"version '{version[:20]}' is not known")
+    number = version_number(version)
     current = await ctx.store.read(resource_type, id)
     if current is None:
         raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
     await guard.ensure_visible(ctx.access, ctx.store, current)
-    stored = await ctx.store.vread(resource_type, id, int(version))
+    stored = await ctx.store.vread(resource_type, id, number)
     if stored is None:
         raise FhirError(Code.VERSION_NOT_FOUND,
                         f"{resource_type}/{id} has no version {version}")

@@ -41,7 +41,7 @@ from gateway.interactions.base import (
     parse_criteria,
     run_write,
 )
-from gateway.interactions.conditional import single_match
+from gateway.interactions.conditional import criteria_key, single_match
 from gateway.interactions.create import create_in, new_id
 from gateway.interactions.delete import delete_in
 from gateway.interactions.patch import check_patch, patch_in
@@ -178,7 +178,7 @@ class _Transaction:
         self.tx = tx
         self.entries = entries
         self.names: dict[str, str] = {}  # fullUrl -> Type/id
-        self.conditional_creates: dict[tuple[str, str], Entry] = {}
+        self.conditional_creates: dict[str, Entry] = {}  # criteria_key -> first entry
         self.resolved_refs: dict[str, str] = {}
         self.new_patients: frozenset[str] = frozenset()
         self._relative_names: dict[str, dict[str, str]] = {}
@@ -232,7 +232,7 @@ class _Transaction:
             cond = e.headers.get("if-none-exist")
             if cond:
                 criteria = if_none_exist_criteria(cond, e.resource_type)
-                key = (e.resource_type, _criteria_key(criteria))
+                key = criteria_key(e.resource_type, criteria)
                 first = self.conditional_creates.get(key)
                 if first is not None:  # identical conditional create: same resource
                     e.id = first.id
@@ -314,7 +314,7 @@ class _Transaction:
                     # the criteria of a conditional create in this Bundle: the resource
                     # it found or creates (as a Bundle with the Practitioners and
                     # Organizations its entries refer to by identifier is written)
-                    same = self.conditional_creates.get((rt, _criteria_key(criteria)))
+                    same = self.conditional_creates.get(criteria_key(rt, criteria))
                     if same is not None and same.id is not None:
                         self.resolved_refs[ref] = f"{rt}/{same.id}"
                         continue
@@ -375,11 +375,6 @@ class _Transaction:
                                     if_match=e.headers.get("if-match"),
                                     new_patients=self.new_patients)
             e.outcome = (stored, 200)
-
-
-def _criteria_key(criteria: list[tuple[str, str]]) -> str:
-    """The same criteria, however ordered or encoded, give the same key."""
-    return "&".join(sorted(f"{k}={v}" for k, v in criteria))
 
 
 def _collect_conditional(node: Any, out: list[str]) -> None:
