@@ -313,6 +313,9 @@ class SearchQuery:
     includes: tuple[Include, ...] = ()
     revincludes: tuple[Include, ...] = ()
     warnings: tuple[str, ...] = ()
+    #: the (name, value) pairs the search did not use (a lenient search ignores what it
+    #: does not know); its self link leaves them out (search.html#errors)
+    ignored: tuple[tuple[str, str], ...] = ()
 
 
 def related_types(query: SearchQuery) -> set[str]:
@@ -605,6 +608,7 @@ class _Parser:
         total: str | None = None
         summary: str | None = None
 
+        ignored: list[tuple[str, str]] = []
         for name, value in pairs:
             base, _, modifier = name.partition(":")
             if base == "_contained" and value not in ("", "false"):
@@ -613,6 +617,7 @@ class _Parser:
                 if self.strict:
                     raise FhirError(Code.UNSUPPORTED_SEARCH, msg)
                 self.warn(f"{msg}; the parameter was ignored")
+                ignored.append((name, value))
                 continue
             if base in _IGNORED:
                 continue
@@ -621,6 +626,7 @@ class _Parser:
                     if rt is not None:
                         self.warn(f"Search parameter '_type' is only for a system-wide "
                                   f"search; ignored for {rt}")
+                        ignored.append((name, value))
                     continue
                 if base in ("_include", "_revinclude"):
                     if modifier not in ("", "iterate", "recurse"):
@@ -664,14 +670,17 @@ class _Parser:
                 if self.strict:
                     raise FhirError(Code.UNKNOWN_SEARCH_PARAM, str(exc)) from None
                 self.warn(f"{exc} was ignored")
+                ignored.append((name, value))
                 continue
             except _Unsupported as exc:
                 if self.strict:
                     raise FhirError(Code.UNSUPPORTED_SEARCH, str(exc)) from None
                 self.warn(f"{exc}; the parameter was ignored")
+                ignored.append((name, value))
                 continue
             if crit is None:
                 self.warn(f"Search parameter '{name}' has no value and was ignored")
+                ignored.append((name, value))
                 continue
             criteria.append(crit)
 
@@ -687,6 +696,7 @@ class _Parser:
             includes=tuple(includes),
             revincludes=tuple(revincludes),
             warnings=tuple(self.warnings),
+            ignored=tuple(ignored),
         )
 
     def system_params(self, types: list[str]) -> Mapping[str, _Param]:

@@ -106,9 +106,12 @@ def _within_scopes(ctx: Context, query: SearchQuery) -> SearchQuery:
     return query
 
 
-def _self_link(base: str, resource_type: str | None, pairs: list[tuple[str, str]]) -> str:
+def _self_link(base: str, resource_type: str | None, pairs: list[tuple[str, str]],
+               ignored: tuple[tuple[str, str], ...] = ()) -> str:
+    """The search as it was run: the parameters it used, not those it ignored
+    (search.html#errors: a client checks the self link to learn which were applied)."""
     path = f"{base}/{resource_type}" if resource_type else base
-    kept = [(k, v) for k, v in pairs if k not in PAGING_PARAMS]
+    kept = [(k, v) for k, v in pairs if k not in PAGING_PARAMS and (k, v) not in ignored]
     return f"{path}?{urlencode(kept)}" if kept else path
 
 
@@ -176,7 +179,7 @@ async def search(
         path = f"{compartment[0]}/{compartment[1]}/{resource_type}"
         guard.note_patients([compartment[1]])
     query = _within_scopes(ctx, query)
-    links = [("self", _self_link(base, path, pairs))]
+    links = [("self", _self_link(base, path, pairs, query.ignored))]
     guard.note(resource_type or "*", None, None, links[0][1])
     restriction = guard.restriction(ctx.access)
     total: int | None

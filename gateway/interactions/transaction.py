@@ -20,6 +20,7 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -53,7 +54,6 @@ from gateway.security.principal import CALLER, Caller, current
 from gateway.storage.interface import StoredResource, StoreTransaction
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
-_REASON = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified"}
 
 
 @dataclass(slots=True)
@@ -134,7 +134,11 @@ def parse_entries(ctx: Context, body: Any, base: str) -> tuple[str, list[Entry]]
 
 
 def _status_line(status: int) -> str:
-    return f"{status} {_REASON.get(status, '')}".strip()
+    """``Bundle.entry.response.status``: the code and its reason phrase, as HTTP writes them."""
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
 
 
 def _response_entry(entry: Entry, base: str, prefer: Prefer) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import string
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 
@@ -145,6 +146,23 @@ def test_unknown_parameters_lenient_and_strict(client: httpx.Client) -> None:
                        headers=[("Prefer", "return=representation"),
                                 ("Prefer", "handling=strict")])
     assert twice.status_code == 400
+
+
+def test_self_link_names_only_the_parameters_used(client: httpx.Client) -> None:
+    # search.html#errors: the self link says which parameters the search applied
+    family = unique("Selflink")
+    client.post("/Patient", json={"resourceType": "Patient", "name": [{"family": family}]})
+    response = client.get("/Patient", params=[
+        ("family", family), ("foo", "bar"), ("_text", "fever"), ("_contained", "true"),
+        ("gender", ""), ("_type", "Observation"), ("_sort", "birthdate"), ("_count", "5")])
+    assert response.status_code == 200
+    result = response.json()
+    self_link = next(link["url"] for link in result["link"] if link["relation"] == "self")
+    query = parse_qsl(urlsplit(self_link).query, keep_blank_values=True)
+    assert query == [("family", family), ("_sort", "birthdate"), ("_count", "5")]
+    assert result["total"] == 1
+    outcome = next(e["resource"] for e in result["entry"] if e["search"]["mode"] == "outcome")
+    assert len(outcome["issue"]) == 5
 
 
 def test_searching_contained_resources_is_declined_not_ignored(client: httpx.Client) -> None:
