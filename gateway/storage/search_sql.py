@@ -2,9 +2,12 @@
 
 The statement is ``SELECT r.res_type, r.res_id FROM resource r WHERE
 r.res_type = ? AND r.deleted = 0 AND <criterion> AND …`` where each criterion
-is an ``EXISTS`` over its index table (``sp_*``, rows for current versions
-only), correlated on ``(res_type, res_id)`` and restricted to the parameter's
-code. Chains nest ``target_id IN (SELECT … FROM resource r2 …)``, ``_has``
+looks into its index table (``sp_*``, rows for current versions only),
+restricted to the parameter's code: as ``r.res_id IN (SELECT …)`` when the
+type is known (the database can start from that index), else as an ``EXISTS``
+correlated on ``(res_type, res_id)``. On SQLite a search of several criteria
+starts from the one with the fewest rows and tests the others per candidate
+(:func:`choose_driver`). Chains nest ``target_id IN (SELECT … FROM resource r2 …)``, ``_has``
 nests ``r.res_id IN (SELECT ref.target_id FROM sp_reference ref …)``.
 ``_id`` and ``_lastUpdated`` are answered from the ``resource`` row.
 
@@ -48,7 +51,7 @@ from gateway.fhir.search import (
 )
 from gateway.storage.db import Connection
 
-__all__ = ["count", "like_escape", "resolve_includes", "select_ids"]
+__all__ = ["choose_driver", "count", "like_escape", "resolve_includes", "select_ids"]
 
 DIALECTS = ("sqlite", "postgresql")
 
@@ -120,11 +123,12 @@ class Restrict(Protocol):
 def select_ids(
     query: SearchQuery, dialect: str, limit: int | None = None,
     restrict: Restrict | None = None, columns: str = "r.res_type, r.res_id",
+    driver: int | None = None,
 ) -> tuple[str, list[Any]]:
     """SQL for the matching rows in result order: ``(res_type, res_id)``, or the
-    ``columns`` of ``resource r`` given."""
+    ``columns`` of ``resource r`` given. ``driver``: see :func:`choose_driver`."""
     ctx = _Ctx(dialect)
-    where, params = _from_where(query, ctx, restrict)
+    where, params = _from_where(query, ctx, restrict, driver)
     order: list[str] = []
     for key in query.sort:
         expr, p = _sort_expr(key, ctx)
@@ -140,11 +144,71 @@ def select_ids(
 
 
 def count(
-    query: SearchQuery, dialect: str, restrict: Restrict | None = None
+    query: SearchQuery, dialect: str, restrict: Restrict | None = None,
+    driver: int | None = None,
 ) -> tuple[str, list[Any]]:
     """SQL for one row ``(count,)`` of the matches."""
-    where, params = _from_where(query, _Ctx(dialect), restrict)
+    where, params = _from_where(query, _Ctx(dialect), restrict, driver)
     return f"SELECT COUNT(*) {where}", params
+
+
+#: a criterion that matches more index rows than this never drives a search alone
+PROBE_CAP = 2000
+_NOT_DRIVING = frozenset({"not", "not-in", "missing"})
+_PROBE_ORDER = {"_id": 0, "reference": 1, "token": 2, "string": 3, "uri": 4}
+
+
+async def choose_driver(conn: Connection, query: SearchQuery) -> int | None:
+    """The criterion a search of several should start from, on SQLite; None: let the
+    database decide (PostgreSQL, one criterion, or nothing to tell them apart).
+
+    SQLite builds the whole list of every uncorrelated ``IN (SELECT …)`` before it
+    looks at a resource: ``Observation?patient=X&code=Y`` listed every Observation
+    with that code (thousands) to find a patient's three. With a driver, its
+    criterion stays such a list and every other becomes a correlated ``EXISTS``
+    probed per candidate, through the ``(res_type, res_id)`` index. The driver is
+    the positive criterion with the fewest index rows, counted by index-only
+    queries that stop at the smallest count so far (at most :data:`PROBE_CAP`).
+    A criterion that cannot be counted so (a chain, ``_has``) leaves the choice
+    to SQLite, as does a tie at the cap."""
+    if conn.dialect != "sqlite" or query.resource_type is None or len(query.criteria) < 2:
+        return None
+    positive = [i for i, c in enumerate(query.criteria) if c.modifier not in _NOT_DRIVING]
+    if len(positive) <= 1:
+        return positive[0] if positive else None
+    probes: list[tuple[int, Frag]] = []
+    for i in positive:
+        frag = _probe(query.criteria[i], query.resource_type)
+        if frag is None:
+            return None
+        probes.append((i, frag))
+    probes.sort(key=lambda p: _PROBE_ORDER.get(
+        "_id" if query.criteria[p[0]].code == "_id" else query.criteria[p[0]].type, 9))
+    best, driver = PROBE_CAP, None
+    for i, (sql, params) in probes:
+        row = await conn.fetchrow(f"SELECT COUNT(*) FROM ({sql} LIMIT ?) x", [*params, best])
+        n = int(row[0]) if row else 0
+        if n < best:
+            best, driver = n, i
+    return driver
+
+
+def _probe(c: Criterion, rtype: str) -> Frag | None:
+    """``SELECT 1`` per index row that criterion ``c`` (positive, plain) matches."""
+    if c.has is not None or c.chain:
+        return None
+    ctx = _Ctx("sqlite")
+    if c.code in ("_id", "_lastUpdated"):
+        cond, p = _id_criterion(c, "r") if c.code == "_id" else _last_updated(c, "r")
+        return (f"SELECT 1 FROM resource r WHERE r.res_type = ? AND r.deleted = 0 AND {cond}",
+                [rtype, *p])
+    table = "sp_composite" if c.modifier == "of-type" else _TABLE.get(c.type)
+    if table is None:
+        return None
+    param, codes = _param_is("t", c.codes)
+    cond, p = _or([_value(c, v, "t", ctx) for v in c.values])
+    return (f"SELECT 1 FROM {table} t WHERE t.res_type = ? AND {param} AND {cond}",
+            [rtype, *codes, *p])
 
 
 async def resolve_includes(
@@ -188,7 +252,8 @@ async def resolve_includes(
 # -- WHERE ----------------------------------------------------------------------
 
 
-def _from_where(query: SearchQuery, ctx: _Ctx, restrict: Restrict | None = None) -> Frag:
+def _from_where(query: SearchQuery, ctx: _Ctx, restrict: Restrict | None = None,
+                driver: int | None = None) -> Frag:
     conds: list[str] = []
     params: list[Any] = []
     if query.resource_type is not None:
@@ -199,8 +264,9 @@ def _from_where(query: SearchQuery, ctx: _Ctx, restrict: Restrict | None = None)
         params.extend(query.types)
     conds.append("r.deleted = 0")
     ctx.restrict = restrict
-    for crit in query.criteria:
-        sql, p = _criterion(crit, "r", query.resource_type, ctx)
+    for i, crit in enumerate(query.criteria):
+        sql, p = _criterion(crit, "r", query.resource_type, ctx,
+                            correlate=driver is not None and i != driver)
         conds.append(sql)
         params.extend(p)
     if restrict is not None:
@@ -210,8 +276,10 @@ def _from_where(query: SearchQuery, ctx: _Ctx, restrict: Restrict | None = None)
     return f"FROM resource r WHERE {' AND '.join(conds)}", params
 
 
-def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx) -> Frag:
-    """A condition on the resource row aliased ``a`` (of type ``rtype`` if known)."""
+def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx, *,
+               correlate: bool = False) -> Frag:
+    """A condition on the resource row aliased ``a`` (of type ``rtype`` if known).
+    ``correlate``: as an ``EXISTS`` tested per row, even when the type is known."""
     if c.has is not None:
         h = c.has
         ref, a2 = ctx.alias("ref"), ctx.alias("r")
@@ -239,7 +307,7 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx) -> Frag:
                 f" AND {inner}))"
             )
             params.extend([link.target_type, link.target_type, *ip])
-        if rtype is not None:  # uncorrelated: the planner can drive it from the index
+        if rtype is not None and not correlate:  # the planner can drive it from the index
             return (
                 f"{a}.res_id IN (SELECT {ref}.res_id FROM sp_reference {ref}"
                 f" WHERE {ref}.res_type = ? AND {ref}.param = ? AND ({' OR '.join(ors)}))",
@@ -270,7 +338,7 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx) -> Frag:
         return _or(frags)
     cond, p = _or([_value(c, v, t, ctx) for v in c.values])
     negate = "NOT " if c.modifier in ("not", "not-in") else ""
-    if rtype is not None:  # uncorrelated: the planner can drive it from the index
+    if rtype is not None and not correlate:  # the planner can drive it from the index
         return (
             f"{a}.res_id {negate}IN (SELECT {t}.res_id FROM {table} {t}"
             f" WHERE {t}.res_type = ? AND {param} AND {cond})",

@@ -358,8 +358,10 @@ class _Transaction:
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
     ) -> list[tuple[str, str]]:
         await self._flush()
+        driver = await search_sql.choose_driver(self.conn, query)
         sql, params = search_sql.select_ids(query, self.conn.dialect, limit,
-                                            _restrict(restriction, _types(query)))
+                                            _restrict(restriction, _types(query)),
+                                            driver=driver)
         return [(r[0], r[1]) for r in await self.conn.fetch(sql, params)]
 
     async def visible(
@@ -697,24 +699,26 @@ class SqlStore:
     async def search_keys(
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
     ) -> list[tuple[str, str]]:
-        sql, params = search_sql.select_ids(query, self.dialect, limit,
-                                            _restrict(restriction, _types(query)))
         async with self.db.read() as conn:
+            sql, params = search_sql.select_ids(
+                query, self.dialect, limit, _restrict(restriction, _types(query)),
+                driver=await search_sql.choose_driver(conn, query))
             return [(r[0], r[1]) for r in await conn.fetch(sql, params)]
 
     async def search_resources(
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
     ) -> list[StoredResource]:
-        sql, params = search_sql.select_ids(query, self.dialect, limit,
-                                            _restrict(restriction, _types(query)),
-                                            columns=_MATCH_COLS)
         async with self.db.read() as conn:
+            sql, params = search_sql.select_ids(
+                query, self.dialect, limit, _restrict(restriction, _types(query)),
+                columns=_MATCH_COLS, driver=await search_sql.choose_driver(conn, query))
             return [_stored(row) for row in await conn.fetch(sql, params)]
 
     async def count(self, query: SearchQuery, restriction: Restriction | None = None) -> int:
-        sql, params = search_sql.count(query, self.dialect,
-                                       _restrict(restriction, _types(query)))
         async with self.db.read() as conn:
+            sql, params = search_sql.count(query, self.dialect,
+                                           _restrict(restriction, _types(query)),
+                                           driver=await search_sql.choose_driver(conn, query))
             row = await conn.fetchrow(sql, params)
         return int(row[0]) if row else 0
 

@@ -28,7 +28,13 @@ from gateway.fhir.search import SearchQuery, parse_search
 from gateway.storage.db import Database, open_database
 from gateway.storage.migrate import migrate
 from gateway.storage.schema import INDEX_TABLES
-from gateway.storage.search_sql import count, like_escape, resolve_includes, select_ids
+from gateway.storage.search_sql import (
+    choose_driver,
+    count,
+    like_escape,
+    resolve_includes,
+    select_ids,
+)
 
 PG_URL = os.environ.get("CAREPATH_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
 _INDEXER = Indexer.from_profiles()
@@ -205,6 +211,17 @@ async def keys(
     assert total is not None
     if limit is None:
         assert int(total[0]) == len(rows), "count() disagrees with select_ids()"
+    async with db.read() as conn:
+        chosen = await choose_driver(conn, q)
+        # whichever criterion drives (the others tested per row), the answer is the same
+        for driver in range(len(q.criteria) if len(q.criteria) > 1 else 0):
+            dsql, dparams = select_ids(q, db.dialect, limit, driver=driver)
+            driven = [(str(r[0]), str(r[1])) for r in await conn.fetch(dsql, dparams)]
+            assert driven == rows, f"driven by criterion {driver}"
+            csql, cparams = count(q, db.dialect, driver=driver)
+            driven_total = await conn.fetchrow(csql, cparams)
+            assert driven_total is not None and int(driven_total[0]) == int(total[0])
+    assert chosen is None or 0 <= chosen < len(q.criteria)
     return rows
 
 
@@ -619,6 +636,51 @@ async def test_injection_attempts_match_nothing(
 ) -> None:
     assert await ids(db, rt, [(name, value)]) == []
     assert await ids(db, "Patient", "_id=p1") == ["p1"]  # the tables are still there
+
+
+# -- several criteria: an intersection, whichever drives ---------------------------------
+
+_SINGLE = {
+    "Observation": [
+        "code=1234-5", f"code={LOINC}|", "status=final", "status:not=final",
+        f"code:not={LOINC}|1234-5", "subject=Patient/p1", "patient=p1,p2",
+        "subject:missing=true", "value-quantity:missing=true", "subject.name=peter",
+        "date=ge2020", "_id=o1,o2,o5", "_lastUpdated=gt2000", "code:text=glucose",
+    ],
+    "Patient": [
+        "gender=female", "gender:not=male", "name=p", "birthdate=lt1990", "active=true",
+        "_tag=t1", "identifier=111", "organization=org1", "name:missing=false",
+        "_has:Observation:subject:code=1234-5", "_id=p1,p2,p7", "family:exact=Müller",
+    ],
+}
+
+
+@pytest.mark.parametrize("rt", sorted(_SINGLE))
+async def test_criteria_combine_as_an_intersection(db: Database, rt: str) -> None:
+    alone = {q: await ids(db, rt, q) for q in _SINGLE[rt]}
+    queries = list(alone)
+    for i, a in enumerate(queries):
+        for b in queries[i + 1:]:
+            expected = [x for x in alone[a] if x in alone[b]]
+            # keys() runs every criterion as the driver too
+            assert await ids(db, rt, f"{a}&{b}") == expected, (a, b)
+            assert await ids(db, rt, f"{b}&{a}") == expected, (b, a)
+
+
+async def test_the_fewest_rows_drive_a_search_on_sqlite(db: Database) -> None:
+    async with db.read() as conn:
+        driver = [await choose_driver(conn, _parse(rt, query)) for rt, query in [
+            ("Observation", "status=final&subject=Patient/p1"),
+            ("Observation", "subject=Patient/p1&status=final"),
+            ("Observation", "status:not=final&code=999"),  # the one positive criterion
+            ("Observation", "status:not=final&subject:missing=true"),  # nothing positive
+            ("Observation", "subject.name=peter&status=final"),  # a chain: SQLite decides
+            ("Observation", "status=final"),
+        ]]
+    if db.dialect == "postgresql":  # its planner has the statistics to choose
+        assert driver == [None] * 6
+    else:
+        assert driver == [1, 0, 1, None, None, None]
 
 
 # -- property: any input parses to an error or to SQL with every value bound ----------------
