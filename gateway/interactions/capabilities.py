@@ -6,6 +6,7 @@ every resource type, its interactions and its search parameters.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -63,6 +64,25 @@ def _search_params(params: Iterable[SearchParam]) -> list[dict[str, Any]]:
     ]
 
 
+def _include_values(registry: Registry) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Per type, the ``_include`` values its searches take (``Type:param`` of its own
+    reference parameters) and the ``_revinclude`` values (``Source:param`` of every
+    reference parameter that can point at it; one without targets can point at any
+    type). A client or test tool looks for these by name; ``*`` leads both lists."""
+    includes: dict[str, list[str]] = {}
+    revincludes: dict[str, set[str]] = {}
+    types = registry.resource_types
+    for source in types:
+        for p in registry.search_params(source).values():
+            if p.type != "reference" or not p.expression:
+                continue
+            includes.setdefault(source, []).append(f"{source}:{p.code}")
+            for target in (p.targets or types):
+                revincludes.setdefault(target, set()).add(f"{source}:{p.code}")
+    return ({t: sorted(v) for t, v in includes.items()},
+            {t: sorted(v) for t, v in revincludes.items()})
+
+
 def _security(base: str, cors: bool) -> dict[str, Any]:
     """SMART Backend Services (the token endpoint also in the SMART v1 extension;
     ``.well-known/smart-configuration`` has the rest)."""
@@ -87,6 +107,7 @@ def _statement(
     cors: bool = False,
 ) -> dict[str, Any]:
     contributions = contributions or []
+    includes, revincludes = _include_values(registry)
     resources = []
     for rt in registry.resource_types:
         type_ops = [
@@ -108,8 +129,8 @@ def _statement(
             "conditionalUpdate": True,
             "conditionalDelete": "single",
             "referencePolicy": ["literal", "logical"],
-            "searchInclude": ["*"],
-            "searchRevInclude": ["*"],
+            "searchInclude": ["*", *includes.get(rt, ())],
+            "searchRevInclude": ["*", *revincludes.get(rt, ())],
             "searchParam": params,
             **({"operation": type_ops} if type_ops else {}),
         })
@@ -141,7 +162,11 @@ def _statement(
     }
 
 
-_CACHE: dict[tuple[int, str], dict[str, Any]] = {}
+#: statements built, by context and base URL, the most recently used last. Bounded:
+#: without ``CAREPATH_PUBLIC_BASE_URL`` the base comes from the request's ``Host``
+#: header, which a client can vary at will.
+_CACHE: OrderedDict[tuple[int, str], dict[str, Any]] = OrderedDict()
+_CACHE_SIZE = 16
 
 
 def capabilities(ctx: Context, *, base: str) -> FhirResponse:
@@ -151,6 +176,10 @@ def capabilities(ctx: Context, *, base: str) -> FhirResponse:
         statement = _CACHE[key] = _statement(ctx.registry, base, ctx.operations,
                                              _CONTRIBUTIONS.get(id(ctx)),
                                              cors=bool(ctx.settings.cors_origins))
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
     return FhirResponse(200, statement)
 
 

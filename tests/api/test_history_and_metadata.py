@@ -85,6 +85,35 @@ def test_capability_statement_reflects_the_registry(client: httpx.Client) -> Non
             "history-instance", "history-type"} <= codes
     assert {"transaction", "batch"} <= {i["code"] for i in rest["interaction"]}
     assert "application/fhir+json" in cs["format"]
+    # includes by name, as HAPI lists them: a type's own reference parameters, and
+    # those of every type that can point at it
+    patient = by_type["Patient"]
+    assert patient["searchInclude"][0] == "*"
+    assert {"Patient:general-practitioner", "Patient:organization", "Patient:link"} <= set(
+        patient["searchInclude"])
+    assert "Observation:subject" not in patient["searchInclude"]
+    assert {"Observation:subject", "Observation:patient", "Encounter:subject",
+            "Patient:link"} <= set(patient["searchRevInclude"])
+    assert "Observation:performer" in by_type["Practitioner"]["searchRevInclude"]
+    assert "Observation:encounter" not in by_type["Practitioner"]["searchRevInclude"]
+    # every name listed is an include a search takes
+    listed = [("_include", v) for v in patient["searchInclude"][1:]] + [
+        ("_revinclude", v) for v in patient["searchRevInclude"][1:25]]
+    for name, value in listed:
+        taken = client.get("/Patient", params={name: value, "_count": 1},
+                           headers={"Prefer": "handling=strict"})
+        assert taken.status_code == 200, (name, value, taken.text)
+
+
+def test_capability_statements_kept_are_bounded(client: httpx.Client) -> None:
+    # without a configured public base the base comes from the Host header, which a
+    # client can vary at will: statements kept for it must not grow without bound
+    from gateway.interactions import capabilities
+
+    for n in range(3 * capabilities._CACHE_SIZE):
+        response = client.get("/metadata", headers={"Host": f"h{n}.example"})
+        assert response.status_code == 200
+    assert len(capabilities._CACHE) <= capabilities._CACHE_SIZE
 
 
 def test_content_type_variants_are_accepted(client: httpx.Client) -> None:
