@@ -153,7 +153,7 @@ def count(
 
 
 #: a criterion that matches more index rows than this never drives a search alone
-PROBE_CAP = 2000
+PROBE_CAP = 20_000
 _NOT_DRIVING = frozenset({"not", "not-in", "missing"})
 _PROBE_ORDER = {"_id": 0, "reference": 1, "token": 2, "string": 3, "uri": 4}
 
