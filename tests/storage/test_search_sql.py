@@ -29,6 +29,7 @@ from gateway.storage.db import Database, open_database
 from gateway.storage.migrate import migrate
 from gateway.storage.schema import INDEX_TABLES
 from gateway.storage.search_sql import (
+    _probe,
     choose_driver,
     count,
     like_escape,
@@ -704,7 +705,10 @@ def test_any_query_compiles_with_bound_values(pairs: list[tuple[str, str]]) -> N
         q = parse_search("Observation", pairs, _INDEXER.params_for, now=NOW)
     except FhirError:
         return
+    drivers = [None, *range(len(q.criteria))]
+    probes = [probe for c in q.criteria if (probe := _probe(c, "Observation")) is not None]
     for dialect in ("sqlite", "postgresql"):
-        for sql, params in (select_ids(q, dialect, 10), count(q, dialect)):
+        for sql, params in (*(select_ids(q, dialect, 10, driver=d) for d in drivers),
+                            *(count(q, dialect, driver=d) for d in drivers), *probes):
             assert sql.count("?") == len(params)
             assert "'" not in sql.replace("ESCAPE '!'", "").replace("= ''", "")
