@@ -39,7 +39,7 @@ class Validator(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Context:
     store: Store
     registry: Registry

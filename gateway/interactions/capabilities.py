@@ -6,6 +6,7 @@ every resource type, its interactions and its search parameters.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -39,11 +40,25 @@ BASE_CANONICAL = "https://carepath-gateway.org/fhir"
 #: entry (or, for type ``None``, to ``rest``), e.g. the subscription topics
 Contribution = Callable[[str], list[dict[str, Any]]]
 _CONTRIBUTIONS: dict[int, list[tuple[str | None, Contribution]]] = {}
+#: the live context each id above (and in the statement cache) stands for
+_OWNERS: weakref.WeakValueDictionary[int, Context] = weakref.WeakValueDictionary()
+
+
+def _key(ctx: Context) -> int:
+    """``id(ctx)``, once what a context that is gone left under the same id is forgotten
+    (Python reuses the ids of collected objects)."""
+    key = id(ctx)
+    if _OWNERS.get(key) is not ctx:
+        _CONTRIBUTIONS.pop(key, None)
+        for stale in [k for k in _CACHE if k[0] == key]:
+            del _CACHE[stale]
+        _OWNERS[key] = ctx
+    return key
 
 
 def contribute(ctx: Context, resource_type: str | None, extensions: Contribution) -> None:
     """Add extensions to the statement served for ``ctx`` (called by ``gateway.main``)."""
-    _CONTRIBUTIONS.setdefault(id(ctx), []).append((resource_type, extensions))
+    _CONTRIBUTIONS.setdefault(_key(ctx), []).append((resource_type, extensions))
 
 
 def _extensions(contributions: list[tuple[str | None, Contribution]], rt: str | None,
@@ -170,11 +185,11 @@ _CACHE_SIZE = 16
 
 
 def capabilities(ctx: Context, *, base: str) -> FhirResponse:
-    key = (id(ctx), base)
+    key = (_key(ctx), base)
     statement = _CACHE.get(key)
     if statement is None:
         statement = _CACHE[key] = _statement(ctx.registry, base, ctx.operations,
-                                             _CONTRIBUTIONS.get(id(ctx)),
+                                             _CONTRIBUTIONS.get(key[0]),
                                              cors=bool(ctx.settings.cors_origins))
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import httpx
 
@@ -160,3 +161,28 @@ def test_head_answers_headers_without_a_body(client: httpx.Client) -> None:
     assert response.status_code == 200
     assert response.headers["ETag"] == 'W/"1"'
     assert response.content == b""
+
+
+def test_a_new_context_ignores_what_a_collected_one_left_under_its_id(
+        server) -> None:  # type: ignore[no-untyped-def]
+    # Python gives a new object the id of a collected one: whatever a gone context
+    # contributed or had cached under that id must not reach the new one's statement
+    from gateway.interactions import capabilities
+    from gateway.interactions.base import Context
+    from gateway.main import registry
+    from gateway.storage.interface import Store
+
+    ctx = Context(store=cast(Store, None), registry=registry(), settings=server.settings)
+    stale = {"url": "urn:stale", "valueString": "left behind"}
+    capabilities._CONTRIBUTIONS[id(ctx)] = [("Patient", lambda base: [stale])]
+    capabilities._CACHE[(id(ctx), "http://x/fhir")] = {"resourceType": "stale"}
+    statement = capabilities.capabilities(ctx, base="http://x/fhir").body
+    assert isinstance(statement, dict) and statement["resourceType"] == "CapabilityStatement"
+    patient = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Patient")
+    assert "extension" not in patient
+    fresh = {"url": "urn:fresh", "valueString": "mine"}
+    capabilities.contribute(ctx, "Patient", lambda base: [fresh])
+    statement = capabilities.capabilities(ctx, base="http://y/fhir").body
+    assert isinstance(statement, dict)
+    patient = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Patient")
+    assert patient["extension"] == [fresh]
