@@ -41,16 +41,26 @@ def _org_match(alias: str, org: str) -> Frag:
     return (
         f"(({alias}.target_type = 'Organization' AND {alias}.target_id = ?)"
         f" OR ({alias}.target_type = 'PractitionerRole' AND {alias}.target_id IN ("
-        "SELECT pr.res_id FROM sp_reference pr WHERE pr.res_type = 'PractitionerRole'"
-        " AND pr.param = 'organization' AND pr.target_type = 'Organization'"
-        " AND pr.target_id = ?)))",
+        "SELECT apr.res_id FROM sp_reference apr WHERE apr.res_type = 'PractitionerRole'"
+        " AND apr.param = 'organization' AND apr.target_type = 'Organization'"
+        " AND apr.target_id = ?)))",
         [org, org],
     )
 
 
-def accessible_patients(r: Restriction) -> Frag:
-    """A subquery of one column: the ids of the Patients ``r`` may see."""
+def accessible(r: Restriction, pid: str) -> Frag:
+    """A condition: the Patient whose id is the SQL expression ``pid`` is one ``r`` may
+    see. Never NULL (a NOT around it must not turn an unknown into a yes).
+
+    Correlated on ``pid``, so that it costs a few index look-ups per patient asked
+    about. (The list of every accessible patient, which an uncorrelated subquery
+    would build for each statement, grows with the organisation's patients: 130 ms
+    for 20,000 of them on PostgreSQL, for a search that finds one.)"""
+    # its aliases (a…) differ from those of the statements it goes into, so that
+    # ``pid`` (``c.target_id``, ``v.res_id``) names the outer row
     org = r.organization
+    linked: list[str] = []
+    params: list[Any] = []
     pairs: list[str] = []
     pair_params: list[Any] = []
     self_params: list[str] = []
@@ -58,36 +68,34 @@ def accessible_patients(r: Restriction) -> Frag:
         if pparam == "_self":
             self_params.extend(oparams)
             continue
-        pairs.append(f"(p.res_type = ? AND p.param = ? AND o.param IN ({_marks(len(oparams))}))")
+        pairs.append(f"(ap.res_type = ? AND ap.param = ? AND ao.param IN ({_marks(len(oparams))}))")
         pair_params += [rtype, pparam, *oparams]
-    parts: list[str] = []
-    params: list[Any] = []
     if pairs:
-        match, mp = _org_match("o", org)
-        parts.append(
-            "SELECT p.target_id AS pid FROM sp_reference p JOIN sp_reference o"
-            " ON o.res_type = p.res_type AND o.res_id = p.res_id"
-            f" WHERE p.target_type = 'Patient' AND ({' OR '.join(pairs)}) AND {match}")
+        match, mp = _org_match("ao", org)
+        linked.append(
+            "EXISTS (SELECT 1 FROM sp_reference ap JOIN sp_reference ao"
+            " ON ao.res_type = ap.res_type AND ao.res_id = ap.res_id"
+            f" WHERE ap.target_id = {pid} AND ap.target_type = 'Patient'"
+            f" AND ({' OR '.join(pairs)}) AND {match})")
         params += pair_params + mp
     if self_params:
-        match, mp = _org_match("o", org)
-        parts.append(
-            "SELECT o.res_id AS pid FROM sp_reference o WHERE o.res_type = 'Patient'"
-            f" AND o.param IN ({_marks(len(self_params))}) AND {match}")
+        match, mp = _org_match("ao", org)
+        linked.append(
+            f"EXISTS (SELECT 1 FROM sp_reference ao WHERE ao.res_type = 'Patient'"
+            f" AND ao.res_id = {pid} AND ao.param IN ({_marks(len(self_params))}) AND {match})")
         params += self_params + mp
-    parts.append("SELECT c.res_id AS pid FROM resource_creator c"
-                 " WHERE c.res_type = 'Patient' AND c.organization = ?")
+    linked.append("EXISTS (SELECT 1 FROM resource_creator ac WHERE ac.res_type = 'Patient'"
+                  f" AND ac.res_id = {pid} AND ac.organization = ?)")
     params.append(org)
-    union = " UNION ".join(parts)
+    # the applicable consent row of highest weight decides (odd: deny); without a row
+    # there is no objection, or, where consent is required, no permission either
+    fallback = "1" if r.rules.consent_required else "0"
     decision = (
-        "(SELECT MAX(k.weight) FROM sp_consent k WHERE k.patient_id = a.pid"
-        " AND k.actor IN ('*', ?) AND k.purpose IN ('*', ?) AND k.lo <= ? AND k.hi >= ?)")
-    dparams = [org, r.purpose, r.now, r.now]
-    # without a row: no objection; where consent is required, not permitted either
-    fallback = "NULL" if r.rules.consent_required else "0"
-    cond = f"COALESCE({decision}, {fallback}) % 2 = 0"
-    return (f"SELECT a.pid FROM ({union}) a WHERE a.pid IS NOT NULL AND {cond}",
-            [*params, *dparams])
+        f"COALESCE((SELECT MAX(ak.weight) FROM sp_consent ak WHERE ak.patient_id = {pid}"
+        " AND ak.actor IN ('*', ?) AND ak.purpose IN ('*', ?) AND ak.lo <= ? AND ak.hi >= ?),"
+        f" {fallback}) % 2 = 0")
+    return (f"(({' OR '.join(linked)}) AND {decision})",
+            [*params, org, r.purpose, r.now, r.now])
 
 
 def visible(r: Restriction, alias: str, types: Collection[str] | None, *,
@@ -100,13 +108,13 @@ def visible(r: Restriction, alias: str, types: Collection[str] | None, *,
     letter goes where its DocumentReference goes; a document Bundle's patient
     (its Composition's subject), so a discharge letter sent as a document goes
     to the organisations that take part in that patient's care."""
-    acc, acc_params = accessible_patients(r)
     rules = r.rules
     candidates = sorted(types) if types is not None else None
     ors: list[str] = []
     params: list[Any] = []
     if candidates is None or "Patient" in candidates:
-        ors.append(f"({alias}.res_type = 'Patient' AND {alias}.res_id IN ({acc}))")
+        acc, acc_params = accessible(r, f"{alias}.res_id")
+        ors.append(f"({alias}.res_type = 'Patient' AND {acc})")
         params += acc_params
     comp = {t: p for t, p in rules.compartment.items()
             if candidates is None or t in candidates}
@@ -114,10 +122,12 @@ def visible(r: Restriction, alias: str, types: Collection[str] | None, *,
         pairs = " OR ".join(
             f"(c.res_type = ? AND c.param IN ({_marks(len(ps))}))" for ps in comp.values())
         pair_params = [v for t, ps in comp.items() for v in (t, *ps)]
+        acc, acc_params = accessible(r, "c.target_id")
         ors.append(
             f"({alias}.res_type IN ({_marks(len(comp))}) AND NOT EXISTS (SELECT 1 FROM"
             f" sp_reference c WHERE c.res_type = {alias}.res_type AND c.res_id = {alias}.res_id"
-            f" AND c.target_type = 'Patient' AND ({pairs}) AND c.target_id NOT IN ({acc})))")
+            f" AND c.target_type = 'Patient' AND ({pairs}) AND c.target_id IS NOT NULL"
+            f" AND NOT {acc}))")
         params += [*comp, *pair_params, *acc_params]
     owned = sorted(t for t in rules.owned if candidates is None or t in candidates)
     if owned:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.storage.access_sql import accessible_patients
+from gateway.storage.access_sql import accessible
 from gateway.storage.db import Connection, Database
 from gateway.storage.interface import Restriction
 from gateway.storage.outbox import START, Position, read_final
@@ -271,8 +271,8 @@ async def audit_records(
         where.append("patient = ?")
         params.append(patient)
     if restriction is not None:
-        acc, acc_params = accessible_patients(restriction)
-        where.append(f"(client_id = ? OR patient IN ({acc}))")
+        acc, acc_params = accessible(restriction, "audit_log.patient")
+        where.append(f"(client_id = ? OR (patient IS NOT NULL AND {acc}))")
         params += [client_id, *acc_params]
     async with db.read() as conn:
         rows = await conn.fetch(

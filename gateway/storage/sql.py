@@ -281,10 +281,10 @@ async def _visible(
 async def _accessible(conn: Connection, ids: Sequence[str], r: Restriction) -> set[str]:
     if not ids:
         return set()
-    acc, params = access_sql.accessible_patients(r)
-    marks = ", ".join("?" for _ in ids)
-    rows = await conn.fetch(f"SELECT q.pid FROM ({acc}) q WHERE q.pid IN ({marks})",
-                            [*params, *ids])
+    acc, params = access_sql.accessible(r, "q.column1")
+    values = ", ".join("(CAST(? AS TEXT))" for _ in ids)
+    rows = await conn.fetch(f"SELECT q.column1 FROM (VALUES {values}) q WHERE {acc}",
+                            [*ids, *params])
     return {row[0] for row in rows}
 
 
