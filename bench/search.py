@@ -6,7 +6,10 @@ typical searches (by reference, code and date with a sort, chains, ``_has``,
 ``_revinclude``, sorts, counts, ``$everything``) with the gateway's ASGI app
 called in process: no HTTP, so the figures are the query plans and the
 gateway's search code. One JSON line per search: milliseconds (best of
-``--repeat``), status, total and entries returned.
+``--repeat``), status, total and entries returned. Then the store's part of a
+read and of the searches by type for a client of an organisation, which every
+production caller is (``"restricted"`` lines: access condition included, and
+the same search without it).
 
 PostgreSQL: a fresh schema is created and dropped; SQLite: a file in a
 temporary directory. The planner statistics service runs as in ``carepath
@@ -22,16 +25,24 @@ import json
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import asyncpg
 import orjson
 
 from bench.rest import transaction_bytes
+from gateway.fhir.search import parse_search
+from gateway.interactions.base import Context
 from gateway.main import create_app
+from gateway.security.policy import load_rules
 from gateway.settings import Settings
+from gateway.storage.interface import Restriction
+
+#: the organisation every Encounter of the benchmark names as its service provider
+ORGANIZATION = "klinikum-nord"
 
 
 async def asgi(app: Any, method: str, path: str, query: str = "",
@@ -140,12 +151,46 @@ async def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) 
                 emit({"search": f"{path}?{query}" if query else path, "ms": round(best * 1e3, 2),
                       "status": status, "total": found.get("total"),
                       "entries": len(found.get("entry", []))})
+            await restricted(app.state.context, pid, eid, orjson.loads(raw), args.repeat, emit)
     finally:
         if schema:
             conn = await asyncpg.connect(args.db)
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")
             await conn.close()
         tmp.cleanup()
+
+
+async def restricted(ctx: Context, pid: str, eid: str, patient: dict[str, Any], repeat: int,
+                     emit: Callable[[dict[str, Any]], None]) -> None:
+    """The store's part of a read and of the searches by type, for a client of the
+    organisation that provided every Encounter, so that it may see every patient (the
+    most its access condition can have to look through). One JSON line each: the
+    milliseconds with the restriction and without (best of ``repeat``)."""
+    access = Restriction(ORGANIZATION, "TREAT", int(time.time() * 1e6),
+                         load_rules(ctx.settings.jurisdiction))
+    store = ctx.store
+
+    async def best(work: Callable[[], Awaitable[Any]]) -> float:
+        fastest = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            await work()
+            fastest = min(fastest, time.perf_counter() - t)
+        return round(fastest * 1e3, 2)
+
+    for key in (("Patient", pid), ("Encounter", eid)):
+        emit({"restricted": f"read {key[0]}", "ms": await best(
+                  lambda key=key: store.visible([key], access)),  # type: ignore[misc]
+              "visible": bool(await store.visible([key], access))})
+    for path, query in searches(pid, eid, patient):
+        if "/" in path or not path:
+            continue
+        parsed = parse_search(path, parse_qsl(query), ctx.registry.search_params)
+        emit({"restricted": f"{path}?{query}",
+              "ms": await best(lambda p=parsed: store.search_resources(  # type: ignore[misc]
+                  p, 21, access)),
+              "unrestricted_ms": await best(lambda p=parsed: store.search_resources(  # type: ignore[misc]
+                  p, 21, None))})
 
 
 def main() -> None:

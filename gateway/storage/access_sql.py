@@ -59,8 +59,6 @@ def accessible(r: Restriction, pid: str) -> Frag:
     # its aliases (a…) differ from those of the statements it goes into, so that
     # ``pid`` (``c.target_id``, ``v.res_id``) names the outer row
     org = r.organization
-    linked: list[str] = []
-    params: list[Any] = []
     pairs: list[str] = []
     pair_params: list[Any] = []
     self_params: list[str] = []
@@ -70,23 +68,24 @@ def accessible(r: Restriction, pid: str) -> Frag:
             continue
         pairs.append(f"(ap.res_type = ? AND ap.param = ? AND ao.param IN ({_marks(len(oparams))}))")
         pair_params += [rtype, pparam, *oparams]
+    # the cheapest look-ups first: the first that holds ends the OR
+    linked: list[Frag] = [(
+        "EXISTS (SELECT 1 FROM resource_creator ac WHERE ac.res_type = 'Patient'"
+        f" AND ac.res_id = {pid} AND ac.organization = ?)", [org])]
+    if self_params:
+        match, mp = _org_match("ao", org)
+        linked.append((
+            f"EXISTS (SELECT 1 FROM sp_reference ao WHERE ao.res_type = 'Patient'"
+            f" AND ao.res_id = {pid} AND ao.param IN ({_marks(len(self_params))}) AND {match})",
+            [*self_params, *mp]))
     if pairs:
         match, mp = _org_match("ao", org)
-        linked.append(
+        linked.append((
             "EXISTS (SELECT 1 FROM sp_reference ap JOIN sp_reference ao"
             " ON ao.res_type = ap.res_type AND ao.res_id = ap.res_id"
             f" WHERE ap.target_id = {pid} AND ap.target_type = 'Patient'"
-            f" AND ({' OR '.join(pairs)}) AND {match})")
-        params += pair_params + mp
-    if self_params:
-        match, mp = _org_match("ao", org)
-        linked.append(
-            f"EXISTS (SELECT 1 FROM sp_reference ao WHERE ao.res_type = 'Patient'"
-            f" AND ao.res_id = {pid} AND ao.param IN ({_marks(len(self_params))}) AND {match})")
-        params += self_params + mp
-    linked.append("EXISTS (SELECT 1 FROM resource_creator ac WHERE ac.res_type = 'Patient'"
-                  f" AND ac.res_id = {pid} AND ac.organization = ?)")
-    params.append(org)
+            f" AND ({' OR '.join(pairs)}) AND {match})", [*pair_params, *mp]))
+    params = [p for _, ps in linked for p in ps]
     # the applicable consent row of highest weight decides (odd: deny); without a row
     # there is no objection, or, where consent is required, no permission either
     fallback = "1" if r.rules.consent_required else "0"
@@ -94,7 +93,7 @@ def accessible(r: Restriction, pid: str) -> Frag:
         f"COALESCE((SELECT MAX(ak.weight) FROM sp_consent ak WHERE ak.patient_id = {pid}"
         " AND ak.actor IN ('*', ?) AND ak.purpose IN ('*', ?) AND ak.lo <= ? AND ak.hi >= ?),"
         f" {fallback}) % 2 = 0")
-    return (f"(({' OR '.join(linked)}) AND {decision})",
+    return (f"(({' OR '.join(sql for sql, _ in linked)}) AND {decision})",
             [*params, org, r.purpose, r.now, r.now])
 
 
