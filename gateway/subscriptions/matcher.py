@@ -61,6 +61,12 @@ from gateway.subscriptions.topics import TopicRegistry
 
 log = logging.getLogger("carepath.subscriptions")
 
+
+def _end(ended: asyncio.Future[None]) -> None:
+    """Mark a relay round's numbering ended (once; a future already done stays so)."""
+    if not ended.done():
+        ended.set_result(None)
+
 GROUP = "subscriptions"
 POSITION = f"group:{GROUP}"
 RELAY = "relay"
@@ -124,7 +130,7 @@ class Matcher:
         try:
             _n, done, touched, rows = await self._advance(conn, upto, (after, events))
         except BaseException:
-            ended.set_result(None)
+            _end(ended)
             raise
 
         def told(committed: bool) -> None:
@@ -132,14 +138,16 @@ class Matcher:
                 self._done = max(self._done, done)
                 if touched:
                     self.on_work(touched, rows)
-            ended.set_result(None)
+            _end(ended)
 
         return told
 
     async def catch_up(self, upto: Position | None = None) -> None:
         """Number the events up to ``upto`` (None: whatever the relay has published)."""
         if upto is not None and self._in_relay is not None and upto <= self._in_relay[0]:
-            await self._in_relay[1]  # the relay of this process is numbering them right now
+            # the relay of this process is numbering them right now; shielded: a waiter
+            # cancelled (a consumer stopping, say) must not cancel the relay's future
+            await asyncio.shield(self._in_relay[1])
         async with self._local:  # one round at a time in this process
             while upto is None or upto > self._done:
                 async with self.db.transaction() as conn:

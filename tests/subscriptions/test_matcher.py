@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -135,6 +136,30 @@ async def test_a_failed_relay_round_numbers_nothing_and_the_bus_path_takes_over(
     await matcher.catch_up()  # what the bus entries and the idle catch-up do
     assert await numbered(store, "s1") == [(1, ids[0]), (2, ids[1])]
     assert [r.number for r in heard.rows["s1"]] == [1, 2]
+
+
+async def test_a_waiter_cancelled_during_the_relay_round_does_not_break_it(
+    store: HookedSqlStore,
+) -> None:
+    heard, matcher, relay = await subscribed(store)
+    ids = await discharge(store, 2)
+    waiters: list[asyncio.Task[None]] = []
+
+    async def in_round(conn: Any, after: Position, events: Any) -> Any:
+        told = await matcher.within_relay(conn, after, events)
+        # a bus consumer waits for this round's numbering, and is stopped meanwhile
+        waiter = asyncio.create_task(matcher.catch_up(events[-1].position))
+        waiters.append(waiter)
+        await asyncio.sleep(0)
+        waiter.cancel()
+        await asyncio.sleep(0)
+        return told
+
+    relay.in_round = in_round
+    assert (await relay.relay_once())[0] == 3
+    assert waiters and waiters[0].cancelled()
+    assert await numbered(store, "s1") == [(1, ids[0]), (2, ids[1])]
+    assert [r.number for r in heard.rows["s1"]] == [1, 2]  # told after the commit
 
 
 async def test_a_subscription_written_between_events_of_one_round_keeps_one_numbering(
