@@ -864,7 +864,11 @@ class SqlStore:
                 [*params, limit + 1],
             )
             total = None
-            if before is None:
+            # the first page counts all versions, unless that would mean judging every
+            # version of a type (or of all) for an organisation's client: 0.9 s for the
+            # 60,000 Observation versions of a 100,000-resource database, against 3 ms
+            # for the page itself (Bundle.total is optional in a history)
+            if before is None and (restriction is None or id is not None):
                 fclause = f"WHERE {' AND '.join(filters)}" if filters else ""
                 row = await conn.fetchrow(
                     f"SELECT count(*) FROM resource_history h {fclause}", fparams

@@ -492,3 +492,23 @@ def test_meta_operations_keep_to_what_the_caller_may_see_and_write(world: World)
         assert denied.status_code == 403
     finally:
         reader.close()
+
+
+def test_history_of_a_type_pages_without_counting_for_an_organisation(world: World) -> None:
+    # counting every version of a type the client may see would judge each one; the
+    # pages themselves stay complete (Bundle.total is optional in a history)
+    pid = world.patients["p1"]
+    instance = world.a.get(f"/Patient/{pid}/_history").json()
+    assert instance["total"] == len(instance["entry"]) >= 1
+    seen: list[str] = []
+    url: str | None = "/Observation/_history?_count=1"
+    while url:
+        page = world.a.get(url).json()
+        assert "total" not in page
+        seen += [f"Observation/{e['resource']['id']}" for e in page["entry"]]
+        url = next((link["url"] for link in page["link"] if link["relation"] == "next"), None)
+    mine = {k for k, v in world.owner.items() if k.startswith("Observation/")
+            and v in (world.patients["p1"], world.patients["p3"])}
+    assert mine <= set(seen)
+    assert not {k for k in seen if world.owner.get(k) == world.patients["p2"]}
+    assert "total" not in world.a.get("/_history", params={"_count": 5}).json()
