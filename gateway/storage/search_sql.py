@@ -633,7 +633,11 @@ def _include_sql(
                 conds.append("ref.param = ?")
                 params.append(inc.param_code)
             if restrict is not None:
-                sql, p = restrict("x")
+                # the type of what is found, where the include names it: the access
+                # condition of that type alone (a statement to plan of a few dozen
+                # values, not of every type's hundreds)
+                known = inc.source_type if reverse else inc.target_type
+                sql, p = restrict("x", [known] if known not in (None, "*") else None)
                 conds.append(sql)
                 params.extend(p)
             out.append((
