@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from gateway.fhir.search import parse_search
 from gateway.main import registry
 from gateway.security.policy import AccessPolicy, PolicyIndexer, load_rules
 from gateway.security.principal import Principal
@@ -121,6 +122,34 @@ async def test_nl_requires_opt_in(store: SqlStore) -> None:
     assert await accessible(store, pid, "org-a", nl=True)
     # consent does not make a non-participant a participant
     assert not await accessible(store, pid, "org-z", nl=True)
+
+
+async def test_what_a_patient_without_permission_is_named_in_stays_hidden(
+    store: SqlStore,
+) -> None:
+    # the compartment check asks "is this patient accessible?" under a NOT: where
+    # consent is required and no consent row exists, the answer must be a no, never
+    # an unknown that the NOT would turn into a yes
+    pid = await patient_in_care_of(store, "org-a")
+    obs = await put(store, {"resourceType": "Observation", "status": "final",
+                            "code": {"text": "x"}, "subject": {"reference": f"Patient/{pid}"}})
+    query = parse_search("Observation", [("subject", f"Patient/{pid}")],
+                         registry().search_params)
+
+    async def sees(nl: bool) -> tuple[bool, bool, bool]:
+        policy = AccessPolicy(load_rules("NL" if nl else "DE"), registry().indexer)
+        r = policy.restriction(principal("org-a"))
+        assert r is not None
+        read = bool(await store.visible([("Observation", obs)], r))
+        found = ("Observation", obs) in await store.search_keys(query, 10, r)
+        patient = bool(await store.visible([("Patient", pid)], r))
+        return read, found, patient
+
+    assert await sees(nl=False) == (True, True, True)  # DE: participation suffices
+    assert await sees(nl=True) == (False, False, False)  # NL: no opt-in yet
+    await put(store, consent(pid, policyRule={"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]}))
+    assert await sees(nl=True) == (True, True, True)
 
 
 async def test_consent_limited_by_purpose_and_period(store: SqlStore) -> None:
