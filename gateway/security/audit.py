@@ -240,7 +240,7 @@ class AuditWriter:
                         future.set_result(None)
 
 
-class AuditChainer:
+class AuditChainer(tasks.Loop):
     """Links committed audit records into the hash chain, in every process.
 
     Chainers of several processes take turns (one lock); each looks every
@@ -250,19 +250,13 @@ class AuditChainer:
     which is cheap when little runs and waits only for this schema's writers.
     """
 
+    task_name = "audit-chainer"
+
     def __init__(self, db: Database, interval: float = 0.2, batch: int = 2000) -> None:
         self.db = db
         self.interval = interval
         self.batch = batch
-        self._task: asyncio.Task[None] | None = None
         self.chained = 0  # records linked by this process
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="audit-chainer")
-
-    async def stop(self) -> None:
-        await tasks.cancel(self._task)
-        self._task = None
 
     async def _run(self) -> None:
         idle_since = time.monotonic()

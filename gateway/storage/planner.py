@@ -36,25 +36,19 @@ TABLES = ("resource", *INDEX_TABLES, "resource_creator")
 CHECK_INTERVAL = 1.0
 
 
-class PlannerStatistics:
+class PlannerStatistics(tasks.Loop):
     """Keeps the planner's statistics in step with the data's growth. ``wake`` is a
     commit listener (``HookedSqlStore.after_commit``)."""
+
+    task_name = "planner-statistics"
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self.analyzed_at = 0  # stored versions when ANALYZE last ran
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         self._wake.set()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="planner-statistics")
-
-    async def stop(self) -> None:
-        await tasks.cancel(self._task)
-        self._task = None
 
     async def versions(self) -> int:
         async with self.db.read() as conn:

@@ -64,9 +64,11 @@ async def prune_subscription_events(conn: Connection, older_than: int, limit: in
         " RETURNING event_number"), (older_than, limit))
 
 
-class Retention:
+class Retention(tasks.Loop):
     """Prunes every ``interval`` seconds (a ``Service`` of ``gateway.main``).
     A retention of 0 hours keeps that table's rows for ever."""
+
+    task_name = "retention"
 
     def __init__(self, db: Database, *, outbox_hours: int, subscription_event_hours: int,
                  interval: float = 600.0, batch: int = 5_000) -> None:
@@ -76,14 +78,6 @@ class Retention:
         self.interval = interval
         self.batch = batch
         self.pruned = {"outbox": 0, "subscription_event": 0}
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="retention")
-
-    async def stop(self) -> None:
-        await tasks.cancel(self._task)
-        self._task = None
 
     async def _run(self) -> None:
         while True:
