@@ -1,9 +1,13 @@
 """``Patient/[id]/$everything``:
 https://hl7.org/fhir/R4/patient-operation-everything.html.
 
-The Patient and every resource in its patient compartment (the R4
-CompartmentDefinition, as the access policy holds it), as a searchset Bundle:
-the Patient first, then type by type in creation order. Paged like a search
+The Patient, every resource in its patient compartment (the R4
+CompartmentDefinition, as the access policy holds it) and what those refer to
+outside any patient's compartment (the practitioners, organisations, locations,
+medications and devices of the record: "any resource referenced from those"),
+as a searchset Bundle: the Patient first, then type by type in creation order,
+then the referenced resources type by type. References are followed one step,
+as the search index holds them; other patients' resources are not followed. Paged like a search
 (a snapshot, ``next`` links). ``_type`` limits the types, ``_since`` keeps what
 changed since then, ``_count`` sets the page size. Only what the caller may see
 is included: types the granted scopes do not let it search are left out, and
@@ -17,11 +21,16 @@ from dataclasses import replace
 from urllib.parse import urlencode
 
 from gateway.fhir.outcome import Code, FhirError
-from gateway.fhir.search import SearchQuery, parse_search
+from gateway.fhir.search import Include, SearchQuery, parse_search
 from gateway.interactions.base import Context, FhirResponse, check_id
 from gateway.interactions.operations import Operation, OperationRequest
 from gateway.interactions.search import first_page, patient_compartment
 from gateway.security import guard
+from gateway.storage.interface import Restriction
+
+#: every reference parameter of every type, one step (``_include=*``)
+_REFERENCES = SearchQuery(None, includes=(Include("*", "*", wildcard=True),))
+_ID_CHUNK = 100
 
 
 def _one(values: list[object] | None, name: str) -> str | None:
@@ -38,8 +47,10 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
     guard.require("Patient", "read")
     params = req.parameters()
     compartment = patient_compartment(ctx)
-    types = sorted(compartment)
+    # the patient's record: the Patient and its compartment's types
+    types = ["Patient", *sorted(compartment)]
     wanted = _one(params.get("_type"), "_type")
+    asked: set[str] | None = None
     if wanted:
         asked = {t.strip() for t in wanted.split(",") if t.strip()}
         unknown = sorted(t for t in asked if not ctx.registry.is_resource_type(t))
@@ -64,34 +75,19 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
         raise FhirError(Code.GONE, f"Patient/{req.id} was deleted")
     restriction = guard.restriction(ctx.access)
     cap = ctx.settings.max_search_results
-    keys: list[tuple[str, str]] = []
-    if "Patient" in types or not wanted:
-        own = parse_search("Patient", [("_id", req.id), *filters], ctx.registry.search_params,
-                           strict=True)
-        keys += await ctx.store.search_keys(own, 1, restriction)
-    seen = set(keys)
-    # only the types whose compartment parameters point at the patient anywhere
-    # (one index lookup), each with one search over those parameters together
     pointing: dict[str, list[str]] = {}
     for rt, param in sorted(await ctx.store.referrers("Patient", req.id)):
         if param in compartment.get(rt, ()):
             pointing.setdefault(rt, []).append(param)
-    for rt in types:
-        if rt not in pointing:
-            continue
-        try:
-            guard.require(rt, "search")
-        except FhirError:
-            continue  # not granted: left out, as a search would not show it
-        linked = pointing[rt]
-        query = parse_search(rt, [(linked[0], f"Patient/{req.id}"), *filters],
-                             ctx.registry.search_params, strict=True)
-        link, *rest = query.criteria
-        query = replace(query, criteria=(replace(link, stored=tuple(linked)), *rest))
-        for key in await ctx.store.search_keys(query, cap + 1 - len(keys), restriction):
-            if key not in seen:
-                seen.add(key)
-                keys.append(key)
+    keys = await _record(ctx, req.id, types, pointing, filters, cap + 1, restriction)
+    if asked is None or any(_outside(t, compartment) for t in asked):
+        # what the record refers to, followed from all of it (also from what
+        # _type or _since leave out)
+        whole = keys if asked is None and not filters else await _record(
+            ctx, req.id, ["Patient", *sorted(compartment)], pointing, [], cap + 1,
+            restriction)
+        keys += await _referenced(ctx, whole, compartment, asked, filters,
+                                  cap + 1 - len(keys), restriction)
     truncated = len(keys) > cap
     found = len(keys)
     if truncated:
@@ -109,6 +105,71 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
                             links=[("self", self_link)], warnings=warnings,
                             total=None if truncated else found, truncated=truncated,
                             replay="Patient?")
+
+
+def _outside(resource_type: str, compartment: dict[str, tuple[str, ...]]) -> bool:
+    """Whether resources of the type belong to no patient's record."""
+    return resource_type != "Patient" and not compartment.get(resource_type)
+
+
+async def _record(
+    ctx: Context, id: str, types: list[str], pointing: dict[str, list[str]],
+    filters: list[tuple[str, str]], limit: int, restriction: Restriction | None,
+) -> list[tuple[str, str]]:
+    """The Patient (when ``types`` holds it) and its compartment resources of
+    ``types``: only the types whose compartment parameters point at the patient
+    anywhere (``pointing``: one index lookup), each with one search over those
+    parameters together."""
+    keys: list[tuple[str, str]] = []
+    if "Patient" in types:
+        own = parse_search("Patient", [("_id", id), *filters], ctx.registry.search_params,
+                           strict=True)
+        keys += await ctx.store.search_keys(own, 1, restriction)
+    seen = set(keys)
+    for rt in types:
+        if rt not in pointing or not guard.allows(rt, "search"):
+            continue  # not granted: left out, as a search would not show it
+        linked = pointing[rt]
+        query = parse_search(rt, [(linked[0], f"Patient/{id}"), *filters],
+                             ctx.registry.search_params, strict=True)
+        link, *rest = query.criteria
+        query = replace(query, criteria=(replace(link, stored=tuple(linked)), *rest))
+        for key in await ctx.store.search_keys(query, limit - len(keys), restriction):
+            if key not in seen:
+                seen.add(key)
+                keys.append(key)
+        if len(keys) >= limit:
+            break
+    return keys
+
+
+async def _referenced(
+    ctx: Context, record: list[tuple[str, str]], compartment: dict[str, tuple[str, ...]],
+    asked: set[str] | None, filters: list[tuple[str, str]], limit: int,
+    restriction: Restriction | None,
+) -> list[tuple[str, str]]:
+    """What ``record`` refers to, of the types in no patient's compartment (the
+    caller may search them, ``_type`` names them, ``_since`` holds), type by type."""
+    if limit <= 0 or not record:
+        return []
+    found = await ctx.store.includes(_REFERENCES, record, limit, restriction)
+    by_type: dict[str, list[str]] = {}
+    for rt, id in found:
+        if not _outside(rt, compartment) or (asked is not None and rt not in asked):
+            continue  # another patient's record, or not asked for
+        if guard.allows(rt, "search"):
+            by_type.setdefault(rt, []).append(id)
+    out: list[tuple[str, str]] = []
+    for rt in sorted(by_type):
+        ids = by_type[rt]
+        if not filters:
+            out += [(rt, id) for id in ids]
+            continue
+        for start in range(0, len(ids), _ID_CHUNK):
+            query = parse_search(rt, [("_id", ",".join(ids[start : start + _ID_CHUNK])),
+                                      *filters], ctx.registry.search_params, strict=True)
+            out += await ctx.store.search_keys(query, limit, restriction)
+    return out[:limit]
 
 
 OPERATION = Operation(

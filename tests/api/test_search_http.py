@@ -413,6 +413,71 @@ def test_patient_everything(client: httpx.Client) -> None:
                       params={"_type": "Nonsense"}).status_code == 400
 
 
+def test_patient_everything_brings_what_the_record_refers_to(client: httpx.Client) -> None:
+    """"any resource referenced from those" (patient-operation-everything): the
+    practitioners, organisations, locations and medications of the record, once each,
+    and none of another patient's record."""
+    pid = post(client, patient(unique("mrn"))).json()["id"]
+    other = post(client, patient(unique("mrn"))).json()["id"]
+    practitioner = post(client, {"resourceType": "Practitioner",
+                                 "name": [{"family": unique("Doc")}]}).json()["id"]
+    org = post(client, {"resourceType": "Organization", "name": unique("Org")}).json()["id"]
+    location = post(client, {"resourceType": "Location", "name": unique("Loc")}).json()["id"]
+    medication = post(client, {"resourceType": "Medication",
+                               "code": {"text": "lisinopril"}}).json()["id"]
+    unrelated = post(client, {"resourceType": "Practitioner",
+                              "name": [{"family": unique("Other")}]}).json()["id"]
+    foreign = post(client, {"resourceType": "Observation", "status": "final",
+                            "code": {"text": "theirs"},
+                            "subject": {"reference": f"Patient/{other}"}}).json()["id"]
+    client.put(f"/Patient/{pid}", json={**patient(unique("mrn")), "id": pid,
+                                        "generalPractitioner": [
+                                            {"reference": f"Organization/{org}"}],
+                                        "link": [{"other": {"reference": f"Patient/{other}"},
+                                                  "type": "seealso"}]})
+    me = {"reference": f"Patient/{pid}"}
+    encounter = post(client, {
+        "resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"},
+        "subject": me, "serviceProvider": {"reference": f"Organization/{org}"},
+        "participant": [{"individual": {"reference": f"Practitioner/{practitioner}"}}],
+        "location": [{"location": {"reference": f"Location/{location}"}}]}).json()["id"]
+    order = post(client, {
+        "resourceType": "MedicationRequest", "status": "active", "intent": "order",
+        "subject": me, "encounter": {"reference": f"Encounter/{encounter}"},
+        "medicationReference": {"reference": f"Medication/{medication}"},
+        "requester": {"reference": f"Practitioner/{practitioner}"}}).json()["id"]
+    derived = post(client, {
+        "resourceType": "Observation", "status": "final", "code": {"text": "mine"},
+        "subject": me, "performer": [{"reference": f"Practitioner/{practitioner}"}],
+        "derivedFrom": [{"reference": f"Observation/{foreign}"}]}).json()["id"]
+
+    def keys(**params: str) -> list[str]:
+        bundle = client.get(f"/Patient/{pid}/$everything", params=params).json()
+        return [f"{e['resource']['resourceType']}/{e['resource']['id']}"
+                for e in bundle.get("entry", []) if e["search"]["mode"] == "match"]
+
+    record = {f"Patient/{pid}", f"Encounter/{encounter}", f"MedicationRequest/{order}",
+              f"Observation/{derived}"}
+    referenced = [f"Location/{location}", f"Medication/{medication}",
+                  f"Organization/{org}", f"Practitioner/{practitioner}"]
+    whole = keys()
+    assert set(whole[:4]) == record and whole[4:] == referenced  # after the record
+    assert f"Practitioner/{unrelated}" not in whole
+    # neither the linked Patient nor the other patient's Observation
+    assert f"Patient/{other}" not in whole and f"Observation/{foreign}" not in whole
+    # _type chooses among them, and still follows the whole record
+    assert keys(_type="Practitioner,Medication") == [f"Medication/{medication}",
+                                                    f"Practitioner/{practitioner}"]
+    assert keys(_type="Observation") == [f"Observation/{derived}"]
+    assert keys(_since="2999-01-01") == []
+    client.put(f"/Organization/{org}", json={"resourceType": "Organization", "id": org,
+                                             "name": unique("Renamed")})
+    changed = client.get(f"/Organization/{org}").json()["meta"]["lastUpdated"]
+    assert keys(_since=changed) == [f"Organization/{org}"]
+    total = client.get(f"/Patient/{pid}/$everything", params={"_count": 0}).json()["total"]
+    assert total == len(record) + len(referenced)
+
+
 def test_search_in_the_patient_compartment(client: httpx.Client) -> None:
     # GET [base]/Patient/[id]/[type]?... (search.html#compartments)
     pid = post(client, patient(unique("mrn"))).json()["id"]
