@@ -4,11 +4,13 @@ https://hl7.org/fhir/R4/patient-operation-everything.html.
 The Patient, every resource in its patient compartment (the R4
 CompartmentDefinition, as the access policy holds it) and what those refer to
 outside any patient's compartment (the practitioners, organisations, locations,
-medications and devices of the record: "any resource referenced from those"),
-as a searchset Bundle: the Patient first, then type by type in creation order,
-then the referenced resources type by type. References are followed one step,
-as the search index holds them; other patients' resources are not followed. Paged like a search
-(a snapshot, ``next`` links). ``_type`` limits the types, ``_since`` keeps what
+medications and devices of the record: "any resource referenced from those",
+"including binaries and attachments": the Binaries that hold its documents and
+the patient's document Bundles), as a searchset Bundle: the Patient first, then
+type by type in creation order, then the referenced resources type by type.
+References are followed one step, as the search index holds them; other
+patients' resources are not followed. Paged like a search (a snapshot, ``next``
+links). ``_type`` limits the types, ``_since`` keeps what
 changed since then, ``_count`` sets the page size. Only what the caller may see
 is included: types the granted scopes do not let it search are left out, and
 the organisation's compartment and consent apply as in every search.
@@ -17,20 +19,29 @@ the organisation's compartment and consent apply as in every search.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from urllib.parse import urlencode
 
+from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import Include, SearchQuery, parse_search
 from gateway.interactions.base import Context, FhirResponse, check_id
 from gateway.interactions.operations import Operation, OperationRequest
 from gateway.interactions.search import first_page, patient_compartment
 from gateway.security import guard
+from gateway.storage.access_sql import ACCESS_PROXY
 from gateway.storage.interface import Restriction
 
 #: every reference parameter of every type, one step (``_include=*``)
 _REFERENCES = SearchQuery(None, includes=(Include("*", "*", wildcard=True),))
+#: what no reference parameter names: the Binaries whose ``securityContext`` is a
+#: resource of the record, and the document Bundles of the patient (the index
+#: rows of their access proxy)
+_PROXIED = SearchQuery(None, revincludes=(Include("Binary", ACCESS_PROXY),
+                                          Include("Bundle", ACCESS_PROXY)))
 _ID_CHUNK = 100
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 def _one(values: list[object] | None, name: str) -> str | None:
@@ -87,7 +98,7 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
             ctx, req.id, ["Patient", *sorted(compartment)], pointing, [], cap + 1,
             restriction)
         keys += await _referenced(ctx, whole, compartment, asked, filters,
-                                  cap + 1 - len(keys), restriction)
+                                  cap + 1 - len(keys), restriction, req.base)
     truncated = len(keys) > cap
     found = len(keys)
     if truncated:
@@ -146,30 +157,61 @@ async def _record(
 async def _referenced(
     ctx: Context, record: list[tuple[str, str]], compartment: dict[str, tuple[str, ...]],
     asked: set[str] | None, filters: list[tuple[str, str]], limit: int,
-    restriction: Restriction | None,
+    restriction: Restriction | None, base: str,
 ) -> list[tuple[str, str]]:
     """What ``record`` refers to, of the types in no patient's compartment (the
-    caller may search them, ``_type`` names them, ``_since`` holds), type by type."""
+    caller may search them, ``_type`` names them, ``_since`` holds), type by type:
+    by reference parameters; the Binaries whose ``securityContext`` is part of the
+    record and the patient's documents (Bundles); the Binaries its
+    DocumentReferences' attachments name by URL."""
     if limit <= 0 or not record:
         return []
     found = await ctx.store.includes(_REFERENCES, record, limit, restriction)
-    by_type: dict[str, list[str]] = {}
+    found += await ctx.store.includes(_PROXIED, record, limit, restriction)
+    checked: dict[str, list[str]] = {}  # found: they exist, and the caller may see them
     for rt, id in found:
-        if not _outside(rt, compartment) or (asked is not None and rt not in asked):
-            continue  # another patient's record, or not asked for
-        if guard.allows(rt, "search"):
-            by_type.setdefault(rt, []).append(id)
+        if _outside(rt, compartment) and (asked is None or rt in asked) \
+                and guard.allows(rt, "search"):
+            checked.setdefault(rt, []).append(id)
+    named: list[str] = []  # named: to be looked for
+    if (asked is None or "Binary" in asked) and guard.allows("Binary", "search"):
+        known = set(checked.get("Binary", ()))
+        named = [id for id in await _attached(ctx, record, base) if id not in known]
     out: list[tuple[str, str]] = []
-    for rt in sorted(by_type):
-        ids = by_type[rt]
+    for rt in sorted({*checked, *(["Binary"] if named else [])}):
+        ids = list(dict.fromkeys(checked.get(rt, [])))
         if not filters:
             out += [(rt, id) for id in ids]
-            continue
+            ids = []
+        if rt == "Binary":
+            ids += named
         for start in range(0, len(ids), _ID_CHUNK):
             query = parse_search(rt, [("_id", ",".join(ids[start : start + _ID_CHUNK])),
                                       *filters], ctx.registry.search_params, strict=True)
             out += await ctx.store.search_keys(query, limit, restriction)
     return out[:limit]
+
+
+async def _attached(ctx: Context, record: list[tuple[str, str]], base: str) -> list[str]:
+    """Ids of the local Binaries the record's DocumentReferences hold their content in
+    (``content.attachment.url``: ``Binary/[id]`` or an absolute URL on this server)."""
+    documents = [k for k in record if k[0] == "DocumentReference"]
+    ids: dict[str, None] = {}
+    for start in range(0, len(documents), _ID_CHUNK):
+        for stored in await ctx.store.read_many(documents[start : start + _ID_CHUNK]):
+            if stored.content is None:
+                continue
+            for content in fjson.loads(stored.content).get("content") or ():
+                url = (content.get("attachment") or {}).get("url") \
+                    if isinstance(content, dict) else None
+                if not isinstance(url, str):
+                    continue
+                if url.startswith(f"{base}/"):
+                    url = url[len(base) + 1:]
+                rtype, _, id = url.partition("/")
+                if rtype == "Binary" and _ID.fullmatch(id):
+                    ids[id] = None
+    return list(ids)
 
 
 OPERATION = Operation(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 import string
+import uuid
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 
-from tests.api.helpers import FHIR, gw_code, patient, post, search_ids
+from tests.api.helpers import FHIR, gw_code, patient, post, put, search_ids
 from tests.conftest import unique
 
 
@@ -476,6 +477,58 @@ def test_patient_everything_brings_what_the_record_refers_to(client: httpx.Clien
     assert keys(_since=changed) == [f"Organization/{org}"]
     total = client.get(f"/Patient/{pid}/$everything", params={"_count": 0}).json()["total"]
     assert total == len(record) + len(referenced)
+
+
+def test_patient_everything_brings_the_documents(client: httpx.Client) -> None:
+    """"including binaries and attachments": the Binary whose securityContext is part
+    of the record, the Binary a DocumentReference's attachment names by URL, and the
+    patient's document Bundles; not another patient's."""
+    pid = post(client, patient(unique("mrn"))).json()["id"]
+    other = post(client, patient(unique("mrn"))).json()["id"]
+
+    def binary(**extra: Any) -> str:
+        return str(post(client, {"resourceType": "Binary", "contentType": "application/pdf",
+                                 "data": "JVBERi0xLjQK", **extra}).json()["id"])
+
+    def document(subject: str, url: str) -> str:
+        return str(post(client, {
+            "resourceType": "DocumentReference", "status": "current",
+            "subject": {"reference": f"Patient/{subject}"},
+            "content": [{"attachment": {"contentType": "application/pdf", "url": url}}],
+        }).json()["id"])
+
+    base = str(client.base_url).rstrip("/")
+    by_url = binary()
+    letter = document(pid, f"{base}/Binary/{by_url}")
+    guarded = binary(securityContext={"reference": f"DocumentReference/{letter}"})
+    relative = binary()
+    report = document(pid, f"Binary/{relative}")
+    theirs = binary()
+    document(other, f"Binary/{theirs}")
+    elsewhere = document(pid, "https://example.org/Binary/x")  # not this server's
+    bundle = post(client, {
+        "resourceType": "Bundle", "type": "document", "timestamp": "2026-11-20T10:00:00Z",
+        "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"},
+        "entry": [{"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": {
+            "resourceType": "Composition", "status": "final", "type": {"text": "letter"},
+            "subject": {"reference": f"Patient/{pid}"}, "date": "2026-11-20",
+            "author": [{"display": "Dr X"}], "title": "Entlassbrief"}}]}).json()["id"]
+
+    def keys(**params: str) -> set[str]:
+        found = client.get(f"/Patient/{pid}/$everything", params=params).json()
+        return {f"{e['resource']['resourceType']}/{e['resource']['id']}"
+                for e in found.get("entry", []) if e["search"]["mode"] == "match"}
+
+    binaries = {f"Binary/{by_url}", f"Binary/{guarded}", f"Binary/{relative}"}
+    assert keys() == {f"Patient/{pid}", f"DocumentReference/{letter}",
+                      f"DocumentReference/{report}", f"DocumentReference/{elsewhere}",
+                      f"Bundle/{bundle}", *binaries}
+    assert keys(_type="Binary") == binaries
+    put(client, {"resourceType": "Binary", "id": relative, "contentType": "text/plain",
+                 "data": "aGk="})
+    changed = client.get(f"/Binary/{relative}",
+                         headers={"Accept": "application/fhir+json"}).json()
+    assert keys(_since=changed["meta"]["lastUpdated"]) == {f"Binary/{relative}"}
 
 
 def test_search_in_the_patient_compartment(client: httpx.Client) -> None:

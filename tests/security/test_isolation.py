@@ -382,6 +382,21 @@ def test_a_binary_goes_where_its_security_context_goes(world: World) -> None:
     found = {e["resource"]["id"] for e in b.get("/Binary", params={
         "_id": ",".join((shared_pdf, own_pdf, loose))}).json().get("entry", [])}
     assert found == {shared_pdf}
+    # $everything brings the documents each may read: the one behind the shared
+    # letter; the loose PDF a letter of p3 names by URL to its sender alone
+    _create(a, {"resourceType": "DocumentReference", "status": "current",
+                "subject": {"reference": f"Patient/{world.patients['p3']}"},
+                "content": [{"attachment": {"contentType": "application/pdf",
+                                            "url": f"Binary/{loose}"}}]})
+
+    def everything(c: httpx.Client) -> set[str]:
+        found = c.get(f"/Patient/{world.patients['p3']}/$everything",
+                      params={"_type": "Binary"})
+        assert found.status_code == 200, found.text
+        return {e["resource"]["id"] for e in found.json().get("entry", [])}
+
+    assert everything(b) == {shared_pdf}
+    assert everything(a) == {shared_pdf, loose}
     # reading through the proxy is not writing: the sender alone changes its PDF
     replaced = b.put(f"/Binary/{shared_pdf}", content=b"%PDF-1.4 forged", headers={
         "Content-Type": "application/pdf",
