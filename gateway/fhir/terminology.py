@@ -298,6 +298,10 @@ class Terminology:
     def resource(self, resource_type: str, id: str) -> Json | None:
         return self._by_id.get((resource_type, id))
 
+    def code_systems(self) -> list[Json]:
+        """The code systems held, as written."""
+        return [r for r in self._resources if r["resourceType"] == "CodeSystem"]
+
     def concept_maps(self) -> list[Json]:
         return [r for r in self._resources if r["resourceType"] == "ConceptMap"]
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import gateway
 from gateway.fhir.indexer import SearchParam, composite_supported
+from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import Context, FhirResponse
 from gateway.interactions.operations import Operation, OperationRequest
 from gateway.registry import Registry
@@ -184,7 +185,54 @@ _CACHE: OrderedDict[tuple[int, str], dict[str, Any]] = OrderedDict()
 _CACHE_SIZE = 16
 
 
-def capabilities(ctx: Context, *, base: str) -> FhirResponse:
+#: the filter operators ``$expand`` and ``$validate-code`` apply to a held code system
+_FILTER_OPS = ("=", "is-a", "descendent-of", "is-not-a", "generalizes", "regex", "in",
+               "not-in", "exists")
+
+
+def _terminology_capabilities(registry: Registry, base: str) -> dict[str, Any]:
+    """What the terminology operations can do (``metadata?mode=terminology``:
+    https://hl7.org/fhir/R4/terminologycapabilities.html): the code systems held,
+    completely, which ``$lookup``, ``$validate-code`` and ``$expand`` answer from
+    (fragments, such as those of SNOMED CT and LOINC, are not claimed)."""
+    systems: dict[str, list[str]] = {}
+    for cs in registry.terminology.code_systems():
+        url = cs.get("url")
+        if isinstance(url, str) and cs.get("content") == "complete":
+            versions = systems.setdefault(url, [])
+            if isinstance(cs.get("version"), str) and cs["version"] not in versions:
+                versions.append(cs["version"])
+    return {
+        "resourceType": "TerminologyCapabilities",
+        "status": "active",
+        "date": "2026-11-24",
+        "publisher": "carepath-gateway",
+        "kind": "instance",
+        "software": {"name": "carepath-gateway", "version": gateway.__version__},
+        "implementation": {"description": "carepath-gateway terminology (offline)",
+                           "url": base},
+        "codeSystem": [
+            {"uri": url, **({"version": [
+                {"code": v, "isDefault": i == 0,
+                 "filter": [{"code": "concept", "op": list(_FILTER_OPS)}]}
+                for i, v in enumerate(versions)]} if versions else {})}
+            for url, versions in sorted(systems.items())
+        ],
+        "expansion": {"hierarchical": False, "paging": True, "incomplete": False,
+                      "textFilter": "Every word of the filter must occur in the code, its"
+                                    " display or a designation (case-insensitive)."},
+        "validateCode": {"translations": False},
+        "translation": {"needsMap": True},
+    }
+
+
+def capabilities(ctx: Context, *, base: str, mode: str | None = None) -> FhirResponse:
+    """``GET [base]/metadata``; ``mode=terminology``: the TerminologyCapabilities."""
+    if mode == "terminology":
+        return FhirResponse(200, _terminology_capabilities(ctx.registry, base))
+    if mode not in (None, "full", "normal"):
+        raise FhirError(Code.INVALID_SEARCH_VALUE,
+                        f"mode must be full, normal or terminology, not '{mode[:32]}'")
     key = (_key(ctx), base)
     statement = _CACHE.get(key)
     if statement is None:

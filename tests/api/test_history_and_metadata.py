@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import cast
 
 import httpx
@@ -104,6 +106,34 @@ def test_capability_statement_reflects_the_registry(client: httpx.Client) -> Non
         taken = client.get("/Patient", params={name: value, "_count": 1},
                            headers={"Prefer": "handling=strict"})
         assert taken.status_code == 200, (name, value, taken.text)
+
+
+def test_metadata_in_terminology_mode(client: httpx.Client) -> None:
+    # capabilities: mode=terminology answers a TerminologyCapabilities
+    tc = client.get("/metadata", params={"mode": "terminology"})
+    assert tc.status_code == 200, tc.text
+    body = tc.json()
+    assert body["resourceType"] == "TerminologyCapabilities" and body["kind"] == "instance"
+    systems = {c["uri"]: c for c in body["codeSystem"]}
+    # a held, complete code system is claimed, and $lookup answers from it
+    care_level = "https://carepath-gateway.org/fhir/CodeSystem/care-level"
+    assert care_level in systems and systems[care_level]["version"][0]["isDefault"]
+    held = json.loads((Path(__file__).parents[2] / "profiles/CodeSystem-care-level.json")
+                      .read_text(encoding="utf-8"))
+    code = held["concept"][0]["code"]
+    looked_up = client.get("/CodeSystem/$lookup", params={"system": care_level, "code": code})
+    assert looked_up.status_code == 200, looked_up.text
+    # a fragment is not: the gateway holds only a few SNOMED CT concepts
+    assert "http://snomed.info/sct" not in systems
+    checked = client.post("/TerminologyCapabilities/$validate", content=tc.content,
+                          headers={"Content-Type": FHIR})
+    assert checked.status_code == 200, checked.text
+    assert not [i for i in checked.json()["issue"] if i["severity"] in ("error", "fatal")]
+    for mode in ("full", "normal"):
+        statement = client.get("/metadata", params={"mode": mode}).json()
+        assert statement["resourceType"] == "CapabilityStatement"
+    wrong = client.get("/metadata", params={"mode": "everything"})
+    assert wrong.status_code == 400 and gw_code(wrong) == "GW-1013"
 
 
 def test_capability_statements_kept_are_bounded(client: httpx.Client) -> None:
