@@ -13,6 +13,7 @@ from typing import Protocol
 from fastapi import FastAPI
 
 from gateway.api.app import create_api
+from gateway.api.health import Health
 from gateway.events import EventRuntime
 from gateway.fhir.validation import FhirValidator
 from gateway.interactions import capabilities
@@ -117,7 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await service.stop()
         await store.close()
 
-    app = create_api(ctx, startup, shutdown, auth)
+    health = Health(store.db, audit, events)
+    app = create_api(ctx, startup, shutdown, auth, health)
     app.router.add_websocket_route(f"{settings.base_path}{WEBSOCKET_PATH}", subscriptions.websocket)
     app.state.context = ctx
     return app

@@ -22,11 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from gateway.api.health import LIVE_PATH, READY_PATH, Health
+from gateway.api.health import MEDIA_TYPE as HEALTH_MEDIA_TYPE
 from gateway.api.openapi import openapi
 from gateway.fhir import json as fjson
 from gateway.fhir import xml as fhir_xml
@@ -529,11 +532,28 @@ class _GatewayApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+def _add_health(app: FastAPI, health: Health) -> None:
+    """``/healthz`` and ``/readyz`` (:mod:`gateway.api.health`)."""
+
+    async def live(_request: Request) -> Response:
+        return Response(orjson.dumps(health.live()), media_type=HEALTH_MEDIA_TYPE,
+                        headers={"Cache-Control": "no-store"})
+
+    async def ready(_request: Request) -> Response:
+        status, report = await health.ready()
+        return Response(orjson.dumps(report), status_code=status,
+                        media_type=HEALTH_MEDIA_TYPE, headers={"Cache-Control": "no-store"})
+
+    app.add_route(LIVE_PATH, live, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_route(READY_PATH, ready, methods=["GET", "HEAD"], include_in_schema=False)
+
+
 def create_api(
     ctx: Context,
     startup: Callable[[], Awaitable[None]],
     shutdown: Callable[[], Awaitable[None]],
     auth: Authenticator,
+    health: Health | None = None,
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -666,6 +686,8 @@ def create_api(
         await reply.send(send)
 
     app.fhir_endpoint = (base_path, fhir)
+    if health is not None:
+        _add_health(app, health)
     spec = openapi(ctx.registry, ctx.settings.base_path)
     app.openapi = lambda: spec  # type: ignore[method-assign]
     return app

@@ -72,6 +72,9 @@ class Bus(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
 
+    async def ping(self) -> None:
+        """Raises when the transport cannot be reached (readiness checks)."""
+
     async def epoch(self) -> str | None:
         """The transport's generation marker; ``None`` when it lost its data (or is new)."""
 

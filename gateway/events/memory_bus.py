@@ -32,6 +32,9 @@ class InProcessBus:
     async def close(self) -> None:
         self._groups.clear()
 
+    async def ping(self) -> None:
+        return None  # in this process: reachable while the process runs
+
     async def epoch(self) -> str | None:
         # each process has its own queues: there is no shared data to lose
         return self.kind

@@ -77,6 +77,9 @@ class RedisStreamBus:
     async def close(self) -> None:
         await self.redis.aclose()
 
+    async def ping(self) -> None:
+        await self.redis.ping()
+
     async def epoch(self) -> str | None:
         value = await self.redis.get(self.epoch_key)
         return str(value) if value is not None else None

@@ -95,6 +95,10 @@ class Relay:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def start(self) -> None:
         await self.bus.open()
         self._stopping = False

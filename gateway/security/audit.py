@@ -213,8 +213,12 @@ class AuditWriter:
         await tasks.cancel(self._task)
         self._task = None
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def write(self, record: tables.AuditRecord) -> None:
-        if self._queue is None or self._task is None or self._task.done():
+        if self._queue is None or not self.running:
             raise AuditUnavailable("the audit writer is not running")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self._queue.put((record, future))

@@ -34,6 +34,13 @@ def test_smart_configuration_is_published(secured: Secured) -> None:
     assert "client-confidential-asymmetric" in config["capabilities"]
 
 
+def test_probes_need_no_token_and_are_not_fhir(secured: Secured) -> None:
+    root = secured.url.rsplit("/fhir", 1)[0]
+    assert httpx.get(f"{secured.url}/Patient").status_code == 401
+    assert httpx.get(f"{root}/healthz").status_code == 200
+    assert httpx.get(f"{root}/readyz").json()["status"] == "pass"
+
+
 @pytest.mark.parametrize("client", ["hospital-a", "gp-b"])  # RS384 and ES384
 def test_client_credentials_with_a_signed_assertion(secured: Secured, client: str) -> None:
     key = secured.keys[client]

@@ -1,0 +1,139 @@
+"""Liveness and readiness (``/healthz``, ``/readyz``): over real HTTP, and with
+components that really cannot be reached."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from gateway.api.health import Health
+from gateway.events.runtime import EventRuntime
+from gateway.security.audit import AuditWriter
+from gateway.settings import Settings
+from gateway.storage.db import open_database
+from tests.conftest import PG_URL, Server
+
+HEALTH = "application/health+json"
+
+
+def _root(url: str) -> str:
+    return url.rsplit("/fhir", 1)[0]
+
+
+def _statuses(report: dict[str, Any]) -> dict[str, str]:
+    return {name: checks[0]["status"] for name, checks in report["checks"].items()}
+
+
+def test_live_and_ready_over_http(server: Server) -> None:
+    root = _root(server.url)
+    live = httpx.get(f"{root}/healthz")
+    assert live.status_code == 200 and live.headers["content-type"] == HEALTH
+    assert live.json()["status"] == "pass"
+    ready = httpx.get(f"{root}/readyz")
+    assert ready.status_code == 200 and ready.headers["content-type"] == HEALTH
+    report = ready.json()
+    assert report["status"] == "pass"
+    assert _statuses(report) == {"database:responseTime": "pass",
+                                 "event-bus:responseTime": "pass",
+                                 "outbox-relay:running": "pass",
+                                 "audit-trail:running": "pass"}
+    database = report["checks"]["database:responseTime"][0]
+    assert database["componentType"] == "datastore" and database["observedUnit"] == "ms"
+    assert ready.headers["cache-control"] == "no-store"
+
+
+class _Proxy:
+    """A TCP forwarder to PostgreSQL that can be cut: the database going away
+    under a running gateway."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = PG_URL.split("//", 1)[1].split("/", 1)[0].split(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+
+def test_a_database_gone_away_fails_readiness() -> None:
+    async def check() -> list[tuple[int, dict[str, Any]]]:
+        proxy = _Proxy()
+        port = await proxy.start()
+        db = open_database(PG_URL.replace(PG_URL.split("//", 1)[1].split("/", 1)[0],
+                                          f"127.0.0.1:{port}"), pool_size=2)
+        await db.open()
+        events = EventRuntime(db, Settings(database_url=PG_URL))
+        audit = AuditWriter(db)
+        await audit.start()
+        health = Health(db, audit, events, timeout=2)
+        try:
+            before = await health.ready()
+            await proxy.cut()
+            return [before, await health.ready()]
+        finally:
+            await audit.stop()
+            await db.close()
+
+    (up, up_report), (down, report) = asyncio.run(check())
+    # (no relay runs here: readiness warns about that, and passes the database)
+    assert up == 200 and _statuses(up_report)["database:responseTime"] == "pass", up_report
+    assert down == 503 and report["status"] == "fail"
+    database = report["checks"]["database:responseTime"][0]
+    assert database["status"] == "fail" and database["output"].startswith("not reachable")
+    assert "127.0.0.1" not in database["output"]  # the address stays in the log
+    assert _statuses(report)["audit-trail:running"] == "pass"
+
+
+def test_unreachable_redis_warns_and_a_stopped_audit_writer_fails(tmp_path: Any) -> None:
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'h.db'}",
+                        redis_url="redis://127.0.0.1:1/0")
+
+    async def check(audit_running: bool) -> tuple[int, dict[str, Any]]:
+        db = open_database(settings.database_url, pool_size=1)
+        await db.open()
+        events = EventRuntime(db, settings)
+        audit = AuditWriter(db)
+        if audit_running:
+            await audit.start()
+        try:
+            return await Health(db, audit, events, timeout=2).ready()
+        finally:
+            await audit.stop()
+            await events.bus.close()
+            await db.close()
+
+    status, report = asyncio.run(check(True))
+    # events wait in the outbox: the gateway still answers, with a warning
+    assert status == 200 and report["status"] == "warn", report
+    bus = report["checks"]["event-bus:responseTime"][0]
+    assert bus["status"] == "warn" and bus["componentId"] == "redis"
+    assert _statuses(report)["database:responseTime"] == "pass"
+    # no audit writer: every request would be refused
+    status, report = asyncio.run(check(False))
+    assert status == 503 and _statuses(report)["audit-trail:running"] == "fail"
