@@ -15,6 +15,8 @@ import asyncio
 import base64
 import gzip
 import logging
+import re
+import secrets
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -433,7 +435,17 @@ _CORS_HEADERS = (b"Authorization, Content-Type, Content-Encoding, Accept, Accept
                  b" If-Match, If-None-Match, If-None-Exist, If-Modified-Since, Prefer,"
                  b" X-Security-Context")
 _CORS_EXPOSE = (b"Location, Content-Location, ETag, Last-Modified, Content-Encoding,"
-                b" X-Security-Context")
+                b" X-Security-Context, X-Request-ID")
+#: a client's own request id, taken as it is (else the gateway makes one)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
+
+
+def request_id(given: str | None) -> str:
+    """The request's id: the client's ``X-Request-ID`` when it is a plain token,
+    else a new one (as HAPI FHIR does)."""
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return secrets.token_hex(8)
 
 
 class Cors:
@@ -642,7 +654,8 @@ def create_api(
         except (AuditUnavailable, _Disconnected):
             raise
         except Exception:  # a bug of ours: still an OperationOutcome, never a bare 500
-            log.exception("unhandled error on %s /%s", request.method, request.path)
+            log.exception("unhandled error on %s /%s (request %s)", request.method,
+                          request.path, caller.request_id)
             err = FhirError(Code.INTERNAL, "internal error; the gateway logged the details")
             resp = FhirResponse(err.status, err.outcome())
             description = err.code.gw
@@ -668,8 +681,9 @@ def create_api(
                 await preflight.send(send)
                 return
         base = base_url(scope, request.headers)
+        rid = request_id(request.headers.get("x-request-id"))
         caller = Caller(Principal.nobody(request.address), request.method, path,
-                        request.query_string, base)
+                        request.query_string, base, request_id=rid)
         CALLER.set(caller)
         try:
             reply, description = await serve(request, base, caller)
@@ -678,9 +692,11 @@ def create_api(
         except _Disconnected:
             return
         except AuditUnavailable:
-            log.error("audit trail unavailable: refusing %s /%s", request.method, path)
+            log.error("audit trail unavailable: refusing %s /%s (request %s)", request.method,
+                      path, rid)
             err = FhirError(Code.UNAVAILABLE, "the audit trail cannot be written")
             reply = _render(FhirResponse(err.status, err.outcome()), False, False)
+        reply.headers.append((b"x-request-id", rid.encode("ascii")))
         if cors is not None:
             cors.decorate(request, reply)
         await reply.send(send)

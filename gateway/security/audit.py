@@ -94,6 +94,9 @@ _SYSTEM_OBJECT = {"system": _ENTITY_TYPE, "code": "2", "display": "System Object
 _PATIENT_ROLE = {"system": _OBJECT_ROLE, "code": "1", "display": "Patient"}
 _QUERY_ROLE = {"system": _OBJECT_ROLE, "code": "24", "display": "Query"}
 _DOMAIN_ROLE = {"system": _OBJECT_ROLE, "code": "4", "display": "Domain Resource"}
+#: IHE BALP: the transport's request id (BasicAuditEntityType)
+_REQUEST_ID = {"system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
+               "code": "XrequestId"}
 _REST = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
          "display": "Restful Operation"}
 _SOURCE_TYPE = [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
@@ -154,6 +157,9 @@ def build_event(caller: Caller, status: int, description: str = "") -> dict[str,
             "type": _SYSTEM_OBJECT, "role": _QUERY_ROLE,
             "description": request_line[:2000],
             "query": base64.b64encode(request_line.encode()).decode()})
+    if caller.request_id:  # first, as BALP's profiles slice it (entity[transaction])
+        entities.insert(0, {"what": {"identifier": {"value": caller.request_id}},
+                            "type": _REQUEST_ID})
     seen: set[tuple[str, str]] = set()
     for rtype, rid, version, _query in caller.entities:
         if rid is None or (rtype, rid) in seen:

@@ -51,6 +51,8 @@ class Caller:
     path: str = ""
     query_string: str = ""
     base: str = ""
+    #: the request's id (``X-Request-ID``): in the response, the log and the AuditEvent
+    request_id: str = ""
     #: what the request touched
     entities: list[tuple[str, str | None, int | None, str | None]] = field(default_factory=list)
     patients: set[str] = field(default_factory=set)
@@ -59,7 +61,8 @@ class Caller:
 
     def child(self, method: str, path: str, query_string: str = "") -> Caller:
         """The caller of one Bundle entry (batch entries are audited one by one)."""
-        return Caller(self.principal, method, path, query_string, self.base)
+        return Caller(self.principal, method, path, query_string, self.base,
+                      request_id=self.request_id)
 
 
 CALLER: ContextVar[Caller | None] = ContextVar("carepath_caller", default=None)

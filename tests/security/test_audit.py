@@ -115,7 +115,7 @@ def test_every_request_yields_exactly_one_audit_event(audited: Audited) -> None:
     assert read["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT"
     assert read["recorded"]
     search = next(e for e in after if e["subtype"][0]["code"] == "search-type")
-    query = next(x for x in search["entity"] if x["role"]["code"] == "24")
+    query = next(x for x in search["entity"] if x.get("role", {}).get("code") == "24")
     assert f"_id={pid}" in base64.b64decode(query["query"]).decode()
     denied = after[-1]
     assert denied["outcome"] == "4" and "401" in denied["outcomeDesc"]
@@ -134,7 +134,33 @@ def test_audit_log_is_readable_and_reading_it_is_audited(audited: Audited) -> No
     events = [e["resource"] for e in second["entry"]]
     assert len(events) == n + 1
     assert events[-1]["subtype"][0]["code"] == "operation"
-    assert "$audit-log" in events[-1]["entity"][-1]["description"]
+    query = [e for e in events[-1]["entity"] if e.get("role", {}).get("code") == "24"]
+    assert "$audit-log" in query[0]["description"]
+
+
+def test_the_request_id_is_answered_and_audited(audited: Audited) -> None:
+    # IHE BALP: the X-Request-ID of the transport, as an entity of the AuditEvent
+    h = {"Authorization": f"Bearer {audited.token()}"}
+    mine = f"req-{uuid.uuid4().hex}"
+    given = httpx.get(f"{audited.url}/Patient", params={"_count": 1},
+                      headers={**h, "X-Request-ID": mine})
+    assert given.status_code == 200 and given.headers["x-request-id"] == mine
+    odd = httpx.get(f"{audited.url}/Patient", params={"_count": 1},
+                    headers={**h, "X-Request-ID": "two words\tand a tab"})
+    made = odd.headers["x-request-id"]
+    assert made != "two words\tand a tab" and len(made) == 16
+    denied = httpx.get(f"{audited.url}/Patient/{uuid.uuid4().hex}", headers={
+        "Authorization": "Bearer nonsense", "X-Request-ID": f"{mine}-2"})
+    assert denied.status_code == 401 and denied.headers["x-request-id"] == f"{mine}-2"
+
+    def ids(event: dict[str, Any]) -> list[str]:
+        return [e["what"]["identifier"]["value"] for e in event.get("entity", [])
+                if e.get("type", {}).get("code") == "XrequestId"]
+
+    events = records(audited.settings)
+    assert [ids(e) for e in events[-3:]] == [[mine], [made], [f"{mine}-2"]]
+    assert events[-1]["entity"][0]["type"]["system"] == (
+        "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType")
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
