@@ -39,6 +39,10 @@ class Settings:
     max_page_size: int = 1000
     #: largest number of matches a search keeps for stable paging
     max_search_results: int = 100_000
+    #: matches the first page of a search reads ahead (at least two pages); a longer
+    #: result is read on when a page beyond them is asked for, and has no ``total``
+    #: unless ``_total=accurate`` (or ``estimate``) asks for one
+    search_read_ahead: int = 1000
     db_pool_size: int = 10
     #: tokens of an external authorisation server instead of (or beside) our own
     auth_issuer: str | None = None

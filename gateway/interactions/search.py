@@ -188,20 +188,36 @@ async def search(
         return await _page(ctx, query, [], base, total=total, links=links,
                            warnings=query.warnings)
     size = _page_size(ctx, query)
-    # the first page's resources come with the search: one round trip, not two
-    found = await ctx.store.search_resources(query, size + 1, restriction)
-    if len(found) <= size:
-        total = None if query.total == "none" else len(found)
-        return await _page(ctx, query, [(s.resource_type, s.id) for s in found], base,
-                           total=total, links=links, warnings=query.warnings, matches=found)
-    # more than one page: keep the ordered result as a snapshot for stable paging
     cap = ctx.settings.max_search_results
-    everything = await ctx.store.search_keys(query, cap + 1, restriction)
+    # the snapshot of a long result keeps its head (a compartment's search cannot be
+    # run again from its query string: it keeps all of it)
+    head = cap if compartment is not None else min(
+        max(ctx.settings.search_read_ahead, 2 * size), cap)
+    found: list[StoredResource] | None = None
+    if query.sort:
+        # a sort orders every match before it yields the first: order them once
+        everything = await ctx.store.search_keys(query, head + 1, restriction)
+    else:
+        # the first page's resources come with the search: one round trip, not two
+        found = await ctx.store.search_resources(query, size + 1, restriction)
+        if len(found) <= size:
+            total = None if query.total == "none" else len(found)
+            return await _page(ctx, query, [(s.resource_type, s.id) for s in found], base,
+                               total=total, links=links, warnings=query.warnings,
+                               matches=found)
+        everything = await ctx.store.search_keys(query, head + 1, restriction)
+    if len(everything) <= size:
+        total = None if query.total == "none" else len(everything)
+        return await _page(ctx, query, everything, base, total=total, links=links,
+                           warnings=query.warnings)
+    # more than one page: keep the ordered result as a snapshot for stable paging
+    complete = len(everything) <= head or head == cap
     truncated = len(everything) > cap
-    everything = everything[:cap]
+    everything = everything[:head]
     total = len(everything)
-    if truncated:
-        total = await ctx.store.count(query, restriction) if query.total == "accurate" else None
+    if truncated or not complete:
+        wanted = query.total == "accurate" or (not truncated and query.total == "estimate")
+        total = await ctx.store.count(query, restriction) if wanted else None
     if query.total == "none":
         total = None
     warnings = query.warnings
@@ -209,10 +225,11 @@ async def search(
         warnings = (*warnings, f"only the first {cap} matches can be paged through")
     # what was read with the first search is the first page, unless a write since
     # then changed which resources lead the result
-    first = found[:size]
-    same = [(s.resource_type, s.id) for s in first] == everything[:size]
+    first = found[:size] if found is not None else []
+    same = found is not None and [(s.resource_type, s.id) for s in first] == everything[:size]
     return await first_page(ctx, query, everything, base, size=size, links=links,
                             warnings=warnings, total=total, truncated=truncated,
+                            complete=complete,
                             replay=f"{resource_type or ''}?{urlencode(pairs)}",
                             matches=first if same else None)
 
@@ -221,19 +238,37 @@ async def first_page(
     ctx: Context, query: SearchQuery, keys: list[tuple[str, str]], base: str, *, size: int,
     links: list[tuple[str, str]], warnings: tuple[str, ...], total: int | None,
     truncated: bool, replay: str, matches: list[StoredResource] | None = None,
+    complete: bool = True,
 ) -> FhirResponse:
-    """The first page of a result held whole in ``keys``. A longer one is kept as a
-    snapshot for stable paging (``next``); ``replay`` is the ``Type?query`` its pages
-    read ``_include``/``_elements``/``_summary`` from."""
+    """The first page of a result held in ``keys`` (whole, or its head: not
+    ``complete``). A longer one is kept as a snapshot for stable paging (``next``);
+    ``replay`` is the ``Type?query`` its pages read ``_include``/``_elements``/
+    ``_summary`` from, and the rest of an incomplete result."""
     if len(keys) > size:
         restriction = guard.restriction(ctx.access)
         owner = restriction.organization if restriction else ""
         snapshot = Snapshot(str(uuid.uuid4()), f"{owner}|{replay}", keys,
-                            total if total is not None else -1, truncated)
+                            total if total is not None else -1, truncated, complete)
         await ctx.store.save_snapshot(snapshot)
         links = [*links, ("next", _pages_link(base, snapshot.search_id, size, size))]
     return await _page(ctx, query, keys[:size], base, total=total, links=links,
                        warnings=warnings, matches=matches)
+
+
+async def _read_on(ctx: Context, snapshot: Snapshot, query: SearchQuery) -> Snapshot:
+    """``snapshot`` completed: the search run again, and what it finds besides the head
+    the first page kept appended in the search's order. The head stays as it was, so
+    that the pages read already do not shift; a match created since joins the rest
+    where the order puts it, one deleted since is not among them."""
+    cap = ctx.settings.max_search_results
+    found = await ctx.store.search_keys(query, cap + 1, guard.restriction(ctx.access))
+    held = set(snapshot.keys)
+    keys = [*snapshot.keys, *(k for k in found if k not in held)]
+    done = replace(snapshot, keys=keys[:cap], truncated=len(keys) > cap, complete=True)
+    if await ctx.store.complete_snapshot(done):
+        return done
+    # another page request completed it first: read what it kept
+    return await ctx.store.load_snapshot(snapshot.search_id) or done
 
 
 async def search_page(
@@ -259,11 +294,13 @@ async def search_page(
     pairs = parse_qsl(qs, keep_blank_values=True)
     query = _within_scopes(ctx, parse_search(rt or None, pairs, ctx.registry.search_params,
                                              base_url=base))
+    if not snapshot.complete and start + size > len(snapshot.keys):
+        snapshot = await _read_on(ctx, snapshot, await with_value_set_members(ctx, query))
     links = [("self", _pages_link(base, search_id, start, size)),
              ("first", _pages_link(base, search_id, 0, size))]
     if start > 0:
         links.append(("previous", _pages_link(base, search_id, max(start - size, 0), size)))
-    if start + size < len(snapshot.keys):
+    if start + size < len(snapshot.keys) or not snapshot.complete:
         links.append(("next", _pages_link(base, search_id, start + size, size)))
     total = snapshot.total if snapshot.total >= 0 else None
     # the compartment may have changed since the first page

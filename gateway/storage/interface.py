@@ -74,6 +74,8 @@ class Snapshot:
     keys: list[tuple[str, str]]
     total: int
     truncated: bool
+    #: False: ``keys`` is the result's head; the rest is read when a page needs it
+    complete: bool = True
 
 
 class StoreTransaction(Protocol):
@@ -182,6 +184,10 @@ class Store(Protocol):
 
     async def save_snapshot(self, snapshot: Snapshot) -> None: ...
     async def load_snapshot(self, search_id: str) -> Snapshot | None: ...
+
+    async def complete_snapshot(self, snapshot: Snapshot) -> bool:
+        """Replace an incomplete snapshot's keys by ``snapshot``'s (complete now); False
+        when another request completed it first (load it again)."""
 
     async def history(
         self,

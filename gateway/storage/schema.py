@@ -313,6 +313,12 @@ DELETE FROM sp_composite WHERE res_type = 'Observation'
 DELETE FROM sp_uri WHERE res_type = 'CodeSystem' AND param = 'system'
 """
 
+# a search's snapshot may hold the head of its result only; the rest is read when a
+# page beyond it is asked for
+_V25 = """
+ALTER TABLE search_snapshot ADD COLUMN complete SMALLINT NOT NULL DEFAULT 1
+"""
+
 #: (version, description, DDL template). Append only; never edit a released step.
 #: Versions 2-9 belong to events/subscriptions, 10-19 to security, 20-29 to the core store.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -327,6 +333,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (23, "search: composite parameters (sp_composite; `carepath reindex` fills it for"
          " resources stored before)", _V23),
     (24, "search: no rows for parameters that repeat others' (phonetic, combo-*)", _V24),
+    (25, "search: snapshots of a result's head, completed when paged beyond", _V25),
 )
 
 

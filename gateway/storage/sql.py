@@ -791,22 +791,33 @@ class SqlStore:
         async with self.db.transaction() as conn:
             await conn.execute("DELETE FROM search_snapshot WHERE created < ?", (cutoff,))
             await conn.execute(
-                "INSERT INTO search_snapshot (search_id, created, query, total, truncated, ids)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO search_snapshot (search_id, created, query, total, truncated, ids,"
+                " complete) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (snapshot.search_id, now_micros(), snapshot.query, snapshot.total,
-                 int(snapshot.truncated), orjson.dumps(snapshot.keys)),
+                 int(snapshot.truncated), orjson.dumps(snapshot.keys), int(snapshot.complete)),
             )
+
+    async def complete_snapshot(self, snapshot: Snapshot) -> bool:
+        async with self.db.transaction() as conn:
+            done = await conn.fetch(
+                "UPDATE search_snapshot SET ids = ?, total = ?, truncated = ?, complete = 1"
+                " WHERE search_id = ? AND complete = 0 RETURNING search_id",
+                (orjson.dumps(snapshot.keys), snapshot.total, int(snapshot.truncated),
+                 snapshot.search_id),
+            )
+        return bool(done)
 
     async def load_snapshot(self, search_id: str) -> Snapshot | None:
         async with self.db.read() as conn:
             row = await conn.fetchrow(
-                "SELECT query, total, truncated, ids FROM search_snapshot WHERE search_id = ?",
+                "SELECT query, total, truncated, ids, complete FROM search_snapshot"
+                " WHERE search_id = ?",
                 (search_id,),
             )
         if row is None:
             return None
         keys = [(k[0], k[1]) for k in orjson.loads(bytes(row[3]))]
-        return Snapshot(search_id, row[0], keys, int(row[1]), bool(row[2]))
+        return Snapshot(search_id, row[0], keys, int(row[1]), bool(row[2]), bool(row[4]))
 
     async def history(
         self,

@@ -5,13 +5,15 @@ from __future__ import annotations
 import random
 import string
 import uuid
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
+import pytest
 
 from tests.api.helpers import FHIR, gw_code, patient, post, put, search_ids
-from tests.conftest import unique
+from tests.conftest import BACKENDS, RunningServer, backend_settings, unique
 
 
 def _family_patients(client: httpx.Client, family: str, n: int) -> list[str]:
@@ -601,3 +603,59 @@ def test_values_longer_than_an_index_entry_are_stored_and_found(client: httpx.Cl
     assert search_ids(client, "/Patient", _profile="http://example.org/" + value) == [pid]
     # read back whole: only the index is clipped
     assert client.get(f"/Patient/{pid}").json()["name"][0]["family"] == family
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def reading_ahead(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                  new_schema: Any) -> Iterator[httpx.Client]:
+    """A gateway whose searches read four matches ahead (1,000 by default)."""
+    settings = backend_settings(request.param, tmp_path_factory.mktemp("ahead"), new_schema,
+                                search_read_ahead=4)
+    with RunningServer(settings) as running, httpx.Client(
+            base_url=running.url, timeout=30, headers={"Accept": FHIR}) as c:
+        yield c
+
+
+def test_a_long_result_is_read_on_when_paged_beyond_its_head(
+        reading_ahead: httpx.Client) -> None:
+    client = reading_ahead
+    family = unique("Ahead")
+    ids = _family_patients(client, family, 9)
+    first = client.get("/Patient", params={"family": family, "_count": 2,
+                                           "_sort": "birthdate"}).json()
+    # the first page read four ahead: no total unless asked for one
+    assert "total" not in first and len(first["entry"]) == 2
+    for asked in ("accurate", "estimate"):
+        counted = client.get("/Patient", params={"family": family, "_count": 2,
+                                                 "_total": asked}).json()
+        assert counted["total"] == 9
+    # writes before the pages beyond the head are read: a match deleted beyond it
+    # goes, one deleted in it leaves its page short (nothing shifts), new ones join
+    # the rest where the search's order puts them
+    assert client.delete(f"/Patient/{ids[7]}").status_code in (200, 204)
+    assert client.delete(f"/Patient/{ids[2]}").status_code in (200, 204)
+    early = _family_patients(client, family, 1)[0]  # born 1950, as ids[0]
+    late = post(client, patient(unique("mrn"), family=family, birthDate="1999-01-01")
+                ).json()["id"]
+    seen = [e["resource"]["id"] for e in first["entry"]]
+    link = next(x["url"] for x in first["link"] if x["relation"] == "next")
+    while link:
+        page = client.get(link).json()
+        seen += [e["resource"]["id"] for e in page.get("entry", [])
+                 if e["search"]["mode"] == "match"]
+        link = next((x["url"] for x in page["link"] if x["relation"] == "next"), None)
+    # the head (ids[0:4]) as first read, less what was deleted since; then the rest in
+    # the search's order: the new match born in 1950 among them, before ids[4]
+    assert seen == [ids[0], ids[1], ids[3], early, *ids[4:7], ids[8], late]
+    # paging the same search again reads the same completed result
+    following = dict(parse_qsl(urlsplit(next(
+        x["url"] for x in first["link"] if x["relation"] == "next")).query))
+    again = client.get("", params={**following, "_getpagesoffset": "4"}).json()
+    assert [e["resource"]["id"] for e in again["entry"]] == [early, ids[4]]
+    # compartment searches keep their whole result (they cannot be run again from it)
+    pid = ids[0]
+    for n in range(6):
+        post(client, {"resourceType": "Observation", "status": "final",
+                      "code": {"text": str(n)}, "subject": {"reference": f"Patient/{pid}"}})
+    compartment = client.get(f"/Patient/{pid}/Observation", params={"_count": 2}).json()
+    assert compartment["total"] == 6

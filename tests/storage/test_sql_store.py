@@ -13,7 +13,7 @@ import pytest
 from gateway.fhir.indexer import Indexer
 from gateway.fhir.search import parse_search
 from gateway.storage.db import open_database
-from gateway.storage.interface import StoreTransaction
+from gateway.storage.interface import Snapshot, StoreTransaction
 from gateway.storage.schema import INDEX_TABLES
 from gateway.storage.sql import SqlStore
 from tests.conftest import PG_URL, sql_store
@@ -239,3 +239,20 @@ async def test_a_search_reads_its_matches_with_it(store: SqlStore) -> None:
     assert found == await store.read_many(keys)
     assert [s.version for s in found] == [1, 1, 2]  # g2, g0, then the one without given
     assert len(await store.search_resources(query, 2)) == 2
+
+
+async def test_an_incomplete_snapshot_is_completed_once(store: SqlStore) -> None:
+    head = [("Patient", f"p{i}") for i in range(3)]
+    await store.save_snapshot(Snapshot("s-head", "|Patient?", head, -1, False, complete=False))
+    loaded = await store.load_snapshot("s-head")
+    assert loaded is not None and not loaded.complete and loaded.keys == head
+    whole = Snapshot("s-head", "|Patient?", [*head, ("Patient", "p3")], -1, False)
+    assert await store.complete_snapshot(whole)
+    # a second request that read on as well finds it done, and keeps the first's keys
+    assert not await store.complete_snapshot(
+        Snapshot("s-head", "|Patient?", [*head, ("Patient", "other")], -1, False))
+    done = await store.load_snapshot("s-head")
+    assert done is not None and done.complete and done.keys == whole.keys
+    await store.save_snapshot(Snapshot("s-whole", "|Patient?", head, 3, False))
+    kept = await store.load_snapshot("s-whole")
+    assert kept is not None and kept.complete
