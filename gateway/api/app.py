@@ -433,7 +433,7 @@ def _json_reply(status: int, value: dict[str, Any], headers: dict[str, str] | No
 _CORS_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _CORS_HEADERS = (b"Authorization, Content-Type, Content-Encoding, Accept, Accept-Encoding,"
                  b" If-Match, If-None-Match, If-None-Exist, If-Modified-Since, Prefer,"
-                 b" X-Security-Context")
+                 b" X-Security-Context, X-Request-ID")
 _CORS_EXPOSE = (b"Location, Content-Location, ETag, Last-Modified, Content-Encoding,"
                 b" X-Security-Context, X-Request-ID")
 #: a client's own request id, taken as it is (else the gateway makes one)

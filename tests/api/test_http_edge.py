@@ -95,12 +95,13 @@ def test_cors_for_configured_origins(tmp_path: Path) -> None:
     with RunningServer(settings) as running:
         preflight = httpx.options(f"{running.url}/Patient", headers={
             "Origin": app_origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type, if-match"})
+            "Access-Control-Request-Headers": "authorization, content-type, if-match,"
+                                              " x-request-id"})
         assert preflight.status_code == 204
         h = preflight.headers
         assert h["Access-Control-Allow-Origin"] == app_origin
         assert "POST" in h["Access-Control-Allow-Methods"]
-        assert {"authorization", "content-type", "if-match"} <= {
+        assert {"authorization", "content-type", "if-match", "x-request-id"} <= {
             x.strip().lower() for x in h["Access-Control-Allow-Headers"].split(",")}
         assert "Origin" in h["Vary"]
         created = httpx.post(f"{running.url}/Patient", json=patient(unique("mrn")),
@@ -108,7 +109,7 @@ def test_cors_for_configured_origins(tmp_path: Path) -> None:
         assert created.status_code == 201
         assert created.headers["Access-Control-Allow-Origin"] == app_origin
         exposed = {x.strip() for x in created.headers["Access-Control-Expose-Headers"].split(",")}
-        assert {"Location", "ETag"} <= exposed
+        assert {"Location", "ETag", "X-Request-ID"} <= exposed
         # an origin not configured: refused preflight, no CORS headers on requests
         evil = "https://evil.example"
         refused = httpx.options(f"{running.url}/Patient", headers={
