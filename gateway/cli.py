@@ -34,6 +34,15 @@ def serve(
                                  database_url=database_url)
     # workers re-read the environment: hand the effective settings down that way
     os.environ["CAREPATH_DATABASE_URL"] = settings.database_url
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # the workers' metrics, summed in any worker's /metrics (gateway/api/metrics.py)
+        import atexit
+        import shutil
+        import tempfile
+
+        shared = tempfile.mkdtemp(prefix="carepath-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
+        atexit.register(shutil.rmtree, shared, True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from gateway.main import registry
     from gateway.storage.db import open_database

@@ -56,6 +56,8 @@ class Settings:
     #: database crash can lose the read records of its last moments (writes'
     #: records always commit with the write); reads do not each wait for a flush.
     audit_durable_reads: bool = False
+    #: Prometheus metrics at ``/metrics`` (outside the FHIR base, without a token)
+    metrics: bool = True
     # -- validation (docs/adr-0002-validator.md) -------------------------------
     #: deepest nesting of resources in resources (contained, Bundle.entry.resource,
     #: Parameters.parameter.resource) a resource may have; deeper is an error

@@ -17,6 +17,7 @@ import gzip
 import logging
 import re
 import secrets
+import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from gateway.api import metrics
 from gateway.api.health import LIVE_PATH, READY_PATH, Health
 from gateway.api.health import MEDIA_TYPE as HEALTH_MEDIA_TYPE
 from gateway.api.openapi import openapi
@@ -39,7 +41,7 @@ from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.validation.model import Model
 from gateway.interactions.base import Context, FhirResponse
 from gateway.interactions.router import FhirRequest, route
-from gateway.security.audit import AuditUnavailable, record_of
+from gateway.security.audit import AuditUnavailable, interaction_of, record_of
 from gateway.security.auth import Authenticator
 from gateway.security.principal import CALLER, Caller, Principal
 from gateway.security.tokens import AuthError
@@ -674,6 +676,7 @@ def create_api(
     cors = Cors(ctx.settings.cors_origins) if ctx.settings.cors_origins else None
 
     async def fhir(scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        started = time.perf_counter()
         request = HttpRequest.of(scope, receive, path)
         if cors is not None:
             preflight = cors.preflight(request)  # no data: neither authorised nor audited
@@ -700,10 +703,22 @@ def create_api(
         if cors is not None:
             cors.decorate(request, reply)
         await reply.send(send)
+        if measured:
+            metrics.observe(interaction_of(request.method, path, request.query_string),
+                            reply.status, time.perf_counter() - started)
 
     app.fhir_endpoint = (base_path, fhir)
     if health is not None:
         _add_health(app, health)
+    measured = ctx.settings.metrics
+    if measured and health is not None:  # the database to read the backlog from
+        db = health.db
+
+        async def exposition(_request: Request) -> Response:
+            return Response(await metrics.exposition(db), media_type=metrics.MEDIA_TYPE,
+                            headers={"Cache-Control": "no-store"})
+
+        app.add_route(metrics.PATH, exposition, methods=["GET"], include_in_schema=False)
     spec = openapi(ctx.registry, ctx.settings.base_path)
     app.openapi = lambda: spec  # type: ignore[method-assign]
     return app
