@@ -47,9 +47,19 @@ DURATION = Histogram("carepath_request_duration_seconds", "Time to answer a FHIR
                               2.5, 5.0, 10.0))
 
 
+#: the labelled series by (interaction, status class): a dict look-up per request
+#: instead of the client's locked one for each metric
+_SERIES: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+
 def observe(interaction: str, status: int, seconds: float) -> None:
-    REQUESTS.labels(interaction, f"{status // 100}xx").inc()
-    DURATION.labels(interaction).observe(seconds)
+    key = (interaction, status // 100)
+    series = _SERIES.get(key)
+    if series is None:
+        series = _SERIES[key] = (REQUESTS.labels(interaction, f"{key[1]}xx"),
+                                 DURATION.labels(interaction))
+    series[0].inc()
+    series[1].observe(seconds)
 
 
 class _Waiting:
