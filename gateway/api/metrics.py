@@ -1,8 +1,10 @@
 """Prometheus metrics at ``GET /metrics`` (text exposition format).
 
-Per request (every FHIR request, by interaction as the AuditEvent names it and
-by status class): ``carepath_requests_total`` and the latency histogram
-``carepath_request_duration_seconds``. At each scrape, from the database, what
+Counted where the work happens (``gateway.telemetry``): every FHIR request, by
+interaction as the AuditEvent names it and by status class
+(``carepath_requests_total``, the latency histogram
+``carepath_request_duration_seconds``), and every subscription notification by
+channel and outcome (``carepath_notifications_total``). At each scrape, from the database, what
 waits: ``carepath_outbox_pending_events`` (committed, not yet published to the
 bus), ``carepath_audit_unchained_records``, ``carepath_subscriptions`` by status
 and ``carepath_subscription_undelivered_events``. The last three are what to
@@ -23,43 +25,18 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from gateway import telemetry
 from gateway.storage.backlog import Backlog, backlog
 from gateway.storage.db import Database
 
-disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
-
 PATH = "/metrics"
 MEDIA_TYPE = CONTENT_TYPE_LATEST
-
-REQUESTS = Counter("carepath_requests", "FHIR requests answered, by interaction and status"
-                   " class", ["interaction", "status"])
-DURATION = Histogram("carepath_request_duration_seconds", "Time to answer a FHIR request, by"
-                     " interaction", ["interaction"],
-                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                              2.5, 5.0, 10.0))
-
-
-#: the labelled series by (interaction, status class): a dict look-up per request
-#: instead of the client's locked one for each metric
-_SERIES: dict[tuple[str, int], tuple[Any, Any]] = {}
-
-
-def observe(interaction: str, status: int, seconds: float) -> None:
-    key = (interaction, status // 100)
-    series = _SERIES.get(key)
-    if series is None:
-        series = _SERIES[key] = (REQUESTS.labels(interaction, f"{key[1]}xx"),
-                                 DURATION.labels(interaction))
-    series[0].inc()
-    series[1].observe(seconds)
+observe = telemetry.request
 
 
 class _Waiting:

@@ -47,7 +47,7 @@ from typing import Any
 
 import orjson
 
-from gateway import tasks
+from gateway import tasks, telemetry
 from gateway.fhir import xml as fhir_xml
 from gateway.fhir.validation.model import Model
 from gateway.settings import Settings
@@ -459,9 +459,11 @@ class Dispatcher:
                 else:
                     await self.sender.send(config, body)
         except DeliveryFailed as exc:
+            telemetry.notification(config.channel, False)
             await self._failed(state, config, exc, handshake=handshake)
             return await self._reread(state.id)  # the failure may have changed the status
         self.sent += 1
+        telemetry.notification(config.channel, True)
         now = now_micros()
         if not handshake and resend_to is None and not state.attempts and not state.last_error:
             # the common case: remember, write with the next flush, go on

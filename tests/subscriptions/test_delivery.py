@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import websockets
+from prometheus_client import REGISTRY
 
 from tests.subscriptions.conftest import TOPIC, GatewayFactory, subscription
 from tests.subscriptions.receiver import Receiver
@@ -109,6 +110,12 @@ def test_failures_are_retried_in_order_and_a_redirect_is_never_followed(
     gw = gateway()
     sid = gw.subscribe("encounter-discharge", receiver.url)
     gw.wait_status(sid, "active", receiver)
+
+    def sent(outcome: str) -> float:  # the gateway runs in this process: its registry
+        return REGISTRY.get_sample_value("carepath_notifications_total", {
+            "channel": "rest-hook", "outcome": outcome}) or 0.0
+
+    failed, delivered = sent("failed"), sent("delivered")
     answers = iter([500, 302, 503])
     receiver.answer = lambda got: next(answers, 200) if got.type != "handshake" else 200
     for _ in range(3):
@@ -116,6 +123,8 @@ def test_failures_are_retried_in_order_and_a_redirect_is_never_followed(
     assert receiver.wait(lambda: receiver.event_numbers(sid) == [1, 2, 3])
     status = gw.read(f"/Subscription/{sid}")
     assert status["status"] == "active"
+    # /metrics counts the three refused notifications and those that got through
+    assert sent("failed") - failed >= 3 and sent("delivered") - delivered >= 1
 
 
 def test_retry_period_exhausted_turns_error_and_reactivation_delivers_the_backlog(
