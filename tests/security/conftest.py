@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -65,13 +68,20 @@ def register(settings: Settings, keys: dict[str, ClientKey]) -> None:
     asyncio.run(run())
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def secured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-            new_schema) -> Iterator[Secured]:  # type: ignore[no-untyped-def]
-    settings = backend_settings(request.param, tmp_path_factory.mktemp(f"sec-{request.param}"),
-                                new_schema)
+@contextmanager
+def secured_server(backend: str, tmp: Path, new_schema: Any, **kw: Any) -> Iterator[Secured]:
+    """A gateway that requires tokens, with the :data:`CLIENTS` registered."""
+    settings = backend_settings(backend, tmp, new_schema, **kw)
     keys = {cid: (ClientKey.rsa(cid) if kind == "rsa" else ClientKey.ec(cid))
             for cid, (_, _, kind) in CLIENTS.items()}
     register(settings, keys)
     with RunningServer(settings) as running:
-        yield Secured(request.param, running.url, settings, keys)
+        yield Secured(backend, running.url, settings, keys)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def secured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            new_schema) -> Iterator[Secured]:  # type: ignore[no-untyped-def]
+    with secured_server(request.param, tmp_path_factory.mktemp(f"sec-{request.param}"),
+                        new_schema) as running:
+        yield running

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.security.conftest import Secured
+from tests.security.conftest import Secured, secured_server
 
 ORGS = {"hospital-a": "org-a", "gp-b": "org-b"}
 
@@ -527,3 +527,41 @@ def test_history_of_a_type_pages_without_counting_for_an_organisation(world: Wor
     assert mine <= set(seen)
     assert not {k for k in seen if world.owner.get(k) == world.patients["p2"]}
     assert "total" not in world.a.get("/_history", params={"_count": 5}).json()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def reading_ahead(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                  new_schema: Any) -> Iterator[Secured]:
+    """A secured gateway whose searches read two matches ahead (1,000 by default)."""
+    with secured_server(request.param, tmp_path_factory.mktemp("ahead-sec"), new_schema,
+                        search_read_ahead=2) as running:
+        yield running
+
+
+def test_reading_on_beyond_the_head_keeps_to_the_organisation(reading_ahead: Secured) -> None:
+    # the rest of a long result is read when a page needs it: with the reader's access
+    with reading_ahead.client("hospital-a") as a, reading_ahead.client("gp-b") as b:
+        tag = uuid.uuid4().hex[:8]
+        mine: list[str] = []
+        for c, own in ((a, mine), (b, [])):
+            p = _create(c, {"resourceType": "Patient", "name": [{"family": tag}]})
+            for n in range(4):
+                own.append(_create(c, {"resourceType": "Observation", "status": "final",
+                                       "code": {"text": f"{tag}-{n}"},
+                                       "subject": {"reference": f"Patient/{p['id']}"}})["id"])
+        first = a.get("/Observation", params={"code:text": tag, "_count": 1})
+        assert first.status_code == 200 and "total" not in first.json()
+        seen = [e["resource"]["id"] for e in first.json()["entry"]]
+        link = next(x["url"] for x in first.json()["link"] if x["relation"] == "next")
+        # another organisation cannot page it, nor complete it
+        later = link.replace("_getpagesoffset=1", "_getpagesoffset=3")
+        assert b.get(later).status_code == 410
+        while link:
+            page = a.get(link).json()
+            seen += [e["resource"]["id"] for e in page.get("entry", [])
+                     if e["search"]["mode"] == "match"]
+            link = next((x["url"] for x in page["link"] if x["relation"] == "next"), None)
+        assert seen == mine
+        counted = a.get("/Observation", params={"code:text": tag, "_count": 1,
+                                                "_total": "accurate"}).json()
+        assert counted["total"] == 4
