@@ -658,7 +658,8 @@ def create_api(
         except Exception:  # a bug of ours: still an OperationOutcome, never a bare 500
             log.exception("unhandled error on %s /%s (request %s)", request.method,
                           request.path, caller.request_id)
-            err = FhirError(Code.INTERNAL, "internal error; the gateway logged the details")
+            err = FhirError(Code.INTERNAL, "internal error; the gateway logged the details"
+                                           f" under request {caller.request_id}")
             resp = FhirResponse(err.status, err.outcome())
             description = err.code.gw
         gzip_from = ctx.settings.gzip_min_bytes if accepts_gzip(
@@ -666,9 +667,10 @@ def create_api(
         try:
             encoded = await _gzipped(resp, pretty, gzip_from, xml)
         except Exception:  # a body the XML writer cannot write: a bug of ours, said so
-            log.exception("cannot write the answer to %s /%s as XML", request.method,
-                          request.path)
-            err = FhirError(Code.INTERNAL, "internal error; the gateway logged the details")
+            log.exception("cannot write the answer to %s /%s as XML (request %s)",
+                          request.method, request.path, caller.request_id)
+            err = FhirError(Code.INTERNAL, "internal error; the gateway logged the details"
+                                           f" under request {caller.request_id}")
             resp, xml, description = FhirResponse(err.status, err.outcome()), None, err.code.gw
             encoded = await _gzipped(resp, pretty, gzip_from)
         return _render(resp, pretty, head, encoded, xml), description

@@ -92,6 +92,20 @@ def loads(data: bytes | str) -> Any:
     return value
 
 
+class StoredDataError(RuntimeError):
+    """A stored resource that is not valid JSON any more (damaged outside the gateway):
+    the server's fault, not the request's."""
+
+
+def loads_stored(data: bytes | str) -> Any:
+    """:func:`loads` for what the store holds: malformed content is a
+    :class:`StoredDataError` (an internal error), never a client's 400."""
+    try:
+        return loads(data)
+    except FhirError as exc:
+        raise StoredDataError(f"stored content is not valid JSON: {exc}") from None
+
+
 def _written_as_orjson(value: Any, raw: bytes) -> bool:
     try:
         return orjson.dumps(value) == raw

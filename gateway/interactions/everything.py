@@ -201,7 +201,7 @@ async def _attached(ctx: Context, record: list[tuple[str, str]], base: str) -> l
         for stored in await ctx.store.read_many(documents[start : start + _ID_CHUNK]):
             if stored.content is None:
                 continue
-            for content in fjson.loads(stored.content).get("content") or ():
+            for content in fjson.loads_stored(stored.content).get("content") or ():
                 url = (content.get("attachment") or {}).get("url") \
                     if isinstance(content, dict) else None
                 if not isinstance(url, str):

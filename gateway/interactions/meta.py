@@ -52,7 +52,7 @@ def _content(stored: StoredResource | None, req: OperationRequest,
     if stored.deleted or stored.content is None:
         raise FhirError(Code.GONE, f"{where} was deleted" if version is None
                         else f"{where} version {version} is a deletion")
-    value = fjson.loads(stored.content)
+    value = fjson.loads_stored(stored.content)
     assert isinstance(value, dict)
     return value
 

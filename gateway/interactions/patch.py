@@ -67,7 +67,7 @@ def _reason(exc: Exception) -> str:
 
 def apply_patch(ctx: Context, current: StoredResource, patch: Patch) -> dict[str, Any]:
     assert current.content is not None
-    doc = fjson.loads(current.content)
+    doc = fjson.loads_stored(current.content)
     if patch.fhirpath:
         model = getattr(ctx.validator, "model", None)
         if model is None:

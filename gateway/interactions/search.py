@@ -40,10 +40,10 @@ def shape(ctx: Context, query: SearchQuery, stored: StoredResource) -> Any:
     assert stored.content is not None
     if query.elements:
         info = ctx.registry.types[stored.resource_type]
-        return subset(fjson.loads(stored.content), set(query.elements), info.choices)
+        return subset(fjson.loads_stored(stored.content), set(query.elements), info.choices)
     if query.summary in ("true", "text", "data"):
         info = ctx.registry.types[stored.resource_type]
-        return summarize(fjson.loads(stored.content), query.summary, summary=info.summary,
+        return summarize(fjson.loads_stored(stored.content), query.summary, summary=info.summary,
                          mandatory=info.mandatory, choices=info.choices)
     return raw(stored.content)
 

@@ -64,7 +64,7 @@ async def _stored(ctx: Context, resource_type: str, id: str) -> dict[str, Any]:
     await guard.ensure_visible(ctx.access, ctx.store, stored)
     if stored.deleted or stored.content is None:
         raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
-    value = fjson.loads(stored.content)
+    value = fjson.loads_stored(stored.content)
     assert isinstance(value, dict)
     return value
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import sqlite3
 from pathlib import Path
 
 import httpx
@@ -130,3 +132,24 @@ def test_no_cors_unless_configured(client: httpx.Client) -> None:
     assert preflight.status_code == 405
     read = client.get("/metadata", headers={"Origin": "https://app.example.org"})
     assert "Access-Control-Allow-Origin" not in read.headers
+
+
+def test_an_internal_error_names_its_request(tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A stored resource that is no longer JSON (damaged outside the gateway) is a 500
+    OperationOutcome, never a bare one, naming the request id the log names too."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'damaged.db'}")
+    with RunningServer(settings) as running:
+        made = httpx.post(f"{running.url}/Patient", json=patient(unique("mrn")),
+                          headers={"Content-Type": FHIR}).json()
+        with sqlite3.connect(tmp_path / "damaged.db") as db:
+            db.execute("UPDATE resource SET content = ? WHERE res_id = ?",
+                       (b"{not json", made["id"]))
+        with caplog.at_level(logging.ERROR, logger="carepath"):
+            broken = httpx.get(f"{running.url}/Patient/{made['id']}",
+                               params={"_elements": "name"},
+                               headers={"X-Request-ID": "support-case-17"})
+    assert broken.status_code == 500 and gw_code(broken) == "GW-5001"
+    assert broken.headers["x-request-id"] == "support-case-17"
+    assert "support-case-17" in broken.json()["issue"][0]["diagnostics"]
+    assert any("support-case-17" in r.getMessage() for r in caplog.records)
