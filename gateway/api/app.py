@@ -438,6 +438,8 @@ _CORS_HEADERS = (b"Authorization, Content-Type, Content-Encoding, Accept, Accept
                  b" X-Security-Context, X-Request-ID")
 _CORS_EXPOSE = (b"Location, Content-Location, ETag, Last-Modified, Content-Encoding,"
                 b" X-Security-Context, X-Request-ID")
+#: seconds a client should wait before it repeats a request refused as unavailable
+_RETRY_AFTER = b"5"
 #: a client's own request id, taken as it is (else the gateway makes one)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
 
@@ -701,6 +703,8 @@ def create_api(
                       path, rid)
             err = FhirError(Code.UNAVAILABLE, "the audit trail cannot be written")
             reply = _render(FhirResponse(err.status, err.outcome()), False, False)
+            # transient (RFC 9110 15.6.4): when to try again
+            reply.headers.append((b"retry-after", _RETRY_AFTER))
         reply.headers.append((b"x-request-id", rid.encode("ascii")))
         if cors is not None:
             cors.decorate(request, reply)

@@ -219,7 +219,7 @@ def test_no_audit_no_access(audited: Audited) -> None:
             "resourceType": "Patient", "name": [{"family": marker}]})
         assert write.status_code >= 500
         read = httpx.get(f"{audited.url}/Patient/{pid}", headers=h)
-        assert read.status_code == 503
+        assert read.status_code == 503 and read.headers["retry-after"] == "5"
         assert "Patient" not in read.text.replace("OperationOutcome", "")
     finally:
         asyncio.run(_execute(audited.settings, *unblock))
