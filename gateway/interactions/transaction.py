@@ -86,7 +86,7 @@ def _entry_error(entry: Entry, exc: FhirError) -> FhirError:
 def _relative(url: str, base: str) -> tuple[str, str]:
     if base and url.startswith(base + "/"):
         url = url[len(base) + 1 :]
-    elif "://" in url:
+    elif "://" in url.split("?", 1)[0]:  # (a search value may well be a URL)
         raise FhirError(Code.INVALID_ENTRY, f"request.url '{url[:100]}' is not on this server")
     parts = urlsplit(url)
     return parts.path.strip("/"), parts.query

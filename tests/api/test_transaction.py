@@ -402,3 +402,28 @@ def test_conditional_create_with_a_stored_value_set(client: httpx.Client) -> Non
     assert again.status_code == 200, again.text
     assert again.json()["entry"][0]["response"]["status"].startswith("200")
     assert search_ids(client, "/Condition", subject=group) == [first.json()["id"]]
+
+
+def test_entry_urls_whose_search_values_are_urls(client: httpx.Client) -> None:
+    """A system in a search value is a URL (``identifier=http://…|1``): the entry's URL is
+    still a relative one of this server, in a conditional update, a conditional delete
+    and a batch search alike; a leading slash is relative to the base as well."""
+    system = f"http://hospital.example.org/{unique('mrn')}"
+    criteria = f"identifier={system}|1"
+    body = {"resourceType": "Patient", "identifier": [{"system": system, "value": "1"}]}
+    made = send(client, tx([{"resource": body,
+                             "request": {"method": "PUT", "url": f"Patient?{criteria}"}}]))
+    assert made.status_code == 200, made.text
+    assert made.json()["entry"][0]["response"]["status"] == "201 Created"
+    found = send(client, tx([
+        {"request": {"method": "GET", "url": f"Patient?{criteria}"}},
+        {"request": {"method": "GET", "url": f"/Patient?{criteria}"}},
+    ], kind="batch")).json()
+    assert [e["resource"]["total"] for e in found["entry"]] == [1, 1]
+    gone = send(client, tx([{"request": {"method": "DELETE", "url": f"Patient?{criteria}"}}]))
+    assert gone.status_code == 200, gone.text
+    assert search_ids(client, "/Patient", identifier=f"{system}|1") == []
+    # an absolute URL of another server is still refused
+    elsewhere = send(client, tx([{"request": {
+        "method": "GET", "url": f"http://elsewhere.example/fhir/Patient?{criteria}"}}]))
+    assert elsewhere.status_code == 400 and gw_code(elsewhere) == "GW-1018"
