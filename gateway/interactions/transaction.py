@@ -188,7 +188,7 @@ class _Transaction:
         self._relative_names: dict[str, dict[str, str]] = {}
 
     async def run(self) -> None:
-        writes = [e for e in self.entries if e.method not in ("GET", "HEAD")]
+        writes = [e for e in self.entries if not _read_like(e)]
         for e in writes:
             try:
                 await self._identify(e)
@@ -395,6 +395,12 @@ def _collect_conditional(node: Any, out: list[str]) -> None:
                 _collect_conditional(value, out)
 
 
+def _read_like(e: Entry) -> bool:
+    """A GET or HEAD, or an operation invoked by POST (``ValueSet/$lookup`` with its
+    Parameters): run after the Bundle's writes, inside its transaction."""
+    return e.method in ("GET", "HEAD") or any(p.startswith("$") for p in e.path.split("/"))
+
+
 @contextmanager
 def _entry_caller(e: Entry) -> Iterator[Caller]:
     """The entry as the request being handled (its own caller, for its AuditEvent)."""
@@ -422,11 +428,11 @@ async def _entry_request(
 
 async def _read_within(ctx: Context, tx: StoreTransaction, e: Entry, base: str
                        ) -> FhirResponse:
-    """A GET/HEAD entry of a transaction, run inside it: it sees the Bundle's writes,
-    and its failure fails the Bundle. Audited as a request of its own, in the
-    transaction."""
+    """A GET/HEAD entry of a transaction, or an operation, run inside it: it sees the
+    Bundle's writes, and its failure fails the Bundle. Audited as a request of its
+    own, in the transaction."""
     req = FhirRequest(e.method, e.path, parse_qsl(e.query, keep_blank_values=True),
-                      e.headers, None, base)
+                      e.headers, e.resource if e.method == "POST" else None, base)
     with _entry_caller(e) as child:
         try:
             response = await route(replace(ctx, store=ctx.store.within(tx)), req)
@@ -458,7 +464,7 @@ async def process_bundle(ctx: Context, body: Any, *, base: str, prefer: Prefer) 
                  for e, resource in zip(entries, resources, strict=True)]
         await _Transaction(ctx, tx, fresh).run()
         for e in fresh:
-            if e.method in ("GET", "HEAD"):
+            if _read_like(e):
                 e.response = await _read_within(ctx, tx, e, base)
 
     await run_write(ctx, work)

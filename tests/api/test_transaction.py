@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -427,3 +429,37 @@ def test_entry_urls_whose_search_values_are_urls(client: httpx.Client) -> None:
     elsewhere = send(client, tx([{"request": {
         "method": "GET", "url": f"http://elsewhere.example/fhir/Patient?{criteria}"}}]))
     assert elsewhere.status_code == 400 and gw_code(elsewhere) == "GW-1018"
+
+
+def test_an_operation_in_a_transaction(client: httpx.Client) -> None:
+    """An operation invoked by POST with its Parameters (the R4 example transaction
+    has ``POST ValueSet/$lookup``) is answered in its entry, after the writes, inside
+    the transaction; in a batch too."""
+    held = json.loads((Path(__file__).parents[2] / "profiles/CodeSystem-care-level.json")
+                      .read_text(encoding="utf-8"))
+    lookup = {"resource": {"resourceType": "Parameters", "parameter": [
+        {"name": "system", "valueUri": held["url"]},
+        {"name": "code", "valueCode": held["concept"][0]["code"]}]},
+        "request": {"method": "POST", "url": "CodeSystem/$lookup"}}
+    family = unique("Op")
+    for kind in ("transaction", "batch"):
+        response = send(client, tx([
+            {"fullUrl": urn(), "resource": patient(unique("mrn"), family=family),
+             "request": {"method": "POST", "url": "Patient"}},
+            lookup,
+            {"request": {"method": "GET", "url": f"Patient?family={family}"}},
+        ], kind=kind))
+        assert response.status_code == 200, response.text
+        entries = response.json()["entry"]
+        assert [e["response"]["status"] for e in entries] == [
+            "201 Created", "200 OK", "200 OK"], kind
+        answer = {p["name"]: p for p in entries[1]["resource"]["parameter"]}
+        assert answer["display"]["valueString"] == held["concept"][0]["display"]
+    # an operation that fails fails the transaction
+    wrong = {**lookup, "resource": {"resourceType": "Parameters", "parameter": [
+        {"name": "system", "valueUri": held["url"]}, {"name": "code", "valueCode": "nope"}]}}
+    failed = send(client, tx([{"fullUrl": urn(), "resource": patient(unique("mrn"),
+                                                                     family=family),
+                               "request": {"method": "POST", "url": "Patient"}}, wrong]))
+    assert failed.status_code >= 400 and failed.json()["resourceType"] == "OperationOutcome"
+    assert len(search_ids(client, "/Patient", family=family)) == 2  # not a third
