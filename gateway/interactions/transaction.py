@@ -107,30 +107,47 @@ def parse_entries(ctx: Context, body: Any, base: str) -> tuple[str, list[Entry]]
                         f"{len(raw_entries)} entries; at most {ctx.settings.max_bundle_entries}")
     entries = []
     for i, e in enumerate(raw_entries):
-        where = f"Bundle.entry[{i}]"
-        if not isinstance(e, dict) or not isinstance(e.get("request"), dict):
-            raise FhirError(Code.INVALID_ENTRY, f"{where}: request is missing",
-                            (f"{where}.request",))
-        req = e["request"]
-        method = req.get("method")
-        url = req.get("url")
-        if method not in _ORDER or not isinstance(url, str) or not url:
-            raise FhirError(Code.INVALID_ENTRY,
-                            f"{where}: request.method and request.url are required",
-                            (f"{where}.request",))
         try:
-            path, query = _relative(url, base)
+            entries.append(_parse_entry(i, e, base))
         except FhirError as exc:
-            raise FhirError(exc.code, f"{where}: {exc.diagnostics}") from None
-        headers = {
-            name: req[key] for key, name in (
-                ("ifNoneExist", "if-none-exist"), ("ifMatch", "if-match"),
-                ("ifNoneMatch", "if-none-match"), ("ifModifiedSince", "if-modified-since"))
-            if isinstance(req.get(key), str)
-        }
-        full_url = e.get("fullUrl") if isinstance(e.get("fullUrl"), str) else None
-        entries.append(Entry(i, method, path, query, full_url, e.get("resource"), headers))
+            if kind == "transaction":
+                raise
+            # a batch's entries stand alone: this one is answered with its error (and
+            # audited as the request it named, as far as it named one)
+            req = e.get("request") if isinstance(e, dict) else None
+            method, url = ((req.get("method"), req.get("url")) if isinstance(req, dict)
+                           else (None, None))
+            entries.append(Entry(i, method if isinstance(method, str) else "",
+                                 url[:200] if isinstance(url, str) else "", "", None, None,
+                                 {}, response=FhirResponse(exc.status, exc.outcome())))
     return kind, entries
+
+
+def _parse_entry(i: int, e: Any, base: str) -> Entry:
+    """One entry's request, checked (a FhirError names the entry)."""
+    where = f"Bundle.entry[{i}]"
+    if not isinstance(e, dict) or not isinstance(e.get("request"), dict):
+        raise FhirError(Code.INVALID_ENTRY, f"{where}: request is missing",
+                        (f"{where}.request",))
+    req = e["request"]
+    method = req.get("method")
+    url = req.get("url")
+    if method not in _ORDER or not isinstance(url, str) or not url:
+        raise FhirError(Code.INVALID_ENTRY,
+                        f"{where}: request.method and request.url are required",
+                        (f"{where}.request",))
+    try:
+        path, query = _relative(url, base)
+    except FhirError as exc:
+        raise FhirError(exc.code, f"{where}: {exc.diagnostics}") from None
+    headers = {
+        name: req[key] for key, name in (
+            ("ifNoneExist", "if-none-exist"), ("ifMatch", "if-match"),
+            ("ifNoneMatch", "if-none-match"), ("ifModifiedSince", "if-modified-since"))
+        if isinstance(req.get(key), str)
+    }
+    full_url = e.get("fullUrl") if isinstance(e.get("fullUrl"), str) else None
+    return Entry(i, method, path, query, full_url, e.get("resource"), headers)
 
 
 def _status_line(status: int) -> str:
@@ -475,6 +492,12 @@ async def process_bundle(ctx: Context, body: Any, *, base: str, prefer: Prefer) 
 async def _batch(ctx: Context, entries: list[Entry], base: str, prefer: Prefer) -> FhirResponse:
     out = []
     for e in entries:
+        if e.response is not None:  # refused as it stood (parse_entries)
+            with _entry_caller(e) as child:
+                if ctx.audit is not None:
+                    await ctx.audit.write(audit_trail.record_of(child, e.response.status))
+            out.append(_response_entry(e, base, prefer))
+            continue
         headers = dict(e.headers)
         if prefer.return_:
             headers["prefer"] = f"return={prefer.return_}"

@@ -463,3 +463,26 @@ def test_an_operation_in_a_transaction(client: httpx.Client) -> None:
                                "request": {"method": "POST", "url": "Patient"}}, wrong]))
     assert failed.status_code >= 400 and failed.json()["resourceType"] == "OperationOutcome"
     assert len(search_ids(client, "/Patient", family=family)) == 2  # not a third
+
+
+def test_a_batch_answers_a_malformed_entry_in_that_entry(client: httpx.Client) -> None:
+    """A batch's entries stand alone (bundle.html#batch): an entry without a request,
+    with an unknown method or with another server's URL is a 400 in its own entry; the
+    others run. In a transaction such an entry fails the Bundle."""
+    entries = [
+        {"request": {"method": "GET", "url": "http://elsewhere.example/fhir/Patient"}},
+        {"request": {"method": "GET", "url": "metadata"}},
+        {"resource": patient(unique("mrn"))},
+        {"request": {"method": "FETCH", "url": "Patient"}},
+        {"resource": patient(unique("mrn")), "request": {"method": "POST", "url": "Patient"}},
+    ]
+    response = send(client, tx(entries, kind="batch"))
+    assert response.status_code == 200, response.text
+    answered = response.json()["entry"]
+    assert [e["response"]["status"] for e in answered] == [
+        "400 Bad Request", "200 OK", "400 Bad Request", "400 Bad Request", "201 Created"]
+    for i in (0, 2, 3):
+        outcome = answered[i]["response"]["outcome"]
+        assert outcome["issue"][0]["details"]["coding"][0]["code"] == "GW-1018"
+        assert outcome["issue"][0]["diagnostics"].startswith(f"Bundle.entry[{i}]")
+    assert send(client, tx(entries)).status_code == 400
