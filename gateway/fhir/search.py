@@ -316,6 +316,9 @@ class SearchQuery:
     #: the (name, value) pairs the search did not use (a lenient search ignores what it
     #: does not know); its self link leaves them out (search.html#errors)
     ignored: tuple[tuple[str, str], ...] = ()
+    #: only resources created up to this stored version (``resource_history.seq``):
+    #: a paged search read on later finds what existed when it began
+    created_by: int | None = None
 
 
 def related_types(query: SearchQuery) -> set[str]:

@@ -215,6 +215,8 @@ async def search(
     truncated = len(everything) > cap
     everything = everything[:head]
     total = len(everything)
+    # the rest of a long result, read later, holds only what exists now
+    bound = None if complete else await ctx.store.last_version()
     if truncated or not complete:
         wanted = query.total == "accurate" or (not truncated and query.total == "estimate")
         total = await ctx.store.count(query, restriction) if wanted else None
@@ -229,7 +231,7 @@ async def search(
     same = found is not None and [(s.resource_type, s.id) for s in first] == everything[:size]
     return await first_page(ctx, query, everything, base, size=size, links=links,
                             warnings=warnings, total=total, truncated=truncated,
-                            complete=complete,
+                            complete=complete, bound=bound,
                             replay=f"{resource_type or ''}?{urlencode(pairs)}",
                             matches=first if same else None)
 
@@ -238,7 +240,7 @@ async def first_page(
     ctx: Context, query: SearchQuery, keys: list[tuple[str, str]], base: str, *, size: int,
     links: list[tuple[str, str]], warnings: tuple[str, ...], total: int | None,
     truncated: bool, replay: str, matches: list[StoredResource] | None = None,
-    complete: bool = True,
+    complete: bool = True, bound: int | None = None,
 ) -> FhirResponse:
     """The first page of a result held in ``keys`` (whole, or its head: not
     ``complete``). A longer one is kept as a snapshot for stable paging (``next``);
@@ -248,7 +250,7 @@ async def first_page(
         restriction = guard.restriction(ctx.access)
         owner = restriction.organization if restriction else ""
         snapshot = Snapshot(str(uuid.uuid4()), f"{owner}|{replay}", keys,
-                            total if total is not None else -1, truncated, complete)
+                            total if total is not None else -1, truncated, complete, bound)
         await ctx.store.save_snapshot(snapshot)
         links = [*links, ("next", _pages_link(base, snapshot.search_id, size, size))]
     return await _page(ctx, query, keys[:size], base, total=total, links=links,
@@ -256,11 +258,13 @@ async def first_page(
 
 
 async def _read_on(ctx: Context, snapshot: Snapshot, query: SearchQuery) -> Snapshot:
-    """``snapshot`` completed: the search run again, and what it finds besides the head
-    the first page kept appended in the search's order. The head stays as it was, so
-    that the pages read already do not shift; a match created since joins the rest
-    where the order puts it, one deleted since is not among them."""
+    """``snapshot`` completed: the search run again over what existed when it began,
+    and what it finds besides the head the first page kept appended in the search's
+    order. The head stays as it was, so that the pages read already do not shift; a
+    match created since is not among the rest, nor is one deleted since."""
     cap = ctx.settings.max_search_results
+    if snapshot.bound is not None:
+        query = replace(query, created_by=snapshot.bound)
     found = await ctx.store.search_keys(query, cap + 1, guard.restriction(ctx.access))
     held = set(snapshot.keys)
     keys = [*snapshot.keys, *(k for k in found if k not in held)]

@@ -76,6 +76,8 @@ class Snapshot:
     truncated: bool
     #: False: ``keys`` is the result's head; the rest is read when a page needs it
     complete: bool = True
+    #: the last stored version when the search began (what its rest may hold)
+    bound: int | None = None
 
 
 class StoreTransaction(Protocol):
@@ -184,6 +186,9 @@ class Store(Protocol):
 
     async def save_snapshot(self, snapshot: Snapshot) -> None: ...
     async def load_snapshot(self, search_id: str) -> Snapshot | None: ...
+
+    async def last_version(self) -> int:
+        """The last stored version's sequence number (``created_seq`` is one of them)."""
 
     async def complete_snapshot(self, snapshot: Snapshot) -> bool:
         """Replace an incomplete snapshot's keys by ``snapshot``'s (complete now); False

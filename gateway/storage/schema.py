@@ -319,6 +319,12 @@ _V25 = """
 ALTER TABLE search_snapshot ADD COLUMN complete SMALLINT NOT NULL DEFAULT 1
 """
 
+# the last stored version when such a search began: reading on finds only what
+# was created by then
+_V26 = """
+ALTER TABLE search_snapshot ADD COLUMN bound BIGINT
+"""
+
 #: (version, description, DDL template). Append only; never edit a released step.
 #: Versions 2-9 belong to events/subscriptions, 10-19 to security, 20-29 to the core store.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -334,6 +340,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
          " resources stored before)", _V23),
     (24, "search: no rows for parameters that repeat others' (phonetic, combo-*)", _V24),
     (25, "search: snapshots of a result's head, completed when paged beyond", _V25),
+    (26, "search: what a snapshot's rest may hold (created by its first page)", _V26),
 )
 
 

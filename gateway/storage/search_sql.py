@@ -263,6 +263,9 @@ def _from_where(query: SearchQuery, ctx: _Ctx, restrict: Restrict | None = None,
         conds.append(f"r.res_type IN ({_marks(len(query.types))})")
         params.extend(query.types)
     conds.append("r.deleted = 0")
+    if query.created_by is not None:
+        conds.append("r.created_seq <= ?")
+        params.append(query.created_by)
     ctx.restrict = restrict
     for i, crit in enumerate(query.criteria):
         sql, p = _criterion(crit, "r", query.resource_type, ctx,

@@ -792,10 +792,16 @@ class SqlStore:
             await conn.execute("DELETE FROM search_snapshot WHERE created < ?", (cutoff,))
             await conn.execute(
                 "INSERT INTO search_snapshot (search_id, created, query, total, truncated, ids,"
-                " complete) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " complete, bound) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (snapshot.search_id, now_micros(), snapshot.query, snapshot.total,
-                 int(snapshot.truncated), orjson.dumps(snapshot.keys), int(snapshot.complete)),
+                 int(snapshot.truncated), orjson.dumps(snapshot.keys), int(snapshot.complete),
+                 snapshot.bound),
             )
+
+    async def last_version(self) -> int:
+        async with self.db.read() as conn:
+            row = await conn.fetchrow("SELECT MAX(seq) FROM resource_history")
+        return int(row[0]) if row and row[0] is not None else 0
 
     async def complete_snapshot(self, snapshot: Snapshot) -> bool:
         async with self.db.transaction() as conn:
@@ -810,14 +816,15 @@ class SqlStore:
     async def load_snapshot(self, search_id: str) -> Snapshot | None:
         async with self.db.read() as conn:
             row = await conn.fetchrow(
-                "SELECT query, total, truncated, ids, complete FROM search_snapshot"
+                "SELECT query, total, truncated, ids, complete, bound FROM search_snapshot"
                 " WHERE search_id = ?",
                 (search_id,),
             )
         if row is None:
             return None
         keys = [(k[0], k[1]) for k in orjson.loads(bytes(row[3]))]
-        return Snapshot(search_id, row[0], keys, int(row[1]), bool(row[2]), bool(row[4]))
+        return Snapshot(search_id, row[0], keys, int(row[1]), bool(row[2]), bool(row[4]),
+                        int(row[5]) if row[5] is not None else None)
 
     async def history(
         self,

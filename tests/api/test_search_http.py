@@ -630,8 +630,8 @@ def test_a_long_result_is_read_on_when_paged_beyond_its_head(
                                                  "_total": asked}).json()
         assert counted["total"] == 9
     # writes before the pages beyond the head are read: a match deleted beyond it
-    # goes, one deleted in it leaves its page short (nothing shifts), new ones join
-    # the rest where the search's order puts them
+    # goes, one deleted in it leaves its page short (nothing shifts), and matches
+    # created since are not in a result that began before them
     assert client.delete(f"/Patient/{ids[7]}").status_code in (200, 204)
     assert client.delete(f"/Patient/{ids[2]}").status_code in (200, 204)
     early = _family_patients(client, family, 1)[0]  # born 1950, as ids[0]
@@ -644,14 +644,17 @@ def test_a_long_result_is_read_on_when_paged_beyond_its_head(
         seen += [e["resource"]["id"] for e in page.get("entry", [])
                  if e["search"]["mode"] == "match"]
         link = next((x["url"] for x in page["link"] if x["relation"] == "next"), None)
-    # the head (ids[0:4]) as first read, less what was deleted since; then the rest in
-    # the search's order: the new match born in 1950 among them, before ids[4]
-    assert seen == [ids[0], ids[1], ids[3], early, *ids[4:7], ids[8], late]
+    # the head (ids[0:4]) as first read, less what was deleted since; then the rest
+    assert seen == [ids[0], ids[1], ids[3], *ids[4:7], ids[8]]
+    assert early not in seen and late not in seen
+    # a search begun now finds them, the 1950 one among the first
+    now = search_ids(client, "/Patient", family=family, _sort="birthdate", _count=20)
+    assert now[:2] == [ids[0], early] and now[-1] == late
     # paging the same search again reads the same completed result
     following = dict(parse_qsl(urlsplit(next(
         x["url"] for x in first["link"] if x["relation"] == "next")).query))
     again = client.get("", params={**following, "_getpagesoffset": "4"}).json()
-    assert [e["resource"]["id"] for e in again["entry"]] == [early, ids[4]]
+    assert [e["resource"]["id"] for e in again["entry"]] == [ids[4], ids[5]]
     # compartment searches keep their whole result (they cannot be run again from it)
     pid = ids[0]
     for n in range(6):

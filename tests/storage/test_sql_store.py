@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -256,3 +257,32 @@ async def test_an_incomplete_snapshot_is_completed_once(store: SqlStore) -> None
     await store.save_snapshot(Snapshot("s-whole", "|Patient?", head, 3, False))
     kept = await store.load_snapshot("s-whole")
     assert kept is not None and kept.complete
+
+
+async def test_a_search_can_keep_to_what_was_created_by_a_version(store: SqlStore) -> None:
+    """``created_by``: resources created up to that stored version, updated since or
+    not; not those created after it (a long result read on later)."""
+    family = f"Bound{uuid.uuid4().hex[:8]}"
+
+    async def make(tx: StoreTransaction, rid: str) -> None:
+        await tx.put("Patient", rid, {**PATIENT, "name": [{"family": family}]}, "POST", None)
+
+    before = [str(uuid.uuid4()) for _ in range(2)]
+    for rid in before:
+        await store.run(lambda tx, rid=rid: make(tx, rid))
+    bound = await store.last_version()
+    after = str(uuid.uuid4())
+    await store.run(lambda tx: make(tx, after))
+
+    async def update(tx: StoreTransaction) -> None:  # an old one changes after the bound
+        current = await tx.current("Patient", before[0])
+        await tx.put("Patient", before[0], {**PATIENT, "name": [{"family": family}],
+                                            "active": False}, "PUT", current)
+
+    await store.run(update)
+    assert await store.last_version() > bound
+    query = parse_search("Patient", [("family", family)], INDEXER.params_for, strict=True)
+    assert {k[1] for k in await store.search_keys(query, 10)} == {*before, after}
+    kept = replace(query, created_by=bound)
+    assert [k[1] for k in await store.search_keys(kept, 10)] == before
+    assert await store.count(kept) == 2
