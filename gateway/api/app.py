@@ -678,6 +678,7 @@ def create_api(
         return _render(resp, pretty, head, encoded, xml), description
 
     cors = Cors(ctx.settings.cors_origins) if ctx.settings.cors_origins else None
+    measured = ctx.settings.metrics
 
     async def fhir(scope: Scope, receive: Receive, send: Send, path: str) -> None:
         started = time.perf_counter()
@@ -716,7 +717,6 @@ def create_api(
     app.fhir_endpoint = (base_path, fhir)
     if health is not None:
         _add_health(app, health)
-    measured = ctx.settings.metrics
     if measured and health is not None:  # the database to read the backlog from
         db = health.db
 

@@ -18,6 +18,8 @@ the FHIR base: no token, not audited, no patient data.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from typing import Any
 
@@ -31,8 +33,11 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 
 from gateway import telemetry
+from gateway.events.relay import RELAY
 from gateway.storage.backlog import Backlog, backlog
 from gateway.storage.db import Database
+
+log = logging.getLogger("carepath.metrics")
 
 PATH = "/metrics"
 MEDIA_TYPE = CONTENT_TYPE_LATEST
@@ -40,13 +45,19 @@ observe = telemetry.request
 
 
 class _Waiting:
-    """The backlog read at this scrape, as gauges."""
+    """The backlog read at this scrape, as gauges; ``None``: the database did not
+    answer (``carepath_backlog_readable`` 0, and the request counts still served)."""
 
-    def __init__(self, waiting: Backlog) -> None:
+    def __init__(self, waiting: Backlog | None) -> None:
         self.waiting = waiting
 
     def collect(self) -> Any:
         w = self.waiting
+        yield GaugeMetricFamily("carepath_backlog_readable",
+                                "1 when the backlog below was read from the database",
+                                value=0 if w is None else 1)
+        if w is None:
+            return
         yield GaugeMetricFamily("carepath_outbox_pending_events",
                                 "Events committed and not yet published to the event bus",
                                 value=w.outbox_events)
@@ -71,6 +82,12 @@ async def exposition(db: Database) -> bytes:
         requests = generate_latest(registry)
     else:
         requests = generate_latest(REGISTRY)
+    try:
+        async with asyncio.timeout(2):
+            read: Backlog | None = await backlog(db, RELAY)
+    except Exception as exc:  # the scrape still answers: what this process counted
+        log.warning("metrics: the backlog cannot be read: %s", exc)
+        read = None
     waiting = CollectorRegistry()
-    waiting.register(_Waiting(await backlog(db)))
+    waiting.register(_Waiting(read))
     return requests + generate_latest(waiting)

@@ -189,10 +189,8 @@ async def search(
                            warnings=query.warnings)
     size = _page_size(ctx, query)
     cap = ctx.settings.max_search_results
-    # the snapshot of a long result keeps its head (a compartment's search cannot be
-    # run again from its query string: it keeps all of it)
-    head = cap if compartment is not None else min(
-        max(ctx.settings.search_read_ahead, 2 * size), cap)
+    # the snapshot of a long result keeps its head; the rest is read when needed
+    head = min(max(ctx.settings.search_read_ahead, 2 * size), cap)
     found: list[StoredResource] | None = None
     if query.sort:
         # a sort orders every match before it yields the first: order them once
@@ -232,7 +230,7 @@ async def search(
     return await first_page(ctx, query, everything, base, size=size, links=links,
                             warnings=warnings, total=total, truncated=truncated,
                             complete=complete, bound=bound,
-                            replay=f"{resource_type or ''}?{urlencode(pairs)}",
+                            replay=f"{path or ''}?{urlencode(pairs)}",
                             matches=first if same else None)
 
 
@@ -293,11 +291,19 @@ async def search_page(
     if owner != (restriction.organization if restriction else ""):
         # another organisation's result set: as unknown as a missing one
         raise FhirError(Code.SEARCH_EXPIRED, f"search '{search_id[:64]}' is unknown or expired")
-    rt, _, qs = rest.partition("?")
-    guard.require(rt or None, "search")
+    # the search as it was asked: ``Type?query``, ``?query`` (the system) or
+    # ``Patient/[id]/Type?query`` (a compartment)
+    target, _, qs = rest.partition("?")
+    parts = target.split("/") if target else []
+    rt = parts[-1] if parts else None
+    guard.require(rt, "search")
     pairs = parse_qsl(qs, keep_blank_values=True)
-    query = _within_scopes(ctx, parse_search(rt or None, pairs, ctx.registry.search_params,
-                                             base_url=base))
+    query = parse_search(rt, pairs, ctx.registry.search_params, base_url=base)
+    if len(parts) == 3 and rt is not None:
+        query = replace(query, criteria=(_in_compartment(ctx, rt, (parts[0], parts[1])),
+                                         *query.criteria))
+        guard.note_patients([parts[1]])
+    query = _within_scopes(ctx, query)
     if not snapshot.complete and start + size > len(snapshot.keys):
         snapshot = await _read_on(ctx, snapshot, await with_value_set_members(ctx, query))
     links = [("self", _pages_link(base, search_id, start, size)),
@@ -311,4 +317,5 @@ async def search_page(
     keys = await guard.filter_visible(ctx.access, ctx.store, snapshot.keys[start : start + size])
     guard.note(rt or "*", None, None, links[0][1])
     return await _page(ctx, query, keys, base, total=total, links=links, warnings=())
+
 

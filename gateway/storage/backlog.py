@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway.storage.db import Database
+from gateway.storage.outbox import START, load_position
 
 
 @dataclass
@@ -21,20 +22,20 @@ class Backlog:
     undelivered_events: int = 0
 
 
-async def backlog(db: Database) -> Backlog:
+async def backlog(db: Database, relay: str) -> Backlog:
+    """``relay``: the name of the relay's saved position (``event_position``)."""
     out = Backlog()
     async with db.read() as conn:
-        relay = await conn.fetchrow("SELECT tx_id, seq FROM event_position WHERE name = 'relay'")
-        after = (int(relay[0]), int(relay[1])) if relay else (0, 0)
-        row = await conn.fetchrow(
-            "SELECT COUNT(*) FROM outbox WHERE tx_id > ? OR (tx_id = ? AND seq > ?)",
-            (after[0], after[0], after[1]))
+        saved = await load_position(conn, relay)
+        after = saved.position if saved else START
+        # after a position as the relay reads (the (tx_id, seq) index serves it)
+        row = await conn.fetchrow("SELECT COUNT(*) FROM outbox WHERE (tx_id, seq) > (?, ?)",
+                                  (after.tx_id, after.seq))
         out.outbox_events = int(row[0]) if row else 0
         last = await conn.fetchrow("SELECT tx_id, seq FROM audit_chain ORDER BY pos DESC LIMIT 1")
         chained = (int(last[0]), int(last[1])) if last else (-1, -1)
-        row = await conn.fetchrow(
-            "SELECT COUNT(*) FROM audit_log WHERE tx_id > ? OR (tx_id = ? AND seq > ?)",
-            (chained[0], chained[0], chained[1]))
+        row = await conn.fetchrow("SELECT COUNT(*) FROM audit_log WHERE (tx_id, seq) > (?, ?)",
+                                  chained)
         out.audit_records = int(row[0]) if row else 0
         for status, count, waiting in await conn.fetch(
                 "SELECT status, COUNT(*), SUM(CASE WHEN status IN ('active', 'error')"

@@ -42,3 +42,15 @@ def search_ids(client: httpx.Client, path: str, **params: Any) -> list[str]:
     assert response.status_code == 200, response.text
     return [e["resource"]["id"] for e in response.json().get("entry", [])
             if e.get("search", {}).get("mode") == "match"]
+
+
+def paged_ids(client: httpx.Client, first: dict[str, Any]) -> list[str]:
+    """The ids of the matches of a searchset and of every page its ``next`` links lead to."""
+    ids: list[str] = []
+    page: dict[str, Any] | None = first
+    while page is not None:
+        ids += [e["resource"]["id"] for e in page.get("entry", [])
+                if e.get("search", {}).get("mode") == "match"]
+        link = next((x["url"] for x in page.get("link", []) if x["relation"] == "next"), None)
+        page = client.get(link).json() if link else None
+    return ids

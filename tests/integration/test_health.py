@@ -13,6 +13,7 @@ from gateway.events.runtime import EventRuntime
 from gateway.security.audit import AuditWriter
 from gateway.settings import Settings
 from gateway.storage.db import open_database
+from gateway.storage.migrate import migrate
 from tests.conftest import PG_URL, Server
 
 HEALTH = "application/health+json"
@@ -137,3 +138,29 @@ def test_unreachable_redis_warns_and_a_stopped_audit_writer_fails(tmp_path: Any)
     # no audit writer: every request would be refused
     status, report = asyncio.run(check(False))
     assert status == 503 and _statuses(report)["audit-trail:running"] == "fail"
+
+
+def test_metrics_still_answer_when_the_database_is_gone(new_schema: Any) -> None:
+    """A scrape while the database is away: the counts of this process, and
+    ``carepath_backlog_readable`` 0 instead of the backlog."""
+    from gateway.api.metrics import exposition
+
+    async def scrape() -> tuple[str, str]:
+        proxy = _Proxy()
+        port = await proxy.start()
+        db = open_database(PG_URL.replace(PG_URL.split("//", 1)[1].split("/", 1)[0],
+                                          f"127.0.0.1:{port}"), pool_size=1, schema=schema)
+        await db.open()
+        try:
+            await migrate(db)
+            up = (await exposition(db)).decode()
+            await proxy.cut()
+            return up, (await exposition(db)).decode()
+        finally:
+            await db.close()
+
+    schema = new_schema()
+    up, down = asyncio.run(scrape())
+    assert "carepath_backlog_readable 1.0" in up and "carepath_outbox_pending_events" in up
+    assert "carepath_backlog_readable 0.0" in down
+    assert "carepath_outbox_pending_events" not in down

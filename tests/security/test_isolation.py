@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.api.helpers import paged_ids
 from tests.security.conftest import Secured, secured_server
 
 ORGS = {"hospital-a": "org-a", "gp-b": "org-b"}
@@ -551,17 +552,11 @@ def test_reading_on_beyond_the_head_keeps_to_the_organisation(reading_ahead: Sec
                                        "subject": {"reference": f"Patient/{p['id']}"}})["id"])
         first = a.get("/Observation", params={"code:text": tag, "_count": 1})
         assert first.status_code == 200 and "total" not in first.json()
-        seen = [e["resource"]["id"] for e in first.json()["entry"]]
         link = next(x["url"] for x in first.json()["link"] if x["relation"] == "next")
         # another organisation cannot page it, nor complete it
         later = link.replace("_getpagesoffset=1", "_getpagesoffset=3")
         assert b.get(later).status_code == 410
-        while link:
-            page = a.get(link).json()
-            seen += [e["resource"]["id"] for e in page.get("entry", [])
-                     if e["search"]["mode"] == "match"]
-            link = next((x["url"] for x in page["link"] if x["relation"] == "next"), None)
-        assert seen == mine
+        assert paged_ids(a, first.json()) == mine
         counted = a.get("/Observation", params={"code:text": tag, "_count": 1,
                                                 "_total": "accurate"}).json()
         assert counted["total"] == 4
