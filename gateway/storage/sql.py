@@ -2,8 +2,9 @@
 
 A write is one database transaction holding: the ``resource`` row (current
 version, JSON bytes as served), a ``resource_history`` row, the search index
-rows (replaced), and an ``outbox`` row for the event consumers. On PostgreSQL
-the writes of one transaction (a whole Bundle) go out as one statement.
+rows (on an update, those of the parameters whose values changed), and an
+``outbox`` row for the event consumers. On PostgreSQL the writes of one
+transaction (a whole Bundle) go out as one statement.
 """
 
 from __future__ import annotations
@@ -96,17 +97,19 @@ def _json_columns(table: str, keyed: bool = False) -> str:
 
 
 @lru_cache(maxsize=1024)
-def _pg_put_sql(tables: tuple[str, ...], clear: bool, audit: bool, *, first: bool = False,
-                creator: bool = True) -> str:
+def _pg_put_sql(tables: tuple[str, ...], stale: tuple[tuple[str, bool], ...], audit: bool, *,
+                first: bool = False, creator: bool = True) -> str:
     """One PostgreSQL write as one statement of data-modifying CTEs: the common
     case (a create or update), cheaper than :func:`_pg_put_many_sql` with one row.
 
     Parameters: $1 type, $2 id, $3 version, $4 last_updated, $5 method,
     $6 content, $7 event id, $8 interaction, with ``creator`` $9 the creating
-    organisation; then for each of ``tables`` (those the resource has index
-    rows in) its rows as one JSON array (:func:`_json_rows`); with ``audit``
-    the audit records after them. ``clear``: first delete the previous
-    version's index rows (in every table). ``first``: version 1, so no
+    organisation; then for each table of ``stale`` whose rows go by parameter
+    (``(table, True)``) the parameters as a text array; then for each of
+    ``tables`` the rows to insert as one JSON array (:func:`_json_rows`); with
+    ``audit`` the audit records after them. ``stale`` names the tables where
+    the previous version's rows go: those of the listed parameters, or with
+    ``(table, False)`` all of them (:func:`_index_change`). ``first``: version 1, so no
     ``resource`` row exists (a concurrent writer of the same version fails on
     ``resource_history`` either way). Sub-statements share one snapshot: the
     DELETEs remove only the previous version's rows, never the ones inserted
@@ -129,9 +132,13 @@ def _pg_put_sql(tables: tuple[str, ...], clear: bool, audit: bool, *, first: boo
         parts.append("c AS (INSERT INTO resource_creator (res_type, res_id, organization)"
                      " VALUES ($1, $2, $9) ON CONFLICT (res_type, res_id) DO NOTHING)")
         n = 10
-    if clear:
-        parts.extend(f"d_{table} AS (DELETE FROM {table} WHERE res_type = $1 AND res_id = $2)"
-                     for table in INDEX_TABLES)
+    for table, by_param in stale:
+        where = ""
+        if by_param:
+            where = f" AND param = ANY(${n}::text[])"
+            n += 1
+        parts.append(f"d_{table} AS (DELETE FROM {table} WHERE res_type = $1 AND res_id = $2"
+                     f"{where})")
     for i, table in enumerate(tables, start=n):
         parts.append(f"i_{table} AS (INSERT INTO {table} (res_type, res_id, param,"
                      f" {', '.join(INDEX_TABLES[table])}) SELECT $1, $2, {_json_columns(table)}"
@@ -152,16 +159,18 @@ def _json_rows(rows: dict[str, list[tuple[Any, ...]]], tables: tuple[str, ...]) 
 
 
 @lru_cache(maxsize=1024)
-def _pg_put_many_sql(tables: tuple[str, ...], clear: bool, audit: bool,
+def _pg_put_many_sql(tables: tuple[str, ...], stale: tuple[str, ...], audit: bool,
                      first: bool = False) -> str:
     """Several PostgreSQL writes of a transaction as one statement of data-modifying CTEs.
 
     Parameters: one array per put, ``$1`` types, ``$2`` ids, ``$3`` versions,
     ``$4`` last_updated, ``$5`` methods, ``$6`` contents, ``$7`` creators (NULL:
-    none), ``$8`` event ids, ``$9`` interactions, ``$10`` whether to clear the
-    previous index rows (``clear``: whether any put does); then for each of
-    ``tables`` the puts' rows as one JSON array, each row ``[res_type, res_id,
-    param, values…]``; with ``audit`` the audit records after them. History and
+    none), ``$8`` event ids, ``$9`` interactions; then for each table of
+    ``stale`` the previous versions' rows that go, as one JSON array of
+    ``[res_type, res_id, param]`` (param ``null``: all of the resource's rows
+    in that table); then for each of ``tables`` the rows to insert as one JSON
+    array, each row ``[res_type, res_id, param, values…]``; with ``audit`` the
+    audit records after them. History and
     outbox rows are inserted in put order: event consumers read the outbox in
     seq order. Sub-statements share one snapshot: the DELETEs remove only the
     previous versions' rows, never the ones inserted here. A resource may occur
@@ -174,9 +183,9 @@ def _pg_put_many_sql(tables: tuple[str, ...], clear: bool, audit: bool,
         " last_updated = excluded.last_updated, deleted = 0, content = excluded.content")
     parts = [
         "p AS (SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[],"
-        " $5::text[], $6::bytea[], $7::text[], $8::text[], $9::text[], $10::boolean[])"
+        " $5::text[], $6::bytea[], $7::text[], $8::text[], $9::text[])"
         " WITH ORDINALITY AS p(res_type, res_id, version, last_updated, method, content,"
-        " creator, event_id, interaction, clear, ord))",
+        " creator, event_id, interaction, ord))",
         "h AS (INSERT INTO resource_history (res_type, res_id, version, last_updated, method,"
         " content) SELECT res_type, res_id, version, last_updated, method, content FROM p"
         " ORDER BY ord RETURNING seq, res_type, res_id)",
@@ -190,16 +199,16 @@ def _pg_put_many_sql(tables: tuple[str, ...], clear: bool, audit: bool,
         " history_seq) SELECT p.event_id, p.res_type, p.res_id, p.version, p.interaction,"
         " p.last_updated, h.seq FROM p JOIN h USING (res_type, res_id) ORDER BY p.ord)",
     ]
-    if clear:
-        parts.extend(f"d_{table} AS (DELETE FROM {table} x USING p WHERE p.clear"
-                     " AND x.res_type = p.res_type AND x.res_id = p.res_id)"
-                     for table in INDEX_TABLES)
-    for n, table in enumerate(tables, start=11):
+    parts.extend(f"d_{table} AS (DELETE FROM {table} x USING jsonb_array_elements(${n}::jsonb) d"
+                 " WHERE x.res_type = d->>0 AND x.res_id = d->>1"
+                 " AND (d->>2 IS NULL OR x.param = d->>2))"
+                 for n, table in enumerate(stale, start=10))
+    for n, table in enumerate(tables, start=10 + len(stale)):
         parts.append(f"i_{table} AS (INSERT INTO {table} (res_type, res_id, param,"
                      f" {', '.join(INDEX_TABLES[table])}) SELECT {_json_columns(table, keyed=True)}"
                      f" FROM jsonb_array_elements(${n}::jsonb) x)")
     if audit:
-        parts.append(append_audit_cte(11 + len(tables)))
+        parts.append(append_audit_cte(10 + len(stale) + len(tables)))
     return "WITH " + ", ".join(parts) + " SELECT count(*) FROM h"
 
 
@@ -219,19 +228,29 @@ class _Put:
     creator: str | None
     event_id: str
     interaction: str
-    clear: bool
-    rows: dict[str, list[tuple[Any, ...]]]
+    #: per index table, the previous version's rows that go: those of these
+    #: parameters, or (``None``) all (:func:`_index_change`)
+    stale: dict[str, tuple[str, ...] | None]
+    rows: dict[str, list[tuple[Any, ...]]]  # the rows to insert
 
 
-def _pg_put_many_params(puts: Sequence[_Put], tables: tuple[str, ...]) -> list[Any]:
-    """:func:`_pg_put_many_sql`'s parameters: the puts' columns, then the index rows of
-    ``tables``, table by table."""
+def _pg_put_many_params(puts: Sequence[_Put], stale: tuple[str, ...],
+                        tables: tuple[str, ...]) -> list[Any]:
+    """:func:`_pg_put_many_sql`'s parameters: the puts' columns, then the rows that go
+    from the ``stale`` tables and the index rows of ``tables``, table by table."""
     out: list[Any] = [
         [p.res_type for p in puts], [p.res_id for p in puts], [p.version for p in puts],
         [p.updated for p in puts], [p.method for p in puts], [p.content for p in puts],
         [p.creator for p in puts], [p.event_id for p in puts],
-        [p.interaction for p in puts], [p.clear for p in puts],
+        [p.interaction for p in puts],
     ]
+    for table in stale:
+        gone: list[tuple[str, str, str | None]] = []
+        for p in puts:
+            if table in p.stale:
+                params = p.stale[table]
+                gone.extend((p.res_type, p.res_id, param) for param in params or (None,))
+        out.append(orjson.dumps(gone).decode())
     for table in tables:
         out.append(orjson.dumps(
             [(p.res_type, p.res_id, *r) for p in puts for r in p.rows.get(table, ())]).decode())
@@ -240,6 +259,64 @@ def _pg_put_many_params(puts: Sequence[_Put], tables: tuple[str, ...]) -> list[A
 
 class Indexer(Protocol):
     def extract(self, resource: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]: ...
+
+
+#: index tables whose rows an update replaces whole: they follow the deployment's access
+#: policy as well as the resource (``sp_consent``, gateway.security.policy)
+_REPLACED_WHOLE = frozenset({"sp_consent"})
+
+_IndexRows = dict[str, list[tuple[Any, ...]]]
+
+
+def _index_change(
+    indexer: Indexer, previous: StoredResource | None, new: _IndexRows
+) -> tuple[dict[str, tuple[str, ...] | None], _IndexRows]:
+    """What a write changes in the search index: the rows that go (per table, the
+    parameters whose rows go, ``None`` for all) and the rows to insert.
+
+    A first version, or one after a deletion, has no rows: nothing goes and
+    every row is inserted. Otherwise the previous version's rows are extracted
+    again from its stored JSON (the index holds what the indexer extracts from
+    it: migrations and ``carepath reindex`` keep it so) and compared parameter
+    by parameter, as HAPI FHIR synchronises its index rows. Only parameters
+    whose rows differ are rewritten: an update of a telephone number replaces
+    the telecom rows, not the ~50 rows of the Patient, which spares the
+    database most of an update's work and its tables the dead rows.
+    """
+    if previous is None or previous.deleted:
+        return {}, new
+    try:
+        old = indexer.extract(fjson.loads(previous.content)) if previous.content else None
+    except FhirError:  # damaged stored JSON: replace what is there, whatever it is
+        old = None
+    if old is None:
+        return dict.fromkeys(INDEX_TABLES), new
+    stale: dict[str, tuple[str, ...] | None] = {}
+    insert: _IndexRows = {}
+    for table in INDEX_TABLES:
+        before, after = old.get(table) or [], new.get(table) or []
+        if table in _REPLACED_WHOLE:
+            if before:
+                stale[table] = None
+            insert[table] = after
+            continue
+        if before == after:
+            continue
+        was = _by_param(before)
+        now = _by_param(after)
+        changed = {param for param in was.keys() | now.keys() if was.get(param) != now.get(param)}
+        gone = tuple(sorted(changed & was.keys()))
+        if gone:
+            stale[table] = gone
+        insert[table] = [row for row in after if row[0] in changed]
+    return stale, insert
+
+
+def _by_param(rows: list[tuple[Any, ...]]) -> dict[str, set[tuple[Any, ...]]]:
+    out: dict[str, set[tuple[Any, ...]]] = {}
+    for row in rows:
+        out.setdefault(row[0], set()).add(row)
+    return out
 
 
 def now_micros() -> int:
@@ -325,16 +402,19 @@ class _Transaction:
         if len(puts) == 1:
             p = puts[0]
             tables = _filled(p.rows)
-            sql = _pg_put_sql(tables, p.clear, bool(audits), first=p.version == 1,
+            stale = tuple((t, p.stale[t] is not None) for t in INDEX_TABLES if t in p.stale)
+            sql = _pg_put_sql(tables, stale, bool(audits), first=p.version == 1,
                               creator=p.creator is not None)
             params = [p.res_type, p.res_id, p.version, p.updated, p.method, p.content,
                       p.event_id, p.interaction, *(() if p.creator is None else (p.creator,)),
+                      *(list(p.stale[t] or ()) for t, by_param in stale if by_param),
                       *_json_rows(p.rows, tables)]
         elif puts:
             tables = tuple(t for t in INDEX_TABLES if any(p.rows.get(t) for p in puts))
-            sql = _pg_put_many_sql(tables, any(p.clear for p in puts), bool(audits),
+            gone = tuple(t for t in INDEX_TABLES if any(t in p.stale for p in puts))
+            sql = _pg_put_many_sql(tables, gone, bool(audits),
                                    all(p.version == 1 for p in puts))
-            params = _pg_put_many_params(puts, tables)
+            params = _pg_put_many_params(puts, gone, tables)
         else:
             sql, params = _PG_AUDIT, []
         if audits:
@@ -413,7 +493,7 @@ class _Transaction:
         content = fjson.dumps(resource)
         interaction = "create" if version == 1 or (
             previous is not None and previous.deleted) else "update"
-        rows = self.indexer.extract(resource)
+        stale, rows = _index_change(self.indexer, previous, self.indexer.extract(resource))
         if self.conn.dialect == "postgresql":
             key = (resource_type, id)
             if key in self._pending:
@@ -421,7 +501,7 @@ class _Transaction:
             self._pending[key] = _Put(
                 resource_type, id, version, updated, method, content,
                 creator if previous is None else None, str(uuid.uuid4()), interaction,
-                previous is not None and not previous.deleted, rows)
+                stale, rows)
             return StoredResource(resource_type, id, version, updated, False, content, method)
         seq = await self._history(resource_type, id, version, updated, method, content)
         await self.conn.execute(
@@ -431,8 +511,7 @@ class _Transaction:
             " last_updated = excluded.last_updated, deleted = 0, content = excluded.content",
             (resource_type, id, version, updated, content, seq),
         )
-        if previous and not previous.deleted:
-            await self._clear_index(resource_type, id)
+        await self._clear_index(resource_type, id, stale)
         if previous is None and creator is not None:
             await self.conn.execute(
                 "INSERT INTO resource_creator (res_type, res_id, organization) VALUES (?, ?, ?)"
@@ -499,9 +578,15 @@ class _Transaction:
         assert row is not None
         return int(row[0])
 
-    async def _clear_index(self, rt: str, id: str) -> None:
-        for sql in _DELETE_INDEX.values():
-            await self.conn.execute(sql, (rt, id))
+    async def _clear_index(self, rt: str, id: str,
+                           stale: dict[str, tuple[str, ...] | None] | None = None) -> None:
+        """Delete the resource's index rows: all, or those ``stale`` names (see _Put)."""
+        for table, sql in _DELETE_INDEX.items():
+            if stale is None or (table in stale and stale[table] is None):
+                await self.conn.execute(sql, (rt, id))
+            elif params := stale.get(table):
+                await self.conn.executemany(f"{sql} AND param = ?",
+                                            [(rt, id, param) for param in params])
 
     async def _event(
         self, rt: str, id: str, version: int, ts: int, seq: int, interaction: str

@@ -39,6 +39,15 @@ def test_instance_history_newest_first_with_paging(client: httpx.Client) -> None
     assert not any(link["relation"] == "next" for link in page2["link"])
 
 
+def test_history_of_update_as_create_answers_created(client: httpx.Client) -> None:
+    rid = unique("pid")
+    assert put(client, {"resourceType": "Patient", "id": rid}).status_code == 201
+    assert put(client, {"resourceType": "Patient", "id": rid, "active": True}).status_code == 200
+    entries = client.get(f"/Patient/{rid}/_history").json()["entry"]
+    assert [(e["request"]["method"], e["response"]["status"]) for e in entries] == [
+        ("PUT", "200 OK"), ("PUT", "201 Created")]
+
+
 def test_type_and_system_history_and_since(client: httpx.Client) -> None:
     time.sleep(0.01)
     marker = client.get("/Patient", params={"_count": 0})  # any request
