@@ -192,8 +192,9 @@ async def search(
     # the snapshot of a long result keeps its head; the rest is read when needed
     head = min(max(ctx.settings.search_read_ahead, 2 * size), cap)
     found: list[StoredResource] | None = None
-    if query.sort:
-        # a sort orders every match before it yields the first: order them once
+    if query.sort or not _streams(query):
+        # a sort orders every match before it yields the first (and a reverse chain
+        # or a display's text gathers every match first): do that once
         everything = await ctx.store.search_keys(query, head + 1, restriction)
     else:
         # the first page's resources come with the search: one round trip, not two
@@ -232,6 +233,14 @@ async def search(
                             complete=complete, bound=bound,
                             replay=f"{path or ''}?{urlencode(pairs)}",
                             matches=first if same else None)
+
+
+def _streams(query: SearchQuery) -> bool:
+    """Whether the database can yield the first matches before it has found every
+    one: not through a reverse chain (``_has``, the set of referring resources is
+    gathered first) nor a token's ``:text`` (every display is read)."""
+    return not any(c.has is not None or (c.modifier == "text" and c.type == "token")
+                   for c in query.criteria)
 
 
 async def first_page(

@@ -660,3 +660,24 @@ def test_a_long_result_is_read_on_when_paged_beyond_its_head(
     page = client.get(f"/Patient/{pid}/Observation", params={"_count": 2}).json()
     assert "total" not in page
     assert paged_ids(client, page) == mine
+
+
+def test_has_and_display_text_results_page_through(client: httpx.Client) -> None:
+    """A reverse chain and a display's text gather every match before the first:
+    their results page like any other, each match once, with a total."""
+    code, word = unique("code"), unique("wort").lower()
+    referred = _family_patients(client, unique("Fam"), 5)
+    _family_patients(client, unique("Fam"), 2)  # nothing refers to these
+    observations = [post(client, {
+        "resourceType": "Observation", "status": "final",
+        "subject": {"reference": f"Patient/{pid}"},
+        "code": {"coding": [{"system": "urn:test:code", "code": code,
+                             "display": f"Messung {word}"}]}}).json()["id"]
+        for pid in referred]
+    first = client.get("/Patient", params={
+        "_has:Observation:subject:code": f"urn:test:code|{code}", "_count": 2}).json()
+    assert first["total"] == 5
+    assert sorted(paged_ids(client, first)) == sorted(referred)
+    first = client.get("/Observation", params={"code:text": word, "_count": 2}).json()
+    assert first["total"] == 5
+    assert sorted(paged_ids(client, first)) == sorted(observations)
