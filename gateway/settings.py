@@ -58,6 +58,11 @@ class Settings:
     audit_durable_reads: bool = False
     #: Prometheus metrics at ``/metrics`` (outside the FHIR base, without a token)
     metrics: bool = True
+    #: an update (or patch) that leaves a resource as it is keeps its current version:
+    #: no new version, no event, as HAPI FHIR and Microsoft's FHIR server do for
+    #: systems that send the same data again. Off by default: FHIR's update makes a
+    #: new version (http.html#update)
+    skip_unchanged_updates: bool = False
     # -- validation (docs/adr-0002-validator.md) -------------------------------
     #: deepest nesting of resources in resources (contained, Bundle.entry.resource,
     #: Parameters.parameter.resource) a resource may have; deeper is an error

@@ -28,7 +28,7 @@ from gateway.interactions.base import (
     write_response,
 )
 from gateway.interactions.conditional import single_match
-from gateway.interactions.update import check_version
+from gateway.interactions.update import check_version, unchanged
 from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
 
@@ -119,6 +119,9 @@ async def patch_in(
     result = apply_patch(ctx, current, ops)
     admit(ctx, result)
     await guard.check_write(ctx.access, tx, result, current, new_patients)
+    if unchanged(ctx, current, result):
+        guard.note(resource_type, id, current.version)
+        return current
     stored = await tx.put(resource_type, id, result, "PATCH", current)
     guard.note(resource_type, id, stored.version)
     return stored

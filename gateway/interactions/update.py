@@ -8,8 +8,10 @@ resource exists).
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
+from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import (
     Context,
@@ -52,6 +54,45 @@ def check_absent(current: StoredResource | None, if_none_match: str | None, what
                         f"{current.version} exists")
 
 
+def unchanged(ctx: Context, current: StoredResource | None, resource: dict[str, Any]) -> bool:
+    """Whether writing ``resource`` would store what ``current`` holds, but for
+    ``meta.versionId`` and ``meta.lastUpdated``: such an update keeps the current
+    version (``skip_unchanged_updates``), so a system that sends the same data
+    again makes no new version and no notification."""
+    if not ctx.settings.skip_unchanged_updates or current is None or current.deleted \
+            or not current.content:
+        return False
+    try:
+        stored = fjson.loads(current.content)
+    except FhirError:
+        return False
+    return isinstance(stored, dict) and _same(_sans_version(stored), _sans_version(resource))
+
+
+def _sans_version(resource: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in resource.items() if k != "meta"}
+    meta = resource.get("meta")
+    if isinstance(meta, dict):
+        meta = {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
+    if meta:
+        out["meta"] = meta
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON is written: ``1.0`` is not ``1.00``, nor ``1`` (FHIR decimals keep
+    their precision), and ``true`` is not ``1``."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, Decimal):
+        return str(a) == str(b)
+    return bool(a == b)
+
+
 async def update_in(
     ctx: Context,
     tx: StoreTransaction,
@@ -72,6 +113,9 @@ async def update_in(
     await guard.check_write(ctx.access, tx, resource, current, new_patients)
     check_version(current, if_match, f"{resource_type}/{id}")
     check_absent(current, if_none_match, f"{resource_type}/{id}")
+    if current is not None and unchanged(ctx, current, {**resource, "id": id}):
+        guard.note(resource_type, id, current.version)
+        return current, False
     stored = await tx.put(resource_type, id, resource, method, current, creator=guard.creator())
     guard.note(resource_type, id, stored.version)
     return stored, current is None or current.deleted
