@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from gateway.fhir.geo import valid_position
 from gateway.fhir.paths import (
     Branch,
     CompileError,
@@ -67,6 +68,7 @@ TABLES: tuple[str, ...] = (
     "sp_reference",
     "sp_uri",
     "sp_composite",
+    "sp_coords",
 )
 TABLE_FOR_TYPE: dict[str, str] = {
     "composite": "sp_composite",
@@ -77,6 +79,8 @@ TABLE_FOR_TYPE: dict[str, str] = {
     "quantity": "sp_quantity",
     "reference": "sp_reference",
     "uri": "sp_uri",
+    # the one special parameter of R4 with an expression: Location near (a position)
+    "special": "sp_coords",
 }
 
 #: ``sp_composite``'s columns for the second component, after ``a_system``, ``a_code``
@@ -418,6 +422,7 @@ class _Converters:
                 "Identifier": c.reference_identifier,
             },
             "uri": dict.fromkeys(("uri", "url", "canonical", "oid", "uuid", "string"), c.uri),
+            "special": {"BackboneElement": c.coords},
         }
 
     def for_type(self, param_type: str, fhir_type: str | None) -> Converter | None:
@@ -780,6 +785,17 @@ class _Converters:
             out.append((code, clip(v)))
             if "|" in v:  # canonical|version also matches the version-less canonical
                 out.append((code, clip(v.split("|", 1)[0])))
+
+    def coords(self, code: str, v: Any, out: Rows) -> None:
+        """A position (``Location.position``): its latitude and longitude, in degrees."""
+        if not isinstance(v, dict):
+            return
+        lat, lon = v.get("latitude"), v.get("longitude")
+        if isinstance(lat, int | float | Decimal) and isinstance(lon, int | float | Decimal) \
+                and not isinstance(lat, bool) and not isinstance(lon, bool):
+            la, lo = float(lat), float(lon)
+            if valid_position(la, lo):
+                out.append((code, la, lo))
 
 
 # --------------------------------------------------------------------------- fallback

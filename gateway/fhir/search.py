@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
+from gateway.fhir.geo import UNIT_KM, valid_position
 from gateway.fhir.indexer import EMBEDDED, composite_supported, date_bounds, normalize_string
 from gateway.fhir.outcome import Code, FhirError
 
@@ -206,6 +207,16 @@ class ValueSetUse:
 
 
 @dataclass(frozen=True, slots=True)
+class NearValue:
+    """A position and a distance (``near``, location.html#positional): within ``km``
+    kilometres of ``latitude``/``longitude``; ``km`` None: at that very position."""
+
+    latitude: float
+    longitude: float
+    km: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class CompositeValue:
     """``token$value`` of a composite parameter: both on one element (``sp_composite``);
     ``second_type`` is the second component's parameter type."""
@@ -217,7 +228,7 @@ class CompositeValue:
 
 Value = (
     TokenValue | StringValue | DateValue | NumberValue | QuantityValue | ReferenceValue
-    | UriValue | MissingValue | CompositeValue | InValue | OfTypeValue
+    | UriValue | MissingValue | CompositeValue | InValue | OfTypeValue | NearValue
 )
 
 
@@ -279,6 +290,9 @@ class SortKey:
     descending: bool = False
     type: str = ""  # the parameter's type, for the SQL compiler
     stored: tuple[str, ...] = ()  # as Criterion.stored
+    #: ``_sort=near``: the positions the search's ``near`` measures from (the distance
+    #: to the nearest of them orders the result)
+    origins: tuple[tuple[float, float], ...] = ()
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -319,6 +333,12 @@ class SearchQuery:
     #: only resources created up to this stored version (``resource_history.seq``):
     #: a paged search read on later finds what existed when it began
     created_by: int | None = None
+
+
+def near_origins(criteria: tuple[Criterion, ...]) -> tuple[tuple[float, float], ...]:
+    """The positions a search's ``near`` criteria measure from."""
+    return tuple(dict.fromkeys((v.latitude, v.longitude) for c in criteria
+                               for v in c.values if isinstance(v, NearValue)))
 
 
 def related_types(query: SearchQuery) -> set[str]:
@@ -409,6 +429,7 @@ _MODIFIERS: dict[str, frozenset[str]] = {
     "quantity": frozenset({"missing"}),
     "uri": frozenset({"missing", "below", "above"}),
     "composite": frozenset({"missing"}),
+    "special": frozenset({"missing"}),
 }
 _UNSUPPORTED_MODIFIERS: dict[str, frozenset[str]] = {
     "reference": frozenset({"below", "above"}),
@@ -686,6 +707,13 @@ class _Parser:
                 ignored.append((name, value))
                 continue
             criteria.append(crit)
+        if any(k.type == "special" for k in sort):
+            # by distance: from the position(s) the search's near names
+            origins = near_origins(tuple(criteria))
+            if not origins:
+                raise _invalid("_sort=near orders by the distance from the position that"
+                               " 'near' gives: the search needs a near parameter")
+            sort = [replace(k, origins=origins) if k.type == "special" else k for k in sort]
 
         return SearchQuery(
             resource_type=rt,
@@ -737,7 +765,7 @@ class _Parser:
             if p is None:
                 raise _invalid(f"_sort: unknown search parameter '{code}' for {self.where(rt)}")
             if p.type not in ("string", "token", "date", "number", "quantity", "reference",
-                              "uri"):
+                              "uri", "special"):
                 raise _invalid(f"_sort: cannot sort by {p.type} parameter '{code}'")
             if p.code not in ("_id", "_lastUpdated") and not p.expression:
                 raise _invalid(f"_sort: parameter '{code}' is not indexed")
@@ -794,7 +822,8 @@ class _Parser:
             return self.embedded(p, modifier, tail, value, depth)
         if dot:
             return self.chain(rt, p, modifier, tail, value, depth)
-        if p.type == "special" or (p.type == "composite" and not composite_supported(p)):
+        if (p.type == "special" and not p.expression) or (
+                p.type == "composite" and not composite_supported(p)):
             raise _Unsupported(f"{p.type.capitalize()} search parameter '{code}' is not supported")
         if p.code not in ("_id", "_lastUpdated") and not p.expression:
             raise _Unsupported(f"Search parameter '{code}' is not supported")
@@ -962,6 +991,8 @@ class _Parser:
             return NumberValue(prefix, value, lo, hi, text)
         if t == "quantity":
             return self.quantity(p, raw)
+        if t == "special":
+            return self.near(p, raw)
         if t == "reference":
             if modifier == "identifier":
                 return self.token(p, raw)
@@ -1037,6 +1068,34 @@ class _Parser:
         if not all(math.isfinite(b) for b in bounds):
             raise _invalid(f"Number {_q(raw)} for '{p.code}' is out of range")
         return prefix, *bounds, text
+
+    def near(self, p: _Param, raw: str) -> NearValue:
+        """``latitude|longitude|distance|units`` (location.html#positional): units UCUM,
+        kilometres when not given; no distance (or 0): the position itself, as HAPI
+        FHIR reads it."""
+        pieces = [unescape(x).strip() for x in split_escaped(raw, "|")]
+        usage = f"'{p.code}' takes latitude|longitude[|distance[|units]], not {_q(raw)}"
+        if not 2 <= len(pieces) <= 4 or not all(
+                _DECIMAL.fullmatch(x) for x in pieces[:3] if x):
+            raise _invalid(usage)
+        if not pieces[0] or not pieces[1]:
+            raise _invalid(usage)
+        lat, lon = float(pieces[0]), float(pieces[1])
+        if not valid_position(lat, lon):
+            raise _invalid(f"'{p.code}': latitude must lie within ±90 and longitude within"
+                           f" ±180 degrees, not {_q(raw)}")
+        km: float | None = None
+        if len(pieces) >= 3 and pieces[2]:
+            unit = pieces[3] if len(pieces) == 4 and pieces[3] else "km"
+            if unit not in UNIT_KM:
+                raise _invalid(f"'{p.code}': unknown distance unit {_q(unit)} (UCUM: "
+                               f"{', '.join(UNIT_KM)})")
+            km = float(pieces[2]) * UNIT_KM[unit]
+            if not math.isfinite(km) or km < 0:
+                raise _invalid(f"'{p.code}': the distance must be a positive number, not"
+                               f" {_q(pieces[2])}")
+            km = km or None
+        return NearValue(lat, lon, km)
 
     def quantity(self, p: _Param, raw: str) -> QuantityValue:
         pieces = split_escaped(raw, "|")

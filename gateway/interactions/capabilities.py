@@ -70,13 +70,13 @@ def _extensions(contributions: list[tuple[str | None, Contribution]], rt: str | 
 
 def _search_params(params: Iterable[SearchParam]) -> list[dict[str, Any]]:
     """The parameters a search here answers: those with an expression to index
-    (``_text``, ``_content`` and ``_query`` have none; special ones need code of
-    their own), composites only where both components are indexed."""
+    (``_text``, ``_content``, ``_query`` and ``_filter`` have none; the one special
+    parameter with one, Location ``near``, is a position), composites only where
+    both components are indexed."""
     return [
         {"name": p.code, "definition": p.url, "type": p.type}
         for p in sorted(params, key=lambda p: p.code)
-        if p.expression and p.type != "special"
-        and (p.type != "composite" or composite_supported(p))
+        if p.expression and (p.type != "composite" or composite_supported(p))
     ]
 
 

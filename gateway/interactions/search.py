@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import replace
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from gateway.fhir import json as fjson
 from gateway.fhir.bundles import bundle, raw
+from gateway.fhir.geo import LOCATION_DISTANCE, distance_km
 from gateway.fhir.outcome import Code, FhirError, Issue, operation_outcome
-from gateway.fhir.search import Criterion, SearchQuery, parse_search
+from gateway.fhir.search import Criterion, SearchQuery, near_origins, parse_search
 from gateway.fhir.summary import subset, summarize
 from gateway.interactions.base import Context, FhirResponse, Prefer, check_id, check_type
 from gateway.interactions.terminology import with_value_set_members
@@ -73,14 +75,18 @@ async def _page(
     else:
         stored = [*matches, *await ctx.store.read_many(included)]
     matched = set(keys)
+    origins = near_origins(query.criteria)
     entries: list[dict[str, Any]] = []
     for s in stored:
         guard.note(s.resource_type, s.id, s.version)
-        mode = "match" if (s.resource_type, s.id) in matched else "include"
+        search: dict[str, Any] = {
+            "mode": "match" if (s.resource_type, s.id) in matched else "include"}
+        if origins and search["mode"] == "match":
+            search = {**_distance(origins, s), **search}
         entries.append({
             "fullUrl": f"{base}/{s.resource_type}/{s.id}",
             "resource": shape(ctx, query, s),
-            "search": {"mode": mode},
+            "search": search,
         })
     if warnings:
         entries.append({
@@ -90,6 +96,21 @@ async def _page(
         })
     return FhirResponse(200, bundle("searchset", entries, total=total, links=links,
                                     id=str(uuid.uuid4())))
+
+
+def _distance(origins: tuple[tuple[float, float], ...], stored: StoredResource) -> dict[str, Any]:
+    """A ``near`` match's distance from the nearest position searched for, in metres
+    (the location-distance extension on ``Bundle.entry.search``, location.html#positional)."""
+    position = fjson.loads_stored(stored.content or b"{}").get("position")
+    if not isinstance(position, dict):
+        return {}
+    lat, lon = position.get("latitude"), position.get("longitude")
+    if not isinstance(lat, int | float | Decimal) or not isinstance(lon, int | float | Decimal):
+        return {}
+    metres = min(distance_km(a, b, float(lat), float(lon)) for a, b in origins) * 1000
+    return {"extension": [{"url": LOCATION_DISTANCE, "valueDistance": {
+        "value": round(metres), "unit": "m", "system": "http://unitsofmeasure.org",
+        "code": "m"}}]}
 
 
 def _within_scopes(ctx: Context, query: SearchQuery) -> SearchQuery:

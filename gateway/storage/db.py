@@ -20,6 +20,8 @@ from urllib.parse import unquote, urlparse
 import aiosqlite
 import asyncpg
 
+from gateway.fhir.geo import distance_km
+
 Row = tuple[Any, ...]
 
 
@@ -137,6 +139,8 @@ class SqliteDatabase:
         await conn.execute("PRAGMA synchronous=FULL")
         await conn.execute("PRAGMA busy_timeout=30000")
         await conn.execute("PRAGMA foreign_keys=ON")
+        # the search's distance (Location near), the same function PostgreSQL computes in SQL
+        await conn.create_function("carepath_distance_km", 4, distance_km, deterministic=True)
         self._all.append(conn)
         return conn
 

@@ -53,6 +53,8 @@ INDEX_TABLES: dict[str, tuple[str, ...]] = {
         "exact", "target_type", "target_id", "target_version", "url", "ident_system",
         "ident_value",
     ),
+    # positions (Location near): latitude and longitude in degrees
+    "sp_coords": ("lat", "lon"),
 }
 
 _V1 = """
@@ -325,6 +327,16 @@ _V26 = """
 ALTER TABLE search_snapshot ADD COLUMN bound BIGINT
 """
 
+# positions, for Location near: a latitude range is scanned, then the distance computed
+_V27 = """
+CREATE TABLE IF NOT EXISTS sp_coords (
+    res_type TEXT NOT NULL, res_id TEXT NOT NULL, param TEXT NOT NULL,
+    lat {float} NOT NULL, lon {float} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sp_coords_lat ON sp_coords (res_type, param, lat);
+CREATE INDEX IF NOT EXISTS sp_coords_res ON sp_coords (res_type, res_id)
+"""
+
 #: (version, description, DDL template). Append only; never edit a released step.
 #: Versions 2-9 belong to events/subscriptions, 10-19 to security, 20-29 to the core store.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
@@ -341,6 +353,8 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (24, "search: no rows for parameters that repeat others' (phonetic, combo-*)", _V24),
     (25, "search: snapshots of a result's head, completed when paged beyond", _V25),
     (26, "search: what a snapshot's rest may hold (created by its first page)", _V26),
+    (27, "search: positions for Location near (sp_coords; `carepath reindex Location` fills"
+         " it for Locations stored before)", _V27),
 )
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from gateway.fhir.geo import EARTH_RADIUS_KM, latitude_band
 from gateway.fhir.indexer import MAX_LEN, clip, clip_normalized
 from gateway.fhir.search import (
     CompositeValue,
@@ -38,6 +39,7 @@ from gateway.fhir.search import (
     Include,
     InValue,
     MissingValue,
+    NearValue,
     NumberValue,
     OfTypeValue,
     QuantityValue,
@@ -64,6 +66,7 @@ _TABLE = {
     "reference": "sp_reference",
     "uri": "sp_uri",
     "composite": "sp_composite",
+    "special": "sp_coords",
 }
 #: (ascending column, descending column, is text) per parameter type
 _SORT_COLUMN = {
@@ -107,6 +110,17 @@ class _Ctx:
     def text(self, expr: str) -> str:
         """``expr`` compared in code point order on both dialects."""
         return f'{expr} COLLATE "C"' if self.dialect == "postgresql" else expr
+
+    def distance_km(self, t: str, latitude: float, longitude: float) -> Frag:
+        """The great-circle distance in km from a position to the row ``t`` of
+        ``sp_coords`` (:func:`gateway.fhir.geo.distance_km`; on SQLite that function,
+        registered on every connection)."""
+        if self.dialect != "postgresql":
+            return f"carepath_distance_km(?, ?, {t}.lat, {t}.lon)", [latitude, longitude]
+        return (f"2 * {EARTH_RADIUS_KM} * asin(sqrt(least(1.0,"
+                f" power(sin(radians({t}.lat - ?) / 2), 2) + cos(radians(?))"
+                f" * cos(radians({t}.lat)) * power(sin(radians({t}.lon - ?) / 2), 2))))",
+                [latitude, latitude, longitude])
 
 
 # -- public API -----------------------------------------------------------------
@@ -398,6 +412,12 @@ def _last_updated(c: Criterion, a: str) -> Frag:
 
 
 def _value(c: Criterion, v: Value, t: str, ctx: _Ctx) -> Frag:
+    if isinstance(v, NearValue):
+        if v.km is None:
+            return f"({t}.lat = ? AND {t}.lon = ?)", [v.latitude, v.longitude]
+        lo, hi = latitude_band(v.latitude, v.km)
+        distance, dp = ctx.distance_km(t, v.latitude, v.longitude)
+        return f"({t}.lat BETWEEN ? AND ? AND {distance} <= ?)", [lo, hi, *dp, v.km]
     if isinstance(v, OfTypeValue):  # sp_composite rows of the Identifiers' type codings
         return (f"({t}.a_system = ? AND {t}.a_code = ? AND {t}.code = ?)",
                 [v.type_system, v.type_code, v.value])
@@ -578,6 +598,16 @@ def _sort_expr(key: SortKey, ctx: _Ctx) -> Frag:
         return ctx.text("r.res_id"), []
     if key.param_code == "_lastUpdated":
         return "r.last_updated", []
+    if key.type == "special":  # _sort=near: the distance to the nearest origin
+        s = ctx.alias("s")
+        frags = [ctx.distance_km(s, lat, lon) for lat, lon in key.origins]
+        dist = frags[0][0] if len(frags) == 1 else (
+            ("LEAST" if ctx.dialect == "postgresql" else "MIN")
+            + f"({', '.join(f for f, _ in frags)})")
+        param, codes = _param_is(s, key.codes)
+        return (f"(SELECT {'MAX' if key.descending else 'MIN'}({dist}) FROM sp_coords {s}"
+                f" WHERE {s}.res_type = r.res_type AND {s}.res_id = r.res_id AND {param})",
+                [*(x for _, p in frags for x in p), *codes])
     spec = _SORT_COLUMN.get(key.type)
     if spec is None:
         raise ValueError(f"cannot sort by {key.type or 'untyped'} parameter {key.param_code!r}")

@@ -74,6 +74,7 @@ _PG_TYPES: dict[str, tuple[str, ...]] = {
     "sp_uri": ("text",),
     "sp_consent": ("text", "text", "text", "integer", "bigint", "bigint"),
     "sp_composite": ("text",) * 5 + ("float8", "float8", "bigint", "bigint") + ("text",) * 8,
+    "sp_coords": ("float8", "float8"),
 }
 
 

@@ -681,3 +681,69 @@ def test_has_and_display_text_results_page_through(client: httpx.Client) -> None
     first = client.get("/Observation", params={"code:text": word, "_count": 2}).json()
     assert first["total"] == 5
     assert sorted(paged_ids(client, first)) == sorted(observations)
+
+
+def test_location_near_a_position(client: httpx.Client) -> None:
+    """location.html#positional: great-circle distance, units, the antimeridian."""
+    run = unique("near")
+    places = {"Leipzig": (51.3397, 12.3731), "Berlin": (52.5200, 13.4050),
+              "Muenchen": (48.1351, 11.5820), "Suva": (-18.1248, 178.4501),
+              "Apia": (-13.8333, -171.7500), "Nowhere": None}
+    for name, position in places.items():
+        body: dict[str, Any] = {"resourceType": "Location", "name": name,
+                                "identifier": [{"system": "urn:test:near", "value": run}]}
+        if position:
+            body["position"] = {"latitude": position[0], "longitude": position[1]}
+        assert post(client, body).status_code == 201
+
+    def near(value: str, **more: str) -> list[str]:
+        response = client.get("/Location", params={
+            "identifier": f"urn:test:near|{run}", "near": value, **more})
+        assert response.status_code == 200, response.text
+        return sorted(e["resource"]["name"] for e in response.json().get("entry", [])
+                      if e["search"]["mode"] == "match")
+
+    # Leipzig to Berlin is 149 km, to Munich 360 km
+    assert near("51.3397|12.3731|10|km") == ["Leipzig"]
+    assert near("51.3397|12.3731|160") == ["Berlin", "Leipzig"]
+    assert near("51.3397|12.3731|140000|m") == ["Leipzig"]
+    assert near("51.3397|12.3731|100|[mi_i]") == ["Berlin", "Leipzig"]
+    assert near("51.3397|12.3731|400|km") == ["Berlin", "Leipzig", "Muenchen"]
+    assert near("51.3397|12.3731") == ["Leipzig"]  # no distance: that position
+    assert near("51.3397|12.3731|5|km,48.1351|11.582|5|km") == ["Leipzig", "Muenchen"]
+    # Suva and Apia lie on either side of the antimeridian, 1,150 km apart
+    assert near("-14|-179|1300|km") == ["Apia", "Suva"]
+    assert near("-18.1248|178.4501|1200|km") == ["Apia", "Suva"]
+    assert near("-18.1248|178.4501|1100|km") == ["Suva"]
+    missing = client.get("/Location", params={"identifier": f"urn:test:near|{run}",
+                                              "near:missing": "true"}).json()
+    assert [e["resource"]["name"] for e in missing["entry"]] == ["Nowhere"]
+    bad = client.get("/Location", params={"near": "51.3|12.3|1|furlong"})
+    assert bad.status_code == 400 and gw_code(bad) == "GW-1013"
+    # nearest first, each match with its distance (the location-distance extension)
+    found = client.get("/Location", params={
+        "identifier": f"urn:test:near|{run}", "near": "51.3397|12.3731|1000|km",
+        "_sort": "near"}).json()["entry"]
+    assert [e["resource"]["name"] for e in found] == ["Leipzig", "Berlin", "Muenchen"]
+    distances = [e["search"]["extension"][0] for e in found]
+    assert all(d["url"] == "http://hl7.org/fhir/StructureDefinition/location-distance"
+               and d["valueDistance"]["code"] == "m" for d in distances)
+    assert [round(d["valueDistance"]["value"] / 1000) for d in distances] == [0, 149, 361]
+    farthest = client.get("/Location", params={
+        "identifier": f"urn:test:near|{run}", "near": "51.3397|12.3731|1000|km",
+        "_sort": "-near"}).json()["entry"]
+    assert [e["resource"]["name"] for e in farthest] == ["Muenchen", "Berlin", "Leipzig"]
+    # from the nearest of two positions (ties in the order of creation)
+    two = client.get("/Location", params={
+        "identifier": f"urn:test:near|{run}", "near": "48.1351|11.582|1000,52.52|13.405|1000",
+        "_sort": "near"}).json()["entry"]
+    assert [e["resource"]["name"] for e in two] == ["Berlin", "Muenchen", "Leipzig"]
+    assert two[2]["search"]["extension"][0]["valueDistance"]["value"] == pytest.approx(
+        149_096, abs=2)
+    unmeasured = client.get("/Location", params={"_sort": "near"})
+    assert unmeasured.status_code == 400 and gw_code(unmeasured) == "GW-1013"
+    capability = client.get("/metadata").json()["rest"][0]["resource"]
+    location = next(r for r in capability if r["type"] == "Location")
+    assert {"name": "near", "type": "special",
+            "definition": "http://hl7.org/fhir/SearchParameter/Location-near"} in \
+        location["searchParam"]

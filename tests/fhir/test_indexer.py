@@ -152,6 +152,19 @@ def test_params_for(ix: Indexer) -> None:
     assert "name" in ix.params_for("Patient")
 
 
+def test_location_position(ix: Indexer) -> None:
+    def coords(position: object) -> list[tuple[object, ...]]:
+        return ix.extract({"resourceType": "Location", "position": position})["sp_coords"]
+
+    assert ix.params_for("Location")["near"].table == "sp_coords"
+    assert coords({"latitude": Decimal("51.3397"), "longitude": -12, "altitude": 3}) == [
+        ("near", 51.3397, -12.0)]
+    for bad in ({"latitude": 91, "longitude": 0}, {"latitude": 0, "longitude": 180.5},
+                {"latitude": True, "longitude": 0}, {"latitude": "51", "longitude": "12"},
+                {"latitude": 51}, [], "51|12"):
+        assert coords(bad) == [], bad
+
+
 def test_every_table_present_and_skipped_params(ix: Indexer) -> None:
     out = ix.extract({"resourceType": "Patient", "id": "p1",
                       "meta": {"lastUpdated": "2020-01-01T00:00:00Z", "versionId": "1"}})

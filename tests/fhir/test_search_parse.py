@@ -19,6 +19,7 @@ from gateway.fhir.search import (
     Include,
     InValue,
     MissingValue,
+    NearValue,
     NumberValue,
     OfTypeValue,
     QuantityValue,
@@ -419,9 +420,33 @@ def test_composite_and_special_params() -> None:
     assert q.criteria == () and "relationship" in q.warnings[0]
     e = error("DocumentReference", "relationship=replaces$DocumentReference/1", strict=True)
     assert e.code is Code.UNSUPPORTED_SEARCH
-    assert error("Location", "near=1|2|3|km", strict=True).code is Code.UNSUPPORTED_SEARCH
     assert error("Patient", "_text=x", strict=True).code is Code.UNSUPPORTED_SEARCH
     assert error("Patient", "_filter=x", strict=True).code is Code.UNSUPPORTED_SEARCH
+
+
+def test_near_takes_a_position_and_a_distance() -> None:
+    """location.html#positional: latitude|longitude|distance|units, km by default."""
+    near = one("Location", "near=51.34|12.37|10|km")
+    assert near.type == "special" and near.values == (NearValue(51.34, 12.37, 10.0),)
+    assert one("Location", "near=51.34|12.37|10").values == (NearValue(51.34, 12.37, 10.0),)
+    assert one("Location", "near=-6.2|106.8|500|m").values == (NearValue(-6.2, 106.8, 0.5),)
+    mile = one("Location", "near=0|0|2|[mi_i]").values[0]
+    assert isinstance(mile, NearValue) and mile.km == pytest.approx(3.218688)
+    # no distance, or 0: the position itself
+    assert one("Location", "near=51.34|12.37").values == (NearValue(51.34, 12.37, None),)
+    assert one("Location", "near=51.34|12.37|0|km").values == (NearValue(51.34, 12.37, None),)
+    assert one("Location", "near=1|2|3,4|5|6").values == (
+        NearValue(1.0, 2.0, 3.0), NearValue(4.0, 5.0, 6.0))
+    assert one("Location", "near:missing=true").values == (MissingValue(True),)
+    for bad in ("near=51.34", "near=x|12|1", "near=51|12|1|furlong", "near=91|0|1",
+                "near=0|181|1", "near=0|0|-1", "near=0|0|1e999", "near=|1|1", "near=1|2|3|km|x"):
+        assert error("Location", bad).code is Code.INVALID_SEARCH_VALUE, bad
+    assert error("Location", "near:exact=1|2").code is Code.INVALID_SEARCH_VALUE
+    # _sort=near measures from the positions near names
+    q = parse("Location", "_sort=-near,name&near=1|2|3,4|5|6")
+    assert q.sort == (SortKey("near", True, "special", origins=((1.0, 2.0), (4.0, 5.0))),
+                      SortKey("name", False, "string"))
+    assert error("Location", "_sort=near&name=x").code is Code.INVALID_SEARCH_VALUE
 
 
 def test_http_layer_params_are_ignored_silently() -> None:
