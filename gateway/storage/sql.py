@@ -278,8 +278,9 @@ def _index_change(
     A first version, or one after a deletion, has no rows: nothing goes and
     every row is inserted. Otherwise the previous version's rows are extracted
     again from its stored JSON (the index holds what the indexer extracts from
-    it: migrations and ``carepath reindex`` keep it so) and compared parameter
-    by parameter, as HAPI FHIR synchronises its index rows. Only parameters
+    it; after an upgrade that changes what is indexed, ``carepath reindex``
+    makes it so again, README) and compared parameter by parameter, as HAPI
+    FHIR synchronises its index rows. Only parameters
     whose rows differ are rewritten: an update of a telephone number replaces
     the telecom rows, not the ~50 rows of the Patient, which spares the
     database most of an update's work and its tables the dead rows.
