@@ -1,11 +1,12 @@
 """Search at scale: ``python -m bench.search``.
 
 Loads ``--bundles`` transaction Bundles (the REST benchmark's: a Patient, an
-Encounter and three Observations each) into a fresh database, then times
-typical searches (by reference, code and date with a sort, chains, ``_has``,
-``_revinclude``, sorts, counts, ``$everything``) with the gateway's ASGI app
-called in process: no HTTP, so the figures are the query plans and the
-gateway's search code. One JSON line per search: milliseconds (best of
+Encounter and three Observations each) and as many Locations spread over
+Germany into a fresh database, then times typical searches (by reference, code
+and date with a sort, chains, ``_has``, ``_revinclude``, sorts, counts,
+``$everything``, Locations ``near`` a city) with the gateway's ASGI app called
+in process: no HTTP, so the figures are the query plans and the gateway's
+search code. One JSON line per search: milliseconds (best of
 ``--repeat``), status, total and entries returned. Then the store's part of a
 read and of the searches by type for a client of an organisation, which every
 production caller is (``"restricted"`` lines: access condition included, and
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import tempfile
 import time
 import uuid
@@ -102,7 +104,18 @@ def searches(pid: str, eid: str, patient: dict[str, Any]) -> list[tuple[str, str
         ("Patient", f"name={family[:4]}&_count=10"),
         ("", "_type=Patient,Observation&_lastUpdated=gt2020&_count=10"),
         (f"Patient/{pid}/$everything", ""),
+        ("Location", "near=51.3397|12.3731|25|km&_count=10"),
+        ("Location", "near=51.3397|12.3731|25|km&_sort=near&_count=10"),
+        ("Location", "near=51.3397|12.3731|150|km&_sort=near&_count=10"),
     ]
+
+
+def location(seed: int, i: int) -> bytes:
+    """A Location somewhere in Germany (its bounding box), the same for a seed."""
+    r = random.Random(seed * 1_000_003 + i)
+    return orjson.dumps({"resourceType": "Location", "name": f"Standort {i}",
+                         "position": {"latitude": round(r.uniform(47.3, 55.0), 5),
+                                      "longitude": round(r.uniform(5.9, 15.0), 5)}})
 
 
 async def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> None:
@@ -133,7 +146,16 @@ async def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) 
                     keys[i] = (loc[0].split("/")[-3], loc[1].split("/")[-3])
 
             await asyncio.gather(*(load(i) for i in range(args.bundles)))
-            emit({"loaded_bundles": args.bundles, "resources": 5 * args.bundles,
+
+            async def place(i: int) -> None:
+                async with gate:
+                    status, body = await asgi(app, "POST", "/fhir/Location",
+                                              body=location(args.seed, i))
+                    if status != 201:
+                        raise RuntimeError(f"load failed: {status} {body[:200]!r}")
+
+            await asyncio.gather(*(place(i) for i in range(args.bundles)))
+            emit({"loaded_bundles": args.bundles, "resources": 6 * args.bundles,
                   "seconds": round(time.perf_counter() - t0, 1), "backend": settings.database_url
                   .split(":", 1)[0]})
             await asyncio.sleep(args.settle)

@@ -355,6 +355,15 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx, *,
         return _or(frags)
     cond, p = _or([_value(c, v, t, ctx) for v in c.values])
     negate = "NOT " if c.modifier in ("not", "not-in") else ""
+    if table == "sp_coords" and rtype is not None and ctx.dialect == "postgresql":
+        # the positions in range, found once (an InitPlan): a distance is dear to compute,
+        # and statistics older than a load of Locations would have PostgreSQL repeat
+        # the range scan and its distances for every Location (171 ms for 3,000, not 0.5)
+        return (
+            f"{a}.res_id = ANY(ARRAY(SELECT {t}.res_id FROM {table} {t}"
+            f" WHERE {t}.res_type = ? AND {param} AND {cond}))",
+            [rtype, *codes, *p],
+        )
     if rtype is not None and not correlate:  # the planner can drive it from the index
         return (
             f"{a}.res_id {negate}IN (SELECT {t}.res_id FROM {table} {t}"
