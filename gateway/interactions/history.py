@@ -35,8 +35,8 @@ def _entry(base: str, s: StoredResource) -> dict[str, Any]:
         entry["resource"] = raw(s.content)
     method = s.method or "PUT"
     entry["request"] = {"method": method, "url": s.resource_type if method == "POST" else url}
-    # a PUT that made the first version created the resource (update as create)
-    status = "201 Created" if method == "PUT" and s.version == 1 else _STATUS.get(method, "200 OK")
+    # a PUT that made the resource exist created it (update as create, http.html#update)
+    status = "201 Created" if method == "PUT" and s.created else _STATUS.get(method, "200 OK")
     entry["response"] = {
         "status": status,
         "etag": s.etag,

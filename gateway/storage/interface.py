@@ -54,6 +54,9 @@ class StoredResource:
     deleted: bool
     content: bytes | None
     method: str = ""  # history only: POST, PUT, PATCH, DELETE
+    #: history only: this version made the resource exist (its first, or the first
+    #: after a deletion)
+    created: bool = False
 
     @property
     def etag(self) -> str:

@@ -964,8 +964,10 @@ class SqlStore:
         async with self.db.read() as conn:
             rows = await conn.fetch(
                 "SELECT h.res_type, h.res_id, h.version, h.last_updated, h.content IS NULL,"
-                f" h.content, h.method, h.seq FROM resource_history h {clause}"
-                " ORDER BY h.seq DESC LIMIT ?",
+                " h.content, h.method, h.seq, h.version = 1 OR EXISTS (SELECT 1 FROM"
+                " resource_history hp WHERE hp.res_type = h.res_type AND hp.res_id = h.res_id"
+                " AND hp.version = h.version - 1 AND hp.content IS NULL)"
+                f" FROM resource_history h {clause} ORDER BY h.seq DESC LIMIT ?",
                 [*params, limit + 1],
             )
             total = None
@@ -981,7 +983,7 @@ class SqlStore:
                 total = int(row[0]) if row else 0
         more = len(rows) > limit
         rows = rows[:limit]
-        entries = [_stored(r, r[6]) for r in rows]
+        entries = [replace(_stored(r, r[6]), created=bool(r[8])) for r in rows]
         return HistoryPage(entries, int(rows[-1][7]) if more and rows else None, total)
 
 

@@ -43,9 +43,12 @@ def test_history_of_update_as_create_answers_created(client: httpx.Client) -> No
     rid = unique("pid")
     assert put(client, {"resourceType": "Patient", "id": rid}).status_code == 201
     assert put(client, {"resourceType": "Patient", "id": rid, "active": True}).status_code == 200
+    assert client.delete(f"/Patient/{rid}").status_code in (200, 204)
+    assert put(client, {"resourceType": "Patient", "id": rid}).status_code == 201
     entries = client.get(f"/Patient/{rid}/_history").json()["entry"]
     assert [(e["request"]["method"], e["response"]["status"]) for e in entries] == [
-        ("PUT", "200 OK"), ("PUT", "201 Created")]
+        ("PUT", "201 Created"), ("DELETE", "204 No Content"), ("PUT", "200 OK"),
+        ("PUT", "201 Created")]
 
 
 def test_type_and_system_history_and_since(client: httpx.Client) -> None:
