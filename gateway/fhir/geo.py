@@ -10,6 +10,8 @@ that might have differing accuracies").
 from __future__ import annotations
 
 import math
+from decimal import Decimal
+from typing import Any
 
 #: the extension on ``Bundle.entry.search`` giving a match's distance
 LOCATION_DISTANCE = "http://hl7.org/fhir/StructureDefinition/location-distance"
@@ -29,6 +31,20 @@ UNIT_KM: dict[str, float] = {
 
 def valid_position(latitude: float, longitude: float) -> bool:
     return -90.0 <= latitude <= 90.0 and -180.0 <= longitude <= 180.0
+
+
+def position_of(value: Any) -> tuple[float, float] | None:
+    """A ``Location.position``'s latitude and longitude in degrees, when both are
+    numbers on the globe (None otherwise)."""
+    if not isinstance(value, dict):
+        return None
+    lat, lon = value.get("latitude"), value.get("longitude")
+    if isinstance(lat, bool) or isinstance(lon, bool) \
+            or not isinstance(lat, int | float | Decimal) \
+            or not isinstance(lon, int | float | Decimal):
+        return None
+    la, lo = float(lat), float(lon)
+    return (la, lo) if valid_position(la, lo) else None
 
 
 def distance_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway.fhir.geo import valid_position
+from gateway.fhir.geo import position_of
 from gateway.fhir.paths import (
     Branch,
     CompileError,
@@ -788,14 +788,9 @@ class _Converters:
 
     def coords(self, code: str, v: Any, out: Rows) -> None:
         """A position (``Location.position``): its latitude and longitude, in degrees."""
-        if not isinstance(v, dict):
-            return
-        lat, lon = v.get("latitude"), v.get("longitude")
-        if isinstance(lat, int | float | Decimal) and isinstance(lon, int | float | Decimal) \
-                and not isinstance(lat, bool) and not isinstance(lon, bool):
-            la, lo = float(lat), float(lon)
-            if valid_position(la, lo):
-                out.append((code, la, lo))
+        position = position_of(v)
+        if position is not None:
+            out.append((code, *position))
 
 
 # --------------------------------------------------------------------------- fallback

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import replace
-from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from gateway.fhir import json as fjson
 from gateway.fhir.bundles import bundle, raw
-from gateway.fhir.geo import LOCATION_DISTANCE, distance_km
+from gateway.fhir.geo import LOCATION_DISTANCE, distance_km, position_of
 from gateway.fhir.outcome import Code, FhirError, Issue, operation_outcome
 from gateway.fhir.search import Criterion, SearchQuery, near_origins, parse_search
 from gateway.fhir.summary import subset, summarize
@@ -101,13 +100,10 @@ async def _page(
 def _distance(origins: tuple[tuple[float, float], ...], stored: StoredResource) -> dict[str, Any]:
     """A ``near`` match's distance from the nearest position searched for, in metres
     (the location-distance extension on ``Bundle.entry.search``, location.html#positional)."""
-    position = fjson.loads_stored(stored.content or b"{}").get("position")
-    if not isinstance(position, dict):
+    position = position_of(fjson.loads_stored(stored.content or b"{}").get("position"))
+    if position is None:
         return {}
-    lat, lon = position.get("latitude"), position.get("longitude")
-    if not isinstance(lat, int | float | Decimal) or not isinstance(lon, int | float | Decimal):
-        return {}
-    metres = min(distance_km(a, b, float(lat), float(lon)) for a, b in origins) * 1000
+    metres = min(distance_km(a, b, *position) for a, b in origins) * 1000
     return {"extension": [{"url": LOCATION_DISTANCE, "valueDistance": {
         "value": round(metres), "unit": "m", "system": "http://unitsofmeasure.org",
         "code": "m"}}]}

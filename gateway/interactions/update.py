@@ -113,7 +113,8 @@ async def update_in(
     await guard.check_write(ctx.access, tx, resource, current, new_patients)
     check_version(current, if_match, f"{resource_type}/{id}")
     check_absent(current, if_none_match, f"{resource_type}/{id}")
-    if current is not None and unchanged(ctx, current, {**resource, "id": id}):
+    if ctx.settings.skip_unchanged_updates and current is not None \
+            and unchanged(ctx, current, {**resource, "id": id}):
         guard.note(resource_type, id, current.version)
         return current, False
     stored = await tx.put(resource_type, id, resource, method, current, creator=guard.creator())
