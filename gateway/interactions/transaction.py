@@ -20,6 +20,8 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -146,8 +148,25 @@ def _parse_entry(i: int, e: Any, base: str) -> Entry:
             ("ifNoneMatch", "if-none-match"), ("ifModifiedSince", "if-modified-since"))
         if isinstance(req.get(key), str)
     }
+    if "if-modified-since" in headers:
+        headers["if-modified-since"] = _http_date(headers["if-modified-since"])
     full_url = e.get("fullUrl") if isinstance(e.get("fullUrl"), str) else None
     return Entry(i, method, path, query, full_url, e.get("resource"), headers)
+
+
+def _http_date(value: str) -> str:
+    """``Bundle.entry.request.ifModifiedSince`` is an ``instant``
+    (bundle-definitions.html#Bundle.entry.request.ifModifiedSince), the header
+    it stands for an HTTP date: ``2035-01-01T00:00:00Z`` ->
+    ``Mon, 01 Jan 2035 00:00:00 GMT``. A value that is neither is passed on, and
+    ignored as an unparseable header is."""
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if when.tzinfo is None:
+        return value  # an instant carries its offset; a bare date-time is not one
+    return format_datetime(when.astimezone(UTC), usegmt=True)
 
 
 def _status_line(status: int) -> str:
@@ -167,7 +186,9 @@ def _response_entry(entry: Entry, base: str, prefer: Prefer) -> dict[str, Any]:
                 out["response"][key] = resp.headers[header]
         if resp.modified is not None:
             out["response"]["lastModified"] = instant(resp.modified)
-        if isinstance(resp.body, bytes):
+        if entry.method == "HEAD" and resp.status < 400:
+            pass  # the headers of a GET without its body (RFC 9110 9.3.2)
+        elif isinstance(resp.body, bytes):
             out["resource"] = raw(resp.body)
         elif isinstance(resp.body, dict):
             if resp.body.get("resourceType") == "OperationOutcome" and resp.status >= 400:

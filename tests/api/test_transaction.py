@@ -486,3 +486,39 @@ def test_a_batch_answers_a_malformed_entry_in_that_entry(client: httpx.Client) -
         assert outcome["issue"][0]["details"]["coding"][0]["code"] == "GW-1018"
         assert outcome["issue"][0]["diagnostics"].startswith(f"Bundle.entry[{i}]")
     assert send(client, tx(entries)).status_code == 400
+
+
+def test_conditional_reads_in_a_batch(client: httpx.Client) -> None:
+    """``request.ifNoneMatch`` and ``request.ifModifiedSince`` (an ``instant``,
+    not an HTTP date) make a batch's read conditional, as the headers do."""
+    stored = post(client, patient(unique("mrn"))).json()
+    url = f"Patient/{stored['id']}"
+    last = stored["meta"]["lastUpdated"]
+    statuses = [e["response"]["status"] for e in send(client, tx([
+        {"request": {"method": "GET", "url": url, "ifNoneMatch": 'W/"1"'}},
+        {"request": {"method": "GET", "url": url, "ifNoneMatch": 'W/"2"'}},
+        {"request": {"method": "GET", "url": url, "ifModifiedSince": last}},
+        {"request": {"method": "GET", "url": url, "ifModifiedSince": "2999-01-01T00:00:00+01:00"}},
+        {"request": {"method": "GET", "url": url, "ifModifiedSince": "2001-01-01T00:00:00Z"}},
+        {"request": {"method": "GET", "url": url, "ifModifiedSince": "not a time"}},
+    ], "batch")).json()["entry"]]
+    assert statuses == ["304 Not Modified", "200 OK", "304 Not Modified",
+                        "304 Not Modified", "200 OK", "200 OK"]
+
+
+def test_a_head_entry_answers_without_the_resource(client: httpx.Client) -> None:
+    stored = post(client, patient(unique("mrn"))).json()
+    url = f"Patient/{stored['id']}"
+    for kind in ("batch", "transaction"):
+        head, get = send(client, tx([{"request": {"method": "HEAD", "url": url}},
+                                     {"request": {"method": "GET", "url": url}}],
+                                    kind)).json()["entry"]
+        assert head["response"]["status"] == "200 OK", kind
+        assert head["response"]["etag"] == 'W/"1"'
+        assert "resource" not in head
+        assert get["resource"]["id"] == stored["id"]
+    gone = f"Patient/{unique('no')}"
+    (missing,) = send(client, tx([{"request": {"method": "HEAD", "url": gone}}],
+                                 "batch")).json()["entry"]
+    assert missing["response"]["status"] == "404 Not Found"
+    assert missing["response"]["outcome"]["resourceType"] == "OperationOutcome"
