@@ -49,6 +49,7 @@ class Code(Enum):
     BAD_CONTENT_ENCODING = ("GW-1026", 400, "structure", "Body cannot be decoded")
     MALFORMED_XML = ("GW-1027", 400, "structure", "Body is not well-formed XML")
     INVALID_OPERATION = ("GW-1028", 400, "invalid", "Invalid operation parameters")
+    SEARCH_TOO_COSTLY = ("GW-1029", 400, "too-costly", "Search has too many parameters or values")
     UNAUTHENTICATED = ("GW-1030", 401, "login", "Authentication required or failed")
     FORBIDDEN = ("GW-1031", 403, "forbidden", "Not permitted")
     # 2xxx: what was asked for is not there

@@ -86,6 +86,13 @@ PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 AP_DATE_MIN_MICROS = 86_400 * 1_000_000
 #: How deep chains and ``_has`` may nest.
 MAX_DEPTH = 4
+#: The most parameters one search may filter by (each a condition the database joins;
+#: PostgreSQL's planning time grows steeply with their number: 0.8 s for 64).
+MAX_CRITERIA = 32
+#: The most values one search may test, counted through every type a chain or
+#: ``_has`` looks into (``subject.name=a,b`` on Observation tests 2 values for each of
+#: subject's 4 target types).
+MAX_VALUES = 1_000
 
 # -- the parsed query ---------------------------------------------------------
 
@@ -579,6 +586,7 @@ class _Parser:
         self.base_url = base_url.rstrip("/") + "/" if base_url else None
         self.warnings: list[str] = []
         self._cache: dict[str, Mapping[str, _Param]] = {}
+        self._values = 0  # tested so far, against MAX_VALUES
 
     # -- lookups
 
@@ -627,7 +635,7 @@ class _Parser:
         sort: list[SortKey] = []
         includes: list[Include] = []
         revincludes: list[Include] = []
-        elements: list[str] = []
+        elements: dict[str, None] = {}  # each once, in the order given
         count: int | None = None
         total: str | None = None
         summary: str | None = None
@@ -666,7 +674,10 @@ class _Parser:
                 if not value:
                     continue
                 if base == "_sort":
-                    sort.extend(self.sort(value, rt, top))
+                    for key in self.sort(value, rt, top):
+                        # a key given again cannot change the order the first one made
+                        if all(key.param_code != seen.param_code for seen in sort):
+                            sort.append(key)
                 elif base == "_count":
                     if not (value.isascii() and value.isdigit()):
                         raise _invalid(f"_count must be a non-negative integer, not {_q(value)}")
@@ -685,8 +696,7 @@ class _Parser:
                             continue
                         if not _ELEMENT.fullmatch(el):
                             raise _invalid(f"_elements: invalid element name {_q(el)}")
-                        if el not in elements:
-                            elements.append(el)
+                        elements[el] = None
                 continue
             try:
                 crit = self.criterion(rt, top, name, value, 0)
@@ -707,6 +717,9 @@ class _Parser:
                 ignored.append((name, value))
                 continue
             criteria.append(crit)
+            if len(criteria) > MAX_CRITERIA:
+                raise FhirError(Code.SEARCH_TOO_COSTLY,
+                                f"A search may filter by at most {MAX_CRITERIA} parameters")
         if any(k.type == "special" for k in sort):
             # by distance: from the position(s) the search's near names
             origins = near_origins(tuple(criteria))
@@ -936,12 +949,13 @@ class _Parser:
 
     def values(self, p: _Param, modifier: str | None, raw: str) -> list[Value]:
         parts = [s for s in split_escaped(raw, ",") if s.strip() != ""]
-        out: list[Value] = []
-        for part in parts:
-            v = self.value(p, modifier, part)
-            if v not in out:
-                out.append(v)
-        return out
+        self._values += len(parts)
+        if self._values > MAX_VALUES:
+            raise FhirError(Code.SEARCH_TOO_COSTLY,
+                            f"A search may test at most {MAX_VALUES:,} values in all (counted"
+                            f" through every type a chain or _has looks into)")
+        # each value once, in the order given
+        return list(dict.fromkeys(self.value(p, modifier, part) for part in parts))
 
     def value(self, p: _Param, modifier: str | None, raw: str) -> Value:
         if modifier == "missing":

@@ -585,14 +585,23 @@ def _number(
 
 
 def _or(frags: Sequence[Frag]) -> Frag:
+    """Any of ``frags``, nested in pairs: ``a OR b OR c …`` is a tree as deep as it is
+    long, and SQLite refuses expressions deeper than 1,000 (SQLITE_MAX_EXPR_DEPTH)."""
     if not frags:
         return "1 = 0", []
     if len(frags) == 1:
         return frags[0]
+    if len(frags) > _OR_RUN:
+        half = len(frags) // 2
+        return _or([_or(frags[:half]), _or(frags[half:])])
     params: list[Any] = []
     for _, p in frags:
         params.extend(p)
     return "(" + " OR ".join(sql for sql, _ in frags) + ")", params
+
+
+#: the longest run of ``OR`` written flat (deeper lists are nested in halves)
+_OR_RUN = 64
 
 
 def _marks(n: int) -> str:

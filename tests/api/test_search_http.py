@@ -7,7 +7,7 @@ import string
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 import pytest
@@ -747,3 +747,38 @@ def test_location_near_a_position(client: httpx.Client) -> None:
     assert {"name": "near", "type": "special",
             "definition": "http://hl7.org/fhir/SearchParameter/Location-near"} in \
         location["searchParam"]
+
+
+def _form_search(client: httpx.Client, resource_type: str,
+                 pairs: list[tuple[str, str]]) -> httpx.Response:
+    return client.post(f"/{resource_type}/_search", content=urlencode(pairs),
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+
+
+def test_long_value_lists_are_answered_and_costlier_searches_refused(
+        client: httpx.Client) -> None:
+    """A search of up to 1,000 values is answered on either database (SQLite refuses
+    expressions deeper than 1,000: the values' conditions nest); beyond that, or beyond
+    32 parameters, the search is refused as too costly, never an internal error."""
+    family = unique("fam")
+    ids = _family_patients(client, family, 2)
+    mrns = [client.get(f"/Patient/{i}").json()["identifier"][0]["value"] for i in ids]
+    fillers = [f"x{i}" for i in range(998)]
+    for name, values in (("family", [*fillers, family]),
+                         ("identifier", [*fillers, *mrns]),
+                         ("general-practitioner", [f"Practitioner/{v}" for v in fillers])):
+        response = _form_search(client, "Patient", [(name, ",".join(values))])
+        assert response.status_code == 200, (name, response.text[:300])
+        found = {e["resource"]["id"] for e in response.json().get("entry", [])}
+        assert found == (set() if name == "general-practitioner" else set(ids)), name
+    # in a chain the values are tested for every type the reference may point to
+    chained = _form_search(client, "Observation", [("subject.name", ",".join(fillers[:501]))])
+    assert (chained.status_code, gw_code(chained)) == (400, "GW-1029"), chained.text[:300]
+    assert chained.json()["issue"][0]["code"] == "too-costly"
+    for pairs in ([("family", ",".join([*fillers, "a", "b", "c"]))],
+                  [("family", ",".join(fillers[:500])), ("given", ",".join(fillers[:501]))],
+                  [("family", f"f{i}") for i in range(33)]):
+        response = _form_search(client, "Patient", pairs)
+        assert (response.status_code, gw_code(response)) == (400, "GW-1029"), response.text
+    allowed = _form_search(client, "Patient", [("family", family)] * 32)
+    assert {e["resource"]["id"] for e in allowed.json()["entry"]} == set(ids)

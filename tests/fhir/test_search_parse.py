@@ -583,3 +583,34 @@ def test_identifier_of_type_takes_three_parts() -> None:
     assert c.modifier == "of-type" and c.values == (OfTypeValue(v2, "MR", "12|3"),)
     for bad in ("MR|123", f"{v2}||123", f"{v2}|MR|", "123"):
         assert error("Patient", f"identifier:of-type={bad}").code is Code.INVALID_SEARCH_VALUE
+
+
+# -- what a search may cost -----------------------------------------------------
+
+
+def test_values_are_counted_through_chains_and_has() -> None:
+    from gateway.fhir.search import MAX_VALUES
+    many = ",".join(f"v{i}" for i in range(MAX_VALUES))
+    assert len(one("Patient", [("family", many)]).values) == MAX_VALUES
+    assert error("Patient", [("family", many + ",one-more")]).code is Code.SEARCH_TOO_COSTLY
+    # subject.name looks into the two types subject may point to that have a name
+    # (Patient, Location): each value is tested for each of them
+    share = ",".join(f"v{i}" for i in range(MAX_VALUES // 2))
+    assert len(one("Observation", [("subject.name", share)]).chain) == 2
+    assert error("Observation", [("subject.name", share + ",x")]).code is Code.SEARCH_TOO_COSTLY
+    half = ",".join(f"v{i}" for i in range(MAX_VALUES // 2))
+    assert error("Patient", [("_has:Observation:subject:code", half), ("family", half + ",x")]
+                 ).code is Code.SEARCH_TOO_COSTLY
+    # a value given twice counts as sent, and is tested once
+    assert one("Patient", [("family", "a,a,b")]).values == (
+        StringValue("a", "a"), StringValue("b", "b"))
+
+
+def test_parameters_are_limited_and_sort_keys_given_again_dropped() -> None:
+    from gateway.fhir.search import MAX_CRITERIA
+    pairs = [("family", f"f{i}") for i in range(MAX_CRITERIA)]
+    assert len(parse("Patient", pairs).criteria) == MAX_CRITERIA
+    assert error("Patient", [*pairs, ("given", "g")]).code is Code.SEARCH_TOO_COSTLY
+    q = parse("Patient", "_sort=family,-birthdate,-family,birthdate&_sort=family,_id")
+    assert [(k.param_code, k.descending) for k in q.sort] == [
+        ("family", False), ("birthdate", True), ("_id", False)]
