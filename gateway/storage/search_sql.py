@@ -102,6 +102,31 @@ class _Ctx:
         #: applied to the resources a chain or ``_has`` looks into as well: a search
         #: must not filter on what the caller may not see
         self.restrict: Restrict | None = None
+        #: on SQLite, what the statement's ``WITH`` defines (name, SQL, parameters)
+        self._ctes: list[tuple[str, str, list[Any]]] = []
+
+    def ids(self, sql: str, params: list[Any]) -> Frag:
+        """``(sql)``, an uncorrelated subquery of one column, ``res_id``, for an ``IN``.
+        On SQLite it becomes a common table expression: its parser holds every
+        construct still open on a stack of 100 entries, and each level of a chain or
+        ``_has`` (with the caller's access condition on it) nests several; a table
+        expression is parsed at the top of the statement. PostgreSQL nests it as it
+        is (it would inline such an expression anyway)."""
+        if self.dialect == "postgresql":
+            return f"({sql})", params
+        name = self.alias("ids")
+        self._ctes.append((name, sql, params))
+        return f"(SELECT res_id FROM {name})", []
+
+    def with_clause(self) -> Frag:
+        """``WITH …`` for the statement (empty if nothing was set aside), each
+        expression after those it uses."""
+        if not self._ctes:
+            return "", []
+        params: list[Any] = []
+        for _, _, p in self._ctes:
+            params.extend(p)
+        return "WITH " + ", ".join(f"{n} AS ({sql})" for n, sql, _ in self._ctes) + " ", params
 
     def alias(self, stem: str) -> str:
         self._n += 1
@@ -143,6 +168,7 @@ def select_ids(
     ``columns`` of ``resource r`` given. ``driver``: see :func:`choose_driver`."""
     ctx = _Ctx(dialect)
     where, params = _from_where(query, ctx, restrict, driver)
+    with_, params = _with(ctx, params)
     order: list[str] = []
     for key in query.sort:
         expr, p = _sort_expr(key, ctx)
@@ -150,7 +176,7 @@ def select_ids(
         params.extend(p)
     order.append("r.created_seq")
     order.append(ctx.text("r.res_id"))
-    sql = f"SELECT {columns} {where} ORDER BY {', '.join(order)}"
+    sql = f"{with_}SELECT {columns} {where} ORDER BY {', '.join(order)}"
     if limit is not None:
         sql += " LIMIT ?"
         params.append(int(limit))
@@ -162,8 +188,16 @@ def count(
     driver: int | None = None,
 ) -> tuple[str, list[Any]]:
     """SQL for one row ``(count,)`` of the matches."""
-    where, params = _from_where(query, _Ctx(dialect), restrict, driver)
-    return f"SELECT COUNT(*) {where}", params
+    ctx = _Ctx(dialect)
+    where, params = _from_where(query, ctx, restrict, driver)
+    with_, params = _with(ctx, params)
+    return f"{with_}SELECT COUNT(*) {where}", params
+
+
+def _with(ctx: _Ctx, params: list[Any]) -> tuple[str, list[Any]]:
+    """The statement's ``WITH`` and its parameters followed by ``params``."""
+    sql, wp = ctx.with_clause()
+    return sql, [*wp, *params] if wp else params
 
 
 #: a criterion that matches more index rows than this never drives a search alone
@@ -303,12 +337,14 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx, *,
         inner, ip = _seen(_criterion(h.criterion, a2, h.source_type, ctx), a2, h.source_type,
                           ctx)
         type_sql, tp = ("?", [rtype]) if rtype else (f"{a}.res_type", [])
+        sources, sp = ctx.ids(f"SELECT {a2}.res_id FROM resource {a2}"
+                              f" WHERE {a2}.res_type = ? AND {a2}.deleted = 0 AND {inner}",
+                              [h.source_type, *ip])
         return (
             f"{a}.res_id IN (SELECT {ref}.target_id FROM sp_reference {ref}"
             f" WHERE {ref}.res_type = ? AND {ref}.param = ? AND {ref}.target_type = {type_sql}"
-            f" AND {ref}.res_id IN (SELECT {a2}.res_id FROM resource {a2}"
-            f" WHERE {a2}.res_type = ? AND {a2}.deleted = 0 AND {inner}))",
-            [h.source_type, h.param_code, *tp, h.source_type, *ip],
+            f" AND {ref}.res_id IN {sources})",
+            [h.source_type, h.param_code, *tp, *sp],
         )
     if c.chain:
         ref = ctx.alias("ref")
@@ -318,12 +354,11 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx, *,
             a2 = ctx.alias("r")
             inner, ip = _seen(_criterion(link.criterion, a2, link.target_type, ctx), a2,
                               link.target_type, ctx)
-            ors.append(
-                f"({ref}.target_type = ? AND {ref}.target_id IN (SELECT {a2}.res_id"
-                f" FROM resource {a2} WHERE {a2}.res_type = ? AND {a2}.deleted = 0"
-                f" AND {inner}))"
-            )
-            params.extend([link.target_type, link.target_type, *ip])
+            found, fp = ctx.ids(f"SELECT {a2}.res_id FROM resource {a2}"
+                                f" WHERE {a2}.res_type = ? AND {a2}.deleted = 0 AND {inner}",
+                                [link.target_type, *ip])
+            ors.append(f"({ref}.target_type = ? AND {ref}.target_id IN {found})")
+            params.extend([link.target_type, *fp])
         if rtype is not None and not correlate:  # the planner can drive it from the index
             return (
                 f"{a}.res_id IN (SELECT {ref}.res_id FROM sp_reference {ref}"

@@ -352,6 +352,23 @@ def test_chains_and_has_do_not_look_into_what_the_caller_may_not_see(world: Worl
     assert _ids(a, "/Patient", has) == []
     assert _ids(a, "/Patient", chain) == []
     assert _ids(a, "/Patient", {"_id": shared, "link:missing": "false"}) == [shared]
+    # four levels deep (the most a chain or _has may nest), each level judged
+    # for the caller: shared -> hidden -> two more of B's patients
+    deeper = [hidden]
+    for n in range(3):
+        p = _create(b, {"resourceType": "Patient", "name": [{"family": f"deep{n}-{tag}"}]})
+        linking = b.get(f"/Patient/{deeper[-1]}").json()
+        linking["link"] = [{"other": {"reference": f"Patient/{p['id']}"}, "type": "seealso"}]
+        assert b.put(f"/Patient/{deeper[-1]}", json=linking).status_code == 200
+        deeper.append(p["id"])
+    deep_chain = {"_id": shared, "link:Patient.link:Patient.link:Patient.link:Patient.family":
+                  f"deep2-{tag}"}
+    deep_has = {"_has:Patient:link:_has:Patient:link:_has:Patient:link:_has:Patient:link:"
+                "family": f"shared-{tag}"}
+    assert _ids(b, "/Patient", deep_chain) == [shared]
+    assert _ids(b, "/Patient", deep_has) == [deeper[3]]
+    assert _ids(a, "/Patient", deep_chain) == []
+    assert _ids(a, "/Patient", deep_has) == []
 
 
 def test_a_binary_goes_where_its_security_context_goes(world: World) -> None:
