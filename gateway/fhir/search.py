@@ -328,6 +328,10 @@ class SearchQuery:
     criteria: tuple[Criterion, ...] = ()  # AND
     sort: tuple[SortKey, ...] = ()
     count: int | None = None
+    #: offset paging, as HAPI FHIR and Medplum offer it (``_offset``: matches to skip)
+    #: and Aidbox (``_page``: the page, from 1, of ``_count`` matches)
+    offset: int | None = None
+    page: int | None = None
     total: str | None = None  # none | estimate | accurate
     summary: str | None = None  # true | false | text | data | count
     elements: tuple[str, ...] = ()
@@ -412,15 +416,15 @@ _COMMON: dict[str, _Builtin] = {
 }
 
 _IGNORED = frozenset(
-    {"_format", "_pretty", "_getpages", "_getpagesoffset", "_page", "_contained",
-     "_containedType"}
+    {"_format", "_pretty", "_getpages", "_getpagesoffset", "_contained", "_containedType"}
 )
 _UNSUPPORTED_CONTROL = frozenset({"_filter", "_list", "_query", "_text", "_content"})
 #: parameters answered from the resource table, which a Bundle's first resource
 #: is not in (``Parser.embedded``)
 NOT_EMBEDDED = frozenset({"_id", "_lastUpdated"})
 _RESULT_PARAMS = frozenset(
-    {"_sort", "_count", "_total", "_summary", "_elements", "_include", "_revinclude", "_type"}
+    {"_sort", "_count", "_total", "_summary", "_elements", "_include", "_revinclude", "_type",
+     "_offset", "_page"}
 )
 _KNOWN_MODIFIERS = frozenset(
     {"missing", "exact", "contains", "not", "text", "in", "not-in", "below", "above",
@@ -636,7 +640,7 @@ class _Parser:
         includes: list[Include] = []
         revincludes: list[Include] = []
         elements: dict[str, None] = {}  # each once, in the order given
-        count: int | None = None
+        paging: dict[str, int] = {}  # _count, _offset, _page
         total: str | None = None
         summary: str | None = None
 
@@ -678,10 +682,12 @@ class _Parser:
                         # a key given again cannot change the order the first one made
                         if all(key.param_code != seen.param_code for seen in sort):
                             sort.append(key)
-                elif base == "_count":
-                    if not (value.isascii() and value.isdigit()):
-                        raise _invalid(f"_count must be a non-negative integer, not {_q(value)}")
-                    count = int(value)
+                elif base in ("_count", "_offset", "_page"):
+                    least = 1 if base == "_page" else 0
+                    if not (value.isascii() and value.isdigit()) or int(value) < least:
+                        kind = "a positive" if least else "a non-negative"
+                        raise _invalid(f"{base} must be {kind} integer, not {_q(value)}")
+                    paging[base] = int(value)
                 elif base == "_total":
                     if value not in _TOTAL:
                         raise _invalid(f"_total must be one of {', '.join(_TOTAL)}")
@@ -733,7 +739,9 @@ class _Parser:
             types=tuple(types),
             criteria=tuple(criteria),
             sort=tuple(sort),
-            count=count,
+            count=paging.get("_count"),
+            offset=paging.get("_offset"),
+            page=paging.get("_page"),
             total=total,
             summary=summary,
             elements=tuple(elements),

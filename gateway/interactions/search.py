@@ -24,7 +24,7 @@ from gateway.interactions.base import Context, FhirResponse, Prefer, check_id, c
 from gateway.interactions.terminology import with_value_set_members
 from gateway.security import guard
 from gateway.security.policy import load_rules
-from gateway.storage.interface import Snapshot, StoredResource
+from gateway.storage.interface import Restriction, Snapshot, StoredResource
 
 PAGING_PARAMS = frozenset({"_getpages", "_getpagesoffset", "_format", "_pretty"})
 
@@ -205,6 +205,8 @@ async def search(
         return await _page(ctx, query, [], base, total=total, links=links,
                            warnings=query.warnings)
     size = _page_size(ctx, query)
+    if query.offset is not None or query.page is not None:
+        return await _offset_page(ctx, query, base, path, pairs, size, restriction)
     cap = ctx.settings.max_search_results
     # the snapshot of a long result keeps its head; the rest is read when needed
     head = min(max(ctx.settings.search_read_ahead, 2 * size), cap)
@@ -250,6 +252,47 @@ async def search(
                             complete=complete, bound=bound,
                             replay=f"{path or ''}?{urlencode(pairs)}",
                             matches=first if same else None)
+
+
+async def _offset_page(
+    ctx: Context, query: SearchQuery, base: str, path: str | None,
+    pairs: list[tuple[str, str]], size: int, restriction: Restriction | None,
+) -> FhirResponse:
+    """A page addressed by its position (``_offset``, or ``_page`` of ``_count``), found
+    afresh each time, as HAPI FHIR does for ``_offset``: no snapshot is kept, so a
+    write between two pages can shift what they show (``_getpages`` links, which
+    the search gives without these, do not). Its links move by the same means."""
+    cap = ctx.settings.max_search_results
+    start = query.offset if query.offset is not None else (query.page or 1) * size - size
+    warnings = query.warnings
+    if start + size > cap:
+        warnings = (*warnings, f"only the first {cap} matches can be paged through")
+    end = min(start + size, cap)
+    keys = await ctx.store.search_keys(query, end + 1, restriction) if start < end else []
+    more = len(keys) > end
+    if not more and start < end:
+        total: int | None = len(keys)  # every match was read
+    elif query.total in ("accurate", "estimate"):
+        total = await ctx.store.count(query, restriction)
+    else:
+        total = None
+    if query.total == "none":
+        total = None
+
+    def link(to: int) -> str:
+        kept = [(k, v) for k, v in pairs if k not in ("_offset", "_page", "_count")
+                and (k, v) not in query.ignored and k not in PAGING_PARAMS]
+        moved = [("_offset", str(to))] if query.offset is not None else [
+            ("_page", str(to // size + 1))]
+        return _self_link(base, path, [*kept, *moved, ("_count", str(size))])
+
+    links = [("self", link(start))]
+    if start > 0:
+        links.append(("previous", link(max(start - size, 0))))
+    if more:
+        links.append(("next", link(end)))
+    return await _page(ctx, query, keys[start:end], base, total=total, links=links,
+                       warnings=warnings)
 
 
 def _streams(query: SearchQuery) -> bool:

@@ -782,3 +782,46 @@ def test_long_value_lists_are_answered_and_costlier_searches_refused(
         assert (response.status_code, gw_code(response)) == (400, "GW-1029"), response.text
     allowed = _form_search(client, "Patient", [("family", family)] * 32)
     assert {e["resource"]["id"] for e in allowed.json()["entry"]} == set(ids)
+
+
+def test_offset_and_page_paging(client: httpx.Client) -> None:
+    """``_offset`` (HAPI FHIR, Medplum) and ``_page`` (Aidbox) address a page by its
+    position; the links keep the client's way of paging."""
+    family = unique("Off")
+    ids = _family_patients(client, family, 7)  # birth dates ascend with creation order
+
+    def get(**params: Any) -> dict[str, Any]:
+        response = client.get("/Patient", params={"family": family, "_sort": "birthdate",
+                                                  **params})
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def rel(bundle: dict[str, Any], relation: str) -> dict[str, str] | None:
+        url = next((x["url"] for x in bundle["link"] if x["relation"] == relation), None)
+        return dict(parse_qsl(urlsplit(url).query)) if url else None
+
+    def matches(bundle: dict[str, Any]) -> list[str]:
+        return [e["resource"]["id"] for e in bundle.get("entry", [])]
+
+    page = get(_offset=2, _count=3)
+    assert matches(page) == ids[2:5]
+    assert "total" not in page  # more follow: counted only when asked
+    assert rel(page, "next") == {"family": family, "_sort": "birthdate", "_offset": "5",
+                                 "_count": "3"}
+    assert rel(page, "previous") == {"family": family, "_sort": "birthdate", "_offset": "0",
+                                     "_count": "3"}
+    assert get(_offset=2, _count=3, _total="accurate")["total"] == 7
+    assert paged_ids(client, get(_offset=0, _count=3)) == ids
+    last = get(_offset=5, _count=3)
+    assert (matches(last), last["total"], rel(last, "next")) == (ids[5:], 7, None)
+    beyond = get(_offset=50)
+    assert (matches(beyond), beyond["total"]) == ([], 7)
+    second = get(_page=2, _count=3)
+    assert matches(second) == ids[3:6]
+    assert rel(second, "next") == {"family": family, "_sort": "birthdate", "_page": "3",
+                                   "_count": "3"}
+    assert rel(second, "previous")["_page"] == "1"  # type: ignore[index]
+    assert paged_ids(client, get(_page=1, _count=2)) == ids
+    for bad in ({"_offset": "-1"}, {"_page": "0"}):
+        response = client.get("/Patient", params=bad)
+        assert (response.status_code, gw_code(response)) == (400, "GW-1013")

@@ -450,9 +450,16 @@ def test_near_takes_a_position_and_a_distance() -> None:
 
 
 def test_http_layer_params_are_ignored_silently() -> None:
-    q = parse("Patient", "_format=json&_pretty=true&_getpages=x&_getpagesoffset=10&_page=2"
+    q = parse("Patient", "_format=json&_pretty=true&_getpages=x&_getpagesoffset=10"
                          "&_contained=false&_containedType=container", strict=True)
     assert q == SearchQuery("Patient")
+
+
+def test_offset_and_page() -> None:
+    assert parse("Patient", "_offset=40&_count=20") == SearchQuery("Patient", count=20, offset=40)
+    assert parse("Patient", "_page=3") == SearchQuery("Patient", page=3)
+    for bad in ("_offset=-1", "_offset=x", "_page=0", "_page=1.5"):
+        assert error("Patient", bad).code is Code.INVALID_SEARCH_VALUE, bad
 
 
 def test_empty_value_is_ignored_with_a_warning() -> None:
