@@ -81,7 +81,8 @@ async def history(
     page = await ctx.store.history(resource_type, id, since=since, at=at, before=before,
                                    limit=count, restriction=restriction, types=types)
     guard.note(resource_type or "*", id, None, f"_history?{urlencode(pairs)}")
-    if id is not None and before is None and not page.entries:
+    if id is not None and before is None and since is None and at is None and not page.entries:
+        # (filtered by time, the history of a resource that exists can be empty)
         raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
     path = "/".join(p for p in (base, resource_type, id, "_history") if p)
     kept = [(k, v) for k, v in pairs if k not in ("_cursor", "_format", "_pretty")]

@@ -195,6 +195,13 @@ def test_history_at_returns_the_version_current_then(client: httpx.Client) -> No
     put(client, created)
     at = client.get(f"/Patient/{created['id']}/_history", params={"_at": first_time}).json()
     assert [e["resource"]["meta"]["versionId"] for e in at["entry"]] == ["1"]
+    # before it existed, or since a time after its last change: no versions, not "unknown"
+    for params in ({"_at": "2001-01-01"}, {"_since": "2999-01-01T00:00:00Z"}):
+        empty = client.get(f"/Patient/{created['id']}/_history", params=params)
+        assert empty.status_code == 200, (params, empty.text)
+        assert (empty.json()["total"], empty.json().get("entry", [])) == (0, []), params
+    unknown = client.get(f"/Patient/{unique('none')}/_history", params={"_at": "2001-01-01"})
+    assert unknown.status_code == 404
 
 
 def test_head_answers_headers_without_a_body(client: httpx.Client) -> None:
