@@ -280,11 +280,10 @@ async def _offset_page(
         total = None
 
     def link(to: int) -> str:
-        kept = [(k, v) for k, v in pairs if k not in ("_offset", "_page", "_count")
-                and (k, v) not in query.ignored and k not in PAGING_PARAMS]
+        kept = [(k, v) for k, v in pairs if k not in ("_offset", "_page", "_count")]
         moved = [("_offset", str(to))] if query.offset is not None else [
             ("_page", str(to // size + 1))]
-        return _self_link(base, path, [*kept, *moved, ("_count", str(size))])
+        return _self_link(base, path, [*kept, *moved, ("_count", str(size))], query.ignored)
 
     links = [("self", link(start))]
     if start > 0:
