@@ -53,7 +53,8 @@ class Service(Protocol):
 
 def build_store(settings: Settings, reg: Registry, access: AccessPolicy) -> HookedSqlStore:
     db = open_database(settings.database_url, pool_size=settings.db_pool_size,
-                       schema=settings.database_schema)
+                       schema=settings.database_schema,
+                       statement_timeout_ms=settings.db_statement_timeout_ms)
     return HookedSqlStore(db, PolicyIndexer(reg.indexer, access))
 
 

@@ -44,6 +44,9 @@ class Settings:
     #: unless ``_total=accurate`` (or ``estimate``) asks for one
     search_read_ahead: int = 1000
     db_pool_size: int = 10
+    #: a database statement of the server running longer is cancelled, and the request
+    #: answered 503 (GW-5003); 0: never. The CLI's maintenance runs without a limit
+    db_statement_timeout_ms: int = 60_000
     #: tokens of an external authorisation server instead of (or beside) our own
     auth_issuer: str | None = None
     auth_jwks_url: str | None = None

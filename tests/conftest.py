@@ -60,16 +60,19 @@ def prefix() -> Iterator[str]:
 
 
 @asynccontextmanager
-async def backend_database(backend: str, tmp: Path, pool_size: int = 2) -> AsyncIterator[Database]:
+async def backend_database(backend: str, tmp: Path, pool_size: int = 2,
+                           statement_timeout_ms: int = 0) -> AsyncIterator[Database]:
     """A Database on ``backend``, not opened yet: a SQLite file in ``tmp``, or a fresh
     PostgreSQL schema dropped afterwards."""
     schema = None
     if backend == "sqlite":
-        db = open_database(f"sqlite:///{tmp / 'store.db'}")
+        db = open_database(f"sqlite:///{tmp / 'store.db'}",
+                           statement_timeout_ms=statement_timeout_ms)
     else:
         schema = f"t_{uuid.uuid4().hex[:12]}"
         await _pg(f"CREATE SCHEMA {schema}")
-        db = open_database(PG_URL, pool_size=pool_size, schema=schema)
+        db = open_database(PG_URL, pool_size=pool_size, schema=schema,
+                           statement_timeout_ms=statement_timeout_ms)
     try:
         yield db
     finally:

@@ -121,6 +121,7 @@ class Code(Enum):
     # 5xxx: the gateway's own trouble
     INTERNAL = ("GW-5001", 500, "exception", "Internal error")
     UNAVAILABLE = ("GW-5002", 503, "transient", "Storage is unavailable")
+    DATABASE_TIMEOUT = ("GW-5003", 503, "timeout", "The database took too long")
 
     def __init__(self, gw: str, status: int, issue_type: str, summary: str) -> None:
         self.gw = gw

@@ -10,7 +10,10 @@ database transaction that holds the write lock for its resources.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import lru_cache
@@ -21,6 +24,7 @@ import aiosqlite
 import asyncpg
 
 from gateway.fhir.geo import distance_km
+from gateway.fhir.outcome import Code, FhirError
 
 Row = tuple[Any, ...]
 
@@ -51,11 +55,17 @@ class Database(Protocol):
         """Refresh the query planner's statistics of ``tables``; how many it analyzed."""
 
 
-def open_database(url: str, pool_size: int = 10, schema: str | None = None) -> Database:
+def open_database(url: str, pool_size: int = 10, schema: str | None = None,
+                  statement_timeout_ms: int = 0) -> Database:
+    """``statement_timeout_ms``: a statement that runs longer is cancelled, and answers
+    :data:`Code.DATABASE_TIMEOUT` (0: never), so that a costly request cannot hold
+    the database after its client has given up. The server's; maintenance (the CLI's
+    migrations and reindexing) runs without one."""
     if url.startswith("sqlite:"):
-        return SqliteDatabase(sqlite_path(url))
+        return SqliteDatabase(sqlite_path(url), statement_timeout_ms=statement_timeout_ms)
     if url.startswith(("postgresql:", "postgres:")):
-        return PostgresDatabase(url, pool_size=pool_size, schema=schema)
+        return PostgresDatabase(url, pool_size=pool_size, schema=schema,
+                                statement_timeout_ms=statement_timeout_ms)
     raise ValueError(f"unsupported database URL: {url!r} (use sqlite:/// or postgresql://)")
 
 
@@ -72,25 +82,71 @@ def sqlite_path(url: str) -> str:
 # -- SQLite -----------------------------------------------------------------
 
 
+def _timed_out(exc: BaseException) -> FhirError:
+    return FhirError(Code.DATABASE_TIMEOUT,
+                     "the database did not answer in the time a statement is allowed"
+                     " (CAREPATH_DB_STATEMENT_TIMEOUT_MS); narrow the request, or try later")
+
+
+class _Deadline:
+    """When a connection's statement must end (SQLite's progress handler, on the
+    connection's thread, reads it; the event loop sets it before each statement)."""
+
+    __slots__ = ("at", "seconds")
+
+    def __init__(self, timeout_ms: int) -> None:
+        self.seconds = timeout_ms / 1000
+        self.at = math.inf
+
+    def start(self) -> None:
+        if self.seconds:
+            self.at = time.monotonic() + self.seconds
+
+    def passed(self) -> int:
+        """Non-zero: SQLite interrupts the statement."""
+        return 1 if time.monotonic() > self.at else 0
+
+
+def _interrupted(exc: sqlite3.OperationalError) -> bool:
+    return str(exc) == "interrupted"
+
+
 class _SqliteConnection:
     dialect = "sqlite"
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, deadline: _Deadline) -> None:
         self._conn = conn
+        self._deadline = deadline
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
-        await self._conn.execute(sql, tuple(params))
+        self._deadline.start()
+        try:
+            await self._conn.execute(sql, tuple(params))
+        except sqlite3.OperationalError as exc:
+            raise _timed_out(exc) if _interrupted(exc) else exc from exc
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        await self._conn.executemany(sql, [tuple(r) for r in rows])
+        self._deadline.start()
+        try:
+            await self._conn.executemany(sql, [tuple(r) for r in rows])
+        except sqlite3.OperationalError as exc:
+            raise _timed_out(exc) if _interrupted(exc) else exc from exc
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        async with self._conn.execute(sql, tuple(params)) as cur:
-            return [tuple(r) for r in await cur.fetchall()]
+        self._deadline.start()
+        try:
+            async with self._conn.execute(sql, tuple(params)) as cur:
+                return [tuple(r) for r in await cur.fetchall()]
+        except sqlite3.OperationalError as exc:
+            raise _timed_out(exc) if _interrupted(exc) else exc from exc
 
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        async with self._conn.execute(sql, tuple(params)) as cur:
-            row = await cur.fetchone()
+        self._deadline.start()
+        try:
+            async with self._conn.execute(sql, tuple(params)) as cur:
+                row = await cur.fetchone()
+        except sqlite3.OperationalError as exc:
+            raise _timed_out(exc) if _interrupted(exc) else exc from exc
         return tuple(row) if row is not None else None
 
     async def lock(self, key: str) -> None:
@@ -123,8 +179,10 @@ class SqliteDatabase:
 
     dialect = "sqlite"
 
-    def __init__(self, path: str, readers: int = 4) -> None:
+    def __init__(self, path: str, readers: int = 4, statement_timeout_ms: int = 0) -> None:
         self.path = path
+        self.statement_timeout_ms = statement_timeout_ms
+        self._deadlines: dict[aiosqlite.Connection, _Deadline] = {}
         self._readers_n = readers if path != ":memory:" else 0
         self._writer: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
@@ -141,6 +199,10 @@ class SqliteDatabase:
         await conn.execute("PRAGMA foreign_keys=ON")
         # the search's distance (Location near), the same function PostgreSQL computes in SQL
         await conn.create_function("carepath_distance_km", 4, distance_km, deterministic=True)
+        deadline = self._deadlines[conn] = _Deadline(self.statement_timeout_ms)
+        if self.statement_timeout_ms:
+            # looked at every 10,000 virtual machine instructions (well under a millisecond)
+            await conn.set_progress_handler(deadline.passed, 10_000)
         self._all.append(conn)
         return conn
 
@@ -159,6 +221,7 @@ class SqliteDatabase:
             await conn.close()
         self._all.clear()
         self._loaded.clear()
+        self._deadlines.clear()
 
     async def analyze(self, tables: Sequence[str]) -> int:
         """Refresh the query planner's statistics of ``tables`` (sampling
@@ -181,7 +244,7 @@ class SqliteDatabase:
             except aiosqlite.OperationalError as exc:
                 raise RetryableError(str(exc)) from exc
             try:
-                yield _SqliteConnection(conn)
+                yield _SqliteConnection(conn, self._deadlines[conn])
             except BaseException:
                 await conn.execute("ROLLBACK")
                 raise
@@ -196,7 +259,7 @@ class SqliteDatabase:
         if not self._readers_n:
             async with self._write_lock:
                 assert self._writer is not None
-                yield _SqliteConnection(self._writer)
+                yield _SqliteConnection(self._writer, self._deadlines[self._writer])
             return
         conn = await self._readers.get()
         if self._loaded.get(conn) != self._statistics:
@@ -209,13 +272,14 @@ class SqliteDatabase:
                 raise
             stale, conn = conn, fresh
             self._loaded.pop(stale, None)
+            self._deadlines.pop(stale, None)
             self._all.remove(stale)
             with suppress(Exception):  # a connection that will not close is dropped
                 await stale.close()
         try:
             await conn.execute("BEGIN")
             try:
-                yield _SqliteConnection(conn)
+                yield _SqliteConnection(conn, self._deadlines[conn])
             finally:
                 await conn.execute("COMMIT")
         finally:
@@ -250,6 +314,8 @@ class _PostgresConnection:
             await self._conn.execute(_pg_sql(sql), *params)
         except _RETRYABLE_PG as exc:
             raise RetryableError(str(exc)) from exc
+        except asyncpg.exceptions.QueryCanceledError as exc:
+            raise _timed_out(exc) from exc
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
@@ -258,18 +324,24 @@ class _PostgresConnection:
                 await self._conn.executemany(_pg_sql(sql), rows)
             except _RETRYABLE_PG as exc:
                 raise RetryableError(str(exc)) from exc
+            except asyncpg.exceptions.QueryCanceledError as exc:
+                raise _timed_out(exc) from exc
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         try:
             return [tuple(r) for r in await self._conn.fetch(_pg_sql(sql), *params)]
         except _RETRYABLE_PG as exc:
             raise RetryableError(str(exc)) from exc
+        except asyncpg.exceptions.QueryCanceledError as exc:
+            raise _timed_out(exc) from exc
 
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         try:
             row = await self._conn.fetchrow(_pg_sql(sql), *params)
         except _RETRYABLE_PG as exc:
             raise RetryableError(str(exc)) from exc
+        except asyncpg.exceptions.QueryCanceledError as exc:
+            raise _timed_out(exc) from exc
         return tuple(row) if row is not None else None
 
     async def lock(self, key: str) -> None:
@@ -343,17 +415,20 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 class PostgresDatabase:
     dialect = "postgresql"
 
-    def __init__(self, url: str, pool_size: int = 10, schema: str | None = None) -> None:
+    def __init__(self, url: str, pool_size: int = 10, schema: str | None = None,
+                 statement_timeout_ms: int = 0) -> None:
         self.url = url
         self.pool_size = pool_size
         self.schema = schema
+        self.statement_timeout_ms = statement_timeout_ms
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
         # no JIT: it pays off for long analytical queries; a search whose estimate
         # crosses jit_above_cost (a sort over a few thousand resources) spent 190 ms
         # compiling for 35 ms of work
-        settings = {"jit": "off", **({"search_path": self.schema} if self.schema else {})}
+        settings = {"jit": "off", "statement_timeout": str(self.statement_timeout_ms),
+                    **({"search_path": self.schema} if self.schema else {})}
         # no idle timer: asyncpg would re-arm and cancel one on every release and
         # acquire (about a third of their cost); the pool stays at the size it grew to
         self._pool = await asyncpg.create_pool(

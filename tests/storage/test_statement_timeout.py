@@ -1,0 +1,55 @@
+"""A statement that runs past ``CAREPATH_DB_STATEMENT_TIMEOUT_MS`` is cancelled in the
+database and answers GW-5003 (503), on both backends; the connection stays usable."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.fhir.outcome import Code, FhirError
+from gateway.settings import Settings
+from tests.conftest import BACKENDS, backend_database
+
+#: seconds of work for either database: PostgreSQL sleeps, SQLite counts
+SLOW = {
+    "postgresql": "SELECT pg_sleep(5)",
+    "sqlite": "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n"
+              " WHERE i < 500000000) SELECT count(*) FROM n",
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_statement_past_the_limit_is_cancelled(backend: str, tmp_path: Path) -> None:
+    async with backend_database(backend, tmp_path, statement_timeout_ms=300) as db:
+        await db.open()
+        try:
+            for open_conn in (db.read, db.transaction):
+                began = time.monotonic()
+                with pytest.raises(FhirError) as exc:
+                    async with open_conn() as conn:
+                        await conn.fetch(SLOW[backend])
+                assert exc.value.code is Code.DATABASE_TIMEOUT
+                assert (exc.value.status, exc.value.outcome()["issue"][0]["code"]) == (
+                    503, "timeout")
+                assert time.monotonic() - began < 3  # cancelled, not run to its end
+                async with open_conn() as conn:  # the next statement runs as usual
+                    assert await conn.fetchrow("SELECT 1 + 1") == (2,)
+        finally:
+            await db.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_no_limit_unless_set(backend: str, tmp_path: Path) -> None:
+    # the CLI's maintenance (migrations, reindexing) opens the database so
+    quick = {"postgresql": "SELECT pg_sleep(0.4)",
+             "sqlite": SLOW["sqlite"].replace("500000000", "3000000")}
+    async with backend_database(backend, tmp_path) as db:
+        await db.open()
+        try:
+            async with db.read() as conn:
+                await conn.fetch(quick[backend])
+        finally:
+            await db.close()
+    assert Settings().db_statement_timeout_ms == 60_000  # the server's default
