@@ -82,7 +82,7 @@ def sqlite_path(url: str) -> str:
 # -- SQLite -----------------------------------------------------------------
 
 
-def _timed_out(exc: BaseException) -> FhirError:
+def _timed_out() -> FhirError:
     return FhirError(Code.DATABASE_TIMEOUT,
                      "the database did not answer in the time a statement is allowed"
                      " (CAREPATH_DB_STATEMENT_TIMEOUT_MS); narrow the request, or try later")
@@ -107,8 +107,10 @@ class _Deadline:
         return 1 if time.monotonic() > self.at else 0
 
 
-def _interrupted(exc: sqlite3.OperationalError) -> bool:
-    return str(exc) == "interrupted"
+def _raise_timed_out_if_interrupted(exc: sqlite3.OperationalError) -> None:
+    """A statement the progress handler stopped (:class:`_Deadline`) timed out."""
+    if str(exc) == "interrupted":
+        raise _timed_out() from exc
 
 
 class _SqliteConnection:
@@ -123,14 +125,16 @@ class _SqliteConnection:
         try:
             await self._conn.execute(sql, tuple(params))
         except sqlite3.OperationalError as exc:
-            raise _timed_out(exc) if _interrupted(exc) else exc from exc
+            _raise_timed_out_if_interrupted(exc)
+            raise
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._deadline.start()
         try:
             await self._conn.executemany(sql, [tuple(r) for r in rows])
         except sqlite3.OperationalError as exc:
-            raise _timed_out(exc) if _interrupted(exc) else exc from exc
+            _raise_timed_out_if_interrupted(exc)
+            raise
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         self._deadline.start()
@@ -138,7 +142,8 @@ class _SqliteConnection:
             async with self._conn.execute(sql, tuple(params)) as cur:
                 return [tuple(r) for r in await cur.fetchall()]
         except sqlite3.OperationalError as exc:
-            raise _timed_out(exc) if _interrupted(exc) else exc from exc
+            _raise_timed_out_if_interrupted(exc)
+            raise
 
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         self._deadline.start()
@@ -146,7 +151,8 @@ class _SqliteConnection:
             async with self._conn.execute(sql, tuple(params)) as cur:
                 row = await cur.fetchone()
         except sqlite3.OperationalError as exc:
-            raise _timed_out(exc) if _interrupted(exc) else exc from exc
+            _raise_timed_out_if_interrupted(exc)
+            raise
         return tuple(row) if row is not None else None
 
     async def lock(self, key: str) -> None:
@@ -301,6 +307,16 @@ _RETRYABLE_PG = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
 )
+#: what the connection turns into the gateway's errors (:func:`_pg_error`)
+_PG_ERRORS = (*_RETRYABLE_PG, asyncpg.exceptions.QueryCanceledError)
+
+
+def _pg_error(exc: Exception) -> Exception:
+    """A lost race (retried by the caller), or a statement cancelled by
+    ``statement_timeout``."""
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
+        return _timed_out()
+    return RetryableError(str(exc))
 
 
 class _PostgresConnection:
@@ -312,36 +328,28 @@ class _PostgresConnection:
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         try:
             await self._conn.execute(_pg_sql(sql), *params)
-        except _RETRYABLE_PG as exc:
-            raise RetryableError(str(exc)) from exc
-        except asyncpg.exceptions.QueryCanceledError as exc:
-            raise _timed_out(exc) from exc
+        except _PG_ERRORS as exc:
+            raise _pg_error(exc) from exc
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
         if rows:
             try:
                 await self._conn.executemany(_pg_sql(sql), rows)
-            except _RETRYABLE_PG as exc:
-                raise RetryableError(str(exc)) from exc
-            except asyncpg.exceptions.QueryCanceledError as exc:
-                raise _timed_out(exc) from exc
+            except _PG_ERRORS as exc:
+                raise _pg_error(exc) from exc
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         try:
             return [tuple(r) for r in await self._conn.fetch(_pg_sql(sql), *params)]
-        except _RETRYABLE_PG as exc:
-            raise RetryableError(str(exc)) from exc
-        except asyncpg.exceptions.QueryCanceledError as exc:
-            raise _timed_out(exc) from exc
+        except _PG_ERRORS as exc:
+            raise _pg_error(exc) from exc
 
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         try:
             row = await self._conn.fetchrow(_pg_sql(sql), *params)
-        except _RETRYABLE_PG as exc:
-            raise RetryableError(str(exc)) from exc
-        except asyncpg.exceptions.QueryCanceledError as exc:
-            raise _timed_out(exc) from exc
+        except _PG_ERRORS as exc:
+            raise _pg_error(exc) from exc
         return tuple(row) if row is not None else None
 
     async def lock(self, key: str) -> None:
@@ -402,8 +410,8 @@ class _PostgresTransaction(_PostgresConnection):
             await self._conn.execute(
                 "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended("
                 f"convert_from(decode('{key_hex}', 'hex'), 'UTF8'), 0))")
-        except _RETRYABLE_PG as exc:
-            raise RetryableError(str(exc)) from exc
+        except _PG_ERRORS as exc:
+            raise _pg_error(exc) from exc
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
