@@ -11,7 +11,8 @@ type by type in creation order, then the referenced resources type by type.
 References are followed one step, as the search index holds them; other
 patients' resources are not followed. Paged like a search (a snapshot, ``next``
 links). ``_type`` limits the types, ``_since`` keeps what
-changed since then, ``_count`` sets the page size. Only what the caller may see
+changed since then, ``_count`` sets the page size and ``_offset`` where the first
+page starts (as HAPI FHIR offers it). Only what the caller may see
 is included: types the granted scopes do not let it search are left out, and
 the organisation's compartment and consent apply as in every search.
 ``start``/``end`` (care dates) are not supported and say so in the Bundle.
@@ -75,6 +76,9 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
         raise FhirError(Code.INVALID_SEARCH_VALUE, "_count must be a non-negative integer")
     size = min(int(count), ctx.settings.max_page_size) if count else (
         ctx.settings.default_page_size)
+    offset = _one(params.get("_offset"), "_offset")  # where the first page starts
+    if offset is not None and not (offset.isascii() and offset.isdigit()):
+        raise FhirError(Code.INVALID_SEARCH_VALUE, "_offset must be a non-negative integer")
     warnings = tuple(f"{p} is not supported by $everything and was ignored"
                      for p in ("start", "end") if p in params)
 
@@ -111,6 +115,8 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
     guard.note("Patient", req.id, None, self_link)
     if size == 0:  # _count=0: how many, as in a search
         keys = []
+    elif offset:  # the pages from there on, held for stable paging as any others
+        keys = keys[int(offset):]
     # pages are read back as a plain search over Patient: no includes, no subsetting
     return await first_page(ctx, SearchQuery("Patient"), keys, req.base, size=size,
                             links=[("self", self_link)], warnings=warnings,

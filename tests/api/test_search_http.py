@@ -401,6 +401,11 @@ def test_patient_everything(client: httpx.Client) -> None:
             break
         paged = client.get(following[0]).json()
     assert seen == keys(whole)
+    later_pages = client.get(f"/Patient/{pid}/$everything", params={"_count": 2, "_offset": 2})
+    assert keys(later_pages.json()) == keys(whole)[2:4]
+    assert paged_ids(client, later_pages.json()) == [k.split("/")[1] for k in keys(whole)[2:]]
+    bad_offset = client.get(f"/Patient/{pid}/$everything", params={"_offset": "-2"})
+    assert (bad_offset.status_code, gw_code(bad_offset)) == (400, "GW-1013")
     counted = client.get(f"/Patient/{pid}/$everything", params={"_count": 0}).json()
     assert counted["total"] == 5 and "entry" not in counted
     assert not [link for link in counted["link"] if link["relation"] == "next"]
