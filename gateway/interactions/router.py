@@ -146,6 +146,11 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
         # search in a compartment: Patient/[id]/Observation (search.html#compartments)
         return await search.search(ctx, parts[2], req.query, base=req.base,
                                    prefer=req.prefer, compartment=(rt, id))
+    if n in (3, 4) and parts[2] == "*" and parts[3:] in ([], ["_search"]):
+        raise FhirError(Code.UNSUPPORTED_SEARCH,
+                        "a search of every type in a compartment ([base]/Patient/[id]/*) is"
+                        " not supported: search one type (Patient/[id]/Observation), or ask"
+                        " for the whole record with Patient/[id]/$everything (with _type)")
     if n == 5 and parts[2] == "_history" and parts[4].startswith("$"):
         return await _operation(ctx, req, method, parts[4][1:], rt, id, parts[3])
     if parts[2] == "_history" and n in (3, 4):

@@ -567,9 +567,13 @@ def test_search_in_the_patient_compartment(client: httpx.Client) -> None:
     links = {link["relation"]: link["url"] for link in bundle["link"]}
     assert links["self"].endswith(f"/Patient/{pid}/Observation?_count=1")
     assert client.get(links["next"]).json()["entry"][0]["resource"]["id"] in made[:2]
-    for path in (f"/Patient/{pid}/Organization", f"/Encounter/{pid}/Observation"):
+    for path in (f"/Patient/{pid}/Organization", f"/Encounter/{pid}/Observation",
+                 f"/Patient/{pid}/*"):
         response = client.get(path)
         assert response.status_code == 400 and gw_code(response) == "GW-1024", path
+    every_type = client.post(f"/Patient/{pid}/*/_search", data={"_type": "Observation"})
+    assert (every_type.status_code, gw_code(every_type)) == (400, "GW-1024")
+    assert "$everything" in every_type.json()["issue"][0]["diagnostics"]
     metadata = client.get("/metadata").json()
     assert metadata["rest"][0]["compartment"] == [
         "http://hl7.org/fhir/CompartmentDefinition/patient"]
