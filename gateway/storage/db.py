@@ -102,6 +102,10 @@ class _Deadline:
         if self.seconds:
             self.at = time.monotonic() + self.seconds
 
+    def end(self) -> None:
+        """Statements sent otherwise (``BEGIN``, ``ANALYZE``) run without a limit."""
+        self.at = math.inf
+
     def passed(self) -> int:
         """Non-zero: SQLite interrupts the statement."""
         return 1 if time.monotonic() > self.at else 0
@@ -127,6 +131,8 @@ class _SqliteConnection:
         except sqlite3.OperationalError as exc:
             _raise_timed_out_if_interrupted(exc)
             raise
+        finally:
+            self._deadline.end()
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._deadline.start()
@@ -135,6 +141,8 @@ class _SqliteConnection:
         except sqlite3.OperationalError as exc:
             _raise_timed_out_if_interrupted(exc)
             raise
+        finally:
+            self._deadline.end()
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         self._deadline.start()
@@ -144,6 +152,8 @@ class _SqliteConnection:
         except sqlite3.OperationalError as exc:
             _raise_timed_out_if_interrupted(exc)
             raise
+        finally:
+            self._deadline.end()
 
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         self._deadline.start()
@@ -153,6 +163,8 @@ class _SqliteConnection:
         except sqlite3.OperationalError as exc:
             _raise_timed_out_if_interrupted(exc)
             raise
+        finally:
+            self._deadline.end()
         return tuple(row) if row is not None else None
 
     async def lock(self, key: str) -> None:
