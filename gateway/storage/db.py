@@ -69,6 +69,13 @@ def open_database(url: str, pool_size: int = 10, schema: str | None = None,
     raise ValueError(f"unsupported database URL: {url!r} (use sqlite:/// or postgresql://)")
 
 
+def _timed_out() -> FhirError:
+    """A statement stopped at the server's limit (either database)."""
+    return FhirError(Code.DATABASE_TIMEOUT,
+                     "the database did not answer in the time a statement is allowed"
+                     " (CAREPATH_DB_STATEMENT_TIMEOUT_MS); narrow the request, or try later")
+
+
 def sqlite_path(url: str) -> str:
     """``sqlite:///./x.db`` -> ``./x.db``; ``sqlite:////abs/x.db`` -> ``/abs/x.db``."""
     if url in ("sqlite://", "sqlite:///:memory:"):
@@ -80,12 +87,6 @@ def sqlite_path(url: str) -> str:
 
 
 # -- SQLite -----------------------------------------------------------------
-
-
-def _timed_out() -> FhirError:
-    return FhirError(Code.DATABASE_TIMEOUT,
-                     "the database did not answer in the time a statement is allowed"
-                     " (CAREPATH_DB_STATEMENT_TIMEOUT_MS); narrow the request, or try later")
 
 
 class _Deadline:
