@@ -834,3 +834,4 @@ def test_offset_and_page_paging(client: httpx.Client) -> None:
     for bad in ({"_offset": "-1"}, {"_page": "0"}):
         response = client.get("/Patient", params=bad)
         assert (response.status_code, gw_code(response)) == (400, "GW-1013")
+
