@@ -179,7 +179,7 @@ def select_ids(
     keys += ["r.created_seq", ctx.text("r.res_id")]
     directions += ["", ""]
     with_, with_params = ctx.with_clause()
-    if ctx.dialect == "sqlite" and any(k.startswith("(SELECT") for k in keys):
+    if ctx.dialect == "sqlite" and any(_by_subquery(k) for k in query.sort):
         # SQLite (3.40) can drop rows when a LIMIT cuts a result ordered by a correlated
         # subquery whose matches an IN drives: Patient?family=x&_sort=birthdate with
         # LIMIT 4 skipped the third of seven. The keys are computed in a subquery of
@@ -207,14 +207,8 @@ def count(
     """SQL for one row ``(count,)`` of the matches."""
     ctx = _Ctx(dialect)
     where, params = _from_where(query, ctx, restrict, driver)
-    with_, params = _with(ctx, params)
-    return f"{with_}SELECT COUNT(*) {where}", params
-
-
-def _with(ctx: _Ctx, params: list[Any]) -> tuple[str, list[Any]]:
-    """The statement's ``WITH`` and its parameters followed by ``params``."""
-    sql, wp = ctx.with_clause()
-    return sql, [*wp, *params] if wp else params
+    with_, with_params = ctx.with_clause()
+    return f"{with_}SELECT COUNT(*) {where}", [*with_params, *params]
 
 
 #: a criterion that matches more index rows than this never drives a search alone
@@ -661,6 +655,12 @@ def _marks(n: int) -> str:
 
 
 # -- ORDER BY -------------------------------------------------------------------
+
+
+def _by_subquery(key: SortKey) -> bool:
+    """Whether :func:`_sort_expr` orders by a correlated subquery (every key but the
+    resource row's own columns)."""
+    return key.param_code not in ("_id", "_lastUpdated")
 
 
 def _sort_expr(key: SortKey, ctx: _Ctx) -> Frag:
