@@ -227,6 +227,12 @@ class _Transaction:
 
     async def run(self) -> None:
         writes = [e for e in self.entries if not _read_like(e)]
+        keys = {key for e in writes for key in _lock_keys(e)}
+        if len(keys) > 1:
+            # every lock known before the first is taken, at once and in one order:
+            # Bundles that write the same resources in different orders wait for
+            # each other instead of deadlocking (a lock taken again is held already)
+            await self.tx.lock(*keys)
         for e in writes:
             try:
                 await self._identify(e)
@@ -343,10 +349,8 @@ class _Transaction:
             seen[key] = e
 
     async def _rewrite(self, e: Entry) -> None:
-        async def resolve_all(node: Any) -> None:
+        async def resolve_all(refs: list[str]) -> None:
             # conditional references are resolved first (they need I/O) …
-            refs: list[str] = []
-            _collect_conditional(node, refs)
             for ref in refs:
                 if ref not in self.resolved_refs:
                     rt, _, query = ref.partition("?")
@@ -368,7 +372,7 @@ class _Transaction:
 
         split = split_restful(e.full_url) if e.full_url else None
         relative = self._relative(split[0]) if split else {}
-        await resolve_all(e.resource)
+        await resolve_all(e.extra["refs"])
         # … then every name is replaced in one walk
         rewrite(e.resource, self.names, self.resolved_refs.__getitem__, relative)
 
@@ -417,6 +421,32 @@ class _Transaction:
                                     if_match=e.headers.get("if-match"),
                                     new_patients=self.new_patients)
             e.outcome = (stored, 200)
+
+
+def _lock_keys(e: Entry) -> Iterator[str]:
+    """The locks ``e`` will take, as far as they are known before any I/O: its
+    resource's (``Type/id``), its criteria's and its conditional references'.
+    Collects the conditional references (``extra["refs"]``) as it goes; an entry
+    too malformed to tell yields what it can (its error comes later)."""
+    refs: list[str] = []
+    if e.method in ("POST", "PUT"):
+        _collect_conditional(e.resource, refs)
+    e.extra["refs"] = refs
+    resource_type, _, rest = e.path.partition("/")
+    try:
+        if e.method == "POST":
+            cond = e.headers.get("if-none-exist")
+            if cond and not rest:
+                yield criteria_key(resource_type, if_none_exist_criteria(cond, resource_type))
+        elif rest and "/" not in rest:
+            yield f"{resource_type}/{rest}"
+        elif not rest and e.query:
+            yield criteria_key(resource_type, parse_criteria(e.query))
+        for ref in refs:
+            rt, _, query = ref.partition("?")
+            yield criteria_key(rt, parse_criteria(query))
+    except FhirError:
+        return
 
 
 def _collect_conditional(node: Any, out: list[str]) -> None:

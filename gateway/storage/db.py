@@ -40,8 +40,11 @@ class Connection(Protocol):
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
-    async def lock(self, key: str) -> None:
-        """Hold an exclusive lock on ``key`` until the transaction ends."""
+    async def lock(self, *keys: str) -> None:
+        """Hold an exclusive lock on each of ``keys`` until the transaction ends.
+
+        Several keys are taken in one order (whatever order they are given in),
+        so that transactions locking overlapping sets cannot deadlock."""
 
 
 class Database(Protocol):
@@ -168,7 +171,7 @@ class _SqliteConnection:
             self._deadline.end()
         return tuple(row) if row is not None else None
 
-    async def lock(self, key: str) -> None:
+    async def lock(self, *keys: str) -> None:
         # BEGIN IMMEDIATE already holds the database-wide write lock.
         return None
 
@@ -316,6 +319,10 @@ def _pg_sql(sql: str) -> str:
     return _PLACEHOLDER.sub(lambda _m: f"${next(counter)}", sql)
 
 
+#: the advisory locks of several keys, taken in the keys' order
+_PG_LOCK_MANY = ("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0)))"
+                 " FROM (SELECT DISTINCT unnest(?::text[]) AS k ORDER BY 1) s")
+
 _RETRYABLE_PG = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
@@ -365,8 +372,11 @@ class _PostgresConnection:
             raise _pg_error(exc) from exc
         return tuple(row) if row is not None else None
 
-    async def lock(self, key: str) -> None:
-        await self.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (key,))
+    async def lock(self, *keys: str) -> None:
+        if len(keys) == 1:
+            await self.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", keys)
+        elif keys:
+            await self.execute(_PG_LOCK_MANY, (list(keys),))
 
 
 class _PostgresTransaction(_PostgresConnection):
@@ -410,10 +420,11 @@ class _PostgresTransaction(_PostgresConnection):
         (then there is nothing left to commit)."""
         await super().execute(sql, params)
 
-    async def lock(self, key: str) -> None:
-        if self.begun:
-            await super().lock(key)
+    async def lock(self, *keys: str) -> None:
+        if self.begun or len(keys) != 1:
+            await super().lock(*keys)
             return
+        key = keys[0]
         # the transaction's first statement: BEGIN and the lock in one round trip (a
         # simple query of two statements, which takes no parameters: the key goes
         # in as hex digits, so no text of a client's can end the literal)

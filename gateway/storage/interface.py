@@ -84,8 +84,10 @@ class Snapshot:
 
 
 class StoreTransaction(Protocol):
-    async def lock(self, key: str) -> None:
-        """Serialise with other writers of ``key`` until commit."""
+    async def lock(self, *keys: str) -> None:
+        """Serialise with other writers of each of ``keys`` until commit; several
+        keys are taken in one order, so that writers of overlapping sets of keys
+        wait for each other instead of deadlocking."""
 
     async def current(self, resource_type: str, id: str) -> StoredResource | None: ...
 

@@ -55,9 +55,6 @@ _INSERT_INDEX = {
     for table, cols in INDEX_TABLES.items()
 }
 _DELETE_INDEX = {t: f"DELETE FROM {t} WHERE res_type = ? AND res_id = ?" for t in INDEX_TABLES}
-#: the advisory locks of several resources (``Type/id`` keys), in one order
-_PG_LOCK_MANY = ("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0)))"
-                 " FROM (SELECT unnest(?::text[]) AS k ORDER BY 1) s")
 
 _RESOURCE_COLS = "res_type, res_id, version, last_updated, deleted, content"
 #: the same, of the search's ``resource r``
@@ -424,9 +421,9 @@ class _Transaction:
         finish = getattr(self.conn, "execute_last", None) if last else None
         await (finish or self.conn.execute)(sql, params)
 
-    async def lock(self, key: str) -> None:
+    async def lock(self, *keys: str) -> None:
         await self._flush()
-        await self.conn.lock(key)
+        await self.conn.lock(*keys)
 
     async def current(self, resource_type: str, id: str) -> StoredResource | None:
         await self._flush()
@@ -716,8 +713,7 @@ class SqlStore:
                 return keys
             # the writers' per-resource locks, then the content as it is now: a write
             # either committed before (and is indexed here) or waits for this batch
-            if conn.dialect == "postgresql":
-                await conn.execute(_PG_LOCK_MANY, [[f"{t}/{i}" for t, i in keys]])
+            await conn.lock(*(f"{t}/{i}" for t, i in keys))
             rows = await conn.fetch(
                 "SELECT res_type, res_id, content FROM resource WHERE deleted = 0 AND"
                 f" (res_type, res_id) IN ({', '.join('(?, ?)' for _ in keys)})",

@@ -105,3 +105,31 @@ def test_concurrent_transactions_with_the_same_conditional_create(workers: Serve
     with httpx.Client(base_url=workers.url, timeout=60) as client:
         found = client.get("/Organization", params={"identifier": f"urn:test:org|{ident}"})
     assert found.json()["total"] == 1
+
+
+def test_transactions_writing_the_same_resources_in_other_orders_all_commit(
+        workers: Served) -> None:
+    # each Bundle updates the same three patients, in an order of its own: taken in
+    # entry order, their locks would deadlock (and the losers, retried, run out of
+    # attempts); taken in one order, the Bundles wait for each other
+    with httpx.Client(base_url=workers.url, timeout=60) as client:
+        ids = [client.post("/Patient", json={"resourceType": "Patient"},
+                           headers=FHIR).json()["id"] for _ in range(3)]
+    orders = [[0, 1, 2], [2, 1, 0], [1, 2, 0], [0, 2, 1], [2, 0, 1], [1, 0, 2]]
+    turn = iter(range(RACERS))
+
+    def send() -> httpx.Response:
+        order = orders[next(turn) % len(orders)]
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [{
+            "resource": {"resourceType": "Patient", "id": ids[i], "active": True},
+            "request": {"method": "PUT", "url": f"Patient/{ids[i]}"},
+        } for i in order]}
+        with httpx.Client(base_url=workers.url, timeout=120) as c:
+            return c.post("/", json=bundle, headers=FHIR)
+
+    responses = _race(send)
+    assert Counter(r.status_code for r in responses) == {200: RACERS}
+    with httpx.Client(base_url=workers.url, timeout=60) as client:
+        for id in ids:
+            final = client.get(f"/Patient/{id}").json()
+            assert final["meta"]["versionId"] == str(RACERS + 1)

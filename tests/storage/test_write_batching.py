@@ -81,9 +81,9 @@ class SpyConnection:
         self._note(sql, params)
         return await self._conn.fetchrow(sql, params)
 
-    async def lock(self, key: str) -> None:
-        self._note("lock", (key,))
-        await self._conn.lock(key)
+    async def lock(self, *keys: str) -> None:
+        self._note("lock", keys)
+        await self._conn.lock(*keys)
 
     async def execute_last(self, sql: str, params: Sequence[Any] = ()) -> None:
         # PostgreSQL only: the final statement, sent alone when nothing preceded it
