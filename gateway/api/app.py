@@ -704,7 +704,7 @@ def create_api(
                       path, rid)
             err = FhirError(Code.UNAVAILABLE, "the audit trail cannot be written")
             reply = _render(FhirResponse(err.status, err.outcome()), False, False)
-            # transient (RFC 9110 15.6.4): when to try again
+        if reply.status == 503:  # transient (RFC 9110 15.6.4): when to try again
             reply.headers.append((b"retry-after", _RETRY_AFTER))
         reply.headers.append((b"x-request-id", rid.encode("ascii")))
         if cors is not None:

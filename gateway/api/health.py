@@ -31,6 +31,7 @@ from typing import Any
 
 import gateway
 from gateway.events.runtime import EventRuntime
+from gateway.fhir.outcome import FhirError
 from gateway.security.audit import AuditWriter
 from gateway.storage.db import Database
 
@@ -67,7 +68,9 @@ class Health:
                 await probe()
         except Exception as exc:  # any way of not answering counts
             log.warning("readiness: %s: %s", component, exc)
-            reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            reason = ("timed out" if isinstance(exc, TimeoutError) else
+                      exc.code.summary.lower() if isinstance(exc, FhirError) else
+                      type(exc).__name__)
             return component, {**check, "status": failing, "output": f"not reachable: {reason}"}
         check["observedValue"] = round((time.perf_counter() - started) * 1e3, 2)
         check["observedUnit"] = "ms"

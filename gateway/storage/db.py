@@ -10,6 +10,7 @@ database transaction that holds the write lock for its resources.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import sqlite3
@@ -25,6 +26,8 @@ import asyncpg
 
 from gateway.fhir.geo import distance_km
 from gateway.fhir.outcome import Code, FhirError
+
+log = logging.getLogger("carepath.storage")
 
 Row = tuple[Any, ...]
 
@@ -79,6 +82,13 @@ def _timed_out() -> FhirError:
                      " (CAREPATH_DB_STATEMENT_TIMEOUT_MS); narrow the request, or try later")
 
 
+def _unavailable(exc: BaseException) -> FhirError:
+    """The database cannot be used now (either database); the client may try again.
+    What went wrong is logged, not told (it can name hosts and paths)."""
+    log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+    return FhirError(Code.UNAVAILABLE, "the database cannot be used now; try again shortly")
+
+
 def sqlite_path(url: str) -> str:
     """``sqlite:///./x.db`` -> ``./x.db``; ``sqlite:////abs/x.db`` -> ``/abs/x.db``."""
     if url in ("sqlite://", "sqlite:///:memory:"):
@@ -115,10 +125,24 @@ class _Deadline:
         return 1 if time.monotonic() > self.at else 0
 
 
-def _raise_timed_out_if_interrupted(exc: sqlite3.OperationalError) -> None:
-    """A statement the progress handler stopped (:class:`_Deadline`) timed out."""
-    if str(exc) == "interrupted":
-        raise _timed_out() from exc
+#: SQLite's result codes (and their extended codes) of a database file that cannot
+#: be written or read now: disk full, I/O error, read-only or vanished file
+_SQLITE_GONE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
+
+
+def _sqlite_error(exc: sqlite3.Error) -> Exception:
+    """A statement the progress handler stopped (:class:`_Deadline`) timed out; a
+    busy database is a lost race; a file that cannot be written or read makes
+    the database unavailable (503). Anything else is a fault of ours and stays
+    what it is."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if str(exc) == "interrupted" or name == "SQLITE_INTERRUPT":
+        return _timed_out()
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return RetryableError(str(exc))
+    if name.startswith(_SQLITE_GONE):
+        return _unavailable(exc)
+    return exc
 
 
 class _SqliteConnection:
@@ -132,9 +156,8 @@ class _SqliteConnection:
         self._deadline.start()
         try:
             await self._conn.execute(sql, tuple(params))
-        except sqlite3.OperationalError as exc:
-            _raise_timed_out_if_interrupted(exc)
-            raise
+        except sqlite3.Error as exc:
+            raise _sqlite_error(exc) from exc
         finally:
             self._deadline.end()
 
@@ -142,9 +165,8 @@ class _SqliteConnection:
         self._deadline.start()
         try:
             await self._conn.executemany(sql, [tuple(r) for r in rows])
-        except sqlite3.OperationalError as exc:
-            _raise_timed_out_if_interrupted(exc)
-            raise
+        except sqlite3.Error as exc:
+            raise _sqlite_error(exc) from exc
         finally:
             self._deadline.end()
 
@@ -153,9 +175,8 @@ class _SqliteConnection:
         try:
             async with self._conn.execute(sql, tuple(params)) as cur:
                 return [tuple(r) for r in await cur.fetchall()]
-        except sqlite3.OperationalError as exc:
-            _raise_timed_out_if_interrupted(exc)
-            raise
+        except sqlite3.Error as exc:
+            raise _sqlite_error(exc) from exc
         finally:
             self._deadline.end()
 
@@ -164,9 +185,8 @@ class _SqliteConnection:
         try:
             async with self._conn.execute(sql, tuple(params)) as cur:
                 row = await cur.fetchone()
-        except sqlite3.OperationalError as exc:
-            _raise_timed_out_if_interrupted(exc)
-            raise
+        except sqlite3.Error as exc:
+            raise _sqlite_error(exc) from exc
         finally:
             self._deadline.end()
         return tuple(row) if row is not None else None
@@ -263,18 +283,26 @@ class SqliteDatabase:
             conn = self._writer
             try:
                 await conn.execute("BEGIN IMMEDIATE")
-            except aiosqlite.OperationalError as exc:
-                raise RetryableError(str(exc)) from exc
+            except sqlite3.OperationalError as exc:
+                error = _sqlite_error(exc)
+                raise (RetryableError(str(exc)) if error is exc else error) from exc
             try:
                 yield _SqliteConnection(conn, self._deadlines[conn])
             except BaseException:
-                await conn.execute("ROLLBACK")
+                await self._rollback(conn)
                 raise
             try:
                 await conn.execute("COMMIT")
-            except aiosqlite.OperationalError as exc:
-                await conn.execute("ROLLBACK")
-                raise RetryableError(str(exc)) from exc
+            except sqlite3.Error as exc:
+                await self._rollback(conn)
+                raise _sqlite_error(exc) from exc
+
+    @staticmethod
+    async def _rollback(conn: aiosqlite.Connection) -> None:
+        # some errors (a full disk, an I/O error) have rolled the transaction back
+        # already, and ROLLBACK would fail on top of them
+        if conn.in_transaction:
+            await conn.execute("ROLLBACK")
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Connection]:
@@ -327,16 +355,49 @@ _RETRYABLE_PG = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
 )
+#: the server cannot be reached, or dropped the connection: a restart, a failover,
+#: the network (``OSError``: refused, reset; asyncpg's ``InterfaceError`` on a
+#: connection closed underneath it)
+_PG_GONE = (
+    asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    OSError,
+)
 #: what the connection turns into the gateway's errors (:func:`_pg_error`)
-_PG_ERRORS = (*_RETRYABLE_PG, asyncpg.exceptions.QueryCanceledError)
+_PG_ERRORS = (*_RETRYABLE_PG, asyncpg.exceptions.QueryCanceledError, *_PG_GONE,
+              asyncpg.exceptions.InterfaceError, asyncpg.exceptions.InternalClientError)
 
 
-def _pg_error(exc: Exception) -> Exception:
-    """A lost race (retried by the caller), or a statement cancelled by
-    ``statement_timeout``."""
+def _pg_error(exc: Exception, conn: asyncpg.Connection | None = None) -> Exception:
+    """A lost race (retried by the caller), a statement cancelled by
+    ``statement_timeout``, or a database out of reach.
+
+    A connection the server has ended (a restart, ``pg_terminate_backend``) can
+    still be handed out before its end is read; asyncpg then fails the statement
+    before sending it (``InternalClientError``: its protocol waits for the end of
+    an error that came unasked). Such a connection is dropped, so that the pool
+    opens a new one. ``InterfaceError`` on an open connection is a fault of ours
+    and stays what it is."""
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
         return _timed_out()
-    return RetryableError(str(exc))
+    if isinstance(exc, _RETRYABLE_PG):
+        return RetryableError(str(exc))
+    if isinstance(exc, asyncpg.exceptions.InternalClientError) and conn is not None:
+        conn.terminate()
+    gone = isinstance(exc, _PG_GONE) or conn is None or _closed(conn)
+    return _unavailable(exc) if gone else exc
+
+
+def _closed(conn: asyncpg.Connection) -> bool:
+    """Whether ``conn`` (of the pool) is closed, or was dropped by :func:`_pg_error`
+    (which hands it back to the pool)."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.exceptions.InterfaceError:  # no longer ours
+        return True
 
 
 class _PostgresConnection:
@@ -349,7 +410,7 @@ class _PostgresConnection:
         try:
             await self._conn.execute(_pg_sql(sql), *params)
         except _PG_ERRORS as exc:
-            raise _pg_error(exc) from exc
+            raise _pg_error(exc, self._conn) from exc
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
@@ -357,19 +418,19 @@ class _PostgresConnection:
             try:
                 await self._conn.executemany(_pg_sql(sql), rows)
             except _PG_ERRORS as exc:
-                raise _pg_error(exc) from exc
+                raise _pg_error(exc, self._conn) from exc
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         try:
             return [tuple(r) for r in await self._conn.fetch(_pg_sql(sql), *params)]
         except _PG_ERRORS as exc:
-            raise _pg_error(exc) from exc
+            raise _pg_error(exc, self._conn) from exc
 
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         try:
             row = await self._conn.fetchrow(_pg_sql(sql), *params)
         except _PG_ERRORS as exc:
-            raise _pg_error(exc) from exc
+            raise _pg_error(exc, self._conn) from exc
         return tuple(row) if row is not None else None
 
     async def lock(self, *keys: str) -> None:
@@ -435,7 +496,7 @@ class _PostgresTransaction(_PostgresConnection):
                 "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended("
                 f"convert_from(decode('{key_hex}', 'hex'), 'UTF8'), 0))")
         except _PG_ERRORS as exc:
-            raise _pg_error(exc) from exc
+            raise _pg_error(exc, self._conn) from exc
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -474,27 +535,42 @@ class PostgresDatabase:
             self._pool = None
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Connection]:
+    async def _acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the pool; the database out of reach is an error of the
+        gateway's (503), not a fault."""
         assert self._pool is not None, "database not opened"
-        async with self._pool.acquire() as conn:
+        try:
+            conn = await self._pool.acquire()
+        except _PG_ERRORS as exc:
+            raise _pg_error(exc) from exc
+        try:
+            yield conn
+        finally:
+            await self._pool.release(conn)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        async with self._acquire() as conn:
             tx = _PostgresTransaction(conn)
             try:
                 yield tx
             except BaseException:
-                if tx.begun and not conn.is_closed():
+                if tx.begun and not _closed(conn):
                     try:
                         await conn.execute("ROLLBACK")
                     except Exception:  # a cancelled query, say: the pool discards it
                         conn.terminate()
                 raise
             if tx.begun:
-                await conn.execute("COMMIT")
+                try:
+                    await conn.execute("COMMIT")
+                except _PG_ERRORS as exc:
+                    raise _pg_error(exc, conn) from exc
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Connection]:
         """A connection for reads, in autocommit: each statement sees committed data."""
-        assert self._pool is not None, "database not opened"
-        async with self._pool.acquire() as conn:
+        async with self._acquire() as conn:
             yield _PostgresConnection(conn)
 
     async def analyze(self, tables: Sequence[str]) -> int:
