@@ -196,6 +196,10 @@ class _SqliteConnection:
         return None
 
 
+#: rows changed beyond half a PostgreSQL table's since its last ``ANALYZE`` that make
+#: its statistics stale (:meth:`PostgresDatabase.analyze`)
+STALE_ROWS = 1000
+
 #: rows ``ANALYZE`` samples per index (``PRAGMA analysis_limit``): milliseconds at any
 #: size, and enough for the planner to tell a resource's rows from a parameter's
 ANALYSIS_LIMIT = 1000
@@ -574,16 +578,23 @@ class PostgresDatabase:
             yield _PostgresConnection(conn)
 
     async def analyze(self, tables: Sequence[str]) -> int:
-        """Give the planner statistics of those of ``tables`` that were never analyzed
-        (how many): autovacuum analyzes a table only after a delay and a share of
-        changed rows, and keeps it up to date from then on. Sampled; blocks no reader
-        or writer."""
-        assert self._pool is not None, "database not opened"
-        async with self._pool.acquire() as conn:
-            blind = [r[0] for r in await conn.fetch(
+        """Give the planner statistics of those of ``tables`` that have none, or whose
+        rows changed by more than half their number (and 1,000) since they were last
+        analyzed (how many). Autovacuum, where it runs, analyzes at a tenth and gets
+        there first; where it is off or behind, a table loaded after its statistics
+        were taken would be planned as if it were still small (a patient's 5,000
+        Observations searched in 14 s instead of 40 ms). Sampled; blocks no reader
+        or writer; one process at a time (the others skip)."""
+        async with self._acquire() as conn, conn.transaction():
+            if not await conn.fetchval(
+                    "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
+                    "carepath:analyze"):
+                return 0
+            stale = [r[0] for r in await conn.fetch(
                 "SELECT relname FROM pg_stat_user_tables WHERE schemaname = current_schema()"
-                " AND relname = ANY($1::text[]) AND last_analyze IS NULL"
-                " AND last_autoanalyze IS NULL", [_ident(t) for t in tables])]
-            if blind:
-                await conn.execute(f"ANALYZE {', '.join(_ident(t) for t in blind)}")
-        return len(blind)
+                " AND relname = ANY($1::text[]) AND (last_analyze IS NULL"
+                " AND last_autoanalyze IS NULL OR n_mod_since_analyze > n_live_tup / 2 + $2)",
+                [_ident(t) for t in tables], STALE_ROWS)]
+            if stale:
+                await conn.execute(f"ANALYZE {', '.join(_ident(t) for t in stale)}")
+        return len(stale)

@@ -7,14 +7,16 @@ type. SQLite has none until ``ANALYZE`` runs; PostgreSQL's autovacuum analyzes
 a table only after a delay and a share of changed rows, so a freshly loaded
 database was planned blind (``Observation?code=…&_sort=-date`` over 9,000
 Observations: 10 s, 69 ms once analyzed). :class:`PlannerStatistics` runs the
-database's ``analyze`` once at start when there is data and whenever the stored
-versions have doubled since (from :data:`MIN_VERSIONS` on), for the tables
-searches read (:data:`TABLES`). On SQLite that is a sampled ``ANALYZE`` (a few
-milliseconds), about twenty times in a database's first million versions; on
-PostgreSQL it analyzes the tables no one has analyzed yet, once, and leaves
-them to autovacuum from then on (the sort subqueries are written so that
-statistics from a smaller database still plan them right:
-``gateway/storage/search_sql.py``).
+database's ``analyze`` for the tables searches read (:data:`TABLES`), from
+:data:`MIN_VERSIONS` stored versions on. On SQLite that is a sampled
+``ANALYZE`` (a few milliseconds), run once at start when there is data and
+whenever the stored versions have doubled since: about twenty times in a
+database's first million versions. On PostgreSQL it looks after commits (at
+most once a :data:`CHECK_INTERVAL`) which tables have no statistics or stale
+ones, and analyzes those (:meth:`~gateway.storage.db.PostgresDatabase.analyze`;
+autovacuum, where it runs, usually comes first). The sort subqueries are
+written so that statistics from a smaller database still plan them right
+(``gateway/storage/search_sql.py``).
 """
 
 from __future__ import annotations
@@ -56,10 +58,12 @@ class PlannerStatistics(tasks.Loop):
         return int(row[0]) if row and row[0] is not None else 0
 
     async def refresh(self, *, force: bool = False) -> bool:
-        """Ask the database to analyze if the data has doubled since the last time (or
-        ``force`` and there is data); whether it asked."""
+        """Ask the database to analyze if there is data and, on SQLite, if it has
+        doubled since the last time (or ``force``); whether it asked. (PostgreSQL
+        knows which of its tables changed, and analyzes only those.)"""
         n = await self.versions()
-        if n < MIN_VERSIONS or (not force and n < 2 * self.analyzed_at):
+        doubled = force or n >= 2 * self.analyzed_at or self.db.dialect == "postgresql"
+        if n < MIN_VERSIONS or not doubled:
             return False
         analyzed = await self.db.analyze(TABLES)
         self.analyzed_at = n
