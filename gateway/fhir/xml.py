@@ -38,6 +38,9 @@ from gateway.fhir.validation.xhtml import hardened_parser, has_dtd
 FHIR_NS = "http://hl7.org/fhir"
 XHTML_NS = "http://www.w3.org/1999/xhtml"
 _F = "{" + FHIR_NS + "}"
+#: XML Schema's instance attributes: ``xsi:schemaLocation`` names the schema an
+#: instance was written against (test fixtures and older tools write it); not data
+_XSI = "{http://www.w3.org/2001/XMLSchema-instance}"
 _INTEGERS = frozenset(("integer", "positiveInt", "unsignedInt", "integer64"))
 _INTEGER = re.compile(r"-?[0-9]+")
 _DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
@@ -185,6 +188,8 @@ def _read(element: etree._Element, node: Node, out: dict[str, Any], model: Model
     for name, value in element.attrib.items():
         if (not resource and name == "id") or (name == "url" and node.path == "Extension"):
             out[name] = value
+        elif resource and name in (_XSI + "schemaLocation", _XSI + "noNamespaceSchemaLocation"):
+            continue
         else:
             raise _bad(f"{where}: attribute '{name}' is not defined here")
     if element.text and element.text.strip():
@@ -198,8 +203,7 @@ def _read(element: etree._Element, node: Node, out: dict[str, Any], model: Model
             child = node.children.get("div")
             if child is None or child.kind != XHTML:
                 raise _bad(f"{where}: a narrative div is not allowed here")
-            sub.tail = None
-            out["div"] = etree.tostring(sub, encoding="unicode", with_tail=False)
+            out["div"] = etree.tostring(_narrative(sub), encoding="unicode")
             continue
         name = _local(sub, where)
         child = node.children.get(name)
@@ -227,6 +231,34 @@ def _read(element: etree._Element, node: Node, out: dict[str, Any], model: Model
             raise _bad(f"{path}: given more than once")
         else:
             out[name] = item
+
+
+def _narrative(div: etree._Element) -> etree._Element:
+    """The narrative ``div`` on its own, as FHIR JSON holds it: XHTML the default
+    namespace (whatever prefix it had), and none of the namespaces declared around
+    it in the document (the FHIR namespace, ``xsi``) declared on it."""
+    def copy(element: etree._Element, parent: etree._Element | None) -> etree._Element:
+        if parent is None:
+            new = etree.Element(element.tag, nsmap={None: XHTML_NS})
+        elif isinstance(element.tag, str):
+            new = etree.SubElement(parent, element.tag)
+        else:  # a comment or processing instruction
+            new = copy_of(element)
+            parent.append(new)
+            new.tail = element.tail
+            return new
+        for name, value in element.attrib.items():
+            new.set(name, value)
+        new.text, new.tail = element.text, (element.tail if parent is not None else None)
+        for child in element:
+            copy(child, new)
+        return new
+
+    def copy_of(node: etree._Element) -> etree._Element:
+        return etree.Comment(node.text) if isinstance(node, etree._Comment) else \
+            etree.ProcessingInstruction(node.target, node.text)
+
+    return copy(div, None)
 
 
 def _read_primitive(element: etree._Element, code: str, array: bool, name: str,

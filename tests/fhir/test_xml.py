@@ -114,6 +114,9 @@ def test_xml_follows_the_definitions(model: Model) -> None:
     b'<Patient xmlns="http://hl7.org/fhir"><id value="a"></Patient>',
     b'<Patient xmlns="http://hl7.org/fhir"><id value="&undeclared;"/></Patient>',
     b'<Patient xmlns="http://hl7.org/fhir"><?php echo 1 ?><active value="true"/></Patient>',
+    # xsi: only a resource's schemaLocation is let pass
+    b'<Patient xmlns="http://hl7.org/fhir" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">'
+    b'<name xsi:type="HumanName"><family value="X"/></name></Patient>',
     # the same declarations in UTF-16, where a scan of the bytes would not see them
     '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE Patient [<!ENTITY a "aaaa">'
     '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]><Patient xmlns="http://hl7.org/fhir">'
@@ -123,3 +126,32 @@ def test_what_is_not_fhir_xml_is_refused(model: Model, body: bytes) -> None:
     with pytest.raises(FhirError) as caught:
         fhir_xml.loads(body, model)
     assert caught.value.status == 400
+
+
+XSI = 'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"'
+
+
+def test_a_schema_location_is_not_data(model: Model) -> None:
+    # as test fixtures and older tools write FHIR XML
+    body = (f'<?xml version="1.0" encoding="UTF-8"?><Patient xmlns="http://hl7.org/fhir" {XSI}'
+            ' xsi:schemaLocation="http://hl7.org/fhir ../../schema/fhir-single.xsd">'
+            '<text><status value="generated"/><div xmlns="http://www.w3.org/1999/xhtml">'
+            '<p>Erika <b>Mustermann</b><!-- note --></p>tail</div></text>'
+            '<active value="true"/></Patient>').encode()
+    assert fhir_xml.loads(body, model) == {
+        "resourceType": "Patient",
+        # none of the namespaces declared around the narrative is declared on it
+        "text": {"status": "generated",
+                 "div": '<div xmlns="http://www.w3.org/1999/xhtml"><p>Erika <b>Mustermann</b>'
+                        "<!-- note --></p>tail</div>"},
+        "active": True,
+    }
+
+
+def test_a_narrative_with_a_prefix_is_held_in_the_default_namespace(model: Model) -> None:
+    body = (b'<Patient xmlns="http://hl7.org/fhir"><text><status value="generated"/>'
+            b'<h:div xmlns:h="http://www.w3.org/1999/xhtml"><h:p xml:lang="de">Hallo</h:p>'
+            b'<h:a href="#x">mehr</h:a></h:div></text></Patient>')
+    div = fhir_xml.loads(body, model)["text"]["div"]
+    assert div == ('<div xmlns="http://www.w3.org/1999/xhtml"><p xml:lang="de">Hallo</p>'
+                   '<a href="#x">mehr</a></div>')
