@@ -15,6 +15,7 @@ from gateway.settings import Settings
 from gateway.storage.db import open_database
 from gateway.storage.migrate import migrate
 from tests.conftest import PG_URL, Server
+from tests.tcp_proxy import TcpProxy
 
 HEALTH = "application/health+json"
 
@@ -45,49 +46,11 @@ def test_live_and_ready_over_http(server: Server) -> None:
     assert ready.headers["cache-control"] == "no-store"
 
 
-class _Proxy:
-    """A TCP forwarder to PostgreSQL that can be cut: the database going away
-    under a running gateway."""
-
-    def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        host, port = PG_URL.split("//", 1)[1].split("/", 1)[0].split(":")
-        up_reader, up_writer = await asyncio.open_connection(host, int(port))
-        self.writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.transport.abort()
-        await self.server.wait_closed()
-
-
 def test_a_database_gone_away_fails_readiness() -> None:
     async def check() -> list[tuple[int, dict[str, Any]]]:
-        proxy = _Proxy()
-        port = await proxy.start()
-        db = open_database(PG_URL.replace(PG_URL.split("//", 1)[1].split("/", 1)[0],
-                                          f"127.0.0.1:{port}"), pool_size=2)
+        proxy = TcpProxy.of(PG_URL)
+        await proxy.start()
+        db = open_database(proxy.url(PG_URL), pool_size=2)
         await db.open()
         events = EventRuntime(db, Settings(database_url=PG_URL))
         audit = AuditWriter(db)
@@ -95,7 +58,7 @@ def test_a_database_gone_away_fails_readiness() -> None:
         health = Health(db, audit, events, timeout=2)
         try:
             before = await health.ready()
-            await proxy.cut()
+            await proxy.stop()
             return [before, await health.ready()]
         finally:
             await audit.stop()
@@ -146,15 +109,14 @@ def test_metrics_still_answer_when_the_database_is_gone(new_schema: Any) -> None
     from gateway.api.metrics import exposition
 
     async def scrape() -> tuple[str, str]:
-        proxy = _Proxy()
-        port = await proxy.start()
-        db = open_database(PG_URL.replace(PG_URL.split("//", 1)[1].split("/", 1)[0],
-                                          f"127.0.0.1:{port}"), pool_size=1, schema=schema)
+        proxy = TcpProxy.of(PG_URL)
+        await proxy.start()
+        db = open_database(proxy.url(PG_URL), pool_size=1, schema=schema)
         await db.open()
         try:
             await migrate(db)
             up = (await exposition(db)).decode()
-            await proxy.cut()
+            await proxy.stop()
             return up, (await exposition(db)).decode()
         finally:
             await db.close()
