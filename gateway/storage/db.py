@@ -89,6 +89,13 @@ def _unavailable(exc: BaseException) -> FhirError:
     return FhirError(Code.UNAVAILABLE, "the database cannot be used now; try again shortly")
 
 
+def _raise_ours(error: Exception, exc: Exception) -> None:
+    """Raise ``error``, what the gateway makes of the database's ``exc``, unless it
+    made nothing of it (then the caller raises ``exc`` as it is)."""
+    if error is not exc:
+        raise error from exc
+
+
 def sqlite_path(url: str) -> str:
     """``sqlite:///./x.db`` -> ``./x.db``; ``sqlite:////abs/x.db`` -> ``/abs/x.db``."""
     if url in ("sqlite://", "sqlite:///:memory:"):
@@ -157,7 +164,8 @@ class _SqliteConnection:
         try:
             await self._conn.execute(sql, tuple(params))
         except sqlite3.Error as exc:
-            raise _sqlite_error(exc) from exc
+            _raise_ours(_sqlite_error(exc), exc)
+            raise
         finally:
             self._deadline.end()
 
@@ -166,7 +174,8 @@ class _SqliteConnection:
         try:
             await self._conn.executemany(sql, [tuple(r) for r in rows])
         except sqlite3.Error as exc:
-            raise _sqlite_error(exc) from exc
+            _raise_ours(_sqlite_error(exc), exc)
+            raise
         finally:
             self._deadline.end()
 
@@ -176,7 +185,8 @@ class _SqliteConnection:
             async with self._conn.execute(sql, tuple(params)) as cur:
                 return [tuple(r) for r in await cur.fetchall()]
         except sqlite3.Error as exc:
-            raise _sqlite_error(exc) from exc
+            _raise_ours(_sqlite_error(exc), exc)
+            raise
         finally:
             self._deadline.end()
 
@@ -186,7 +196,8 @@ class _SqliteConnection:
             async with self._conn.execute(sql, tuple(params)) as cur:
                 row = await cur.fetchone()
         except sqlite3.Error as exc:
-            raise _sqlite_error(exc) from exc
+            _raise_ours(_sqlite_error(exc), exc)
+            raise
         finally:
             self._deadline.end()
         return tuple(row) if row is not None else None
@@ -299,7 +310,8 @@ class SqliteDatabase:
                 await conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 await self._rollback(conn)
-                raise _sqlite_error(exc) from exc
+                _raise_ours(_sqlite_error(exc), exc)
+                raise
 
     @staticmethod
     async def _rollback(conn: aiosqlite.Connection) -> None:
@@ -414,7 +426,8 @@ class _PostgresConnection:
         try:
             await self._conn.execute(_pg_sql(sql), *params)
         except _PG_ERRORS as exc:
-            raise _pg_error(exc, self._conn) from exc
+            _raise_ours(_pg_error(exc, self._conn), exc)
+            raise
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
@@ -422,19 +435,22 @@ class _PostgresConnection:
             try:
                 await self._conn.executemany(_pg_sql(sql), rows)
             except _PG_ERRORS as exc:
-                raise _pg_error(exc, self._conn) from exc
+                _raise_ours(_pg_error(exc, self._conn), exc)
+            raise
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         try:
             return [tuple(r) for r in await self._conn.fetch(_pg_sql(sql), *params)]
         except _PG_ERRORS as exc:
-            raise _pg_error(exc, self._conn) from exc
+            _raise_ours(_pg_error(exc, self._conn), exc)
+            raise
 
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         try:
             row = await self._conn.fetchrow(_pg_sql(sql), *params)
         except _PG_ERRORS as exc:
-            raise _pg_error(exc, self._conn) from exc
+            _raise_ours(_pg_error(exc, self._conn), exc)
+            raise
         return tuple(row) if row is not None else None
 
     async def lock(self, *keys: str) -> None:
@@ -500,7 +516,8 @@ class _PostgresTransaction(_PostgresConnection):
                 "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended("
                 f"convert_from(decode('{key_hex}', 'hex'), 'UTF8'), 0))")
         except _PG_ERRORS as exc:
-            raise _pg_error(exc, self._conn) from exc
+            _raise_ours(_pg_error(exc, self._conn), exc)
+            raise
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -569,7 +586,8 @@ class PostgresDatabase:
                 try:
                     await conn.execute("COMMIT")
                 except _PG_ERRORS as exc:
-                    raise _pg_error(exc, conn) from exc
+                    _raise_ours(_pg_error(exc, conn), exc)
+                    raise
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Connection]:
