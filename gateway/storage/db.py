@@ -436,7 +436,7 @@ class _PostgresConnection:
                 await self._conn.executemany(_pg_sql(sql), rows)
             except _PG_ERRORS as exc:
                 _raise_ours(_pg_error(exc, self._conn), exc)
-            raise
+                raise
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         try:
