@@ -75,13 +75,17 @@ async def history(
         raise FhirError(Code.INVALID_SEARCH_VALUE, "_count and _cursor are integers") from None
     if before is not None and not 0 <= before < 2**63:  # a position the store can hold
         raise FhirError(Code.INVALID_SEARCH_VALUE, "_cursor is out of range")
-    count = max(1, min(count, ctx.settings.max_page_size))
+    if count < 0:
+        raise FhirError(Code.INVALID_SEARCH_VALUE, "_count must be a non-negative integer")
+    # _count=0: no versions, only how many there are (as a search answers it)
+    count = min(count, ctx.settings.max_page_size)
     # the system's history holds the types the scopes allow, not every type
     types = guard.allowed_types(ctx.registry.types, level) if resource_type is None else None
     page = await ctx.store.history(resource_type, id, since=since, at=at, before=before,
                                    limit=count, restriction=restriction, types=types)
     guard.note(resource_type or "*", id, None, f"_history?{urlencode(pairs)}")
-    if id is not None and before is None and since is None and at is None and not page.entries:
+    if id is not None and before is None and since is None and at is None and count and (
+            not page.entries):
         # (filtered by time, the history of a resource that exists can be empty)
         raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
     path = "/".join(p for p in (base, resource_type, id, "_history") if p)

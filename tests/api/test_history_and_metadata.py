@@ -73,6 +73,19 @@ def test_history_of_unknown_resource_is_404(client: httpx.Client) -> None:
     assert response.status_code == 404
 
 
+def test_history_count_zero_answers_the_total_and_a_negative_count_is_refused(
+        client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    put(client, created)
+    path = f"/Patient/{created['id']}/_history"
+    counted = client.get(path, params={"_count": 0})
+    assert counted.status_code == 200
+    assert counted.json()["total"] == 2 and not counted.json().get("entry")
+    for bad in ("-1", "two"):
+        refused = client.get(path, params={"_count": bad})
+        assert refused.status_code == 400 and gw_code(refused) == "GW-1013"
+
+
 def test_history_rejects_bad_since(client: httpx.Client) -> None:
     response = client.get("/_history", params={"_since": "yesterday"})
     assert response.status_code == 400
