@@ -313,13 +313,19 @@ def _check_limits(ctx: Context, body: Any, size: int) -> None:
 
 
 def _parse_body(
-    ctx: Context, headers: dict[str, str], raw: bytes, method: str
+    ctx: Context, headers: dict[str, str], raw: bytes, method: str, path: str
 ) -> tuple[Any, list[tuple[str, str]]]:
     """Parsed JSON body, plus form pairs for ``POST _search``."""
     if not raw:
         return None, []
     ctype = _media(headers.get("content-type", "application/fhir+json"))
     if ctype == _FORM:
+        # (what curl -d sends when told nothing else: a resource under the wrong name)
+        last = path.rstrip("/").rpartition("/")[2]
+        if last != "_search" and not last.startswith("$"):
+            raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                            f"{_FORM} is the body of POST [type]/_search; send a resource as"
+                            " application/fhir+json or application/fhir+xml")
         return None, parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
     model = _xml_model(ctx)
     if ctype in _XML_TYPES and model is None:
@@ -637,7 +643,7 @@ def create_api(
             binary = _binary_content(request.path, request.method, request.headers, raw,
                                      ctx.settings.max_string_length)
             body, form = (binary, []) if binary is not None else _parse_body(
-                ctx, request.headers, raw, request.method)
+                ctx, request.headers, raw, request.method, request.path)
             if form:
                 query += form
             bad = fjson.first_forbidden(query)

@@ -79,6 +79,20 @@ def test_gzip_request_bodies(client: httpx.Client) -> None:
     assert (other.status_code, gw_code(other)) == (415, "GW-1008")
 
 
+def test_a_resource_sent_as_a_form_is_refused_with_the_reason(client: httpx.Client) -> None:
+    # what curl -d sends unless told otherwise
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = json.dumps(patient(unique("mrn"))).encode()
+    for response in (client.post("/Patient", content=body, headers=form),
+                     client.put(f"/Patient/{unique('id')}", content=body, headers=form),
+                     client.post("/", content=body, headers=form)):
+        assert (response.status_code, gw_code(response)) == (415, "GW-1008")
+        assert "application/fhir+json" in response.json()["issue"][0]["diagnostics"]
+    # the body of a search, as it should be
+    searched = client.post("/Patient/_search", content=b"_count=1", headers=form)
+    assert searched.status_code == 200 and searched.json()["type"] == "searchset"
+
+
 def test_a_decompression_bomb_stops_at_the_size_limit(client: httpx.Client) -> None:
     # 10 KB on the wire, 64 MiB inflated (the default limit is 10 MiB)
     bomb = gzip.compress(b'{"resourceType":"Patient","x":"' + b"0" * (64 << 20) + b'"}')
