@@ -88,7 +88,8 @@ async def read(
 
 
 async def vread(ctx: Context, resource_type: str, id: str, version: str,
-                query: list[tuple[str, str]] | None = None) -> FhirResponse:
+                query: list[tuple[str, str]] | None = None, *, if_none_match: str | None = None,
+                if_modified_since: str | None = None) -> FhirResponse:
     check_type(ctx, resource_type)
     check_id(id)
     guard.require(resource_type, "vread")
@@ -104,5 +105,7 @@ async def vread(ctx: Context, resource_type: str, id: str, version: str,
                         f"{resource_type}/{id} has no version {version}")
     if stored.deleted:
         raise FhirError(Code.GONE, f"{resource_type}/{id} version {version} is a deletion")
-    return FhirResponse(200, _body(ctx, stored, subsetting), version_headers(stored),
-                        stored.last_updated)
+    headers = version_headers(stored)
+    if _not_modified(stored, if_none_match, if_modified_since):  # a cache's copy is current
+        return FhirResponse(304, None, headers, stored.last_updated)
+    return FhirResponse(200, _body(ctx, stored, subsetting), headers, stored.last_updated)

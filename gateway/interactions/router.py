@@ -158,5 +158,7 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
             raise _not_allowed(req)
         if n == 3:
             return await history.history(ctx, rt, id, req.query, base=req.base)
-        return await read.vread(ctx, rt, id, parts[3], req.query)
+        return await read.vread(ctx, rt, id, parts[3], req.query,
+                                if_none_match=h.get("if-none-match"),
+                                if_modified_since=h.get("if-modified-since"))
     raise FhirError(Code.UNKNOWN_ENDPOINT, f"'{req.path[:100]}' is not a known endpoint")

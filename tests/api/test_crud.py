@@ -78,6 +78,14 @@ def test_vread_returns_each_version(client: httpx.Client) -> None:
     assert v2.json()["name"][0]["family"] == "Zwei"
     assert v2.headers["ETag"] == 'W/"2"'
     assert client.get(f"/Patient/{created['id']}/_history/3").status_code == 404
+    # a version does not change: a cache holding it is told so (conditional read)
+    cached = client.get(f"/Patient/{created['id']}/_history/1",
+                        headers={"If-None-Match": v1.headers["ETag"]})
+    assert cached.status_code == 304 and cached.content == b""
+    assert cached.headers["ETag"] == 'W/"1"'
+    other = client.get(f"/Patient/{created['id']}/_history/1",
+                       headers={"If-None-Match": 'W/"2"'})
+    assert other.status_code == 200 and other.json()["name"][0]["family"] == "Eins"
 
 
 def test_update_and_create_on_update(client: httpx.Client) -> None:
