@@ -16,6 +16,8 @@ from gateway.fhir.indexer import SearchParam, composite_supported
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import Context, FhirResponse
 from gateway.interactions.operations import Operation, OperationRequest
+from gateway.interactions.read import subsetting_of
+from gateway.interactions.search import shaped
 from gateway.registry import Registry
 
 TYPE_INTERACTIONS = (
@@ -226,10 +228,17 @@ def _terminology_capabilities(registry: Registry, base: str) -> dict[str, Any]:
     }
 
 
-def capabilities(ctx: Context, *, base: str, mode: str | None = None) -> FhirResponse:
-    """``GET [base]/metadata``; ``mode=terminology``: the TerminologyCapabilities."""
+def capabilities(ctx: Context, *, base: str,
+                 query: list[tuple[str, str]] | None = None) -> FhirResponse:
+    """``GET [base]/metadata``; ``mode=terminology``: the TerminologyCapabilities.
+    ``_summary`` and ``_elements`` as on a read (``_summary=true``: what a client
+    asks for that wants the server's name and FHIR version, not its 800 KB of
+    resource types)."""
+    query = query or []
+    mode = dict(query).get("mode")
     if mode == "terminology":
-        return FhirResponse(200, _terminology_capabilities(ctx.registry, base))
+        return FhirResponse(200, _shaped(ctx, "TerminologyCapabilities", query,
+                                         _terminology_capabilities(ctx.registry, base)))
     if mode not in (None, "full", "normal"):
         raise FhirError(Code.INVALID_SEARCH_VALUE,
                         f"mode must be full, normal or terminology, not '{mode[:32]}'")
@@ -243,7 +252,13 @@ def capabilities(ctx: Context, *, base: str, mode: str | None = None) -> FhirRes
             _CACHE.popitem(last=False)
     else:
         _CACHE.move_to_end(key)
-    return FhirResponse(200, statement)
+    return FhirResponse(200, _shaped(ctx, "CapabilityStatement", query, statement))
+
+
+def _shaped(ctx: Context, resource_type: str, query: list[tuple[str, str]],
+            statement: dict[str, Any]) -> dict[str, Any]:
+    wanted = subsetting_of(ctx, resource_type, query)
+    return statement if wanted is None else shaped(ctx, wanted, resource_type, statement)
 
 
 async def versions(ctx: Context, req: OperationRequest) -> FhirResponse:

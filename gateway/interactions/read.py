@@ -28,7 +28,7 @@ from gateway.storage.interface import StoredResource
 _READ_PARAMS = frozenset({"_summary", "_elements"})
 
 
-def _subsetting(ctx: Context, resource_type: str,
+def subsetting_of(ctx: Context, resource_type: str,
                 query: list[tuple[str, str]]) -> SearchQuery | None:
     """``_summary``/``_elements`` of a read, checked; None: the whole resource. Other
     parameters mean nothing to a read (``_format``, a client's cache buster …)."""
@@ -74,7 +74,7 @@ async def read(
     check_type(ctx, resource_type)
     check_id(id)
     guard.require(resource_type, "read")
-    subsetting = _subsetting(ctx, resource_type, query or [])
+    subsetting = subsetting_of(ctx, resource_type, query or [])
     stored = await ctx.store.read(resource_type, id)
     if stored is None:
         raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
@@ -93,7 +93,7 @@ async def vread(ctx: Context, resource_type: str, id: str, version: str,
     check_type(ctx, resource_type)
     check_id(id)
     guard.require(resource_type, "vread")
-    subsetting = _subsetting(ctx, resource_type, query or [])
+    subsetting = subsetting_of(ctx, resource_type, query or [])
     number = version_number(version)
     current = await ctx.store.read(resource_type, id)
     if current is None:

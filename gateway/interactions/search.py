@@ -39,14 +39,22 @@ def shape(ctx: Context, query: SearchQuery, stored: StoredResource) -> Any:
     """The resource as ``_elements``/``_summary`` ask (tagged SUBSETTED), or the stored
     bytes as they are."""
     assert stored.content is not None
-    if query.elements:
-        info = ctx.registry.types[stored.resource_type]
-        return subset(fjson.loads_stored(stored.content), set(query.elements), info.choices)
-    if query.summary in ("true", "text", "data"):
-        info = ctx.registry.types[stored.resource_type]
-        return summarize(fjson.loads_stored(stored.content), query.summary, summary=info.summary,
-                         mandatory=info.mandatory, choices=info.choices)
+    if query.elements or query.summary in ("true", "text", "data"):
+        return shaped(ctx, query, stored.resource_type, fjson.loads_stored(stored.content))
     return raw(stored.content)
+
+
+def shaped(ctx: Context, query: SearchQuery, resource_type: str,
+           resource: dict[str, Any]) -> dict[str, Any]:
+    """``resource`` as ``_elements``/``_summary`` ask (a new dict, tagged SUBSETTED
+    when cut), or ``resource`` itself."""
+    info = ctx.registry.types[resource_type]
+    if query.elements:
+        return subset(resource, set(query.elements), info.choices)
+    if query.summary in ("true", "text", "data"):
+        return summarize(resource, query.summary, summary=info.summary,
+                         mandatory=info.mandatory, choices=info.choices)
+    return resource
 
 
 async def _page(

@@ -92,6 +92,25 @@ def test_history_rejects_bad_since(client: httpx.Client) -> None:
     assert gw_code(response) == "GW-1013"
 
 
+def test_capability_statement_in_parts(client: httpx.Client) -> None:
+    whole = client.get("/metadata").json()
+    elements = client.get("/metadata", params={"_elements": "fhirVersion,software"})
+    assert elements.status_code == 200
+    cut = elements.json()
+    assert "id" not in whole  # a statement of this server now, not a stored resource
+    assert set(cut) == {"resourceType", "meta", "fhirVersion", "software"}
+    assert cut["fhirVersion"] == "4.0.1"
+    assert cut["meta"]["tag"][-1]["code"] == "SUBSETTED"
+    text = client.get("/metadata", params={"_summary": "text"}).json()
+    assert "rest" not in text and text["status"] == whole["status"]  # mandatory stays
+    assert "SUBSETTED" not in str(client.get("/metadata").json().get("meta"))  # cached whole
+    terminology = client.get("/metadata", params={"mode": "terminology",
+                                                  "_elements": "codeSystem"}).json()
+    assert terminology["resourceType"] == "TerminologyCapabilities"
+    assert "codeSystem" in terminology and "expansion" not in terminology
+    assert client.get("/metadata", params={"_summary": "count"}).status_code == 400
+
+
 def test_capability_statement_reflects_the_registry(client: httpx.Client) -> None:
     response = client.get("/metadata")
     assert response.status_code == 200
