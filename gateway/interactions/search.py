@@ -53,7 +53,8 @@ def shaped(ctx: Context, query: SearchQuery, resource_type: str,
         return subset(resource, set(query.elements), info.choices)
     if query.summary in ("true", "text", "data"):
         return summarize(resource, query.summary, summary=info.summary,
-                         mandatory=info.mandatory, choices=info.choices)
+                         mandatory=info.mandatory, choices=info.choices, nested=info.nested,
+                         aliases=info.aliases)
     return resource
 
 

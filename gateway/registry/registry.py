@@ -11,6 +11,7 @@ id (:meth:`Registry.conformance_resource`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -53,6 +54,11 @@ class TypeInfo:
     summary: frozenset[str]  # element names (choice names without [x]) with isSummary
     mandatory: frozenset[str]  # element names with min >= 1
     choices: frozenset[str]  # choice element names (``value`` for ``value[x]``)
+    #: below the top: each backbone element's path (``contact``, ``rest.resource``)
+    #: -> the names of its elements with isSummary, and its choice names
+    nested: Mapping[str, tuple[frozenset[str], frozenset[str]]] = field(default_factory=dict)
+    #: an element defined as another's (``item.item`` -> ``item``: contentReference)
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(eq=False)  # hashed by identity: one registry per process
@@ -144,16 +150,31 @@ def _type_info(sd: dict[str, Any]) -> TypeInfo:
     summary: set[str] = set()
     mandatory: set[str] = set()
     choices: set[str] = set()
+    nested: dict[str, tuple[set[str], set[str]]] = {}
+    aliases: dict[str, str] = {}
     for el in sd["snapshot"]["element"]:
         parts = el["path"].split(".")
-        if len(parts) != 2 or parts[0] != root:
+        if len(parts) < 2 or parts[0] != root:
             continue
-        name = parts[1]
-        if name.endswith("[x]"):
+        name = parts[-1]
+        choice = name.endswith("[x]")
+        if choice:
             name = name[:-3]
+        if ref := el.get("contentReference"):  # "#Questionnaire.item"
+            aliases[".".join([*parts[1:-1], name])] = ref.split(".", 1)[1]
+        if len(parts) > 2:  # an element of a backbone element
+            keep, kinds = nested.setdefault(".".join(parts[1:-1]), (set(), set()))
+            if choice:
+                kinds.add(name)
+            if el.get("isSummary"):
+                keep.add(name)
+            continue
+        if choice:
             choices.add(name)
         if el.get("isSummary"):
             summary.add(name)
         if el.get("min", 0) >= 1:
             mandatory.add(name)
-    return TypeInfo(root, frozenset(summary), frozenset(mandatory), frozenset(choices))
+    return TypeInfo(root, frozenset(summary), frozenset(mandatory), frozenset(choices),
+                    {path: (frozenset(keep), frozenset(kinds))
+                     for path, (keep, kinds) in nested.items()}, aliases)

@@ -446,6 +446,33 @@ def test_read_and_vread_with_summary_and_elements(client: httpx.Client) -> None:
     assert client.get(f"/Patient/{rid}", params={"_elements": "na me"}).status_code == 400
 
 
+def test_summary_keeps_the_summary_elements_of_backbone_elements(client: httpx.Client) -> None:
+    # Observation.component is a summary element; its interpretation and its
+    # referenceRange are not (and a Questionnaire's nested items are its items)
+    bp = {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}
+    created = post(client, {
+        "resourceType": "Observation", "status": "final", "code": bp,
+        "component": [{
+            "code": bp, "valueQuantity": {"value": 120, "unit": "mm[Hg]"},
+            "interpretation": [{"text": "normal"}],
+            "referenceRange": [{"text": "90-140"}],
+        }],
+    }).json()
+    summary = client.get(f"/Observation/{created['id']}", params={"_summary": "true"}).json()
+    assert summary["component"] == [{"code": bp,
+                                     "valueQuantity": {"value": 120, "unit": "mm[Hg]"}}]
+    assert summary["code"] == bp  # a data type's value is kept whole
+    asked = post(client, {
+        "resourceType": "Questionnaire", "status": "active",
+        "item": [{"linkId": "1", "type": "group", "text": "Anamnese",
+                  "item": [{"linkId": "1.1", "type": "string", "text": "Beschwerden"}]}],
+    }).json()
+    summary = client.get(f"/Questionnaire/{asked['id']}", params={"_summary": "true"}).json()
+    assert "item" not in summary  # not a summary element of Questionnaire
+    data = client.get(f"/Questionnaire/{asked['id']}", params={"_summary": "data"}).json()
+    assert data["item"][0]["item"][0]["linkId"] == "1.1"  # data keeps everything but text
+
+
 def _fhirpath_patch(*operations: dict[str, Any]) -> dict[str, Any]:
     def part(name: str, value: Any) -> dict[str, Any]:
         if isinstance(value, list):

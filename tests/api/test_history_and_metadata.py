@@ -101,6 +101,10 @@ def test_capability_statement_in_parts(client: httpx.Client) -> None:
     assert set(cut) == {"resourceType", "meta", "fhirVersion", "software"}
     assert cut["fhirVersion"] == "4.0.1"
     assert cut["meta"]["tag"][-1]["code"] == "SUBSETTED"
+    summary = client.get("/metadata", params={"_summary": "true"})
+    resource = summary.json()["rest"][0]["resource"][0]
+    assert "type" in resource and "searchParam" not in resource and "interaction" not in resource
+    assert len(summary.content) * 10 < len(client.get("/metadata").content)
     text = client.get("/metadata", params={"_summary": "text"}).json()
     assert "rest" not in text and text["status"] == whole["status"]  # mandatory stays
     assert "SUBSETTED" not in str(client.get("/metadata").json().get("meta"))  # cached whole
