@@ -29,7 +29,7 @@ _READ_PARAMS = frozenset({"_summary", "_elements"})
 
 
 def subsetting_of(ctx: Context, resource_type: str,
-                query: list[tuple[str, str]]) -> SearchQuery | None:
+                  query: list[tuple[str, str]]) -> SearchQuery | None:
     """``_summary``/``_elements`` of a read, checked; None: the whole resource. Other
     parameters mean nothing to a read (``_format``, a client's cache buster …)."""
     pairs = [(k, v) for k, v in query if k in _READ_PARAMS]
