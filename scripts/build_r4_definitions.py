@@ -24,6 +24,9 @@ the gateway reads, as FHIR JSON Bundles of type ``collection``:
   that cannot be expanded offline (external code systems such as BCP-13 MIME
   types, ISO 4217 currencies, UCUM as a whole) is listed without expansion and
   its ``description`` says why; the validator does not check those bindings.
+* ``Bundle-r4-compartment-definitions.json`` -- the five CompartmentDefinitions
+  (Patient, Encounter, RelatedPerson, Practitioner, Device) with ``code,
+  search`` and the ``resource`` entries that have a ``param``.
 
 Usage::
 
@@ -148,6 +151,14 @@ def expand_required(package: Path, urls: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def trim_compartment(cd: dict[str, Any]) -> dict[str, Any]:
+    keys = ("resourceType", "id", "url", "version", "name", "status", "code", "search")
+    out = {k: cd[k] for k in keys if k in cd}
+    out["resource"] = [{"code": r["code"], "param": r["param"]}
+                       for r in cd["resource"] if r.get("param")]
+    return out
+
+
 def is_core_profile(sd: dict[str, Any]) -> bool:
     return sd.get("derivation") == "constraint" and (
         sd.get("url") in PROFILE_BASES or sd.get("baseDefinition") in PROFILE_BASES)
@@ -176,9 +187,13 @@ def main(package: Path) -> None:
         elif is_core_profile(sd):
             profiles.append(trim_sd(sd))
     value_sets = expand_required(package, required_value_sets(sds + profiles))
+    compartments = [trim_compartment(json.loads(f.read_text()))
+                    for f in sorted(package.glob("CompartmentDefinition-*.json"))]
+    compartments = [c for c in compartments if c.get("id") != "example"]
     OUT.mkdir(parents=True, exist_ok=True)
     for name, items in (("r4-search-parameters", sps), ("r4-structure-definitions", sds),
-                        ("r4-profiles", profiles), ("r4-required-valuesets", value_sets)):
+                        ("r4-profiles", profiles), ("r4-required-valuesets", value_sets),
+                        ("r4-compartment-definitions", compartments)):
         path = OUT / f"Bundle-{name}.json"
         path.write_text(json.dumps(collection(items, name), separators=(",", ":"),
                                    ensure_ascii=False) + "\n")

@@ -175,7 +175,8 @@ def _statement(
             ],
             "searchParam": _search_params(registry.common_search_params.values()),
             **({"operation": system_ops} if system_ops else {}),
-            "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
+            "compartment": [f"http://hl7.org/fhir/CompartmentDefinition/{k[0].lower()}{k[1:]}"
+                            for k in sorted(registry.compartments)],
         }],
     }
 

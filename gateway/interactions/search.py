@@ -163,20 +163,24 @@ def _in_compartment(ctx: Context, resource_type: str, compartment: tuple[str, st
                     ) -> Criterion:
     """The criterion of a search in a compartment (search.html#compartments):
     ``Patient/[id]/Observation`` finds the Observations any of whose patient
-    compartment parameters names that patient; ``Patient/[id]/Patient`` the patient."""
+    compartment parameters names that patient; ``Patient/[id]/Patient`` the patient,
+    ``Encounter/[id]/Encounter`` the encounter (``{def}``). The compartments are
+    R4's five CompartmentDefinitions; the Patient's is the access policy's."""
     kind, id = compartment
-    if kind != "Patient":
+    definition = (patient_compartment(ctx) if kind == "Patient"
+                  else ctx.registry.compartments.get(kind))
+    if definition is None:
         raise FhirError(Code.UNSUPPORTED_SEARCH,
-                        f"searches in the {kind[:64]} compartment are not supported;"
-                        " the Patient compartment is")
+                        f"{kind[:64]} is not a compartment: FHIR R4 defines "
+                        f"{', '.join(sorted(ctx.registry.compartments))}")
     check_id(id)
-    if resource_type == "Patient":
-        return parse_search("Patient", [("_id", id)], ctx.registry.search_params).criteria[0]
-    params = patient_compartment(ctx).get(resource_type)
+    params = definition.get(resource_type)
+    if resource_type == kind and (kind == "Patient" or params == ("{def}",)):
+        return parse_search(kind, [("_id", id)], ctx.registry.search_params).criteria[0]
     if not params:
         raise FhirError(Code.UNSUPPORTED_SEARCH,
-                        f"{resource_type} is not in the Patient compartment")
-    link = parse_search(resource_type, [(params[0], f"Patient/{id}")],
+                        f"{resource_type} is not in the {kind} compartment")
+    link = parse_search(resource_type, [(params[0], f"{kind}/{id}")],
                         ctx.registry.search_params, strict=True).criteria[0]
     # any of the parameters: their rows read together (as Criterion.stored does)
     return replace(link, stored=tuple(params))
@@ -203,7 +207,8 @@ async def search(
         query = replace(query, criteria=(_in_compartment(ctx, resource_type, compartment),
                                          *query.criteria))
         path = f"{compartment[0]}/{compartment[1]}/{resource_type}"
-        guard.note_patients([compartment[1]])
+        if compartment[0] == "Patient":
+            guard.note_patients([compartment[1]])
     query = _within_scopes(ctx, query)
     links = [("self", _self_link(base, path, pairs, query.ignored))]
     guard.note(resource_type or "*", None, None, links[0][1])
@@ -379,7 +384,8 @@ async def search_page(
     if len(parts) == 3 and rt is not None:
         query = replace(query, criteria=(_in_compartment(ctx, rt, (parts[0], parts[1])),
                                          *query.criteria))
-        guard.note_patients([parts[1]])
+        if parts[0] == "Patient":
+            guard.note_patients([parts[1]])
     query = _within_scopes(ctx, query)
     if not snapshot.complete and start + size > len(snapshot.keys):
         snapshot = await _read_on(ctx, snapshot, await with_value_set_members(ctx, query))

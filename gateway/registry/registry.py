@@ -71,6 +71,9 @@ class Registry:
     conformance: list[dict[str, Any]] = field(default_factory=list)
     #: R4's ValueSets with a required binding, expanded (``profiles/r4``)
     r4_value_sets: list[dict[str, Any]] = field(default_factory=list)
+    #: R4's compartments: the compartment's type (``Encounter``) -> each type in it
+    #: -> the search parameters that put a resource there (``{def}``: the owner itself)
+    compartments: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
     _by_url: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     _by_id: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict, repr=False)
 
@@ -88,6 +91,9 @@ class Registry:
         for resource in _conformance_resources(root):
             reg.add_conformance(resource)
         reg.r4_value_sets = value_sets
+        for cd in _bundle_resources(r4 / "Bundle-r4-compartment-definitions.json"):
+            reg.compartments[cd["code"]] = {r["code"]: tuple(r["param"])
+                                            for r in cd["resource"]}
         return reg
 
     def add_conformance(self, resource: dict[str, Any]) -> None:

@@ -567,7 +567,7 @@ def test_search_in_the_patient_compartment(client: httpx.Client) -> None:
     links = {link["relation"]: link["url"] for link in bundle["link"]}
     assert links["self"].endswith(f"/Patient/{pid}/Observation?_count=1")
     assert client.get(links["next"]).json()["entry"][0]["resource"]["id"] in made[:2]
-    for path in (f"/Patient/{pid}/Organization", f"/Encounter/{pid}/Observation",
+    for path in (f"/Patient/{pid}/Organization", f"/Organization/{pid}/Observation",
                  f"/Patient/{pid}/*"):
         response = client.get(path)
         assert response.status_code == 400 and gw_code(response) == "GW-1024", path
@@ -575,8 +575,95 @@ def test_search_in_the_patient_compartment(client: httpx.Client) -> None:
     assert (every_type.status_code, gw_code(every_type)) == (400, "GW-1024")
     assert "$everything" in every_type.json()["issue"][0]["diagnostics"]
     metadata = client.get("/metadata").json()
-    assert metadata["rest"][0]["compartment"] == [
-        "http://hl7.org/fhir/CompartmentDefinition/patient"]
+    assert "http://hl7.org/fhir/CompartmentDefinition/patient" in \
+        metadata["rest"][0]["compartment"]
+
+
+def test_search_in_the_other_compartments(client: httpx.Client) -> None:
+    """R4 defines four more compartments (Encounter, Practitioner, RelatedPerson,
+    Device): ``Encounter/[id]/Observation`` finds what any of the Encounter
+    compartment's parameters of Observation names that encounter."""
+    pid = post(client, patient(unique("mrn"))).json()["id"]
+    subject = {"reference": f"Patient/{pid}"}
+    doctor = post(client, {"resourceType": "Practitioner", "name": [{"family": "Arzt"}]}
+                  ).json()["id"]
+    nurse = post(client, {"resourceType": "Practitioner"}).json()["id"]
+    device = post(client, {"resourceType": "Device"}).json()["id"]
+    mother = post(client, {"resourceType": "RelatedPerson", "patient": subject}).json()["id"]
+    stay = post(client, {"resourceType": "Encounter", "status": "finished",
+                         "class": {"code": "IMP"}, "subject": subject}).json()["id"]
+    visit = post(client, {"resourceType": "Encounter", "status": "finished",
+                          "class": {"code": "AMB"}, "subject": subject}).json()["id"]
+
+    def observation(status: str, **more: Any) -> str:
+        return post(client, {"resourceType": "Observation", "status": status,
+                             "code": {"text": "x"}, "subject": subject, **more}).json()["id"]
+
+    in_stay = observation("final", encounter={"reference": f"Encounter/{stay}"},
+                          performer=[{"reference": f"Practitioner/{doctor}"}])
+    in_visit = observation("preliminary", encounter={"reference": f"Encounter/{visit}"},
+                           performer=[{"reference": f"RelatedPerson/{mother}"}])
+    measured = observation("final", device={"reference": f"Device/{device}"})
+    by_device = post(client, {"resourceType": "Observation", "status": "final",
+                              "code": {"text": "x"},
+                              "subject": {"reference": f"Device/{device}"}}).json()["id"]
+    asked = post(client, {"resourceType": "ServiceRequest", "status": "active",
+                          "intent": "order", "subject": subject,
+                          "requester": {"reference": f"Practitioner/{nurse}"},
+                          "performer": [{"reference": f"Practitioner/{doctor}"}]}
+                 ).json()["id"]
+    cared = post(client, patient(unique("mrn"), generalPractitioner=[
+        {"reference": f"Practitioner/{doctor}"}])).json()["id"]
+
+    def found(path: str, **params: str) -> list[str]:
+        return sorted(search_ids(client, path, **params))
+
+    assert found(f"/Encounter/{stay}/Observation") == [in_stay]
+    assert found(f"/Encounter/{visit}/Observation") == [in_visit]
+    assert found(f"/Encounter/{visit}/Observation", status="final") == []
+    assert found(f"/Encounter/{stay}/Encounter") == [stay]  # {def}: the encounter itself
+    assert found(f"/Practitioner/{doctor}/Observation") == [in_stay]
+    # ServiceRequest is in a practitioner's compartment as performer or requester
+    assert found(f"/Practitioner/{doctor}/ServiceRequest") == [asked]
+    assert found(f"/Practitioner/{nurse}/ServiceRequest") == [asked]
+    assert found(f"/Practitioner/{nurse}/Observation") == []
+    assert found(f"/Practitioner/{doctor}/Patient") == [cared]
+    assert found(f"/Practitioner/{doctor}/Practitioner") == [doctor]
+    assert found(f"/RelatedPerson/{mother}/Observation") == [in_visit]
+    assert found(f"/Device/{device}/Observation") == sorted([measured, by_device])
+    # the patient's compartment is not the device's: its subject is the device
+    assert by_device not in search_ids(client, f"/Patient/{pid}/Observation")
+    posted = client.post(f"/Encounter/{stay}/Observation/_search", data={"status": "final"})
+    assert [e["resource"]["id"] for e in posted.json()["entry"]] == [in_stay]
+    # paging keeps the compartment
+    page = client.get(f"/Device/{device}/Observation", params={"_count": 1}).json()
+    links = {link["relation"]: link["url"] for link in page["link"]}
+    assert links["self"].endswith(f"/Device/{device}/Observation?_count=1")
+    second = client.get(links["next"]).json()
+    assert {page["entry"][0]["resource"]["id"], second["entry"][0]["resource"]["id"]} == \
+        {measured, by_device}
+    # not in the compartment, or no compartment at all
+    for path in (f"/Device/{device}/Device", f"/Encounter/{stay}/Practitioner",
+                 f"/Location/{stay}/Observation"):
+        response = client.get(path)
+        assert (response.status_code, gw_code(response)) == (400, "GW-1024"), path
+    assert "Device, Encounter, Patient, Practitioner, RelatedPerson" in \
+        client.get(f"/Location/{stay}/Observation").json()["issue"][0]["diagnostics"]
+    assert client.get("/metadata").json()["rest"][0]["compartment"] == [
+        f"http://hl7.org/fhir/CompartmentDefinition/{c}"
+        for c in ("device", "encounter", "patient", "practitioner", "relatedPerson")]
+
+
+def test_every_type_of_every_compartment_can_be_searched(client: httpx.Client) -> None:
+    """Each (compartment, type) pair of R4's definitions makes a search (its first
+    parameter and the others read together): none is refused or fails."""
+    from gateway.registry.registry import Registry
+
+    for kind, members in Registry.load().compartments.items():
+        for rt in members:
+            response = client.get(f"/{kind}/{unique('x')}/{rt}")
+            assert response.status_code == 200, (kind, rt, response.text)
+            assert response.json().get("total") in (0, None), (kind, rt)
 
 
 def test_a_code_searches_with_the_system_its_binding_implies(client: httpx.Client) -> None:

@@ -39,12 +39,14 @@ def _create(c: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
 
 def _clinical(w: World, c: httpx.Client, pid: str, tag: str) -> None:
     ref = {"reference": f"Patient/{pid}"}
+    stay = _create(c, {"resourceType": "Encounter", "status": "finished",
+                       "class": {"code": "AMB"}, "subject": ref})
+    w.owner[f"Encounter/{stay['id']}"] = pid
     bodies = [
         {"resourceType": "Observation", "status": "final", "code": {"text": tag},
-         "subject": ref},
+         "subject": ref, "encounter": {"reference": f"Encounter/{stay['id']}"},
+         "performer": [{"reference": "Practitioner/doc"}]},
         {"resourceType": "Condition", "subject": ref, "code": {"text": tag}},
-        {"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"},
-         "subject": ref},
         {"resourceType": "DocumentReference", "status": "current", "subject": ref,
          "content": [{"attachment": {"contentType": "text/plain", "data": "aGk="}}]},
         {"resourceType": "Task", "status": "requested", "intent": "order", "for": ref,
@@ -64,6 +66,10 @@ def world(secured: Secured) -> Iterator[World]:
                                                  "name": org})
         assert r.status_code in (200, 201), r.text
         w.owner[f"Organization/{org}"] = ""
+    # one practitioner who treats everyone: their compartment spans organisations
+    r = a.put("/Practitioner/doc", json={"resourceType": "Practitioner", "id": "doc"})
+    assert r.status_code in (200, 201), r.text
+    w.owner["Practitioner/doc"] = ""
     tag = uuid.uuid4().hex[:8]
     for name, c, org in (("p1", a, "org-a"), ("p2", b, "org-b"), ("p3", a, "org-a")):
         p = _create(c, {"resourceType": "Patient", "name": [{"family": f"{name}-{tag}"}],
@@ -129,6 +135,11 @@ def _requests(w: World) -> list[tuple[str, str, str, Any]]:
                 f"/Patient/{pid}/Condition",
             ]
             out += [(client, "GET", path, None) for path in paths]
+        out.append((client, "GET", "/Practitioner/doc/Observation"
+                    "?_include=Observation:subject&_include=Observation:encounter", None))
+        out.append((client, "GET", "/Practitioner/doc/Observation?_summary=count", None))
+        out += [(client, "GET", f"/{key}/Observation?_include=Observation:patient", None)
+                for key in keys if key.startswith("Encounter/")]
         for rtype in ("Patient", "Observation", "Condition", "Encounter", "Task",
                       "EpisodeOfCare", "ServiceRequest", "DocumentReference"):
             out.append((client, "GET", f"/{rtype}?_count=100", None))
@@ -178,6 +189,10 @@ def test_shared_patient_is_visible_to_both(world: World) -> None:
         bundle = c.get("/Observation", params={"subject": f"Patient/{p3}"}).json()
         assert bundle["total"] == 2  # one by each organisation
         assert c.get(f"/Patient/{p3}").status_code == 200
+        # the shared practitioner's compartment: the own patient's and p3's, not the
+        # other organisation's patient's
+        treated = c.get("/Practitioner/doc/Observation", params={"_summary": "count"})
+        assert treated.json()["total"] == 3
 
 
 def test_forbidden_answers_exactly_like_absent(world: World) -> None:
