@@ -44,6 +44,12 @@ class Settings:
     #: unless ``_total=accurate`` (or ``estimate``) asks for one
     search_read_ahead: int = 1000
     db_pool_size: int = 10
+    #: an idle HTTP/1.1 connection is closed after this many seconds. Longer than the
+    #: idle timeouts of client pools (httpx 5 s, Node 5 s, Apache HttpClient's check
+    #: after 2 s): the client ends an idle connection before the server does, and
+    #: never sends a request into one the server is closing (uvicorn's default, 5 s,
+    #: loses such a request now and then)
+    keep_alive_s: int = 75
     #: a database statement of the server running longer is cancelled, and the request
     #: answered 503 (GW-5003); 0: never. The CLI's maintenance runs without a limit
     db_statement_timeout_ms: int = 60_000

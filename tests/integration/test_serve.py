@@ -56,3 +56,32 @@ def test_startup_objects_are_kept_out_of_full_collections(server) -> None:  # ty
 
     assert httpx.get(f"{server.url}/metadata").status_code == 200
     assert gc.get_freeze_count() > 50_000
+
+
+def test_an_idle_connection_outlives_client_pools(tmp_path: Path) -> None:
+    """A connection left idle for longer than client pools keep theirs (httpx, Node:
+    5 s) is still open: the client closes it first, and never sends a request into a
+    connection the server is closing. ``CAREPATH_KEEP_ALIVE_S`` sets the limit."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    def exchange(sock: socket.socket, path: str) -> bytes:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        return sock.recv(65536)
+
+    for keep_alive, open_after in (("", True), ("1", False)):
+        env = {"CAREPATH_DATABASE_URL": f"sqlite:///{tmp_path}/k{keep_alive}.db"}
+        if keep_alive:
+            env["CAREPATH_KEEP_ALIVE_S"] = keep_alive
+        with Served(env) as served:
+            url = urlsplit(served.url)
+            with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+                assert exchange(sock, f"{url.path}/metadata?_elements=fhirVersion"
+                                ).startswith(b"HTTP/1.1 200")
+                time.sleep(6)
+                try:
+                    reply = exchange(sock, f"{url.path}/metadata?_elements=fhirVersion")
+                except ConnectionError:
+                    reply = b""
+                assert reply.startswith(b"HTTP/1.1 200") is open_after, (keep_alive, reply)
