@@ -1267,7 +1267,8 @@ class Indexer:
                      and isinstance(r := e.get("resource"), dict)
                      and isinstance(r.get("resourceType"), str)
                      and isinstance(r.get("id"), str)}
-            rows_of = self.extract(rewrite(copy.deepcopy(first), names) if names else first)
+            rows_of = self.extract(rewrite(copy.deepcopy(first), names, model=self.model)
+                                   if names else first)
             for table, rows in rows_of.items():
                 out[table].extend((f"{code}.{r[0]}", *r[1:]) for r in rows)
 

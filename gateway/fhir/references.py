@@ -2,8 +2,10 @@
 
 In a transaction, entries name each other by ``fullUrl`` (often
 ``urn:uuid:…``). Once the server has assigned ids, every place such a name
-occurs is rewritten: ``Reference.reference``, canonical/uri values, and
-``href``/``src`` attributes in narrative XHTML.
+occurs is rewritten: ``Reference.reference``, values of the types ``uri``,
+``url``, ``oid``, ``uuid`` and ``canonical``, and ``href``/``src`` attributes in
+narrative XHTML (http.html#trules). A ``string`` that happens to hold the name,
+such as an ``Identifier.value`` of ``urn:uuid:…``, is data and stays as it is.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.fhir import json as fjson
+from gateway.fhir.paths import Model
 
 CONDITIONAL_REF = re.compile(r"[A-Z][A-Za-z]+\?.+")
 #: a relative RESTful reference (http.html#general-form)
 RELATIVE_REF = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?")
 _ATTR = re.compile(r"""(\b(?:href|src)\s*=\s*)(["'])(.*?)\2""", re.IGNORECASE | re.DOTALL)
+#: the types whose values name other resources (canonical too: the project rewrites
+#: canonical positions, which the spec leaves to the server)
+_NAMING_TYPES = frozenset(("uri", "url", "oid", "uuid", "canonical"))
 
 
 def rewrite(
@@ -25,6 +31,7 @@ def rewrite(
     mapping: Mapping[str, str],
     conditional: Callable[[str], str] | None = None,
     relative: Mapping[str, str] | None = None,
+    model: Model | None = None,
 ) -> Any:
     """Replace every mapped name in ``node`` (in place) and return it.
 
@@ -32,9 +39,22 @@ def rewrite(
     found in a ``reference`` element to ``Type/id``. ``relative`` maps relative
     references (``Patient/abc``) that, read against the base of the containing
     entry's fullUrl, name another entry (``http://x.org/fhir/Patient/abc``):
-    see :func:`relative_names`.
+    see :func:`relative_names`. With ``model``, a value found in the mapping is
+    replaced only where its element's type names resources (:data:`_NAMING_TYPES`);
+    an element the model does not know is replaced as without one.
     """
+    _rewrite(node, mapping, conditional, relative, model, [])
+    return node
+
+
+def _rewrite(node: Any, mapping: Mapping[str, str], conditional: Callable[[str], str] | None,
+             relative: Mapping[str, str] | None, model: Model | None, path: list[str]) -> None:
+    # ``path``: the keys from the innermost resource (its type first) to ``node``;
+    # only followed into the model when a value is in the mapping
     if isinstance(node, dict):
+        rt = node.get("resourceType")
+        if isinstance(rt, str):
+            path = [rt]
         for key, value in node.items():
             if isinstance(value, str):
                 if key == "reference" and conditional and CONDITIONAL_REF.fullmatch(value):
@@ -43,17 +63,58 @@ def rewrite(
                     node[key] = relative[value]
                 elif key == "div":
                     node[key] = _rewrite_xhtml(value, mapping) if mapping else value
-                else:
+                elif (value in mapping or "|" in value) and _names(value, mapping) \
+                        and _naming(model, [*path, key]):
                     node[key] = _renamed(value, mapping)
             elif isinstance(value, dict | list):
-                rewrite(value, mapping, conditional, relative)
+                path.append(key)
+                _rewrite(value, mapping, conditional, relative, model, path)
+                path.pop()
     elif isinstance(node, list):
         for i, value in enumerate(node):
             if isinstance(value, str):
-                node[i] = _renamed(value, mapping)
+                if (value in mapping or "|" in value) and _names(value, mapping) \
+                        and _naming(model, path):
+                    node[i] = _renamed(value, mapping)
             elif isinstance(value, dict | list):
-                rewrite(value, mapping, conditional, relative)
-    return node
+                _rewrite(value, mapping, conditional, relative, model, path)
+
+
+def _names(value: str, mapping: Mapping[str, str]) -> bool:
+    return value in mapping or ("|" in value and value.split("|", 1)[0] in mapping)
+
+
+def _naming(model: Model | None, path: list[str]) -> bool:
+    """Whether the element at ``path`` (a resource type, then JSON keys) may name a
+    resource; True when unknown. ``reference`` is a string, but a Reference's."""
+    if model is None or len(path) < 2:
+        return True
+    ctx = path[0]
+    for key in path[1:]:
+        if key.startswith("_"):  # a primitive's id and extensions
+            ctx = "Element"
+            continue
+        found = _child(model, ctx, key)
+        if found is None:
+            return True
+        if ctx == "Reference" and key == "reference":
+            return True
+        ctx, code = found
+    return code in _NAMING_TYPES
+
+
+def _child(model: Model, ctx: str, key: str) -> tuple[str, str] | None:
+    """(the context of its children, its type) of JSON key ``key`` under ``ctx``."""
+    children = model.children(ctx, key)
+    if children is None:  # a choice: valueUri is value[x] as uri
+        for i in range(1, len(key)):
+            if key[i].isupper():
+                children = model.children(ctx, key[:i])
+                break
+    for child in children or ():
+        if child.key == key:
+            return child.ctx, child.type
+    return None
 
 
 def split_restful(url: str) -> tuple[str, str] | None:

@@ -374,7 +374,8 @@ class _Transaction:
         relative = self._relative(split[0]) if split else {}
         await resolve_all(e.extra["refs"])
         # … then every name is replaced in one walk
-        rewrite(e.resource, self.names, self.resolved_refs.__getitem__, relative)
+        rewrite(e.resource, self.names, self.resolved_refs.__getitem__, relative,
+                self.ctx.registry.indexer.model)
 
     def _relative(self, base: str) -> dict[str, str]:
         found = self._relative_names.get(base)

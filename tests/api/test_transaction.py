@@ -372,6 +372,52 @@ def test_canonical_positions_are_rewritten_too(client: httpx.Client) -> None:
     assert plan["library"] == [f"Library/{library_id}", f"Library/{library_id}|1.0"]
 
 
+def test_only_elements_that_name_resources_are_rewritten(client: httpx.Client) -> None:
+    """http.html#trules: references, uri/url/oid/uuid values and narrative links are
+    rewritten; a string that holds an entry's fullUrl (an identifier minted from it,
+    a note) is data and stays as it was sent."""
+    doc = urn()
+    narrative = (f'<div xmlns="http://www.w3.org/1999/xhtml"><a href="{doc}">the letter</a>'
+                 "</div>")
+    bundle = tx([
+        {"fullUrl": doc, "resource": {
+            "resourceType": "DocumentReference", "status": "current",
+            "masterIdentifier": {"system": "urn:ietf:rfc:3986", "value": doc},
+            "identifier": [{"system": "urn:ietf:rfc:3986", "value": doc}],
+            "description": doc,
+            "content": [{"attachment": {"contentType": "text/plain", "url": doc,
+                                        "title": doc}}]},
+         "request": {"method": "POST", "url": "DocumentReference"}},
+        {"fullUrl": urn(), "resource": {
+            "resourceType": "Communication", "status": "completed",
+            "text": {"status": "generated", "div": narrative},
+            "payload": [{"contentString": doc}, {"contentReference": {"reference": doc}}],
+            "instantiatesUri": [doc],
+            "extension": [{"url": "urn:test:link", "valueUri": doc},
+                          {"url": "urn:test:note", "valueString": doc}]},
+         "request": {"method": "POST", "url": "Communication"}},
+    ])
+    response = send(client, bundle)
+    assert response.status_code == 200, response.text
+    locations = entry_locations(response)
+    letter = f"DocumentReference/{id_in(locations[0], 'DocumentReference')}"
+    stored = client.get(locations[0]).json()
+    assert stored["masterIdentifier"]["value"] == doc
+    assert stored["identifier"][0]["value"] == doc
+    assert stored["description"] == doc
+    assert stored["content"][0]["attachment"]["url"] == letter  # url
+    assert stored["content"][0]["attachment"]["title"] == doc  # string
+    sent = client.get(locations[1]).json()
+    assert sent["payload"] == [{"contentString": doc}, {"contentReference": {"reference": letter}}]
+    assert sent["instantiatesUri"] == [letter]
+    assert sent["extension"] == [{"url": "urn:test:link", "valueUri": letter},
+                                 {"url": "urn:test:note", "valueString": doc}]
+    assert f'href="{letter}"' in sent["text"]["div"]
+    # the identifier is still what a client searches by
+    assert search_ids(client, "/DocumentReference", identifier=f"urn:ietf:rfc:3986|{doc}") == \
+        [letter.split("/")[1]]
+
+
 def test_transaction_json_patch_entry_as_binary(client: httpx.Client) -> None:
     import base64
     import json

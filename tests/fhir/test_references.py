@@ -69,3 +69,39 @@ def test_relative_references_resolve_against_the_entrys_full_url() -> None:
     assert obs["subject"] == {"reference": "Patient/new1"}
     assert obs["performer"] == [{"reference": "Patient/abcd"}]
     assert obs["note"] == [{"text": "Patient/abc"}]
+
+
+def test_with_a_model_only_elements_that_name_resources_are_rewritten() -> None:
+    from gateway.registry.registry import Registry
+
+    model = Registry.load().indexer.model
+    name = "urn:uuid:5e0b5a52-8f54-4f2b-9d7e-2a1b0c3d4e5f"
+    target = "Patient/p1"
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "identifier": [{"system": name, "value": name}],  # uri, string
+        "subject": {"reference": name},
+        "valueString": name,
+        "component": [{"valueString": name, "code": {"text": name}}],
+        "note": [{"text": name, "authorReference": {"reference": name}}],
+        "_status": {"extension": [{"url": "urn:x", "valueUuid": name}]},
+        "contained": [{"resourceType": "Provenance", "policy": [name, f"{name}|2"],
+                       "reason": [{"text": name}]}],
+        "extension": [{"url": "urn:x", "valueCanonical": f"{name}|1.0"},
+                      {"url": "urn:y", "valueMarkdown": name},
+                      {"url": "urn:z", "valueUnknownType": name}],
+    }
+    out = rewrite(copy.deepcopy(obs), {name: target}, model=model)
+    assert out["identifier"] == [{"system": target, "value": name}]
+    assert out["subject"] == {"reference": target}
+    assert out["valueString"] == name
+    assert out["component"] == [{"valueString": name, "code": {"text": name}}]
+    assert out["note"] == [{"text": name, "authorReference": {"reference": target}}]
+    assert out["_status"]["extension"][0]["valueUuid"] == target
+    assert out["contained"][0]["policy"] == [target, f"{target}|2"]  # uri, in a contained
+    assert out["contained"][0]["reason"] == [{"text": name}]
+    assert [e.get("valueCanonical") or e.get("valueMarkdown") or e.get("valueUnknownType")
+            for e in out["extension"]] == [f"{target}|1.0", name, target]  # unknown: as ever
+    # without a model every value is replaced, as before
+    bare = rewrite(copy.deepcopy(obs), {name: target})
+    assert bare["valueString"] == target and bare["identifier"][0]["value"] == target
