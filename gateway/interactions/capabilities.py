@@ -31,9 +31,10 @@ SEARCH_RESULT_PARAMS = (
 )
 
 
-def _operation_entry(op: Operation) -> dict[str, Any]:
+def _operation_entry(op: Operation, resource_type: str | None = None) -> dict[str, Any]:
     entry = {"name": op.name}
-    entry["definition"] = op.definition or f"{BASE_CANONICAL}/OperationDefinition/{op.name}"
+    definition = op.definition or f"{BASE_CANONICAL}/OperationDefinition/{op.name}"
+    entry["definition"] = definition.replace("{type}", resource_type or "Resource")
     return entry
 
 
@@ -129,7 +130,7 @@ def _statement(
     resources = []
     for rt in registry.resource_types:
         type_ops = [
-            _operation_entry(op) for op in operations.values()
+            _operation_entry(op, rt) for op in operations.values()
             if op.allows(rt, None) or op.allows(rt, "x")
         ]
         params = _search_params(registry.search_params(rt).values())

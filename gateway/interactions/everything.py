@@ -1,27 +1,38 @@
-"""``Patient/[id]/$everything``:
-https://hl7.org/fhir/R4/patient-operation-everything.html.
+"""``Patient/[id]/$everything`` and ``Encounter/[id]/$everything``:
+https://hl7.org/fhir/R4/patient-operation-everything.html and
+https://hl7.org/fhir/R4/encounter-operation-everything.html.
 
-The Patient, every resource in its patient compartment (the R4
-CompartmentDefinition, as the access policy holds it) and what those refer to
+A patient's record: the Patient, every resource in its patient compartment (the
+R4 CompartmentDefinition, as the access policy holds it) and what those refer to
 outside any patient's compartment (the practitioners, organisations, locations,
 medications and devices of the record: "any resource referenced from those",
 "including binaries and attachments": the Binaries that hold its documents and
-the patient's document Bundles), as a searchset Bundle: the Patient first, then
-type by type in creation order, then the referenced resources type by type.
-References are followed one step, as the search index holds them; other
-patients' resources are not followed. Paged like a search (a snapshot, ``next``
-links). ``_type`` limits the types, ``_since`` keeps what
-changed since then, ``_count`` sets the page size and ``_offset`` where the first
-page starts (as HAPI FHIR offers it). Only what the caller may see
-is included: types the granted scopes do not let it search are left out, and
-the organisation's compartment and consent apply as in every search.
-``start``/``end`` (care dates) are not supported and say so in the Bundle.
+the patient's document Bundles). Other patients' resources are not followed.
+
+An encounter's record: the Encounter, every resource in its Encounter compartment
+(R4's CompartmentDefinition: what names it as its encounter or context) and
+every resource those refer to, of any type (the patient, the conditions its
+diagnoses name, the practitioners, locations and organisations), with the
+Binaries that hold its documents. Resources that name the encounter only in the
+``encounter-associatedEncounter`` extension are not found: no search parameter
+indexes it.
+
+Either is a searchset Bundle: the owner first, then type by type in creation
+order, then the referenced resources type by type. References are followed one
+step, as the search index holds them. Paged like a search (a snapshot, ``next``
+links). ``_type`` limits the types, ``_since`` keeps what changed since then,
+``_count`` sets the page size and ``_offset`` where the first page starts (as
+HAPI FHIR offers it). Only what the caller may see is included: types the
+granted scopes do not let it search are left out, and the organisation's
+compartment and consent apply as in every search. ``start``/``end`` (care
+dates, Patient only) are not supported and say so in the Bundle.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from urllib.parse import urlencode
 
 from gateway.fhir import json as fjson
@@ -53,14 +64,36 @@ def _one(values: list[object] | None, name: str) -> str | None:
     return str(values[0])
 
 
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """What makes up the record of an owner of this type."""
+
+    owner: str  # Patient, Encounter
+    #: type -> the parameters that put a resource of it in the owner's compartment
+    compartment: dict[str, tuple[str, ...]]
+    #: whether resources of a type that the record refers to are part of it
+    follows: Callable[[str], bool]
+
+
+def _kind(ctx: Context, owner: str) -> _Kind:
+    if owner == "Patient":
+        compartment = patient_compartment(ctx)
+        return _Kind(owner, compartment, lambda t: _outside(t, compartment))
+    # the owner's own entry is "{def}": the owner itself, read first
+    compartment = {t: p for t, p in ctx.registry.compartments[owner].items() if t != owner}
+    return _Kind(owner, compartment, lambda t: True)
+
+
 async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
-    assert req.id is not None
+    assert req.id is not None and req.resource_type is not None
     check_id(req.id)
-    guard.require("Patient", "read")
+    kind = _kind(ctx, req.resource_type)
+    owner = kind.owner
+    guard.require(owner, "read")
     params = req.parameters()
-    compartment = patient_compartment(ctx)
-    # the patient's record: the Patient and its compartment's types
-    types = ["Patient", *sorted(compartment)]
+    compartment = kind.compartment
+    # the owner's record: the owner and its compartment's types
+    types = [owner, *sorted(compartment)]
     wanted = _one(params.get("_type"), "_type")
     asked: set[str] | None = None
     if wanted:
@@ -82,46 +115,47 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
     warnings = tuple(f"{p} is not supported by $everything and was ignored"
                      for p in ("start", "end") if p in params)
 
-    patient = await ctx.store.read("Patient", req.id)
-    if patient is None:
-        raise FhirError(Code.NOT_FOUND, f"Patient/{req.id} is not known")
-    await guard.ensure_visible(ctx.access, ctx.store, patient)
-    if patient.deleted:
-        raise FhirError(Code.GONE, f"Patient/{req.id} was deleted")
+    stored = await ctx.store.read(owner, req.id)
+    if stored is None:
+        raise FhirError(Code.NOT_FOUND, f"{owner}/{req.id} is not known")
+    await guard.ensure_visible(ctx.access, ctx.store, stored)
+    if stored.deleted:
+        raise FhirError(Code.GONE, f"{owner}/{req.id} was deleted")
     restriction = guard.restriction(ctx.access)
     cap = ctx.settings.max_search_results
     pointing: dict[str, list[str]] = {}
-    for rt, param in sorted(await ctx.store.referrers("Patient", req.id)):
+    for rt, param in sorted(await ctx.store.referrers(owner, req.id)):
         if param in compartment.get(rt, ()):
             pointing.setdefault(rt, []).append(param)
-    keys = await _record(ctx, req.id, types, pointing, filters, cap + 1, restriction)
-    if asked is None or any(_outside(t, compartment) for t in asked):
+    keys = await _record(ctx, owner, req.id, types, pointing, filters, cap + 1, restriction)
+    if asked is None or any(kind.follows(t) for t in asked):
         # what the record refers to, followed from all of it (also from what
         # _type or _since leave out)
         whole = keys if asked is None and not filters else await _record(
-            ctx, req.id, ["Patient", *sorted(compartment)], pointing, [], cap + 1,
+            ctx, owner, req.id, [owner, *sorted(compartment)], pointing, [], cap + 1,
             restriction)
-        keys += await _referenced(ctx, whole, compartment, asked, filters,
-                                  cap + 1 - len(keys), restriction, req.base)
+        keys += await _referenced(ctx, whole, kind.follows, asked, filters,
+                                  cap + 1 - len(keys), restriction, req.base, set(keys))
     truncated = len(keys) > cap
     found = len(keys)
     if truncated:
         keys = keys[:cap]
         warnings = (*warnings, f"only the first {cap} resources can be paged through")
     pairs = [(k, v) for k, v in req.query if k not in ("_format", "_pretty")]
-    self_link = f"{req.base}/Patient/{req.id}/$everything"
+    self_link = f"{req.base}/{owner}/{req.id}/$everything"
     if pairs:
         self_link += "?" + urlencode(pairs)
-    guard.note("Patient", req.id, None, self_link)
+    guard.note(owner, req.id, None, self_link)
     if size == 0:  # _count=0: how many, as in a search
         keys = []
     elif offset:  # the pages from there on, held for stable paging as any others
         keys = keys[int(offset):]
-    # pages are read back as a plain search over Patient: no includes, no subsetting
-    return await first_page(ctx, SearchQuery("Patient"), keys, req.base, size=size,
+    # pages are read back as a plain search over the owner's type: no includes, no
+    # subsetting
+    return await first_page(ctx, SearchQuery(owner), keys, req.base, size=size,
                             links=[("self", self_link)], warnings=warnings,
                             total=None if truncated else found, truncated=truncated,
-                            replay="Patient?")
+                            replay=f"{owner}?")
 
 
 def _outside(resource_type: str, compartment: dict[str, tuple[str, ...]]) -> bool:
@@ -130,16 +164,16 @@ def _outside(resource_type: str, compartment: dict[str, tuple[str, ...]]) -> boo
 
 
 async def _record(
-    ctx: Context, id: str, types: list[str], pointing: dict[str, list[str]],
+    ctx: Context, owner: str, id: str, types: list[str], pointing: dict[str, list[str]],
     filters: list[tuple[str, str]], limit: int, restriction: Restriction | None,
 ) -> list[tuple[str, str]]:
-    """The Patient (when ``types`` holds it) and its compartment resources of
-    ``types``: only the types whose compartment parameters point at the patient
+    """The owner (when ``types`` holds its type) and its compartment resources of
+    ``types``: only the types whose compartment parameters point at the owner
     anywhere (``pointing``: one index lookup), each with one search over those
     parameters together."""
     keys: list[tuple[str, str]] = []
-    if "Patient" in types:
-        own = parse_search("Patient", [("_id", id), *filters], ctx.registry.search_params,
+    if owner in types:
+        own = parse_search(owner, [("_id", id), *filters], ctx.registry.search_params,
                            strict=True)
         keys += await ctx.store.search_keys(own, 1, restriction)
     seen = set(keys)
@@ -147,7 +181,7 @@ async def _record(
         if rt not in pointing or not guard.allows(rt, "search"):
             continue  # not granted: left out, as a search would not show it
         linked = pointing[rt]
-        query = parse_search(rt, [(linked[0], f"Patient/{id}"), *filters],
+        query = parse_search(rt, [(linked[0], f"{owner}/{id}"), *filters],
                              ctx.registry.search_params, strict=True)
         link, *rest = query.criteria
         query = replace(query, criteria=(replace(link, stored=tuple(linked)), *rest))
@@ -161,14 +195,14 @@ async def _record(
 
 
 async def _referenced(
-    ctx: Context, record: list[tuple[str, str]], compartment: dict[str, tuple[str, ...]],
+    ctx: Context, record: list[tuple[str, str]], follows: Callable[[str], bool],
     asked: set[str] | None, filters: list[tuple[str, str]], limit: int,
-    restriction: Restriction | None, base: str,
+    restriction: Restriction | None, base: str, held: set[tuple[str, str]],
 ) -> list[tuple[str, str]]:
-    """What ``record`` refers to, of the types in no patient's compartment (the
-    caller may search them, ``_type`` names them, ``_since`` holds), type by type:
-    by reference parameters; the Binaries whose ``securityContext`` is part of the
-    record and the patient's documents (Bundles); the Binaries its
+    """What ``record`` refers to, of the types it ``follows`` (the caller may search
+    them, ``_type`` names them, ``_since`` holds) and not ``held`` already, type by
+    type: by reference parameters; the Binaries whose ``securityContext`` is part of
+    the record and the patient's documents (Bundles); the Binaries its
     DocumentReferences' attachments name by URL."""
     if limit <= 0 or not record:
         return []
@@ -176,12 +210,12 @@ async def _referenced(
     found += await ctx.store.includes(_PROXIED, record, limit, restriction)
     checked: dict[str, list[str]] = {}  # found: they exist, and the caller may see them
     for rt, id in found:
-        if _outside(rt, compartment) and (asked is None or rt in asked) \
+        if follows(rt) and (asked is None or rt in asked) and (rt, id) not in held \
                 and guard.allows(rt, "search"):
             checked.setdefault(rt, []).append(id)
     named: list[str] = []  # named: to be looked for
     if (asked is None or "Binary" in asked) and guard.allows("Binary", "search"):
-        known = set(checked.get("Binary", ()))
+        known = {*checked.get("Binary", ()), *(id for rt, id in held if rt == "Binary")}
         named = [id for id in await _attached(ctx, record, base) if id not in known]
     out: list[tuple[str, str]] = []
     for rt in sorted({*checked, *(["Binary"] if named else [])}):
@@ -221,6 +255,6 @@ async def _attached(ctx: Context, record: list[tuple[str, str]], base: str) -> l
 
 
 OPERATION = Operation(
-    "everything", everything, instance=True, types=frozenset({"Patient"}),
-    definition="http://hl7.org/fhir/OperationDefinition/Patient-everything",
+    "everything", everything, instance=True, types=frozenset({"Patient", "Encounter"}),
+    definition="http://hl7.org/fhir/OperationDefinition/{type}-everything",
 )

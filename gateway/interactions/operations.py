@@ -72,7 +72,8 @@ class Operation:
     types: frozenset[str] | None = None  # None: every resource type
     affects_state: bool = False  # True: POST only
     version_level: bool = False  # also on a version: Type/id/_history/vid/$name
-    definition: str | None = None  # canonical URL of the OperationDefinition
+    #: canonical URL of the OperationDefinition (``{type}``: of the resource type's own)
+    definition: str | None = None
 
     def allows(self, resource_type: str | None, id: str | None) -> bool:
         if resource_type is None:

@@ -538,6 +538,70 @@ def test_patient_everything_brings_the_documents(client: httpx.Client) -> None:
     assert keys(_since=changed["meta"]["lastUpdated"]) == {f"Binary/{relative}"}
 
 
+def test_encounter_everything(client: httpx.Client) -> None:
+    """encounter-operation-everything: the Encounter, what its Encounter compartment
+    holds (what names it as encounter), and what those refer to, of any type (the
+    patient, the diagnoses, the practitioner, the location, the letter's Binary);
+    not another encounter's resources."""
+    pid = post(client, patient(unique("mrn"))).json()["id"]
+    me = {"reference": f"Patient/{pid}"}
+    doctor = post(client, {"resourceType": "Practitioner"}).json()["id"]
+    ward = post(client, {"resourceType": "Location", "name": unique("Ward")}).json()["id"]
+    earlier = post(client, {"resourceType": "Condition", "subject": me,
+                            "code": {"text": "heart failure"}}).json()["id"]
+    stay = post(client, {
+        "resourceType": "Encounter", "status": "finished", "class": {"code": "IMP"},
+        "subject": me, "diagnosis": [{"condition": {"reference": f"Condition/{earlier}"}}],
+        "location": [{"location": {"reference": f"Location/{ward}"}}]}).json()["id"]
+    visit = post(client, {"resourceType": "Encounter", "status": "finished",
+                          "class": {"code": "AMB"}, "subject": me}).json()["id"]
+    at = {"reference": f"Encounter/{stay}"}
+    letter_pdf = post(client, {"resourceType": "Binary", "contentType": "application/pdf",
+                               "data": "JVBERi0xLjQK"}).json()["id"]
+    observation = post(client, {
+        "resourceType": "Observation", "status": "final", "code": {"text": "bnp"},
+        "subject": me, "encounter": at,
+        "performer": [{"reference": f"Practitioner/{doctor}"}]}).json()["id"]
+    letter = post(client, {
+        "resourceType": "DocumentReference", "status": "current", "subject": me,
+        "context": {"encounter": [at]},
+        "content": [{"attachment": {"contentType": "application/pdf",
+                                    "url": f"Binary/{letter_pdf}"}}]}).json()["id"]
+    elsewhere = post(client, {
+        "resourceType": "Observation", "status": "final", "code": {"text": "later"},
+        "subject": me, "encounter": {"reference": f"Encounter/{visit}"}}).json()["id"]
+
+    def keys(**params: str) -> list[str]:
+        bundle = client.get(f"/Encounter/{stay}/$everything", params=params).json()
+        assert bundle["type"] == "searchset", bundle
+        return [f"{e['resource']['resourceType']}/{e['resource']['id']}"
+                for e in bundle.get("entry", []) if e["search"]["mode"] == "match"]
+
+    record = [f"Encounter/{stay}", f"DocumentReference/{letter}",
+              f"Observation/{observation}"]
+    referenced = [f"Binary/{letter_pdf}", f"Condition/{earlier}", f"Location/{ward}",
+                  f"Patient/{pid}", f"Practitioner/{doctor}"]
+    whole = keys()
+    assert whole == record + referenced
+    assert f"Observation/{elsewhere}" not in whole and f"Encounter/{visit}" not in whole
+    assert keys(_type="Observation,Patient") == [f"Observation/{observation}",
+                                                 f"Patient/{pid}"]
+    assert keys(_since="2999-01-01") == []
+    first = client.get(f"/Encounter/{stay}/$everything", params={"_count": 3}).json()
+    assert first["total"] == len(whole)
+    following = [link["url"] for link in first["link"] if link["relation"] == "next"]
+    assert following and paged_ids(client, client.get(following[0]).json()) == [
+        k.split("/")[1] for k in whole[3:]]
+    assert client.get(f"/Encounter/{unique('none')}/$everything").status_code == 404
+    assert client.get(f"/Observation/{observation}/$everything").status_code == 404
+    definitions = {(r["type"], o["definition"])
+                   for r in client.get("/metadata").json()["rest"][0]["resource"]
+                   for o in r.get("operation", ()) if o["name"] == "everything"}
+    assert definitions == {
+        ("Patient", "http://hl7.org/fhir/OperationDefinition/Patient-everything"),
+        ("Encounter", "http://hl7.org/fhir/OperationDefinition/Encounter-everything")}
+
+
 def test_search_in_the_patient_compartment(client: httpx.Client) -> None:
     # GET [base]/Patient/[id]/[type]?... (search.html#compartments)
     pid = post(client, patient(unique("mrn"))).json()["id"]

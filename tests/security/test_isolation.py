@@ -138,8 +138,10 @@ def _requests(w: World) -> list[tuple[str, str, str, Any]]:
         out.append((client, "GET", "/Practitioner/doc/Observation"
                     "?_include=Observation:subject&_include=Observation:encounter", None))
         out.append((client, "GET", "/Practitioner/doc/Observation?_summary=count", None))
-        out += [(client, "GET", f"/{key}/Observation?_include=Observation:patient", None)
-                for key in keys if key.startswith("Encounter/")]
+        for key in (k for k in keys if k.startswith("Encounter/")):
+            out.append((client, "GET", f"/{key}/Observation?_include=Observation:patient",
+                        None))
+            out.append((client, "GET", f"/{key}/$everything?_count=500", None))
         for rtype in ("Patient", "Observation", "Condition", "Encounter", "Task",
                       "EpisodeOfCare", "ServiceRequest", "DocumentReference"):
             out.append((client, "GET", f"/{rtype}?_count=100", None))
