@@ -14,6 +14,7 @@ from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.indexer import date_bounds
 from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.search import PREFIXES
 from gateway.interactions.base import Context, FhirResponse, check_id, check_type
 from gateway.security import guard
 from gateway.storage.interface import StoredResource
@@ -26,6 +27,30 @@ def _bound(name: str, value: str) -> tuple[int, int]:
     if bounds is None:
         raise FhirError(Code.INVALID_SEARCH_VALUE, f"{name}: '{value[:40]}' is not a FHIR instant")
     return bounds
+
+
+#: an open end of an ``_at`` period (epoch microseconds, within a bigint)
+_NEVER = 2**62
+
+
+def _period(values: list[str]) -> tuple[int, int]:
+    """The period ``_at`` names (http.html#history: "current at some point during
+    the time period", a date searched as search.html#date says): ``_at=2020`` the
+    year, ``ge2020`` from 2020 on, ``lt2020`` before it. Several ``_at`` are all
+    true at once: the periods' overlap."""
+    lo, hi = -_NEVER, _NEVER
+    for value in values:
+        prefixed = value[:2] in PREFIXES
+        prefix = value[:2] if prefixed else "eq"
+        if prefix in ("ne", "ap"):
+            raise FhirError(Code.INVALID_SEARCH_VALUE,
+                            f"_at: the prefix '{prefix}' names no one period")
+        first, last = _bound("_at", value[2:] if prefixed else value)
+        start, end = {"eq": (first, last), "ge": (first, _NEVER), "gt": (last + 1, _NEVER),
+                      "sa": (last + 1, _NEVER), "le": (-_NEVER, last),
+                      "lt": (-_NEVER, first - 1), "eb": (-_NEVER, first - 1)}[prefix]
+        lo, hi = max(lo, start), min(hi, end)
+    return lo, hi
 
 
 def _entry(base: str, s: StoredResource) -> dict[str, Any]:
@@ -67,7 +92,7 @@ async def history(
         await guard.ensure_visible(ctx.access, ctx.store, current)
     params = dict(pairs)
     since = _bound("_since", params["_since"])[0] if "_since" in params else None
-    at = _bound("_at", params["_at"]) if "_at" in params else None
+    at = _period([v for k, v in pairs if k == "_at"]) if "_at" in params else None
     try:
         count = int(params.get("_count", ctx.settings.default_page_size))
         before = int(params["_cursor"]) if "_cursor" in params else None

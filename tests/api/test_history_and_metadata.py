@@ -240,6 +240,38 @@ def test_history_at_returns_the_version_current_then(client: httpx.Client) -> No
     assert unknown.status_code == 404
 
 
+def test_history_at_takes_date_prefixes(client: httpx.Client) -> None:
+    """``_at`` is a date searched as search.html#date says: with a prefix it names an
+    open period (``ge2020``: current at some moment from 2020 on); several ``_at``
+    hold together."""
+    created = post(client, patient(unique("mrn"), family="Alt")).json()
+    first_time = created["meta"]["lastUpdated"]
+    time.sleep(0.01)
+    created["name"][0]["family"] = "Neu"
+    second_time = put(client, created).json()["meta"]["lastUpdated"]
+    path = f"/Patient/{created['id']}/_history"
+
+    def versions(*at: str) -> list[str]:
+        response = client.get(path, params=[("_at", v) for v in at])
+        assert response.status_code == 200, (at, response.text)
+        return [e["resource"]["meta"]["versionId"] for e in response.json().get("entry", [])]
+
+    assert versions("ge2001") == ["2", "1"]
+    assert versions("gt2001-01-01") == ["2", "1"]
+    assert versions("lt2001") == versions("le2001-12-31") == versions("eb2001") == []
+    assert versions("lt2999") == ["2", "1"]
+    # (within the millisecond of the change both versions were current)
+    assert versions(f"gt{second_time}") == versions(f"sa{second_time}") == ["2"]
+    assert versions(f"le{first_time}") == ["1"]
+    assert versions(f"eq{first_time}") == versions(first_time) == ["1"]
+    # both at once: from the first change to before the second
+    assert versions(f"ge{first_time}", f"lt{second_time}") == ["1"]
+    assert versions("ge2999", "lt2001") == []
+    for bad in ("ne2020", "ap2020", "gexyz", "2020-13"):
+        refused = client.get(path, params={"_at": bad})
+        assert (refused.status_code, gw_code(refused)) == (400, "GW-1013"), bad
+
+
 def test_head_answers_headers_without_a_body(client: httpx.Client) -> None:
     created = post(client, patient(unique("mrn"))).json()
     response = client.head(f"/Patient/{created['id']}")
