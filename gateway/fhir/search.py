@@ -457,7 +457,9 @@ _RELATIVE = re.compile(
 _ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:.+")
 _DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _PREFIXED = re.compile(r"(eq|ne|gt|lt|ge|le|sa|eb|ap)?(.*)", re.DOTALL)
-_ELEMENT = re.compile(r"(?:[A-Z][A-Za-z0-9]*\.)?[A-Za-z_][A-Za-z0-9_]*(?:\[x\])?")
+#: ``name``, ``Patient.name`` (of one type), ``name.family`` (below the top)
+_ELEMENT = re.compile(r"(?:[A-Z][A-Za-z0-9]*\.)?[A-Za-z_][A-Za-z0-9_]*(?:\[x\])?"
+                      r"(?:\.[a-z][A-Za-z0-9]*(?:\[x\])?)*")
 # "+01:00" arrives as " 01:00" when a client forgets to percent-encode the plus
 _SPACE_TZ = re.compile(r"(T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}:\d{2})$")
 

@@ -7,12 +7,19 @@ the result ``SUBSETTED`` as the spec asks. ``_summary=true`` also keeps only
 the summary elements of the backbone elements it keeps (``Observation.component``
 without its ``interpretation``, ``CapabilityStatement.rest`` without its
 resources); a data type's value is kept whole.
+
+``_elements`` names top-level elements (R4), and, as HAPI FHIR accepts them,
+elements of one type (``Observation.code``: the others are whole unless an
+unqualified name asks for them too) and elements below the top
+(``name.family``, ``component.code``): the element keeps only those children.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
+
+from gateway.fhir.paths import Model
 
 SUBSETTED = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
@@ -32,14 +39,54 @@ def _element_name(key: str, choices: Collection[str]) -> str:
     return key
 
 
+#: what ``_elements`` keeps of a resource: element name -> what it keeps of that
+#: element (an empty tree: all of it)
+Tree = dict[str, "Tree"]
+
+
+def element_tree(elements: Iterable[str], resource_type: str) -> Tree | None:
+    """The elements ``_elements`` keeps of a resource of ``resource_type``; None: none of
+    them is about this type (``Observation.code`` leaves a Patient whole)."""
+    tree: Tree = {}
+    applies = False
+    for element in elements:
+        head, dot, rest = element.partition(".")
+        if head[:1].isupper():  # Type.element
+            if head != resource_type or not dot:
+                continue
+            element = rest
+        applies = True
+        node = tree
+        parts = [part.removesuffix("[x]") for part in element.split(".")]
+        for depth, part in enumerate(parts):
+            if part in node and not node[part]:
+                break  # asked for whole already
+            if depth == len(parts) - 1:
+                node[part] = {}
+            else:
+                node = node.setdefault(part, {})
+    return tree if applies else None
+
+
 def subset(
-    resource: dict[str, Any], keep: Collection[str], choices: Collection[str]
+    resource: dict[str, Any], keep: Collection[str], choices: Collection[str],
+    tree: Tree | None = None, model: Model | None = None,
 ) -> dict[str, Any]:
+    """``resource`` with the top-level elements ``keep`` names (and, with ``tree`` and
+    ``model``, below the top only the children the tree names)."""
     out = {
         k: v
         for k, v in resource.items()
-        if k in _ALWAYS or _element_name(k, choices) in keep
+        if k in _ALWAYS or k in keep or _element_name(k, choices) in keep
     }
+    if tree and model is not None:
+        rt = resource.get("resourceType")
+        for key in list(out):
+            below = tree.get(key) or tree.get(_element_name(key, choices))
+            if below and not key.startswith("_") and isinstance(rt, str):
+                out[key] = _pruned(out[key], below, _context(model, rt, key), model)
+                if not out[key]:  # none of the children asked for is there
+                    del out[key]
     meta = dict(out.get("meta") or {})
     tags = [t for t in meta.get("tag", []) if t.get("code") != "SUBSETTED"]
     meta["tag"] = [*tags, SUBSETTED]
@@ -89,3 +136,48 @@ def _summary_of(value: Any, path: str,
         if name in keep:
             out[key] = _summary_of(item, f"{path}.{name}", nested, aliases)
     return out
+
+
+def _context(model: Model, ctx: str, key: str) -> str | None:
+    """Where the children of JSON key ``key`` under ``ctx`` are defined."""
+    name = key
+    for i in range(1, len(key)):
+        if key[i].isupper() and model.children(ctx, key) is None:
+            name = key[:i]  # a choice: valueQuantity is value[x]
+            break
+    for child in model.children(ctx, name) or ():
+        if child.key == key:
+            return child.ctx
+    return None
+
+
+def _pruned(value: Any, tree: Tree, ctx: str | None, model: Model) -> Any:
+    """``value`` (an element, or a list of them) with only the children ``tree`` names;
+    an element whose definition is not known is kept whole."""
+    if isinstance(value, list):  # (an item left empty is left out: JSON has no nulls)
+        return [kept for item in value if (kept := _pruned(item, tree, ctx, model))]
+    if not isinstance(value, dict) or ctx is None:
+        return value
+    out = {}
+    for key, item in value.items():
+        name = _child_name(key, tree)
+        if name is None:
+            continue
+        below = tree[name]
+        kept = _pruned(item, below, _context(model, ctx, key), model) \
+            if below and not key.startswith("_") else item
+        if kept or not below:
+            out[key] = kept
+    return out
+
+
+def _child_name(key: str, tree: Tree) -> str | None:
+    """The element of ``tree`` that JSON key ``key`` holds (``valueQuantity``: ``value``,
+    ``_family``: ``family``)."""
+    bare = key.lstrip("_")
+    if bare in tree:
+        return bare
+    for i in range(1, len(bare)):
+        if bare[i].isupper():
+            return bare[:i] if bare[:i] in tree else None
+    return None

@@ -19,7 +19,7 @@ from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.geo import LOCATION_DISTANCE, distance_km, position_of
 from gateway.fhir.outcome import Code, FhirError, Issue, operation_outcome
 from gateway.fhir.search import Criterion, SearchQuery, near_origins, parse_search
-from gateway.fhir.summary import subset, summarize
+from gateway.fhir.summary import element_tree, subset, summarize
 from gateway.interactions.base import Context, FhirResponse, Prefer, check_id, check_type
 from gateway.interactions.terminology import with_value_set_members
 from gateway.security import guard
@@ -50,7 +50,10 @@ def shaped(ctx: Context, query: SearchQuery, resource_type: str,
     when cut), or ``resource`` itself."""
     info = ctx.registry.types[resource_type]
     if query.elements:
-        return subset(resource, set(query.elements), info.choices)
+        tree = element_tree(query.elements, resource_type)
+        if tree is None:  # only other types' elements: this one whole
+            return resource
+        return subset(resource, set(tree), info.choices, tree, ctx.registry.indexer.model)
     if query.summary in ("true", "text", "data"):
         return summarize(resource, query.summary, summary=info.summary,
                          mandatory=info.mandatory, choices=info.choices, nested=info.nested,

@@ -446,6 +446,57 @@ def test_read_and_vread_with_summary_and_elements(client: httpx.Client) -> None:
     assert client.get(f"/Patient/{rid}", params={"_elements": "na me"}).status_code == 400
 
 
+def test_elements_below_the_top_and_of_one_type(client: httpx.Client) -> None:
+    """``_elements`` as HAPI FHIR takes it besides R4's top-level names: a path below the
+    top keeps only those children (``name.family``), ``Type.element`` applies to that
+    type alone (the others are whole), and the JSON name of a choice works too."""
+    pid = post(client, {"resourceType": "Patient", "gender": "female", "name": [
+        {"use": "official", "family": "Kurz", "given": ["Ada"]}, {"given": ["Addy"]}],
+        "contact": [{"name": {"family": "Lang", "given": ["Bo"]}, "gender": "male"}]}
+    ).json()["id"]
+    obs = post(client, {"resourceType": "Observation", "status": "final",
+                        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}],
+                                 "text": "heart rate"},
+                        "subject": {"reference": f"Patient/{pid}"},
+                        "valueQuantity": {"value": 72, "unit": "/min"},
+                        "component": [{"code": {"text": "a"},
+                                       "valueQuantity": {"value": 1, "unit": "x"}}]}
+               ).json()["id"]
+
+    def read(path: str, elements: str) -> dict[str, Any]:
+        response = client.get(path, params={"_elements": elements})
+        assert response.status_code == 200, (elements, response.text)
+        got = dict(response.json())
+        got.pop("meta")
+        return got
+
+    me = {"resourceType": "Patient", "id": pid}
+    assert read(f"/Patient/{pid}", "name.family,gender") == {
+        **me, "name": [{"family": "Kurz"}], "gender": "female"}  # nothing left: left out
+    assert read(f"/Patient/{pid}", "Patient.name.given,contact.name.family") == {
+        **me, "name": [{"given": ["Ada"]}, {"given": ["Addy"]}],
+        "contact": [{"name": {"family": "Lang"}}]}
+    assert read(f"/Patient/{pid}", "name.family,name")["name"][1] == {"given": ["Addy"]}
+    obs_me = {"resourceType": "Observation", "id": obs}
+    assert read(f"/Observation/{obs}", "value.value,code.coding.code") == {
+        **obs_me, "code": {"coding": [{"code": "8867-4"}]}, "valueQuantity": {"value": 72}}
+    assert read(f"/Observation/{obs}", "valueQuantity.unit,component.value[x].value") == {
+        **obs_me, "valueQuantity": {"unit": "/min"}, "component": [{"valueQuantity": {"value": 1}}]}
+    # elements of another type: this one whole (and not tagged SUBSETTED)
+    whole = client.get(f"/Patient/{pid}", params={"_elements": "Observation.code"}).json()
+    assert whole["contact"][0]["gender"] == "male" and "tag" not in whole["meta"]
+    bundle = client.get("/Observation", params={
+        "_id": obs, "_include": "Observation:subject",
+        "_elements": "Observation.code.text,Patient.gender"}).json()
+    shown = {e["resource"]["resourceType"]: e["resource"] for e in bundle["entry"]}
+    assert shown["Observation"]["code"] == {"text": "heart rate"}
+    assert "valueQuantity" not in shown["Observation"]
+    assert shown["Patient"]["gender"] == "female" and "name" not in shown["Patient"]
+    for bad in ("name..family", "name.", ".name", "name.Family"):
+        refused = client.get(f"/Patient/{pid}", params={"_elements": bad})
+        assert (refused.status_code, gw_code(refused)) == (400, "GW-1013"), bad
+
+
 def test_summary_keeps_the_summary_elements_of_backbone_elements(client: httpx.Client) -> None:
     # Observation.component is a summary element; its interpretation and its
     # referenceRange are not (and a Questionnaire's nested items are its items)
