@@ -135,6 +135,16 @@ class Model:
         self._children_cache[key] = result
         return result
 
+    def child(self, ctx: str, key: str) -> tuple[str, Child] | None:
+        """The element (its name, without ``[x]``) and the Child that JSON key ``key``
+        under ``ctx`` holds: ``multipleBirthBoolean`` is ``multipleBirth`` as a boolean."""
+        cuts = [len(key), *(i for i in range(len(key) - 1, 0, -1) if key[i].isupper())]
+        for cut in cuts:
+            for child in self.children(ctx, key[:cut]) or ():
+                if child.key == key:
+                    return key[:cut], child
+        return None
+
     def _children(self, ctx: str, name: str) -> tuple[Child, ...] | None:
         path = f"{ctx}.{name}"
         ref = self._content_ref.get(path)

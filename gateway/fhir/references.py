@@ -94,27 +94,13 @@ def _naming(model: Model | None, path: list[str]) -> bool:
         if key.startswith("_"):  # a primitive's id and extensions
             ctx = "Element"
             continue
-        found = _child(model, ctx, key)
+        found = model.child(ctx, key)
         if found is None:
             return True
         if ctx == "Reference" and key == "reference":
             return True
-        ctx, code = found
+        ctx, code = found[1].ctx, found[1].type
     return code in _NAMING_TYPES
-
-
-def _child(model: Model, ctx: str, key: str) -> tuple[str, str] | None:
-    """(the context of its children, its type) of JSON key ``key`` under ``ctx``."""
-    children = model.children(ctx, key)
-    if children is None:  # a choice: valueUri is value[x] as uri
-        for i in range(1, len(key)):
-            if key[i].isupper():
-                children = model.children(ctx, key[:i])
-                break
-    for child in children or ():
-        if child.key == key:
-            return child.ctx, child.type
-    return None
 
 
 def split_restful(url: str) -> tuple[str, str] | None:

@@ -140,15 +140,8 @@ def _summary_of(value: Any, path: str,
 
 def _context(model: Model, ctx: str, key: str) -> str | None:
     """Where the children of JSON key ``key`` under ``ctx`` are defined."""
-    name = key
-    for i in range(1, len(key)):
-        if key[i].isupper() and model.children(ctx, key) is None:
-            name = key[:i]  # a choice: valueQuantity is value[x]
-            break
-    for child in model.children(ctx, name) or ():
-        if child.key == key:
-            return child.ctx
-    return None
+    found = model.child(ctx, key)
+    return found[1].ctx if found else None
 
 
 def _pruned(value: Any, tree: Tree, ctx: str | None, model: Model) -> Any:
@@ -160,7 +153,7 @@ def _pruned(value: Any, tree: Tree, ctx: str | None, model: Model) -> Any:
         return value
     out = {}
     for key, item in value.items():
-        name = _child_name(key, tree)
+        name = _child_name(key, tree, ctx, model)
         if name is None:
             continue
         below = tree[name]
@@ -171,13 +164,11 @@ def _pruned(value: Any, tree: Tree, ctx: str | None, model: Model) -> Any:
     return out
 
 
-def _child_name(key: str, tree: Tree) -> str | None:
-    """The element of ``tree`` that JSON key ``key`` holds (``valueQuantity``: ``value``,
-    ``_family``: ``family``)."""
+def _child_name(key: str, tree: Tree, ctx: str, model: Model) -> str | None:
+    """The element of ``tree`` that JSON key ``key`` under ``ctx`` holds
+    (``valueQuantity``: ``value``, ``_family``: ``family``)."""
     bare = key.lstrip("_")
     if bare in tree:
         return bare
-    for i in range(1, len(bare)):
-        if bare[i].isupper():
-            return bare[:i] if bare[:i] in tree else None
-    return None
+    found = model.child(ctx, bare)
+    return found[0] if found and found[0] in tree else None

@@ -105,3 +105,17 @@ def test_with_a_model_only_elements_that_name_resources_are_rewritten() -> None:
     # without a model every value is replaced, as before
     bare = rewrite(copy.deepcopy(obs), {name: target})
     assert bare["valueString"] == target and bare["identifier"][0]["value"] == target
+
+
+def test_the_model_names_the_element_a_json_key_holds() -> None:
+    from gateway.registry.registry import Registry
+
+    model = Registry.load().indexer.model
+    found = model.child("Patient", "multipleBirthBoolean")  # a choice with a camelCase name
+    assert found is not None and (found[0], found[1].type) == ("multipleBirth", "boolean")
+    found = model.child("Observation.component", "valueQuantity")
+    assert found is not None and (found[0], found[1].ctx) == ("value", "Quantity")
+    found = model.child("Patient", "birthDate")
+    assert found is not None and (found[0], found[1].type) == ("birthDate", "date")
+    assert model.child("Patient", "useContext") is None
+    assert model.child("Patient", "nameFoo") is None
