@@ -67,8 +67,23 @@ def test_an_idle_connection_outlives_client_pools(tmp_path: Path) -> None:
     from urllib.parse import urlsplit
 
     def exchange(sock: socket.socket, path: str) -> bytes:
+        """One request and its whole answer (b"": the server had closed)."""
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        return sock.recv(65536)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
 
     for keep_alive, open_after in (("", True), ("1", False)):
         env = {"CAREPATH_DATABASE_URL": f"sqlite:///{tmp_path}/k{keep_alive}.db"}
