@@ -186,7 +186,9 @@ class _Overlay:
     element: str  # element id in the profile
     label: str
     keys: tuple[str, ...]
-    prim: bool
+    #: the keys of a primitive type: present also as ``_key`` (only an id or extensions,
+    #: such as a data-absent-reason)
+    prims: frozenset[str]
     min: int | None = None
     max: int | None = None
     disallowed: tuple[str, ...] = ()  # choice keys the profile removed
@@ -208,7 +210,7 @@ class _Overlay:
         out: list[tuple[Any, Loc, str]] = []
         for key in self.keys:
             v = obj.get(key)
-            if v is None and self.prim:
+            if v is None and key in self.prims:
                 ext = obj.get("_" + key)
                 if ext is None:
                     continue
@@ -474,7 +476,7 @@ class _Compiler:
         if base is None:
             return None
         tree = _tree(elements)
-        root = _Overlay(tree.el.get("id", type_), type_, (), False)
+        root = _Overlay(tree.el.get("id", type_), type_, (), frozenset())
         root.invariants = self._invariants(tree.el, base, type_)
         root.children = self._children(tree, base)
         return CompiledProfile(self.url, type_, root, self.notes, self.profiles)
@@ -517,7 +519,7 @@ class _Compiler:
             kept = children
         first = children[0]
         ov = _Overlay(e.get("id", first.label), first.label, tuple(c.key for c in kept),
-                      all(c.kind == PRIM for c in kept))
+                      frozenset(c.key for c in kept if c.kind == PRIM))
         if len(kept) < len(children) and ("type" not in ie or new("type")):
             ov.disallowed = tuple(c.key for c in children if c not in kept)
         useful = bool(ov.disallowed)
@@ -589,7 +591,7 @@ class _Compiler:
             name = str(se.get("sliceName") or s.name)
             overlay = self._element(s, s.name, base, el) or _Overlay(
                 se.get("id", name), kept[0].label, tuple(c.key for c in kept),
-                kept[0].kind == PRIM)
+                frozenset(c.key for c in kept if c.kind == PRIM))
             # slice cardinality is checked per slice, not for the whole element
             overlay.min = overlay.max = None
             matchers = tuple(m for m in (self._matcher(d, s, kept) for d in discriminators)

@@ -226,6 +226,16 @@ def test_core_vital_signs_profiles(validator: FhirValidator) -> None:
     issues = validator.validate(kpa, profile=profile)
     assert where(issues) == {"Observation.component[0].valueQuantity",
                              "Observation.component[0].valueQuantity.code"}
+    # effective[x] (dateTime or Period) is 1..1: a dateTime given only as its
+    # extension (a data-absent-reason) is there; nothing at all is not
+    absent = copy.deepcopy(bp)
+    del absent["effectiveDateTime"]
+    assert "effective[x] needs at least 1" in diagnostics(validator.validate(
+        absent, profile=profile))
+    absent["_effectiveDateTime"] = {"extension": [{
+        "url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+        "valueCode": "unknown"}]}
+    assert errors(validator.validate(absent, profile=profile)) == []
 
 
 @pytest.mark.parametrize(("value", "pattern", "expected"), [
