@@ -14,6 +14,11 @@ Observations with many components):
 One line per example, ``{"package": <name@version>, "file": <name>, "text":
 <the file's text, verbatim>}``.
 
+Beside them, ``tests/data/ig-profiles.ndjson.gz`` holds a few of the IPS
+package's own StructureDefinitions (:data:`PROFILES`, with the IG Publisher's
+snapshots), in the same form: the tests store them on the server and validate
+the IPS examples against them.
+
 Usage::
 
     for p in hl7.fhir.uv.ips@2.0.0 hl7.fhir.uv.sdc@4.0.0-ballot \\
@@ -30,7 +35,13 @@ import json
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "ig-examples.ndjson.gz"
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+OUT = DATA / "ig-examples.ndjson.gz"
+PROFILES_OUT = DATA / "ig-profiles.ndjson.gz"
+#: the IPS profiles the tests store (those of three example types, and the data type
+#: profile their codes use)
+PROFILES = ("hl7.fhir.uv.ips", ("Patient-uv-ips", "Procedure-uv-ips",
+                                "AllergyIntolerance-uv-ips", "CodeableConcept-uv-ips"))
 
 
 def main(packages: list[Path]) -> None:
@@ -43,10 +54,23 @@ def main(packages: list[Path]) -> None:
             head = json.loads(text)
             if isinstance(head, dict) and "resourceType" in head and "id" in head:
                 rows.append({"package": name, "file": path.name, "text": text})
-    with gzip.open(OUT, "wt", encoding="utf-8", compresslevel=9) as f:
+    _write(OUT, rows)
+    profiles = []
+    for package in sorted(packages):
+        manifest = json.loads((package / "package.json").read_text(encoding="utf-8"))
+        if manifest["name"] == PROFILES[0]:
+            for id in PROFILES[1]:
+                path = package / f"StructureDefinition-{id}.json"
+                profiles.append({"package": f"{manifest['name']}@{manifest['version']}",
+                                 "file": path.name, "text": path.read_text(encoding="utf-8")})
+    _write(PROFILES_OUT, profiles)
+
+
+def _write(path: Path, rows: list[dict[str, str]]) -> None:
+    with gzip.open(path, "wt", encoding="utf-8", compresslevel=9) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"{len(rows)} examples -> {OUT}")
+    print(f"{len(rows)} -> {path}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Interactions are framework-free (compare Medplum's fhir-router): they take a
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -18,6 +18,8 @@ from urllib.parse import parse_qsl
 
 from gateway.fhir.outcome import Code, FhirError, Issue, information
 from gateway.fhir.references import localize
+from gateway.fhir.validation.profiles import ProfileSet
+from gateway.interactions.stored_profiles import validation_issues
 from gateway.registry import Registry
 from gateway.security import audit as audit_trail
 from gateway.security.policy import AccessPolicy
@@ -35,7 +37,13 @@ _ETAG_RE = re.compile(r'\s*(?:W/)?"?([0-9]+)"?\s*')
 class Validator(Protocol):
     """Checks a resource against R4 and the profiles it claims (or ``profile``)."""
 
-    def validate(self, resource: dict[str, Any], *, profile: str | None = None) -> list[Issue]:
+    def validate(self, resource: dict[str, Any], *, profile: str | None = None,
+                 profiles: ProfileSet | None = None) -> list[Issue]:
+        ...
+
+    def with_stored(self, structure_definitions: Iterable[dict[str, Any]],
+                    value_sets: Mapping[str, frozenset[tuple[str, str]]]) -> ProfileSet | None:
+        """The profiles to validate with when ``structure_definitions`` are stored."""
         ...
 
 
@@ -81,14 +89,16 @@ def local_bases(ctx: Context) -> tuple[str, ...]:
     return tuple(dict.fromkeys(bases))
 
 
-def admit(ctx: Context, resource: dict[str, Any]) -> None:
+async def admit(ctx: Context, resource: dict[str, Any],
+                tx: StoreTransaction | None = None) -> None:
     """Ready a resource for storage: references to this server made relative
-    (:func:`gateway.fhir.references.localize`), then validated (422 on errors; the
-    store stays unchanged)."""
+    (:func:`gateway.fhir.references.localize`), then validated against R4, the
+    gateway's profiles and those stored here (422 on errors; the store stays
+    unchanged). ``tx``: the transaction the write runs in."""
     localize(resource, local_bases(ctx))
     if ctx.validator is None:
         return
-    issues = ctx.validator.validate(resource)
+    issues = await validation_issues(ctx, resource, tx=tx)
     errors = [i for i in issues if i.severity in ("error", "fatal")]
     if errors:
         raise FhirError(Code.VALIDATION_FAILED,

@@ -68,7 +68,7 @@ async def create(
     guard.require(resource_type, "create")
     resource = check_body(ctx, body, resource_type)
     resource.pop("id", None)  # the server assigns the id on create
-    admit(ctx, resource)
+    await admit(ctx, resource)
 
     async def work(tx: StoreTransaction) -> tuple[StoredResource, bool]:
         return await create_in(ctx, tx, resource_type, dict(resource),

@@ -176,7 +176,7 @@ async def _change(ctx: Context, req: OperationRequest, *, add: bool) -> FhirResp
         after = changed_meta(before, given, add=add)
         if after != before:
             resource["meta"] = after
-            admit(ctx, resource)  # validated as any write (a profile added must hold)
+            await admit(ctx, resource, tx)  # validated as any write (a profile added must hold)
             await tx.rewrite(target, resource, current=target is current)
         guard.note(rt, id, target.version)
         return after

@@ -117,7 +117,7 @@ async def patch_in(
         raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
     check_version(current, if_match, f"{resource_type}/{id}")
     result = apply_patch(ctx, current, ops)
-    admit(ctx, result)
+    await admit(ctx, result, tx)
     await guard.check_write(ctx.access, tx, result, current, new_patients)
     if unchanged(ctx, current, result):
         guard.note(resource_type, id, current.version)

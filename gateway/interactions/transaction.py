@@ -255,7 +255,7 @@ class _Transaction:
                 try:
                     await self._rewrite(e)
                     if "same_as" not in e.extra and not e.extra.get("exists"):
-                        admit(self.ctx, e.resource)
+                        await admit(self.ctx, e.resource, self.tx)
                 except FhirError as exc:
                     raise _entry_error(e, exc) from None
         for e in sorted(writes, key=lambda e: (_ORDER[e.method], e.index)):

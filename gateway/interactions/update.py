@@ -159,7 +159,7 @@ async def update(
             raise FhirError(Code.ID_MISMATCH,
                             f"Resource.id '{resource['id']}' differs from the URL's '{id}'",
                             ("id",))
-    admit(ctx, resource)
+    await admit(ctx, resource)
 
     async def work(tx: StoreTransaction) -> tuple[StoredResource, bool]:
         target = id

@@ -18,6 +18,7 @@ from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError, Issue, operation_outcome
 from gateway.interactions.base import Context, FhirResponse, check_id
 from gateway.interactions.operations import Operation, OperationRequest
+from gateway.interactions.stored_profiles import validation_issues
 from gateway.security import guard
 
 _MODES = ("create", "update", "delete")
@@ -96,7 +97,7 @@ async def validate(ctx: Context, req: OperationRequest) -> FhirResponse:
         raise FhirError(Code.TYPE_MISMATCH,
                         f"resourceType '{found[:64]}' does not match the URL's '{rt}'",
                         ("resourceType",))
-    issues = ctx.validator.validate(resource, profile=profile)
+    issues = await validation_issues(ctx, resource, profile)
     if not issues:
         issues = [_all_ok(f"{rt} is valid" + (f" against {profile}" if profile else ""))]
     return FhirResponse(200, operation_outcome(issues))

@@ -91,6 +91,12 @@ class StoreTransaction(Protocol):
 
     async def current(self, resource_type: str, id: str) -> StoredResource | None: ...
 
+    async def read_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]:
+        """As :meth:`Store.read_many`, seeing this transaction's writes."""
+
+    async def versions_mark(self, types: Sequence[str]) -> tuple[int, int]:
+        """As :meth:`Store.versions_mark`, seeing this transaction's writes."""
+
     async def search_keys(
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
     ) -> list[tuple[str, str]]: ...
@@ -198,6 +204,11 @@ class Store(Protocol):
     async def complete_snapshot(self, snapshot: Snapshot) -> bool:
         """Replace an incomplete snapshot's keys by ``snapshot``'s (complete now); False
         when another request completed it first (load it again)."""
+
+    async def versions_mark(self, types: Sequence[str]) -> tuple[int, int]:
+        """How many versions of resources of ``types`` the history holds, and the
+        position of the newest ((0, 0): none): it changes with every write of them
+        that commits, also one that commits after a later one."""
 
     async def history(
         self,

@@ -7,11 +7,13 @@ CapabilityStatement additions.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from gateway.events.consumer import ConsumerService
 from gateway.events.runtime import EventRuntime
 from gateway.fhir.outcome import Issue
+from gateway.fhir.validation.profiles import ProfileSet
 from gateway.interactions.operations import Operation
 from gateway.security import guard
 from gateway.settings import Settings
@@ -36,7 +38,12 @@ MATCHER_SETTLE_MS = 25
 
 
 class Validator(Protocol):
-    def validate(self, resource: dict[str, Any], *, profile: str | None = None) -> list[Issue]:
+    def validate(self, resource: dict[str, Any], *, profile: str | None = None,
+                 profiles: ProfileSet | None = None) -> list[Issue]:
+        ...
+
+    def with_stored(self, structure_definitions: Iterable[dict[str, Any]],
+                    value_sets: Mapping[str, frozenset[tuple[str, str]]]) -> ProfileSet | None:
         ...
 
 
@@ -52,8 +59,16 @@ class SubscriptionChecks:
         """The inner validator's R4 model (FHIRPath Patch navigates with it)."""
         return getattr(self.inner, "model", None)
 
-    def validate(self, resource: dict[str, Any], *, profile: str | None = None) -> list[Issue]:
-        issues = self.inner.validate(resource, profile=profile) if self.inner else []
+    def with_stored(self, structure_definitions: Iterable[dict[str, Any]],
+                    value_sets: Mapping[str, frozenset[tuple[str, str]]]) -> ProfileSet | None:
+        if self.inner is None:
+            return None
+        return self.inner.with_stored(structure_definitions, value_sets)
+
+    def validate(self, resource: dict[str, Any], *, profile: str | None = None,
+                 profiles: ProfileSet | None = None) -> list[Issue]:
+        issues = self.inner.validate(resource, profile=profile, profiles=profiles) \
+            if self.inner else []
         if resource.get("resourceType") == "Subscription":
             config, found = parse_subscription(resource, self.service.topics,
                                                self.service.policy, self.service.settings)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -86,7 +86,22 @@ class FhirValidator:
     def knows_profile(self, url: str) -> bool:
         return self.profiles.get(url) is not None
 
-    def validate(self, resource: dict[str, Any], *, profile: str | None = None) -> list[Issue]:
+    def with_stored(self, structure_definitions: Iterable[dict[str, Any]],
+                    value_sets: Mapping[str, frozenset[tuple[str, str]]]) -> ProfileSet:
+        """The gateway's profiles and ``structure_definitions`` (constraint
+        StructureDefinitions stored on the server, with snapshots), compiled on first
+        use; their required bindings checked against ``value_sets`` (expansions by
+        canonical URL) and the gateway's own. A URL the gateway defines keeps the
+        gateway's definition."""
+        raw = {sd["url"]: sd for sd in structure_definitions}
+        raw.update(self.profiles.raw)
+        own = self.definitions.value_sets
+        return ProfileSet(self.model, raw, value_sets_index({**value_sets, **own}))
+
+    def validate(self, resource: dict[str, Any], *, profile: str | None = None,
+                 profiles: ProfileSet | None = None) -> list[Issue]:
+        """Issues of ``resource``; ``profiles`` (:meth:`with_stored`) instead of the
+        gateway's own."""
         walker = Walker(self.model, max_depth=self.max_depth, max_nesting=self.max_nesting)
         walker.resource(resource)
         issues = walker.issues
@@ -103,15 +118,16 @@ class FhirValidator:
                 claims.append((nested, loc, _claimed(nested)))
             for target, loc, urls in claims:
                 for url in urls:
-                    found, evals = self._profile(target, loc, url)
+                    found, evals = self._profile(target, loc, url, profiles or self.profiles)
                     issues.extend(found)
                     evaluations += evals
         self.last_evaluations = evaluations
         return issues
 
-    def _profile(self, resource: dict[str, Any], loc: Loc, url: str) -> tuple[list[Issue], int]:
+    def _profile(self, resource: dict[str, Any], loc: Loc, url: str,
+                 profiles: ProfileSet) -> tuple[list[Issue], int]:
         canonical = url.split("|", 1)[0]
-        compiled = self.profiles.get(canonical)
+        compiled = profiles.get(canonical)
         if compiled is None:
             return [Issue(Code.UNKNOWN_PROFILE,
                           f"profile {url[:200]} is not known here; validated against the "

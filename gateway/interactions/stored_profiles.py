@@ -1,0 +1,149 @@
+"""Profiles stored on this server take part in validation.
+
+A StructureDefinition of derivation ``constraint`` with a snapshot, created or
+updated here (an implementation guide's package carries them so: KBV, ISiK,
+nl-core, US Core), is used as the gateway's own profiles are: a write that
+claims it in ``meta.profile`` is checked against it and refused with 422 on
+errors, and ``$validate`` checks against it (claimed, or named by ``profile``).
+Its required bindings are checked against the ValueSets stored here, expanded
+over the code systems held or stored here; a binding to a value set that
+cannot be expanded completely here is not checked, as in the gateway's own
+profiles. A URL the gateway defines itself keeps the gateway's definition.
+
+Not used: a StructureDefinition without a snapshot (the writer warns that the
+profile is not known here, as for any other), and, in a transaction, one
+written by the same Bundle as the resource that claims it (the Bundle's
+writes are not visible until it commits).
+
+Each worker process keeps what it compiled, and notices a change by the number
+of StructureDefinition, ValueSet and CodeSystem versions in the history log and
+the position of the newest: one indexed lookup, asked only when a resource
+claims a profile the gateway does not define. What the server reads for this is its
+own business: it is neither limited by the caller's access nor audited as the
+caller's.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway.fhir.outcome import Code, FhirError, Issue
+from gateway.fhir.search import parse_search
+from gateway.fhir.validation.profiles import ProfileSet
+
+if TYPE_CHECKING:  # (base validates with this module)
+    from gateway.interactions.base import Context, Validator
+    from gateway.storage.interface import Store, StoreTransaction
+
+_WATCHED = ("StructureDefinition", "ValueSet", "CodeSystem")
+#: the most conformance resources of one type read for validation
+MAX_STORED = 5_000
+#: the most codes of a stored value set that a required binding is checked against
+MAX_BOUND_CODES = 100_000
+_CHUNK = 200
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    mark: tuple[int, int]  # the history it was read at (Store.versions_mark)
+    profiles: ProfileSet | None  # None: no stored profile to use
+
+
+_LOADED: weakref.WeakKeyDictionary[Validator, _Loaded] = weakref.WeakKeyDictionary()
+
+
+async def validation_issues(ctx: Context, resource: dict[str, Any],
+                            profile: str | None = None,
+                            tx: StoreTransaction | None = None) -> list[Issue]:
+    """The issues of ``resource`` against R4 and the profiles it claims (or
+    ``profile``): the gateway's own, and those stored here (read in ``tx`` when the
+    write runs in one: it holds a connection, and must not wait for a second)."""
+    validator = ctx.validator
+    assert validator is not None
+    issues = validator.validate(resource, profile=profile)
+    if not any(i.code is Code.UNKNOWN_PROFILE for i in issues):
+        return issues
+    stored = await _stored(ctx, validator, tx or ctx.store)
+    if stored is None or not any(url.split("|", 1)[0] in stored.raw
+                                 for url in _claims(resource, profile)):
+        return issues
+    return validator.validate(resource, profile=profile, profiles=stored)
+
+
+def _claims(resource: Any, profile: str | None) -> list[str]:
+    """``profile``, else every profile the resource and the resources in it claim."""
+    if profile is not None:
+        return [profile]
+    out: list[str] = []
+    stack = [resource]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            meta = node.get("meta")
+            if isinstance(meta, dict) and isinstance(meta.get("profile"), list):
+                out += [u for u in meta["profile"] if isinstance(u, str)]
+            stack += [v for v in node.values() if isinstance(v, dict | list)]
+        elif isinstance(node, list):
+            stack += [v for v in node if isinstance(v, dict | list)]
+    return out
+
+
+async def _stored(ctx: Context, validator: Validator,
+                  reader: Store | StoreTransaction) -> ProfileSet | None:
+    mark = await reader.versions_mark(_WATCHED)
+    loaded = _LOADED.get(validator)
+    if loaded is None or loaded.mark != mark:
+        loaded = _Loaded(mark, await _load(ctx, validator, reader) if mark[0] else None)
+        _LOADED[validator] = loaded
+    return loaded.profiles
+
+
+async def _current(ctx: Context, reader: Store | StoreTransaction, resource_type: str,
+                   pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The current resources of a type that ``pairs`` find, oldest change first."""
+    query = parse_search(resource_type, pairs, ctx.registry.search_params, strict=True)
+    keys = await reader.search_keys(query, MAX_STORED, None)
+    found = []
+    for start in range(0, len(keys), _CHUNK):
+        for stored in await reader.read_many(keys[start : start + _CHUNK]):
+            if stored.content is not None and not stored.deleted:
+                found.append((stored.last_updated, orjson.loads(stored.content)))
+    found.sort(key=lambda item: item[0])
+    return [r for _, r in found if isinstance(r, dict)]
+
+
+def _required_bindings(sds: list[dict[str, Any]]) -> set[str]:
+    return {b["valueSet"].split("|", 1)[0]
+            for sd in sds for el in sd["snapshot"]["element"]
+            if isinstance(b := el.get("binding"), dict) and b.get("strength") == "required"
+            and isinstance(b.get("valueSet"), str)}
+
+
+async def _load(ctx: Context, validator: Validator,
+                reader: Store | StoreTransaction) -> ProfileSet | None:
+    sds = [sd for sd in await _current(ctx, reader, "StructureDefinition",
+                                       [("derivation", "constraint")])
+           if isinstance(sd.get("url"), str) and isinstance(sd.get("snapshot"), dict)
+           and isinstance(sd["snapshot"].get("element"), list)]
+    if not sds:
+        return None
+    # the value sets the profiles bind as required, over what is held and stored here
+    term = ctx.registry.terminology.with_resources(
+        [*await _current(ctx, reader, "CodeSystem", []),
+         *await _current(ctx, reader, "ValueSet", [])])
+    value_sets: dict[str, frozenset[tuple[str, str]]] = {}
+    for url in sorted(_required_bindings(sds)):
+        value_set = term.value_set(url)
+        if value_set is None:
+            continue
+        try:
+            codes, closed = term.members(value_set)
+        except FhirError:  # not expandable here
+            continue
+        if closed and len(codes) <= MAX_BOUND_CODES:
+            value_sets[url] = frozenset(codes)
+    return validator.with_stored(sds, value_sets)

@@ -1,0 +1,175 @@
+"""Profiles stored on the server take part in validation (gateway.interactions.stored_profiles).
+
+The profiles are the IPS package's own (``tests/data/ig-profiles.ndjson.gz``, with the
+IG Publisher's snapshots; ``scripts/build_ig_examples.py``), and the resources its
+examples (``ig-examples.ndjson.gz``). Each test runs on a gateway of its own: what
+it stores changes how every write that claims those profiles is judged.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.helpers import FHIR, gw_code, post, put
+from tests.conftest import BACKENDS, RunningServer, backend_settings, unique
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+IPS = "http://hl7.org/fhir/uv/ips/StructureDefinition/"
+PATIENT = IPS + "Patient-uv-ips"
+
+
+def _rows(name: str) -> list[dict[str, Any]]:
+    with gzip.open(DATA / name, "rt", encoding="utf-8") as f:
+        return [json.loads(row["text"]) for row in map(json.loads, f)
+                if row["package"].startswith("hl7.fhir.uv.ips@")]
+
+
+PROFILES = {sd["id"]: sd for sd in _rows("ig-profiles.ndjson.gz")}
+#: the IPS examples of the profiled types that claim an IPS profile
+EXAMPLES = [r for r in _rows("ig-examples.ndjson.gz")
+            if r["resourceType"] in ("Patient", "Procedure", "AllergyIntolerance")
+            and any(p.startswith(IPS) for p in r.get("meta", {}).get("profile", []))]
+
+
+@pytest.fixture(params=BACKENDS)
+def client(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           new_schema: Any) -> Iterator[httpx.Client]:
+    settings = backend_settings(request.param, tmp_path_factory.mktemp("profiles"),
+                                new_schema)
+    with RunningServer(settings) as running, httpx.Client(
+            base_url=running.url, timeout=60, headers={"Accept": FHIR}) as c:
+        yield c
+
+
+def _store_profiles(client: httpx.Client) -> None:
+    for sd in PROFILES.values():
+        assert put(client, sd).status_code == 201, sd["id"]
+
+
+def _ips_patient(**changes: Any) -> dict[str, Any]:
+    body = {"resourceType": "Patient", "meta": {"profile": [PATIENT]},
+            "name": [{"family": unique("Ips")}], "birthDate": "1970-01-01", **changes}
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _diagnostics(response: httpx.Response) -> str:
+    return " | ".join(i.get("diagnostics", "") for i in response.json()["issue"])
+
+
+def test_writes_are_held_to_the_stored_profiles_they_claim(client: httpx.Client) -> None:
+    assert len(EXAMPLES) >= 8
+    nameless = _ips_patient(birthDate=None)
+    # not stored yet: a warning, and the write goes through
+    before = post(client, nameless)
+    assert before.status_code == 201, before.text
+    checked = client.post("/Patient/$validate", json=nameless)
+    assert "is not known here" in _diagnostics(checked)
+    _store_profiles(client)
+    for example in EXAMPLES:  # the package's examples hold to its profiles
+        stored = put(client, example)
+        assert stored.status_code in (200, 201), (example["id"], stored.text)
+        verdict = client.post(f"/{example['resourceType']}/$validate", json=example)
+        assert "is not known here" not in _diagnostics(verdict), example["id"]
+    refused = post(client, nameless)
+    assert (refused.status_code, gw_code(refused)) == (422, "GW-4002")
+    assert f"Patient.birthDate needs at least 1, found 0 (profile {PATIENT}" in \
+        _diagnostics(refused)
+    # a data-absent-reason in place of the procedure's date is a date (performed[x] 1..1)
+    procedure = next(e for e in EXAMPLES if e["id"] == "procedure-missing-performed")
+    assert "_performedDateTime" in procedure
+    bare = copy.deepcopy(procedure)
+    del bare["_performedDateTime"]
+    assert post(client, bare).status_code == 422
+    # $validate with the profile named, for a resource that does not claim it
+    named = client.post("/Patient/$validate", params={"profile": PATIENT},
+                        json={"resourceType": "Patient", "name": [{"family": "x"}]})
+    assert named.status_code == 200 and "Patient.birthDate needs at least 1" in \
+        _diagnostics(named)
+
+
+def test_every_way_of_writing_is_held_to_them(client: httpx.Client) -> None:
+    _store_profiles(client)
+    pid = post(client, _ips_patient()).json()["id"]
+    # a patch that takes the birth date away (validated inside its transaction)
+    patched = client.patch(f"/Patient/{pid}", json=[{"op": "remove", "path": "/birthDate"}],
+                           headers={"Content-Type": "application/json-patch+json"})
+    assert patched.status_code == 422, patched.text
+    # an update, and a transaction entry
+    assert put(client, {**_ips_patient(birthDate=None), "id": pid}).status_code == 422
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Observation", "status": "final",
+                      "code": {"text": "x"}}, "request": {"method": "POST", "url": "Observation"}},
+        {"resource": _ips_patient(birthDate=None),
+         "request": {"method": "POST", "url": "Patient"}}]}
+    sent = client.post("", json=bundle, headers={"Content-Type": FHIR})
+    assert sent.status_code == 422 and "Patient.birthDate" in _diagnostics(sent), sent.text
+    # $meta-add of the profile to a patient without a birth date
+    plain = post(client, {"resourceType": "Patient", "name": [{"family": "x"}]}).json()["id"]
+    added = client.post(f"/Patient/{plain}/$meta-add", json={
+        "resourceType": "Parameters", "parameter": [
+            {"name": "meta", "valueMeta": {"profile": [PATIENT]}}]})
+    assert added.status_code == 422, added.text
+    assert client.get(f"/Patient/{pid}").json()["birthDate"] == "1970-01-01"
+
+
+def test_a_changed_or_deleted_profile_is_used_as_it_is_now(client: httpx.Client) -> None:
+    _store_profiles(client)
+    assert post(client, _ips_patient(birthDate=None)).status_code == 422
+    relaxed = copy.deepcopy(PROFILES["Patient-uv-ips"])
+    for element in relaxed["snapshot"]["element"]:
+        if element["path"] == "Patient.birthDate":
+            element["min"] = 0
+    assert put(client, relaxed).status_code == 200
+    assert post(client, _ips_patient(birthDate=None)).status_code == 201
+    assert post(client, _ips_patient(name=None)).status_code == 422  # the rest holds
+    assert client.delete("/StructureDefinition/Patient-uv-ips").status_code == 204
+    gone = post(client, _ips_patient(name=None))
+    assert gone.status_code == 201, gone.text
+    # one stored without a snapshot is not used
+    differential = {k: v for k, v in PROFILES["Patient-uv-ips"].items() if k != "snapshot"}
+    assert put(client, differential).status_code in (200, 201)
+    assert post(client, _ips_patient(name=None)).status_code == 201
+
+
+def test_stored_value_sets_bind_and_own_profiles_keep_their_definition(
+        client: httpx.Client) -> None:
+    # a profile of the deployment's own: gender required, from a value set stored here
+    url = f"urn:test:profile:{unique()}"
+    value_set = f"urn:test:vs:{unique()}"
+    profile = copy.deepcopy(PROFILES["Patient-uv-ips"])
+    profile.update(id=unique("sd"), url=url, name="OnlyFemale")
+    for element in profile["snapshot"]["element"]:
+        if element["path"] == "Patient.gender":
+            element["min"] = 1
+            element["binding"] = {"strength": "required", "valueSet": value_set}
+    assert post(client, profile).status_code == 201
+    assert post(client, {"resourceType": "ValueSet", "url": value_set, "status": "active",
+                         "compose": {"include": [{
+                             "system": "http://hl7.org/fhir/administrative-gender",
+                             "concept": [{"code": "female"}]}]}}).status_code == 201
+    claims = {"meta": {"profile": [url]}}
+    assert post(client, _ips_patient(gender="female", **claims)).status_code == 201
+    male = post(client, _ips_patient(gender="male", **claims))
+    assert male.status_code == 422 and value_set in _diagnostics(male), male.text
+    # the gateway's own profile, stored again with less in it, keeps its definition
+    own = "https://carepath-gateway.org/fhir/StructureDefinition/handoff-task"
+    loose = {"resourceType": "StructureDefinition", "url": own, "name": "LooseTask",
+             "status": "active", "kind": "resource", "abstract": False, "type": "Task",
+             "baseDefinition": "http://hl7.org/fhir/StructureDefinition/Task",
+             "derivation": "constraint",
+             "snapshot": {"element": [{"id": "Task", "path": "Task", "min": 0, "max": "*",
+                                       "definition": "Any task",
+                                       "base": {"path": "Task", "min": 0, "max": "*"}}]}}
+    stored = post(client, loose)
+    assert stored.status_code == 201, stored.text
+    task = {"resourceType": "Task", "meta": {"profile": [own]}, "status": "requested",
+            "intent": "order"}
+    assert post(client, task).status_code == 422
