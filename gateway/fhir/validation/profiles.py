@@ -23,9 +23,11 @@ found by walking both trees together), and only the differences become checks
   a known profile are checked against it too.
 
 Not checked: ``targetProfile`` of references (it needs the target resource),
-``ordered`` slicing, discriminator paths with functions (``resolve()``,
-``extension('…')``) -- the slice then matches nothing and an ``open`` slicing
-lets the item through. Each profile's compile notes are in
+``ordered`` slicing, and slices whose discriminator cannot be told here: a path
+with a function (``resolve()``, ``extension('…')``), a required binding to a
+value set not held or stored, a path to no element of the slice. Such a slice
+matches nothing, its cardinality is not judged, and neither is its slicing's
+``closed`` rule. Each profile's compile notes are in
 :attr:`CompiledProfile.notes`.
 """
 
@@ -348,6 +350,10 @@ class _Slicing:
 
     def check(self, items: list[tuple[Any, Loc, str]], loc: Loc, run: _Run) -> None:
         matched: dict[str, list[tuple[Any, Loc, str]]] = {s.name: [] for s in self.slices}
+        # a slice whose discriminator cannot be told here (a function in its path, a
+        # value set not held, no element at its path): which items are in it is not
+        # known, so neither its cardinality nor the closed rule is judged
+        undecided = any(not s.matchers for s in self.slices)
         for item in items:
             value, where, key = item
             for s in self.slices:
@@ -355,13 +361,15 @@ class _Slicing:
                     matched[s.name].append(item)
                     break
             else:
-                if self.rules == "closed":
+                if self.rules == "closed" and not undecided:
                     run.issue(Code.SLICING_FAILED, where, self.element,
                               f"{self.label} matches none of the slices "
                               f"({', '.join(s.name for s in self.slices)}) and the slicing "
                               "is closed")
         for s in self.slices:
             got = matched[s.name]
+            if not s.matchers:
+                continue
             if len(got) < s.min:
                 run.issue(Code.MIN_CARDINALITY, loc, s.overlay.element,
                           f"slice '{s.name}' of {self.label} needs at least {s.min}, "
@@ -598,7 +606,7 @@ class _Compiler:
                              if m is not None)
             if len(matchers) < len(discriminators):
                 self.notes.append(f"{se.get('id')}: a discriminator is not supported; the "
-                                  "slice matches nothing")
+                                  "slice matches nothing and its cardinality is not judged")
                 matchers = ()
             slices.append(_Slice(name, overlay, matchers, int(se.get("min", 0)),
                                  _max(se.get("max"))))

@@ -74,6 +74,47 @@ def test_slicing_by_value_counts_each_slice(validator: FhirValidator) -> None:
     assert where(issues) == {"Patient.identifier[0].value"}
 
 
+def test_a_slice_that_cannot_be_told_is_not_counted(validator: FhirValidator) -> None:
+    """A slice whose discriminator cannot be evaluated here (the element it names is not
+    in the slice; a value set not held) matches nothing: its minimum is not judged, nor
+    is the closed rule, where it used to fail every resource (as mCODE's and US Core's
+    category slices did)."""
+    sd = json.loads((Path(__file__).parent / "fixtures"
+                     / "StructureDefinition-test-patient.json").read_text())
+    sd["url"] = TEST_BASE + "undecidable"
+    for element in sd["snapshot"]["element"]:
+        if element["id"] == "Patient.identifier":
+            element["slicing"] = {"discriminator": [{"type": "value", "path": "type"}],
+                                  "rules": "closed"}
+    profiles = validator.with_stored([sd], {})
+    other = {"system": "urn:other", "value": "x"}
+    found = validator.validate(profiled(identifier=[other]), profile=sd["url"],
+                               profiles=profiles)
+    assert errors(found) == []
+    # a slice by a required binding to a value set that is not known here
+    sd["url"] = TEST_BASE + "unknown-value-set"
+    for element in sd["snapshot"]["element"]:
+        if element["id"] == "Patient.identifier":
+            element["slicing"] = {"discriminator": [{"type": "value", "path": "type"}],
+                                  "rules": "open"}
+        if element["id"] == "Patient.identifier:mrn.system":
+            element["id"], element["path"] = "Patient.identifier:mrn.type", \
+                "Patient.identifier.type"
+            element["type"] = [{"code": "CodeableConcept"}]
+            element["binding"] = {"strength": "required", "valueSet": "urn:test:nowhere"}
+            for key in [k for k in element if k.startswith(("fixed", "pattern"))]:
+                del element[key]
+    profiles = validator.with_stored([sd], {})
+    assert errors(validator.validate(profiled(identifier=[other]), profile=sd["url"],
+                                     profiles=profiles)) == []
+    # the same slice, with the value set known: counted
+    profiles = validator.with_stored([sd], {"urn:test:nowhere": frozenset(
+        {("http://terminology.hl7.org/CodeSystem/v2-0203", "MR")})})
+    issues = validator.validate(profiled(identifier=[other]), profile=sd["url"],
+                                profiles=profiles)
+    assert "slice 'mrn' of Patient.identifier needs at least 1" in diagnostics(issues)
+
+
 def test_closed_slicing_by_pattern(validator: FhirValidator) -> None:
     emergency = {"relationship": [{"coding": [
         {"system": "http://terminology.hl7.org/CodeSystem/v2-0131", "code": "C",
