@@ -197,7 +197,9 @@ class _Overlay:
     fixed: Any = None
     pattern: Any = None
     binding: Binding | None = None
-    binding_kind: str = ""
+    #: the JSON keys a required binding applies to, with their types (of a choice such
+    #: as ``value[x]`` of boolean or code, only the code is bound)
+    binding_kinds: dict[str, str] = field(default_factory=dict)
     max_length: int | None = None
     min_value: Decimal | None = None
     max_value: Decimal | None = None
@@ -261,7 +263,11 @@ class _Overlay:
         if value is None:
             return
         if self.binding is not None:
-            self._binding(value, loc, run)
+            kind = self.binding_kinds.get(key) if key else (
+                next(iter(self.binding_kinds.values())) if len(self.binding_kinds) == 1
+                else None)
+            if kind is not None:
+                self._binding(value, kind, loc, run)
         if self.max_length is not None and isinstance(value, str) and \
                 len(value) > self.max_length:
             run.issue(Code.TOO_LONG, loc, self.element,
@@ -293,10 +299,9 @@ class _Overlay:
             if self.profile is not None:
                 run.profiles.check_nested(self.profile, value, loc, run)
 
-    def _binding(self, value: Any, loc: Loc, run: _Run) -> None:
+    def _binding(self, value: Any, kind: str, loc: Loc, run: _Run) -> None:
         binding = self.binding
         assert binding is not None
-        kind = self.binding_kind
         ok: bool
         if kind == "CodeableConcept":
             codings = value.get("coding") if isinstance(value, dict) else None
@@ -327,6 +332,8 @@ def _show(value: Any) -> str:
 
 
 Matcher = Callable[[Any, str, "_Run"], bool]
+#: the types a binding applies to (terminologies.html#binding)
+_BINDABLE = frozenset({"code", "Coding", "CodeableConcept", "Quantity", "string", "uri"})
 
 
 @dataclass(eq=False)
@@ -561,7 +568,9 @@ class _Compiler:
                     self.notes.append(f"{ov.element}: value set {vs} is not expanded; "
                                       "binding not checked")
                 else:
-                    ov.binding, ov.binding_kind, useful = resolved, kept[0].code, True
+                    kinds = {c.key: c.code for c in kept if c.code in _BINDABLE}
+                    if kinds:
+                        ov.binding, ov.binding_kinds, useful = resolved, kinds, True
         skip = {c.get("key") for c in ie.get("constraint", []) or []}
         if len(kept) == 1:
             focus: Any = kept[0].node if kept[0].node is not None else kept[0].code

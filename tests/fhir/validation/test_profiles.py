@@ -221,6 +221,39 @@ def test_fixed_values_choice_types_and_nested_bindings(validator: FhirValidator)
     assert "slice 'vs'" in diagnostics(validator.validate(obs))
 
 
+def test_a_binding_on_a_choice_applies_to_its_coded_types(validator: FhirValidator) -> None:
+    """``value[x]`` of boolean or CodeableConcept bound to a value set: a boolean is not
+    bound (as SDC's observationExtract extension has it), a CodeableConcept is."""
+    sd = json.loads((Path(__file__).parent / "fixtures"
+                     / "StructureDefinition-test-observation.json").read_text())
+    sd["url"] = TEST_BASE + "choice-binding"
+    elements = []
+    for element in sd["snapshot"]["element"]:
+        if element["id"].startswith("Observation.value[x]."):
+            continue
+        if element["id"] == "Observation.value[x]":
+            element["type"] = [{"code": "boolean"}, {"code": "CodeableConcept"}]
+            element["binding"] = {"strength": "required",
+                                  "valueSet": TEST_BASE.replace("StructureDefinition",
+                                                                "ValueSet") + "test-units"}
+        elements.append(element)
+    sd["snapshot"]["element"] = elements
+    profiles = validator.with_stored([sd], {TEST_BASE.replace(
+        "StructureDefinition", "ValueSet") + "test-units": frozenset(
+        {("http://unitsofmeasure.org", "kg")})})
+
+    def check(**value: Any) -> list[Any]:
+        obs = _observation(**value)
+        del obs["valueQuantity"]
+        return errors(validator.validate(obs, profile=sd["url"], profiles=profiles))
+
+    assert check(valueBoolean=True) == []
+    kg = {"coding": [{"system": "http://unitsofmeasure.org", "code": "kg"}]}
+    assert check(valueCodeableConcept=kg) == []
+    lb = {"coding": [{"system": "http://unitsofmeasure.org", "code": "[lb_av]"}]}
+    assert codes(check(valueCodeableConcept=lb)) == {"GW-4207"}
+
+
 def test_unknown_profile_is_a_warning(validator: FhirValidator) -> None:
     resource = patient(meta={"profile": ["http://example.org/StructureDefinition/nope"]})
     issues = validator.validate(resource)
