@@ -67,7 +67,7 @@ async def validation_issues(ctx: Context, resource: dict[str, Any],
     issues = validator.validate(resource, profile=profile)
     if not any(i.code is Code.UNKNOWN_PROFILE for i in issues):
         return issues
-    stored = await _stored(ctx, validator, tx or ctx.store)
+    stored = await _stored(ctx, validator, ctx.store.within(tx) if tx else ctx.store)
     if stored is None or not any(url.split("|", 1)[0] in stored.raw
                                  for url in _claims(resource, profile)):
         return issues
@@ -93,7 +93,7 @@ def _claims(resource: Any, profile: str | None) -> list[str]:
 
 
 async def _stored(ctx: Context, validator: Validator,
-                  reader: Store | StoreTransaction) -> ProfileSet | None:
+                  reader: Store) -> ProfileSet | None:
     mark = await reader.versions_mark(_WATCHED)
     loaded = _LOADED.get(validator)
     if loaded is None or loaded.mark != mark:
@@ -102,7 +102,7 @@ async def _stored(ctx: Context, validator: Validator,
     return loaded.profiles
 
 
-async def _current(ctx: Context, reader: Store | StoreTransaction, resource_type: str,
+async def _current(ctx: Context, reader: Store, resource_type: str,
                    pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """The current resources of a type that ``pairs`` find, oldest change first."""
     query = parse_search(resource_type, pairs, ctx.registry.search_params, strict=True)
@@ -124,7 +124,7 @@ def _required_bindings(sds: list[dict[str, Any]]) -> set[str]:
 
 
 async def _load(ctx: Context, validator: Validator,
-                reader: Store | StoreTransaction) -> ProfileSet | None:
+                reader: Store) -> ProfileSet | None:
     sds = [sd for sd in await _current(ctx, reader, "StructureDefinition",
                                        [("derivation", "constraint")])
            if isinstance(sd.get("url"), str) and isinstance(sd.get("snapshot"), dict)

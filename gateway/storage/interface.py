@@ -91,12 +91,6 @@ class StoreTransaction(Protocol):
 
     async def current(self, resource_type: str, id: str) -> StoredResource | None: ...
 
-    async def read_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]:
-        """As :meth:`Store.read_many`, seeing this transaction's writes."""
-
-    async def versions_mark(self, types: Sequence[str]) -> tuple[int, int]:
-        """As :meth:`Store.versions_mark`, seeing this transaction's writes."""
-
     async def search_keys(
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
     ) -> list[tuple[str, str]]: ...

@@ -377,31 +377,6 @@ def _stored(row: Sequence[Any], method: str = "") -> StoredResource:
     )
 
 
-async def _read_many(conn: Connection, keys: Sequence[tuple[str, str]]
-                     ) -> list[StoredResource]:
-    found: dict[tuple[str, str], StoredResource] = {}
-    for start in range(0, len(keys), 500):
-        chunk = keys[start : start + 500]
-        cond = " OR ".join("(res_type = ? AND res_id = ?)" for _ in chunk)
-        params = [v for k in chunk for v in k]
-        for row in await conn.fetch(
-            f"SELECT {_RESOURCE_COLS} FROM resource WHERE deleted = 0 AND ({cond})", params,
-        ):
-            s = _stored(row)
-            found[(s.resource_type, s.id)] = s
-    return [found[k] for k in keys if k in found]
-
-
-async def _versions_mark(conn: Connection, types: Sequence[str]) -> tuple[int, int]:
-    if not types:
-        return 0, 0
-    # over the history_type index, in one statement
-    row = await conn.fetchrow(
-        "SELECT count(*), coalesce(max(seq), 0) FROM resource_history"
-        f" WHERE res_type IN ({', '.join('?' for _ in types)})", list(types))
-    return (int(row[0]), int(row[1])) if row else (0, 0)
-
-
 class _Transaction:
     """A unit of work. On PostgreSQL puts wait in ``_pending`` and go out together
     (one round trip for a whole Bundle); anything that touches the database
@@ -457,14 +432,6 @@ class _Transaction:
             (resource_type, id),
         )
         return _stored(row) if row else None
-
-    async def read_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]:
-        await self._flush()
-        return await _read_many(self.conn, keys)
-
-    async def versions_mark(self, types: Sequence[str]) -> tuple[int, int]:
-        await self._flush()
-        return await _versions_mark(self.conn, types)
 
     async def search_keys(
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
@@ -798,8 +765,19 @@ class SqlStore:
         """Current, non-deleted versions of ``keys``, in the order given."""
         if not keys:
             return []
+        found: dict[tuple[str, str], StoredResource] = {}
         async with self.db.read() as conn:
-            return await _read_many(conn, keys)
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                cond = " OR ".join("(res_type = ? AND res_id = ?)" for _ in chunk)
+                params = [v for k in chunk for v in k]
+                for row in await conn.fetch(
+                    f"SELECT {_RESOURCE_COLS} FROM resource WHERE deleted = 0 AND ({cond})",
+                    params,
+                ):
+                    s = _stored(row)
+                    found[(s.resource_type, s.id)] = s
+        return [found[k] for k in keys if k in found]
 
     async def search_keys(
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
@@ -932,8 +910,13 @@ class SqlStore:
                         int(row[5]) if row[5] is not None else None)
 
     async def versions_mark(self, types: Sequence[str]) -> tuple[int, int]:
-        async with self.db.read() as conn:
-            return await _versions_mark(conn, types)
+        if not types:
+            return 0, 0
+        async with self.db.read() as conn:  # over the history_type index
+            row = await conn.fetchrow(
+                "SELECT count(*), coalesce(max(seq), 0) FROM resource_history"
+                f" WHERE res_type IN ({', '.join('?' for _ in types)})", list(types))
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     async def history(
         self,
