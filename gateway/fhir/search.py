@@ -418,7 +418,9 @@ _COMMON: dict[str, _Builtin] = {
 _IGNORED = frozenset(
     {"_format", "_pretty", "_getpages", "_getpagesoffset", "_contained", "_containedType"}
 )
-_UNSUPPORTED_CONTROL = frozenset({"_filter", "_list", "_query", "_text", "_content"})
+_UNSUPPORTED_CONTROL = frozenset({"_filter", "_query", "_text", "_content"})
+#: a List's id (``_list=42``)
+_LIST_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 #: parameters answered from the resource table, which a Bundle's first resource
 #: is not in (``Parser.embedded``)
 NOT_EMBEDDED = frozenset({"_id", "_lastUpdated"})
@@ -838,6 +840,8 @@ class _Parser:
             raise _invalid(f"Invalid search parameter name {_q(name)}")
         if code in _UNSUPPORTED_CONTROL:
             raise _Unsupported(f"Search parameter '{code}' is not supported")
+        if code == "_list":
+            return self.listed(rt, name, value, depth)
         p = pmap.get(code)
         if p is None:
             raise _Unknown(f"Unknown search parameter '{code}' for {self.where(rt)}")
@@ -855,6 +859,24 @@ class _Parser:
         if not values:
             return None
         return Criterion(code, p.type, mod, tuple(values), stored=p.stored_as)
+
+    def listed(self, rt: str | None, name: str, value: str, depth: int) -> Criterion | None:
+        """``_list=42``: the resources List/42 names (search.html#list); its values are the
+        Lists' ids, OR-ed, until the members are read (``with_list_members``)."""
+        if name != "_list":
+            raise _invalid(f"'_list' takes no modifier or chain ({_q(name)})")
+        if rt is None or depth:
+            raise _Unsupported("_list is supported in a search of one type")
+        ids = [unescape(v).strip() for v in split_escaped(value, ",") if v.strip()]
+        for id in ids:
+            if id.startswith("$"):
+                raise _Unsupported(f"functional lists ({_q(id)}) are not supported")
+            if not _LIST_ID.fullmatch(id):
+                raise _invalid(f"_list: {_q(id)} is not a List id")
+        if not ids:
+            return None
+        return Criterion("_list", "_list", None, tuple(
+            TokenValue(id, None, True) for id in dict.fromkeys(ids)))
 
     def modifier(self, p: _Param, modifier: str) -> str | None:
         if not modifier:

@@ -27,7 +27,7 @@ TYPE_INTERACTIONS = (
 SEARCH_RESULT_PARAMS = (
     ("_sort", "string"), ("_count", "number"), ("_include", "string"),
     ("_revinclude", "string"), ("_summary", "token"), ("_elements", "string"),
-    ("_total", "token"), ("_has", "string"),
+    ("_total", "token"), ("_has", "string"), ("_list", "special"),
 )
 
 

@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import parse_search
 from gateway.interactions.base import Context
+from gateway.interactions.lists import with_list_members
 from gateway.interactions.terminology import with_value_set_members
 from gateway.security import guard
 from gateway.storage.interface import StoreTransaction
@@ -26,11 +27,11 @@ async def matches(
     ctx: Context, tx: StoreTransaction, resource_type: str, pairs: list[tuple[str, str]]
 ) -> list[str]:
     """Ids of the resources of ``resource_type`` matching ``pairs`` (at most 2)."""
-    # stored value sets are read through the transaction (on a one-connection SQLite
-    # database that connection is the transaction's)
-    query = await with_value_set_members(
-        replace(ctx, store=ctx.store.within(tx)),
-        parse_search(resource_type, pairs, ctx.registry.search_params, strict=True))
+    # stored value sets and Lists are read through the transaction (on a one-connection
+    # SQLite database that connection is the transaction's)
+    seen = replace(ctx, store=ctx.store.within(tx))
+    query = await with_list_members(seen, await with_value_set_members(
+        seen, parse_search(resource_type, pairs, ctx.registry.search_params, strict=True)))
     if not query.criteria:
         raise FhirError(Code.INVALID_CONDITION, "conditional criteria select nothing")
     guard.require_related(query)  # whether a match exists is an answer too

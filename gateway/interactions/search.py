@@ -21,6 +21,7 @@ from gateway.fhir.outcome import Code, FhirError, Issue, operation_outcome
 from gateway.fhir.search import Criterion, SearchQuery, near_origins, parse_search
 from gateway.fhir.summary import element_tree, subset, summarize
 from gateway.interactions.base import Context, FhirResponse, Prefer, check_id, check_type
+from gateway.interactions.lists import with_list_members
 from gateway.interactions.terminology import with_value_set_members
 from gateway.security import guard
 from gateway.security.policy import load_rules
@@ -203,8 +204,9 @@ async def search(
     if resource_type is not None:
         check_type(ctx, resource_type)
     guard.require(resource_type, "search")
-    query = await with_value_set_members(ctx, parse_search(
-        resource_type, pairs, ctx.registry.search_params, strict=prefer.strict, base_url=base))
+    query = await with_list_members(ctx, await with_value_set_members(ctx, parse_search(
+        resource_type, pairs, ctx.registry.search_params, strict=prefer.strict,
+        base_url=base)))
     path = resource_type
     if compartment is not None and resource_type is not None:
         query = replace(query, criteria=(_in_compartment(ctx, resource_type, compartment),
@@ -391,7 +393,8 @@ async def search_page(
             guard.note_patients([parts[1]])
     query = _within_scopes(ctx, query)
     if not snapshot.complete and start + size > len(snapshot.keys):
-        snapshot = await _read_on(ctx, snapshot, await with_value_set_members(ctx, query))
+        snapshot = await _read_on(ctx, snapshot, await with_list_members(
+            ctx, await with_value_set_members(ctx, query)))
     links = [("self", _pages_link(base, search_id, start, size)),
              ("first", _pages_link(base, search_id, 0, size))]
     if start > 0:

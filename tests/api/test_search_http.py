@@ -602,6 +602,65 @@ def test_encounter_everything(client: httpx.Client) -> None:
         ("Encounter", "http://hl7.org/fhir/OperationDefinition/Encounter-everything")}
 
 
+def test_list_finds_what_a_list_names(client: httpx.Client) -> None:
+    """search.html#list: ``_list=42`` finds the resources List/42 names in its entries
+    (not those marked deleted); several Lists in one value are OR-ed, repeated
+    ``_list`` parameters AND-ed."""
+    family = unique("Listed")
+    a, b, c, d = (post(client, patient(unique("mrn"), family=family)).json()["id"]
+                  for _ in range(4))
+    obs = post(client, {"resourceType": "Observation", "status": "final",
+                        "code": {"text": "x"}}).json()["id"]
+
+    def worklist(*entries: dict[str, Any], mode: str = "working") -> str:
+        made = post(client, {"resourceType": "List", "status": "current", "mode": mode,
+                             "entry": list(entries)})
+        assert made.status_code == 201, made.text
+        return str(made.json()["id"])
+
+    def item(ref: str, **more: Any) -> dict[str, Any]:
+        return {"item": {"reference": ref}, **more}
+
+    first = worklist(item(f"Patient/{a}"), item(f"Patient/{b}/_history/1"),
+                     item(f"Patient/{c}", deleted=True), item(f"Observation/{obs}"),
+                     item(f"{str(client.base_url).rstrip('/')}/Patient/{d}"),
+                     mode="changes")  # (lst-2: only a list of changes marks deletions)
+    second = worklist(item(f"Patient/{b}"), item(f"Patient/{d}"))
+    empty = worklist(item(f"Observation/{obs}"))  # no patient
+
+    def found(**params: str) -> list[str]:
+        return sorted(search_ids(client, "/Patient", **params))
+
+    assert found(_list=first) == sorted([a, b, d])  # the absolute one is this server's
+    assert search_ids(client, "/Observation", _list=first) == [obs]
+    assert found(_list=f"{first},{second}") == sorted([a, b, d])
+    assert found(_list=second, family=family) == sorted([b, d])
+    both = client.get("/Patient", params=[("_list", first), ("_list", second)])
+    assert sorted(e["resource"]["id"] for e in both.json()["entry"]) == sorted([b, d])
+    assert found(_list=empty) == [] and found(_list=unique("none")) == []
+    # the List as it is now
+    client.put(f"/List/{first}", json={"resourceType": "List", "id": first,
+                                       "status": "current", "mode": "working",
+                                       "entry": [item(f"Patient/{c}")]},
+               headers={"Content-Type": FHIR})
+    assert found(_list=first) == [c]
+    # paging keeps the list's members
+    page = client.get("/Patient", params={"_list": second, "_count": 1}).json()
+    assert page["total"] == 2
+    assert len(paged_ids(client, page)) == 2
+    for bad, code in (("$current-problems", "GW-1024"), ("a b", "GW-1013")):
+        refused = client.get("/Patient", params={"_list": bad},
+                             headers={"Prefer": "handling=strict"})
+        assert (refused.status_code, gw_code(refused)) == (400, code), bad
+    # of the whole system: not supported, ignored with a warning
+    system = client.get("/", params={"_list": first, "_type": "Patient"}).json()
+    assert any(e["search"]["mode"] == "outcome" for e in system.get("entry", []))
+    # conditional create by list membership
+    made = post(client, patient(unique("mrn"), family=family),
+                **{"If-None-Exist": f"_list={second}&family={family}"})
+    assert made.status_code == 412  # two match
+
+
 def test_search_in_the_patient_compartment(client: httpx.Client) -> None:
     # GET [base]/Patient/[id]/[type]?... (search.html#compartments)
     pid = post(client, patient(unique("mrn"))).json()["id"]

@@ -89,6 +89,11 @@ def world(secured: Secured) -> Iterator[World]:
                      "performer": [{"reference": "Organization/org-b"}]})
     w.owner[f"ServiceRequest/{sr['id']}"] = p3
     _clinical(w, b, p3, tag)
+    # a worklist naming every patient: a search by it still shows only one's own
+    everyone = _create(a, {"resourceType": "List", "status": "current", "mode": "working",
+                           "entry": [{"item": {"reference": f"Patient/{pid}"}}
+                                     for pid in w.patients.values()]})
+    w.owner[f"List/{everyone['id']}"] = ""
     yield w
     a.close()
     b.close()
@@ -135,6 +140,9 @@ def _requests(w: World) -> list[tuple[str, str, str, Any]]:
                 f"/Patient/{pid}/Condition",
             ]
             out += [(client, "GET", path, None) for path in paths]
+        lists = [k.split("/")[1] for k in keys if k.startswith("List/")]
+        out += [(client, "GET", f"/Patient?_list={lid}&_revinclude=Observation:subject", None)
+                for lid in lists]
         out.append((client, "GET", "/Practitioner/doc/Observation"
                     "?_include=Observation:subject&_include=Observation:encounter", None))
         out.append((client, "GET", "/Practitioner/doc/Observation?_summary=count", None))
