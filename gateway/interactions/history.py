@@ -29,6 +29,8 @@ def _bound(name: str, value: str) -> tuple[int, int]:
     return bounds
 
 
+#: what a history takes (http.html#history), and what every request may carry
+_PARAMS = frozenset({"_since", "_at", "_count", "_cursor", "_format", "_pretty"})
 #: an open end of an ``_at`` period (epoch microseconds, within a bigint)
 _NEVER = 2**62
 
@@ -77,7 +79,16 @@ async def history(
     pairs: list[tuple[str, str]],
     *,
     base: str,
+    strict: bool = False,
 ) -> FhirResponse:
+    """``strict`` (``Prefer: handling=strict``): an unknown parameter is refused (a
+    history Bundle has no place for the warning a search gives, so it is otherwise
+    ignored silently)."""
+    if strict:
+        unknown = sorted({k for k, _ in pairs} - _PARAMS)
+        if unknown:
+            raise FhirError(Code.UNKNOWN_SEARCH_PARAM,
+                            f"history takes no parameter '{unknown[0][:64]}'")
     if resource_type is not None:
         check_type(ctx, resource_type)
     if id is not None:

@@ -81,7 +81,8 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
     if n == 1 and head == "_history":
         if method != "GET":
             raise _not_allowed(req)
-        return await history.history(ctx, None, None, req.query, base=req.base)
+        return await history.history(ctx, None, None, req.query, base=req.base,
+                                     strict=req.prefer.strict)
     if n == 1 and head == "_search":
         if method != "POST":
             raise _not_allowed(req)
@@ -120,7 +121,8 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
     if n == 2 and second == "_history":
         if method != "GET":
             raise _not_allowed(req)
-        return await history.history(ctx, rt, None, req.query, base=req.base)
+        return await history.history(ctx, rt, None, req.query, base=req.base,
+                                     strict=req.prefer.strict)
     if n == 2 and second.startswith("$"):
         return await _operation(ctx, req, method, second[1:], rt, None)
     id = second
@@ -157,7 +159,8 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
         if method != "GET":
             raise _not_allowed(req)
         if n == 3:
-            return await history.history(ctx, rt, id, req.query, base=req.base)
+            return await history.history(ctx, rt, id, req.query, base=req.base,
+                                         strict=req.prefer.strict)
         return await read.vread(ctx, rt, id, parts[3], req.query,
                                 if_none_match=h.get("if-none-match"),
                                 if_modified_since=h.get("if-modified-since"))

@@ -303,3 +303,20 @@ def test_a_new_context_ignores_what_a_collected_one_left_under_its_id(
     assert isinstance(statement, dict)
     patient = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Patient")
     assert patient["extension"] == [fresh]
+
+
+def test_history_refuses_unknown_parameters_when_asked_to_be_strict(
+        client: httpx.Client) -> None:
+    created = post(client, patient(unique("mrn"))).json()
+    path = f"/Patient/{created['id']}/_history"
+    for where in (path, "/Patient/_history", "/_history"):
+        lenient = client.get(where, params={"_count": 1, "foo": "bar"})
+        assert lenient.status_code == 200, where
+        strict = client.get(where, params={"_count": 1, "foo": "bar"},
+                            headers={"Prefer": "handling=strict"})
+        assert (strict.status_code, gw_code(strict)) == (400, "GW-1014"), where
+        assert "foo" in strict.json()["issue"][0]["diagnostics"]
+        known = client.get(where, params={"_count": 1, "_since": "2001-01-01",
+                                          "_format": "json"},
+                           headers={"Prefer": "handling=strict"})
+        assert known.status_code == 200, (where, known.text)
