@@ -158,6 +158,72 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
                             replay=f"{owner}?")
 
 
+async def every_type(ctx: Context, owner: str, id: str, pairs: list[tuple[str, str]], *,
+                     base: str, strict: bool) -> FhirResponse:
+    """``[base]/Patient/[id]/*`` (search.html#compartments): every resource in the
+    compartment, of any of R4's five compartments, the owner first, then type by type
+    in creation order, as ``$everything`` gathers its record (nothing it refers to is
+    added). ``_type`` chooses the types; the parameters every type has (``_id``,
+    ``_lastUpdated``, ``_tag``, ``_profile``, ``_security``, ``_source``) filter;
+    ``_count`` sets the page size. Any other parameter is ignored with a warning (400
+    under ``Prefer: handling=strict``): it means something else, or nothing, in each
+    type."""
+    check_id(id)
+    if owner not in ctx.registry.compartments:
+        raise FhirError(Code.UNSUPPORTED_SEARCH,
+                        f"{owner[:64]} is not a compartment: FHIR R4 defines "
+                        f"{', '.join(sorted(ctx.registry.compartments))}")
+    kind = _kind(ctx, owner)
+    types = [owner, *sorted(kind.compartment)]
+    common = ctx.registry.common_search_params
+    filters: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    size = ctx.settings.default_page_size
+    for key, value in pairs:
+        if key == "_type":
+            asked = {t.strip() for t in value.split(",") if t.strip()}
+            unknown = sorted(t for t in asked if not ctx.registry.is_resource_type(t))
+            if unknown:
+                raise FhirError(Code.INVALID_SEARCH_VALUE, f"_type: unknown type {unknown[0]}")
+            types = [t for t in types if t in asked]
+        elif key == "_count":
+            if not (value.isascii() and value.isdigit()):
+                raise FhirError(Code.INVALID_SEARCH_VALUE,
+                                "_count must be a non-negative integer")
+            size = min(int(value), ctx.settings.max_page_size)
+        elif key.partition(":")[0] in common:
+            filters.append((key, value))
+        elif key not in ("_format", "_pretty"):
+            if strict:
+                raise FhirError(Code.UNKNOWN_SEARCH_PARAM,
+                                f"a search of every type in a compartment takes _type, _count"
+                                f" and the parameters every type has, not '{key[:64]}'")
+            warnings.append(f"'{key[:64]}' is not a parameter of every type and was ignored")
+    if owner == "Patient":
+        guard.note_patients([id])
+    restriction = guard.restriction(ctx.access)
+    cap = ctx.settings.max_search_results
+    pointing: dict[str, list[str]] = {}
+    for rt, param in sorted(await ctx.store.referrers(owner, id)):
+        if param in kind.compartment.get(rt, ()):
+            pointing.setdefault(rt, []).append(param)
+    if owner in types and not guard.allows(owner, "search"):
+        types.remove(owner)  # (the others are left out by _record, as a search would)
+    keys = await _record(ctx, owner, id, types, pointing, filters, cap + 1, restriction)
+    truncated = len(keys) > cap
+    found = len(keys)
+    if truncated:
+        keys = keys[:cap]
+        warnings.append(f"only the first {cap} resources can be paged through")
+    kept = [(k, v) for k, v in pairs if k not in ("_format", "_pretty")]
+    self_link = f"{base}/{owner}/{id}/*" + (f"?{urlencode(kept)}" if kept else "")
+    guard.note("*", None, None, self_link)
+    return await first_page(ctx, SearchQuery(owner), [] if size == 0 else keys, base,
+                            size=size, links=[("self", self_link)], warnings=tuple(warnings),
+                            total=None if truncated else found, truncated=truncated,
+                            replay=f"{owner}?")
+
+
 def _outside(resource_type: str, compartment: dict[str, tuple[str, ...]]) -> bool:
     """Whether resources of the type belong to no patient's record."""
     return resource_type != "Patient" and not compartment.get(resource_type)

@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.fhir.outcome import Code, FhirError
-from gateway.interactions import capabilities, create, delete, history, patch, read, search
+from gateway.interactions import (
+    capabilities,
+    create,
+    delete,
+    everything,
+    history,
+    patch,
+    read,
+    search,
+)
 from gateway.interactions import update as update_mod
 from gateway.interactions.base import Context, FhirResponse, Prefer
 from gateway.interactions.operations import OperationRequest, invoke
@@ -148,11 +157,11 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
         # search in a compartment: Patient/[id]/Observation (search.html#compartments)
         return await search.search(ctx, parts[2], req.query, base=req.base,
                                    prefer=req.prefer, compartment=(rt, id))
-    if n in (3, 4) and parts[2] == "*" and parts[3:] in ([], ["_search"]):
-        raise FhirError(Code.UNSUPPORTED_SEARCH,
-                        "a search of every type in a compartment ([base]/Patient/[id]/*) is"
-                        " not supported: search one type (Patient/[id]/Observation), or ask"
-                        " for the whole record with Patient/[id]/$everything (with _type)")
+    if ((n == 3 and method == "GET") or (n == 4 and parts[3] == "_search"
+                                           and method == "POST")) and parts[2] == "*":
+        # every type of a compartment: Patient/[id]/* (search.html#compartments)
+        return await everything.every_type(ctx, rt, id, req.query, base=req.base,
+                                           strict=req.prefer.strict)
     if n == 5 and parts[2] == "_history" and parts[4].startswith("$"):
         return await _operation(ctx, req, method, parts[4][1:], rt, id, parts[3])
     if parts[2] == "_history" and n in (3, 4):

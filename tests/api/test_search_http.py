@@ -691,15 +691,56 @@ def test_search_in_the_patient_compartment(client: httpx.Client) -> None:
     assert links["self"].endswith(f"/Patient/{pid}/Observation?_count=1")
     assert client.get(links["next"]).json()["entry"][0]["resource"]["id"] in made[:2]
     for path in (f"/Patient/{pid}/Organization", f"/Organization/{pid}/Observation",
-                 f"/Patient/{pid}/*"):
+                 f"/Organization/{pid}/*"):
         response = client.get(path)
         assert response.status_code == 400 and gw_code(response) == "GW-1024", path
-    every_type = client.post(f"/Patient/{pid}/*/_search", data={"_type": "Observation"})
-    assert (every_type.status_code, gw_code(every_type)) == (400, "GW-1024")
-    assert "$everything" in every_type.json()["issue"][0]["diagnostics"]
     metadata = client.get("/metadata").json()
     assert "http://hl7.org/fhir/CompartmentDefinition/patient" in \
         metadata["rest"][0]["compartment"]
+
+
+def test_search_of_every_type_in_a_compartment(client: httpx.Client) -> None:
+    """``Patient/[id]/*`` (search.html#compartments): the patient and everything in its
+    compartment, of every type; ``_type``, ``_count`` and the parameters every type has
+    apply; others are ignored with a warning."""
+    pid = post(client, patient(unique("mrn"))).json()["id"]
+    other = post(client, patient(unique("mrn"))).json()["id"]
+    me = {"reference": f"Patient/{pid}"}
+    tag = {"system": "urn:test:tag", "code": unique("t")}
+    made = [f"{r['resourceType']}/{r['id']}" for r in (post(client, body).json() for body in (
+        {"resourceType": "Observation", "status": "final", "code": {"text": "a"},
+         "subject": me, "meta": {"tag": [tag]}},
+        {"resourceType": "Condition", "subject": me, "code": {"text": "b"}},
+        {"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"},
+         "subject": me, "meta": {"tag": [tag]}},
+        {"resourceType": "Observation", "status": "final", "code": {"text": "c"},
+         "subject": {"reference": f"Patient/{other}"}},
+    ))]
+
+    def keys(path: str = f"/Patient/{pid}/*", **params: Any) -> list[str]:
+        response = client.get(path, params=params)
+        assert response.status_code == 200, response.text
+        return [f"{e['resource']['resourceType']}/{e['resource']['id']}"
+                for e in response.json().get("entry", []) if e["search"]["mode"] == "match"]
+
+    whole = keys()
+    assert whole[0] == f"Patient/{pid}" and sorted(whole[1:]) == sorted(made[:3])
+    assert keys(_type="Observation,Condition") == sorted(made[:2], key=whole.index)
+    assert sorted(keys(_tag=f"{tag['system']}|{tag['code']}")) == sorted([made[0], made[2]])
+    assert keys(_lastUpdated="gt2999") == []
+    paged = client.get(f"/Patient/{pid}/*", params={"_count": 2}).json()
+    assert paged["total"] == 4 and paged_ids(client, paged) == [k.split("/")[1] for k in whole]
+    posted = client.post(f"/Patient/{pid}/*/_search", data={"_type": "Condition"})
+    assert [e["resource"]["id"] for e in posted.json()["entry"]] == [made[1].split("/")[1]]
+    warned = client.get(f"/Patient/{pid}/*", params={"status": "final"}).json()
+    assert [e for e in warned["entry"] if e["search"]["mode"] == "outcome"]
+    strict = client.get(f"/Patient/{pid}/*", params={"status": "final"},
+                        headers={"Prefer": "handling=strict"})
+    assert (strict.status_code, gw_code(strict)) == (400, "GW-1014")
+    # another compartment: what names the encounter
+    stay = made[2].split("/")[1]
+    assert keys(f"/Encounter/{stay}/*") == [made[2]]
+    assert keys(f"/Patient/{unique('none')}/*") == []
 
 
 def test_search_in_the_other_compartments(client: httpx.Client) -> None:
