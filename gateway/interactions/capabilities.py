@@ -135,10 +135,12 @@ def _statement(
         ]
         params = _search_params(registry.search_params(rt).values())
         params.extend({"name": n, "type": t} for n, t in SEARCH_RESULT_PARAMS)
+        supported = registry.supported_profiles(rt)
         resources.append({
             **_extensions(contributions, rt, base),
             "type": rt,
             "profile": f"http://hl7.org/fhir/StructureDefinition/{rt}",
+            **({"supportedProfile": supported} if supported else {}),
             "interaction": [{"code": c} for c in TYPE_INTERACTIONS],
             "versioning": "versioned-update",
             "readHistory": True,

@@ -71,6 +71,8 @@ class Registry:
     conformance: list[dict[str, Any]] = field(default_factory=list)
     #: R4's ValueSets with a required binding, expanded (``profiles/r4``)
     r4_value_sets: list[dict[str, Any]] = field(default_factory=list)
+    #: R4's core profiles the validator holds (vital signs): type -> canonical URLs
+    core_profiles: dict[str, list[str]] = field(default_factory=dict)
     #: R4's compartments: the compartment's type (``Encounter``) -> each type in it
     #: -> the search parameters that put a resource there (``{def}``: the owner itself)
     compartments: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
@@ -91,6 +93,9 @@ class Registry:
         for resource in _conformance_resources(root):
             reg.add_conformance(resource)
         reg.r4_value_sets = value_sets
+        for sd in _bundle_resources(r4 / "Bundle-r4-profiles.json"):
+            if sd.get("kind") == "resource":
+                reg.core_profiles.setdefault(sd["type"], []).append(sd["url"])
         for cd in _bundle_resources(r4 / "Bundle-r4-compartment-definitions.json"):
             reg.compartments[cd["code"]] = {r["code"]: tuple(r["param"])
                                             for r in cd["resource"]}
@@ -128,6 +133,14 @@ class Registry:
 
     def conformance_of(self, resource_type: str) -> list[dict[str, Any]]:
         return [r for r in self.conformance if r["resourceType"] == resource_type]
+
+    def supported_profiles(self, resource_type: str) -> list[str]:
+        """The profiles of ``resource_type`` that writes are validated against when
+        they claim them: R4's core ones and the gateway's own."""
+        own = [sd["url"] for sd in self.conformance_of("StructureDefinition")
+               if sd.get("derivation") == "constraint" and sd.get("kind") == "resource"
+               and sd.get("type") == resource_type]
+        return sorted(self.core_profiles.get(resource_type, [])) + sorted(own)
 
     @cached_property
     def terminology(self) -> Terminology:

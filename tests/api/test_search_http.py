@@ -813,6 +813,13 @@ def test_search_in_the_other_compartments(client: httpx.Client) -> None:
         assert (response.status_code, gw_code(response)) == (400, "GW-1024"), path
     assert "Device, Encounter, Patient, Practitioner, RelatedPerson" in \
         client.get(f"/Location/{stay}/Observation").json()["issue"][0]["diagnostics"]
+    resources = {r["type"]: r for r in client.get("/metadata").json()["rest"][0]["resource"]}
+    # the profiles a write is validated against when it claims them
+    assert resources["Task"]["supportedProfile"] == [
+        "https://carepath-gateway.org/fhir/StructureDefinition/handoff-task"]
+    assert "http://hl7.org/fhir/StructureDefinition/bp" in \
+        resources["Observation"]["supportedProfile"]
+    assert "supportedProfile" not in resources["Patient"]
     assert client.get("/metadata").json()["rest"][0]["compartment"] == [
         f"http://hl7.org/fhir/CompartmentDefinition/{c}"
         for c in ("device", "encounter", "patient", "practitioner", "relatedPerson")]
