@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, urlsplit
 from gateway.fhir import json as fjson
 from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.instants import instant
-from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.outcome import Code, FhirError, information
 from gateway.fhir.references import CONDITIONAL_REF, relative_names, rewrite, split_restful
 from gateway.interactions.base import (
     Context,
@@ -191,7 +191,8 @@ def _response_entry(entry: Entry, base: str, prefer: Prefer) -> dict[str, Any]:
         elif isinstance(resp.body, bytes):
             out["resource"] = raw(resp.body)
         elif isinstance(resp.body, dict):
-            if resp.body.get("resourceType") == "OperationOutcome" and resp.status >= 400:
+            if resp.body.get("resourceType") == "OperationOutcome" and (
+                    resp.status >= 400 or entry.method not in ("GET", "HEAD")):
                 out["response"]["outcome"] = resp.body
             else:
                 out["resource"] = resp.body
@@ -209,6 +210,10 @@ def _response_entry(entry: Entry, base: str, prefer: Prefer) -> dict[str, Any]:
     if stored.content is not None and prefer.return_ == "representation":
         out["fullUrl"] = f"{base}/{stored.resource_type}/{stored.id}"
         out["resource"] = raw(stored.content)
+    elif prefer.return_ == "OperationOutcome":  # (bundle.html: entry.response.outcome)
+        what = "deleted" if stored.deleted else "stored"
+        response["outcome"] = information(
+            f"{stored.resource_type}/{stored.id} version {stored.version} {what}")
     return out
 
 

@@ -311,6 +311,26 @@ def test_transaction_prefer_representation_returns_resources(client: httpx.Clien
     assert entry["resource"]["meta"]["versionId"] == "1"
 
 
+def test_prefer_operation_outcome_gives_each_entry_its_outcome(client: httpx.Client) -> None:
+    """bundle.html: with ``Prefer: return=OperationOutcome`` each entry's
+    ``response.outcome`` tells what happened (the resource is not returned)."""
+    rid = post(client, patient(unique("mrn"))).json()["id"]
+    for kind in ("transaction", "batch"):
+        bundle = tx([
+            {"resource": patient(unique("mrn")), "request": {"method": "POST", "url": "Patient"}},
+            {"request": {"method": "DELETE", "url": f"Patient/{rid}"}},
+        ], kind)
+        response = send(client, bundle, Prefer="return=OperationOutcome")
+        assert response.status_code == 200, response.text
+        entries = response.json()["entry"]
+        for entry in entries:
+            assert "resource" not in entry, (kind, entry)
+        created = entries[0]["response"]
+        assert created["status"].startswith("201")
+        assert created["outcome"]["resourceType"] == "OperationOutcome"
+        assert created["outcome"]["issue"][0]["severity"] == "information"
+
+
 def test_batch_runs_entries_independently(client: httpx.Client) -> None:
     mrn = unique("mrn")
     bundle = tx([
