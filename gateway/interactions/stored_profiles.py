@@ -10,10 +10,13 @@ over the code systems held or stored here; a binding to a value set that
 cannot be expanded completely here is not checked, as in the gateway's own
 profiles. A URL the gateway defines itself keeps the gateway's definition.
 
-Not used: a StructureDefinition without a snapshot (the writer warns that the
-profile is not known here, as for any other), and, in a transaction, one
-written by the same Bundle as the resource that claims it (the Bundle's
-writes are not visible until it commits).
+A StructureDefinition stored without a snapshot (as SUSHI writes them) gets one
+made from its differential and its base (another stored profile, the gateway's
+own, or R4's: ``gateway.fhir.validation.snapshot``); one whose snapshot cannot
+be made (a differential beyond what the generator takes) is not used, and the
+writer warns that the profile is not known here, as for any other. Not used
+either: in a transaction, a profile written by the same Bundle as the resource
+that claims it (the Bundle's writes are not visible until it commits).
 
 Each worker process keeps what it compiled, and notices a change by the number
 of StructureDefinition, ValueSet and CodeSystem versions in the history log and
@@ -117,8 +120,11 @@ async def _current(ctx: Context, reader: Store, resource_type: str,
 
 
 def _required_bindings(sds: list[dict[str, Any]]) -> set[str]:
+    """(a snapshot made from a differential binds only what the differential or its
+    bases bind: the bases' bindings are the gateway's, or another stored profile's)"""
     return {b["valueSet"].split("|", 1)[0]
-            for sd in sds for el in sd["snapshot"]["element"]
+            for sd in sds for part in ("snapshot", "differential")
+            for el in (sd.get(part) or {}).get("element") or ()
             if isinstance(b := el.get("binding"), dict) and b.get("strength") == "required"
             and isinstance(b.get("valueSet"), str)}
 
@@ -127,8 +133,9 @@ async def _load(ctx: Context, validator: Validator,
                 reader: Store) -> ProfileSet | None:
     sds = [sd for sd in await _current(ctx, reader, "StructureDefinition",
                                        [("derivation", "constraint")])
-           if isinstance(sd.get("url"), str) and isinstance(sd.get("snapshot"), dict)
-           and isinstance(sd["snapshot"].get("element"), list)]
+           if isinstance(sd.get("url"), str) and any(
+               isinstance(sd.get(part), dict) and isinstance(sd[part].get("element"), list)
+               for part in ("snapshot", "differential"))]
     if not sds:
         return None
     # the value sets the profiles bind as required, over what is held and stored here

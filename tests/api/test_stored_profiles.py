@@ -133,9 +133,16 @@ def test_a_changed_or_deleted_profile_is_used_as_it_is_now(client: httpx.Client)
     assert client.delete("/StructureDefinition/Patient-uv-ips").status_code == 204
     gone = post(client, _ips_patient(name=None))
     assert gone.status_code == 201, gone.text
-    # one stored without a snapshot is not used
+    # one stored without a snapshot (as SUSHI writes them) gets one from its differential
     differential = {k: v for k, v in PROFILES["Patient-uv-ips"].items() if k != "snapshot"}
     assert put(client, differential).status_code in (200, 201)
+    made = post(client, _ips_patient(name=None))
+    assert made.status_code == 422 and "Patient.name needs at least 1" in _diagnostics(made)
+    # unless its base is not known here: then it is not used, and the write is warned
+    orphan = {**differential, "baseDefinition": "http://example.org/StructureDefinition/x"}
+    assert put(client, orphan).status_code == 200
+    warned = client.post("/Patient/$validate", json=_ips_patient(name=None))
+    assert "is not known here" in _diagnostics(warned)
     assert post(client, _ips_patient(name=None)).status_code == 201
 
 

@@ -254,11 +254,15 @@ class Snapshot:
             raise ProfileError(f"{self.url}: {element_id} widens max {base} to {new}")
 
     def _extension_text(self, target: Json, diff: Json) -> None:
-        """An extension slice reads its short text and definition from the extension."""
+        """An extension slice reads its short text and definition from the extension
+        (when it is known: the texts are not needed to validate)."""
         types = target["type"]
         if len(types) != 1 or types[0]["code"] != "Extension" or not types[0].get("profile"):
             return
-        root = self.defs.get(types[0]["profile"][0])["snapshot"]["element"][0]
+        try:
+            root = self.defs.get(types[0]["profile"][0])["snapshot"]["element"][0]
+        except ProfileError:
+            return
         for key in ("short", "definition", "comment"):
             if key not in diff and key in root:
                 target[key] = root[key]

@@ -25,6 +25,7 @@ from gateway.fhir.outcome import Code, Issue
 from gateway.fhir.validation.loader import Definitions, load_definitions
 from gateway.fhir.validation.model import Model, value_sets_index
 from gateway.fhir.validation.profiles import ProfileSet
+from gateway.fhir.validation.snapshot import ProfileError, complete_structure_definition
 from gateway.fhir.validation.walker import Loc, Walker, render
 
 
@@ -89,11 +90,18 @@ class FhirValidator:
     def with_stored(self, structure_definitions: Iterable[dict[str, Any]],
                     value_sets: Mapping[str, frozenset[tuple[str, str]]]) -> ProfileSet:
         """The gateway's profiles and ``structure_definitions`` (constraint
-        StructureDefinitions stored on the server, with snapshots), compiled on first
-        use; their required bindings checked against ``value_sets`` (expansions by
-        canonical URL) and the gateway's own. A URL the gateway defines keeps the
-        gateway's definition."""
-        raw = {sd["url"]: sd for sd in structure_definitions}
+        StructureDefinitions stored on the server; one without a snapshot gets one
+        made from its differential, ``snapshot``), compiled on first use; their
+        required bindings checked against ``value_sets`` (expansions by canonical URL)
+        and the gateway's own. A URL the gateway defines keeps the gateway's
+        definition."""
+        bases = _Bases(self, {sd["url"]: sd for sd in structure_definitions})
+        raw: dict[str, dict[str, Any]] = {}
+        for url in bases.stored:
+            try:
+                raw[url] = bases.get(url)
+            except ProfileError:  # no snapshot, and none can be made: not used
+                continue
         raw.update(self.profiles.raw)
         own = self.definitions.value_sets
         return ProfileSet(self.model, raw, value_sets_index({**value_sets, **own}))
@@ -152,3 +160,43 @@ def _claimed(resource: dict[str, Any]) -> list[str]:
     if not isinstance(urls, list):
         return []
     return [u for u in urls if isinstance(u, str)]
+
+
+_R4 = "http://hl7.org/fhir/StructureDefinition/"
+
+
+class _Bases:
+    """The definitions a stored profile's snapshot is made from: other stored
+    profiles (their snapshots made first, where they have none), the gateway's own
+    and R4's core profiles, and R4's types."""
+
+    def __init__(self, validator: FhirValidator, stored: dict[str, dict[str, Any]]) -> None:
+        self.stored = stored
+        self.own = validator.profiles.raw
+        self.types = validator.model.by_type
+        self._done: dict[str, dict[str, Any]] = {}
+        self._busy: set[str] = set()
+
+    def get(self, url: str) -> dict[str, Any]:
+        url = url.split("|", 1)[0]
+        done = self._done.get(url)
+        if done is not None:
+            return done
+        sd = self.stored.get(url) or self.own.get(url)
+        if sd is None:
+            if url.startswith(_R4) and url[len(_R4):] in self.types:
+                return self.types[url[len(_R4):]]
+            raise ProfileError(f"unknown StructureDefinition {url}")
+        if not (sd.get("snapshot") or {}).get("element"):
+            if url in self._busy:
+                raise ProfileError(f"{url} depends on itself")
+            self._busy.add(url)
+            try:
+                sd = complete_structure_definition(sd, self)
+            finally:
+                self._busy.discard(url)
+        self._done[url] = sd
+        return sd
+
+    def type_definition(self, code: str) -> dict[str, Any]:
+        return self.get(code if "/" in code else _R4 + code)
