@@ -28,6 +28,7 @@ caller's.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,8 @@ from gateway.fhir.validation.profiles import ProfileSet
 if TYPE_CHECKING:  # (base validates with this module)
     from gateway.interactions.base import Context, Validator
     from gateway.storage.interface import Store, StoreTransaction
+
+log = logging.getLogger(__name__)
 
 _WATCHED = ("StructureDefinition", "ValueSet", "CodeSystem")
 #: the most conformance resources of one type read for validation
@@ -74,7 +77,14 @@ async def validation_issues(ctx: Context, resource: dict[str, Any],
     if stored is None or not any(url.split("|", 1)[0] in stored.raw
                                  for url in _claims(resource, profile)):
         return issues
-    return validator.validate(resource, profile=profile, profiles=stored)
+    try:
+        return validator.validate(resource, profile=profile, profiles=stored)
+    except Exception:  # a stored definition that makes no sense: not applied
+        log.warning("a profile stored here could not be applied", exc_info=True)
+        return [*issues, Issue(Code.UNKNOWN_PROFILE,
+                               "a profile stored here could not be applied; the resource "
+                               "was validated against the base definition", (),
+                               "warning")]
 
 
 def _claims(resource: Any, profile: str | None) -> list[str]:

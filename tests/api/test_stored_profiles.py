@@ -180,3 +180,27 @@ def test_stored_value_sets_bind_and_own_profiles_keep_their_definition(
     task = {"resourceType": "Task", "meta": {"profile": [own]}, "status": "requested",
             "intent": "order"}
     assert post(client, task).status_code == 422
+
+
+def test_a_stored_profile_that_makes_no_sense_fails_no_write(client: httpx.Client) -> None:
+    """A StructureDefinition can pass R4's rules and still make no sense (a maximum of
+    'x'; a differential that names no element): it is not used, and writes that claim
+    it are validated against R4 as for an unknown profile, never answered 500."""
+    broken = copy.deepcopy(PROFILES["Patient-uv-ips"])
+    broken.update(id=unique("sd"), url=f"urn:test:broken:{unique()}")
+    for element in broken["snapshot"]["element"]:
+        if element["path"] == "Patient.name":
+            element["max"] = "x"
+    no_snapshot = {k: v for k, v in copy.deepcopy(broken).items() if k != "snapshot"}
+    no_snapshot.update(id=unique("sd"), url=f"urn:test:broken:{unique()}", differential={
+        "element": [{"id": "Patient.nothing.here", "path": "Patient.nothing.here",
+                     "max": "x"}]})
+    for sd in (broken, no_snapshot):
+        stored = post(client, sd)
+        assert stored.status_code == 201, stored.text
+        claiming = _ips_patient(name=None, meta={"profile": [sd["url"]]})
+        written = post(client, claiming)
+        assert written.status_code == 201, written.text
+        checked = client.post("/Patient/$validate", json=claiming)
+        assert checked.status_code == 200
+        assert "is not known here" in _diagnostics(checked)

@@ -33,6 +33,7 @@ matches nothing, its cardinality is not judged, and neither is its slicing's
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ from gateway.fhir.validation.model import (
     Node,
 )
 from gateway.fhir.validation.walker import Loc, render
+
+log = logging.getLogger(__name__)
 
 
 def _max(value: Any) -> int | None:
@@ -434,6 +437,11 @@ class ProfileSet:
             try:
                 sd = self.raw.get(url)
                 compiled = _Compiler(self, sd).compile() if sd is not None else None
+            except Exception:  # a definition that makes no sense (one stored on the
+                # server, say): not used, as an unknown one, rather than failing writes
+                log.warning("profile %s cannot be compiled; it is not used", url[:200],
+                            exc_info=True)
+                compiled = None
             finally:
                 self._compiling.discard(url)
             self._compiled[url] = compiled

@@ -193,6 +193,10 @@ class _Bases:
             self._busy.add(url)
             try:
                 sd = complete_structure_definition(sd, self)
+            except ProfileError:
+                raise
+            except Exception as exc:  # a differential that makes no sense
+                raise ProfileError(f"{url}: no snapshot can be made ({exc})") from exc
             finally:
                 self._busy.discard(url)
         self._done[url] = sd
