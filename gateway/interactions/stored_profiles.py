@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.fhir.outcome import Code, FhirError, Issue
+from gateway.fhir.outcome import Code, Issue
 from gateway.fhir.search import parse_search
 from gateway.fhir.validation.profiles import ProfileSet
 
@@ -149,17 +149,23 @@ async def _load(ctx: Context, validator: Validator,
     if not sds:
         return None
     # the value sets the profiles bind as required, over what is held and stored here
-    term = ctx.registry.terminology.with_resources(
-        [*await _current(ctx, reader, "CodeSystem", []),
-         *await _current(ctx, reader, "ValueSet", [])])
+    stored = [*await _current(ctx, reader, "CodeSystem", []),
+              *await _current(ctx, reader, "ValueSet", [])]
     value_sets: dict[str, frozenset[tuple[str, str]]] = {}
+    try:
+        term = ctx.registry.terminology.with_resources(stored)
+    except Exception:  # stored terminology that makes no sense: bindings not checked
+        log.warning("the terminology stored here cannot be read", exc_info=True)
+        return validator.with_stored(sds, {})
     for url in sorted(_required_bindings(sds)):
-        value_set = term.value_set(url)
-        if value_set is None:
-            continue
         try:
+            value_set = term.value_set(url)
+            if value_set is None:
+                continue
             codes, closed = term.members(value_set)
-        except FhirError:  # not expandable here
+        except Exception as exc:  # not expandable here (FhirError), or makes no sense
+            log.info("value set %s is not expanded here (%s): its bindings are not checked",
+                     url[:200], exc)
             continue
         if closed and len(codes) <= MAX_BOUND_CODES:
             value_sets[url] = frozenset(codes)
