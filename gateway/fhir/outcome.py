@@ -106,6 +106,8 @@ class Code(Enum):
     INVALID_RESOURCE_TYPE = ("GW-4216", 422, "structure", "Missing or unknown resourceType")
     TYPE_NOT_ALLOWED = ("GW-4217", 422, "structure", "Type not allowed by the profile")
     TOO_LONG = ("GW-4218", 422, "value", "Value longer than the profile's maxLength")
+    SNAPSHOT_FAILED = ("GW-4219", 422, "processing",
+                       "No snapshot can be made from the differential")
     # 44xx: subscriptions (R4 Subscriptions Backport; docs/subscriptions.md)
     UNKNOWN_TOPIC = ("GW-4401", 422, "not-supported", "Unknown SubscriptionTopic")
     INVALID_FILTER = ("GW-4402", 422, "invalid", "Filter not supported by the topic")

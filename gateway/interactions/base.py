@@ -46,6 +46,11 @@ class Validator(Protocol):
         """The profiles to validate with when ``structure_definitions`` are stored."""
         ...
 
+    def snapshot(self, structure_definition: dict[str, Any],
+                 stored: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+        """``structure_definition`` with a snapshot made from its differential."""
+        ...
+
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)
 class Context:

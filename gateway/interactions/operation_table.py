@@ -6,7 +6,15 @@ Add an operation by writing its module in this package and listing its
 
 from __future__ import annotations
 
-from gateway.interactions import audit_log, capabilities, everything, meta, terminology, validate
+from gateway.interactions import (
+    audit_log,
+    capabilities,
+    everything,
+    meta,
+    snapshot,
+    terminology,
+    validate,
+)
 from gateway.interactions.operations import Operation
 
 _ALL: tuple[Operation, ...] = (
@@ -15,6 +23,7 @@ _ALL: tuple[Operation, ...] = (
     *meta.OPERATIONS,
     *terminology.OPERATIONS,
     validate.OPERATION,
+    snapshot.OPERATION,
     capabilities.VERSIONS,
 )
 

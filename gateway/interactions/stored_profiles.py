@@ -139,13 +139,20 @@ def _required_bindings(sds: list[dict[str, Any]]) -> set[str]:
             and isinstance(b.get("valueSet"), str)}
 
 
+async def stored_definitions(ctx: Context, reader: Store | None = None
+                             ) -> list[dict[str, Any]]:
+    """The constraint StructureDefinitions stored here (with a snapshot or a
+    differential), oldest change first."""
+    return [sd for sd in await _current(ctx, reader or ctx.store, "StructureDefinition",
+                                        [("derivation", "constraint")])
+            if isinstance(sd.get("url"), str) and any(
+                isinstance(sd.get(part), dict) and isinstance(sd[part].get("element"), list)
+                for part in ("snapshot", "differential"))]
+
+
 async def _load(ctx: Context, validator: Validator,
                 reader: Store) -> ProfileSet | None:
-    sds = [sd for sd in await _current(ctx, reader, "StructureDefinition",
-                                       [("derivation", "constraint")])
-           if isinstance(sd.get("url"), str) and any(
-               isinstance(sd.get(part), dict) and isinstance(sd[part].get("element"), list)
-               for part in ("snapshot", "differential"))]
+    sds = await stored_definitions(ctx, reader)
     if not sds:
         return None
     # the value sets the profiles bind as required, over what is held and stored here

@@ -14,6 +14,7 @@ from gateway.events.consumer import ConsumerService
 from gateway.events.runtime import EventRuntime
 from gateway.fhir.outcome import Issue
 from gateway.fhir.validation.profiles import ProfileSet
+from gateway.fhir.validation.snapshot import ProfileError
 from gateway.interactions.operations import Operation
 from gateway.security import guard
 from gateway.settings import Settings
@@ -46,6 +47,10 @@ class Validator(Protocol):
                     value_sets: Mapping[str, frozenset[tuple[str, str]]]) -> ProfileSet | None:
         ...
 
+    def snapshot(self, structure_definition: dict[str, Any],
+                 stored: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+        ...
+
 
 class SubscriptionChecks:
     """The write-path validator plus the Subscription rules (422 at create/update)."""
@@ -64,6 +69,12 @@ class SubscriptionChecks:
         if self.inner is None:
             return None
         return self.inner.with_stored(structure_definitions, value_sets)
+
+    def snapshot(self, structure_definition: dict[str, Any],
+                 stored: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+        if self.inner is None:
+            raise ProfileError("validation is not configured on this server")
+        return self.inner.snapshot(structure_definition, stored)
 
     def validate(self, resource: dict[str, Any], *, profile: str | None = None,
                  profiles: ProfileSet | None = None) -> list[Issue]:

@@ -204,3 +204,37 @@ def test_a_stored_profile_that_makes_no_sense_fails_no_write(client: httpx.Clien
         checked = client.post("/Patient/$validate", json=claiming)
         assert checked.status_code == 200
         assert "is not known here" in _diagnostics(checked)
+
+
+def test_snapshot_makes_a_snapshot_from_a_differential(client: httpx.Client) -> None:
+    """StructureDefinition/$snapshot: the IPS Patient profile without its snapshot gets
+    one with the cardinalities the IG Publisher gave it."""
+    published = PROFILES["Patient-uv-ips"]
+    differential = {k: v for k, v in published.items() if k != "snapshot"}
+
+    def cards(sd: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        return {e["id"]: (e.get("min"), e.get("max")) for e in sd["snapshot"]["element"]}
+
+    for body in (differential, {"resourceType": "Parameters", "parameter": [
+            {"name": "definition", "resource": differential}]}):
+        made = client.post("/StructureDefinition/$snapshot", json=body)
+        assert made.status_code == 200, made.text
+        got = cards(made.json())
+        assert got["Patient.name"] == (1, "*") and got["Patient.birthDate"] == (1, "1")
+        assert {k: v for k, v in cards(published).items() if k in got} == \
+            {k: got[k] for k in cards(published) if k in got}
+    # of one stored here: by its url, or at instance level
+    assert put(client, differential).status_code == 201
+    by_url = client.get("/StructureDefinition/$snapshot", params={"url": published["url"]})
+    assert by_url.status_code == 200 and cards(by_url.json())["Patient.name"] == (1, "*")
+    instance = client.get(f"/StructureDefinition/{published['id']}/$snapshot")
+    assert instance.status_code == 200 and "snapshot" in instance.json()
+    # nothing to make it from, a base not known here, a url not known here
+    for body, status, code in (
+            ({k: v for k, v in published.items() if k != "differential"}, 422, "GW-4219"),
+            ({**differential, "baseDefinition": "http://example.org/sd/x"}, 422, "GW-4219"),
+            ({"resourceType": "Parameters", "parameter": [
+                {"name": "url", "valueString": "http://example.org/sd/none"}]}, 404, "GW-2001"),
+            ({"resourceType": "Parameters"}, 400, "GW-1028")):
+        refused = client.post("/StructureDefinition/$snapshot", json=body)
+        assert (refused.status_code, gw_code(refused)) == (status, code), refused.text

@@ -106,6 +106,17 @@ class FhirValidator:
         own = self.definitions.value_sets
         return ProfileSet(self.model, raw, value_sets_index({**value_sets, **own}))
 
+    def snapshot(self, structure_definition: dict[str, Any],
+                 stored: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+        """``structure_definition`` with a snapshot made from its differential, over
+        ``stored`` (profiles by URL it may build on), the gateway's own and R4's
+        definitions; :class:`ProfileError` when none can be made."""
+        given = {k: v for k, v in structure_definition.items() if k != "snapshot"}
+        url = given.get("url")
+        if not isinstance(url, str):
+            raise ProfileError("the StructureDefinition has no url")
+        return _Bases(self, {**stored, url: given}).get(url)
+
     def validate(self, resource: dict[str, Any], *, profile: str | None = None,
                  profiles: ProfileSet | None = None) -> list[Issue]:
         """Issues of ``resource``; ``profiles`` (:meth:`with_stored`) instead of the
