@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import Context, FhirResponse, check_id
 from gateway.security import guard
@@ -57,6 +58,22 @@ def parameter_value(part: dict[str, Any]) -> Any:
         if key.startswith("value"):
             return value
     return None
+
+
+async def stored_content(ctx: Context, resource_type: str, id: str) -> dict[str, Any]:
+    """The current content of a stored resource an instance operation works on, as the
+    caller may read it (404 unknown or not visible, 410 deleted)."""
+    guard.require(resource_type, "read")
+    check_id(id)
+    stored = await ctx.store.read(resource_type, id)
+    if stored is None:
+        raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
+    await guard.ensure_visible(ctx.access, ctx.store, stored)
+    if stored.deleted or stored.content is None:
+        raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
+    value = fjson.loads_stored(stored.content)
+    assert isinstance(value, dict)
+    return value
 
 
 Handler = Callable[[Context, OperationRequest], Awaitable[FhirResponse]]

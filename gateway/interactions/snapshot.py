@@ -15,13 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.validation.snapshot import ProfileError
-from gateway.interactions.base import Context, FhirResponse, check_id
-from gateway.interactions.operations import Operation, OperationRequest
+from gateway.interactions.base import Context, FhirResponse
+from gateway.interactions.operations import Operation, OperationRequest, stored_content
 from gateway.interactions.stored_profiles import stored_definitions
-from gateway.security import guard
 
 
 def _one(params: dict[str, list[Any]], name: str) -> Any:
@@ -31,27 +29,13 @@ def _one(params: dict[str, list[Any]], name: str) -> Any:
     return values[0] if values else None
 
 
-async def _stored(ctx: Context, id: str) -> dict[str, Any]:
-    guard.require("StructureDefinition", "read")
-    check_id(id)
-    stored = await ctx.store.read("StructureDefinition", id)
-    if stored is None:
-        raise FhirError(Code.NOT_FOUND, f"StructureDefinition/{id} is not known")
-    await guard.ensure_visible(ctx.access, ctx.store, stored)
-    if stored.deleted or stored.content is None:
-        raise FhirError(Code.GONE, f"StructureDefinition/{id} was deleted")
-    value = fjson.loads_stored(stored.content)
-    assert isinstance(value, dict)
-    return value
-
-
 async def snapshot(ctx: Context, req: OperationRequest) -> FhirResponse:
     if ctx.validator is None:
         raise FhirError(Code.UNKNOWN_ENDPOINT, "validation is not configured on this server")
     stored = {sd["url"]: sd for sd in await stored_definitions(ctx)}
     definition: Any
     if req.id is not None:
-        definition = await _stored(ctx, req.id)
+        definition = await stored_content(ctx, "StructureDefinition", req.id)
     elif isinstance(req.body, dict) and req.body.get("resourceType") == "StructureDefinition":
         definition = req.body
     else:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError, Issue, operation_outcome
 from gateway.interactions.base import Context, FhirResponse, check_id
-from gateway.interactions.operations import Operation, OperationRequest
+from gateway.interactions.operations import Operation, OperationRequest, stored_content
 from gateway.interactions.stored_profiles import validation_issues
 from gateway.security import guard
 
@@ -57,19 +56,6 @@ def _inputs(req: OperationRequest) -> tuple[Any, str | None, str | None]:
     return resource, profile, mode
 
 
-async def _stored(ctx: Context, resource_type: str, id: str) -> dict[str, Any]:
-    guard.require(resource_type, "read")
-    stored = await ctx.store.read(resource_type, id)
-    if stored is None:
-        raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
-    await guard.ensure_visible(ctx.access, ctx.store, stored)
-    if stored.deleted or stored.content is None:
-        raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
-    value = fjson.loads_stored(stored.content)
-    assert isinstance(value, dict)
-    return value
-
-
 async def validate(ctx: Context, req: OperationRequest) -> FhirResponse:
     rt = req.resource_type
     assert rt is not None
@@ -80,14 +66,14 @@ async def validate(ctx: Context, req: OperationRequest) -> FhirResponse:
         check_id(req.id)
     if mode == "delete":
         if req.id is not None:
-            await _stored(ctx, rt, req.id)
+            await stored_content(ctx, rt, req.id)
         return FhirResponse(200, operation_outcome([_all_ok("nothing to check for a delete")]))
     if resource is None:
         if req.id is None:
             raise FhirError(Code.INVALID_RESOURCE,
                             f"POST /{rt}/$validate needs the resource as the body or as the "
                             "'resource' parameter")
-        resource = await _stored(ctx, rt, req.id)
+        resource = await stored_content(ctx, rt, req.id)
     else:
         guard.require(rt, "operation")
     if not isinstance(resource, dict):

@@ -8,13 +8,14 @@ CapabilityStatement additions.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from gateway.events.consumer import ConsumerService
 from gateway.events.runtime import EventRuntime
 from gateway.fhir.outcome import Issue
 from gateway.fhir.validation.profiles import ProfileSet
 from gateway.fhir.validation.snapshot import ProfileError
+from gateway.interactions.base import Validator
 from gateway.interactions.operations import Operation
 from gateway.security import guard
 from gateway.settings import Settings
@@ -36,20 +37,6 @@ WEBSOCKET_PATH = "/$websocket"
 #: the relaying process numbers events in its round; the bus path is the safety
 #: net, so its entries are read in batches (up to this much later)
 MATCHER_SETTLE_MS = 25
-
-
-class Validator(Protocol):
-    def validate(self, resource: dict[str, Any], *, profile: str | None = None,
-                 profiles: ProfileSet | None = None) -> list[Issue]:
-        ...
-
-    def with_stored(self, structure_definitions: Iterable[dict[str, Any]],
-                    value_sets: Mapping[str, frozenset[tuple[str, str]]]) -> ProfileSet | None:
-        ...
-
-    def snapshot(self, structure_definition: dict[str, Any],
-                 stored: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
-        ...
 
 
 class SubscriptionChecks:
