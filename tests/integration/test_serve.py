@@ -100,3 +100,40 @@ def test_an_idle_connection_outlives_client_pools(tmp_path: Path) -> None:
                 except ConnectionError:
                     reply = b""
                 assert reply.startswith(b"HTTP/1.1 200") is open_after, (keep_alive, reply)
+
+
+def test_a_profile_stored_through_one_process_holds_in_another(new_schema) -> None:  # type: ignore[no-untyped-def]
+    """Each worker keeps the profiles stored on the server compiled, and notices from
+    the history when they change: a profile stored, changed or deleted through one
+    process holds in the next write through another."""
+    import copy
+    import gzip
+    import json
+
+    from tests.conftest import PG_URL
+
+    data = Path(__file__).resolve().parent.parent / "data" / "ig-profiles.ndjson.gz"
+    with gzip.open(data, "rt", encoding="utf-8") as f:
+        profile = next(json.loads(row["text"]) for row in map(json.loads, f)
+                       if row["file"] == "StructureDefinition-Patient-uv-ips.json")
+    fhir = {"Content-Type": "application/fhir+json"}
+    nameless = {"resourceType": "Patient", "birthDate": "1970-01-01",
+                "meta": {"profile": [profile["url"]]}}
+    env = {"CAREPATH_DATABASE_URL": PG_URL, "CAREPATH_DATABASE_SCHEMA": new_schema()}
+    with Served(env) as a, Served(env) as b:
+        # b compiles what is stored (nothing) first
+        assert httpx.post(f"{b.url}/Patient", json=nameless, headers=fhir).status_code == 201
+        stored = httpx.put(f"{a.url}/StructureDefinition/{profile['id']}", json=profile,
+                           headers=fhir)
+        assert stored.status_code == 201, stored.text
+        assert httpx.post(f"{b.url}/Patient", json=nameless, headers=fhir).status_code == 422
+        relaxed = copy.deepcopy(profile)
+        for element in relaxed["snapshot"]["element"]:
+            if element["path"] == "Patient.name":
+                element["min"] = 0
+        assert httpx.put(f"{a.url}/StructureDefinition/{profile['id']}", json=relaxed,
+                         headers=fhir).status_code == 200
+        assert httpx.post(f"{b.url}/Patient", json=nameless, headers=fhir).status_code == 201
+        assert httpx.delete(f"{a.url}/StructureDefinition/{profile['id']}").status_code == 204
+        del nameless["birthDate"]
+        assert httpx.post(f"{b.url}/Patient", json=nameless, headers=fhir).status_code == 201
