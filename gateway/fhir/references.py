@@ -63,8 +63,7 @@ def _rewrite(node: Any, mapping: Mapping[str, str], conditional: Callable[[str],
                     node[key] = relative[value]
                 elif key == "div":
                     node[key] = _rewrite_xhtml(value, mapping) if mapping else value
-                elif (value in mapping or "|" in value) and _names(value, mapping) \
-                        and _naming(model, [*path, key]):
+                elif _names(value, mapping) and _naming(model, [*path, key]):
                     node[key] = _renamed(value, mapping)
             elif isinstance(value, dict | list):
                 path.append(key)
@@ -73,8 +72,7 @@ def _rewrite(node: Any, mapping: Mapping[str, str], conditional: Callable[[str],
     elif isinstance(node, list):
         for i, value in enumerate(node):
             if isinstance(value, str):
-                if (value in mapping or "|" in value) and _names(value, mapping) \
-                        and _naming(model, path):
+                if _names(value, mapping) and _naming(model, path):
                     node[i] = _renamed(value, mapping)
             elif isinstance(value, dict | list):
                 _rewrite(value, mapping, conditional, relative, model, path)

@@ -40,7 +40,7 @@ from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import Include, SearchQuery, parse_search
 from gateway.interactions.base import Context, FhirResponse, check_id
 from gateway.interactions.operations import Operation, OperationRequest
-from gateway.interactions.search import first_page, patient_compartment
+from gateway.interactions.search import compartment_definition, first_page
 from gateway.security import guard
 from gateway.storage.access_sql import ACCESS_PROXY
 from gateway.storage.interface import Restriction
@@ -75,12 +75,56 @@ class _Kind:
     follows: Callable[[str], bool]
 
 
+def _asked_types(ctx: Context, value: str) -> set[str]:
+    """``_type``'s types, each one R4 defines."""
+    asked = {t.strip() for t in value.split(",") if t.strip()}
+    unknown = sorted(t for t in asked if not ctx.registry.is_resource_type(t))
+    if unknown:
+        raise FhirError(Code.INVALID_SEARCH_VALUE, f"_type: unknown type {unknown[0]}")
+    return asked
+
+
+def _natural(value: str | None, name: str) -> int | None:
+    if value is not None and not (value.isascii() and value.isdigit()):
+        raise FhirError(Code.INVALID_SEARCH_VALUE, f"{name} must be a non-negative integer")
+    return None if value is None else int(value)
+
+
+async def _pointing(ctx: Context, kind: _Kind, id: str) -> dict[str, list[str]]:
+    """The types whose compartment parameters point at the owner anywhere, with those
+    parameters (one index lookup)."""
+    pointing: dict[str, list[str]] = {}
+    for rt, param in sorted(await ctx.store.referrers(kind.owner, id)):
+        if param in kind.compartment.get(rt, ()):
+            pointing.setdefault(rt, []).append(param)
+    return pointing
+
+
+async def _answer(ctx: Context, owner: str, keys: list[tuple[str, str]], *, base: str,
+                  size: int, offset: int = 0, self_link: str, warnings: tuple[str, ...]
+                  ) -> FhirResponse:
+    """The first page of a record of ``keys`` (at most one more than the paging cap),
+    from ``offset`` on (as HAPI FHIR's ``_offset``), the rest held for stable paging;
+    ``_count=0``: how many, as in a search. Pages are read back as a plain search over
+    the owner's type: no includes, no subsetting."""
+    cap = ctx.settings.max_search_results
+    truncated = len(keys) > cap
+    found = len(keys)
+    if truncated:
+        keys = keys[:cap]
+        warnings = (*warnings, f"only the first {cap} resources can be paged through")
+    keys = [] if size == 0 else keys[offset:]
+    return await first_page(ctx, SearchQuery(owner), keys, base,
+                            size=size, links=[("self", self_link)], warnings=warnings,
+                            total=None if truncated else found, truncated=truncated,
+                            replay=f"{owner}?")
+
+
 def _kind(ctx: Context, owner: str) -> _Kind:
+    # (the owner's own entry, "link" or "{def}", is not followed: the owner is read first)
+    compartment = {t: p for t, p in compartment_definition(ctx, owner).items() if t != owner}
     if owner == "Patient":
-        compartment = patient_compartment(ctx)
         return _Kind(owner, compartment, lambda t: _outside(t, compartment))
-    # the owner's own entry is "{def}": the owner itself, read first
-    compartment = {t: p for t, p in ctx.registry.compartments[owner].items() if t != owner}
     return _Kind(owner, compartment, lambda t: True)
 
 
@@ -95,23 +139,15 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
     # the owner's record: the owner and its compartment's types
     types = [owner, *sorted(compartment)]
     wanted = _one(params.get("_type"), "_type")
-    asked: set[str] | None = None
-    if wanted:
-        asked = {t.strip() for t in wanted.split(",") if t.strip()}
-        unknown = sorted(t for t in asked if not ctx.registry.is_resource_type(t))
-        if unknown:
-            raise FhirError(Code.INVALID_SEARCH_VALUE, f"_type: unknown type {unknown[0]}")
+    asked = _asked_types(ctx, wanted) if wanted else None
+    if asked is not None:
         types = [t for t in types if t in asked]
     since = _one(params.get("_since"), "_since")
     filters = [("_lastUpdated", f"ge{since}")] if since else []
-    count = _one(params.get("_count"), "_count")
-    if count is not None and not (count.isascii() and count.isdigit()):
-        raise FhirError(Code.INVALID_SEARCH_VALUE, "_count must be a non-negative integer")
-    size = min(int(count), ctx.settings.max_page_size) if count else (
-        ctx.settings.default_page_size)
-    offset = _one(params.get("_offset"), "_offset")  # where the first page starts
-    if offset is not None and not (offset.isascii() and offset.isdigit()):
-        raise FhirError(Code.INVALID_SEARCH_VALUE, "_offset must be a non-negative integer")
+    count = _natural(_one(params.get("_count"), "_count"), "_count")
+    size = ctx.settings.default_page_size if count is None else min(
+        count, ctx.settings.max_page_size)
+    offset = _natural(_one(params.get("_offset"), "_offset"), "_offset")
     warnings = tuple(f"{p} is not supported by $everything and was ignored"
                      for p in ("start", "end") if p in params)
 
@@ -123,10 +159,7 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
         raise FhirError(Code.GONE, f"{owner}/{req.id} was deleted")
     restriction = guard.restriction(ctx.access)
     cap = ctx.settings.max_search_results
-    pointing: dict[str, list[str]] = {}
-    for rt, param in sorted(await ctx.store.referrers(owner, req.id)):
-        if param in compartment.get(rt, ()):
-            pointing.setdefault(rt, []).append(param)
+    pointing = await _pointing(ctx, kind, req.id)
     keys = await _record(ctx, owner, req.id, types, pointing, filters, cap + 1, restriction)
     if asked is None or any(kind.follows(t) for t in asked):
         # what the record refers to, followed from all of it (also from what
@@ -136,26 +169,13 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
             restriction)
         keys += await _referenced(ctx, whole, kind.follows, asked, filters,
                                   cap + 1 - len(keys), restriction, req.base, set(keys))
-    truncated = len(keys) > cap
-    found = len(keys)
-    if truncated:
-        keys = keys[:cap]
-        warnings = (*warnings, f"only the first {cap} resources can be paged through")
     pairs = [(k, v) for k, v in req.query if k not in ("_format", "_pretty")]
     self_link = f"{req.base}/{owner}/{req.id}/$everything"
     if pairs:
         self_link += "?" + urlencode(pairs)
     guard.note(owner, req.id, None, self_link)
-    if size == 0:  # _count=0: how many, as in a search
-        keys = []
-    elif offset:  # the pages from there on, held for stable paging as any others
-        keys = keys[int(offset):]
-    # pages are read back as a plain search over the owner's type: no includes, no
-    # subsetting
-    return await first_page(ctx, SearchQuery(owner), keys, req.base, size=size,
-                            links=[("self", self_link)], warnings=warnings,
-                            total=None if truncated else found, truncated=truncated,
-                            replay=f"{owner}?")
+    return await _answer(ctx, owner, keys, base=req.base, size=size, offset=offset or 0,
+                         self_link=self_link, warnings=warnings)
 
 
 async def every_type(ctx: Context, owner: str, id: str, pairs: list[tuple[str, str]], *,
@@ -169,10 +189,6 @@ async def every_type(ctx: Context, owner: str, id: str, pairs: list[tuple[str, s
     under ``Prefer: handling=strict``): it means something else, or nothing, in each
     type."""
     check_id(id)
-    if owner not in ctx.registry.compartments:
-        raise FhirError(Code.UNSUPPORTED_SEARCH,
-                        f"{owner[:64]} is not a compartment: FHIR R4 defines "
-                        f"{', '.join(sorted(ctx.registry.compartments))}")
     kind = _kind(ctx, owner)
     types = [owner, *sorted(kind.compartment)]
     common = ctx.registry.common_search_params
@@ -181,16 +197,10 @@ async def every_type(ctx: Context, owner: str, id: str, pairs: list[tuple[str, s
     size = ctx.settings.default_page_size
     for key, value in pairs:
         if key == "_type":
-            asked = {t.strip() for t in value.split(",") if t.strip()}
-            unknown = sorted(t for t in asked if not ctx.registry.is_resource_type(t))
-            if unknown:
-                raise FhirError(Code.INVALID_SEARCH_VALUE, f"_type: unknown type {unknown[0]}")
+            asked = _asked_types(ctx, value)
             types = [t for t in types if t in asked]
         elif key == "_count":
-            if not (value.isascii() and value.isdigit()):
-                raise FhirError(Code.INVALID_SEARCH_VALUE,
-                                "_count must be a non-negative integer")
-            size = min(int(value), ctx.settings.max_page_size)
+            size = min(_natural(value, "_count") or 0, ctx.settings.max_page_size)
         elif key.partition(":")[0] in common:
             filters.append((key, value))
         elif key not in ("_format", "_pretty"):
@@ -201,27 +211,16 @@ async def every_type(ctx: Context, owner: str, id: str, pairs: list[tuple[str, s
             warnings.append(f"'{key[:64]}' is not a parameter of every type and was ignored")
     if owner == "Patient":
         guard.note_patients([id])
-    restriction = guard.restriction(ctx.access)
-    cap = ctx.settings.max_search_results
-    pointing: dict[str, list[str]] = {}
-    for rt, param in sorted(await ctx.store.referrers(owner, id)):
-        if param in kind.compartment.get(rt, ()):
-            pointing.setdefault(rt, []).append(param)
+    pointing = await _pointing(ctx, kind, id)
     if owner in types and not guard.allows(owner, "search"):
         types.remove(owner)  # (the others are left out by _record, as a search would)
-    keys = await _record(ctx, owner, id, types, pointing, filters, cap + 1, restriction)
-    truncated = len(keys) > cap
-    found = len(keys)
-    if truncated:
-        keys = keys[:cap]
-        warnings.append(f"only the first {cap} resources can be paged through")
+    keys = await _record(ctx, owner, id, types, pointing, filters,
+                         ctx.settings.max_search_results + 1, guard.restriction(ctx.access))
     kept = [(k, v) for k, v in pairs if k not in ("_format", "_pretty")]
     self_link = f"{base}/{owner}/{id}/*" + (f"?{urlencode(kept)}" if kept else "")
     guard.note("*", None, None, self_link)
-    return await first_page(ctx, SearchQuery(owner), [] if size == 0 else keys, base,
-                            size=size, links=[("self", self_link)], warnings=tuple(warnings),
-                            total=None if truncated else found, truncated=truncated,
-                            replay=f"{owner}?")
+    return await _answer(ctx, owner, keys, base=base, size=size, self_link=self_link,
+                         warnings=tuple(warnings))
 
 
 def _outside(resource_type: str, compartment: dict[str, tuple[str, ...]]) -> bool:

@@ -10,20 +10,18 @@ search of the whole system are not supported (the parser says so).
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
-from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.references import RELATIVE_REF
 from gateway.fhir.search import Criterion, SearchQuery, TokenValue
 from gateway.interactions.base import Context
-from gateway.security import guard
+from gateway.interactions.operations import stored_content
 
 #: the most resources the Lists of one ``_list`` may name
 MAX_LIST_MEMBERS = 10_000
 #: an id no resource has (ids hold no colon): the criterion of a List naming nothing
 _NOTHING = "_list:none"
-_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 async def with_list_members(ctx: Context, query: SearchQuery) -> SearchQuery:
@@ -50,27 +48,21 @@ async def with_list_members(ctx: Context, query: SearchQuery) -> SearchQuery:
 
 async def _members(ctx: Context, list_id: str, resource_type: str) -> list[str]:
     """The ids of the resources of ``resource_type`` that List ``list_id`` names."""
-    guard.require("List", "read")
-    stored = await ctx.store.read("List", list_id)
-    if stored is None or stored.deleted or stored.content is None:
-        return []
     try:
-        await guard.ensure_visible(ctx.access, ctx.store, stored)
+        listed = await stored_content(ctx, "List", list_id)
     except FhirError as exc:
-        if exc.code is Code.NOT_FOUND:  # another organisation's: as if it did not exist
+        if exc.code in (Code.NOT_FOUND, Code.GONE):  # (another organisation's, too)
             return []
         raise
     out = []
-    for entry in fjson.loads_stored(stored.content).get("entry") or ():
+    for entry in listed.get("entry") or ():
         if not isinstance(entry, dict) or entry.get("deleted") is True:
             continue
         item = entry.get("item")
         ref = item.get("reference") if isinstance(item, dict) else None
-        if not isinstance(ref, str):
-            continue
         # references to this server are stored relative: Type/id, or a version of it
-        rtype, _, rest = ref.partition("/")
-        id = rest.split("/_history/", 1)[0]
-        if rtype == resource_type and _ID.fullmatch(id):
-            out.append(id)
+        if isinstance(ref, str) and RELATIVE_REF.fullmatch(ref):
+            rtype, id = ref.split("/")[:2]
+            if rtype == resource_type:
+                out.append(id)
     return out

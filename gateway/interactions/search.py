@@ -163,6 +163,18 @@ def patient_compartment(ctx: Context) -> dict[str, tuple[str, ...]]:
     return _compartment_of(ctx.settings.jurisdiction)
 
 
+def compartment_definition(ctx: Context, kind: str) -> dict[str, tuple[str, ...]]:
+    """Type -> the parameters that put a resource of it in a ``kind`` compartment: R4's
+    five CompartmentDefinitions, the Patient's as the access policy holds it."""
+    definition = (patient_compartment(ctx) if kind == "Patient"
+                  else ctx.registry.compartments.get(kind))
+    if definition is None:
+        raise FhirError(Code.UNSUPPORTED_SEARCH,
+                        f"{kind[:64]} is not a compartment: FHIR R4 defines "
+                        f"{', '.join(sorted(ctx.registry.compartments))}")
+    return definition
+
+
 def _in_compartment(ctx: Context, resource_type: str, compartment: tuple[str, str]
                     ) -> Criterion:
     """The criterion of a search in a compartment (search.html#compartments):
@@ -171,12 +183,7 @@ def _in_compartment(ctx: Context, resource_type: str, compartment: tuple[str, st
     ``Encounter/[id]/Encounter`` the encounter (``{def}``). The compartments are
     R4's five CompartmentDefinitions; the Patient's is the access policy's."""
     kind, id = compartment
-    definition = (patient_compartment(ctx) if kind == "Patient"
-                  else ctx.registry.compartments.get(kind))
-    if definition is None:
-        raise FhirError(Code.UNSUPPORTED_SEARCH,
-                        f"{kind[:64]} is not a compartment: FHIR R4 defines "
-                        f"{', '.join(sorted(ctx.registry.compartments))}")
+    definition = compartment_definition(ctx, kind)
     check_id(id)
     params = definition.get(resource_type)
     if resource_type == kind and (kind == "Patient" or params == ("{def}",)):
