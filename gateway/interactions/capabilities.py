@@ -178,8 +178,8 @@ def _statement(
             ],
             "searchParam": _search_params(registry.common_search_params.values()),
             **({"operation": system_ops} if system_ops else {}),
-            "compartment": [f"http://hl7.org/fhir/CompartmentDefinition/{k[0].lower()}{k[1:]}"
-                            for k in sorted(registry.compartments)],
+            "compartment": [registry.compartment_urls[k]
+                            for k in sorted(registry.compartment_urls)],
         }],
     }
 

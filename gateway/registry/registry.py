@@ -76,6 +76,8 @@ class Registry:
     #: R4's compartments: the compartment's type (``Encounter``) -> each type in it
     #: -> the search parameters that put a resource there (``{def}``: the owner itself)
     compartments: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+    #: their canonical URLs, by the compartment's type
+    compartment_urls: dict[str, str] = field(default_factory=dict)
     _by_url: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     _by_id: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict, repr=False)
 
@@ -99,6 +101,7 @@ class Registry:
         for cd in _bundle_resources(r4 / "Bundle-r4-compartment-definitions.json"):
             reg.compartments[cd["code"]] = {r["code"]: tuple(r["param"])
                                             for r in cd["resource"]}
+            reg.compartment_urls[cd["code"]] = cd["url"]
         return reg
 
     def add_conformance(self, resource: dict[str, Any]) -> None:
