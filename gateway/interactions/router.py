@@ -70,10 +70,6 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
     n = len(parts)
     if n == 0:
         if method == "GET":
-            q = dict(req.query)
-            if "_getpages" in q:
-                return await search.search_page(ctx, q["_getpages"], q.get("_getpagesoffset", "0"),
-                                                q.get("_count"), base=req.base)
             return await search.search(ctx, None, req.query, base=req.base, prefer=req.prefer)
         if method == "POST":
             from gateway.interactions.transaction import process_bundle

@@ -207,7 +207,16 @@ async def search(
     compartment: tuple[str, str] | None = None,
 ) -> FhirResponse:
     """A search: of one type, of the system, or (``compartment``: its type and id) of
-    one type within a compartment."""
+    one type within a compartment. A page link's ``_getpages`` is honoured wherever it
+    is sent: clients that rebuild a next link on the type's URL (``Observation?
+    _getpages=…``) get that page, not a new search that ignores it."""
+    paging = dict(pairs)
+    if "_getpages" in paging:
+        path = resource_type
+        if compartment is not None:
+            path = f"{compartment[0]}/{compartment[1]}/{resource_type}"
+        return await search_page(ctx, paging["_getpages"], paging.get("_getpagesoffset", "0"),
+                                 paging.get("_count"), base=base, asked=path)
     if resource_type is not None:
         check_type(ctx, resource_type)
     guard.require(resource_type, "search")
@@ -368,8 +377,12 @@ async def _read_on(ctx: Context, snapshot: Snapshot, query: SearchQuery) -> Snap
 
 
 async def search_page(
-    ctx: Context, search_id: str, offset: str, count: str | None, *, base: str
+    ctx: Context, search_id: str, offset: str, count: str | None, *, base: str,
+    asked: str | None = None,
 ) -> FhirResponse:
+    """A page of a kept result set. ``asked``: the search's path the page was
+    asked on (``Observation``, ``Patient/1/Observation``), if not the base; it
+    must be the one the result set was kept for."""
     snapshot = await ctx.store.load_snapshot(search_id)
     if snapshot is None:
         raise FhirError(Code.SEARCH_EXPIRED, f"search '{search_id[:64]}' is unknown or expired")
@@ -388,6 +401,10 @@ async def search_page(
     # the search as it was asked: ``Type?query``, ``?query`` (the system) or
     # ``Patient/[id]/Type?query`` (a compartment)
     target, _, qs = rest.partition("?")
+    if asked is not None and asked != target:
+        raise FhirError(Code.INVALID_SEARCH_VALUE,
+                        f"search '{search_id[:64]}' is a search of '{target or '[base]'}',"
+                        f" not of '{asked[:100]}'")
     parts = target.split("/") if target else []
     rt = parts[-1] if parts else None
     guard.require(rt, "search")

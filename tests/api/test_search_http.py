@@ -206,6 +206,38 @@ def test_expired_page_is_410(client: httpx.Client) -> None:
     assert gw_code(response) == "GW-2004"
 
 
+def test_a_page_link_rebuilt_on_the_types_url_gives_that_page(client: httpx.Client) -> None:
+    # clients such as Medplum's take a next link's parameters and ask them on the
+    # type's URL: that must be the next page, not a new search that ignores
+    # _getpages (and so hands back the first page with yet another next link)
+    family = unique("Rebuilt")
+    ids = [post(client, patient(unique("mrn"), family=family)).json()["id"] for _ in range(5)]
+    page = client.get("/Patient", params={"family": family, "_count": 2}).json()
+    seen: list[str] = []
+    while True:
+        seen += [e["resource"]["id"] for e in page["entry"]]
+        following = [x["url"] for x in page["link"] if x["relation"] == "next"]
+        if not following:
+            break
+        rebuilt = client.get("/Patient", params=parse_qsl(urlsplit(following[0]).query))
+        assert rebuilt.status_code == 200, rebuilt.text
+        page = rebuilt.json()
+        assert len(seen) <= 5
+    assert sorted(seen) == sorted(ids)
+    # the same by POST _search; but not on another type's URL
+    search_id = dict(parse_qsl(urlsplit(following_link(client, family)).query))
+    posted = client.post("/Patient/_search", data=search_id)
+    assert posted.status_code == 200 and len(posted.json()["entry"]) == 2
+    elsewhere = client.get("/Observation", params=search_id)
+    assert elsewhere.status_code == 400 and gw_code(elsewhere) == "GW-1013"
+    assert "a search of 'Patient'" in elsewhere.json()["issue"][0]["diagnostics"]
+
+
+def following_link(client: httpx.Client, family: str) -> str:
+    first = client.get("/Patient", params={"family": family, "_count": 2}).json()
+    return next(x["url"] for x in first["link"] if x["relation"] == "next")
+
+
 def test_token_quantity_and_search_on_task(client: httpx.Client) -> None:
     owner = post(client, {"resourceType": "Organization", "name": unique("org")}).json()["id"]
     focus = unique("sr")
