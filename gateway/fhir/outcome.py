@@ -52,6 +52,8 @@ class Code(Enum):
     SEARCH_TOO_COSTLY = ("GW-1029", 400, "too-costly", "Search has too many parameters or values")
     UNAUTHENTICATED = ("GW-1030", 401, "login", "Authentication required or failed")
     FORBIDDEN = ("GW-1031", 403, "forbidden", "Not permitted")
+    UNSUPPORTED_OPERATION_PARAMETER = ("GW-1032", 400, "not-supported",
+                                       "Operation parameter not supported")
     # 2xxx: what was asked for is not there
     NOT_FOUND = ("GW-2001", 404, "not-found", "Resource not found")
     GONE = ("GW-2002", 410, "deleted", "Resource was deleted")
@@ -73,6 +75,8 @@ class Code(Enum):
     METHOD_NOT_ALLOWED = ("GW-4001", 405, "not-supported", "Interaction not supported here")
     VALIDATION_FAILED = ("GW-4002", 422, "processing", "Resource failed validation")
     PATCH_RESULT_INVALID = ("GW-4003", 422, "processing", "Patched resource is invalid")
+    DOCUMENT_TOO_LARGE = ("GW-4004", 422, "too-costly",
+                          "The document would hold more resources than allowed")
     # 43xx: terminology operations ($lookup, $expand, $validate-code, $translate)
     UNKNOWN_CODE_SYSTEM = ("GW-4301", 404, "not-found", "Code system is not known")
     UNKNOWN_VALUE_SET = ("GW-4302", 404, "not-found", "Value set is not known")

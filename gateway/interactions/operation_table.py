@@ -9,6 +9,7 @@ from __future__ import annotations
 from gateway.interactions import (
     audit_log,
     capabilities,
+    document,
     everything,
     meta,
     snapshot,
@@ -19,6 +20,7 @@ from gateway.interactions.operations import Operation
 
 _ALL: tuple[Operation, ...] = (
     audit_log.OPERATION,
+    document.OPERATION,
     everything.OPERATION,
     *meta.OPERATIONS,
     *terminology.OPERATIONS,

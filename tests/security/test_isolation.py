@@ -94,6 +94,16 @@ def world(secured: Secured) -> Iterator[World]:
                            "entry": [{"item": {"reference": f"Patient/{pid}"}}
                                      for pid in w.patients.values()]})
     w.owner[f"List/{everyone['id']}"] = ""
+    # letters whose sections name everything there is: a document made of one holds
+    # only what its caller may see
+    named = [{"reference": key} for key in w.owner]
+    for c, pid in ((a, w.patients["p1"]), (b, p3)):
+        letter = _create(c, {"resourceType": "Composition", "status": "final",
+                             "type": {"text": "letter"}, "date": "2026-11-24",
+                             "title": "letter", "subject": {"reference": f"Patient/{pid}"},
+                             "author": [{"reference": "Practitioner/doc"}],
+                             "section": [{"title": "all", "entry": named}]})
+        w.owner[f"Composition/{letter['id']}"] = pid
     yield w
     a.close()
     b.close()
@@ -146,6 +156,9 @@ def _requests(w: World) -> list[tuple[str, str, str, Any]]:
         out.append((client, "GET", "/Practitioner/doc/Observation"
                     "?_include=Observation:subject&_include=Observation:encounter", None))
         out.append((client, "GET", "/Practitioner/doc/Observation?_summary=count", None))
+        for key in (k for k in keys if k.startswith("Composition/")):
+            out.append((client, "GET", f"/{key}/$document", None))
+            out.append((client, "GET", f"/Composition/$document?id={key[12:]}", None))
         for key in (k for k in keys if k.startswith("Encounter/")):
             out.append((client, "GET", f"/{key}/Observation?_include=Observation:patient",
                         None))
@@ -286,6 +299,30 @@ def test_scopes_limit_interactions(world: World) -> None:
         assert reader.get("/", params={"_type": "Condition"}).status_code == 403
     finally:
         reader.close()
+
+
+def test_a_document_holds_only_the_types_the_scopes_let_its_caller_read(
+    world: World,
+) -> None:
+    letter = next(k for k, v in world.owner.items()
+                  if k.startswith("Composition/") and v == world.patients["p1"])
+    # hospital A's own letter, asked with a token for fewer types than it is granted
+    reader = world.secured.client("hospital-a", "system/Composition.rs system/Patient.rs")
+    blind = world.secured.client("reader-c", "system/Patient.rs system/Observation.rs")
+    try:
+        document = reader.get(f"/{letter}/$document")
+        assert document.status_code == 200, document.text
+        types = {e["resource"]["resourceType"] for e in document.json()["entry"]}
+        assert types == {"Composition", "Patient"}
+        full = {e["resource"]["resourceType"]
+                for e in world.a.get(f"/{letter}/$document").json()["entry"]}
+        assert {"Observation", "Condition", "Practitioner"} <= full
+        assert blind.get(f"/{letter}/$document").status_code == 403
+        persisted = reader.post(f"/{letter}/$document", params={"persist": "true"})
+        assert persisted.status_code == 403  # creating a Bundle is not granted
+    finally:
+        reader.close()
+        blind.close()
 
 
 def test_chains_has_and_includes_need_the_scopes_of_every_type_they_touch(
