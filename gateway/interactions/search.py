@@ -382,7 +382,8 @@ async def search_page(
 ) -> FhirResponse:
     """A page of a kept result set. ``asked``: the search's path the page was
     asked on (``Observation``, ``Patient/1/Observation``), if not the base; it
-    must be the one the result set was kept for."""
+    must search the type the result set was kept for (a page of
+    ``Patient/1/Observation`` may be asked on ``Observation``)."""
     snapshot = await ctx.store.load_snapshot(search_id)
     if snapshot is None:
         raise FhirError(Code.SEARCH_EXPIRED, f"search '{search_id[:64]}' is unknown or expired")
@@ -401,7 +402,7 @@ async def search_page(
     # the search as it was asked: ``Type?query``, ``?query`` (the system) or
     # ``Patient/[id]/Type?query`` (a compartment)
     target, _, qs = rest.partition("?")
-    if asked is not None and asked != target:
+    if asked is not None and asked.rpartition("/")[2] != target.rpartition("/")[2]:
         raise FhirError(Code.INVALID_SEARCH_VALUE,
                         f"search '{search_id[:64]}' is a search of '{target or '[base]'}',"
                         f" not of '{asked[:100]}'")

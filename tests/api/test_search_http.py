@@ -231,6 +231,16 @@ def test_a_page_link_rebuilt_on_the_types_url_gives_that_page(client: httpx.Clie
     elsewhere = client.get("/Observation", params=search_id)
     assert elsewhere.status_code == 400 and gw_code(elsewhere) == "GW-1013"
     assert "a search of 'Patient'" in elsewhere.json()["issue"][0]["diagnostics"]
+    # a compartment's pages, asked on the compartment's URL or on the type's
+    for _ in range(3):
+        post(client, {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                      "subject": {"reference": f"Patient/{ids[0]}"}})
+    first = client.get(f"/Patient/{ids[0]}/Observation", params={"_count": 2}).json()
+    following = dict(parse_qsl(urlsplit(next(
+        x["url"] for x in first["link"] if x["relation"] == "next")).query))
+    for path in (f"/Patient/{ids[0]}/Observation", "/Observation"):
+        rest = client.get(path, params=following)
+        assert rest.status_code == 200 and len(rest.json()["entry"]) == 1, path
 
 
 def following_link(client: httpx.Client, family: str) -> str:
