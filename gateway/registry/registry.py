@@ -88,11 +88,14 @@ class Registry:
         sds = _bundle_resources(r4 / "Bundle-r4-structure-definitions.json")
         sps = _bundle_resources(r4 / "Bundle-r4-search-parameters.json")
         value_sets = _bundle_resources(r4 / "Bundle-r4-required-valuesets.json")
+        own = _conformance_resources(root)
+        # R4's parameters and the gateway's own, over its extensions
+        sps += [r for r in own if r["resourceType"] == "SearchParameter"]
         reg = cls(sds, sps, Indexer(sps, sds, value_sets))
         for sd in sds:
             if sd.get("kind") == "resource" and not sd.get("abstract"):
                 reg.types[sd["type"]] = _type_info(sd)
-        for resource in _conformance_resources(root):
+        for resource in own:
             reg.add_conformance(resource)
         reg.r4_value_sets = value_sets
         for sd in _bundle_resources(r4 / "Bundle-r4-profiles.json"):
