@@ -113,8 +113,17 @@ def reindex_cmd(
         raise typer.Exit(2)
 
     async def run() -> int:
+        from gateway.interactions.search_parameters import StoredSearchParameters
+        from gateway.security.policy import PolicyIndexer
+
         await store.open()
         try:
+            writer = store.indexer
+            assert isinstance(writer, PolicyIndexer)
+            # the SearchParameters stored in the database are indexed too
+            await StoredSearchParameters(reg, store, lambda ix: setattr(writer, "indexer", ix),
+                                         refresh_s=settings.search_parameter_refresh_s
+                                         ).refresh()
             return await store.reindex(resource_type, bases=bases)
         finally:
             await store.close()

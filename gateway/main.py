@@ -15,10 +15,12 @@ from fastapi import FastAPI
 from gateway.api.app import create_api
 from gateway.api.health import Health
 from gateway.events import EventRuntime
+from gateway.fhir.indexer import Indexer
 from gateway.fhir.validation import FhirValidator
 from gateway.interactions import capabilities
 from gateway.interactions.base import Context
 from gateway.interactions.operation_table import OPERATIONS
+from gateway.interactions.search_parameters import StoredSearchParameters
 from gateway.registry import Registry, profiles_dir
 from gateway.security.audit import AuditChainer, AuditWriter
 from gateway.security.auth import Authenticator
@@ -94,13 +96,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         FhirValidator.load(profiles_dir(), reg.structure_definitions, settings))
     subscriptions.dispatcher.xml_model = validator.model  # for XML notification payloads
     operations = {**OPERATIONS, **{op.name: op for op in subscriptions.operations()}}
-    ctx = Context(store=store, registry=reg, settings=settings, operations=operations,
-                  access=access, audit=audit, validator=validator)
+    writer = store.indexer
+    assert isinstance(writer, PolicyIndexer)
+
+    def install(indexer: Indexer) -> None:
+        writer.indexer = indexer
+
+    search_parameters = StoredSearchParameters(
+        reg, store, install, refresh_s=settings.search_parameter_refresh_s)
+    store.after_commit.append(search_parameters.committed)
+    ctx = Context(store=store, registry=search_parameters.registry, settings=settings,
+                  operations=operations, access=access, audit=audit, validator=validator,
+                  search_parameters=search_parameters)
+    search_parameters.on_change.append(lambda: capabilities.forget(ctx))
     capabilities.contribute(ctx, "Subscription", subscriptions.subscription_extensions)
     capabilities.contribute(ctx, None, subscriptions.rest_extensions)
     retention = Retention(store.db, outbox_hours=settings.outbox_retention_hours,
                           subscription_event_hours=settings.subscription_event_retention_hours)
-    services: list[Service] = [audit, AuditChainer(store.db), events, subscriptions, retention]
+    services: list[Service] = [search_parameters, audit, AuditChainer(store.db), events,
+                               subscriptions, retention]
     statistics = PlannerStatistics(store.db)
     store.after_commit.append(statistics.wake)
     services.append(statistics)

@@ -50,6 +50,8 @@ class Settings:
     #: never sends a request into one the server is closing (uvicorn's default, 5 s,
     #: loses such a request now and then)
     keep_alive_s: int = 75
+    #: how often a worker looks for SearchParameters stored (or changed) by another
+    search_parameter_refresh_s: float = 5.0
     #: a database statement of the server running longer is cancelled, and the request
     #: answered 503 (GW-5003); 0: never. The CLI's maintenance runs without a limit
     db_statement_timeout_ms: int = 60_000

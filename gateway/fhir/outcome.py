@@ -77,6 +77,8 @@ class Code(Enum):
     PATCH_RESULT_INVALID = ("GW-4003", 422, "processing", "Patched resource is invalid")
     DOCUMENT_TOO_LARGE = ("GW-4004", 422, "too-costly",
                           "The document would hold more resources than allowed")
+    INVALID_SEARCH_PARAMETER = ("GW-4005", 422, "processing",
+                                "The SearchParameter can never be searched by")
     # 43xx: terminology operations ($lookup, $expand, $validate-code, $translate)
     UNKNOWN_CODE_SYSTEM = ("GW-4301", 404, "not-found", "Code system is not known")
     UNKNOWN_VALUE_SET = ("GW-4302", 404, "not-found", "Value set is not known")

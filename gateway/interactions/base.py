@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl
 from gateway.fhir.outcome import Code, FhirError, Issue, information
 from gateway.fhir.references import localize
 from gateway.fhir.validation.profiles import ProfileSet
+from gateway.interactions import search_parameters
 from gateway.interactions.stored_profiles import validation_issues
 from gateway.registry import Registry
 from gateway.security import audit as audit_trail
@@ -64,6 +65,9 @@ class Context:
     audit: audit_trail.AuditWriter | None = None
     #: extended operations by name, composed in ``gateway.main``
     operations: Mapping[str, Operation] = field(default_factory=dict)
+    #: the SearchParameters stored here (``registry`` is theirs); None: R4's and the
+    #: gateway's own only (tests of the core)
+    search_parameters: search_parameters.StoredSearchParameters | None = None
 
 
 T = TypeVar("T")
@@ -101,14 +105,16 @@ async def admit(ctx: Context, resource: dict[str, Any],
     gateway's profiles and those stored here (422 on errors; the store stays
     unchanged). ``tx``: the transaction the write runs in."""
     localize(resource, local_bases(ctx))
-    if ctx.validator is None:
-        return
-    issues = await validation_issues(ctx, resource, tx=tx)
-    errors = [i for i in issues if i.severity in ("error", "fatal")]
-    if errors:
-        raise FhirError(Code.VALIDATION_FAILED,
-                        f"{resource.get('resourceType')} has {len(errors)} validation error(s)",
-                        extra=issues)
+    if ctx.validator is not None:
+        issues = await validation_issues(ctx, resource, tx=tx)
+        errors = [i for i in issues if i.severity in ("error", "fatal")]
+        if errors:
+            raise FhirError(Code.VALIDATION_FAILED,
+                            f"{resource.get('resourceType')} has {len(errors)} validation"
+                            " error(s)", extra=issues)
+    if resource.get("resourceType") == "SearchParameter" and ctx.search_parameters:
+        search_parameters.check(ctx.search_parameters.base, resource)
+        ctx.search_parameters.written(resource)
 
 
 @dataclass(slots=True)

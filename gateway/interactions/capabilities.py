@@ -60,6 +60,13 @@ def _key(ctx: Context) -> int:
     return key
 
 
+def forget(ctx: Context) -> None:
+    """Make the statement again at its next request (the search parameters changed)."""
+    key = _key(ctx)
+    for stale in [k for k in _CACHE if k[0] == key]:
+        del _CACHE[stale]
+
+
 def contribute(ctx: Context, resource_type: str | None, extensions: Contribution) -> None:
     """Add extensions to the statement served for ``ctx`` (called by ``gateway.main``)."""
     _CONTRIBUTIONS.setdefault(_key(ctx), []).append((resource_type, extensions))

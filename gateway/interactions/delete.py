@@ -31,6 +31,8 @@ async def delete_in(
     if_match: str | None = None,
 ) -> StoredResource | None:
     await tx.lock(f"{resource_type}/{id}")
+    if resource_type == "SearchParameter" and ctx.search_parameters is not None:
+        ctx.search_parameters.written(None)
     current = await tx.current(resource_type, id)
     if current is not None and not current.deleted:
         try:

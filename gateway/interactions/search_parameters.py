@@ -1,0 +1,234 @@
+"""SearchParameters stored on this server are searched by, as R4's are
+(searchparameter.html; an implementation guide's package carries them: US Core's
+``race``, ISiK's, nl-core's).
+
+A SearchParameter created or updated here is indexed on every write of its base
+types from then on, listed in the CapabilityStatement, and answered by searches;
+the resources stored before it are indexed in the background (``carepath reindex``
+does the same by hand). Its types: token, string, date, number, quantity,
+reference, uri, over an ``expression`` in FHIRPath.
+
+A SearchParameter is refused (422 GW-4005) when it could never be used: no
+``expression``, an expression FHIRPath cannot read, or a ``base`` that is no R4
+resource type. It is stored but not used when it is ``retired``, of type
+composite or special, or names a parameter that its base already has (R4's, the
+gateway's own, or one stored before it): what is there keeps answering, as an IG
+that republishes R4's ``name`` under its own URL expects.
+
+Each worker process reads the stored SearchParameters when it starts, after a
+write of one in that process, and otherwise every
+``CAREPATH_SEARCH_PARAMETER_REFRESH_S`` seconds (one indexed lookup of their
+history). The worker that wrote one indexes the resources of its base types
+again once every worker has had time to notice it, so that what another worker
+wrote meanwhile is indexed too. What the server reads for this is its own
+business: not limited by a caller's access, not audited as a caller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway.fhir.indexer import Indexer
+from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.search import parse_search
+
+if TYPE_CHECKING:
+    from gateway.registry import Registry
+    from gateway.storage.sql import SqlStore
+
+log = logging.getLogger(__name__)
+
+#: the parameter types a stored SearchParameter can have here
+TYPES = frozenset({"token", "string", "date", "number", "quantity", "reference", "uri"})
+_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-_.]{0,63}")
+#: the most SearchParameters read
+MAX_STORED = 1_000
+_CHUNK = 200
+
+
+def _bases(sp: dict[str, Any]) -> list[str]:
+    return [b for b in sp.get("base") or () if isinstance(b, str)]
+
+
+def _compiles(base: Registry, sp: dict[str, Any]) -> str | None:
+    """Why ``sp`` cannot be evaluated on its base types; None when it can."""
+    from fhirpathpy import compile as fp_compile
+    from fhirpathpy.models import models
+
+    expression = sp.get("expression")
+    if not isinstance(expression, str) or not expression.strip():
+        return "a SearchParameter searched by needs an expression"
+    try:  # (read on an empty resource of each base: fhirpathpy checks some things then)
+        fn = fp_compile(expression, models["r4"], {"userInvocationTable": {
+            "resolve": {"fn": lambda inputs: [], "arity": {0: []}}}})
+        for rtype in _bases(sp):
+            fn({"resourceType": rtype}, None)
+    except Exception as exc:
+        return f"the expression is not FHIRPath: {str(exc)[:200]}"
+    indexer = Indexer([*base.search_parameters, sp], base.structure_definitions,
+                      base.r4_value_sets)
+    try:
+        for rtype in _bases(sp):
+            indexer.extract({"resourceType": rtype, "id": "x"})
+    except Exception as exc:
+        return f"the expression cannot be evaluated: {str(exc)[:200]}"
+    return None
+
+
+def check(base: Registry, sp: dict[str, Any]) -> None:
+    """Refuse (422 GW-4005) a SearchParameter that could never be used."""
+    if sp.get("status") == "retired" or sp.get("type") not in TYPES:
+        return  # (kept, not used)
+    bases = _bases(sp)
+    unknown = [b for b in bases if not base.is_resource_type(b)]
+    if not bases or unknown:
+        raise FhirError(Code.INVALID_SEARCH_PARAMETER,
+                        f"base must name R4 resource types, not {unknown[:3] or 'nothing'}",
+                        ("SearchParameter.base",))
+    code = sp.get("code")
+    if not isinstance(code, str) or not _CODE.fullmatch(code):
+        raise FhirError(Code.INVALID_SEARCH_PARAMETER,
+                        "code must be letters, digits, '-', '_' or '.', not starting with '_'",
+                        ("SearchParameter.code",))
+    problem = _compiles(base, sp)
+    if problem is not None:
+        raise FhirError(Code.INVALID_SEARCH_PARAMETER, problem, ("SearchParameter.expression",))
+
+
+def usable(base: Registry, stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Of the stored SearchParameters (oldest first), those to search by."""
+    out: list[dict[str, Any]] = []
+    taken: set[tuple[str, str]] = set()
+    for sp in stored:
+        code, bases = sp.get("code"), _bases(sp)
+        if sp.get("status") == "retired" or sp.get("type") not in TYPES or \
+                not isinstance(code, str) or not _CODE.fullmatch(code) or not bases or \
+                not all(base.is_resource_type(b) for b in bases):
+            continue
+        if any(code in base.search_params(b) or (b, code) in taken for b in bases):
+            continue  # what is there keeps answering
+        if _compiles(base, sp) is not None:
+            log.warning("stored SearchParameter %s cannot be used", str(sp.get("url"))[:200])
+            continue
+        taken.update((b, code) for b in bases)
+        out.append(sp)
+    return out
+
+
+class StoredSearchParameters:
+    """One app's view of the search parameters: R4's, the gateway's own and those
+    stored in its database. ``registry`` is the app's registry (a copy of the
+    process's, whose indexer it swaps when the stored ones change)."""
+
+    def __init__(self, base: Registry, store: SqlStore, install: Callable[[Indexer], None], *,
+                 refresh_s: float, reindex_delay_s: float | None = None) -> None:
+        """``install``: gives the store the indexer to write its index rows with."""
+        self.base = base
+        self.registry = copy.copy(base)
+        self.store = store
+        self.install = install
+        self.refresh_s = refresh_s
+        self.reindex_delay_s = 2 * refresh_s + 1 if reindex_delay_s is None else reindex_delay_s
+        self.in_use: list[dict[str, Any]] = []
+        self.on_change: list[Callable[[], None]] = []  # the CapabilityStatement's cache
+        self._mark: tuple[int, int] = (0, 0)
+        self._pending: set[str] = set()  # base types written here, not yet reindexed
+        self._written = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._reindexing: set[asyncio.Task[None]] = set()
+
+    def written(self, sp: dict[str, Any] | None) -> None:
+        """A SearchParameter is being written here (``None``: deleted): look again
+        once it commits."""
+        self._written = True
+        if sp is not None:
+            self._pending.update(_bases(sp))
+
+    def committed(self) -> None:
+        """After every commit of this process (cheap unless a SearchParameter was
+        written)."""
+        if self._written:
+            self._written = False
+            self._wake.set()
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._run(), name="search-parameters")
+
+    async def stop(self) -> None:
+        for task in [self._task, *self._reindexing]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.refresh_s)
+            self._wake.clear()
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database away: the next round tries again
+                log.warning("stored SearchParameters not read", exc_info=True)
+
+    async def refresh(self) -> bool:
+        """Read the stored SearchParameters if their history changed; whether it did."""
+        mark = await self.store.versions_mark(("SearchParameter",))
+        if mark == self._mark:
+            return False
+        stored = await self._read() if mark[0] else []
+        in_use = usable(self.base, stored)
+        indexer = self.base.indexer if not in_use else Indexer(
+            [*self.base.search_parameters, *in_use], self.base.structure_definitions,
+            self.base.r4_value_sets)
+        self.registry.indexer = indexer
+        self.registry.__dict__.pop("common_search_params", None)
+        self.install(indexer)
+        self._mark, self.in_use = mark, in_use
+        for listener in self.on_change:
+            listener()
+        types = sorted(self._pending & {b for sp in in_use for b in _bases(sp)})
+        self._pending.clear()
+        if types:
+            task = asyncio.create_task(self._reindex(types), name="search-parameter-reindex")
+            self._reindexing.add(task)
+            task.add_done_callback(self._reindexing.discard)
+        return True
+
+    async def _read(self) -> list[dict[str, Any]]:
+        """The current SearchParameters stored here, oldest change first."""
+        query = parse_search("SearchParameter", [], self.base.search_params, strict=True)
+        keys = await self.store.search_keys(query, MAX_STORED, None)
+        found = []
+        for start in range(0, len(keys), _CHUNK):
+            for stored in await self.store.read_many(keys[start : start + _CHUNK]):
+                if stored.content is not None and not stored.deleted:
+                    found.append((stored.last_updated, orjson.loads(stored.content)))
+        found.sort(key=lambda item: item[0])
+        return [sp for _, sp in found if isinstance(sp, dict)]
+
+    async def _reindex(self, types: list[str]) -> None:
+        await asyncio.sleep(self.reindex_delay_s)  # every worker has noticed it by then
+        for rtype in types:
+            try:
+                count = await self.store.reindex(rtype)
+                log.info("indexed %d %s resources for the SearchParameters stored here",
+                         count, rtype)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("%s not indexed again; run carepath reindex %s", rtype, rtype,
+                            exc_info=True)

@@ -1,0 +1,156 @@
+"""SearchParameters stored on the server are searched by
+(gateway.interactions.search_parameters): indexed on write, the resources stored
+before them indexed in the background, seen by every worker of the database."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.helpers import FHIR, gw_code
+from tests.conftest import BACKENDS, RunningServer, backend_settings, unique
+
+BIRTH_PLACE = "http://hl7.org/fhir/StructureDefinition/patient-birthPlace"
+#: a worker looks for changes this often here (5 s by default)
+REFRESH_S = 0.2
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+             new_schema: Any) -> Any:
+    return backend_settings(request.param, tmp_path_factory.mktemp("search-parameters"),
+                            new_schema, search_parameter_refresh_s=REFRESH_S)
+
+
+@pytest.fixture(scope="module")
+def client(settings: Any) -> Iterator[httpx.Client]:
+    with RunningServer(settings) as running, httpx.Client(
+            base_url=running.url, timeout=60, headers={"Accept": FHIR}) as c:
+        yield c
+
+
+def _parameter(code: str, **changes: Any) -> dict[str, Any]:
+    body = {"resourceType": "SearchParameter", "url": f"http://example.org/SearchParameter/{code}",
+            "name": code.replace("-", ""), "status": "active", "description": "birth place",
+            "code": code, "base": ["Patient"], "type": "string",
+            "expression": f"Patient.extension('{BIRTH_PLACE}').value.ofType(Address).city",
+            **changes}
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _born_in(client: httpx.Client, city: str) -> str:
+    made = client.post("/Patient", json={"resourceType": "Patient", "extension": [
+        {"url": BIRTH_PLACE, "valueAddress": {"city": city}}]})
+    assert made.status_code == 201, made.text
+    return str(made.json()["id"])
+
+
+def _eventually(found: Callable[[], set[str]], wanted: set[str], seconds: float = 10) -> set[str]:
+    deadline = time.monotonic() + seconds
+    while True:
+        now = found()
+        if now == wanted or time.monotonic() > deadline:
+            return now
+        time.sleep(0.1)
+
+
+def _matches(client: httpx.Client, **params: str) -> set[str]:
+    answer = client.get("/Patient", params=params, headers={"Prefer": "handling=strict"})
+    if answer.status_code == 400:
+        return {"unknown parameter"}
+    assert answer.status_code == 200, answer.text
+    return {e["resource"]["id"] for e in answer.json().get("entry", [])
+            if e["search"]["mode"] == "match"}
+
+
+def test_a_stored_parameter_indexes_new_writes_and_what_was_stored_before(
+        client: httpx.Client) -> None:
+    code, city = unique("birthplace"), unique("Utrecht")
+    before = _born_in(client, city)
+    assert _matches(client, **{code: city}) == {"unknown parameter"}
+    assert client.post("/SearchParameter", json=_parameter(code)).status_code == 201
+    after = _born_in(client, city)
+    # the new one at once; the one stored before once it is indexed in the background
+    assert after in _eventually(lambda: _matches(client, **{code: city}), {after})
+    assert _eventually(lambda: _matches(client, **{code: city}), {before, after}) \
+        == {before, after}
+    assert _matches(client, **{code: "Elsewhere"}) == set()
+    assert _matches(client, **{f"{code}:exact": city.upper()}) == set()
+    # an update re-indexes the resource
+    patient = client.get(f"/Patient/{after}").json()
+    patient["extension"][0]["valueAddress"]["city"] = "Elsewhere"
+    assert client.put(f"/Patient/{after}", json=patient).status_code == 200
+    assert _matches(client, **{code: city}) == {before}
+    # listed where clients look for what they can search by
+    statement = client.get("/metadata").json()
+    patient_params = next(r["searchParam"] for r in statement["rest"][0]["resource"]
+                          if r["type"] == "Patient")
+    assert {"name": code, "type": "string",
+            "definition": f"http://example.org/SearchParameter/{code}"} in patient_params
+
+
+def test_retired_and_deleted_parameters_are_no_longer_searched_by(
+        client: httpx.Client) -> None:
+    code, city = unique("birthplace"), unique("Zwolle")
+    made = client.post("/SearchParameter", json=_parameter(code)).json()
+    pid = _born_in(client, city)
+    assert _eventually(lambda: _matches(client, **{code: city}), {pid}) == {pid}
+    made["status"] = "retired"
+    assert client.put(f"/SearchParameter/{made['id']}", json=made).status_code == 200
+    assert _eventually(lambda: _matches(client, **{code: city}), {"unknown parameter"}) \
+        == {"unknown parameter"}
+    made["status"] = "active"
+    assert client.put(f"/SearchParameter/{made['id']}", json=made).status_code == 200
+    assert _eventually(lambda: _matches(client, **{code: city}), {pid}) == {pid}
+    assert client.delete(f"/SearchParameter/{made['id']}").status_code in (200, 204)
+    assert _eventually(lambda: _matches(client, **{code: city}), {"unknown parameter"}) \
+        == {"unknown parameter"}
+
+
+def test_a_parameter_the_base_already_has_leaves_it_as_it_is(client: httpx.Client) -> None:
+    # as an IG republishes R4's Patient name under its own URL: stored, not used
+    family = unique("Rijn")
+    made = client.post("/Patient", json={"resourceType": "Patient", "gender": "female",
+                                         "name": [{"family": family}]}).json()
+    clash = _parameter("name", url=f"http://example.org/SearchParameter/{unique('name')}",
+                       expression="Patient.gender")
+    assert client.post("/SearchParameter", json=clash).status_code == 201
+    time.sleep(3 * REFRESH_S)
+    assert _matches(client, name=family) == {made["id"]}
+    assert made["id"] not in _matches(client, name="female")
+
+
+def test_parameters_that_can_never_be_searched_by_are_refused(client: httpx.Client) -> None:
+    for changes in ({"expression": "Patient.$$$"}, {"expression": None},
+                    {"expression": "Patient.where("}):
+        refused = client.post("/SearchParameter", json=_parameter(unique("bad"), **changes))
+        assert refused.status_code == 422, (changes, refused.text)
+        assert gw_code(refused) == "GW-4005", changes
+    unknown_base = client.post("/SearchParameter",
+                               json=_parameter(unique("bad"), base=["NoSuchType"]))
+    assert unknown_base.status_code == 422
+    # a type the gateway does not index from stored parameters: kept, not used
+    kept = client.post("/SearchParameter", json=_parameter(
+        unique("composite"), type="composite", expression="Patient"))
+    assert kept.status_code == 201
+    # nothing was half-written: the refused ones are not there
+    found = client.get("/SearchParameter", params={"url:below": "http://example.org/"}).json()
+    assert all(not e["resource"]["code"].startswith("bad-") for e in found.get("entry", []))
+
+
+def test_every_worker_of_the_database_searches_by_it(settings: Any) -> None:
+    # two more gateways on the same database, as `carepath serve --workers` runs them
+    with RunningServer(settings) as one, RunningServer(settings) as other, \
+            httpx.Client(base_url=one.url, timeout=60) as a, \
+            httpx.Client(base_url=other.url, timeout=60) as b:
+        code, city = unique("birthplace"), unique("Delft")
+        assert a.post("/SearchParameter", json=_parameter(code)).status_code == 201
+        # the other worker notices within its refresh, and indexes what it writes
+        assert _eventually(lambda: _matches(b, **{code: "x"}), set()) == set()
+        written_by_b = _born_in(b, city)
+        assert _matches(a, **{code: city}) == {written_by_b}
+        assert _matches(b, **{code: city}) == {written_by_b}
