@@ -1023,6 +1023,21 @@ class Indexer:
         self._part_plans: dict[tuple[str, frozenset[str]], _Plan] = {}
         self._fallbacks: dict[str, tuple[Fallback, ...]] = {}
 
+    def with_params(self, search_parameters: Iterable[dict[str, Any]]) -> Indexer:
+        """This indexer with more (non-composite) parameters: those stored on a server.
+        A code a base type has already keeps its first definition. What the two
+        share (the model, converters, implied systems) is not built again."""
+        out = copy.copy(self)
+        by_type = {rtype: dict(params) for rtype, params in self._by_base.items()}
+        for raw in search_parameters:
+            if isinstance(raw, dict) and raw.get("code") and raw.get("type"):
+                sp = SearchParam.from_resource(raw)
+                for base in sp.base:
+                    by_type.setdefault(base, {}).setdefault(sp.code, sp)
+        out._by_base = by_type
+        out._params, out._plans, out._part_plans, out._fallbacks = {}, {}, {}, {}
+        return out
+
     @classmethod
     def from_profiles(cls, directory: Path | None = None) -> Indexer:
         d = directory or _profiles_dir()

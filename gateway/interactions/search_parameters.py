@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 #: the parameter types a stored SearchParameter can have here
 TYPES = frozenset({"token", "string", "date", "number", "quantity", "reference", "uri"})
-_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-_.]{0,63}")
+#: (no '.' or ':': they chain and modify parameters)
+_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-_]{0,63}")
 #: the most SearchParameters read
 MAX_STORED = 1_000
 _CHUNK = 200
@@ -73,8 +74,7 @@ def _compiles(base: Registry, sp: dict[str, Any]) -> str | None:
             fn({"resourceType": rtype}, None)
     except Exception as exc:
         return f"the expression is not FHIRPath: {str(exc)[:200]}"
-    indexer = Indexer([*base.search_parameters, sp], base.structure_definitions,
-                      base.r4_value_sets)
+    indexer = base.indexer.with_params([sp])
     try:
         for rtype in _bases(sp):
             indexer.extract({"resourceType": rtype, "id": "x"})
@@ -83,10 +83,15 @@ def _compiles(base: Registry, sp: dict[str, Any]) -> str | None:
     return None
 
 
+def _kept_aside(sp: dict[str, Any]) -> bool:
+    """Stored but not searched by, whatever else it says."""
+    return sp.get("status") == "retired" or sp.get("type") not in TYPES
+
+
 def check(base: Registry, sp: dict[str, Any]) -> None:
     """Refuse (422 GW-4005) a SearchParameter that could never be used."""
-    if sp.get("status") == "retired" or sp.get("type") not in TYPES:
-        return  # (kept, not used)
+    if _kept_aside(sp):
+        return
     bases = _bases(sp)
     unknown = [b for b in bases if not base.is_resource_type(b)]
     if not bases or unknown:
@@ -96,7 +101,7 @@ def check(base: Registry, sp: dict[str, Any]) -> None:
     code = sp.get("code")
     if not isinstance(code, str) or not _CODE.fullmatch(code):
         raise FhirError(Code.INVALID_SEARCH_PARAMETER,
-                        "code must be letters, digits, '-', '_' or '.', not starting with '_'",
+                        "code must be letters, digits, '-' or '_', not starting with '_'",
                         ("SearchParameter.code",))
     problem = _compiles(base, sp)
     if problem is not None:
@@ -109,9 +114,8 @@ def usable(base: Registry, stored: list[dict[str, Any]]) -> list[dict[str, Any]]
     taken: set[tuple[str, str]] = set()
     for sp in stored:
         code, bases = sp.get("code"), _bases(sp)
-        if sp.get("status") == "retired" or sp.get("type") not in TYPES or \
-                not isinstance(code, str) or not _CODE.fullmatch(code) or not bases or \
-                not all(base.is_resource_type(b) for b in bases):
+        if _kept_aside(sp) or not isinstance(code, str) or not _CODE.fullmatch(code) \
+                or not bases or not all(base.is_resource_type(b) for b in bases):
             continue
         if any(code in base.search_params(b) or (b, code) in taken for b in bases):
             continue  # what is there keeps answering
@@ -191,9 +195,7 @@ class StoredSearchParameters:
             return False
         stored = await self._read() if mark[0] else []
         in_use = usable(self.base, stored)
-        indexer = self.base.indexer if not in_use else Indexer(
-            [*self.base.search_parameters, *in_use], self.base.structure_definitions,
-            self.base.r4_value_sets)
+        indexer = self.base.indexer.with_params(in_use) if in_use else self.base.indexer
         self.registry.indexer = indexer
         self.registry.__dict__.pop("common_search_params", None)
         self.install(indexer)
