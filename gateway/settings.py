@@ -140,4 +140,6 @@ class Settings:
 def _parse(raw: str, annotation: str, current: Any) -> Any:
     if annotation.startswith("bool"):
         return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(current, float):
+        return float(raw)
     return int(raw) if isinstance(current, int) else raw

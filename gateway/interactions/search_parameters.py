@@ -145,6 +145,7 @@ class StoredSearchParameters:
         self.on_change: list[Callable[[], None]] = []  # the CapabilityStatement's cache
         self._mark: tuple[int, int] = (0, 0)
         self._pending: set[str] = set()  # base types written here, not yet reindexed
+        self._waiting: set[str] = set()  # base types whose reindex waits to begin
         self._written = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -202,9 +203,11 @@ class StoredSearchParameters:
         self._mark, self.in_use = mark, in_use
         for listener in self.on_change:
             listener()
-        types = sorted(self._pending & {b for sp in in_use for b in _bases(sp)})
+        # (several written one after another: each type is indexed again once)
+        types = sorted(self._pending & {b for sp in in_use for b in _bases(sp)} - self._waiting)
         self._pending.clear()
         if types:
+            self._waiting.update(types)
             task = asyncio.create_task(self._reindex(types), name="search-parameter-reindex")
             self._reindexing.add(task)
             task.add_done_callback(self._reindexing.discard)
@@ -225,6 +228,7 @@ class StoredSearchParameters:
     async def _reindex(self, types: list[str]) -> None:
         await asyncio.sleep(self.reindex_delay_s)  # every worker has noticed it by then
         for rtype in types:
+            self._waiting.discard(rtype)  # (one written from now on needs another)
             try:
                 count = await self.store.reindex(rtype)
                 log.info("indexed %d %s resources for the SearchParameters stored here",
