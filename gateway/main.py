@@ -19,6 +19,7 @@ from gateway.fhir.indexer import Indexer
 from gateway.fhir.validation import FhirValidator
 from gateway.interactions import capabilities
 from gateway.interactions.base import Context
+from gateway.interactions.install import install_conformance
 from gateway.interactions.operation_table import OPERATIONS
 from gateway.interactions.search_parameters import StoredSearchParameters
 from gateway.registry import Registry, profiles_dir
@@ -122,6 +123,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def startup() -> None:
         await store.open()
+        installed = await install_conformance(store, reg)
+        if installed:
+            log.info("installed %d of the gateway's conformance resources", installed)
         await auth.start(public_base(settings))
         for service in services:
             await service.start()
