@@ -104,7 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         writer.indexer = indexer
 
     search_parameters = StoredSearchParameters(
-        reg, store, install, refresh_s=settings.search_parameter_refresh_s)
+        reg, store, install, refresh_s=settings.search_parameter_refresh_s,
+        local_bases=tuple(f"{b.rstrip('/')}/" for b in (settings.public_base_url,) if b))
     store.after_commit.append(search_parameters.committed)
     ctx = Context(store=store, registry=search_parameters.registry, settings=settings,
                   operations=operations, access=access, audit=audit, validator=validator,

@@ -12,7 +12,8 @@ A SearchParameter is refused (422 GW-4005) when it could never be used: no
 ``expression``, an expression FHIRPath cannot read, or a ``base`` that is no R4
 resource type. It is stored but not used when it is ``retired``, of type
 composite or special, or names a parameter that its base already has (R4's, the
-gateway's own, or one stored before it): what is there keeps answering, as an IG
+gateway's own, or a stored one last changed before it): what is there keeps
+answering, as an IG
 that republishes R4's ``name`` under its own URL expects.
 
 Each worker process reads the stored SearchParameters when it starts, after a
@@ -34,8 +35,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
+from gateway.fhir import json as fjson
 from gateway.fhir.indexer import Indexer
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import parse_search
@@ -133,8 +133,12 @@ class StoredSearchParameters:
     process's, whose indexer it swaps when the stored ones change)."""
 
     def __init__(self, base: Registry, store: SqlStore, install: Callable[[Indexer], None], *,
-                 refresh_s: float, reindex_delay_s: float | None = None) -> None:
-        """``install``: gives the store the indexer to write its index rows with."""
+                 refresh_s: float, reindex_delay_s: float | None = None,
+                 local_bases: tuple[str, ...] = ()) -> None:
+        """``install``: gives the store the indexer to write its index rows with;
+        ``local_bases``: this server's public base URLs, for the reindex (as
+        ``carepath reindex`` takes them)."""
+        self.local_bases = local_bases
         self.base = base
         self.registry = copy.copy(base)
         self.store = store
@@ -214,14 +218,14 @@ class StoredSearchParameters:
         return True
 
     async def _read(self) -> list[dict[str, Any]]:
-        """The current SearchParameters stored here, oldest change first."""
+        """The current SearchParameters stored here, least recently changed first."""
         query = parse_search("SearchParameter", [], self.base.search_params, strict=True)
         keys = await self.store.search_keys(query, MAX_STORED, None)
         found = []
         for start in range(0, len(keys), _CHUNK):
             for stored in await self.store.read_many(keys[start : start + _CHUNK]):
                 if stored.content is not None and not stored.deleted:
-                    found.append((stored.last_updated, orjson.loads(stored.content)))
+                    found.append((stored.last_updated, fjson.loads_stored(stored.content)))
         found.sort(key=lambda item: item[0])
         return [sp for _, sp in found if isinstance(sp, dict)]
 
@@ -230,7 +234,7 @@ class StoredSearchParameters:
         for rtype in types:
             self._waiting.discard(rtype)  # (one written from now on needs another)
             try:
-                count = await self.store.reindex(rtype)
+                count = await self.store.reindex(rtype, bases=self.local_bases)
                 log.info("indexed %d %s resources for the SearchParameters stored here",
                          count, rtype)
             except asyncio.CancelledError:
