@@ -35,7 +35,8 @@ from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.references import RELATIVE_REF
 from gateway.interactions.base import Context, FhirResponse, Prefer
-from gateway.interactions.operations import Operation, OperationRequest, stored_content
+from gateway.interactions.create import create
+from gateway.interactions.operations import Operation, OperationRequest, stored_current
 from gateway.security import guard
 from gateway.storage.interface import StoredResource
 
@@ -106,18 +107,18 @@ def _references(node: Any) -> Iterator[str]:
 
 
 async def _gather(ctx: Context, composition: StoredResource, base: str
-                  ) -> list[StoredResource]:
-    """The Composition and, breadth first, what it names, as the caller may read it."""
+                  ) -> list[tuple[StoredResource, dict[str, Any]]]:
+    """The Composition and, breadth first, what it names, as the caller may read it
+    (each with its content)."""
     limit = ctx.settings.max_bundle_entries
-    held = [composition]
+    level = [(composition, _content(composition))]
+    held = list(level)
     versions = {("Composition", composition.id, composition.version)}
     seen: set[tuple[str, str, str | None]] = {("Composition", composition.id, None)}
-    level = [composition]
     while level:
         named: list[tuple[str, str, str | None]] = []
-        for stored in level:
-            assert stored.content is not None
-            for reference in _references(fjson.loads_stored(stored.content)):
+        for _stored, content in level:
+            for reference in _references(content):
                 key = _local(reference, base)
                 if key is None or key in seen:
                     continue
@@ -129,12 +130,19 @@ async def _gather(ctx: Context, composition: StoredResource, base: str
             version = (stored.resource_type, stored.id, stored.version)
             if version not in versions:  # (named both by version and as it is now)
                 versions.add(version)
-                level.append(stored)
+                level.append((stored, _content(stored)))
         held += level
         if len(held) > limit:
             raise FhirError(Code.DOCUMENT_TOO_LARGE,
                             f"the document would hold more than {limit} resources")
     return held
+
+
+def _content(stored: StoredResource) -> dict[str, Any]:
+    assert stored.content is not None
+    value = fjson.loads_stored(stored.content)
+    assert isinstance(value, dict)
+    return value
 
 
 async def _read(ctx: Context, named: list[tuple[str, str, str | None]]
@@ -172,22 +180,18 @@ async def document(ctx: Context, req: OperationRequest) -> FhirResponse:
                         " Composition refers to")
     persist = _flag(_one(params, "persist"))
     id = _composition_id(req, params)
-    await stored_content(ctx, "Composition", id)  # 404/410, and whether the caller may see it
-    composition = await ctx.store.read("Composition", id)
-    assert composition is not None
+    composition = await stored_current(ctx, "Composition", id)  # (404, 410)
     held = await _gather(ctx, composition, req.base)
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"},
         "type": "document",
         "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "entry": [{"fullUrl": f"{req.base}/{s.resource_type}/{s.id}",
-                   "resource": fjson.loads_stored(s.content or b"{}")} for s in held],
+        "entry": [{"fullUrl": f"{req.base}/{s.resource_type}/{s.id}", "resource": content}
+                  for s, content in held],
     }
     if not persist:
         return FhirResponse(200, bundle)
-    from gateway.interactions.create import create
-
     return await create(ctx, "Bundle", bundle, base=req.base,
                         prefer=Prefer(return_="representation"))
 

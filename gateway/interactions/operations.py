@@ -16,6 +16,7 @@ from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import Context, FhirResponse, check_id
 from gateway.security import guard
+from gateway.storage.interface import StoredResource
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +61,9 @@ def parameter_value(part: dict[str, Any]) -> Any:
     return None
 
 
-async def stored_content(ctx: Context, resource_type: str, id: str) -> dict[str, Any]:
-    """The current content of a stored resource an instance operation works on, as the
-    caller may read it (404 unknown or not visible, 410 deleted)."""
+async def stored_current(ctx: Context, resource_type: str, id: str) -> StoredResource:
+    """The current version of a stored resource an instance operation works on, as
+    the caller may read it (404 unknown or not visible, 410 deleted)."""
     guard.require(resource_type, "read")
     check_id(id)
     stored = await ctx.store.read(resource_type, id)
@@ -71,6 +72,13 @@ async def stored_content(ctx: Context, resource_type: str, id: str) -> dict[str,
     await guard.ensure_visible(ctx.access, ctx.store, stored)
     if stored.deleted or stored.content is None:
         raise FhirError(Code.GONE, f"{resource_type}/{id} was deleted")
+    return stored
+
+
+async def stored_content(ctx: Context, resource_type: str, id: str) -> dict[str, Any]:
+    """The content of :func:`stored_current`."""
+    stored = await stored_current(ctx, resource_type, id)
+    assert stored.content is not None
     value = fjson.loads_stored(stored.content)
     assert isinstance(value, dict)
     return value
