@@ -36,7 +36,13 @@ def test_the_shipped_resources_are_read_and_found_where_the_statement_points(
                   for url in r.get("supportedProfile", []) if url.startswith(own)}
     canonicals |= {("SearchParameter", p["definition"]) for r in statement["rest"][0]["resource"]
                    for p in r.get("searchParam", []) if p.get("definition", "").startswith(own)}
-    assert len(canonicals) >= 14
+    rest = statement["rest"][0]
+    operations = [*rest.get("operation", []),
+                  *(op for r in rest["resource"] for op in r.get("operation", []))]
+    canonicals |= {("OperationDefinition", op["definition"]) for op in operations
+                   if op["definition"].startswith(own)}
+    assert ("OperationDefinition", f"{own}OperationDefinition/audit-log") in canonicals
+    assert len(canonicals) >= 15
     for rtype, url in sorted(canonicals):
         found = client.get(f"/{rtype}", params={"url": url}).json()
         assert [e["resource"]["url"] for e in found.get("entry", [])] == [url], url
