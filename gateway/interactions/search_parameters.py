@@ -33,6 +33,7 @@ import copy
 import logging
 import re
 from collections.abc import Callable
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from gateway.fhir import json as fjson
@@ -50,9 +51,11 @@ log = logging.getLogger(__name__)
 TYPES = frozenset({"token", "string", "date", "number", "quantity", "reference", "uri"})
 #: (no '.' or ':': they chain and modify parameters)
 _CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-_]{0,63}")
-#: the most SearchParameters read
-MAX_STORED = 1_000
+#: the most SearchParameters read (R4 defines 1,400)
+MAX_STORED = 10_000
 _CHUNK = 200
+#: after a write here, how long to wait for the next before reading them all again
+_SETTLE_S = 0.3
 
 
 def _bases(sp: dict[str, Any]) -> list[str]:
@@ -61,22 +64,28 @@ def _bases(sp: dict[str, Any]) -> list[str]:
 
 def _compiles(base: Registry, sp: dict[str, Any]) -> str | None:
     """Why ``sp`` cannot be evaluated on its base types; None when it can."""
-    from fhirpathpy import compile as fp_compile
-    from fhirpathpy.models import models
-
     expression = sp.get("expression")
     if not isinstance(expression, str) or not expression.strip():
         return "a SearchParameter searched by needs an expression"
+    return _problem(base, expression, tuple(_bases(sp)), str(sp.get("type")))
+
+
+@lru_cache(maxsize=4096)  # (an IG's parameters are checked again at every refresh)
+def _problem(base: Registry, expression: str, bases: tuple[str, ...], type: str) -> str | None:
+    from fhirpathpy import compile as fp_compile
+    from fhirpathpy.models import models
+
     try:  # (read on an empty resource of each base: fhirpathpy checks some things then)
         fn = fp_compile(expression, models["r4"], {"userInvocationTable": {
             "resolve": {"fn": lambda inputs: [], "arity": {0: []}}}})
-        for rtype in _bases(sp):
+        for rtype in bases:
             fn({"resourceType": rtype}, None)
     except Exception as exc:
         return f"the expression is not FHIRPath: {str(exc)[:200]}"
-    indexer = base.indexer.with_params([sp])
+    indexer = base.indexer.with_params([{"url": "urn:check", "code": "check", "base": bases,
+                                         "type": type, "expression": expression}])
     try:
-        for rtype in _bases(sp):
+        for rtype in bases:
             indexer.extract({"resourceType": rtype, "id": "x"})
     except Exception as exc:
         return f"the expression cannot be evaluated: {str(exc)[:200]}"
@@ -117,13 +126,15 @@ def usable(base: Registry, stored: list[dict[str, Any]]) -> list[dict[str, Any]]
         if _kept_aside(sp) or not isinstance(code, str) or not _CODE.fullmatch(code) \
                 or not bases or not all(base.is_resource_type(b) for b in bases):
             continue
-        if any(code in base.search_params(b) or (b, code) in taken for b in bases):
-            continue  # what is there keeps answering
+        # on a base that has the code already, what is there keeps answering
+        free = [b for b in bases if code not in base.search_params(b) and (b, code) not in taken]
+        if not free:
+            continue
         if _compiles(base, sp) is not None:
             log.warning("stored SearchParameter %s cannot be used", str(sp.get("url"))[:200])
             continue
-        taken.update((b, code) for b in bases)
-        out.append(sp)
+        taken.update((b, code) for b in free)
+        out.append(sp)  # (Indexer.with_params keeps the first of a code on each base)
     return out
 
 
@@ -185,6 +196,8 @@ class StoredSearchParameters:
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.refresh_s)
+            if self._wake.is_set():  # (an IG's parameters come one after another: once)
+                await asyncio.sleep(min(_SETTLE_S, self.refresh_s))
             self._wake.clear()
             try:
                 await self.refresh()
@@ -220,7 +233,11 @@ class StoredSearchParameters:
     async def _read(self) -> list[dict[str, Any]]:
         """The current SearchParameters stored here, least recently changed first."""
         query = parse_search("SearchParameter", [], self.base.search_params, strict=True)
-        keys = await self.store.search_keys(query, MAX_STORED, None)
+        keys = await self.store.search_keys(query, MAX_STORED + 1, None)
+        if len(keys) > MAX_STORED:
+            log.warning("more than %d SearchParameters stored: only %d are used",
+                        MAX_STORED, MAX_STORED)
+            keys = keys[:MAX_STORED]
         found = []
         for start in range(0, len(keys), _CHUNK):
             for stored in await self.store.read_many(keys[start : start + _CHUNK]):

@@ -4,6 +4,7 @@ before them indexed in the background, seen by every worker of the database."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from tests.api.helpers import FHIR, gw_code
 from tests.conftest import BACKENDS, RunningServer, backend_settings, unique
+from tests.profiles.helpers import PROFILES
 
 BIRTH_PLACE = "http://hl7.org/fhir/StructureDefinition/patient-birthPlace"
 #: a worker looks for changes this often here (5 s by default)
@@ -157,3 +159,57 @@ def test_every_worker_of_the_database_searches_by_it(settings: Any) -> None:
         written_by_b = _born_in(b, city)
         assert _matches(a, **{code: city}) == {written_by_b}
         assert _matches(b, **{code: city}) == {written_by_b}
+
+
+def test_copies_of_r4_parameters_find_what_r4_s_own_find(client: httpx.Client) -> None:
+    # R4's own definitions, stored again under new codes as an IG might: every type
+    # of parameter, expressions over several types, a choice type, a union (and a
+    # composite, stored and not used)
+    wanted = {"clinical-code", "clinical-date", "Observation-value-quantity",
+              "Observation-subject", "individual-address-city", "individual-birthdate",
+              "RiskAssessment-probability", "Observation-code-value-quantity",
+              "StructureDefinition-url"}
+    bundle = json.loads((PROFILES / "r4" / "Bundle-r4-search-parameters.json").read_text())
+    tag = unique("c").replace("-", "")
+    for e in bundle["entry"]:
+        sp = dict(e["resource"])
+        if sp["id"] not in wanted:
+            continue
+        sp.update(id=f"{tag}-{sp['id']}"[:64], code=f"{tag}-{sp['code']}", status="active",
+                  url=f"http://example.org/SearchParameter/{tag}-{sp['id']}",
+                  description="R4's, again")
+        assert client.put(f"/SearchParameter/{sp['id']}", json=sp).status_code == 201
+    city = unique("Town")
+    pid = client.post("/Patient", json={"resourceType": "Patient", "birthDate": "1961-04-02",
+                                        "address": [{"city": city}]}).json()["id"]
+    subject = {"reference": f"Patient/{pid}"}
+    for value, when in ((72.5, "2026-01-05"), (140, "2026-02-06T10:00:00Z")):
+        client.post("/Observation", json={
+            "resourceType": "Observation", "status": "final", "subject": subject,
+            "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+            "effectiveDateTime": when,
+            "valueQuantity": {"value": value, "system": "http://unitsofmeasure.org",
+                              "code": "kg"}})
+    client.post("/RiskAssessment", json={"resourceType": "RiskAssessment", "status": "final",
+                                         "subject": subject,
+                                         "prediction": [{"probabilityDecimal": 0.3}]})
+    searches = [("Observation", "code", "http://loinc.org|29463-7"),
+                ("Observation", "date", "ge2026-02"), ("Observation", "date", "lt2026-02"),
+                ("Observation", "value-quantity", "gt100|http://unitsofmeasure.org|kg"),
+                ("Observation", "subject", f"Patient/{pid}"),
+                ("Patient", "address-city", city), ("Patient", "birthdate", "1961"),
+                ("RiskAssessment", "probability", "gt0.2"),
+                ("RiskAssessment", "probability", "lt0.2")]
+    for rtype, code, value in searches:
+        def copied(rtype: str = rtype, code: str = code, value: str = value) -> set[str]:
+            answer = client.get(f"/{rtype}", params={f"{tag}-{code}": value, "subject": pid}
+                                if rtype != "Patient" else {f"{tag}-{code}": value},
+                                headers={"Prefer": "handling=strict"})
+            return {e["resource"]["id"] for e in answer.json().get("entry", [])
+                    if e.get("search", {}).get("mode") == "match"} \
+                if answer.status_code == 200 else {"unknown parameter"}
+        own = client.get(f"/{rtype}", params={code: value, "subject": pid}
+                         if rtype != "Patient" else {code: value}).json()
+        expected = {e["resource"]["id"] for e in own.get("entry", [])
+                    if e["search"]["mode"] == "match"}
+        assert _eventually(copied, expected) == expected, (rtype, code, value)
