@@ -10,11 +10,11 @@ reference, uri, over an ``expression`` in FHIRPath.
 
 A SearchParameter is refused (422 GW-4005) when it could never be used: no
 ``expression``, an expression FHIRPath cannot read, or a ``base`` that is no R4
-resource type. It is stored but not used when it is ``retired``, of type
-composite or special, or names a parameter that its base already has (R4's, the
-gateway's own, or a stored one last changed before it): what is there keeps
-answering, as an IG
-that republishes R4's ``name`` under its own URL expects.
+resource type. It is stored but not used when it is ``retired`` or of type
+composite or special; and not on a base type that has a parameter of its code
+already (R4's, the gateway's own, or a stored one last changed before it): what
+is there keeps answering, as an IG that republishes R4's ``name`` under its own
+URL expects.
 
 Each worker process reads the stored SearchParameters when it starts, after a
 write of one in that process, and otherwise every
