@@ -99,7 +99,7 @@ def reindex_cmd(
 ) -> None:
     """Rebuild the search index from the stored resources (after an upgrade that
     changed what is indexed). Runs beside a serving gateway, in small batches."""
-    from gateway.main import build_store, registry
+    from gateway.main import build_store, registry, stored_search_parameters
     from gateway.security.policy import AccessPolicy, load_rules
 
     settings = Settings.from_env(database_url=database_url)
@@ -113,17 +113,10 @@ def reindex_cmd(
         raise typer.Exit(2)
 
     async def run() -> int:
-        from gateway.interactions.search_parameters import StoredSearchParameters
-        from gateway.security.policy import PolicyIndexer
-
         await store.open()
         try:
-            writer = store.indexer
-            assert isinstance(writer, PolicyIndexer)
             # the SearchParameters stored in the database are indexed too
-            await StoredSearchParameters(reg, store, lambda ix: setattr(writer, "indexer", ix),
-                                         refresh_s=settings.search_parameter_refresh_s
-                                         ).refresh()
+            await stored_search_parameters(settings, reg, store).refresh()
             return await store.reindex(resource_type, bases=bases)
         finally:
             await store.close()

@@ -61,6 +61,21 @@ def build_store(settings: Settings, reg: Registry, access: AccessPolicy) -> Hook
     return HookedSqlStore(db, PolicyIndexer(reg.indexer, access))
 
 
+def stored_search_parameters(settings: Settings, reg: Registry,
+                             store: HookedSqlStore) -> StoredSearchParameters:
+    """The search parameters of ``store``: R4's, the gateway's own and those stored
+    in its database, written with the store's indexer."""
+    writer = store.indexer
+    assert isinstance(writer, PolicyIndexer)
+
+    def install(indexer: Indexer) -> None:
+        writer.indexer = indexer
+
+    bases = tuple(f"{b.rstrip('/')}/" for b in (settings.public_base_url,) if b)
+    return StoredSearchParameters(reg, store, install, local_bases=bases,
+                                  refresh_s=settings.search_parameter_refresh_s)
+
+
 def public_base(settings: Settings) -> str:
     """The FHIR base URL tokens are issued for (``iss``/``aud``)."""
     if settings.public_base_url:
@@ -97,15 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         FhirValidator.load(profiles_dir(), reg.structure_definitions, settings))
     subscriptions.dispatcher.xml_model = validator.model  # for XML notification payloads
     operations = {**OPERATIONS, **{op.name: op for op in subscriptions.operations()}}
-    writer = store.indexer
-    assert isinstance(writer, PolicyIndexer)
-
-    def install(indexer: Indexer) -> None:
-        writer.indexer = indexer
-
-    search_parameters = StoredSearchParameters(
-        reg, store, install, refresh_s=settings.search_parameter_refresh_s,
-        local_bases=tuple(f"{b.rstrip('/')}/" for b in (settings.public_base_url,) if b))
+    search_parameters = stored_search_parameters(settings, reg, store)
     store.after_commit.append(search_parameters.committed)
     ctx = Context(store=store, registry=search_parameters.registry, settings=settings,
                   operations=operations, access=access, audit=audit, validator=validator,

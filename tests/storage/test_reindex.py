@@ -77,22 +77,42 @@ async def test_reindex_restores_lost_rows_and_reads_local_absolute_references(
     assert stored is not None and stored.version == 1
 
 
+def _carepath(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
 async def test_the_reindex_command(tmp_path: Path) -> None:
     async with sql_store("sqlite", tmp_path, INDEXER) as s:
         await put(s, {"resourceType": "Observation", "id": "o1", "status": "final",
                       "code": {"text": "x"}, "subject": {"reference": f"{BASE}Patient/p1"}})
     env = {**os.environ, "CAREPATH_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}"}
-
-    def carepath(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
-                              text=True, env=env, timeout=120)
-
-    done = carepath("reindex", "Observation", "--local-base", BASE.rstrip("/"))
+    done = _carepath(env, "reindex", "Observation", "--local-base", BASE.rstrip("/"))
     assert done.returncode == 0, done.stderr
     assert "reindexed 1 resources" in done.stderr
     async with sql_store("sqlite", tmp_path, INDEXER) as s, s.db.read() as conn:
         row = await conn.fetchrow("SELECT target_type, target_id FROM sp_reference"
                                   " WHERE res_id = 'o1' AND param = 'subject'")
     assert row is not None and tuple(row) == ("Patient", "p1")
-    unknown = carepath("reindex", "NoSuchType")
+    unknown = _carepath(env, "reindex", "NoSuchType")
     assert unknown.returncode == 2 and "unknown resource type" in unknown.stderr
+
+
+async def test_the_reindex_command_indexes_the_stored_search_parameters(
+        tmp_path: Path) -> None:
+    place = "http://hl7.org/fhir/StructureDefinition/patient-birthPlace"
+    async with sql_store("sqlite", tmp_path, INDEXER) as s:
+        await put(s, {"resourceType": "SearchParameter", "id": "birthplace",
+                      "url": "http://example.org/SearchParameter/birthplace",
+                      "name": "birthplace", "status": "active", "description": "birth place",
+                      "code": "birthplace", "base": ["Patient"], "type": "string",
+                      "expression": f"Patient.extension('{place}').value.ofType(Address).city"})
+        await put(s, {"resourceType": "Patient", "id": "p1", "extension": [
+            {"url": place, "valueAddress": {"city": "Utrecht"}}]})
+    env = {**os.environ, "CAREPATH_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}"}
+    done = _carepath(env, "reindex", "Patient")
+    assert done.returncode == 0, done.stderr
+    async with sql_store("sqlite", tmp_path, INDEXER) as s, s.db.read() as conn:
+        row = await conn.fetchrow("SELECT value FROM sp_string"
+                                  " WHERE res_id = 'p1' AND param = 'birthplace'")
+    assert row is not None and row[0] == "utrecht"
