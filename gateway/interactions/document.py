@@ -36,18 +36,16 @@ from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.references import RELATIVE_REF
 from gateway.interactions.base import Context, FhirResponse, Prefer
 from gateway.interactions.create import create
-from gateway.interactions.operations import Operation, OperationRequest, stored_current
+from gateway.interactions.operations import (
+    Operation,
+    OperationRequest,
+    one_parameter,
+    stored_current,
+)
 from gateway.security import guard
 from gateway.storage.interface import StoredResource
 
 _READ_CHUNK = 100
-
-
-def _one(params: dict[str, list[Any]], name: str) -> Any:
-    values = params.get(name) or []
-    if len(values) > 1:
-        raise FhirError(Code.INVALID_OPERATION, f"give '{name}' once")
-    return values[0] if values else None
 
 
 def _flag(value: Any) -> bool:
@@ -64,7 +62,7 @@ def _composition_id(req: OperationRequest, params: dict[str, list[Any]]) -> str:
             raise FhirError(Code.INVALID_OPERATION,
                             "'id' names the Composition of a type-level $document only")
         return req.id
-    named = _one(params, "id")
+    named = one_parameter(params, "id")
     if not isinstance(named, str) or not named:
         raise FhirError(Code.INVALID_OPERATION,
                         "Composition/$document needs the 'id' of a Composition")
@@ -178,7 +176,7 @@ async def document(ctx: Context, req: OperationRequest) -> FhirResponse:
         raise FhirError(Code.UNSUPPORTED_OPERATION_PARAMETER,
                         "$document does not take a 'graph': it includes every resource the"
                         " Composition refers to")
-    persist = _flag(_one(params, "persist"))
+    persist = _flag(one_parameter(params, "persist"))
     id = _composition_id(req, params)
     composition = await stored_current(ctx, "Composition", id)  # (404, 410)
     held = await _gather(ctx, composition, req.base)

@@ -17,22 +17,13 @@ stored under their URLs.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from gateway.fhir import json as fjson
+from gateway.interactions.update import same_content
 
 if TYPE_CHECKING:
     from gateway.registry import Registry
     from gateway.storage.interface import Store, StoreTransaction
-
-
-def _without_meta(resource: dict[str, Any]) -> dict[str, Any]:
-    out = dict(resource)
-    meta = {k: v for k, v in (out.pop("meta", None) or {}).items()
-            if k not in ("versionId", "lastUpdated")}
-    if meta:
-        out["meta"] = meta
-    return out
 
 
 async def install_conformance(store: Store, registry: Registry) -> int:
@@ -48,9 +39,7 @@ async def install_conformance(store: Store, registry: Registry) -> int:
         for resource in shipped:
             rtype, id = resource["resourceType"], resource["id"]
             current = await tx.current(rtype, id)
-            if current is not None and not current.deleted and current.content is not None \
-                    and _without_meta(fjson.loads_stored(current.content)) == \
-                    _without_meta(resource):
+            if same_content(current, resource):
                 continue
             await tx.put(rtype, id, copy.deepcopy(resource), "PUT", current)
             written += 1

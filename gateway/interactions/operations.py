@@ -50,6 +50,14 @@ class OperationRequest:
         return out
 
 
+def one_parameter(params: dict[str, list[Any]], name: str) -> Any:
+    """The value of an operation parameter given at most once (None: not given)."""
+    values = params.get(name) or []
+    if len(values) > 1:
+        raise FhirError(Code.INVALID_OPERATION, f"give '{name}' once")
+    return values[0] if values else None
+
+
 def parameter_value(part: dict[str, Any]) -> Any:
     if "resource" in part:
         return part["resource"]

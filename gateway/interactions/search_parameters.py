@@ -36,10 +36,9 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from gateway.fhir import json as fjson
 from gateway.fhir.indexer import Indexer
 from gateway.fhir.outcome import Code, FhirError
-from gateway.fhir.search import parse_search
+from gateway.interactions.stored_profiles import current_resources
 
 if TYPE_CHECKING:
     from gateway.registry import Registry
@@ -53,7 +52,6 @@ TYPES = frozenset({"token", "string", "date", "number", "quantity", "reference",
 _CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-_]{0,63}")
 #: the most SearchParameters read (R4 defines 1,400)
 MAX_STORED = 10_000
-_CHUNK = 200
 #: after a write here, how long to wait for the next before reading them all again
 _SETTLE_S = 0.3
 
@@ -232,19 +230,8 @@ class StoredSearchParameters:
 
     async def _read(self) -> list[dict[str, Any]]:
         """The current SearchParameters stored here, least recently changed first."""
-        query = parse_search("SearchParameter", [], self.base.search_params, strict=True)
-        keys = await self.store.search_keys(query, MAX_STORED + 1, None)
-        if len(keys) > MAX_STORED:
-            log.warning("more than %d SearchParameters stored: only %d are used",
-                        MAX_STORED, MAX_STORED)
-            keys = keys[:MAX_STORED]
-        found = []
-        for start in range(0, len(keys), _CHUNK):
-            for stored in await self.store.read_many(keys[start : start + _CHUNK]):
-                if stored.content is not None and not stored.deleted:
-                    found.append((stored.last_updated, fjson.loads_stored(stored.content)))
-        found.sort(key=lambda item: item[0])
-        return [sp for _, sp in found if isinstance(sp, dict)]
+        return await current_resources(self.store, self.base.search_params, "SearchParameter",
+                                       [], MAX_STORED)
 
     async def _reindex(self, types: list[str]) -> None:
         await asyncio.sleep(self.reindex_delay_s)  # every worker has noticed it by then

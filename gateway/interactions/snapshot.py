@@ -18,15 +18,13 @@ from typing import Any
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.validation.snapshot import ProfileError
 from gateway.interactions.base import Context, FhirResponse
-from gateway.interactions.operations import Operation, OperationRequest, stored_content
+from gateway.interactions.operations import (
+    Operation,
+    OperationRequest,
+    one_parameter,
+    stored_content,
+)
 from gateway.interactions.stored_profiles import stored_definitions
-
-
-def _one(params: dict[str, list[Any]], name: str) -> Any:
-    values = params.get(name) or []
-    if len(values) > 1:
-        raise FhirError(Code.INVALID_OPERATION, f"give '{name}' once")
-    return values[0] if values else None
 
 
 async def snapshot(ctx: Context, req: OperationRequest) -> FhirResponse:
@@ -40,7 +38,7 @@ async def snapshot(ctx: Context, req: OperationRequest) -> FhirResponse:
         definition = req.body
     else:
         params = req.parameters()
-        definition, url = _one(params, "definition"), _one(params, "url")
+        definition, url = one_parameter(params, "definition"), one_parameter(params, "url")
         if definition is None and isinstance(url, str):
             definition = stored.get(url.split("|", 1)[0]) or ctx.registry.canonical(
                 url, "StructureDefinition")

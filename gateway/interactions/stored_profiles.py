@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -117,9 +118,21 @@ async def _stored(ctx: Context, validator: Validator,
 
 async def _current(ctx: Context, reader: Store, resource_type: str,
                    pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    """The current resources of a type that ``pairs`` find, oldest change first."""
-    query = parse_search(resource_type, pairs, ctx.registry.search_params, strict=True)
-    keys = await reader.search_keys(query, MAX_STORED, None)
+    return await current_resources(reader, ctx.registry.search_params, resource_type, pairs)
+
+
+async def current_resources(reader: Store, search_params: Callable[[str], Any],
+                            resource_type: str, pairs: list[tuple[str, str]],
+                            limit: int = MAX_STORED) -> list[dict[str, Any]]:
+    """The current resources of a type that ``pairs`` find (at most ``limit``), least
+    recently changed first: what the server reads for itself (the stored profiles,
+    search parameters), neither limited by a caller's access nor audited."""
+    query = parse_search(resource_type, pairs, search_params, strict=True)
+    keys = await reader.search_keys(query, limit + 1, None)
+    if len(keys) > limit:
+        log.warning("more than %d %s resources stored: only %d are read", limit,
+                    resource_type, limit)
+        keys = keys[:limit]
     found = []
     for start in range(0, len(keys), _CHUNK):
         for stored in await reader.read_many(keys[start : start + _CHUNK]):

@@ -59,8 +59,13 @@ def unchanged(ctx: Context, current: StoredResource | None, resource: dict[str, 
     ``meta.versionId`` and ``meta.lastUpdated``: such an update keeps the current
     version (``skip_unchanged_updates``), so a system that sends the same data
     again makes no new version and no notification."""
-    if not ctx.settings.skip_unchanged_updates or current is None or current.deleted \
-            or not current.content:
+    return ctx.settings.skip_unchanged_updates and same_content(current, resource)
+
+
+def same_content(current: StoredResource | None, resource: dict[str, Any]) -> bool:
+    """Whether ``current`` holds ``resource``, but for ``meta.versionId`` and
+    ``meta.lastUpdated`` (and is not deleted)."""
+    if current is None or current.deleted or not current.content:
         return False
     try:
         stored = fjson.loads(current.content)
