@@ -41,8 +41,14 @@ class Connection(Protocol):
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None: ...
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
-    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
-    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
+    async def fetch(self, sql: str, params: Sequence[Any] = (), *,
+                    for_values: bool = False) -> list[Row]:
+        """The rows of ``sql``. ``for_values``: planned for these parameter values,
+        never by a plan made for any values (a search: how many rows a criterion
+        matches depends on its value, ``code=8302-2`` most Observations, another code
+        a few, and the plan for the one is slow for the other)."""
+    async def fetchrow(self, sql: str, params: Sequence[Any] = (), *,
+                       for_values: bool = False) -> Row | None: ...
     async def lock(self, *keys: str) -> None:
         """Hold an exclusive lock on each of ``keys`` until the transaction ends.
 
@@ -179,7 +185,9 @@ class _SqliteConnection:
         finally:
             self._deadline.end()
 
-    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+    async def fetch(self, sql: str, params: Sequence[Any] = (), *,
+                    for_values: bool = False) -> list[Row]:
+        # SQLite plans every statement it runs anew
         self._deadline.start()
         try:
             async with self._conn.execute(sql, tuple(params)) as cur:
@@ -190,7 +198,8 @@ class _SqliteConnection:
         finally:
             self._deadline.end()
 
-    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+    async def fetchrow(self, sql: str, params: Sequence[Any] = (), *,
+                       for_values: bool = False) -> Row | None:
         self._deadline.start()
         try:
             async with self._conn.execute(sql, tuple(params)) as cur:
@@ -438,14 +447,27 @@ class _PostgresConnection:
                 _raise_ours(_pg_error(exc, self._conn), exc)
                 raise
 
-    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+    async def fetch(self, sql: str, params: Sequence[Any] = (), *,
+                    for_values: bool = False) -> list[Row]:
         try:
+            if for_values:
+                # the unnamed statement: PostgreSQL plans it when its values are
+                # bound. A cached (named) one switches to a generic plan after five
+                # runs when that plan's estimate is no worse, and a generic estimate
+                # knows no value: Observation?code=85354-9 took 290 ms so, 50 ms planned
+                # for its code. One round trip more.
+                stmt = await self._conn.prepare(_pg_sql(sql), name="")
+                return [tuple(r) for r in await stmt.fetch(*params)]
             return [tuple(r) for r in await self._conn.fetch(_pg_sql(sql), *params)]
         except _PG_ERRORS as exc:
             _raise_ours(_pg_error(exc, self._conn), exc)
             raise
 
-    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+    async def fetchrow(self, sql: str, params: Sequence[Any] = (), *,
+                       for_values: bool = False) -> Row | None:
+        if for_values:
+            rows = await self.fetch(sql, params, for_values=True)
+            return rows[0] if rows else None
         try:
             row = await self._conn.fetchrow(_pg_sql(sql), *params)
         except _PG_ERRORS as exc:
@@ -488,13 +510,15 @@ class _PostgresTransaction(_PostgresConnection):
         await self._begin()
         await super().executemany(sql, rows)
 
-    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+    async def fetch(self, sql: str, params: Sequence[Any] = (), *,
+                    for_values: bool = False) -> list[Row]:
         await self._begin()
-        return await super().fetch(sql, params)
+        return await super().fetch(sql, params, for_values=for_values)
 
-    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+    async def fetchrow(self, sql: str, params: Sequence[Any] = (), *,
+                       for_values: bool = False) -> Row | None:
         await self._begin()
-        return await super().fetchrow(sql, params)
+        return await super().fetchrow(sql, params, for_values=for_values)
 
     async def execute_last(self, sql: str, params: Sequence[Any] = ()) -> None:
         """The transaction's last statement: alone, when nothing was sent before it

@@ -174,7 +174,10 @@ def select_ids(
     for key in query.sort:
         expr, p = _sort_expr(key, ctx)
         keys.append(expr)
-        directions.append(f"{'DESC' if key.descending else 'ASC'} NULLS LAST")
+        # the resource row's own columns are never null; so ordered, a descending
+        # _lastUpdated is its index read backwards (NULLS LAST would make it a sort)
+        nulls = " NULLS LAST" if _by_subquery(key) else ""
+        directions.append(f"{'DESC' if key.descending else 'ASC'}{nulls}")
         sort_params.extend(p)
     keys += ["r.created_seq", ctx.text("r.res_id")]
     directions += ["", ""]
