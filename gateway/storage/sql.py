@@ -437,7 +437,7 @@ class _Transaction:
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
     ) -> list[tuple[str, str]]:
         await self._flush()
-        driver = await search_sql.choose_driver(self.conn, query)
+        driver = await search_sql.choose_driver(self.conn, query, limit)
         sql, params = search_sql.select_ids(query, self.conn.dialect, limit,
                                             _restrict(restriction, _types(query)),
                                             driver=driver)
@@ -785,7 +785,7 @@ class SqlStore:
         async with self.db.read() as conn:
             sql, params = search_sql.select_ids(
                 query, self.dialect, limit, _restrict(restriction, _types(query)),
-                driver=await search_sql.choose_driver(conn, query))
+                driver=await search_sql.choose_driver(conn, query, limit))
             return [(r[0], r[1]) for r in await conn.fetch(sql, params, for_values=True)]
 
     async def search_resources(
@@ -794,7 +794,7 @@ class SqlStore:
         async with self.db.read() as conn:
             sql, params = search_sql.select_ids(
                 query, self.dialect, limit, _restrict(restriction, _types(query)),
-                columns=_MATCH_COLS, driver=await search_sql.choose_driver(conn, query))
+                columns=_MATCH_COLS, driver=await search_sql.choose_driver(conn, query, limit))
             return [_stored(row) for row in await conn.fetch(sql, params, for_values=True)]
 
     async def count(self, query: SearchQuery, restriction: Restriction | None = None) -> int:

@@ -20,6 +20,7 @@ from gateway.storage import search_sql
 from gateway.storage.db import SqliteDatabase
 from gateway.storage.interface import StoreTransaction
 from gateway.storage.planner import MIN_VERSIONS, PlannerStatistics
+from gateway.storage.search_sql import WALK, choose_driver
 from gateway.storage.sql import SqlStore
 from tests.conftest import sql_store
 
@@ -143,3 +144,33 @@ async def test_postgresql_tables_loaded_after_their_statistics_are_analyzed_agai
         assert rows > 10 * small and changes < 1000, (small, rows, changes)
         # fresh now: the next look analyzes nothing
         assert await store.db.analyze(["sp_string"]) == 0
+
+
+async def test_a_criterion_most_resources_match_is_tested_per_resource_in_order(
+        tmp_path: Path) -> None:
+    # listing 47,400 body heights to return the first 1,001 took 280 ms, walking the
+    # Observations in order and testing each 13 ms
+    def query(pairs: list[tuple[str, str]]) -> Any:
+        return parse_search("Patient", pairs, REGISTRY.search_params)
+
+    async with sql_store("sqlite", tmp_path, INDEXER) as store:
+        async def work(tx: StoreTransaction) -> None:
+            for i in range(300):
+                p = patient(i)
+                p["gender"] = "male" if i % 50 == 0 else "female"
+                await tx.put("Patient", f"p{i}", p, "PUT", None)
+
+        await store.run(work)
+        common, rare = [("gender", "female")], [("gender", "male")]
+        one = [("identifier", "urn:test:mrn|7")]
+        async with store.db.read() as conn:
+            assert await choose_driver(conn, query(common), 21) == WALK
+            assert await choose_driver(conn, query(rare), 21) is None  # 6: listed
+            # every match is needed: for a sort, for a count, for a page too long
+            assert await choose_driver(conn, query([*common, ("_sort", "family")]), 21) is None
+            assert await choose_driver(conn, query(common), None) is None
+            assert await choose_driver(conn, query(common), 200) is None
+            # a selective criterion drives; the common one is tested per candidate
+            assert await choose_driver(conn, query([*common, *one]), 21) == 1
+        found = await store.search_keys(query(common), 21)
+        assert [i for _, i in found] == [f"p{i}" for i in range(300) if i % 50][:21]

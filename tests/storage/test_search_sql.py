@@ -29,6 +29,7 @@ from gateway.storage.db import Database, open_database
 from gateway.storage.migrate import migrate
 from gateway.storage.schema import INDEX_TABLES
 from gateway.storage.search_sql import (
+    WALK,
     _probe,
     choose_driver,
     count,
@@ -215,14 +216,16 @@ async def keys(
     async with db.read() as conn:
         chosen = await choose_driver(conn, q)
         # whichever criterion drives (the others tested per row), the answer is the same
-        for driver in range(len(q.criteria) if len(q.criteria) > 1 else 0):
+        # (or none: the type's resources walked in result order, each tested)
+        walk = [WALK] if q.criteria and q.resource_type else []
+        for driver in [*range(len(q.criteria) if len(q.criteria) > 1 else 0), *walk]:
             dsql, dparams = select_ids(q, db.dialect, limit, driver=driver)
             driven = [(str(r[0]), str(r[1])) for r in await conn.fetch(dsql, dparams)]
             assert driven == rows, f"driven by criterion {driver}"
             csql, cparams = count(q, db.dialect, driver=driver)
             driven_total = await conn.fetchrow(csql, cparams)
             assert driven_total is not None and int(driven_total[0]) == int(total[0])
-    assert chosen is None or 0 <= chosen < len(q.criteria)
+    assert chosen is None or 0 <= chosen < len(q.criteria) or chosen == WALK
     return rows
 
 
