@@ -84,7 +84,18 @@ async def test_searches_are_not_run_by_plans_cached_for_any_value(tmp_path: Path
         async with store.db.read() as conn:  # the pool's one connection
             cached = [str(r[0]) for r in await conn.fetch(
                 "SELECT statement FROM pg_prepared_statements")]
-    # a named statement would be planned generically after its fifth run
-    searches = [s for s in cached if "FROM resource r WHERE" in s]
-    assert searches == [], searches
-    assert cached, "the store's other statements are still prepared once and kept"
+        # a named statement would be planned generically after its fifth run
+        searches = [s for s in cached if "FROM resource r WHERE" in s]
+        assert searches == [], searches
+        assert cached, "the store's other statements are still prepared once and kept"
+
+        # a resource's id or an identifier matches a few rows whatever it is: one
+        # plan serves them all, and the planning is saved
+        for i in range(6):
+            for pairs in ([("_id", f"o{i}")], [("subject", f"Patient/p{i}"), ("code", RARE)]):
+                query = parse_search("Observation", pairs, REGISTRY.search_params)
+                assert len(await store.search_keys(query, 11)) <= 1
+        async with store.db.read() as conn:
+            cached = [str(r[0]) for r in await conn.fetch(
+                "SELECT statement FROM pg_prepared_statements")]
+        assert len([s for s in cached if "FROM resource r WHERE" in s]) == 2, cached
