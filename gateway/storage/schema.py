@@ -26,8 +26,6 @@ sp_composite   a_system, a_code (the first component, a token), then the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 DIALECT_TYPES = {
     "sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "float": "REAL",
                # one writer at a time: outbox seq order is commit order already
@@ -339,40 +337,9 @@ CREATE INDEX IF NOT EXISTS sp_coords_lat ON sp_coords (res_type, param, lat);
 CREATE INDEX IF NOT EXISTS sp_coords_res ON sp_coords (res_type, res_id)
 """
 
-# PostgreSQL estimates a search's rows per index table as if res_type, param and the
-# value were independent: Observation?code=8302-2 (47,400 of 59,250 Observations)
-# was estimated at 674 rows, so the planner listed all 47,400 and sorted them (600 ms)
-# instead of walking the Observations in result order and testing each (3 ms).
-# Statistics of how the columns depend on each other (a code belongs to one
-# parameter of one type) correct it, to 35,615; ANALYZE builds them. (Lists of the
-# most common combinations as well cost more planning and guessed worse: 17,240.)
-# SQLite has no such statistics (its searches start from the criterion with the
-# fewest rows, counted: gateway.storage.search_sql.choose_driver).
-_V28_POSTGRESQL = """
-CREATE STATISTICS IF NOT EXISTS sp_token_together (dependencies)
-    ON res_type, param, system, code FROM sp_token;
-CREATE STATISTICS IF NOT EXISTS sp_string_together (dependencies)
-    ON res_type, param, value FROM sp_string;
-CREATE STATISTICS IF NOT EXISTS sp_uri_together (dependencies)
-    ON res_type, param, value FROM sp_uri;
-CREATE STATISTICS IF NOT EXISTS sp_reference_together (dependencies)
-    ON res_type, param, target_type FROM sp_reference;
-CREATE STATISTICS IF NOT EXISTS sp_date_together (dependencies)
-    ON res_type, param FROM sp_date;
-CREATE STATISTICS IF NOT EXISTS sp_number_together (dependencies)
-    ON res_type, param FROM sp_number;
-CREATE STATISTICS IF NOT EXISTS sp_quantity_together (dependencies)
-    ON res_type, param, system, code FROM sp_quantity;
-CREATE STATISTICS IF NOT EXISTS sp_composite_together (dependencies)
-    ON res_type, param, a_system, a_code FROM sp_composite;
-ANALYZE sp_token, sp_string, sp_uri, sp_reference, sp_date, sp_number, sp_quantity,
-    sp_composite
-"""
-
-#: (version, description, DDL template or a template per dialect, none for a dialect not
-#: named). Append only; never edit a released step.
+#: (version, description, DDL template). Append only; never edit a released step.
 #: Versions 2-9 belong to events/subscriptions, 10-19 to security, 20-29 to the core store.
-MIGRATIONS: tuple[tuple[int, str, str | Mapping[str, str]], ...] = (
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "resources, history, outbox, search index", _V1),
     (2, "events: outbox transaction ids, relay/consumer positions; subscriptions", _V2),
     (10, "security: clients, token replay, signing keys, audit log, consent index", _V10),
@@ -388,13 +355,9 @@ MIGRATIONS: tuple[tuple[int, str, str | Mapping[str, str]], ...] = (
     (26, "search: what a snapshot's rest may hold (created by its first page)", _V26),
     (27, "search: positions for Location near (sp_coords; `carepath reindex Location` fills"
          " it for Locations stored before)", _V27),
-    (28, "search: statistics of how an index table's type, parameter and value depend on"
-         " each other (PostgreSQL)", {"postgresql": _V28_POSTGRESQL}),
 )
 
 
-def statements(ddl: str | Mapping[str, str], dialect: str) -> list[str]:
-    if not isinstance(ddl, str):
-        ddl = ddl.get(dialect, "")
+def statements(ddl: str, dialect: str) -> list[str]:
     text = ddl.format(**DIALECT_TYPES[dialect])
     return [s.strip() for s in text.split(";") if s.strip()]

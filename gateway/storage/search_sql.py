@@ -5,9 +5,11 @@ r.res_type = ? AND r.deleted = 0 AND <criterion> AND …`` where each criterion
 looks into its index table (``sp_*``, rows for current versions only),
 restricted to the parameter's code: as ``r.res_id IN (SELECT …)`` when the
 type is known (the database can start from that index), else as an ``EXISTS``
-correlated on ``(res_type, res_id)``. On SQLite a search of several criteria
-starts from the one with the fewest rows and tests the others per candidate
-(:func:`choose_driver`). Chains nest ``target_id IN (SELECT … FROM resource r2 …)``, ``_has``
+correlated on ``(res_type, res_id)``. A search of several criteria starts from
+the one with the fewest rows and tests the others per candidate, and one whose
+criteria match most of its type walks the type in result order testing each
+(:func:`choose_driver`; on PostgreSQL only where no criterion names a resource or
+an identifier). Chains nest ``target_id IN (SELECT … FROM resource r2 …)``, ``_has``
 nests ``r.res_id IN (SELECT ref.target_id FROM sp_reference ref …)``.
 ``_id`` and ``_lastUpdated`` are answered from the ``resource`` row.
 
@@ -53,8 +55,7 @@ from gateway.fhir.search import (
 )
 from gateway.storage.db import Connection
 
-__all__ = ["choose_driver", "count", "for_values", "like_escape", "resolve_includes",
-           "select_ids"]
+__all__ = ["choose_driver", "count", "like_escape", "resolve_includes", "select_ids"]
 
 DIALECTS = ("sqlite", "postgresql")
 
@@ -221,22 +222,6 @@ _NOT_DRIVING = frozenset({"not", "not-in", "missing"})
 _PROBE_ORDER = {"_id": 0, "reference": 1, "token": 2, "string": 3, "uri": 4}
 
 
-def for_values(query: SearchQuery) -> bool:
-    """Whether ``query``'s statements should be planned for its values (see
-    ``Connection.fetch``): how many rows a criterion matches depends on its value
-    (``code=8302-2`` most Observations, another code a handful), and a plan made
-    for any value (cached after five runs) listed and sorted 47,400 Observations for
-    a page of 51 (2.3 s). Not when a criterion names a resource or an identifier:
-    that matches a few rows whatever it names, one plan serves every value, and the
-    planning saved is most of such a search's time in the database."""
-    return not any(
-        not c.chain and c.has is None and (
-            c.code == "_id"
-            or (c.type == "reference" and c.modifier not in _NOT_DRIVING)
-            or (c.type == "token" and c.code == "identifier" and c.modifier is None))
-        for c in query.criteria)
-
-
 #: :func:`choose_driver`'s answer for a search that walks its type's resources in
 #: result order, testing each against every criterion, until it has enough
 WALK = -1
@@ -244,8 +229,8 @@ WALK = -1
 
 async def choose_driver(conn: Connection, query: SearchQuery,
                         limit: int | None = None) -> int | None:
-    """The criterion a search should start from, on SQLite, or :data:`WALK`; None:
-    let the database decide (PostgreSQL, or nothing to tell the criteria apart).
+    """The criterion a search should start from, or :data:`WALK`; None: let the
+    database decide (nothing to tell the criteria apart).
 
     SQLite builds the whole list of every uncorrelated ``IN (SELECT …)`` before it
     looks at a resource: ``Observation?patient=X&code=Y`` listed every Observation
@@ -263,8 +248,18 @@ async def choose_driver(conn: Connection, query: SearchQuery,
     the first 1,001 (280 ms). Walking the Observations in result order and testing
     each took 13 ms. The walk is chosen when it should test fewer resources than
     the list holds: ``limit`` divided by the share of the type's resources that
-    match (the criteria taken as independent) below the fewest rows of a criterion."""
-    if conn.dialect != "sqlite" or query.resource_type is None:
+    match (the criteria taken as independent) below the fewest rows of a criterion.
+
+    PostgreSQL's planner guesses these numbers, and guesses them wrong where the
+    columns of an index table depend on each other (a code belongs to one parameter
+    of one type): 674 rows for those 47,400, so it listed them (600 ms). Where a
+    criterion names a resource or an identifier it matches a few rows whatever it
+    names and PostgreSQL decides; otherwise it gets the statement chosen here, each
+    shape with one plan that suits every value (its cached generic plan had listed
+    and sorted the 47,400 for a page of 51: 2.3 s)."""
+    if query.resource_type is None:
+        return None
+    if conn.dialect == "postgresql" and any(_names_few(c) for c in query.criteria):
         return None
     walkable = limit is not None and not query.sort
     if len(query.criteria) < (1 if walkable else 2):
@@ -276,7 +271,7 @@ async def choose_driver(conn: Connection, query: SearchQuery,
         return None
     probes: list[tuple[int, Frag]] = []
     for i in positive:
-        frag = _probe(query.criteria[i], query.resource_type)
+        frag = _probe(query.criteria[i], query.resource_type, conn.dialect)
         if frag is None:
             return None
         probes.append((i, frag))
@@ -321,11 +316,20 @@ async def _walk_is_shorter(conn: Connection, rtype: str, limit: int,
     return limit / share < fewest
 
 
-def _probe(c: Criterion, rtype: str) -> Frag | None:
+def _names_few(c: Criterion) -> bool:
+    """Whether ``c`` names resources or identifiers (``_id``, a reference, ``identifier``):
+    a few rows match it whatever it names."""
+    return not c.chain and c.has is None and (
+        c.code == "_id"
+        or (c.type == "reference" and c.modifier not in _NOT_DRIVING)
+        or (c.type == "token" and c.code == "identifier" and c.modifier is None))
+
+
+def _probe(c: Criterion, rtype: str, dialect: str = "sqlite") -> Frag | None:
     """``SELECT 1`` per index row that criterion ``c`` (positive, plain) matches."""
     if c.has is not None or c.chain:
         return None
-    ctx = _Ctx("sqlite")
+    ctx = _Ctx(dialect)
     if c.code in ("_id", "_lastUpdated"):
         cond, p = _id_criterion(c, "r") if c.code == "_id" else _last_updated(c, "r")
         return (f"SELECT 1 FROM resource r WHERE r.res_type = ? AND r.deleted = 0 AND {cond}",
@@ -447,7 +451,8 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx, *,
             )
         return (
             f"EXISTS (SELECT 1 FROM sp_reference {ref} WHERE {ref}.res_type = {a}.res_type"
-            f" AND {ref}.res_id = {a}.res_id AND {ref}.param = ? AND ({' OR '.join(ors)}))",
+            f" AND {ref}.res_id = {a}.res_id AND {ref}.param = ? AND ({' OR '.join(ors)})"
+            f"{_per_row(ctx, correlate)})",
             params,
         )
     if c.code == "_id":
@@ -485,7 +490,13 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx, *,
             f" WHERE {t}.res_type = ? AND {param} AND {cond})",
             [rtype, *codes, *p],
         )
-    return f"{negate}EXISTS ({base} AND {cond})", [*codes, *p]
+    return f"{negate}EXISTS ({base} AND {cond}{_per_row(ctx, correlate)})", [*codes, *p]
+
+
+def _per_row(ctx: _Ctx, correlate: bool) -> str:
+    """What keeps PostgreSQL from turning an ``EXISTS`` the search chose to test per
+    row into a join it plans itself (an ``OFFSET`` stops it)."""
+    return " OFFSET 0" if correlate and ctx.dialect == "postgresql" else ""
 
 
 def _seen(cond: Frag, alias: str, resource_type: str, ctx: _Ctx) -> Frag:

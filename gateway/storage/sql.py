@@ -441,8 +441,7 @@ class _Transaction:
         sql, params = search_sql.select_ids(query, self.conn.dialect, limit,
                                             _restrict(restriction, _types(query)),
                                             driver=driver)
-        rows = await self.conn.fetch(sql, params, for_values=search_sql.for_values(query))
-        return [(r[0], r[1]) for r in rows]
+        return [(r[0], r[1]) for r in await self.conn.fetch(sql, params)]
 
     async def visible(
         self, keys: Sequence[tuple[str, str]], restriction: Restriction, *,
@@ -787,8 +786,7 @@ class SqlStore:
             sql, params = search_sql.select_ids(
                 query, self.dialect, limit, _restrict(restriction, _types(query)),
                 driver=await search_sql.choose_driver(conn, query, limit))
-            rows = await conn.fetch(sql, params, for_values=search_sql.for_values(query))
-            return [(r[0], r[1]) for r in rows]
+            return [(r[0], r[1]) for r in await conn.fetch(sql, params)]
 
     async def search_resources(
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
@@ -797,16 +795,14 @@ class SqlStore:
             sql, params = search_sql.select_ids(
                 query, self.dialect, limit, _restrict(restriction, _types(query)),
                 columns=_MATCH_COLS, driver=await search_sql.choose_driver(conn, query, limit))
-            rows = await conn.fetch(sql, params, for_values=search_sql.for_values(query))
-            return [_stored(row) for row in rows]
+            return [_stored(row) for row in await conn.fetch(sql, params)]
 
     async def count(self, query: SearchQuery, restriction: Restriction | None = None) -> int:
         async with self.db.read() as conn:
             sql, params = search_sql.count(query, self.dialect,
                                            _restrict(restriction, _types(query)),
                                            driver=await search_sql.choose_driver(conn, query))
-            row = await conn.fetchrow(sql, params,
-                                      for_values=search_sql.for_values(query))
+            row = await conn.fetchrow(sql, params)
         return int(row[0]) if row else 0
 
     async def token_codes(self, resource_type: str | None, param: str,

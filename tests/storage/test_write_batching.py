@@ -73,15 +73,13 @@ class SpyConnection:
         self._note(sql, ())
         await self._conn.executemany(sql, rows)
 
-    async def fetch(self, sql: str, params: Sequence[Any] = (), *,
-                    for_values: bool = False) -> list[Row]:
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         self._note(sql, params)
-        return await self._conn.fetch(sql, params, for_values=for_values)
+        return await self._conn.fetch(sql, params)
 
-    async def fetchrow(self, sql: str, params: Sequence[Any] = (), *,
-                       for_values: bool = False) -> Row | None:
+    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         self._note(sql, params)
-        return await self._conn.fetchrow(sql, params, for_values=for_values)
+        return await self._conn.fetchrow(sql, params)
 
     async def lock(self, *keys: str) -> None:
         self._note("lock", keys)
