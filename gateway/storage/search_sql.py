@@ -252,14 +252,20 @@ async def choose_driver(conn: Connection, query: SearchQuery,
 
     PostgreSQL's planner guesses these numbers, and guesses them wrong where the
     columns of an index table depend on each other (a code belongs to one parameter
-    of one type): 674 rows for those 47,400, so it listed them (600 ms). Where a
-    criterion names a resource or an identifier it matches a few rows whatever it
-    names and PostgreSQL decides; otherwise it gets the statement chosen here, each
-    shape with one plan that suits every value (its cached generic plan had listed
-    and sorted the 47,400 for a page of 51: 2.3 s)."""
+    of one type): 674 rows for those 47,400, so it listed them (600 ms). A search
+    with a token criterion (a status, a category, a code: what most of a type can
+    share) gets the statement chosen here, each shape with one plan that suits every
+    value (the plan PostgreSQL caches had listed and sorted the 47,400 for a page of
+    51: 2.3 s). PostgreSQL decides the others, and any where a criterion names a
+    resource or an identifier (a few rows whatever it names): their plans were good,
+    and counting would only add a statement (a search by name 1.4 ms of CPU, not
+    0.9)."""
     if query.resource_type is None:
         return None
-    if conn.dialect == "postgresql" and any(_names_few(c) for c in query.criteria):
+    if conn.dialect == "postgresql" and (
+            any(_names_few(c) for c in query.criteria)
+            or not any(c.type == "token" and not c.chain and c.has is None
+                       for c in query.criteria)):
         return None
     walkable = limit is not None and not query.sort
     if len(query.criteria) < (1 if walkable else 2):
