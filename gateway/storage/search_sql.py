@@ -8,9 +8,10 @@ type is known (the database can start from that index), else as an ``EXISTS``
 correlated on ``(res_type, res_id)``. A search of several criteria starts from
 the one with the fewest rows and tests the others per candidate, and one whose
 criteria match most of its type walks the type in result order testing each
-(:func:`choose_driver`; on PostgreSQL only where no criterion names a resource or
-an identifier). Chains nest ``target_id IN (SELECT … FROM resource r2 …)``, ``_has``
-nests ``r.res_id IN (SELECT ref.target_id FROM sp_reference ref …)``.
+(:func:`choose_driver`; on PostgreSQL only for a search with a token criterion
+and none naming a resource or an identifier). Chains nest
+``target_id IN (SELECT … FROM resource r2 …)``, ``_has`` nests
+``r.res_id IN (SELECT ref.target_id FROM sp_reference ref …)``.
 ``_id`` and ``_lastUpdated`` are answered from the ``resource`` row.
 
 Every user value is a bound parameter; SQL text holds only identifiers and
@@ -240,7 +241,7 @@ async def choose_driver(conn: Connection, query: SearchQuery,
     the positive criterion with the fewest index rows, counted by index-only
     queries that stop at the smallest count so far (at most :data:`PROBE_CAP`).
     A criterion that cannot be counted so (a chain, ``_has``) leaves the choice
-    to SQLite, as does a tie at the cap.
+    to the database, as does a tie at the cap.
 
     Listing every match first is slow when there are many, and needless when the
     result is read in its default order up to ``limit``: ``Observation?code=8302-2``
