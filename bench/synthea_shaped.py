@@ -98,7 +98,7 @@ class Generator:
     def practitioners(self, n: int) -> dict[str, Any]:
         entries = []
         for i in range(n):
-            npi = str(9_999_900_000 + self.rng.randrange(99_999))
+            npi = str(self.rng.randrange(10**9, 10**10))  # ten digits, as NPIs have
             while npi in self.npis:
                 npi = str(int(npi) + 1)
             self.npis.append(npi)
