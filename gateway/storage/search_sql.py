@@ -263,12 +263,15 @@ async def choose_driver(conn: Connection, query: SearchQuery,
     0.9)."""
     if query.resource_type is None:
         return None
-    if conn.dialect == "postgresql" and (
-            any(_names_few(c) for c in query.criteria)
-            or not any(c.type == "token" and not c.chain and c.has is None
-                       for c in query.criteria)):
+    few = any(_names_few(c) for c in query.criteria)
+    if conn.dialect == "postgresql" and (few or not any(
+            c.type == "token" and not c.chain and c.has is None for c in query.criteria)):
         return None
-    walkable = limit is not None and not query.sort
+    # past this many rows of every criterion a walk may be shorter; None: no walk (a
+    # sort or a count needs every match; a resource or identifier named matches few:
+    # no count for a conditional create by identifier either)
+    walk_past = 2 * limit if limit is not None and not query.sort and not few else None
+    walkable = walk_past is not None
     if len(query.criteria) < (1 if walkable else 2):
         return None
     positive = [i for i, c in enumerate(query.criteria) if c.modifier not in _NOT_DRIVING]
@@ -289,13 +292,13 @@ async def choose_driver(conn: Connection, query: SearchQuery,
     for i, (sql, params) in probes:
         # past the smallest count so far only a walk could still use the number, and
         # a walk only when every count is large
-        cap = PROBE_CAP if walkable and limit is not None and best > 2 * limit else best
+        cap = PROBE_CAP if walk_past is not None and best > walk_past else best
         row = await conn.fetchrow(f"SELECT COUNT(*) FROM ({sql} LIMIT ?) x", [*params, cap])
         n = int(row[0]) if row else 0
         counts.append(n)
         if n < best:
             best, driver = n, i
-    if walkable and limit is not None and best > 2 * limit and \
+    if walk_past is not None and limit is not None and best > walk_past and \
             await _walk_is_shorter(conn, query.resource_type, limit, counts):
         return WALK
     return driver if len(positive) > 1 else None

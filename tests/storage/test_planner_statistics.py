@@ -182,6 +182,8 @@ async def test_a_criterion_most_resources_match_is_tested_per_resource_in_order(
                 1 if backend == "sqlite" else None)
             assert await choose_driver(conn, query([*common, ("address-city", "Berlin")]),
                                        21) == WALK
+            # an identifier alone (a conditional create's, say) is never walked
+            assert await choose_driver(conn, query(one), 21) is None
             # with no token criterion PostgreSQL's planner is left to it: no counting
             city = [("address-city", "Berlin")]
             assert await choose_driver(conn, query(city), 21) == (
