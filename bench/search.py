@@ -10,7 +10,8 @@ search code. One JSON line per search: milliseconds (best of
 ``--repeat``), status, total and entries returned. Then the store's part of a
 read and of the searches by type for a client of an organisation, which every
 production caller is (``"restricted"`` lines: access condition included, and
-the same search without it).
+the same search without it). Last, a client paging through every Observation by
+the ``next`` links (``--pages``).
 
 PostgreSQL: a fresh schema is created and dropped; SQLite: a file in a
 temporary directory. The planner statistics service runs as in ``carepath
@@ -174,12 +175,49 @@ async def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) 
                       "status": status, "total": found.get("total"),
                       "entries": len(found.get("entry", []))})
             await restricted(app.state.context, pid, eid, orjson.loads(raw), args.repeat, emit)
+            await paging(app, "Observation", "status=final&_count=50", args.pages, emit)
     finally:
         if schema:
             conn = await asyncpg.connect(args.db)
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")
             await conn.close()
         tmp.cleanup()
+
+
+async def paging(app: Any, path: str, query: str, pages: int,
+                 emit: Callable[[dict[str, Any]], None]) -> None:
+    """A client reading a long result page by page, by its ``next`` links (at most
+    ``pages`` pages): one JSON line with the milliseconds of the first page, of the
+    first page past what the first search read ahead (``search_read_ahead``), and
+    the median and slowest of the others."""
+    ahead = app.state.context.settings.search_read_ahead
+    times: list[float] = []
+    first_past = None
+    at, full, qs = 0, f"/fhir/{path}", query
+    t0 = time.perf_counter()
+    while len(times) < pages:
+        t = time.perf_counter()
+        status, body = await asgi(app, "GET", full, qs)
+        times.append((time.perf_counter() - t) * 1e3)
+        if status != 200:
+            raise RuntimeError(f"paging failed: {status} {body[:200]!r}")
+        found = orjson.loads(body)
+        size = len(found.get("entry", []))
+        if first_past is None and at < ahead <= at + size:
+            first_past = len(times) - 1
+        at += size
+        nxt = next((link["url"] for link in found.get("link", [])
+                    if link["relation"] == "next"), None)
+        if nxt is None:
+            break
+        full, _, qs = nxt.partition("?")
+        full = "/fhir" + full.split("/fhir", 1)[1]
+    rest = sorted(t for i, t in enumerate(times[1:], 1) if i != first_past)
+    emit({"paging": f"{path}?{query}", "pages": len(times), "entries": at,
+          "seconds": round(time.perf_counter() - t0, 2), "first_ms": round(times[0], 2),
+          "past_read_ahead_ms": round(times[first_past], 2) if first_past else None,
+          "median_ms": round(rest[len(rest) // 2], 2) if rest else None,
+          "max_ms": round(rest[-1], 2) if rest else None})
 
 
 async def restricted(ctx: Context, pid: str, eid: str, patient: dict[str, Any], repeat: int,
@@ -224,6 +262,8 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds to wait after loading (2)")
     parser.add_argument("--seed", type=int, default=11, help="seed of the synthetic data")
+    parser.add_argument("--pages", type=int, default=400,
+                        help="pages a client reads of a long result by its next links (400)")
     args = parser.parse_args()
     asyncio.run(run(args, lambda row: print(json.dumps(row), flush=True)))
 

@@ -45,6 +45,7 @@ from gateway.security.audit import AuditUnavailable, interaction_of, record_of
 from gateway.security.auth import Authenticator
 from gateway.security.principal import CALLER, Caller, Principal
 from gateway.security.tokens import AuthError
+from gateway.storage.db import RetryableError
 
 log = logging.getLogger("carepath.api")
 
@@ -498,6 +499,15 @@ class Cors:
                               (b"vary", b"Origin")]
 
 
+def _busy(request: HttpRequest, caller: Caller, exc: RetryableError) -> FhirError:
+    """A lost race outside a retried write (a result set kept for paging, a client
+    assertion's id recorded, SQLite's file held by another process for longer than
+    its busy timeout): the request may be repeated as it was."""
+    log.warning("database busy on %s /%s (request %s): %s", request.method, request.path,
+                caller.request_id, exc)
+    return FhirError(Code.DATABASE_BUSY, "the database was busy; try again shortly")
+
+
 def _auth_failure(exc: AuthError) -> FhirResponse:
     err = FhirError(Code.UNAUTHENTICATED, exc.description)
     header = f'Bearer error="{exc.error}", error_description="{exc.description[:200]}"'
@@ -615,8 +625,9 @@ def create_api(
             special = await _smart_endpoint(auth, request, base)
             if special is not None:
                 return special, ""
-        except FhirError as exc:
-            return _render(FhirResponse(exc.status, exc.outcome()), False, False), exc.code.gw
+        except (FhirError, RetryableError) as exc:
+            err = exc if isinstance(exc, FhirError) else _busy(request, caller, exc)
+            return _render(FhirResponse(err.status, err.outcome()), False, False), err.code.gw
         query = parse_qsl(request.query_string, keep_blank_values=True)
         pretty = ("_pretty", "true") in query
         head = request.method == "HEAD"
@@ -631,6 +642,9 @@ def create_api(
                                                            request.address)
         except AuthError as exc:
             return _render(_auth_failure(exc), pretty, head), f"{exc.error}: {exc.description}"
+        except (FhirError, RetryableError) as exc:  # the database, asked who is calling
+            err = exc if isinstance(exc, FhirError) else _busy(request, caller, exc)
+            return _render(FhirResponse(err.status, err.outcome()), pretty, head), err.code.gw
         xml: Model | None = None
         try:
             native = _binary_read(request.path, request.method) and not _asks_for_fhir(
@@ -661,6 +675,10 @@ def create_api(
         except FhirError as exc:
             resp = FhirResponse(exc.status, exc.outcome())
             description = exc.code.gw
+        except RetryableError as exc:
+            err = _busy(request, caller, exc)
+            resp = FhirResponse(err.status, err.outcome())
+            description = err.code.gw
         except (AuditUnavailable, _Disconnected):
             raise
         except Exception:  # a bug of ours: still an OperationOutcome, never a bare 500

@@ -130,6 +130,7 @@ class Code(Enum):
     INTERNAL = ("GW-5001", 500, "exception", "Internal error")
     UNAVAILABLE = ("GW-5002", 503, "transient", "Storage is unavailable")
     DATABASE_TIMEOUT = ("GW-5003", 503, "timeout", "The database took too long")
+    DATABASE_BUSY = ("GW-5004", 503, "transient", "The database is busy; retry the request")
 
     def __init__(self, gw: str, status: int, issue_type: str, summary: str) -> None:
         self.gw = gw

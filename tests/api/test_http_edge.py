@@ -14,6 +14,8 @@ import pytest
 
 from gateway.api.app import accepts_gzip
 from gateway.settings import Settings
+from gateway.storage.db import RetryableError
+from gateway.storage.sql import SqlStore
 from tests.api.helpers import FHIR, gw_code, patient, post
 from tests.conftest import RunningServer, unique
 
@@ -167,3 +169,34 @@ def test_an_internal_error_names_its_request(tmp_path: Path,
     assert broken.headers["x-request-id"] == "support-case-17"
     assert "support-case-17" in broken.json()["issue"][0]["diagnostics"]
     assert any("support-case-17" in r.getMessage() for r in caplog.records)
+
+
+def test_a_database_busy_beyond_its_retries_is_a_503_to_repeat(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lost race outside a retried write (here keeping a long result for paging,
+    and counting clients to know whether tokens are required) is a 503 with
+    GW-5004 and ``Retry-After``, not an internal error; the same request answers
+    once the database is free again."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'busy.db'}", default_page_size=2)
+    family = unique("Busy")
+    with RunningServer(settings) as running, httpx.Client(base_url=running.url) as http:
+        for _ in range(3):
+            assert post(http, patient(unique("mrn"), family)).status_code == 201
+
+        async def busy(*_args: object, **_kw: object) -> None:
+            raise RetryableError("database is locked")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(SqlStore, "save_snapshot", busy)
+            paged = http.get("/Patient", params={"family": family})
+        assert paged.status_code == 503 and gw_code(paged) == "GW-5004"
+        assert paged.headers["retry-after"] == "5"
+        assert paged.json()["issue"][0]["code"] == "transient"
+        again = http.get("/Patient", params={"family": family})
+        assert again.status_code == 200 and again.json()["total"] == 3
+
+        with monkeypatch.context() as patched:
+            patched.setattr("gateway.storage.security.count_clients", busy)
+            patched.setattr("gateway.security.auth.DEV_RECHECK_SECONDS", -1)
+            who = http.get("/Patient", params={"family": family})
+        assert who.status_code == 503 and gw_code(who) == "GW-5004"
