@@ -203,7 +203,7 @@ async def paging(app: Any, path: str, query: str, pages: int,
             raise RuntimeError(f"paging failed: {status} {body[:200]!r}")
         found = orjson.loads(body)
         size = len(found.get("entry", []))
-        if first_past is None and at < ahead <= at + size:
+        if first_past is None and at <= ahead < at + size:
             first_past = len(times) - 1
         at += size
         nxt = next((link["url"] for link in found.get("link", [])

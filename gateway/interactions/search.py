@@ -358,22 +358,40 @@ async def first_page(
                        warnings=warnings, matches=matches)
 
 
-async def _read_on(ctx: Context, snapshot: Snapshot, query: SearchQuery) -> Snapshot:
-    """``snapshot`` completed: the search run again over what existed when it began,
-    and what it finds besides the head the first page kept appended in the search's
-    order. The head stays as it was, so that the pages read already do not shift; a
-    match created since is not among the rest, nor is one deleted since."""
+async def _read_on(ctx: Context, snapshot: Snapshot, query: SearchQuery,
+                   want: int) -> Snapshot:
+    """``snapshot`` read on to hold at least ``want`` keys, or all: the search run
+    again over what existed when it began, for twice the matches kept (or ``want``),
+    and what it finds besides those kept appended in the search's order. What is
+    kept stays as it was, so that the pages read already do not shift; a match
+    created since is not among the rest, nor is one deleted since. Reading twice as
+    far each time, a client paging to the end reads the result about twice in all;
+    one reading a few pages past the first search's does not read the whole result.
+    The snapshot returned holds every key kept."""
     cap = ctx.settings.max_search_results
     if snapshot.bound is not None:
         query = replace(query, created_by=snapshot.bound)
-    found = await ctx.store.search_keys(query, cap + 1, guard.restriction(ctx.access))
-    held = set(snapshot.keys)
-    keys = [*snapshot.keys, *(k for k in found if k not in held)]
-    done = replace(snapshot, keys=keys[:cap], truncated=len(keys) > cap, complete=True)
-    if await ctx.store.complete_snapshot(done):
-        return done
-    # another page request completed it first: read what it kept
-    return await ctx.store.load_snapshot(snapshot.search_id) or done
+    restriction = guard.restriction(ctx.access)
+    for _ in range(8):  # each round, this request or another reads on
+        whole = await ctx.store.load_snapshot(snapshot.search_id)
+        if whole is None:
+            break
+        if whole.complete or whole.held >= want:
+            return whole
+        limit = min(max(2 * whole.held, want), cap)
+        found = await ctx.store.search_keys(query, limit + 1, restriction)
+        held = set(whole.keys)
+        fresh = [k for k in found[:limit] if k not in held]
+        more = fresh[: cap - whole.held]
+        # the whole rest read, or all that may be paged through
+        complete = len(found) <= limit or limit == cap or whole.held + len(more) >= cap
+        truncated = complete and (len(more) < len(fresh) or len(found) > limit)
+        if await ctx.store.extend_snapshot(whole, more, complete=complete,
+                                           truncated=truncated):
+            return replace(whole, keys=[*whole.keys, *more], complete=complete,
+                           truncated=truncated, held=whole.held + len(more))
+    raise FhirError(Code.SEARCH_EXPIRED, f"search '{snapshot.search_id[:64]}' is unknown"
+                                         " or expired")
 
 
 async def search_page(
@@ -384,9 +402,6 @@ async def search_page(
     asked on (``Observation``, ``Patient/1/Observation``), if not the base; it
     must search the type the result set was kept for (a page of
     ``Patient/1/Observation`` may be asked on ``Observation``)."""
-    snapshot = await ctx.store.load_snapshot(search_id)
-    if snapshot is None:
-        raise FhirError(Code.SEARCH_EXPIRED, f"search '{search_id[:64]}' is unknown or expired")
     try:
         start = max(int(offset), 0)
         size = min(max(int(count), 1), ctx.settings.max_page_size) if count else (
@@ -394,6 +409,9 @@ async def search_page(
     except ValueError:
         raise FhirError(Code.INVALID_SEARCH_VALUE, "_getpagesoffset and _count are integers")\
             from None
+    snapshot = await ctx.store.load_snapshot(search_id, start, start + size)
+    if snapshot is None:
+        raise FhirError(Code.SEARCH_EXPIRED, f"search '{search_id[:64]}' is unknown or expired")
     owner, _, rest = snapshot.query.partition("|")
     restriction = guard.restriction(ctx.access)
     if owner != (restriction.organization if restriction else ""):
@@ -417,18 +435,19 @@ async def search_page(
         if parts[0] == "Patient":
             guard.note_patients([parts[1]])
     query = _within_scopes(ctx, query)
-    if not snapshot.complete and start + size > len(snapshot.keys):
+    if not snapshot.complete and start + size > snapshot.held:
         snapshot = await _read_on(ctx, snapshot, await with_list_members(
-            ctx, await with_value_set_members(ctx, query)))
+            ctx, await with_value_set_members(ctx, query)), start + size)
     links = [("self", _pages_link(base, search_id, start, size)),
              ("first", _pages_link(base, search_id, 0, size))]
     if start > 0:
         links.append(("previous", _pages_link(base, search_id, max(start - size, 0), size)))
-    if start + size < len(snapshot.keys) or not snapshot.complete:
+    if start + size < snapshot.held or not snapshot.complete:
         links.append(("next", _pages_link(base, search_id, start + size, size)))
     total = snapshot.total if snapshot.total >= 0 else None
     # the compartment may have changed since the first page
-    keys = await guard.filter_visible(ctx.access, ctx.store, snapshot.keys[start : start + size])
+    at = start - snapshot.start
+    keys = await guard.filter_visible(ctx.access, ctx.store, snapshot.keys[at : at + size])
     guard.note(rt or "*", None, None, links[0][1])
     return await _page(ctx, query, keys, base, total=total, links=links, warnings=())
 

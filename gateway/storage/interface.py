@@ -81,6 +81,14 @@ class Snapshot:
     complete: bool = True
     #: the last stored version when the search began (what its rest may hold)
     bound: int | None = None
+    #: the position of ``keys[0]`` in the kept list (``keys`` may be a part of it)
+    start: int = 0
+    #: how many keys are kept (-1: ``start + len(keys)``, the list up to its end)
+    held: int = -1
+
+    def __post_init__(self) -> None:
+        if self.held < 0:
+            object.__setattr__(self, "held", self.start + len(self.keys))
 
 
 class StoreTransaction(Protocol):
@@ -190,14 +198,19 @@ class Store(Protocol):
         """The audit chain's records (sequence number, AuditEvent JSON) after ``after``."""
 
     async def save_snapshot(self, snapshot: Snapshot) -> None: ...
-    async def load_snapshot(self, search_id: str) -> Snapshot | None: ...
+    async def load_snapshot(self, search_id: str, start: int = 0,
+                            stop: int | None = None) -> Snapshot | None:
+        """The kept result set, with its keys from position ``start`` to ``stop``
+        (None: to the end)."""
 
     async def last_version(self) -> int:
         """The last stored version's sequence number (``created_seq`` is one of them)."""
 
-    async def complete_snapshot(self, snapshot: Snapshot) -> bool:
-        """Replace an incomplete snapshot's keys by ``snapshot``'s (complete now); False
-        when another request completed it first (load it again)."""
+    async def extend_snapshot(self, snapshot: Snapshot, more: Sequence[tuple[str, str]], *,
+                              complete: bool, truncated: bool) -> bool:
+        """Append ``more`` to an incomplete snapshot that holds ``snapshot.held`` keys
+        (``complete``: the rest of the result); False when another request read on
+        first (load it again)."""
 
     async def versions_mark(self, types: Sequence[str]) -> tuple[int, int]:
         """How many versions of resources of ``types`` the history holds, and the

@@ -337,8 +337,24 @@ CREATE INDEX IF NOT EXISTS sp_coords_lat ON sp_coords (res_type, param, lat);
 CREATE INDEX IF NOT EXISTS sp_coords_res ON sp_coords (res_type, res_id)
 """
 
+# a kept result set in parts of SNAPSHOT_PART keys (gateway/storage/sql.py), so that a
+# page reads one or two of them, not the whole list; ``held``: how many keys are kept
+# (NULL: a set kept before, whole in ``ids``). ``created`` is where expiry looks.
+_V29 = """
+CREATE TABLE IF NOT EXISTS search_snapshot_part (
+    search_id TEXT NOT NULL,
+    part INTEGER NOT NULL,
+    ids {blob} NOT NULL,
+    PRIMARY KEY (search_id, part)
+);
+ALTER TABLE search_snapshot ADD COLUMN held INTEGER;
+CREATE INDEX IF NOT EXISTS search_snapshot_created ON search_snapshot (created)
+"""
+
 #: (version, description, DDL template). Append only; never edit a released step.
-#: Versions 2-9 belong to events/subscriptions, 10-19 to security, 20-29 to the core store.
+#: Versions 2-9 belong to events/subscriptions, 10-19 to security, 20-29 to the core
+#: store. 28 is not used: a development build took it for statistics objects that
+#: were not kept.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "resources, history, outbox, search index", _V1),
     (2, "events: outbox transaction ids, relay/consumer positions; subscriptions", _V2),
@@ -355,6 +371,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (26, "search: what a snapshot's rest may hold (created by its first page)", _V26),
     (27, "search: positions for Location near (sp_coords; `carepath reindex Location` fills"
          " it for Locations stored before)", _V27),
+    (29, "search: kept result sets in parts; snapshots expire by an index", _V29),
 )
 
 

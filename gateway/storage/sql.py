@@ -24,7 +24,7 @@ from gateway.fhir import json as fjson
 from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.references import localize
-from gateway.storage import access_sql, search_sql
+from gateway.storage import access_sql, search_sql, snapshots
 from gateway.storage.db import Connection, Database, RetryableError
 from gateway.storage.interface import HistoryPage, Restriction, Snapshot, StoredResource
 from gateway.storage.migrate import migrate
@@ -870,44 +870,21 @@ class SqlStore:
                                    restriction=restriction, client_id=client_id)
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
-        cutoff = now_micros() - 24 * 3600 * 1_000_000
-        async with self.db.transaction() as conn:
-            await conn.execute("DELETE FROM search_snapshot WHERE created < ?", (cutoff,))
-            await conn.execute(
-                "INSERT INTO search_snapshot (search_id, created, query, total, truncated, ids,"
-                " complete, bound) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (snapshot.search_id, now_micros(), snapshot.query, snapshot.total,
-                 int(snapshot.truncated), orjson.dumps(snapshot.keys), int(snapshot.complete),
-                 snapshot.bound),
-            )
+        await snapshots.save(self.db, snapshot, now_micros())
 
     async def last_version(self) -> int:
         async with self.db.read() as conn:
             row = await conn.fetchrow("SELECT MAX(seq) FROM resource_history")
         return int(row[0]) if row and row[0] is not None else 0
 
-    async def complete_snapshot(self, snapshot: Snapshot) -> bool:
-        async with self.db.transaction() as conn:
-            done = await conn.fetch(
-                "UPDATE search_snapshot SET ids = ?, total = ?, truncated = ?, complete = 1"
-                " WHERE search_id = ? AND complete = 0 RETURNING search_id",
-                (orjson.dumps(snapshot.keys), snapshot.total, int(snapshot.truncated),
-                 snapshot.search_id),
-            )
-        return bool(done)
+    async def extend_snapshot(self, snapshot: Snapshot, more: Sequence[tuple[str, str]], *,
+                              complete: bool, truncated: bool) -> bool:
+        return await snapshots.extend(self.db, snapshot, more, complete=complete,
+                                      truncated=truncated)
 
-    async def load_snapshot(self, search_id: str) -> Snapshot | None:
-        async with self.db.read() as conn:
-            row = await conn.fetchrow(
-                "SELECT query, total, truncated, ids, complete, bound FROM search_snapshot"
-                " WHERE search_id = ?",
-                (search_id,),
-            )
-        if row is None:
-            return None
-        keys = [(k[0], k[1]) for k in orjson.loads(bytes(row[3]))]
-        return Snapshot(search_id, row[0], keys, int(row[1]), bool(row[2]), bool(row[4]),
-                        int(row[5]) if row[5] is not None else None)
+    async def load_snapshot(self, search_id: str, start: int = 0,
+                            stop: int | None = None) -> Snapshot | None:
+        return await snapshots.load(self.db, search_id, start, stop)
 
     async def versions_mark(self, types: Sequence[str]) -> tuple[int, int]:
         if not types:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import string
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 import pytest
 
+from gateway.settings import Settings
+from gateway.storage.db import open_database
 from tests.api.helpers import FHIR, gw_code, paged_ids, patient, post, put, search_ids
 from tests.conftest import BACKENDS, RunningServer, backend_settings, unique
 
@@ -969,6 +973,48 @@ def test_a_long_result_is_read_on_when_paged_beyond_its_head(
     page = client.get(f"/Patient/{pid}/Observation", params={"_count": 2}).json()
     assert "total" not in page
     assert paged_ids(client, page) == mine
+
+
+async def _held(settings: Settings) -> list[int]:
+    """How many keys each kept result set of the gateway's database holds."""
+    db = open_database(settings.database_url, schema=settings.database_schema)
+    await db.open()
+    try:
+        async with db.read() as conn:
+            return [int(r[0]) for r in await conn.fetch(
+                "SELECT held FROM search_snapshot ORDER BY created")]
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_long_result_is_read_on_as_far_as_its_pages_go(
+        backend: str, tmp_path: Path, new_schema: Any) -> None:
+    """Paging past what the first search read ahead reads on twice as far as was
+    kept, not the whole result: a client reading a few pages does not pay for all
+    of them. Every match is still shown once, in order, across several readings
+    on, with writes between them."""
+    settings = backend_settings(backend, tmp_path, new_schema, search_read_ahead=4)
+    with RunningServer(settings) as running, httpx.Client(
+            base_url=running.url, timeout=30, headers={"Accept": FHIR}) as client:
+        family = unique("Far")
+        ids = _family_patients(client, family, 30)
+        page = client.get("/Patient", params={"family": family, "_count": 3,
+                                              "_sort": "birthdate"}).json()
+        seen: list[str] = []
+        # the first search kept two pages' worth (6); the page at 6 reads on to 12,
+        # the page at 9 reads what is kept
+        for _ in range(3):
+            seen += [e["resource"]["id"] for e in page["entry"]]
+            page = client.get(next(x["url"] for x in page["link"]
+                                   if x["relation"] == "next")).json()
+        assert asyncio.run(_held(settings)) == [12]
+        # beyond what is kept: one deleted goes, one created since is not shown
+        assert client.delete(f"/Patient/{ids[20]}").status_code in (200, 204)
+        post(client, patient(unique("mrn"), family=family, birthDate="1972-06-01"))
+        seen += paged_ids(client, page)
+        assert seen == [*ids[:20], *ids[21:]]
+        assert asyncio.run(_held(settings)) == [29]
 
 
 def test_has_and_display_text_results_page_through(client: httpx.Client) -> None:

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from gateway.fhir.indexer import Indexer
@@ -16,7 +17,8 @@ from gateway.fhir.search import parse_search
 from gateway.storage.db import open_database
 from gateway.storage.interface import Snapshot, StoreTransaction
 from gateway.storage.schema import INDEX_TABLES
-from gateway.storage.sql import SqlStore
+from gateway.storage.snapshots import KEPT_MICROS, PART
+from gateway.storage.sql import SqlStore, now_micros
 from tests.conftest import PG_URL, sql_store
 
 INDEXER = Indexer.from_profiles()
@@ -242,21 +244,81 @@ async def test_a_search_reads_its_matches_with_it(store: SqlStore) -> None:
     assert len(await store.search_resources(query, 2)) == 2
 
 
-async def test_an_incomplete_snapshot_is_completed_once(store: SqlStore) -> None:
+async def test_an_incomplete_snapshot_is_read_on_once_per_length(store: SqlStore) -> None:
     head = [("Patient", f"p{i}") for i in range(3)]
     await store.save_snapshot(Snapshot("s-head", "|Patient?", head, -1, False, complete=False))
     loaded = await store.load_snapshot("s-head")
     assert loaded is not None and not loaded.complete and loaded.keys == head
-    whole = Snapshot("s-head", "|Patient?", [*head, ("Patient", "p3")], -1, False)
-    assert await store.complete_snapshot(whole)
-    # a second request that read on as well finds it done, and keeps the first's keys
-    assert not await store.complete_snapshot(
-        Snapshot("s-head", "|Patient?", [*head, ("Patient", "other")], -1, False))
+    assert loaded.held == 3
+    assert await store.extend_snapshot(loaded, [("Patient", "p3")], complete=False,
+                                       truncated=False)
+    # a second request that read on from the same length finds it moved on, and
+    # the first's keys stay
+    assert not await store.extend_snapshot(loaded, [("Patient", "other")], complete=True,
+                                           truncated=False)
+    longer = await store.load_snapshot("s-head")
+    assert longer is not None and not longer.complete and longer.held == 4
+    assert longer.keys == [*head, ("Patient", "p3")]
+    assert await store.extend_snapshot(longer, [("Patient", "p4")], complete=True,
+                                       truncated=True)
     done = await store.load_snapshot("s-head")
-    assert done is not None and done.complete and done.keys == whole.keys
+    assert done is not None and done.complete and done.truncated
+    assert done.keys == [*head, ("Patient", "p3"), ("Patient", "p4")]
+    # a complete one is not read on
+    assert not await store.extend_snapshot(done, [("Patient", "p5")], complete=True,
+                                           truncated=False)
     await store.save_snapshot(Snapshot("s-whole", "|Patient?", head, 3, False))
     kept = await store.load_snapshot("s-whole")
     assert kept is not None and kept.complete
+
+
+async def test_a_long_snapshot_is_read_a_page_at_a_time(store: SqlStore) -> None:
+    """Kept in parts: a page's keys are those at its positions, across the border of
+    two parts too, after the set was read on from the middle of a part."""
+    keys = [("Observation", f"o{i:05d}") for i in range(PART * 2 + 350)]
+    await store.save_snapshot(Snapshot("s-long", "|Observation?", keys[:PART + 10], -1, False,
+                                       complete=False))
+    head = await store.load_snapshot("s-long", PART - 5, PART + 5)
+    assert head is not None and head.keys == keys[PART - 5 : PART + 5]
+    assert head.start == PART - 5 and head.held == PART + 10
+    whole = await store.load_snapshot("s-long")
+    assert whole is not None
+    assert await store.extend_snapshot(whole, keys[PART + 10:], complete=True, truncated=False)
+    for start, stop in ((0, 20), (PART - 3, PART + 7), (PART + 5, PART + 15),
+                        (2 * PART - 1, 2 * PART + 400), (2 * PART + 340, 2 * PART + 360),
+                        (5 * PART, 5 * PART + 20)):
+        page = await store.load_snapshot("s-long", start, stop)
+        assert page is not None and page.keys == keys[start:stop], (start, stop)
+        assert page.held == len(keys) and page.complete
+    again = await store.load_snapshot("s-long")
+    assert again is not None and again.keys == keys
+
+
+async def test_a_snapshot_kept_whole_before_parts_reads_as_before(store: SqlStore) -> None:
+    keys = [["Patient", f"p{i}"] for i in range(5)]
+    async with store.db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO search_snapshot (search_id, created, query, total, truncated, ids,"
+            " complete) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            ("s-old", now_micros(), "|Patient?", 5, 0, orjson.dumps(keys), 1))
+    page = await store.load_snapshot("s-old", 1, 3)
+    assert page is not None and page.keys == [("Patient", "p1"), ("Patient", "p2")]
+    assert page.held == 5 and page.start == 1
+
+
+async def test_expired_snapshots_are_dropped_with_their_parts(store: SqlStore) -> None:
+    await store.save_snapshot(Snapshot("s-gone", "|Patient?", [("Patient", "a")] * 1500,
+                                       -1, False))
+    async with store.db.transaction() as conn:
+        await conn.execute("UPDATE search_snapshot SET created = ? WHERE search_id = ?",
+                           (now_micros() - KEPT_MICROS - 1, "s-gone"))
+    await store.save_snapshot(Snapshot("s-new", "|Patient?", [("Patient", "b")], -1, False))
+    assert await store.load_snapshot("s-gone") is None
+    assert await store.load_snapshot("s-new") is not None
+    async with store.db.read() as conn:
+        left = await conn.fetch(
+            "SELECT part FROM search_snapshot_part WHERE search_id = ?", ("s-gone",))
+    assert left == []
 
 
 async def test_a_search_can_keep_to_what_was_created_by_a_version(store: SqlStore) -> None:
