@@ -14,6 +14,7 @@ from typing import Any
 import gateway
 from gateway.fhir.indexer import SearchParam, composite_supported
 from gateway.fhir.outcome import Code, FhirError
+from gateway.interactions import stored_profiles
 from gateway.interactions.base import Context, FhirResponse
 from gateway.interactions.operations import Operation, OperationRequest
 from gateway.interactions.read import subsetting_of
@@ -130,9 +131,11 @@ def _security(base: str, cors: bool) -> dict[str, Any]:
 def _statement(
     registry: Registry, base: str, operations: Mapping[str, Operation],
     contributions: list[tuple[str | None, Contribution]] | None = None,
-    cors: bool = False,
+    cors: bool = False, stored: Mapping[str, list[str]] | None = None,
 ) -> dict[str, Any]:
+    """``stored``: the profiles stored here that writes are held to, by type."""
     contributions = contributions or []
+    stored = stored or {}
     includes, revincludes = _include_values(registry)
     resources = []
     for rt in registry.resource_types:
@@ -143,6 +146,7 @@ def _statement(
         params = _search_params(registry.search_params(rt).values())
         params.extend({"name": n, "type": t} for n, t in SEARCH_RESULT_PARAMS)
         supported = registry.supported_profiles(rt)
+        supported += [url for url in stored.get(rt, ()) if url not in supported]
         resources.append({
             **_extensions(contributions, rt, base),
             "type": rt,
@@ -191,10 +195,11 @@ def _statement(
     }
 
 
-#: statements built, by context and base URL, the most recently used last. Bounded:
+#: statements built, by context and base URL, the most recently used last, with the
+#: mark of the stored profiles they list (:func:`stored_profiles.in_use`). Bounded:
 #: without ``CAREPATH_PUBLIC_BASE_URL`` the base comes from the request's ``Host``
 #: header, which a client can vary at will.
-_CACHE: OrderedDict[tuple[int, str], dict[str, Any]] = OrderedDict()
+_CACHE: OrderedDict[tuple[int, str], tuple[tuple[int, int], dict[str, Any]]] = OrderedDict()
 _CACHE_SIZE = 16
 
 
@@ -239,12 +244,14 @@ def _terminology_capabilities(registry: Registry, base: str) -> dict[str, Any]:
     }
 
 
-def capabilities(ctx: Context, *, base: str,
-                 query: list[tuple[str, str]] | None = None) -> FhirResponse:
+async def capabilities(ctx: Context, *, base: str,
+                       query: list[tuple[str, str]] | None = None) -> FhirResponse:
     """``GET [base]/metadata``; ``mode=terminology``: the TerminologyCapabilities.
     ``_summary`` and ``_elements`` as on a read (``_summary=true``: what a client
     asks for that wants the server's name and FHIR version, not its 800 KB of
-    resource types)."""
+    resource types). Each type's ``supportedProfile`` lists R4's, the gateway's
+    own and those stored here that writes are held to (made again when a
+    StructureDefinition, ValueSet or CodeSystem is written)."""
     query = query or []
     mode = dict(query).get("mode")
     if mode == "terminology":
@@ -254,14 +261,17 @@ def capabilities(ctx: Context, *, base: str,
         raise FhirError(Code.INVALID_SEARCH_VALUE,
                         f"mode must be full, normal or terminology, not '{mode[:32]}'")
     key = (_key(ctx), base)
-    statement = _CACHE.get(key)
-    if statement is None:
-        statement = _CACHE[key] = _statement(ctx.registry, base, ctx.operations,
-                                             _CONTRIBUTIONS.get(key[0]),
-                                             cors=bool(ctx.settings.cors_origins))
+    cached = _CACHE.get(key)
+    mark, stored = await stored_profiles.in_use(ctx)
+    if cached is None or cached[0] != mark:
+        statement = _statement(ctx.registry, base, ctx.operations,
+                               _CONTRIBUTIONS.get(key[0]),
+                               cors=bool(ctx.settings.cors_origins), stored=stored)
+        _CACHE[key] = (mark, statement)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     else:
+        statement = cached[1]
         _CACHE.move_to_end(key)
     return FhirResponse(200, _shaped(ctx, "CapabilityStatement", query, statement))
 

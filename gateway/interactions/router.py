@@ -82,7 +82,7 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
     if n == 1 and head == "metadata":
         if method != "GET":
             raise _not_allowed(req)
-        return capabilities.capabilities(ctx, base=req.base, query=req.query)
+        return await capabilities.capabilities(ctx, base=req.base, query=req.query)
     if n == 1 and head == "_history":
         if method != "GET":
             raise _not_allowed(req)

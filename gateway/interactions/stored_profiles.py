@@ -116,6 +116,24 @@ async def _stored(ctx: Context, validator: Validator,
     return loaded.profiles
 
 
+async def in_use(ctx: Context) -> tuple[tuple[int, int], dict[str, list[str]]]:
+    """The URLs of the resource profiles stored here that writes are held to, by the
+    type they constrain, and the mark of the history they were read at (it changes
+    with every write of a StructureDefinition, ValueSet or CodeSystem): for the
+    CapabilityStatement's ``supportedProfile``. One indexed lookup while nothing
+    changed."""
+    if ctx.validator is None:
+        return (0, 0), {}
+    profiles = await _stored(ctx, ctx.validator, ctx.store)
+    mark = _LOADED[ctx.validator].mark
+    by_type: dict[str, list[str]] = {}
+    for url, sd in (profiles.raw.items() if profiles is not None else ()):
+        if sd.get("derivation") == "constraint" and sd.get("kind") == "resource" \
+                and isinstance(sd.get("type"), str):
+            by_type.setdefault(sd["type"], []).append(url)
+    return mark, {rt: sorted(urls) for rt, urls in by_type.items()}
+
+
 async def _current(ctx: Context, reader: Store, resource_type: str,
                    pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
     return await current_resources(reader, ctx.registry.search_params, resource_type, pairs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -292,14 +293,14 @@ def test_a_new_context_ignores_what_a_collected_one_left_under_its_id(
     ctx = Context(store=cast(Store, None), registry=registry(), settings=server.settings)
     stale = {"url": "urn:stale", "valueString": "left behind"}
     capabilities._CONTRIBUTIONS[id(ctx)] = [("Patient", lambda base: [stale])]
-    capabilities._CACHE[(id(ctx), "http://x/fhir")] = {"resourceType": "stale"}
-    statement = capabilities.capabilities(ctx, base="http://x/fhir").body
+    capabilities._CACHE[(id(ctx), "http://x/fhir")] = ((0, 0), {"resourceType": "stale"})
+    statement = asyncio.run(capabilities.capabilities(ctx, base="http://x/fhir")).body
     assert isinstance(statement, dict) and statement["resourceType"] == "CapabilityStatement"
     patient = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Patient")
     assert "extension" not in patient
     fresh = {"url": "urn:fresh", "valueString": "mine"}
     capabilities.contribute(ctx, "Patient", lambda base: [fresh])
-    statement = capabilities.capabilities(ctx, base="http://y/fhir").body
+    statement = asyncio.run(capabilities.capabilities(ctx, base="http://y/fhir")).body
     assert isinstance(statement, dict)
     patient = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Patient")
     assert patient["extension"] == [fresh]

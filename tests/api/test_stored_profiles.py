@@ -120,9 +120,21 @@ def test_every_way_of_writing_is_held_to_them(client: httpx.Client) -> None:
     assert client.get(f"/Patient/{pid}").json()["birthDate"] == "1970-01-01"
 
 
+def _supported(client: httpx.Client, resource_type: str) -> list[str]:
+    """The CapabilityStatement's ``supportedProfile`` of ``resource_type``."""
+    statement = client.get("/metadata").json()
+    return next(r for r in statement["rest"][0]["resource"]
+                if r["type"] == resource_type).get("supportedProfile", [])
+
+
 def test_a_changed_or_deleted_profile_is_used_as_it_is_now(client: httpx.Client) -> None:
+    assert PATIENT not in _supported(client, "Patient")
     _store_profiles(client)
     assert post(client, _ips_patient(birthDate=None)).status_code == 422
+    # listed where clients look for what the server holds writes to
+    assert PATIENT in _supported(client, "Patient")
+    assert IPS + "AllergyIntolerance-uv-ips" in _supported(client, "AllergyIntolerance")
+    assert IPS + "AllergyIntolerance-uv-ips" not in _supported(client, "Patient")
     relaxed = copy.deepcopy(PROFILES["Patient-uv-ips"])
     for element in relaxed["snapshot"]["element"]:
         if element["path"] == "Patient.birthDate":
@@ -133,17 +145,20 @@ def test_a_changed_or_deleted_profile_is_used_as_it_is_now(client: httpx.Client)
     assert client.delete("/StructureDefinition/Patient-uv-ips").status_code == 204
     gone = post(client, _ips_patient(name=None))
     assert gone.status_code == 201, gone.text
+    assert PATIENT not in _supported(client, "Patient")
     # one stored without a snapshot (as SUSHI writes them) gets one from its differential
     differential = {k: v for k, v in PROFILES["Patient-uv-ips"].items() if k != "snapshot"}
     assert put(client, differential).status_code in (200, 201)
     made = post(client, _ips_patient(name=None))
     assert made.status_code == 422 and "Patient.name needs at least 1" in _diagnostics(made)
+    assert PATIENT in _supported(client, "Patient")
     # unless its base is not known here: then it is not used, and the write is warned
     orphan = {**differential, "baseDefinition": "http://example.org/StructureDefinition/x"}
     assert put(client, orphan).status_code == 200
     warned = client.post("/Patient/$validate", json=_ips_patient(name=None))
     assert "is not known here" in _diagnostics(warned)
     assert post(client, _ips_patient(name=None)).status_code == 201
+    assert PATIENT not in _supported(client, "Patient")
 
 
 def test_stored_value_sets_bind_and_own_profiles_keep_their_definition(
