@@ -437,9 +437,9 @@ class _Transaction:
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
     ) -> list[tuple[str, str]]:
         await self._flush()
-        driver = await search_sql.choose_driver(self.conn, query, limit)
-        sql, params = search_sql.select_ids(query, self.conn.dialect, limit,
-                                            _restrict(restriction, _types(query)),
+        restrict = _restrict(restriction, _types(query))
+        query, driver = await search_sql.plan(self.conn, query, limit, restrict)
+        sql, params = search_sql.select_ids(query, self.conn.dialect, limit, restrict,
                                             driver=driver)
         return [(r[0], r[1]) for r in await self.conn.fetch(sql, params)]
 
@@ -782,19 +782,21 @@ class SqlStore:
     async def search_keys(
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
     ) -> list[tuple[str, str]]:
+        restrict = _restrict(restriction, _types(query))
         async with self.db.read() as conn:
-            sql, params = search_sql.select_ids(
-                query, self.dialect, limit, _restrict(restriction, _types(query)),
-                driver=await search_sql.choose_driver(conn, query, limit))
+            query, driver = await search_sql.plan(conn, query, limit, restrict)
+            sql, params = search_sql.select_ids(query, self.dialect, limit, restrict,
+                                                driver=driver)
             return [(r[0], r[1]) for r in await conn.fetch(sql, params)]
 
     async def search_resources(
         self, query: SearchQuery, limit: int, restriction: Restriction | None = None
     ) -> list[StoredResource]:
+        restrict = _restrict(restriction, _types(query))
         async with self.db.read() as conn:
-            sql, params = search_sql.select_ids(
-                query, self.dialect, limit, _restrict(restriction, _types(query)),
-                columns=_MATCH_COLS, driver=await search_sql.choose_driver(conn, query, limit))
+            query, driver = await search_sql.plan(conn, query, limit, restrict)
+            sql, params = search_sql.select_ids(query, self.dialect, limit, restrict,
+                                                columns=_MATCH_COLS, driver=driver)
             return [_stored(row) for row in await conn.fetch(sql, params)]
 
     async def count(self, query: SearchQuery, restriction: Restriction | None = None) -> int:

@@ -31,6 +31,9 @@ from gateway.storage.schema import INDEX_TABLES
 from gateway.storage.search_sql import (
     WALK,
     _probe,
+    _sort_walk,
+    bound_by_sort,
+    bounds_by_sort,
     choose_driver,
     count,
     like_escape,
@@ -226,6 +229,15 @@ async def keys(
             driven_total = await conn.fetchrow(csql, cparams)
             assert driven_total is not None and int(driven_total[0]) == int(total[0])
     assert chosen is None or 0 <= chosen < len(q.criteria) or chosen == WALK
+    if limit is not None and q.resource_type and bounds_by_sort(q):
+        # bounded by a walk of the sort key's index: the same head, or no bound
+        async with db.read() as conn:
+            bounded = await bound_by_sort(conn, q, limit)
+            if bounded is not None:
+                bsql, bparams = select_ids(bounded, db.dialect, limit,
+                                           driver=len(q.criteria))
+                assert [(str(r[0]), str(r[1])) for r in await conn.fetch(bsql, bparams)] \
+                    == rows, "bounded by the sort"
     return rows
 
 
@@ -549,6 +561,10 @@ async def test_sort(db: Database, rt: str, query: str, expected: list[str]) -> N
 
 async def test_limit(db: Database) -> None:
     assert await ids(db, "Patient", "_sort=birthdate", limit=2) == ["p3", "p4"]
+    # (a date's head also read bounded by a walk of its index: ``keys``)
+    assert await ids(db, "Patient", "_sort=-birthdate,family", limit=3) == ["p7", "p2", "p1"]
+    assert await ids(db, "Observation", "_sort=-date", limit=2) == ["o3", "o2"]
+    assert await ids(db, "Observation", "_sort=date", limit=4) == ["o2", "o1", "o3", "o4"]
     assert await ids(db, "Patient", "", limit=0) == []
 
 
@@ -702,7 +718,10 @@ _VALUE = st.text(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(_NAMES), _VALUE), max_size=5))
+@given(st.lists(st.one_of(
+    st.tuples(st.sampled_from(_NAMES), _VALUE),
+    st.tuples(st.just("_sort"), st.sampled_from(["date", "-date", "-date,_id", "-date,code"]))),
+    max_size=5))
 def test_any_query_compiles_with_bound_values(pairs: list[tuple[str, str]]) -> None:
     try:
         q = parse_search("Observation", pairs, _INDEXER.params_for, now=NOW)
@@ -711,10 +730,14 @@ def test_any_query_compiles_with_bound_values(pairs: list[tuple[str, str]]) -> N
     drivers = [None, *range(len(q.criteria))]
     probes = [probe for c in q.criteria if (probe := _probe(c, "Observation")) is not None]
     for dialect in ("sqlite", "postgresql"):
+        walks = [_sort_walk(q, dialect, 20, None)] if bounds_by_sort(q) else []
         for sql, params in (*(select_ids(q, dialect, 10, driver=d) for d in drivers),
-                            *(count(q, dialect, driver=d) for d in drivers), *probes):
+                            *(count(q, dialect, driver=d) for d in drivers), *probes,
+                            *walks):
             assert sql.count("?") == len(params)
-            assert "'" not in sql.replace("ESCAPE '!'", "").replace("= ''", "")
+            # (quotes only in constants: the escape, an empty string, a text sort key's)
+            assert "'" not in sql.replace("ESCAPE '!'", "").replace("= ''", "").replace(
+                "|| ''", "")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -1,0 +1,88 @@
+"""A sorted search over most of a type is bounded by a walk of its sort key's index
+(``search_sql.plan``), and returns what the unbounded search returns: the same
+resources in the same order, ties and resources without a value included."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.fhir.indexer import Indexer
+from gateway.fhir.search import parse_search
+from gateway.registry import Registry
+from gateway.storage import search_sql
+from gateway.storage.interface import StoreTransaction
+from gateway.storage.sql import SqlStore
+from tests.conftest import BACKENDS, sql_store
+
+INDEXER = Indexer.from_profiles()
+REGISTRY = Registry.load()
+DAYS = [f"2024-{m:02d}-{d:02d}" for m in (1, 2, 3) for d in (1, 9, 17)]  # nine: many ties
+
+
+def goal(i: int, rng: random.Random) -> dict[str, Any]:
+    """A Goal, active nine times in ten, with up to three due dates (none: sorts last);
+    one in seven due over a period of days (a ``lo`` and a ``hi`` apart)."""
+    targets: list[dict[str, Any]] = [{"dueDate": rng.choice(DAYS)}
+                                     for _ in range(rng.choice((0, 1, 1, 2, 3)))]
+    if i % 7 == 0:
+        targets.append({"dueDate": rng.choice(DAYS)[:7]})  # a month: lo and hi differ
+    return {"resourceType": "Goal", "id": f"g{i:03d}",
+            "lifecycleStatus": "completed" if i % 10 == 3 else "active",
+            "description": {"text": f"goal {i}"}, "subject": {"reference": f"Patient/p{i % 4}"},
+            **({"target": targets} if targets else {})}
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    rng = random.Random()
+    async with sql_store(request.param, tmp_path, INDEXER) as s:
+        async def work(tx: StoreTransaction) -> None:
+            for i in rng.sample(range(400), 400):  # created in no particular order
+                await tx.put("Goal", f"g{i:03d}", goal(i, rng), "PUT", None)
+
+        await s.run(work)
+        yield s
+
+
+async def unbounded(store: SqlStore, query: Any, limit: int) -> list[tuple[str, str]]:
+    sql, params = search_sql.select_ids(query, store.db.dialect, limit)
+    async with store.db.read() as conn:
+        return [(r[0], r[1]) for r in await conn.fetch(sql, params)]
+
+
+@pytest.mark.parametrize("pairs", [
+    [("lifecycle-status", "active"), ("_sort", "-target-date")],
+    [("lifecycle-status", "active"), ("_sort", "target-date")],
+    [("lifecycle-status", "active,completed"), ("_sort", "-target-date,-_id")],
+    [("_sort", "-target-date")],
+    [("_sort", "target-date,_lastUpdated")],
+    [("lifecycle-status", "active"), ("patient", "Patient/p1"), ("_sort", "-target-date")],
+])
+async def test_a_bounded_sort_returns_what_the_unbounded_one_does(
+        store: SqlStore, pairs: list[tuple[str, str]]) -> None:
+    query = parse_search("Goal", pairs, REGISTRY.search_params)
+    names_few = any(k == "patient" for k, _ in pairs)
+    for limit in (1, 5, 21, 60):
+        async with store.db.read() as conn:
+            planned, driver = await search_sql.plan(conn, query, limit)
+        # bounded by a walk unless a criterion names a resource (a few match it)
+        assert (len(planned.criteria) > len(query.criteria)) is not names_few, limit
+        if not names_few:
+            assert driver == len(query.criteria)
+        assert await store.search_keys(query, limit) == await unbounded(store, query, limit)
+        found = await store.search_resources(query, limit)
+        assert [(s.resource_type, s.id) for s in found] == await unbounded(store, query, limit)
+
+
+async def test_a_walk_that_finds_too_few_values_runs_unbounded(store: SqlStore) -> None:
+    # most Goals have no value for it: the walk does not reach the limit
+    query = parse_search("Goal", [("lifecycle-status", "active"), ("_sort", "-start-date")],
+                         REGISTRY.search_params)
+    async with store.db.read() as conn:
+        planned, driver = await search_sql.plan(conn, query, 21)
+    assert planned == query and driver is None
+    assert await store.search_keys(query, 21) == await unbounded(store, query, 21)
