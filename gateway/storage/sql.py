@@ -438,9 +438,9 @@ class _Transaction:
     ) -> list[tuple[str, str]]:
         await self._flush()
         restrict = _restrict(restriction, _types(query))
-        query, driver = await search_sql.plan(self.conn, query, limit, restrict)
+        driver, bound = await search_sql.plan(self.conn, query, limit, restrict)
         sql, params = search_sql.select_ids(query, self.conn.dialect, limit, restrict,
-                                            driver=driver)
+                                            driver=driver, bound=bound)
         return [(r[0], r[1]) for r in await self.conn.fetch(sql, params)]
 
     async def visible(
@@ -784,9 +784,9 @@ class SqlStore:
     ) -> list[tuple[str, str]]:
         restrict = _restrict(restriction, _types(query))
         async with self.db.read() as conn:
-            query, driver = await search_sql.plan(conn, query, limit, restrict)
+            driver, bound = await search_sql.plan(conn, query, limit, restrict)
             sql, params = search_sql.select_ids(query, self.dialect, limit, restrict,
-                                                driver=driver)
+                                                driver=driver, bound=bound)
             return [(r[0], r[1]) for r in await conn.fetch(sql, params)]
 
     async def search_resources(
@@ -794,9 +794,10 @@ class SqlStore:
     ) -> list[StoredResource]:
         restrict = _restrict(restriction, _types(query))
         async with self.db.read() as conn:
-            query, driver = await search_sql.plan(conn, query, limit, restrict)
+            driver, bound = await search_sql.plan(conn, query, limit, restrict)
             sql, params = search_sql.select_ids(query, self.dialect, limit, restrict,
-                                                columns=_MATCH_COLS, driver=driver)
+                                                columns=_MATCH_COLS, driver=driver,
+                                                bound=bound)
             return [_stored(row) for row in await conn.fetch(sql, params)]
 
     async def count(self, query: SearchQuery, restriction: Restriction | None = None) -> int:

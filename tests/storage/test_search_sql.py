@@ -232,10 +232,9 @@ async def keys(
     if limit is not None and q.resource_type and bounds_by_sort(q):
         # bounded by a walk of the sort key's index: the same head, or no bound
         async with db.read() as conn:
-            bounded = await bound_by_sort(conn, q, limit)
-            if bounded is not None:
-                bsql, bparams = select_ids(bounded, db.dialect, limit,
-                                           driver=len(q.criteria))
+            bound = await bound_by_sort(conn, q, limit)
+            if bound is not None:
+                bsql, bparams = select_ids(q, db.dialect, limit, bound=bound)
                 assert [(str(r[0]), str(r[1])) for r in await conn.fetch(bsql, bparams)] \
                     == rows, "bounded by the sort"
     return rows
@@ -565,6 +564,9 @@ async def test_limit(db: Database) -> None:
     assert await ids(db, "Patient", "_sort=-birthdate,family", limit=3) == ["p7", "p2", "p1"]
     assert await ids(db, "Observation", "_sort=-date", limit=2) == ["o3", "o2"]
     assert await ids(db, "Observation", "_sort=date", limit=4) == ["o2", "o1", "o3", "o4"]
+    assert await ids(db, "Patient", "_sort=family", limit=2) == ["p3", "p4"]
+    assert await ids(db, "Patient", "_sort=-family", limit=3) == ["p2", "p7", "p1"]
+    assert await ids(db, "RiskAssessment", "_sort=probability", limit=2) == ["ra4", "ra3"]
     assert await ids(db, "Patient", "", limit=0) == []
 
 
@@ -720,7 +722,8 @@ _VALUE = st.text(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.one_of(
     st.tuples(st.sampled_from(_NAMES), _VALUE),
-    st.tuples(st.just("_sort"), st.sampled_from(["date", "-date", "-date,_id", "-date,code"]))),
+    st.tuples(st.just("_sort"), st.sampled_from(["date", "-date", "-date,_id", "-date,code",
+                                                 "value-quantity", "-code"]))),
     max_size=5))
 def test_any_query_compiles_with_bound_values(pairs: list[tuple[str, str]]) -> None:
     try:
@@ -730,7 +733,8 @@ def test_any_query_compiles_with_bound_values(pairs: list[tuple[str, str]]) -> N
     drivers = [None, *range(len(q.criteria))]
     probes = [probe for c in q.criteria if (probe := _probe(c, "Observation")) is not None]
     for dialect in ("sqlite", "postgresql"):
-        walks = [_sort_walk(q, dialect, 20, None)] if bounds_by_sort(q) else []
+        walks = [_sort_walk(q, dialect, 20, None), select_ids(
+            q, dialect, 10, bound=(q.sort[0], 1))] if bounds_by_sort(q) else []
         for sql, params in (*(select_ids(q, dialect, 10, driver=d) for d in drivers),
                             *(count(q, dialect, driver=d) for d in drivers), *probes,
                             *walks):
