@@ -418,10 +418,12 @@ def _sort_walk(query: SearchQuery, dialect: str, rows: int,
 
 #: how many matches listed and ordered cost as much as one index row walked for a
 #: sort's bound (:func:`plan`: a resource row read and every criterion tested for
-#: each): measured over 48,000 Observations, a fifth of them matching, listing and
-#: ordering them (44 ms) beat the walk (69 ms); with all of them matching, the walk
-#: took 20 ms against 154
-_SORTED_WALK_COST = 3
+#: each). Measured with a fifth of the Observations matching: over the REST
+#: benchmark's 48,000, listing and ordering the 9,538 took 44 ms and the walk 69;
+#: over 59,250 Synthea-shaped ones, with more index rows each, listing the 11,850
+#: took 90 ms and the walk 73. Two puts each on its side; with all of them
+#: matching, the walk took 20 ms against 154
+_SORTED_WALK_COST = 2
 
 
 async def _walk_is_shorter(conn: Connection, rtype: str, limit: int,
