@@ -200,3 +200,39 @@ async def test_a_criterion_most_resources_match_is_tested_per_resource_in_order(
                 assert "SubPlan" in plan and "Join" not in plan, plan
         found = await store.search_keys(query(common), 21)
         assert [i for _, i in found] == [f"p{i}" for i in range(300) if i % 50][:21]
+
+
+async def test_a_chain_tested_per_row_looks_its_target_up_by_the_reference(
+        tmp_path: Path) -> None:
+    """On PostgreSQL a chain tested per row (a walk, or another criterion driving)
+    finds the row's reference and then its target, under the generic plan that
+    PostgreSQL caches after five runs too. As a set of targets, that plan had looked
+    at every target for every row: Observation?subject:Patient.gender=female over a
+    Synthea-shaped load walked for its first 1,001 in 6.4 s instead of 0.04."""
+    async with sql_store("postgresql", tmp_path, INDEXER) as store:
+        async def work(tx: StoreTransaction) -> None:
+            for i in range(200):
+                p = patient(i)
+                p["gender"] = "female" if i % 2 else "male"
+                await tx.put("Patient", f"p{i}", p, "PUT", None)
+            for i in range(3000):
+                await tx.put("Observation", f"o{i}", {
+                    "resourceType": "Observation", "status": "final",
+                    "code": {"text": "x"}, "subject": {"reference": f"Patient/p{i % 200}"}},
+                    "PUT", None)
+
+        await store.run(work)
+        await store.db.analyze(["resource", "sp_reference", "sp_token"])
+        query = parse_search("Observation", [("subject:Patient.gender", "female")],
+                             REGISTRY.search_params)
+        sql, params = search_sql.select_ids(query, "postgresql", 1001, driver=WALK)
+        async with store.db.read() as conn:
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
+            try:
+                plan = "\n".join(str(r[0]) for r in await conn.fetch(f"EXPLAIN {sql}", params))
+            finally:
+                await conn.execute("RESET plan_cache_mode")
+        # by the row's own references (sp_reference_res), then the target by its key
+        assert "sp_reference_res" in plan and "sp_reference_target" not in plan, plan
+        found = await store.search_keys(query, 21)
+        assert [i for _, i in found] == [f"o{i}" for i in range(3000) if i % 2][:21]
