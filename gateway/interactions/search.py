@@ -372,16 +372,17 @@ async def _read_on(ctx: Context, snapshot: Snapshot, query: SearchQuery,
     if snapshot.bound is not None:
         query = replace(query, created_by=snapshot.bound)
     restriction = guard.restriction(ctx.access)
+    held = -1
     for _ in range(8):  # each round, this request or another reads on
         whole = await ctx.store.load_snapshot(snapshot.search_id)
-        if whole is None:
+        if whole is None or whole.held == held:  # gone, or kept as it cannot be read on
             break
         if whole.complete or whole.held >= want:
             return whole
         limit = min(max(2 * whole.held, want), cap)
         found = await ctx.store.search_keys(query, limit + 1, restriction)
-        held = set(whole.keys)
-        fresh = [k for k in found[:limit] if k not in held]
+        kept = set(whole.keys)
+        fresh = [k for k in found[:limit] if k not in kept]
         more = fresh[: cap - whole.held]
         # the whole rest read, or all that may be paged through
         complete = len(found) <= limit or limit == cap or whole.held + len(more) >= cap
@@ -390,6 +391,7 @@ async def _read_on(ctx: Context, snapshot: Snapshot, query: SearchQuery,
                                            truncated=truncated):
             return replace(whole, keys=[*whole.keys, *more], complete=complete,
                            truncated=truncated, held=whole.held + len(more))
+        held = whole.held
     raise FhirError(Code.SEARCH_EXPIRED, f"search '{snapshot.search_id[:64]}' is unknown"
                                          " or expired")
 

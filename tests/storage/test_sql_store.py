@@ -304,6 +304,14 @@ async def test_a_snapshot_kept_whole_before_parts_reads_as_before(store: SqlStor
     page = await store.load_snapshot("s-old", 1, 3)
     assert page is not None and page.keys == [("Patient", "p1"), ("Patient", "p2")]
     assert page.held == 5 and page.start == 1
+    # one kept incomplete so is not read on (it has no parts to append to)
+    async with store.db.transaction() as conn:
+        await conn.execute("UPDATE search_snapshot SET complete = 0 WHERE search_id = ?",
+                           ("s-old",))
+    whole = await store.load_snapshot("s-old")
+    assert whole is not None and not whole.complete
+    assert not await store.extend_snapshot(whole, [("Patient", "p5")], complete=True,
+                                           truncated=False)
 
 
 async def test_expired_snapshots_are_dropped_with_their_parts(store: SqlStore) -> None:
