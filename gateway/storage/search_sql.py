@@ -234,9 +234,9 @@ WALK = -1
 
 
 async def choose_driver(conn: Connection, query: SearchQuery,
-                        limit: int | None = None) -> int | None:
-    """The criterion a search should start from, or :data:`WALK`; None: let the
-    database decide (nothing to tell the criteria apart).
+                        limit: int | None = None, *, walk: bool = True) -> int | None:
+    """The criterion a search should start from, or :data:`WALK` (never when not
+    ``walk``); None: let the database decide (nothing to tell the criteria apart).
 
     SQLite builds the whole list of every uncorrelated ``IN (SELECT …)`` before it
     looks at a resource: ``Observation?patient=X&code=Y`` listed every Observation
@@ -272,6 +272,8 @@ async def choose_driver(conn: Connection, query: SearchQuery,
     if query.resource_type is None:
         return None
     few = any(_names_few(c) for c in query.criteria)
+    if not walk:
+        limit = None
     by_sort = limit is not None and not few and bounds_by_sort(query)
     if by_sort and not query.criteria:
         return WALK if limit is not None and await _type_holds(
@@ -368,7 +370,9 @@ async def plan(conn: Connection, query: SearchQuery, limit: int | None,
     if driver != WALK or not query.sort or limit is None:
         return driver, None
     bound = await bound_by_sort(conn, query, limit, restrict)
-    return (WALK, bound) if bound is not None else (None, None)
+    if bound is None:  # most matches have no value: listed, from the fewest
+        return await choose_driver(conn, query, limit, walk=False), None
+    return WALK, bound
 
 
 async def bound_by_sort(conn: Connection, query: SearchQuery, limit: int,

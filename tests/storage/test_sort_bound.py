@@ -115,3 +115,15 @@ async def test_a_walk_that_finds_too_few_values_runs_unbounded(store: SqlStore) 
     async with store.db.read() as conn:
         assert await search_sql.plan(conn, query, 21) == (None, None)
     assert await store.search_keys(query, 21) == await unbounded(store, query, 21)
+
+
+async def test_a_walk_that_finds_too_few_values_leaves_the_fewest_to_drive(
+        store: SqlStore) -> None:
+    # no Patient has died: the walk finds no value; the search is listed from the
+    # criterion with the fewest rows (the gender: a quarter are male)
+    query = parse_search("Patient", [("gender", "female"), ("birthdate", "ge2024-01-01"),
+                                     ("_sort", "-death-date")], REGISTRY.search_params)
+    async with store.db.read() as conn:
+        assert await search_sql.choose_driver(conn, query, 21) == search_sql.WALK
+        assert await search_sql.plan(conn, query, 21) == (0, None)
+    assert await store.search_keys(query, 21) == await unbounded(store, query, 21)
