@@ -99,22 +99,32 @@ def local_bases(ctx: Context) -> tuple[str, ...]:
 
 
 async def admit(ctx: Context, resource: dict[str, Any],
-                tx: StoreTransaction | None = None) -> None:
+                tx: StoreTransaction | None = None, *, validate: bool = True) -> None:
     """Ready a resource for storage: references to this server made relative
     (:func:`gateway.fhir.references.localize`), then validated against R4, the
     gateway's profiles and those stored here (422 on errors; the store stays
-    unchanged). ``tx``: the transaction the write runs in."""
+    unchanged). ``tx``: the transaction the write runs in. ``validate=False``: the
+    caller validates later (:func:`check_valid`)."""
     localize(resource, local_bases(ctx))
-    if ctx.validator is not None:
-        issues = await validation_issues(ctx, resource, tx=tx)
-        errors = [i for i in issues if i.severity in ("error", "fatal")]
-        if errors:
-            raise FhirError(Code.VALIDATION_FAILED,
-                            f"{resource.get('resourceType')} has {len(errors)} validation"
-                            " error(s)", extra=issues)
+    if validate:
+        await check_valid(ctx, resource, tx)
     if resource.get("resourceType") == "SearchParameter" and ctx.search_parameters:
         search_parameters.check(ctx.search_parameters.base, resource)
         ctx.search_parameters.written(resource)
+
+
+async def check_valid(ctx: Context, resource: dict[str, Any],
+                      tx: StoreTransaction | None = None) -> None:
+    """422 unless ``resource`` holds to R4, the gateway's profiles and those stored
+    here (read in ``tx``, with what it wrote so far, when given)."""
+    if ctx.validator is None:
+        return
+    issues = await validation_issues(ctx, resource, tx=tx)
+    errors = [i for i in issues if i.severity in ("error", "fatal")]
+    if errors:
+        raise FhirError(Code.VALIDATION_FAILED,
+                        f"{resource.get('resourceType')} has {len(errors)} validation"
+                        " error(s)", extra=issues)
 
 
 @dataclass(slots=True)

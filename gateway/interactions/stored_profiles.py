@@ -14,9 +14,10 @@ A StructureDefinition stored without a snapshot (as SUSHI writes them) gets one
 made from its differential and its base (another stored profile, the gateway's
 own, or R4's: ``gateway.fhir.validation.snapshot``); one whose snapshot cannot
 be made (a differential beyond what the generator takes) is not used, and the
-writer warns that the profile is not known here, as for any other. Not used
-either: in a transaction, a profile written by the same Bundle as the resource
-that claims it (the Bundle's writes are not visible until it commits).
+writer warns that the profile is not known here, as for any other. A
+transaction Bundle that writes a StructureDefinition, ValueSet or CodeSystem
+has its other resources validated after its writes, inside its database
+transaction, so that a profile it stores holds the resources it stores with it.
 
 Each worker process keeps what it compiled, and notices a change by the number
 of StructureDefinition, ValueSet and CodeSystem versions in the history log and
@@ -46,7 +47,8 @@ if TYPE_CHECKING:  # (base validates with this module)
 
 log = logging.getLogger(__name__)
 
-_WATCHED = ("StructureDefinition", "ValueSet", "CodeSystem")
+#: the types whose resources stored here take part in validation
+CONFORMANCE_TYPES = ("StructureDefinition", "ValueSet", "CodeSystem")
 #: the most conformance resources of one type read for validation
 MAX_STORED = 5_000
 #: the most codes of a stored value set that a required binding is checked against
@@ -108,7 +110,7 @@ def _claims(resource: Any, profile: str | None) -> list[str]:
 
 async def _stored(ctx: Context, validator: Validator,
                   reader: Store) -> ProfileSet | None:
-    mark = await reader.versions_mark(_WATCHED)
+    mark = await reader.versions_mark(CONFORMANCE_TYPES)
     loaded = _LOADED.get(validator)
     if loaded is None or loaded.mark != mark:
         loaded = _Loaded(mark, await _load(ctx, validator, reader) if mark[0] else None)

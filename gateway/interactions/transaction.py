@@ -39,6 +39,7 @@ from gateway.interactions.base import (
     check_body,
     check_id,
     check_type,
+    check_valid,
     if_none_exist_criteria,
     location,
     parse_criteria,
@@ -49,6 +50,7 @@ from gateway.interactions.create import create_in, new_id
 from gateway.interactions.delete import delete_in
 from gateway.interactions.patch import check_patch, patch_in
 from gateway.interactions.router import FhirRequest, route
+from gateway.interactions.stored_profiles import CONFORMANCE_TYPES
 from gateway.interactions.update import resolve_conditional_id, update_in
 from gateway.security import audit as audit_trail
 from gateway.security import guard
@@ -255,17 +257,30 @@ class _Transaction:
                 if current is None or current.deleted:
                     fresh.add(e.id)
         self.new_patients = frozenset(fresh)
+        # a Bundle that writes profiles, value sets or code systems has the rest of
+        # its resources validated after its writes, against what it stored (an
+        # implementation guide's profiles and examples in one Bundle)
+        defer = any(e.resource_type in CONFORMANCE_TYPES for e in writes)
+        deferred: list[Entry] = []
         for e in writes:
             if e.method in ("POST", "PUT") and isinstance(e.resource, dict):
                 try:
                     await self._rewrite(e)
                     if "same_as" not in e.extra and not e.extra.get("exists"):
-                        await admit(self.ctx, e.resource, self.tx)
+                        later = defer and e.resource_type not in CONFORMANCE_TYPES
+                        await admit(self.ctx, e.resource, self.tx, validate=not later)
+                        if later:
+                            deferred.append(e)
                 except FhirError as exc:
                     raise _entry_error(e, exc) from None
         for e in sorted(writes, key=lambda e: (_ORDER[e.method], e.index)):
             try:
                 await self._execute(e)
+            except FhirError as exc:
+                raise _entry_error(e, exc) from None
+        for e in deferred:
+            try:
+                await check_valid(self.ctx, e.resource, self.tx)
             except FhirError as exc:
                 raise _entry_error(e, exc) from None
 

@@ -120,6 +120,27 @@ def test_every_way_of_writing_is_held_to_them(client: httpx.Client) -> None:
     assert client.get(f"/Patient/{pid}").json()["birthDate"] == "1970-01-01"
 
 
+def test_a_profile_in_the_same_transaction_holds_its_resources(client: httpx.Client) -> None:
+    """A Bundle that stores a profile has the resources that claim it held to it, in
+    whichever order its entries come (the profile's PUT is processed after the
+    Patient's POST); nothing of a Bundle with a resource that fails is kept."""
+    profile = PROFILES["Patient-uv-ips"]
+    store = {"resource": profile,
+             "request": {"method": "PUT", "url": f"StructureDefinition/{profile['id']}"}}
+    nameless = {"resource": _ips_patient(name=None),
+                "request": {"method": "POST", "url": "Patient"}}
+    failed = client.post("", json={"resourceType": "Bundle", "type": "transaction",
+                                   "entry": [nameless, store]}, headers={"Content-Type": FHIR})
+    assert failed.status_code == 422, failed.text
+    assert "Patient.name needs at least 1" in _diagnostics(failed)
+    assert client.get(f"/StructureDefinition/{profile['id']}").status_code == 404
+    named = {"resource": _ips_patient(), "request": {"method": "POST", "url": "Patient"}}
+    sent = client.post("", json={"resourceType": "Bundle", "type": "transaction",
+                                 "entry": [store, named]}, headers={"Content-Type": FHIR})
+    assert sent.status_code == 200, sent.text
+    assert post(client, _ips_patient(name=None)).status_code == 422  # and from now on
+
+
 def _supported(client: httpx.Client, resource_type: str) -> list[str]:
     """The CapabilityStatement's ``supportedProfile`` of ``resource_type``."""
     statement = client.get("/metadata").json()
