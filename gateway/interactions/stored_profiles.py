@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.fhir.outcome import Code, Issue
+from gateway.fhir.outcome import Code, FhirError, Issue
 from gateway.fhir.search import parse_search
 from gateway.fhir.validation.profiles import ProfileSet
 
@@ -122,17 +122,26 @@ async def in_use(ctx: Context) -> tuple[tuple[int, int], dict[str, list[str]]]:
     """The URLs of the resource profiles stored here that writes are held to, by the
     type they constrain, and the mark of the history they were read at (it changes
     with every write of a StructureDefinition, ValueSet or CodeSystem): for the
-    CapabilityStatement's ``supportedProfile``. One indexed lookup while nothing
-    changed."""
+    CapabilityStatement's ``supportedProfile``: those that compile (a definition
+    that makes no sense is not used). One indexed lookup while nothing changed."""
     if ctx.validator is None:
         return (0, 0), {}
-    profiles = await _stored(ctx, ctx.validator, ctx.store)
+    try:
+        profiles = await _stored(ctx, ctx.validator, ctx.store)
+    except FhirError:
+        raise
+    except Exception:  # stored definitions that make no sense: the statement stands
+        log.warning("the profiles stored here cannot be read", exc_info=True)
+        return (-1, -1), {}
     mark = _LOADED[ctx.validator].mark
     by_type: dict[str, list[str]] = {}
     for url, sd in (profiles.raw.items() if profiles is not None else ()):
-        if sd.get("derivation") == "constraint" and sd.get("kind") == "resource" \
-                and isinstance(sd.get("type"), str):
-            by_type.setdefault(sd["type"], []).append(url)
+        rt = sd.get("type")
+        if sd.get("derivation") != "constraint" or sd.get("kind") != "resource" \
+                or not isinstance(rt, str) or url in ctx.registry.supported_profiles(rt):
+            continue  # (the gateway's own are listed as they are)
+        if profiles is not None and profiles.get(url) is not None:  # compiles: in use
+            by_type.setdefault(rt, []).append(url)
     return mark, {rt: sorted(urls) for rt, urls in by_type.items()}
 
 

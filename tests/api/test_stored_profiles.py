@@ -240,6 +240,9 @@ def test_a_stored_profile_that_makes_no_sense_fails_no_write(client: httpx.Clien
         checked = client.post("/Patient/$validate", json=claiming)
         assert checked.status_code == 200
         assert "is not known here" in _diagnostics(checked)
+        # nor does it break the CapabilityStatement, which lists what is used
+        assert client.get("/metadata").status_code == 200
+        assert sd["url"] not in _supported(client, "Patient")
 
 
 def test_snapshot_makes_a_snapshot_from_a_differential(client: httpx.Client) -> None:
