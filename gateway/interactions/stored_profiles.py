@@ -63,6 +63,8 @@ class _Loaded:
 
 
 _LOADED: weakref.WeakKeyDictionary[Validator, _Loaded] = weakref.WeakKeyDictionary()
+#: the stored profiles a transaction read with its own writes, while it runs
+_IN_TX: weakref.WeakKeyDictionary[Any, _Loaded] = weakref.WeakKeyDictionary()
 
 
 async def validation_issues(ctx: Context, resource: dict[str, Any],
@@ -76,7 +78,7 @@ async def validation_issues(ctx: Context, resource: dict[str, Any],
     issues = validator.validate(resource, profile=profile)
     if not any(i.code is Code.UNKNOWN_PROFILE for i in issues):
         return issues
-    stored = await _stored(ctx, validator, ctx.store.within(tx) if tx else ctx.store)
+    stored = await _stored(ctx, validator, ctx.store.within(tx) if tx else ctx.store, tx)
     if stored is None or not any(url.split("|", 1)[0] in stored.raw
                                  for url in _claims(resource, profile)):
         return issues
@@ -108,13 +110,23 @@ def _claims(resource: Any, profile: str | None) -> list[str]:
     return out
 
 
-async def _stored(ctx: Context, validator: Validator,
-                  reader: Store) -> ProfileSet | None:
+async def _stored(ctx: Context, validator: Validator, reader: Store,
+                  tx: StoreTransaction | None = None) -> ProfileSet | None:
+    """The stored profiles as ``reader`` sees them. What a transaction reads of its
+    own writes is kept for it alone (:data:`_IN_TX`): it may roll back, and on SQLite
+    a later transaction can then reach the same mark with other content."""
     mark = await reader.versions_mark(CONFORMANCE_TYPES)
     loaded = _LOADED.get(validator)
-    if loaded is None or loaded.mark != mark:
-        loaded = _Loaded(mark, await _load(ctx, validator, reader) if mark[0] else None)
-        _LOADED[validator] = loaded
+    if loaded is not None and loaded.mark == mark:
+        return loaded.profiles
+    if tx is not None:
+        mine = _IN_TX.get(tx)
+        if mine is None or mine.mark != mark:
+            mine = _Loaded(mark, await _load(ctx, validator, reader) if mark[0] else None)
+            _IN_TX[tx] = mine
+        return mine.profiles
+    loaded = _Loaded(mark, await _load(ctx, validator, reader) if mark[0] else None)
+    _LOADED[validator] = loaded
     return loaded.profiles
 
 

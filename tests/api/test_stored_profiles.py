@@ -141,6 +141,36 @@ def test_a_profile_in_the_same_transaction_holds_its_resources(client: httpx.Cli
     assert post(client, _ips_patient(name=None)).status_code == 422  # and from now on
 
 
+def test_a_profile_of_a_transaction_rolled_back_is_not_used_after_it(
+        client: httpx.Client) -> None:
+    """What a transaction read of the profiles it wrote stays its own. A Bundle that
+    rolled back had written a relaxed profile; a later one writes the strict one with
+    the same number of versions and, on SQLite, at the same sequence number (a
+    rolled-back transaction's numbers are drawn again): the strict one holds."""
+    relaxed = copy.deepcopy(PROFILES["Patient-uv-ips"])
+    for element in relaxed["snapshot"]["element"]:
+        if element["path"] == "Patient.birthDate":
+            element["min"] = 0
+
+    def bundle(profile: dict[str, Any], resource: dict[str, Any]) -> httpx.Response:
+        return client.post("", headers={"Content-Type": FHIR}, json={
+            "resourceType": "Bundle", "type": "transaction", "entry": [
+                {"resource": resource,
+                 "request": {"method": "POST", "url": resource["resourceType"]}},
+                {"resource": profile,
+                 "request": {"method": "PUT", "url": f"StructureDefinition/{profile['id']}"}}]})
+
+    # the relaxed profile, read inside its transaction, which then rolls back
+    assert bundle(relaxed, _ips_patient(name=None)).status_code == 422
+    # the strict one, with as many writes before it
+    written = bundle(PROFILES["Patient-uv-ips"], {"resourceType": "Observation",
+                                                  "status": "final", "code": {"text": "x"}})
+    assert written.status_code == 200, written.text
+    undated = post(client, _ips_patient(birthDate=None))
+    assert undated.status_code == 422, undated.text
+    assert "Patient.birthDate" in _diagnostics(undated)
+
+
 def _supported(client: httpx.Client, resource_type: str) -> list[str]:
     """The CapabilityStatement's ``supportedProfile`` of ``resource_type``."""
     statement = client.get("/metadata").json()
