@@ -122,12 +122,27 @@ async def _stored(ctx: Context, validator: Validator, reader: Store,
     if tx is not None:
         mine = _IN_TX.get(tx)
         if mine is None or mine.mark != mark:
-            mine = _Loaded(mark, await _load(ctx, validator, reader) if mark[0] else None)
+            mine = _Loaded(mark, await _read(ctx, validator, reader, mark))
             _IN_TX[tx] = mine
         return mine.profiles
-    loaded = _Loaded(mark, await _load(ctx, validator, reader) if mark[0] else None)
+    loaded = _Loaded(mark, await _read(ctx, validator, reader, mark))
     _LOADED[validator] = loaded
     return loaded.profiles
+
+
+async def _read(ctx: Context, validator: Validator, reader: Store,
+                mark: tuple[int, int]) -> ProfileSet | None:
+    """:func:`_load`; None when nothing is stored, or what is stored cannot be read
+    (then not read again until it changes)."""
+    if not mark[0]:
+        return None
+    try:
+        return await _load(ctx, validator, reader)
+    except FhirError:  # the database: the request fails as it would have anyway
+        raise
+    except Exception:  # stored definitions that make no sense: none used
+        log.warning("the profiles stored here cannot be read; none is used", exc_info=True)
+        return None
 
 
 async def in_use(ctx: Context) -> tuple[tuple[int, int], dict[str, list[str]]]:
@@ -138,13 +153,7 @@ async def in_use(ctx: Context) -> tuple[tuple[int, int], dict[str, list[str]]]:
     that makes no sense is not used). One indexed lookup while nothing changed."""
     if ctx.validator is None:
         return (0, 0), {}
-    try:
-        profiles = await _stored(ctx, ctx.validator, ctx.store)
-    except FhirError:
-        raise
-    except Exception:  # stored definitions that make no sense: the statement stands
-        log.warning("the profiles stored here cannot be read", exc_info=True)
-        return (-1, -1), {}
+    profiles = await _stored(ctx, ctx.validator, ctx.store)
     mark = _LOADED[ctx.validator].mark
     by_type: dict[str, list[str]] = {}
     for url, sd in (profiles.raw.items() if profiles is not None else ()):

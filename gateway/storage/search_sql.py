@@ -321,13 +321,18 @@ async def choose_driver(conn: Connection, query: SearchQuery,
     return driver if len(positive) > 1 else None
 
 
-async def _type_holds(conn: Connection, rtype: str, n: int) -> bool:
-    """Whether more than ``n`` resources of ``rtype`` are stored (deleted ones too:
-    counted from an index alone, up to ``n + 1``)."""
+async def _type_count(conn: Connection, rtype: str, cap: int) -> int:
+    """How many resources of ``rtype`` are stored, up to ``cap`` (deleted ones too:
+    counted from an index alone)."""
     row = await conn.fetchrow(
         "SELECT COUNT(*) FROM (SELECT 1 FROM resource WHERE res_type = ? LIMIT ?) x",
-        (rtype, n + 1))
-    return row is not None and int(row[0]) > n
+        (rtype, cap))
+    return int(row[0]) if row else 0
+
+
+async def _type_holds(conn: Connection, rtype: str, n: int) -> bool:
+    """Whether more than ``n`` resources of ``rtype`` are stored."""
+    return await _type_count(conn, rtype, n + 1) > n
 
 
 #: the index column a sort key's values are walked on, by (type, descending): the
@@ -389,13 +394,18 @@ async def bound_by_sort(conn: Connection, query: SearchQuery, limit: int,
     return None
 
 
+def _walked_column(key: SortKey, s: str, ctx: _Ctx) -> str:
+    """The column of index row ``s`` that ``key``'s values are walked on, compared as
+    its index orders it."""
+    col = f"{s}.{_WALKED_ON[key.type, key.descending]}"
+    return ctx.text(col) if key.type == "string" else col
+
+
 def _bound_sql(bound: Bound, rtype: str, ctx: _Ctx) -> Frag:
     """``r`` has a value of the bound's key at least as far as the bound."""
     key, value = bound
     s = ctx.alias("s")
-    col = f"{s}.{_WALKED_ON[key.type, key.descending]}"
-    if key.type == "string":
-        col = ctx.text(col)
+    col = _walked_column(key, s, ctx)
     param, codes = _param_is(s, key.codes)
     return (f"r.res_id IN (SELECT {s}.res_id FROM {_TABLE[key.type]} {s}"
             f" WHERE {s}.res_type = ? AND {param} AND {col} {'>=' if key.descending else '<='}"
@@ -413,7 +423,7 @@ def _sort_walk(query: SearchQuery, dialect: str, rows: int,
     where, where_params = _from_where(query, ctx, restrict, WALK)
     s = ctx.alias("s")
     col = f"{s}.{_WALKED_ON[key.type, key.descending]}"
-    ordered = ctx.text(col) if key.type == "string" else col
+    ordered = _walked_column(key, s, ctx)
     param, codes = _param_is(s, key.codes)
     with_, with_params = ctx.with_clause()
     return (f"{with_}SELECT {s}.res_id, {col} FROM {_TABLE[key.type]} {s}"
@@ -444,10 +454,7 @@ async def _walk_is_shorter(conn: Connection, rtype: str, limit: int,
     60,000, ten times that when each row's ``deleted`` is read)."""
     fewest = min(counts)
     most = fewest * fewest // (limit * cost)
-    row = await conn.fetchrow(
-        "SELECT COUNT(*) FROM (SELECT 1 FROM resource WHERE res_type = ? LIMIT ?) x",
-        (rtype, most + 1))
-    total = int(row[0]) if row else 0
+    total = await _type_count(conn, rtype, most + 1)
     if not total or total > most:
         return False
     share = 1.0

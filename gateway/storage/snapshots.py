@@ -48,7 +48,7 @@ async def load(db: Database, search_id: str, start: int = 0,
         if row is None:
             return None
         if row[6] is None:  # kept whole, before schema 29
-            keys = [(k[0], k[1]) for k in orjson.loads(bytes(row[3]))]
+            keys = _keys(row[3])
             held, first = len(keys), 0
         else:
             held = int(row[6])
@@ -57,7 +57,7 @@ async def load(db: Database, search_id: str, start: int = 0,
             parts = await conn.fetch(
                 "SELECT ids FROM search_snapshot_part WHERE search_id = ? AND part >= ?"
                 " AND part <= ? ORDER BY part", (search_id, first, max(last, first)))
-            keys = [(k[0], k[1]) for p in parts for k in orjson.loads(bytes(p[0]))]
+            keys = [k for p in parts for k in _keys(p[0])]
         lo = start - first * PART
         hi = None if stop is None else max(stop - first * PART, lo)
     return Snapshot(search_id, row[0], keys[lo:hi], int(row[1]), bool(row[2]), bool(row[4]),
@@ -82,12 +82,17 @@ async def extend(db: Database, snapshot: Snapshot, more: Sequence[tuple[str, str
             row = await conn.fetchrow(
                 "SELECT ids FROM search_snapshot_part WHERE search_id = ? AND part = ?",
                 (snapshot.search_id, part))
-            tail = [(k[0], k[1]) for k in orjson.loads(bytes(row[0]))] if row else []
+            tail = _keys(row[0]) if row else []
             await conn.execute(
                 "DELETE FROM search_snapshot_part WHERE search_id = ? AND part = ?",
                 (snapshot.search_id, part))
         await _write_parts(conn, snapshot.search_id, part, [*tail, *more])
     return True
+
+
+def _keys(blob: bytes) -> list[tuple[str, str]]:
+    """Keys as kept: a JSON array of ``[type, id]`` pairs."""
+    return [(k[0], k[1]) for k in orjson.loads(bytes(blob))]
 
 
 async def _write_parts(conn: Connection, search_id: str, part: int,
