@@ -351,10 +351,18 @@ ALTER TABLE search_snapshot ADD COLUMN held INTEGER;
 CREATE INDEX IF NOT EXISTS search_snapshot_created ON search_snapshot (created)
 """
 
+# versions by when they were written: a poll for what changed since a moment
+# (``_history?_since=``) reads what changed, not every version stored (SqlStore.history).
+# Without it, one that found nothing new walked all 166,696 versions of a
+# Synthea-shaped load (133 ms on PostgreSQL), and ever more as the server fills.
+_V30 = """
+CREATE INDEX IF NOT EXISTS history_updated ON resource_history (last_updated, seq)
+"""
+
 #: (version, description, DDL template). Append only; never edit a released step.
-#: Versions 2-9 belong to events/subscriptions, 10-19 to security, 20-29 to the core
-#: store. 28 is not used: a development build took it for statistics objects that
-#: were not kept.
+#: Versions 2-9 belong to events/subscriptions, 10-19 to security, 20-29 and 30 on to
+#: the core store. 28 is not used: a development build took it for statistics objects
+#: that were not kept.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "resources, history, outbox, search index", _V1),
     (2, "events: outbox transaction ids, relay/consumer positions; subscriptions", _V2),
@@ -372,6 +380,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (27, "search: positions for Location near (sp_coords; `carepath reindex Location` fills"
          " it for Locations stored before)", _V27),
     (29, "search: kept result sets in parts; snapshots expire by an index", _V29),
+    (30, "history: versions by when they were written, for _since", _V30),
 )
 
 
