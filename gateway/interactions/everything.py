@@ -40,7 +40,7 @@ from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import Include, SearchQuery, parse_search
 from gateway.interactions.base import Context, FhirResponse, check_id
 from gateway.interactions.operations import Operation, OperationRequest
-from gateway.interactions.search import compartment_definition, first_page
+from gateway.interactions.search import Warnings, compartment_definition, first_page, truncated_to
 from gateway.security import guard
 from gateway.storage.access_sql import ACCESS_PROXY
 from gateway.storage.interface import Restriction
@@ -101,7 +101,7 @@ async def _pointing(ctx: Context, kind: _Kind, id: str) -> dict[str, list[str]]:
 
 
 async def _answer(ctx: Context, owner: str, keys: list[tuple[str, str]], *, base: str,
-                  size: int, offset: int = 0, self_link: str, warnings: tuple[str, ...]
+                  size: int, offset: int = 0, self_link: str, warnings: Warnings
                   ) -> FhirResponse:
     """The first page of a record of ``keys`` (at most one more than the paging cap),
     from ``offset`` on (as HAPI FHIR's ``_offset``), the rest held for stable paging;
@@ -112,7 +112,7 @@ async def _answer(ctx: Context, owner: str, keys: list[tuple[str, str]], *, base
     found = len(keys)
     if truncated:
         keys = keys[:cap]
-        warnings = (*warnings, f"only the first {cap} resources can be paged through")
+        warnings = (*warnings, truncated_to(cap, "resources"))
     keys = [] if size == 0 else keys[offset:]
     return await first_page(ctx, SearchQuery(owner), keys, base,
                             size=size, links=[("self", self_link)], warnings=warnings,

@@ -70,15 +70,21 @@ async def _page(
     *,
     total: int | None,
     links: list[tuple[str, str]],
-    warnings: tuple[str, ...],
+    warnings: Warnings,
     matches: list[StoredResource] | None = None,
 ) -> FhirResponse:
     """A searchset page of ``keys`` (with their resources when the search read them:
     ``matches``) and what they include."""
     restriction = guard.restriction(ctx.access)
-    included = await ctx.store.includes(query, keys, ctx.settings.max_page_size * 10,
-                                        restriction) if (
+    most = ctx.settings.max_page_size * 10
+    included = await ctx.store.includes(query, keys, most + 1, restriction) if (
         query.includes or query.revincludes) and keys else []
+    if len(included) > most:  # said, as HAPI FHIR does, not left for the client to guess
+        included = included[:most]
+        warnings = (*warnings, Issue(
+            Code.RESULT_TRUNCATED, f"only the first {most} resources that _include or"
+            " _revinclude name are included in a page; a smaller _count includes all"
+            " of each page's", severity="warning"))
     # what an include found beyond the types it named (checked before the search):
     # only what the scopes let the caller search
     included = [k for k in included if guard.allows(k[0], "search")]
@@ -103,11 +109,22 @@ async def _page(
     if warnings:
         entries.append({
             "resource": operation_outcome(
+                w if isinstance(w, Issue) else
                 Issue(Code.UNKNOWN_SEARCH_PARAM, w, severity="warning") for w in warnings),
             "search": {"mode": "outcome"},
         })
     return FhirResponse(200, bundle("searchset", entries, total=total, links=links,
                                     id=str(uuid.uuid4())))
+
+
+#: a searchset's warnings: of a parameter that was ignored (a text), or any other
+Warnings = tuple[str | Issue, ...]
+
+
+def truncated_to(cap: int, what: str) -> Issue:
+    """The warning of a result cut off at ``cap``."""
+    return Issue(Code.RESULT_TRUNCATED, f"only the first {cap} {what} can be paged through",
+                 severity="warning")
 
 
 def _distance(origins: tuple[tuple[float, float], ...], stored: StoredResource) -> dict[str, Any]:
@@ -275,9 +292,9 @@ async def search(
         total = await ctx.store.count(query, restriction) if wanted else None
     if query.total == "none":
         total = None
-    warnings = query.warnings
+    warnings: Warnings = query.warnings
     if truncated:
-        warnings = (*warnings, f"only the first {cap} matches can be paged through")
+        warnings = (*warnings, truncated_to(cap, "matches"))
     # what was read with the first search is the first page, unless a write since
     # then changed which resources lead the result
     first = found[:size] if found is not None else []
@@ -299,9 +316,9 @@ async def _offset_page(
     the search gives without these, do not). Its links move by the same means."""
     cap = ctx.settings.max_search_results
     start = query.offset if query.offset is not None else (query.page or 1) * size - size
-    warnings = query.warnings
+    warnings: Warnings = query.warnings
     if start + size > cap:
-        warnings = (*warnings, f"only the first {cap} matches can be paged through")
+        warnings = (*warnings, truncated_to(cap, "matches"))
     end = min(start + size, cap)
     keys = await ctx.store.search_keys(query, end + 1, restriction) if start < end else []
     more = len(keys) > end
@@ -339,7 +356,7 @@ def _streams(query: SearchQuery) -> bool:
 
 async def first_page(
     ctx: Context, query: SearchQuery, keys: list[tuple[str, str]], base: str, *, size: int,
-    links: list[tuple[str, str]], warnings: tuple[str, ...], total: int | None,
+    links: list[tuple[str, str]], warnings: Warnings, total: int | None,
     truncated: bool, replay: str, matches: list[StoredResource] | None = None,
     complete: bool = True, bound: int | None = None,
 ) -> FhirResponse:
