@@ -29,9 +29,10 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 import asyncpg
 import orjson
@@ -80,7 +81,9 @@ async def asgi(app: Any, method: str, path: str, query: str = "",
     return status, b"".join(chunks)
 
 
-def searches(pid: str, eid: str, patient: dict[str, Any]) -> list[tuple[str, str]]:
+def searches(pid: str, eid: str, patient: dict[str, Any], now: str) -> list[tuple[str, str]]:
+    """The searches timed; ``now``: an instant after the load (a poll that finds
+    nothing new)."""
     ident = patient["identifier"][0]
     family = patient["name"][0]["family"]
     hr = "http://loinc.org|8867-4"
@@ -108,6 +111,8 @@ def searches(pid: str, eid: str, patient: dict[str, Any]) -> list[tuple[str, str
         ("Location", "near=51.3397|12.3731|25|km&_count=10"),
         ("Location", "near=51.3397|12.3731|25|km&_sort=near&_count=10"),
         ("Location", "near=51.3397|12.3731|150|km&_sort=near&_count=10"),
+        ("_history", f"_since={now}"),
+        ("Observation/_history", f"_since={now}"),
     ]
 
 
@@ -162,7 +167,8 @@ async def run(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) 
             await asyncio.sleep(args.settle)
             pid, eid = keys[len(keys) // 2]  # the same synthetic patient in every run
             _, raw = await asgi(app, "GET", f"/fhir/Patient/{pid}")
-            for path, query in searches(pid, eid, orjson.loads(raw)):
+            now = datetime.now(UTC).isoformat(timespec="milliseconds")
+            for path, query in searches(pid, eid, orjson.loads(raw), quote(now)):
                 full = f"/fhir/{path}" if path else "/fhir"
                 best = float("inf")
                 status, body = 0, b""
@@ -242,8 +248,8 @@ async def restricted(ctx: Context, pid: str, eid: str, patient: dict[str, Any], 
         emit({"restricted": f"read {key[0]}", "ms": await best(
                   lambda key=key: store.visible([key], access)),  # type: ignore[misc]
               "visible": bool(await store.visible([key], access))})
-    for path, query in searches(pid, eid, patient):
-        if "/" in path or not path:
+    for path, query in searches(pid, eid, patient, ""):
+        if "/" in path or not path or path.startswith("_"):  # reads, histories
             continue
         parsed = parse_search(path, parse_qsl(query), ctx.registry.search_params)
         emit({"restricted": f"{path}?{query}",
