@@ -72,6 +72,55 @@ class _Disconnected(Exception):
     """The client went away before its request body arrived."""
 
 
+#: the status recorded (metrics, log) for a request whose client left before its
+#: answer (nginx's "client closed request")
+CLIENT_GONE = 499
+
+
+class _Departure:
+    """Stops the work of a request whose client has gone: a search, a history or an
+    operation that a client gave up on (its timeout passed, it was closed) would
+    otherwise hold the database until it ends or its statement timeout passes, and
+    a client that retries would start it again beside it. The serving task is
+    cancelled when the server (uvicorn) says the connection is gone; on PostgreSQL
+    that cancels the statement running for it. A SQLite statement runs to its end
+    (or its timeout), and nothing after it does.
+
+    Only for requests without content: the watch reads the request's messages,
+    which a body's reading would share."""
+
+    __slots__ = ("_watch", "gone")
+
+    def __init__(self, receive: Receive) -> None:
+        self.gone = False
+        task = asyncio.current_task()
+        assert task is not None
+        self._watch = asyncio.ensure_future(self._wait(receive, task))
+
+    async def _wait(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass  # the request's own (empty) content
+        self.gone = True
+        task.cancel()
+
+    def stop(self) -> None:
+        """Before the answer is sent: once it is, the server says the connection is
+        done the same way."""
+        self._watch.cancel()
+
+
+def _may_take_long(request: HttpRequest) -> bool:
+    """Whether a request is one a client could give up on: one without content that
+    is not a read by id (``Type/id``, ``Type/id/_history/vid``) or ``metadata``."""
+    if request.method not in ("GET", "HEAD") or "content-length" in request.headers \
+            or "transfer-encoding" in request.headers:
+        return False
+    parts = request.path.split("/")
+    if len(parts) == 2 and not parts[1].startswith(("_", "$")):
+        return False
+    return not (len(parts) == 4 and parts[2] == "_history") and request.path != "metadata"
+
+
 @dataclass(slots=True)
 class HttpRequest:
     """What the edge needs of an ASGI request (header names are lower-case)."""
@@ -717,26 +766,39 @@ def create_api(
         caller = Caller(Principal.nobody(request.address), request.method, path,
                         request.query_string, base, request_id=rid)
         CALLER.set(caller)
+        departure = _Departure(receive) if _may_take_long(request) else None
         try:
-            reply, description = await serve(request, base, caller)
-            if ctx.audit is not None and not caller.audited:
-                await ctx.audit.write(record_of(caller, reply.status, description))
-        except _Disconnected:
-            return
-        except AuditUnavailable:
-            log.error("audit trail unavailable: refusing %s /%s (request %s)", request.method,
-                      path, rid)
-            err = FhirError(Code.UNAVAILABLE, "the audit trail cannot be written")
-            reply = _render(FhirResponse(err.status, err.outcome()), False, False)
-        if reply.status == 503:  # transient (RFC 9110 15.6.4): when to try again
-            reply.headers.append((b"retry-after", _RETRY_AFTER))
-        reply.headers.append((b"x-request-id", rid.encode("ascii")))
-        if cors is not None:
-            cors.decorate(request, reply)
-        await reply.send(send)
+            try:
+                reply, description = await serve(request, base, caller)
+                if ctx.audit is not None and not caller.audited:
+                    await ctx.audit.write(record_of(caller, reply.status, description))
+            except _Disconnected:
+                return
+            except AuditUnavailable:
+                log.error("audit trail unavailable: refusing %s /%s (request %s)",
+                          request.method, path, rid)
+                err = FhirError(Code.UNAVAILABLE, "the audit trail cannot be written")
+                reply = _render(FhirResponse(err.status, err.outcome()), False, False)
+            finally:
+                if departure is not None:
+                    departure.stop()
+            if reply.status == 503:  # transient (RFC 9110 15.6.4): when to try again
+                reply.headers.append((b"retry-after", _RETRY_AFTER))
+            reply.headers.append((b"x-request-id", rid.encode("ascii")))
+            if cors is not None:
+                cors.decorate(request, reply)
+            await reply.send(send)
+            status = reply.status
+        except asyncio.CancelledError:
+            if departure is None or not departure.gone:
+                raise  # the server's own (shutting down)
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            log.info("client gone: stopped %s /%s after %.3f s (request %s)", request.method,
+                     path, time.perf_counter() - started, rid)
+            status = CLIENT_GONE
         if measured:
             metrics.observe(interaction_of(request.method, path, request.query_string),
-                            reply.status, time.perf_counter() - started)
+                            status, time.perf_counter() - started)
 
     app.fhir_endpoint = (base_path, fhir)
     if health is not None:

@@ -3,21 +3,26 @@ request bodies, what is refused: decompression bombs, broken streams) and CORS."
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
 import sqlite3
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
-from gateway.api.app import accepts_gzip
+from gateway.api.app import HttpRequest, _may_take_long, accepts_gzip
 from gateway.settings import Settings
 from gateway.storage.db import RetryableError
 from gateway.storage.sql import SqlStore
 from tests.api.helpers import FHIR, gw_code, patient, post
-from tests.conftest import RunningServer, unique
+from tests.conftest import PG_URL, RunningServer, backend_settings, unique
 
 
 @pytest.mark.parametrize(("header", "expected"), [
@@ -200,3 +205,84 @@ def test_a_database_busy_beyond_its_retries_is_a_503_to_repeat(
             patched.setattr("gateway.security.auth.DEV_RECHECK_SECONDS", -1)
             who = http.get("/Patient", params={"family": family})
         assert who.status_code == 503 and gw_code(who) == "GW-5004"
+
+
+@pytest.mark.parametrize(("method", "path", "headers", "watched"), [
+    ("GET", "Patient", {}, True),
+    ("GET", "", {}, True),
+    ("GET", "_history", {}, True),
+    ("GET", "Patient/_history", {}, True),
+    ("GET", "Patient/p1/_history", {}, True),
+    ("GET", "Patient/p1/$everything", {}, True),
+    ("GET", "Patient/p1/Observation", {}, True),
+    ("HEAD", "Observation", {}, True),
+    ("GET", "Patient/p1", {}, False),  # a read by id: one lookup
+    ("GET", "Patient/p1/_history/2", {}, False),
+    ("GET", "metadata", {}, False),
+    ("GET", "Patient", {"content-length": "3"}, False),  # its body is read instead
+    ("POST", "Patient/_search", {}, False),
+    ("DELETE", "Patient?identifier=x", {}, False),
+])
+def test_which_requests_stop_when_their_client_goes(
+        method: str, path: str, headers: dict[str, str], watched: bool) -> None:
+    request = HttpRequest(method, path, "", headers, None, _never)
+    assert _may_take_long(request) is watched
+
+
+async def _never() -> dict[str, object]:
+    raise AssertionError("not read")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_search_stops_when_its_client_goes(
+        backend: str, tmp_path: Path, new_schema: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that gives up on a search (its timeout passes and it closes the
+    connection) stops it: on PostgreSQL the statement running for it is cancelled,
+    instead of holding a backend until it ends. The next request is answered as
+    ever."""
+    started, stopped = threading.Event(), threading.Event()
+
+    async def slow_count(self: SqlStore, *_args: object, **_kw: object) -> int:
+        started.set()
+        try:
+            if self.db.dialect == "postgresql":
+                async with self.db.read() as conn:
+                    await conn.fetchrow(f"SELECT pg_sleep(30), '{marker}'")
+            else:  # (SQLite's statement would run to its end; what follows it does not)
+                await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+        return 0
+
+    marker = unique("gone")
+    monkeypatch.setattr(SqlStore, "count", slow_count)
+    settings = backend_settings(backend, tmp_path, new_schema)
+    with RunningServer(settings) as running:
+        t0 = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.get(f"{running.url}/Patient", params={"_summary": "count"}, timeout=1)
+        assert started.is_set()
+        assert stopped.wait(10), "the search went on after its client left"
+        assert time.monotonic() - t0 < 10
+        if backend == "postgresql":
+            deadline = time.monotonic() + 10
+            while _pg_running(marker) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _pg_running(marker), "the statement still runs on PostgreSQL"
+        monkeypatch.undo()
+        answer = httpx.get(f"{running.url}/Patient", params={"_summary": "count"}, timeout=10)
+        assert answer.status_code == 200 and answer.json()["total"] == 0
+
+
+def _pg_running(marker: str) -> bool:
+    async def query() -> bool:
+        conn = await asyncpg.connect(PG_URL)
+        try:
+            return bool(await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+                " AND query LIKE '%pg_sleep%' AND query LIKE $1", f"%{marker}%"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(query())
