@@ -69,26 +69,47 @@ def _big_int(text: str) -> int | Number:
 
 
 def loads(data: bytes | str) -> Any:
-    """Parse JSON; raise :class:`FhirError` (GW-1001) on malformed input."""
+    """Parse JSON; raise :class:`FhirError` on malformed input (GW-1001) and on an
+    object that repeats a property (GW-1034, json.html: property names SHALL be
+    unique)."""
     raw = data.encode() if isinstance(data, str) else data
     try:
         value = orjson.loads(raw)
         # Compact JSON as orjson itself writes it (what most clients send) reads
-        # back to the same bytes: every number kept its text. Otherwise only a
-        # document with a float can have lost a digit; then look at the text.
-        exact = _written_as_orjson(value, raw) or not _has_float(value) or not _lossy(raw)
+        # back to the same bytes: every number kept its text, and no property was
+        # repeated (one dropped would be missing). Otherwise only a document with a
+        # float can have lost a digit; then look at the text.
+        compact = _written_as_orjson(value, raw)
+        exact = compact or not _has_float(value) or not _lossy(raw)
     except orjson.JSONDecodeError:
-        exact = False  # malformed, or a number beyond a double (1e400): let json decide
+        # malformed, or a number beyond a double (1e400): let json decide
+        compact = exact = False
     if not exact:
         try:
-            value = json.loads(raw, parse_float=Number, parse_int=_big_int)
+            value = json.loads(raw, parse_float=Number, parse_int=_big_int,
+                               object_pairs_hook=_unique)
         except (ValueError, RecursionError) as exc:
             raise FhirError(Code.MALFORMED_JSON, str(exc)) from None
+    elif not compact:  # (about twice orjson's parse, for what is not compact)
+        try:
+            json.loads(raw, object_pairs_hook=_unique)
+        except RecursionError:  # (orjson reads 1,024 levels, json about 1,000)
+            raise FhirError(Code.TOO_DEEP, "more levels than can be read") from None
     if _SUSPECT.search(raw):
         bad = first_forbidden(value)
         if bad is not None:
             raise FhirError(Code.INVALID_RESOURCE,
                             f"a string contains the forbidden character U+{ord(bad):04X}")
+    return value
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        name = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise FhirError(Code.DUPLICATE_PROPERTY,
+                        f"the property {name[:64]!r} appears twice in one object")
     return value
 
 

@@ -286,6 +286,12 @@ def test_bad_input_is_an_operation_outcome_never_a_500(client: httpx.Client) -> 
          400, "GW-1001"),
         (client.post("/Patient", content=b"[1,2]", headers={"Content-Type": FHIR}),
          400, "GW-1002"),
+        (client.post("/Patient", content=b'{"resourceType": "Patient", "gender": "male",'
+                     b' "gender": "female"}', headers={"Content-Type": FHIR}), 400, "GW-1034"),
+        (client.post("", content=b'{"resourceType":"Bundle","type":"transaction","entry":['
+                     b'{"resource":{"resourceType":"Patient","active":true,"active":false},'
+                     b'"request":{"method":"POST","url":"Patient"}}]}',
+                     headers={"Content-Type": FHIR}), 400, "GW-1034"),
         (client.post("/Patient", json={"resourceType": "Observation", "status": "final"},
                      headers={"Content-Type": FHIR}), 400, "GW-1004"),
         (client.post("/Patient", json={"name": []}, headers={"Content-Type": FHIR}),

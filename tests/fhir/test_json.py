@@ -104,3 +104,32 @@ def test_digits_in_text_that_are_no_number_are_read_in_one_pass() -> None:
     value = fjson.loads(body)
     assert value["note"][0]["text"] == text
     assert fjson.dumps(value["valueQuantity"]) == b'{"value":1.50}'
+
+
+@pytest.mark.parametrize("text", [
+    b'{"resourceType":"Patient","active":true,"active":false}',  # compact
+    b'{"resourceType": "Patient", "active": true, "active": false}',
+    b'{\n  "resourceType": "Patient",\n  "name": [{"given": ["A"]}, {"given": ["B"], "given": ["C"]}]\n}',
+    b'{"resourceType": "Observation", "valueQuantity": {"value": 1.50, "value": 2}}',  # decimals kept
+    b'{"resourceType":"Patient","_birthDate":{"id":"a"},"_birthDate":{"id":"b"}}',
+    b'{"a": 1, "\\u0061": 2}',  # the same name, escaped
+])
+def test_a_repeated_property_is_refused(text: bytes) -> None:
+    """json.html: "Property names SHALL be unique"; which copy a reader keeps is its own
+    choice (HAPI FHIR's kept the last), so a gateway between systems refuses them."""
+    with pytest.raises(FhirError) as err:
+        fjson.loads(text)
+    assert err.value.code.gw == "GW-1034"
+    assert err.value.status == 400
+
+
+def test_the_same_name_in_different_objects_is_no_repeat() -> None:
+    text = b'{"a": {"id": "1"}, "b": [{"id": "2"}, {"id": "3"}], "id": "4"}'
+    assert fjson.loads(text) == {"a": {"id": "1"}, "b": [{"id": "2"}, {"id": "3"}], "id": "4"}
+    assert fjson.loads(b"[" * 300 + b"]" * 300)  # deeper than orjson writes, read by json
+
+
+def test_more_levels_than_can_be_read_are_too_deep() -> None:
+    with pytest.raises(FhirError) as err:
+        fjson.loads(b" " + b"[" * 1020 + b"]" * 1020)
+    assert err.value.code.gw in ("GW-1001", "GW-1010")
