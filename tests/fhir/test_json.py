@@ -109,8 +109,10 @@ def test_digits_in_text_that_are_no_number_are_read_in_one_pass() -> None:
 @pytest.mark.parametrize("text", [
     b'{"resourceType":"Patient","active":true,"active":false}',  # compact
     b'{"resourceType": "Patient", "active": true, "active": false}',
-    b'{\n  "resourceType": "Patient",\n  "name": [{"given": ["A"]}, {"given": ["B"], "given": ["C"]}]\n}',
-    b'{"resourceType": "Observation", "valueQuantity": {"value": 1.50, "value": 2}}',  # decimals kept
+    b'{\n  "resourceType": "Patient",\n  "name": [{"given": ["A"]},'
+    b' {"given": ["B"], "given": ["C"]}]\n}',
+    # decimals kept
+    b'{"resourceType": "Observation", "valueQuantity": {"value": 1.50, "value": 2}}',
     b'{"resourceType":"Patient","_birthDate":{"id":"a"},"_birthDate":{"id":"b"}}',
     b'{"a": 1, "\\u0061": 2}',  # the same name, escaped
 ])
