@@ -82,9 +82,9 @@ class _Departure:
     operation that a client gave up on (its timeout passed, it was closed) would
     otherwise hold the database until it ends or its statement timeout passes, and
     a client that retries would start it again beside it. The serving task is
-    cancelled when the server (uvicorn) says the connection is gone; on PostgreSQL
-    that cancels the statement running for it. A SQLite statement runs to its end
-    (or its timeout), and nothing after it does.
+    cancelled when the server (uvicorn) says the connection is gone, and with it the
+    statement running for it: PostgreSQL's by asyncpg, SQLite's at the progress
+    handler's next look (``_Deadline.abandon`` in ``gateway/storage/db.py``).
 
     Only for requests without content: the watch reads the request's messages,
     which a body's reading would share."""

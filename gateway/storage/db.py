@@ -15,10 +15,10 @@ import math
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 import aiosqlite
@@ -28,6 +28,7 @@ from gateway.fhir.geo import distance_km
 from gateway.fhir.outcome import Code, FhirError
 
 log = logging.getLogger("carepath.storage")
+T = TypeVar("T")
 
 Row = tuple[Any, ...]
 
@@ -113,11 +114,12 @@ class _Deadline:
     """When a connection's statement must end (SQLite's progress handler, on the
     connection's thread, reads it; the event loop sets it before each statement)."""
 
-    __slots__ = ("at", "seconds")
+    __slots__ = ("abandoned", "at", "seconds")
 
     def __init__(self, timeout_ms: int) -> None:
         self.seconds = timeout_ms / 1000
         self.at = math.inf
+        self.abandoned = False
 
     def start(self) -> None:
         if self.seconds:
@@ -125,6 +127,20 @@ class _Deadline:
 
     def end(self) -> None:
         """Statements sent otherwise (``BEGIN``, ``ANALYZE``) run without a limit."""
+        if not self.abandoned:
+            self.at = math.inf
+
+    def abandon(self) -> None:
+        """Whoever awaited the running statement has gone (its task was cancelled: a
+        client that left, :class:`gateway.api.app._Departure`): it stops at the
+        handler's next look instead of running to its end for nobody."""
+        self.abandoned = True
+        self.at = -math.inf
+
+    def clear(self) -> None:
+        """After the abandoned statement ended (what the connection runs next waited
+        for it), before the connection is used again."""
+        self.abandoned = False
         self.at = math.inf
 
     def passed(self) -> int:
@@ -155,51 +171,55 @@ def _sqlite_error(exc: sqlite3.Error) -> Exception:
 class _SqliteConnection:
     dialect = "sqlite"
 
-    def __init__(self, conn: aiosqlite.Connection, deadline: _Deadline) -> None:
+    def __init__(self, conn: aiosqlite.Connection, deadline: _Deadline, *,
+                 reader: bool = False) -> None:
         self._conn = conn
         self._deadline = deadline
+        self._reader = reader  # its statements may be abandoned (_Deadline.abandon)
+
+    @contextmanager
+    def _statement(self) -> Iterator[None]:
+        self._deadline.start()
+        try:
+            yield
+        except sqlite3.Error as exc:
+            _raise_ours(_sqlite_error(exc), exc)
+            raise
+        finally:
+            self._deadline.end()
+
+    async def _run(self, step: Awaitable[T]) -> T:
+        """``step`` of a statement, the statement abandoned (:meth:`_Deadline.abandon`)
+        when a reader's task is cancelled while waiting for it: at once, not after
+        what a cancelled wait still awaits (closing the cursor, which waits for the
+        statement)."""
+        try:
+            return await step
+        except asyncio.CancelledError:
+            if self._reader:
+                self._deadline.abandon()
+            raise
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
-        self._deadline.start()
-        try:
-            await self._conn.execute(sql, tuple(params))
-        except sqlite3.Error as exc:
-            _raise_ours(_sqlite_error(exc), exc)
-            raise
-        finally:
-            self._deadline.end()
+        with self._statement():
+            await self._run(self._conn.execute(sql, tuple(params)))
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        self._deadline.start()
-        try:
-            await self._conn.executemany(sql, [tuple(r) for r in rows])
-        except sqlite3.Error as exc:
-            _raise_ours(_sqlite_error(exc), exc)
-            raise
-        finally:
-            self._deadline.end()
+        with self._statement():
+            await self._run(self._conn.executemany(sql, [tuple(r) for r in rows]))
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        self._deadline.start()
-        try:
-            async with self._conn.execute(sql, tuple(params)) as cur:
-                return [tuple(r) for r in await cur.fetchall()]
-        except sqlite3.Error as exc:
-            _raise_ours(_sqlite_error(exc), exc)
-            raise
-        finally:
-            self._deadline.end()
+        with self._statement():
+            rows = await self._run(self._conn.execute_fetchall(sql, tuple(params)))
+            return [tuple(r) for r in rows]
 
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        self._deadline.start()
-        try:
-            async with self._conn.execute(sql, tuple(params)) as cur:
-                row = await cur.fetchone()
-        except sqlite3.Error as exc:
-            _raise_ours(_sqlite_error(exc), exc)
-            raise
-        finally:
-            self._deadline.end()
+        with self._statement():
+            cur = await self._run(self._conn.execute(sql, tuple(params)))
+            try:
+                row = await self._run(cur.fetchone())
+            finally:
+                await cur.close()
         return tuple(row) if row is not None else None
 
     async def lock(self, *keys: str) -> None:
@@ -342,12 +362,15 @@ class SqliteDatabase:
             self._all.remove(stale)
             with suppress(Exception):  # a connection that will not close is dropped
                 await stale.close()
+        deadline = self._deadlines[conn]
         try:
             await conn.execute("BEGIN")
             try:
-                yield _SqliteConnection(conn, self._deadlines[conn])
+                yield _SqliteConnection(conn, deadline, reader=True)
             finally:
+                # (after a statement abandoned by a cancelled task: once it stopped)
                 await conn.execute("COMMIT")
+                deadline.clear()
         finally:
             self._readers.put_nowait(conn)
 

@@ -3,6 +3,7 @@ database and answers GW-5003 (503), on both backends; the connection stays usabl
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -53,3 +54,34 @@ async def test_no_limit_unless_set(backend: str, tmp_path: Path) -> None:
         finally:
             await db.close()
     assert Settings().db_statement_timeout_ms == 60_000  # the server's default
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_read_whose_task_is_cancelled_stops_in_the_database(
+        backend: str, tmp_path: Path) -> None:
+    """A search's task cancelled (its client left, gateway.api.app._Departure) stops
+    its statement: PostgreSQL's is cancelled by asyncpg, SQLite's interrupted at the
+    progress handler's next look, instead of running on for nobody. The connection
+    then serves the next read as ever, its limit as before."""
+    async with backend_database(backend, tmp_path, statement_timeout_ms=60_000) as db:
+        await db.open()
+        try:
+            for _ in range(5):  # each of SQLite's four readers, and one again
+                began = time.monotonic()
+
+                async def search() -> None:
+                    async with db.read() as conn:
+                        await conn.fetch(SLOW[backend].replace("500000000", "5000000000"))
+
+                task = asyncio.ensure_future(search())
+                await asyncio.sleep(0.3)
+                task.cancel()
+                await asyncio.wait({task}, timeout=5)
+                assert task.done(), "the statement ran on after its task was cancelled"
+                assert task.cancelled()
+                assert time.monotonic() - began < 3  # stopped, not run to its end
+                async with db.read() as conn:
+                    assert await conn.fetchrow("SELECT 1 + 1") == (2,)
+                    assert await conn.fetch("SELECT 2 UNION ALL SELECT 3") == [(2,), (3,)]
+        finally:
+            await db.close()
