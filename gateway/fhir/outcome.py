@@ -54,11 +54,11 @@ class Code(Enum):
     FORBIDDEN = ("GW-1031", 403, "forbidden", "Not permitted")
     UNSUPPORTED_OPERATION_PARAMETER = ("GW-1032", 400, "not-supported",
                                        "Operation parameter not supported")
+    #: a warning in a searchset: a limit left out part of what the search found
+    RESULT_TRUNCATED = ("GW-1033", 200, "too-costly", "Not all of the result is returned")
     #: json.html: "Property names SHALL be unique" (which one a reader keeps is its own
     #: choice: HAPI FHIR's parser kept the last, others the first)
     DUPLICATE_PROPERTY = ("GW-1034", 400, "structure", "A JSON object repeats a property")
-    #: a warning in a searchset: a limit left out part of what the search found
-    RESULT_TRUNCATED = ("GW-1033", 200, "too-costly", "Not all of the result is returned")
     # 2xxx: what was asked for is not there
     NOT_FOUND = ("GW-2001", 404, "not-found", "Resource not found")
     GONE = ("GW-2002", 410, "deleted", "Resource was deleted")

@@ -122,7 +122,7 @@ class _Deadline:
         self.abandoned = False
 
     def start(self) -> None:
-        if self.seconds:
+        if self.seconds and not self.abandoned:
             self.at = time.monotonic() + self.seconds
 
     def end(self) -> None:
