@@ -57,7 +57,7 @@ class Code(Enum):
     #: a warning in a searchset: a limit left out part of what the search found
     RESULT_TRUNCATED = ("GW-1033", 200, "too-costly", "Not all of the result is returned")
     #: json.html: "Property names SHALL be unique" (which one a reader keeps is its own
-    #: choice: HAPI FHIR's parser kept the last, others the first)
+    #: choice: HAPI FHIR's parser keeps the last)
     DUPLICATE_PROPERTY = ("GW-1034", 400, "structure", "A JSON object repeats a property")
     # 2xxx: what was asked for is not there
     NOT_FOUND = ("GW-2001", 404, "not-found", "Resource not found")
