@@ -107,9 +107,11 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     value = dict(pairs)
     if len(value) != len(pairs):
         seen: set[str] = set()
-        name = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise FhirError(Code.DUPLICATE_PROPERTY,
-                        f"the property {name[:64]!r} appears twice in one object")
+        for name, _ in pairs:
+            if name in seen:
+                raise FhirError(Code.DUPLICATE_PROPERTY,
+                                f"the property {name[:64]!r} appears twice in one object")
+            seen.add(name)
     return value
 
 
