@@ -618,6 +618,22 @@ class PostgresDatabase:
         async with self._acquire() as conn:
             yield _PostgresConnection(conn)
 
+    @asynccontextmanager
+    async def maintenance(self) -> AsyncIterator[Connection]:
+        """A connection in autocommit without the statement timeout, for work that
+        frames its own transactions and may run long (schema migrations: an index
+        built over millions of rows). It goes back to the pool with the timeout, or
+        is discarded if it cannot be given it back."""
+        async with self._acquire() as conn:
+            await conn.execute("SET statement_timeout = 0")
+            try:
+                yield _PostgresConnection(conn)
+            finally:
+                try:
+                    await conn.execute(f"SET statement_timeout = {int(self.statement_timeout_ms)}")
+                except Exception:  # in a failed transaction, or gone: the pool drops it
+                    conn.terminate()
+
     async def analyze(self, tables: Sequence[str]) -> int:
         """Give the planner statistics of those of ``tables`` that have none, or whose
         rows changed by more than half their number (and 1,000) since they were last
