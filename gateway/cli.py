@@ -25,7 +25,7 @@ def serve(
     workers: int = typer.Option(None, help="worker processes (default 1)"),
     database_url: str = typer.Option(None, "--db", help="sqlite:///… or postgresql://…"),
 ) -> None:
-    """Run the FHIR server (``http://HOST:PORT/fhir``)."""
+    """Run the FHIR server (http://HOST:PORT/fhir)."""
     import os
 
     import uvicorn
@@ -97,8 +97,10 @@ def reindex_cmd(
         [], "--local-base", help="a base URL of this server, for references written before it"
         " was recognised (default: CAREPATH_PUBLIC_BASE_URL); repeatable"),
 ) -> None:
-    """Rebuild the search index from the stored resources (after an upgrade that
-    changed what is indexed). Runs beside a serving gateway, in small batches."""
+    """Rebuild the search index from the stored resources.
+
+    After an upgrade that changed what is indexed; runs beside a serving gateway,
+    in small batches."""
     from gateway.main import build_store, registry, stored_search_parameters
     from gateway.security.policy import AccessPolicy, load_rules
 
