@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
@@ -94,7 +94,9 @@ class SType:
     """Static type of a compiled sub-expression."""
 
     kind: str  # node | prim | choice | bool | int | str | num | any
-    table: Any = None  # TypeTable for kind "node"
+    # TypeTable for kind "node"; not in the repr, which names a type in an error
+    # message: the table's own would walk every type reachable from it (1.3 s)
+    table: Any = field(default=None, repr=False)
     code: str = ""  # FHIR type code for kind "prim"
 
 
