@@ -143,12 +143,17 @@ def audit_arrays(records: Sequence[AuditRecord]) -> list[list[Any]]:
 
 async def append_audit(conn: Connection, records: Sequence[AuditRecord]) -> None:
     """Append ``records`` inside the caller's transaction (chained after commit)."""
-    now = _now()
-    rows = [(now, r.client_id, r.patient, r.outcome, r.record) for r in records]
+    sql, rows = append_audit_rows(records)
     if len(rows) == 1:
-        await conn.execute(_APPEND, rows[0])
+        await conn.execute(sql, rows[0])
     elif rows:
-        await conn.executemany(_APPEND, rows)
+        await conn.executemany(sql, rows)
+
+
+def append_audit_rows(records: Sequence[AuditRecord]) -> tuple[str, list[tuple[Any, ...]]]:
+    """:func:`append_audit`'s statement and its rows, to go out with other writes."""
+    now = _now()
+    return _APPEND, [(now, r.client_id, r.patient, r.outcome, r.record) for r in records]
 
 
 #: a batch of records as one statement of its own; the commit need not wait for the

@@ -25,14 +25,14 @@ from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.references import localize
 from gateway.storage import access_sql, search_sql, snapshots
-from gateway.storage.db import Connection, Database, RetryableError
+from gateway.storage.db import Connection, Database, RetryableError, Step
 from gateway.storage.interface import HistoryPage, Restriction, Snapshot, StoredResource
 from gateway.storage.migrate import migrate
 from gateway.storage.schema import INDEX_TABLES
 from gateway.storage.security import (
     AuditRecord,
-    append_audit,
     append_audit_cte,
+    append_audit_rows,
     audit_arrays,
     audit_records,
 )
@@ -215,7 +215,7 @@ _PG_AUDIT = f"WITH {append_audit_cte(1)} SELECT 1"
 
 @dataclass(frozen=True, slots=True)
 class _Put:
-    """One pending PostgreSQL write."""
+    """One pending write."""
 
     res_type: str
     res_id: str
@@ -377,10 +377,57 @@ def _stored(row: Sequence[Any], method: str = "") -> StoredResource:
     )
 
 
+#: a version's ``seq`` in the history (``created_seq``, ``history_seq``), by its key
+_SEQ_OF = ("(SELECT seq FROM resource_history WHERE res_type = ? AND res_id = ?"
+           " AND version = ?)")
+_SQLITE_HISTORY = ("INSERT INTO resource_history (res_type, res_id, version, last_updated,"
+                   " method, content) VALUES (?, ?, ?, ?, ?, ?)")
+_SQLITE_RESOURCE = (
+    "INSERT INTO resource (res_type, res_id, version, last_updated, deleted, content,"
+    f" created_seq) VALUES (?, ?, ?, ?, 0, ?, {_SEQ_OF})"
+    " ON CONFLICT (res_type, res_id) DO UPDATE SET version = excluded.version,"
+    " last_updated = excluded.last_updated, deleted = 0, content = excluded.content")
+_SQLITE_CREATOR = ("INSERT INTO resource_creator (res_type, res_id, organization)"
+                   " VALUES (?, ?, ?) ON CONFLICT (res_type, res_id) DO NOTHING")
+_SQLITE_EVENT = ("INSERT INTO outbox (event_id, res_type, res_id, version, interaction, ts,"
+                 f" history_seq) VALUES (?, ?, ?, ?, ?, ?, {_SEQ_OF})")
+
+
+def _sqlite_steps(puts: Sequence[_Put], audits: Sequence[AuditRecord]) -> list[Step]:
+    """The statements of ``puts`` and ``audits`` on SQLite, in order: per put its
+    history version, the current resource, the index rows that go and those that
+    come, its creator and its event."""
+    steps: list[Step] = []
+    for p in puts:
+        key = (p.res_type, p.res_id)
+        version_key = (*key, p.version)
+        steps.append((_SQLITE_HISTORY, (*version_key, p.updated, p.method, p.content), False))
+        steps.append((_SQLITE_RESOURCE,
+                      (*version_key, p.updated, p.content, *version_key), False))
+        for table, sql in _DELETE_INDEX.items():
+            if table in p.stale and p.stale[table] is None:
+                steps.append((sql, key, False))
+            elif params := p.stale.get(table):
+                steps.append((f"{sql} AND param = ?", [(*key, n) for n in params], True))
+        if p.creator is not None:
+            steps.append((_SQLITE_CREATOR, (*key, p.creator), False))
+        for table, table_rows in p.rows.items():
+            if table_rows:
+                steps.append((_INSERT_INDEX[table], [(*key, *r) for r in table_rows], True))
+        steps.append((_SQLITE_EVENT, (p.event_id, *version_key, p.interaction, p.updated,
+                                      *version_key), False))
+    if audits:
+        sql, rows = append_audit_rows(audits)
+        steps.append((sql, rows, True))
+    return steps
+
+
 class _Transaction:
-    """A unit of work. On PostgreSQL puts wait in ``_pending`` and go out together
-    (one round trip for a whole Bundle); anything that touches the database
-    sends them first, so the transaction always sees its own writes."""
+    """A unit of work. Puts wait in ``_pending`` and go out together: on PostgreSQL
+    as one statement (one round trip for a whole Bundle), on SQLite as one call to
+    the database's thread (:meth:`gateway.storage.db._SqliteTransaction.batch`).
+    Anything that touches the database sends them first, so the transaction
+    always sees its own writes."""
 
     def __init__(self, conn: Connection, indexer: Indexer) -> None:
         self.conn = conn
@@ -397,6 +444,9 @@ class _Transaction:
         puts = list(self._pending.values())
         self._pending.clear()
         audits, self._audits = self._audits, []
+        if self.conn.dialect != "postgresql":
+            await self.conn.batch(_sqlite_steps(puts, audits), last=last)  # type: ignore[attr-defined]
+            return
         params: list[Any]
         if len(puts) == 1:
             p = puts[0]
@@ -455,10 +505,7 @@ class _Transaction:
         return await _accessible(self.conn, ids, restriction)
 
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
-        if self.conn.dialect == "postgresql":
-            self._audits.extend(records)  # with the writes, in the same statement
-            return
-        await append_audit(self.conn, records)
+        self._audits.extend(records)  # with the writes
 
     async def put(
         self,
@@ -493,34 +540,13 @@ class _Transaction:
         interaction = "create" if version == 1 or (
             previous is not None and previous.deleted) else "update"
         stale, rows = _index_change(self.indexer, previous, self.indexer.extract(resource))
-        if self.conn.dialect == "postgresql":
-            key = (resource_type, id)
-            if key in self._pending:
-                await self._flush()
-            self._pending[key] = _Put(
-                resource_type, id, version, updated, method, content,
-                creator if previous is None else None, str(uuid.uuid4()), interaction,
-                stale, rows)
-            return StoredResource(resource_type, id, version, updated, False, content, method)
-        seq = await self._history(resource_type, id, version, updated, method, content)
-        await self.conn.execute(
-            "INSERT INTO resource (res_type, res_id, version, last_updated, deleted, content,"
-            " created_seq) VALUES (?, ?, ?, ?, 0, ?, ?)"
-            " ON CONFLICT (res_type, res_id) DO UPDATE SET version = excluded.version,"
-            " last_updated = excluded.last_updated, deleted = 0, content = excluded.content",
-            (resource_type, id, version, updated, content, seq),
-        )
-        await self._clear_index(resource_type, id, stale)
-        if previous is None and creator is not None:
-            await self.conn.execute(
-                "INSERT INTO resource_creator (res_type, res_id, organization) VALUES (?, ?, ?)"
-                " ON CONFLICT (res_type, res_id) DO NOTHING", (resource_type, id, creator))
-        for table, table_rows in rows.items():
-            if table_rows:
-                await self.conn.executemany(
-                    _INSERT_INDEX[table], [(resource_type, id, *r) for r in table_rows]
-                )
-        await self._event(resource_type, id, version, updated, seq, interaction)
+        key = (resource_type, id)
+        if key in self._pending:
+            await self._flush()
+        self._pending[key] = _Put(
+            resource_type, id, version, updated, method, content,
+            creator if previous is None else None, str(uuid.uuid4()), interaction,
+            stale, rows)
         return StoredResource(resource_type, id, version, updated, False, content, method)
 
     async def delete(self, previous: StoredResource) -> StoredResource:

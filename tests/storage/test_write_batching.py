@@ -1,8 +1,10 @@
-"""Batched writes: on PostgreSQL the puts of one store transaction go out as one
-statement, sent before anything else touches the database and before COMMIT.
+"""Batched writes: the puts of one store transaction go out together, before
+anything else touches the database and before COMMIT: on PostgreSQL as one
+statement, on SQLite as one call to the database's thread (BEGIN and COMMIT in
+the same call when nothing went before).
 
-Every behaviour below holds on both backends (SQLite writes each put at once);
-the statement counts are PostgreSQL's.
+Every behaviour below holds on both backends; the statement counts are
+PostgreSQL's, the calls SQLite's.
 """
 
 from __future__ import annotations
@@ -85,6 +87,14 @@ class SpyConnection:
         self._note("lock", keys)
         await self._conn.lock(*keys)
 
+    async def batch(self, steps: Sequence[tuple[str, Any, bool]], *, last: bool = False) -> None:
+        # SQLite only: the pending writes in one call
+        for sql, params, many in steps:
+            self._note(sql, () if many else params)
+        conn: Any = self._conn  # a SQLite transaction
+        self._spy.batches.append((len(steps), not conn.begun, last))
+        await conn.batch(steps, last=last)
+
     async def execute_last(self, sql: str, params: Sequence[Any] = ()) -> None:
         # PostgreSQL only: the final statement, sent alone when nothing preceded it
         self._note(sql, params)
@@ -101,6 +111,9 @@ class SpyDatabase:
         self.fail: Any = None  # (sql) -> bool: raise RetryableError once, at that statement
         #: per final statement: whether it went alone (no BEGIN/COMMIT around it)
         self.alone: list[bool] = []
+        #: per SQLite batch: its statements, whether it began the transaction, whether
+        #: it committed it
+        self.batches: list[tuple[int, bool, bool]] = []
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -262,7 +275,7 @@ async def test_failure_at_flush_rolls_back_everything(store: SqlStore) -> None:
 
     with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
         await store.run(work)
-    assert reached_end == (store.dialect == "postgresql")  # PostgreSQL fails at the flush
+    assert reached_end  # the puts fail when they go out together
     for rid in (p1, p2):
         assert await store.read("Patient", rid) is None
         assert await fetch(store, "SELECT seq FROM outbox WHERE res_id = ?", [rid]) == []
@@ -274,7 +287,7 @@ async def test_failure_at_flush_rolls_back_everything(store: SqlStore) -> None:
 
 async def test_lost_race_at_flush_retries_with_a_fresh_batch(store: SqlStore) -> None:
     spied_store, spy = spied(store)
-    # PostgreSQL loses the race at the flush, SQLite at the put
+    # lost at the flush
     spy.fail = lambda sql: put_kind(sql) == MANY or sql.startswith("INSERT INTO outbox")
     ids = [unique("r") for _ in range(3)]
     attempts = 0
@@ -360,6 +373,54 @@ async def test_one_statement_per_batch_on_postgresql(pg_store: SqlStore) -> None
     assert put_kind(sql) == MANY and "ON CONFLICT (res_type, res_id) DO UPDATE" in sql
     stored = await store.read("Patient", single)
     assert stored is not None and stored.version == 5
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqlStore]:
+    async with sql_store("sqlite", tmp_path, INDEXER) as s:
+        yield s
+
+
+async def test_one_call_per_batch_on_sqlite(sqlite_store: SqlStore) -> None:
+    """Each call's answer waits for the event loop to take it up while SQLite's one
+    write lock is held: a write is one call, begun and committed in it."""
+    store = sqlite_store
+    spied_store, spy = spied(store)
+    ids = [unique("s") for _ in range(3)]
+
+    async def create(tx: StoreTransaction) -> None:
+        for rid in ids:
+            await tx.put("Patient", rid, patient(unique("F")), "POST", None)
+        await tx.append_audit([AuditRecord(b"{}", None, None, "0")])
+
+    await spied_store.run(create)
+    assert [b[1:] for b in spy.batches] == [(True, True)]  # BEGIN ... COMMIT in one call
+    assert len(spy.statements) == spy.batches[0][0]  # and nothing else
+    assert sum(s.startswith("INSERT INTO resource_history") for s, _ in spy.statements) == 3
+    assert spy.statements[-1][0].startswith("INSERT INTO audit_log")
+    for rid in ids:
+        stored = await store.read("Patient", rid)
+        assert stored is not None and stored.version == 1
+        (seq,), = await fetch(store, "SELECT created_seq FROM resource WHERE res_id = ?", [rid])
+        assert await fetch(store, "SELECT history_seq FROM outbox WHERE res_id = ?",
+                           [rid]) == [(seq,)]
+        assert await fetch(store, "SELECT version FROM resource_history WHERE seq = ?",
+                           [seq]) == [(1,)]
+    spy.batches.clear()
+
+    async def read_then_write(tx: StoreTransaction) -> None:
+        current = await tx.current("Patient", ids[0])
+        await tx.put("Patient", ids[0], patient("Zweit"), "PUT", current)
+
+    await spied_store.run(read_then_write)
+    assert [b[1:] for b in spy.batches] == [(False, True)]  # begun by the read
+    stored = await store.read("Patient", ids[0])
+    assert stored is not None and stored.version == 2
+    assert await family_ids(store, "Zweit") == {ids[0]}
+    (created,), = await fetch(store, "SELECT created_seq FROM resource WHERE res_id = ?",
+                              [ids[0]])
+    assert await fetch(store, "SELECT version FROM resource_history WHERE seq = ?",
+                       [created]) == [(1,)]  # still the first version's
 
 
 async def test_an_update_clears_tables_the_new_version_has_no_rows_in(store: SqlStore) -> None:
