@@ -268,6 +268,10 @@ class _SqliteTransaction(_SqliteConnection):
         await self._begin()
         return await super().fetchrow(sql, params)
 
+    async def lock(self, *keys: str) -> None:
+        # the database-wide write lock, from here on
+        await self._begin()
+
     async def batch(self, steps: Sequence[Step], *, last: bool = False) -> None:
         """``steps`` in one call to the database's thread, after ``BEGIN IMMEDIATE``
         if the transaction has not begun; ``last``: the transaction's final
