@@ -3,9 +3,9 @@
 A new schema is made in one transaction. On PostgreSQL, an existing schema is
 upgraded a step at a time, and a step that only creates or drops indexes runs
 ``CONCURRENTLY``, outside a transaction: a plain ``CREATE INDEX`` holds off every
-write to its table until it is built (0.3 s for the 166,696 versions of a
-Synthea-shaped load, minutes at tens of millions), a concurrent one lets writes go
-on, as HAPI FHIR's migrator builds indexes online. Every other step is a
+write to its table until it is built (2.2 s for 3 million history versions,
+``bench/RESULTS.md``), a concurrent one lets writes go on, as HAPI FHIR's
+migrator builds indexes online. Every other step is a
 transaction of its own. SQLite has one writer at a time anyway: there, every step
 still runs in one transaction.
 """
