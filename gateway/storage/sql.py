@@ -387,6 +387,20 @@ _SQLITE_RESOURCE = (
     f" created_seq) VALUES (?, ?, ?, ?, 0, ?, {_SEQ_OF})"
     " ON CONFLICT (res_type, res_id) DO UPDATE SET version = excluded.version,"
     " last_updated = excluded.last_updated, deleted = 0, content = excluded.content")
+_SQLITE_DELETED = ("UPDATE resource SET version = ?, last_updated = ?, deleted = 1,"
+                   " content = NULL WHERE res_type = ? AND res_id = ?")
+#: a deletion as one statement: the version in the history, the current row marked
+#: deleted, every index row of the resource gone, the event ($1 type, $2 id,
+#: $3 version, $4 last_updated, $5 event id)
+_PG_DELETE = (
+    "WITH h AS (INSERT INTO resource_history (res_type, res_id, version, last_updated, method,"
+    " content) VALUES ($1, $2, $3, $4, 'DELETE', NULL) RETURNING seq),"
+    " r AS (UPDATE resource SET version = $3, last_updated = $4, deleted = 1, content = NULL"
+    " WHERE res_type = $1 AND res_id = $2), "
+    + "".join(f"d{n} AS (DELETE FROM {t} WHERE res_type = $1 AND res_id = $2), "
+              for n, t in enumerate(INDEX_TABLES))
+    + "o AS (INSERT INTO outbox (event_id, res_type, res_id, version, interaction, ts,"
+    " history_seq) SELECT $5, $1, $2, $3, 'delete', $4, seq FROM h) SELECT 1")
 _SQLITE_CREATOR = ("INSERT INTO resource_creator (res_type, res_id, organization)"
                    " VALUES (?, ?, ?) ON CONFLICT (res_type, res_id) DO NOTHING")
 _SQLITE_EVENT = ("INSERT INTO outbox (event_id, res_type, res_id, version, interaction, ts,"
@@ -554,14 +568,17 @@ class _Transaction:
         version = previous.version + 1
         updated = max(now_micros(), previous.last_updated + 1000)
         rt, id = previous.resource_type, previous.id
-        seq = await self._history(rt, id, version, updated, "DELETE", None)
-        await self.conn.execute(
-            "UPDATE resource SET version = ?, last_updated = ?, deleted = 1, content = NULL"
-            " WHERE res_type = ? AND res_id = ?",
-            (version, updated, rt, id),
-        )
-        await self._clear_index(rt, id)
-        await self._event(rt, id, version, updated, seq, "delete")
+        event_id = str(uuid.uuid4())
+        if self.conn.dialect == "postgresql":
+            await self.conn.execute(_PG_DELETE, (rt, id, version, updated, event_id))
+        else:
+            await self.conn.batch([  # type: ignore[attr-defined]
+                (_SQLITE_HISTORY, (rt, id, version, updated, "DELETE", None), False),
+                (_SQLITE_DELETED, (version, updated, rt, id), False),
+                *((sql, (rt, id), False) for sql in _DELETE_INDEX.values()),
+                (_SQLITE_EVENT, (event_id, rt, id, version, "delete", updated, rt, id, version),
+                 False),
+            ])
         return StoredResource(rt, id, version, updated, True, None, "DELETE")
 
     async def version(self, resource_type: str, id: str, version: int) -> StoredResource | None:
@@ -592,17 +609,6 @@ class _Transaction:
                         _INSERT_INDEX[table], [(rt, id, *r) for r in table_rows])
         return replace(stored, content=content)
 
-    async def _history(
-        self, rt: str, id: str, version: int, updated: int, method: str, content: bytes | None
-    ) -> int:
-        row = await self.conn.fetchrow(
-            "INSERT INTO resource_history (res_type, res_id, version, last_updated, method,"
-            " content) VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
-            (rt, id, version, updated, method, content),
-        )
-        assert row is not None
-        return int(row[0])
-
     async def _clear_index(self, rt: str, id: str,
                            stale: dict[str, tuple[str, ...] | None] | None = None) -> None:
         """Delete the resource's index rows: all, or those ``stale`` names (see _Put)."""
@@ -612,15 +618,6 @@ class _Transaction:
             elif params := stale.get(table):
                 await self.conn.executemany(f"{sql} AND param = ?",
                                             [(rt, id, param) for param in params])
-
-    async def _event(
-        self, rt: str, id: str, version: int, ts: int, seq: int, interaction: str
-    ) -> None:
-        await self.conn.execute(
-            "INSERT INTO outbox (event_id, res_type, res_id, version, interaction, ts,"
-            " history_seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (str(uuid.uuid4()), rt, id, version, interaction, ts, seq),
-        )
 
 
 class _Within:
