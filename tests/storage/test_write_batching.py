@@ -447,3 +447,37 @@ async def test_an_update_clears_tables_the_new_version_has_no_rows_in(store: Sql
     names = await fetch(store, "SELECT value FROM sp_string WHERE res_id = ? AND param = ?",
                         [rid, "family"])
     assert [r[0] for r in names] == ["neu"]
+
+
+async def test_a_deletion_goes_out_at_once(store: SqlStore) -> None:
+    """History version, current row, every index row and the event: one statement on
+    PostgreSQL, one call on SQLite."""
+    rid = unique("d")
+
+    async def create(tx: StoreTransaction) -> None:
+        await tx.put("Patient", rid, patient(unique("F")), "POST", None)
+
+    await store.run(create)
+    spied_store, spy = spied(store)
+
+    async def delete(tx: StoreTransaction) -> None:
+        current = await tx.current("Patient", rid)
+        assert current is not None
+        await tx.delete(current)
+
+    await spied_store.run(delete)
+    writes = [sql for sql, _ in spy.statements if not sql.startswith("SELECT")]
+    if store.dialect == "postgresql":
+        assert len(writes) == 1 and writes[0].startswith("WITH h AS (INSERT INTO")
+    else:
+        assert [b[1:] for b in spy.batches] == [(False, False)]  # begun by the read
+    stored = await store.read("Patient", rid)
+    assert stored is not None and stored.deleted and stored.version == 2
+    for table in INDEX_TABLES:
+        assert await fetch(store, f"SELECT 1 FROM {table} WHERE res_id = ?", [rid]) == []
+    (seq,), = await fetch(store, "SELECT seq FROM resource_history WHERE res_id = ?"
+                          " AND version = 2 AND method = 'DELETE' AND content IS NULL", [rid])
+    assert await fetch(store, "SELECT interaction, version FROM outbox WHERE history_seq = ?",
+                       [seq]) == [("delete", 2)]
+    assert await fetch(store, "SELECT version, deleted FROM resource WHERE res_id = ?",
+                       [rid]) == [(2, 1)]
