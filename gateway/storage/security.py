@@ -165,13 +165,15 @@ _PG_APPEND_ALONE = f"WITH {append_audit_cte(1)} SELECT 1"
 
 async def append_audit_alone(db: Database, records: Sequence[AuditRecord], *,
                              durable: bool = True) -> None:
-    """Append ``records`` in a transaction of their own: on PostgreSQL one statement.
+    """Append ``records`` in a transaction of their own: on PostgreSQL one statement,
+    on SQLite one call to the database's thread (``BEGIN`` to ``COMMIT``).
 
     ``durable=False``: the commit does not wait for the WAL to reach the disk
     (records of reads; a crash may lose the last few hundred milliseconds)."""
     async with db.transaction() as conn:
         if conn.dialect != "postgresql":
-            await append_audit(conn, records)
+            sql, rows = append_audit_rows(records)
+            await conn.batch([(sql, rows, True)], last=True)
             return
         sql = _PG_APPEND_ALONE if durable else _PG_APPEND_LAZY
         await conn.execute_last(sql, audit_arrays(records))
