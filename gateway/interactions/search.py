@@ -77,7 +77,10 @@ async def _page(
     ``matches``) and what they include."""
     restriction = guard.restriction(ctx.access)
     most = ctx.settings.max_page_size * 10
-    included = await ctx.store.includes(query, keys, most + 1, restriction) if (
+    # what an include finds beyond the types it names (checked before the search):
+    # only what the scopes let the caller search, and only that is iterated from
+    allowed = guard.allowed_types(ctx.registry.types, "search")
+    included = await ctx.store.includes(query, keys, most + 1, restriction, allowed) if (
         query.includes or query.revincludes) and keys else []
     if len(included) > most:  # said, as HAPI FHIR does, not left for the client to guess
         included = included[:most]
@@ -85,9 +88,6 @@ async def _page(
             Code.RESULT_TRUNCATED, f"only the first {most} resources that _include or"
             " _revinclude name are included in a page; a smaller _count includes all"
             " of each page's", severity="warning"))
-    # what an include found beyond the types it named (checked before the search):
-    # only what the scopes let the caller search
-    included = [k for k in included if guard.allows(k[0], "search")]
     if matches is None:
         stored = await ctx.store.read_many([*keys, *included])
     else:

@@ -9,7 +9,7 @@ database transaction.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -189,8 +189,11 @@ class Store(Protocol):
 
     async def includes(
         self, query: SearchQuery, matches: list[tuple[str, str]], limit: int,
-        restriction: Restriction | None = None,
-    ) -> list[tuple[str, str]]: ...
+        restriction: Restriction | None = None, types: Collection[str] | None = None,
+    ) -> list[tuple[str, str]]:
+        """What ``query``'s ``_include``/``_revinclude`` find from ``matches``, of
+        ``types`` only (all when ``None``): a resource of another type is neither
+        returned nor followed by an ``:iterate``."""
     async def audit_records(
         self, *, after: int, limit: int, patient: str | None,
         restriction: Restriction | None, client_id: str | None,

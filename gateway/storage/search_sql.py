@@ -30,7 +30,7 @@ SQLite does).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 from gateway.fhir.geo import EARTH_RADIUS_KM, latitude_band
@@ -509,13 +509,14 @@ def _probe(c: Criterion, rtype: str, dialect: str = "sqlite") -> Frag | None:
 
 async def resolve_includes(
     conn: Connection, query: SearchQuery, matches: list[tuple[str, str]], limit: int,
-    restrict: Restrict | None = None,
+    restrict: Restrict | None = None, types: Collection[str] | None = None,
 ) -> list[tuple[str, str]]:
     """The ``_include``/``_revinclude`` resources of ``matches``: current, not
     deleted, each once, none of ``matches``, in discovery order, at most
     ``limit``. The first round applies every include to ``matches``; later
     rounds apply the ``:iterate`` ones to what the previous round found, until
-    nothing new turns up."""
+    nothing new turns up. A resource not of ``types`` (when given) is left out
+    and not iterated from: what the caller may not see leads nowhere."""
     if limit <= 0 or not (query.includes or query.revincludes):
         return []
     seen: set[tuple[str, str]] = set(matches)
@@ -536,6 +537,8 @@ async def resolve_includes(
                     if key in seen:
                         continue
                     seen.add(key)
+                    if types is not None and key[0] not in types:
+                        continue
                     found.append(key)
                     new.append(key)
                     if len(found) >= limit:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -882,11 +882,11 @@ class SqlStore:
 
     async def includes(
         self, query: SearchQuery, matches: list[tuple[str, str]], limit: int,
-        restriction: Restriction | None = None,
+        restriction: Restriction | None = None, types: Collection[str] | None = None,
     ) -> list[tuple[str, str]]:
         async with self.db.read() as conn:
             return await search_sql.resolve_includes(conn, query, matches, limit,
-                                                     _restrict(restriction))
+                                                     _restrict(restriction), types)
 
     async def audit_records(
         self, *, after: int, limit: int, patient: str | None,

@@ -368,6 +368,19 @@ def test_chains_has_and_includes_need_the_scopes_of_every_type_they_touch(
             found = {e["resource"]["resourceType"] for e in world.a.get("/Observation", params={
                 "_id": obs["id"], "_include": include}).json()["entry"]}
             assert "Encounter" in found, (include, found)
+        # nor does an :iterate go on from what it left out: the patient is reached
+        # only through the encounter the reader may not search
+        only_encounter = _create(world.a, {
+            "resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "encounter": {"reference": f"Encounter/{encounter['id']}"}})
+        params = {"_id": only_encounter["id"], "_include": "Observation:encounter",
+                  "_include:iterate": "Encounter:subject"}
+        found = {e["resource"]["resourceType"]
+                 for e in reader.get("/Observation", params=params).json()["entry"]}
+        assert found == {"Observation"}, found
+        found = {e["resource"]["resourceType"]
+                 for e in world.a.get("/Observation", params=params).json()["entry"]}
+        assert found == {"Observation", "Encounter", "Patient"}, found
     finally:
         reader.close()
     # whether a conditional create finds a match is an answer about the searched types
