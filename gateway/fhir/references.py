@@ -11,7 +11,7 @@ such as an ``Identifier.value`` of ``urn:uuid:…``, is data and stays as it is.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from gateway.fhir import json as fjson
@@ -141,6 +141,27 @@ def _rewrite_xhtml(div: str, mapping: Mapping[str, str]) -> str:
         return f"{m.group(1)}{m.group(2)}{target}{m.group(2)}" if target else m.group(0)
 
     return _ATTR.sub(sub, div)
+
+
+def references_in(resource: Any) -> Iterator[tuple[str, str]]:
+    """(element, value) of every ``Reference.reference`` in ``resource``, its
+    contained resources included, a Bundle held inside it not: a document's or
+    message's references name its own entries. The element is a path without
+    list indices (``Observation.subject``)."""
+    stack: list[tuple[Any, str]] = [(resource, str(resource.get("resourceType", "")))]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            if node is not resource and node.get("resourceType") == "Bundle":
+                continue
+            for key, value in node.items():
+                if isinstance(value, str):
+                    if key == "reference":
+                        yield path, value
+                elif isinstance(value, dict | list):
+                    stack.append((value, f"{path}.{key}"))
+        else:
+            stack.extend((v, path) for v in node if isinstance(v, dict | list))
 
 
 def localize(resource: dict[str, Any], bases: tuple[str, ...]) -> None:

@@ -30,7 +30,13 @@ from gateway.fhir import json as fjson
 from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError, information
-from gateway.fhir.references import CONDITIONAL_REF, relative_names, rewrite, split_restful
+from gateway.fhir.references import (
+    CONDITIONAL_REF,
+    references_in,
+    relative_names,
+    rewrite,
+    split_restful,
+)
 from gateway.interactions.base import (
     Context,
     FhirResponse,
@@ -57,6 +63,8 @@ from gateway.security import guard
 from gateway.security.principal import CALLER, Caller, current
 from gateway.storage.interface import StoredResource, StoreTransaction
 
+#: a name a transaction's entries give each other, that only the transaction resolves
+PLACEHOLDER = "urn:uuid:"
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 
 
@@ -124,7 +132,29 @@ def parse_entries(ctx: Context, body: Any, base: str) -> tuple[str, list[Entry]]
             entries.append(Entry(i, method if isinstance(method, str) else "",
                                  url[:200] if isinstance(url, str) else "", "", None, None,
                                  {}, response=FhirResponse(exc.status, exc.outcome())))
+    _check_unique(kind, entries)
     return kind, entries
+
+
+def _check_unique(kind: str, entries: list[Entry]) -> None:
+    """A ``fullUrl`` names one entry: "a resource can only appear in a transaction
+    once (by identity)" (http.html#trules), and bdl-7 holds for a batch (the same
+    fullUrl only for different versions). Otherwise which entry a reference to it
+    means would be a guess."""
+    first: dict[tuple[str, str | None], Entry] = {}
+    for e in entries:
+        if e.full_url is None or e.response is not None:
+            continue
+        meta = e.resource.get("meta") if isinstance(e.resource, dict) else None
+        version = meta.get("versionId") if isinstance(meta, dict) and kind == "batch" else None
+        key = (e.full_url, version if isinstance(version, str) else None)
+        if key in first:
+            raise FhirError(
+                Code.INVALID_BUNDLE,
+                f"{first[key].where} and {e.where} have the same fullUrl"
+                f" '{e.full_url[:200]}': an entry's fullUrl must be unique in a {kind}"
+                " (bdl-7)", (f"{e.where}.fullUrl",))
+        first[key] = e
 
 
 def _parse_entry(i: int, e: Any, base: str) -> Entry:
@@ -153,7 +183,24 @@ def _parse_entry(i: int, e: Any, base: str) -> Entry:
     if "if-modified-since" in headers:
         headers["if-modified-since"] = _http_date(headers["if-modified-since"])
     full_url = e.get("fullUrl") if isinstance(e.get("fullUrl"), str) else None
+    if full_url is not None:
+        _check_full_url(where, full_url, method, path)
     return Entry(i, method, path, query, full_url, e.get("resource"), headers)
+
+
+def _check_full_url(where: str, full_url: str, method: str, path: str) -> None:
+    """``fullUrl`` is a ``uri`` (not empty, no whitespace), and one that names a
+    resource by its RESTful URL "SHALL NOT disagree with the id in the resource"
+    (Bundle.entry.fullUrl): a PUT's is that of the resource it writes."""
+    if not full_url or any(c.isspace() for c in full_url):
+        raise FhirError(Code.INVALID_ENTRY,
+                        f"{where}: fullUrl '{full_url[:100]}' is not a valid URI",
+                        (f"{where}.fullUrl",))
+    split = split_restful(full_url)
+    if method == "PUT" and split is not None and path.count("/") == 1 and split[1] != path:
+        raise FhirError(Code.INVALID_ENTRY,
+                        f"{where}: fullUrl '{full_url[:200]}' names {split[1]}, but the"
+                        f" entry writes {path[:100]}", (f"{where}.fullUrl",))
 
 
 def _http_date(value: str) -> str:
@@ -396,6 +443,13 @@ class _Transaction:
         # … then every name is replaced in one walk
         rewrite(e.resource, self.names, self.resolved_refs.__getitem__, relative,
                 self.ctx.registry.indexer.model)
+        if e.resource.get("resourceType") != "Bundle":
+            for element, value in references_in(e.resource):
+                if value.startswith(PLACEHOLDER):  # names no entry of the Bundle
+                    raise FhirError(Code.INVALID_ENTRY,
+                                    f"{element} refers to '{value[:100]}', which is the"
+                                    " fullUrl of no entry in this transaction",
+                                    (element,))
 
     def _relative(self, base: str) -> dict[str, str]:
         found = self._relative_names.get(base)
@@ -561,8 +615,27 @@ async def process_bundle(ctx: Context, body: Any, *, base: str, prefer: Prefer) 
                                     [_response_entry(e, base, prefer) for e in fresh]))
 
 
+def _refers_to_entry(e: Entry, placeholders: dict[str, int]) -> FhirError | None:
+    """A batch entry that refers to a resource another entry creates: "considered to
+    be non-conformant" (http.html#brules); its reference would be left naming
+    nothing. A transaction resolves such names."""
+    if e.resource.get("resourceType") == "Bundle":
+        return None
+    for element, value in references_in(e.resource):
+        other = placeholders.get(value)
+        if other is not None and other != e.index:
+            return FhirError(Code.INVALID_ENTRY,
+                             f"{element} refers to Bundle.entry[{other}], which this batch"
+                             " creates: entries of a batch cannot refer to each other"
+                             " (send a transaction)", (element,))
+    return None
+
+
 async def _batch(ctx: Context, entries: list[Entry], base: str, prefer: Prefer) -> FhirResponse:
     out = []
+    # the names of what the batch creates: urn:… fullUrls, and those of POSTs
+    placeholders = {e.full_url: e.index for e in entries if e.full_url is not None and (
+        e.method == "POST" or e.full_url.startswith("urn:"))}
     for e in entries:
         if e.response is not None:  # refused as it stood (parse_entries)
             with _entry_caller(e) as child:
@@ -570,6 +643,15 @@ async def _batch(ctx: Context, entries: list[Entry], base: str, prefer: Prefer) 
                     await ctx.audit.write(audit_trail.record_of(child, e.response.status))
             out.append(_response_entry(e, base, prefer))
             continue
+        if e.method in ("POST", "PUT") and isinstance(e.resource, dict):
+            refused = _refers_to_entry(e, placeholders)
+            if refused is not None:
+                with _entry_caller(e) as child:
+                    if ctx.audit is not None:
+                        await ctx.audit.write(audit_trail.record_of(child, refused.status))
+                e.response = FhirResponse(refused.status, _entry_error(e, refused).outcome())
+                out.append(_response_entry(e, base, prefer))
+                continue
         headers = dict(e.headers)
         if prefer.return_:
             headers["prefer"] = f"return={prefer.return_}"

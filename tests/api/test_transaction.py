@@ -588,3 +588,109 @@ def test_a_head_entry_answers_without_the_resource(client: httpx.Client) -> None
                                  "batch")).json()["entry"]
     assert missing["response"]["status"] == "404 Not Found"
     assert missing["response"]["outcome"]["resourceType"] == "OperationOutcome"
+
+
+def test_a_full_url_names_one_entry(client: httpx.Client) -> None:
+    """http.html#trules: a resource appears in a transaction once; bdl-7: a fullUrl is
+    unique in a Bundle. Otherwise a reference to it would be bound to one of the
+    entries by chance (HAPI FHIR refuses such a Bundle, HAPI-0534)."""
+    twice, mrn = urn(), unique("mrn")
+    entries = [
+        {"fullUrl": twice, "resource": patient(mrn, "First"),
+         "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": twice, "resource": patient(mrn, "Second"),
+         "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": urn(), "resource": {"resourceType": "Observation", "status": "final",
+                                        "code": {"text": "x"}, "subject": {"reference": twice}},
+         "request": {"method": "POST", "url": "Observation"}},
+    ]
+    for kind in ("transaction", "batch"):
+        response = send(client, tx(entries, kind))
+        assert response.status_code == 400, response.text
+        assert gw_code(response) == "GW-1017"
+        assert "Bundle.entry[0] and Bundle.entry[1]" in response.text
+    assert search_ids(client, "/Patient", identifier=f"urn:test:mrn|{mrn}") == []
+    # bdl-7 lets a batch carry two versions of one resource under one fullUrl
+    pid = unique("p")
+    versions = [{"fullUrl": f"http://example.org/fhir/Patient/{pid}",
+                 "resource": {**patient(mrn), "id": pid, "meta": {"versionId": v}},
+                 "request": {"method": "PUT", "url": f"Patient/{pid}"}} for v in ("1", "2")]
+    response = send(client, tx(versions, "batch"))
+    assert response.status_code == 200, response.text
+    assert [e["response"]["status"][:3] for e in response.json()["entry"]] == ["201", "200"]
+
+
+def test_a_full_url_is_a_uri_that_agrees_with_the_entry(client: httpx.Client) -> None:
+    pid = unique("p")
+    for full_url, status in [("not a uri", 400), ("", 400),
+                             (f"http://example.org/fhir/Patient/other-{pid}", 400),
+                             (f"http://example.org/fhir/Observation/{pid}", 400),
+                             (f"http://example.org/fhir/Patient/{pid}", 200)]:
+        response = send(client, tx([{"fullUrl": full_url,
+                                     "resource": {**patient(unique("mrn")), "id": pid},
+                                     "request": {"method": "PUT", "url": f"Patient/{pid}"}}]))
+        assert response.status_code == status, (full_url, response.text)
+        if status == 400:
+            assert gw_code(response) == "GW-1018"
+            assert response.json()["issue"][0]["expression"] == ["Bundle.entry[0].fullUrl"]
+    # in a batch, only that entry is refused
+    response = send(client, tx([
+        {"fullUrl": "not a uri", "resource": patient(unique("mrn")),
+         "request": {"method": "POST", "url": "Patient"}},
+        {"resource": patient(unique("mrn")), "request": {"method": "POST", "url": "Patient"}},
+    ], "batch"))
+    assert [e["response"]["status"][:3] for e in response.json()["entry"]] == ["400", "201"]
+
+
+def test_a_placeholder_that_names_no_entry_fails_the_transaction(client: httpx.Client) -> None:
+    """A ``urn:uuid:`` reference is a name the transaction gives one of its entries;
+    one that names none would be stored pointing nowhere (HAPI FHIR: HAPI-0541,
+    "Unable to satisfy placeholder ID")."""
+    mrn = unique("mrn")
+    response = send(client, tx([
+        {"fullUrl": urn(), "resource": patient(mrn),
+         "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": urn(), "resource": {
+            "resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": urn()}},
+         "request": {"method": "POST", "url": "Observation"}},
+    ]))
+    assert response.status_code == 400, response.text
+    assert gw_code(response) == "GW-1018"
+    assert response.json()["issue"][0]["expression"][:2] == ["Bundle.entry[1]",
+                                                             "Observation.subject"]
+    assert search_ids(client, "/Patient", identifier=f"urn:test:mrn|{mrn}") == []
+    # a document Bundle stored by the transaction keeps its own entries' names
+    comp, pat = urn(), urn()
+    document = {"resourceType": "Bundle", "type": "document",
+                "identifier": {"system": "urn:ietf:rfc:3986", "value": urn()},
+                "timestamp": "2026-11-25T10:00:00Z", "entry": [
+                    {"fullUrl": comp, "resource": {
+                        "resourceType": "Composition", "status": "final",
+                        "type": {"text": "letter"}, "date": "2026-11-25", "title": "letter",
+                        "subject": {"reference": pat},
+                        "author": [{"display": "Dr. Muster"}]}},
+                    {"fullUrl": pat, "resource": patient(unique("mrn"))}]}
+    response = send(client, tx([{"fullUrl": urn(), "resource": document,
+                                 "request": {"method": "POST", "url": "Bundle"}}]))
+    assert response.status_code == 200, response.text
+
+
+def test_batch_entries_cannot_refer_to_what_another_creates(client: httpx.Client) -> None:
+    """http.html#brules: references from one batch entry to a resource another one
+    creates are "non-conformant": the entry is refused, the rest run."""
+    p = urn()
+    response = send(client, tx([
+        {"fullUrl": p, "resource": patient(unique("mrn")),
+         "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                      "subject": {"reference": p}},
+         "request": {"method": "POST", "url": "Observation"}},
+    ], "batch"))
+    assert response.status_code == 200, response.text
+    first, second = response.json()["entry"]
+    assert first["response"]["status"].startswith("201")
+    assert second["response"]["status"].startswith("400")
+    outcome = second["response"]["outcome"]
+    assert outcome["issue"][0]["details"]["coding"][0]["code"] == "GW-1018"
+    assert "Bundle.entry[0]" in outcome["issue"][0]["diagnostics"]
