@@ -377,6 +377,11 @@ def _parse_body(
                             f"{_FORM} is the body of POST [type]/_search; send a resource as"
                             " application/fhir+json or application/fhir+xml")
         return None, parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
+    if method == "POST" and path.rstrip("/").rpartition("/")[2] == "_search":
+        # a body of any other kind would be read as no criteria: everything matches
+        raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                        f"POST _search takes its parameters as {_FORM} (http.html#search),"
+                        f" not {ctype[:60]}")
     model = _xml_model(ctx)
     if ctype in _XML_TYPES and model is None:
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE, "this server accepts FHIR JSON only")
@@ -491,9 +496,9 @@ def _json_reply(status: int, value: dict[str, Any], headers: dict[str, str] | No
 _CORS_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _CORS_HEADERS = (b"Authorization, Content-Type, Content-Encoding, Accept, Accept-Encoding,"
                  b" If-Match, If-None-Match, If-None-Exist, If-Modified-Since, Prefer,"
-                 b" X-Security-Context, X-Request-ID")
+                 b" X-Security-Context, X-Request-ID, X-Correlation-ID")
 _CORS_EXPOSE = (b"Location, Content-Location, ETag, Last-Modified, Content-Encoding,"
-                b" X-Security-Context, X-Request-ID")
+                b" X-Security-Context, X-Request-ID, X-Correlation-ID")
 #: seconds a client should wait before it repeats a request refused as unavailable
 _RETRY_AFTER = b"5"
 #: a client's own request id, taken as it is (else the gateway makes one)
@@ -722,7 +727,7 @@ def create_api(
                 if reply is not None:
                     return reply, description
         except FhirError as exc:
-            resp = FhirResponse(exc.status, exc.outcome())
+            resp = FhirResponse(exc.status, exc.outcome(), dict(exc.headers))
             description = exc.code.gw
         except RetryableError as exc:
             err = _busy(request, caller, exc)
@@ -785,6 +790,10 @@ def create_api(
             if reply.status == 503:  # transient (RFC 9110 15.6.4): when to try again
                 reply.headers.append((b"retry-after", _RETRY_AFTER))
             reply.headers.append((b"x-request-id", rid.encode("ascii")))
+            correlation = request.headers.get("x-correlation-id")
+            if correlation is not None and _REQUEST_ID.fullmatch(correlation):
+                # http.html#custom: "a client assigned request id echoed back"
+                reply.headers.append((b"x-correlation-id", correlation.encode("ascii")))
             if cors is not None:
                 cors.decorate(request, reply)
             await reply.send(send)

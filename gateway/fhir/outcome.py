@@ -175,6 +175,8 @@ class FhirError(Exception):
     diagnostics: str | None = None
     expression: tuple[str, ...] = ()
     extra: list[Issue] = field(default_factory=list)
+    #: HTTP headers the answer carries (``Allow`` of a 405)
+    headers: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"{self.code.gw} {self.code.summary}: {self.diagnostics or ''}"

@@ -6,12 +6,14 @@ every resource type, its interactions and its search parameters.
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import gateway
+from gateway.fhir import json as fjson
 from gateway.fhir.indexer import SearchParam, composite_supported
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions import stored_profiles
@@ -199,7 +201,9 @@ def _statement(
 #: mark of the stored profiles they list (:func:`stored_profiles.in_use`). Bounded:
 #: without ``CAREPATH_PUBLIC_BASE_URL`` the base comes from the request's ``Host``
 #: header, which a client can vary at will.
-_CACHE: OrderedDict[tuple[int, str], tuple[tuple[int, int], dict[str, Any]]] = OrderedDict()
+#: Each with its JSON and ETag.
+_CACHE: OrderedDict[tuple[int, str],
+                    tuple[tuple[int, int], dict[str, Any], bytes, str]] = OrderedDict()
 _CACHE_SIZE = 16
 
 
@@ -245,21 +249,26 @@ def _terminology_capabilities(registry: Registry, base: str) -> dict[str, Any]:
 
 
 async def capabilities(ctx: Context, *, base: str,
-                       query: list[tuple[str, str]] | None = None) -> FhirResponse:
+                       query: list[tuple[str, str]] | None = None,
+                       if_none_match: str | None = None) -> FhirResponse:
     """``GET [base]/metadata``; ``mode=terminology``: the TerminologyCapabilities.
     ``_summary`` and ``_elements`` as on a read (``_summary=true``: what a client
     asks for that wants the server's name and FHIR version, not its 800 KB of
     resource types). Each type's ``supportedProfile`` lists R4's, the gateway's
     own and those stored here that writes are held to (made again when a
-    StructureDefinition, ValueSet or CodeSystem is written)."""
+    StructureDefinition, ValueSet or CodeSystem is written). Answered with an
+    ``ETag`` that changes when the answer does (http.html#capabilities), and 304
+    to an ``If-None-Match`` that names it. ``mode=normative`` is answered as
+    ``full``: every part of R4 the gateway serves is in it ("servers MAY ignore
+    the mode parameter")."""
     query = query or []
     mode = dict(query).get("mode")
     if mode == "terminology":
-        return FhirResponse(200, _shaped(ctx, "TerminologyCapabilities", query,
-                                         _terminology_capabilities(ctx.registry, base)))
-    if mode not in (None, "full", "normal"):
+        return _answer(_shaped(ctx, "TerminologyCapabilities", query,
+                               _terminology_capabilities(ctx.registry, base)), if_none_match)
+    if mode not in (None, "full", "normative", "normal"):
         raise FhirError(Code.INVALID_SEARCH_VALUE,
-                        f"mode must be full, normal or terminology, not '{mode[:32]}'")
+                        f"mode must be full, normative or terminology, not '{mode[:32]}'")
     key = (_key(ctx), base)
     cached = _CACHE.get(key)
     mark, stored = await stored_profiles.in_use(ctx)
@@ -267,13 +276,30 @@ async def capabilities(ctx: Context, *, base: str,
         statement = _statement(ctx.registry, base, ctx.operations,
                                _CONTRIBUTIONS.get(key[0]),
                                cors=bool(ctx.settings.cors_origins), stored=stored)
-        _CACHE[key] = (mark, statement)
+        content = fjson.dumps(statement)
+        cached = _CACHE[key] = (mark, statement, content, _etag(content))
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     else:
-        statement = cached[1]
         _CACHE.move_to_end(key)
-    return FhirResponse(200, _shaped(ctx, "CapabilityStatement", query, statement))
+    _, statement, content, etag = cached
+    if subsetting_of(ctx, "CapabilityStatement", query) is None:
+        return _answer(content, if_none_match, etag)
+    return _answer(_shaped(ctx, "CapabilityStatement", query, statement), if_none_match)
+
+
+def _etag(content: bytes) -> str:
+    return f'W/"{hashlib.blake2b(content, digest_size=12).hexdigest()}"'
+
+
+def _answer(body: dict[str, Any] | bytes, if_none_match: str | None,
+            etag: str | None = None) -> FhirResponse:
+    """200 with ``body`` and its ETag, or 304 when ``If-None-Match`` names that."""
+    content = body if isinstance(body, bytes) else fjson.dumps(body)
+    etag = etag or _etag(content)
+    if if_none_match and ({t.strip() for t in if_none_match.split(",")} & {etag, "*"}):
+        return FhirResponse(304, None, {"ETag": etag})
+    return FhirResponse(200, content, {"ETag": etag})
 
 
 def _shaped(ctx: Context, resource_type: str, query: list[tuple[str, str]],

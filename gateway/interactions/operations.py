@@ -128,8 +128,9 @@ async def invoke(
         raise FhirError(Code.UNKNOWN_ENDPOINT, f"operation ${req.name[:64]} is not supported "
                                                f"on {where}")
     if req.method not in ("GET", "POST") or (req.method == "GET" and op.affects_state):
-        raise FhirError(Code.METHOD_NOT_ALLOWED,
-                        f"${op.name} takes {'POST' if op.affects_state else 'GET or POST'}")
+        allowed = "POST" if op.affects_state else "GET, HEAD, POST"
+        raise FhirError(Code.METHOD_NOT_ALLOWED, f"${op.name} takes {allowed}",
+                        headers={"Allow": allowed})
     if req.resource_type is not None and req.id is not None:
         # an instance operation acts on a resource: the caller must be able to see it
         guard.require(req.resource_type, "update" if op.affects_state else "read")

@@ -57,8 +57,14 @@ async def _operation(
     return await invoke(ctx, ctx.operations, op_req)
 
 
-def _not_allowed(req: FhirRequest) -> FhirError:
-    return FhirError(Code.METHOD_NOT_ALLOWED, f"{req.method} is not supported on '{req.path}'")
+_READ = ("GET", "HEAD")
+
+
+def _not_allowed(req: FhirRequest, *allowed: str) -> FhirError:
+    """405, with the methods the URL takes (RFC 9110 15.5.6: the ``Allow`` header)."""
+    return FhirError(Code.METHOD_NOT_ALLOWED, f"{req.method} is not supported on"
+                     f" '{req.path[:100]}'; it takes {', '.join(allowed)}",
+                     headers={"Allow": ", ".join(allowed)})
 
 
 async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
@@ -75,22 +81,23 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
             from gateway.interactions.transaction import process_bundle
 
             return await process_bundle(ctx, req.body, base=req.base, prefer=req.prefer)
-        raise _not_allowed(req)
+        raise _not_allowed(req, *_READ, "POST")
     head = parts[0]
     if n == 1 and head.startswith("$"):
         return await _operation(ctx, req, method, head[1:], None, None)
     if n == 1 and head == "metadata":
         if method != "GET":
-            raise _not_allowed(req)
-        return await capabilities.capabilities(ctx, base=req.base, query=req.query)
+            raise _not_allowed(req, *_READ)
+        return await capabilities.capabilities(ctx, base=req.base, query=req.query,
+                                               if_none_match=h.get("if-none-match"))
     if n == 1 and head == "_history":
         if method != "GET":
-            raise _not_allowed(req)
+            raise _not_allowed(req, *_READ)
         return await history.history(ctx, None, None, req.query, base=req.base,
                                      strict=req.prefer.strict)
     if n == 1 and head == "_search":
         if method != "POST":
-            raise _not_allowed(req)
+            raise _not_allowed(req, "POST")
         return await search.search(ctx, None, req.query, base=req.base, prefer=req.prefer)
     if not head[:1].isupper():
         raise FhirError(Code.UNKNOWN_ENDPOINT, f"'{head[:64]}' is not a known endpoint")
@@ -104,8 +111,8 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
             return await create.create(ctx, rt, req.body, base=req.base, prefer=req.prefer,
                                        if_none_exist=h.get("if-none-exist"))
         conditional = req.criteria()
-        if not conditional:
-            raise _not_allowed(req)
+        if not conditional:  # (PUT, PATCH and DELETE on a type need criteria)
+            raise _not_allowed(req, *_READ, "POST")
         if method == "PUT":
             return await update_mod.update(ctx, rt, None, req.body, base=req.base,
                                            prefer=req.prefer, if_match=h.get("if-match"),
@@ -117,15 +124,15 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
         if method == "PATCH":
             return await patch.patch(ctx, rt, None, req.body, base=req.base, prefer=req.prefer,
                                      if_match=h.get("if-match"), criteria=conditional)
-        raise _not_allowed(req)
+        raise _not_allowed(req, *_READ, "POST", "PUT", "PATCH", "DELETE")
     second = parts[1]
     if n == 2 and second == "_search":
         if method != "POST":
-            raise _not_allowed(req)
+            raise _not_allowed(req, "POST")
         return await search.search(ctx, rt, req.query, base=req.base, prefer=req.prefer)
     if n == 2 and second == "_history":
         if method != "GET":
-            raise _not_allowed(req)
+            raise _not_allowed(req, *_READ)
         return await history.history(ctx, rt, None, req.query, base=req.base,
                                      strict=req.prefer.strict)
     if n == 2 and second.startswith("$"):
@@ -147,7 +154,7 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
         if method == "PATCH":
             return await patch.patch(ctx, rt, id, req.body, base=req.base, prefer=req.prefer,
                                      if_match=h.get("if-match"))
-        raise _not_allowed(req)
+        raise _not_allowed(req, *_READ, "PUT", "PATCH", "DELETE")
     if ((n == 3 and method == "GET") or (n == 4 and parts[3] == "_search" and method == "POST")) \
             and ctx.registry.is_resource_type(parts[2]):
         # search in a compartment: Patient/[id]/Observation (search.html#compartments)
@@ -162,7 +169,7 @@ async def route(ctx: Context, req: FhirRequest) -> FhirResponse:
         return await _operation(ctx, req, method, parts[4][1:], rt, id, parts[3])
     if parts[2] == "_history" and n in (3, 4):
         if method != "GET":
-            raise _not_allowed(req)
+            raise _not_allowed(req, *_READ)
         if n == 3:
             return await history.history(ctx, rt, id, req.query, base=req.base,
                                          strict=req.prefer.strict)

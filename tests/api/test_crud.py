@@ -326,6 +326,25 @@ def test_bad_input_is_an_operation_outcome_never_a_500(client: httpx.Client) -> 
         assert gw_code(response) == code, response.text
 
 
+def test_a_method_not_allowed_names_those_that_are(client: httpx.Client) -> None:
+    """RFC 9110 15.5.6: a 405 carries ``Allow``, the methods the URL takes."""
+    pid = post(client, patient(unique("mrn"))).json()["id"]
+    for method, path, allowed in [
+        ("DELETE", "/metadata", "GET, HEAD"),
+        ("PUT", "/", "GET, HEAD, POST"),
+        ("PUT", "/Patient", "GET, HEAD, POST"),
+        ("POST", f"/Patient/{pid}", "GET, HEAD, PUT, PATCH, DELETE"),
+        ("OPTIONS", "/Patient?identifier=x", "GET, HEAD, POST, PUT, PATCH, DELETE"),
+        ("DELETE", f"/Patient/{pid}/_history", "GET, HEAD"),
+        ("GET", "/Patient/_search", "POST"),
+        ("GET", f"/Patient/{pid}/$meta-add", "POST"),
+    ]:
+        response = client.request(method, path)
+        assert response.status_code == 405, (method, path, response.text)
+        assert gw_code(response) == "GW-4001"
+        assert response.headers.get("Allow") == allowed, (method, path)
+
+
 def test_numbers_beyond_what_the_store_holds_are_client_errors(client: httpx.Client) -> None:
     """Digits Python's int() refuses ("²"), or more than a version, cursor or FHIR
     integer holds: a 4xx with an OperationOutcome, never a 500."""

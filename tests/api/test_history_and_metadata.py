@@ -178,7 +178,7 @@ def test_metadata_in_terminology_mode(client: httpx.Client) -> None:
                           headers={"Content-Type": FHIR})
     assert checked.status_code == 200, checked.text
     assert not [i for i in checked.json()["issue"] if i["severity"] in ("error", "fatal")]
-    for mode in ("full", "normal"):
+    for mode in ("full", "normative", "normal"):
         statement = client.get("/metadata", params={"mode": mode}).json()
         assert statement["resourceType"] == "CapabilityStatement"
     wrong = client.get("/metadata", params={"mode": "everything"})
@@ -293,15 +293,19 @@ def test_a_new_context_ignores_what_a_collected_one_left_under_its_id(
     ctx = Context(store=cast(Store, None), registry=registry(), settings=server.settings)
     stale = {"url": "urn:stale", "valueString": "left behind"}
     capabilities._CONTRIBUTIONS[id(ctx)] = [("Patient", lambda base: [stale])]
-    capabilities._CACHE[(id(ctx), "http://x/fhir")] = ((0, 0), {"resourceType": "stale"})
-    statement = asyncio.run(capabilities.capabilities(ctx, base="http://x/fhir")).body
-    assert isinstance(statement, dict) and statement["resourceType"] == "CapabilityStatement"
+    capabilities._CACHE[(id(ctx), "http://x/fhir")] = ((0, 0), {"resourceType": "stale"},
+                                                      b'{"resourceType":"stale"}', 'W/"x"')
+    body = asyncio.run(capabilities.capabilities(ctx, base="http://x/fhir")).body
+    assert isinstance(body, bytes)
+    statement = json.loads(body)
+    assert statement["resourceType"] == "CapabilityStatement"
     patient = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Patient")
     assert "extension" not in patient
     fresh = {"url": "urn:fresh", "valueString": "mine"}
     capabilities.contribute(ctx, "Patient", lambda base: [fresh])
-    statement = asyncio.run(capabilities.capabilities(ctx, base="http://y/fhir")).body
-    assert isinstance(statement, dict)
+    body = asyncio.run(capabilities.capabilities(ctx, base="http://y/fhir")).body
+    assert isinstance(body, bytes)
+    statement = json.loads(body)
     patient = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Patient")
     assert patient["extension"] == [fresh]
 
@@ -321,3 +325,36 @@ def test_history_refuses_unknown_parameters_when_asked_to_be_strict(
                                           "_format": "json"},
                            headers={"Prefer": "handling=strict"})
         assert known.status_code == 200, (where, known.text)
+
+
+def test_the_capability_statement_carries_an_etag(client: httpx.Client) -> None:
+    """http.html#capabilities: "An ETag header SHOULD be returned with the Response.
+    The value of the ETag header SHALL change if the returned resource changes." """
+    full = client.get("/metadata")
+    etag = full.headers["ETag"]
+    assert etag.startswith('W/"') and client.get("/metadata").headers["ETag"] == etag
+    summary = client.get("/metadata", params={"_summary": "true"})
+    assert summary.headers["ETag"] not in (etag, None)
+    terminology = client.get("/metadata", params={"mode": "terminology"})
+    assert terminology.headers["ETag"] not in (etag, summary.headers["ETag"])
+    # a cache revalidates with it
+    again = client.get("/metadata", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.headers["ETag"] == etag and not again.content
+    assert client.get("/metadata", headers={"If-None-Match": 'W/"other"'}).status_code == 200
+    assert client.get("/metadata", params={"_summary": "true"},
+                      headers={"If-None-Match": etag}).status_code == 200
+    # what is served changes, and so does the tag: a profile stored here is listed
+    profile = {"resourceType": "StructureDefinition", "id": f"etag-{unique('sd')}",
+               "url": f"http://example.org/StructureDefinition/{unique('sd')}",
+               "name": "EtagPatient", "status": "draft", "kind": "resource",
+               "abstract": False, "type": "Patient",
+               "baseDefinition": "http://hl7.org/fhir/StructureDefinition/Patient",
+               "derivation": "constraint",
+               "differential": {"element": [{"id": "Patient.gender", "path": "Patient.gender",
+                                             "min": 1}]}}
+    stored = client.put(f"/StructureDefinition/{profile['id']}", json=profile,
+                        headers={"Content-Type": FHIR})
+    assert stored.status_code == 201, stored.text
+    changed = client.get("/metadata", headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["ETag"] != etag
+    assert profile["url"] in changed.text

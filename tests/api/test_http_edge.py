@@ -289,3 +289,16 @@ def _pg_running(marker: str) -> bool:
             await conn.close()
 
     return asyncio.run(query())
+
+
+def test_a_correlation_id_is_echoed(client: httpx.Client) -> None:
+    """http.html#custom: ``X-Correlation-Id``, "a client assigned request id echoed
+    back in the response"; one that is not a plain token is not repeated."""
+    response = client.get("/metadata", params={"_summary": "true"},
+                          headers={"X-Correlation-Id": "corr-123"})
+    assert response.headers["X-Correlation-Id"] == "corr-123"
+    refused = client.get("/Patient/bad$id", headers={"X-Correlation-Id": "corr-124"})
+    assert refused.status_code == 400 and refused.headers["X-Correlation-Id"] == "corr-124"
+    odd = client.get("/metadata", params={"_summary": "true"},
+                     headers={"X-Correlation-Id": "a b\tc"})
+    assert "X-Correlation-Id" not in odd.headers

@@ -202,6 +202,17 @@ def test_post_search_with_form_body(client: httpx.Client) -> None:
                            headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert response.status_code == 200
     assert [e["resource"]["id"] for e in response.json()["entry"]] == [rid]
+    # any other body would be read as no criteria at all, matching everything
+    for ctype, body in [("application/json", '{"identifier": "x"}'),
+                        (FHIR, '{"resourceType": "Parameters"}'),
+                        ("text/plain", f"identifier={mrn}")]:
+        response = client.post("/Patient/_search", content=body,
+                               headers={"Content-Type": ctype, "Prefer": "handling=strict"})
+        assert response.status_code == 415, (ctype, response.text)
+        assert gw_code(response) == "GW-1008"
+    # no body: the URL's parameters
+    response = client.post(f"/Patient/_search?identifier={mrn}")
+    assert [e["resource"]["id"] for e in response.json()["entry"]] == [rid]
 
 
 def test_expired_page_is_410(client: httpx.Client) -> None:
