@@ -16,8 +16,9 @@ from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import PREFIXES
 from gateway.interactions.base import Context, FhirResponse, check_id, check_type
+from gateway.interactions.lists import MAX_LIST_MEMBERS, listed_in
 from gateway.security import guard
-from gateway.storage.interface import StoredResource
+from gateway.storage.interface import Listed, StoredResource
 
 _STATUS = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK", "DELETE": "204 No Content"}
 
@@ -30,7 +31,7 @@ def _bound(name: str, value: str) -> tuple[int, int]:
 
 
 #: what a history takes (http.html#history), and what every request may carry
-_PARAMS = frozenset({"_since", "_at", "_count", "_cursor", "_format", "_pretty"})
+_PARAMS = frozenset({"_since", "_at", "_list", "_count", "_cursor", "_format", "_pretty"})
 #: an open end of an ``_at`` period (epoch microseconds, within a bigint)
 _NEVER = 2**62
 
@@ -70,6 +71,26 @@ def _entry(base: str, s: StoredResource) -> dict[str, Any]:
         "lastModified": instant(s.last_updated),
     }
     return entry
+
+
+async def _listed(ctx: Context, values: list[str]) -> set[Listed]:
+    """``_list``: "only include resource versions that are referenced in the specified
+    list" (http.html#history), the List as the caller reads it now; ``_list=a,b``
+    what either names, ``_list=a&_list=b`` what both name (as in a search)."""
+    found: set[Listed] | None = None
+    for value in values:
+        named: set[Listed] = set()
+        for list_id in value.split(","):
+            if not list_id or list_id.startswith("$"):
+                raise FhirError(Code.UNSUPPORTED_SEARCH,
+                                f"_list: '{list_id[:64]}' is not the id of a List here")
+            check_id(list_id)
+            named.update(await listed_in(ctx, list_id))
+        found = named if found is None else found & named
+    if found is not None and len(found) > MAX_LIST_MEMBERS:
+        raise FhirError(Code.SEARCH_TOO_COSTLY,
+                        f"the Lists of _list name more than {MAX_LIST_MEMBERS:,} resources")
+    return found or set()
 
 
 async def history(
@@ -117,12 +138,15 @@ async def history(
     count = min(count, ctx.settings.max_page_size)
     # the system's history holds the types the scopes allow, not every type
     types = guard.allowed_types(ctx.registry.types, level) if resource_type is None else None
+    listed = await _listed(ctx, [v for k, v in pairs if k == "_list"]) if "_list" in params \
+        else None
     page = await ctx.store.history(resource_type, id, since=since, at=at, before=before,
-                                   limit=count, restriction=restriction, types=types)
+                                   limit=count, restriction=restriction, types=types,
+                                   listed=listed)
     guard.note(resource_type or "*", id, None, f"_history?{urlencode(pairs)}")
     if id is not None and before is None and since is None and at is None and count and (
-            not page.entries):
-        # (filtered by time, the history of a resource that exists can be empty)
+            listed is None and not page.entries):
+        # (filtered by time or List, the history of a resource that exists can be empty)
         raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
     path = "/".join(p for p in (base, resource_type, id, "_history") if p)
     kept = [(k, v) for k, v in pairs if k not in ("_cursor", "_format", "_pretty")]

@@ -17,6 +17,7 @@ from gateway.fhir.references import RELATIVE_REF
 from gateway.fhir.search import Criterion, SearchQuery, TokenValue
 from gateway.interactions.base import Context
 from gateway.interactions.operations import stored_content
+from gateway.storage.interface import Listed
 
 #: the most resources the Lists of one ``_list`` may name
 MAX_LIST_MEMBERS = 10_000
@@ -48,13 +49,20 @@ async def with_list_members(ctx: Context, query: SearchQuery) -> SearchQuery:
 
 async def _members(ctx: Context, list_id: str, resource_type: str) -> list[str]:
     """The ids of the resources of ``resource_type`` that List ``list_id`` names."""
+    return [id for rtype, id, _ in await listed_in(ctx, list_id) if rtype == resource_type]
+
+
+async def listed_in(ctx: Context, list_id: str) -> list[Listed]:
+    """What List ``list_id`` names on this server, as the caller reads it: each
+    resource, with the version a version-specific reference names. A List the
+    caller may not see, or that does not exist, names nothing."""
     try:
         listed = await stored_content(ctx, "List", list_id)
     except FhirError as exc:
         if exc.code in (Code.NOT_FOUND, Code.GONE):  # (another organisation's, too)
             return []
         raise
-    out = []
+    out: list[Listed] = []
     for entry in listed.get("entry") or ():
         if not isinstance(entry, dict) or entry.get("deleted") is True:
             continue
@@ -62,7 +70,8 @@ async def _members(ctx: Context, list_id: str, resource_type: str) -> list[str]:
         ref = item.get("reference") if isinstance(item, dict) else None
         # references to this server are stored relative: Type/id, or a version of it
         if isinstance(ref, str) and RELATIVE_REF.fullmatch(ref):
-            rtype, id = ref.split("/")[:2]
-            if rtype == resource_type:
-                out.append(id)
+            rtype, id, *rest = ref.split("/")
+            version = rest[1] if rest else None
+            out.append((rtype, id, int(version) if version and version.isdigit()
+                        and len(version) < 19 else None))
     return out

@@ -63,6 +63,10 @@ class StoredResource:
         return f'W/"{self.version}"'
 
 
+#: a resource a List names (type, id), or one version of it (type, id, version)
+Listed = tuple[str, str, int | None]
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryPage:
     entries: list[StoredResource]
@@ -231,5 +235,7 @@ class Store(Protocol):
         limit: int,
         restriction: Restriction | None = None,
         types: Sequence[str] | None = None,
+        listed: Collection[Listed] | None = None,
     ) -> HistoryPage:
-        """Versions, newest first; ``types``: of these types only (system level)."""
+        """Versions, newest first; ``types``: of these types only (system level);
+        ``listed``: of these resources only (a version given: that version only)."""

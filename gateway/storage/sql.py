@@ -26,7 +26,13 @@ from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.references import localize
 from gateway.storage import access_sql, search_sql, snapshots
 from gateway.storage.db import Connection, Database, RetryableError, Step
-from gateway.storage.interface import HistoryPage, Restriction, Snapshot, StoredResource
+from gateway.storage.interface import (
+    HistoryPage,
+    Listed,
+    Restriction,
+    Snapshot,
+    StoredResource,
+)
 from gateway.storage.migrate import migrate
 from gateway.storage.schema import INDEX_TABLES
 from gateway.storage.security import (
@@ -932,10 +938,13 @@ class SqlStore:
         limit: int,
         restriction: Restriction | None = None,
         types: Sequence[str] | None = None,
+        listed: Collection[Listed] | None = None,
     ) -> HistoryPage:
         if resource_type is not None:
             types = [resource_type]
-        if types is not None and not types:
+        if types is not None and listed is not None:
+            listed = [x for x in listed if x[0] in types]
+        if (types is not None and not types) or (listed is not None and not listed):
             return HistoryPage([], None, 0)
         counts = before is None and (restriction is None or id is not None)
         async with self.db.read() as conn:
@@ -945,7 +954,7 @@ class SqlStore:
                 return HistoryPage([], None, 0 if counts else None)
             (sql, params), (count_sql, count_params) = history_sql(
                 types, id, since=since, at=at, before=before, limit=limit,
-                restriction=restriction, after=after)
+                restriction=restriction, after=after, listed=listed)
             rows = await conn.fetch(sql, params)
             total = None
             # the first page counts all versions, unless that would mean judging every
@@ -971,12 +980,18 @@ def history_sql(
     limit: int,
     restriction: Restriction | None = None,
     after: int | None = None,
+    listed: Collection[Listed] | None = None,
 ) -> tuple[tuple[str, list[Any]], tuple[str, list[Any]]]:
     """A history page's statement (``limit`` + 1 versions, newest first, older than
     ``before``) and the statement counting every version it pages through.
-    ``after``: no version of the page is older than this one (:func:`changed_after`)."""
+    ``after``: no version of the page is older than this one (:func:`changed_after`).
+    ``listed``: the versions of these resources only (not empty)."""
     where: list[str] = []
     params: list[Any] = []
+    if listed is not None:
+        cond, lparams = _listed_sql(listed)
+        where.append(cond)
+        params.extend(lparams)
     if restriction is not None:
         # versions of resources the caller may see now (deleted ones: by their creator)
         cond, cparams = access_sql.visible(restriction, "hv", types)
@@ -1016,6 +1031,25 @@ def history_sql(
         f" FROM resource_history h{_where(where)} ORDER BY h.seq DESC LIMIT ?"
     )
     return (page, [*params, limit + 1]), counted
+
+
+def _listed_sql(listed: Collection[Listed]) -> tuple[str, list[Any]]:
+    """The versions of ``listed`` (all of a resource's, or the one named), by type."""
+    by_type: dict[str, tuple[list[str], list[tuple[str, int]]]] = {}
+    for rtype, id, version in listed:
+        ids, versions = by_type.setdefault(rtype, ([], []))
+        if version is None:
+            ids.append(id)
+        else:
+            versions.append((id, version))
+    ors: list[str] = []
+    params: list[Any] = []
+    for rtype, (ids, versions) in by_type.items():
+        alts = [f"h.res_id IN ({', '.join('?' for _ in ids)})"] if ids else []
+        alts += ["(h.res_id = ? AND h.version = ?)" for _ in versions]
+        ors.append(f"(h.res_type = ? AND ({' OR '.join(alts)}))")
+        params += [rtype, *ids, *(x for pair in versions for x in pair)]
+    return f"({' OR '.join(ors)})", params
 
 
 #: most versions :func:`changed_after` reads to bound a page of ``_history?_since=``

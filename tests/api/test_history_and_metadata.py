@@ -358,3 +358,46 @@ def test_the_capability_statement_carries_an_etag(client: httpx.Client) -> None:
     changed = client.get("/metadata", headers={"If-None-Match": etag})
     assert changed.status_code == 200 and changed.headers["ETag"] != etag
     assert profile["url"] in changed.text
+
+
+def test_history_of_what_a_list_names(client: httpx.Client) -> None:
+    """http.html#history, ``_list``: "only include resource versions that are
+    referenced in the specified list"; a version-specific reference names that
+    version."""
+    mrn = unique("mrn")
+    one, two, other = (post(client, patient(f"{mrn}-{n}")).json() for n in (1, 2, 3))
+    for p in (one, two, other):
+        assert put(client, {**p, "active": True}).status_code == 200
+    obs = post(client, {"resourceType": "Observation", "status": "final",
+                        "code": {"text": "x"}}).json()
+    listed = post(client, {"resourceType": "List", "status": "current", "mode": "changes",
+                           "entry": [{"item": {"reference": f"Patient/{one['id']}"}},
+                                     {"item": {"reference": f"Patient/{two['id']}/_history/1"}},
+                                     {"item": {"reference": f"Observation/{obs['id']}"}},
+                                     {"item": {"reference": f"Patient/{other['id']}"},
+                                      "deleted": True}]})
+    assert listed.status_code == 201, listed.text
+    listed = listed.json()
+    since = {"_since": one["meta"]["lastUpdated"]}
+
+    def versions(path: str, **params: str) -> list[tuple[str, str]]:
+        response = client.get(path, params={**since, **params})
+        assert response.status_code == 200, response.text
+        return sorted((e["resource"]["id"], e["resource"]["meta"]["versionId"])
+                      for e in response.json().get("entry", []))
+
+    assert versions("/Patient/_history", _list=listed["id"]) == sorted(
+        [(one["id"], "1"), (one["id"], "2"), (two["id"], "1")])
+    assert (obs["id"], "1") in versions("/_history", _list=listed["id"])
+    assert len(versions("/_history", _list=listed["id"])) == 4
+    assert versions(f"/Patient/{one['id']}/_history", _list=listed["id"]) == [
+        (one["id"], "1"), (one["id"], "2")]
+    assert versions(f"/Patient/{other['id']}/_history", _list=listed["id"]) == []
+    # a List that is not there names nothing; two Lists: what both name
+    assert versions("/Patient/_history", _list="no-such-list") == []
+    narrow = post(client, {"resourceType": "List", "status": "current", "mode": "working",
+                           "entry": [{"item": {"reference": f"Patient/{one['id']}"}}]}).json()
+    assert versions("/Patient/_history", _list=[listed["id"], narrow["id"]]) == [
+        (one["id"], "1"), (one["id"], "2")]
+    assert client.get("/Patient/_history", params={"_list": "$current-problems"}
+                      ).status_code == 400
