@@ -246,6 +246,8 @@ class Chain:
 
     target_type: str
     criterion: Criterion
+    #: ``target_type`` is a canonical resource: a reference may name it by its ``url``
+    canonical: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +258,8 @@ class Has:
     source_type: str
     param_code: str
     criterion: Criterion
+    #: the resource searched is a canonical resource: named by its ``url`` too
+    canonical: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +323,9 @@ class Include:
     target_type: str | None = None
     iterate: bool = False
     wildcard: bool = False
+    #: the canonical resource types it may refer to, which a reference (a
+    #: ``canonical``) names by their ``url`` (search.html#reference)
+    canonical: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -608,6 +615,16 @@ class _Parser:
             self._cache[rtype] = found
         return found
 
+    def canonical(self, rtype: str) -> bool:
+        """Whether ``rtype`` is a canonical resource: versioned, its ``url`` parameter
+        its ``url`` element (Questionnaire, PlanDefinition, StructureDefinition, …; not
+        Subscription, whose ``url`` is its endpoint, nor Device, whose ``url`` is an
+        address and which has no version)."""
+        params = self.params_of(rtype)
+        p, version = params.get("url"), params.get("version")
+        return p is not None and p.type == "uri" and version is not None and f"{rtype}.url" in (
+            part.strip() for part in (p.expression or "").split("|"))
+
     def known_type(self, rtype: str) -> bool:
         return bool(_TYPE_NAME.fullmatch(rtype)) and bool(self.params_of(rtype))
 
@@ -823,7 +840,8 @@ class _Parser:
             )
         if target is not None and p.targets and target not in p.targets:
             raise _invalid(f"{which}: {source}:{code} cannot refer to {target}")
-        return [Include(source, code, target, iterate, False)]
+        canonical = tuple(t for t in ((target,) if target else p.targets) if self.canonical(t))
+        return [Include(source, code, target, iterate, False, canonical)]
 
     # -- criteria
 
@@ -928,7 +946,7 @@ class _Parser:
                 continue
             if inner is None:
                 return None
-            links.append(Chain(target, inner))
+            links.append(Chain(target, inner, self.canonical(target)))
         if not links:
             if len(candidates) == 1 and unknown is not None:
                 raise unknown
@@ -975,7 +993,8 @@ class _Parser:
         inner = self.criterion(source, spmap, rest, value, depth + 1)
         if inner is None:
             return None
-        return Criterion("_has", "_has", None, (), (), Has(source, ref_code, inner))
+        return Criterion("_has", "_has", None, (), (),
+                         Has(source, ref_code, inner, self.canonical(rt)))
 
     # -- values
 

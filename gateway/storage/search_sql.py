@@ -591,12 +591,24 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx, *,
         sources, sp = ctx.ids(f"SELECT {a2}.res_id FROM resource {a2}"
                               f" WHERE {a2}.res_type = ? AND {a2}.deleted = 0 AND {inner}",
                               [h.source_type, *ip])
-        return (
+        by_id = (
             f"{a}.res_id IN (SELECT {ref}.target_id FROM sp_reference {ref}"
             f" WHERE {ref}.res_type = ? AND {ref}.param = ? AND {ref}.target_type = {type_sql}"
             f" AND {ref}.res_id IN {sources})",
             [h.source_type, h.param_code, *tp, *sp],
         )
+        if not h.canonical:
+            return by_id
+        # a canonical resource is named by its url too (search.html#reference)
+        u = ctx.alias("u")
+        by_url = (
+            f"{a}.res_id IN (SELECT {u}.res_id FROM sp_uri {u} JOIN sp_reference {ref}"
+            f" ON {ref}.url = {u}.value WHERE {u}.res_type = {type_sql} AND {u}.param = 'url'"
+            f" AND {ref}.res_type = ? AND {ref}.param = ? AND {ref}.target_type IS NULL"
+            f" AND {ref}.res_id IN {sources})",
+            [*tp, h.source_type, h.param_code, *sp],
+        )
+        return _or([by_id, by_url])
     if c.chain:
         ref = ctx.alias("ref")
         ors: list[str] = []
@@ -615,12 +627,26 @@ def _criterion(c: Criterion, a: str, rtype: str | None, ctx: _Ctx, *,
                            f" WHERE {a2}.res_type = ? AND {a2}.res_id = {ref}.target_id"
                            f" AND {a2}.deleted = 0 AND {inner} OFFSET 0))")
                 params.extend([link.target_type, link.target_type, *ip])
+                if link.canonical:  # named by its url
+                    u = ctx.alias("u")
+                    ors.append(f"({ref}.target_type IS NULL AND EXISTS (SELECT 1 FROM sp_uri {u}"
+                               f" JOIN resource {a2} ON {a2}.res_type = {u}.res_type"
+                               f" AND {a2}.res_id = {u}.res_id WHERE {u}.res_type = ?"
+                               f" AND {u}.param = 'url' AND {u}.value = {ref}.url"
+                               f" AND {a2}.deleted = 0 AND {inner} OFFSET 0))")
+                    params.extend([link.target_type, *ip])
                 continue
             found, fp = ctx.ids(f"SELECT {a2}.res_id FROM resource {a2}"
                                 f" WHERE {a2}.res_type = ? AND {a2}.deleted = 0 AND {inner}",
                                 [link.target_type, *ip])
             ors.append(f"({ref}.target_type = ? AND {ref}.target_id IN {found})")
             params.extend([link.target_type, *fp])
+            if link.canonical:  # a canonical names it by its url
+                u = ctx.alias("u")
+                ors.append(f"({ref}.target_type IS NULL AND {ref}.url IN (SELECT {u}.value"
+                           f" FROM sp_uri {u} WHERE {u}.res_type = ? AND {u}.param = 'url'"
+                           f" AND {u}.res_id IN {found}))")
+                params.extend([link.target_type, *fp])
         if rtype is not None and not correlate:  # the planner can drive it from the index
             return (
                 f"{a}.res_id IN (SELECT {ref}.res_id FROM sp_reference {ref}"
@@ -1008,4 +1034,41 @@ def _include_sql(
                 f" ORDER BY {pick}, {join}",
                 params,
             ))
+            out += _canonical_include_sql(inc, rtype, chunk, reverse, restrict)
     return out
+
+
+def _canonical_include_sql(
+    inc: Include, rtype: str, ids: list[str], reverse: bool, restrict: Restrict | None,
+) -> list[Frag]:
+    """What an include finds by canonical URL (search.html#reference): the canonical
+    resources ``ids`` name by their ``url``, or (``reverse``) the resources that name
+    canonical resources ``ids`` so."""
+    if not inc.canonical or inc.wildcard or (reverse and (
+            rtype not in inc.canonical or inc.source_type == "*")):
+        return []
+    if reverse:
+        conds = ["u.res_type = ?", f"u.res_id IN ({_marks(len(ids))})", "u.param = 'url'",
+                 "ref.res_type = ?", "ref.param = ?", "ref.target_type IS NULL"]
+        params: list[Any] = [rtype, *ids, inc.source_type, inc.param_code]
+        pick, join = "ref.res_type", "ref.res_id"
+        known: str | None = inc.source_type
+    else:
+        conds = ["ref.res_type = ?", f"ref.res_id IN ({_marks(len(ids))})", "ref.param = ?",
+                 "ref.target_type IS NULL", f"u.res_type IN ({_marks(len(inc.canonical))})",
+                 "u.param = 'url'"]
+        params = [rtype, *ids, inc.param_code, *inc.canonical]
+        pick, join = "u.res_type", "u.res_id"
+        known = inc.canonical[0] if len(inc.canonical) == 1 else None
+    if restrict is not None:
+        sql, p = restrict("x", [known] if known is not None else None)
+        conds.append(sql)
+        params.extend(p)
+    return [(
+        f"SELECT DISTINCT {pick}, {join} FROM sp_reference ref"
+        f" JOIN sp_uri u ON u.value = ref.url"
+        f" JOIN resource x ON x.res_type = {pick} AND x.res_id = {join}"
+        f" WHERE x.deleted = 0 AND {' AND '.join(conds)}"
+        f" ORDER BY {pick}, {join}",
+        params,
+    )]

@@ -1192,3 +1192,63 @@ def test_offset_and_page_paging(client: httpx.Client) -> None:
         response = client.get("/Patient", params=bad)
         assert (response.status_code, gw_code(response)) == (400, "GW-1013")
 
+
+
+def test_canonical_references_are_followed_by_includes_chains_and_has(
+        client: httpx.Client) -> None:
+    """search.html#reference: a reference may name a resource "by its canonical URL";
+    includes, chains and ``_has`` follow such a reference as they follow a literal
+    one (HAPI FHIR does since 5.7)."""
+    run = unique("q")
+    url = f"http://example.org/Questionnaire/{run}"
+    q = put(client, {"resourceType": "Questionnaire", "id": run, "url": url,
+                     "version": "2.0", "name": f"Q{run.replace('-', '')}", "status": "active"}
+            ).json()
+    other = post(client, {"resourceType": "Questionnaire", "status": "active",
+                          "url": f"{url}-other"}).json()
+    answers = {}
+    for name, ref in (("versioned", f"{url}|2.0"), ("plain", url),
+                      ("literal", f"Questionnaire/{run}"), ("elsewhere", f"{url}-other")):
+        answers[name] = post(client, {"resourceType": "QuestionnaireResponse",
+                                      "status": "completed", "questionnaire": ref,
+                                      "identifier": {"system": "urn:test:qr",
+                                                     "value": f"{run}-{name}"}}).json()["id"]
+    ours = {answers[n] for n in ("versioned", "plain", "literal")}
+
+    def entries(path: str, **params: str) -> dict[str, set[str]]:
+        response = client.get(path, params=params)
+        assert response.status_code == 200, response.text
+        out: dict[str, set[str]] = {}
+        for e in response.json().get("entry", []):
+            out.setdefault(e["search"]["mode"], set()).add(
+                f"{e['resource']['resourceType']}/{e['resource']['id']}")
+        return out
+
+    for name in ("versioned", "plain"):
+        found = entries("/QuestionnaireResponse", _id=answers[name],
+                        _include="QuestionnaireResponse:questionnaire")
+        assert found["include"] == {f"Questionnaire/{q['id']}"}, (name, found)
+    found = entries("/Questionnaire", _id=q["id"],
+                    _revinclude="QuestionnaireResponse:questionnaire")
+    assert found["include"] == {f"QuestionnaireResponse/{i}" for i in ours}
+    # chained, by the Questionnaire's url or any other of its parameters
+    for params in ({"questionnaire.url": url}, {"questionnaire.name": q["name"]},
+                   {"questionnaire:Questionnaire.version": "2.0"},
+                   {"questionnaire.url": url, "status": "completed",
+                    "identifier:missing": "false"}):
+        found = entries("/QuestionnaireResponse", **params)
+        assert found["match"] == {f"QuestionnaireResponse/{i}" for i in ours}, params
+    # reverse chained: the Questionnaires answered
+    found = entries("/Questionnaire", **{
+        "_has:QuestionnaireResponse:questionnaire:identifier": f"urn:test:qr|{run}-plain"})
+    assert found["match"] == {f"Questionnaire/{q['id']}"}
+    found = entries("/Questionnaire", _id=f"{q['id']},{other['id']}", **{
+        "_has:QuestionnaireResponse:questionnaire:status": "completed"})
+    assert found["match"] == {f"Questionnaire/{q['id']}", f"Questionnaire/{other['id']}"}
+    # iterated from what was included by url
+    found = entries("/QuestionnaireResponse", _id=answers["plain"],
+                    _include="QuestionnaireResponse:questionnaire",
+                    **{"_revinclude:iterate": "QuestionnaireResponse:questionnaire"})
+    assert found["include"] == {f"Questionnaire/{q['id']}",
+                                *(f"QuestionnaireResponse/{i}" for i in ours - {
+                                    answers["plain"]})}

@@ -517,10 +517,15 @@ def test_include_forms() -> None:
         Include("Patient", "organization", None, iterate=True),
         Include("*", "*", None, wildcard=True),
     )
-    assert q.revincludes == (
-        Include("Provenance", "target"),
-        Include("Observation", "*", None, iterate=True, wildcard=True),
-    )
+    assert q.revincludes[1] == Include("Observation", "*", None, iterate=True, wildcard=True)
+    # what a canonical reference may name by its url as well
+    provenance = q.revincludes[0]
+    assert provenance.source_type == "Provenance" and provenance.param_code == "target"
+    assert {"Questionnaire", "PlanDefinition", "StructureDefinition", "ValueSet"} <= set(
+        provenance.canonical)
+    assert not {"Patient", "Subscription", "Device", "Contract"} & set(provenance.canonical)
+    assert parse("QuestionnaireResponse", "_include=QuestionnaireResponse:questionnaire"
+                 ).includes[0].canonical == ("Questionnaire",)
 
 
 @pytest.mark.parametrize(
