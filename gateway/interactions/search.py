@@ -54,6 +54,9 @@ def shaped(ctx: Context, query: SearchQuery, resource_type: str,
         tree = element_tree(query.elements, resource_type)
         if tree is None:  # only other types' elements: this one whole
             return resource
+        # "Servers SHOULD always return mandatory elements whether they are requested
+        # or not" (search.html#elements): whole, unless the request names parts of one
+        tree = {**{m: {} for m in info.mandatory}, **tree}
         return subset(resource, set(tree), info.choices, tree, ctx.registry.indexer.model)
     if query.summary in ("true", "text", "data"):
         return summarize(resource, query.summary, summary=info.summary,

@@ -502,11 +502,14 @@ def test_elements_below_the_top_and_of_one_type(client: httpx.Client) -> None:
         **me, "name": [{"given": ["Ada"]}, {"given": ["Addy"]}],
         "contact": [{"name": {"family": "Lang"}}]}
     assert read(f"/Patient/{pid}", "name.family,name")["name"][1] == {"given": ["Addy"]}
-    obs_me = {"resourceType": "Observation", "id": obs}
+    # an Observation's mandatory elements come along (search.html#elements), as asked
+    obs_me = {"resourceType": "Observation", "id": obs, "status": "final"}
     assert read(f"/Observation/{obs}", "value.value,code.coding.code") == {
         **obs_me, "code": {"coding": [{"code": "8867-4"}]}, "valueQuantity": {"value": 72}}
     assert read(f"/Observation/{obs}", "valueQuantity.unit,component.value[x].value") == {
-        **obs_me, "valueQuantity": {"unit": "/min"}, "component": [{"valueQuantity": {"value": 1}}]}
+        **obs_me, "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}],
+                           "text": "heart rate"},
+        "valueQuantity": {"unit": "/min"}, "component": [{"valueQuantity": {"value": 1}}]}
     # elements of another type: this one whole (and not tagged SUBSETTED)
     whole = client.get(f"/Patient/{pid}", params={"_elements": "Observation.code"}).json()
     assert whole["contact"][0]["gender"] == "male" and "tag" not in whole["meta"]

@@ -99,7 +99,9 @@ def test_capability_statement_in_parts(client: httpx.Client) -> None:
     assert elements.status_code == 200
     cut = elements.json()
     assert "id" not in whole  # a statement of this server now, not a stored resource
-    assert set(cut) == {"resourceType", "meta", "fhirVersion", "software"}
+    # and the mandatory elements (search.html#elements)
+    assert set(cut) == {"resourceType", "meta", "fhirVersion", "software", "status", "date",
+                        "kind", "format"}
     assert cut["fhirVersion"] == "4.0.1"
     assert cut["meta"]["tag"][-1]["code"] == "SUBSETTED"
     summary = client.get("/metadata", params={"_summary": "true"})
