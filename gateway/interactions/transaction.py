@@ -108,17 +108,21 @@ def parse_entries(ctx: Context, body: Any, base: str) -> tuple[str, list[Entry]]
     if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
         raise FhirError(Code.INVALID_BUNDLE, "POST to the base expects a Bundle")
     kind = body.get("type")
-    if kind not in ("transaction", "batch"):
+    if kind not in ("transaction", "batch", "history"):
         raise FhirError(Code.INVALID_BUNDLE,
-                        f"Bundle.type must be transaction or batch, not '{kind}'", ("Bundle.type",))
+                        f"Bundle.type must be transaction, batch or history, not '{kind}'",
+                        ("Bundle.type",))
     raw_entries = body.get("entry", [])
     if not isinstance(raw_entries, list):
         raise FhirError(Code.INVALID_BUNDLE, "Bundle.entry must be an array", ("Bundle.entry",))
     if len(raw_entries) > ctx.settings.max_bundle_entries:
         raise FhirError(Code.TOO_MANY_ENTRIES,
                         f"{len(raw_entries)} entries; at most {ctx.settings.max_bundle_entries}")
+    indexed = list(enumerate(raw_entries))
+    if kind == "history":
+        kind, indexed = "transaction", _latest_of_history(raw_entries)
     entries = []
-    for i, e in enumerate(raw_entries):
+    for i, e in indexed:
         try:
             entries.append(_parse_entry(i, e, base))
         except FhirError as exc:
@@ -134,6 +138,48 @@ def parse_entries(ctx: Context, body: Any, base: str) -> tuple[str, list[Entry]]
                                  {}, response=FhirResponse(exc.status, exc.outcome())))
     _check_unique(kind, entries)
     return kind, entries
+
+
+def _latest_of_history(entries: list[Any]) -> list[tuple[int, Any]]:
+    """A history Bundle as a transaction (http.html#other-bundles: "servers SHOULD
+    accept a history Bundle"), to copy what another server holds: each resource as
+    its newest entry leaves it (a history lists the newest first), under its own id,
+    so that references to it keep their meaning: a POST or PUT becomes a PUT of
+    ``Type/[resource.id]``, a DELETE stays one. The versions in between are not
+    replayed; the copy has versions of its own. Each with its place in the Bundle."""
+    out: list[tuple[int, Any]] = []
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        req = e.get("request") if isinstance(e, dict) else None
+        method = req.get("method") if isinstance(req, dict) else None
+        url = req.get("url") if isinstance(req, dict) else None
+        if method not in ("POST", "PUT", "PATCH", "DELETE") or not isinstance(url, str):
+            raise FhirError(Code.INVALID_ENTRY,
+                            f"Bundle.entry[{i}]: a history entry needs request.method"
+                            " (POST, PUT, PATCH or DELETE) and request.url",
+                            (f"Bundle.entry[{i}].request",))
+        resource = e.get("resource")
+        rtype = url.split("?", 1)[0].split("/")[0]
+        if method == "DELETE":
+            key = "/".join(url.split("?", 1)[0].split("/")[:2])
+        else:
+            rid = resource.get("id") if isinstance(resource, dict) else None
+            if not isinstance(rid, str) or not rid:
+                raise FhirError(Code.INVALID_ENTRY,
+                                f"Bundle.entry[{i}]: a history entry's resource keeps its id",
+                                (f"Bundle.entry[{i}].resource.id",))
+            key = f"{rtype}/{rid}"
+        if key in seen:
+            continue  # an older version of a resource written later in the Bundle
+        seen.add(key)
+        entry: dict[str, Any] = {"request": {"method": "DELETE" if method == "DELETE"
+                                             else "PUT", "url": key}}
+        if isinstance(e.get("fullUrl"), str):
+            entry["fullUrl"] = e["fullUrl"]
+        if method != "DELETE":
+            entry["resource"] = resource
+        out.append((i, entry))
+    return out
 
 
 def _check_unique(kind: str, entries: list[Entry]) -> None:

@@ -694,3 +694,52 @@ def test_batch_entries_cannot_refer_to_what_another_creates(client: httpx.Client
     outcome = second["response"]["outcome"]
     assert outcome["issue"][0]["details"]["coding"][0]["code"] == "GW-1018"
     assert "Bundle.entry[0]" in outcome["issue"][0]["diagnostics"]
+
+
+def test_a_history_bundle_is_taken_as_the_latest_state_of_each_resource(
+        client: httpx.Client) -> None:
+    """http.html#other-bundles: "servers SHOULD accept a history Bundle", for copying
+    from one server to another; each resource as the newest of its entries leaves it,
+    under its own id, so that references keep their meaning."""
+    run = unique("h")
+    origin = "http://origin.example/fhir"
+    kept, gone, obs = f"{run}-kept", f"{run}-gone", f"{run}-obs"
+
+    def version(method: str, rtype: str, rid: str, n: int, **content: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "fullUrl": f"{origin}/{rtype}/{rid}",
+            "request": {"method": method, "url": rtype if method == "POST" else f"{rtype}/{rid}"},
+            "response": {"status": "201 Created" if method == "POST" else "200 OK"}}
+        if method != "DELETE":
+            entry["resource"] = {"resourceType": rtype, "id": rid,
+                                 "meta": {"versionId": str(n)}, **content}
+        return entry
+
+    history = {"resourceType": "Bundle", "type": "history", "entry": [  # newest first
+        version("PUT", "Patient", kept, 2, name=[{"family": "Neu"}]),
+        version("DELETE", "Patient", gone, 2),
+        version("POST", "Observation", obs, 1, status="final", code={"text": "x"},
+                subject={"reference": f"{origin}/Patient/{kept}"}),
+        version("POST", "Patient", gone, 1, name=[{"family": "Weg"}]),
+        version("POST", "Patient", kept, 1, name=[{"family": "Alt"}]),
+    ]}
+    response = send(client, history)
+    assert response.status_code == 200, response.text
+    assert response.json()["type"] == "transaction-response"
+    assert client.get(f"/Patient/{kept}").json()["name"] == [{"family": "Neu"}]
+    assert client.get(f"/Patient/{gone}").status_code in (404, 410)
+    observation = client.get(f"/Observation/{obs}").json()
+    assert observation["subject"] == {"reference": f"Patient/{kept}"}
+    # this server's own history goes back in as it came out
+    own = client.get(f"/Patient/{kept}/_history").json()
+    again = send(client, own)
+    assert again.status_code == 200, again.text
+    assert client.get(f"/Patient/{kept}").json()["name"] == [{"family": "Neu"}]
+    # an entry without what it wrote is refused, naming it
+    broken = {"resourceType": "Bundle", "type": "history", "entry": [
+        version("PUT", "Patient", kept, 3, name=[{"family": "X"}]),
+        {"fullUrl": f"{origin}/Patient/x", "resource": {"resourceType": "Patient"},
+         "request": {"method": "POST", "url": "Patient"}}]}
+    refused = send(client, broken)
+    assert refused.status_code == 400 and gw_code(refused) == "GW-1018"
+    assert "Bundle.entry[1]" in refused.text
