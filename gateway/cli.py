@@ -32,8 +32,12 @@ def serve(
 
     settings = Settings.from_env(host=host, port=port, workers=workers,
                                  database_url=database_url)
-    # workers re-read the environment: hand the effective settings down that way
+    # the app (in each worker) reads the environment: hand the effective settings down
+    # that way. The address decides dev mode (loopback only) and the URLs the gateway
+    # writes (notifications, token audiences) when no public base URL is configured.
     os.environ["CAREPATH_DATABASE_URL"] = settings.database_url
+    os.environ["CAREPATH_HOST"] = settings.host
+    os.environ["CAREPATH_PORT"] = str(settings.port)
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # the workers' metrics, summed in any worker's /metrics (gateway/api/metrics.py)
         import atexit

@@ -129,20 +129,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     services.append(statistics)
     auth = Authenticator(store.db, settings)
 
+    started: list[Service] = []
+
     async def startup() -> None:
         await store.open()
-        installed = await install_conformance(store, reg)
-        if installed:
-            log.info("installed %d of the gateway's conformance resources", installed)
-        await auth.start(public_base(settings))
-        for service in services:
-            await service.start()
+        try:
+            installed = await install_conformance(store, reg)
+            if installed:
+                log.info("installed %d of the gateway's conformance resources", installed)
+            await auth.start(public_base(settings))
+            for service in services:
+                await service.start()
+                started.append(service)
+        except BaseException:
+            # the server will not run: what started stops, and the database's
+            # connections (threads, on SQLite) close, so that the process can exit
+            await shutdown()
+            raise
         freeze_startup_objects()
         log.info("carepath-gateway ready on %s (%s)", settings.base_path, store.dialect)
 
     async def shutdown() -> None:
-        for service in reversed(services):
-            await service.stop()
+        while started:
+            await started.pop().stop()
         await store.close()
 
     health = Health(store.db, audit, events)

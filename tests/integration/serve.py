@@ -20,7 +20,9 @@ def free_port() -> int:
 
 
 class Served:
-    def __init__(self, env: dict[str, str], workers: int = 1, cwd: Path | None = None) -> None:
+    def __init__(self, env: dict[str, str], workers: int = 1, cwd: Path | None = None,
+                 args: tuple[str, ...] = ()) -> None:
+        self.args = args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/fhir"
         self.env = {**os.environ, **env}
@@ -41,7 +43,7 @@ class Served:
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--port", str(self.port),
-             "--workers", str(self.workers)],
+             "--workers", str(self.workers), *self.args],
             env=self.env, cwd=self.cwd, stdout=self.log, stderr=subprocess.STDOUT,
         )
 
@@ -51,7 +53,9 @@ class Served:
         deadline = started + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"carepath serve exited: {self.output()[-2000:]}")
+                output = self.output()
+                self.log.close()
+                raise RuntimeError(f"carepath serve exited: {output[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/metadata", timeout=1).status_code == 200:
                     self.ready_after = time.monotonic() - started

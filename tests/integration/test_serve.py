@@ -138,3 +138,31 @@ def test_a_profile_stored_through_one_process_holds_in_another(new_schema) -> No
         assert httpx.delete(f"{a.url}/StructureDefinition/{profile['id']}").status_code == 204
         del nameless["birthDate"]
         assert httpx.post(f"{b.url}/Patient", json=nameless, headers=fhir).status_code == 201
+
+
+def test_the_address_flags_reach_the_server(tmp_path: Path) -> None:
+    """``--host`` and ``--port`` are the server's address for everything it decides by
+    it, not only for the socket: the URLs it writes into notifications and
+    ``$status`` name that port, and an address beyond loopback is never dev mode."""
+    env = {"CAREPATH_DATABASE_URL": f"sqlite:///{tmp_path / 'flags.db'}"}
+    with Served(env) as served:
+        subscription = httpx.post(f"{served.url}/Subscription", json={
+            "resourceType": "Subscription", "status": "off", "reason": "test",
+            "criteria": "https://carepath-gateway.org/fhir/SubscriptionTopic/referral-created",
+            "channel": {"type": "rest-hook", "endpoint": "http://127.0.0.1:9/hook",
+                        "payload": "application/fhir+json"}},
+            headers={"Content-Type": "application/fhir+json"})
+        assert subscription.status_code == 201, subscription.text
+        sid = subscription.json()["id"]
+        status = httpx.get(f"{served.url}/Subscription/{sid}/$status").json()
+        parameters = status["entry"][0]["resource"]["parameter"]
+        named = next(p["valueReference"]["reference"] for p in parameters
+                     if p["name"] == "subscription")
+        assert named == f"{served.url}/Subscription/{sid}", named
+    # bound beyond loopback with no client registered: refused, not served openly
+    try:
+        with Served(env, args=("--host", "0.0.0.0")) as served:
+            response = httpx.get(f"{served.url}/Patient")
+            raise AssertionError(f"served without authentication: {response.status_code}")
+    except RuntimeError as exc:
+        assert "refusing to serve on 0.0.0.0 without authentication" in str(exc), exc
