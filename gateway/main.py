@@ -33,6 +33,7 @@ from gateway.storage.planner import PlannerStatistics
 from gateway.storage.retention import Retention
 from gateway.subscriptions import SubscriptionService
 from gateway.subscriptions.service import WEBSOCKET_PATH
+from gateway.subscriptions.topics import TopicRegistry
 
 log = logging.getLogger("carepath")
 
@@ -106,7 +107,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     events = EventRuntime(store.db, settings)  # outbox relay and bus
     store.after_commit.append(events.relay.wake)
     subscriptions = SubscriptionService(store.db, store, settings, events,
-                                        base_url=public_base(settings))
+                                        base_url=public_base(settings),
+                                        topics=TopicRegistry.load(
+                                            implied=reg.indexer.implied_system))
     subscriptions.matcher.access_rules = access.rules  # notifications obey the compartment
     validator = subscriptions.checks(
         FhirValidator.load(profiles_dir(), reg.structure_definitions, settings))

@@ -1023,6 +1023,11 @@ class Indexer:
         self._part_plans: dict[tuple[str, frozenset[str]], _Plan] = {}
         self._fallbacks: dict[str, tuple[Fallback, ...]] = {}
 
+
+    def implied_system(self, expression: str) -> str | None:
+        """The code system the values of the ``code`` element at ``expression`` (a
+        simple path) come from, when its required binding implies one."""
+        return self._systems.of(expression)
     def with_params(self, search_parameters: Iterable[dict[str, Any]]) -> Indexer:
         """This indexer with more (non-composite) parameters: those stored on a server.
         A code a base type has already keeps its first definition. What the two

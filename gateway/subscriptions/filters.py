@@ -84,12 +84,13 @@ def _reference_keys(value: Any) -> set[str]:
     return {ref}
 
 
-def _tokens(value: Any) -> set[tuple[str | None, str]]:
-    """(system, code) pairs of a code, Coding, CodeableConcept or Identifier."""
+def _tokens(value: Any, implied: str | None = None) -> set[tuple[str | None, str]]:
+    """(system, code) pairs of a code (of the system its binding implies), Coding,
+    CodeableConcept or Identifier."""
     if isinstance(value, bool):
         return {(None, "true" if value else "false")}
     if isinstance(value, str):
-        return {(None, value)}
+        return {(implied, value)}
     if not isinstance(value, dict):
         return set()
     if "coding" in value or ("text" in value and "code" not in value):
@@ -101,13 +102,13 @@ def _tokens(value: Any) -> set[tuple[str | None, str]]:
     return {(value.get("system"), str(code))} if code is not None else set()
 
 
-def _matches(kind: str, wanted: str, values: list[Any]) -> bool:
+def _matches(kind: str, wanted: str, values: list[Any], implied: str | None = None) -> bool:
     if kind == "reference":
         key = wanted.split("/_history/", 1)[0].rstrip("/")
         return any(key in _reference_keys(v) for v in values)
     if kind == "token":
         system, bar, code = wanted.partition("|")
-        for sys_, code_ in (t for v in values for t in _tokens(v)):
+        for sys_, code_ in (t for v in values for t in _tokens(v, implied)):
             if not bar and code_ == wanted:
                 return True
             if bar and not system and sys_ is None and code_ == code:
@@ -145,6 +146,7 @@ def accepts(topic: Topic, criteria: list[Criterion], resource_type: str,
         if definition is None:
             return False
         found = values.get(definition)
-        if not any(_matches(definition.kind, v, found) for v in criterion.values):
+        if not any(_matches(definition.kind, v, found, definition.system)
+                   for v in criterion.values):
             return False
     return True

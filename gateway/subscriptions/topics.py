@@ -54,6 +54,10 @@ class Trigger:
         return result == [True]
 
 
+#: the code system a ``code`` element's binding implies, by the element's path
+Implied = Callable[[str], "str | None"]
+
+
 @dataclass(frozen=True, slots=True)
 class FilterDef:
     name: str
@@ -61,6 +65,9 @@ class FilterDef:
     kind: str  # reference | token | string
     expression: str
     _values: Compiled
+    #: a token filter on a ``code`` element: the system its binding implies
+    #: (``Task.status``: task-status), so that ``system|code`` matches as in a search
+    system: str | None = None
 
     def values(self, resource: dict[str, Any]) -> list[Any]:
         return self._values(resource, {})
@@ -97,8 +104,9 @@ def _extension(element: dict[str, Any], url: str, key: str) -> Any:
     return None
 
 
-def compile_topic(resource: dict[str, Any]) -> Topic:
-    """Compile one SubscriptionTopic; ``ValueError`` when it is not usable."""
+def compile_topic(resource: dict[str, Any], implied: Implied | None = None) -> Topic:
+    """Compile one SubscriptionTopic; ``ValueError`` when it is not usable. ``implied``:
+    the code system a ``code`` element's binding implies (by its path)."""
     url = resource.get("url")
     if not isinstance(url, str) or not url:
         raise ValueError("SubscriptionTopic.url is required")
@@ -122,7 +130,9 @@ def compile_topic(resource: dict[str, Any]) -> Topic:
         if not isinstance(expression, str) or kind not in FILTER_KINDS or not name:
             raise ValueError(f"{url}: filter {name!r} needs an expression and a type")
         rt = _type_of(can["resource"])
-        filters[(rt, name)] = FilterDef(name, rt, kind, expression, fhirpath(expression))
+        system = implied(expression) if implied is not None and kind == "token" else None
+        filters[(rt, name)] = FilterDef(name, rt, kind, expression, fhirpath(expression),
+                                        system)
     return Topic(url, resource.get("id", _type_of(url)), resource.get("version", ""),
                  resource.get("title", ""), tuple(triggers), filters, resource)
 
@@ -138,9 +148,10 @@ class TopicRegistry:
                 self._by_type.setdefault(rt, []).append(topic)
 
     @classmethod
-    def load(cls, directory: Path | None = None) -> TopicRegistry:
+    def load(cls, directory: Path | None = None,
+             implied: Implied | None = None) -> TopicRegistry:
         folder = directory or topics_dir()
-        return cls([compile_topic(orjson.loads(p.read_bytes()))
+        return cls([compile_topic(orjson.loads(p.read_bytes()), implied)
                     for p in sorted(folder.glob("SubscriptionTopic-*.json"))])
 
     def get(self, canonical: str) -> Topic | None:

@@ -165,3 +165,22 @@ def test_notification_bundles_follow_the_r4_backport_shape_and_are_deterministic
                          events=events, content="empty")
     assert len(empty["entry"]) == 1
     assert "focus" not in orjson.dumps(empty).decode()
+
+
+def test_a_code_filters_with_the_system_its_binding_implies() -> None:
+    """``Task?status=http://hl7.org/fhir/task-status|accepted`` matches as the same
+    search does: the system of a ``code`` is implied by its required binding."""
+    from gateway.main import registry
+
+    topics = TopicRegistry.load(implied=registry().indexer.implied_system)
+    topic = topics.get(TOPIC + "referral-status-changed")
+    assert topic is not None
+    task = {"resourceType": "Task", "status": "accepted"}
+    for wanted, matches in [("http://hl7.org/fhir/task-status|accepted", True),
+                            ("accepted", True),
+                            ("http://hl7.org/fhir/task-status|", True),
+                            ("http://hl7.org/fhir/task-status|rejected", False),
+                            ("http://example.org/other|accepted", False),
+                            ("|accepted", False)]:
+        criteria = parse_filter(f"Task?status={wanted}", topic)
+        assert accepts(topic, criteria, "Task", EventValues(task)) is matches, wanted
