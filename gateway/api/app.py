@@ -746,6 +746,10 @@ def create_api(
             request.headers.get("accept-encoding")) else 0
         try:
             encoded = await _gzipped(resp, pretty, gzip_from, xml)
+        except FhirError as exc:  # a body XML cannot carry: said in JSON
+            resp, xml, description = (FhirResponse(exc.status, exc.outcome()), None,
+                                      exc.code.gw)
+            encoded = await _gzipped(resp, pretty, gzip_from)
         except Exception:  # a body the XML writer cannot write: a bug of ours, said so
             log.exception("cannot write the answer to %s /%s as XML (request %s)",
                           request.method, request.path, caller.request_id)

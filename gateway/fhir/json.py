@@ -38,9 +38,12 @@ def _lossy(raw: bytes) -> bool:
 
 
 # Escapes that may decode to what FHIR strings forbid: control characters other
-# than tab/LF/CR (datatypes.html#string) and lone UTF-16 surrogates.
-_SUSPECT = re.compile(rb"\\u00[01][0-9a-fA-F]|\\[bf]|\\u[dD][89a-fA-F]")
-_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+# than tab/LF/CR (datatypes.html#string) and lone UTF-16 surrogates; and the
+# noncharacters U+FFFE and U+FFFF, escaped or not, which XML cannot carry (a
+# resource must be as writable in XML as in JSON).
+_SUSPECT = re.compile(rb"\\u00[01][0-9a-fA-F]|\\[bf]|\\u[dD][89a-fA-F]|\\u[fF]{3}[eEfF]"
+                      rb"|\xef\xbf[\xbe\xbf]")
+_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 class Number(Decimal):

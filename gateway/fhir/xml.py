@@ -33,7 +33,7 @@ from lxml import etree  # type: ignore[import-untyped]
 from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.validation.model import COMPLEX, PRIM, RESOURCE, XHTML, Model, Node
-from gateway.fhir.validation.xhtml import hardened_parser, has_dtd
+from gateway.fhir.validation.xhtml import MAX_ATTRIBUTES, hardened_parser, has_dtd
 
 FHIR_NS = "http://hl7.org/fhir"
 XHTML_NS = "http://www.w3.org/1999/xhtml"
@@ -42,9 +42,16 @@ _F = "{" + FHIR_NS + "}"
 #: instance was written against (test fixtures and older tools write it); not data
 _XSI = "{http://www.w3.org/2001/XMLSchema-instance}"
 _INTEGERS = frozenset(("integer", "positiveInt", "unsignedInt", "integer64"))
+#: the primitives whose values are text, kept as written
+_TEXT = frozenset(("string", "markdown"))
 _INTEGER = re.compile(r"-?[0-9]+")
 _DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 _REFUSED = re.compile(rb"<!DOCTYPE|<!ENTITY", re.IGNORECASE)
+#: where the root element begins (in UTF-8 and its ASCII kin): what comes before is
+#: the prolog, where a DOCTYPE stands (UTF-16 is checked after parsing)
+_ROOT_START = re.compile(rb"<[A-Za-z_]")
+#: not content of a resource (xml.html): comments and processing instructions
+_NOT_CONTENT = (etree._Comment, etree._ProcessingInstruction)
 
 
 def _bad(message: str) -> FhirError:
@@ -62,7 +69,14 @@ def dumps(value: Any, model: Model, *, pretty: bool = False) -> bytes:
         raise TypeError("a resource is a JSON object")
     else:  # through JSON text: stored fragments and Numbers become plain values
         value = json.loads(fjson.dumps(value), parse_float=Decimal)
-    root = _resource_element(value, model, None)
+    try:
+        root = _resource_element(value, model, None)
+    except ValueError as exc:
+        if "XML compatible" not in str(exc):
+            raise
+        # (stored before such characters were refused on the way in)
+        raise FhirError(Code.NOT_ACCEPTABLE, "the resource holds characters XML cannot"
+                                             " carry (such as U+FFFF): ask for JSON") from None
     return bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8",
                                 pretty_print=pretty))
 
@@ -143,7 +157,11 @@ def _fill_primitive_extras(element: etree._Element, extras: dict[str, Any],
 def _xhtml(div: Any) -> etree._Element:
     if not isinstance(div, str) or _REFUSED.search(div.encode()):
         raise ValueError("the narrative is not XHTML")
-    return etree.fromstring(div.encode(), hardened_parser())
+    element = etree.fromstring(div.encode(), hardened_parser())
+    # an (empty) text node keeps a pretty printer from indenting inside the div:
+    # whitespace there is content (<pre>, between inline elements)
+    element.text = element.text or ""
+    return element
 
 
 # -- XML -> JSON ----------------------------------------------------------------------
@@ -151,7 +169,8 @@ def _xhtml(div: Any) -> etree._Element:
 
 def loads(data: bytes, model: Model) -> dict[str, Any]:
     """The JSON form of a FHIR XML resource; :class:`FhirError` (400) when it is not one."""
-    if _REFUSED.search(data):
+    start = _ROOT_START.search(data)  # a DOCTYPE stands before the root element
+    if _REFUSED.search(data, 0, start.start() if start else len(data)):
         raise _bad("a DOCTYPE or entity declaration is not allowed")
     try:
         root = etree.fromstring(data, hardened_parser())
@@ -159,7 +178,23 @@ def loads(data: bytes, model: Model) -> dict[str, Any]:
         raise FhirError(Code.MALFORMED_XML, str(exc)[:200]) from None
     if has_dtd(root):
         raise _bad("a DOCTYPE or entity declaration is not allowed")
+    for element in root.iter():
+        # (lxml reads the attributes of an element in time that grows with the
+        # square of their number: 4.6 s for 40,000)
+        if len(element.attrib) > MAX_ATTRIBUTES:
+            raise _bad(f"an element has more than {MAX_ATTRIBUTES} attributes")
     return _resource_json(root, model, root.tag)
+
+
+def _attribute(name: str, value: str, where: str, *, text: bool = False) -> str:
+    """An attribute's value, not empty ("attributes cannot be empty ... present with
+    at least one character of non-whitespace content"), trimmed ("SHOULD trim
+    leading and trailing whitespace when reading attribute values") unless it is
+    ``text`` (a string or markdown: whitespace there is content the JSON form keeps)."""
+    trimmed = value.strip()
+    if not trimmed:
+        raise _bad(f"{where}: attribute '{name}' is empty")
+    return value if text else trimmed
 
 
 def _local(element: etree._Element, where: str) -> str:
@@ -187,7 +222,7 @@ def _read(element: etree._Element, node: Node, out: dict[str, Any], model: Model
     resource = node.resource_type is not None
     for name, value in element.attrib.items():
         if (not resource and name == "id") or (name == "url" and node.path == "Extension"):
-            out[name] = value
+            out[name] = _attribute(name, value, where)
         elif resource and name in (_XSI + "schemaLocation", _XSI + "noNamespaceSchemaLocation"):
             continue
         else:
@@ -197,7 +232,7 @@ def _read(element: etree._Element, node: Node, out: dict[str, Any], model: Model
     for sub in element:
         if sub.tail and sub.tail.strip():
             raise _bad(f"{where}: text is not allowed here")
-        if isinstance(sub, etree._Comment):
+        if isinstance(sub, _NOT_CONTENT):
             continue
         if sub.tag == "{" + XHTML_NS + "}div":
             child = node.children.get("div")
@@ -215,7 +250,7 @@ def _read(element: etree._Element, node: Node, out: dict[str, Any], model: Model
             _read_primitive(sub, child.code, child.array, name, out, model, path)
             continue
         if child.kind == RESOURCE:
-            inner = [e for e in sub if not isinstance(e, etree._Comment)]
+            inner = [e for e in sub if not isinstance(e, _NOT_CONTENT)]
             if len(inner) != 1 or sub.attrib:
                 raise _bad(f"{path}: holds one resource")
             item: Any = _resource_json(inner[0], model, path)
@@ -264,23 +299,30 @@ def _narrative(div: etree._Element) -> etree._Element:
 def _read_primitive(element: etree._Element, code: str, array: bool, name: str,
                     out: dict[str, Any], model: Model, path: str) -> None:
     extras: dict[str, Any] = {}
+    raw = None
     for attr, text in element.attrib.items():
         if attr == "id":
-            extras["id"] = text
-        elif attr != "value":
+            extras["id"] = _attribute(attr, text, path)
+        elif attr == "value":
+            raw = _attribute(attr, text, path, text=code in _TEXT)
+        else:
             raise _bad(f"{path}: attribute '{attr}' is not defined here")
     if element.text and element.text.strip():
         raise _bad(f"{path}: a primitive's value is its value attribute")
     extension = model.type_node("Extension")
     for sub in element:
-        if isinstance(sub, etree._Comment):
+        if isinstance(sub, _NOT_CONTENT):
             continue
         if _local(sub, path) != "extension" or extension is None:
             raise _bad(f"{path}: a primitive holds extensions only")
         item: dict[str, Any] = {}
         _read(sub, extension, item, model, f"{path}.extension")
         extras.setdefault("extension", []).append(item)
-    raw = element.get("value")
+    if raw is None and "extension" not in extras:
+        # "FHIR elements are never empty": a value, or extensions (an id alone says
+        # nothing), as JSON's "birthDate": null is refused
+        raise _bad(f"{path}: an element is never empty: it has a value attribute or"
+                   " extensions")
     value = None if raw is None else _typed(raw, code)
     if array:
         values, more = out.setdefault(name, []), out.get("_" + name)

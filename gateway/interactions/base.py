@@ -182,7 +182,8 @@ def check_id(id: str) -> None:
 def check_body(ctx: Context, body: Any, resource_type: str) -> dict[str, Any]:
     """The body is a resource of ``resource_type`` (http.html#create, #update)."""
     if not isinstance(body, dict):
-        raise FhirError(Code.NOT_AN_OBJECT, "the body must be a FHIR resource (a JSON object)")
+        raise FhirError(Code.NOT_AN_OBJECT,
+                        "the body must be a FHIR resource (a JSON object, or FHIR XML)")
     rt = body.get("resourceType")
     if not isinstance(rt, str):
         raise FhirError(Code.INVALID_RESOURCE, "resourceType is missing", ("resourceType",))

@@ -113,7 +113,15 @@ def test_xml_follows_the_definitions(model: Model) -> None:
     b'<!DOCTYPE Patient SYSTEM "http://evil.example/x.dtd"><Patient xmlns="http://hl7.org/fhir"/>',
     b'<Patient xmlns="http://hl7.org/fhir"><id value="a"></Patient>',
     b'<Patient xmlns="http://hl7.org/fhir"><id value="&undeclared;"/></Patient>',
-    b'<Patient xmlns="http://hl7.org/fhir"><?php echo 1 ?><active value="true"/></Patient>',
+    # "FHIR elements are never empty", "attributes cannot be empty" (xml.html)
+    b'<Patient xmlns="http://hl7.org/fhir"><birthDate/></Patient>',
+    b'<Patient xmlns="http://hl7.org/fhir"><birthDate>  </birthDate></Patient>',
+    b'<Patient xmlns="http://hl7.org/fhir"><birthDate id="x"/></Patient>',
+    b'<Patient xmlns="http://hl7.org/fhir"><name><family value="   "/></name></Patient>',
+    b'<Patient xmlns="http://hl7.org/fhir"><name id=" "><family value="X"/></name></Patient>',
+    # more attributes than any element has (lxml reads them in quadratic time)
+    b'<Patient xmlns="http://hl7.org/fhir"><active value="true" '
+    + b" ".join(b'a%d="x"' % i for i in range(40)) + b"/></Patient>",
     # xsi: only a resource's schemaLocation is let pass
     b'<Patient xmlns="http://hl7.org/fhir" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">'
     b'<name xsi:type="HumanName"><family value="X"/></name></Patient>',
@@ -155,3 +163,60 @@ def test_a_narrative_with_a_prefix_is_held_in_the_default_namespace(model: Model
     div = fhir_xml.loads(body, model)["text"]["div"]
     assert div == ('<div xmlns="http://www.w3.org/1999/xhtml"><p xml:lang="de">Hallo</p>'
                    '<a href="#x">mehr</a></div>')
+
+
+def test_what_xml_carries_beside_the_content_is_not_content(model: Model) -> None:
+    """xml.html: "XML comments, processing instructions and formatting are not part of
+    the contents of a resource"; a comment or CDATA that mentions a DOCTYPE declares
+    none; attribute values are trimmed, but for text (a string keeps its spaces, as
+    in JSON)."""
+    body = (b'<?xml version="1.0"?><Patient xmlns="http://hl7.org/fhir">'
+            b'<!-- a Patient, not <!DOCTYPE x> --><?app keep?>'
+            b'<text><status value="generated"/><div xmlns="http://www.w3.org/1999/xhtml">'
+            b'<p><![CDATA[<!DOCTYPE is text here]]></p></div></text>'
+            b'<active value=" true "><?app keep?></active><name><family value=" Muster "/>'
+            b'</name><gender value=" female "/></Patient>')
+    resource = fhir_xml.loads(body, model)
+    assert resource["active"] is True and resource["gender"] == "female"
+    assert resource["name"] == [{"family": " Muster "}]
+    assert "&lt;!DOCTYPE is text here" in resource["text"]["div"]
+
+
+def test_many_attributes_are_refused_before_they_are_read(model: Model) -> None:
+    """lxml hands over the attributes of an element in time that grows with the square
+    of their number (4.6 s for 40,000, on the event loop): they are counted first."""
+    body = (b'<Patient xmlns="http://hl7.org/fhir"><active value="true" '
+            + b" ".join(b'a%d="x"' % i for i in range(40_000)) + b"/></Patient>")
+    with pytest.raises(FhirError) as caught:
+        fhir_xml.loads(body, model)
+    assert "more than 32 attributes" in str(caught.value.diagnostics)
+    div = ('<div xmlns="http://www.w3.org/1999/xhtml"><p '
+           + " ".join(f'a{i}="x"' for i in range(40_000)) + '>x</p></div>')
+    from gateway.fhir.validation.xhtml import check_narrative
+    assert any("more than 32 attributes" in m for _, m in check_narrative(div))
+
+
+def test_characters_xml_cannot_carry_are_refused_or_said(model: Model) -> None:
+    """U+FFFE and U+FFFF are not XML characters: refused in JSON as the control
+    characters are (a resource is as writable in XML as in JSON); one stored before
+    is answered 406 in XML, not a 500."""
+    for raw in ('{"resourceType":"Patient","id":"\uffff"}'.encode(),
+                '{"resourceType":"Patient","id":"￿"}'.encode(),
+                '{"resourceType":"Patient","id":"\ufffe"}'.encode()):
+        with pytest.raises(FhirError) as caught:
+            fjson.loads(raw)
+        assert caught.value.status == 400, raw
+    with pytest.raises(FhirError) as caught:
+        fhir_xml.dumps({"resourceType": "Patient", "name": [{"family": "a\uffff"}]}, model)
+    assert caught.value.status == 406
+
+
+def test_pretty_xml_leaves_the_narrative_as_it_is(model: Model) -> None:
+    div = ('<div xmlns="http://www.w3.org/1999/xhtml"><pre><b>x</b><i>y</i></pre>'
+           '<span>a</span><span>b</span></div>')
+    written = fhir_xml.dumps({"resourceType": "Patient", "text": {"status": "generated",
+                                                                  "div": div}},
+                             model, pretty=True)
+    assert b"\n  <text>" in written  # pretty outside the narrative
+    assert div.encode() in written
+    assert fhir_xml.loads(written, model)["text"]["div"] == div

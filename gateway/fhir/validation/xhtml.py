@@ -170,6 +170,10 @@ _IMG = _X + "img"
 _PLAIN = GLOBAL_ATTRIBUTES - {"style"}
 
 
+#: the most attributes an element of narrative may have (HTML's need a few)
+MAX_ATTRIBUTES = 32
+
+
 def check_narrative(div: str) -> list[tuple[str, str]]:
     """Problems with a ``Narrative.div`` as ``(constraint key, message)`` pairs."""
     bad = _REFUSED_MARKUP.search(div)
@@ -202,6 +206,10 @@ def check_narrative(div: str) -> list[tuple[str, str]]:
                              if tag.startswith(_X) else f"element '{tag}' is not XHTML"))
         elif tag == _IMG:
             has_image = True
+        if len(node.attrib) > MAX_ATTRIBUTES:
+            # (lxml reads attributes in time that grows with the square of their number)
+            problems.append(("txt-1", f"an element has more than {MAX_ATTRIBUTES} attributes"))
+            continue
         items = node.items()
         if items:
             for attr, value in items:
