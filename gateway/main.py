@@ -32,7 +32,7 @@ from gateway.storage.db import open_database
 from gateway.storage.planner import PlannerStatistics
 from gateway.storage.retention import Retention
 from gateway.subscriptions import SubscriptionService
-from gateway.subscriptions.service import WEBSOCKET_PATH
+from gateway.subscriptions.service import SERVER_CAPABILITIES, WEBSOCKET_PATH
 from gateway.subscriptions.topics import TopicRegistry
 
 log = logging.getLogger("carepath")
@@ -123,6 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     search_parameters.on_change.append(lambda: capabilities.forget(ctx))
     capabilities.contribute(ctx, "Subscription", subscriptions.subscription_extensions)
     capabilities.contribute(ctx, None, subscriptions.rest_extensions)
+    capabilities.declare(ctx, profiles={"Subscription": [subscriptions.supported_profile]},
+                         instantiates=[SERVER_CAPABILITIES])
     retention = Retention(store.db, outbox_hours=settings.outbox_retention_hours,
                           subscription_event_hours=settings.subscription_event_retention_hours)
     services: list[Service] = [search_parameters, audit, AuditChainer(store.db), events,

@@ -47,6 +47,9 @@ BASE_CANONICAL = "https://carepath-gateway.org/fhir"
 #: entry (or, for type ``None``, to ``rest``), e.g. the subscription topics
 Contribution = Callable[[str], list[dict[str, Any]]]
 _CONTRIBUTIONS: dict[int, list[tuple[str | None, Contribution]]] = {}
+#: what a higher layer declares the server to hold to: profiles by resource type (its
+#: ``supportedProfile``) and CapabilityStatements it ``instantiates``
+_DECLARED: dict[int, tuple[dict[str, list[str]], list[str]]] = {}
 #: the live context each id above (and in the statement cache) stands for
 _OWNERS: weakref.WeakValueDictionary[int, Context] = weakref.WeakValueDictionary()
 
@@ -57,6 +60,7 @@ def _key(ctx: Context) -> int:
     key = id(ctx)
     if _OWNERS.get(key) is not ctx:
         _CONTRIBUTIONS.pop(key, None)
+        _DECLARED.pop(key, None)
         for stale in [k for k in _CACHE if k[0] == key]:
             del _CACHE[stale]
         _OWNERS[key] = ctx
@@ -73,6 +77,17 @@ def forget(ctx: Context) -> None:
 def contribute(ctx: Context, resource_type: str | None, extensions: Contribution) -> None:
     """Add extensions to the statement served for ``ctx`` (called by ``gateway.main``)."""
     _CONTRIBUTIONS.setdefault(_key(ctx), []).append((resource_type, extensions))
+
+
+def declare(ctx: Context, *, profiles: Mapping[str, list[str]] | None = None,
+            instantiates: list[str] | None = None) -> None:
+    """Declare, in the statement served for ``ctx``, profiles a type's writes are held
+    to beyond the validator's (``supportedProfile``) and CapabilityStatements the
+    server implements (``instantiates``)."""
+    by_type, canonicals = _DECLARED.setdefault(_key(ctx), ({}, []))
+    for resource_type, urls in (profiles or {}).items():
+        by_type.setdefault(resource_type, []).extend(urls)
+    canonicals.extend(instantiates or [])
 
 
 def _extensions(contributions: list[tuple[str | None, Contribution]], rt: str | None,
@@ -134,10 +149,13 @@ def _statement(
     registry: Registry, base: str, operations: Mapping[str, Operation],
     contributions: list[tuple[str | None, Contribution]] | None = None,
     cors: bool = False, stored: Mapping[str, list[str]] | None = None,
+    declared: tuple[dict[str, list[str]], list[str]] | None = None,
 ) -> dict[str, Any]:
-    """``stored``: the profiles stored here that writes are held to, by type."""
+    """``stored``: the profiles stored here that writes are held to, by type;
+    ``declared``: what :func:`declare` added."""
     contributions = contributions or []
     stored = stored or {}
+    declared_profiles, instantiates = declared or ({}, [])
     includes, revincludes = _include_values(registry)
     resources = []
     for rt in registry.resource_types:
@@ -148,7 +166,8 @@ def _statement(
         params = _search_params(registry.search_params(rt).values())
         params.extend({"name": n, "type": t} for n, t in SEARCH_RESULT_PARAMS)
         supported = registry.supported_profiles(rt)
-        supported += [url for url in stored.get(rt, ()) if url not in supported]
+        supported += [url for url in (*stored.get(rt, ()), *declared_profiles.get(rt, ()))
+                      if url not in supported]
         resources.append({
             **_extensions(contributions, rt, base),
             "type": rt,
@@ -175,6 +194,7 @@ def _statement(
         "date": "2026-11-23",
         "publisher": "carepath-gateway",
         "kind": "instance",
+        **({"instantiates": list(instantiates)} if instantiates else {}),
         "software": {"name": "carepath-gateway", "version": gateway.__version__},
         "implementation": {"description": "carepath-gateway FHIR R4 server", "url": base},
         "fhirVersion": "4.0.1",
@@ -274,7 +294,7 @@ async def capabilities(ctx: Context, *, base: str,
     mark, stored = await stored_profiles.in_use(ctx)
     if cached is None or cached[0] != mark:
         statement = _statement(ctx.registry, base, ctx.operations,
-                               _CONTRIBUTIONS.get(key[0]),
+                               _CONTRIBUTIONS.get(key[0]), declared=_DECLARED.get(key[0]),
                                cors=bool(ctx.settings.cors_origins), stored=stored)
         content = fjson.dumps(statement)
         cached = _CACHE[key] = (mark, statement, content, _etag(content))

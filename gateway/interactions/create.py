@@ -25,6 +25,15 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+def as_client_creates(resource_type: str, resource: dict[str, Any]) -> None:
+    """What a client may create: a Subscription "in the requested or off state" only
+    ("only the server can move a subscription from requested to active",
+    Subscription.status); one sent as ``active`` is taken as ``requested``, and the
+    server activates it once its handshake went through."""
+    if resource_type == "Subscription" and resource.get("status") == "active":
+        resource["status"] = "requested"
+
+
 async def create_in(
     ctx: Context,
     tx: StoreTransaction,
@@ -48,6 +57,7 @@ async def create_in(
             return current, False
     rid = id or new_id()
     body["id"] = rid  # known before the checks: a new Patient is its own compartment
+    as_client_creates(resource_type, body)
     await guard.check_write(ctx.access, tx, body, None, new_patients)
     # no lock: the id is a fresh UUID nobody else can be writing to
     stored = await tx.put(resource_type, rid, body, "POST", None, creator=guard.creator())

@@ -27,7 +27,7 @@ from gateway.interactions.base import (
     write_response,
 )
 from gateway.interactions.conditional import single_match
-from gateway.interactions.create import new_id
+from gateway.interactions.create import as_client_creates, new_id
 from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
 
@@ -113,8 +113,10 @@ async def update_in(
     """Write the next version of ``resource_type/id``; True when it did not exist before."""
     await tx.lock(f"{resource_type}/{id}")
     current = await tx.current(resource_type, id)
-    if current is None:
-        guard.require(resource_type, "create")
+    if current is None or current.deleted:
+        if current is None:
+            guard.require(resource_type, "create")
+        as_client_creates(resource_type, resource)
     await guard.check_write(ctx.access, tx, resource, current, new_patients)
     check_version(current, if_match, f"{resource_type}/{id}")
     check_absent(current, if_none_match, f"{resource_type}/{id}")

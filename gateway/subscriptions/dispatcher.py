@@ -429,10 +429,15 @@ class Dispatcher:
             async with self.db.read() as conn:
                 contents = await versions(conn, [(r.resource_type, r.id, r.version)
                                                  for r in rows])
+        # "the total number of actual events which have been generated since the
+        # Subscription was created", not only up to the last one this notification
+        # carries (a backlog goes out in several)
         return notification(base=self.base_url, subscription_id=state.id, topic=topic,
                             status="active", type_="event-notification",
-                            events_since_start=rows[-1].number, events=events_of(rows),
-                            content=config.content, contents=contents)
+                            events_since_start=max(state.events_since_start,
+                                                   rows[-1].number),
+                            events=events_of(rows), content=config.content,
+                            contents=contents)
 
     async def _deliver(self, state: tables.StateRow, config: SubscriptionConfig,
                        bundle: dict[str, Any], *, handshake: bool = False,

@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway.events.consumer import ConsumerService
 from gateway.events.runtime import EventRuntime
-from gateway.fhir.outcome import Issue
+from gateway.fhir.outcome import Code, Issue
 from gateway.fhir.validation.profiles import ProfileSet
 from gateway.fhir.validation.snapshot import ProfileError
 from gateway.interactions.base import Validator
@@ -34,6 +34,9 @@ TOPIC_CANONICAL = ("http://hl7.org/fhir/uv/subscriptions-backport/StructureDefin
                    "capabilitystatement-subscriptiontopic-canonical")
 WEBSOCKET_EXTENSION = "http://hl7.org/fhir/StructureDefinition/capabilitystatement-websocket"
 WEBSOCKET_PATH = "/$websocket"
+#: the backport IG's CapabilityStatement of an R4 server, which this one implements
+SERVER_CAPABILITIES = ("http://hl7.org/fhir/uv/subscriptions-backport/CapabilityStatement/"
+                       "backport-subscription-server-r4")
 #: the relaying process numbers events in its round; the bus path is the safety
 #: net, so its entries are read in batches (up to this much later)
 MATCHER_SETTLE_MS = 25
@@ -68,6 +71,11 @@ class SubscriptionChecks:
         issues = self.inner.validate(resource, profile=profile, profiles=profiles) \
             if self.inner else []
         if resource.get("resourceType") == "Subscription":
+            # the backport IG's profile is what the checks below hold a Subscription to:
+            # known here, though not as a StructureDefinition
+            issues = [i for i in issues if not (
+                i.code is Code.UNKNOWN_PROFILE and i.severity == "warning"
+                and PROFILE in (i.diagnostics or ""))]
             config, found = parse_subscription(resource, self.service.topics,
                                                self.service.policy, self.service.settings)
             issues += found

@@ -202,6 +202,20 @@ def test_capability_statement_advertises_topics_and_operations(gateway: GatewayF
                                                      "get-ws-binding-token"}
     ws = statement["rest"][0]["extension"][0]
     assert ws["valueUri"].endswith("/$websocket")
+    # the backport IG's server statement and Subscription profile (as its tests check)
+    assert statement["instantiates"] == [
+        "http://hl7.org/fhir/uv/subscriptions-backport/CapabilityStatement/"
+        "backport-subscription-server-r4"]
+    profile = ("http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
+               "backport-subscription")
+    assert profile in sub["supportedProfile"]
+    # a Subscription that claims it is held to it (the Subscription checks), not
+    # "validated against the base definition only"
+    claimed = subscription("encounter-discharge", "http://127.0.0.1:9/hook")
+    checked = gw.client.post("/Subscription/$validate",
+                             json={**claimed, "meta": {"profile": [profile]}})
+    assert checked.status_code == 200, checked.text
+    assert "GW-4211" not in checked.text
 
 
 def test_websocket_channel_binds_with_a_token(gateway: GatewayFactory) -> None:
@@ -256,3 +270,29 @@ def test_off_stops_numbering_and_delete_forgets(gateway: GatewayFactory,
     assert receiver.event_numbers(sid) == [1, 2]
     gone = gw.client.get(f"/Subscription/{sid}/$status")
     assert gone.status_code == 410
+
+
+def test_a_backlog_goes_out_with_the_count_of_every_event(gateway: GatewayFactory,
+                                                          receiver: Receiver) -> None:
+    """events-since-subscription-start: "the total number of actual events which have
+    been generated since the Subscription was created ... regardless of how many have
+    been successfully communicated": a backlog sent two events at a time says 5 in
+    each notification, not 2, 4 and 5."""
+    gw = gateway(subscription_retry_initial_ms=200, subscription_retry_max_ms=400)
+    sid = gw.subscribe("encounter-discharge", receiver.url, max_count=2)
+    gw.wait_status(sid, "active", receiver)
+    receiver.down()
+    for _ in range(5):
+        discharge(gw)
+
+    def numbered() -> str | None:
+        status = gw.read(f"/Subscription/{sid}/$status")["entry"][0]["resource"]
+        return next(p["valueString"] for p in status["parameter"]
+                    if p["name"] == "events-since-subscription-start")
+
+    assert receiver.wait(lambda: numbered() == "5")
+    receiver.up()
+    assert receiver.wait(lambda: receiver.event_numbers(sid) == [1, 2, 3, 4, 5], within=30)
+    notes = receiver.of(sid, "event-notification")
+    assert len(notes) == 3
+    assert {n.param("events-since-subscription-start") for n in notes} == {"5"}

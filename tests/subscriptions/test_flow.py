@@ -24,6 +24,25 @@ def test_handshake_then_numbered_notifications(gateway: GatewayFactory,
     assert note.param("events-since-subscription-start") == "1"
 
 
+def test_a_subscription_sent_as_active_is_requested_until_its_handshake(
+        gateway: GatewayFactory, receiver: Receiver) -> None:
+    """Subscription.status: "a client can only submit subscription resources in the
+    requested or off state. Only the server can move a subscription from requested
+    to active" (as the backport IG's tests expect of a create's answer)."""
+    gw = gateway()
+    created = gw.create(subscription("encounter-discharge", receiver.url, status="active"))
+    assert created["status"] == "requested"
+    sid = str(created["id"])
+    assert receiver.wait(lambda: len(receiver.of(sid, "handshake")) == 1)
+    gw.wait_status(sid, "active", receiver)
+    # the same by PUT (an update that creates)
+    again = subscription("encounter-discharge", receiver.url, status="active")
+    put = gw.client.put(f"/Subscription/{sid}-put", json={**again, "id": f"{sid}-put"},
+                        headers={"Content-Type": "application/fhir+json"})
+    assert put.status_code == 201 and put.json()["status"] == "requested", put.text
+    gw.wait_status(f"{sid}-put", "active", receiver)
+
+
 def test_notifications_in_fhir_xml(gateway: GatewayFactory, receiver: Receiver) -> None:
     # channel.payload application/fhir+xml: the same notification, written as FHIR XML
     gw = gateway()
