@@ -80,11 +80,12 @@ async def _page(
     ``matches``) and what they include."""
     restriction = guard.restriction(ctx.access)
     most = ctx.settings.max_page_size * 10
-    # what an include finds beyond the types it names (checked before the search):
-    # only what the scopes let the caller search, and only that is iterated from
-    allowed = guard.allowed_types(ctx.registry.types, "search")
-    included = await ctx.store.includes(query, keys, most + 1, restriction, allowed) if (
-        query.includes or query.revincludes) and keys else []
+    included: list[tuple[str, str]] = []
+    if (query.includes or query.revincludes) and keys:
+        # what an include finds beyond the types it names (checked before the search):
+        # only what the scopes let the caller search, and only that is iterated from
+        allowed = guard.allowed_types(ctx.registry.types, "search")
+        included = await ctx.store.includes(query, keys, most + 1, restriction, allowed)
     if len(included) > most:  # said, as HAPI FHIR does, not left for the client to guess
         included = included[:most]
         warnings = (*warnings, Issue(
