@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 MAX_ATTEMPTS = 5
+#: most writes a transaction keeps waiting to go out together: a large Bundle goes
+#: in parts of this many (each one statement), not all its rows at once in memory
+MAX_PENDING = 500
 
 #: the members a stored resource begins with
 _LEADING = frozenset(("resourceType", "id", "meta"))
@@ -561,7 +564,7 @@ class _Transaction:
             previous is not None and previous.deleted) else "update"
         stale, rows = _index_change(self.indexer, previous, self.indexer.extract(resource))
         key = (resource_type, id)
-        if key in self._pending:
+        if key in self._pending or len(self._pending) >= MAX_PENDING:
             await self._flush()
         self._pending[key] = _Put(
             resource_type, id, version, updated, method, content,
