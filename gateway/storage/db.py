@@ -395,17 +395,29 @@ class SqliteDatabase:
                 return
             try:
                 await conn.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except BaseException as exc:
                 await self._rollback(conn)
-                _raise_ours(_sqlite_error(exc), exc)
+                if isinstance(exc, sqlite3.Error):
+                    _raise_ours(_sqlite_error(exc), exc)
                 raise
 
     @staticmethod
     async def _rollback(conn: aiosqlite.Connection) -> None:
-        # some errors (a full disk, an I/O error) have rolled the transaction back
-        # already, and ROLLBACK would fail on top of them
-        if conn.in_transaction:
-            await conn.execute("ROLLBACK")
+        """End the connection's transaction, if it is in one, once everything sent to
+        its thread before has run. A task cancelled while it waited for a statement
+        (its client went away) leaves that statement to run all the same: a
+        ``BEGIN`` taking effect after the task gave the connection back would leave
+        it in a transaction, and every later ``BEGIN`` on it failing. The thread
+        runs what it is sent in order, so this runs after it; and it goes on if this
+        task is cancelled too. Some errors (a full disk, an I/O error) have rolled
+        the transaction back already, and ROLLBACK would fail on top of them."""
+        def run(raw: sqlite3.Connection) -> None:
+            if raw.in_transaction:
+                raw.execute("ROLLBACK")
+
+        # (aiosqlite's own way onto its thread, as :meth:`_SqliteTransaction.batch`)
+        done = conn._execute(run, conn._conn)  # type: ignore[no-untyped-call]
+        await asyncio.shield(done)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Connection]:
@@ -430,6 +442,7 @@ class SqliteDatabase:
             with suppress(Exception):  # a connection that will not close is dropped
                 await stale.close()
         deadline = self._deadlines[conn]
+        ended = False
         try:
             await conn.execute("BEGIN")
             try:
@@ -438,8 +451,14 @@ class SqliteDatabase:
                 # (after a statement abandoned by a cancelled task: once it stopped)
                 await conn.execute("COMMIT")
                 deadline.clear()
+                ended = True
         finally:
-            self._readers.put_nowait(conn)
+            try:
+                if not ended:  # cancelled or failed at BEGIN or COMMIT: see _rollback
+                    await self._rollback(conn)
+                    deadline.clear()
+            finally:
+                self._readers.put_nowait(conn)
 
 
 # -- PostgreSQL -------------------------------------------------------------

@@ -85,3 +85,44 @@ async def test_a_read_whose_task_is_cancelled_stops_in_the_database(
                     assert await conn.fetch("SELECT 2 UNION ALL SELECT 3") == [(2,), (3,)]
         finally:
             await db.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_tasks_cancelled_at_any_step_leave_every_connection_usable(
+        backend: str, tmp_path: Path) -> None:
+    """A client that goes away cancels its request's task wherever it waits: while
+    ``BEGIN`` or ``COMMIT`` is on its way too. The statement runs all the same on
+    SQLite's thread; a ``BEGIN`` that took effect after the connection went back to
+    the pool left it in a transaction, and every later read on it failed ("cannot
+    start a transaction within a transaction": 500s until a restart)."""
+    async with backend_database(backend, tmp_path, statement_timeout_ms=60_000) as db:
+        await db.open()
+        try:
+            async with db.transaction() as tx:
+                await tx.execute("CREATE TABLE IF NOT EXISTS cancelled_probe (n INTEGER)")
+
+            async def read() -> None:
+                async with db.read() as conn:
+                    await conn.fetch("SELECT 1")
+
+            async def write() -> None:
+                async with db.transaction() as tx:
+                    await tx.execute("INSERT INTO cancelled_probe (n) VALUES (?)", [1])
+
+            for step in range(12):  # cancelled after 0, 1, 2, … turns of the loop
+                for work in (read, write):
+                    tasks = [asyncio.ensure_future(work()) for _ in range(6)]
+                    for _ in range(step):
+                        await asyncio.sleep(0)
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.wait(tasks, timeout=10)
+            for _ in range(8):  # every reader, and the writer, as before
+                async with db.read() as conn:
+                    assert await conn.fetchrow("SELECT 1 + 1") == (2,)
+            async with db.transaction() as tx:
+                await tx.execute("INSERT INTO cancelled_probe (n) VALUES (?)", [-1])
+            async with db.read() as conn:
+                assert (-1,) in await conn.fetch("SELECT n FROM cancelled_probe")
+        finally:
+            await db.close()
