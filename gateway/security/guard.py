@@ -35,6 +35,13 @@ class Visibility(Protocol):
     async def accessible(self, ids: Sequence[str], restriction: Restriction) -> set[str]: ...
 
 
+class WriteVisibility(Visibility, Protocol):
+    """What a write's checks read, in its transaction."""
+
+    async def referring(self, target_type: str, target_id: str,
+                        limit: int) -> list[tuple[str, str]]: ...
+
+
 def caller() -> Caller:
     return current()
 
@@ -112,7 +119,7 @@ async def filter_visible(
 
 async def check_write(
     access: AccessPolicy | None,
-    store: Visibility,
+    store: WriteVisibility,
     resource: dict[str, Any] | None,
     previous: StoredResource | None,
     new_patients: Iterable[str] = (),
@@ -137,6 +144,7 @@ async def check_write(
                 raise FhirError(Code.FORBIDDEN, f"{key[0]}/{key[1]} is written by the"
                                                 " organisation that created it only")
             raise FhirError(Code.NOT_FOUND, f"{key[0]}/{key[1]} is not known")
+    await _check_proxy(store, r, resource, previous)
     if resource is not None and resource.get("resourceType") == "Patient" and previous is None:
         return  # registering a new patient: the caller becomes a participant (creator)
     wanted = sorted(set(patients) - set(new_patients))
@@ -151,6 +159,62 @@ async def check_write(
         key = (previous.resource_type, previous.id)
         if key not in await store.visible([key], r):
             raise FhirError(Code.NOT_FOUND, f"{key[0]}/{key[1]} is not known")
+
+
+#: a directory resource through which an organisation takes part in a patient's care
+#: (``gateway.storage.access_sql``): a Patient whose GP is a PractitionerRole is in the
+#: care of the role's organisation
+PARTICIPATION_PROXY = "PractitionerRole"
+
+
+def _proxy_organization(content: dict[str, Any] | None) -> str | None:
+    """The organisation (id on this server) a PractitionerRole counts for."""
+    org = content.get("organization") if isinstance(content, dict) else None
+    ref = org.get("reference") if isinstance(org, dict) else None
+    if isinstance(ref, str) and ref.startswith("Organization/"):
+        return ref.split("/")[1]
+    return None
+
+
+#: most resources naming a new PractitionerRole looked at (beyond: refused)
+_REFERRERS_CHECKED = 1000
+
+
+async def _check_proxy(store: WriteVisibility, r: Restriction, resource: dict[str, Any] | None,
+                       previous: StoredResource | None) -> None:
+    """A PractitionerRole of another organisation is that organisation's to write: one
+    that counts for the caller's opens the patients who name it as their GP (or
+    whose Encounters, CareTeams, … do), so moving a role to the caller's
+    organisation would open another organisation's patients. The caller writes
+    and deletes roles of its own or of no organisation; and makes one (under an id
+    of its choosing) only if nothing it may not see already names that id."""
+    own = current().principal.organization
+    for content in (resource, _content(previous)):
+        if content is None or content.get("resourceType") != PARTICIPATION_PROXY:
+            continue
+        org = _proxy_organization(content)
+        if org is not None and org != own:
+            raise FhirError(Code.FORBIDDEN,
+                            f"a PractitionerRole of Organization/{org[:64]} is written by"
+                            " that organisation only")
+    if resource is None or resource.get("resourceType") != PARTICIPATION_PROXY or not (
+            previous is None or previous.deleted) or not isinstance(resource.get("id"), str):
+        return
+    named = await store.referring(PARTICIPATION_PROXY, resource["id"], _REFERRERS_CHECKED + 1)
+    if named and (len(named) > _REFERRERS_CHECKED
+                  or set(named) - await store.visible(named, r)):
+        raise FhirError(Code.FORBIDDEN,
+                        f"PractitionerRole/{resource['id'][:64]} is named by resources of"
+                        " patients outside the caller's care: it is not the caller's to make")
+
+
+def _content(stored: StoredResource | None) -> dict[str, Any] | None:
+    if stored is None or stored.deleted or stored.content is None:
+        return None
+    from gateway.fhir import json as fjson
+
+    value = fjson.loads_stored(stored.content)
+    return value if isinstance(value, dict) else None
 
 
 def creator() -> str | None:

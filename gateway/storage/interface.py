@@ -114,6 +114,11 @@ class StoreTransaction(Protocol):
 
     async def accessible(self, ids: Sequence[str], restriction: Restriction) -> set[str]: ...
 
+    async def referring(self, target_type: str, target_id: str,
+                        limit: int) -> list[tuple[str, str]]:
+        """The current resources (at most ``limit``) whose index rows point at
+        ``target_type/target_id``."""
+
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
         """Append to the audit chain in this transaction."""
 

@@ -527,6 +527,15 @@ class _Transaction:
         await self._flush()
         return await _accessible(self.conn, ids, restriction)
 
+    async def referring(self, target_type: str, target_id: str,
+                        limit: int) -> list[tuple[str, str]]:
+        await self._flush()
+        rows = await self.conn.fetch(
+            "SELECT DISTINCT res_type, res_id FROM sp_reference WHERE target_id = ?"
+            " AND target_type = ? ORDER BY res_type, res_id LIMIT ?",
+            (target_id, target_type, limit))
+        return [(str(r[0]), str(r[1])) for r in rows]
+
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
         self._audits.extend(records)  # with the writes
 

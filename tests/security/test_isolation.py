@@ -652,3 +652,43 @@ def test_reading_on_beyond_the_head_keeps_to_the_organisation(reading_ahead: Sec
         counted = a.get("/Observation", params={"code:text": tag, "_count": 1,
                                                 "_total": "accurate"}).json()
         assert counted["total"] == 4
+
+
+def test_a_practitioner_role_does_not_open_another_organisations_patients(
+        world: World) -> None:
+    """A PractitionerRole counts for its organisation: a Patient whose GP it is is in
+    that organisation's care. Another organisation may neither move the role to
+    itself nor make a role under an id the first one's patients already name."""
+    a, b = world.a, world.b
+    role, unmade = f"role-{uuid.uuid4().hex[:8]}", f"role-{uuid.uuid4().hex[:8]}"
+    made = a.put(f"/PractitionerRole/{role}", json={
+        "resourceType": "PractitionerRole", "id": role,
+        "organization": {"reference": "Organization/org-a"}})
+    assert made.status_code == 201, made.text
+    patients = [_create(a, {"resourceType": "Patient",
+                            "generalPractitioner": [{"reference": f"PractitionerRole/{r}"}]})
+                ["id"] for r in (role, unmade)]
+    moved = {"resourceType": "PractitionerRole", "id": role,
+             "organization": {"reference": "Organization/org-b"}}
+    for response in (b.put(f"/PractitionerRole/{role}", json=moved),
+                     b.patch(f"/PractitionerRole/{role}", content=b'[{"op": "replace", "path":'
+                             b' "/organization/reference", "value": "Organization/org-b"}]',
+                             headers={"Content-Type": "application/json-patch+json"}),
+                     b.delete(f"/PractitionerRole/{role}"),
+                     b.put(f"/PractitionerRole/{unmade}", json={**moved, "id": unmade})):
+        assert response.status_code == 403, (response.request.method, response.text)
+    for pid in patients:
+        assert b.get(f"/Patient/{pid}").status_code == 404
+        assert a.get(f"/Patient/{pid}").status_code == 200
+    # one's own roles, and roles of no organisation, are one's own to write
+    own = f"role-{uuid.uuid4().hex[:8]}"
+    mine = {"resourceType": "PractitionerRole", "id": own,
+            "organization": {"reference": "Organization/org-b"}}
+    assert b.put(f"/PractitionerRole/{own}", json=mine).status_code == 201
+    assert b.put(f"/PractitionerRole/{own}", json={**mine, "active": True}).status_code == 200
+    assert a.put(f"/PractitionerRole/{own}", json={
+        **mine, "organization": {"reference": "Organization/org-a"}}).status_code == 403
+    assert b.delete(f"/PractitionerRole/{own}").status_code == 204
+    loose = _create(b, {"resourceType": "PractitionerRole", "active": True})
+    assert a.put(f"/PractitionerRole/{loose['id']}", json={**loose, "active": False}
+                 ).status_code == 200
