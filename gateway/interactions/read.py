@@ -100,6 +100,8 @@ async def vread(ctx: Context, resource_type: str, id: str, version: str,
         raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
     await guard.ensure_visible(ctx.access, ctx.store, current)
     stored = await ctx.store.vread(resource_type, id, number)
+    if stored is not None and not await guard.versions_visible(ctx.access, ctx.store, [stored]):
+        stored = None  # about a patient the caller may not see: as if there were none
     if stored is None:
         raise FhirError(Code.VERSION_NOT_FOUND,
                         f"{resource_type}/{id} has no version {version}")

@@ -83,6 +83,21 @@ def restriction(access: AccessPolicy | None) -> Restriction | None:
     return access.restriction(current().principal) if access is not None else None
 
 
+async def versions_visible(access: AccessPolicy | None, store: Visibility,
+                           versions: list[StoredResource]) -> list[StoredResource]:
+    """Of ``versions`` (of resources the caller may see now), those whose own content
+    names only patients the caller may see: a version from before an Observation
+    moved to another patient is about the first one (vread, history)."""
+    r = restriction(access)
+    if r is None or access is None:
+        return versions
+    named = [access.patients_in(v.resource_type, v.id, v.content)
+             if v.content is not None and not v.deleted else set() for v in versions]
+    wanted = sorted(set().union(*named))
+    allowed = await store.accessible(wanted, r) if wanted else set()
+    return [v for v, patients in zip(versions, named, strict=True) if patients <= allowed]
+
+
 def note(resource_type: str, id: str | None, version: int | None = None,
          query: str | None = None) -> None:
     """Record what the request touched, for its AuditEvent."""

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.helpers import paged_ids
+from tests.api.helpers import gw_code, paged_ids
 from tests.security.conftest import Secured, secured_server
 
 ORGS = {"hospital-a": "org-a", "gp-b": "org-b"}
@@ -692,3 +692,33 @@ def test_a_practitioner_role_does_not_open_another_organisations_patients(
     loose = _create(b, {"resourceType": "PractitionerRole", "active": True})
     assert a.put(f"/PractitionerRole/{loose['id']}", json={**loose, "active": False}
                  ).status_code == 200
+
+
+def test_an_earlier_version_about_another_patient_stays_hidden(world: World) -> None:
+    """A resource is judged by each version's own content in vread and history: an
+    Observation about p1 (hospital A's) that moved to p3 (shared with B) shows B its
+    current version, not the one about p1."""
+    a, b = world.a, world.b
+    p1, p3 = world.patients["p1"], world.patients["p3"]
+    obs = _create(a, {"resourceType": "Observation", "status": "final",
+                      "code": {"text": "moved"}, "subject": {"reference": f"Patient/{p1}"}})
+    moved = a.put(f"/Observation/{obs['id']}", json={
+        **obs, "subject": {"reference": f"Patient/{p3}"}})
+    assert moved.status_code == 200, moved.text
+    assert b.get(f"/Observation/{obs['id']}").status_code == 200
+    hidden = b.get(f"/Observation/{obs['id']}/_history/1")
+    missing = b.get(f"/Observation/{obs['id']}/_history/9")
+    assert (hidden.status_code, gw_code(hidden)) == (missing.status_code, gw_code(missing))
+    assert a.get(f"/Observation/{obs['id']}/_history/1").status_code == 200
+
+    def versions(c: httpx.Client, path: str) -> set[str]:
+        response = c.get(path, params={"_count": 500, "_since": obs["meta"]["lastUpdated"]})
+        assert response.status_code == 200, response.text
+        return {e["resource"]["meta"]["versionId"] for e in response.json().get("entry", [])
+                if e.get("resource", {}).get("id") == obs["id"]}
+
+    for path in (f"/Observation/{obs['id']}/_history", "/Observation/_history", "/_history"):
+        assert versions(b, path) == {"2"}, path
+        assert versions(a, path) == {"1", "2"}, path
+    instance = b.get(f"/Observation/{obs['id']}/_history").json()
+    assert instance.get("total") in (None, 1)
