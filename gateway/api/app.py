@@ -564,7 +564,8 @@ def _busy(request: HttpRequest, caller: Caller, exc: RetryableError) -> FhirErro
 
 def _auth_failure(exc: AuthError) -> FhirResponse:
     err = FhirError(Code.UNAUTHENTICATED, exc.description)
-    header = f'Bearer error="{exc.error}", error_description="{exc.description[:200]}"'
+    header = (f'Bearer error="{exc.error}", error_description="{exc.description[:200]}"'
+              if exc.error else 'Bearer realm="carepath-gateway"')
     return FhirResponse(401, err.outcome(), {"WWW-Authenticate": header.replace("\n", " ")})
 
 
@@ -695,7 +696,8 @@ def create_api(
                 caller.principal = await auth.authenticate(request.headers.get("authorization"),
                                                            request.address)
         except AuthError as exc:
-            return _render(_auth_failure(exc), pretty, head), f"{exc.error}: {exc.description}"
+            return _render(_auth_failure(exc), pretty, head), \
+                f"{exc.error or 'no credentials'}: {exc.description}"
         except (FhirError, RetryableError) as exc:  # the database, asked who is calling
             err = exc if isinstance(exc, FhirError) else _busy(request, caller, exc)
             return _render(FhirResponse(err.status, err.outcome()), pretty, head), err.code.gw

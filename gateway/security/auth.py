@@ -109,7 +109,8 @@ class Authenticator:
                     log.warning("DEV MODE: serving an unauthenticated request from %s with "
                                 "full access; register a client to require tokens", address)
                 return Principal.developer(address)
-            raise AuthError("invalid_request", "a bearer token is required")
+            # RFC 6750 3.1: a request without credentials gets no error code
+            raise AuthError("", "a bearer token is required")
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("invalid_request", "use 'Authorization: Bearer <token>'")
@@ -168,13 +169,20 @@ class Authenticator:
         client = await tables.get_client(self.db, client_id) if client_id else None
         if client is None or not client.active:
             raise AuthError("invalid_client", "unknown client")
+        if "client_id" in form and form["client_id"] != client.client_id:
+            # RFC 7521 4.2: "MUST identify the same client as ... the client assertion"
+            raise AuthError("invalid_client", "client_id names another client than the"
+                                              " client assertion")
         claims = verify_client_assertion(assertion, client.client_id, json.loads(client.jwks),
                                          token_url)
         if not await tables.remember_jti(self.db, claims["jti"], client.client_id,
                                          int(float(claims["exp"]) * 1_000_000) + 600_000_000):
             raise AuthError("invalid_client", "this client assertion was used before (jti)")
+        if not form.get("scope", "").strip():
+            # SMART Backend Services: scope is required; a grant is not handed out whole
+            raise AuthError("invalid_scope", "scope is required (e.g. system/Patient.rs)", 400)
         try:
-            requested = Grant.parse(form.get("scope", "") or client.scope)
+            requested = Grant.parse(form["scope"])
             granted = Grant.parse(client.scope)
         except ScopeError as exc:
             raise AuthError("invalid_scope", str(exc), 400) from None
@@ -190,8 +198,8 @@ class Authenticator:
                 "scope": requested.text()}
 
     def smart_configuration(self, base_url: str, token_url: str) -> dict[str, Any]:
+        # (no "issuer": SMART asks for it only with sso-openid-connect)
         return {
-            "issuer": base_url,
             "token_endpoint": token_url,
             "jwks_uri": f"{base_url}/.well-known/jwks.json",
             "grant_types_supported": ["client_credentials"],

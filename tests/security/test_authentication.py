@@ -32,6 +32,9 @@ def test_smart_configuration_is_published(secured: Secured) -> None:
     assert "private_key_jwt" in config["token_endpoint_auth_methods_supported"]
     assert {"RS384", "ES384"} <= set(config["token_endpoint_auth_signing_alg_values_supported"])
     assert "client-confidential-asymmetric" in config["capabilities"]
+    # "issuer: ... Required if the server's capabilities include sso-openid-connect;
+    # otherwise, omitted"
+    assert "issuer" not in config and "sso-openid-connect" not in config["capabilities"]
 
 
 def test_probes_need_no_token_and_are_not_fhir(secured: Secured) -> None:
@@ -128,6 +131,19 @@ def test_scope_escalation_and_bad_grants_are_refused(secured: Secured) -> None:
     assert bad_grant.status_code == 400
     unknown = ClientKey.ec("stranger")
     assert _token(secured, unknown.assertion(secured.token_url)).status_code == 401
+    # SMART Backend Services: scope is required (the whole grant is not the default)
+    for scope in ("", " "):
+        response = _token(secured, key.assertion(secured.token_url), scope)
+        assert (response.status_code, response.json()["error"]) == (400, "invalid_scope")
+    # RFC 7521 4.2: a client_id sent beside the assertion names the same client
+    other = httpx.post(secured.token_url, data={
+        **token_form(key.assertion(secured.token_url), "system/Patient.rs"),
+        "client_id": "hospital-a"})
+    assert (other.status_code, other.json()["error"]) == (401, "invalid_client")
+    same = httpx.post(secured.token_url, data={
+        **token_form(key.assertion(secured.token_url), "system/Patient.rs"),
+        "client_id": "reader-c"})
+    assert same.status_code == 200, same.text
 
 
 def test_discovery_needs_no_token(secured: Secured) -> None:
@@ -158,6 +174,8 @@ def test_fhir_requests_need_a_valid_token(secured: Secured) -> None:
     assert none.status_code == 401
     assert none.json()["issue"][0]["details"]["coding"][0]["code"] == "GW-1030"
     assert none.headers["WWW-Authenticate"].startswith("Bearer")
+    # RFC 6750 3.1: no credentials at all, no error code
+    assert "error=" not in none.headers["WWW-Authenticate"]
     token = secured.token("hospital-a")
     tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     assert httpx.get(f"{secured.url}/Patient",
