@@ -66,9 +66,11 @@ def serve(
     registry()
     console.print(f"carepath-gateway on [bold]http://{settings.host}:{settings.port}"
                   f"{settings.base_path}[/bold] ({settings.database_url.split(':')[0]})")
+    from gateway.api.http_protocol import BoundedHeadProtocol
+
     uvicorn.run("gateway.main:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level="info", access_log=False,
-                timeout_keep_alive=settings.keep_alive_s)
+                timeout_keep_alive=settings.keep_alive_s, http=BoundedHeadProtocol)
 
 
 @app.command("migrate")

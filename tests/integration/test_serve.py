@@ -166,3 +166,36 @@ def test_the_address_flags_reach_the_server(tmp_path: Path) -> None:
             raise AssertionError(f"served without authentication: {response.status_code}")
     except RuntimeError as exc:
         assert "refusing to serve on 0.0.0.0 without authentication" in str(exc), exc
+
+
+def test_a_request_head_beyond_the_bound_is_refused(tmp_path: Path) -> None:
+    """httptools gathers a header for as long as it is sent (150 MB headers held a
+    worker's memory): past 128 KiB of head, 431 and the connection closed; a large
+    body behind a small head is not a large head."""
+    import socket
+
+    env = {"CAREPATH_DATABASE_URL": f"sqlite:///{tmp_path / 'head.db'}"}
+    with Served(env) as served:
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+            sock.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            answer = b""
+            try:
+                for _ in range(64):  # 4 MiB, unless the server closes first
+                    sock.sendall(b"a" * 65536)
+            except OSError:
+                pass  # closed on us
+            try:
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            except OSError:
+                pass
+        assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+        patient = {"resourceType": "Patient", "text": {
+            "status": "generated",
+            "div": '<div xmlns="http://www.w3.org/1999/xhtml">' + "x" * 300_000 + "</div>"}}
+        created = httpx.post(f"{served.url}/Patient", json=patient,
+                             headers={"Content-Type": "application/fhir+json"})
+        assert created.status_code == 201, created.text[:300]
+        near = httpx.get(f"{served.url}/metadata", params={"_summary": "true"},
+                         headers={"X-Note": "n" * 100_000})
+        assert near.status_code == 200
