@@ -695,18 +695,25 @@ class SqlStore:
         return view
 
     async def run(self, work: Callable[[_Transaction], Awaitable[T]]) -> T:
+        # inside a transaction (an operation that writes, run by a transaction Bundle,
+        # :meth:`within`): its writes are part of that transaction, which commits them
+        # or not; they must not end it (on SQLite the last call commits), and a lost
+        # race is that transaction's to retry
+        nested = isinstance(self.db, _Within)
         for attempt in range(MAX_ATTEMPTS):
             try:
                 async with self.db.transaction() as conn:
                     tx = _Transaction(conn, self.indexer)
                     result = await work(tx)
-                    await tx._flush(last=True)
+                    await tx._flush(last=not nested)
                     return result
             except RetryableError:
+                if nested:
+                    raise
                 if attempt == MAX_ATTEMPTS - 1:
                     break
             except Exception as exc:
-                if _is_retryable(exc) and attempt < MAX_ATTEMPTS - 1:
+                if _is_retryable(exc) and attempt < MAX_ATTEMPTS - 1 and not nested:
                     continue
                 raise
         raise FhirError(Code.CONCURRENT_CONFLICT, "the transaction kept losing races")

@@ -743,3 +743,34 @@ def test_a_history_bundle_is_taken_as_the_latest_state_of_each_resource(
     refused = send(client, broken)
     assert refused.status_code == 400 and gw_code(refused) == "GW-1018"
     assert "Bundle.entry[1]" in refused.text
+
+
+def test_an_operation_that_writes_is_part_of_the_transaction(client: httpx.Client) -> None:
+    """``$meta-add`` in a transaction Bundle writes in the Bundle's transaction: it
+    commits with the other entries, and a failing entry undoes it too (it used to
+    commit the transaction itself: a 500, with its changes kept)."""
+    pid = post(client, patient(unique("mrn"))).json()["id"]
+    system = "urn:test:tx-meta"
+
+    def meta_add(code: str) -> dict[str, Any]:
+        return {"request": {"method": "POST", "url": f"Patient/{pid}/$meta-add"},
+                "resource": {"resourceType": "Parameters", "parameter": [
+                    {"name": "meta", "valueMeta": {"tag": [{"system": system,
+                                                            "code": code}]}}]}}
+
+    mrn = unique("mrn")
+    done = send(client, tx([{"resource": patient(mrn), "request": {"method": "POST",
+                                                                 "url": "Patient"}},
+                            meta_add("kept")]))
+    assert done.status_code == 200, done.text
+    assert done.json()["entry"][1]["response"]["status"].startswith("200")
+    tags = client.get(f"/Patient/{pid}").json()["meta"].get("tag", [])
+    assert {"system": system, "code": "kept"} in tags
+    assert len(search_ids(client, "/Patient", identifier=f"urn:test:mrn|{mrn}")) == 1
+    # (reads and operations run after the writes, in the Bundle's order: the failing
+    # read comes after the operation has written)
+    failed = send(client, tx([meta_add("undone"), {
+        "request": {"method": "GET", "url": f"Patient/{unique('missing')}"}}]))
+    assert failed.status_code == 404, failed.text
+    tags = client.get(f"/Patient/{pid}").json()["meta"].get("tag", [])
+    assert {"system": system, "code": "undone"} not in tags
