@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from urllib.parse import urlencode
 
 from gateway.fhir import json as fjson
+from gateway.fhir.indexer import date_bounds
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import Include, SearchQuery, parse_search
 from gateway.interactions.base import Context, FhirResponse, check_id
@@ -138,11 +139,19 @@ async def everything(ctx: Context, req: OperationRequest) -> FhirResponse:
     compartment = kind.compartment
     # the owner's record: the owner and its compartment's types
     types = [owner, *sorted(compartment)]
-    wanted = _one(params.get("_type"), "_type")
-    asked = _asked_types(ctx, wanted) if wanted else None
+    # _type 0..*: "one or more parameters, each containing one or more comma-delimited
+    # FHIR resource types"
+    given = params.get("_type") or []
+    if not all(isinstance(v, str) for v in given):
+        raise FhirError(Code.INVALID_SEARCH_VALUE, "_type names resource types")
+    joined = ",".join(str(v) for v in given)
+    asked = _asked_types(ctx, joined) if joined.replace(",", "").strip() else None
     if asked is not None:
         types = [t for t in types if t in asked]
     since = _one(params.get("_since"), "_since")
+    if since is not None and date_bounds(since) is None:
+        raise FhirError(Code.INVALID_SEARCH_VALUE, f"_since: '{since[:40]}' is not a FHIR"
+                                                   " instant")
     filters = [("_lastUpdated", f"ge{since}")] if since else []
     count = _natural(_one(params.get("_count"), "_count"), "_count")
     size = ctx.settings.default_page_size if count is None else min(

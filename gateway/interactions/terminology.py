@@ -409,7 +409,7 @@ EXPAND = Operation("expand", expand, type_level=True, instance=True,
                    types=frozenset({"ValueSet"}), definition=_OD + "ValueSet-expand")
 VALIDATE_CODE = Operation("validate-code", validate_code, type_level=True, instance=True,
                           types=frozenset({"ValueSet", "CodeSystem"}),
-                          definition=_OD + "ValueSet-validate-code")
+                          definition=_OD + "{type}-validate-code")
 TRANSLATE = Operation("translate", translate, type_level=True, instance=True,
                       types=frozenset({"ConceptMap"}), definition=_OD + "ConceptMap-translate")
 

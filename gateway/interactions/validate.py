@@ -64,6 +64,11 @@ async def validate(ctx: Context, req: OperationRequest) -> FhirResponse:
     resource, profile, mode = _inputs(req)
     if req.id is not None:
         check_id(req.id)
+    elif mode in ("update", "delete"):
+        # "Modes update and delete can only be used when the operation is invoked at
+        # the resource instance level"
+        raise FhirError(Code.INVALID_OPERATION, f"mode={mode} validates against a resource:"
+                                                f" POST /{rt}/[id]/$validate")
     if mode == "delete":
         if req.id is not None:
             await stored_content(ctx, rt, req.id)
@@ -83,7 +88,17 @@ async def validate(ctx: Context, req: OperationRequest) -> FhirResponse:
         raise FhirError(Code.TYPE_MISMATCH,
                         f"resourceType '{found[:64]}' does not match the URL's '{rt}'",
                         ("resourceType",))
+    if mode == "update" and resource.get("id") != req.id:
+        # what the update itself would answer (400 GW-1005): not "valid"
+        return FhirResponse(200, operation_outcome([Issue(
+            Code.ID_MISMATCH, f"Resource.id must be {req.id} to update {rt}/{req.id}",
+            ("id",))]))
     issues = await validation_issues(ctx, resource, profile)
+    if profile is not None:
+        # "If a profile is nominated, and the server cannot validate against the
+        # nominated profile, it SHALL return an error"
+        issues = [Issue(i.code, i.diagnostics, i.expression, "error")
+                  if i.code is Code.UNKNOWN_PROFILE else i for i in issues]
     if not issues:
         issues = [_all_ok(f"{rt} is valid" + (f" against {profile}" if profile else ""))]
     return FhirResponse(200, operation_outcome(issues))

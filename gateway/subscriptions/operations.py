@@ -127,10 +127,10 @@ class SubscriptionOperations:
             async with self.db.read() as conn:
                 states = await tables.all_states(conn, ids or None, wanted or None)
                 states = await self._own(ctx, conn, states)
-        bundle = {
-            "resourceType": "Bundle", "type": "searchset", "total": len(states),
-            "entry": [self._status_entry(req, s) for s in states],
-        }
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset",
+                                  "total": len(states)}
+        if states:  # (an empty array is not FHIR JSON)
+            bundle["entry"] = [self._status_entry(req, s) for s in states]
         return FhirResponse(200, bundle)
 
     def _range(self, req: OperationRequest, state: tables.StateRow) -> tuple[int, int]:

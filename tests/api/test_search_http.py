@@ -450,6 +450,10 @@ def test_patient_everything(client: httpx.Client) -> None:
     assert keys(whole)[0] == f"Patient/{pid}" and set(keys(whole)[1:]) == mine
     only = client.get(f"/Patient/{pid}/$everything", params={"_type": "Observation"}).json()
     assert keys(only) == [f"Observation/{made[1]['id']}", f"Observation/{made[4]['id']}"]
+    # _type 0..*: given twice, the types of both
+    both = client.get(f"/Patient/{pid}/$everything",
+                      params=[("_type", "Observation"), ("_type", "Patient")]).json()
+    assert set(keys(both)) == {f"Patient/{pid}", *keys(only)}
     paged, seen = client.get(f"/Patient/{pid}/$everything", params={"_count": 3}).json(), []
     while True:
         seen += keys(paged)
@@ -468,6 +472,7 @@ def test_patient_everything(client: httpx.Client) -> None:
     assert not [link for link in counted["link"] if link["relation"] == "next"]
     bad_since = client.get(f"/Patient/{pid}/$everything", params={"_since": "yesterday"})
     assert bad_since.status_code == 400 and gw_code(bad_since) == "GW-1013"
+    assert "_since: 'yesterday'" in bad_since.json()["issue"][0]["diagnostics"]
     later = client.get(f"/Patient/{pid}/$everything", params={"_since": "2999-01-01"}).json()
     assert later["total"] == 0
     warned = client.get(f"/Patient/{pid}/$everything", params={"start": "2020"}).json()

@@ -180,3 +180,9 @@ def test_capability_statement_advertises_the_operations(client: httpx.Client) ->
     assert {"expand", "validate-code"} <= ops["ValueSet"]
     assert "translate" in ops["ConceptMap"]
     assert "expand" not in ops["Patient"]
+    # each type's $validate-code is its own definition (their parameters differ)
+    definitions = {r["type"]: {o["name"]: o["definition"] for o in r.get("operation", [])}
+                   for r in statement["rest"][0]["resource"]}
+    for rt in ("CodeSystem", "ValueSet"):
+        assert definitions[rt]["validate-code"] == (
+            f"http://hl7.org/fhir/OperationDefinition/{rt}-validate-code")

@@ -104,10 +104,18 @@ def test_validate_profile_as_query_parameter(client: httpx.Client) -> None:
     assert "GW-4204" in gw_codes(response)
 
 
-def test_validate_an_unknown_profile_warns(client: httpx.Client) -> None:
+def test_validate_against_an_unknown_profile_is_an_error(client: httpx.Client) -> None:
+    """"If a profile is nominated, and the server cannot validate against the
+    nominated profile, it SHALL return an error" (Resource-validate); a profile a
+    resource claims is only warned about, as on a write."""
     response = validate(client, "/Patient/$validate", patient(unique("mrn")),
                         profile="http://example.org/StructureDefinition/unknown")
     assert response.status_code == 200
+    assert [(i["severity"], i["details"]["coding"][0]["code"]) for i in issues(response)] == [
+        ("error", "GW-4211")]
+    claimed = {**patient(unique("mrn")),
+               "meta": {"profile": ["http://example.org/StructureDefinition/unknown"]}}
+    response = validate(client, "/Patient/$validate", claimed)
     assert [(i["severity"], i["details"]["coding"][0]["code"]) for i in issues(response)] == [
         ("warning", "GW-4211")]
 
@@ -119,7 +127,7 @@ def test_validate_a_stored_resource(client: httpx.Client) -> None:
     assert [i["severity"] for i in issues(response)] == ["information"]
     response = client.get(f"/Patient/{created['id']}/$validate",
                           params={"profile": "http://example.org/nope"})
-    assert [i["severity"] for i in issues(response)] == ["warning"]
+    assert [i["severity"] for i in issues(response)] == ["error"]
     # instance level with a body validates the body
     response = validate(client, f"/Patient/{created['id']}/$validate",
                         {**created, "gender": "xyz"})
@@ -235,3 +243,20 @@ def test_warn_only_profile_accepts_what_it_would_refuse(lenient: httpx.Client) -
     assert {i["severity"] for i in issues(response)} == {"warning"}
     # base R4 rules stay enforced
     assert post(lenient, blood_pressure(status="xyz")).status_code == 422
+
+
+def test_validate_modes_say_what_the_interaction_would(client: httpx.Client) -> None:
+    """"Modes update and delete can only be used when the operation is invoked at the
+    resource instance level", and an update whose id is not the instance's would be
+    refused (400 GW-1005): not "valid"."""
+    created = post(client, patient(unique("mrn"))).json()
+    for mode in ("update", "delete"):
+        response = validate(client, "/Patient/$validate", created, mode=mode)
+        assert (response.status_code, gw_code(response)) == (400, "GW-1028"), mode
+    other = validate(client, f"/Patient/{created['id']}/$validate",
+                     {**created, "id": "other"}, mode="update")
+    assert other.status_code == 200
+    assert [(i["severity"], i["details"]["coding"][0]["code"]) for i in issues(other)] == [
+        ("error", "GW-1005")]
+    same = validate(client, f"/Patient/{created['id']}/$validate", created, mode="update")
+    assert [i["severity"] for i in issues(same)] == ["information"]

@@ -39,6 +39,8 @@ def test_status_events_and_resend(gateway: GatewayFactory, receiver: Receiver) -
     assert params["events-since-subscription-start"]["valueString"] == "5"
     everything = gw.read(f"/Subscription/$status?id={sid}")
     assert everything["total"] == 1
+    none = gw.read("/Subscription/$status?status=off")  # an empty array is not FHIR JSON
+    assert none["total"] == 0 and "entry" not in none
 
     # $events: the same notification-event parts and entries as delivered
     replay = gw.read(f"/Subscription/{sid}/$events?eventsSinceNumber=2&eventsUntilNumber=4")
