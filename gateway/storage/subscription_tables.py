@@ -170,7 +170,10 @@ async def due(conn: Connection, now: int, limit: int) -> list[tuple[str, str]]:
         " (status IN ('requested', 'active') AND next_attempt <= ? AND ("
         "   events_since_start > delivered_number OR handshake_pending = 1"
         "   OR resend_from IS NOT NULL"
-        "   OR (status = 'active' AND heartbeat > 0 AND last_sent + heartbeat * 1000000 <= ?)))"
+        # (heartbeat is an INTEGER of seconds: in microseconds it needs 64 bits from
+        # 2,148 s on, and PostgreSQL multiplies in the column's type)
+        "   OR (status = 'active' AND heartbeat > 0"
+        "       AND last_sent + CAST(heartbeat AS BIGINT) * 1000000 <= ?)))"
         " OR (status <> resource_status AND status <> 'requested')"
         " OR (end_at > 0 AND end_at <= ? AND status <> 'off'))"
         " ORDER BY next_attempt LIMIT ?",
