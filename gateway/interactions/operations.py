@@ -107,6 +107,8 @@ class Operation:
     version_level: bool = False  # also on a version: Type/id/_history/vid/$name
     #: canonical URL of the OperationDefinition (``{type}``: of the resource type's own)
     definition: str | None = None
+    #: a POST may carry the resource itself instead of a Parameters body ($validate)
+    takes_resource: bool = False
 
     def allows(self, resource_type: str | None, id: str | None) -> bool:
         if resource_type is None:
@@ -127,6 +129,11 @@ async def invoke(
             req.version is not None and not op.version_level):
         raise FhirError(Code.UNKNOWN_ENDPOINT, f"operation ${req.name[:64]} is not supported "
                                                f"on {where}")
+    if req.method == "POST" and req.body is not None and not op.takes_resource and not (
+            isinstance(req.body, dict) and req.body.get("resourceType") == "Parameters"):
+        # (read as no parameters at all, a body of another kind would be a silent no)
+        raise FhirError(Code.INVALID_OPERATION,
+                        f"POST ${op.name} takes its parameters as a Parameters resource")
     if req.method not in ("GET", "POST") or (req.method == "GET" and op.affects_state):
         allowed = "POST" if op.affects_state else "GET, HEAD, POST"
         raise FhirError(Code.METHOD_NOT_ALLOWED, f"${op.name} takes {allowed}",

@@ -64,4 +64,5 @@ OPERATION = Operation(
     "snapshot", snapshot, type_level=True, instance=True,
     types=frozenset({"StructureDefinition"}),
     definition="http://hl7.org/fhir/OperationDefinition/StructureDefinition-snapshot",
+    takes_resource=True,  # the differential to make a snapshot of
 )

@@ -114,4 +114,5 @@ OPERATION = Operation(
     type_level=True,
     instance=True,
     definition="http://hl7.org/fhir/OperationDefinition/Resource-validate",
+    takes_resource=True,
 )

@@ -450,6 +450,16 @@ def test_patient_everything(client: httpx.Client) -> None:
     assert keys(whole)[0] == f"Patient/{pid}" and set(keys(whole)[1:]) == mine
     only = client.get(f"/Patient/{pid}/$everything", params={"_type": "Observation"}).json()
     assert keys(only) == [f"Observation/{made[1]['id']}", f"Observation/{made[4]['id']}"]
+    # POSTed, the parameters come as a Parameters resource: anything else would be read
+    # as none at all (fhir-kit-client sends {"_count": 3} by default)
+    for body in ({"_count": 3}, {"resourceType": "Patient"}):
+        refused = client.post(f"/Patient/{pid}/$everything", json=body,
+                              headers={"Content-Type": "application/fhir+json"})
+        assert (refused.status_code, gw_code(refused)) == (400, "GW-1028"), body
+    posted = client.post(f"/Patient/{pid}/$everything", json={
+        "resourceType": "Parameters", "parameter": [{"name": "_count", "valueInteger": 3}]},
+        headers={"Content-Type": "application/fhir+json"}).json()
+    assert len(keys(posted)) == 3
     # _type 0..*: given twice, the types of both
     both = client.get(f"/Patient/{pid}/$everything",
                       params=[("_type", "Observation"), ("_type", "Patient")]).json()
