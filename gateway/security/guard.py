@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import SearchQuery, related_types
 from gateway.security.policy import AccessPolicy
@@ -203,6 +204,9 @@ async def _check_proxy(store: WriteVisibility, r: Restriction, resource: dict[st
     organisation would open another organisation's patients. The caller writes
     and deletes roles of its own or of no organisation; and makes one (under an id
     of its choosing) only if nothing it may not see already names that id."""
+    if (resource or {}).get("resourceType") != PARTICIPATION_PROXY and (
+            previous is None or previous.resource_type != PARTICIPATION_PROXY):
+        return
     own = current().principal.organization
     for content in (resource, _content(previous)):
         if content is None or content.get("resourceType") != PARTICIPATION_PROXY:
@@ -226,8 +230,6 @@ async def _check_proxy(store: WriteVisibility, r: Restriction, resource: dict[st
 def _content(stored: StoredResource | None) -> dict[str, Any] | None:
     if stored is None or stored.deleted or stored.content is None:
         return None
-    from gateway.fhir import json as fjson
-
     value = fjson.loads_stored(stored.content)
     return value if isinstance(value, dict) else None
 
