@@ -17,6 +17,7 @@ from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import SearchQuery, related_types
 from gateway.security.policy import AccessPolicy
 from gateway.security.principal import Caller, current
+from gateway.storage.access_sql import PARTICIPATION_PROXY
 from gateway.storage.interface import Restriction, StoredResource
 
 # interaction -> SMART v2 action letter
@@ -175,12 +176,6 @@ async def check_write(
         key = (previous.resource_type, previous.id)
         if key not in await store.visible([key], r):
             raise FhirError(Code.NOT_FOUND, f"{key[0]}/{key[1]} is not known")
-
-
-#: a directory resource through which an organisation takes part in a patient's care
-#: (``gateway.storage.access_sql``): a Patient whose GP is a PractitionerRole is in the
-#: care of the role's organisation
-PARTICIPATION_PROXY = "PractitionerRole"
 
 
 def _proxy_organization(content: dict[str, Any] | None) -> str | None:

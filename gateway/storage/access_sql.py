@@ -33,6 +33,12 @@ ACCESS_PROXY = "_access-proxy"
 PROXIED = ("Binary", "Bundle")
 
 
+#: the directory type through which an organisation takes part in a patient's care
+#: (by its ``organization``); writes to it are guarded accordingly
+#: (``gateway.security.guard``)
+PARTICIPATION_PROXY = "PractitionerRole"
+
+
 def _marks(n: int) -> str:
     return ", ".join("?" for _ in range(n))
 
@@ -40,8 +46,8 @@ def _marks(n: int) -> str:
 def _org_match(alias: str, org: str) -> Frag:
     return (
         f"(({alias}.target_type = 'Organization' AND {alias}.target_id = ?)"
-        f" OR ({alias}.target_type = 'PractitionerRole' AND {alias}.target_id IN ("
-        "SELECT apr.res_id FROM sp_reference apr WHERE apr.res_type = 'PractitionerRole'"
+        f" OR ({alias}.target_type = '{PARTICIPATION_PROXY}' AND {alias}.target_id IN ("
+        f"SELECT apr.res_id FROM sp_reference apr WHERE apr.res_type = '{PARTICIPATION_PROXY}'"
         " AND apr.param = 'organization' AND apr.target_type = 'Organization'"
         " AND apr.target_id = ?)))",
         [org, org],
