@@ -154,8 +154,11 @@ async def history(
     if page.next_cursor is not None:
         links.append(("next", f"{path}?{urlencode([*kept, ('_cursor', page.next_cursor)])}"))
     # a version about a patient the caller may not see (before the resource moved to
-    # one it may) is left out; the count would tell of it
+    # one it may) is left out; the count would tell of it, whether on this page or
+    # another, so a restricted caller is given one only for a whole history it has seen
     entries = await guard.versions_visible(ctx.access, ctx.store, page.entries)
-    total = page.total if len(entries) == len(page.entries) else None
+    whole = (count > 0 and before is None and page.next_cursor is None
+             and len(entries) == len(page.entries))
+    total = page.total if restriction is None or whole else None
     return FhirResponse(200, bundle("history", [_entry(base, s) for s in entries],
                                     total=total, links=links))

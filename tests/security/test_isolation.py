@@ -722,3 +722,9 @@ def test_an_earlier_version_about_another_patient_stays_hidden(world: World) -> 
         assert versions(a, path) == {"1", "2"}, path
     instance = b.get(f"/Observation/{obs['id']}/_history").json()
     assert instance.get("total") in (None, 1)
+    # a page that does not hold the hidden version does not count it either
+    for count in (1, 0):
+        page = b.get(f"/Observation/{obs['id']}/_history", params={"_count": count}).json()
+        assert page.get("total") in (None, 1), count
+    # (a restricted caller is counted the versions of a whole history only)
+    assert a.get(f"/Observation/{obs['id']}/_history").json()["total"] == 2
