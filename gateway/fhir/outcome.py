@@ -76,6 +76,10 @@ class Code(Enum):
     PATCH_TEST_FAILED = ("GW-3006", 409, "conflict", "A JSON Patch test operation failed")
     #: RFC 9110 13.1.2: If-None-Match on a write names what exists
     RESOURCE_EXISTS = ("GW-3007", 412, "duplicate", "The resource exists (If-None-Match)")
+    #: http.html#cond-update, no match and an id given: the id is for a new resource
+    #: (R5 says so: "409 Conflict" when it exists)
+    CONDITIONAL_ID_TAKEN = ("GW-3008", 409, "duplicate",
+                            "The id belongs to a resource the criteria do not match")
     # 4xxx: not supported
     METHOD_NOT_ALLOWED = ("GW-4001", 405, "not-supported", "Interaction not supported here")
     VALIDATION_FAILED = ("GW-4002", 422, "processing", "Resource failed validation")

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from gateway.interactions.operations import Operation
 
 ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_ETAG_RE = re.compile(r'\s*(?:W/)?"?([0-9]+)"?\s*')
+#: a version's entity tag, weak or strong, quoted or (as some clients send it) bare
+_ETAG_RE = re.compile(r'(?:W/)?(?:"([0-9]{1,18})"|([0-9]{1,18}))')
 
 
 class Validator(Protocol):
@@ -203,11 +204,32 @@ def check_body(ctx: Context, body: Any, resource_type: str) -> dict[str, Any]:
     return body
 
 
-def parse_etag(value: str) -> int:
-    m = _ETAG_RE.fullmatch(value)
-    if not m:
-        raise FhirError(Code.INVALID_HEADER, f"'{value[:80]}' is not a version ETag like W/\"3\"")
-    return int(m.group(1))
+def parse_etag(value: str) -> frozenset[int] | None:
+    """The versions an ``If-Match`` header names (RFC 9110 13.1.1: ``*`` or a list
+    of entity tags); None for ``*``, any current version."""
+    if value.strip() == "*":
+        return None
+    versions = set()
+    for tag in value.split(","):
+        m = _ETAG_RE.fullmatch(tag.strip())
+        if not m:
+            raise FhirError(Code.INVALID_HEADER,
+                            f"'{value[:80]}' is not a version ETag like W/\"3\"")
+        versions.add(int(m.group(1) or m.group(2)))
+    return frozenset(versions)
+
+
+def check_version(current: StoredResource | None, if_match: str | None, what: str) -> None:
+    """412 unless ``If-Match`` (when given) names the current version; a resource
+    that does not exist or was deleted has none."""
+    if if_match is None:
+        return
+    wanted = parse_etag(if_match)
+    if current is None or current.deleted or (
+            wanted is not None and current.version not in wanted):
+        have = "none" if current is None or current.deleted else str(current.version)
+        raise FhirError(Code.VERSION_CONFLICT,
+                        f"{what}: If-Match {if_match.strip()[:40]!r}, current version {have}")
 
 
 def version_number(version: str) -> int:

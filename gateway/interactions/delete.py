@@ -13,8 +13,8 @@ from gateway.interactions.base import (
     FhirResponse,
     check_id,
     check_type,
+    check_version,
     parse_criteria,
-    parse_etag,
     run_write,
 )
 from gateway.interactions.conditional import single_match
@@ -41,11 +41,7 @@ async def delete_in(
             if exc.code is not Code.NOT_FOUND:
                 raise
             current = None  # not the caller's to see: as if absent
-    if if_match is not None:
-        wanted = parse_etag(if_match)
-        if current is None or current.deleted or current.version != wanted:
-            raise FhirError(Code.VERSION_CONFLICT,
-                            f"{resource_type}/{id}: If-Match wants version {wanted}")
+    check_version(current, if_match, f"{resource_type}/{id}")
     if current is None or current.deleted:
         return None
     guard.note(resource_type, id, current.version + 1)

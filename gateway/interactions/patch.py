@@ -23,12 +23,13 @@ from gateway.interactions.base import (
     admit,
     check_id,
     check_type,
+    check_version,
     parse_criteria,
     run_write,
     write_response,
 )
 from gateway.interactions.conditional import single_match
-from gateway.interactions.update import check_version, unchanged
+from gateway.interactions.update import unchanged
 from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
 

@@ -21,8 +21,8 @@ from gateway.interactions.base import (
     check_body,
     check_id,
     check_type,
+    check_version,
     parse_criteria,
-    parse_etag,
     run_write,
     write_response,
 )
@@ -30,16 +30,6 @@ from gateway.interactions.conditional import single_match
 from gateway.interactions.create import as_client_creates, new_id
 from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
-
-
-def check_version(current: StoredResource | None, if_match: str | None, what: str) -> None:
-    if if_match is None:
-        return
-    wanted = parse_etag(if_match)
-    if current is None or current.deleted or current.version != wanted:
-        have = "none" if current is None or current.deleted else str(current.version)
-        raise FhirError(Code.VERSION_CONFLICT,
-                        f"{what}: If-Match wants version {wanted}, current is {have}")
 
 
 def check_absent(current: StoredResource | None, if_none_match: str | None, what: str) -> None:
@@ -132,10 +122,19 @@ async def update_in(
 async def resolve_conditional_id(
     ctx: Context, tx: StoreTransaction, resource_type: str, criteria: str, body_id: Any
 ) -> str:
-    """The id a conditional update writes to (http.html#cond-update)."""
+    """The id a conditional update writes to (http.html#cond-update): the one
+    resource the criteria match, else the body's id for a new resource (409 when a
+    resource the criteria do not match has it), else a new one."""
     found = await single_match(ctx, tx, resource_type, parse_criteria(criteria))
     if found is None:
-        return body_id if isinstance(body_id, str) else new_id()
+        if not isinstance(body_id, str):
+            return new_id()
+        taken = await tx.current(resource_type, body_id)
+        if taken is not None and not taken.deleted:
+            raise FhirError(Code.CONDITIONAL_ID_TAKEN,
+                            f"{resource_type}/{body_id} exists and does not match "
+                            f"'{criteria[:200]}'", ("id",))
+        return body_id
     if body_id is not None and body_id != found:
         raise FhirError(Code.ID_MISMATCH,
                         f"Resource.id '{body_id}' differs from the matching resource '{found}'",

@@ -109,6 +109,21 @@ def test_if_match_accepts_current_and_rejects_stale_version(client: httpx.Client
     assert gw_code(stale) == "GW-3001"
     bad = put(client, created, **{"If-Match": "nonsense"})
     assert bad.status_code == 400
+    assert put(client, created, **{"If-Match": '"2'}).status_code == 400
+
+
+def test_if_match_takes_a_list_of_etags_and_any(client: httpx.Client) -> None:
+    """RFC 9110 13.1.1: ``If-Match = "*" / #entity-tag``: a list matches when any of
+    its tags names the current version, ``*`` when there is one."""
+    created = post(client, patient(unique("mrn"))).json()
+    listed = put(client, created, **{"If-Match": 'W/"7", W/"1"'})
+    assert listed.status_code == 200, listed.text
+    assert put(client, created, **{"If-Match": 'W/"1", W/"3"'}).status_code == 412
+    assert put(client, created, **{"If-Match": "*"}).status_code == 200
+    path = f"/Patient/{created['id']}"
+    assert client.delete(path, headers={"If-Match": 'W/"1", "3"'}).status_code == 204
+    # a deleted resource has no current version for * to match
+    assert put(client, created, **{"If-Match": "*"}).status_code == 412
 
 
 def test_if_none_match_makes_a_put_create_only(client: httpx.Client) -> None:
@@ -197,6 +212,23 @@ def test_conditional_update(client: httpx.Client) -> None:
     post(client, patient(mrn))
     multiple = client.put(url, json=patient(mrn), headers={"Content-Type": FHIR})
     assert multiple.status_code == 412
+
+
+def test_a_conditional_update_without_a_match_does_not_take_an_existing_id(
+        client: httpx.Client) -> None:
+    """http.html#cond-update, no match and an id given: the id names a new resource.
+    One the criteria do not match keeps its content (409, as R5 says and HAPI FHIR
+    answers); a deleted one's id may be taken."""
+    other = post(client, patient(unique("mrn"))).json()
+    mrn = unique("mrn")
+    url = f"/Patient?identifier=urn:test:mrn|{mrn}"
+    taken = client.put(url, json=patient(mrn, id=other["id"]), headers={"Content-Type": FHIR})
+    assert (taken.status_code, gw_code(taken)) == (409, "GW-3008"), taken.text
+    assert client.get(f"/Patient/{other['id']}").json()["meta"]["versionId"] == "1"
+    assert client.delete(f"/Patient/{other['id']}").status_code == 204
+    revived = client.put(url, json=patient(mrn, id=other["id"]), headers={"Content-Type": FHIR})
+    assert revived.status_code in (200, 201), revived.text
+    assert client.get(url).json()["entry"][0]["resource"]["id"] == other["id"]
 
 
 def test_conditional_delete(client: httpx.Client) -> None:
