@@ -33,7 +33,9 @@ def rewrite(
     relative: Mapping[str, str] | None = None,
     model: Model | None = None,
 ) -> Any:
-    """Replace every mapped name in ``node`` (in place) and return it.
+    """Replace every mapped name in ``node`` (in place) and return it; a Bundle in
+    it (a document or message, kept as it was assembled: documents.html) is left
+    as it is, as one sent alone would be.
 
     ``conditional`` resolves a conditional reference (``Patient?identifier=…``)
     found in a ``reference`` element to ``Type/id``. ``relative`` maps relative
@@ -54,6 +56,8 @@ def _rewrite(node: Any, mapping: Mapping[str, str], conditional: Callable[[str],
     if isinstance(node, dict):
         rt = node.get("resourceType")
         if isinstance(rt, str):
+            if rt == "Bundle":  # a document's or message's names are its own
+                return
             path = [rt]
         for key, value in node.items():
             if isinstance(value, str):

@@ -333,7 +333,7 @@ class _Transaction:
             # Bundles that write the same resources in different orders wait for
             # each other instead of deadlocking (a lock taken again is held already)
             await self.tx.lock(*keys)
-        for e in writes:
+        for e in self._in_identity_order(writes):
             try:
                 await self._identify(e)
             except FhirError as exc:
@@ -377,6 +377,32 @@ class _Transaction:
             except FhirError as exc:
                 raise _entry_error(e, exc) from None
 
+    def _in_identity_order(self, writes: list[Entry]) -> Iterator[Entry]:
+        """``writes`` in their order, but an entry whose criteria name another entry
+        (``Observation?subject=urn:uuid:…``) after that one: its criteria are
+        searched with the id that entry was given."""
+        names = {e.full_url for e in writes if e.full_url}
+        named = {id(e): _criteria_names(e, names) for e in writes} if names else {}
+        pending = writes
+        while pending:
+            waiting = {e.full_url for e in pending if e.full_url}
+            ready = [e for e in pending
+                     if not (named.get(id(e), set()) - {e.full_url}) & waiting]
+            if not ready:  # entries naming each other: their names stay as they are
+                ready = pending
+            yield from ready
+            done = {id(e) for e in ready}
+            pending = [e for e in pending if id(e) not in done]
+
+    def _criteria(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """``pairs`` with the fullUrls of entries identified already replaced by what
+        they name (as HAPI FHIR substitutes ids in conditional URLs): a Bundle sent
+        again finds what it wrote the first time."""
+        if not self.names:
+            return pairs
+        return [(k, ",".join(self.names.get(v, v) for v in value.split(",")))
+                if ":" in value else (k, value) for k, value in pairs]
+
     async def _identify(self, e: Entry) -> None:
         parts = e.path.split("/") if e.path else []
         if not parts or not parts[0]:
@@ -392,12 +418,15 @@ class _Transaction:
             res.pop("id", None)
             cond = e.headers.get("if-none-exist")
             if cond:
-                criteria = if_none_exist_criteria(cond, e.resource_type)
+                criteria = self._criteria(if_none_exist_criteria(cond, e.resource_type))
                 key = criteria_key(e.resource_type, criteria)
                 first = self.conditional_creates.get(key)
-                if first is not None:  # identical conditional create: same resource
+                if first is not None and first.method == "POST":
+                    # identical conditional create: the same resource
                     e.id = first.id
                     e.extra["same_as"] = first
+                elif first is not None:  # a conditional update's: the same resource twice
+                    e.id = first.id
                 else:
                     self.conditional_creates[key] = e
                     found = await single_match(self.ctx, self.tx, e.resource_type, criteria)
@@ -410,13 +439,20 @@ class _Transaction:
                 check_id(parts[1])
                 e.id = parts[1]
             elif len(parts) == 1 and e.query:
+                criteria = self._criteria(parse_criteria(e.query))
                 if e.method == "PUT":
-                    body_id = e.resource.get("id") if isinstance(e.resource, dict) else None
-                    e.id = await resolve_conditional_id(self.ctx, self.tx, e.resource_type,
-                                                        e.query, body_id)
+                    key = criteria_key(e.resource_type, criteria)
+                    first = self.conditional_creates.get(key)
+                    if first is not None:  # what another entry writes: written twice
+                        e.id = first.id
+                    else:
+                        body_id = e.resource.get("id") if isinstance(e.resource, dict) \
+                            else None
+                        e.id = await resolve_conditional_id(self.ctx, self.tx,
+                                                            e.resource_type, criteria, body_id)
+                        self.conditional_creates[key] = e
                 else:
-                    e.id = await single_match(self.ctx, self.tx, e.resource_type,
-                                              parse_criteria(e.query))
+                    e.id = await single_match(self.ctx, self.tx, e.resource_type, criteria)
                     if e.id is None and e.method == "PATCH":
                         raise FhirError(Code.NOT_FOUND, "no resource matches the patch criteria")
             else:
@@ -469,7 +505,7 @@ class _Transaction:
                     rt, _, query = ref.partition("?")
                     check_type(self.ctx, rt)
                     guard.require(rt, "search")
-                    criteria = parse_criteria(query)
+                    criteria = self._criteria(parse_criteria(query))
                     # the criteria of a conditional create in this Bundle: the resource
                     # it found or creates (as a Bundle with the Practitioners and
                     # Organizations its entries refer to by identifier is written)
@@ -570,8 +606,28 @@ def _lock_keys(e: Entry) -> Iterator[str]:
         return
 
 
+def _criteria_names(e: Entry, names: set[str]) -> set[str]:
+    """The entries' fullUrls (of ``names``) that ``e``'s criteria name."""
+    if e.method == "POST":
+        cond = e.headers.get("if-none-exist")
+        text = cond.partition("?")[2] or cond if cond else None
+    else:
+        text = e.query if "/" not in e.path else None
+    if not text:
+        return set()
+    try:
+        pairs = parse_criteria(text)
+    except FhirError:
+        return set()
+    return {v for _, value in pairs if ":" in value for v in value.split(",") if v in names}
+
+
 def _collect_conditional(node: Any, out: list[str]) -> None:
+    """The conditional references in ``node``, a Bundle's (a document's) not: it is
+    stored as sent (:func:`~gateway.fhir.references.rewrite`)."""
     if isinstance(node, dict):
+        if node.get("resourceType") == "Bundle":
+            return
         for key, value in node.items():
             if key == "reference" and isinstance(value, str) and "?" in value \
                     and CONDITIONAL_REF.fullmatch(value):

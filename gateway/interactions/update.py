@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
 from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
@@ -120,12 +121,13 @@ async def update_in(
 
 
 async def resolve_conditional_id(
-    ctx: Context, tx: StoreTransaction, resource_type: str, criteria: str, body_id: Any
+    ctx: Context, tx: StoreTransaction, resource_type: str, criteria: list[tuple[str, str]],
+    body_id: Any,
 ) -> str:
     """The id a conditional update writes to (http.html#cond-update): the one
     resource the criteria match, else the body's id for a new resource (409 when a
     resource the criteria do not match has it), else a new one."""
-    found = await single_match(ctx, tx, resource_type, parse_criteria(criteria))
+    found = await single_match(ctx, tx, resource_type, criteria)
     if found is None:
         if not isinstance(body_id, str):
             return new_id()
@@ -133,7 +135,7 @@ async def resolve_conditional_id(
         if taken is not None and not taken.deleted:
             raise FhirError(Code.CONDITIONAL_ID_TAKEN,
                             f"{resource_type}/{body_id} exists and does not match "
-                            f"'{criteria[:200]}'", ("id",))
+                            f"'{urlencode(criteria)[:200]}'", ("id",))
         return body_id
     if body_id is not None and body_id != found:
         raise FhirError(Code.ID_MISMATCH,
@@ -171,8 +173,8 @@ async def update(
         target = id
         if target is None:
             assert criteria is not None
-            target = await resolve_conditional_id(ctx, tx, resource_type, criteria,
-                                                  resource.get("id"))
+            target = await resolve_conditional_id(ctx, tx, resource_type,
+                                                  parse_criteria(criteria), resource.get("id"))
         return await update_in(ctx, tx, resource_type, target, dict(resource),
                                if_match=if_match, if_none_match=if_none_match)
 

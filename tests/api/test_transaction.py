@@ -774,3 +774,95 @@ def test_an_operation_that_writes_is_part_of_the_transaction(client: httpx.Clien
     assert failed.status_code == 404, failed.text
     tags = client.get(f"/Patient/{pid}").json()["meta"].get("tag", [])
     assert {"system": system, "code": "undone"} not in tags
+
+
+def test_conditional_writes_with_the_same_criteria_write_one_resource(
+        client: httpx.Client) -> None:
+    """Two conditional updates with the same criteria, or a conditional update and a
+    conditional create, name one resource: written twice in one Bundle, a conflict
+    (409, as any two entries writing one resource), not two resources that make every
+    later conditional write on those criteria fail."""
+    mrn = unique("mrn")
+    url = f"Patient?identifier=urn:test:mrn|{mrn}"
+    twice = [{"resource": patient(mrn), "request": {"method": "PUT", "url": url}}] * 2
+    with_create = [twice[0], {"resource": patient(mrn), "request": {
+        "method": "POST", "url": "Patient", "ifNoneExist": url.partition("?")[2]}}]
+    for entries in (twice, with_create, with_create[::-1]):
+        refused = send(client, tx(entries))
+        assert (refused.status_code, gw_code(refused)) == (409, "GW-3004"), refused.text
+        assert search_ids(client, "/Patient", identifier=f"urn:test:mrn|{mrn}") == []
+    one = send(client, tx(twice[:1]))
+    assert one.status_code == 200, one.text
+    assert len(search_ids(client, "/Patient", identifier=f"urn:test:mrn|{mrn}")) == 1
+
+
+def test_criteria_naming_an_entry_search_with_its_id(client: httpx.Client) -> None:
+    """A fullUrl in an entry's criteria (``ifNoneExist``, a conditional update's URL,
+    a conditional reference) is replaced by the id that entry was given, as HAPI
+    FHIR does: the same Bundle sent twice finds what it wrote the first time."""
+    mrn = unique("mrn")
+    code = "http://loinc.org|8867-4"
+
+    def bundle() -> dict[str, Any]:
+        p, o = urn(), urn()
+
+        def obs(loinc: str) -> dict[str, Any]:
+            return {"resourceType": "Observation", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": loinc}]},
+                    "subject": {"reference": p}}
+
+        return tx([
+            # the entries that name the Patient come first: they wait for it
+            {"fullUrl": o, "resource": obs("8867-4"), "request": {
+                "method": "POST", "url": "Observation",
+                "ifNoneExist": f"subject={p}&code={code}"}},
+            {"resource": obs("8310-5"), "request": {
+                "method": "PUT", "url": f"Observation?subject={p.replace(':', '%3A')}"
+                                        "&code=http://loinc.org|8310-5"}},
+            {"resource": {"resourceType": "Provenance", "recorded": "2026-01-01T00:00:00Z",
+                          "target": [{"reference": f"Observation?code={code}&subject={p}"}],
+                          "agent": [{"who": {"display": "loader"}}]},
+             "request": {"method": "POST", "url": "Provenance"}},
+            {"fullUrl": p, "resource": patient(mrn), "request": {
+                "method": "POST", "url": "Patient",
+                "ifNoneExist": f"identifier=urn:test:mrn|{mrn}"}},
+        ])
+
+    first = send(client, bundle())
+    assert first.status_code == 200, first.text
+    assert [e["response"]["status"][:3] for e in first.json()["entry"]] == ["201"] * 4
+    again = send(client, bundle())
+    assert again.status_code == 200, again.text
+    assert [e["response"]["status"][:3] for e in again.json()["entry"]] == \
+        ["200", "200", "201", "200"]
+    pid = search_ids(client, "/Patient", identifier=f"urn:test:mrn|{mrn}")
+    assert len(pid) == 1
+    observations = client.get("/Observation", params={"subject": f"Patient/{pid[0]}"}).json()
+    assert observations["total"] == 2
+    target = id_in(first.json()["entry"][0]["response"]["location"], "Observation")
+    provenances = client.get("/Provenance", params={"target": f"Observation/{target}"}).json()
+    assert provenances["total"] == 2
+
+
+def test_a_bundle_written_in_a_transaction_is_stored_as_sent(client: httpx.Client) -> None:
+    """A document posted as an entry of a transaction keeps its own names: its
+    fullUrls and references, even one equal to another entry's fullUrl, and a
+    conditional reference in it, are not rewritten (as ``POST /Bundle`` keeps them)."""
+    p = urn()
+    document = {"resourceType": "Bundle", "type": "document",
+                "identifier": {"system": "urn:test:doc", "value": unique("doc")},
+                "timestamp": "2026-01-01T00:00:00Z", "entry": [
+                    {"fullUrl": "urn:uuid:0c3b7f3e-0000-4000-8000-000000000001", "resource": {
+                        "resourceType": "Composition", "status": "final",
+                        "type": {"text": "letter"}, "date": "2026-01-01", "title": "t",
+                        "subject": {"reference": p},
+                        "author": [{"reference": "Practitioner?identifier=urn:test|none"}]}},
+                    {"fullUrl": p, "resource": {"resourceType": "Patient", "id": "inner"}}]}
+    sent = json.loads(json.dumps(document))
+    written = send(client, tx([
+        {"fullUrl": p, "resource": patient(unique("mrn")),
+         "request": {"method": "POST", "url": "Patient"}},
+        {"resource": document, "request": {"method": "POST", "url": "Bundle"}}]))
+    assert written.status_code == 200, written.text
+    stored = client.get(written.json()["entry"][1]["response"]["location"]).json()
+    assert stored["entry"] == sent["entry"]
