@@ -159,7 +159,7 @@ class HttpRequest:
                 raise _Disconnected
             chunk = message.get("body", b"")
             if decoder is not None:
-                chunk = _inflate(decoder, chunk, limit - size)
+                chunk = decoder.feed(chunk, limit - size)
             size += len(chunk)
             if size > limit:
                 raise FhirError(Code.TOO_LARGE, f"more than {limit} bytes")
@@ -170,26 +170,43 @@ class HttpRequest:
                 return b"".join(chunks)
 
 
-def _decoder(encoding: str | None) -> Any:
+def _decoder(encoding: str | None) -> _Gunzip | None:
     """A gzip decoder for ``Content-Encoding: gzip``; None for no encoding."""
     codings = [c.strip().lower() for c in (encoding or "").split(",") if c.strip()]
     if not codings or codings == ["identity"]:
         return None
     if codings in (["gzip"], ["x-gzip"]):
-        return zlib.decompressobj(wbits=31)
+        return _Gunzip()
     raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
                     f"Content-Encoding '{(encoding or '')[:40]}' is not supported; use gzip")
 
 
-def _inflate(decoder: Any, chunk: bytes, room: int) -> bytes:
-    """Decode ``chunk``, never more than ``room`` + 1 bytes (a bomb stops here)."""
-    try:
-        out: bytes = decoder.decompress(chunk, max(room, 0) + 1)
-    except zlib.error as exc:
-        raise FhirError(Code.BAD_CONTENT_ENCODING, f"the body is not valid gzip: {exc}") from None
-    if decoder.unused_data:
-        raise FhirError(Code.BAD_CONTENT_ENCODING, "data after the end of the gzip stream")
-    return out
+class _Gunzip:
+    """Decodes a ``gzip`` body, a series of members (RFC 1952 2.2, as ``gzip -c a b``
+    writes it), never more than it is given room for (a bomb stops there)."""
+
+    def __init__(self) -> None:
+        self._member = zlib.decompressobj(wbits=31)
+
+    @property
+    def eof(self) -> bool:
+        return bool(self._member.eof)
+
+    def feed(self, chunk: bytes, room: int) -> bytes:
+        """``chunk`` decoded: at most ``room`` + 1 bytes."""
+        out: list[bytes] = []
+        while True:
+            try:
+                piece: bytes = self._member.decompress(chunk, max(room, 0) + 1)
+            except zlib.error as exc:
+                raise FhirError(Code.BAD_CONTENT_ENCODING,
+                                f"the body is not valid gzip: {exc}") from None
+            out.append(piece)
+            room -= len(piece)
+            if room < 0 or not (self._member.eof and self._member.unused_data):
+                return b"".join(out)
+            chunk = self._member.unused_data  # the next member begins
+            self._member = zlib.decompressobj(wbits=31)
 
 
 @dataclass(slots=True)
@@ -232,6 +249,9 @@ def _response_format(query: list[tuple[str, str]], headers: dict[str, str],
     if fmt is not None:
         # an unescaped "+" in the query string arrives as a space
         media = _media(fmt).replace(" ", "+")
+        if not _our_version(fmt):
+            raise FhirError(Code.NOT_ACCEPTABLE,
+                            f"_format '{fmt[:60]}' names a FHIR version other than 4.0")
         if media in _JSON_TYPES:
             return "json"
         if media in _XML_TYPES and xml:
@@ -544,13 +564,15 @@ class Cors:
         ], b"")
 
     def decorate(self, request: HttpRequest, reply: Reply) -> None:
-        """Let an allowed origin read ``reply`` (and the headers a FHIR client needs)."""
+        """Let an allowed origin read ``reply`` (and the headers a FHIR client needs).
+        Every answer varies by ``Origin`` (the Fetch standard, "CORS protocol and HTTP
+        caches"): a cache must not hand one made for no origin to an allowed one."""
         origin = request.headers.get("origin")
         if self.allows(origin):
             assert origin is not None
             reply.headers += [(b"access-control-allow-origin", origin.encode("latin-1")),
-                              (b"access-control-expose-headers", _CORS_EXPOSE),
-                              (b"vary", b"Origin")]
+                              (b"access-control-expose-headers", _CORS_EXPOSE)]
+        reply.headers.append((b"vary", b"Origin"))
 
 
 def _busy(request: HttpRequest, caller: Caller, exc: RetryableError) -> FhirError:
@@ -562,11 +584,24 @@ def _busy(request: HttpRequest, caller: Caller, exc: RetryableError) -> FhirErro
     return FhirError(Code.DATABASE_BUSY, "the database was busy; try again shortly")
 
 
+#: what RFC 6750 3 lets an ``error_description`` hold (%x20-21 / %x23-5B / %x5D-7E):
+#: the rest, a token's own bytes among them, would break the header or its quoting
+_NOT_IN_DESCRIPTION = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')
+
+
+def www_authenticate(error: str, description: str) -> str:
+    """The ``WWW-Authenticate`` challenge of a 401 (RFC 6750 3): without an error
+    code when the request had no credentials."""
+    if not error:
+        return 'Bearer realm="carepath-gateway"'
+    text = _NOT_IN_DESCRIPTION.sub("?", description[:200])
+    return f'Bearer error="{_NOT_IN_DESCRIPTION.sub("?", error)}", error_description="{text}"'
+
+
 def _auth_failure(exc: AuthError) -> FhirResponse:
     err = FhirError(Code.UNAUTHENTICATED, exc.description)
-    header = (f'Bearer error="{exc.error}", error_description="{exc.description[:200]}"'
-              if exc.error else 'Bearer realm="carepath-gateway"')
-    return FhirResponse(401, err.outcome(), {"WWW-Authenticate": header.replace("\n", " ")})
+    return FhirResponse(401, err.outcome(),
+                        {"WWW-Authenticate": www_authenticate(exc.error, exc.description)})
 
 
 async def _smart_endpoint(

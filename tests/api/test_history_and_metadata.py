@@ -221,6 +221,11 @@ def test_content_type_variants_are_accepted(client: httpx.Client) -> None:
                            ("application/fhir+json; fhirVersion=3.0, */*;q=0.1", 200)):
         got = client.get("/metadata", headers={"Accept": accept})
         assert got.status_code == status, (accept, got.text)
+    for fmt, status in (("application/fhir+json;fhirVersion=4.0", 200),
+                        ("application/fhir+json;fhirVersion=3.0", 406),
+                        ("application/fhir+xml; fhirVersion=5.0", 406)):
+        got = client.get("/metadata", params={"_format": fmt})
+        assert got.status_code == status, (fmt, got.text)
     stu3 = client.post("/Patient", json=body,
                        headers={"Content-Type": "application/fhir+json; fhirVersion=3.0"})
     assert stu3.status_code == 415 and gw_code(stu3) == "GW-1008"

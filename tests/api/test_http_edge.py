@@ -84,6 +84,13 @@ def test_gzip_request_bodies(client: httpx.Client) -> None:
     other = client.post("/Patient", content=json.dumps(resource).encode(),
                         headers={**headers, "Content-Encoding": "br"})
     assert (other.status_code, gw_code(other)) == (415, "GW-1008")
+    # RFC 1952 2.2: a gzip file is a series of members (gzip -c a b > c)
+    text = json.dumps(resource).encode()
+    members = gzip.compress(text[:20]) + gzip.compress(text[20:])
+    joined = client.post("/Patient", content=members, headers=headers)
+    assert joined.status_code == 201, joined.text
+    trailing = client.post("/Patient", content=gzip.compress(text) + b"junk", headers=headers)
+    assert (trailing.status_code, gw_code(trailing)) == (400, "GW-1026")
 
 
 def test_a_resource_sent_as_a_form_is_refused_with_the_reason(client: httpx.Client) -> None:
@@ -141,6 +148,9 @@ def test_cors_for_configured_origins(tmp_path: Path) -> None:
         assert "Access-Control-Allow-Origin" not in refused.headers
         read = httpx.get(f"{running.url}/metadata", headers={"Origin": evil})
         assert read.status_code == 200 and "Access-Control-Allow-Origin" not in read.headers
+        # every answer varies by Origin, so that a cache keeps them apart
+        assert "Origin" in read.headers["Vary"]
+        assert "Origin" in httpx.get(f"{running.url}/metadata").headers["Vary"]
         assert httpx.get(f"{running.url}/metadata", headers={
             "Origin": "https://other.example.org"}).headers["Access-Control-Allow-Origin"] == \
             "https://other.example.org"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,6 +14,7 @@ from pathlib import Path
 import jwt
 import pytest
 
+from gateway.api.app import www_authenticate
 from gateway.security.auth import Authenticator
 from gateway.security.tokens import AuthError
 from gateway.settings import Settings
@@ -20,6 +23,10 @@ from gateway.storage.migrate import migrate
 from tests.security.keys import ClientKey
 
 ISSUER = "https://idp.example.test/realms/care"
+#: RFC 6750 3: a challenge's error and error_description are quoted strings of
+#: %x20-21 / %x23-5B / %x5D-7E
+CHALLENGE = re.compile(r'Bearer error="[\x20\x21\x23-\x5b\x5d-\x7e]*", '
+                       r'error_description="[\x20\x21\x23-\x5b\x5d-\x7e]*"')
 AUDIENCE = "https://gateway.example.test/fhir"
 
 
@@ -80,6 +87,15 @@ def test_external_tokens_are_accepted_and_checked(tmp_path: Path) -> None:
                                    headers={"kid": key.kid})):
                 with pytest.raises(AuthError):
                     await auth.authenticate(f"Bearer {bad}", "127.0.0.1")
+            # what a token's header says is echoed in the challenge only as it may be:
+            # a control character or quote there would break the response
+            for alg in ("\u0001", 'a"b', "a\r\nSet-Cookie: x=1", "é\\"):
+                head = base64.urlsafe_b64encode(json.dumps({"alg": alg}).encode())
+                forged = f"{head.rstrip(b'=').decode()}.e30.c2ln"
+                with pytest.raises(AuthError) as refused:
+                    await auth.authenticate(f"Bearer {forged}", "127.0.0.1")
+                challenge = www_authenticate(refused.value.error, refused.value.description)
+                assert CHALLENGE.fullmatch(challenge), challenge
         finally:
             await db.close()
 
