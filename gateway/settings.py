@@ -50,6 +50,13 @@ class Settings:
     #: never sends a request into one the server is closing (uvicorn's default, 5 s,
     #: loses such a request now and then)
     keep_alive_s: int = 75
+    #: a request's line and headers must have arrived this many seconds after its
+    #: first byte (or the connection's opening), and its body may pause no longer
+    #: than ``request_body_timeout_s`` between two reads; else the connection is
+    #: closed (408 when nothing was answered yet), as nginx's client_header_timeout
+    #: and client_body_timeout do: a client that sends slowly holds no connection
+    request_head_timeout_s: float = 30.0
+    request_body_timeout_s: float = 60.0
     #: how often a worker looks for SearchParameters stored (or changed) by another
     search_parameter_refresh_s: float = 5.0
     #: a database statement of the server running longer is cancelled, and the request

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import sqlite3
+import time
 from pathlib import Path
 
 import httpx
@@ -199,3 +202,61 @@ def test_a_request_head_beyond_the_bound_is_refused(tmp_path: Path) -> None:
         near = httpx.get(f"{served.url}/metadata", params={"_summary": "true"},
                          headers={"X-Note": "n" * 100_000})
         assert near.status_code == 200
+        # a head that ends in the read that takes it past the bound is counted too
+        for size in (135_000, 190_000):
+            with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+                sock.sendall(b"GET /fhir/metadata?_summary=true HTTP/1.1\r\nHost: x\r\n"
+                             b"Connection: close\r\nX-Big: " + b"a" * size + b"\r\n\r\n")
+                answer = _read_all(sock)
+            assert answer.startswith(b"HTTP/1.1 431"), (size, answer[:100])
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except OSError:
+        pass
+    return answer
+
+
+def test_a_request_sent_too_slowly_is_timed_out(tmp_path: Path) -> None:
+    """A request's head must arrive within CAREPATH_REQUEST_HEAD_TIMEOUT_S (408, closed)
+    and its body may not pause longer than CAREPATH_REQUEST_BODY_TIMEOUT_S: a client
+    that opens connections and sends slowly holds none of them (uvicorn alone kept
+    them for good). A request sent at a normal pace is not affected."""
+    env = {"CAREPATH_DATABASE_URL": f"sqlite:///{tmp_path / 'slow.db'}",
+           "CAREPATH_REQUEST_HEAD_TIMEOUT_S": "1.5", "CAREPATH_REQUEST_BODY_TIMEOUT_S": "1.5"}
+    with Served(env) as served:
+        def opened() -> socket.socket:
+            return socket.create_connection(("127.0.0.1", served.port), timeout=20)
+
+        started = time.monotonic()
+        with opened() as silent, opened() as trickle, opened() as stalled:
+            trickle.sendall(b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\n")
+            stalled.sendall(b"POST /fhir/Patient HTTP/1.1\r\nHost: x\r\n"
+                            b"Content-Type: application/fhir+json\r\nContent-Length: 40\r\n"
+                            b"\r\n{\"resourceType\":")
+            for _ in range(3):  # a header a second: each in time, the head not
+                time.sleep(1)
+                try:
+                    trickle.sendall(b"X-More: 1\r\n")
+                except OSError:
+                    break  # closed on us
+            answers = [_read_all(s) for s in (silent, trickle, stalled)]
+        assert time.monotonic() - started < 15
+        assert answers[0].startswith(b"HTTP/1.1 408"), answers[0][:100]
+        assert answers[1].startswith(b"HTTP/1.1 408"), answers[1][:100]
+        assert answers[2] == b"", answers[2][:100]  # a body that stopped: closed
+        # a client that keeps up: a body sent in parts, each within the pause allowed
+        with opened() as steady:
+            body = json.dumps({"resourceType": "Patient", "active": True}).encode()
+            steady.sendall(b"POST /fhir/Patient HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                           b"Content-Type: application/fhir+json\r\n"
+                           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            for part in (body[:10], body[10:20], body[20:]):
+                time.sleep(0.8)
+                steady.sendall(part)
+            assert _read_all(steady).startswith(b"HTTP/1.1 201")
+        assert httpx.get(f"{served.url}/metadata").status_code == 200
