@@ -121,6 +121,26 @@ def _may_take_long(request: HttpRequest) -> bool:
     return not (len(parts) == 4 and parts[2] == "_history") and request.path != "metadata"
 
 
+#: RFC 9110 7.2, RFC 3986 3.2.2: a host name, IPv4 address or bracketed IPv6
+#: literal, and an optional port (a name with sub-delims is legal there but nowhere
+#: in DNS: refused, as a value that would shape the links this server writes)
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9._~%-]{1,253})(?::[0-9]{1,5})?")
+
+
+def host_problem(scope: Scope) -> str | None:
+    """Why the request's ``Host`` cannot be used, None when it can. RFC 9112 3.2: an
+    HTTP/1.1 request without one, with two, or with an invalid one, is answered 400
+    (it would otherwise go into ``Location`` and every link of a Bundle)."""
+    hosts = [v for k, v in scope["headers"] if k.lower() == b"host"]
+    if len(hosts) > 1:
+        return "the request has more than one Host header"
+    if not hosts:
+        return None if scope.get("http_version") == "1.0" else "the request has no Host header"
+    if not _HOST.fullmatch(hosts[0].decode("latin-1")):
+        return f"Host '{hosts[0][:80].decode('latin-1')}' is not a host name and port"
+    return None
+
+
 @dataclass(slots=True)
 class HttpRequest:
     """What the edge needs of an ASGI request (header names are lower-case)."""
@@ -807,7 +827,8 @@ def create_api(
             if preflight is not None:
                 await preflight.send(send)
                 return
-        base = base_url(scope, request.headers)
+        bad_host = host_problem(scope)
+        base = base_url(scope, request.headers if bad_host is None else {})
         rid = request_id(request.headers.get("x-request-id"))
         caller = Caller(Principal.nobody(request.address), request.method, path,
                         request.query_string, base, request_id=rid)
@@ -815,7 +836,12 @@ def create_api(
         departure = _Departure(receive) if _may_take_long(request) else None
         try:
             try:
-                reply, description = await serve(request, base, caller)
+                if bad_host is None:
+                    reply, description = await serve(request, base, caller)
+                else:
+                    err = FhirError(Code.INVALID_HEADER, bad_host)
+                    reply = _render(FhirResponse(err.status, err.outcome()), False, False)
+                    description = err.code.gw
                 if ctx.audit is not None and not caller.audited:
                     await ctx.audit.write(record_of(caller, reply.status, description))
             except _Disconnected:

@@ -312,3 +312,37 @@ def test_a_correlation_id_is_echoed(client: httpx.Client) -> None:
     odd = client.get("/metadata", params={"_summary": "true"},
                      headers={"X-Correlation-Id": "a b\tc"})
     assert "X-Correlation-Id" not in odd.headers
+
+
+def test_the_host_header_is_a_host_and_port(client: httpx.Client) -> None:
+    """RFC 9112 3.2: an HTTP/1.1 request without Host, with two, or with one that is not
+    a host and port is answered 400; the value would be written into Location and
+    every link (``Host: evil.example/x?y=`` made ``http://evil.example/x?y=/fhir/…``)."""
+    import socket
+
+    url = httpx.URL(str(client.base_url))
+    body = json.dumps(patient(unique("mrn"))).encode()
+
+    def raw(head: bytes) -> bytes:
+        with socket.create_connection((url.host, url.port or 80), timeout=10) as sock:
+            sock.sendall(head + b"Content-Type: application/fhir+json\r\nConnection: close\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            return answer
+
+    post_line = f"POST {url.path.rstrip('/')}/Patient HTTP/1.1\r\n".encode()
+    for head in (b"Host: evil.example/x?y=\r\n", b"Host: a.example\r\nHost: b.example\r\n",
+                 b"Host: a b\r\n", b""):
+        answer = raw(post_line + head)
+        assert answer.startswith(b"HTTP/1.1 400"), (head, answer[:200])
+        assert b"GW-1020" in answer
+    good = raw(post_line + f"Host: {url.host}:{url.port}\r\n".encode())
+    assert good.startswith(b"HTTP/1.1 201"), good[:200]
+    assert f"location: http://{url.host}:{url.port}/".encode() in good.lower()
+    ipv6 = raw(post_line + b"Host: [::1]:8080\r\n")
+    assert ipv6.startswith(b"HTTP/1.1 201") and b"http://[::1]:8080/" in ipv6
+    # HTTP/1.0 had no Host
+    old = raw(post_line.replace(b"HTTP/1.1", b"HTTP/1.0"))
+    assert old.startswith(b"HTTP/1.1 201"), old[:200]
