@@ -1,11 +1,18 @@
 """Reference rewriting for transactions: https://hl7.org/fhir/R4/bundle.html#references.
 
 In a transaction, entries name each other by ``fullUrl`` (often
-``urn:uuid:…``). Once the server has assigned ids, every place such a name
-occurs is rewritten: ``Reference.reference``, values of the types ``uri``,
-``url``, ``oid``, ``uuid`` and ``canonical``, and ``href``/``src`` attributes in
-narrative XHTML (http.html#trules). A ``string`` that happens to hold the name,
-such as an ``Identifier.value`` of ``urn:uuid:…``, is data and stays as it is.
+``urn:uuid:…``). Once the server has assigned ids, the places such a name occurs
+are rewritten (http.html#trules): ``Reference.reference``, values of the types
+``uri``, ``url``, ``oid`` and ``uuid``, and ``href``/``src`` attributes in
+narrative XHTML. "Elements of type canonical are not replaced". A ``string`` that
+happens to hold the name, such as an ``Identifier.value`` of ``urn:uuid:…``, is
+data and stays as it is.
+
+A ``uri`` holds an entry's name as a link only when the name is a placeholder
+(``urn:uuid:``, ``urn:oid:``): an ``http`` fullUrl there is an identity (an
+implementation guide's ValueSet sent with its canonical URL as fullUrl; its
+``url``, a ``Coding.system`` naming a CodeSystem), which stays as it is, as in
+HAPI FHIR, which replaces the ids it assigned anew.
 """
 
 from __future__ import annotations
@@ -18,12 +25,16 @@ from gateway.fhir import json as fjson
 from gateway.fhir.paths import Model
 
 CONDITIONAL_REF = re.compile(r"[A-Z][A-Za-z]+\?.+")
+#: the names a client makes up for the entries of a transaction (bundle.html#references)
+PLACEHOLDERS = ("urn:uuid:", "urn:oid:")
 #: a relative RESTful reference (http.html#general-form)
 RELATIVE_REF = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?")
 _ATTR = re.compile(r"""(\b(?:href|src)\s*=\s*)(["'])(.*?)\2""", re.IGNORECASE | re.DOTALL)
-#: the types whose values name other resources (canonical too: the project rewrites
-#: canonical positions, which the spec leaves to the server)
-_NAMING_TYPES = frozenset(("uri", "url", "oid", "uuid", "canonical"))
+#: the types whose values may name other entries by a placeholder
+_NAMING_TYPES = frozenset(("uri", "url", "oid", "uuid"))
+#: what an element found in the mapping is: a reference (any name is replaced), a
+#: uri (a placeholder name is), neither
+_REFERENCE, _URI = "reference", "uri"
 
 
 def rewrite(
@@ -42,8 +53,9 @@ def rewrite(
     references (``Patient/abc``) that, read against the base of the containing
     entry's fullUrl, name another entry (``http://x.org/fhir/Patient/abc``):
     see :func:`relative_names`. With ``model``, a value found in the mapping is
-    replaced only where its element's type names resources (:data:`_NAMING_TYPES`);
-    an element the model does not know is replaced as without one.
+    replaced in a ``Reference.reference``, and where its element's type names
+    resources (:data:`_NAMING_TYPES`, an element the model does not know too) when
+    it is a placeholder; a resource's own ``url`` never.
     """
     _rewrite(node, mapping, conditional, relative, model, [])
     return node
@@ -67,7 +79,7 @@ def _rewrite(node: Any, mapping: Mapping[str, str], conditional: Callable[[str],
                     node[key] = relative[value]
                 elif key == "div":
                     node[key] = _rewrite_xhtml(value, mapping) if mapping else value
-                elif _names(value, mapping) and _naming(model, [*path, key]):
+                elif _names(value, mapping) and _replaced(value, model, [*path, key]):
                     node[key] = _renamed(value, mapping)
             elif isinstance(value, dict | list):
                 path.append(key)
@@ -76,7 +88,7 @@ def _rewrite(node: Any, mapping: Mapping[str, str], conditional: Callable[[str],
     elif isinstance(node, list):
         for i, value in enumerate(node):
             if isinstance(value, str):
-                if _names(value, mapping) and _naming(model, path):
+                if _names(value, mapping) and _replaced(value, model, path):
                     node[i] = _renamed(value, mapping)
             elif isinstance(value, dict | list):
                 _rewrite(value, mapping, conditional, relative, model, path)
@@ -86,11 +98,21 @@ def _names(value: str, mapping: Mapping[str, str]) -> bool:
     return value in mapping or ("|" in value and value.split("|", 1)[0] in mapping)
 
 
-def _naming(model: Model | None, path: list[str]) -> bool:
-    """Whether the element at ``path`` (a resource type, then JSON keys) may name a
-    resource; True when unknown. ``reference`` is a string, but a Reference's."""
+def _replaced(value: str, model: Model | None, path: list[str]) -> bool:
+    """Whether ``value``, an entry's name, is replaced in the element at ``path``."""
+    kind = _naming(model, path)
+    return kind == _REFERENCE or (kind == _URI and value.startswith(PLACEHOLDERS))
+
+
+def _naming(model: Model | None, path: list[str]) -> str | None:
+    """What the element at ``path`` (a resource type, then JSON keys) is: a
+    :data:`_REFERENCE` (``reference`` is a string, but a Reference's; anything
+    without a model), a :data:`_URI` (a type of :data:`_NAMING_TYPES`, or an element
+    the model does not know), or None (a canonical, a string, a resource's ``url``)."""
     if model is None or len(path) < 2:
-        return True
+        return _REFERENCE
+    if len(path) == 2 and path[1] == "url":
+        return None  # a canonical resource's identity
     ctx = path[0]
     for key in path[1:]:
         if key.startswith("_"):  # a primitive's id and extensions
@@ -98,11 +120,11 @@ def _naming(model: Model | None, path: list[str]) -> bool:
             continue
         found = model.child(ctx, key)
         if found is None:
-            return True
+            return _URI
         if ctx == "Reference" and key == "reference":
-            return True
+            return _REFERENCE
         ctx, code = found[1].ctx, found[1].type
-    return code in _NAMING_TYPES
+    return _URI if code in _NAMING_TYPES else None
 
 
 def split_restful(url: str) -> tuple[str, str] | None:

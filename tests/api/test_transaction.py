@@ -373,8 +373,14 @@ def test_malformed_bundles_are_rejected_clearly(client: httpx.Client) -> None:
         assert response.json()["resourceType"] == "OperationOutcome"
 
 
-def test_canonical_positions_are_rewritten_too(client: httpx.Client) -> None:
+def test_canonical_values_are_not_rewritten(client: httpx.Client) -> None:
+    """http.html#trules: "Elements of type canonical are not replaced", and a fullUrl
+    that is not a placeholder is an identity where a uri holds it: a ValueSet sent
+    under its canonical URL keeps its ``url``, and what names it by that URL (a
+    profile, a binding) still does; a reference to it is made local."""
     lib = urn()
+    vs_url = f"http://example.org/fhir/ValueSet/{unique('vs')}"
+    vs_id = vs_url.rsplit("/", 1)[1]
     bundle = tx([
         {"fullUrl": urn(), "resource": {
             "resourceType": "PlanDefinition", "status": "draft",
@@ -383,13 +389,30 @@ def test_canonical_positions_are_rewritten_too(client: httpx.Client) -> None:
         {"fullUrl": lib, "resource": {"resourceType": "Library", "status": "draft",
                                       "type": {"text": "logic-library"}},
          "request": {"method": "POST", "url": "Library"}},
+        {"fullUrl": vs_url, "resource": {
+            "resourceType": "ValueSet", "id": vs_id, "url": vs_url, "status": "active",
+            "compose": {"include": [{"system": "urn:test:cs", "concept": [{"code": "y"}]}]}},
+         "request": {"method": "PUT", "url": f"ValueSet/{vs_id}"}},
+        {"fullUrl": urn(), "resource": {
+            "resourceType": "Questionnaire", "status": "active", "url": vs_url + "-q",
+            "item": [{"linkId": "1", "type": "choice", "answerValueSet": vs_url}]},
+         "request": {"method": "POST", "url": "Questionnaire"}},
+        {"fullUrl": urn(), "resource": {
+            "resourceType": "List", "status": "current", "mode": "working",
+            "entry": [{"item": {"reference": vs_url}}]},
+         "request": {"method": "POST", "url": "List"}},
     ])
     response = send(client, bundle)
     assert response.status_code == 200, response.text
     locations = entry_locations(response)
-    library_id = id_in(locations[1], "Library")
     plan = client.get(locations[0]).json()
-    assert plan["library"] == [f"Library/{library_id}", f"Library/{library_id}|1.0"]
+    assert plan["library"] == [lib, f"{lib}|1.0"]
+    assert client.get(f"/ValueSet/{vs_id}").json()["url"] == vs_url
+    assert client.get("/ValueSet", params={"url": vs_url}).json()["total"] == 1
+    questionnaire = client.get(locations[3]).json()
+    assert questionnaire["item"][0]["answerValueSet"] == vs_url
+    assert client.get(locations[4]).json()["entry"][0]["item"] == {
+        "reference": f"ValueSet/{vs_id}"}
 
 
 def test_only_elements_that_name_resources_are_rewritten(client: httpx.Client) -> None:

@@ -100,11 +100,40 @@ def test_with_a_model_only_elements_that_name_resources_are_rewritten() -> None:
     assert out["_status"]["extension"][0]["valueUuid"] == target
     assert out["contained"][0]["policy"] == [target, f"{target}|2"]  # uri, in a contained
     assert out["contained"][0]["reason"] == [{"text": name}]
+    # "Elements of type canonical are not replaced" (http.html#trules); an element the
+    # model does not know is taken for a uri
     assert [e.get("valueCanonical") or e.get("valueMarkdown") or e.get("valueUnknownType")
-            for e in out["extension"]] == [f"{target}|1.0", name, target]  # unknown: as ever
+            for e in out["extension"]] == [f"{name}|1.0", name, target]
     # without a model every value is replaced, as before
     bare = rewrite(copy.deepcopy(obs), {name: target})
     assert bare["valueString"] == target and bare["identifier"][0]["value"] == target
+
+
+def test_an_http_full_url_is_replaced_in_references_only() -> None:
+    """A fullUrl that is not a placeholder is an identity where a uri holds it: an
+    implementation guide's CodeSystem sent under its canonical URL keeps its ``url``,
+    and codings keep their system; a reference to it becomes local."""
+    from gateway.registry.registry import Registry
+
+    model = Registry.load().indexer.model
+    system = "http://example.org/fhir/CodeSystem/lab"
+    names = {system: "CodeSystem/lab", "urn:oid:1.2.3": "Binary/b1"}
+    code_system = {"resourceType": "CodeSystem", "url": system, "status": "active",
+                   "content": "complete", "supplements": system}
+    assert rewrite(copy.deepcopy(code_system), names, model=model) == code_system
+    obs: dict[str, Any] = {
+        "resourceType": "Observation", "code": {"coding": [{"system": system, "code": "a"}]},
+        "focus": [{"reference": system}],
+        "derivedFrom": [{"reference": "urn:oid:1.2.3"}],
+        "extension": [{"url": "urn:x", "valueUrl": "urn:oid:1.2.3"}]}
+    out = rewrite(copy.deepcopy(obs), names, model=model)
+    assert out["code"] == obs["code"]
+    assert out["focus"] == [{"reference": "CodeSystem/lab"}]
+    assert out["derivedFrom"] == [{"reference": "Binary/b1"}]
+    assert out["extension"][0]["valueUrl"] == "Binary/b1"
+    # a placeholder is not a canonical resource's identity either
+    library = {"resourceType": "Library", "url": "urn:oid:1.2.3", "status": "draft"}
+    assert rewrite(copy.deepcopy(library), names, model=model) == library
 
 
 def test_the_model_names_the_element_a_json_key_holds() -> None:
