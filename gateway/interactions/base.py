@@ -88,6 +88,8 @@ async def run_write(ctx: Context, work: Callable[[StoreTransaction], Awaitable[T
 
     result = await ctx.store.run(audited)
     caller.audited = ctx.audit is not None
+    if ctx.search_parameters is not None:
+        await ctx.search_parameters.caught_up()
     return result
 
 

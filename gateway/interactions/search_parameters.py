@@ -17,7 +17,7 @@ is there keeps answering, as an IG that republishes R4's ``name`` under its own
 URL expects.
 
 Each worker process reads the stored SearchParameters when it starts, after a
-write of one in that process, and otherwise every
+write of one in that process (before that write is answered), and otherwise every
 ``CAREPATH_SEARCH_PARAMETER_REFRESH_S`` seconds (one indexed lookup of their
 history). The worker that wrote one indexes the resources of its base types
 again once every worker has had time to notice it, so that what another worker
@@ -161,6 +161,7 @@ class StoredSearchParameters:
         self._waiting: set[str] = set()  # base types whose reindex waits to begin
         self._written = False
         self._wake = asyncio.Event()
+        self._refreshing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._reindexing: set[asyncio.Task[None]] = set()
 
@@ -177,6 +178,14 @@ class StoredSearchParameters:
         if self._written:
             self._written = False
             self._wake.set()
+
+    async def caught_up(self) -> None:
+        """After a request's commit: a SearchParameter written is in use before the
+        answer leaves, so that the writer's next request (an implementation guide's
+        examples after its parameters) is indexed and searched by it."""
+        if self._wake.is_set():
+            self._wake.clear()
+            await self.refresh()
 
     async def start(self) -> None:
         await self.refresh()
@@ -206,6 +215,10 @@ class StoredSearchParameters:
 
     async def refresh(self) -> bool:
         """Read the stored SearchParameters if their history changed; whether it did."""
+        async with self._refreshing:
+            return await self._refresh()
+
+    async def _refresh(self) -> bool:
         mark = await self.store.versions_mark(("SearchParameter",))
         if mark == self._mark:
             return False
