@@ -24,6 +24,13 @@ the gateway reads, as FHIR JSON Bundles of type ``collection``:
   that cannot be expanded offline (external code systems such as BCP-13 MIME
   types, ISO 4217 currencies, UCUM as a whole) is listed without expansion and
   its ``description`` says why; the validator does not check those bindings.
+* ``Bundle-r4-code-systems.json`` -- the complete CodeSystems of the package (R4's
+  own, ``http://hl7.org/fhir/...``, and the HL7 terminology it carries,
+  ``http://terminology.hl7.org/CodeSystem/...``) with ``url, version, name,
+  status, content, caseSensitive, hierarchyMeaning`` and their concepts' ``code,
+  display``, nested concepts and the properties ``notSelectable``, ``status``,
+  ``deprecated``: an implementation guide's value sets include them, and
+  ``$lookup`` answers for them.
 * ``Bundle-r4-compartment-definitions.json`` -- the five CompartmentDefinitions
   (Patient, Encounter, RelatedPerson, Practitioner, Device) with ``code,
   search`` and the ``resource`` entries that have a ``param``.
@@ -164,6 +171,31 @@ def is_core_profile(sd: dict[str, Any]) -> bool:
         sd.get("url") in PROFILE_BASES or sd.get("baseDefinition") in PROFILE_BASES)
 
 
+CS_KEYS = ("resourceType", "id", "url", "version", "name", "status", "content",
+           "caseSensitive", "hierarchyMeaning")
+CONCEPT_PROPERTIES = ("notSelectable", "status", "deprecated")
+
+
+def trim_concept(concept: dict[str, Any]) -> dict[str, Any]:
+    out = {k: concept[k] for k in ("code", "display") if k in concept}
+    kept = [p for p in concept.get("property", []) if p.get("code") in CONCEPT_PROPERTIES]
+    if kept:
+        out["property"] = kept
+    if concept.get("concept"):
+        out["concept"] = [trim_concept(c) for c in concept["concept"]]
+    return out
+
+
+def code_systems(package: Path) -> list[dict[str, Any]]:
+    out = []
+    for f in sorted(package.glob("CodeSystem-*.json")):
+        cs = json.loads(f.read_text())
+        if cs.get("content") == "complete" and cs.get("concept"):
+            out.append({**{k: cs[k] for k in CS_KEYS if k in cs},
+                        "concept": [trim_concept(c) for c in cs["concept"]]})
+    return out
+
+
 def collection(entries: list[dict[str, Any]], bundle_id: str) -> dict[str, Any]:
     return {
         "resourceType": "Bundle",
@@ -193,7 +225,8 @@ def main(package: Path) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name, items in (("r4-search-parameters", sps), ("r4-structure-definitions", sds),
                         ("r4-profiles", profiles), ("r4-required-valuesets", value_sets),
-                        ("r4-compartment-definitions", compartments)):
+                        ("r4-compartment-definitions", compartments),
+                        ("r4-code-systems", code_systems(package))):
         path = OUT / f"Bundle-{name}.json"
         path.write_text(json.dumps(collection(items, name), separators=(",", ":"),
                                    ensure_ascii=False) + "\n")

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -60,6 +60,11 @@ Key = tuple[str, str]  # (system, code)
 def _canonical(url: str) -> tuple[str, str | None]:
     base, _, version = url.partition("|")
     return base, version or None
+
+
+@lru_cache(maxsize=4)
+def _fallback_index(load: Callable[[], Sequence[Json]]) -> dict[str, Json]:
+    return {r["url"]: r for r in load() if isinstance(r.get("url"), str)}
 
 
 @lru_cache(maxsize=256)
@@ -245,12 +250,17 @@ class _Unexpandable(Exception):
 class Terminology:
     """Code systems, value sets and concept maps by canonical URL and by id."""
 
-    def __init__(self, resources: Iterable[Mapping[str, Any]] = ()) -> None:
+    def __init__(self, resources: Iterable[Mapping[str, Any]] = (),
+                 fallback: Callable[[], Sequence[Json]] | None = None) -> None:
+        """``fallback``: the code systems to look in when no resource held has the
+        url asked for (R4's, read when first needed: a resource held, or stored
+        here, with that url comes first)."""
         self._resources: list[Json] = []
         self._by_url: dict[tuple[str, str], list[Json]] = {}
         self._by_id: dict[tuple[str, str], Json] = {}
         # index per held resource, keyed by identity: the resources live as long as self
         self._systems: dict[int, _CodeSystem] = {}
+        self._fallback = fallback
         for r in resources:
             self._add(r if isinstance(r, dict) else dict(r))
 
@@ -266,7 +276,7 @@ class Terminology:
 
     def with_resources(self, resources: Iterable[Mapping[str, Any]]) -> Terminology:
         """A new service over these resources and ``resources`` (own ones win on a clash)."""
-        out = Terminology(self._resources)
+        out = Terminology(self._resources, self._fallback)
         out._systems = dict(self._systems)  # same resource objects: their indexes stay valid
         for r in resources:
             r = r if isinstance(r, dict) else dict(r)
@@ -284,6 +294,10 @@ class Terminology:
         for r in self._by_url.get((resource_type, base), []):
             if version is None or r.get("version") == version:
                 return r
+        if resource_type == "CodeSystem" and self._fallback is not None:
+            held = _fallback_index(self._fallback).get(base)
+            if held is not None and (version is None or held.get("version") == version):
+                return held
         return None
 
     def code_system(self, url: str, version: str | None = None) -> Json | None:
@@ -299,8 +313,12 @@ class Terminology:
         return self._by_id.get((resource_type, id))
 
     def code_systems(self) -> list[Json]:
-        """The code systems held, as written."""
-        return [r for r in self._resources if r["resourceType"] == "CodeSystem"]
+        """The code systems held, as written (R4's among them, after the others)."""
+        own = [r for r in self._resources if r["resourceType"] == "CodeSystem"]
+        if self._fallback is None:
+            return own
+        urls = {r.get("url") for r in own}
+        return own + [r for url, r in _fallback_index(self._fallback).items() if url not in urls]
 
     def concept_maps(self) -> list[Json]:
         return [r for r in self._resources if r["resourceType"] == "ConceptMap"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,13 @@ def profiles_dir() -> Path:
     here = Path(gateway.__file__).resolve().parent
     packaged = here / "_data" / "profiles"
     return packaged if packaged.is_dir() else here.parent / "profiles"
+
+
+@lru_cache(maxsize=1)
+def _r4_code_systems() -> tuple[dict[str, Any], ...]:
+    """R4's complete CodeSystems and the HL7 terminology its package carries
+    (``profiles/r4/Bundle-r4-code-systems.json``, 8 MB in memory once read)."""
+    return tuple(_bundle_resources(profiles_dir() / "r4" / "Bundle-r4-code-systems.json"))
 
 
 def _conformance_resources(root: Path) -> list[dict[str, Any]]:
@@ -150,9 +157,11 @@ class Registry:
 
     @cached_property
     def terminology(self) -> Terminology:
-        """Terminology over the own CodeSystems, ValueSets and ConceptMaps, and R4's
-        required-binding ValueSets (expanded: their members are all there is)."""
-        return Terminology([*self.conformance, *self.r4_value_sets])
+        """Terminology over the own CodeSystems, ValueSets and ConceptMaps, R4's
+        required-binding ValueSets (expanded: their members are all there is), and
+        R4's CodeSystems (read when first asked for)."""
+        return Terminology([*self.conformance, *self.r4_value_sets],
+                           fallback=_r4_code_systems)
 
     @property
     def resource_types(self) -> list[str]:

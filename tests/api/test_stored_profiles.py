@@ -232,6 +232,23 @@ def test_stored_value_sets_bind_and_own_profiles_keep_their_definition(
     assert post(client, _ips_patient(gender="female", **claims)).status_code == 201
     male = post(client, _ips_patient(gender="male", **claims))
     assert male.status_code == 422 and value_set in _diagnostics(male), male.text
+    # a value set over the whole of one of R4's code systems, but a code (as IPS
+    # restricts statuses): R4's code systems are held, so it binds too
+    but_male = f"urn:test:vs:{unique()}"
+    assert post(client, {"resourceType": "ValueSet", "url": but_male, "status": "active",
+                         "compose": {
+                             "include": [{"system": "http://hl7.org/fhir/administrative-gender"}],
+                             "exclude": [{"system": "http://hl7.org/fhir/administrative-gender",
+                                          "concept": [{"code": "male"}]}]}}).status_code == 201
+    for element in profile["snapshot"]["element"]:
+        if element["path"] == "Patient.gender":
+            element["binding"]["valueSet"] = but_male
+    profile.update(id=unique("sd"), url=f"{url}-2")
+    assert post(client, profile).status_code == 201
+    claims_2 = {"meta": {"profile": [f"{url}-2"]}}
+    assert post(client, _ips_patient(gender="other", **claims_2)).status_code == 201
+    male = post(client, _ips_patient(gender="male", **claims_2))
+    assert male.status_code == 422 and but_male in _diagnostics(male), male.text
     # the gateway's own profile, stored again with less in it, keeps its definition
     own = "https://carepath-gateway.org/fhir/StructureDefinition/handoff-task"
     loose = {"resourceType": "StructureDefinition", "url": own, "name": "LooseTask",

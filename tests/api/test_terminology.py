@@ -172,6 +172,34 @@ def test_stored_terminology_is_used_too(client: httpx.Client) -> None:
     assert values(r.json())["display"] == "Alpha"
 
 
+def test_r4s_code_systems_are_held(client: httpx.Client) -> None:
+    """R4's code systems, and the HL7 terminology its package carries, answer $lookup
+    and are there for the value sets an implementation guide defines over them (IPS:
+    every observation status but entered-in-error)."""
+    r = client.get("/CodeSystem/$lookup", params={
+        "system": "http://hl7.org/fhir/observation-status", "code": "final"})
+    assert r.status_code == 200, r.text
+    assert values(r.json())["display"] == "Final"
+    r = client.get("/CodeSystem/$lookup", params={
+        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+        "code": "laboratory"})
+    assert values(r.json())["display"] == "Laboratory"
+    vs_url = f"urn:test:{unique('status')}:vs"
+    vs = {"resourceType": "ValueSet", "url": vs_url, "status": "active", "compose": {
+        "include": [{"system": "http://hl7.org/fhir/observation-status"}],
+        "exclude": [{"system": "http://hl7.org/fhir/observation-status",
+                     "concept": [{"code": "entered-in-error"}]}]}}
+    assert post(client, vs).status_code == 201
+    expanded = client.get("/ValueSet/$expand", params={"url": vs_url})
+    assert expanded.status_code == 200, expanded.text
+    assert sorted(codes(expanded.json())) == ["amended", "cancelled", "corrected", "final",
+                                              "preliminary", "registered", "unknown"]
+    r = client.get("/ValueSet/$validate-code", params={
+        "url": vs_url, "system": "http://hl7.org/fhir/observation-status",
+        "code": "entered-in-error"})
+    assert values(r.json())["result"] is False
+
+
 def test_capability_statement_advertises_the_operations(client: httpx.Client) -> None:
     statement = client.get("/metadata").json()
     ops = {r["type"]: {o["name"] for o in r.get("operation", [])}
