@@ -169,6 +169,26 @@ def _rewrite_xhtml(div: str, mapping: Mapping[str, str]) -> str:
     return _ATTR.sub(sub, div)
 
 
+def conditional_references(node: Any, out: list[str] | None = None) -> list[str]:
+    """The conditional references (``Patient?identifier=…``, http.html#trules) in
+    ``node``, a Bundle's (a document's) not: it is stored as sent (:func:`rewrite`)."""
+    out = [] if out is None else out
+    if isinstance(node, dict):
+        if node.get("resourceType") == "Bundle":
+            return out
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str) and "?" in value \
+                    and CONDITIONAL_REF.fullmatch(value):
+                out.append(value)
+            elif isinstance(value, dict | list):
+                conditional_references(value, out)
+    elif isinstance(node, list):
+        for value in node:
+            if isinstance(value, dict | list):
+                conditional_references(value, out)
+    return out
+
+
 def references_in(resource: Any) -> Iterator[tuple[str, str]]:
     """(element, value) of every ``Reference.reference`` in ``resource``, its
     contained resources included, a Bundle held inside it not: a document's or

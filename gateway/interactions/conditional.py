@@ -7,12 +7,17 @@ create exactly one resource.
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import replace
+from typing import Any
 from urllib.parse import urlencode
 
+from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
+from gateway.fhir.references import conditional_references, rewrite
 from gateway.fhir.search import parse_search
-from gateway.interactions.base import Context
+from gateway.interactions.base import Context, check_type, parse_criteria
 from gateway.interactions.lists import with_list_members
 from gateway.interactions.terminology import with_value_set_members
 from gateway.security import guard
@@ -48,3 +53,34 @@ async def single_match(
         raise FhirError(Code.MULTIPLE_MATCHES,
                         f"{criteria_key(resource_type, pairs)} matches more than one resource")
     return found[0] if found else None
+
+
+#: a conditional reference in serialised JSON (a quick test before the walk)
+_CONDITIONAL_IN_JSON = re.compile(rb'"reference":"[A-Z][A-Za-z]+\?')
+
+
+async def resolve_references(ctx: Context, tx: StoreTransaction,
+                             resource: dict[str, Any]) -> dict[str, Any]:
+    """``resource`` (written alone or in a batch) with its conditional references
+    replaced by the one resource each matches (412 for none or several), as a
+    transaction resolves them (http.html#trules) and HAPI FHIR does by default:
+    stored as sent, such a reference could never be searched by or followed.
+    ``resource`` itself when it has none."""
+    if not _CONDITIONAL_IN_JSON.search(fjson.dumps(resource)):
+        return resource
+    refs = conditional_references(resource)
+    if not refs:
+        return resource
+    resolved: dict[str, str] = {}
+    for ref in refs:
+        if ref in resolved:
+            continue
+        rt, _, query = ref.partition("?")
+        check_type(ctx, rt)
+        guard.require(rt, "search")
+        found = await single_match(ctx, tx, rt, parse_criteria(query))
+        if found is None:
+            raise FhirError(Code.UNRESOLVED_REFERENCE,
+                            f"conditional reference '{ref[:200]}' matches nothing")
+        resolved[ref] = f"{rt}/{found}"
+    return rewrite(copy.deepcopy(resource), {}, resolved.__getitem__)  # type: ignore[no-any-return]

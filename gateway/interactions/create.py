@@ -16,7 +16,7 @@ from gateway.interactions.base import (
     run_write,
     write_response,
 )
-from gateway.interactions.conditional import single_match
+from gateway.interactions.conditional import resolve_references, single_match
 from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
 
@@ -81,8 +81,8 @@ async def create(
     await admit(ctx, resource)
 
     async def work(tx: StoreTransaction) -> tuple[StoredResource, bool]:
-        return await create_in(ctx, tx, resource_type, dict(resource),
-                               if_none_exist=if_none_exist)
+        body = await resolve_references(ctx, tx, resource)
+        return await create_in(ctx, tx, resource_type, dict(body), if_none_exist=if_none_exist)
 
     stored, created = await run_write(ctx, work)
     if not created:

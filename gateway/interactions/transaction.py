@@ -31,7 +31,7 @@ from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError, information
 from gateway.fhir.references import (
-    CONDITIONAL_REF,
+    conditional_references,
     references_in,
     relative_names,
     rewrite,
@@ -587,7 +587,7 @@ def _lock_keys(e: Entry) -> Iterator[str]:
     too malformed to tell yields what it can (its error comes later)."""
     refs: list[str] = []
     if e.method in ("POST", "PUT"):
-        _collect_conditional(e.resource, refs)
+        conditional_references(e.resource, refs)
     e.extra["refs"] = refs
     resource_type, _, rest = e.path.partition("/")
     try:
@@ -620,24 +620,6 @@ def _criteria_names(e: Entry, names: set[str]) -> set[str]:
     except FhirError:
         return set()
     return {v for _, value in pairs if ":" in value for v in value.split(",") if v in names}
-
-
-def _collect_conditional(node: Any, out: list[str]) -> None:
-    """The conditional references in ``node``, a Bundle's (a document's) not: it is
-    stored as sent (:func:`~gateway.fhir.references.rewrite`)."""
-    if isinstance(node, dict):
-        if node.get("resourceType") == "Bundle":
-            return
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str) and "?" in value \
-                    and CONDITIONAL_REF.fullmatch(value):
-                out.append(value)
-            elif isinstance(value, dict | list):
-                _collect_conditional(value, out)
-    elif isinstance(node, list):
-        for value in node:
-            if isinstance(value, dict | list):
-                _collect_conditional(value, out)
 
 
 def _read_like(e: Entry) -> bool:

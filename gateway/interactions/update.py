@@ -27,7 +27,7 @@ from gateway.interactions.base import (
     run_write,
     write_response,
 )
-from gateway.interactions.conditional import single_match
+from gateway.interactions.conditional import resolve_references, single_match
 from gateway.interactions.create import as_client_creates, new_id
 from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
@@ -175,7 +175,8 @@ async def update(
             assert criteria is not None
             target = await resolve_conditional_id(ctx, tx, resource_type,
                                                   parse_criteria(criteria), resource.get("id"))
-        return await update_in(ctx, tx, resource_type, target, dict(resource),
+        body = await resolve_references(ctx, tx, resource)
+        return await update_in(ctx, tx, resource_type, target, dict(body),
                                if_match=if_match, if_none_match=if_none_match)
 
     stored, created = await run_write(ctx, work)

@@ -889,3 +889,31 @@ def test_a_bundle_written_in_a_transaction_is_stored_as_sent(client: httpx.Clien
     assert written.status_code == 200, written.text
     stored = client.get(written.json()["entry"][1]["response"]["location"]).json()
     assert stored["entry"] == sent["entry"]
+
+
+def test_a_conditional_reference_outside_a_transaction_is_resolved(
+        client: httpx.Client) -> None:
+    """A conditional reference in a resource created or updated alone, or in a batch
+    entry, names the one resource it matches, as in a transaction (and as HAPI FHIR
+    resolves them by default); none or several: 412. Stored as sent it could never be
+    searched by or followed."""
+    npi = unique("npi")
+    gp = post(client, {"resourceType": "Practitioner",
+                       "identifier": [{"system": "urn:test:npi", "value": npi}]}).json()
+    ref = {"reference": f"Practitioner?identifier=urn:test:npi|{npi}"}
+    alone = post(client, patient(unique("mrn"), generalPractitioner=[ref]))
+    assert alone.status_code == 201, alone.text
+    assert alone.json()["generalPractitioner"] == [{"reference": f"Practitioner/{gp['id']}"}]
+    updated = client.put(f"/Patient/{alone.json()['id']}", json={
+        **alone.json(), "generalPractitioner": [ref, ref]}, headers={"Content-Type": FHIR})
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["generalPractitioner"] == [
+        {"reference": f"Practitioner/{gp['id']}"}] * 2
+    batch = send(client, tx([{"resource": patient(unique("mrn"), generalPractitioner=[ref]),
+                              "request": {"method": "POST", "url": "Patient"}}], "batch"))
+    assert batch.status_code == 200, batch.text
+    stored = client.get(batch.json()["entry"][0]["response"]["location"]).json()
+    assert stored["generalPractitioner"] == [{"reference": f"Practitioner/{gp['id']}"}]
+    nowhere = post(client, patient(unique("mrn"), generalPractitioner=[
+        {"reference": "Practitioner?identifier=urn:test:npi|none"}]))
+    assert (nowhere.status_code, gw_code(nowhere)) == (412, "GW-3003"), nowhere.text
