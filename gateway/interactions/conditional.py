@@ -21,7 +21,7 @@ from gateway.interactions.base import Context, check_type, parse_criteria
 from gateway.interactions.lists import with_list_members
 from gateway.interactions.terminology import with_value_set_members
 from gateway.security import guard
-from gateway.storage.interface import StoreTransaction
+from gateway.storage.interface import StoredResource, StoreTransaction
 
 
 def criteria_key(resource_type: str, pairs: list[tuple[str, str]]) -> str:
@@ -53,6 +53,22 @@ async def single_match(
         raise FhirError(Code.MULTIPLE_MATCHES,
                         f"{criteria_key(resource_type, pairs)} matches more than one resource")
     return found[0] if found else None
+
+
+async def check_satisfies(ctx: Context, tx: StoreTransaction, stored: StoredResource,
+                          pairs: list[tuple[str, str]], what: str) -> None:
+    """400 unless ``stored``, just written by a conditional create or update, matches
+    its own criteria (as HAPI FHIR checks, HAPI-0929): one that does not would be
+    written anew by the same request sent again, a duplicate each time."""
+    rt, rid = stored.resource_type, stored.id
+    seen = replace(ctx, store=ctx.store.within(tx))
+    query = await with_list_members(seen, await with_value_set_members(
+        seen, parse_search(rt, [*pairs, ("_id", rid)], ctx.registry.search_params,
+                           strict=True)))
+    if not any(found == rid for _, found in await tx.search_keys(query, 2, None)):
+        raise FhirError(Code.INVALID_CONDITION,
+                        f"the resource of the {what} does not match its criteria "
+                        f"'{urlencode(pairs)[:200]}': sent again, it would be written again")
 
 
 #: a conditional reference in serialised JSON (a quick test before the walk)

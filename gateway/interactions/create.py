@@ -16,7 +16,7 @@ from gateway.interactions.base import (
     run_write,
     write_response,
 )
-from gateway.interactions.conditional import resolve_references, single_match
+from gateway.interactions.conditional import check_satisfies, resolve_references, single_match
 from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
 
@@ -48,9 +48,9 @@ async def create_in(
 
     ``new_patients``: Patients this request creates (a transaction's entries
     may belong to them before they exist)."""
-    if if_none_exist:
-        existing = await single_match(ctx, tx, resource_type,
-                                      if_none_exist_criteria(if_none_exist, resource_type))
+    criteria = if_none_exist_criteria(if_none_exist, resource_type) if if_none_exist else None
+    if criteria is not None:
+        existing = await single_match(ctx, tx, resource_type, criteria)
         if existing is not None:
             current = await tx.current(resource_type, existing)
             assert current is not None
@@ -62,6 +62,8 @@ async def create_in(
     # no lock: the id is a fresh UUID nobody else can be writing to
     stored = await tx.put(resource_type, rid, body, "POST", None, creator=guard.creator())
     guard.note(resource_type, rid, stored.version)
+    if criteria is not None:
+        await check_satisfies(ctx, tx, stored, criteria, "conditional create")
     return stored, True
 
 

@@ -51,7 +51,7 @@ from gateway.interactions.base import (
     parse_criteria,
     run_write,
 )
-from gateway.interactions.conditional import criteria_key, single_match
+from gateway.interactions.conditional import check_satisfies, criteria_key, single_match
 from gateway.interactions.create import create_in, new_id
 from gateway.interactions.delete import delete_in
 from gateway.interactions.patch import check_patch, patch_in
@@ -324,6 +324,8 @@ class _Transaction:
         self.resolved_refs: dict[str, str] = {}
         self.new_patients: frozenset[str] = frozenset()
         self._relative_names: dict[str, dict[str, str]] = {}
+        #: conditional writes to check against their criteria once all are written
+        self.satisfies: list[tuple[Entry, StoredResource, str]] = []
 
     async def run(self) -> None:
         writes = [e for e in self.entries if not _read_like(e)]
@@ -369,6 +371,12 @@ class _Transaction:
         for e in sorted(writes, key=lambda e: (_ORDER[e.method], e.index)):
             try:
                 await self._execute(e)
+            except FhirError as exc:
+                raise _entry_error(e, exc) from None
+        # (after every write: criteria may chain into what later entries write)
+        for e, stored, what in self.satisfies:
+            try:
+                await check_satisfies(self.ctx, self.tx, stored, e.extra["criteria"], what)
             except FhirError as exc:
                 raise _entry_error(e, exc) from None
         for e in deferred:
@@ -429,6 +437,7 @@ class _Transaction:
                     e.id = first.id
                 else:
                     self.conditional_creates[key] = e
+                    e.extra["criteria"] = criteria
                     found = await single_match(self.ctx, self.tx, e.resource_type, criteria)
                     e.id = found or new_id()
                     e.extra["exists"] = found is not None
@@ -451,6 +460,7 @@ class _Transaction:
                         e.id = await resolve_conditional_id(self.ctx, self.tx,
                                                             e.resource_type, criteria, body_id)
                         self.conditional_creates[key] = e
+                        e.extra["criteria"] = criteria
                 else:
                     e.id = await single_match(self.ctx, self.tx, e.resource_type, criteria)
                     if e.id is None and e.method == "PATCH":
@@ -566,6 +576,8 @@ class _Transaction:
             stored, _ = await create_in(ctx, tx, e.resource_type, copy.copy(e.resource),
                                         id=e.id, new_patients=self.new_patients)
             e.outcome = (stored, 201)
+            if "criteria" in e.extra:
+                self.satisfies.append((e, stored, "conditional create"))
         elif e.method == "PUT":
             stored, created = await update_in(ctx, tx, e.resource_type, e.id,
                                               copy.copy(e.resource),
@@ -573,6 +585,8 @@ class _Transaction:
                                               if_none_match=e.headers.get("if-none-match"),
                                               new_patients=self.new_patients)
             e.outcome = (stored, 201 if created else 200)
+            if "criteria" in e.extra:
+                self.satisfies.append((e, stored, "conditional update"))
         elif e.method == "PATCH":
             stored = await patch_in(ctx, tx, e.resource_type, e.id, e.extra["ops"],
                                     if_match=e.headers.get("if-match"),

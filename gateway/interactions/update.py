@@ -27,7 +27,7 @@ from gateway.interactions.base import (
     run_write,
     write_response,
 )
-from gateway.interactions.conditional import resolve_references, single_match
+from gateway.interactions.conditional import check_satisfies, resolve_references, single_match
 from gateway.interactions.create import as_client_creates, new_id
 from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
@@ -171,13 +171,17 @@ async def update(
 
     async def work(tx: StoreTransaction) -> tuple[StoredResource, bool]:
         target = id
+        pairs = parse_criteria(criteria) if criteria is not None else None
         if target is None:
-            assert criteria is not None
-            target = await resolve_conditional_id(ctx, tx, resource_type,
-                                                  parse_criteria(criteria), resource.get("id"))
+            assert pairs is not None
+            target = await resolve_conditional_id(ctx, tx, resource_type, pairs,
+                                                  resource.get("id"))
         body = await resolve_references(ctx, tx, resource)
-        return await update_in(ctx, tx, resource_type, target, dict(body),
-                               if_match=if_match, if_none_match=if_none_match)
+        written = await update_in(ctx, tx, resource_type, target, dict(body),
+                                  if_match=if_match, if_none_match=if_none_match)
+        if pairs is not None:
+            await check_satisfies(ctx, tx, written[0], pairs, "conditional update")
+        return written
 
     stored, created = await run_write(ctx, work)
     return write_response(201 if created else 200, stored, base, prefer, created=created)

@@ -214,6 +214,34 @@ def test_conditional_update(client: httpx.Client) -> None:
     assert multiple.status_code == 412
 
 
+def test_a_conditional_write_must_match_its_own_criteria(client: httpx.Client) -> None:
+    """A conditional create or update whose resource does not match its criteria is
+    refused (400, as HAPI FHIR refuses it, HAPI-0929): sent again, it would write a
+    duplicate each time instead of finding what it wrote."""
+    asked, carried = unique("mrn"), unique("mrn")
+    criteria = f"identifier=urn:test:mrn|{asked}"
+    created = post(client, patient(carried), **{"If-None-Exist": criteria})
+    assert (created.status_code, gw_code(created)) == (400, "GW-1021"), created.text
+    url = f"/Patient?identifier=urn:test:mrn|{asked}"
+    updated = client.put(url, json=patient(carried), headers={"Content-Type": FHIR})
+    assert (updated.status_code, gw_code(updated)) == (400, "GW-1021"), updated.text
+    assert search_ids(client, "/Patient", identifier=f"urn:test:mrn|{carried}") == []
+    # in a transaction too, whichever entry is refused naming it
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": patient(unique("mrn")), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": patient(carried), "request": {
+            "method": "POST", "url": "Patient", "ifNoneExist": criteria}}]}
+    refused = client.post("/", json=bundle, headers={"Content-Type": FHIR})
+    assert (refused.status_code, gw_code(refused)) == (400, "GW-1021"), refused.text
+    assert "Bundle.entry[1]" in refused.text
+    # what does match is written, once
+    for _ in range(2):
+        assert client.put(url, json=patient(asked), headers={"Content-Type": FHIR}
+                          ).status_code in (200, 201)
+        assert post(client, patient(asked), **{"If-None-Exist": criteria}).status_code == 200
+    assert len(search_ids(client, "/Patient", identifier=f"urn:test:mrn|{asked}")) == 1
+
+
 def test_a_conditional_update_without_a_match_does_not_take_an_existing_id(
         client: httpx.Client) -> None:
     """http.html#cond-update, no match and an id given: the id names a new resource.
