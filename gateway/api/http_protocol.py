@@ -138,6 +138,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse()
 
+    def handle_websocket_upgrade(self) -> None:
+        # the connection is the WebSocket protocol's from now on: no request of
+        # this protocol is arriving on it any more
+        self._disarm()
+        super().handle_websocket_upgrade()
+
     def _refuse(self) -> None:
         self._refused = True
         self._disarm()

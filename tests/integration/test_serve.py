@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import sqlite3
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import websockets
 
 from gateway.storage.schema import MIGRATIONS
 from tests.conftest import PG_URL
@@ -260,3 +262,14 @@ def test_a_request_sent_too_slowly_is_timed_out(tmp_path: Path) -> None:
                 steady.sendall(part)
             assert _read_all(steady).startswith(b"HTTP/1.1 201")
         assert httpx.get(f"{served.url}/metadata").status_code == 200
+
+        # a connection upgraded to a WebSocket (the subscriptions' channel) is no
+        # request arriving: it stays open beyond both timeouts
+        async def quiet_then_asks() -> str:
+            url = served.url.replace("http://", "ws://") + "/$websocket"
+            async with websockets.connect(url) as ws:
+                await asyncio.sleep(3.5)
+                await ws.send("hello")
+                return str(await asyncio.wait_for(ws.recv(), 10))
+
+        assert asyncio.run(quiet_then_asks()).startswith("error unknown command")
