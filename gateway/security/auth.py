@@ -72,6 +72,13 @@ class Authenticator:
         self.issuer = TokenIssuer(kid, pem, issuer=base_url, audience=base_url,
                                   lifetime=self.settings.access_token_lifetime)
         s = self.settings
+        named = {"CAREPATH_AUTH_ISSUER": s.auth_issuer, "CAREPATH_AUTH_JWKS_URL": s.auth_jwks_url,
+                 "CAREPATH_AUTH_AUDIENCE": s.auth_audience}
+        if any(named.values()) and not (s.auth_issuer and s.auth_jwks_url):
+            # half an external issuer is none: dev mode would stay on, without a token
+            missing = [k for k, v in list(named.items())[:2] if not v]
+            raise RuntimeError(f"an external issuer needs {' and '.join(missing)} too "
+                               f"(set: {', '.join(k for k, v in named.items() if v)})")
         if s.auth_issuer and s.auth_jwks_url:
             async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
                 response = await client.get(s.auth_jwks_url)

@@ -104,3 +104,23 @@ def test_external_tokens_are_accepted_and_checked(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("given", [{"auth_issuer": ISSUER}, {"auth_jwks_url": "http://x/certs"},
+                                   {"auth_audience": AUDIENCE}])
+def test_half_an_external_issuer_is_refused(tmp_path: Path, given: dict[str, str]) -> None:
+    """One of the issuer's settings without the other would leave dev mode on: the
+    gateway would serve without tokens while its operator believes it checks them."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'half.db'}", **given)
+
+    async def run() -> None:
+        db = open_database(settings.database_url)
+        await db.open()
+        await migrate(db)
+        try:
+            with pytest.raises(RuntimeError, match="an external issuer needs"):
+                await Authenticator(db, settings).start(AUDIENCE)
+        finally:
+            await db.close()
+
+    asyncio.run(run())
