@@ -339,12 +339,19 @@ class SqliteDatabase:
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA synchronous=FULL")
-        await conn.execute("PRAGMA busy_timeout=30000")
-        await conn.execute("PRAGMA foreign_keys=ON")
-        # the search's distance (Location near), the same function PostgreSQL computes in SQL
-        await conn.create_function("carepath_distance_km", 4, distance_km, deterministic=True)
+        try:
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA synchronous=FULL")
+            await conn.execute("PRAGMA busy_timeout=30000")
+            await conn.execute("PRAGMA foreign_keys=ON")
+            # the search's distance (Location near), as PostgreSQL computes it in SQL
+            await conn.create_function("carepath_distance_km", 4, distance_km,
+                                       deterministic=True)
+        except BaseException:
+            # (a file that is no database: its connection's thread, left open, kept the
+            # process alive after the error)
+            await conn.close()
+            raise
         deadline = self._deadlines[conn] = _Deadline(self.statement_timeout_ms)
         if self.statement_timeout_ms:
             # looked at every 10,000 virtual machine instructions (well under a millisecond)
@@ -353,9 +360,13 @@ class SqliteDatabase:
         return conn
 
     async def open(self) -> None:
-        self._writer = await self._connect()
-        for _ in range(self._readers_n):
-            self._readers.put_nowait(await self._reader())
+        try:
+            self._writer = await self._connect()
+            for _ in range(self._readers_n):
+                self._readers.put_nowait(await self._reader())
+        except BaseException:
+            await self.close()
+            raise
 
     async def _reader(self) -> aiosqlite.Connection:
         conn = await self._connect()

@@ -273,3 +273,21 @@ def test_a_request_sent_too_slowly_is_timed_out(tmp_path: Path) -> None:
                 return str(await asyncio.wait_for(ws.recv(), 10))
 
         assert asyncio.run(quiet_then_asks()).startswith("error unknown command")
+
+
+def test_a_file_that_is_no_database_ends_the_command(tmp_path: Path) -> None:
+    """A SQLite path that names some other file: the command says so and exits (its
+    connection's thread, left open, kept the process alive for good, so that a
+    supervisor never saw it fail)."""
+    import os
+    import subprocess
+    import sys
+
+    other = tmp_path / "not-a-database"
+    other.write_bytes(bytes(range(256)) * 20)
+    env = {**os.environ, "CAREPATH_DATABASE_URL": f"sqlite:///{other}"}
+    for command in (["migrate"], ["serve", "--port", "0"]):
+        done = subprocess.run([sys.executable, "-m", "gateway", *command], env=env,
+                              capture_output=True, timeout=60)
+        assert done.returncode != 0, command
+        assert b"file is not a database" in done.stdout + done.stderr, command
