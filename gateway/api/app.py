@@ -660,6 +660,9 @@ class _GatewayApp(FastAPI):
     """
 
     fhir_endpoint: tuple[str, Callable[[Scope, Receive, Send, str], Awaitable[None]]] | None = None
+    #: FastAPI's own paths (health, metrics, the OpenAPI document), theirs also when
+    #: the FHIR base is the root (``CAREPATH_BASE_PATH=/``)
+    outside: frozenset[str] = frozenset()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.fhir_endpoint is not None:
@@ -668,7 +671,8 @@ class _GatewayApp(FastAPI):
             root = scope.get("root_path", "")
             if root and path.startswith(root):
                 path = path[len(root):]
-            if path == base or path.startswith(base + "/"):
+            if (path == base or path.startswith(base + "/")) and not (
+                    not base and path in self.outside):
                 await endpoint(scope, receive, send, path[len(base) + 1:])
                 return
         await super().__call__(scope, receive, send)
@@ -889,4 +893,5 @@ def create_api(
         app.add_route(metrics.PATH, exposition, methods=["GET"], include_in_schema=False)
     spec = openapi(ctx.registry, ctx.settings.base_path)
     app.openapi = lambda: spec  # type: ignore[method-assign]
+    app.outside = frozenset(getattr(r, "path", "") for r in app.router.routes) - {""}
     return app

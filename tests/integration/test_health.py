@@ -126,3 +126,19 @@ def test_metrics_still_answer_when_the_database_is_gone(new_schema: Any) -> None
     assert "carepath_backlog_readable 1.0" in up and "carepath_outbox_pending_events" in up
     assert "carepath_backlog_readable 0.0" in down
     assert "carepath_outbox_pending_events" not in down
+
+
+def test_health_and_metrics_stay_outside_a_fhir_base_at_the_root(tmp_path: Any) -> None:
+    """CAREPATH_BASE_PATH=/ puts the FHIR API at the root; /healthz, /readyz and
+    /metrics are still the probes' and the scraper's (they were FHIR 404s)."""
+    from tests.conftest import RunningServer
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'root.db'}", base_path="/")
+    with RunningServer(settings) as running:
+        root = running.url.rstrip("/")
+        for path in ("/healthz", "/readyz"):
+            answer = httpx.get(f"{root}{path}")
+            assert answer.status_code == 200 and answer.headers["content-type"] == HEALTH
+        assert httpx.get(f"{root}/metrics").text.startswith("# HELP")
+        assert httpx.get(f"{root}/metadata").json()["resourceType"] == "CapabilityStatement"
+        assert httpx.get(f"{root}/Patient").json()["type"] == "searchset"
