@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 
 app = typer.Typer(help="carepath-gateway: FHIR R4 gateway for cross-sector care pathways.",
                   no_args_is_help=True)
@@ -30,7 +30,7 @@ def serve(
 
     import uvicorn
 
-    settings = Settings.from_env(host=host, port=port, workers=workers,
+    settings = _settings(host=host, port=port, workers=workers,
                                  database_url=database_url)
     # the app (in each worker) reads the environment: hand the effective settings down
     # that way. The address decides dev mode (loopback only) and the URLs the gateway
@@ -70,7 +70,8 @@ def serve(
 
     uvicorn.run("gateway.main:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level="info", access_log=False,
-                timeout_keep_alive=settings.keep_alive_s, http=BoundedHeadProtocol)
+                timeout_keep_alive=settings.keep_alive_s, http=BoundedHeadProtocol,
+                timeout_graceful_shutdown=settings.shutdown_grace_s or None)
 
 
 @app.command("migrate")
@@ -81,7 +82,7 @@ def migrate_cmd(
     from gateway.storage.db import open_database
     from gateway.storage.migrate import migrate
 
-    settings = Settings.from_env(database_url=database_url)
+    settings = _settings(database_url=database_url)
 
     async def run() -> list[int]:
         db = open_database(settings.database_url, pool_size=1, schema=settings.database_schema)
@@ -110,7 +111,7 @@ def reindex_cmd(
     from gateway.main import build_store, registry, stored_search_parameters
     from gateway.security.policy import AccessPolicy, load_rules
 
-    settings = Settings.from_env(database_url=database_url)
+    settings = _settings(database_url=database_url)
     bases = tuple(dict.fromkeys(
         b.rstrip("/") + "/" for b in (*local_base, settings.public_base_url or "") if b))
     reg = registry()
@@ -188,7 +189,7 @@ def clients_add(
         raise typer.BadParameter(str(exc)) from None
     org = organization.removeprefix("Organization/")
     client = Client(client_id, org, json.dumps({"keys": public}), jwks_url, scope, True)
-    settings = Settings.from_env(database_url=database_url)
+    settings = _settings(database_url=database_url)
     _run_db(settings, lambda db: add_client(db, client))
     console.print(f"registered client [bold]{client_id}[/bold] for Organization/{org} "
                   f"({len(public)} key(s), scope {scope})")
@@ -203,7 +204,7 @@ def clients_list(
 
     from gateway.storage.security import list_clients
 
-    settings = Settings.from_env(database_url=database_url)
+    settings = _settings(database_url=database_url)
     table = Table("client_id", "organization", "scope", "active")
     for c in _run_db(settings, list_clients):
         table.add_row(c.client_id, c.organization, c.scope, "yes" if c.active else "no")
@@ -221,7 +222,7 @@ def audit_verify(
     """Check every record of the audit chain; exit 1 at the first broken link."""
     from gateway.storage.security import verify_chain
 
-    settings = Settings.from_env(database_url=database_url)
+    settings = _settings(database_url=database_url)
     report = _run_db(settings, verify_chain)
     if report.broken_at is not None:
         console.print(f"[red]audit chain broken at record {report.broken_at}: "
@@ -230,6 +231,15 @@ def audit_verify(
     pending = (f"; {report.pending} committed records not linked yet (an older transaction"
                " is still running)") if report.pending else ""
     console.print(f"[green]audit chain intact[/green]: {report.records} records{pending}")
+
+
+def _settings(**overrides: Any) -> Settings:
+    """The settings, or the command ended with what is wrong with them (exit 2)."""
+    try:
+        return Settings.from_env(**overrides)
+    except SettingsError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -57,6 +57,9 @@ class Settings:
     #: and client_body_timeout do: a client that sends slowly holds no connection
     request_head_timeout_s: float = 30.0
     request_body_timeout_s: float = 60.0
+    #: on SIGTERM, requests in flight are given this long to finish before the
+    #: connections are closed and the process ends (0: as long as they take)
+    shutdown_grace_s: int = 30
     #: how often a worker looks for SearchParameters stored (or changed) by another
     search_parameter_refresh_s: float = 5.0
     #: a database statement of the server running longer is cancelled, and the request
@@ -133,20 +136,67 @@ class Settings:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
+        """The settings of the environment; :class:`SettingsError` naming the variable
+        for a value that is not of its kind or out of its range."""
         base = cls()
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = os.environ.get(f"CAREPATH_{f.name.upper()}")
+            name = f"CAREPATH_{f.name.upper()}"
+            raw = os.environ.get(name)
             if raw is None:
                 continue
-            values[f.name] = _parse(raw, str(f.type), getattr(base, f.name))
+            try:
+                values[f.name] = _parse(raw, str(f.type), getattr(base, f.name))
+            except ValueError:
+                raise SettingsError(f"{name}={raw[:80]!r} is not "
+                                    f"{_KINDS.get(str(f.type), 'a value of its kind')}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return replace(base, **values)
+        settings = replace(base, **values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """:class:`SettingsError` for a value a gateway cannot run with (a port beyond
+        65535 was taken modulo 65536; a negative size refused every write)."""
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"CAREPATH_PORT={self.port} is not a TCP port (0-65535)")
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"CAREPATH_{name.upper()}={getattr(self, name)} must be "
+                                    "greater than 0")
+        for name in _NOT_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise SettingsError(f"CAREPATH_{name.upper()}={getattr(self, name)} must not be "
+                                    "negative")
+        if self.public_base_url is not None and not self.public_base_url.startswith(
+                ("http://", "https://")):
+            raise SettingsError(f"CAREPATH_PUBLIC_BASE_URL={self.public_base_url[:80]!r} is not "
+                                "an http(s) URL")
+
+
+class SettingsError(ValueError):
+    """A setting the gateway cannot run with; the message names its variable."""
+
+
+#: settings that must be greater than 0, and those that may be 0 (off, or for ever)
+_POSITIVE = ("workers", "max_request_bytes", "max_bundle_entries", "max_json_depth",
+             "max_string_length", "default_page_size", "max_page_size", "max_search_results",
+             "search_read_ahead", "db_pool_size", "keep_alive_s", "access_token_lifetime",
+             "validation_max_resource_depth", "search_parameter_refresh_s")
+_NOT_NEGATIVE = ("gzip_min_bytes", "shutdown_grace_s", "db_statement_timeout_ms",
+                 "request_head_timeout_s", "request_body_timeout_s", "outbox_retention_hours",
+                 "subscription_event_retention_hours")
+_KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false",
+          "bool | None": "true or false"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 def _parse(raw: str, annotation: str, current: Any) -> Any:
     if annotation.startswith("bool"):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
+        value = raw.strip().lower()
+        if value not in _TRUE + _FALSE:
+            raise ValueError(raw)
+        return value in _TRUE
     if isinstance(current, float):
         return float(raw)
     return int(raw) if isinstance(current, int) else raw
