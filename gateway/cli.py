@@ -220,10 +220,11 @@ def audit_verify(
     database_url: str = typer.Option(None, "--db", help="sqlite:///… or postgresql://…"),
 ) -> None:
     """Check every record of the audit chain; exit 1 at the first broken link."""
+    from gateway.security.audit import filed_under
     from gateway.storage.security import verify_chain
 
     settings = _settings(database_url=database_url)
-    report = _run_db(settings, verify_chain)
+    report = _run_db(settings, lambda db: verify_chain(db, filed_under=filed_under))
     if report.broken_at is not None:
         console.print(f"[red]audit chain broken at record {report.broken_at}: "
                       f"{report.reason}[/red] ({report.records} records verified before it)")

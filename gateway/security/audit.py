@@ -27,6 +27,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from gateway import tasks
 from gateway.fhir import json as fjson
 from gateway.security.principal import Caller
@@ -186,6 +188,23 @@ def build_event(caller: Caller, status: int, description: str = "") -> dict[str,
     if entities:
         event["entity"] = entities
     return event
+
+
+def filed_under(record: bytes) -> tables.Filing:
+    """The (client_id, patient, outcome) columns :func:`record_of` files ``record``
+    (an AuditEvent it built) under: ``carepath audit verify`` holds the columns to
+    the record, whose hash covers only its bytes."""
+    event = orjson.loads(record)
+    client: str | None = None
+    for agent in event.get("agent", []):
+        if agent.get("type") == _CLIENT_ROLE:
+            client = agent.get("who", {}).get("identifier", {}).get("value")
+    if client in ("anonymous", "anonymous-developer"):
+        client = None
+    patients = [e["what"]["reference"].removeprefix("Patient/")
+                for e in event.get("entity", [])
+                if e.get("type") == _PERSON and e.get("role") == _PATIENT_ROLE]
+    return client, min(patients) if patients else None, event.get("outcome")
 
 
 def record_of(caller: Caller, status: int, description: str = "") -> tables.AuditRecord:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,7 +197,7 @@ async def chain_pending(db: Database, limit: int = 2000, *, precise: bool = Fals
         links = []
         for tx_id, seq, record, *_ in rows:
             pos += 1
-            digest = chain_hash(prev, bytes(record))
+            digest = chain_hash(prev, _bytes(record))
             links.append((pos, int(tx_id), int(seq), prev, digest))
             prev = digest
         if conn.dialect == "postgresql" and links:
@@ -231,8 +231,20 @@ class ChainReport:
     pending: int = 0  # committed records not linked yet (still held back)
 
 
-async def verify_chain(db: Database, batch: int = 5000) -> ChainReport:
-    """Link what is committed, then check every link in chain order."""
+#: what a record is filed under besides its bytes: (client_id, patient, outcome)
+Filing = tuple[str | None, str | None, str | None]
+
+
+def _bytes(record: Any) -> bytes:
+    # (a record changed by hand in SQLite may have become TEXT)
+    return record.encode() if isinstance(record, str) else bytes(record)
+
+
+async def verify_chain(db: Database, batch: int = 5000,
+                       filed_under: Callable[[bytes], Filing] | None = None) -> ChainReport:
+    """Link what is committed, then check every link in chain order; with
+    ``filed_under`` (what a record says it is filed under), also the columns a
+    record is found by (``$audit-log?patient=``), which its hash does not cover."""
     await chain_all(db)
     prev = GENESIS
     last = 0
@@ -240,18 +252,27 @@ async def verify_chain(db: Database, batch: int = 5000) -> ChainReport:
     async with db.read() as conn:
         while True:
             rows = await conn.fetch(
-                "SELECT c.pos, c.seq, c.prev_hash, c.hash, a.record FROM audit_chain c"
+                "SELECT c.pos, c.seq, c.prev_hash, c.hash, a.record, a.client_id, a.patient,"
+                " a.outcome FROM audit_chain c"
                 " LEFT JOIN audit_log a ON a.seq = c.seq WHERE c.pos > ?"
                 " ORDER BY c.pos LIMIT ?", (last, batch))
             if not rows:
                 break
-            for pos, seq, prev_hash, digest, record in rows:
+            for pos, seq, prev_hash, digest, record, client, patient, outcome in rows:
                 if prev_hash != prev:
                     return ChainReport(count, seq, "previous hash does not match")
                 if record is None:
                     return ChainReport(count, seq, "record is missing")
-                if chain_hash(prev, bytes(record)) != digest:
+                if chain_hash(prev, _bytes(record)) != digest:
                     return ChainReport(count, seq, "record does not match its hash")
+                if filed_under is not None:
+                    try:
+                        filing = filed_under(_bytes(record))
+                    except ValueError:
+                        return ChainReport(count, seq, "record is not an AuditEvent")
+                    if filing != (client, patient, outcome):
+                        return ChainReport(count, seq, "record is filed under another client,"
+                                                       " patient or outcome than it names")
                 prev = digest
                 last = pos
                 count += 1

@@ -192,6 +192,35 @@ def test_audit_verify_passes_then_fails_after_tampering(audited: Audited) -> Non
     assert f"broken at record {seq}" in broken.stdout + broken.stderr
 
 
+def test_audit_verify_holds_the_columns_records_are_found_by_to_the_records(
+        audited: Audited) -> None:
+    """``$audit-log?patient=`` finds records by their ``patient`` column, which the
+    hash does not cover: a record moved to another patient (hidden from the first
+    one's log) is found by ``audit verify``; so is a record rewritten as text."""
+    h = {"Authorization": f"Bearer {audited.token()}", "Content-Type": "application/fhir+json"}
+    made = httpx.post(f"{audited.url}/Patient", json={"resourceType": "Patient"}, headers=h)
+    assert made.status_code == 201
+    assert httpx.get(f"{audited.url}/Patient/{made.json()['id']}", headers=h).status_code == 200
+    ok = _cli(audited.settings, "audit", "verify")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    rows = asyncio.run(_fetch(audited.settings,
+                              "SELECT seq FROM audit_log WHERE patient IS NOT NULL ORDER BY seq"))
+    seq = int(rows[-1][0])
+    asyncio.run(_execute(audited.settings,
+                         f"UPDATE audit_log SET patient = 'zz' WHERE seq = {seq}"))
+    moved = _cli(audited.settings, "audit", "verify")
+    assert moved.returncode == 1, moved.stdout + moved.stderr
+    assert f"broken at record {seq}" in moved.stdout + moved.stderr
+    assert "filed under another" in moved.stdout + moved.stderr
+    if audited.backend == "sqlite":  # (a bytea column cannot hold text; SQLite's can)
+        first = records_seq(audited.settings)[0]
+        asyncio.run(_execute(audited.settings,
+                             f"UPDATE audit_log SET record = record || 'x' WHERE seq = {first}"))
+        text = _cli(audited.settings, "audit", "verify")
+        assert text.returncode == 1 and "Traceback" not in text.stderr, text.stderr
+        assert f"broken at record {first}" in text.stdout + text.stderr
+
+
 def records_seq(settings: Settings) -> list[int]:
     return [int(r[0]) for r in asyncio.run(_fetch(settings,
                                                   "SELECT seq FROM audit_log ORDER BY seq"))]
