@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from gateway.settings import Settings, SettingsError
+from gateway.settings import Settings, SettingsError, database_label
 
 app = typer.Typer(help="carepath-gateway: FHIR R4 gateway for cross-sector care pathways.",
                   no_args_is_help=True)
@@ -62,7 +62,7 @@ def serve(
         if applied:
             console.print(f"[green]schema migrated to version {applied[-1]}[/green]")
 
-    asyncio.run(prepare())
+    _with_database(settings, prepare)
     registry()
     console.print(f"carepath-gateway on [bold]http://{settings.host}:{settings.port}"
                   f"{settings.base_path}[/bold] ({settings.database_url.split(':')[0]})")
@@ -92,7 +92,7 @@ def migrate_cmd(
         finally:
             await db.close()
 
-    applied = asyncio.run(run())
+    applied = _with_database(settings, run)
     console.print(f"applied migrations: {applied or 'none (up to date)'}")
 
 
@@ -130,7 +130,7 @@ def reindex_cmd(
         finally:
             await store.close()
 
-    count = asyncio.run(run())
+    count = _with_database(settings, run)
     console.print(f"[green]reindexed[/green] {count} resources")
 
 
@@ -151,7 +151,25 @@ def _run_db(settings: Settings, work: Any) -> Any:
         finally:
             await db.close()
 
-    return asyncio.run(run())
+    return _with_database(settings, run)
+
+
+def _with_database(settings: Settings, work: Any) -> Any:
+    """``asyncio.run(work())``; a database that cannot be reached or used ends the
+    command with one line saying so (exit 1), not a traceback."""
+    import sqlite3
+
+    import asyncpg
+
+    from gateway.storage.migrate import SchemaTooNew
+
+    try:
+        return asyncio.run(work())
+    except (OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError,
+            SchemaTooNew) as exc:
+        console.print(f"[red]cannot use the database {database_label(settings.database_url)}:"
+                      f" {exc}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 @clients_app.command("add")
@@ -239,7 +257,7 @@ def _settings(**overrides: Any) -> Settings:
     try:
         return Settings.from_env(**overrides)
     except SettingsError as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{exc}[/red]", soft_wrap=True)
         raise typer.Exit(2) from None
 
 

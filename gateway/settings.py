@@ -158,6 +158,9 @@ class Settings:
     def check(self) -> None:
         """:class:`SettingsError` for a value a gateway cannot run with (a port beyond
         65535 was taken modulo 65536; a negative size refused every write)."""
+        if not self.database_url.startswith(("sqlite:", "postgresql:", "postgres:")):
+            raise SettingsError(f"CAREPATH_DATABASE_URL={_without_password(self.database_url)!r}"
+                                " is neither sqlite:///… nor postgresql://…")
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"CAREPATH_PORT={self.port} is not a TCP port (0-65535)")
         for name in _POSITIVE:
@@ -172,6 +175,20 @@ class Settings:
                 ("http://", "https://")):
             raise SettingsError(f"CAREPATH_PUBLIC_BASE_URL={self.public_base_url[:80]!r} is not "
                                 "an http(s) URL")
+
+
+def _without_password(url: str) -> str:
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url[:120]
+    scheme, sep, credentials = head.partition("://")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}{':***' if ':' in credentials else ''}@{tail}"[:120]
+
+
+def database_label(url: str) -> str:
+    """``url`` as it may be shown: without its password."""
+    return _without_password(url)
 
 
 class SettingsError(ValueError):

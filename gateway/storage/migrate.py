@@ -46,9 +46,21 @@ async def migrate(db: Database) -> list[int]:
     return [m[0] for m in pending]
 
 
+class SchemaTooNew(RuntimeError):
+    """The database's schema has versions this gateway does not know: a newer
+    gateway upgraded it (one started now would write what the newer schema may no
+    longer hold)."""
+
+
 async def _pending(conn: Connection) -> list[tuple[int, str, str]]:
     await conn.execute(_VERSION_TABLE)
     done = {r[0] for r in await conn.fetch("SELECT version FROM schema_version")}
+    known = {m[0] for m in MIGRATIONS}
+    unknown = sorted(done - known)
+    if unknown:
+        raise SchemaTooNew(f"the database's schema is at version {unknown[-1]}, which this "
+                           f"gateway (version {max(known)}) does not know: run the gateway "
+                           "that upgraded it, or a newer one")
     return [m for m in sorted(MIGRATIONS) if m[0] not in done]
 
 

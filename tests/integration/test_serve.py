@@ -291,3 +291,35 @@ def test_a_file_that_is_no_database_ends_the_command(tmp_path: Path) -> None:
                               capture_output=True, timeout=60)
         assert done.returncode != 0, command
         assert b"file is not a database" in done.stdout + done.stderr, command
+
+
+def test_a_database_it_cannot_use_ends_the_command_with_one_line(tmp_path: Path) -> None:
+    """A schema newer than the gateway (another, newer gateway upgraded it), an
+    unreachable PostgreSQL, a role that does not exist: one line naming the database,
+    without its password, and exit 1; no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "newer.db"
+
+    def run(url: str, *command: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "CAREPATH_DATABASE_URL": url}
+        return subprocess.run([sys.executable, "-m", "gateway", *command], env=env,
+                              capture_output=True, timeout=60, text=True)
+
+    assert run(f"sqlite:///{path}", "migrate").returncode == 0
+    newest = max(m[0] for m in MIGRATIONS)
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO schema_version VALUES (?, 'from the future', 0)",
+                     (newest + 1,))
+    for command in (["migrate"], ["serve", "--port", "0"], ["audit", "verify"]):
+        done = run(f"sqlite:///{path}", *command)
+        assert done.returncode == 1, (command, done.stderr)
+        assert f"schema is at version {newest + 1}" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    for url, said in (("postgresql://127.0.0.1:9/x", "Connect call failed"),
+                      ("postgresql://nobody:secret@127.0.0.1:5432/test", "nobody")):
+        done = run(url, "migrate")
+        assert done.returncode == 1 and said in done.stderr, done.stderr
+        assert "secret" not in done.stderr and "Traceback" not in done.stderr
