@@ -191,15 +191,24 @@ def clients_add(
 
     if (jwks is None) == (jwks_url is None):
         raise typer.BadParameter("give exactly one of --jwks and --jwks-url")
-    if jwks is not None:
-        keys = json.loads(jwks.read_text())
-    else:
-        response = httpx.get(jwks_url, timeout=10, follow_redirects=False)
-        response.raise_for_status()
-        keys = response.json()
-    public = [k for k in keys.get("keys", []) if isinstance(k, dict)]
-    if not public or any("kid" not in k or "d" in k for k in public):
+    try:
+        if jwks is not None:
+            keys = json.loads(jwks.read_text())
+        else:
+            response = httpx.get(jwks_url, timeout=10, follow_redirects=False)
+            response.raise_for_status()
+            keys = response.json()
+    except (OSError, ValueError, httpx.HTTPError) as exc:
+        raise typer.BadParameter(f"cannot read the JWKS: {exc}") from None
+    if not isinstance(keys, dict) or not isinstance(keys.get("keys"), list):
+        raise typer.BadParameter("the JWKS is not a JSON object with a 'keys' list")
+    public = [k for k in keys["keys"] if isinstance(k, dict)]
+    if not public:
         raise typer.BadParameter("the JWKS needs public keys, each with a kid")
+    for key in public:
+        problem = _public_key_problem(key)
+        if problem is not None:
+            raise typer.BadParameter(f"key {str(key.get('kid'))[:40]!r}: {problem}")
     try:
         if not Grant.parse(scope).scopes:
             raise ScopeError("no system/ scope given")
@@ -211,6 +220,31 @@ def clients_add(
     _run_db(settings, lambda db: add_client(db, client))
     console.print(f"registered client [bold]{client_id}[/bold] for Organization/{org} "
                   f"({len(public)} key(s), scope {scope})")
+
+
+#: JWK members that hold private or shared key material (RFC 7518 6.2.2, 6.3.2, 6.4)
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+
+def _public_key_problem(key: dict[str, Any]) -> str | None:
+    """Why ``key`` cannot be a client's signing key here, None when it can: a public
+    RSA or EC P-384 key (RS384/ES384, SMART Backend Services) with a kid, nothing
+    secret in it (a shared secret or private key would be stored with the client)."""
+    import jwt
+
+    if "kid" not in key:
+        return "a key needs a kid"
+    if _PRIVATE_MEMBERS & key.keys():
+        return "holds private or secret key material; register the public key only"
+    if key.get("kty") not in ("RSA", "EC"):
+        return f"kty {str(key.get('kty'))[:20]!r} is not RSA or EC"
+    if key.get("kty") == "EC" and key.get("crv") != "P-384":
+        return "an EC key must be on P-384 (ES384)"
+    try:
+        jwt.PyJWK.from_dict(key, algorithm="RS384" if key["kty"] == "RSA" else "ES384")
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
+        return f"is not a usable public key ({exc})"
+    return None
 
 
 @clients_app.command("list")

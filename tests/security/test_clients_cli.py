@@ -1,0 +1,56 @@
+"""``carepath clients add``: what it registers, and what it refuses with a reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from tests.security.keys import ClientKey
+
+
+def _add(tmp_path: Path, jwks: Any) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "client.jwks.json"
+    path.write_text(jwks if isinstance(jwks, str) else json.dumps(jwks))
+    env = {**os.environ, "CAREPATH_DATABASE_URL": f"sqlite:///{tmp_path / 'clients.db'}"}
+    return subprocess.run([sys.executable, "-m", "gateway", "clients", "add", "ehr-x",
+                           "--organization", "org-x", "--jwks", str(path)],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_public_rsa_and_ec_keys_are_registered(tmp_path: Path) -> None:
+    keys = ClientKey.rsa("ehr-x").jwks()["keys"] + ClientKey.ec("ehr-x").jwks()["keys"]
+    done = _add(tmp_path, {"keys": keys})
+    assert done.returncode == 0, done.stderr
+    assert "2 key(s)" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("jwks", "said"), [
+    ({"keys": [{"kty": "oct", "kid": "sym", "k": "c2VjcmV0"}]}, "secret key material"),
+    ("private", "secret key material"),
+    ({"keys": [{"kid": "no-kty", "n": "AQAB", "e": "AQAB"}]}, "is not RSA or EC"),
+    ({"keys": [{"kty": "EC", "kid": "p256", "crv": "P-256", "x": "AA", "y": "AA"}]}, "P-384"),
+    ({"keys": [{"kty": "RSA", "kid": "broken", "e": "AQAB"}]}, "not a usable public key"),
+    ({"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB"}]}, "needs a kid"),
+    ("not json", "cannot read the JWKS"),
+    ("[1, 2]", "not a JSON object"),
+])
+def test_keys_that_cannot_or_must_not_be_stored_are_refused(
+        tmp_path: Path, jwks: Any, said: str) -> None:
+    """A shared secret or a private key would be stored with the client; a key with no
+    type, on another curve or without its modulus could never verify an assertion; a
+    file that is no JWKS is said to be one, not a traceback."""
+    if jwks == "private":
+        key = ClientKey.rsa("ehr-x")
+        private = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.private))
+        jwks = {"keys": [{**private, "kid": key.kid}]}
+    done = _add(tmp_path, jwks)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert said in " ".join((done.stdout + done.stderr).split()), done.stderr
+    assert "Traceback" not in done.stderr
