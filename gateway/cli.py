@@ -111,7 +111,7 @@ def reindex_cmd(
     from gateway.main import build_store, registry, stored_search_parameters
     from gateway.security.policy import AccessPolicy, load_rules
 
-    settings = _settings(database_url=database_url)
+    settings = _existing(_settings(database_url=database_url))
     bases = tuple(dict.fromkeys(
         b.rstrip("/") + "/" for b in (*local_base, settings.public_base_url or "") if b))
     reg = registry()
@@ -136,6 +136,22 @@ def reindex_cmd(
 
 clients_app = typer.Typer(help="Register the systems allowed to call the gateway.")
 app.add_typer(clients_app, name="clients")
+
+
+def _existing(settings: Settings) -> Settings:
+    """``settings``, when their SQLite database exists: a maintenance command pointed
+    at a mistyped path made a new, empty database there and reported on it (``audit
+    verify``: intact, 0 records)."""
+    from gateway.storage.db import sqlite_path
+
+    url = settings.database_url
+    if url.startswith("sqlite:"):
+        path = sqlite_path(url)
+        if path != ":memory:" and not Path(path).is_file():
+            console.print(f"[red]there is no database at {path}[/red] (serve or migrate "
+                          "makes one)", soft_wrap=True)
+            raise typer.Exit(1)
+    return settings
 
 
 def _run_db(settings: Settings, work: Any) -> Any:
@@ -256,7 +272,7 @@ def clients_list(
 
     from gateway.storage.security import list_clients
 
-    settings = _settings(database_url=database_url)
+    settings = _existing(_settings(database_url=database_url))
     table = Table("client_id", "organization", "scope", "active")
     for c in _run_db(settings, list_clients):
         table.add_row(c.client_id, c.organization, c.scope, "yes" if c.active else "no")
@@ -275,7 +291,7 @@ def audit_verify(
     from gateway.security.audit import filed_under
     from gateway.storage.security import verify_chain
 
-    settings = _settings(database_url=database_url)
+    settings = _existing(_settings(database_url=database_url))
     report = _run_db(settings, lambda db: verify_chain(db, filed_under=filed_under))
     if report.broken_at is not None:
         console.print(f"[red]audit chain broken at record {report.broken_at}: "

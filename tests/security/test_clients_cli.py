@@ -54,3 +54,16 @@ def test_keys_that_cannot_or_must_not_be_stored_are_refused(
     assert done.returncode == 2, done.stdout + done.stderr
     assert said in " ".join((done.stdout + done.stderr).split()), done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [["audit", "verify"], ["clients", "list"], ["reindex"]])
+def test_maintenance_on_a_mistyped_path_makes_no_database(tmp_path: Path,
+                                                          command: list[str]) -> None:
+    """Pointed at a SQLite file that does not exist, a maintenance command says so
+    (it made a new, empty database and reported "audit chain intact: 0 records")."""
+    missing = tmp_path / "typo.db"
+    env = {**os.environ, "CAREPATH_DATABASE_URL": f"sqlite:///{missing}"}
+    done = subprocess.run([sys.executable, "-m", "gateway", *command], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "there is no database" in done.stderr, done.stderr
+    assert not missing.exists()
