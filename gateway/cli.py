@@ -62,6 +62,13 @@ def serve(
         if applied:
             console.print(f"[green]schema migrated to version {applied[-1]}[/green]")
 
+    from gateway.security.policy import load_rules
+
+    try:
+        load_rules(settings.jurisdiction)
+    except ValueError as exc:
+        console.print(f"[red]CAREPATH_JURISDICTION: {exc}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
     _with_database(settings, prepare)
     registry()
     console.print(f"carepath-gateway on [bold]http://{settings.host}:{settings.port}"

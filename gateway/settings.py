@@ -171,6 +171,12 @@ class Settings:
             if getattr(self, name) < 0:
                 raise SettingsError(f"CAREPATH_{name.upper()}={getattr(self, name)} must not be "
                                     "negative")
+        if self.base_path and not self.base_path.startswith("/"):
+            raise SettingsError(f"CAREPATH_BASE_PATH={self.base_path[:80]!r} must begin with /")
+        if self.redis_url is not None and not self.redis_url.startswith(
+                ("redis://", "rediss://", "unix://")):
+            raise SettingsError(f"CAREPATH_REDIS_URL={_without_password(self.redis_url)!r} "
+                                "is not a redis://, rediss:// or unix:// URL")
         if self.public_base_url is not None and not self.public_base_url.startswith(
                 ("http://", "https://")):
             raise SettingsError(f"CAREPATH_PUBLIC_BASE_URL={self.public_base_url[:80]!r} is not "

@@ -39,6 +39,9 @@ def test_a_number_in_the_environment_is_a_number(field: object,
     ("CAREPATH_DB_STATEMENT_TIMEOUT_MS", "-1", "must not be negative"),
     ("CAREPATH_METRICS", "ture", "is not true or false"),
     ("CAREPATH_PUBLIC_BASE_URL", "not a url", "is not an http(s) URL"),
+    ("CAREPATH_BASE_PATH", "r4", "must begin with /"),
+    ("CAREPATH_REDIS_URL", "notaurl", "is not a redis://"),
+    ("CAREPATH_DATABASE_URL", "mysql://u:pw@h/d", "is neither sqlite"),
 ])
 def test_a_setting_out_of_its_range_is_refused_by_name(
         monkeypatch: pytest.MonkeyPatch, variable: str, value: str, said: str) -> None:
