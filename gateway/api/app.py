@@ -671,8 +671,8 @@ class _GatewayApp(FastAPI):
             root = scope.get("root_path", "")
             if root and path.startswith(root):
                 path = path[len(root):]
-            if (path == base or path.startswith(base + "/")) and not (
-                    not base and path in self.outside):
+            if (path == base or path.startswith(base + "/")) and (
+                    base or path not in self.outside):
                 await endpoint(scope, receive, send, path[len(base) + 1:])
                 return
         await super().__call__(scope, receive, send)

@@ -31,6 +31,7 @@ from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError, information
 from gateway.fhir.references import (
+    PLACEHOLDERS,
     conditional_references,
     references_in,
     relative_names,
@@ -51,7 +52,12 @@ from gateway.interactions.base import (
     parse_criteria,
     run_write,
 )
-from gateway.interactions.conditional import check_satisfies, criteria_key, single_match
+from gateway.interactions.conditional import (
+    check_satisfies,
+    criteria_key,
+    reference_to_match,
+    single_match,
+)
 from gateway.interactions.create import create_in, new_id
 from gateway.interactions.delete import delete_in
 from gateway.interactions.patch import check_patch, patch_in
@@ -63,8 +69,6 @@ from gateway.security import guard
 from gateway.security.principal import CALLER, Caller, current
 from gateway.storage.interface import StoredResource, StoreTransaction
 
-#: a name a transaction's entries give each other, that only the transaction resolves
-PLACEHOLDER = "urn:uuid:"
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 
 
@@ -520,14 +524,9 @@ class _Transaction:
                     # it found or creates (as a Bundle with the Practitioners and
                     # Organizations its entries refer to by identifier is written)
                     same = self.conditional_creates.get(criteria_key(rt, criteria))
-                    if same is not None and same.id is not None:
-                        self.resolved_refs[ref] = f"{rt}/{same.id}"
-                        continue
-                    found = await single_match(self.ctx, self.tx, rt, criteria)
-                    if found is None:
-                        raise FhirError(Code.UNRESOLVED_REFERENCE,
-                                        f"conditional reference '{ref[:200]}' matches nothing")
-                    self.resolved_refs[ref] = f"{rt}/{found}"
+                    self.resolved_refs[ref] = f"{rt}/{same.id}" if (
+                        same is not None and same.id is not None) else \
+                        await reference_to_match(self.ctx, self.tx, ref, criteria)
 
         split = split_restful(e.full_url) if e.full_url else None
         relative = self._relative(split[0]) if split else {}
@@ -537,7 +536,7 @@ class _Transaction:
                 self.ctx.registry.indexer.model)
         if e.resource.get("resourceType") != "Bundle":
             for element, value in references_in(e.resource):
-                if value.startswith(PLACEHOLDER):  # names no entry of the Bundle
+                if value.startswith(PLACEHOLDERS):  # names no entry of the Bundle
                     raise FhirError(Code.INVALID_ENTRY,
                                     f"{element} refers to '{value[:100]}', which is the"
                                     " fullUrl of no entry in this transaction",
@@ -585,7 +584,7 @@ class _Transaction:
                                               if_none_match=e.headers.get("if-none-match"),
                                               new_patients=self.new_patients)
             e.outcome = (stored, 201 if created else 200)
-            if "criteria" in e.extra:
+            if "criteria" in e.extra and created:
                 self.satisfies.append((e, stored, "conditional update"))
         elif e.method == "PATCH":
             stored = await patch_in(ctx, tx, e.resource_type, e.id, e.extra["ops"],

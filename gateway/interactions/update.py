@@ -179,7 +179,7 @@ async def update(
         body = await resolve_references(ctx, tx, resource)
         written = await update_in(ctx, tx, resource_type, target, dict(body),
                                   if_match=if_match, if_none_match=if_none_match)
-        if pairs is not None:
+        if pairs is not None and written[1]:  # (one that matched may change what it matched)
             await check_satisfies(ctx, tx, written[0], pairs, "conditional update")
         return written
 

@@ -240,6 +240,16 @@ def test_a_conditional_write_must_match_its_own_criteria(client: httpx.Client) -
                           ).status_code in (200, 201)
         assert post(client, patient(asked), **{"If-None-Exist": criteria}).status_code == 200
     assert len(search_ids(client, "/Patient", identifier=f"urn:test:mrn|{asked}")) == 1
+    # an update of the resource the criteria found may change what they matched on
+    # (a patient given a new number); criteria about other resources (what refers to
+    # it) hold no new resource
+    renumbered = client.put(url, json=patient(carried), headers={"Content-Type": FHIR})
+    assert renumbered.status_code == 200, renumbered.text
+    alone = unique("mrn")
+    lonely = post(client, patient(alone), **{
+        "If-None-Exist": f"identifier=urn:test:mrn|{alone}"
+                         "&_has:Observation:patient:code=http://loinc.org|8867-4"})
+    assert lonely.status_code == 201, lonely.text
 
 
 def test_a_conditional_update_without_a_match_does_not_take_an_existing_id(
