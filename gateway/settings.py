@@ -159,7 +159,7 @@ class Settings:
         """:class:`SettingsError` for a value a gateway cannot run with (a port beyond
         65535 was taken modulo 65536; a negative size refused every write)."""
         if not self.database_url.startswith(("sqlite:", "postgresql:", "postgres:")):
-            raise SettingsError(f"CAREPATH_DATABASE_URL={_without_password(self.database_url)!r}"
+            raise SettingsError(f"CAREPATH_DATABASE_URL={database_label(self.database_url)!r}"
                                 " is neither sqlite:///… nor postgresql://…")
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"CAREPATH_PORT={self.port} is not a TCP port (0-65535)")
@@ -175,7 +175,7 @@ class Settings:
             raise SettingsError(f"CAREPATH_BASE_PATH={self.base_path[:80]!r} must begin with /")
         if self.redis_url is not None and not self.redis_url.startswith(
                 ("redis://", "rediss://", "unix://")):
-            raise SettingsError(f"CAREPATH_REDIS_URL={_without_password(self.redis_url)!r} "
+            raise SettingsError(f"CAREPATH_REDIS_URL={database_label(self.redis_url)!r} "
                                 "is not a redis://, rediss:// or unix:// URL")
         if self.public_base_url is not None and not self.public_base_url.startswith(
                 ("http://", "https://")):
@@ -183,18 +183,14 @@ class Settings:
                                 "an http(s) URL")
 
 
-def _without_password(url: str) -> str:
+def database_label(url: str) -> str:
+    """``url`` as it may be shown: without its password."""
     head, at, tail = url.rpartition("@")
     if not at:
         return url[:120]
     scheme, sep, credentials = head.partition("://")
     user = credentials.split(":", 1)[0]
     return f"{scheme}{sep}{user}{':***' if ':' in credentials else ''}@{tail}"[:120]
-
-
-def database_label(url: str) -> str:
-    """``url`` as it may be shown: without its password."""
-    return _without_password(url)
 
 
 class SettingsError(ValueError):
