@@ -83,7 +83,7 @@ async def run_write(ctx: Context, work: Callable[[StoreTransaction], Awaitable[T
         del caller.entities[mark:]  # a retried attempt starts over
         result = await work(tx)
         if ctx.audit is not None:
-            await tx.append_audit([audit_trail.record_of(caller, 200)])
+            await tx.append_audit(audit_trail.records_of(caller, 200))
         return result
 
     result = await ctx.store.run(audited)

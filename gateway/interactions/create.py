@@ -58,10 +58,10 @@ async def create_in(
     rid = id or new_id()
     body["id"] = rid  # known before the checks: a new Patient is its own compartment
     as_client_creates(resource_type, body)
-    await guard.check_write(ctx.access, tx, body, None, new_patients)
+    about = await guard.check_write(ctx.access, tx, body, None, new_patients)
     # no lock: the id is a fresh UUID nobody else can be writing to
     stored = await tx.put(resource_type, rid, body, "POST", None, creator=guard.creator())
-    guard.note(resource_type, rid, stored.version)
+    guard.note(resource_type, rid, stored.version, patients=about)
     if criteria is not None:
         await check_satisfies(ctx, tx, stored, criteria, "conditional create")
     return stored, True

@@ -34,9 +34,10 @@ async def delete_in(
     if resource_type == "SearchParameter" and ctx.search_parameters is not None:
         ctx.search_parameters.written(None)
     current = await tx.current(resource_type, id)
+    about: frozenset[str] = frozenset()
     if current is not None and not current.deleted:
         try:
-            await guard.check_write(ctx.access, tx, None, current)
+            about = await guard.check_write(ctx.access, tx, None, current)
         except FhirError as exc:
             if exc.code is not Code.NOT_FOUND:
                 raise
@@ -44,7 +45,7 @@ async def delete_in(
     check_version(current, if_match, f"{resource_type}/{id}")
     if current is None or current.deleted:
         return None
-    guard.note(resource_type, id, current.version + 1)
+    guard.note(resource_type, id, current.version + 1, patients=about)
     return await tx.delete(current)
 
 

@@ -165,7 +165,7 @@ async def _read(ctx: Context, named: list[tuple[str, str, str | None]]
     for key in kept:
         if key[:2] in visible:
             stored = found[key]
-            guard.note(stored.resource_type, stored.id, stored.version)
+            guard.note_stored(ctx.access, stored)
             out.append(stored)
     return out
 

@@ -166,7 +166,7 @@ async def _change(ctx: Context, req: OperationRequest, *, add: bool) -> FhirResp
         current = await tx.current(rt, id)
         if current is None:
             raise FhirError(Code.NOT_FOUND, f"{rt}/{id} is not known")
-        await guard.check_write(ctx.access, tx, None, current)
+        about = await guard.check_write(ctx.access, tx, None, current)
         target: StoredResource | None = current
         if version is not None and version != current.version:
             target = await tx.version(rt, id, version)
@@ -178,7 +178,7 @@ async def _change(ctx: Context, req: OperationRequest, *, add: bool) -> FhirResp
             resource["meta"] = after
             await admit(ctx, resource, tx)  # validated as any write (a profile added must hold)
             await tx.rewrite(target, resource, current=target is current)
-        guard.note(rt, id, target.version)
+        guard.note(rt, id, target.version, patients=about)
         return after
 
     return _returned(await run_write(ctx, work))

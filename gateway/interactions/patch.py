@@ -119,12 +119,12 @@ async def patch_in(
     check_version(current, if_match, f"{resource_type}/{id}")
     result = apply_patch(ctx, current, ops)
     await admit(ctx, result, tx)
-    await guard.check_write(ctx.access, tx, result, current, new_patients)
+    about = await guard.check_write(ctx.access, tx, result, current, new_patients)
     if unchanged(ctx, current, result):
-        guard.note(resource_type, id, current.version)
+        guard.note(resource_type, id, current.version, patients=about)
         return current
     stored = await tx.put(resource_type, id, result, "PATCH", current)
-    guard.note(resource_type, id, stored.version)
+    guard.note(resource_type, id, stored.version, patients=about)
     return stored
 
 

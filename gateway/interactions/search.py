@@ -100,7 +100,7 @@ async def _page(
     origins = near_origins(query.criteria)
     entries: list[dict[str, Any]] = []
     for s in stored:
-        guard.note(s.resource_type, s.id, s.version)
+        guard.note_stored(ctx.access, s)
         search: dict[str, Any] = {
             "mode": "match" if (s.resource_type, s.id) in matched else "include"}
         if origins and search["mode"] == "match":

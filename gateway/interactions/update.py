@@ -108,15 +108,15 @@ async def update_in(
         if current is None:
             guard.require(resource_type, "create")
         as_client_creates(resource_type, resource)
-    await guard.check_write(ctx.access, tx, resource, current, new_patients)
+    about = await guard.check_write(ctx.access, tx, resource, current, new_patients)
     check_version(current, if_match, f"{resource_type}/{id}")
     check_absent(current, if_none_match, f"{resource_type}/{id}")
     if ctx.settings.skip_unchanged_updates and current is not None \
             and unchanged(ctx, current, {**resource, "id": id}):
-        guard.note(resource_type, id, current.version)
+        guard.note(resource_type, id, current.version, patients=about)
         return current, False
     stored = await tx.put(resource_type, id, resource, method, current, creator=guard.creator())
-    guard.note(resource_type, id, stored.version)
+    guard.note(resource_type, id, stored.version, patients=about)
     return stored, current is None or current.deleted
 
 

@@ -1,14 +1,16 @@
-"""The audit trail: one AuditEvent per interaction, shaped after IHE BALP.
+"""The audit trail: an AuditEvent per interaction and patient, shaped after IHE BALP.
 
 https://profiles.ihe.net/ITI/BALP/ — type ``rest``, subtype the RESTful
 interaction, agents for server (DICOM 110152), client (110153, with its
 network address) and the responsible organisation, the asserted user
-(``IRCP``), entities for each patient (object-role 1), the query
+(``IRCP``), entities for the patient (object-role 1), the query
 (object-role 24) and the resources touched; ``purposeOfEvent`` from the
 token. These are the fields NEN 7513 asks for: who, on whose behalf, what,
-which patient, when, from where, outcome, why.
+which patient, when, from where, outcome, why. A request about several
+patients (a search over their data, a transaction writing it) has one
+AuditEvent per patient, as BALP asks.
 
-A write's AuditEvent is appended in the write's own database transaction.
+A write's AuditEvents are appended in the write's own database transaction.
 Everything else is appended before the response leaves (fail closed): the
 :class:`AuditWriter` groups concurrent appends into one transaction so reads
 do not each pay for a commit, and by default does not wait for the
@@ -25,13 +27,14 @@ import logging
 import time
 import uuid
 from datetime import UTC, datetime
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
 from gateway import tasks
 from gateway.fhir import json as fjson
-from gateway.security.principal import Caller
+from gateway.security.principal import Caller, Entity
 from gateway.storage import security as tables
 from gateway.storage.db import Database
 
@@ -125,7 +128,11 @@ def _purpose(code: str) -> list[dict[str, Any]]:
     return found
 
 
-def build_event(caller: Caller, status: int, description: str = "") -> dict[str, Any]:
+def build_event(caller: Caller, status: int, description: str = "", *,
+                patient: str | None = None,
+                entities: Sequence[Entity] | None = None) -> dict[str, Any]:
+    """The AuditEvent of a request; with ``patient``, the one about that patient
+    (of ``entities``, what the request touched: by default, all of it)."""
     p = caller.principal
     interaction = interaction_of(caller.method, caller.path, caller.query_string)
     site = caller.base or "carepath-gateway"
@@ -148,28 +155,29 @@ def build_event(caller: Caller, status: int, description: str = "") -> dict[str,
     if p.user or p.on_behalf_of:
         agents.append({"type": _RECIPIENT, "who": {"display": p.user or p.on_behalf_of},
                        "requestor": True})
-    entities: list[dict[str, Any]] = [
-        {"what": {"reference": f"Patient/{pid}"}, "type": _PERSON, "role": _PATIENT_ROLE}
-        for pid in sorted(caller.patients)
-    ]
+    described: list[dict[str, Any]] = []
+    if patient is not None:
+        described.append({"what": {"reference": f"Patient/{patient}"}, "type": _PERSON,
+                          "role": _PATIENT_ROLE})
     if interaction.startswith(("search", "history")) or caller.query_string:
         request_line = f"{caller.method} {caller.path}" + (
             f"?{caller.query_string}" if caller.query_string else "")
-        entities.append({
+        described.append({
             "type": _SYSTEM_OBJECT, "role": _QUERY_ROLE,
             "description": request_line[:2000],
             "query": base64.b64encode(request_line.encode()).decode()})
     if caller.request_id:  # first, as BALP's profiles slice it (entity[transaction])
-        entities.insert(0, {"what": {"identifier": {"value": caller.request_id}},
-                            "type": _REQUEST_ID})
+        described.insert(0, {"what": {"identifier": {"value": caller.request_id}},
+                             "type": _REQUEST_ID})
     seen: set[tuple[str, str]] = set()
-    for rtype, rid, version, _query in caller.entities:
+    for rtype, rid, version, _query, _patients in (
+            caller.entities if entities is None else entities):
         if rid is None or (rtype, rid) in seen:
             continue
         seen.add((rtype, rid))
         ref = f"{rtype}/{rid}" + (f"/_history/{version}" if version else "")
-        entities.append({"what": {"reference": ref}, "type": _SYSTEM_OBJECT,
-                         "role": _DOMAIN_ROLE})
+        described.append({"what": {"reference": ref}, "type": _SYSTEM_OBJECT,
+                          "role": _DOMAIN_ROLE})
         if len(seen) >= 500:
             break
     event: dict[str, Any] = {
@@ -185,13 +193,13 @@ def build_event(caller: Caller, status: int, description: str = "") -> dict[str,
         "agent": agents,
         "source": {"site": site, "observer": _SERVER_WHO, "type": _SOURCE_TYPE},
     }
-    if entities:
-        event["entity"] = entities
+    if described:
+        event["entity"] = described
     return event
 
 
 def filed_under(record: bytes) -> tables.Filing:
-    """The (client_id, patient, outcome) columns :func:`record_of` files ``record``
+    """The (client_id, patient, outcome) columns :func:`records_of` files ``record``
     (an AuditEvent it built) under: ``carepath audit verify`` holds the columns to
     the record, whose hash covers only its bytes."""
     event = orjson.loads(record)
@@ -201,17 +209,33 @@ def filed_under(record: bytes) -> tables.Filing:
             client = agent.get("who", {}).get("identifier", {}).get("value")
     if client in ("anonymous", "anonymous-developer"):
         client = None
+    # (a record names one patient; one of an earlier version of the gateway may name
+    # several, filed under the first)
     patients = [e["what"]["reference"].removeprefix("Patient/")
                 for e in event.get("entity", [])
                 if e.get("type") == _PERSON and e.get("role") == _PATIENT_ROLE]
     return client, min(patients) if patients else None, event.get("outcome")
 
 
-def record_of(caller: Caller, status: int, description: str = "") -> tables.AuditRecord:
-    event = build_event(caller, status, description)
-    patient = min(caller.patients) if caller.patients else None
-    return tables.AuditRecord(fjson.dumps(event), caller.principal.client_id, patient,
-                              event["outcome"])
+def records_of(caller: Caller, status: int, description: str = "") -> list[tables.AuditRecord]:
+    """The request's AuditEvents: one per patient it is about (as IHE BALP asks, so
+    that each patient's log is complete and names only what is about them), each
+    with what the request touched of that patient; what is about no patient goes
+    with the first. One, about no patient, when the request is about none."""
+    client_id = caller.principal.client_id
+    if not caller.patients:
+        event = build_event(caller, status, description)
+        return [tables.AuditRecord(fjson.dumps(event), client_id, None, event["outcome"])]
+    if len(caller.patients) == 1:
+        (patient,) = caller.patients
+        event = build_event(caller, status, description, patient=patient)
+        return [tables.AuditRecord(fjson.dumps(event), client_id, patient, event["outcome"])]
+    out = []
+    for n, patient in enumerate(sorted(caller.patients)):
+        entities = [e for e in caller.entities if patient in e[4] or (n == 0 and not e[4])]
+        event = build_event(caller, status, description, patient=patient, entities=entities)
+        out.append(tables.AuditRecord(fjson.dumps(event), client_id, patient, event["outcome"]))
+    return out
 
 
 class AuditUnavailable(Exception):
@@ -227,7 +251,8 @@ class AuditWriter:
         #: False: commit without waiting for the WAL flush (PostgreSQL
         #: ``synchronous_commit = off`` for these transactions only)
         self.durable = durable
-        self._queue: asyncio.Queue[tuple[tables.AuditRecord, asyncio.Future[None]]] | None = None
+        self._queue: asyncio.Queue[
+            tuple[Sequence[tables.AuditRecord], asyncio.Future[None]]] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -242,11 +267,12 @@ class AuditWriter:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def write(self, record: tables.AuditRecord) -> None:
+    async def write(self, records: Sequence[tables.AuditRecord]) -> None:
+        """Append a request's ``records`` (committed together) once committed."""
         if self._queue is None or not self.running:
             raise AuditUnavailable("the audit writer is not running")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put((record, future))
+        await self._queue.put((records, future))
         await future
 
     async def _run(self) -> None:
@@ -256,7 +282,7 @@ class AuditWriter:
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await tables.append_audit_alone(self.db, [r for r, _ in batch],
+                await tables.append_audit_alone(self.db, [r for rs, _ in batch for r in rs],
                                                 durable=self.durable)
             except Exception as exc:
                 log.exception("audit append failed")

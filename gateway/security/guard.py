@@ -89,24 +89,48 @@ async def versions_visible(access: AccessPolicy | None, store: Visibility,
                            versions: list[StoredResource]) -> list[StoredResource]:
     """Of ``versions`` (of resources the caller may see now), those whose own content
     names only patients the caller may see: a version from before an Observation
-    moved to another patient is about the first one (vread, history)."""
-    r = restriction(access)
-    if r is None or access is None:
+    moved to another patient is about the first one (vread, history). Those returned
+    are noted for the AuditEvent."""
+    if access is None:
         return versions
-    named = [access.patients_in(v.resource_type, v.id, v.content)
-             if v.content is not None and not v.deleted else set() for v in versions]
-    wanted = sorted(set().union(*named))
-    allowed = await store.accessible(wanted, r) if wanted else set()
-    return [v for v, patients in zip(versions, named, strict=True) if patients <= allowed]
+    named = [patients_in(access, v) for v in versions]
+    r = restriction(access)
+    if r is not None:
+        wanted = sorted(set().union(*named))
+        allowed = await store.accessible(wanted, r) if wanted else set()
+        kept = [(v, p) for v, p in zip(versions, named, strict=True) if p <= allowed]
+    else:
+        kept = list(zip(versions, named, strict=True))
+    for v, patients in kept:
+        note(v.resource_type, v.id, v.version, patients=patients)
+    return [v for v, _ in kept]
+
+
+def patients_in(access: AccessPolicy | None, stored: StoredResource) -> frozenset[str]:
+    """The patients a stored version is about (none when deleted)."""
+    if access is None or stored.content is None or stored.deleted:
+        return frozenset()
+    # stored bytes were checked on the way in: only references are read here
+    return frozenset(access.patients_in(stored.resource_type, stored.id, stored.content))
 
 
 def note(resource_type: str, id: str | None, version: int | None = None,
-         query: str | None = None) -> None:
-    """Record what the request touched, for its AuditEvent."""
-    current().entities.append((resource_type, id, version, query))
+         query: str | None = None, *, patients: frozenset[str] = frozenset()) -> None:
+    """Record what the request touched, and the patients it is about, for its
+    AuditEvents."""
+    caller = current()
+    caller.entities.append((resource_type, id, version, query, patients))
+    caller.patients.update(patients)
+
+
+def note_stored(access: AccessPolicy | None, stored: StoredResource) -> None:
+    """:func:`note` a version read: with the patients its content is about."""
+    note(stored.resource_type, stored.id, stored.version,
+         patients=patients_in(access, stored))
 
 
 def note_patients(ids: Iterable[str]) -> None:
+    """Patients the request is about beyond what it touched (a compartment searched)."""
     current().patients.update(ids)
 
 
@@ -118,10 +142,7 @@ async def ensure_visible(
         key = (stored.resource_type, stored.id)
         if key not in await store.visible([key], r):
             raise FhirError(Code.NOT_FOUND, f"{stored.resource_type}/{stored.id} is not known")
-    note(stored.resource_type, stored.id, stored.version)
-    if access is not None and stored.content is not None:
-        # stored bytes were checked on the way in: only references are read here
-        note_patients(access.patients_in(stored.resource_type, stored.id, stored.content))
+    note_stored(access, stored)
 
 
 async def filter_visible(
@@ -140,30 +161,34 @@ async def check_write(
     resource: dict[str, Any] | None,
     previous: StoredResource | None,
     new_patients: Iterable[str] = (),
-) -> None:
-    """The caller may write ``resource`` (replacing ``previous``).
+) -> frozenset[str]:
+    """The caller may write ``resource`` (replacing ``previous``); the patients the
+    write is about (of the new content and of the version it replaces).
 
     The previous version must be visible (else: not found); every patient
     the new content belongs to must be accessible, or be created by this
     request (``new_patients``).
     """
     if access is None:
-        return
+        return frozenset()
     r = restriction(access)
     patients = access.patients_of(resource) if resource is not None else set()
-    note_patients(patients)
-    if r is None:
-        return
-    if previous is not None and not previous.deleted:
+    note_patients(patients)  # (the caller's own words: noted even when refused)
+    if r is not None and previous is not None and not previous.deleted:
         key = (previous.resource_type, previous.id)
         if key not in await store.visible([key], r, writing=True):
             if key in await store.visible([key], r):  # read through its access proxy
                 raise FhirError(Code.FORBIDDEN, f"{key[0]}/{key[1]} is written by the"
                                                 " organisation that created it only")
             raise FhirError(Code.NOT_FOUND, f"{key[0]}/{key[1]} is not known")
+    # what it replaces, once the caller may see it (a deletion is about its patients)
+    about = frozenset(patients) | (patients_in(access, previous) if previous else frozenset())
+    note_patients(about)
+    if r is None:
+        return about
     await _check_proxy(store, r, resource, previous)
     if resource is not None and resource.get("resourceType") == "Patient" and previous is None:
-        return  # registering a new patient: the caller becomes a participant (creator)
+        return about  # registering a new patient: the caller becomes a participant (creator)
     wanted = sorted(set(patients) - set(new_patients))
     if wanted:
         allowed = await store.accessible(wanted, r)
@@ -176,6 +201,7 @@ async def check_write(
         key = (previous.resource_type, previous.id)
         if key not in await store.visible([key], r):
             raise FhirError(Code.NOT_FOUND, f"{key[0]}/{key[1]} is not known")
+    return about
 
 
 def _proxy_organization(content: dict[str, Any] | None) -> str | None:

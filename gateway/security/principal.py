@@ -43,6 +43,10 @@ class Principal:
         return cls("carepath-gateway", None, Grant.everything(), unrestricted=True)
 
 
+#: something a request touched: (type, id, version, query, the patients it is about)
+Entity = tuple[str, str | None, int | None, str | None, frozenset[str]]
+
+
 @dataclass(slots=True)
 class Caller:
     principal: Principal
@@ -53,8 +57,9 @@ class Caller:
     base: str = ""
     #: the request's id (``X-Request-ID``): in the response, the log and the AuditEvent
     request_id: str = ""
-    #: what the request touched
-    entities: list[tuple[str, str | None, int | None, str | None]] = field(default_factory=list)
+    #: what the request touched: (type, id, version, query, the patients it is about)
+    entities: list[Entity] = field(default_factory=list)
+    #: every patient the request is about (of its entities, and those it names)
     patients: set[str] = field(default_factory=set)
     #: True once an AuditEvent for this request is committed
     audited: bool = False

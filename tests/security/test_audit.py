@@ -254,3 +254,64 @@ def test_no_audit_no_access(audited: Audited) -> None:
         asyncio.run(_execute(audited.settings, *unblock))
     found = httpx.get(f"{audited.url}/Patient", params={"family": marker}, headers=h).json()
     assert found.get("total") == 0  # the write was not committed without its audit record
+
+
+def test_a_request_about_several_patients_is_in_each_ones_log(audited: Audited) -> None:
+    """IHE BALP: one AuditEvent per patient a request is about, so that each patient's
+    log (``$audit-log?patient=``) holds every search, history, transaction and
+    deletion of their data, and names only what is theirs."""
+    h = {"Authorization": f"Bearer {audited.token()}", "Content-Type": "application/fhir+json"}
+    url = audited.url
+    made = httpx.post(f"{url}/Organization", json={"resourceType": "Organization",
+                                                   "name": "Lab"},
+                      headers=h)
+    assert made.status_code == 201, made.text
+    org = made.json()["id"]
+    pids = sorted(httpx.post(f"{url}/Patient", json={"resourceType": "Patient"},
+                             headers=h).json()["id"] for _ in range(2))
+    code = uuid.uuid4().hex
+    obs = {pid: httpx.post(f"{url}/Observation", headers=h, json={
+        "resourceType": "Observation", "status": "final", "code": {"text": code},
+        "subject": {"reference": f"Patient/{pid}"},
+        "performer": [{"reference": f"Organization/{org}"}]}).json()["id"] for pid in pids}
+
+    def call(method: str, path: str, body: Any = None) -> str:
+        rid = uuid.uuid4().hex
+        r = httpx.request(method, f"{url}{path}", json=body,
+                          headers={**h, "X-Request-ID": rid})
+        assert r.status_code < 300, r.text
+        return rid
+
+    def logged(pid: str, rid: str) -> list[dict[str, Any]]:
+        log = httpx.get(f"{url}/$audit-log", params={"patient": pid, "_count": 1000},
+                        headers=h).json()
+        return [e["resource"] for e in log.get("entry", [])
+                if {"what": {"identifier": {"value": rid}}, "type": {
+                    "system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/"
+                              "BasicAuditEntityType", "code": "XrequestId"}}
+                in e["resource"].get("entity", [])]
+
+    def named(event: dict[str, Any]) -> set[str]:
+        return {e["what"]["reference"].split("/_history")[0]
+                for e in event["entity"] if "reference" in e.get("what", {})}
+
+    search = call("GET", f"/Observation?code:text={code}&_include=Observation:performer")
+    history = call("GET", "/Observation/_history?_count=1000")
+    bundle = call("POST", "/", {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Observation"}, "resource": {
+            "resourceType": "Observation", "status": "final", "code": {"text": code},
+            "subject": {"reference": f"Patient/{pid}"}}} for pid in pids]})
+    deletion = call("DELETE", f"/Observation?code:text={code}&_id={obs[pids[1]]}")
+    for n, pid in enumerate(pids):
+        other = pids[1 - n]
+        for rid in (search, history, bundle):
+            (event,) = logged(pid, rid)
+            refs = named(event)
+            assert f"Patient/{pid}" in refs, event
+            assert f"Patient/{other}" not in refs and f"Observation/{obs[other]}" not in refs
+        assert f"Observation/{obs[pid]}" in named(logged(pid, search)[0])
+        assert (f"Organization/{org}" in named(logged(pid, search)[0])) == (n == 0)
+    assert logged(pids[1], deletion) and not logged(pids[0], deletion)
+    # every record is still filed under what it names
+    ok = _cli(audited.settings, "audit", "verify")
+    assert ok.returncode == 0, ok.stdout + ok.stderr

@@ -150,7 +150,7 @@ async def test_the_grouped_writer_commits_every_record(db: Database, durable: bo
     writer = AuditWriter(db, durable=durable)
     await writer.start()
     try:
-        await asyncio.gather(*(writer.write(record(n)) for n in range(50)))
+        await asyncio.gather(*(writer.write([record(n)]) for n in range(50)))
     finally:
         await writer.stop()
     async with db.read() as conn:
