@@ -26,8 +26,8 @@ import base64
 import logging
 import time
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson

@@ -224,7 +224,8 @@ async def _check_proxy(store: WriteVisibility, r: Restriction, resource: dict[st
     whose Encounters, CareTeams, … do), so moving a role to the caller's
     organisation would open another organisation's patients. The caller writes
     and deletes roles of its own or of no organisation; and makes one (under an id
-    of its choosing) only if nothing it may not see already names that id."""
+    of its choosing), or gives a role of no organisation its own, only if nothing
+    it may not see already names that role."""
     if (resource or {}).get("resourceType") != PARTICIPATION_PROXY and (
             previous is None or previous.resource_type != PARTICIPATION_PROXY):
         return
@@ -237,9 +238,13 @@ async def _check_proxy(store: WriteVisibility, r: Restriction, resource: dict[st
             raise FhirError(Code.FORBIDDEN,
                             f"a PractitionerRole of Organization/{org[:64]} is written by"
                             " that organisation only")
-    if resource is None or resource.get("resourceType") != PARTICIPATION_PROXY or not (
-            previous is None or previous.deleted) or not isinstance(resource.get("id"), str):
+    if resource is None or resource.get("resourceType") != PARTICIPATION_PROXY or \
+            not isinstance(resource.get("id"), str):
         return
+    before = _content(previous)
+    if before is not None and (_proxy_organization(resource) is None
+                               or _proxy_organization(before) is not None):
+        return  # (its organisation unchanged, or taken away: that opens nobody)
     named = await store.referring(PARTICIPATION_PROXY, resource["id"], _REFERRERS_CHECKED + 1)
     if named and (len(named) > _REFERRERS_CHECKED
                   or set(named) - await store.visible(named, r)):

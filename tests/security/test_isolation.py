@@ -692,6 +692,22 @@ def test_a_practitioner_role_does_not_open_another_organisations_patients(
     loose = _create(b, {"resourceType": "PractitionerRole", "active": True})
     assert a.put(f"/PractitionerRole/{loose['id']}", json={**loose, "active": False}
                  ).status_code == 200
+    # a role of no organisation that A's patient names: B may not give it B's
+    # (that would open the patient), through any write
+    orphan = _create(a, {"resourceType": "PractitionerRole", "active": True})
+    named = _create(a, {"resourceType": "Patient", "generalPractitioner": [
+        {"reference": f"PractitionerRole/{orphan['id']}"}]})["id"]
+    taken = {**orphan, "organization": {"reference": "Organization/org-b"}}
+    for response in (b.put(f"/PractitionerRole/{orphan['id']}", json=taken),
+                     b.patch(f"/PractitionerRole/{orphan['id']}", content=b'[{"op": "add",'
+                             b' "path": "/organization", "value": {"reference":'
+                             b' "Organization/org-b"}}]',
+                             headers={"Content-Type": "application/json-patch+json"})):
+        assert response.status_code == 403, (response.request.method, response.text)
+    assert b.get(f"/Patient/{named}").status_code == 404
+    # one that names nobody outside B's care is B's to take
+    assert b.put(f"/PractitionerRole/{loose['id']}", json={
+        **loose, "organization": {"reference": "Organization/org-b"}}).status_code == 200
 
 
 def test_an_earlier_version_about_another_patient_stays_hidden(world: World) -> None:
