@@ -3,20 +3,31 @@
 The gateway's AuditEvents live in the hash-chained ``audit_log``, not among
 the resources clients write. Reading them needs the scope
 ``system/AuditEvent.rs``; a client of an organisation sees the records of its
-own client and those about patients it may see. The read is itself audited,
+own client and those about patients it may see, the latter without the query
+another client sent (it may name patients, or say things about them, the
+reader may not see: marked ``REDACTED``). The read is itself audited,
 like every request. Parameters: ``patient`` (id), ``_count`` (≤ 1000),
 ``_cursor`` (sequence number to continue after).
 """
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlencode
+
+import orjson
 
 from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import Context, FhirResponse
 from gateway.interactions.operations import Operation, OperationRequest
 from gateway.security import guard
+from gateway.security.audit import filed_under
+
+#: v3-ObservationValue: what is shown is less than what is held
+_REDACTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+             "code": "REDACTED", "display": "redacted"}
+_QUERY_ROLE = ("http://terminology.hl7.org/CodeSystem/object-role", "24")
 
 
 async def audit_log(ctx: Context, req: OperationRequest) -> FhirResponse:
@@ -42,8 +53,26 @@ async def audit_log(ctx: Context, req: OperationRequest) -> FhirResponse:
         rows = rows[:count]
         query = {**params, "_count": count, "_cursor": rows[-1][0]}
         links.append(("next", f"{req.base}/$audit-log?{urlencode(query)}"))
-    entries = [{"resource": raw(record), "search": {"mode": "match"}} for _, record in rows]
+    entries = [{"resource": raw(record) if restriction is None or filed_under(record)[0]
+                == principal.client_id else _redacted(record), "search": {"mode": "match"}}
+               for _, record in rows]
     return FhirResponse(200, bundle("searchset", entries, links=links))
+
+
+def _redacted(record: bytes) -> dict[str, Any]:
+    """Another client's record as a restricted reader sees it: without its query."""
+    event = orjson.loads(record)
+    kept = []
+    for entity in event.get("entity", []):
+        role = entity.get("role", {})
+        if (role.get("system"), role.get("code")) == _QUERY_ROLE:
+            entity = {k: v for k, v in entity.items() if k not in ("query", "description")}
+        kept.append(entity)
+    if kept:
+        event["entity"] = kept
+    meta = event.setdefault("meta", {})
+    meta["security"] = [*meta.get("security", []), _REDACTED]
+    return dict(event)
 
 
 OPERATION = Operation("audit-log", audit_log, system=True)

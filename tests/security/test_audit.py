@@ -315,3 +315,41 @@ def test_a_request_about_several_patients_is_in_each_ones_log(audited: Audited) 
     # every record is still filed under what it names
     ok = _cli(audited.settings, "audit", "verify")
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_another_clients_query_is_not_shown_to_a_restricted_reader(audited: Audited) -> None:
+    """A client sees the records about patients it may see, but another client's
+    query may name patients (or say things about them) it may not: that is left
+    out and the record marked REDACTED; its own records it sees whole."""
+    a = {"Authorization": f"Bearer {audited.token()}", "Content-Type": "application/fhir+json"}
+    b = {"Authorization": f"Bearer {audited.token('gp-b')}"}
+    url = audited.url
+    hidden = httpx.post(f"{url}/Patient", json={"resourceType": "Patient"}, headers=a).json()
+    shared = httpx.post(f"{url}/Patient", headers=a, json={
+        "resourceType": "Patient", "managingOrganization": {"reference": "Organization/org-b"}}
+                        ).json()
+    assert httpx.get(f"{url}/Patient/{shared['id']}", headers=b).status_code == 200
+    assert httpx.get(f"{url}/Patient/{hidden['id']}", headers=b).status_code == 404
+    rid = uuid.uuid4().hex
+    searched = httpx.get(f"{url}/Patient", headers={**a, "X-Request-ID": rid}, params={
+        "_id": f"{hidden['id']},{shared['id']}"})
+    assert searched.json()["total"] == 2
+
+    def the_search(headers: dict[str, str]) -> dict[str, Any]:
+        log = httpx.get(f"{url}/$audit-log", params={"patient": shared["id"], "_count": 1000},
+                        headers=headers).json()
+        (event,) = [e["resource"] for e in log.get("entry", [])
+                    if rid in json.dumps(e["resource"]["entity"])]
+        return event
+
+    def query(event: dict[str, Any]) -> dict[str, Any]:
+        return next(e for e in event["entity"] if e.get("role", {}).get("code") == "24")
+
+    seen_by_b = the_search(b)
+    assert hidden["id"] not in json.dumps(seen_by_b)
+    assert "query" not in query(seen_by_b) and "description" not in query(seen_by_b)
+    assert {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+            "code": "REDACTED", "display": "redacted"} in seen_by_b["meta"]["security"]
+    seen_by_a = the_search(a)
+    assert hidden["id"] in base64.b64decode(query(seen_by_a)["query"]).decode()
+    assert "meta" not in seen_by_a
