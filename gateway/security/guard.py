@@ -43,6 +43,8 @@ class WriteVisibility(Visibility, Protocol):
     async def referring(self, target_type: str, target_id: str,
                         limit: int) -> list[tuple[str, str]]: ...
 
+    async def current(self, resource_type: str, id: str) -> StoredResource | None: ...
+
 
 def caller() -> Caller:
     return current()
@@ -173,6 +175,9 @@ async def check_write(
         return frozenset()
     r = restriction(access)
     patients = access.patients_of(resource) if resource is not None else set()
+    proxy = access.proxy_of(resource) if resource is not None else None
+    if proxy is not None and proxy[0] == "Patient":
+        patients.add(proxy[1])  # a document about the patient: theirs to write about
     note_patients(patients)  # (the caller's own words: noted even when refused)
     if r is not None and previous is not None and not previous.deleted:
         key = (previous.resource_type, previous.id)
@@ -195,6 +200,13 @@ async def check_write(
         if set(wanted) - allowed:
             raise FhirError(Code.FORBIDDEN,
                             "the resource belongs to a patient outside the caller's care")
+    if proxy is not None and proxy[0] != "Patient" and (
+            proxy not in await store.visible([proxy], r)) and (
+            await store.current(*proxy) is not None):
+        # a Binary goes where its securityContext goes: only to what the caller sees
+        # (or to what does not exist yet: a transaction may write it after the Binary)
+        raise FhirError(Code.FORBIDDEN, f"the securityContext {proxy[0]}/{proxy[1][:64]} is"
+                                        " not a resource the caller may see")
     rtype = resource.get("resourceType") if resource else None
     if previous is not None and rtype in access.rules.owned and previous.deleted:
         # reviving a deleted owned resource is for its creator only

@@ -118,6 +118,20 @@ class AccessPolicy:
             return set()
         return self.patients_of(orjson.loads(content))
 
+    def proxy_of(self, resource: dict[str, Any]) -> tuple[str, str] | None:
+        """The (type, id) on this server whose access rules stand in for ``resource``'s
+        (a Binary's ``securityContext``, a document Bundle's patient), if any."""
+        proxy = _access_proxy(resource)
+        ref = proxy.get("reference") if isinstance(proxy, dict) else None
+        if not isinstance(ref, str) or "://" in ref or ref.startswith(("#", "urn:")):
+            return None
+        parts = ref.split("/")
+        if len(parts) == 4 and parts[2] == "_history":
+            parts = parts[:2]
+        if len(parts) != 2 or not parts[0][:1].isupper():
+            return None
+        return parts[0], parts[1]
+
     def consent_rows(self, resource: dict[str, Any]) -> list[tuple[Any, ...]]:
         """``sp_consent`` rows of an active Consent: one per provision and actor/purpose."""
         if resource.get("resourceType") != "Consent" or resource.get("status") != "active":

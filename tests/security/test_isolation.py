@@ -744,3 +744,31 @@ def test_an_earlier_version_about_another_patient_stays_hidden(world: World) -> 
         assert page.get("total") in (None, 1), count
     # (a restricted caller is counted the versions of a whole history only)
     assert a.get(f"/Observation/{obs['id']}/_history").json()["total"] == 2
+
+
+def test_documents_and_binaries_are_written_about_the_callers_patients_only(
+        world: World) -> None:
+    """A Binary goes where its securityContext goes and a document Bundle where its
+    patient goes: written about a patient or a resource outside the caller's care,
+    they would put the caller's content into another organisation's record (403),
+    as an Observation about that patient would."""
+    a, b = world.a, world.b
+    p1, p3 = world.patients["p1"], world.patients["p3"]  # A's alone; shared with B
+    doc = _create(a, {"resourceType": "DocumentReference", "status": "current",
+                      "subject": {"reference": f"Patient/{p1}"},
+                      "content": [{"attachment": {"contentType": "application/pdf"}}]})
+    for context in (f"DocumentReference/{doc['id']}", f"Patient/{p1}"):
+        forged = b.post("/Binary", content=b"%PDF-1.4 forged", headers={
+            "Content-Type": "application/pdf", "X-Security-Context": context})
+        assert forged.status_code == 403, (context, forged.text)
+    for by_entry in (False, True):
+        sent = b.post("/Bundle", json=document_bundle(p1, by_entry=by_entry))
+        assert sent.status_code == 403, (by_entry, sent.text)
+    # about a patient in its care, or a context that a later entry makes, B may
+    assert b.post("/Bundle", json=document_bundle(p3, by_entry=False)).status_code == 201
+    assert b.post("/Binary", content=b"%PDF-1.4 own", headers={
+        "Content-Type": "application/pdf", "X-Security-Context": f"Patient/{p3}"}
+                  ).status_code == 201
+    later = f"DocumentReference/{uuid.uuid4()}"
+    assert b.post("/Binary", content=b"%PDF-1.4 first", headers={
+        "Content-Type": "application/pdf", "X-Security-Context": later}).status_code == 201
