@@ -772,3 +772,24 @@ def test_documents_and_binaries_are_written_about_the_callers_patients_only(
     later = f"DocumentReference/{uuid.uuid4()}"
     assert b.post("/Binary", content=b"%PDF-1.4 first", headers={
         "Content-Type": "application/pdf", "X-Security-Context": later}).status_code == 201
+
+
+def test_owned_types_in_the_patient_compartment_are_their_creators(world: World) -> None:
+    """Basic and DocumentManifest are owned (their creator's) and in the patient
+    compartment: both rules hold, not either. Another organisation neither reads
+    nor overwrites them, whether they name no patient or one it shares."""
+    a, b = world.a, world.b
+    p3 = world.patients["p3"]  # shared with B
+    made = [_create(a, {"resourceType": "Basic", "code": {"text": "private"}}),
+            _create(a, {"resourceType": "Basic", "code": {"text": "about p3"},
+                        "subject": {"reference": f"Patient/{p3}"}}),
+            _create(a, {"resourceType": "DocumentManifest", "status": "current",
+                        "content": [{"reference": "Binary/x"}]})]
+    for resource in made:
+        path = f"/{resource['resourceType']}/{resource['id']}"
+        assert a.get(path).status_code == 200
+        assert b.get(path).status_code == 404, path
+        assert b.put(path, json=resource).status_code == 404, path
+        found = b.get(f"/{resource['resourceType']}", params={"_id": resource["id"]}).json()
+        assert found["total"] == 0
+    assert a.get(f"/Basic/{made[0]['id']}").json()["code"]["text"] == "private"
