@@ -36,10 +36,15 @@ def _page_size(ctx: Context, query: SearchQuery) -> int:
     return min(query.count, ctx.settings.max_page_size)
 
 
-def shape(ctx: Context, query: SearchQuery, stored: StoredResource) -> Any:
+def shape(ctx: Context, query: SearchQuery, stored: StoredResource, *,
+          included: bool = False) -> Any:
     """The resource as ``_elements``/``_summary`` ask (tagged SUBSETTED), or the stored
-    bytes as they are."""
+    bytes as they are. ``included`` (an ``_include``/``_revinclude`` entry): "the list
+    of elements does not apply to included resources" (search.html#elements), save
+    the elements named with its type (``Patient.name``)."""
     assert stored.content is not None
+    if included and query.elements:
+        query = replace(query, elements=tuple(e for e in query.elements if e[:1].isupper()))
     if query.elements or query.summary in ("true", "text", "data"):
         return shaped(ctx, query, stored.resource_type, fjson.loads_stored(stored.content))
     return raw(stored.content)
@@ -107,7 +112,7 @@ async def _page(
             search = {**_distance(origins, s), **search}
         entries.append({
             "fullUrl": f"{base}/{s.resource_type}/{s.id}",
-            "resource": shape(ctx, query, s),
+            "resource": shape(ctx, query, s, included=search["mode"] == "include"),
             "search": search,
         })
     if warnings:

@@ -712,3 +712,29 @@ def test_fhirpath_patch_in_a_transaction(client: httpx.Client) -> None:
     response = client.post("", json=bundle, headers={"Content-Type": FHIR})
     assert response.status_code == 200, response.text
     assert client.get(f"/Patient/{rid}").json()["name"][0]["family"] == "Nachher"
+
+
+def test_elements_do_not_cut_what_a_search_includes(client: httpx.Client) -> None:
+    """search.html#elements: "The list of elements does not apply to included
+    resources": an included Patient comes whole beside the cut matches, unless an
+    element is named with its type (``Patient.gender``)."""
+    patient = {"resourceType": "Patient", "gender": "female", "birthDate": "1950-01-02",
+               "name": [{"family": unique("Inc")}]}
+    pid = post(client, patient).json()["id"]
+    post(client, {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                  "subject": {"reference": f"Patient/{pid}"}, "valueString": "v"})
+
+    def entries(elements: str) -> dict[str, dict[str, Any]]:
+        found = client.get("/Observation", params={
+            "subject": f"Patient/{pid}", "_include": "Observation:subject",
+            "_elements": elements})
+        assert found.status_code == 200, found.text
+        return {e["search"]["mode"]: e["resource"] for e in found.json()["entry"]}
+
+    plain = entries("code")
+    assert "valueString" not in plain["match"] and plain["match"]["code"] == {"text": "x"}
+    included = plain["include"]
+    assert {k: included[k] for k in patient} == patient
+    assert "tag" not in included.get("meta", {})
+    typed = entries("code,Patient.gender")["include"]
+    assert typed["gender"] == "female" and "birthDate" not in typed
