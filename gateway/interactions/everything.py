@@ -203,6 +203,7 @@ async def every_type(ctx: Context, owner: str, id: str, pairs: list[tuple[str, s
     common = ctx.registry.common_search_params
     filters: list[tuple[str, str]] = []
     warnings: list[str] = []
+    ignored: set[str] = set()
     size = ctx.settings.default_page_size
     for key, value in pairs:
         if key == "_type":
@@ -218,6 +219,7 @@ async def every_type(ctx: Context, owner: str, id: str, pairs: list[tuple[str, s
                                 f"a search of every type in a compartment takes _type, _count"
                                 f" and the parameters every type has, not '{key[:64]}'")
             warnings.append(f"'{key[:64]}' is not a parameter of every type and was ignored")
+            ignored.add(key)
     if owner == "Patient":
         guard.note_patients([id])
     pointing = await _pointing(ctx, kind, id)
@@ -225,7 +227,8 @@ async def every_type(ctx: Context, owner: str, id: str, pairs: list[tuple[str, s
         types.remove(owner)  # (the others are left out by _record, as a search would)
     keys = await _record(ctx, owner, id, types, pointing, filters,
                          ctx.settings.max_search_results + 1, guard.restriction(ctx.access))
-    kept = [(k, v) for k, v in pairs if k not in ("_format", "_pretty")]
+    # the self link names the parameters used, not those ignored (search.html#selflink)
+    kept = [(k, v) for k, v in pairs if k not in ("_format", "_pretty") and k not in ignored]
     self_link = f"{base}/{owner}/{id}/*" + (f"?{urlencode(kept)}" if kept else "")
     guard.note("*", None, None, self_link)
     return await _answer(ctx, owner, keys, base=base, size=size, self_link=self_link,

@@ -804,8 +804,11 @@ def test_search_of_every_type_in_a_compartment(client: httpx.Client) -> None:
     assert paged["total"] == 4 and paged_ids(client, paged) == [k.split("/")[1] for k in whole]
     posted = client.post(f"/Patient/{pid}/*/_search", data={"_type": "Condition"})
     assert [e["resource"]["id"] for e in posted.json()["entry"]] == [made[1].split("/")[1]]
-    warned = client.get(f"/Patient/{pid}/*", params={"status": "final"}).json()
+    warned = client.get(f"/Patient/{pid}/*", params={"status": "final", "_count": 5}).json()
     assert [e for e in warned["entry"] if e["search"]["mode"] == "outcome"]
+    # the self link names what was used, not what was ignored (search.html#selflink)
+    self_link = next(x["url"] for x in warned["link"] if x["relation"] == "self")
+    assert "_count=5" in self_link and "status" not in self_link
     strict = client.get(f"/Patient/{pid}/*", params={"status": "final"},
                         headers={"Prefer": "handling=strict"})
     assert (strict.status_code, gw_code(strict)) == (400, "GW-1014")
