@@ -294,9 +294,12 @@ async def with_value_set_members(ctx: Context, query: SearchQuery) -> SearchQuer
         if not closed:
             # a code system not held (a filter over ICD-10-GM, say): decide membership
             # for the codes the parameter holds here
+            # (of what the caller may see: which codes are in use tells of the data)
             in_use: set[tuple[str, str]] = set()
+            restriction = guard.restriction(ctx.access)
             for rtype, param in sorted(used[url].used_by, key=str):
-                in_use.update(await ctx.store.token_codes(rtype, param, MAX_IN_CODES + 1))
+                in_use.update(await ctx.store.token_codes(rtype, param, MAX_IN_CODES + 1,
+                                                          restriction))
             if len(in_use) > MAX_IN_CODES:
                 raise FhirError(Code.INVALID_SEARCH_VALUE,
                                 f"value set {url} cannot be expanded here, and the searched"

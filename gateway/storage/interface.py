@@ -180,10 +180,10 @@ class Store(Protocol):
 
     async def count(self, query: SearchQuery, restriction: Restriction | None = None) -> int: ...
 
-    async def token_codes(self, resource_type: str | None, param: str,
-                          limit: int) -> list[tuple[str, str]]:
+    async def token_codes(self, resource_type: str | None, param: str, limit: int,
+                          restriction: Restriction | None = None) -> list[tuple[str, str]]:
         """Distinct (system, code) pairs the token parameter ``param`` holds (of one
-        type, or any), at most ``limit``."""
+        type, or any; of resources ``restriction`` may see), at most ``limit``."""
 
     async def meta_summary(
         self, types: Sequence[str] | None, limit: int, restriction: Restriction | None = None,

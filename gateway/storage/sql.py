@@ -856,17 +856,23 @@ class SqlStore:
             row = await conn.fetchrow(sql, params)
         return int(row[0]) if row else 0
 
-    async def token_codes(self, resource_type: str | None, param: str,
-                          limit: int) -> list[tuple[str, str]]:
-        where = "param = ? AND system IS NOT NULL AND code IS NOT NULL"
+    async def token_codes(self, resource_type: str | None, param: str, limit: int,
+                          restriction: Restriction | None = None) -> list[tuple[str, str]]:
+        where = "x.param = ? AND x.system IS NOT NULL AND x.code IS NOT NULL"
         params: list[Any] = [param]
         if resource_type is not None:
-            where = "res_type = ? AND " + where
+            where = "x.res_type = ? AND " + where
             params.insert(0, resource_type)
+        join = ""
+        if restriction is not None:  # (which codes are in use tells of the data)
+            cond, vis = access_sql.visible(
+                restriction, "v", [resource_type] if resource_type is not None else None)
+            join = " JOIN resource v ON v.res_type = x.res_type AND v.res_id = x.res_id"
+            where, params = f"{where} AND {cond}", [*params, *vis]
         async with self.db.read() as conn:
             rows = await conn.fetch(
-                f"SELECT DISTINCT system, code FROM sp_token WHERE {where} LIMIT ?",
-                [*params, limit])
+                f"SELECT DISTINCT x.system, x.code FROM sp_token x{join} WHERE {where}"
+                " LIMIT ?", [*params, limit])
         return [(str(r[0]), str(r[1])) for r in rows]
 
     async def meta_summary(

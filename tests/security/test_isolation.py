@@ -793,3 +793,30 @@ def test_owned_types_in_the_patient_compartment_are_their_creators(world: World)
         found = b.get(f"/{resource['resourceType']}", params={"_id": resource["id"]}).json()
         assert found["total"] == 0
     assert a.get(f"/Basic/{made[0]['id']}").json()["code"]["text"] == "private"
+
+
+def test_in_a_value_set_tells_nothing_of_codes_only_others_use(world: World) -> None:
+    """``:in`` over a code system the gateway does not hold decides membership for
+    the codes in use: those of what the caller may see, else whether the search
+    fails would tell which codes another organisation's records hold."""
+    a, b = world.a, world.b
+    system = f"http://example.org/cs-{uuid.uuid4().hex[:8]}"
+    _create(a, {"resourceType": "Condition", "code": {"coding": [
+        {"system": system, "code": "HIV-1"}]}, "subject": {"reference": f"Patient/"
+                                                          f"{world.patients['p1']}"}})
+
+    def value_set(code: str) -> str:
+        url = f"http://example.org/vs-{uuid.uuid4().hex[:8]}"
+        _create(b, {"resourceType": "ValueSet", "url": url, "status": "active", "compose": {
+            "include": [{"system": system, "filter": [{"property": "concept", "op": "is-a",
+                                                       "value": "ZZZ"}]},
+                        {"system": system, "concept": [{"code": code}]}]}})
+        return url
+
+    answers = set()
+    for code in ("HIV-1", "HIV-2"):
+        found = b.get("/Condition", params={"code:in": value_set(code)})
+        answers.add((found.status_code, found.json().get("total")))
+    assert answers == {(200, 0)}
+    # the organisation that holds the record is told it cannot decide
+    assert a.get("/Condition", params={"code:in": value_set("HIV-2")}).status_code == 400
