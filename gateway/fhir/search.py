@@ -730,6 +730,15 @@ class _Parser:
             except _Unknown as exc:
                 if self.strict:
                     raise FhirError(Code.UNKNOWN_SEARCH_PARAM, str(exc)) from None
+                some = [t for t in types if base in self.params_of(t)]
+                if some:
+                    # ignored, it would widen "this patient's data" to everything of
+                    # every type: refused (search.html#_type: the parameters must be
+                    # common to all the types)
+                    raise FhirError(Code.UNKNOWN_SEARCH_PARAM, (
+                        f"'{base[:64]}' is a parameter of {', '.join(some[:5])} but not of"
+                        f" every type _type names; a search across types takes only"
+                        f" parameters common to all of them")) from None
                 self.warn(f"{exc} was ignored")
                 ignored.append((name, value))
                 continue

@@ -558,7 +558,7 @@ def test_system_search_with_type() -> None:
     assert q.types == ("Patient", "Practitioner")
     assert [c.code for c in q.criteria] == ["name"]
     assert q.sort == (SortKey("name", False, "string"),)
-    assert parse(None, "_type=Patient,Observation&name=x").warnings
+    assert error(None, "_type=Patient,Observation&name=x").code is Code.UNKNOWN_SEARCH_PARAM
     assert error(None, "_type=Nope").code is Code.INVALID_SEARCH_VALUE
 
 
@@ -626,3 +626,17 @@ def test_parameters_are_limited_and_sort_keys_given_again_dropped() -> None:
     q = parse("Patient", "_sort=family,-birthdate,-family,birthdate&_sort=family,_id")
     assert [(k.param_code, k.descending) for k in q.sort] == [
         ("family", False), ("birthdate", True), ("_id", False)]
+
+
+def test_a_parameter_not_common_to_every_type_asked_for_is_refused() -> None:
+    """search.html#_type: a search across types takes parameters common to all of
+    them. Ignored, ``patient`` would widen "this patient's Observations and
+    Conditions" to every Patient as well: refused; a name no
+    type knows is still ignored with a warning."""
+    both = parse(None, "_type=Observation,Condition&patient=p1")
+    assert [c.code for c in both.criteria] == ["patient"]
+    with pytest.raises(FhirError) as err:
+        parse(None, "_type=Patient,Observation&patient=p1")
+    assert err.value.code is Code.UNKNOWN_SEARCH_PARAM and "Observation" in str(err.value)
+    unknown = parse(None, "_type=Patient,Observation&nonsense=1")
+    assert not unknown.criteria and unknown.warnings
