@@ -18,7 +18,7 @@ is visible to the organisation that created it only.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from gateway.storage.interface import Restriction
@@ -103,6 +103,20 @@ def accessible(r: Restriction, pid: str) -> Frag:
             [*params, org, r.purpose, r.now, r.now])
 
 
+def _patients_accessible(r: Restriction, alias: str,
+                         comp: Mapping[str, Collection[str]]) -> Frag:
+    """``alias`` is of a type of ``comp`` (type -> its patient-compartment
+    parameters) and names no patient ``r`` may not access."""
+    pairs = " OR ".join(
+        f"(c.res_type = ? AND c.param IN ({_marks(len(ps))}))" for ps in comp.values())
+    pair_params = [v for t, ps in comp.items() for v in (t, *ps)]
+    acc, acc_params = accessible(r, "c.target_id")
+    return (f"({alias}.res_type IN ({_marks(len(comp))}) AND NOT EXISTS (SELECT 1 FROM"
+            f" sp_reference c WHERE c.res_type = {alias}.res_type AND c.res_id = {alias}.res_id"
+            f" AND c.target_type = 'Patient' AND ({pairs}) AND c.target_id IS NOT NULL"
+            f" AND NOT {acc}))", [*comp, *pair_params, *acc_params])
+
+
 def visible(r: Restriction, alias: str, types: Collection[str] | None, *,
             proxies: bool = True) -> Frag:
     """A condition on ``alias`` (a row with res_type, res_id): ``r`` may see it.
@@ -123,24 +137,28 @@ def visible(r: Restriction, alias: str, types: Collection[str] | None, *,
         params += acc_params
     comp = {t: p for t, p in rules.compartment.items()
             if candidates is None or t in candidates}
+    # an owned type in the compartment (Basic, DocumentManifest) is its creator's, and
+    # then only while every patient it names is accessible: both, not either
+    both = {t: p for t, p in comp.items() if t in rules.owned}
+    comp = {t: p for t, p in comp.items() if t not in rules.owned}
     if comp:
-        pairs = " OR ".join(
-            f"(c.res_type = ? AND c.param IN ({_marks(len(ps))}))" for ps in comp.values())
-        pair_params = [v for t, ps in comp.items() for v in (t, *ps)]
-        acc, acc_params = accessible(r, "c.target_id")
-        ors.append(
-            f"({alias}.res_type IN ({_marks(len(comp))}) AND NOT EXISTS (SELECT 1 FROM"
-            f" sp_reference c WHERE c.res_type = {alias}.res_type AND c.res_id = {alias}.res_id"
-            f" AND c.target_type = 'Patient' AND ({pairs}) AND c.target_id IS NOT NULL"
-            f" AND NOT {acc}))")
-        params += [*comp, *pair_params, *acc_params]
+        sql, comp_params = _patients_accessible(r, alias, comp)
+        ors.append(sql)
+        params += comp_params
     owned = sorted(t for t in rules.owned if candidates is None or t in candidates)
     if owned:
-        ors.append(
-            f"({alias}.res_type IN ({_marks(len(owned))}) AND EXISTS (SELECT 1 FROM"
-            f" resource_creator rc WHERE rc.res_type = {alias}.res_type"
-            f" AND rc.res_id = {alias}.res_id AND rc.organization = ?))")
-        params += [*owned, r.organization]
+        for group in ([t for t in owned if t not in both], sorted(both)):
+            if not group:
+                continue
+            mine = (f"({alias}.res_type IN ({_marks(len(group))}) AND EXISTS (SELECT 1 FROM"
+                    f" resource_creator rc WHERE rc.res_type = {alias}.res_type"
+                    f" AND rc.res_id = {alias}.res_id AND rc.organization = ?))")
+            params += [*group, r.organization]
+            if group[0] in both:
+                sql, comp_params = _patients_accessible(r, alias, both)
+                mine = f"({mine} AND {sql})"
+                params += comp_params
+            ors.append(mine)
         proxied = [t for t in PROXIED if t in owned]
         if proxies and proxied:
             inner, inner_params = visible(r, "sx", None, proxies=False)
