@@ -3,7 +3,8 @@
 * ``$status`` (type and instance level):
   https://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition-backport-subscription-status.html
 * ``$events`` (instance): replay numbered events from the database; the
-  ``notification-event`` parts and entries equal those delivered.
+  ``notification-event`` parts and entries equal those delivered, less the
+  events of resources the caller may not see now.
   https://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition-backport-subscription-events.html
 * ``$resend`` (instance, POST): deliver a range of events again.
 * ``$get-ws-binding-token`` (type and instance): a token for the websocket
@@ -24,7 +25,7 @@ import orjson
 from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError, information
 from gateway.interactions.base import Context, FhirResponse, check_id
-from gateway.interactions.operations import Operation, OperationRequest
+from gateway.interactions.operations import Operation, OperationRequest, stored_current
 from gateway.security import guard
 from gateway.settings import Settings
 from gateway.storage import subscription_tables as tables
@@ -33,7 +34,7 @@ from gateway.storage.outbox import versions
 from gateway.subscriptions.dispatcher import events_of
 from gateway.subscriptions.notification import CONTENTS, notification, status_parameters
 from gateway.subscriptions.subscription import SubscriptionConfig
-from gateway.subscriptions.topics import TopicRegistry
+from gateway.subscriptions.topics import TopicRegistry, require_scopes
 
 BACKPORT_OP = "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition"
 MAX_EVENTS = 1000
@@ -107,6 +108,29 @@ class SubscriptionOperations:
     def _config(self, state: tables.StateRow) -> SubscriptionConfig:
         return SubscriptionConfig.from_json(state.config, self.topics)
 
+    def _checked(self, state: tables.StateRow) -> SubscriptionConfig:
+        """The Subscription's config, once the caller's scopes open what its topic
+        delivers: they were checked when it was written, by whoever wrote it, and
+        a colleague's token may lack them."""
+        config = self._config(state)
+        topic = self.topics.get(config.topic)
+        if topic is None:  # no longer offered: its types are not known, a wildcard opens them
+            guard.require("*", "search")
+        else:
+            require_scopes(topic)
+        return config
+
+    @staticmethod
+    async def _visible_now(ctx: Context,
+                           rows: list[tables.EventRow]) -> list[tables.EventRow]:
+        """The events whose resources the caller may see now: an event was matched
+        against the subscribing organisation's access when it happened, and a
+        Consent since (or the resource's move to another patient) may have closed
+        it; a replay names and carries only what a search would now."""
+        keys = sorted({(r.resource_type, r.id) for r in rows})
+        shown = set(await guard.filter_visible(ctx.access, ctx.store, keys))
+        return [r for r in rows if (r.resource_type, r.id) in shown]
+
     def _status_entry(self, req: OperationRequest, state: tables.StateRow) -> dict[str, Any]:
         config = self._config(state)
         params = status_parameters(
@@ -160,7 +184,7 @@ class SubscriptionOperations:
     async def events(self, ctx: Context, req: OperationRequest) -> FhirResponse:
         assert req.id is not None
         state = await self._state(ctx, req.id)
-        config = self._config(state)
+        config = self._checked(state)
         content = config.content
         asked = req.parameters().get("content")
         if asked:
@@ -173,7 +197,10 @@ class SubscriptionOperations:
             first, last = self._range(req, state)
             async with self.db.read() as conn:
                 rows = await tables.events_between(conn, state.id, first, last, MAX_EVENTS)
-                if content == "full-resource":
+            if content != "empty":  # (an empty notification names no resource)
+                rows = await self._visible_now(ctx, rows)
+            if content == "full-resource" and rows:
+                async with self.db.read() as conn:
                     contents = await versions(conn, [(r.resource_type, r.id, r.version)
                                                      for r in rows])
         bundle = notification(
@@ -186,6 +213,7 @@ class SubscriptionOperations:
     async def resend(self, ctx: Context, req: OperationRequest) -> FhirResponse:
         assert req.id is not None
         state = await self._state(ctx, req.id)
+        self._checked(state)
         if not state.events_since_start:
             return FhirResponse(200, information("this subscription has no events yet"))
         first, last = self._range(req, state)
@@ -205,7 +233,11 @@ class SubscriptionOperations:
                 raise FhirError(Code.INVALID_SUBSCRIPTION,
                                 "name the subscriptions with one or more 'id' parameters")
         for sid in ids:
+            if req.id is None:  # (invoke checked an instance operation's own resource)
+                await stored_current(ctx, "Subscription", sid)
             state = await self._state(ctx, sid)
+            # the token does not name its holder: the socket delivers to whoever binds
+            self._checked(state)
             if state.channel != "websocket":
                 raise FhirError(Code.UNSUPPORTED_CHANNEL,
                                 f"Subscription/{sid} does not use the websocket channel")

@@ -17,7 +17,6 @@ from gateway.fhir.validation.profiles import ProfileSet
 from gateway.fhir.validation.snapshot import ProfileError
 from gateway.interactions.base import Validator
 from gateway.interactions.operations import Operation
-from gateway.security import guard
 from gateway.settings import Settings
 from gateway.storage.db import Database
 from gateway.storage.interface import Store
@@ -27,7 +26,7 @@ from gateway.subscriptions.endpoint import EndpointPolicy, Resolver
 from gateway.subscriptions.matcher import GROUP, Matcher
 from gateway.subscriptions.operations import SubscriptionOperations
 from gateway.subscriptions.subscription import PROFILE, parse_subscription
-from gateway.subscriptions.topics import TopicRegistry
+from gateway.subscriptions.topics import TopicRegistry, require_scopes
 from gateway.subscriptions.websocket import Socket, WebSocketHub
 
 TOPIC_CANONICAL = ("http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
@@ -81,10 +80,7 @@ class SubscriptionChecks:
             issues += found
             topic = self.service.topics.get(config.topic) if config is not None else None
             if topic is not None:
-                # notifications carry what a search would: the topic's types must be
-                # searchable with the subscriber's scopes (403 otherwise)
-                for resource_type in sorted(topic.resource_types):
-                    guard.require(resource_type, "search")
+                require_scopes(topic)
         return issues
 
 

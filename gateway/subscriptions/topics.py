@@ -19,6 +19,7 @@ import orjson
 from fhirpathpy import compile as fhirpath
 
 import gateway
+from gateway.security import guard
 
 BASE = "https://carepath-gateway.org/fhir"
 FILTER_EXPRESSION = f"{BASE}/StructureDefinition/topic-filter-expression"
@@ -95,6 +96,14 @@ class Topic:
             t.resource_type == resource_type and t.fires(interaction, previous, current)
             for t in self.triggers
         )
+
+
+def require_scopes(topic: Topic) -> None:
+    """The caller's scopes allow searching every type ``topic`` delivers (403 otherwise):
+    a notification carries what a search would, to whoever subscribes, replays
+    (``$events``), resends or binds a websocket."""
+    for resource_type in sorted(topic.resource_types):
+        guard.require(resource_type, "search")
 
 
 def _extension(element: dict[str, Any], url: str, key: str) -> Any:
