@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from gateway.api.app import create_api
 from gateway.api.health import Health
 from gateway.events import EventRuntime
-from gateway.fhir.indexer import Indexer
+from gateway.fhir.indexer import Indexer, set_local_timezone
 from gateway.fhir.validation import FhirValidator
 from gateway.interactions import capabilities
 from gateway.interactions.base import Context
@@ -56,6 +56,8 @@ class Service(Protocol):
 
 
 def build_store(settings: Settings, reg: Registry, access: AccessPolicy) -> HookedSqlStore:
+    # dates without a zone, indexed and searched for, are the deployment's local time
+    set_local_timezone(settings.local_timezone)
     db = open_database(settings.database_url, pool_size=settings.db_pool_size,
                        schema=settings.database_schema,
                        statement_timeout_ms=settings.db_statement_timeout_ms)

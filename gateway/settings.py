@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,10 @@ class Settings:
     access_token_lifetime: int = 300
     #: consent policy of the deployment's jurisdiction (mappings/security)
     jurisdiction: str = "DE"
+    #: the server's local time zone (IANA name, ``Europe/Berlin``): dates and times
+    #: without a zone, searched for or stored, are taken in it (search.html#date).
+    #: Unset: the jurisdiction's (``DE`` Europe/Berlin, ``NL`` Europe/Amsterdam)
+    timezone: str | None = None
     #: wait for the WAL flush of the audit records of reads (PostgreSQL). Off, a
     #: database crash can lose the read records of its last moments (writes'
     #: records always commit with the write); reads do not each wait for a flush.
@@ -134,6 +139,13 @@ class Settings:
             return self.dev_mode
         return self.host in ("127.0.0.1", "localhost", "::1")
 
+    @property
+    def local_timezone(self) -> str:
+        """``timezone``, or the jurisdiction's time zone when unset."""
+        if self.timezone is not None:
+            return self.timezone
+        return JURISDICTION_TIMEZONES.get(self.jurisdiction, "UTC")
+
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         """The settings of the environment; :class:`SettingsError` naming the variable
@@ -181,6 +193,11 @@ class Settings:
                 ("http://", "https://")):
             raise SettingsError(f"CAREPATH_PUBLIC_BASE_URL={self.public_base_url[:80]!r} is not "
                                 "an http(s) URL")
+        try:
+            ZoneInfo(self.local_timezone)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise SettingsError(f"CAREPATH_TIMEZONE={self.local_timezone[:80]!r} is not an IANA "
+                                "time zone (Europe/Berlin)") from None
 
 
 def database_label(url: str) -> str:
@@ -196,6 +213,9 @@ def database_label(url: str) -> str:
 class SettingsError(ValueError):
     """A setting the gateway cannot run with; the message names its variable."""
 
+
+#: the local time zone of a jurisdiction's deployments, unless ``timezone`` names one
+JURISDICTION_TIMEZONES = {"DE": "Europe/Berlin", "NL": "Europe/Amsterdam"}
 
 #: settings that must be greater than 0, and those that may be 0 (off, or for ever)
 _POSITIVE = ("workers", "max_request_bytes", "max_bundle_entries", "max_json_depth",

@@ -25,6 +25,7 @@ import pytest
 import redis
 import uvicorn
 
+from gateway.fhir.indexer import local_timezone, set_local_timezone
 from gateway.main import create_app
 from gateway.settings import Settings
 from gateway.storage.db import Database, open_database
@@ -168,6 +169,16 @@ def client(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=30,
                       headers={"Accept": "application/fhir+json"}) as c:
         yield c
+
+
+@pytest.fixture
+def utc_local_time() -> Iterator[None]:
+    """Dates and times without a zone taken as UTC's (``CAREPATH_TIMEZONE=UTC``), for
+    tests whose expectations are written in UTC."""
+    before = local_timezone()
+    set_local_timezone("UTC")
+    yield
+    set_local_timezone(before.key)
 
 
 def unique(prefix: str = "x") -> str:

@@ -42,6 +42,8 @@ def test_a_number_in_the_environment_is_a_number(field: object,
     ("CAREPATH_BASE_PATH", "r4", "must begin with /"),
     ("CAREPATH_REDIS_URL", "notaurl", "is not a redis://"),
     ("CAREPATH_DATABASE_URL", "mysql://u:pw@h/d", "is neither sqlite"),
+    ("CAREPATH_TIMEZONE", "Mitteleuropa", "is not an IANA time zone"),
+    ("CAREPATH_TIMEZONE", "/etc/localtime", "is not an IANA time zone"),
 ])
 def test_a_setting_out_of_its_range_is_refused_by_name(
         monkeypatch: pytest.MonkeyPatch, variable: str, value: str, said: str) -> None:
@@ -50,6 +52,17 @@ def test_a_setting_out_of_its_range_is_refused_by_name(
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError, match=f"{variable}.*{re.escape(said)}"):
         Settings.from_env()
+
+
+def test_the_local_time_zone_is_the_jurisdictions_unless_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CAREPATH_TIMEZONE", raising=False)
+    monkeypatch.delenv("CAREPATH_JURISDICTION", raising=False)
+    assert Settings.from_env().local_timezone == "Europe/Berlin"
+    monkeypatch.setenv("CAREPATH_JURISDICTION", "NL")
+    assert Settings.from_env().local_timezone == "Europe/Amsterdam"
+    monkeypatch.setenv("CAREPATH_TIMEZONE", "UTC")
+    assert Settings.from_env().local_timezone == "UTC"
 
 
 def test_the_cli_ends_with_the_settings_error(tmp_path: Path) -> None:

@@ -34,11 +34,12 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import date
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -54,6 +55,7 @@ from gateway.fhir.paths import (
     split_union,
 )
 from gateway.fhir.references import rewrite
+from gateway.settings import Settings
 
 Row = tuple[Any, ...]
 Rows = list[Row]
@@ -265,28 +267,44 @@ _DATE_RE = re.compile(
 )
 _EPOCH = date(1970, 1, 1).toordinal()
 _DAY = 86_400_000_000
+_UTC = ZoneInfo("UTC")
+_local_zone = ZoneInfo(Settings().local_timezone)
 
 
 def _days(y: int, m: int, d: int) -> int:
     return date(y, m, d).toordinal() - _EPOCH
 
 
-def date_bounds(text: str) -> tuple[int, int] | None:
+def set_local_timezone(name: str) -> None:
+    """Take dates and times without a zone in ``name`` (IANA) from now on (the
+    server's local time zone, ``CAREPATH_TIMEZONE``)."""
+    global _local_zone
+    _local_zone = ZoneInfo(name)
+
+
+def local_timezone() -> ZoneInfo:
+    """The zone dates and times without one are taken in."""
+    return _local_zone
+
+
+def date_bounds(text: str, zone: ZoneInfo | None = None) -> tuple[int, int] | None:
     """Inclusive epoch-microsecond bounds of a FHIR date/dateTime/instant, or None.
 
     The bounds cover the value's precision: ``2020`` is all of 2020, ``2020-05``
-    the month, ``2020-05-17`` the whole (UTC) day, ``2020-05-17T10:00+02:00`` one
+    the month, ``2020-05-17`` the whole day, ``2020-05-17T10:00+02:00`` one
     minute, ``2020-05-17T10:00:00+02:00`` one second, ``...:00.5Z`` 100 ms.
-    A value without a timezone is taken as UTC.  Anything else (bad shape,
-    impossible date such as ``2021-02-30``, a non-string) gives None.
+    A value without a timezone is taken in ``zone``, by default the server's
+    local time zone (:func:`set_local_timezone`; search.html#date): a day is
+    that zone's day, with the offset of its date (summer time).  Anything else
+    (bad shape, impossible date such as ``2021-02-30``, a non-string) gives None.
     """
     if not isinstance(text, str) or len(text) > 64:
         return None
-    return _date_bounds(text)
+    return _date_bounds(text, zone or _local_zone)
 
 
 @lru_cache(maxsize=8192)
-def _date_bounds(text: str) -> tuple[int, int] | None:
+def _date_bounds(text: str, zone: ZoneInfo) -> tuple[int, int] | None:
     m = _DATE_RE.fullmatch(text.strip())
     if m is None:
         return None
@@ -297,15 +315,15 @@ def _date_bounds(text: str) -> tuple[int, int] | None:
             return None
         if ms is None:
             lo = _days(y, 1, 1) * _DAY
-            return lo, (_days(y, 12, 31) + 1) * _DAY - 1
+            return _local(lo, (_days(y, 12, 31) + 1) * _DAY, zone)
         mo = int(ms)
         if ds is None:
             lo = _days(y, mo, 1) * _DAY
             end = _days(y, 12, 31) + 1 if mo == 12 else _days(y, mo + 1, 1)
-            return lo, end * _DAY - 1
+            return _local(lo, end * _DAY, zone)
         day = _days(y, mo, int(ds))
         if hs is None:
-            return day * _DAY, (day + 1) * _DAY - 1
+            return _local(day * _DAY, (day + 1) * _DAY, zone)
         h, mi = int(hs), int(mins)
         if h > 23 or mi > 59:
             return None
@@ -325,7 +343,9 @@ def _date_bounds(text: str) -> tuple[int, int] | None:
             else:
                 width = 10 ** (6 - len(fs))
                 us += int(fs) * width
-        if tz is not None and tz != "Z":
+        if tz is None:
+            us -= _utc_offset(us, zone)
+        elif tz != "Z":
             oh, om = int(tz[1:3]), int(tz[4:6])
             if oh > 23 or om > 59:
                 return None
@@ -334,6 +354,23 @@ def _date_bounds(text: str) -> tuple[int, int] | None:
         return us, us + width - 1
     except ValueError:
         return None
+
+
+_EPOCH_TIME = datetime(1970, 1, 1)
+_WALL_MAX = (date.max.toordinal() - _EPOCH + 1) * _DAY - 1
+
+
+def _local(lo: int, end: int, zone: ZoneInfo) -> tuple[int, int]:
+    """Bounds of the local wall-clock span ``[lo, end)`` (epoch microseconds as if UTC)."""
+    return lo - _utc_offset(lo, zone), end - _utc_offset(end, zone) - 1
+
+
+def _utc_offset(wall: int, zone: ZoneInfo) -> int:
+    """``zone``'s UTC offset (microseconds) at local wall-clock time ``wall``."""
+    if zone is _UTC:
+        return 0
+    offset = zone.utcoffset(_EPOCH_TIME + timedelta(microseconds=min(wall, _WALL_MAX)))
+    return 0 if offset is None else offset // timedelta(microseconds=1)
 
 
 def _num(v: Any) -> float | None:

@@ -26,6 +26,23 @@ def _family_patients(client: httpx.Client, family: str, n: int) -> list[str]:
             for i in range(n)]
 
 
+def test_a_date_without_a_zone_is_the_servers_local_day(client: httpx.Client) -> None:
+    """search.html#date: the server's local time zone (Europe/Berlin, jurisdiction DE)
+    decides the day of a search value without one: 00:30 CET on 24 November is
+    23:30Z on the 23rd, and is found on the 24th."""
+    rid = unique("tz-probe")
+    assert put(client, {"resourceType": "Observation", "id": rid, "status": "final",
+                        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+                        "effectiveDateTime": "2017-11-24T00:30:00+01:00"}).status_code == 201
+    response = client.get("/Observation", params={"_id": rid, "date": "2017-11-24"})
+    assert response.status_code == 200 and response.json()["total"] == 1
+    assert search_ids(client, "/Observation", _id=rid, date="2017-11-23") == []
+    assert search_ids(client, "/Observation", _id=rid, date="2017-11") == [rid]
+    assert search_ids(client, "/Observation", _id=rid, date="lt2017-11-24") == []
+    assert search_ids(client, "/Observation", _id=rid, date="ge2017-11-24T00:30") == [rid]
+    assert search_ids(client, "/Observation", _id=rid, date="2017-11-23T23:30Z") == [rid]
+
+
 def test_search_by_identifier_name_and_date(client: httpx.Client) -> None:
     family = unique("Fam")
     mrn = unique("mrn")

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -30,11 +31,17 @@ from gateway.fhir.indexer import (
     _fallback_getter,
     clip,
     date_bounds,
+    local_timezone,
     normalize_string,
+    set_local_timezone,
 )
 from gateway.fhir.paths import root_name, split_union
 
 EXAMPLES = Path(__file__).parent.parent / "data" / "r4-examples.ndjson.gz"
+UTC_ZONE, BERLIN = ZoneInfo("UTC"), ZoneInfo("Europe/Berlin")
+
+#: the expected bounds below are UTC's where a value has no zone
+pytestmark = pytest.mark.usefixtures("utc_local_time")
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +89,12 @@ def test_normalize_string() -> None:
 
 
 def test_date_bounds_partial_dates() -> None:
-    assert date_bounds("2020") == (us(2020, 1, 1), us(2021, 1, 1) - 1)
-    assert date_bounds("2020-02") == (us(2020, 2, 1), us(2020, 3, 1) - 1)
-    assert date_bounds("2020-12") == (us(2020, 12, 1), us(2021, 1, 1) - 1)
-    assert date_bounds("2020-05-17") == (us(2020, 5, 17), us(2020, 5, 18) - 1)
-    assert date_bounds("9999") == (us(9999, 1, 1), us(9999, 12, 31) + 86_400_000_000 - 1)
+    assert date_bounds("2020", UTC_ZONE) == (us(2020, 1, 1), us(2021, 1, 1) - 1)
+    assert date_bounds("2020-02", UTC_ZONE) == (us(2020, 2, 1), us(2020, 3, 1) - 1)
+    assert date_bounds("2020-12", UTC_ZONE) == (us(2020, 12, 1), us(2021, 1, 1) - 1)
+    assert date_bounds("2020-05-17", UTC_ZONE) == (us(2020, 5, 17), us(2020, 5, 18) - 1)
+    assert date_bounds("9999", UTC_ZONE) == (us(9999, 1, 1),
+                                             us(9999, 12, 31) + 86_400_000_000 - 1)
 
 
 def test_date_bounds_times_and_offsets() -> None:
@@ -94,7 +102,7 @@ def test_date_bounds_times_and_offsets() -> None:
     assert date_bounds("2020-05-17T10:00:00+02:00") == (t, t + 999_999)
     assert date_bounds("2020-05-17T03:00:00-05:00") == (t, t + 999_999)
     assert date_bounds("2020-05-17T08:00:00Z") == (t, t + 999_999)
-    assert date_bounds("2020-05-17T08:00:00") == (t, t + 999_999)  # no zone: UTC
+    assert date_bounds("2020-05-17T08:00:00", UTC_ZONE) == (t, t + 999_999)  # no zone: UTC's
     assert date_bounds("2020-05-17T08:00Z") == (t, t + 60_000_000 - 1)  # minutes precision
     assert date_bounds("2020-05-17T08:00:00.5Z") == (t + 500_000, t + 599_999)
     assert date_bounds("2020-05-17T08:00:00.123Z") == (t + 123_000, t + 123_999)
@@ -104,6 +112,43 @@ def test_date_bounds_times_and_offsets() -> None:
         us(2020, 12, 31, 23, 30),
         us(2020, 12, 31, 23, 30) + 999_999,
     )
+
+
+def test_date_bounds_without_a_zone_are_in_berlin_time() -> None:
+    """search.html#date: a value without a zone is the server's local time; in
+    Germany a day begins at 23:00Z in winter and at 22:00Z in summer."""
+    # winter (CET, +01:00)
+    assert date_bounds("2017-11-24", BERLIN) == (us(2017, 11, 23, 23), us(2017, 11, 24, 23) - 1)
+    t = us(2017, 11, 23, 23, 30)
+    assert date_bounds("2017-11-24T00:30:00", BERLIN) == (t, t + 999_999)
+    # summer (CEST, +02:00)
+    assert date_bounds("2020-07-01", BERLIN) == (us(2020, 6, 30, 22), us(2020, 7, 1, 22) - 1)
+    t = us(2020, 7, 1, 8)
+    assert date_bounds("2020-07-01T10:00", BERLIN) == (t, t + 60_000_000 - 1)
+    # a span over a change of the offset: each end with its own
+    assert date_bounds("2021-03", BERLIN) == (us(2021, 2, 28, 23), us(2021, 3, 31, 22) - 1)
+    assert date_bounds("2021-03-28", BERLIN) == (us(2021, 3, 27, 23), us(2021, 3, 28, 22) - 1)
+    assert date_bounds("2020", BERLIN) == (us(2019, 12, 31, 23), us(2020, 12, 31, 23) - 1)
+    # a value with a zone is taken as it says
+    t = us(2017, 11, 23, 23, 30)
+    assert date_bounds("2017-11-24T00:30:00+01:00", BERLIN) == (t, t + 999_999)
+    assert date_bounds("2017-11-23T23:30:00Z", BERLIN) == (t, t + 999_999)
+
+
+def test_date_bounds_take_the_local_time_zone_set() -> None:
+    """Without a zone argument, the server's (``CAREPATH_TIMEZONE``); bounds cached under
+    one zone are not those of another."""
+    before = local_timezone()
+    try:
+        set_local_timezone("UTC")
+        assert date_bounds("2017-11-24") == (us(2017, 11, 24), us(2017, 11, 25) - 1)
+        set_local_timezone("Europe/Berlin")
+        assert date_bounds("2017-11-24") == (us(2017, 11, 23, 23), us(2017, 11, 24, 23) - 1)
+        set_local_timezone("Europe/Amsterdam")
+        assert date_bounds("2020-07-01") == (us(2020, 6, 30, 22), us(2020, 7, 1, 22) - 1)
+        assert date_bounds("2020-07-01", UTC_ZONE) == (us(2020, 7, 1), us(2020, 7, 2) - 1)
+    finally:
+        set_local_timezone(before.key)
 
 
 @pytest.mark.parametrize(

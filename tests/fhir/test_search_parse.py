@@ -7,7 +7,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.fhir.indexer import Indexer, SearchParam, date_bounds
+from gateway.fhir.indexer import (
+    Indexer,
+    SearchParam,
+    date_bounds,
+    local_timezone,
+    set_local_timezone,
+)
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import (
     AP_DATE_MIN_MICROS,
@@ -37,6 +43,9 @@ from gateway.fhir.search import (
 )
 
 _INDEXER = Indexer.from_profiles()
+
+#: the expected bounds below are UTC's where a value has no zone
+pytestmark = pytest.mark.usefixtures("utc_local_time")
 
 
 def params(resource_type: str) -> Mapping[str, SearchParam]:
@@ -166,6 +175,24 @@ def test_date_prefixes(prefix: str) -> None:
     c = one("Patient", f"birthdate={prefix}2013-01")
     lo, hi = micros("2013-01-01T00:00:00"), micros("2013-02-01T00:00:00") - 1
     assert c.values == (DateValue(prefix or "eq", lo, hi, "2013-01"),)
+
+
+def test_date_without_a_zone_is_the_local_time_zones() -> None:
+    """search.html#date: ``date=2017-11-24`` is the server's local day (Berlin: from
+    23:00Z the day before), as is a time without an offset."""
+    before = local_timezone()
+    try:
+        set_local_timezone("Europe/Berlin")
+        (v,) = one("Observation", "date=2017-11-24").values
+        assert isinstance(v, DateValue)
+        assert (v.lo, v.hi) == (micros("2017-11-23T23:00:00"), micros("2017-11-24T23:00:00") - 1)
+        (v,) = one("Observation", "date=ge2020-07-01T10:00").values
+        assert isinstance(v, DateValue)
+        assert v.lo == micros("2020-07-01T08:00:00")
+        (v,) = one("Observation", "date=2017-11-24T00:30:00Z").values
+        assert isinstance(v, DateValue) and v.lo == micros("2017-11-24T00:30:00")
+    finally:
+        set_local_timezone(before.key)
 
 
 def test_date_precision_defines_the_range() -> None:
