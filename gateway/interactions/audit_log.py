@@ -12,22 +12,14 @@ like every request. Parameters: ``patient`` (id), ``_count`` (≤ 1000),
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import urlencode
-
-import orjson
 
 from gateway.fhir.bundles import bundle, raw
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import Context, FhirResponse
 from gateway.interactions.operations import Operation, OperationRequest
 from gateway.security import guard
-from gateway.security.audit import filed_under
-
-#: v3-ObservationValue: what is shown is less than what is held
-_REDACTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-             "code": "REDACTED", "display": "redacted"}
-_QUERY_ROLE = ("http://terminology.hl7.org/CodeSystem/object-role", "24")
+from gateway.security.audit import filed_under, without_query
 
 
 async def audit_log(ctx: Context, req: OperationRequest) -> FhirResponse:
@@ -54,25 +46,9 @@ async def audit_log(ctx: Context, req: OperationRequest) -> FhirResponse:
         query = {**params, "_count": count, "_cursor": rows[-1][0]}
         links.append(("next", f"{req.base}/$audit-log?{urlencode(query)}"))
     entries = [{"resource": raw(record) if restriction is None or filed_under(record)[0]
-                == principal.client_id else _redacted(record), "search": {"mode": "match"}}
+                == principal.client_id else without_query(record), "search": {"mode": "match"}}
                for _, record in rows]
     return FhirResponse(200, bundle("searchset", entries, links=links))
-
-
-def _redacted(record: bytes) -> dict[str, Any]:
-    """Another client's record as a restricted reader sees it: without its query."""
-    event = orjson.loads(record)
-    kept = []
-    for entity in event.get("entity", []):
-        role = entity.get("role", {})
-        if (role.get("system"), role.get("code")) == _QUERY_ROLE:
-            entity = {k: v for k, v in entity.items() if k not in ("query", "description")}
-        kept.append(entity)
-    if kept:
-        event["entity"] = kept
-    meta = event.setdefault("meta", {})
-    meta["security"] = [*meta.get("security", []), _REDACTED]
-    return dict(event)
 
 
 OPERATION = Operation("audit-log", audit_log, system=True)

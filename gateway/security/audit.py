@@ -217,6 +217,25 @@ def filed_under(record: bytes) -> tables.Filing:
     return client, min(patients) if patients else None, event.get("outcome")
 
 
+#: v3-ObservationValue: what is shown is less than what is held
+_REDACTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+             "code": "REDACTED", "display": "redacted"}
+
+
+def without_query(record: bytes) -> dict[str, Any]:
+    """``record`` without the query it holds (marked REDACTED), as a reader who may
+    not see everything the query names is shown another client's record."""
+    event: dict[str, Any] = orjson.loads(record)
+    event["entity"] = [
+        {k: v for k, v in e.items() if k not in ("query", "description")}
+        if e.get("role") == _QUERY_ROLE else e for e in event.get("entity", [])]
+    if not event["entity"]:
+        del event["entity"]
+    meta = event.setdefault("meta", {})
+    meta["security"] = [*meta.get("security", []), _REDACTED]
+    return event
+
+
 def records_of(caller: Caller, status: int, description: str = "") -> list[tables.AuditRecord]:
     """The request's AuditEvents: one per patient it is about (as IHE BALP asks, so
     that each patient's log is complete and names only what is about them), each
