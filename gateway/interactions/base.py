@@ -274,11 +274,12 @@ def version_headers(stored: StoredResource) -> dict[str, str]:
 
 
 def write_response(
-    status: int, stored: StoredResource, base: str, prefer: Prefer, *, created: bool = False
+    status: int, stored: StoredResource, base: str, prefer: Prefer, *, located: bool = False
 ) -> FhirResponse:
-    """Response to create/update/patch honouring ``Prefer: return=`` (http.html#ops)."""
+    """Response to create/update/patch honouring ``Prefer: return=`` (http.html#ops);
+    ``located`` (or a 201) adds the version's ``Location``."""
     headers = version_headers(stored)
-    if created or status == 201:
+    if located or status == 201:
         headers["Location"] = location(base, stored)
     body: bytes | dict[str, Any] | None = stored.content
     if prefer.return_ == "minimal":

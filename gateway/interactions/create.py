@@ -88,6 +88,7 @@ async def create(
 
     stored, created = await run_write(ctx, work)
     if not created:
-        # ccreate found a match: 200 OK, nothing written
-        return write_response(200, stored, base, prefer)
-    return write_response(201, stored, base, prefer, created=True)
+        # ccreate found a match: 200 OK, nothing written; where it is, as HAPI FHIR says
+        # (and a transaction's response.location)
+        return write_response(200, stored, base, prefer, located=True)
+    return write_response(201, stored, base, prefer)

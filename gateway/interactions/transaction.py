@@ -276,6 +276,11 @@ def _status_line(status: int) -> str:
         return str(status)
 
 
+def _is_operation(path: str) -> bool:
+    """An operation's answer (``$validate``'s OperationOutcome too) is the entry's resource."""
+    return path.rsplit("/", 1)[-1].startswith("$")
+
+
 def _response_entry(entry: Entry, base: str, prefer: Prefer) -> dict[str, Any]:
     if entry.response is not None:  # GET/HEAD, or a batch entry
         resp = entry.response
@@ -291,7 +296,8 @@ def _response_entry(entry: Entry, base: str, prefer: Prefer) -> dict[str, Any]:
             out["resource"] = raw(resp.body)
         elif isinstance(resp.body, dict):
             if resp.body.get("resourceType") == "OperationOutcome" and (
-                    resp.status >= 400 or entry.method not in ("GET", "HEAD")):
+                    resp.status >= 400 or not (entry.method in ("GET", "HEAD")
+                                               or _is_operation(entry.path))):
                 out["response"]["outcome"] = resp.body
             else:
                 out["resource"] = resp.body

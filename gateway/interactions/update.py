@@ -184,4 +184,4 @@ async def update(
         return written
 
     stored, created = await run_write(ctx, work)
-    return write_response(201 if created else 200, stored, base, prefer, created=created)
+    return write_response(201 if created else 200, stored, base, prefer, located=created)

@@ -183,6 +183,8 @@ def test_conditional_create(client: httpx.Client) -> None:
     second = post(client, patient(mrn), **{"If-None-Exist": criteria})
     assert second.status_code == 200
     assert second.json()["id"] == first.json()["id"]
+    # where the match is, as for a created one (HAPI FHIR; a client may read only that)
+    assert second.headers["Location"] == first.headers["Location"]
     assert search_ids(client, "/Patient", identifier=f"urn:test:mrn|{mrn}") == [
         first.json()["id"]]
     # written as a whole search URL, as some clients do

@@ -104,6 +104,27 @@ def test_validate_profile_as_query_parameter(client: httpx.Client) -> None:
     assert "GW-4204" in gw_codes(response)
 
 
+def test_validate_in_a_batch_answers_in_the_entry_resource(client: httpx.Client) -> None:
+    """An operation's answer is the entry's resource; ``$validate``'s answer is an
+    OperationOutcome, which is its result and not a hint about processing the entry
+    (bundle.html: ``response.outcome`` holds the hints and warnings of processing)."""
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": patient(unique("mrn")),
+         "request": {"method": "POST", "url": "Patient/$validate"}},
+        {"resource": blood_pressure(),
+         "request": {"method": "POST", "url": "Observation/$validate"}},
+    ]}
+    response = client.post("/", json=bundle, headers={"Content-Type": FHIR})
+    assert response.status_code == 200, response.text
+    valid, invalid = response.json()["entry"]
+    assert valid["response"]["status"].startswith("200")
+    assert "outcome" not in valid["response"]
+    assert valid["resource"]["resourceType"] == "OperationOutcome"
+    assert valid["resource"]["issue"][0]["severity"] == "information"
+    assert invalid["response"]["status"].startswith("200")
+    assert any(i["severity"] == "error" for i in invalid["resource"]["issue"])
+
+
 def test_validate_against_an_unknown_profile_is_an_error(client: httpx.Client) -> None:
     """"If a profile is nominated, and the server cannot validate against the
     nominated profile, it SHALL return an error" (Resource-validate); a profile a
