@@ -286,6 +286,56 @@ def clients_list(
     Console().print(table)
 
 
+def _client_change(client_id: str, database_url: str | None, change: Any, done: str) -> None:
+    settings = _existing(_settings(database_url=database_url))
+    if not _run_db(settings, lambda db: change(db, client_id)):
+        console.print(f"[red]there is no client {client_id!r}[/red] (carepath clients list)",
+                      soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"client [bold]{client_id}[/bold] {done}")
+
+
+_REVOKED = ("its tokens stop working within seconds, in every worker")
+
+
+@clients_app.command("disable")
+def clients_disable(
+    client_id: str = typer.Argument(..., help="client_id to disable"),
+    database_url: str = typer.Option(None, "--db", help="sqlite:///… or postgresql://…"),
+) -> None:
+    """Disable a client (a key was lost, a contract ended): the token endpoint refuses it
+    and the tokens it holds are revoked. Its registration stays, for `enable`."""
+    from gateway.storage.security import set_client_active
+
+    _client_change(client_id, database_url,
+                   lambda db, cid: set_client_active(db, cid, False), f"disabled; {_REVOKED}")
+
+
+@clients_app.command("enable")
+def clients_enable(
+    client_id: str = typer.Argument(..., help="client_id to enable again"),
+    database_url: str = typer.Option(None, "--db", help="sqlite:///… or postgresql://…"),
+) -> None:
+    """Enable a disabled client again."""
+    from gateway.storage.security import set_client_active
+
+    _client_change(client_id, database_url,
+                   lambda db, cid: set_client_active(db, cid, True), "enabled")
+
+
+@clients_app.command("remove")
+def clients_remove(
+    client_id: str = typer.Argument(..., help="client_id to remove"),
+    database_url: str = typer.Option(None, "--db", help="sqlite:///… or postgresql://…"),
+) -> None:
+    """Remove a client's registration (its keys and grant); its tokens are revoked. The
+    audit trail keeps what it did. On loopback, removing the last client turns dev mode
+    on again: disable a client rather than remove it to keep tokens required."""
+    from gateway.storage.security import remove_client
+
+    _client_change(client_id, database_url, remove_client, f"removed; {_REVOKED}")
+
+
 audit_app = typer.Typer(help="The hash-chained audit trail.")
 app.add_typer(audit_app, name="audit")
 

@@ -39,6 +39,9 @@ from gateway.storage.db import Database
 log = logging.getLogger("carepath.security")
 
 DEV_RECHECK_SECONDS = 5.0
+#: how long a client's being enabled is taken as known: a disabled or removed client's
+#: tokens stop working within this time, not only when they expire
+CLIENT_RECHECK_SECONDS = 5.0
 #: verified access tokens kept per process (about 1 KB each)
 VERIFIED_TOKENS_MAX = 10_000
 
@@ -65,6 +68,8 @@ class Authenticator:
         #: Checking a signature costs about a millisecond of CPU (ES384), several
         #: times a whole read, and a client sends the same token until it expires.
         self._verified: dict[str, tuple[TokenClaims, Grant, float]] = {}
+        #: client id -> whether it is registered and enabled, and when that was read
+        self._enabled: dict[str, tuple[bool, float]] = {}
         self.clock = time.time
 
     async def start(self, base_url: str) -> None:
@@ -122,6 +127,10 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("invalid_request", "use 'Authorization: Bearer <token>'")
         claims, grant = self._verified_token(token.strip())
+        if claims.issued_here and not await self._client_enabled(claims.client_id):
+            # RFC 6750 3.1: "revoked"
+            raise AuthError("invalid_token", "the access token was revoked: its client is"
+                                             " disabled or no longer registered")
         return Principal(claims.client_id, claims.organization, grant,
                          purpose_of_use=claims.purpose_of_use or DEFAULT_PURPOSE,
                          user=claims.user, address=address)
@@ -144,6 +153,16 @@ class Authenticator:
             self._forget_tokens(now)
         self._verified[token] = (claims, grant, claims.expires + CLOCK_SKEW)
         return claims, grant
+
+    async def _client_enabled(self, client_id: str) -> bool:
+        now = time.monotonic()
+        known = self._enabled.get(client_id)
+        if known is not None and now - known[1] < CLIENT_RECHECK_SECONDS:
+            return known[0]
+        client = await tables.get_client(self.db, client_id)
+        enabled = client is not None and client.active
+        self._enabled[client_id] = (enabled, now)
+        return enabled
 
     def _forget_tokens(self, now: float) -> None:
         """Room in the cache: expired tokens go, then the oldest half if still full."""

@@ -123,6 +123,8 @@ class TokenClaims:
     purpose_of_use: str | None
     user: str | None
     expires: int
+    #: issued by this gateway to one of its registered clients (not an external issuer's)
+    issued_here: bool = False
 
 
 class TokenIssuer:
@@ -166,7 +168,8 @@ class TokenIssuer:
         except jwt.PyJWTError as exc:
             raise AuthError("invalid_token", f"the access token is invalid: {exc}") from None
         return TokenClaims(claims["sub"], claims.get("organization"), claims.get("scope", ""),
-                           claims.get("purpose_of_use"), None, int(claims["exp"]))
+                           claims.get("purpose_of_use"), None, int(claims["exp"]),
+                           issued_here=True)
 
     def public_jwks(self) -> dict[str, Any]:
         jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self._public))

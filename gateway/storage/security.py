@@ -85,9 +85,32 @@ async def list_clients(db: Database) -> list[Client]:
     return [Client(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows]
 
 
+async def set_client_active(db: Database, client_id: str, active: bool) -> bool:
+    """Enable or disable a client; False when there is none of that id."""
+    async with db.transaction() as conn:
+        if not await conn.fetchrow("SELECT 1 FROM auth_client WHERE client_id = ?",
+                                   (client_id,)):
+            return False
+        await conn.execute("UPDATE auth_client SET active = ? WHERE client_id = ?",
+                           (int(active), client_id))
+    return True
+
+
+async def remove_client(db: Database, client_id: str) -> bool:
+    """Forget a client; False when there is none of that id."""
+    async with db.transaction() as conn:
+        if not await conn.fetchrow("SELECT 1 FROM auth_client WHERE client_id = ?",
+                                   (client_id,)):
+            return False
+        await conn.execute("DELETE FROM auth_client WHERE client_id = ?", (client_id,))
+    return True
+
+
 async def count_clients(db: Database) -> int:
+    """Registered clients, disabled ones too: disabling the last one must not turn a
+    gateway on loopback into an open one (dev mode)."""
     async with db.read() as conn:
-        row = await conn.fetchrow("SELECT count(*) FROM auth_client WHERE active = 1")
+        row = await conn.fetchrow("SELECT count(*) FROM auth_client")
     return int(row[0]) if row else 0
 
 

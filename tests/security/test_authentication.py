@@ -17,7 +17,8 @@ from gateway.security.tokens import AuthError
 from gateway.settings import Settings
 from gateway.storage.db import open_database
 from gateway.storage.migrate import migrate
-from tests.security.conftest import Secured
+from gateway.storage.security import Client, add_client, remove_client, set_client_active
+from tests.security.conftest import Secured, secured_server
 from tests.security.keys import ClientKey, token_form
 from tests.security.test_audit import records
 
@@ -219,6 +220,9 @@ def test_verified_tokens_are_remembered_until_they_expire(
         await db.open()
         await migrate(db)
         try:
+            for i in range(10):  # (a token of a client not registered here is revoked)
+                await add_client(db, Client(f"c{i}", "org-1", '{"keys": []}', None,
+                                            "system/*.rs", True))
             auth = Authenticator(db, settings)
             await auth.start("http://127.0.0.1:8080/fhir")
             assert auth.issuer is not None
@@ -251,3 +255,47 @@ def test_verified_tokens_are_remembered_until_they_expire(
             await db.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_disabled_or_removed_client_loses_its_tokens_at_once(
+        backend: str, tmp_path, new_schema, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """A client whose key leaked is disabled: the token endpoint refuses it and the
+    tokens it already holds stop working (RFC 6750 3.1 "revoked"), not only when they
+    expire. Disabling every client does not open the gateway (dev mode)."""
+    monkeypatch.setattr("gateway.security.auth.CLIENT_RECHECK_SECONDS", 0.0)
+    monkeypatch.setattr("gateway.security.auth.DEV_RECHECK_SECONDS", 0.0)
+
+    def change(work) -> None:  # type: ignore[no-untyped-def]
+        async def run() -> None:
+            db = open_database(running.settings.database_url,
+                               schema=running.settings.database_schema)
+            await db.open()
+            try:
+                assert await work(db)
+            finally:
+                await db.close()
+        asyncio.run(run())
+
+    with secured_server(backend, tmp_path, new_schema) as running:
+        kept = running.client("gp-b")
+        with running.client("hospital-a") as client:
+            assert client.get("/Patient", params={"_count": 1}).status_code == 200
+            change(lambda db: set_client_active(db, "hospital-a", False))
+            revoked = client.get("/Patient", params={"_count": 1})
+            assert revoked.status_code == 401, revoked.text
+            assert "revoked" in revoked.headers["WWW-Authenticate"]
+            key = running.keys["hospital-a"]
+            refused = _token(running, key.assertion(running.token_url))
+            assert refused.status_code == 401 and refused.json()["error"] == "invalid_client"
+            assert kept.get("/Patient", params={"_count": 1}).status_code == 200
+            change(lambda db: set_client_active(db, "hospital-a", True))
+            assert client.get("/Patient", params={"_count": 1}).status_code == 200
+            change(lambda db: remove_client(db, "hospital-a"))
+            assert client.get("/Patient", params={"_count": 1}).status_code == 401
+        for cid in ("gp-b", "reader-c"):
+            change(lambda db, cid=cid: set_client_active(db, cid, False))
+        assert kept.get("/Patient", params={"_count": 1}).status_code == 401
+        assert httpx.get(f"{running.url}/Patient").status_code == 401  # no dev mode
+        kept.close()

@@ -67,3 +67,34 @@ def test_maintenance_on_a_mistyped_path_makes_no_database(tmp_path: Path,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "there is no database" in done.stderr, done.stderr
     assert not missing.exists()
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CAREPATH_DATABASE_URL": f"sqlite:///{tmp_path / 'clients.db'}",
+           "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "gateway", "clients", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_client_is_disabled_enabled_and_removed(tmp_path: Path) -> None:
+    assert _add(tmp_path, ClientKey.ec("ehr-x").jwks()).returncode == 0
+
+    def listed() -> list[list[str]]:
+        done = _cli(tmp_path, "list")
+        assert done.returncode == 0, done.stderr
+        return [line.replace("│", " ").split() for line in done.stdout.splitlines()
+                if "ehr-x" in line]
+
+    assert [row[-1] for row in listed()] == ["yes"]
+    done = _cli(tmp_path, "disable", "ehr-x")
+    assert done.returncode == 0 and "disabled" in done.stdout + done.stderr, done.stderr
+    assert [row[-1] for row in listed()] == ["no"]
+    assert _cli(tmp_path, "enable", "ehr-x").returncode == 0
+    assert [row[-1] for row in listed()] == ["yes"]
+    assert _cli(tmp_path, "remove", "ehr-x").returncode == 0
+    assert listed() == []
+    for command in ("disable", "enable", "remove"):
+        missing = _cli(tmp_path, command, "ehr-x")
+        assert missing.returncode == 1, missing.stdout + missing.stderr
+        assert "there is no client 'ehr-x'" in missing.stdout + missing.stderr
+        assert "Traceback" not in missing.stderr
