@@ -13,8 +13,8 @@ profiles. A URL the gateway defines itself keeps the gateway's definition.
 A StructureDefinition stored without a snapshot (as SUSHI writes them) gets one
 made from its differential and its base (another stored profile, the gateway's
 own, or R4's: ``gateway.fhir.validation.snapshot``); one whose snapshot cannot
-be made (a differential beyond what the generator takes) is not used, and the
-writer warns that the profile is not known here, as for any other. A
+be made (a base not stored here, a differential beyond what the generator
+takes) is not used, and the writer is warned that it cannot be used, and why. A
 transaction Bundle that writes a StructureDefinition, ValueSet or CodeSystem
 has its other resources validated after its writes, inside its database
 transaction, so that a profile it stores holds the resources it stores with it.
@@ -80,6 +80,7 @@ async def validation_issues(ctx: Context, resource: dict[str, Any],
         return issues
     stored = await _stored(ctx, validator, ctx.store.within(tx) if tx else ctx.store, tx)
     if stored is None or not any(url.split("|", 1)[0] in stored.raw
+                                 or url.split("|", 1)[0] in stored.unusable
                                  for url in _claims(resource, profile)):
         return issues
     try:

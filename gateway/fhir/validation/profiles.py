@@ -415,9 +415,12 @@ class ProfileSet:
     """Constraint StructureDefinitions by canonical URL, compiled on first use."""
 
     def __init__(self, model: Model, profiles: dict[str, dict[str, Any]],
-                 bindings: Callable[[str], Binding | None]) -> None:
+                 bindings: Callable[[str], Binding | None],
+                 unusable: dict[str, str] | None = None) -> None:
         self.model = model
         self.raw = profiles
+        #: profiles stored but not usable, by URL: why (no snapshot can be made...)
+        self.unusable = unusable or {}
         self._bindings = bindings
         self._compiled: dict[str, CompiledProfile | None] = {}
         self._base_constraints: set[tuple[str, str]] | None = None

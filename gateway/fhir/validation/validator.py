@@ -97,14 +97,16 @@ class FhirValidator:
         definition."""
         bases = _Bases(self, {sd["url"]: sd for sd in structure_definitions})
         raw: dict[str, dict[str, Any]] = {}
+        unusable: dict[str, str] = {}
         for url in bases.stored:
             try:
                 raw[url] = bases.get(url)
-            except ProfileError:  # no snapshot, and none can be made: not used
-                continue
+            except ProfileError as exc:  # no snapshot, and none can be made: not used
+                unusable[url] = str(exc)
         raw.update(self.profiles.raw)
         own = self.definitions.value_sets
-        return ProfileSet(self.model, raw, value_sets_index({**value_sets, **own}))
+        return ProfileSet(self.model, raw, value_sets_index({**value_sets, **own}),
+                          {u: why for u, why in unusable.items() if u not in raw})
 
     def snapshot(self, structure_definition: dict[str, Any],
                  stored: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
@@ -148,10 +150,14 @@ class FhirValidator:
         canonical = url.split("|", 1)[0]
         compiled = profiles.get(canonical)
         if compiled is None:
+            why = profiles.unusable.get(canonical)
+            said = "is not known here" if why is None else \
+                f"is stored here but cannot be used: {why[:300]}"
+            if why is None and canonical in profiles.raw:
+                said = "is stored here but cannot be used: its definition does not compile"
             return [Issue(Code.UNKNOWN_PROFILE,
-                          f"profile {url[:200]} is not known here; validated against the "
-                          "base definition only", (render((loc, "meta", None)),),
-                          "warning")], 0
+                          f"profile {url[:200]} {said}; validated against the base "
+                          "definition only", (render((loc, "meta", None)),), "warning")], 0
         if compiled.type != resource.get("resourceType"):
             return [Issue(Code.UNKNOWN_PROFILE,
                           f"profile {url[:200]} constrains {compiled.type}, not "
