@@ -78,6 +78,7 @@ def serve(
     uvicorn.run("gateway.main:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level="info", access_log=False,
                 timeout_keep_alive=settings.keep_alive_s, http=BoundedHeadProtocol,
+                proxy_headers=False,  # the gateway reads them (gateway/api/forwarded.py)
                 timeout_graceful_shutdown=settings.shutdown_grace_s or None)
 
 

@@ -6,10 +6,14 @@ override some of them with flags.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+#: IP networks; None for any
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +40,9 @@ class Settings:
     #: browser origins allowed to call the FHIR API (CORS), comma-separated
     #: (``https://app.example.org``; ``*``: any); unset: no cross-origin access
     cors_origins: str = ""
+    #: reverse proxies whose ``X-Forwarded-For/-Proto/-Host/-Port/-Prefix`` headers are
+    #: believed (addresses and networks, comma-separated; ``*``: any)
+    forwarded_allow_ips: str = "127.0.0.1, ::1"
     default_page_size: int = 20
     max_page_size: int = 1000
     #: largest number of matches a search keeps for stable paging
@@ -140,6 +147,11 @@ class Settings:
         return self.host in ("127.0.0.1", "localhost", "::1")
 
     @property
+    def trusted_proxies(self) -> Networks:
+        """The networks of ``forwarded_allow_ips``; None for ``*`` (any)."""
+        return _networks(self.forwarded_allow_ips)
+
+    @property
     def local_timezone(self) -> str:
         """``timezone``, or the jurisdiction's time zone when unset."""
         if self.timezone is not None:
@@ -194,6 +206,11 @@ class Settings:
             raise SettingsError(f"CAREPATH_PUBLIC_BASE_URL={self.public_base_url[:80]!r} is not "
                                 "an http(s) URL")
         try:
+            _networks(self.forwarded_allow_ips)
+        except ValueError as exc:
+            raise SettingsError(f"CAREPATH_FORWARDED_ALLOW_IPS={self.forwarded_allow_ips[:80]!r}:"
+                                f" {exc}") from None
+        try:
             ZoneInfo(self.local_timezone)
         except (ZoneInfoNotFoundError, ValueError, OSError):
             raise SettingsError(f"CAREPATH_TIMEZONE={self.local_timezone[:80]!r} is not an IANA "
@@ -208,6 +225,15 @@ def database_label(url: str) -> str:
     scheme, sep, credentials = head.partition("://")
     user = credentials.split(":", 1)[0]
     return f"{scheme}{sep}{user}{':***' if ':' in credentials else ''}@{tail}"[:120]
+
+
+def _networks(value: str) -> Networks:
+    """``10.0.0.0/8, 127.0.0.1`` as networks, None for ``*``; ValueError naming an
+    entry that is neither an address nor a network."""
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    if "*" in entries:
+        return None
+    return tuple(ipaddress.ip_network(e, strict=False) for e in entries)
 
 
 class SettingsError(ValueError):

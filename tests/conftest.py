@@ -131,7 +131,8 @@ class RunningServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on",
+                                proxy_headers=False)  # (as carepath serve runs it)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)

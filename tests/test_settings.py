@@ -44,6 +44,8 @@ def test_a_number_in_the_environment_is_a_number(field: object,
     ("CAREPATH_DATABASE_URL", "mysql://u:pw@h/d", "is neither sqlite"),
     ("CAREPATH_TIMEZONE", "Mitteleuropa", "is not an IANA time zone"),
     ("CAREPATH_TIMEZONE", "/etc/localtime", "is not an IANA time zone"),
+    ("CAREPATH_FORWARDED_ALLOW_IPS", "127.0.0.1, proxy", "'proxy' does not appear to be"),
+    ("CAREPATH_FORWARDED_ALLOW_IPS", "10.0.0.0/33", "does not appear to be"),
 ])
 def test_a_setting_out_of_its_range_is_refused_by_name(
         monkeypatch: pytest.MonkeyPatch, variable: str, value: str, said: str) -> None:

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from gateway.api import metrics
+from gateway.api.forwarded import HOST, Proxies
 from gateway.api.health import LIVE_PATH, READY_PATH, Health
 from gateway.api.health import MEDIA_TYPE as HEALTH_MEDIA_TYPE
 from gateway.api.openapi import openapi
@@ -121,12 +122,6 @@ def _may_take_long(request: HttpRequest) -> bool:
     return not (len(parts) == 4 and parts[2] == "_history") and request.path != "metadata"
 
 
-#: RFC 9110 7.2, RFC 3986 3.2.2: a host name, IPv4 address or bracketed IPv6
-#: literal, and an optional port (a name with sub-delims is legal there but nowhere
-#: in DNS: refused, as a value that would shape the links this server writes)
-_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9._~%-]{1,253})(?::[0-9]{1,5})?")
-
-
 def host_problem(scope: Scope) -> str | None:
     """Why the request's ``Host`` cannot be used, None when it can. RFC 9112 3.2: an
     HTTP/1.1 request without one, with two, or with an invalid one, is answered 400
@@ -136,7 +131,7 @@ def host_problem(scope: Scope) -> str | None:
         return "the request has more than one Host header"
     if not hosts:
         return None if scope.get("http_version") == "1.0" else "the request has no Host header"
-    if not _HOST.fullmatch(hosts[0].decode("latin-1")):
+    if not HOST.fullmatch(hosts[0].decode("latin-1")):
         return f"Host '{hosts[0][:80].decode('latin-1')}' is not a host name and port"
     return None
 
@@ -663,8 +658,12 @@ class _GatewayApp(FastAPI):
     #: FastAPI's own paths (health, metrics, the OpenAPI document), theirs also when
     #: the FHIR base is the root (``CAREPATH_BASE_PATH=/``)
     outside: frozenset[str] = frozenset()
+    #: the reverse proxies believed (``gateway.api.forwarded``)
+    proxies: Proxies | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.proxies is not None and scope["type"] != "lifespan":
+            self.proxies.apply(scope)
         if scope["type"] == "http" and self.fhir_endpoint is not None:
             base, endpoint = self.fhir_endpoint
             path = scope["path"]
@@ -711,6 +710,7 @@ def create_api(
 
     app = _GatewayApp(title="carepath-gateway", version="0.1.0", lifespan=lifespan,
                       docs_url=None, redoc_url=None)
+    app.proxies = Proxies(ctx.settings.trusted_proxies)
     base_path = ctx.settings.base_path.rstrip("/")
     public_base = ctx.settings.public_base_url.rstrip("/") if ctx.settings.public_base_url \
         else None
