@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from fastapi import FastAPI, Request
@@ -253,6 +253,20 @@ def _quality(media_range: str) -> float:
             except ValueError:
                 return 0.0
     return 1.0
+
+
+def _keep_presentation(resp: FhirResponse, query: list[tuple[str, str]]) -> None:
+    """A Bundle's links (``self``, ``next``...) keep the ``_format`` and ``_pretty``
+    the request gave, as HAPI FHIR's do: a client that cannot set ``Accept`` (a
+    browser, a tester following links) gets page 2 in the format of page 1."""
+    kept = [(k, v) for k, v in query if k in ("_format", "_pretty")]
+    body = resp.body
+    if not kept or not isinstance(body, dict) or not isinstance(body.get("link"), list):
+        return
+    for link in body["link"]:
+        url = link.get("url") if isinstance(link, dict) else None
+        if isinstance(url, str) and not any(f"{k}=" in url for k, _ in kept):
+            link["url"] = f"{url}{'&' if '?' in url else '?'}{urlencode(kept)}"
 
 
 def _response_format(query: list[tuple[str, str]], headers: dict[str, str],
@@ -782,6 +796,7 @@ def create_api(
             fhir_request = FhirRequest(request.method, request.path, query, request.headers,
                                        body, base)
             resp = await route(ctx, fhir_request)
+            _keep_presentation(resp, query)
             description = ""
             if native:
                 reply = _native(resp, head)

@@ -130,3 +130,22 @@ def test_capabilities_and_binary_in_xml(client: httpx.Client) -> None:
         b'<Binary xmlns="http://hl7.org/fhir"><contentType value="text/plain"/>'
         b'<data value="aGFsbG8="/></Binary>'), headers={"Content-Type": XML}).json()
     assert resource["contentType"] == "text/plain" and resource["data"] == "aGFsbG8="
+
+
+def test_page_links_keep_the_format_asked_for(client: httpx.Client) -> None:
+    """A client that asks with ``_format`` (it cannot set ``Accept``: a browser, a
+    tester following links) gets every page in that format, as from HAPI FHIR."""
+    family = unique("Fmt")
+    pids = [post(client, patient(unique("mrn"), name=[{"family": family}])).json()["id"]
+            for _ in range(3)]
+    first = httpx.get(f"{client.base_url}Patient", params={
+        "family": family, "_count": 1, "_format": "xml", "_pretty": "true"})
+    links = {link.find(F + "relation").get("value"): link.find(F + "url").get("value")
+             for link in _xml(first).findall(F + "link")}
+    assert "_format=xml" in links["self"] and "_pretty=true" in links["next"], links
+    second = httpx.get(links["next"])  # no Accept: the link alone says XML
+    assert _xml(second).find(F + "type").get("value") == "searchset"
+    assert b"\n" in second.content  # pretty
+    history = httpx.get(f"{client.base_url}Patient/{pids[0]}/_history",
+                        params={"_format": "json"}, headers={"Accept": XML}).json()
+    assert all("_format=json" in link["url"] for link in history["link"])
