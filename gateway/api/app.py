@@ -61,8 +61,10 @@ _XML_TYPES = ("application/fhir+xml", "application/xml", "text/xml", "xml",
               "application/xml+fhir")
 _FORMAT_TYPES = frozenset((*_JSON_TYPES, *_XML_TYPES))
 #: a Binary written in these is the resource; in anything else (a CDA document in
-#: text/xml, a PDF …) it is the content
+#: text/xml, a PDF …) it is the content; in plain JSON, the resource when the body is
+#: one (FHIR clients write resources as application/json), else the content
 _RESOURCE_FORM = frozenset((*_JSON_TYPES, "application/fhir+xml", "application/xml+fhir"))
+_PLAIN_JSON_TYPES = frozenset({"application/json", "text/json"})
 _FHIR_ASKED = _RESOURCE_FORM - {"text/json"}
 _PATCH_TYPES = ("application/json-patch+json",)
 _FORM = "application/x-www-form-urlencoded"
@@ -337,7 +339,9 @@ def _binary_content(path: str, method: str, headers: dict[str, str], raw: bytes,
             (method == "POST" and len(parts) == 1) or (method == "PUT" and len(parts) == 2)):
         return None
     declared = headers.get("content-type", "").strip()
-    if not declared or _media(declared) in _RESOURCE_FORM:
+    media = _media(declared) if declared else ""
+    if not declared or (media in _RESOURCE_FORM and (
+            media not in _PLAIN_JSON_TYPES or _is_binary_resource(raw))):
         return None  # the Binary resource itself, in FHIR JSON or XML
     data = base64.b64encode(raw).decode("ascii")
     if len(data) > max_string:
@@ -354,6 +358,15 @@ def _binary_content(path: str, method: str, headers: dict[str, str], raw: bytes,
     return binary
 
 
+def _is_binary_resource(raw: bytes) -> bool:
+    """A plain JSON body that is a Binary resource (not a JSON document to keep)."""
+    try:
+        body = fjson.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("resourceType") == "Binary"
+
+
 def _binary_read(path: str, method: str) -> bool:
     """``GET Binary/[id]`` or ``GET Binary/[id]/_history/[vid]``."""
     if method not in ("GET", "HEAD") or not path.startswith("Binary"):
@@ -366,10 +379,25 @@ def _binary_read(path: str, method: str) -> bool:
 def _asks_for_fhir(query: list[tuple[str, str]], headers: dict[str, str]) -> bool:
     """The request names a FHIR format (``_format``, or a FHIR media type or plain
     JSON in ``Accept``): a Binary is then answered as a resource, else as its content
-    (``text/xml`` asks for an XML document such as a CDA, not for FHIR)."""
+    (``text/xml`` asks for an XML document such as a CDA, not for FHIR). Plain JSON
+    asks for the content when that is JSON (:func:`_json_content`)."""
     if any(k == "_format" for k, _ in query):
         return True
     return any(_media(a) in _FHIR_ASKED for a in headers.get("accept", "").split(","))
+
+
+def _json_content(resp: FhirResponse, headers: dict[str, str]) -> bool:
+    """A Binary whose content is JSON, read with plain JSON (and no FHIR type) in
+    ``Accept``: binary.html#rest, only the FHIR media types ask for the resource."""
+    accepted = {_media(a) for a in headers.get("accept", "").split(",")}
+    if not accepted & _PLAIN_JSON_TYPES or accepted & (_FHIR_ASKED - _PLAIN_JSON_TYPES):
+        return False
+    if resp.status != 200 or resp.body is None:
+        return False
+    binary = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
+    ctype = binary.get("contentType") if isinstance(binary, dict) else None
+    return isinstance(ctype, str) and (_media(ctype) in _PLAIN_JSON_TYPES
+                                       or _media(ctype).endswith("+json"))
 
 
 def _native(resp: FhirResponse, head: bool) -> Reply | None:
@@ -798,6 +826,9 @@ def create_api(
             resp = await route(ctx, fhir_request)
             _keep_presentation(resp, query)
             description = ""
+            if not native and _binary_read(request.path, request.method) and not any(
+                    k == "_format" for k, _ in query) and _json_content(resp, request.headers):
+                native = True
             if native:
                 reply = _native(resp, head)
                 if reply is not None:

@@ -74,3 +74,33 @@ def test_binary_content_errors(client: httpx.Client) -> None:
         "application/fhir+xml")
     other = client.get("/Binary/nothing-here", headers={"Accept": "application/fhir+turtle"})
     assert other.status_code == 404  # a Binary is its content, whatever the type
+
+
+def test_a_json_document_is_content_and_a_binary_resource_is_the_resource(
+        client: httpx.Client) -> None:
+    """binary.html#rest: only the FHIR media types ask for the resource. A JSON
+    document written as application/json is kept as a Binary's content and read back
+    as it with plain JSON in ``Accept``; a Binary resource written as application/json
+    (as FHIR clients write resources) is the resource, as before."""
+    document = b'{"befund": "unauffaellig", "werte": [1.50, 2]}'
+    created = client.post("/Binary", content=document,
+                          headers={"Content-Type": "application/json"})
+    assert created.status_code == 201, created.text
+    binary = created.json()
+    assert binary["contentType"] == "application/json"
+    assert base64.b64decode(binary["data"]) == document
+    path = f"/Binary/{binary['id']}"
+    for accept in ("application/json", "text/json", "application/json, */*;q=0.1"):
+        read = client.get(path, headers={"Accept": accept})
+        assert read.content == document, accept
+        assert read.headers["content-type"] == "application/json"
+    for headers, params in (({"Accept": FHIR}, {}), ({"Accept": "application/json"},
+                                                      {"_format": "json"})):
+        assert client.get(path, headers=headers, params=params).json() == binary
+    resource = {"resourceType": "Binary", "contentType": "text/plain",
+                "data": base64.b64encode(b"Arztbrief").decode()}
+    made = client.post("/Binary", json=resource, headers={"Content-Type": "application/json"})
+    assert made.status_code == 201 and made.json()["contentType"] == "text/plain", made.text
+    # its content is not JSON: plain JSON still asks for the resource
+    read = client.get(f"/Binary/{made.json()['id']}", headers={"Accept": "application/json"})
+    assert read.json()["data"] == resource["data"]
