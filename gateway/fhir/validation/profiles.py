@@ -20,10 +20,12 @@ found by walking both trees together), and only the differences become checks
   profile URL of an extension slice), ``exists``, ``type`` and ``profile``;
   rules ``closed`` (unmatched items are errors) and ``open``/``openAtEnd``;
 * nested profiles: extension slices and ``Resource`` elements whose type names
-  a known profile are checked against it too.
+  a known profile are checked against it too;
+* the resource types a reference may name, where ``targetProfile`` narrows them
+  (``Reference(Patient)`` where the base allows Patient or Group); whether the
+  target conforms to a target profile is not checked (it needs the target).
 
-Not checked: ``targetProfile`` of references (it needs the target resource),
-``ordered`` slicing, and slices whose discriminator cannot be told here: a path
+Not checked: ``ordered`` slicing, and slices whose discriminator cannot be told here: a path
 with a function (``resolve()``, ``extension('…')``), a required binding to a
 value set not held or stored, a path to no element of the slice. Such a slice
 matches nothing, its cardinality is not judged, and neither is its slicing's
@@ -52,9 +54,11 @@ from gateway.fhir.validation.model import (
     Model,
     Node,
 )
-from gateway.fhir.validation.walker import Loc, render
+from gateway.fhir.validation.walker import Loc, reference_type, render
 
 log = logging.getLogger(__name__)
+
+_R4_SD = "http://hl7.org/fhir/StructureDefinition/"
 
 
 def _max(value: Any) -> int | None:
@@ -212,6 +216,10 @@ class _Overlay:
     children: tuple[_Overlay, ...] = ()
     slicing: _Slicing | None = None
     profile: str | None = None  # nested resource / extension profile
+    #: the resource types a Reference may name, where the profile narrows the base's
+    #: (``targetProfile``), and the JSON key of the Reference
+    targets: frozenset[str] | None = None
+    targets_key: str = ""
 
     def items(self, obj: dict[str, Any], loc: Loc) -> list[tuple[Any, Loc, str]]:
         out: list[tuple[Any, Loc, str]] = []
@@ -297,10 +305,27 @@ class _Overlay:
                 run.issue(Code.INVARIANT_FAILED, loc, self.element,
                           f"{inv.key}: {inv.human} ({inv.expression})", inv.severity)
         if isinstance(value, dict):
+            if self.targets is not None and key in ("", self.targets_key):
+                self._target(value, loc, run)
             for child in self.children:
                 child.check(value, loc, run)
             if self.profile is not None:
                 run.profiles.check_nested(self.profile, value, loc, run)
+
+    def _target(self, value: dict[str, Any], loc: Loc, run: _Run) -> None:
+        """A literal reference (or ``Reference.type``) to a type the profile's
+        ``targetProfile`` leaves out. Whether the target conforms to a target profile
+        needs the target itself and is not judged."""
+        assert self.targets is not None
+        for part, named in (("reference", value.get("reference")), ("type", value.get("type"))):
+            if not isinstance(named, str):
+                continue
+            target = reference_type(named) if part == "reference" else named
+            if target is not None and target in run.profiles.model.resource_types \
+                    and target not in self.targets:
+                run.issue(Code.INVALID_REFERENCE_TARGET, (loc, part, None), self.element,
+                          f"{self.label} may refer to {', '.join(sorted(self.targets))} "
+                          f"in this profile, not {target}")
 
     def _binding(self, value: Any, kind: str, loc: Loc, run: _Run) -> None:
         binding = self.binding
@@ -592,6 +617,13 @@ class _Compiler:
                 c.key: self._invariants(e, c.node if c.node is not None else c.code, c.code,
                                         skip) for c in kept}
             useful = useful or any(ov.invariants_by_key.values())
+        references = [c for c in kept if c.code == "Reference"]
+        if len(references) == 1:
+            targets = self._targets(e)
+            base_targets = references[0].targets
+            if targets is not None and (base_targets is None or targets < base_targets) \
+                    and ("type" not in ie or new("type")):
+                ov.targets, ov.targets_key, useful = targets, references[0].key, True
         profiles = [p for t in e.get("type", []) for p in t.get("profile", []) or []]
         if profiles and (kept[0].code == "Extension" or kept[0].kind == RESOURCE) and \
                 self.profiles.raw.get(profiles[0].split("|", 1)[0]) is not None:
@@ -608,6 +640,28 @@ class _Compiler:
             ov.slicing = self._slicing(el, e, kept, base)
             useful = useful or ov.slicing is not None
         return ov if useful else None
+
+    def _targets(self, e: dict[str, Any]) -> frozenset[str] | None:
+        """The resource types the ``targetProfile`` of ``e``'s Reference type names
+        (R4's definitions, or profiles held or stored here, by the type they
+        constrain); None when there are none, or one is not known here."""
+        urls = [u for t in e.get("type", []) if t.get("code") == "Reference"
+                for u in t.get("targetProfile", []) or []]
+        if not urls:
+            return None
+        types: set[str] = set()
+        resource_types = self.profiles.model.resource_types
+        for url in urls:
+            url = url.split("|", 1)[0]
+            sd = self.profiles.raw.get(url)
+            named = sd.get("type") if sd is not None else (
+                url.rsplit("/", 1)[-1] if url.startswith(_R4_SD) else None)
+            if named == "Resource":
+                return None  # any
+            if not isinstance(named, str) or named not in resource_types:
+                return None
+            types.add(named)
+        return frozenset(types)
 
     def _slicing(self, el: _El, e: dict[str, Any], kept: list[Child], base: Node
                  ) -> _Slicing | None:

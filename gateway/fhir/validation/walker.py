@@ -32,6 +32,13 @@ _ABSOLUTE_REF = re.compile(
     r"https?://\S+/([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?")
 
 
+def reference_type(reference: str) -> str | None:
+    """The type a literal reference names (``Patient/1``, ``http://x/fhir/Patient/1``,
+    either with ``/_history/2``); None for a contained (``#p``) or ``urn:`` one."""
+    m = _RELATIVE_REF.fullmatch(reference) or _ABSOLUTE_REF.fullmatch(reference)
+    return m.group(1) if m is not None else None
+
+
 def render(loc: Loc) -> str:
     """``(((None, 'Patient', None), 'name', 0), 'given', 1)`` -> ``Patient.name[0].given[1]``."""
     parts: list[str] = []
@@ -353,10 +360,7 @@ class Walker:
             return
         if ch.targets is None:
             return
-        m = _RELATIVE_REF.fullmatch(ref) or _ABSOLUTE_REF.fullmatch(ref)
-        if m is None:
-            return
-        target = m.group(1)
+        target = reference_type(ref)
         if target in self.model.resource_types and target not in ch.targets:
             self.issue(Code.INVALID_REFERENCE_TARGET, (loc, "reference", None),
                        f"{ch.label} may refer to {', '.join(sorted(ch.targets))}, "

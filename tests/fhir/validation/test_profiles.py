@@ -312,6 +312,51 @@ def test_core_vital_signs_profiles(validator: FhirValidator) -> None:
     assert errors(validator.validate(absent, profile=profile)) == []
 
 
+def test_a_profile_narrows_the_types_a_reference_may_name(validator: FhirValidator) -> None:
+    """R4's vital signs profiles allow only a Patient as subject (the base allows a
+    Group, Device or Location too); a stored profile's ``targetProfile`` naming another
+    stored profile narrows to the type that one constrains."""
+    with gzip.open(DATA / "r4-examples.ndjson.gz", "rt", encoding="utf-8") as f:
+        rows = {row["file"]: row["text"] for row in map(json.loads, f)}
+    bp = fjson.loads(rows["Observation-blood-pressure.json"])
+    profile = "http://hl7.org/fhir/StructureDefinition/bp"
+    assert errors(validator.validate(bp, profile=profile)) == []
+    group = copy.deepcopy(bp)
+    group["subject"] = {"reference": "Group/102"}
+    issues = validator.validate(group, profile=profile)
+    assert codes(issues) == {"GW-4215"}, diagnostics(issues)
+    assert where(issues) == {"Observation.subject.reference"}
+    unclaimed = {k: v for k, v in group.items() if k != "meta"}
+    assert errors(validator.validate(unclaimed)) == []  # the base allows it
+    absolute = copy.deepcopy(bp)
+    absolute["subject"] = {"reference": "http://example.org/fhir/Device/d1/_history/2"}
+    assert codes(validator.validate(absolute, profile=profile)) == {"GW-4215"}
+    typed = copy.deepcopy(bp)
+    typed["subject"] = {"type": "Location", "identifier": {"value": "ward-3"}}
+    assert where(validator.validate(typed, profile=profile)) == {"Observation.subject.type"}
+    for fine in ({"reference": "urn:uuid:0b5f6a2e-53cc-4e49-a9a0-22aa4ed0a0ad"},
+                 {"reference": "Patient/example"}, {"display": "someone"}):
+        assert errors(validator.validate({**bp, "subject": fine}, profile=profile)) == [], fine
+    # a stored profile naming a stored (patient) profile as the target
+    stored = {
+        "resourceType": "StructureDefinition", "url": TEST_BASE + "ward-observation",
+        "name": "WardObservation", "status": "active", "kind": "resource",
+        "abstract": False, "type": "Observation", "derivation": "constraint",
+        "baseDefinition": "http://hl7.org/fhir/StructureDefinition/Observation",
+        "differential": {"element": [{"id": "Observation.subject", "path":
+                                      "Observation.subject", "type": [{
+                                          "code": "Reference", "targetProfile": [TP]}]}]}}
+    patient_profile = json.loads((Path(__file__).parent / "fixtures"
+                                  / "StructureDefinition-test-patient.json").read_text())
+    profiles = validator.with_stored([patient_profile, stored], {})
+    ward = {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": "Group/1"}}
+    found = validator.validate(ward, profile=stored["url"], profiles=profiles)
+    assert "may refer to Patient in this profile, not Group" in diagnostics(found)
+    ward["subject"] = {"reference": "Patient/1"}
+    assert errors(validator.validate(ward, profile=stored["url"], profiles=profiles)) == []
+
+
 @pytest.mark.parametrize(("value", "pattern", "expected"), [
     ({"coding": [{"system": "a", "code": "1", "display": "x"}], "text": "t"},
      {"coding": [{"system": "a", "code": "1"}]}, True),
