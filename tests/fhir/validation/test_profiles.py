@@ -285,11 +285,18 @@ def test_profiles_of_bundle_entries_are_checked(validator: FhirValidator) -> Non
     assert where(issues) == {"Bundle.entry[0].resource.status"}
 
 
-def test_core_vital_signs_profiles(validator: FhirValidator) -> None:
+BP_PROFILE = "http://hl7.org/fhir/StructureDefinition/bp"
+
+
+def _blood_pressure() -> dict[str, Any]:
+    """R4's blood pressure example (it claims the vital signs profiles)."""
     with gzip.open(DATA / "r4-examples.ndjson.gz", "rt", encoding="utf-8") as f:
         rows = {row["file"]: row["text"] for row in map(json.loads, f)}
-    bp = fjson.loads(rows["Observation-blood-pressure.json"])
-    profile = "http://hl7.org/fhir/StructureDefinition/bp"
+    return dict(fjson.loads(rows["Observation-blood-pressure.json"]))
+
+
+def test_core_vital_signs_profiles(validator: FhirValidator) -> None:
+    bp, profile = _blood_pressure(), BP_PROFILE
     assert errors(validator.validate(bp, profile=profile)) == []
     no_systolic = copy.deepcopy(bp)
     del no_systolic["component"][0]
@@ -316,10 +323,7 @@ def test_a_profile_narrows_the_types_a_reference_may_name(validator: FhirValidat
     """R4's vital signs profiles allow only a Patient as subject (the base allows a
     Group, Device or Location too); a stored profile's ``targetProfile`` naming another
     stored profile narrows to the type that one constrains."""
-    with gzip.open(DATA / "r4-examples.ndjson.gz", "rt", encoding="utf-8") as f:
-        rows = {row["file"]: row["text"] for row in map(json.loads, f)}
-    bp = fjson.loads(rows["Observation-blood-pressure.json"])
-    profile = "http://hl7.org/fhir/StructureDefinition/bp"
+    bp, profile = _blood_pressure(), BP_PROFILE
     assert errors(validator.validate(bp, profile=profile)) == []
     group = copy.deepcopy(bp)
     group["subject"] = {"reference": "Group/102"}
