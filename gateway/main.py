@@ -81,9 +81,7 @@ def stored_search_parameters(settings: Settings, reg: Registry,
 
 def public_base(settings: Settings) -> str:
     """The FHIR base URL tokens are issued for (``iss``/``aud``)."""
-    if settings.public_base_url:
-        return settings.public_base_url.rstrip("/")
-    return f"http://{settings.host}:{settings.port}{settings.base_path}"
+    return settings.own_base
 
 
 def freeze_startup_objects() -> None:

@@ -147,6 +147,14 @@ class Settings:
         return self.host in ("127.0.0.1", "localhost", "::1")
 
     @property
+    def own_base(self) -> str:
+        """The FHIR base URL the gateway names itself by where no request says which
+        (notifications, token ``iss``/``aud``): ``public_base_url``, else its address."""
+        if self.public_base_url:
+            return self.public_base_url.rstrip("/")
+        return f"http://{self.host}:{self.port}{self.base_path}"
+
+    @property
     def trusted_proxies(self) -> Networks:
         """The networks of ``forwarded_allow_ips``; None for ``*`` (any)."""
         return _networks(self.forwarded_allow_ips)

@@ -39,8 +39,12 @@ class Criterion:
         return f"{prefix}{self.name}={','.join(self.values)}"
 
 
-def parse_filter(text: str, topic: Topic) -> list[Criterion]:
-    """Criteria of one filter string, checked against what ``topic`` can filter by."""
+def parse_filter(text: str, topic: Topic, own_base: str | None = None) -> list[Criterion]:
+    """Criteria of one filter string, checked against what ``topic`` can filter by. A
+    value naming a resource by ``own_base`` (the URL the notifications' ``focus`` uses)
+    names it as ``Type/id``, as a search does: references to this server are stored
+    relative."""
+    own = f"{own_base.rstrip('/')}/" if own_base else None
     head, sep, query = text.strip().partition("?")
     if not sep:
         head, query = "", text.strip()
@@ -59,7 +63,8 @@ def parse_filter(text: str, topic: Topic) -> list[Criterion]:
         if missing:
             raise FilterError(f"topic {topic.url} cannot filter {'/'.join(missing)} by "
                               f"{name[:60]!r}")
-        values = tuple(v.strip() for v in value.split(",") if v.strip())
+        values = tuple(v.strip().removeprefix(own) if own else v.strip()
+                       for v in value.split(",") if v.strip())
         if not values:
             raise FilterError(f"filter {name[:60]!r} has no value")
         out.append(Criterion(rt, name, values))
@@ -80,7 +85,7 @@ def _reference_keys(value: Any) -> set[str]:
     if len(parts) == 2 and ":" not in ref:  # Type/id: this server's resource
         return {ref, parts[1]}
     # an absolute url names a resource elsewhere (references to this server are
-    # stored relative): it matches only itself
+    # stored relative, and so are filter values naming them): it matches only itself
     return {ref}
 
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
@@ -38,6 +39,8 @@ from gateway.subscriptions.topics import TopicRegistry, require_scopes
 
 BACKPORT_OP = "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition"
 MAX_EVENTS = 1000
+#: how long an operation on a Subscription just written waits for its delivery state
+STATE_WAIT_SECONDS = 5.0
 SUBSCRIPTION = frozenset({"Subscription"})
 
 
@@ -86,6 +89,17 @@ class SubscriptionOperations:
             raise FhirError(Code.NOT_FOUND, f"Subscription/{sid} is not known")
         if stored.deleted:
             raise FhirError(Code.GONE, f"Subscription/{sid} was deleted")
+        criteria = orjson.loads(stored.content or b"{}").get("criteria")
+        if isinstance(criteria, str) and self.topics.get(criteria) is not None:
+            # written a moment ago: its delivery state is made from the outbox, after
+            # the write's commit (docs/adr-0004), in some tens of milliseconds
+            deadline = time.monotonic() + STATE_WAIT_SECONDS
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                async with self.db.read() as conn:
+                    state = await tables.get_state(conn, sid)
+                if state is not None:
+                    return state
         raise FhirError(Code.NOT_A_TOPIC_SUBSCRIPTION,
                         f"Subscription/{sid} is not (yet) a topic-based subscription in "
                         "delivery; try again in a moment if it was just created")
@@ -170,13 +184,17 @@ class SubscriptionOperations:
                 raise FhirError(Code.INVALID_EVENT_RANGE, f"{name} must be a whole number") \
                     from None
 
-        last = number("eventsUntilNumber") or state.events_since_start
-        last = min(last, state.events_since_start)
-        first = number("eventsSinceNumber") or max(1, last - 99)
-        if first < 1 or (last >= 1 and first > last):
+        since, until = number("eventsSinceNumber"), number("eventsUntilNumber")
+        if (since is not None and since < 0) or (until is not None and until < 0):
+            raise FhirError(Code.INVALID_EVENT_RANGE, "event numbers are not negative")
+        if since is not None and until is not None and since > until:
             raise FhirError(Code.INVALID_EVENT_RANGE,
-                            f"no events {first}..{last} (this subscription has 1.."
-                            f"{state.events_since_start})")
+                            f"eventsSinceNumber {since} is after eventsUntilNumber {until}")
+        last = min(until if until is not None else state.events_since_start,
+                   state.events_since_start)
+        # (events are numbered from 1; a range beyond the last one is empty: a client
+        # that asks for what came after the last event it saw is up to date)
+        first = max(since, 1) if since is not None else max(1, last - 99)
         if last - first + 1 > MAX_EVENTS:
             raise FhirError(Code.INVALID_EVENT_RANGE, f"at most {MAX_EVENTS} events per call")
         return first, last
@@ -217,6 +235,10 @@ class SubscriptionOperations:
         if not state.events_since_start:
             return FhirResponse(200, information("this subscription has no events yet"))
         first, last = self._range(req, state)
+        if first > last:
+            return FhirResponse(200, information(
+                f"no events {first}..{last} to resend (this subscription has 1.."
+                f"{state.events_since_start})"))
         async with self.db.transaction() as conn:
             await tables.request_resend(conn, state.id, first, last)
         self.kick({state.id})

@@ -151,7 +151,7 @@ def parse_subscription(
                     "criteria.extension")
             continue
         try:
-            found = parse_filter(text, topic)
+            found = parse_filter(text, topic, settings.own_base)
         except FilterError as exc:
             bad(Code.INVALID_FILTER, str(exc), "criteria.extension")
             continue
@@ -202,7 +202,9 @@ def parse_subscription(
         else:
             headers.append((name, value))
     heartbeat = _ext_value(channel, HEARTBEAT_PERIOD, "valueUnsignedInt") or 0
-    timeout = _ext_value(channel, TIMEOUT, "valueUnsignedInt") or settings.subscription_timeout
+    timeout = _ext_value(channel, TIMEOUT, "valueUnsignedInt")
+    if timeout is None:  # (0 is a value, refused below, not the default)
+        timeout = settings.subscription_timeout
     max_count = _ext_value(channel, MAX_COUNT, "valuePositiveInt")
     for seconds, label in ((heartbeat, "heartbeatPeriod"), (timeout, "timeout")):
         if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds < 0:

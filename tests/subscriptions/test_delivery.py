@@ -63,6 +63,20 @@ def test_status_events_and_resend(gateway: GatewayFactory, receiver: Receiver) -
     assert bad.status_code == 400
     assert bad.json()["issue"][0]["details"]["coding"][0]["code"] == "GW-4407"
 
+    def replayed(query: str) -> list[int]:
+        bundle = gw.read(f"/Subscription/{sid}/$events?{query}")
+        return [int(p["part"][0]["valueString"])
+                for p in bundle["entry"][0]["resource"]["parameter"]
+                if p["name"] == "notification-event"]
+
+    # 0 is a number, not "not given"; after the last event: up to date, nothing new
+    assert replayed("eventsSinceNumber=0&eventsUntilNumber=2") == [1, 2]
+    assert replayed("eventsUntilNumber=0") == []
+    assert replayed("eventsSinceNumber=6") == []
+    assert replayed("eventsSinceNumber=4&eventsUntilNumber=99") == [4, 5]
+    assert gw.client.get(f"/Subscription/{sid}/$events?eventsSinceNumber=-1").status_code \
+        == 400
+
     # $resend: events 2..3 arrive again, with their numbers
     resent = gw.client.post(f"/Subscription/{sid}/$resend", json={
         "resourceType": "Parameters", "parameter": [
@@ -78,14 +92,21 @@ def test_filters_narrow_what_a_subscriber_gets(gateway: GatewayFactory,
     mine = gw.subscribe("encounter-discharge", receiver.url,
                         filters=("Encounter?patient=Patient/p-mine",))
     everything = gw.subscribe("encounter-discharge", receiver.url)
-    gw.wait_status(mine, "active", receiver)
-    gw.wait_status(everything, "active", receiver)
+    # the patient named by the absolute URL the notifications' focus uses
+    own = gw.running.settings.own_base
+    by_url = gw.subscribe("encounter-discharge", receiver.url,
+                          filters=(f"Encounter?patient={own}/Patient/p-mine",))
+    for sid in (mine, everything, by_url):
+        gw.wait_status(sid, "active", receiver)
     discharge(gw, "Patient/p-other")
     wanted = discharge(gw, "Patient/p-mine")
     discharge(gw, "Patient/p-other")
     assert receiver.wait(lambda: len(receiver.event_numbers(everything)) == 3)
     assert receiver.wait(lambda: receiver.event_numbers(mine) == [1])
+    assert receiver.wait(lambda: receiver.event_numbers(by_url) == [1])
     assert receiver.of(mine, "event-notification")[0].events()[0][1].endswith(wanted)
+    assert receiver.of(by_url, "event-notification")[0].events()[0][1] == \
+        f"{own}/Encounter/{wanted}"
 
 
 def test_signature_headers_and_empty_payload(gateway: GatewayFactory,
@@ -298,3 +319,22 @@ def test_a_backlog_goes_out_with_the_count_of_every_event(gateway: GatewayFactor
     notes = receiver.of(sid, "event-notification")
     assert len(notes) == 3
     assert {n.param("events-since-subscription-start") for n in notes} == {"5"}
+
+
+def test_operations_answer_at_once_for_a_subscription_just_written(
+        gateway: GatewayFactory) -> None:
+    """``$status`` (and ``$events``, ``$get-ws-binding-token``) of a Subscription that
+    was answered 201 a moment ago report it, rather than an error while its delivery
+    state is being made (the IG: the server SHALL support ``$status``)."""
+    gw = gateway()
+    for channel in ("rest-hook", "rest-hook", "rest-hook", "websocket", "websocket"):
+        endpoint = "http://127.0.0.1:9/hook" if channel == "rest-hook" else None
+        sid = gw.create(subscription("encounter-discharge", endpoint, channel=channel))["id"]
+        status = gw.client.get(f"/Subscription/{sid}/$status")
+        assert status.status_code == 200, status.text
+        params = {p["name"]: p for p in status.json()["entry"][0]["resource"]["parameter"]}
+        assert params["status"]["valueCode"] in ("requested", "active")
+        assert gw.client.get(f"/Subscription/{sid}/$events").status_code == 200
+        if channel == "websocket":
+            token = gw.client.get(f"/Subscription/{sid}/$get-ws-binding-token")
+            assert token.status_code == 200, token.text

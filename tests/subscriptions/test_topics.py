@@ -84,6 +84,11 @@ def test_filters_parse_against_the_topic_and_match_per_event() -> None:
     by_url = parse_filter("Task?patient=http://x/fhir/Patient/1", topic)
     assert accepts(topic, by_url, "Task", EventValues(elsewhere))
     assert not accepts(topic, by_url, "Task", EventValues(task))
+    # this server's own absolute URL (the one notifications use) names its Patient/1
+    own = parse_filter("Task?patient=http://gw.example/fhir/Patient/1", topic,
+                       "http://gw.example/fhir/")
+    assert accepts(topic, own, "Task", EventValues(task))
+    assert not accepts(topic, own, "Task", EventValues(elsewhere))
     by_id = parse_filter("Task?patient=1", topic)
     assert accepts(topic, by_id, "Task", EventValues(task))
     assert not accepts(topic, by_id, "Task", EventValues(elsewhere))
@@ -132,8 +137,9 @@ def test_subscription_parsing_reports_each_problem_with_its_code() -> None:
                               secret="short")) == [Code.INVALID_SUBSCRIPTION.gw]
     assert codes(subscription("encounter-discharge", "https://93.184.216.34/",
                               headers=("Host: evil",))) == [Code.INVALID_SUBSCRIPTION.gw]
-    assert codes(subscription("encounter-discharge", "https://93.184.216.34/",
-                              timeout=3600)) == [Code.INVALID_SUBSCRIPTION.gw]
+    for timeout in (3600, 0):  # (0 is a timeout asked for, not the default)
+        assert codes(subscription("encounter-discharge", "https://93.184.216.34/",
+                                  timeout=timeout)) == [Code.INVALID_SUBSCRIPTION.gw], timeout
 
 
 def test_notification_bundles_follow_the_r4_backport_shape_and_are_deterministic() -> None:
