@@ -340,16 +340,25 @@ class _Transaction:
     async def run(self) -> None:
         writes = [e for e in self.entries if not _read_like(e)]
         keys = {key for e in writes for key in _lock_keys(e)}
-        if len(keys) > 1:
-            # every lock known before the first is taken, at once and in one order:
-            # Bundles that write the same resources in different orders wait for
-            # each other instead of deadlocking (a lock taken again is held already)
-            await self.tx.lock(*keys)
+        # Locks are taken at once and in one order, so that Bundles writing the same
+        # resources in different orders wait for each other instead of deadlocking
+        # (a lock taken again is held already): first every criteria's (conditional
+        # entries and references), then, once the criteria have found their
+        # resources, every resource's, those found and those named alike. A resource
+        # locked before the criteria were searched would let two Bundles each hold
+        # one resource and wait for the other's, found by its criteria.
+        criteria = {k for k in keys if "?" in k}
+        if criteria and len(keys) > 1:
+            await self.tx.lock(*criteria)
         for e in self._in_identity_order(writes):
             try:
                 await self._identify(e)
             except FhirError as exc:
                 raise _entry_error(e, exc) from None
+        found = {f"{e.resource_type}/{e.id}" for e in writes
+                 if e.id is not None and e.method != "POST" and "same_as" not in e.extra}
+        if found and len(found | criteria) > 1:
+            await self.tx.lock(*found)
         self._check_overlap(writes)
         fresh = set()
         for e in writes:

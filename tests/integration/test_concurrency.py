@@ -7,6 +7,8 @@ threads race on the same resource. PostgreSQL is the production case; SQLite
 
 from __future__ import annotations
 
+import base64
+import json
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -133,3 +135,45 @@ def test_transactions_writing_the_same_resources_in_other_orders_all_commit(
         for id in ids:
             final = client.get(f"/Patient/{id}").json()
             assert final["meta"]["versionId"] == str(RACERS + 1)
+
+
+def test_transactions_finding_by_criteria_what_others_name_by_id_all_commit(
+        workers: Served) -> None:
+    # one Bundle updates patient A by its identifier and patient B by id, the other B
+    # by its identifier and A by id: were the ids locked before the criteria found
+    # theirs, each would hold one patient and wait for the other (a deadlock, and
+    # after the retries 409); conditional patches alike
+    system = f"urn:test:{unique('cond')}"
+    with httpx.Client(base_url=workers.url, timeout=60) as client:
+        ids = {name: client.post("/Patient", headers=FHIR, json={
+            "resourceType": "Patient", "identifier": [{"system": system, "value": name}]},
+        ).json()["id"] for name in "ab"}
+    turn = iter(range(RACERS))
+
+    def send() -> httpx.Response:
+        k = next(turn)
+        found, named = ("a", "b") if k % 2 else ("b", "a")
+        by_criteria: dict[str, object] = {
+            "resource": {"resourceType": "Patient", "active": bool(k % 2),
+                         "identifier": [{"system": system, "value": found}]},
+            "request": {"method": "PUT", "url": f"Patient?identifier={system}|{found}"}}
+        if k % 3 == 0:
+            patch = [{"op": "add", "path": "/active", "value": True}]
+            by_criteria = {
+                "resource": {"resourceType": "Binary", "contentType": "application/json-patch+json",
+                             "data": base64.b64encode(json.dumps(patch).encode()).decode()},
+                "request": {"method": "PATCH", "url": f"Patient?identifier={system}|{found}"}}
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [by_criteria, {
+            "resource": {"resourceType": "Patient", "id": ids[named], "active": True,
+                         "identifier": [{"system": system, "value": named}]},
+            "request": {"method": "PUT", "url": f"Patient/{ids[named]}"}}]}
+        with httpx.Client(base_url=workers.url, timeout=120) as c:
+            return c.post("/", json=bundle, headers=FHIR)
+
+    responses = _race(send)
+    assert Counter(r.status_code for r in responses) == {200: RACERS}, \
+        [r.text for r in responses if r.status_code != 200][:2]
+    with httpx.Client(base_url=workers.url, timeout=60) as client:
+        versions = [int(client.get(f"/Patient/{id}").json()["meta"]["versionId"])
+                    for id in ids.values()]
+    assert versions == [RACERS + 1, RACERS + 1]
