@@ -28,9 +28,9 @@ def new_id() -> str:
 def as_client_creates(resource_type: str, resource: dict[str, Any]) -> None:
     """What a client may create: a Subscription "in the requested or off state" only
     ("only the server can move a subscription from requested to active",
-    Subscription.status); one sent as ``active`` is taken as ``requested``, and the
-    server activates it once its handshake went through."""
-    if resource_type == "Subscription" and resource.get("status") == "active":
+    Subscription.status); one sent as ``active`` (or ``error``) is taken as
+    ``requested``, and the server activates it once its handshake went through."""
+    if resource_type == "Subscription" and resource.get("status") in ("active", "error"):
         resource["status"] = "requested"
 
 

@@ -30,6 +30,8 @@ def test_a_subscription_sent_as_active_is_requested_until_its_handshake(
     requested or off state. Only the server can move a subscription from requested
     to active" (as the backport IG's tests expect of a create's answer)."""
     gw = gateway()
+    errored = gw.create(subscription("encounter-discharge", receiver.url, status="error"))
+    assert errored["status"] == "requested"
     created = gw.create(subscription("encounter-discharge", receiver.url, status="active"))
     assert created["status"] == "requested"
     sid = str(created["id"])
