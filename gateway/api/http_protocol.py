@@ -15,11 +15,19 @@ good). A request's head must arrive within ``request_head_timeout_s`` and its
 body may pause no longer than ``request_body_timeout_s`` (nginx's
 ``client_header_timeout`` and ``client_body_timeout``); then the connection is
 closed, with ``408 Request Timeout`` when no answer was begun.
+
+uvicorn's ``Date`` is made once a second, and is up to a second behind the
+moment a response leaves: a write's ``Last-Modified`` came out later than its
+``Date``, which RFC 9110 8.8.2.1 forbids ("MUST NOT send a Last-Modified date
+that is later than the server's time of message origination"). The ``Date``
+here is the response's own second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from email.utils import formatdate
 from functools import lru_cache
 from typing import Any
 
@@ -37,6 +45,27 @@ _REFUSAL = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
 _TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\n"
             b"content-type: text/plain; charset=utf-8\r\ncontent-length: 30\r\n"
             b"connection: close\r\n\r\nthe request took too long to send")
+
+
+_date: tuple[int, bytes] = (0, b"")
+
+
+def _http_date() -> bytes:
+    """``Date`` for a response leaving now (RFC 9110 5.6.7), made once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, formatdate(now, usegmt=True).encode("ascii"))
+    return _date[1]
+
+
+class _DatedWhenSent(list[tuple[bytes, bytes]]):
+    """uvicorn's default headers, whose ``Date`` is taken when the response starts
+    (uvicorn adds them to the response's own: ``default_headers + headers``)."""
+
+    def __add__(self, other: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:  # type: ignore[override]
+        return [(name, _http_date() if name == b"date" else value)
+                for name, value in list.__iter__(self)] + other
 
 
 @lru_cache(maxsize=1)
@@ -115,6 +144,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         self._arm(_timeouts()[1])
         super().on_headers_complete()
+        if self.cycle is not None:
+            self.cycle.default_headers = _DatedWhenSent(self.cycle.default_headers)
 
     def on_body(self, body: bytes) -> None:
         if self._refused:

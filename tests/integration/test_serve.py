@@ -213,6 +213,27 @@ def test_a_request_head_beyond_the_bound_is_refused(tmp_path: Path) -> None:
             assert answer.startswith(b"HTTP/1.1 431"), (size, answer[:100])
 
 
+def test_a_write_is_never_dated_after_its_response(tmp_path: Path) -> None:
+    """RFC 9110 8.8.2.1: no Last-Modified later than the response's Date (uvicorn's
+    Date is made once a second and ran up to a second behind every write)."""
+    from email.utils import parsedate_to_datetime
+
+    env = {"CAREPATH_DATABASE_URL": f"sqlite:///{tmp_path / 'date.db'}"}
+    with Served(env) as served, httpx.Client(base_url=served.url, timeout=30) as client:
+        late = []
+        for i in range(12):
+            time.sleep(0.09 * (i % 4))  # at different points of a second
+            reply = client.put("/Patient/dated", json={"resourceType": "Patient", "id": "dated"},
+                               headers={"Content-Type": "application/fhir+json"})
+            assert reply.status_code in (200, 201), reply.text
+            dates = reply.headers.get_list("date")
+            assert len(dates) == 1, dates
+            if parsedate_to_datetime(reply.headers["last-modified"]) > \
+                    parsedate_to_datetime(dates[0]):
+                late.append((reply.headers["last-modified"], dates[0]))
+        assert late == []
+
+
 def _read_all(sock: socket.socket) -> bytes:
     answer = b""
     try:
