@@ -351,6 +351,10 @@ class SearchQuery:
     #: only resources created up to this stored version (``resource_history.seq``):
     #: a paged search read on later finds what existed when it began
     created_by: int | None = None
+    #: (parameter, id, its target types) of each bare id given to a reference parameter
+    #: that may refer to several types, in a chain or ``_has`` too: the search is to be
+    #: refused when the id names resources of more than one of them (search.html#reference)
+    untyped_ids: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
 
 def near_origins(criteria: tuple[Criterion, ...]) -> tuple[tuple[float, float], ...]:
@@ -464,6 +468,9 @@ _RELATIVE = re.compile(
     r"(?P<type>[A-Z][A-Za-z0-9]*)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/(?P<ver>[^/]+))?"
 )
 _ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:.+")
+#: a path that keeps the references to one type (``Observation.subject.where(resolve() is
+#: Patient)``)
+_RESOLVES_TO = re.compile(r"\.where\(resolve\(\) is ([A-Z][A-Za-z0-9]*)\)$")
 _DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _PREFIXED = re.compile(r"(eq|ne|gt|lt|ge|le|sa|eb|ap)?(.*)", re.DOTALL)
 #: ``name``, ``Patient.name`` (of one type), ``name.family`` (below the top)
@@ -600,6 +607,7 @@ class _Parser:
         self.now = now if now is not None else int(time.time() * 1_000_000)
         self.base_url = base_url.rstrip("/") + "/" if base_url else None
         self.warnings: list[str] = []
+        self.untyped_ids: dict[tuple[str, str, tuple[str, ...]], None] = {}
         self._cache: dict[str, Mapping[str, _Param]] = {}
         self._values = 0  # tested so far, against MAX_VALUES
 
@@ -779,6 +787,7 @@ class _Parser:
             revincludes=tuple(revincludes),
             warnings=tuple(self.warnings),
             ignored=tuple(ignored),
+            untyped_ids=tuple(self.untyped_ids),
         )
 
     def system_params(self, types: list[str]) -> Mapping[str, _Param]:
@@ -885,7 +894,28 @@ class _Parser:
         values = self.values(p, mod, value)
         if not values:
             return None
+        if p.type == "reference" and mod is None:
+            targets = self.targets(rt, p)
+            for v in values:
+                if isinstance(v, ReferenceValue) and v.type is None and v.id is not None \
+                        and len(targets) > 1:
+                    self.untyped_ids[(p.code, v.id, targets)] = None
         return Criterion(code, p.type, mod, tuple(values), stored=p.stored_as)
+
+    def targets(self, rt: str | None, p: _Param) -> tuple[str, ...]:
+        """The types ``p`` may refer to from ``rt``: its targets, or those its expression
+        keeps for ``rt`` when each of its paths there ends in ``.where(resolve() is X)``
+        (``patient`` targets Patient and Group, but indexes an Observation's subject
+        only when it is a Patient)."""
+        if rt is None or not p.expression:
+            return p.targets
+        paths = [x.strip() for x in p.expression.split("|")
+                 if x.strip().startswith(f"{rt}.")]
+        kept = [_RESOLVES_TO.search(x) for x in paths]
+        if not paths or not all(kept):
+            return p.targets
+        named = {m.group(1) for m in kept if m is not None}
+        return tuple(t for t in p.targets if t in named)
 
     def listed(self, rt: str | None, name: str, value: str, depth: int) -> Criterion | None:
         """``_list=42``: the resources List/42 names (search.html#list); its values are the

@@ -19,6 +19,7 @@ from gateway.fhir.references import conditional_references, rewrite
 from gateway.fhir.search import SearchQuery, parse_search
 from gateway.interactions.base import Context, check_type, parse_criteria
 from gateway.interactions.lists import with_list_members
+from gateway.interactions.search import reject_ambiguous_ids
 from gateway.interactions.terminology import with_value_set_members
 from gateway.security import guard
 from gateway.storage.interface import StoredResource, StoreTransaction
@@ -45,6 +46,7 @@ async def matches(
     if not query.criteria:
         raise FhirError(Code.INVALID_CONDITION, "conditional criteria select nothing")
     guard.require_related(query)  # whether a match exists is an answer too
+    await reject_ambiguous_ids(replace(ctx, store=ctx.store.within(tx)), query)
     await tx.lock(criteria_key(resource_type, pairs))
     restriction = guard.restriction(ctx.access)
     return [rid for _, rid in await tx.search_keys(query, 2, restriction)]

@@ -223,6 +223,38 @@ def _in_compartment(ctx: Context, resource_type: str, compartment: tuple[str, st
     return replace(link, stored=tuple(params))
 
 
+async def reject_ambiguous_ids(ctx: Context, query: SearchQuery) -> None:
+    """search.html#reference: "multiple resources may have the same logical
+    identifier. Servers SHOULD reject a search where the logical id refers to more
+    than one matching resource across different types." A bare id given to a
+    reference parameter of several target types (``Observation?subject=123``) is
+    looked up once among the current resources of those types (those the caller may
+    search and see: the answer reveals nothing else); 400 when it names resources of
+    more than one, telling the client to name the type."""
+    if not query.untyped_ids:
+        return
+    allowed = guard.allowed_types(ctx.registry.types, "search")
+    wanted = {(code, id): [t for t in targets if t in ctx.registry.types
+                           and (allowed is None or t in allowed)]
+              for code, id, targets in query.untyped_ids}
+    wanted = {key: types for key, types in wanted.items() if len(types) > 1}
+    if not wanted:
+        return
+    types = sorted({t for ts in wanted.values() for t in ts})
+    ids = sorted({id for _, id in wanted})
+    probe = parse_search(None, [("_type", ",".join(types)), ("_id", ",".join(ids))],
+                         ctx.registry.search_params)
+    found = set(await ctx.store.search_keys(probe, len(types) * len(ids),
+                                            guard.restriction(ctx.access)))
+    for (code, id), targets in wanted.items():
+        named = [t for t in targets if (t, id) in found]
+        if len(named) > 1:
+            raise FhirError(Code.INVALID_SEARCH_VALUE, (
+                f"{code}={id}: the id {id} names resources of more than one type"
+                f" ({', '.join(named)}); name the type: " + "; ".join(
+                    f"{code}={t}/{id} or {code}:{t}={id}" for t in named)))
+
+
 async def search(
     ctx: Context,
     resource_type: str | None,
@@ -257,6 +289,7 @@ async def search(
         if compartment[0] == "Patient":
             guard.note_patients([compartment[1]])
     query = _within_scopes(ctx, query)
+    await reject_ambiguous_ids(ctx, query)
     links = [("self", _self_link(base, path, pairs, query.ignored))]
     guard.note(resource_type or "*", None, None, links[0][1])
     restriction = guard.restriction(ctx.access)

@@ -239,12 +239,18 @@ def _parse_entry(i: int, e: Any, base: str) -> Entry:
 
 
 def _check_full_url(where: str, full_url: str, method: str, path: str) -> None:
-    """``fullUrl`` is a ``uri`` (not empty, no whitespace), and one that names a
+    """``fullUrl`` is a ``uri`` (not empty, no whitespace), not version specific
+    (bdl-8: ``fullUrl.contains('/_history/').not()``), and one that names a
     resource by its RESTful URL "SHALL NOT disagree with the id in the resource"
     (Bundle.entry.fullUrl): a PUT's is that of the resource it writes."""
     if not full_url or any(c.isspace() for c in full_url):
         raise FhirError(Code.INVALID_ENTRY,
                         f"{where}: fullUrl '{full_url[:100]}' is not a valid URI",
+                        (f"{where}.fullUrl",))
+    if "/_history/" in full_url:
+        raise FhirError(Code.INVALID_ENTRY,
+                        f"{where}: fullUrl '{full_url[:200]}' names a version; a fullUrl"
+                        " cannot be a version specific reference (bdl-8)",
                         (f"{where}.fullUrl",))
     split = split_restful(full_url)
     if method == "PUT" and split is not None and path.count("/") == 1 and split[1] != path:

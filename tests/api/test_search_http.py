@@ -87,6 +87,49 @@ def test_reference_chain_include_revinclude_and_has(client: httpx.Client) -> Non
                       **{"_has:Observation:subject:code": f"urn:test:code|{code}"}) == [pid]
 
 
+def test_a_bare_id_naming_resources_of_several_types_is_refused(client: httpx.Client) -> None:
+    """search.html#reference: "Servers SHOULD reject a search where the logical id
+    refers to more than one matching resource across different types"; a bare id
+    that names one type's resource only is searched as before."""
+    rid, lone = unique("amb"), unique("lone")
+    assert put(client, {**patient(unique("mrn")), "id": rid}).status_code == 201
+    assert put(client, {"resourceType": "Group", "id": rid, "type": "person",
+                        "actual": True}).status_code == 201
+    assert put(client, {**patient(unique("mrn")), "id": lone}).status_code == 201
+
+    def observation(subject: str) -> str:
+        return str(post(client, {
+            "resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+            "subject": {"reference": subject}}).json()["id"])
+
+    of_patient, of_group = observation(f"Patient/{rid}"), observation(f"Group/{rid}")
+    of_lone = observation(f"Patient/{lone}")
+    for headers in ({}, {"Prefer": "handling=strict"}):
+        refused = client.get("/Observation", params={"subject": rid}, headers=headers)
+        assert refused.status_code == 400, refused.text
+        assert gw_code(refused) == "GW-1013"
+        said = refused.json()["issue"][0]["diagnostics"]
+        assert f"subject=Patient/{rid}" in said and f"subject:Patient={rid}" in said
+    # with another value, in a _has, as conditional criteria: as refused
+    assert client.get("/Observation", params={"subject": f"{lone},{rid}"}).status_code == 400
+    assert client.get("/Patient", params={
+        "_has:Observation:patient:subject": rid}).status_code == 400
+    conditional = client.post("/Observation", json={
+        "resourceType": "Observation", "status": "final", "code": {"text": "x"}},
+        headers={"Content-Type": FHIR, "If-None-Exist": f"subject={rid}"})
+    assert conditional.status_code == 400, conditional.text
+    # named with its type, or of one type only, or of a parameter of one target type
+    assert search_ids(client, "/Observation", subject=f"Patient/{rid}") == [of_patient]
+    assert search_ids(client, "/Observation", **{"subject:Group": rid}) == [of_group]
+    assert search_ids(client, "/Observation", subject=lone) == [of_lone]
+    assert search_ids(client, "/Observation", patient=rid) == [of_patient]
+    # a deleted resource names nothing
+    assert client.delete(f"/Group/{rid}").status_code in (200, 204)
+    assert sorted(search_ids(client, "/Observation", subject=rid)) == sorted(
+        [of_patient, of_group])
+
+
 def test_references_to_this_server_are_local_and_to_others_are_not(
         client: httpx.Client) -> None:
     """``[base]/Patient/1`` is this server's Patient/1 (stored relative); the same

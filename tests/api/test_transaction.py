@@ -577,6 +577,32 @@ def test_a_batch_answers_a_malformed_entry_in_that_entry(client: httpx.Client) -
     assert send(client, tx(entries)).status_code == 400
 
 
+def test_a_version_specific_full_url_is_refused(client: httpx.Client) -> None:
+    """bdl-8: "fullUrl cannot be a version specific reference": a transaction with
+    such an entry is refused, naming the entry; in a batch that entry alone is."""
+    base = str(client.base_url).rstrip("/")
+    rid = unique("v8")
+    versioned = {"fullUrl": f"{base}/Patient/{rid}/_history/5",
+                 "resource": {**patient(unique("mrn")), "id": rid},
+                 "request": {"method": "PUT", "url": f"Patient/{rid}"}}
+    fine = {"fullUrl": urn(), "resource": patient(unique("mrn")),
+            "request": {"method": "POST", "url": "Patient"}}
+    refused = send(client, tx([fine, versioned]))
+    assert refused.status_code == 400, refused.text
+    assert gw_code(refused) == "GW-1018"
+    issue = refused.json()["issue"][0]
+    assert issue["diagnostics"].startswith("Bundle.entry[1]") and "bdl-8" in issue["diagnostics"]
+    assert "Bundle.entry[1].fullUrl" in issue["expression"]
+    assert client.get(f"/Patient/{rid}").status_code == 404
+    response = send(client, tx([fine, versioned], kind="batch"))
+    assert response.status_code == 200, response.text
+    answered = response.json()["entry"]
+    assert [e["response"]["status"] for e in answered] == ["201 Created", "400 Bad Request"]
+    outcome = answered[1]["response"]["outcome"]
+    assert outcome["issue"][0]["details"]["coding"][0]["code"] == "GW-1018"
+    assert client.get(f"/Patient/{rid}").status_code == 404
+
+
 def test_conditional_reads_in_a_batch(client: httpx.Client) -> None:
     """``request.ifNoneMatch`` and ``request.ifModifiedSince`` (an ``instant``,
     not an HTTP date) make a batch's read conditional, as the headers do."""

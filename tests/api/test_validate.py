@@ -5,6 +5,7 @@ Spec: https://hl7.org/fhir/R4/resource-operation-validate.html
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,30 @@ def test_nesting_deeper_than_the_limit_is_refused(client: httpx.Client) -> None:
     response = post(client, resource)
     assert response.status_code == 422
     assert "GW-4210" in gw_codes(response)
+
+
+def test_a_bundle_whose_full_url_disagrees_with_its_resource_is_warned_of(
+        client: httpx.Client) -> None:
+    """Bundle.entry.fullUrl: "The fullUrl SHALL NOT disagree with the id in the
+    resource"; a urn:uuid, or a URL that does not end in Type/id, is not judged. A
+    warning, not an error: three of R4's own examples disagree (Bundle-lri-example)."""
+    def collection(full_url: str, rid: str = "2") -> dict[str, Any]:
+        return {"resourceType": "Bundle", "type": "collection", "entry": [
+            {"fullUrl": full_url, "resource": {"resourceType": "Patient", "id": rid}}]}
+
+    def disagreeing(response: httpx.Response) -> list[dict[str, Any]]:
+        assert response.status_code == 200, response.text
+        return [i for i in issues(response) if "SHALL NOT disagree" in i.get("diagnostics", "")]
+
+    for wrong in ("http://example.org/fhir/Patient/1",
+                  "https://example.org/fhir/Organization/2"):
+        found = disagreeing(validate(client, "/Bundle/$validate", collection(wrong)))
+        assert [(i["severity"], i["expression"]) for i in found] == [
+            ("warning", ["Bundle.entry[0].fullUrl"])]
+        assert post(client, collection(wrong)).status_code == 201
+    for fine in ("http://example.org/fhir/Patient/2", f"urn:uuid:{uuid.uuid4()}",
+                 "urn:oid:1.2.3", "http://example.org/patients?id=1"):
+        assert disagreeing(validate(client, "/Bundle/$validate", collection(fine))) == [], fine
 
 
 # -- warn-only profiles ---------------------------------------------------------------

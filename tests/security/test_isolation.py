@@ -446,6 +446,22 @@ def test_chains_and_has_do_not_look_into_what_the_caller_may_not_see(world: Worl
     assert _ids(a, "/Patient", deep_has) == []
 
 
+def test_an_id_of_several_types_counts_only_what_the_caller_may_see(world: World) -> None:
+    """search.html#reference: a bare id that names resources of several types is
+    refused, counting only those the caller may see: the refusal must not tell A
+    that B's patient has that id."""
+    a, b = world.a, world.b
+    hidden = _create(b, {"resourceType": "Patient", "name": [{"family": "twin"}]})["id"]
+    assert a.put(f"/Group/{hidden}", json={"resourceType": "Group", "id": hidden,
+                                           "type": "person", "actual": False}).status_code == 201
+    of_group = _create(a, {"resourceType": "Observation", "status": "final",
+                           "code": {"text": "twin"},
+                           "subject": {"reference": f"Group/{hidden}"}})["id"]
+    assert _ids(a, "/Observation", {"subject": hidden}) == [of_group]
+    refused = b.get("/Observation", params={"subject": hidden})
+    assert refused.status_code == 400 and gw_code(refused) == "GW-1013"
+
+
 def test_a_binary_goes_where_its_security_context_goes(world: World) -> None:
     # the PDF of a discharge letter, behind the DocumentReference that carries it
     a, b = world.a, world.b

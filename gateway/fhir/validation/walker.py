@@ -20,6 +20,7 @@ import re
 from typing import Any
 
 from gateway.fhir.outcome import Code, Issue
+from gateway.fhir.references import split_restful
 from gateway.fhir.validation.fhirpath import Env, EvaluationError
 from gateway.fhir.validation.model import COMPLEX, PRIM, RESOURCE, Child, Invariant, Model, Node
 from gateway.fhir.validation.xhtml import check_narrative
@@ -480,6 +481,8 @@ class Walker:
                 if "/_history/" in full_url:
                     self.issue(Code.INVARIANT_FAILED, (where, "fullUrl", None),
                                "bdl-8: fullUrl cannot be a version specific reference")
+                else:
+                    self._full_url_names_resource(full_url, e.get("resource"), where)
                 if btype != "history":
                     resource = e.get("resource")
                     meta = resource.get("meta") if type(resource) is dict else None
@@ -504,6 +507,24 @@ class Walker:
         if btype == "message" and _first_resource_type(entries) != "MessageHeader":
             self.issue(Code.INVARIANT_FAILED, loc,
                        "bdl-12: a message must have a MessageHeader as the first resource")
+
+
+    def _full_url_names_resource(self, full_url: str, resource: Any, where: Loc) -> None:
+        """Bundle.entry.fullUrl: "The fullUrl SHALL NOT disagree with the id in the
+        resource - i.e. if the fullUrl is not a urn:uuid, the URL shall be version-
+        independent URL consistent with the Resource.id". Judged when the fullUrl is
+        an http(s) URL ending in ``Type/id`` and the resource has an id; a warning, as
+        three of R4's own examples disagree (Bundle-lri-example's ``Observation/
+        lri-gramstain1`` holds Observation ``gramstain1``)."""
+        if type(resource) is not dict or type(resource.get("id")) is not str:
+            return
+        split = split_restful(full_url)
+        named = f"{resource.get('resourceType')}/{resource['id']}"
+        if split is not None and split[1] != named:
+            self.issue(Code.INVARIANT_FAILED, (where, "fullUrl", None),
+                       f"fullUrl '{full_url[:100]}' names {split[1][:100]}, but the entry's"
+                       f" resource is {named[:100]}: the fullUrl SHALL NOT disagree with"
+                       " the id in the resource (Bundle.entry.fullUrl)", severity="warning")
 
 
 def _first_resource_type(entries: list[Any]) -> str | None:

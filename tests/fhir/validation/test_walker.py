@@ -350,6 +350,25 @@ def test_bundle_fullurl_may_repeat_with_another_version(validator: FhirValidator
     assert errors(validator.validate(history)) == []
 
 
+def test_bundle_fullurl_agrees_with_the_resource_id(validator: FhirValidator) -> None:
+    """Bundle.entry.fullUrl: "The fullUrl SHALL NOT disagree with the id in the
+    resource": judged when it is an http(s) URL ending in Type/id and the resource
+    has an id; a warning (R4's Bundle-lri-example disagrees)."""
+    def bundle(full_url: str, resource: dict[str, Any]) -> dict[str, Any]:
+        return {"resourceType": "Bundle", "type": "collection",
+                "entry": [{"fullUrl": full_url, "resource": resource}]}
+
+    for wrong in ("http://x.org/fhir/Patient/1", "https://x.org/fhir/Group/2"):
+        found = validator.validate(bundle(wrong, patient(id="2")))
+        assert [(i.severity, i.expression) for i in found] == [
+            ("warning", ("Bundle.entry[0].fullUrl",))], found
+    for fine, resource in (("http://x.org/fhir/Patient/2", patient(id="2")),
+                           ("http://x.org/fhir/Patient/1", patient()),
+                           ("urn:uuid:0c3151bd-1cbf-4d64-b04d-cd9187a4c6e0", patient(id="2")),
+                           ("http://x.org/patients?id=1", patient(id="2"))):
+        assert validator.validate(bundle(fine, resource)) == [], fine
+
+
 def test_bundle_entries_are_validated_with_their_location(validator: FhirValidator) -> None:
     bad = _entry(2)
     bad["resource"]["gender"] = "xyz"
