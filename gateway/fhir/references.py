@@ -24,7 +24,7 @@ from typing import Any
 from gateway.fhir import json as fjson
 from gateway.fhir.paths import Model
 
-CONDITIONAL_REF = re.compile(r"[A-Z][A-Za-z]+\?.+")
+CONDITIONAL_REF = re.compile(r"[A-Z][A-Za-z]+\?.*")
 #: the names a client makes up for the entries of a transaction (bundle.html#references)
 PLACEHOLDERS = ("urn:uuid:", "urn:oid:")
 #: a relative RESTful reference (http.html#general-form)

@@ -943,3 +943,11 @@ def test_a_conditional_reference_outside_a_transaction_is_resolved(
     nowhere = post(client, patient(unique("mrn"), generalPractitioner=[
         {"reference": "Practitioner?identifier=urn:test:npi|none"}]))
     assert (nowhere.status_code, gw_code(nowhere)) == (412, "GW-3003"), nowhere.text
+    # no criteria at all is no reference to store, alone or in a transaction
+    for empty in ("Practitioner?", "Practitioner?_count=1"):
+        refused = post(client, patient(unique("mrn"), generalPractitioner=[
+            {"reference": empty}]))
+        assert (refused.status_code, gw_code(refused)) == (400, "GW-1021"), refused.text
+        in_tx = send(client, tx([{"resource": patient(unique("mrn"), generalPractitioner=[
+            {"reference": empty}]), "request": {"method": "POST", "url": "Patient"}}]))
+        assert (in_tx.status_code, gw_code(in_tx)) == (400, "GW-1021"), in_tx.text
