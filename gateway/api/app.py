@@ -42,7 +42,7 @@ from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.validation.model import Model
 from gateway.interactions.base import Context, FhirResponse
 from gateway.interactions.router import FhirRequest, route
-from gateway.security.audit import AuditUnavailable, interaction_of, records_of
+from gateway.security.audit import AuditUnavailable, interaction_of, records_for
 from gateway.security.auth import Authenticator
 from gateway.security.principal import CALLER, Caller, Principal
 from gateway.security.tokens import AuthError
@@ -893,7 +893,7 @@ def create_api(
                     reply = _render(FhirResponse(err.status, err.outcome()), False, False)
                     description = err.code.gw
                 if ctx.audit is not None and not caller.audited:
-                    await ctx.audit.write(records_of(caller, reply.status, description))
+                    await ctx.audit.write(await records_for(caller, reply.status, description))
             except _Disconnected:
                 return
             except AuditUnavailable:

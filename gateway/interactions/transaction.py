@@ -683,7 +683,7 @@ async def _entry_request(
         except FhirError as exc:
             response = FhirResponse(exc.status, _entry_error(e, exc).outcome())
         if ctx.audit is not None and not child.audited:
-            await ctx.audit.write(audit_trail.records_of(child, response.status))
+            await ctx.audit.write(await audit_trail.records_for(child, response.status))
         return response
 
 
@@ -758,7 +758,7 @@ async def _batch(ctx: Context, entries: list[Entry], base: str, prefer: Prefer) 
         if e.response is not None:  # refused as it stood (parse_entries)
             with _entry_caller(e) as child:
                 if ctx.audit is not None:
-                    await ctx.audit.write(audit_trail.records_of(child, e.response.status))
+                    await ctx.audit.write(await audit_trail.records_for(child, e.response.status))
             out.append(_response_entry(e, base, prefer))
             continue
         if e.method in ("POST", "PUT") and isinstance(e.resource, dict):
@@ -766,7 +766,7 @@ async def _batch(ctx: Context, entries: list[Entry], base: str, prefer: Prefer) 
             if refused is not None:
                 with _entry_caller(e) as child:
                     if ctx.audit is not None:
-                        await ctx.audit.write(audit_trail.records_of(child, refused.status))
+                        await ctx.audit.write(await audit_trail.records_for(child, refused.status))
                 e.response = FhirResponse(refused.status, _entry_error(e, refused).outcome())
                 out.append(_response_entry(e, base, prefer))
                 continue

@@ -249,12 +249,36 @@ def records_of(caller: Caller, status: int, description: str = "") -> list[table
         (patient,) = caller.patients
         event = build_event(caller, status, description, patient=patient)
         return [tables.AuditRecord(fjson.dumps(event), client_id, patient, event["outcome"])]
+    # each entity to the patients it is about, in one pass (a page that includes
+    # thousands of patients' resources: not patients x entities)
+    patients = sorted(caller.patients)
+    by_patient: dict[str, list[Entity]] = {p: [] for p in patients}
+    for e in caller.entities:
+        if not e[4]:
+            by_patient[patients[0]].append(e)
+        for patient in e[4]:
+            if patient in by_patient:
+                by_patient[patient].append(e)
     out = []
-    for n, patient in enumerate(sorted(caller.patients)):
-        entities = [e for e in caller.entities if patient in e[4] or (n == 0 and not e[4])]
-        event = build_event(caller, status, description, patient=patient, entities=entities)
+    for patient in patients:
+        event = build_event(caller, status, description, patient=patient,
+                            entities=by_patient[patient])
         out.append(tables.AuditRecord(fjson.dumps(event), client_id, patient, event["outcome"]))
     return out
+
+
+#: a request about more patients than this has its AuditEvents made off the event loop
+#: (ten thousand patients an included page names: 0.4 s of CPU)
+OFF_LOOP_PATIENTS = 200
+
+
+async def records_for(caller: Caller, status: int,
+                      description: str = "") -> list[tables.AuditRecord]:
+    """:func:`records_of`, in a worker thread when the request is about many patients:
+    the other requests of the process go on meanwhile."""
+    if len(caller.patients) > OFF_LOOP_PATIENTS:
+        return await asyncio.to_thread(records_of, caller, status, description)
+    return records_of(caller, status, description)
 
 
 class AuditUnavailable(Exception):

@@ -317,6 +317,36 @@ def test_a_request_about_several_patients_is_in_each_ones_log(audited: Audited) 
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
+def test_a_search_about_hundreds_of_patients_files_one_record_for_each(
+        audited: Audited) -> None:
+    """More patients than :data:`OFF_LOOP_PATIENTS`: their records are made beside
+    the event loop, and still one per patient, each naming that patient only."""
+    from gateway.security.audit import OFF_LOOP_PATIENTS
+
+    h = {"Authorization": f"Bearer {audited.token()}", "Content-Type": "application/fhir+json"}
+    family, n = uuid.uuid4().hex, OFF_LOOP_PATIENTS + 5
+    made = httpx.post(f"{audited.url}/", headers=h, timeout=60, json={
+        "resourceType": "Bundle", "type": "transaction", "entry": [
+            {"request": {"method": "POST", "url": "Patient"},
+             "resource": {"resourceType": "Patient", "name": [{"family": family}]}}
+            for _ in range(n)]})
+    assert made.status_code == 200, made.text[:300]
+    pids = {e["response"]["location"].split("Patient/")[1].split("/")[0]
+            for e in made.json()["entry"]}
+    rid = uuid.uuid4().hex
+    found = httpx.get(f"{audited.url}/Patient", params={"family": family, "_count": 1000},
+                      headers={**h, "X-Request-ID": rid}, timeout=60)
+    assert found.status_code == 200 and found.json()["total"] == n
+    mine = [r for r in records(audited.settings)
+            if {"what": {"identifier": {"value": rid}}, "type": {
+                "system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
+                "code": "XrequestId"}} in r.get("entity", [])]
+    assert len(mine) == n
+    about = [{e["what"]["reference"].split("/_history")[0] for e in r["entity"]
+              if e.get("what", {}).get("reference", "").startswith("Patient/")} for r in mine]
+    assert sorted(a for (a,) in about) == sorted(f"Patient/{pid}" for pid in pids)
+
+
 def test_another_clients_query_is_not_shown_to_a_restricted_reader(audited: Audited) -> None:
     """A client sees the records about patients it may see, but another client's
     query may name patients (or say things about them) it may not: that is left
