@@ -73,6 +73,10 @@ class Settings:
     #: a database statement of the server running longer is cancelled, and the request
     #: answered 503 (GW-5003); 0: never. The CLI's maintenance runs without a limit
     db_statement_timeout_ms: int = 60_000
+    #: a request that only reads (a search, history, ``POST _search``, a batch of
+    #: reads) is stopped after this many seconds in all, its statements together, and
+    #: answered 503 (GW-5003); 0: never
+    query_timeout_s: float = 60.0
     #: tokens of an external authorisation server instead of (or beside) our own
     auth_issuer: str | None = None
     auth_jwks_url: str | None = None
@@ -258,6 +262,7 @@ _POSITIVE = ("workers", "max_request_bytes", "max_bundle_entries", "max_json_dep
              "validation_max_resource_depth", "search_parameter_refresh_s")
 _NOT_NEGATIVE = ("gzip_min_bytes", "shutdown_grace_s", "db_statement_timeout_ms",
                  "request_head_timeout_s", "request_body_timeout_s", "outbox_retention_hours",
+                 "query_timeout_s",
                  "subscription_event_retention_hours")
 _KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false",
           "bool | None": "true or false"}

@@ -89,27 +89,35 @@ class _Departure:
     statement running for it: PostgreSQL's by asyncpg, SQLite's at the progress
     handler's next look (``_Deadline.abandon`` in ``gateway/storage/db.py``).
 
-    Only for requests without content: the watch reads the request's messages,
-    which a body's reading would share."""
+    The watch reads the request's messages, which a body's reading would share: it
+    starts at once for a request without content, and for one whose content only
+    asks to read (``POST _search``, a batch of reads) once that content was read.
+    Never for a write: one stopped between its commit and its audit record would
+    leave a change unaudited."""
 
-    __slots__ = ("_watch", "gone")
+    __slots__ = ("_receive", "_task", "_watch", "gone")
 
     def __init__(self, receive: Receive) -> None:
         self.gone = False
-        task = asyncio.current_task()
-        assert task is not None
-        self._watch = asyncio.ensure_future(self._wait(receive, task))
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._watch: asyncio.Future[None] | None = None
+
+    def start(self) -> None:
+        if self._watch is None and self._task is not None:
+            self._watch = asyncio.ensure_future(self._wait(self._receive, self._task))
 
     async def _wait(self, receive: Receive, task: asyncio.Task[Any]) -> None:
         while (await receive())["type"] != "http.disconnect":
-            pass  # the request's own (empty) content
+            pass  # the request's own (empty, or read) content
         self.gone = True
         task.cancel()
 
     def stop(self) -> None:
         """Before the answer is sent: once it is, the server says the connection is
         done the same way."""
-        self._watch.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
 
 
 def _may_take_long(request: HttpRequest) -> bool:
@@ -122,6 +130,38 @@ def _may_take_long(request: HttpRequest) -> bool:
     if len(parts) == 2 and not parts[1].startswith(("_", "$")):
         return False
     return not (len(parts) == 4 and parts[2] == "_history") and request.path != "metadata"
+
+
+async def _within(seconds: float, work: Awaitable[FhirResponse]) -> FhirResponse:
+    """``work``, stopped after ``seconds`` in all (0: no limit): the statement timeout
+    bounds each statement, and a search runs several (its page, what it reads ahead,
+    a count; a batch runs a search per entry), so without this one request could hold
+    the database for minutes while each statement stays under it."""
+    if not seconds:
+        return await work
+    try:
+        async with asyncio.timeout(seconds):
+            return await work
+    except TimeoutError:
+        raise FhirError(Code.DATABASE_TIMEOUT,
+                        f"the request took more than {seconds:g} s in all"
+                        " (CAREPATH_QUERY_TIMEOUT_S); narrow it, or try later") from None
+
+
+def _posted_reads(request: HttpRequest, body: Any) -> bool:
+    """A ``POST`` that changes nothing: a search by ``POST _search``, or a batch or
+    transaction Bundle of reads only."""
+    if request.method != "POST":
+        return False
+    if request.path == "_search" or request.path.endswith("/_search"):
+        return True
+    if request.path or not isinstance(body, dict) or body.get("resourceType") != "Bundle" \
+            or body.get("type") not in ("batch", "transaction"):
+        return False
+    entries = body.get("entry")
+    return isinstance(entries, list) and bool(entries) and all(
+        isinstance(e, dict) and isinstance(e.get("request"), dict)
+        and e["request"].get("method") in ("GET", "HEAD") for e in entries)
 
 
 def host_problem(scope: Scope) -> str | None:
@@ -775,7 +815,8 @@ def create_api(
             host = f"{server[0]}:{server[1]}" if server else "localhost"
         return f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}{base_path}"
 
-    async def serve(request: HttpRequest, base: str, caller: Caller) -> tuple[Reply, str]:
+    async def serve(request: HttpRequest, base: str, caller: Caller,
+                    departure: _Departure) -> tuple[Reply, str]:
         """The reply, and what the AuditEvent says of the outcome."""
         try:
             special = await _smart_endpoint(auth, request, base)
@@ -823,7 +864,11 @@ def create_api(
                                 f"a parameter contains the forbidden character U+{ord(bad):04X}")
             fhir_request = FhirRequest(request.method, request.path, query, request.headers,
                                        body, base)
-            resp = await route(ctx, fhir_request)
+            if _may_take_long(request) or _posted_reads(request, body):
+                departure.start()  # (its content, if any, is read: the watch may begin)
+                resp = await _within(query_timeout, route(ctx, fhir_request))
+            else:
+                resp = await route(ctx, fhir_request)
             _keep_presentation(resp, query)
             description = ""
             if not native and _binary_read(request.path, request.method) and not any(
@@ -867,6 +912,7 @@ def create_api(
         return _render(resp, pretty, head, encoded, xml), description
 
     cors = Cors(ctx.settings.cors_origins) if ctx.settings.cors_origins else None
+    query_timeout = ctx.settings.query_timeout_s
     measured = ctx.settings.metrics
 
     async def fhir(scope: Scope, receive: Receive, send: Send, path: str) -> None:
@@ -883,11 +929,13 @@ def create_api(
         caller = Caller(Principal.nobody(request.address), request.method, path,
                         request.query_string, base, request_id=rid)
         CALLER.set(caller)
-        departure = _Departure(receive) if _may_take_long(request) else None
+        departure = _Departure(receive)
+        if _may_take_long(request):
+            departure.start()
         try:
             try:
                 if bad_host is None:
-                    reply, description = await serve(request, base, caller)
+                    reply, description = await serve(request, base, caller, departure)
                 else:
                     err = FhirError(Code.INVALID_HEADER, bad_host)
                     reply = _render(FhirResponse(err.status, err.outcome()), False, False)
@@ -902,8 +950,7 @@ def create_api(
                 err = FhirError(Code.UNAVAILABLE, "the audit trail cannot be written")
                 reply = _render(FhirResponse(err.status, err.outcome()), False, False)
             finally:
-                if departure is not None:
-                    departure.stop()
+                departure.stop()
             if reply.status == 503:  # transient (RFC 9110 15.6.4): when to try again
                 reply.headers.append((b"retry-after", _RETRY_AFTER))
             reply.headers.append((b"x-request-id", rid.encode("ascii")))
@@ -916,7 +963,7 @@ def create_api(
             await reply.send(send)
             status = reply.status
         except asyncio.CancelledError:
-            if departure is None or not departure.gone:
+            if not departure.gone:
                 raise  # the server's own (shutting down)
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             log.info("client gone: stopped %s /%s after %.3f s (request %s)", request.method,

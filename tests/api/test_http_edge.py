@@ -243,13 +243,29 @@ async def _never() -> dict[str, object]:
     raise AssertionError("not read")
 
 
+def _count_search(url: str, form: str, timeout: float) -> httpx.Response:
+    """``Patient?_summary=count`` as a GET, a ``POST _search`` or a batch entry."""
+    if form == "get":
+        return httpx.get(f"{url}/Patient", params={"_summary": "count"}, timeout=timeout)
+    if form == "post":
+        return httpx.post(f"{url}/Patient/_search", content=b"_summary=count", timeout=timeout,
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+    return httpx.post(f"{url}/", timeout=timeout, json={
+        "resourceType": "Bundle", "type": "batch",
+        "entry": [{"request": {"method": "GET", "url": "Patient?_summary=count"}}]},
+        headers={"Content-Type": "application/fhir+json"})
+
+
+@pytest.mark.parametrize("form", ["get", "post", "batch"])
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_search_stops_when_its_client_goes(
-        backend: str, tmp_path: Path, new_schema: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        backend: str, form: str, tmp_path: Path, new_schema: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that gives up on a search (its timeout passes and it closes the
     connection) stops it: the statement running for it is cancelled (PostgreSQL) or
     interrupted (SQLite), instead of holding the database until it ends. The next
-    request is answered as ever."""
+    request is answered as ever. A search sent with content (``POST _search``, a
+    batch of reads) too, once its content is read."""
     started, stopped = threading.Event(), threading.Event()
 
     async def slow_count(self: SqlStore, *_args: object, **_kw: object) -> int:
@@ -269,7 +285,7 @@ def test_a_search_stops_when_its_client_goes(
     with RunningServer(settings) as running:
         t0 = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
-            httpx.get(f"{running.url}/Patient", params={"_summary": "count"}, timeout=1)
+            _count_search(running.url, form, timeout=1)
         assert started.is_set()
         assert stopped.wait(10), "the search went on after its client left"
         assert time.monotonic() - t0 < 10
@@ -281,6 +297,41 @@ def test_a_search_stops_when_its_client_goes(
         monkeypatch.undo()
         answer = httpx.get(f"{running.url}/Patient", params={"_summary": "count"}, timeout=10)
         assert answer.status_code == 200 and answer.json()["total"] == 0
+
+
+@pytest.mark.parametrize("form", ["get", "post", "batch"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_search_is_stopped_after_the_query_timeout_in_all(
+        backend: str, form: str, tmp_path: Path, new_schema: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each statement is bounded by the statement timeout, and a search runs several
+    (a batch one per entry): ``CAREPATH_QUERY_TIMEOUT_S`` bounds them together, 503
+    GW-5003, and the statement running then is stopped. A write is not held to it."""
+    stopped = threading.Event()
+
+    async def slow_count(self: SqlStore, *_args: object, **_kw: object) -> int:
+        try:
+            async with self.db.read() as conn:
+                await conn.fetchrow("SELECT pg_sleep(30)" if self.db.dialect == "postgresql"
+                                    else SQLITE_SLOW)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+        return 0
+
+    monkeypatch.setattr(SqlStore, "count", slow_count)
+    settings = backend_settings(backend, tmp_path, new_schema, query_timeout_s=1.0)
+    with RunningServer(settings) as running:
+        t0 = time.monotonic()
+        answer = _count_search(running.url, form, timeout=30)
+        assert time.monotonic() - t0 < 10
+        # (a batch as a whole: its entries share the request's time)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["issue"][0]["details"]["coding"][0]["code"] == "GW-5003"
+        assert stopped.wait(10)
+        made = httpx.post(f"{running.url}/Patient", json={"resourceType": "Patient"},
+                          headers={"Content-Type": "application/fhir+json"}, timeout=10)
+        assert made.status_code == 201
 
 
 #: minutes of counting, unless interrupted
