@@ -34,13 +34,13 @@ code) or reported as unknown.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from gateway.fhir import patterns
 from gateway.fhir.outcome import Code, FhirError
 
 Json = dict[str, Any]
@@ -67,20 +67,17 @@ def _fallback_index(load: Callable[[], Sequence[Json]]) -> dict[str, Json]:
     return {r["url"]: r for r in load() if isinstance(r.get("url"), str)}
 
 
-@lru_cache(maxsize=256)
-def _regex(pattern: str) -> re.Pattern[str]:
+def _regex_match(pattern: str, text: str) -> bool:
+    """Does the ``regex`` filter ``pattern`` match all of ``text``? Matched by RE2, in
+    time linear in the text (:mod:`gateway.fhir.patterns`): a pattern such as
+    ``(a+)+b`` cannot hold the worker."""
     if len(pattern) > _MAX_REGEX:
         raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST,
                         f"regex filter longer than {_MAX_REGEX} characters")
     try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST,
-                        f"regex filter '{pattern[:80]}' is invalid: {exc}") from None
-
-
-def _regex_match(pattern: str, text: str) -> bool:
-    return len(text) <= _MAX_REGEX and _regex(pattern).fullmatch(text) is not None
+        return len(text) <= _MAX_REGEX and patterns.fullmatch(pattern, text)
+    except patterns.PatternError as exc:
+        raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST, f"regex filter: {exc}") from None
 
 
 def _parameters(*parts: Json | None) -> Json:

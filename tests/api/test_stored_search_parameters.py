@@ -214,3 +214,21 @@ def test_copies_of_r4_parameters_find_what_r4_s_own_find(client: httpx.Client) -
         expected = {e["resource"]["id"] for e in own.get("entry", [])
                     if e["search"]["mode"] == "match"}
         assert _eventually(copied, expected) == expected, (rtype, code, value)
+
+
+def test_a_backtracking_pattern_in_an_expression_does_not_hold_writes(
+        client: httpx.Client) -> None:
+    """The expression is evaluated on every write of its base; its ``matches()`` runs in
+    RE2, linear in the text (Python's ``re`` takes seconds on ``(a+)+b`` and 25 a)."""
+    code = unique("hostile")
+    expression = "Patient.name.family.where($this.matches('(a+)+b'))"
+    assert client.post("/SearchParameter", json=_parameter(
+        code, expression=expression)).status_code == 201
+    started = time.monotonic()
+    for family in ("a" * 25, "a" * 25 + "b"):
+        made = client.post("/Patient", json={"resourceType": "Patient",
+                                             "name": [{"family": family}]})
+        assert made.status_code == 201, made.text
+    assert time.monotonic() - started < 3
+    assert len(_matches(client, **{code: "a" * 25 + "b"})) == 1
+    assert _matches(client, **{f"{code}:exact": "a" * 25}) == set()  # not indexed

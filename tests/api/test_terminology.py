@@ -3,6 +3,7 @@ $validate-code, $translate -- type and instance level, GET and POST, own and sto
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -214,3 +215,54 @@ def test_capability_statement_advertises_the_operations(client: httpx.Client) ->
     for rt in ("CodeSystem", "ValueSet"):
         assert definitions[rt]["validate-code"] == (
             f"http://hl7.org/fhir/OperationDefinition/{rt}-validate-code")
+
+
+def test_a_backtracking_regex_filter_does_not_hold_the_server(client: httpx.Client) -> None:
+    """``(a+)+b`` takes Python's ``re`` 2^n steps on n ``a``; the gateway matches client
+    patterns with RE2, linear in the text, so each answer comes at once, decided."""
+    system, vs_url = f"urn:test:{unique('cs')}:not-held", f"urn:test:vs:{unique()}"
+    assert post(client, {"resourceType": "ValueSet", "url": vs_url, "status": "active",
+                         "compose": {"include": [{"system": system, "filter": [
+                             {"property": "code", "op": "regex", "value": "(a+)+b"}]}]}}
+                ).status_code == 201
+    hostile = "a" * 28  # ~10 s in a backtracking engine, twice that for each a more
+    started = time.monotonic()
+    r = client.get("/ValueSet/$validate-code", params={"url": vs_url, "system": system,
+                                                       "code": hostile})
+    assert r.status_code == 200, r.text
+    assert values(r.json())["result"] is False
+    r = client.get("/ValueSet/$validate-code", params={"url": vs_url, "system": system,
+                                                       "code": "a" * 40 + "b"})
+    assert values(r.json())["result"] is True
+    # codes in use are decided the same way by :in
+    member = {"resourceType": "Condition", "subject": {"reference": f"Group/{unique('g')}"},
+              "code": {"coding": [{"system": system, "code": "a" * 40 + "b"}]}}
+    assert post(client, member).status_code == 201
+    member["code"]["coding"][0]["code"] = hostile
+    assert post(client, member).status_code == 201
+    r = client.get("/Condition", params={"code:in": vs_url})
+    assert r.status_code == 200, r.text
+    assert [e["resource"]["code"]["coding"][0]["code"] for e in r.json().get("entry", [])
+            ] == ["a" * 40 + "b"]
+    # $expand of a held code system whose codes the filter runs over
+    cs_url = f"urn:test:{unique('cs')}"
+    assert post(client, {"resourceType": "CodeSystem", "url": cs_url, "status": "active",
+                         "content": "complete", "concept": [{"code": hostile},
+                                                            {"code": "aab"}]}
+                ).status_code == 201
+    r = client.post("/ValueSet/$expand", headers={"Content-Type": FHIR}, json=parameters((
+        "valueSet", "resource", {"resourceType": "ValueSet", "status": "active",
+                                 "compose": {"include": [{"system": cs_url, "filter": [
+                                     {"property": "code", "op": "regex",
+                                      "value": "(a+)+b"}]}]}})))
+    assert r.status_code == 200, r.text
+    assert codes(r.json()) == ["aab"]
+    assert time.monotonic() - started < 5
+    # look-around and backreferences cannot be matched in linear time: refused as invalid
+    r = client.post("/ValueSet/$expand", headers={"Content-Type": FHIR}, json=parameters((
+        "valueSet", "resource", {"resourceType": "ValueSet", "status": "active",
+                                 "compose": {"include": [{"system": cs_url, "filter": [
+                                     {"property": "code", "op": "regex",
+                                      "value": "(a)\\1b"}]}]}})))
+    assert (r.status_code, gw_code(r)) == (400, "GW-4305")
+    assert "backreferences" in r.text

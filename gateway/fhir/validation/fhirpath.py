@@ -34,6 +34,7 @@ from fhirpathpy.engine.nodes import ResourceNode
 from fhirpathpy.models import models as _fhirpath_models
 from fhirpathpy.parser import parse
 
+from gateway.fhir import patterns
 from gateway.fhir.validation.primitives import NUMERIC, PRIMITIVES, STRING_LIKE
 
 UCUM = "http://unitsofmeasure.org"
@@ -512,7 +513,11 @@ class _Compiler:
             pattern, pt = self.coll(params[0], t)
             if pt.kind != "str":
                 raise NotCompilable("matches with a computed pattern")
-            rx = re.compile(pattern([], Env(None, None))[0], re.DOTALL)
+            regex = pattern([], Env(None, None))[0]
+            try:  # RE2, linear in the text: a stored profile's pattern cannot hang a write
+                patterns.compiled(regex, dot_all=True)
+            except patterns.PatternError as exc:
+                raise NotCompilable(str(exc)) from None  # fhirpathpy reports it
 
             def matches(items: Coll, env: Env) -> Coll:
                 if not items:
@@ -520,7 +525,8 @@ class _Compiler:
                 if len(items) > 1:
                     raise EvaluationError("matches() on several items")
                 v = items[0]
-                return [rx.search(v) is not None] if isinstance(v, str) else []
+                return ([patterns.search(regex, v, dot_all=True)] if isinstance(v, str)
+                        else [])
             return matches, BOOL
         raise NotCompilable(f"{name}()")
 

@@ -17,9 +17,10 @@ records it: a binding to an unexpandable ValueSet is not checked.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+from gateway.fhir import patterns
 
 Code = tuple[str, str]  # (system, code)
 
@@ -163,8 +164,10 @@ def _filter(cs: CodeSystemIndex, f: dict[str, Any]) -> set[str]:
     if prop == "concept" and op == "is-not-a":
         return set(cs.concepts) - {value, *cs.descendants(value)}
     if op == "regex" and prop == "code":
-        rx = re.compile(value)
-        return {c for c in cs.concepts if rx.fullmatch(c)}
+        try:
+            return {c for c in cs.concepts if patterns.fullmatch(value, c)}
+        except patterns.PatternError as exc:
+            raise Unexpandable(str(exc)) from None
     if op in ("=", "in"):
         wanted = set(value.split(",")) if op == "in" else {value}
         if prop in ("concept", "code"):

@@ -127,12 +127,17 @@ def unsafe_url(value: str, *, image: bool = False) -> bool:
 
 
 def _unsafe_css_url(argument: str) -> bool:
-    """A ``url(…)`` argument (squashed) is safe if it stays on the page's site: a
-    relative reference (not ``//host/…``) or an inlined image."""
+    """A ``url(…)`` argument (CSS escapes decoded, squashed) is safe if it stays on the
+    page's site: a relative reference (not ``//host/…``) or an inlined image.
+
+    A backslash left after CSS decoding (``\\\\/host`` in the style) is a slash to the
+    URL parser (https://url.spec.whatwg.org/#relative-slash-state: in a special scheme
+    such as the page's http(s), ``\\`` is read as ``/``), so ``\\/host``, ``/\\host``
+    and ``\\\\host`` all name another host."""
     url = argument
     if url[:1] in ("'", '"'):
         url = url[1:-1] if len(url) > 1 and url[-1] == url[0] else url[1:]
-    if url.startswith(("//", "\\\\")):
+    if url.replace("\\", "/").startswith("//"):
         return True
     return _SCHEME.match(url) is not None and not url.startswith("data:image/")
 

@@ -155,6 +155,39 @@ def test_dangerous_css_is_rejected(style: str) -> None:
     assert unsafe_style(style) is not None
 
 
+#: CSS escapes are decoded first (CSS Syntax 3, 4.3.7), then the URL parser reads a
+#: backslash as a slash (WHATWG URL, special schemes) and drops tabs and newlines
+@pytest.mark.parametrize("style", [
+    "background: url('\\\\/evil.example/pixel.png')",  # CSS \\/ is \/, the URL //
+    "background: url(\\2f\\2f evil.example/p.png)",
+    "background: url(\\2F \\2F evil.example/p.png)",
+    "background: url('/\\\\evil.example/p.png')",
+    "background: url(\\5c/evil.example/p.png)",
+    "background: url(\\5c \\5c evil.example/p.png)",
+    "background: url('\\\\\\\\evil.example/p.png')",
+    "background: url(\\/\\/evil.example/p.png)",
+    "background: url('/\t/evil.example/p.png')",
+    "background: url('/\n\\\\evil.example/p.png')",
+    "background: url(\"\\\n/\\/evil.example/p.png\")",
+    "background: url('\\68 ttps://evil.example/p.png')",
+])
+def test_css_urls_to_other_hosts_are_rejected_however_escaped(style: str) -> None:
+    assert unsafe_style(style) == "url(", style
+    value = style.replace("'", "&apos;").replace("\t", "&#9;").replace("\n", "&#10;")
+    assert [key for key, _ in check_narrative(div(f"<span style='{value}'>x</span>"))
+            ] == ["txt-1"]
+
+
+@pytest.mark.parametrize("style", [
+    "background: url('\\/img/a.png')",  # CSS \/ is /: a path on the site
+    "background: url(img\\2f a.png)",
+    "background: url('/\\evil.png')",  # \e is U+000E: the path /\x0evil.png
+    "background: url(img\\\\a.png)",  # img\a.png, the URL img/a.png
+])
+def test_css_urls_on_the_site_pass_with_escapes(style: str) -> None:
+    assert unsafe_style(style) is None, style
+
+
 @pytest.mark.parametrize("text", [
     "<!DOCTYPE div [<!ENTITY x 'y'>]><div xmlns='http://www.w3.org/1999/xhtml'>&x;</div>",
     "<!doctype html><div xmlns='http://www.w3.org/1999/xhtml'>x</div>",
