@@ -499,7 +499,8 @@ class _Transaction:
                     raise FhirError(Code.ID_MISMATCH, "Resource.id must match request.url",
                                     ("id",))
             if e.method == "PATCH":
-                e.extra["ops"] = check_patch(self._patch_ops(e))
+                e.extra["ops"] = check_patch(self._patch_ops(e),
+                                             self.ctx.settings.max_patch_operations)
         if e.full_url and e.id:
             self.names[e.full_url] = f"{e.resource_type}/{e.id}"
 
