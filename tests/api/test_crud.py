@@ -559,6 +559,14 @@ def test_conditional_read_with_if_modified_since(client: httpx.Client) -> None:
     earlier = format_datetime(since - timedelta(seconds=1), usegmt=True)
     assert client.get(path, headers={"If-Modified-Since": earlier}).status_code == 200
     assert client.get(path, headers={"If-Modified-Since": "yesterday"}).status_code == 200
+    # RFC 9110 13.1.3: "A recipient MUST ignore If-Modified-Since if the field value is
+    # not a valid HTTP-date", as one of a year no date holds is not
+    for huge in ("Fri, 31 Dec 99999999999999999999 23:59:59 GMT",
+                 "Fri, 31 Dec 99999 23:59:59 GMT"):
+        for read in (path, f"{path}/_history/1"):
+            assert client.get(read, headers={"If-Modified-Since": huge}).status_code == 200
+    assert client.get(f"{path}/_history/1",
+                      headers={"If-Modified-Since": later}).status_code == 304
     # If-None-Match decides when both are sent
     assert client.get(path, headers={"If-Modified-Since": later,
                                      "If-None-Match": 'W/"7"'}).status_code == 200
