@@ -31,6 +31,8 @@ class Settings:
     public_base_url: str | None = None
     max_request_bytes: int = 10 * 1024 * 1024
     max_bundle_entries: int = 5000
+    #: most operations in one JSON Patch or FHIRPath Patch (413 beyond)
+    max_patch_operations: int = 1000
     max_json_depth: int = 64
     #: longest string value accepted (base64 documents included), in characters
     max_string_length: int = 8 * 1024 * 1024
@@ -256,10 +258,11 @@ class SettingsError(ValueError):
 JURISDICTION_TIMEZONES = {"DE": "Europe/Berlin", "NL": "Europe/Amsterdam"}
 
 #: settings that must be greater than 0, and those that may be 0 (off, or for ever)
-_POSITIVE = ("workers", "max_request_bytes", "max_bundle_entries", "max_json_depth",
-             "max_string_length", "default_page_size", "max_page_size", "max_search_results",
-             "search_read_ahead", "db_pool_size", "keep_alive_s", "access_token_lifetime",
-             "validation_max_resource_depth", "search_parameter_refresh_s")
+_POSITIVE = ("workers", "max_request_bytes", "max_bundle_entries", "max_patch_operations",
+             "max_json_depth", "max_string_length", "default_page_size", "max_page_size",
+             "max_search_results", "search_read_ahead", "db_pool_size", "keep_alive_s",
+             "access_token_lifetime", "validation_max_resource_depth",
+             "search_parameter_refresh_s")
 _NOT_NEGATIVE = ("gzip_min_bytes", "shutdown_grace_s", "db_statement_timeout_ms",
                  "request_head_timeout_s", "request_body_timeout_s", "outbox_retention_hours",
                  "query_timeout_s",

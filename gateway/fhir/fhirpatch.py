@@ -18,7 +18,11 @@ error. Element names, cardinality and choice types come from the R4 model
 (:class:`gateway.fhir.validation.model.Model`); the patched resource is
 validated by the caller as any other write.
 
-Pure: the caller's resource is not modified.
+Pure: neither the caller's resource nor the operations are modified (a value an
+operation adds is a copy, which later operations may change; a write that runs
+again applies the same operations). Each operation adds no more than its value
+carries (``move`` moves, nothing copies), so the patched resource exceeds the
+stored one by at most the patch's own length.
 """
 
 from __future__ import annotations
@@ -226,7 +230,7 @@ def _value(parts: dict[str, Any], node: Node, name: str) -> tuple[str, Any]:
         suffix = vkey[len("value"):]
         for child in info.children:
             if child.group is None or child.key == name + suffix:
-                return child.key, v
+                return child.key, copy.deepcopy(v)
         raise _bad(f"{name!r} cannot take a {suffix}")
     if "part" in part:
         if len(info.children) != 1 or info.children[0].node is None:

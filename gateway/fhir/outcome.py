@@ -123,6 +123,8 @@ class Code(Enum):
     TOO_LONG = ("GW-4218", 422, "value", "Value longer than the profile's maxLength")
     SNAPSHOT_FAILED = ("GW-4219", 422, "processing",
                        "No snapshot can be made from the differential")
+    #: the last issue of an OperationOutcome that lists the first of many (MAX_ISSUES)
+    ISSUES_NOT_LISTED = ("GW-4220", 422, "too-costly", "More issues were found than are listed")
     # 44xx: subscriptions (R4 Subscriptions Backport; docs/subscriptions.md)
     UNKNOWN_TOPIC = ("GW-4401", 422, "not-supported", "Unknown SubscriptionTopic")
     INVALID_FILTER = ("GW-4402", 422, "invalid", "Filter not supported by the topic")
@@ -196,7 +198,82 @@ class FhirError(Exception):
         return operation_outcome(self.issues())
 
 
+#: the most errors, and the most other issues, one OperationOutcome lists; how many
+#: more were found is said in one more issue (GW-4220). A resource of a million
+#: faulty elements would otherwise be answered with a million issues, hundreds of
+#: megabytes, which help no one: the first ones show what is wrong
+MAX_ISSUES = 100
+
+_ERRORS = ("error", "fatal")
+
+
+class Findings:
+    """Issues as a check finds them: the first :data:`MAX_ISSUES` errors and the first
+    :data:`MAX_ISSUES` others kept, in the order found; the rest only counted, so that
+    a long walk over a faulty resource costs no more memory than a short one.
+
+    A caller that builds an issue's text or location at some cost asks :meth:`keeps`
+    first, and builds the issue only when it is kept."""
+
+    __slots__ = ("errors", "issues", "others")
+
+    def __init__(self) -> None:
+        self.issues: list[Issue] = []
+        self.errors = 0  # found, kept or not
+        self.others = 0
+
+    def keeps(self, severity: str) -> bool:
+        """Count an issue of ``severity``: True when it is to be kept (appended)."""
+        if severity in _ERRORS:
+            self.errors += 1
+            return self.errors <= MAX_ISSUES
+        self.others += 1
+        return self.others <= MAX_ISSUES
+
+    def add(self, issue: Issue) -> None:
+        if self.keeps(issue.severity):
+            self.issues.append(issue)
+
+    def absorb(self, other: Findings) -> None:
+        """What ``other`` found, as if found here after what was found here."""
+        for issue in other.issues:
+            self.add(issue)
+        self.errors += max(0, other.errors - MAX_ISSUES)
+        self.others += max(0, other.others - MAX_ISSUES)
+
+    @property
+    def failed(self) -> bool:
+        """An error was found (kept or not)."""
+        return self.errors > 0
+
+    def listed(self) -> list[Issue]:
+        """The kept issues and, when some were not kept, one saying how many: an error
+        when any of those is, so what is left out still fails a write."""
+        errors = max(0, self.errors - MAX_ISSUES)
+        others = max(0, self.others - MAX_ISSUES)
+        if not errors and not others:
+            return list(self.issues)
+        counted = " and ".join(f"{n} {what}" for n, what in ((errors, "more errors"),
+                                                            (others, "more warnings or notes"))
+                               if n)
+        return [*self.issues, Issue(
+            Code.ISSUES_NOT_LISTED,
+            f"{counted} were found and are not listed (at most {MAX_ISSUES} errors and"
+            f" {MAX_ISSUES} other issues are)", (), "error" if errors else "warning")]
+
+
+def listed(issues: Iterable[Issue]) -> list[Issue]:
+    """``issues`` as an OperationOutcome lists them (:class:`Findings`)."""
+    found = Findings()
+    for issue in issues:
+        found.add(issue)
+    return found.listed()
+
+
 def operation_outcome(issues: Iterable[Issue]) -> dict[str, Any]:
+    issues = list(issues)
+    if len(issues) > 2 * MAX_ISSUES + 2:  # the validator lists that many at most
+        issues = listed(issues)
     return {"resourceType": "OperationOutcome", "issue": [i.to_json() for i in issues]}
 
 

@@ -125,9 +125,11 @@ async def check_valid(ctx: Context, resource: dict[str, Any],
     issues = await validation_issues(ctx, resource, tx=tx)
     errors = [i for i in issues if i.severity in ("error", "fatal")]
     if errors:
+        # one issue may count those not listed (GW-4220, outcome.MAX_ISSUES)
+        more = any(i.code is Code.ISSUES_NOT_LISTED for i in errors)
         raise FhirError(Code.VALIDATION_FAILED,
-                        f"{resource.get('resourceType')} has {len(errors)} validation"
-                        " error(s)", extra=issues)
+                        f"{resource.get('resourceType')} has {'more than ' if more else ''}"
+                        f"{len(errors) - more} validation error(s)", extra=issues)
 
 
 @dataclass(slots=True)

@@ -4,6 +4,15 @@
 
 The patch applies to the current version inside the write transaction; the
 result must still be the same resource (type and id unchanged).
+
+A patch has at most ``CAREPATH_MAX_PATCH_OPERATIONS`` operations, and its result
+may weigh no more than a request may (``CAREPATH_MAX_REQUEST_BYTES``): 413 GW-1011
+otherwise. Only JSON Patch's ``copy`` (RFC 6902 4.5) makes a document grow by more
+than the patch carries (each copy of an array into itself doubles it), so the
+weight is followed copy by copy and the patch refused before the copy that would
+pass the limit is made. Nor may the result nest deeper than a body may
+(``CAREPATH_MAX_JSON_DEPTH``; 400 GW-1010): operations whose paths lead into what
+earlier ones added can nest without bound.
 """
 
 from __future__ import annotations
@@ -42,13 +51,42 @@ class Patch:
     ops: list[dict[str, Any]]
 
 
-def check_patch(body: Any) -> Patch:
+def check_patch(body: Any, max_operations: int) -> Patch:
     if fhirpatch.is_fhirpath_patch(body):
+        ops = body.get("parameter")
+        if isinstance(ops, list):
+            _count(len(ops), max_operations)
         return Patch(True, fhirpatch.check(body))
     if not isinstance(body, list) or not all(isinstance(op, dict) for op in body):
         raise FhirError(Code.INVALID_PATCH, "a JSON Patch document is an array of operations;"
                                             " a FHIRPath Patch is a Parameters resource")
+    _count(len(body), max_operations)
     return Patch(False, body)
+
+
+def _count(operations: int, limit: int) -> None:
+    if operations > limit:
+        raise FhirError(Code.TOO_LARGE, f"the patch has {operations} operations; at most"
+                                        f" {limit} are taken (CAREPATH_MAX_PATCH_OPERATIONS)")
+
+
+def _copied_bytes(doc: Any, op: dict[str, Any], n: int) -> int:
+    """What a JSON Patch ``copy`` adds to the document: the serialized length of the
+    value at ``from`` (0 when there is none: applying the operation then fails)."""
+    try:
+        value = jsonpatch.JsonPointer(op["from"]).resolve(doc)
+    except (jsonpatch.JsonPointerException, KeyError, TypeError):
+        return 0
+    try:
+        return len(fjson.dumps(value))
+    except TypeError:  # orjson's JSONEncodeError: nested deeper than JSON is written
+        raise _too_deep(f"JSON Patch: operation {n} ({_named(op)}) copies a value that")\
+            from None
+
+
+def _too_deep(what: str) -> FhirError:
+    return FhirError(Code.TOO_DEEP, f"{what} nests deeper than a resource may"
+                                    " (CAREPATH_MAX_JSON_DEPTH)")
 
 
 def _named(op: dict[str, Any]) -> str:
@@ -74,9 +112,21 @@ def apply_patch(ctx: Context, current: StoredResource, patch: Patch) -> dict[str
         if model is None:
             raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
                             "FHIRPath Patch needs the validator's model; use JSON Patch")
-        return _same_resource(current, fhirpatch.apply(doc, patch.ops, model))
+        return _shallow(ctx, _same_resource(current, fhirpatch.apply(doc, patch.ops, model)))
     result: Any = doc  # parsed for this patch alone: changed in place
+    limit = ctx.settings.max_request_bytes
+    # an upper bound of the document's serialized length: what is stored, and every
+    # copy (other operations add no more than the patch body carries, whose length is
+    # limited already; what they remove is not subtracted)
+    weight = len(current.content)
     for n, op in enumerate(patch.ops):
+        if op.get("op") == "copy":
+            weight += _copied_bytes(result, op, n)
+            if weight > limit:
+                raise FhirError(Code.TOO_LARGE,
+                                f"JSON Patch: operation {n} ({_named(op)}) would make the"
+                                f" resource larger than the {limit} bytes a request may"
+                                " carry (CAREPATH_MAX_REQUEST_BYTES)")
         try:
             result = jsonpatch.JsonPatch([op]).apply(result, in_place=True)
         except jsonpatch.JsonPatchTestFailed:
@@ -90,7 +140,15 @@ def apply_patch(ctx: Context, current: StoredResource, patch: Patch) -> dict[str
                                                 f" ({_named(op)}): {_reason(exc)}") from None
     if not isinstance(result, dict):
         raise FhirError(Code.PATCH_RESULT_INVALID, "the patched document is not a resource")
-    return _same_resource(current, result)
+    return _shallow(ctx, _same_resource(current, result))
+
+
+def _shallow(ctx: Context, result: dict[str, Any]) -> dict[str, Any]:
+    """``result``, unless it nests deeper than a request body may (a walk over its
+    objects and arrays: microseconds for a resource of a few kilobytes)."""
+    if fjson.check_limits(result, ctx.settings.max_json_depth, None) is not None:
+        raise _too_deep("the patched resource")
+    return result
 
 
 def _same_resource(current: StoredResource, result: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +201,7 @@ async def patch(
     guard.require(resource_type, "patch")
     if id is not None:
         check_id(id)
-    ops = check_patch(body)
+    ops = check_patch(body, ctx.settings.max_patch_operations)
 
     async def work(tx: StoreTransaction) -> StoredResource:
         target = id

@@ -51,19 +51,22 @@ def _body(ctx: Context, stored: StoredResource,
 def _not_modified(stored: StoredResource, if_none_match: str | None,
                   if_modified_since: str | None) -> bool:
     """Conditional read (http.html#cread): ``If-None-Match`` decides when present
-    (RFC 9110 13.1.3), else ``If-Modified-Since`` (second precision; a date that
-    cannot be parsed is ignored)."""
+    (RFC 9110 13.1.3), else ``If-Modified-Since`` (second precision). RFC 9110
+    13.1.3: "A recipient MUST ignore If-Modified-Since if the field value is not a
+    valid HTTP-date": one that cannot be parsed, or names a year no date holds
+    (``Fri, 31 Dec 99999999999999999999 23:59:59 GMT``), is ignored."""
     if if_none_match:
         tags = {t.strip() for t in if_none_match.split(",")}
         return "*" in tags or bool(tags & {stored.etag, f'"{stored.version}"'})
     if if_modified_since:
         try:
             since = parsedate_to_datetime(if_modified_since)
-        except (TypeError, ValueError):
+            if since.tzinfo is None:
+                return False  # not an HTTP date (those are GMT)
+            seconds = int(since.timestamp())
+        except (TypeError, ValueError, OverflowError):
             return False
-        if since.tzinfo is None:
-            return False  # not an HTTP date (those are GMT)
-        return stored.last_updated // 1_000_000 <= int(since.timestamp())
+        return stored.last_updated // 1_000_000 <= seconds
     return False
 
 

@@ -259,19 +259,34 @@ def _check_full_url(where: str, full_url: str, method: str, path: str) -> None:
                         f" entry writes {path[:100]}", (f"{where}.fullUrl",))
 
 
+#: the latest HTTP date (RFC 9110 5.6.7: a year of four digits), and one before any
+#: version stored here
+_LAST_HTTP_DATE = "Fri, 31 Dec 9999 23:59:59 GMT"
+_EPOCH_HTTP_DATE = "Thu, 01 Jan 1970 00:00:00 GMT"
+
+
 def _http_date(value: str) -> str:
     """``Bundle.entry.request.ifModifiedSince`` is an ``instant``
     (bundle-definitions.html#Bundle.entry.request.ifModifiedSince), the header
     it stands for an HTTP date: ``2035-01-01T00:00:00Z`` ->
     ``Mon, 01 Jan 2035 00:00:00 GMT``. A value that is neither is passed on, and
-    ignored as an unparseable header is."""
+    ignored as an unparseable header is. An instant in UTC beyond the year 9999
+    (``9999-12-31T23:59:59-12:00``) becomes the last HTTP date, one before 1970 the
+    first of 1970: no version was stored at either, so the answer is the same
+    (RFC 9110 13.1.3; a year below 1000 would be read as a two-digit one)."""
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
         return value
     if when.tzinfo is None:
         return value  # an instant carries its offset; a bare date-time is not one
-    return format_datetime(when.astimezone(UTC), usegmt=True)
+    try:
+        utc = when.astimezone(UTC)
+    except OverflowError:  # beyond 9999-12-31 or before 0001-01-01 in UTC
+        return _LAST_HTTP_DATE if when.year == 9999 else _EPOCH_HTTP_DATE
+    if utc.year < 1970:
+        return _EPOCH_HTTP_DATE
+    return format_datetime(utc, usegmt=True)
 
 
 def _status_line(status: int) -> str:
@@ -499,7 +514,8 @@ class _Transaction:
                     raise FhirError(Code.ID_MISMATCH, "Resource.id must match request.url",
                                     ("id",))
             if e.method == "PATCH":
-                e.extra["ops"] = check_patch(self._patch_ops(e))
+                e.extra["ops"] = check_patch(self._patch_ops(e),
+                                             self.ctx.settings.max_patch_operations)
         if e.full_url and e.id:
             self.names[e.full_url] = f"{e.resource_type}/{e.id}"
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from datetime import timedelta
 from email.utils import format_datetime, parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from gateway.settings import Settings
 from tests.api.helpers import FHIR, gw_code, patient, post, put, search_ids
-from tests.conftest import unique
+from tests.conftest import RunningServer, unique
 
 
 def test_create_assigns_id_version_and_headers(client: httpx.Client) -> None:
@@ -352,6 +356,79 @@ def test_json_patch_errors_name_the_operation_not_the_data(client: httpx.Client)
     assert client.get(path).json()["meta"]["versionId"] == "1"
 
 
+def test_a_patch_grows_a_resource_no_larger_than_a_request(tmp_path: Path) -> None:
+    """Each JSON Patch ``copy`` of an array into itself doubles it: 40 of them (a
+    body of 2 KB) would make a resource of terabytes. The patch is refused (413) at
+    the copy that would make the resource larger than a request may be, in a PATCH,
+    a transaction's Binary and a batch's alike, and nothing is written."""
+    limit = 64 * 1024
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'g.db'}",
+                        max_request_bytes=limit)
+    doubling = [{"op": "copy", "from": "/name", "path": "/name/-"}] * 16  # 2 MB
+    patch_type = {"Content-Type": "application/json-patch+json"}
+    with RunningServer(settings) as running, httpx.Client(
+            base_url=running.url, timeout=30, headers={"Accept": FHIR}) as http:
+        rid = post(http, {"resourceType": "Patient", "name": [{"family": "x"}]}).json()["id"]
+        path = f"/Patient/{rid}"
+        response = http.patch(path, json=doubling, headers=patch_type)
+        assert (response.status_code, gw_code(response)) == (413, "GW-1011"), response.text
+        # each copy nests the array in itself: 34 KB after operation 10, 69 KB after 11
+        assert "operation 11 (copy /name/-)" in response.json()["issue"][0]["diagnostics"]
+        within = http.patch(path, json=[{"op": "copy", "from": "/name/0", "path": "/name/-"}]
+                            * 5, headers=patch_type)
+        assert within.status_code == 200 and len(within.json()["name"]) == 6
+        entry = {"resource": {"resourceType": "Binary",
+                              "contentType": "application/json-patch+json",
+                              "data": base64.b64encode(json.dumps(doubling).encode()).decode()},
+                 "request": {"method": "PATCH", "url": f"Patient/{rid}"}}
+        in_tx = http.post("", json={"resourceType": "Bundle", "type": "transaction",
+                                    "entry": [entry]}, headers={"Content-Type": FHIR})
+        assert (in_tx.status_code, gw_code(in_tx)) == (413, "GW-1011"), in_tx.text
+        in_batch = http.post("", json={"resourceType": "Bundle", "type": "batch",
+                                       "entry": [entry]}, headers={"Content-Type": FHIR})
+        assert in_batch.status_code == 200, in_batch.text
+        assert in_batch.json()["entry"][0]["response"]["status"].startswith("413")
+        assert http.get(path).json()["meta"]["versionId"] == "2"
+
+
+def test_a_patch_nests_a_resource_no_deeper_than_a_body(client: httpx.Client) -> None:
+    """Each operation may reach into what the one before added: 300 of them nest the
+    resource 300 deep, deeper than ``CAREPATH_MAX_JSON_DEPTH`` allows a body (and
+    than JSON is written): 400 GW-1010, not an internal error."""
+    path = f"/Patient/{post(client, patient(unique('mrn'))).json()['id']}"
+    ops = [{"op": "add", "path": "/extension", "value": {}}]
+    ops += [{"op": "add", "path": "/extension" + "/a" * (i + 1), "value": {}}
+            for i in range(300)]
+    deep = client.patch(path, json=ops, headers={"Content-Type": "application/json-patch+json"})
+    assert (deep.status_code, gw_code(deep)) == (400, "GW-1010"), deep.text
+    # and a copy of a value too deep to be measured is refused before it is made
+    copied = client.patch(path, json=[*ops, {"op": "copy", "from": "/extension",
+                                             "path": "/extension/b"}],
+                          headers={"Content-Type": "application/json-patch+json"})
+    assert (copied.status_code, gw_code(copied)) == (400, "GW-1010"), copied.text
+    nested = [{"type": "add", "path": "Patient" + ".extension" * i, "name": "extension",
+               "value": [{"name": "url", "valueUri": "urn:test:x"}]} for i in range(150)]
+    fhirpath = client.patch(path, json=_fhirpath_patch(*nested), headers={"Content-Type": FHIR})
+    assert (fhirpath.status_code, gw_code(fhirpath)) == (400, "GW-1010"), fhirpath.text
+    assert client.get(path).json()["meta"]["versionId"] == "1"
+
+
+def test_a_patch_has_at_most_a_thousand_operations(client: httpx.Client) -> None:
+    """``CAREPATH_MAX_PATCH_OPERATIONS``: a patch of more operations is refused (413)
+    before any is applied, a JSON Patch and a FHIRPath Patch alike."""
+    path = f"/Patient/{post(client, patient(unique('mrn'))).json()['id']}"
+    test_gender = {"op": "test", "path": "/resourceType", "value": "Patient"}
+    patch_type = {"Content-Type": "application/json-patch+json"}
+    assert client.patch(path, json=[test_gender] * 1000, headers=patch_type).status_code == 200
+    many = client.patch(path, json=[test_gender] * 1001, headers=patch_type)
+    assert (many.status_code, gw_code(many)) == (413, "GW-1011"), many.text
+    assert "1001 operations" in many.json()["issue"][0]["diagnostics"]
+    keep = {"type": "move", "path": "Patient.name", "source": 0, "destination": 0}
+    fhirpath = client.patch(path, json=_fhirpath_patch(*[keep] * 1001),
+                            headers={"Content-Type": FHIR})
+    assert (fhirpath.status_code, gw_code(fhirpath)) == (413, "GW-1011"), fhirpath.text
+
+
 def test_bad_input_is_an_operation_outcome_never_a_500(client: httpx.Client) -> None:
     cases = [
         (client.post("/Patient", content=b"{not json", headers={"Content-Type": FHIR}),
@@ -482,6 +559,14 @@ def test_conditional_read_with_if_modified_since(client: httpx.Client) -> None:
     earlier = format_datetime(since - timedelta(seconds=1), usegmt=True)
     assert client.get(path, headers={"If-Modified-Since": earlier}).status_code == 200
     assert client.get(path, headers={"If-Modified-Since": "yesterday"}).status_code == 200
+    # RFC 9110 13.1.3: "A recipient MUST ignore If-Modified-Since if the field value is
+    # not a valid HTTP-date", as one of a year no date holds is not
+    for huge in ("Fri, 31 Dec 99999999999999999999 23:59:59 GMT",
+                 "Fri, 31 Dec 99999 23:59:59 GMT"):
+        for read in (path, f"{path}/_history/1"):
+            assert client.get(read, headers={"If-Modified-Since": huge}).status_code == 200
+    assert client.get(f"{path}/_history/1",
+                      headers={"If-Modified-Since": later}).status_code == 304
     # If-None-Match decides when both are sent
     assert client.get(path, headers={"If-Modified-Since": later,
                                      "If-None-Match": 'W/"7"'}).status_code == 200

@@ -616,8 +616,16 @@ def test_conditional_reads_in_a_batch(client: httpx.Client) -> None:
         {"request": {"method": "GET", "url": url, "ifModifiedSince": "2999-01-01T00:00:00+01:00"}},
         {"request": {"method": "GET", "url": url, "ifModifiedSince": "2001-01-01T00:00:00Z"}},
         {"request": {"method": "GET", "url": url, "ifModifiedSince": "not a time"}},
+        # instants beyond the last HTTP date (10000-01-01 in UTC) and before 1970
+        {"request": {"method": "GET", "url": url,
+                     "ifModifiedSince": "9999-12-31T23:59:59-12:00"}},
+        {"request": {"method": "GET", "url": url,
+                     "ifModifiedSince": "0001-01-01T00:00:00+14:00"}},
+        {"request": {"method": "GET", "url": url,
+                     "ifModifiedSince": "0050-01-01T00:00:00Z"}},
     ], "batch")).json()["entry"]]
     assert statuses == ["304 Not Modified", "200 OK", "304 Not Modified",
+                        "304 Not Modified", "200 OK", "200 OK",
                         "304 Not Modified", "200 OK", "200 OK"]
 
 

@@ -235,6 +235,32 @@ def test_claimed_profile_is_enforced_on_write(client: httpx.Client) -> None:
     assert "GW-4204" in gw_codes(response)
 
 
+def test_a_resource_of_many_faults_is_answered_with_the_first(client: httpx.Client) -> None:
+    """An OperationOutcome lists the first 100 errors and one more issue counting the
+    others (GW-4220), whether the write refuses the resource, in JSON or in XML, or
+    $validate judges it: 50,000 faults make no answer of megabytes."""
+    mrn = unique("mrn")
+    faulty = patient(mrn)
+    faulty["identifier"] += [{}] * 50_000
+    xml = ('<Patient xmlns="http://hl7.org/fhir">'
+           + '<identifier><use value="bogus"/></identifier>' * 50_000 + "</Patient>")
+    for response, status, fault in (
+            (post(client, faulty), 422, "GW-4203"),  # an empty object
+            (client.post("/Patient", content=xml, headers={
+                "Content-Type": "application/fhir+xml", "Accept": FHIR}), 422, "GW-4207"),
+            (validate(client, "/Patient/$validate", faulty), 200, "GW-4203")):
+        assert response.status_code == status, response.text[:500]
+        assert len(response.content) < 100_000, len(response.content)
+        found = [i for i in issues(response) if i["severity"] == "error"]
+        codes = [i["details"]["coding"][0]["code"] for i in found]
+        assert codes[-101:] == [fault] * 100 + ["GW-4220"]
+        assert "49900 more errors" in found[-1]["diagnostics"]
+        if status == 422:
+            assert codes[0] == "GW-4002"
+            assert "more than 100 validation error(s)" in found[0]["diagnostics"]
+    assert search_ids(client, "/Patient", identifier=mrn) == []
+
+
 def test_nesting_deeper_than_the_limit_is_refused(client: httpx.Client) -> None:
     resource: dict[str, Any] = {"resourceType": "Basic", "code": {"text": "leaf"}}
     for _ in range(7):

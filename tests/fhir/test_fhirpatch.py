@@ -103,3 +103,17 @@ def test_add_to_a_backbone_element_from_parts(model: Model) -> None:
 def test_errors_name_the_problem(model: Model, ops: list[dict[str, Any]], message: str) -> None:
     with pytest.raises(FhirError, match=message):
         patched(model, PATIENT, *ops)
+
+
+def test_the_patch_is_left_alone(model: Model) -> None:
+    """A write that meets a concurrent one runs again, with the same patch: a value
+    the patch added and a later operation changed must come out as it went in."""
+    checked = fhirpatch.check({"resourceType": "Parameters", "parameter": [
+        op("add", "Patient", name="name", value=("valueHumanName", {"family": "Neu"})),
+        op("add", "Patient.name.where(family = 'Neu')", name="given",
+           value=("valueString", "Eva")),
+    ]})
+    first = fhirpatch.apply(PATIENT, checked, model)
+    again = fhirpatch.apply(PATIENT, checked, model)
+    assert first["name"][-1] == {"family": "Neu", "given": ["Eva"]}
+    assert again == first

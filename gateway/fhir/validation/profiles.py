@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from gateway.fhir.outcome import Code, Issue
+from gateway.fhir.outcome import Code, Findings, Issue
 from gateway.fhir.validation.fhirpath import Compiled, Env, EvaluationError
 from gateway.fhir.validation.model import (
     HAND_CODED,
@@ -178,14 +178,15 @@ class _Run:
         self.profiles = profiles
         self.url = url
         self.env = env
-        self.issues: list[Issue] = []
+        self.found = Findings()  # the first issues kept, the rest counted
         self.evaluations = 0
 
     def issue(self, code: Code, loc: Loc, element: str, message: str,
               severity: str = "error") -> None:
-        self.issues.append(Issue(
-            code, f"{message} (profile {self.url}, element {element})", (render(loc),),
-            severity))
+        if self.found.keeps(severity):
+            self.found.issues.append(Issue(
+                code, f"{message} (profile {self.url}, element {element})", (render(loc),),
+                severity))
 
 
 @dataclass(eq=False)
@@ -430,10 +431,10 @@ class CompiledProfile:
         self.notes = notes
         self._profiles = profiles
 
-    def check(self, resource: dict[str, Any], loc: Loc) -> tuple[list[Issue], int]:
+    def check(self, resource: dict[str, Any], loc: Loc) -> tuple[Findings, int]:
         run = _Run(self._profiles, self.url, Env(resource, resource))
         self.root.check_item(resource, loc, run)
-        return run.issues, run.evaluations
+        return run.found, run.evaluations
 
 
 class ProfileSet:
@@ -497,7 +498,7 @@ class ProfileSet:
         inner = _Run(self, compiled.url, Env(value, run.env.root)
                      if "resourceType" in value else run.env)
         compiled.root.check_item(value, loc, inner)
-        run.issues.extend(inner.issues)
+        run.found.absorb(inner.found)
         run.evaluations += inner.evaluations
 
     def conforms(self, url: str, value: Any, run: _Run) -> bool:
@@ -506,7 +507,7 @@ class ProfileSet:
             return False
         inner = _Run(self, compiled.url, run.env)
         compiled.root.check_item(value, None, inner)
-        return not any(i.severity in ("error", "fatal") for i in inner.issues)
+        return not inner.found.failed
 
 
 class _Compiler:

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.fhir.outcome import Code, Issue
+from gateway.fhir.outcome import Code, Findings, Issue
 from gateway.fhir.validation.loader import Definitions, load_definitions
 from gateway.fhir.validation.model import Model, value_sets_index
 from gateway.fhir.validation.profiles import ProfileSet
@@ -125,7 +125,7 @@ class FhirValidator:
         gateway's own."""
         walker = Walker(self.model, max_depth=self.max_depth, max_nesting=self.max_nesting)
         walker.resource(resource)
-        issues = walker.issues
+        found = walker.found
         evaluations = walker.evaluations
         if isinstance(resource, dict):
             claims: list[tuple[dict[str, Any], Loc, list[str]]] = []
@@ -139,14 +139,14 @@ class FhirValidator:
                 claims.append((nested, loc, _claimed(nested)))
             for target, loc, urls in claims:
                 for url in urls:
-                    found, evals = self._profile(target, loc, url, profiles or self.profiles)
-                    issues.extend(found)
+                    more, evals = self._profile(target, loc, url, profiles or self.profiles)
+                    found.absorb(more)
                     evaluations += evals
         self.last_evaluations = evaluations
-        return issues
+        return found.listed()
 
     def _profile(self, resource: dict[str, Any], loc: Loc, url: str,
-                 profiles: ProfileSet) -> tuple[list[Issue], int]:
+                 profiles: ProfileSet) -> tuple[Findings, int]:
         canonical = url.split("|", 1)[0]
         compiled = profiles.get(canonical)
         if compiled is None:
@@ -155,18 +155,29 @@ class FhirValidator:
                 f"is stored here but cannot be used: {why[:300]}"
             if why is None and canonical in profiles.raw:
                 said = "is stored here but cannot be used: its definition does not compile"
-            return [Issue(Code.UNKNOWN_PROFILE,
-                          f"profile {url[:200]} {said}; validated against the base "
-                          "definition only", (render((loc, "meta", None)),), "warning")], 0
+            return _one(Issue(Code.UNKNOWN_PROFILE,
+                              f"profile {url[:200]} {said}; validated against the base "
+                              "definition only", (render((loc, "meta", None)),),
+                              "warning")), 0
         if compiled.type != resource.get("resourceType"):
-            return [Issue(Code.UNKNOWN_PROFILE,
-                          f"profile {url[:200]} constrains {compiled.type}, not "
-                          f"{resource.get('resourceType')}", (render(loc),))], 0
+            return _one(Issue(Code.UNKNOWN_PROFILE,
+                              f"profile {url[:200]} constrains {compiled.type}, not "
+                              f"{resource.get('resourceType')}", (render(loc),))), 0
         found, evaluations = compiled.check(resource, loc)
         if canonical in self.warn_only:
-            found = [replace(i, severity="warning") if i.severity in ("error", "fatal")
-                     else i for i in found]
+            warned = Findings()
+            for i in found.issues:
+                warned.add(replace(i, severity="warning") if i.severity in ("error", "fatal")
+                           else i)
+            warned.others += found.errors + found.others - len(found.issues)
+            found = warned
         return found, evaluations
+
+
+def _one(issue: Issue) -> Findings:
+    found = Findings()
+    found.add(issue)
+    return found
 
 
 def _claimed(resource: dict[str, Any]) -> list[str]:

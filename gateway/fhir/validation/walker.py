@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from gateway.fhir.outcome import Code, Issue
+from gateway.fhir.outcome import Code, Findings, Issue
 from gateway.fhir.references import split_restful
 from gateway.fhir.validation.fhirpath import Env, EvaluationError
 from gateway.fhir.validation.model import COMPLEX, PRIM, RESOURCE, Child, Invariant, Model, Node
@@ -70,7 +70,9 @@ class Walker:
         self.model = model
         self.max_depth = max_depth
         self.max_nesting = max_nesting
-        self.issues: list[Issue] = []
+        #: what the walk found (the first issues kept, the rest counted: a resource of a
+        #: million faulty elements costs no million issues)
+        self.found = Findings()
         self.nesting = 0
         self.res = _Resource()
         self.env = Env(None, None)
@@ -81,7 +83,8 @@ class Walker:
     # -- issues ---------------------------------------------------------------------
 
     def issue(self, code: Code, loc: Loc, message: str, severity: str = "error") -> None:
-        self.issues.append(Issue(code, message, (render(loc),), severity))
+        if self.found.keeps(severity):
+            self.found.issues.append(Issue(code, message, (render(loc),), severity))
 
     # -- resources ------------------------------------------------------------------
 

@@ -277,6 +277,18 @@ def test_warn_only_profiles_report_warnings(validator: FhirValidator) -> None:
     assert codes(validator.validate(bad)) == {"GW-4207", "GW-4205"}
 
 
+def test_a_profile_lists_the_first_hundred_errors(validator: FhirValidator) -> None:
+    names = [{"given": ["A"]}] * 300  # the profile: one name, with a family
+    issues = validator.validate(profiled(name=names))
+    assert len(errors(issues)) == 101 and issues[-1].code.gw == "GW-4220"
+    assert issues[-1].severity == "error"
+    lenient = FhirValidator(validator.definitions, warn_only=TP,
+                            _compiled=(validator.model, validator.profiles))
+    warned = lenient.validate(profiled(name=names))
+    assert errors(warned) == [] and len(warned) == 101
+    assert warned[-1].code.gw == "GW-4220" and warned[-1].severity == "warning"
+
+
 def test_profiles_of_bundle_entries_are_checked(validator: FhirValidator) -> None:
     bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
         {"fullUrl": "urn:uuid:5d2b7c3a-5f34-4b2a-9d1e-2a3b4c5d6e7f",

@@ -392,3 +392,32 @@ def _observation(**extra: Any) -> dict[str, Any]:
     }
     obs.update(extra)
     return {k: v for k, v in obs.items() if v is not None}
+
+
+def test_the_first_hundred_errors_are_listed_and_the_rest_counted(
+        validator: FhirValidator) -> None:
+    """A million faulty elements make no million issues (hundreds of megabytes of
+    OperationOutcome): the first 100 errors are listed, then one error counting the
+    others, so that the resource still fails."""
+    issues = validator.validate(patient(identifier=[{}] * 100_000))
+    assert [i.code.gw for i in issues] == ["GW-4203"] * 100 + ["GW-4220"]
+    assert issues[99].expression == ("Patient.identifier[99]",)
+    assert issues[-1].severity == "error"
+    assert "99900 more errors" in (issues[-1].diagnostics or "")
+
+
+def test_an_error_after_a_hundred_warnings_is_listed(validator: FhirValidator) -> None:
+    """Errors and other issues are counted apart: warnings found first do not keep an
+    error from being listed."""
+    bare = patient()
+    del bare["text"]  # dom-6: a warning for each
+    entries = [{"fullUrl": f"urn:uuid:00000000-0000-4000-8000-{i:012d}", "resource": bare}
+               for i in range(150)]
+    entries.append({"fullUrl": "urn:uuid:00000000-0000-4000-8000-999999999999",
+                    "resource": patient(gender="robot")})
+    issues = validator.validate({"resourceType": "Bundle", "type": "collection",
+                                 "entry": entries})
+    assert where(issues) == {"Bundle.entry[150].resource.gender"}
+    assert [i.severity for i in issues].count("warning") == 101  # and one counting 50
+    assert issues[-1].code.gw == "GW-4220" and "50 more warnings" in (
+        issues[-1].diagnostics or "")
