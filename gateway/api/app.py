@@ -161,7 +161,9 @@ class HttpRequest:
                    headers, client[0] if client else None, receive)
 
     async def body(self, limit: int) -> bytes:
-        """The request content, at most ``limit`` bytes (after ``gzip`` decoding)."""
+        """The request content, at most ``limit`` bytes as sent and after ``gzip``
+        decoding (a gzip body may be larger than what it decodes to: a series of
+        empty members decodes to nothing)."""
         declared = self.headers.get("content-length")
         if declared is None and "transfer-encoding" not in self.headers:
             return b""  # RFC 9112 6.3: a request without either has no content
@@ -169,13 +171,16 @@ class HttpRequest:
             raise FhirError(Code.TOO_LARGE, f"{declared} bytes; the limit is {limit}")
         decoder = _decoder(self.headers.get("content-encoding"))
         chunks: list[bytes] = []
-        size = 0
+        size = sent = 0
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 raise _Disconnected
             chunk = message.get("body", b"")
             if decoder is not None:
+                sent += len(chunk)
+                if sent > limit:
+                    raise FhirError(Code.TOO_LARGE, f"more than {limit} bytes as sent")
                 chunk = decoder.feed(chunk, limit - size)
             size += len(chunk)
             if size > limit:
@@ -198,6 +203,10 @@ def _decoder(encoding: str | None) -> _Gunzip | None:
                     f"Content-Encoding '{(encoding or '')[:40]}' is not supported; use gzip")
 
 
+#: how much of a gzip body is handed to zlib at a time (see :meth:`_Gunzip.feed`)
+_GZIP_SLICE = 16 * 1024
+
+
 class _Gunzip:
     """Decodes a ``gzip`` body, a series of members (RFC 1952 2.2, as ``gzip -c a b``
     writes it), never more than it is given room for (a bomb stops there)."""
@@ -210,19 +219,31 @@ class _Gunzip:
         return bool(self._member.eof)
 
     def feed(self, chunk: bytes, room: int) -> bytes:
-        """``chunk`` decoded: at most ``room`` + 1 bytes."""
+        """``chunk`` decoded: at most ``room`` + 1 bytes.
+
+        The chunk is decoded a slice at a time: where a member ends, zlib copies what
+        follows it (``unused_data``), and a chunk of many small members would be
+        copied once per member."""
         out: list[bytes] = []
+        view = memoryview(chunk)
+        for start in range(0, len(view), _GZIP_SLICE):
+            room = self._feed(view[start:start + _GZIP_SLICE], room, out)
+            if room < 0:
+                break
+        return b"".join(out)
+
+    def _feed(self, data: memoryview | bytes, room: int, out: list[bytes]) -> int:
         while True:
             try:
-                piece: bytes = self._member.decompress(chunk, max(room, 0) + 1)
+                piece: bytes = self._member.decompress(data, max(room, 0) + 1)
             except zlib.error as exc:
                 raise FhirError(Code.BAD_CONTENT_ENCODING,
                                 f"the body is not valid gzip: {exc}") from None
             out.append(piece)
             room -= len(piece)
             if room < 0 or not (self._member.eof and self._member.unused_data):
-                return b"".join(out)
-            chunk = self._member.unused_data  # the next member begins
+                return room
+            data = self._member.unused_data  # the next member begins
             self._member = zlib.decompressobj(wbits=31)
 
 
