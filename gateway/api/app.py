@@ -415,7 +415,7 @@ def _json_content(resp: FhirResponse, headers: dict[str, str]) -> bool:
         return False
     if resp.status != 200 or resp.body is None:
         return False
-    binary = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
+    binary = fjson.loads(resp.body, stored=True) if isinstance(resp.body, bytes) else resp.body
     ctype = binary.get("contentType") if isinstance(binary, dict) else None
     return isinstance(ctype, str) and (_media(ctype) in _PLAIN_JSON_TYPES
                                        or _media(ctype).endswith("+json"))
@@ -428,7 +428,7 @@ def _native(resp: FhirResponse, head: bool) -> Reply | None:
     origin: ``Content-Security-Policy: sandbox`` and ``nosniff``."""
     if resp.status != 200 or resp.body is None:
         return None
-    binary = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
+    binary = fjson.loads(resp.body, stored=True) if isinstance(resp.body, bytes) else resp.body
     if not isinstance(binary, dict) or binary.get("resourceType") != "Binary":
         return None
     content = base64.b64decode(binary.get("data", ""))
@@ -560,7 +560,7 @@ def _body(resp: FhirResponse, pretty: bool, xml: Model | None = None) -> bytes:
         return fhir_xml.dumps(_body(resp, False), xml, pretty=pretty)
     if isinstance(resp.body, bytes) and not pretty:
         return resp.body
-    value = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
+    value = fjson.loads(resp.body, stored=True) if isinstance(resp.body, bytes) else resp.body
     return fjson.dumps_pretty(value) if pretty else fjson.dumps(value)
 
 
