@@ -201,7 +201,9 @@ class HttpRequest:
                    headers, client[0] if client else None, receive)
 
     async def body(self, limit: int) -> bytes:
-        """The request content, at most ``limit`` bytes (after ``gzip`` decoding)."""
+        """The request content, at most ``limit`` bytes as sent and after ``gzip``
+        decoding (a gzip body may be larger than what it decodes to: a series of
+        empty members decodes to nothing)."""
         declared = self.headers.get("content-length")
         if declared is None and "transfer-encoding" not in self.headers:
             return b""  # RFC 9112 6.3: a request without either has no content
@@ -209,13 +211,16 @@ class HttpRequest:
             raise FhirError(Code.TOO_LARGE, f"{declared} bytes; the limit is {limit}")
         decoder = _decoder(self.headers.get("content-encoding"))
         chunks: list[bytes] = []
-        size = 0
+        size = sent = 0
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 raise _Disconnected
             chunk = message.get("body", b"")
             if decoder is not None:
+                sent += len(chunk)
+                if sent > limit:
+                    raise FhirError(Code.TOO_LARGE, f"more than {limit} bytes as sent")
                 chunk = decoder.feed(chunk, limit - size)
             size += len(chunk)
             if size > limit:
@@ -238,6 +243,10 @@ def _decoder(encoding: str | None) -> _Gunzip | None:
                     f"Content-Encoding '{(encoding or '')[:40]}' is not supported; use gzip")
 
 
+#: how much of a gzip body is handed to zlib at a time (see :meth:`_Gunzip.feed`)
+_GZIP_SLICE = 16 * 1024
+
+
 class _Gunzip:
     """Decodes a ``gzip`` body, a series of members (RFC 1952 2.2, as ``gzip -c a b``
     writes it), never more than it is given room for (a bomb stops there)."""
@@ -250,19 +259,31 @@ class _Gunzip:
         return bool(self._member.eof)
 
     def feed(self, chunk: bytes, room: int) -> bytes:
-        """``chunk`` decoded: at most ``room`` + 1 bytes."""
+        """``chunk`` decoded: at most ``room`` + 1 bytes.
+
+        The chunk is decoded a slice at a time: where a member ends, zlib copies what
+        follows it (``unused_data``), and a chunk of many small members would be
+        copied once per member."""
         out: list[bytes] = []
+        view = memoryview(chunk)
+        for start in range(0, len(view), _GZIP_SLICE):
+            room = self._feed(view[start:start + _GZIP_SLICE], room, out)
+            if room < 0:
+                break
+        return b"".join(out)
+
+    def _feed(self, data: memoryview | bytes, room: int, out: list[bytes]) -> int:
         while True:
             try:
-                piece: bytes = self._member.decompress(chunk, max(room, 0) + 1)
+                piece: bytes = self._member.decompress(data, max(room, 0) + 1)
             except zlib.error as exc:
                 raise FhirError(Code.BAD_CONTENT_ENCODING,
                                 f"the body is not valid gzip: {exc}") from None
             out.append(piece)
             room -= len(piece)
             if room < 0 or not (self._member.eof and self._member.unused_data):
-                return b"".join(out)
-            chunk = self._member.unused_data  # the next member begins
+                return room
+            data = self._member.unused_data  # the next member begins
             self._member = zlib.decompressobj(wbits=31)
 
 
@@ -434,7 +455,7 @@ def _json_content(resp: FhirResponse, headers: dict[str, str]) -> bool:
         return False
     if resp.status != 200 or resp.body is None:
         return False
-    binary = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
+    binary = fjson.loads(resp.body, stored=True) if isinstance(resp.body, bytes) else resp.body
     ctype = binary.get("contentType") if isinstance(binary, dict) else None
     return isinstance(ctype, str) and (_media(ctype) in _PLAIN_JSON_TYPES
                                        or _media(ctype).endswith("+json"))
@@ -447,7 +468,7 @@ def _native(resp: FhirResponse, head: bool) -> Reply | None:
     origin: ``Content-Security-Policy: sandbox`` and ``nosniff``."""
     if resp.status != 200 or resp.body is None:
         return None
-    binary = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
+    binary = fjson.loads(resp.body, stored=True) if isinstance(resp.body, bytes) else resp.body
     if not isinstance(binary, dict) or binary.get("resourceType") != "Binary":
         return None
     content = base64.b64decode(binary.get("data", ""))
@@ -579,7 +600,7 @@ def _body(resp: FhirResponse, pretty: bool, xml: Model | None = None) -> bytes:
         return fhir_xml.dumps(_body(resp, False), xml, pretty=pretty)
     if isinstance(resp.body, bytes) and not pretty:
         return resp.body
-    value = fjson.loads(resp.body) if isinstance(resp.body, bytes) else resp.body
+    value = fjson.loads(resp.body, stored=True) if isinstance(resp.body, bytes) else resp.body
     return fjson.dumps_pretty(value) if pretty else fjson.dumps(value)
 
 

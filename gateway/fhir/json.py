@@ -7,11 +7,18 @@ reproduce (trailing zeros, exponents, more than 15 significant digits, integers
 beyond 64 bits) is parsed again with the standard library, keeping those
 numbers as :class:`Decimal`, and :func:`dumps` writes them back verbatim.
 Everything else takes the fast path.
+
+What orjson refuses is judged before the standard library reads it, as it would
+let through what the gateway must not keep: a body that is not UTF-8 (RFC 8259
+8.1 and http.html: UTF-8 SHALL be used; ``json`` would read UTF-16 and raw
+surrogates), and a number beyond a double (``1e309``; R4's decimal admits it,
+but it could not be read back with the fast path, nor by most clients).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from decimal import Decimal
 from typing import Any
@@ -67,15 +74,25 @@ def _default(obj: Any) -> Any:
 
 
 def _big_int(text: str) -> int | Number:
-    value = int(text)
-    return value if -(2**63) <= value < 2**64 else Number(text)
+    # (more than 20 digits is beyond 64 bits; int() of 4,300 or more would raise)
+    value = int(text) if len(text) <= 20 else None
+    return value if value is not None and -(2**63) <= value < 2**64 else Number(text)
 
 
-def loads(data: bytes | str) -> Any:
-    """Parse JSON; raise :class:`FhirError` on malformed input (GW-1001) and on an
+def beyond_double(number: Decimal) -> bool:
+    """A number whose magnitude a binary double cannot hold (it would read as
+    infinity: orjson refuses such JSON, so a stored one could not be read back)."""
+    return math.isinf(float(number))
+
+
+def loads(data: bytes | str, *, stored: bool = False) -> Any:
+    """Parse JSON; raise :class:`FhirError` on malformed input (GW-1001), on an
     object that repeats a property (GW-1034, json.html: property names SHALL be
-    unique)."""
+    unique), on a body that is not UTF-8 (GW-1001; UTF-16 or UTF-32: GW-1008) and on
+    a number beyond a double (GW-1022, naming where it is). ``stored``: content the
+    store holds, where such a number (written before it was refused) is read."""
     raw = data.encode() if isinstance(data, str) else data
+    text: str | bytes = raw
     try:
         value = orjson.loads(raw)
         # Compact JSON as orjson itself writes it (what most clients send) reads
@@ -85,14 +102,39 @@ def loads(data: bytes | str) -> Any:
         compact = _written_as_orjson(value, raw)
         exact = compact or not _has_float(value) or not _lossy(raw)
     except orjson.JSONDecodeError:
-        # malformed, or a number beyond a double (1e400): let json decide
+        # malformed, not UTF-8, or a number beyond a double (1e400): json decides
+        # what it is once the text is known to be UTF-8
         compact = exact = False
+        text = _utf8(raw)
     if not exact:
+        huge: list[Number] = []
+
+        # (without an exponent, a number needs 309 digits before its point to
+        # reach 1.8e308: most are not looked at further)
+        def number(literal: str) -> Number:
+            n = Number(literal)
+            if (not stored and ("e" in literal or "E" in literal or len(literal) > 308)
+                    and beyond_double(n)):
+                huge.append(n)
+            return n
+
+        def integer(literal: str) -> int | Number:
+            n = _big_int(literal)
+            if not stored and type(n) is Number and len(literal) > 308 and beyond_double(n):
+                huge.append(n)
+            return n
+
         try:
-            value = json.loads(raw, parse_float=Number, parse_int=_big_int,
+            value = json.loads(text, parse_float=number, parse_int=integer,
                                object_pairs_hook=_unique)
         except (ValueError, RecursionError) as exc:
             raise FhirError(Code.MALFORMED_JSON, str(exc)) from None
+        if huge:
+            where = _path_to(value, huge[0])
+            raise FhirError(Code.INVALID_RESOURCE,
+                            f"{where}: the number {_abridged(huge[0].text)} is beyond what"
+                            " this server can keep (a double, at most about 1.8e308)",
+                            (where,))
     elif not compact:  # (about twice orjson's parse, for what is not compact)
         try:
             json.loads(raw, object_pairs_hook=_unique)
@@ -104,6 +146,47 @@ def loads(data: bytes | str) -> Any:
             raise FhirError(Code.INVALID_RESOURCE,
                             f"a string contains the forbidden character U+{ord(bad):04X}")
     return value
+
+
+def _utf8(raw: bytes) -> str:
+    """``raw`` as UTF-8 text (a byte order mark at the start is ignored, RFC 8259 8.1
+    allows that); anything else is refused: the standard library would read UTF-16,
+    UTF-32 and encoded surrogates (U+D800 as ED A0 80), none of which FHIR JSON is
+    (http.html#mime-type: UTF-8 SHALL be used)."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:4]:
+        # (JSON begins with two ASCII characters: in UTF-16/32 one of them has a zero byte)
+        raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                        "JSON is exchanged in UTF-8 (RFC 8259 8.1, http.html#mime-type);"
+                        " this body is UTF-16 or UTF-32")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FhirError(Code.MALFORMED_JSON,
+                        f"the body is not valid UTF-8 ({exc.reason} at byte {exc.start});"
+                        " http.html#mime-type: UTF-8 SHALL be used") from None
+    return text[1:] if text[:1] == "\ufeff" else text
+
+
+def _abridged(literal: str) -> str:
+    if len(literal) <= 24:
+        return literal
+    return f"{literal[:12]}…{literal[-8:]} ({len(literal)} characters)"
+
+
+def _path_to(value: Any, target: object) -> str:
+    """Where ``target`` is in ``value``, as a FHIRPath-like expression rooted at the
+    resource type (``Observation.valueQuantity.value``, ``Bundle.entry[0]…``)."""
+    root = value.get("resourceType") if isinstance(value, dict) else None
+    stack: list[tuple[Any, str]] = [(value, root if isinstance(root, str) else "$")]
+    while stack:
+        node, path = stack.pop()
+        if node is target:
+            return path
+        if type(node) is dict:
+            stack.extend((v, f"{path}.{k}") for k, v in node.items())
+        elif type(node) is list:
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+    return "$"
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -127,9 +210,20 @@ def loads_stored(data: bytes | str) -> Any:
     """:func:`loads` for what the store holds: malformed content is a
     :class:`StoredDataError` (an internal error), never a client's 400."""
     try:
-        return loads(data)
+        return loads(data, stored=True)
     except FhirError as exc:
         raise StoredDataError(f"stored content is not valid JSON: {exc}") from None
+
+
+def loads_fast(data: bytes) -> Any:
+    """Stored content, parsed as fast as orjson does, for readers that need its
+    structure, not its decimals' text (floats, as orjson gives them). What orjson
+    refuses, a number beyond a double stored before such numbers were refused, is
+    read by :func:`loads_stored`."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return loads_stored(data)
 
 
 def _written_as_orjson(value: Any, raw: bytes) -> bool:

@@ -324,6 +324,11 @@ def _read_primitive(element: etree._Element, code: str, array: bool, name: str,
         raise _bad(f"{path}: an element is never empty: it has a value attribute or"
                    " extensions")
     value = None if raw is None else _typed(raw, code)
+    if isinstance(value, fjson.Number) and fjson.beyond_double(value):
+        # as in JSON (gateway.fhir.json): kept, it could not be read back
+        raise FhirError(Code.INVALID_RESOURCE,
+                        f"{path}: the number {value.text[:40]} is beyond what this server can keep"
+                        " (a double, at most about 1.8e308)", (path,))
     if array:
         values, more = out.setdefault(name, []), out.get("_" + name)
         index = len(values)

@@ -14,9 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
-
 import gateway
+from gateway.fhir import json as fjson
 from gateway.fhir.indexer import DATE_MAX, DATE_MIN, date_bounds
 from gateway.security.principal import Principal
 from gateway.storage.access_sql import ACCESS_PROXY
@@ -116,7 +115,7 @@ class AccessPolicy:
             return {id}
         if resource_type not in self._links:
             return set()
-        return self.patients_of(orjson.loads(content))
+        return self.patients_of(fjson.loads_fast(content))
 
     def proxy_of(self, resource: dict[str, Any]) -> tuple[str, str] | None:
         """The (type, id) on this server whose access rules stand in for ``resource``'s

@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 
 from gateway.events.bus import BusEntry
+from gateway.fhir import json as fjson
 from gateway.security.principal import DEFAULT_PURPOSE
 from gateway.settings import Settings
 from gateway.storage import access_sql
@@ -220,7 +221,7 @@ class Matcher:
             key = (rt, id, version)
             if key not in parsed:
                 raw = contents.get(key)
-                parsed[key] = orjson.loads(raw) if raw else None
+                parsed[key] = fjson.loads_fast(raw) if raw else None
             return parsed[key]
 
         touched: set[str] = set()

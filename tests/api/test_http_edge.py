@@ -116,6 +116,46 @@ def test_a_decompression_bomb_stops_at_the_size_limit(client: httpx.Client) -> N
     assert (response.status_code, gw_code(response)) == (413, "GW-1011")
 
 
+def test_a_gzip_body_is_bounded_as_sent_as_well_as_decoded(client: httpx.Client) -> None:
+    """Empty gzip members decode to nothing: a chunked body (no Content-Length to
+    refuse up front) of ever more of them is cut off at the size limit as sent."""
+    limit = 10 << 20  # the default CAREPATH_MAX_REQUEST_BYTES
+    empty = gzip.compress(b"", mtime=0) * 4096
+    text = json.dumps(patient(unique("mrn"))).encode()
+
+    def chunks() -> Any:
+        for _ in range(limit // len(empty) + 2):
+            yield empty
+        yield gzip.compress(text)
+
+    started = time.perf_counter()
+    response = client.post("/Patient", content=chunks(),
+                           headers={"Content-Type": FHIR, "Content-Encoding": "gzip"})
+    assert (response.status_code, gw_code(response)) == (413, "GW-1011"), response.text
+    assert time.perf_counter() - started < 5.0
+    # a few empty members before the resource are still a gzip body
+    fine = client.post("/Patient", content=gzip.compress(b"") * 3 + gzip.compress(text),
+                       headers={"Content-Type": FHIR, "Content-Encoding": "gzip"})
+    assert fine.status_code == 201, fine.text
+
+
+def test_many_gzip_members_in_one_chunk_cost_linear_time() -> None:
+    """zlib copies what follows the end of a member; fed whole, a chunk of many small
+    members was copied once per member (2 MB of empty members: seconds, not ms)."""
+    empty = gzip.compress(b"", mtime=0)
+    body = empty * ((2 << 20) // len(empty)) + gzip.compress(b"{}")
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, object]:
+        return messages.pop()
+
+    request = HttpRequest("POST", "Patient", "", {"content-length": str(len(body)),
+                                                  "content-encoding": "gzip"}, None, receive)
+    started = time.perf_counter()
+    assert asyncio.run(request.body(10 << 20)) == b"{}"
+    assert time.perf_counter() - started < 1.5
+
+
 def test_cors_for_configured_origins(tmp_path: Path) -> None:
     """Preflight and actual requests of an allowed browser origin; others get no
     CORS headers (and a refused preflight), and without the setting nothing changes."""

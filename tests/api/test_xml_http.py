@@ -149,3 +149,28 @@ def test_page_links_keep_the_format_asked_for(client: httpx.Client) -> None:
     history = httpx.get(f"{client.base_url}Patient/{pids[0]}/_history",
                         params={"_format": "json"}, headers={"Accept": XML}).json()
     assert all("_format=json" in link["url"] for link in history["link"])
+
+
+def test_decimals_beyond_a_double_are_refused_in_xml(client: httpx.Client) -> None:
+    """As in JSON: a value no double holds could not be read back once stored."""
+    def observation(value: str) -> bytes:
+        return ('<Observation xmlns="http://hl7.org/fhir"><status value="final"/><code>'
+                '<text value="x"/></code><valueQuantity>'
+                f'<value value="{value}"/></valueQuantity></Observation>').encode()
+
+    for value in ("1e400", "-1E309", "9" * 309):
+        refused = client.post("/Observation", content=observation(value),
+                              headers={"Content-Type": XML})
+        assert (refused.status_code, gw_code(refused)) == (400, "GW-1022"), refused.text
+        issue = refused.json()["issue"][0]
+        assert issue["expression"] == ["Observation.valueQuantity.value"], issue
+    bundle = ('<Bundle xmlns="http://hl7.org/fhir"><type value="transaction"/><entry>'
+              '<resource>' + observation("1e400").decode().replace(
+                  ' xmlns="http://hl7.org/fhir"', "") + '</resource><request>'
+              '<method value="POST"/><url value="Observation"/></request></entry></Bundle>')
+    refused = client.post("/", content=bundle.encode(), headers={"Content-Type": XML})
+    assert (refused.status_code, gw_code(refused)) == (400, "GW-1022"), refused.text
+    kept = client.post("/Observation", content=observation("1.5e308"),
+                       headers={"Content-Type": XML, "Accept": XML})
+    assert kept.status_code == 201, kept.text
+    assert float(_xml(kept).find(F + "valueQuantity/" + F + "value").get("value")) == 1.5e308

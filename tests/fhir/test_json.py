@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from decimal import Decimal
 
 import pytest
 from hypothesis import given
@@ -135,3 +136,48 @@ def test_more_levels_than_can_be_read_are_too_deep() -> None:
     with pytest.raises(FhirError) as err:
         fjson.loads(b" " + b"[" * 1020 + b"]" * 1020)
     assert err.value.code.gw in ("GW-1001", "GW-1010")
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    (b'{"resourceType":"Observation","valueQuantity":{"value":1e309}}',
+     "Observation.valueQuantity.value"),
+    (b'{"resourceType":"Observation","valueInteger":' + b"9" * 309 + b"}",
+     "Observation.valueInteger"),
+    (b'{"a":[1.50,' + b"1" * 5000 + b"]}", "$.a[1]"),  # beyond int()'s 4,300 digits
+    (b'{"a":{"b":-1E400}}', "$.a.b"),
+])
+def test_numbers_beyond_a_double_are_refused_where_they_are(text: bytes, where: str) -> None:
+    with pytest.raises(FhirError) as err:
+        fjson.loads(text)
+    assert (err.value.code.gw, err.value.expression) == ("GW-1022", (where,))
+    # what is stored already is read (as written before such numbers were refused)
+    assert fjson.dumps(fjson.loads_stored(text)) == text
+
+
+def test_numbers_a_double_holds_are_kept() -> None:
+    for text in (b'{"a":1.7976931348623157e308}', b'{"a":1e-400}', b'{"a":' + b"9" * 308 + b"}"):
+        assert fjson.dumps(fjson.loads(text)) == text
+
+
+@pytest.mark.parametrize("text", [
+    b'{"a":"\xed\xa0\x80"}', b'{"\xed\xbf\xbf":1}', b'{"a":"\xed\xa0\x80","n":1.50}',
+    b'{"a":"\xff"}', b'{"a":"\xc3"}',
+])
+def test_bodies_that_are_not_utf8_are_refused(text: bytes) -> None:
+    with pytest.raises(FhirError) as err:
+        fjson.loads(text)
+    assert err.value.code.gw == "GW-1001" and "UTF-8" in str(err.value.diagnostics)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32",
+                                      "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize("text", ['{"a":"x"}', '{"a":"\\u0001"}', '{"a":"\\ud800"}',
+                                  '{"a":"\\uffff"}', '["\\u0000"]', "1"])
+def test_utf16_and_utf32_are_refused(text: str, encoding: str) -> None:
+    with pytest.raises(FhirError) as err:
+        fjson.loads(text.encode(encoding))
+    assert err.value.code.gw == "GW-1008"
+
+
+def test_a_utf8_byte_order_mark_is_ignored() -> None:
+    assert fjson.loads(b'\xef\xbb\xbf{"a":"\xc3\xa9","n":1.50}') == {"a": "é", "n": Decimal("1.50")}
