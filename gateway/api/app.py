@@ -65,6 +65,9 @@ _FORMAT_TYPES = frozenset((*_JSON_TYPES, *_XML_TYPES))
 #: one (FHIR clients write resources as application/json), else the content
 _RESOURCE_FORM = frozenset((*_JSON_TYPES, "application/fhir+xml", "application/xml+fhir"))
 _PLAIN_JSON_TYPES = frozenset({"application/json", "text/json"})
+#: the longest Content-Type a Binary written as its content keeps (RFC 6838 4.2: 127
+#: characters each for type and subtype, and room for parameters)
+_MAX_CONTENT_TYPE = 1024
 _FHIR_ASKED = _RESOURCE_FORM - {"text/json"}
 _PATCH_TYPES = ("application/json-patch+json",)
 _FORM = "application/x-www-form-urlencoded"
@@ -408,7 +411,11 @@ def _binary_content(path: str, method: str, headers: dict[str, str], raw: bytes,
     if len(data) > max_string:
         raise FhirError(Code.STRING_TOO_LONG, f"{len(raw)} bytes of content are more than a"
                                               " Binary may hold here")
-    binary: dict[str, Any] = {"resourceType": "Binary", "contentType": declared[:200]}
+    if len(declared) > _MAX_CONTENT_TYPE:  # (kept whole, or not at all: never cut)
+        raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                        f"a Content-Type of {len(declared)} characters is longer than a"
+                        f" Binary's may be here ({_MAX_CONTENT_TYPE})")
+    binary: dict[str, Any] = {"resourceType": "Binary", "contentType": declared}
     if len(parts) == 2:
         binary["id"] = parts[1]
     context = headers.get("x-security-context")

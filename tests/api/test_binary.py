@@ -104,3 +104,15 @@ def test_a_json_document_is_content_and_a_binary_resource_is_the_resource(
     # its content is not JSON: plain JSON still asks for the resource
     read = client.get(f"/Binary/{made.json()['id']}", headers={"Accept": "application/json"})
     assert read.json()["data"] == resource["data"]
+
+
+def test_a_content_type_is_kept_whole_or_refused(client: httpx.Client) -> None:
+    """A Content-Type is the Binary's contentType as sent, parameters and all; one too
+    long to keep is refused rather than cut (cut, it named another type)."""
+    long_ok = "text/plain; charset=utf-8; note=" + "x" * 400
+    made = client.post("/Binary", content=b"Befund", headers={"Content-Type": long_ok})
+    assert made.status_code == 201, made.text
+    assert made.json()["contentType"] == long_ok
+    too_long = client.post("/Binary", content=b"Befund",
+                           headers={"Content-Type": "text/plain; note=" + "x" * 2000})
+    assert (too_long.status_code, gw_code(too_long)) == (415, "GW-1008"), too_long.text
