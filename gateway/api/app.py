@@ -167,6 +167,18 @@ def _posted_reads(request: HttpRequest, body: Any) -> bool:
         and e["request"].get("method") in ("GET", "HEAD") for e in entries)
 
 
+def _encoded_slash(scope: Scope) -> str | None:
+    """Why the path cannot be taken, None when it can: an encoded ``/`` (``%2F``) is
+    decoded by the server before the gateway sees the path, and would then separate
+    what the client sent as one segment (``Patient/1%2F_history`` read as the
+    history); no id or name holds one (HAPI FHIR takes it as part of the id, which no
+    id can be)."""
+    raw = scope.get("raw_path") or b""
+    if b"%2" in raw and (b"%2F" in raw or b"%2f" in raw):
+        return "the path holds an encoded '/' (%2F), which no id or name may hold"
+    return None
+
+
 def host_problem(scope: Scope) -> str | None:
     """Why the request's ``Host`` cannot be used, None when it can. RFC 9112 3.2: an
     HTTP/1.1 request without one, with two, or with an invalid one, is answered 400
@@ -952,6 +964,7 @@ def create_api(
                 await preflight.send(send)
                 return
         bad_host = host_problem(scope)
+        bad_path = _encoded_slash(scope)
         base = base_url(scope, request.headers if bad_host is None else {})
         rid = request_id(request.headers.get("x-request-id"))
         caller = Caller(Principal.nobody(request.address), request.method, path,
@@ -962,10 +975,11 @@ def create_api(
             departure.start()
         try:
             try:
-                if bad_host is None:
+                if bad_host is None and bad_path is None:
                     reply, description = await serve(request, base, caller, departure)
                 else:
-                    err = FhirError(Code.INVALID_HEADER, bad_host)
+                    err = FhirError(Code.INVALID_HEADER, bad_host) if bad_host is not None \
+                        else FhirError(Code.INVALID_ID, bad_path)
                     reply = _render(FhirResponse(err.status, err.outcome()), False, False)
                     description = err.code.gw
                 if ctx.audit is not None and not caller.audited:

@@ -452,6 +452,9 @@ def test_bad_input_is_an_operation_outcome_never_a_500(client: httpx.Client) -> 
         (client.put("/Patient/abc", json={"resourceType": "Patient"},
                     headers={"Content-Type": FHIR}), 400, "GW-1006"),
         (client.get("/Patient/bad$id"), 400, "GW-1007"),
+        # an encoded '/' is part of what the client sent as one id, not a separator
+        (client.get("/Patient/x%2F_history"), 400, "GW-1007"),
+        (client.get("/Patient/%2f"), 400, "GW-1007"),
         (client.put("/Patient/" + "a" * 65, json={"resourceType": "Patient", "id": "a" * 65},
                     headers={"Content-Type": FHIR}), 400, "GW-1007"),
         (client.post("/Patient", content=b"<Patient/>",
