@@ -128,13 +128,11 @@ def _include_values(registry: Registry) -> tuple[dict[str, list[str]], dict[str,
 
 
 def _security(base: str, cors: bool) -> dict[str, Any]:
-    """SMART Backend Services (the token endpoint also in the SMART v1 extension;
-    ``.well-known/smart-configuration`` has the rest)."""
+    """SMART Backend Services, whose endpoints ``.well-known/smart-configuration``
+    names (SMART App Launch: servers SHALL convey them there). Not the ``oauth-uris``
+    extension: R4 defines it with an ``authorize`` endpoint 1..1, which a server of
+    client credentials only does not have."""
     return {
-        "extension": [{
-            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
-            "extension": [{"url": "token", "valueUri": f"{base}/auth/token"}],
-        }],
         "cors": cors,
         "service": [{"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
@@ -199,7 +197,9 @@ def _statement(
         "implementation": {"description": "carepath-gateway FHIR R4 server", "url": base},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json", "application/fhir+xml", "xml"],
-        "patchFormat": ["application/json-patch+json", "application/fhir+json"],
+        # (FHIRPath Patch is a Parameters resource, in either FHIR format)
+        "patchFormat": ["application/json-patch+json", "application/fhir+json",
+                        "application/fhir+xml"],
         "rest": [{
             **_extensions(contributions, None, base),
             "mode": "server",

@@ -138,6 +138,13 @@ def test_capability_statement_reflects_the_registry(client: httpx.Client) -> Non
     assert {"read", "vread", "update", "patch", "delete", "create", "search-type",
             "history-instance", "history-type"} <= codes
     assert {"transaction", "batch"} <= {i["code"] for i in rest["interaction"]}
+    # FHIRPath Patch is a Parameters resource, written in either format
+    assert set(cs["patchFormat"]) == {"application/json-patch+json", "application/fhir+json",
+                                      "application/fhir+xml"}
+    # R4's oauth-uris extension needs an authorize endpoint a client-credentials server
+    # has not: the endpoints are in .well-known/smart-configuration, as SMART says
+    assert "extension" not in rest["security"]
+    assert rest["security"]["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
     assert "application/fhir+json" in cs["format"]
     # includes by name, as HAPI lists them: a type's own reference parameters, and
     # those of every type that can point at it
