@@ -17,6 +17,14 @@ the gateway reads, as FHIR JSON Bundles of type ``collection``:
 * ``Bundle-r4-profiles.json`` -- the core profiles the official examples claim
   (vital signs: ``vitalsigns`` and the profiles derived from it), trimmed the
   same way plus ``base`` (path, min, max).
+* ``Bundle-r4-extensions.json`` -- R4's own extension definitions (every
+  StructureDefinition of type ``Extension`` in the package, ``patient-birthPlace``,
+  ``data-absent-reason``, ``oauth-uris`` ...) with ``url, name, context`` and the
+  snapshot elements trimmed as above, less what the base ``Extension`` already
+  says: the base's invariants (ele-1, ext-1), ``isSummary``/``isModifier``,
+  ``base``, bindings that are not *required*, and leaf elements that repeat the
+  base element. The validator checks an extension with one of these URLs
+  against its definition wherever it occurs.
 * ``Bundle-r4-required-valuesets.json`` -- every ValueSet that the kept
   definitions bind with strength *required*, expanded offline
   (``gateway.fhir.validation.terminology``) from the package's ValueSets and
@@ -113,6 +121,48 @@ def trim_sd(sd: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+EXT_KEYS = ("resourceType", "id", "url", "name", "kind", "type", "baseDefinition",
+            "derivation")
+
+
+def trim_extension(sd: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """An extension definition with what validation reads beyond the base ``Extension``."""
+    known = {(c["key"], c.get("expression")) for e in base["snapshot"]["element"]
+             for c in e.get("constraint", [])}
+    base_els = {e["path"]: trim_element(e) for e in base["snapshot"]["element"]}
+    elements = []
+    for el in sd["snapshot"]["element"]:
+        t = trim_element(el)
+        for k in ("isSummary", "isModifier"):
+            t.pop(k, None)
+        if t.get("binding", {}).get("strength") != "required":
+            t.pop("binding", None)
+        kept = [c for c in t.get("constraint", []) if (c["key"], c.get("expression")) not in known]
+        if kept:
+            t["constraint"] = kept
+        else:
+            t.pop("constraint", None)
+        elements.append(t)
+    # leaf elements that say what the base says (Extension.id, ...) add nothing
+    ids = [e["id"] for e in elements]
+    out = []
+    for i, t in enumerate(elements):
+        has_children = any(other.startswith(t["id"] + ".") or other.startswith(t["id"] + ":")
+                           for other in ids[i + 1:])
+        b = base_els.get(t["path"])
+        same = b is not None and "sliceName" not in t and \
+            {k: v for k, v in t.items() if k not in ("id", "constraint")} == \
+            {k: v for k, v in b.items() if k not in ("id", "constraint")}
+        plain_id = t["path"].endswith(".id") and set(t) <= {"id", "path", "min", "max", "type"}
+        if i == 0 or has_children or not (same or plain_id):
+            out.append(t)
+    trimmed = {k: sd[k] for k in EXT_KEYS if k in sd}
+    trimmed["context"] = [{"type": c["type"], "expression": c["expression"]}
+                          for c in sd.get("context", [])]
+    trimmed["snapshot"] = {"element": out}
+    return trimmed
+
+
 def required_value_sets(sds: list[dict[str, Any]]) -> list[str]:
     urls = set()
     for sd in sds:
@@ -207,7 +257,8 @@ def collection(entries: list[dict[str, Any]], bundle_id: str) -> dict[str, Any]:
 
 
 def main(package: Path) -> None:
-    sps, sds, profiles = [], [], []
+    sps, sds, profiles, extensions = [], [], [], []
+    base_extension = json.loads((package / "StructureDefinition-Extension.json").read_text())
     for f in sorted(package.glob("SearchParameter-*.json")):
         sps.append(trim_sp(json.loads(f.read_text())))
     for f in sorted(package.glob("StructureDefinition-*.json")):
@@ -218,13 +269,16 @@ def main(package: Path) -> None:
             sds.append(trim_sd(sd))
         elif is_core_profile(sd):
             profiles.append(trim_sd(sd))
-    value_sets = expand_required(package, required_value_sets(sds + profiles))
+        elif sd.get("type") == "Extension" and sd.get("derivation") == "constraint":
+            extensions.append(trim_extension(sd, base_extension))
+    value_sets = expand_required(package, required_value_sets(sds + profiles + extensions))
     compartments = [trim_compartment(json.loads(f.read_text()))
                     for f in sorted(package.glob("CompartmentDefinition-*.json"))]
     compartments = [c for c in compartments if c.get("id") != "example"]
     OUT.mkdir(parents=True, exist_ok=True)
     for name, items in (("r4-search-parameters", sps), ("r4-structure-definitions", sds),
-                        ("r4-profiles", profiles), ("r4-required-valuesets", value_sets),
+                        ("r4-profiles", profiles), ("r4-extensions", extensions),
+                        ("r4-required-valuesets", value_sets),
                         ("r4-compartment-definitions", compartments),
                         ("r4-code-systems", code_systems(package))):
         path = OUT / f"Bundle-{name}.json"

@@ -125,6 +125,8 @@ class Code(Enum):
                        "No snapshot can be made from the differential")
     #: the last issue of an OperationOutcome that lists the first of many (MAX_ISSUES)
     ISSUES_NOT_LISTED = ("GW-4220", 422, "too-costly", "More issues were found than are listed")
+    EXTENSION_CONTEXT = ("GW-4221", 422, "structure",
+                         "Extension used on an element its definition does not name")
     # 44xx: subscriptions (R4 Subscriptions Backport; docs/subscriptions.md)
     UNKNOWN_TOPIC = ("GW-4401", 422, "not-supported", "Unknown SubscriptionTopic")
     INVALID_FILTER = ("GW-4402", 422, "invalid", "Filter not supported by the topic")

@@ -126,6 +126,30 @@ def test_validate_in_a_batch_answers_in_the_entry_resource(client: httpx.Client)
     assert any(i["severity"] == "error" for i in invalid["resource"]["issue"])
 
 
+def test_validate_checks_extensions_r4_defines(client: httpx.Client) -> None:
+    """An extension whose url is one of R4's own definitions must conform to it
+    (extension-patient-birthplace.html: value[x] is an Address): refused by
+    ``$validate`` and by a write; one on an element its context does not name too.
+    An extension the gateway does not know is not judged."""
+    birth_place = "http://hl7.org/fhir/StructureDefinition/patient-birthPlace"
+    bad = patient(unique("mrn"), extension=[{"url": birth_place, "valueBoolean": True}])
+    response = validate(client, "/Patient/$validate", bad)
+    assert response.status_code == 200
+    assert "GW-4217" in gw_codes(response)
+    assert "Patient.extension[0].valueBoolean" in expressions(response)
+    assert post(client, bad).status_code == 422
+    good = patient(unique("mrn"), extension=[{"url": birth_place,
+                                              "valueAddress": {"city": "Utrecht"}}])
+    assert gw_codes(validate(client, "/Patient/$validate", good)) == set()
+    elsewhere = {**blood_pressure(), "extension": good["extension"]}
+    del elsewhere["meta"]
+    response = validate(client, "/Observation/$validate", elsewhere)
+    assert gw_codes(response) == {"GW-4221"}
+    unknown = patient(unique("mrn"), extension=[{"url": "https://example.org/x",
+                                                 "valueBoolean": True}])
+    assert gw_codes(validate(client, "/Patient/$validate", unknown)) == set()
+
+
 def test_validate_against_an_unknown_profile_is_an_error(client: httpx.Client) -> None:
     """"If a profile is nominated, and the server cannot validate against the
     nominated profile, it SHALL return an error" (Resource-validate); a profile a

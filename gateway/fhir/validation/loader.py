@@ -4,6 +4,9 @@ From ``profiles/`` (see ``profiles/README.md``):
 
 * ``r4/Bundle-r4-structure-definitions.json`` -- R4 resources and data types;
 * ``r4/Bundle-r4-profiles.json`` -- core profiles the official examples claim;
+* ``r4/Bundle-r4-extensions.json`` -- R4's own extension definitions
+  (``patient-birthPlace``, ``data-absent-reason`` ...), checked wherever an
+  extension names one;
 * ``r4/Bundle-r4-required-valuesets.json`` -- expansions of the ValueSets R4
   binds as *required*;
 * ``StructureDefinition-*.json``, ``ValueSet-*.json``, ``CodeSystem-*.json`` --
@@ -30,6 +33,8 @@ class Definitions:
     value_sets: dict[str, frozenset[Code]]  # expansions by canonical URL
     #: ValueSets that could not be expanded offline, with the reason
     unexpanded: dict[str, str] = field(default_factory=dict)
+    #: R4's own extension definitions by canonical URL
+    extensions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _read(path: Path) -> Any:
@@ -58,10 +63,11 @@ def load_definitions(root: Path,
             value_sets[vs["url"]] = expansion_contains(vs)
         else:
             unexpanded[vs["url"]] = vs.get("description", "not expanded")
+    extensions = {sd["url"]: sd for sd in _bundle(r4 / "Bundle-r4-extensions.json")}
     own_sds = [_read(p) for p in sorted(root.glob("StructureDefinition-*.json"))]
     own_vs = [_read(p) for p in sorted(root.glob("ValueSet-*.json"))]
     own_cs = [_read(p) for p in sorted(root.glob("CodeSystem-*.json"))]
-    return with_own(Definitions(base, profiles, value_sets, unexpanded),
+    return with_own(Definitions(base, profiles, value_sets, unexpanded, extensions),
                     own_sds, own_vs, own_cs)
 
 
@@ -88,4 +94,5 @@ def with_own(defs: Definitions, structure_definitions: list[dict[str, Any]],
             expansions[url] = expander.expand(url)
         except Unexpandable as exc:
             unexpanded[url] = str(exc)
-    return Definitions(defs.structure_definitions, profiles, expansions, unexpanded)
+    return Definitions(defs.structure_definitions, profiles, expansions, unexpanded,
+                       defs.extensions)

@@ -5,6 +5,8 @@
 information); the resource is never changed.
 
 * Base validation (``walker``) always runs.
+* Extensions whose URL is one of R4's own definitions are checked against it,
+  wherever they occur (``extensions``).
 * Profiles: ``profile=`` if given, else the resource's ``meta.profile`` (and
   those of resources nested in it). A known profile is checked as an overlay of
   what it adds to the base (``profiles``); an unknown one gives a warning. A
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.fhir.outcome import Code, Findings, Issue
+from gateway.fhir.validation.extensions import CoreExtensions
 from gateway.fhir.validation.loader import Definitions, load_definitions
 from gateway.fhir.validation.model import Model, value_sets_index
 from gateway.fhir.validation.profiles import ProfileSet
@@ -40,7 +43,7 @@ class ValidationSettings(Protocol):
     def validation_warn_only(self) -> str: ...
 
 
-_SHARED: dict[tuple[str, int], tuple[Definitions, Model, ProfileSet]] = {}
+_SHARED: dict[tuple[str, int], tuple[Definitions, Model, ProfileSet, CoreExtensions]] = {}
 _SHARED_LOCK = threading.Lock()
 
 
@@ -52,7 +55,8 @@ def _urls(value: str | Iterable[str]) -> frozenset[str]:
 class FhirValidator:
     def __init__(self, definitions: Definitions, *, max_depth: int = 64,
                  max_nesting: int = 6, warn_only: str | Iterable[str] = (),
-                 _compiled: tuple[Model, ProfileSet] | None = None) -> None:
+                 _compiled: tuple[Model, ProfileSet] | None = None,
+                 _extensions: CoreExtensions | None = None) -> None:
         self.definitions = definitions
         if _compiled is None:
             model = Model(definitions.structure_definitions,
@@ -60,6 +64,8 @@ class FhirValidator:
             _compiled = model, ProfileSet(model, definitions.profiles,
                                           value_sets_index(definitions.value_sets))
         self.model, self.profiles = _compiled
+        self.extensions = _extensions or CoreExtensions(
+            self.model, definitions.extensions, value_sets_index(definitions.value_sets))
         self.max_depth = max_depth
         self.max_nesting = max_nesting
         self.warn_only = _urls(warn_only)
@@ -77,12 +83,14 @@ class FhirValidator:
             if shared is None:
                 defs = load_definitions(root, structure_definitions)
                 model = Model(defs.structure_definitions, value_sets_index(defs.value_sets))
-                shared = _SHARED[key] = (defs, model, ProfileSet(
-                    model, defs.profiles, value_sets_index(defs.value_sets)))
-        defs, model, profiles = shared
+                index = value_sets_index(defs.value_sets)
+                shared = _SHARED[key] = (defs, model, ProfileSet(model, defs.profiles, index),
+                                         CoreExtensions(model, defs.extensions, index))
+        defs, model, profiles, extensions = shared
         return cls(defs, max_depth=settings.max_json_depth,
                    max_nesting=settings.validation_max_resource_depth,
-                   warn_only=settings.validation_warn_only, _compiled=(model, profiles))
+                   warn_only=settings.validation_warn_only, _compiled=(model, profiles),
+                   _extensions=extensions)
 
     def knows_profile(self, url: str) -> bool:
         return self.profiles.get(url) is not None
@@ -123,11 +131,16 @@ class FhirValidator:
                  profiles: ProfileSet | None = None) -> list[Issue]:
         """Issues of ``resource``; ``profiles`` (:meth:`with_stored`) instead of the
         gateway's own."""
-        walker = Walker(self.model, max_depth=self.max_depth, max_nesting=self.max_nesting)
+        walker = Walker(self.model, max_depth=self.max_depth, max_nesting=self.max_nesting,
+                        extensions=self.extensions.urls)
         walker.resource(resource)
         found = walker.found
         evaluations = walker.evaluations
         if isinstance(resource, dict):
+            if walker.extensions:
+                more, evals = self.extensions.check(resource, walker.extensions)
+                found.absorb(more)
+                evaluations += evals
             claims: list[tuple[dict[str, Any], Loc, list[str]]] = []
             rt = resource.get("resourceType")
             root_loc: Loc = (None, rt if isinstance(rt, str) else "Resource", None)

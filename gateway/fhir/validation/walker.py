@@ -17,6 +17,7 @@ The walk never changes the resource.
 from __future__ import annotations
 
 import re
+from collections.abc import Container
 from typing import Any
 
 from gateway.fhir.outcome import Code, Findings, Issue
@@ -66,8 +67,13 @@ class _Resource:
 class Walker:
     """Validates one resource; create one per call (it holds the issues)."""
 
-    def __init__(self, model: Model, *, max_depth: int, max_nesting: int) -> None:
+    def __init__(self, model: Model, *, max_depth: int, max_nesting: int,
+                 extensions: Container[str] = frozenset()) -> None:
         self.model = model
+        #: URLs of the extensions checked after the walk (``extensions.CoreExtensions``)
+        self.extension_urls = extensions
+        #: the extensions with one of those URLs: (extension, location)
+        self.extensions: list[tuple[dict[str, Any], Loc]] = []
         self.max_depth = max_depth
         self.max_nesting = max_nesting
         #: what the walk found (the first issues kept, the rest counted: a resource of a
@@ -263,6 +269,10 @@ class Walker:
             code = ch.code
             if code == "Reference":
                 self._reference(ch, item, loc)
+            elif code == "Extension":
+                url = item.get("url")
+                if type(url) is str and url in self.extension_urls:
+                    self.extensions.append((item, loc))
             if ch.binding is not None:
                 self._coded(ch, item, loc)
             if ch.simple_quantity and "comparator" in item:
