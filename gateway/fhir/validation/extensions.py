@@ -30,7 +30,7 @@ one of R4's are not judged here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.fhir.outcome import Code, Findings, Issue
@@ -64,7 +64,7 @@ class CoreExtensions:
     """R4's extension definitions by canonical URL, compiled on first use."""
 
     def __init__(self, model: Model, definitions: Mapping[str, dict[str, Any]],
-                 bindings: Any) -> None:
+                 bindings: Callable[[str], Binding | None]) -> None:
         self.model = model
         self.urls = frozenset(definitions)
         self.profiles = ProfileSet(model, dict(definitions), bindings)
@@ -77,9 +77,6 @@ class CoreExtensions:
                     (*(str(c.get("expression")) for c in ctx), *R4_OWN_USES.get(url, ())))
             else:
                 self._contexts[url] = None
-
-    def binding(self, url: str) -> Binding | None:
-        return self.profiles.binding(url)
 
     def check(self, resource: dict[str, Any], found: list[tuple[dict[str, Any], Loc]]
               ) -> tuple[Findings, int]:

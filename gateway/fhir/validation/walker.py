@@ -9,7 +9,9 @@ bindings (``code``, ``Coding``, ``CodeableConcept``, ``Quantity``), reference
 target types of literal references, narrative safety (txt-1/txt-2), nesting
 depth, and the invariants: hand-written ``ele-1``, ``dom-2``..``dom-6``,
 ``ref-1``, ``sqty-1`` and ``bdl-*``; compiled FHIRPath for the rest, evaluated
-only on elements that are present.
+only on elements that are present. Extensions whose URL is one of R4's own
+definitions are noted (:attr:`Walker.extensions`) and checked after the walk
+(``extensions``).
 
 The walk never changes the resource.
 """
