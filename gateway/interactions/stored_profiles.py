@@ -35,8 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
+from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError, Issue
 from gateway.fhir.search import parse_search
 from gateway.fhir.validation.profiles import ProfileSet
@@ -188,7 +187,7 @@ async def current_resources(reader: Store, search_params: Callable[[str], Any],
     for start in range(0, len(keys), _CHUNK):
         for stored in await reader.read_many(keys[start : start + _CHUNK]):
             if stored.content is not None and not stored.deleted:
-                found.append((stored.last_updated, orjson.loads(stored.content)))
+                found.append((stored.last_updated, fjson.loads_fast(stored.content)))
     found.sort(key=lambda item: item[0])
     return [r for _, r in found if isinstance(r, dict)]
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.search import SearchQuery, parse_search, value_sets, with_value_sets
 from gateway.fhir.terminology import Terminology
@@ -171,7 +172,7 @@ async def _stored_by_id(ctx: Context, resource_type: str, id: str) -> Json | Non
     await guard.ensure_visible(ctx.access, ctx.store, stored)
     if stored.deleted or stored.content is None:
         return None
-    found = orjson.loads(stored.content)
+    found = fjson.loads_fast(stored.content)
     return found if isinstance(found, dict) else None
 
 
@@ -188,7 +189,7 @@ async def _stored_by_url(ctx: Context, resource_type: str, url: str) -> Json | N
     candidates = []
     for stored in await ctx.store.read_many(keys):
         if stored.content is not None and not stored.deleted:
-            r = orjson.loads(stored.content)
+            r = fjson.loads_fast(stored.content)
             if isinstance(r, dict) and r.get("url") == base:
                 candidates.append(r)
     candidates.sort(key=lambda r: str(r.get("version", "")))

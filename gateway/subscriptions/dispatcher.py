@@ -45,9 +45,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-import orjson
-
 from gateway import tasks, telemetry
+from gateway.fhir import json as fjson
 from gateway.fhir import xml as fhir_xml
 from gateway.fhir.validation.model import Model
 from gateway.settings import Settings
@@ -537,7 +536,7 @@ class Dispatcher:
             if current is None or current.deleted or current.version != expected:
                 return None  # the client changed it; the matcher will tell us
             assert current.content is not None
-            resource = orjson.loads(current.content)
+            resource = fjson.loads_fast(current.content)
             resource["status"] = status
             if error:
                 resource["error"] = error[:1000]

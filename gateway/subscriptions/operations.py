@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from gateway.fhir import json as fjson
 from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError, information
 from gateway.interactions.base import Context, FhirResponse, check_id
@@ -89,7 +90,7 @@ class SubscriptionOperations:
             raise FhirError(Code.NOT_FOUND, f"Subscription/{sid} is not known")
         if stored.deleted:
             raise FhirError(Code.GONE, f"Subscription/{sid} was deleted")
-        criteria = orjson.loads(stored.content or b"{}").get("criteria")
+        criteria = fjson.loads_fast(stored.content or b"{}").get("criteria")
         if isinstance(criteria, str) and self.topics.get(criteria) is not None:
             # written a moment ago: its delivery state is made from the outbox, after
             # the write's commit (docs/adr-0004), in some tens of milliseconds
