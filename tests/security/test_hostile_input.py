@@ -185,3 +185,30 @@ def test_a_number_beyond_a_double_stored_before_is_still_served(tmp_path: Path) 
                      f"/Observation/{oid}/_history", f"/Observation/{oid}?_format=xml"):
             assert client.get(path).status_code == 200, path
         assert client.delete(f"/Observation/{oid}").status_code == 204
+
+
+def test_a_value_set_with_such_a_number_stored_before_still_expands(tmp_path: Path) -> None:
+    """The terminology operations read stored ValueSets too: one holding a number
+    beyond a double (an extension's decimal, stored before they were refused) expands
+    and validates codes as any other."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'old.db'}")
+    with RunningServer(settings) as running, httpx.Client(base_url=running.url) as client:
+        url = f"urn:test:vs:{unique('vs')}"
+        made = client.post("/ValueSet", headers={"Content-Type": FHIR}, json={
+            "resourceType": "ValueSet", "url": url, "status": "active",
+            "extension": [{"url": "urn:test:weight", "valueDecimal": 1.5}],
+            "compose": {"include": [{"system": "urn:test:cs", "concept": [{"code": "a"}]}]}})
+        assert made.status_code == 201, made.text
+        vid = made.json()["id"]
+        with sqlite3.connect(tmp_path / "old.db") as db:
+            for table in ("resource", "resource_history"):
+                (content,) = db.execute(f"SELECT content FROM {table} WHERE res_id = ?",
+                                        (vid,)).fetchone()
+                db.execute(f"UPDATE {table} SET content = ? WHERE res_id = ?",
+                           (bytes(content).replace(b":1.5}", b":1e309}"), vid))
+        for path, params in ((f"/ValueSet/{vid}/$expand", {}),
+                             ("/ValueSet/$expand", {"url": url}),
+                             ("/ValueSet/$validate-code",
+                              {"url": url, "system": "urn:test:cs", "code": "a"})):
+            answer = client.get(path, params=params)
+            assert answer.status_code == 200, (path, answer.text)
