@@ -15,6 +15,7 @@ from typing import Any
 import gateway
 from gateway.fhir import json as fjson
 from gateway.fhir.indexer import SearchParam, composite_supported
+from gateway.fhir.instants import instant
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions import stored_profiles
 from gateway.interactions.base import Context, FhirResponse
@@ -148,9 +149,11 @@ def _statement(
     contributions: list[tuple[str | None, Contribution]] | None = None,
     cors: bool = False, stored: Mapping[str, list[str]] | None = None,
     declared: tuple[dict[str, list[str]], list[str]] | None = None,
+    date: str = "",
 ) -> dict[str, Any]:
     """``stored``: the profiles stored here that writes are held to, by type;
-    ``declared``: what :func:`declare` added."""
+    ``declared``: what :func:`declare` added; ``date``: when its content last changed
+    (the release's date when empty)."""
     contributions = contributions or []
     stored = stored or {}
     declared_profiles, instantiates = declared or ({}, [])
@@ -189,7 +192,7 @@ def _statement(
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
-        "date": "2026-11-23",
+        "date": date or RELEASE_DATE,
         "publisher": "carepath-gateway",
         "kind": "instance",
         **({"instantiates": list(instantiates)} if instantiates else {}),
@@ -216,6 +219,12 @@ def _statement(
         }],
     }
 
+
+#: the date of this release of the gateway's own definitions (its CapabilityStatement's
+#: date, unless what it lists from the database changed since)
+RELEASE_DATE = "2026-11-25"
+#: the stored resources whose writes change what the CapabilityStatement lists
+_LISTED_TYPES = ("SearchParameter", *stored_profiles.CONFORMANCE_TYPES)
 
 #: statements built, by context and base URL, the most recently used last, with the
 #: mark of the stored profiles they list (:func:`stored_profiles.in_use`). Bounded:
@@ -293,9 +302,17 @@ async def capabilities(ctx: Context, *, base: str,
     cached = _CACHE.get(key)
     mark, stored = await stored_profiles.in_use(ctx)
     if cached is None or cached[0] != mark:
+        # "it should change when the substantive content of the capability statement
+        # changes": the gateway's release, or the last write of what the statement
+        # lists from the database (search parameters, profiles), the same in every
+        # process
+        changed = await ctx.store.last_changed(_LISTED_TYPES) if ctx.store is not None \
+            else None  # (a context of no database lists nothing stored)
+        date = instant(changed) if changed is not None else RELEASE_DATE
         statement = _statement(ctx.registry, base, ctx.operations,
                                _CONTRIBUTIONS.get(key[0]), declared=_DECLARED.get(key[0]),
-                               cors=bool(ctx.settings.cors_origins), stored=stored)
+                               cors=bool(ctx.settings.cors_origins), stored=stored,
+                               date=max(date, RELEASE_DATE))
         content = fjson.dumps(statement)
         cached = _CACHE[key] = (mark, statement, content, _etag(content))
         while len(_CACHE) > _CACHE_SIZE:

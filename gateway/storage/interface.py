@@ -229,6 +229,10 @@ class Store(Protocol):
         position of the newest ((0, 0): none): it changes with every write of them
         that commits, also one that commits after a later one."""
 
+    async def last_changed(self, types: Sequence[str]) -> int | None:
+        """When the newest version of a resource of ``types`` was written (epoch
+        microseconds, a deletion too); None when there is none."""
+
     async def history(
         self,
         resource_type: str | None,

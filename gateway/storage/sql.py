@@ -952,6 +952,16 @@ class SqlStore:
                 f" WHERE res_type IN ({', '.join('?' for _ in types)})", list(types))
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
+    async def last_changed(self, types: Sequence[str]) -> int | None:
+        if not types:
+            return None
+        async with self.db.read() as conn:  # the newest position, over history_type
+            row = await conn.fetchrow(
+                "SELECT last_updated FROM resource_history"
+                f" WHERE res_type IN ({', '.join('?' for _ in types)})"
+                " ORDER BY seq DESC LIMIT 1", list(types))
+        return int(row[0]) if row else None
+
     async def history(
         self,
         resource_type: str | None,

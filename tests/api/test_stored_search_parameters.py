@@ -74,7 +74,8 @@ def test_a_stored_parameter_indexes_new_writes_and_what_was_stored_before(
     code, city = unique("birthplace"), unique("Utrecht")
     before = _born_in(client, city)
     assert _matches(client, **{code: city}) == {"unknown parameter"}
-    assert client.post("/SearchParameter", json=_parameter(code)).status_code == 201
+    stored = client.post("/SearchParameter", json=_parameter(code))
+    assert stored.status_code == 201
     after = _born_in(client, city)
     # the new one at once (the writer's next request is indexed and searched by it);
     # the one stored before once it is indexed in the background
@@ -94,6 +95,9 @@ def test_a_stored_parameter_indexes_new_writes_and_what_was_stored_before(
                           if r["type"] == "Patient")
     assert {"name": code, "type": "string",
             "definition": f"http://example.org/SearchParameter/{code}"} in patient_params
+    # "it should change when the substantive content ... changes": it did, when the
+    # parameter was stored (or something stored after it)
+    assert statement["date"] >= stored.json()["meta"]["lastUpdated"], statement["date"]
 
 
 def test_retired_and_deleted_parameters_are_no_longer_searched_by(
