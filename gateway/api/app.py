@@ -439,11 +439,10 @@ def _binary_content(path: str, method: str, headers: dict[str, str], raw: bytes,
 
 
 def _is_binary_resource(raw: bytes) -> bool:
-    """A plain JSON body that is a Binary resource (not a JSON document to keep)."""
-    try:
-        body = fjson.loads(raw)
-    except ValueError:
-        return False
+    """A plain JSON body that is a Binary resource (not a JSON document to keep); a
+    body that is no JSON the gateway takes (malformed, not UTF-8, a number beyond a
+    double) is refused as any JSON body is (:class:`FhirError`, 4xx)."""
+    body = fjson.loads(raw)
     return isinstance(body, dict) and body.get("resourceType") == "Binary"
 
 

@@ -162,6 +162,17 @@ def test_json_bodies_are_utf8_only(client: httpx.Client) -> None:
     assert bom.json()["name"][0]["family"] == "Müller"
 
 
+def _stored_before(path: Path, id: str) -> None:
+    """The resource's ``1.5`` made ``1e309`` in the database, as a write from before
+    such numbers were refused left it."""
+    with sqlite3.connect(path) as db:
+        for table in ("resource", "resource_history"):
+            (content,) = db.execute(f"SELECT content FROM {table} WHERE res_id = ?",
+                                    (id,)).fetchone()
+            db.execute(f"UPDATE {table} SET content = ? WHERE res_id = ?",
+                       (bytes(content).replace(b":1.5}", b":1e309}"), id))
+
+
 def test_a_number_beyond_a_double_stored_before_is_still_served(tmp_path: Path) -> None:
     """Written before such numbers were refused, it reads, searches and deletes as any
     other resource (orjson, which the access rules read stored content with, refuses it)."""
@@ -172,12 +183,7 @@ def test_a_number_beyond_a_double_stored_before_is_still_served(tmp_path: Path) 
             "resourceType": "Observation", "status": "final", "code": {"text": "x"},
             "subject": {"reference": f"Patient/{pid}"}, "valueQuantity": {"value": 1.5},
         }).json()["id"]
-        with sqlite3.connect(tmp_path / "old.db") as db:
-            for table in ("resource", "resource_history"):
-                (content,) = db.execute(f"SELECT content FROM {table} WHERE res_id = ?",
-                                        (oid,)).fetchone()
-                db.execute(f"UPDATE {table} SET content = ? WHERE res_id = ?",
-                           (bytes(content).replace(b":1.5}", b":1e309}"), oid))
+        _stored_before(tmp_path / "old.db", oid)
         read = client.get(f"/Observation/{oid}")
         assert read.status_code == 200, read.text
         assert b'"value":1e309' in read.content
@@ -200,12 +206,7 @@ def test_a_value_set_with_such_a_number_stored_before_still_expands(tmp_path: Pa
             "compose": {"include": [{"system": "urn:test:cs", "concept": [{"code": "a"}]}]}})
         assert made.status_code == 201, made.text
         vid = made.json()["id"]
-        with sqlite3.connect(tmp_path / "old.db") as db:
-            for table in ("resource", "resource_history"):
-                (content,) = db.execute(f"SELECT content FROM {table} WHERE res_id = ?",
-                                        (vid,)).fetchone()
-                db.execute(f"UPDATE {table} SET content = ? WHERE res_id = ?",
-                           (bytes(content).replace(b":1.5}", b":1e309}"), vid))
+        _stored_before(tmp_path / "old.db", vid)
         for path, params in ((f"/ValueSet/{vid}/$expand", {}),
                              ("/ValueSet/$expand", {"url": url}),
                              ("/ValueSet/$validate-code",

@@ -10,7 +10,7 @@ import pytest
 
 from tests.security.conftest import Secured
 from tests.security.test_isolation import document_bundle
-from tests.subscriptions.conftest import subscription
+from tests.subscriptions.conftest import referral, subscription
 from tests.subscriptions.receiver import Receiver
 
 
@@ -23,23 +23,8 @@ def receiver() -> Iterator[Receiver]:
 
 def _referral(secured: Secured, client_name: str, owner_org: str) -> str:
     """A patient of hospital-a and a referral Task owned by ``owner_org``; the Task's id."""
-    a = secured.client(client_name)
-    try:
-        pid = a.post("/Patient", json={"resourceType": "Patient"}).json()["id"]
-        sr = a.post("/ServiceRequest", json={
-            "resourceType": "ServiceRequest", "status": "active", "intent": "order",
-            "subject": {"reference": f"Patient/{pid}"},
-            "requester": {"reference": "Organization/org-a"},
-            "performer": [{"reference": f"Organization/{owner_org}"}]}).json()["id"]
-        task = a.post("/Task", json={
-            "resourceType": "Task", "status": "requested", "intent": "order",
-            "focus": {"reference": f"ServiceRequest/{sr}"}, "for": {"reference": f"Patient/{pid}"},
-            "requester": {"reference": "Organization/org-a"},
-            "owner": {"reference": f"Organization/{owner_org}"}})
-        assert task.status_code == 201, task.text
-        return str(task.json()["id"])
-    finally:
-        a.close()
+    with secured.client(client_name) as a:
+        return referral(a, owner_org)[1]
 
 
 def test_notifications_only_for_resources_the_subscriber_may_see(

@@ -139,3 +139,20 @@ def gateway(request: pytest.FixtureRequest, tmp_path: Path, new_schema: Callable
             return gw
 
         yield start
+
+
+def referral(a: httpx.Client, owner_org: str) -> tuple[str, str]:
+    """A patient of hospital-a and a referral Task to ``owner_org``: (patient, Task)."""
+    pid = a.post("/Patient", json={"resourceType": "Patient"}).json()["id"]
+    sr = a.post("/ServiceRequest", json={
+        "resourceType": "ServiceRequest", "status": "active", "intent": "order",
+        "subject": {"reference": f"Patient/{pid}"},
+        "requester": {"reference": "Organization/org-a"},
+        "performer": [{"reference": f"Organization/{owner_org}"}]}).json()["id"]
+    task = a.post("/Task", json={
+        "resourceType": "Task", "status": "requested", "intent": "order",
+        "focus": {"reference": f"ServiceRequest/{sr}"}, "for": {"reference": f"Patient/{pid}"},
+        "requester": {"reference": "Organization/org-a"},
+        "owner": {"reference": f"Organization/{owner_org}"}})
+    assert task.status_code == 201, task.text
+    return str(pid), str(task.json()["id"])

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.security.conftest import Secured, secured  # noqa: F401  (the same server here)
-from tests.subscriptions.conftest import subscription
+from tests.subscriptions.conftest import referral, subscription
 from tests.subscriptions.receiver import Receiver
 
 #: a colleague's token: Subscriptions, but not the Tasks the referral topic delivers
@@ -35,23 +35,6 @@ def clients(secured: Secured) -> Iterator[dict[str, httpx.Client]]:  # noqa: F81
         c.close()
 
 
-def _referral(a: httpx.Client, owner_org: str) -> tuple[str, str]:
-    """A patient of hospital-a and a referral Task to ``owner_org``: (patient, Task)."""
-    pid = a.post("/Patient", json={"resourceType": "Patient"}).json()["id"]
-    sr = a.post("/ServiceRequest", json={
-        "resourceType": "ServiceRequest", "status": "active", "intent": "order",
-        "subject": {"reference": f"Patient/{pid}"},
-        "requester": {"reference": "Organization/org-a"},
-        "performer": [{"reference": f"Organization/{owner_org}"}]}).json()["id"]
-    task = a.post("/Task", json={
-        "resourceType": "Task", "status": "requested", "intent": "order",
-        "focus": {"reference": f"ServiceRequest/{sr}"}, "for": {"reference": f"Patient/{pid}"},
-        "requester": {"reference": "Organization/org-a"},
-        "owner": {"reference": f"Organization/{owner_org}"}})
-    assert task.status_code == 201, task.text
-    return str(pid), str(task.json()["id"])
-
-
 def _subscribed(client: httpx.Client, receiver: Receiver, **kw: Any) -> str:
     made = client.post("/Subscription", json=subscription("referral-created", receiver.url,
                                                           content="full-resource", **kw))
@@ -69,7 +52,7 @@ def test_operations_need_the_scopes_of_the_topics_types(
     a, narrow = clients["a"], clients["narrow"]
     sid = _subscribed(a, receiver)
     assert receiver.wait(lambda: len(receiver.of(sid, "handshake")) == 1)
-    _, task = _referral(a, "org-b")
+    _, task = referral(a, "org-b")
     assert receiver.wait(lambda: len(receiver.of(sid, "event-notification")) >= 1)
     replayed = a.get(f"/Subscription/{sid}/$events")
     assert replayed.status_code == 200, replayed.text
@@ -118,8 +101,8 @@ def test_events_replay_only_what_the_caller_may_see_now(
     a, b = clients["a"], clients["b"]
     sid = _subscribed(b, receiver)
     assert receiver.wait(lambda: len(receiver.of(sid, "handshake")) == 1)
-    pid, closed = _referral(a, "org-b")
-    _, kept = _referral(a, "org-b")
+    pid, closed = referral(a, "org-b")
+    _, kept = referral(a, "org-b")
     assert receiver.wait(lambda: len(receiver.of(sid, "event-notification")) >= 1
                          and len([f for n in receiver.of(sid, "event-notification")
                                   for f in n.events()]) == 2)
