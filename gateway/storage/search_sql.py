@@ -34,7 +34,7 @@ from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 from gateway.fhir.geo import EARTH_RADIUS_KM, latitude_band
-from gateway.fhir.indexer import MAX_LEN, clip, clip_normalized
+from gateway.fhir.indexer import MAX_LEN, TABLE_FOR_TYPE, clip, clip_normalized
 from gateway.fhir.search import (
     CompositeValue,
     Criterion,
@@ -61,17 +61,7 @@ __all__ = ["Bound", "bound_by_sort", "bounds_by_sort", "choose_driver", "count",
 
 DIALECTS = ("sqlite", "postgresql")
 
-_TABLE = {
-    "string": "sp_string",
-    "token": "sp_token",
-    "date": "sp_date",
-    "number": "sp_number",
-    "quantity": "sp_quantity",
-    "reference": "sp_reference",
-    "uri": "sp_uri",
-    "composite": "sp_composite",
-    "special": "sp_coords",
-}
+_TABLE = TABLE_FOR_TYPE
 #: (ascending column, descending column, is text) per parameter type
 _SORT_COLUMN = {
     "string": ("value", "value", True),
