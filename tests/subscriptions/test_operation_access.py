@@ -7,7 +7,6 @@ its own, and the access to what an event names may have closed since.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,7 +38,9 @@ def _subscribed(client: httpx.Client, receiver: Receiver, **kw: Any) -> str:
     made = client.post("/Subscription", json=subscription("referral-created", receiver.url,
                                                           content="full-resource", **kw))
     assert made.status_code == 201, made.text
-    return str(made.json()["id"])
+    sid = str(made.json()["id"])
+    assert receiver.wait(lambda: len(receiver.of(sid, "handshake")) == 1)
+    return sid
 
 
 def _focuses(bundle: dict[str, Any]) -> list[str]:
@@ -51,7 +52,6 @@ def test_operations_need_the_scopes_of_the_topics_types(
 ) -> None:
     a, narrow = clients["a"], clients["narrow"]
     sid = _subscribed(a, receiver)
-    assert receiver.wait(lambda: len(receiver.of(sid, "handshake")) == 1)
     _, task = referral(a, "org-b")
     assert receiver.wait(lambda: len(receiver.of(sid, "event-notification")) >= 1)
     replayed = a.get(f"/Subscription/{sid}/$events")
@@ -81,10 +81,6 @@ def test_websocket_tokens_need_the_scopes_and_the_subscription(
                                                      content="full-resource"))
     assert made.status_code == 201, made.text
     sid = made.json()["id"]
-    for _ in range(100):  # the matcher registers it
-        if a.get(f"/Subscription/{sid}/$status").status_code == 200:
-            break
-        time.sleep(0.05)
     assert a.get(f"/Subscription/{sid}/$get-ws-binding-token").status_code == 200
     # whoever binds the token hears the topic's resources: the caller's scopes must open them
     for refused in (narrow.get(f"/Subscription/{sid}/$get-ws-binding-token"),
@@ -100,7 +96,6 @@ def test_events_replay_only_what_the_caller_may_see_now(
 ) -> None:
     a, b = clients["a"], clients["b"]
     sid = _subscribed(b, receiver)
-    assert receiver.wait(lambda: len(receiver.of(sid, "handshake")) == 1)
     pid, closed = referral(a, "org-b")
     _, kept = referral(a, "org-b")
     assert receiver.wait(lambda: len(receiver.of(sid, "event-notification")) >= 1
