@@ -79,11 +79,6 @@ def stored_search_parameters(settings: Settings, reg: Registry,
                                   refresh_s=settings.search_parameter_refresh_s)
 
 
-def public_base(settings: Settings) -> str:
-    """The FHIR base URL tokens are issued for (``iss``/``aud``)."""
-    return settings.own_base
-
-
 def freeze_startup_objects() -> None:
     """Keep what startup built (the registry, compiled profiles and validator, about
     150,000 objects) out of the cyclic collector's full passes.
@@ -107,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     events = EventRuntime(store.db, settings)  # outbox relay and bus
     store.after_commit.append(events.relay.wake)
     subscriptions = SubscriptionService(store.db, store, settings, events,
-                                        base_url=public_base(settings),
+                                        base_url=settings.own_base,
                                         topics=TopicRegistry.load(
                                             implied=reg.indexer.implied_system))
     subscriptions.matcher.access_rules = access.rules  # notifications obey the compartment
@@ -142,7 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             installed = await install_conformance(store, reg)
             if installed:
                 log.info("installed %d of the gateway's conformance resources", installed)
-            await auth.start(public_base(settings))
+            await auth.start(settings.own_base)
             for service in services:
                 await service.start()
                 started.append(service)
