@@ -2,7 +2,9 @@
 
 Newest first. Paging is by position in the history log (``_cursor``), so
 versions written while a client pages do not shift the pages it has yet to
-read.
+read. ``_offset`` (versions to skip, as search takes it and Medplum's client
+sends it for a history too) places a page; its ``next`` link goes on by
+position.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def _bound(name: str, value: str) -> tuple[int, int]:
 
 
 #: what a history takes (http.html#history), and what every request may carry
-_PARAMS = frozenset({"_since", "_at", "_list", "_count", "_cursor", "_format", "_pretty"})
+_PARAMS = frozenset({"_since", "_at", "_list", "_count", "_cursor", "_offset", "_format",
+                     "_pretty"})
 #: an open end of an ``_at`` period (epoch microseconds, within a bigint)
 _NEVER = 2**62
 
@@ -128,10 +131,17 @@ async def history(
     try:
         count = int(params.get("_count", ctx.settings.default_page_size))
         before = int(params["_cursor"]) if "_cursor" in params else None
+        offset = int(params.get("_offset", 0))
     except ValueError:
-        raise FhirError(Code.INVALID_SEARCH_VALUE, "_count and _cursor are integers") from None
+        raise FhirError(Code.INVALID_SEARCH_VALUE,
+                        "_count, _cursor and _offset are integers") from None
     if before is not None and not 0 <= before < 2**63:  # a position the store can hold
         raise FhirError(Code.INVALID_SEARCH_VALUE, "_cursor is out of range")
+    limit = ctx.settings.max_search_results
+    if not 0 <= offset <= limit:  # (each version skipped is read)
+        raise FhirError(Code.INVALID_SEARCH_VALUE,
+                        f"_offset must be an integer from 0 to {limit:,}"
+                        " (CAREPATH_MAX_SEARCH_RESULTS); page on by the next link")
     if count < 0:
         raise FhirError(Code.INVALID_SEARCH_VALUE, "_count must be a non-negative integer")
     # _count=0: no versions, only how many there are (as a search answers it)
@@ -142,14 +152,14 @@ async def history(
         else None
     page = await ctx.store.history(resource_type, id, since=since, at=at, before=before,
                                    limit=count, restriction=restriction, types=types,
-                                   listed=listed)
+                                   listed=listed, offset=offset)
     guard.note(resource_type or "*", id, None, f"_history?{urlencode(pairs)}")
     if id is not None and before is None and since is None and at is None and count and (
-            listed is None and not page.entries):
+            listed is None and not offset and not page.entries):
         # (filtered by time or List, the history of a resource that exists can be empty)
         raise FhirError(Code.NOT_FOUND, f"{resource_type}/{id} is not known")
     path = "/".join(p for p in (base, resource_type, id, "_history") if p)
-    kept = [(k, v) for k, v in pairs if k not in ("_cursor", "_format", "_pretty")]
+    kept = [(k, v) for k, v in pairs if k not in ("_cursor", "_offset", "_format", "_pretty")]
     links = [("self", f"{path}?{urlencode(pairs)}" if pairs else path)]
     if page.next_cursor is not None:
         links.append(("next", f"{path}?{urlencode([*kept, ('_cursor', page.next_cursor)])}"))
@@ -157,7 +167,7 @@ async def history(
     # one it may) is left out; the count would tell of it, whether on this page or
     # another, so a restricted caller is given one only for a whole history it has seen
     entries = await guard.versions_visible(ctx.access, ctx.store, page.entries)
-    whole = (count > 0 and before is None and page.next_cursor is None
+    whole = (count > 0 and before is None and not offset and page.next_cursor is None
              and len(entries) == len(page.entries))
     total = page.total if restriction is None or whole else None
     return FhirResponse(200, bundle("history", [_entry(base, s) for s in entries],

@@ -99,6 +99,11 @@ def _entry_error(entry: Entry, exc: FhirError) -> FhirError:
                      (f"{entry.where}", *exc.expression), exc.extra)
 
 
+def _found_only(e: Entry) -> bool:
+    """A conditional create that found its resource (it writes nothing)."""
+    return e.method == "POST" and bool(e.extra.get("exists"))
+
+
 def _relative(url: str, base: str) -> tuple[str, str]:
     if base and url.startswith(base + "/"):
         url = url[len(base) + 1 :]
@@ -536,17 +541,28 @@ class _Transaction:
         return res
 
     def _check_overlap(self, writes: list[Entry]) -> None:
+        """Two entries that write one resource fail the transaction (http.html#trules:
+        identities, "including resolved identities from conditional update/delete",
+        may not overlap). A conditional create that found its resource writes
+        nothing: it may name a resource another entry updates or patches (it answers
+        with the version before), not one that another deletes (it was judged
+        before the deletion it would have to see)."""
         seen: dict[tuple[str, str], Entry] = {}
         for e in writes:
             if e.id is None or "same_as" in e.extra:
                 continue
             key = (e.resource_type, e.id)
-            if key in seen:
+            first = seen.get(key)
+            if first is not None and not (
+                    (_found_only(e) or _found_only(first))
+                    and "DELETE" not in (e.method, first.method)):
+                verb = "name" if _found_only(e) or _found_only(first) else "write"
                 raise FhirError(
                     Code.DUPLICATE_IDENTITY,
-                    f"{e.where} and {seen[key].where} both write {e.resource_type}/{e.id}",
+                    f"{e.where} and {first.where} both {verb} {e.resource_type}/{e.id}",
                     (e.where,))
-            seen[key] = e
+            if first is None or _found_only(first):
+                seen[key] = e
 
     async def _rewrite(self, e: Entry) -> None:
         async def resolve_all(refs: list[str]) -> None:

@@ -245,6 +245,8 @@ class Store(Protocol):
         restriction: Restriction | None = None,
         types: Sequence[str] | None = None,
         listed: Collection[Listed] | None = None,
+        offset: int = 0,
     ) -> HistoryPage:
         """Versions, newest first; ``types``: of these types only (system level);
-        ``listed``: of these resources only (a version given: that version only)."""
+        ``listed``: of these resources only (a version given: that version only);
+        ``offset``: versions skipped before the page."""

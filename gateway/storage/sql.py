@@ -974,6 +974,7 @@ class SqlStore:
         restriction: Restriction | None = None,
         types: Sequence[str] | None = None,
         listed: Collection[Listed] | None = None,
+        offset: int = 0,
     ) -> HistoryPage:
         if resource_type is not None:
             types = [resource_type]
@@ -989,7 +990,7 @@ class SqlStore:
                 return HistoryPage([], None, 0 if counts else None)
             (sql, params), (count_sql, count_params) = history_sql(
                 types, id, since=since, at=at, before=before, limit=limit,
-                restriction=restriction, after=after, listed=listed)
+                restriction=restriction, after=after, listed=listed, offset=offset)
             rows = await conn.fetch(sql, params)
             total = None
             # the first page counts all versions, unless that would mean judging every
@@ -1016,6 +1017,7 @@ def history_sql(
     restriction: Restriction | None = None,
     after: int | None = None,
     listed: Collection[Listed] | None = None,
+    offset: int = 0,
 ) -> tuple[tuple[str, list[Any]], tuple[str, list[Any]]]:
     """A history page's statement (``limit`` + 1 versions, newest first, older than
     ``before``) and the statement counting every version it pages through.
@@ -1065,6 +1067,8 @@ def history_sql(
         " AND hp.version = h.version - 1 AND hp.content IS NULL)"
         f" FROM resource_history h{_where(where)} ORDER BY h.seq DESC LIMIT ?"
     )
+    if offset:
+        return (page + " OFFSET ?", [*params, limit + 1, offset]), counted
     return (page, [*params, limit + 1]), counted
 
 

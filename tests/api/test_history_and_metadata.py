@@ -40,6 +40,32 @@ def test_instance_history_newest_first_with_paging(client: httpx.Client) -> None
     assert not any(link["relation"] == "next" for link in page2["link"])
 
 
+def test_history_takes_an_offset_and_pages_on_from_it(client: httpx.Client) -> None:
+    """``_offset`` skips versions, as a search's does (Medplum's client sends it for a
+    history): the page starts there and its next link goes on by position."""
+    created = post(client, patient(unique("mrn"))).json()
+    for family in ("B", "C", "D", "E"):
+        created["name"][0]["family"] = family
+        put(client, created)
+    path = f"/Patient/{created['id']}/_history"
+    page = client.get(path, params={"_count": 2, "_offset": 2}).json()
+    assert [e["resource"]["meta"]["versionId"] for e in page["entry"]] == ["3", "2"]
+    assert page["total"] == 5
+    next_url = next(link["url"] for link in page["link"] if link["relation"] == "next")
+    assert "_offset" not in next_url
+    last = httpx.get(next_url, timeout=30).json()
+    assert [e["resource"]["meta"]["versionId"] for e in last["entry"]] == ["1"]
+    beyond = client.get(path, params={"_offset": 9})
+    assert beyond.status_code == 200 and "entry" not in beyond.json()
+    typed = client.get("/Patient/_history", params={"_count": 1, "_offset": 1}).json()
+    newest_two = client.get("/Patient/_history", params={"_count": 2}).json()
+    assert [(e["fullUrl"], e["response"]["etag"]) for e in typed["entry"]] == [
+        (e["fullUrl"], e["response"]["etag"]) for e in newest_two["entry"][1:]]
+    for bad in ("-1", "x", "100000000"):
+        refused = client.get(path, params={"_offset": bad})
+        assert (refused.status_code, gw_code(refused)) == (400, "GW-1013"), refused.text
+
+
 def test_history_of_update_as_create_answers_created(client: httpx.Client) -> None:
     rid = unique("pid")
     assert put(client, {"resourceType": "Patient", "id": rid}).status_code == 201

@@ -302,6 +302,37 @@ def test_transaction_entries_touching_one_resource_conflict(client: httpx.Client
     assert client.get(f"/Patient/{rid}").status_code == 404
 
 
+def test_a_conditional_create_that_finds_may_name_what_another_entry_updates(
+        client: httpx.Client) -> None:
+    """A conditional create that finds its resource writes nothing, so it does not
+    overlap an update or patch of that resource (http.html#trules names the
+    identities of conditional updates and deletes); it answers with the version
+    before them. Beside a deletion of it, it is still refused."""
+    mrn = unique("mrn")
+    found = post(client, patient(mrn)).json()
+    rid = found["id"]
+    changed = {**found, "gender": "female"}
+    response = send(client, tx([
+        {"resource": patient(mrn), "request": {
+            "method": "POST", "url": "Patient", "ifNoneExist": f"identifier=urn:test:mrn|{mrn}"}},
+        {"resource": changed, "request": {"method": "PUT", "url": f"Patient/{rid}"}},
+    ]))
+    assert response.status_code == 200, response.text
+    first, second = response.json()["entry"]
+    assert first["response"]["status"].startswith("200")
+    assert first["response"]["location"].endswith(f"/Patient/{rid}/_history/1")
+    assert second["response"]["etag"] == 'W/"2"'
+    assert client.get(f"/Patient/{rid}").json()["gender"] == "female"
+    assert search_ids(client, "/Patient", identifier=f"urn:test:mrn|{mrn}") == [rid]
+    refused = send(client, tx([
+        {"request": {"method": "DELETE", "url": f"Patient/{rid}"}},
+        {"resource": patient(mrn), "request": {
+            "method": "POST", "url": "Patient", "ifNoneExist": f"identifier=urn:test:mrn|{mrn}"}},
+    ]))
+    assert (refused.status_code, gw_code(refused)) == (409, "GW-3004"), refused.text
+    assert client.get(f"/Patient/{rid}").status_code == 200
+
+
 def test_transaction_prefer_representation_returns_resources(client: httpx.Client) -> None:
     bundle = tx([{"fullUrl": urn(), "resource": patient(unique()),
                   "request": {"method": "POST", "url": "Patient"}}])
