@@ -655,6 +655,9 @@ _CORS_HEADERS = (b"Authorization, Content-Type, Content-Encoding, Accept, Accept
                  b" X-Security-Context, X-Request-ID, X-Correlation-ID")
 _CORS_EXPOSE = (b"Location, Content-Location, ETag, Last-Modified, Content-Encoding,"
                 b" X-Security-Context, X-Request-ID, X-Correlation-ID")
+#: ``Access-Control-Request-Headers``: a list of header names (RFC 9110 5.1 tokens)
+_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_HEADER_NAMES = re.compile(rf"{_NAME}(?:[ \t]*,[ \t]*{_NAME})*")
 #: seconds a client should wait before it repeats a request refused as unavailable
 _RETRY_AFTER = b"5"
 #: a client's own request id, taken as it is (else the gateway makes one)
@@ -671,8 +674,13 @@ def request_id(given: str | None) -> str:
 
 class Cors:
     """Cross-origin access for browser clients (the Fetch standard's CORS protocol),
-    for the origins configured in ``CAREPATH_CORS_ORIGINS`` (``*``: any). Tokens
-    travel in ``Authorization``, never in cookies: no credentials mode."""
+    for the origins configured in ``CAREPATH_CORS_ORIGINS`` (``*``: any).
+
+    Tokens travel in ``Authorization``, so no header a page may send opens
+    anything: a preflight allows the headers it asks for (Medplum's client sends
+    ``X-Medplum``). Clients that fetch in credentials mode (Medplum's does) are
+    allowed it from an origin named in the setting, never from ``*``: cookies a
+    proxy in front may use must not be sent by any site."""
 
     def __init__(self, origins: str) -> None:
         allowed = {o.strip().rstrip("/") for o in origins.split(",") if o.strip()}
@@ -691,13 +699,21 @@ class Cors:
             return None
         if not self.allows(origin):
             return Reply(403, [(b"content-length", b"0"), (b"vary", b"Origin")], b"")
+        asked = request.headers.get("access-control-request-headers", "").strip()
+        allowed = asked.encode("latin-1") if len(asked) <= 4096 and \
+            _HEADER_NAMES.fullmatch(asked) else _CORS_HEADERS
         return Reply(204, [
             (b"access-control-allow-origin", origin.encode("latin-1")),
+            *self._credentials(origin),
             (b"access-control-allow-methods", _CORS_METHODS),
-            (b"access-control-allow-headers", _CORS_HEADERS),
+            (b"access-control-allow-headers", allowed),
             (b"access-control-max-age", b"600"),
             (b"vary", b"Origin"),
         ], b"")
+
+    def _credentials(self, origin: str) -> list[tuple[bytes, bytes]]:
+        return [(b"access-control-allow-credentials", b"true")] if origin in self.allowed \
+            else []
 
     def decorate(self, request: HttpRequest, reply: Reply) -> None:
         """Let an allowed origin read ``reply`` (and the headers a FHIR client needs).
@@ -707,6 +723,7 @@ class Cors:
         if self.allows(origin):
             assert origin is not None
             reply.headers += [(b"access-control-allow-origin", origin.encode("latin-1")),
+                              *self._credentials(origin),
                               (b"access-control-expose-headers", _CORS_EXPOSE)]
         reply.headers.append((b"vary", b"Origin"))
 

@@ -196,6 +196,38 @@ def test_cors_for_configured_origins(tmp_path: Path) -> None:
             "https://other.example.org"
 
 
+def test_cors_allows_what_a_browser_client_asks_and_credentials_from_named_origins(
+        tmp_path: Path) -> None:
+    """Medplum's client sends ``X-Medplum`` and fetches in credentials mode: the
+    preflight allows the headers asked for, and an origin named in the setting may
+    send credentials. Under ``*`` any origin is answered, never with credentials."""
+    named = "https://app.example.org"
+    for origins, credentials in ((named, True), ("*", False)):
+        settings = Settings(database_url=f"sqlite:///{tmp_path / f'cors{credentials}.db'}",
+                            cors_origins=origins)
+        with RunningServer(settings) as running:
+            preflight = httpx.options(f"{running.url}/Patient/x", headers={
+                "Origin": named, "Access-Control-Request-Method": "PUT",
+                "Access-Control-Request-Headers": "authorization,content-type,if-match,"
+                                                  "x-medplum"})
+            assert preflight.status_code == 204
+            allowed = {x.strip().lower()
+                       for x in preflight.headers["Access-Control-Allow-Headers"].split(",")}
+            assert {"authorization", "content-type", "if-match", "x-medplum"} <= allowed
+            made = httpx.post(f"{running.url}/Patient", json=patient(unique("mrn")),
+                              headers={"Origin": named, "Content-Type": FHIR})
+            assert made.status_code == 201
+            for answer in (preflight, made):
+                assert answer.headers["Access-Control-Allow-Origin"] == named
+                assert (answer.headers.get("Access-Control-Allow-Credentials") == "true") \
+                    is credentials
+            # a header list that is not one is not echoed
+            odd = httpx.options(f"{running.url}/Patient", headers={
+                "Origin": named, "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "x-a, set-cookie: a=b"})
+            assert "set-cookie" not in odd.headers["Access-Control-Allow-Headers"].lower()
+
+
 def test_no_cors_unless_configured(client: httpx.Client) -> None:
     preflight = client.options("/Patient", headers={
         "Origin": "https://app.example.org", "Access-Control-Request-Method": "GET"})
