@@ -38,6 +38,7 @@ from gateway.api.health import MEDIA_TYPE as HEALTH_MEDIA_TYPE
 from gateway.api.openapi import openapi
 from gateway.fhir import json as fjson
 from gateway.fhir import xml as fhir_xml
+from gateway.fhir import xmlpatch
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.validation.model import Model
 from gateway.interactions.base import Context, FhirResponse
@@ -549,15 +550,24 @@ def _parse_body(
         _check_limits(ctx, resource, len(raw))
         if method == "PATCH" and resource.get("resourceType") != "Parameters":
             raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
-                            "a PATCH in XML is a FHIRPath Patch (a Parameters resource)")
+                            f"a PATCH in {ctype} is a FHIRPath Patch (a Parameters resource);"
+                            f" XML Patch is {xmlpatch.MEDIA_TYPE}")
         return resource, []
+    if ctype == xmlpatch.MEDIA_TYPE:
+        if method != "PATCH":
+            raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                            f"{xmlpatch.MEDIA_TYPE} is the body of a PATCH")
+        if model is None:
+            raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE, "this server accepts FHIR JSON only")
+        return xmlpatch.parse(raw), []
     if ctype not in _JSON_TYPES and ctype not in _PATCH_TYPES:
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
                         f"Content-Type '{ctype[:60]}' is not supported")
     if method == "PATCH" and ctype not in _PATCH_TYPES and ctype not in _JSON_TYPES:
         raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
-                        "PATCH takes application/json-patch+json (JSON Patch) or"
-                        " application/fhir+json (FHIRPath Patch)")
+                        "PATCH takes application/json-patch+json (JSON Patch),"
+                        f" {xmlpatch.MEDIA_TYPE} (XML Patch) or application/fhir+json"
+                        " (FHIRPath Patch)")
     body = fjson.loads(raw)
     _check_limits(ctx, body, len(raw))
     if method == "PATCH" and ctype in _JSON_TYPES and not (

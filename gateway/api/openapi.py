@@ -62,7 +62,9 @@ def openapi(registry: Registry, base_path: str, types: Iterable[str] | None = No
             "patch": {"operationId": f"patch-{rt}", "parameters": [_ID],
                       "requestBody": {"required": True, "content": {
                           "application/json-patch+json": {"schema": {
-                              "type": "array", "items": {"type": "object"}}}}},
+                              "type": "array", "items": {"type": "object"}}},
+                          # RFC 5261 / RFC 7351: a <diff> of add, replace, remove
+                          "application/xml-patch+xml": {"schema": {"type": "string"}}}},
                       "responses": _responses("200")},
         }
         paths[f"{base}/{rt}/{{id}}/_history"] = {"get": {

@@ -1,8 +1,8 @@
 """Pure FHIR R4 semantics: no I/O, no web framework.
 
 May import: the standard library, ``orjson``, ``jsonpatch``, ``fhirpathpy``, ``lxml``
-(hardened parser for narrative XHTML only), ``re2`` (regular expressions from
-clients, :mod:`gateway.fhir.patterns`). The indexer and the validator read
+(the hardened parser: narrative XHTML, FHIR XML, XML Patch), ``re2`` (regular
+expressions from clients, :mod:`gateway.fhir.patterns`). The indexer and the validator read
 their definitions from ``profiles/`` once, at start; nothing here does I/O per
 request.
 """

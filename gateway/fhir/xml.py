@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -63,6 +64,12 @@ def _bad(message: str) -> FhirError:
 
 def dumps(value: Any, model: Model, *, pretty: bool = False) -> bytes:
     """The XML of a resource given as JSON (bytes as stored, or parsed)."""
+    return bytes(etree.tostring(to_element(value, model), xml_declaration=True,
+                                encoding="UTF-8", pretty_print=pretty))
+
+
+def to_element(value: Any, model: Model) -> etree._Element:
+    """The XML tree of a resource given as JSON (bytes as stored, or parsed)."""
     if isinstance(value, bytes | bytearray):
         value = json.loads(value, parse_float=Decimal)
     elif not isinstance(value, dict):
@@ -70,15 +77,13 @@ def dumps(value: Any, model: Model, *, pretty: bool = False) -> bytes:
     else:  # through JSON text: stored fragments and Numbers become plain values
         value = json.loads(fjson.dumps(value), parse_float=Decimal)
     try:
-        root = _resource_element(value, model, None)
+        return _resource_element(value, model, None)
     except ValueError as exc:
         if "XML compatible" not in str(exc):
             raise
         # (stored before such characters were refused on the way in)
         raise FhirError(Code.NOT_ACCEPTABLE, "the resource holds characters XML cannot"
                                              " carry (such as U+FFFF): ask for JSON") from None
-    return bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8",
-                                pretty_print=pretty))
 
 
 def _resource_element(resource: dict[str, Any], model: Model,
@@ -169,20 +174,33 @@ def _xhtml(div: Any) -> etree._Element:
 
 def loads(data: bytes, model: Model) -> dict[str, Any]:
     """The JSON form of a FHIR XML resource; :class:`FhirError` (400) when it is not one."""
+    return from_element(parse(data), model)
+
+
+def parse(data: bytes, bad: Callable[[str], FhirError] = _bad) -> etree._Element:
+    """The root of an XML document, parsed as every XML input of the gateway is;
+    ``bad`` makes the error for a document that declares a DTD or entities, or has
+    an element of too many attributes (one that is not well-formed: GW-1027)."""
     start = _ROOT_START.search(data)  # a DOCTYPE stands before the root element
     if _REFUSED.search(data, 0, start.start() if start else len(data)):
-        raise _bad("a DOCTYPE or entity declaration is not allowed")
+        raise bad("a DOCTYPE or entity declaration is not allowed")
     try:
         root = etree.fromstring(data, hardened_parser())
     except (etree.XMLSyntaxError, ValueError) as exc:
         raise FhirError(Code.MALFORMED_XML, str(exc)[:200]) from None
     if has_dtd(root):
-        raise _bad("a DOCTYPE or entity declaration is not allowed")
+        raise bad("a DOCTYPE or entity declaration is not allowed")
     for element in root.iter():
         # (lxml reads the attributes of an element in time that grows with the
         # square of their number: 4.6 s for 40,000)
         if len(element.attrib) > MAX_ATTRIBUTES:
-            raise _bad(f"an element has more than {MAX_ATTRIBUTES} attributes")
+            raise bad(f"an element has more than {MAX_ATTRIBUTES} attributes")
+    return root
+
+
+def from_element(root: etree._Element, model: Model) -> dict[str, Any]:
+    """The JSON form of a resource's XML tree (one :func:`parse` read, or one made
+    from such: elements of at most ``MAX_ATTRIBUTES`` attributes)."""
     return _resource_json(root, model, root.tag)
 
 

@@ -201,8 +201,8 @@ def _statement(
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json", "application/fhir+xml", "xml"],
         # (FHIRPath Patch is a Parameters resource, in either FHIR format)
-        "patchFormat": ["application/json-patch+json", "application/fhir+json",
-                        "application/fhir+xml"],
+        "patchFormat": ["application/json-patch+json", "application/xml-patch+xml",
+                        "application/fhir+json", "application/fhir+xml"],
         "rest": [{
             **_extensions(contributions, None, base),
             "mode": "server",

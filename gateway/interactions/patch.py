@@ -1,6 +1,8 @@
 """patch: https://hl7.org/fhir/R4/http.html#patch, with JSON Patch (RFC 6902,
-``application/json-patch+json``) or FHIRPath Patch (a ``Parameters`` resource,
-``application/fhir+json``; :mod:`gateway.fhir.fhirpatch`).
+``application/json-patch+json``), FHIRPath Patch (a ``Parameters`` resource,
+``application/fhir+json``; :mod:`gateway.fhir.fhirpatch`) or XML Patch (RFC 5261,
+``application/xml-patch+xml``; :mod:`gateway.fhir.xmlpatch`: applied to the FHIR
+XML form of the resource, which is then read back as a FHIR XML body is).
 
 The patch applies to the current version inside the write transaction; the
 result must still be the same resource (type and id unchanged).
@@ -22,8 +24,9 @@ from typing import Any
 
 import jsonpatch
 
-from gateway.fhir import fhirpatch
+from gateway.fhir import fhirpatch, xmlpatch
 from gateway.fhir import json as fjson
+from gateway.fhir import xml as fhir_xml
 from gateway.fhir.outcome import Code, FhirError
 from gateway.interactions.base import (
     Context,
@@ -45,13 +48,17 @@ from gateway.storage.interface import StoredResource, StoreTransaction
 
 @dataclass(frozen=True, slots=True)
 class Patch:
-    """A checked patch: JSON Patch operations, or FHIRPath Patch operations."""
+    """A checked patch: JSON Patch, FHIRPath Patch or XML Patch operations."""
 
     fhirpath: bool
     ops: list[dict[str, Any]]
+    xml: list[xmlpatch.Operation] | None = None
 
 
 def check_patch(body: Any, max_operations: int) -> Patch:
+    if isinstance(body, xmlpatch.Document):
+        _count(len(body), max_operations)
+        return Patch(False, [], xmlpatch.check(body))
     if fhirpatch.is_fhirpath_patch(body):
         ops = body.get("parameter")
         if isinstance(ops, list):
@@ -106,6 +113,8 @@ def _reason(exc: Exception) -> str:
 
 def apply_patch(ctx: Context, current: StoredResource, patch: Patch) -> dict[str, Any]:
     assert current.content is not None
+    if patch.xml is not None:
+        return _xml_patch(ctx, current, patch.xml)
     doc = fjson.loads_stored(current.content)
     if patch.fhirpath:
         model = getattr(ctx.validator, "model", None)
@@ -141,6 +150,39 @@ def apply_patch(ctx: Context, current: StoredResource, patch: Patch) -> dict[str
     if not isinstance(result, dict):
         raise FhirError(Code.PATCH_RESULT_INVALID, "the patched document is not a resource")
     return _shallow(ctx, _same_resource(current, result))
+
+
+def _xml_patch(ctx: Context, current: StoredResource,
+               ops: list[xmlpatch.Operation]) -> dict[str, Any]:
+    """XML Patch over the resource's FHIR XML; the patched tree read back as a FHIR
+    XML body is (an element R4 does not define is an error), and weighed: the
+    operations add no more than the patch carries, but XML is not what is stored."""
+    model = getattr(ctx.validator, "model", None)
+    if model is None:
+        raise FhirError(Code.UNSUPPORTED_MEDIA_TYPE,
+                        "XML Patch needs the validator's model; use JSON Patch")
+    assert current.content is not None
+    try:
+        root = fhir_xml.to_element(current.content, model)
+    except FhirError:  # characters XML cannot carry, stored before they were refused
+        raise FhirError(Code.INVALID_PATCH, "XML Patch: the resource holds characters XML"
+                                            " cannot carry; use JSON Patch") from None
+    root = xmlpatch.apply(root, ops)
+    try:
+        result = fhir_xml.from_element(root, model)
+    except FhirError as exc:
+        if exc.code is not Code.INVALID_RESOURCE:
+            raise
+        raise FhirError(Code.PATCH_RESULT_INVALID,
+                        f"XML Patch: the patched resource is not FHIR XML: {exc.diagnostics}",
+                        exc.expression) from None
+    result = _shallow(ctx, _same_resource(current, result))
+    limit = ctx.settings.max_request_bytes
+    if len(fjson.dumps(result)) > limit:
+        raise FhirError(Code.TOO_LARGE, f"XML Patch: the patched resource is larger than the"
+                                        f" {limit} bytes a request may carry"
+                                        " (CAREPATH_MAX_REQUEST_BYTES)")
+    return result
 
 
 def _shallow(ctx: Context, result: dict[str, Any]) -> dict[str, Any]:

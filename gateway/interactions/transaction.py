@@ -526,18 +526,23 @@ class _Transaction:
 
     @staticmethod
     def _patch_ops(e: Entry) -> Any:
-        # FHIR carries a JSON Patch in a transaction as a Binary resource (base64 data)
+        # FHIR carries a JSON Patch or an XML Patch in a transaction as a Binary
+        # resource (base64 data, contentType naming which)
         res = e.resource
         if isinstance(res, dict) and res.get("resourceType") == "Binary":
             import base64
 
             from gateway.fhir import json as fjson
+            from gateway.fhir import xmlpatch
 
+            xml = str(res.get("contentType", "")).split(";")[0].strip().lower() \
+                == xmlpatch.MEDIA_TYPE
             try:
-                return fjson.loads(base64.b64decode(res.get("data", ""), validate=True))
+                data = base64.b64decode(res.get("data", ""), validate=True)
+                return xmlpatch.parse(data) if xml else fjson.loads(data)
             except ValueError:
-                raise FhirError(Code.INVALID_PATCH, "Binary.data is not a base64 JSON Patch")\
-                    from None
+                raise FhirError(Code.INVALID_PATCH, "Binary.data is not a base64"
+                                f" {'XML' if xml else 'JSON'} Patch") from None
         return res
 
     def _check_overlap(self, writes: list[Entry]) -> None:

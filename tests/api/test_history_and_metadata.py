@@ -166,7 +166,7 @@ def test_capability_statement_reflects_the_registry(client: httpx.Client) -> Non
     assert {"transaction", "batch"} <= {i["code"] for i in rest["interaction"]}
     # FHIRPath Patch is a Parameters resource, written in either format
     assert set(cs["patchFormat"]) == {"application/json-patch+json", "application/fhir+json",
-                                      "application/fhir+xml"}
+                                      "application/fhir+xml", "application/xml-patch+xml"}
     # R4's oauth-uris extension needs an authorize endpoint a client-credentials server
     # has not: the endpoints are in .well-known/smart-configuration, as SMART says
     assert "extension" not in rest["security"]
