@@ -598,7 +598,11 @@ class _PostgresTransaction(_PostgresConnection):
     async def _begin(self) -> None:
         if not self.begun:
             self.begun = True
-            await self._conn.execute("BEGIN")
+            try:
+                await self._conn.execute("BEGIN")
+            except _PG_ERRORS as exc:
+                _raise_ours(_pg_error(exc, self._conn), exc)
+                raise
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         await self._begin()
