@@ -46,6 +46,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: longest pause between attempts to index a type again while the database is out of
+#: reach (from 1 s, doubling)
+REINDEX_RETRY_MAX_S = 60.0
+
 #: the parameter types a stored SearchParameter can have here
 TYPES = frozenset({"token", "string", "date", "number", "quantity", "reference", "uri"})
 #: (no '.' or ':': they chain and modify parameters)
@@ -250,12 +254,27 @@ class StoredSearchParameters:
         await asyncio.sleep(self.reindex_delay_s)  # every worker has noticed it by then
         for rtype in types:
             self._waiting.discard(rtype)  # (one written from now on needs another)
-            try:
-                count = await self.store.reindex(rtype, bases=self.local_bases)
-                log.info("indexed %d %s resources for the SearchParameters stored here",
-                         count, rtype)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("%s not indexed again; run carepath reindex %s", rtype, rtype,
-                            exc_info=True)
+            pause = 1.0
+            while True:
+                try:
+                    count = await self.store.reindex(rtype, bases=self.local_bases)
+                    log.info("indexed %d %s resources for the SearchParameters stored here",
+                             count, rtype)
+                except asyncio.CancelledError:
+                    raise
+                except FhirError as exc:
+                    if exc.code is not Code.UNAVAILABLE:
+                        log.warning("%s not indexed again; run carepath reindex %s", rtype,
+                                    rtype, exc_info=True)
+                    else:
+                        # the database out of reach for a while: begun again once it is
+                        # back (what was indexed stays; it is indexed again, as it was)
+                        log.warning("%s not indexed again yet, the database is out of reach;"
+                                    " trying again in %.0f s", rtype, pause)
+                        await asyncio.sleep(pause)
+                        pause = min(pause * 2, REINDEX_RETRY_MAX_S)
+                        continue
+                except Exception:
+                    log.warning("%s not indexed again; run carepath reindex %s", rtype, rtype,
+                                exc_info=True)
+                break
