@@ -196,6 +196,8 @@ class SubscriptionOperations:
         # (events are numbered from 1; a range beyond the last one is empty: a client
         # that asks for what came after the last event it saw is up to date)
         first = max(since, 1) if since is not None else max(1, last - 99)
+        if until is None:  # "from here on": the first MAX_EVENTS, the client asks on
+            last = min(last, first + MAX_EVENTS - 1)
         if last - first + 1 > MAX_EVENTS:
             raise FhirError(Code.INVALID_EVENT_RANGE, f"at most {MAX_EVENTS} events per call")
         return first, last

@@ -9,9 +9,11 @@ import json
 import time
 from typing import Any
 
+import pytest
 import websockets
 from prometheus_client import REGISTRY
 
+from gateway.subscriptions import operations
 from tests.subscriptions.conftest import TOPIC, GatewayFactory, subscription
 from tests.subscriptions.receiver import Receiver
 
@@ -24,7 +26,8 @@ def discharge(gw: Any, patient: str | None = None) -> str:
     return str(gw.create(body)["id"])
 
 
-def test_status_events_and_resend(gateway: GatewayFactory, receiver: Receiver) -> None:
+def test_status_events_and_resend(gateway: GatewayFactory, receiver: Receiver,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     gw = gateway()
     sid = gw.subscribe("encounter-discharge", receiver.url, content="full-resource")
     gw.wait_status(sid, "active", receiver)
@@ -73,6 +76,15 @@ def test_status_events_and_resend(gateway: GatewayFactory, receiver: Receiver) -
     assert replayed("eventsSinceNumber=0&eventsUntilNumber=2") == [1, 2]
     assert replayed("eventsUntilNumber=0") == []
     assert replayed("eventsSinceNumber=6") == []
+    # "from here on" with more than a call gives: the first of them, the client asks on;
+    # a range named at both ends stays refused whole
+    monkeypatch.setattr(operations, "MAX_EVENTS", 2)
+    assert replayed("eventsSinceNumber=2") == [2, 3]
+    assert replayed("eventsSinceNumber=4") == [4, 5]
+    too_many = gw.client.get(f"/Subscription/{sid}/$events?eventsSinceNumber=1"
+                             "&eventsUntilNumber=5")
+    assert too_many.status_code == 400, too_many.text
+    monkeypatch.undo()
     assert replayed("eventsSinceNumber=4&eventsUntilNumber=99") == [4, 5]
     assert gw.client.get(f"/Subscription/{sid}/$events?eventsSinceNumber=-1").status_code \
         == 400
