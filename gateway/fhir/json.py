@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
@@ -54,13 +54,18 @@ _FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 class Number(Decimal):
-    """A decimal that remembers how it was written."""
+    """A decimal that remembers how it was written. One whose exponent is beyond
+    what a decimal holds (19 digits or more: far beyond a double either way) is
+    infinite, as :func:`beyond_double` then says."""
 
     __slots__ = ("text",)
     text: str
 
     def __new__(cls, text: str) -> Number:
-        self = super().__new__(cls, text)
+        try:
+            self = super().__new__(cls, text)
+        except InvalidOperation:
+            self = super().__new__(cls, "-Infinity" if text[:1] == "-" else "Infinity")
         self.text = text
         return self
 

@@ -80,7 +80,8 @@ def test_numbers_beyond_a_double_are_refused_on_every_write_path(
                 b'"subject":{"reference":"Patient/' + pid.encode() + b'"},'
                 b'"valueQuantity":{"value":' + value + b"}}")
 
-    for value in (b"1e309", b"-1E400", b"9" * 309, b"1" * 5000, b"1.7976931348623159e308"):
+    for value in (b"1e309", b"-1E400", b"9" * 309, b"1" * 5000, b"1.7976931348623159e308",
+                  b"1e99999999999999999999", b"-1E-99999999999999999999"):
         issue = _refused(client.post("/Observation", content=observation(value),
                                      headers={"Content-Type": FHIR}), 400, "GW-1022")
         assert issue["expression"] == ["Observation.valueQuantity.value"], issue
