@@ -1059,3 +1059,22 @@ def test_a_malformed_entry_fails_a_transaction_with_a_400_naming_it(
     assert issue["diagnostics"].startswith("Bundle.entry[1]: "), issue
     assert search_ids(client, "/Patient", identifier=mrn) == []
 
+
+def test_a_placeholder_where_a_primitive_extension_object_belongs_is_refused_as_invalid(
+        client: httpx.Client) -> None:
+    """``_gender`` holds the id and extensions of ``gender``, an object: a string there
+    naming an entry (``urn:uuid:…``) is no reference to rewrite; it stays as it is, and
+    validation refuses it (422), as it refuses it sent alone."""
+    p = urn()
+    mrn = unique("mrn")
+    response = send(client, tx([
+        {"fullUrl": p, "resource": patient(mrn, _gender=p),
+         "request": {"method": "POST", "url": "Patient"}}]))
+    assert (response.status_code, gw_code(response)) == (422, "GW-4002"), response.text
+    found = {(i["details"]["coding"][0]["code"], e) for i in response.json()["issue"]
+             for e in i.get("expression", [])}
+    assert ("GW-4202", "Patient._gender") in found, response.text
+    assert search_ids(client, "/Patient", identifier=mrn) == []
+    alone = post(client, patient(mrn, _gender=p))
+    assert (alone.status_code, gw_code(alone)) == (422, "GW-4002"), alone.text
+
