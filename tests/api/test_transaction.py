@@ -1078,3 +1078,22 @@ def test_a_placeholder_where_a_primitive_extension_object_belongs_is_refused_as_
     alone = post(client, patient(mrn, _gender=p))
     assert (alone.status_code, gw_code(alone)) == (422, "GW-4002"), alone.text
 
+
+def test_a_fhirpath_patch_whose_parameter_is_no_array_is_a_400(client: httpx.Client) -> None:
+    """``Parameters.parameter`` (and an operation's ``part``) is an array: anything else
+    is an invalid patch document (400 GW-1016), alone or in a batch."""
+    rid = post(client, patient(unique("mrn"))).json()["id"]
+    bodies = [
+        {"resourceType": "Parameters", "parameter": True},
+        {"resourceType": "Parameters", "parameter": {"name": "operation"}},
+        {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": 1}]},
+    ]
+    for body in bodies:
+        alone = client.patch(f"/Patient/{rid}", json=body, headers={"Content-Type": FHIR})
+        assert (alone.status_code, gw_code(alone)) == (400, "GW-1016"), alone.text
+        batch = send(client, tx([{"resource": body, "request": {
+            "method": "PATCH", "url": f"Patient/{rid}"}}], "batch"))
+        assert batch.status_code == 200, batch.text
+        answer = batch.json()["entry"][0]["response"]
+        assert answer["status"].startswith("400"), answer
+        assert answer["outcome"]["issue"][0]["details"]["coding"][0]["code"] == "GW-1016"
