@@ -71,11 +71,11 @@ def is_fhirpath_patch(body: Any) -> bool:
 def check(parameters: dict[str, Any]) -> list[dict[str, Any]]:
     """The operations of a FHIRPath Patch ``Parameters``, each as {part name: part}."""
     ops = []
-    for p in parameters.get("parameter") or []:
+    for p in _array(parameters.get("parameter"), "Parameters.parameter"):
         if not isinstance(p, dict) or p.get("name") != "operation":
             raise _bad("every parameter must be an 'operation'")
         parts: dict[str, Any] = {}
-        for part in p.get("part") or []:
+        for part in _array(p.get("part"), "an operation's part"):
             if not isinstance(part, dict) or not isinstance(part.get("name"), str):
                 raise _bad("an operation's parts need names")
             parts[part["name"]] = part
@@ -87,6 +87,14 @@ def check(parameters: dict[str, Any]) -> list[dict[str, Any]]:
     if not ops:
         raise _bad("no operations")
     return ops
+
+
+def _array(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad(f"{what} must be an array")
+    return value
 
 
 def apply(resource: dict[str, Any], ops: list[dict[str, Any]], model: Model) -> dict[str, Any]:

@@ -108,15 +108,18 @@ def _naming(model: Model | None, path: list[str]) -> str | None:
     """What the element at ``path`` (a resource type, then JSON keys) is: a
     :data:`_REFERENCE` (``reference`` is a string, but a Reference's; anything
     without a model), a :data:`_URI` (a type of :data:`_NAMING_TYPES`, or an element
-    the model does not know), or None (a canonical, a string, a resource's ``url``)."""
+    the model does not know), or None (a canonical, a string, a resource's ``url``, the
+    place of a primitive's id and extensions, ``_gender``, which holds an object: a
+    string there is left as it is, and validation refuses it)."""
     if model is None or len(path) < 2:
         return _REFERENCE
     if len(path) == 2 and path[1] == "url":
         return None  # a canonical resource's identity
     ctx = path[0]
+    code: str | None = None
     for key in path[1:]:
-        if key.startswith("_"):  # a primitive's id and extensions
-            ctx = "Element"
+        if key.startswith("_"):  # a primitive's id and extensions (an Element, no value)
+            ctx, code = "Element", None
             continue
         found = model.child(ctx, key)
         if found is None:

@@ -70,6 +70,9 @@ from gateway.security.principal import CALLER, Caller, current
 from gateway.storage.interface import StoredResource, StoreTransaction
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+#: Bundle.entry.request's elements that stand for HTTP headers (all strings)
+_HEADERS = (("ifNoneExist", "if-none-exist"), ("ifMatch", "if-match"),
+            ("ifNoneMatch", "if-none-match"), ("ifModifiedSince", "if-modified-since"))
 
 
 @dataclass(slots=True)
@@ -109,7 +112,11 @@ def _relative(url: str, base: str) -> tuple[str, str]:
         url = url[len(base) + 1 :]
     elif "://" in url.split("?", 1)[0]:  # (a search value may well be a URL)
         raise FhirError(Code.INVALID_ENTRY, f"request.url '{url[:100]}' is not on this server")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "//[": an authority urllib cannot read ("Invalid IPv6 URL")
+        raise FhirError(Code.INVALID_ENTRY,
+                        f"request.url '{url[:100]}' is not a valid URL ({exc})") from None
     return parts.path.strip("/"), parts.query
 
 
@@ -221,23 +228,32 @@ def _parse_entry(i: int, e: Any, base: str) -> Entry:
     req = e["request"]
     method = req.get("method")
     url = req.get("url")
-    if method not in _ORDER or not isinstance(url, str) or not url:
+    if not isinstance(method, str) or method not in _ORDER or not isinstance(url, str) \
+            or not url:
         raise FhirError(Code.INVALID_ENTRY,
                         f"{where}: request.method and request.url are required",
                         (f"{where}.request",))
     try:
         path, query = _relative(url, base)
     except FhirError as exc:
-        raise FhirError(exc.code, f"{where}: {exc.diagnostics}") from None
-    headers = {
-        name: req[key] for key, name in (
-            ("ifNoneExist", "if-none-exist"), ("ifMatch", "if-match"),
-            ("ifNoneMatch", "if-none-match"), ("ifModifiedSince", "if-modified-since"))
-        if isinstance(req.get(key), str)
-    }
+        raise FhirError(exc.code, f"{where}: {exc.diagnostics}",
+                        (f"{where}.request.url",)) from None
+    headers: dict[str, str] = {}
+    for key, name in _HEADERS:
+        value = req.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):  # ignored, it would make a conditional write a plain one
+            raise FhirError(Code.INVALID_ENTRY,
+                            f"{where}: request.{key} must be a string",
+                            (f"{where}.request.{key}",))
+        headers[name] = value
     if "if-modified-since" in headers:
         headers["if-modified-since"] = _http_date(headers["if-modified-since"])
-    full_url = e.get("fullUrl") if isinstance(e.get("fullUrl"), str) else None
+    full_url = e.get("fullUrl")
+    if full_url is not None and not isinstance(full_url, str):
+        raise FhirError(Code.INVALID_ENTRY, f"{where}: fullUrl must be a string (a uri)",
+                        (f"{where}.fullUrl",))
     if full_url is not None:
         _check_full_url(where, full_url, method, path)
     return Entry(i, method, path, query, full_url, e.get("resource"), headers)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.api.helpers import FHIR, gw_code, patient, post, search_ids
 from tests.conftest import unique
@@ -990,3 +991,109 @@ def test_a_conditional_reference_outside_a_transaction_is_resolved(
         in_tx = send(client, tx([{"resource": patient(unique("mrn"), generalPractitioner=[
             {"reference": empty}]), "request": {"method": "POST", "url": "Patient"}}]))
         assert (in_tx.status_code, gw_code(in_tx)) == (400, "GW-1021"), in_tx.text
+
+
+# -- entries of the wrong shape ---------------------------------------------------------
+
+#: an entry's request elements of another JSON type than the string Bundle.entry.request
+#: defines, urls urllib cannot read, a fullUrl that is no string: each with the element
+#: the answer names
+MALFORMED_ENTRIES: list[tuple[dict[str, Any], str]] = [
+    ({"request": {"method": {}, "url": "Patient"}}, "request"),
+    ({"request": {"method": [], "url": "Patient"}}, "request"),
+    ({"request": {"method": ["GET"], "url": "Patient"}}, "request"),
+    ({"request": {"method": "GET", "url": "//["}}, "request.url"),
+    ({"request": {"method": "GET", "url": "//]/Patient"}}, "request.url"),
+    ({"request": {"method": "DELETE", "url": "//[::1/Patient?identifier=x"}}, "request.url"),
+    ({"resource": {"resourceType": "Patient"},
+      "request": {"method": "POST", "url": "Patient", "ifNoneExist": {"identifier": "x"}}},
+     "request.ifNoneExist"),
+    ({"resource": {"resourceType": "Patient", "id": "x"},
+      "request": {"method": "PUT", "url": "Patient/x", "ifMatch": ['W/"1"']}},
+     "request.ifMatch"),
+    ({"resource": {"resourceType": "Patient"},
+      "request": {"method": "POST", "url": "Patient", "ifNoneMatch": 1}},
+     "request.ifNoneMatch"),
+    ({"request": {"method": "GET", "url": "Patient", "ifModifiedSince": {}}},
+     "request.ifModifiedSince"),
+    ({"fullUrl": {"urn": "uuid"}, "resource": {"resourceType": "Patient"},
+      "request": {"method": "POST", "url": "Patient"}}, "fullUrl"),
+    ({"fullUrl": 1, "resource": {"resourceType": "Patient"},
+      "request": {"method": "POST", "url": "Patient"}}, "fullUrl"),
+]
+
+
+@pytest.mark.parametrize(("bad", "element"), MALFORMED_ENTRIES,
+                         ids=[f"{i}-{e}" for i, (_, e) in enumerate(MALFORMED_ENTRIES)])
+def test_a_malformed_entry_is_a_400_for_that_entry_of_a_batch(
+        client: httpx.Client, bad: dict[str, Any], element: str) -> None:
+    """A batch answers the entry with 400 GW-1018 naming it (not a server error); the
+    other entries run. A conditional header of another type than a string is refused,
+    not ignored: ignored, a conditional write would be a plain one."""
+    mrn = unique("mrn")
+    response = send(client, tx([
+        {"resource": patient(mrn), "request": {"method": "POST", "url": "Patient"}},
+        bad,
+        {"request": {"method": "GET", "url": f"Patient?identifier={mrn}"}},
+    ], "batch"))
+    assert response.status_code == 200, response.text
+    created, refused, found = response.json()["entry"]
+    assert created["response"]["status"].startswith("201"), created
+    assert refused["response"]["status"].startswith("400"), refused
+    outcome = refused["response"]["outcome"]
+    assert outcome["issue"][0]["details"]["coding"][0]["code"] == "GW-1018", outcome
+    assert outcome["issue"][0]["expression"] == [f"Bundle.entry[1].{element}"], outcome
+    assert found["resource"]["total"] == 1, found
+
+
+@pytest.mark.parametrize(("bad", "element"), MALFORMED_ENTRIES,
+                         ids=[f"{i}-{e}" for i, (_, e) in enumerate(MALFORMED_ENTRIES)])
+def test_a_malformed_entry_fails_a_transaction_with_a_400_naming_it(
+        client: httpx.Client, bad: dict[str, Any], element: str) -> None:
+    mrn = unique("mrn")
+    response = send(client, tx([
+        {"resource": patient(mrn), "request": {"method": "POST", "url": "Patient"}}, bad]))
+    assert (response.status_code, gw_code(response)) == (400, "GW-1018"), response.text
+    issue = response.json()["issue"][0]
+    assert issue["expression"] == [f"Bundle.entry[1].{element}"], issue
+    assert issue["diagnostics"].startswith("Bundle.entry[1]: "), issue
+    assert search_ids(client, "/Patient", identifier=mrn) == []
+
+
+def test_a_placeholder_where_a_primitive_extension_object_belongs_is_refused_as_invalid(
+        client: httpx.Client) -> None:
+    """``_gender`` holds the id and extensions of ``gender``, an object: a string there
+    naming an entry (``urn:uuid:…``) is no reference to rewrite; it stays as it is, and
+    validation refuses it (422), as it refuses it sent alone."""
+    p = urn()
+    mrn = unique("mrn")
+    response = send(client, tx([
+        {"fullUrl": p, "resource": patient(mrn, _gender=p),
+         "request": {"method": "POST", "url": "Patient"}}]))
+    assert (response.status_code, gw_code(response)) == (422, "GW-4002"), response.text
+    found = {(i["details"]["coding"][0]["code"], e) for i in response.json()["issue"]
+             for e in i.get("expression", [])}
+    assert ("GW-4202", "Patient._gender") in found, response.text
+    assert search_ids(client, "/Patient", identifier=mrn) == []
+    alone = post(client, patient(mrn, _gender=p))
+    assert (alone.status_code, gw_code(alone)) == (422, "GW-4002"), alone.text
+
+
+def test_a_fhirpath_patch_whose_parameter_is_no_array_is_a_400(client: httpx.Client) -> None:
+    """``Parameters.parameter`` (and an operation's ``part``) is an array: anything else
+    is an invalid patch document (400 GW-1016), alone or in a batch."""
+    rid = post(client, patient(unique("mrn"))).json()["id"]
+    bodies = [
+        {"resourceType": "Parameters", "parameter": True},
+        {"resourceType": "Parameters", "parameter": {"name": "operation"}},
+        {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": 1}]},
+    ]
+    for body in bodies:
+        alone = client.patch(f"/Patient/{rid}", json=body, headers={"Content-Type": FHIR})
+        assert (alone.status_code, gw_code(alone)) == (400, "GW-1016"), alone.text
+        batch = send(client, tx([{"resource": body, "request": {
+            "method": "PATCH", "url": f"Patient/{rid}"}}], "batch"))
+        assert batch.status_code == 200, batch.text
+        answer = batch.json()["entry"][0]["response"]
+        assert answer["status"].startswith("400"), answer
+        assert answer["outcome"]["issue"][0]["details"]["coding"][0]["code"] == "GW-1016"

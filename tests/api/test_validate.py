@@ -356,3 +356,45 @@ def test_validate_modes_say_what_the_interaction_would(client: httpx.Client) -> 
         ("error", "GW-1005")]
     same = validate(client, f"/Patient/{created['id']}/$validate", created, mode="update")
     assert [i["severity"] for i in issues(same)] == ["information"]
+
+
+BODY_HEIGHT = "http://hl7.org/fhir/StructureDefinition/bodyheight"
+DISCHARGE_BUNDLE = "https://carepath-gateway.org/fhir/StructureDefinition/discharge-bundle"
+
+
+def test_an_object_where_a_profile_binds_a_code_is_a_wrong_json_type(
+        client: httpx.Client) -> None:
+    """A profile's checks run with the base's on the whole resource (every problem is
+    listed at once), so they meet what the base refuses: an object where the body
+    height profile binds ``valueQuantity.code`` is reported as the wrong JSON type
+    (422 on write, listed by $validate), not judged against the value set."""
+    obs = {"resourceType": "Observation", "meta": {"profile": [BODY_HEIGHT]},
+           "status": "final", "code": {"text": "x"},
+           "valueQuantity": {"value": 1, "code": {"resourceType": "Task"}}}
+    for body in (obs, {**obs, "valueQuantity": {"value": 1, "code": ["cm"]}}):
+        written = post(client, body)
+        assert (written.status_code, gw_code(written)) == (422, "GW-4002"), written.text
+        assert "Observation.valueQuantity.code" in expressions(written)
+        assert "GW-4202" in gw_codes(written)
+        checked = validate(client, "/Observation/$validate", body)
+        assert checked.status_code == 200, checked.text
+        assert "GW-4202" in gw_codes(checked)
+        assert "Observation.valueQuantity.code" in expressions(checked)
+
+
+def test_an_entry_resource_whose_resource_type_is_no_string_in_a_profiled_bundle(
+        client: httpx.Client) -> None:
+    """The discharge Bundle slices its entries by the type of their resource: an entry
+    whose ``resourceType`` is an object or array is in no slice, and the base reports
+    it (422 GW-4216), on write and by $validate."""
+    for resource_type in ({}, ["Composition"]):
+        bundle = {"resourceType": "Bundle", "meta": {"profile": [DISCHARGE_BUNDLE]},
+                  "type": "document",
+                  "entry": [{"fullUrl": "urn:uuid:1",
+                             "resource": {"resourceType": resource_type}}]}
+        written = post(client, bundle)
+        assert (written.status_code, gw_code(written)) == (422, "GW-4002"), written.text
+        assert "GW-4216" in gw_codes(written)
+        checked = validate(client, "/Bundle/$validate", bundle)
+        assert checked.status_code == 200, checked.text
+        assert "GW-4216" in gw_codes(checked)

@@ -338,6 +338,8 @@ class _Overlay:
                 isinstance(c, dict) and _coded(c, binding) for c in codings)
         elif kind in ("Coding", "Quantity"):
             ok = not isinstance(value, dict) or "code" not in value or _coded(value, binding)
+        elif not isinstance(value, str):
+            return  # an object or array where a code belongs: the base check reports it
         else:
             ok = value in binding.code_values
         if not ok:
@@ -747,10 +749,10 @@ class _Compiler:
             if not steps:
                 by_key = {c.key: c.code for c in kept}
                 return lambda v, key, run: (
-                    v.get("resourceType") in codes if isinstance(v, dict) and kept[0].kind ==
-                    RESOURCE else by_key.get(key) in codes)
+                    _named_in(v.get("resourceType"), codes) if isinstance(v, dict) and
+                    kept[0].kind == RESOURCE else by_key.get(key) in codes)
             return lambda v, key, run: any(
-                isinstance(x, dict) and x.get("resourceType") in codes
+                isinstance(x, dict) and _named_in(x.get("resourceType"), codes)
                 for x in _values(v, steps))
         if dtype == "profile":
             profiles = [p for t in (te.get("type") or []) for p in t.get("profile", []) or []]
@@ -780,6 +782,12 @@ class _Compiler:
                                  self.url, str(e.get("id", "")), _constant(compiled),
                                  compiled))
         return tuple(out)
+
+
+def _named_in(value: Any, names: set[Any] | frozenset[Any]) -> bool:
+    """``value`` is one of ``names``: a string (a resourceType of an object or array,
+    which the base check reports, is none of them)."""
+    return isinstance(value, str) and value in names
 
 
 def _constant(compiled: Compiled) -> Callable[[], Compiled]:

@@ -71,3 +71,33 @@ def test_arbitrary_json_never_crashes_the_validator(validator: FhirValidator,
     validator.validate(value)
     validator.validate({"resourceType": "Bundle", "type": "collection",
                         "entry": [{"resource": value}]})
+
+
+def _profiled_examples(validator: FhirValidator) -> list[tuple[dict[str, Any], str]]:
+    """(example, URL of a resource profile the validator holds for its type)."""
+    urls: dict[str, list[str]] = {}
+    for url, sd in validator.profiles.raw.items():
+        if sd.get("kind") == "resource":
+            urls.setdefault(str(sd.get("type")), []).append(url)
+    return [(e, url) for e in EXAMPLES for url in urls.get(e["resourceType"], [])]
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True, suppress_health_check=_QUIET)
+@given(st.data())
+def test_mutated_examples_never_crash_any_profile(validator: FhirValidator,
+                                                 data: st.DataObject) -> None:
+    """A profile's checks run on the whole resource, the parts the base refuses too (an
+    object where a bound code belongs, a resourceType that is an array): they report,
+    and never raise. Every resource profile the validator holds (R4's vital signs, the
+    gateway's own, the test profiles), on mutated examples of its type."""
+    example, url = data.draw(st.sampled_from(_profiled_examples(validator)))
+    resource = copy.deepcopy(example)
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(_paths(resource)[1:] or [("x",)]))
+        target: Any = resource
+        for step in path[:-1]:
+            target = target[step]
+        if isinstance(target, dict | list):
+            target[path[-1]] = data.draw(json_values)
+    issues = validator.validate(resource, profile=url)
+    assert all(i.severity in ("error", "warning", "information") for i in issues)
