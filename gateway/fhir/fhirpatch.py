@@ -71,11 +71,16 @@ def is_fhirpath_patch(body: Any) -> bool:
 def check(parameters: dict[str, Any]) -> list[dict[str, Any]]:
     """The operations of a FHIRPath Patch ``Parameters``, each as {part name: part}."""
     ops = []
-    for p in parameters.get("parameter") or []:
+    given = parameters.get("parameter", [])
+    if not isinstance(given, list):
+        raise _bad("'parameter' must be a list of operations")
+    for p in given:
         if not isinstance(p, dict) or p.get("name") != "operation":
             raise _bad("every parameter must be an 'operation'")
+        if not isinstance(p.get("part", []), list):
+            raise _bad("an operation's 'part' must be a list")
         parts: dict[str, Any] = {}
-        for part in p.get("part") or []:
+        for part in p.get("part", []):
             if not isinstance(part, dict) or not isinstance(part.get("name"), str):
                 raise _bad("an operation's parts need names")
             parts[part["name"]] = part

@@ -793,6 +793,28 @@ def test_fhirpath_patch_errors(client: httpx.Client) -> None:
     assert client.get(path).json()["meta"]["versionId"] == "1"
 
 
+def test_a_fhirpath_patch_of_any_shape_is_answered_400(client: httpx.Client) -> None:
+    """A ``Parameters`` whose ``parameter`` or an operation's ``part`` is no list, or
+    whose path holds an integer FHIRPath does not have (Python reads no more than
+    4,300 digits as one): 400 GW-1016, nothing written."""
+    path = f"/Patient/{post(client, patient(unique('mrn'))).json()['id']}"
+    huge = "1" * 5000
+    for body in (
+        {"resourceType": "Parameters", "parameter": True},
+        {"resourceType": "Parameters", "parameter": "operation"},
+        {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": -1}]},
+        {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": {
+            "name": "type", "valueCode": "delete"}}]},
+        _fhirpath_patch({"type": "delete", "path": f"Patient.name[{huge}]"}),
+        _fhirpath_patch({"type": "delete", "path": "Patient.name[2147483648]"}),
+        _fhirpath_patch({"type": "delete", "path": f"Patient.name.where(family = {huge})"}),
+    ):
+        response = client.patch(path, json=body, headers={"Content-Type": FHIR})
+        assert (response.status_code, gw_code(response)) == (400, "GW-1016"), \
+            (str(body)[:200], response.text[:500])
+    assert client.get(path).json()["meta"]["versionId"] == "1"
+
+
 def test_fhirpath_patch_in_a_transaction(client: httpx.Client) -> None:
     rid = post(client, patient(unique("mrn"), family="Vorher")).json()["id"]
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
