@@ -18,6 +18,9 @@ error. Element names, cardinality and choice types come from the R4 model
 (:class:`gateway.fhir.validation.model.Model`); the patched resource is
 validated by the caller as any other write.
 
+The walk is bounded: the paths of all operations of a patch together examine at
+most :data:`MAX_VISITS` elements (413 beyond), whatever the resource and the paths.
+
 Pure: neither the caller's resource nor the operations are modified (a value an
 operation adds is a copy, which later operations may change; a write that runs
 again applies the same operations). Each operation adds no more than its value
@@ -37,6 +40,9 @@ from gateway.fhir.paths import Node as PathNode
 from gateway.fhir.validation.model import Model, Node
 
 OPERATIONS = ("add", "insert", "delete", "replace", "move")
+#: elements the paths of one patch may examine together (an element a step reaches,
+#: a ``where()`` comparison and each value it looks at): about a second of work
+MAX_VISITS = 1_000_000
 
 
 def _bad(message: str) -> FhirError:
@@ -103,9 +109,10 @@ def apply(resource: dict[str, Any], ops: list[dict[str, Any]], model: Model) -> 
     if root is None:
         raise _bad(f"unknown resource type {resource.get('resourceType')!r}")
     doc = copy.deepcopy(resource)
+    visits = _Visits()
     for n, parts in enumerate(ops, start=1):
         try:
-            _apply_one(doc, root, parts)
+            _apply_one(doc, root, parts, visits)
         except FhirError as exc:
             raise FhirError(exc.code, f"operation {n}: {exc.diagnostics}") from None
         except RecursionError:  # a path that reads but nests deeper than it can be followed
@@ -116,12 +123,13 @@ def apply(resource: dict[str, Any], ops: list[dict[str, Any]], model: Model) -> 
 # -- operations ----------------------------------------------------------------
 
 
-def _apply_one(doc: dict[str, Any], root: Node, parts: dict[str, Any]) -> None:
+def _apply_one(doc: dict[str, Any], root: Node, parts: dict[str, Any],
+               visits: _Visits) -> None:
     kind = _string(parts, "type")
     path = _path(_string(parts, "path"))
     if kind == "add":
         name = _string(parts, "name")
-        slot = _slot_in(doc, root, path, name)
+        slot = _slot_in(doc, root, path, name, visits)
         key, value = _value(parts, slot.node, name)
         child = slot.node.children.get(key)
         assert child is not None
@@ -132,7 +140,7 @@ def _apply_one(doc: dict[str, Any], root: Node, parts: dict[str, Any]) -> None:
         else:
             slot.element[key] = value
     elif kind == "insert":
-        slot, items = _list_slot(doc, root, path)
+        slot, items = _list_slot(doc, root, path, visits)
         index = _integer(parts, "index")
         if not 0 <= index <= len(items):
             raise _bad(f"index {index} is outside 0..{len(items)}")
@@ -140,19 +148,19 @@ def _apply_one(doc: dict[str, Any], root: Node, parts: dict[str, Any]) -> None:
         items.insert(index, value)
         slot.element[slot.name] = items
     elif kind == "move":
-        slot, items = _list_slot(doc, root, path)
+        slot, items = _list_slot(doc, root, path, visits)
         source, destination = _integer(parts, "source"), _integer(parts, "destination")
         if not (0 <= source < len(items) and 0 <= destination < len(items)):
             raise _bad(f"source and destination must be within 0..{len(items) - 1}")
         items.insert(destination, items.pop(source))
     elif kind == "delete":
-        found = _eval(doc, root, path)
+        found = _eval(doc, root, path, visits)
         if len(found) > 1:
             raise _bad(f"the path finds {len(found)} elements; delete takes one")
         if found:
             _remove(doc, found[0])
     else:  # replace
-        found = _eval(doc, root, path)
+        found = _eval(doc, root, path, visits)
         if len(found) != 1:
             raise _bad(f"the path finds {len(found)} elements; replace takes one")
         loc = found[0]
@@ -196,8 +204,9 @@ def _remove(doc: dict[str, Any], loc: _Loc) -> None:
         loc.container.pop("_" + loc.key, None)
 
 
-def _slot_in(doc: dict[str, Any], root: Node, path: PathNode, name: str) -> _Slot:
-    found = _eval(doc, root, path)
+def _slot_in(doc: dict[str, Any], root: Node, path: PathNode, name: str,
+             visits: _Visits) -> _Slot:
+    found = _eval(doc, root, path, visits)
     if len(found) != 1 or not isinstance(found[0].value, dict) or found[0].node is None:
         raise _bad(f"the path must find one element to add {name!r} to, not {len(found)}")
     node = found[0].node
@@ -206,11 +215,12 @@ def _slot_in(doc: dict[str, Any], root: Node, path: PathNode, name: str) -> _Slo
     return _Slot(found[0].value, node, name)
 
 
-def _list_slot(doc: dict[str, Any], root: Node, path: PathNode) -> tuple[_Slot, list[Any]]:
+def _list_slot(doc: dict[str, Any], root: Node, path: PathNode,
+               visits: _Visits) -> tuple[_Slot, list[Any]]:
     """The element holding the list ``path`` names (``….name``), and the list."""
     if not isinstance(path, Member):
         raise _bad("insert and move take the path of a repeating element (….name)")
-    slot = _slot_in(doc, root, path.base, path.name)
+    slot = _slot_in(doc, root, path.base, path.name, visits)
     info = slot.node.member(path.name)
     assert info is not None
     if len(info.children) != 1 or not info.children[0].array:
@@ -291,32 +301,49 @@ def _path(text: str) -> PathNode:
         raise _bad(f"cannot read the path {text[:200]!r}: {exc}") from None
 
 
-def _eval(doc: dict[str, Any], root: Node, node: PathNode) -> list[_Loc]:
+class _Visits:
+    """What the paths of one patch have examined so far (:data:`MAX_VISITS` at most:
+    many operations over a resource of long lists would otherwise take operations times
+    elements, on the event loop, for as long as that is)."""
+
+    def __init__(self) -> None:
+        self.left = MAX_VISITS
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise FhirError(Code.TOO_LARGE, f"FHIRPath Patch: the paths would examine more"
+                                            f" than {MAX_VISITS} elements of the resource;"
+                                            " send fewer operations or more precise paths")
+
+
+def _eval(doc: dict[str, Any], root: Node, node: PathNode, visits: _Visits) -> list[_Loc]:
     if isinstance(node, Ident):
         if node.name in (doc.get("resourceType"), "Resource", "DomainResource"):
             return [_Loc(None, "", None, doc, root)]
-        return _children([_Loc(None, "", None, doc, root)], node.name)
+        return _children([_Loc(None, "", None, doc, root)], node.name, visits)
     if isinstance(node, Member):
-        return _children(_eval(doc, root, node.base), node.name)
+        return _children(_eval(doc, root, node.base, visits), node.name, visits)
     if isinstance(node, Index):
         if not isinstance(node.index, Literal) or not isinstance(node.index.value, int):
             raise _bad("an index must be a literal integer")
-        found = _eval(doc, root, node.base)
+        found = _eval(doc, root, node.base, visits)
         i = node.index.value
         return found[i:i + 1] if i >= 0 else []
     if isinstance(node, Call) and node.base is not None:
-        found = _eval(doc, root, node.base)
+        found = _eval(doc, root, node.base, visits)
         if node.name == "first" and not node.args:
             return found[:1]
         if node.name == "last" and not node.args:
             return found[-1:]
         if node.name == "where" and len(node.args) == 1:
-            return [loc for loc in found if _holds(loc, node.args[0])]
+            return [loc for loc in found if _holds(loc, node.args[0], visits)]
     raise _bad(f"the path uses {type(node).__name__.lower()} "
                f"{getattr(node, 'name', '')!r}, which FHIRPath Patch paths here do not")
 
 
-def _children(locs: list[_Loc], name: str) -> list[_Loc]:
+def _children(locs: list[_Loc], name: str, visits: _Visits) -> list[_Loc]:
+    visits.spend(len(locs))
     out: list[_Loc] = []
     for loc in locs:
         if not isinstance(loc.value, dict) or loc.node is None:
@@ -329,6 +356,7 @@ def _children(locs: list[_Loc], name: str) -> list[_Loc]:
                 continue
             value = loc.value[child.key]
             if isinstance(value, list):
+                visits.spend(len(value))
                 out.extend(_Loc(loc.value, child.key, i, v, child.node, loc.node)
                            for i, v in enumerate(value))
             else:
@@ -336,22 +364,23 @@ def _children(locs: list[_Loc], name: str) -> list[_Loc]:
     return out
 
 
-def _holds(loc: _Loc, pred: PathNode) -> bool:
+def _holds(loc: _Loc, pred: PathNode, visits: _Visits) -> bool:
     if isinstance(pred, Binary) and pred.op in ("and", "or"):
-        left, right = _holds(loc, pred.left), _holds(loc, pred.right)
+        left, right = _holds(loc, pred.left, visits), _holds(loc, pred.right, visits)
         return (left and right) if pred.op == "and" else (left or right)
     if isinstance(pred, Binary) and pred.op in ("=", "!="):
         if not isinstance(pred.right, Literal):
             raise _bad("where() compares an element with a literal")
-        values = [x.value for x in _relative(loc, pred.left)]
+        values = [x.value for x in _relative(loc, pred.left, visits)]
+        visits.spend(1 + len(values))
         equal = pred.right.value in values
         return equal if pred.op == "=" else (bool(values) and not equal)
     raise _bad("where() takes comparisons (=, !=) joined by and/or")
 
 
-def _relative(loc: _Loc, node: PathNode) -> list[_Loc]:
+def _relative(loc: _Loc, node: PathNode, visits: _Visits) -> list[_Loc]:
     if isinstance(node, Ident):
-        return _children([loc], node.name)
+        return _children([loc], node.name, visits)
     if isinstance(node, Member):
-        return _children(_relative(loc, node.base), node.name)
+        return _children(_relative(loc, node.base, visits), node.name, visits)
     raise _bad("where() compares a child element (a.b), nothing else")

@@ -29,6 +29,7 @@ Row shapes (the caller prefixes ``res_type``/``res_id``):
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 import unicodedata
@@ -48,6 +49,7 @@ from gateway.fhir.paths import (
     Branch,
     CompileError,
     Compiler,
+    LiteralOutOfRange,
     Model,
     Step,
     reference_target_type,
@@ -56,6 +58,8 @@ from gateway.fhir.paths import (
 )
 from gateway.fhir.references import rewrite
 from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
 
 Row = tuple[Any, ...]
 Rows = list[Row]
@@ -1059,6 +1063,7 @@ class Indexer:
         self._plans: dict[str, _Plan] = {}
         self._part_plans: dict[tuple[str, frozenset[str]], _Plan] = {}
         self._fallbacks: dict[str, tuple[Fallback, ...]] = {}
+        self._left_out: dict[str, dict[str, str]] = {}
 
 
     def implied_system(self, expression: str) -> str | None:
@@ -1078,6 +1083,7 @@ class Indexer:
                     by_type.setdefault(base, {}).setdefault(sp.code, sp)
         out._by_base = by_type
         out._params, out._plans, out._part_plans, out._fallbacks = {}, {}, {}, {}
+        out._left_out = {}
         return out
 
     @classmethod
@@ -1160,6 +1166,12 @@ class Indexer:
             out.extend(self._fallbacks.get(rt, ()))
         return out
 
+    def left_out(self, resource_type: str) -> dict[str, str]:
+        """The parameters of ``resource_type`` not indexed because their expression
+        could not be compiled at all (code -> why; compiling the type's plan if needed)."""
+        self._plan(resource_type)
+        return dict(self._left_out.get(resource_type, {}))
+
     def _plan(self, resource_type: str) -> _Plan:
         plan = self._plans.get(resource_type)
         if plan is not None:
@@ -1167,56 +1179,74 @@ class Indexer:
         by_key: dict[str, list[_Entry]] = {}
         rooted: list[_Entry] = []
         fallbacks: list[Fallback] = []
+        left_out: dict[str, str] = {}
         compiler = Compiler(self.model, resource_type)
-        model = self.model
         for code, sp in self.params_for(resource_type).items():
-            table = sp.table
-            if table is None or sp.expression is None or code in NOT_INDEXED or sp.stored_as:
+            if sp.table is None or sp.expression is None or code in NOT_INDEXED or sp.stored_as:
                 continue
-            if sp.type == "composite":
-                for key, entry in self._composite_entries(compiler, resource_type, sp):
-                    if key is None:
-                        rooted.append(entry)
-                    else:
-                        by_key.setdefault(key, []).append(entry)
+            try:
+                planned = self._entries(compiler, resource_type, sp, fallbacks)
+            except Exception as exc:
+                # (a SearchParameter stored before its expression was refused, or one
+                # the compiler fails on): left out, not a failure of every write of
+                # the type
+                left_out[code] = str(exc)[:200] or type(exc).__name__
+                log.warning("search parameter %s of %s (%s) is not indexed: %s", code,
+                            resource_type, sp.url[:200], left_out[code])
                 continue
-            for part in split_union(sp.expression):
-                root = root_name(part)
-                if root is None:
-                    continue
-                if model.is_type_name(root) and root not in (resource_type, "Resource") and not (
-                    root == "DomainResource" and resource_type in model.domain_resource_types
-                ):
-                    continue  # the part of a shared expression for another type
-                branches: list[Branch]
-                try:
-                    branches = compiler.compile(part)
-                except (CompileError, RecursionError) as exc:
-                    fallbacks.append(Fallback(resource_type, code, part, str(exc)))
-                    try:
-                        getter = _fallback_getter(part, model.resource_types)
-                    except Exception:  # noqa: S112 - not even fhirpathpy understands it
-                        continue
-                    branches = [Branch(getter, None)]
-                for b in branches:
-                    conv = self._conv.for_type(sp.type, b.type)
-                    if conv is None:
-                        continue
-                    if sp.type == "token" and b.type == "code":
-                        system = self._systems.of(part)
-                        if system is not None:
-                            conv = _with_system(conv, system)
-                    entries = [(code, table, b.run, conv)]
-                    if sp.type == "token" and b.type == "Identifier":  # for :of-type
-                        entries.append((code, "sp_composite", b.run, _identifier_of_type))
-                    if b.key is None:
-                        rooted.extend(entries)
-                    else:
-                        by_key.setdefault(b.key, []).extend(entries)
+            for key, entry in planned:
+                if key is None:
+                    rooted.append(entry)
+                else:
+                    by_key.setdefault(key, []).append(entry)
         plan = _Plan(tuple((k, tuple(v)) for k, v in by_key.items()), tuple(rooted))
         self._plans[resource_type] = plan
         self._fallbacks[resource_type] = tuple(fallbacks)
+        self._left_out[resource_type] = left_out
         return plan
+
+    def _entries(self, compiler: Compiler, resource_type: str, sp: SearchParam,
+                 fallbacks: list[Fallback]) -> list[tuple[str | None, _Entry]]:
+        """The plan entries of one parameter (and, in ``fallbacks``, the parts of its
+        expression evaluated by fhirpathpy)."""
+        if sp.type == "composite":
+            return self._composite_entries(compiler, resource_type, sp)
+        code, table, model = sp.code, sp.table, self.model
+        assert table is not None and sp.expression is not None
+        out: list[tuple[str | None, _Entry]] = []
+        for part in split_union(sp.expression):
+            root = root_name(part)
+            if root is None:
+                continue
+            if model.is_type_name(root) and root not in (resource_type, "Resource") and not (
+                root == "DomainResource" and resource_type in model.domain_resource_types
+            ):
+                continue  # the part of a shared expression for another type
+            branches: list[Branch]
+            try:
+                branches = compiler.compile(part)
+            except LiteralOutOfRange:
+                raise  # not FHIRPath at all: left out, as a write of it is refused
+            except (CompileError, RecursionError) as exc:
+                fallbacks.append(Fallback(resource_type, code, part, str(exc)))
+                try:
+                    getter = _fallback_getter(part, model.resource_types)
+                except Exception:  # noqa: S112 - not even fhirpathpy understands it
+                    continue
+                branches = [Branch(getter, None)]
+            for b in branches:
+                conv = self._conv.for_type(sp.type, b.type)
+                if conv is None:
+                    continue
+                if sp.type == "token" and b.type == "code":
+                    system = self._systems.of(part)
+                    if system is not None:
+                        conv = _with_system(conv, system)
+                entries: list[_Entry] = [(code, table, b.run, conv)]
+                if sp.type == "token" and b.type == "Identifier":  # for :of-type
+                    entries.append((code, "sp_composite", b.run, _identifier_of_type))
+                out.extend((b.key, e) for e in entries)
+        return out
 
     def _composite_entries(self, compiler: Compiler, resource_type: str,
                            sp: SearchParam) -> list[tuple[str | None, _Entry]]:

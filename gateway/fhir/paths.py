@@ -53,6 +53,14 @@ class CompileError(Exception):
     """The expression uses FHIRPath this compiler does not translate."""
 
 
+class LiteralOutOfRange(CompileError):
+    """A number literal FHIRPath itself does not allow: not an expression at all."""
+
+
+#: FHIRPath's Integer is a 32-bit signed integer (a literal is written without sign)
+MAX_INTEGER = 2**31 - 1
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -358,7 +366,7 @@ class _Parser:
         if kind == "str":
             return Literal(_unescape(text[1:-1]))
         if kind == "num":
-            return Literal(int(text) if "." not in text else Decimal(text))
+            return Literal(_number(text))
         if kind == "id":
             if text in ("true", "false"):
                 return Literal(text == "true")
@@ -371,6 +379,17 @@ class _Parser:
             self.expect(")")
             return node
         raise CompileError(f"unsupported token {text!r}")
+
+
+def _number(text: str) -> int | Decimal:
+    """A number literal: an Integer (FHIRPath's are 32-bit) or a Decimal."""
+    if "." in text:
+        return Decimal(text)
+    # (whatever its length: Python reads no more than 4,300 digits as an int)
+    if len(text.lstrip("0")) > len(str(MAX_INTEGER)) or int(text) > MAX_INTEGER:
+        raise LiteralOutOfRange(f"the integer {text[:20]}{'…' if len(text) > 20 else ''}"
+                                f" is beyond FHIRPath's Integer (at most {MAX_INTEGER})")
+    return int(text)
 
 
 def _unescape(text: str) -> str:

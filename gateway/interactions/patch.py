@@ -14,7 +14,9 @@ than the patch carries (each copy of an array into itself doubles it), so the
 weight is followed copy by copy and the patch refused before the copy that would
 pass the limit is made. Nor may the result nest deeper than a body may
 (``CAREPATH_MAX_JSON_DEPTH``; 400 GW-1010): operations whose paths lead into what
-earlier ones added can nest without bound.
+earlier ones added can nest without bound. The selectors of an XML Patch and the
+paths of a FHIRPath Patch examine a bounded number of nodes (413 GW-1011 beyond;
+``xmlpatch.MAX_VISITS``, ``fhirpatch.MAX_VISITS``).
 """
 
 from __future__ import annotations

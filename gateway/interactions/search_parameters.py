@@ -9,12 +9,13 @@ does the same by hand). Its types: token, string, date, number, quantity,
 reference, uri, over an ``expression`` in FHIRPath.
 
 A SearchParameter is refused (422 GW-4005) when it could never be used: no
-``expression``, an expression FHIRPath cannot read, or a ``base`` that is no R4
-resource type. It is stored but not used when it is ``retired`` or of type
-composite or special; and not on a base type that has a parameter of its code
-already (R4's, the gateway's own, or a stored one last changed before it): what
-is there keeps answering, as an IG that republishes R4's ``name`` under its own
-URL expects.
+``expression``, an expression FHIRPath cannot read (or the gateway cannot evaluate
+on its base types), or a ``base`` that is no R4 resource type; one stored before it
+would have been refused is left out, with a warning, when they are read. It is
+stored but not used when it is ``retired`` or of type composite or special; and
+not on a base type that has a parameter of its code already (R4's, the gateway's
+own, or a stored one last changed before it): what is there keeps answering, as an
+IG that republishes R4's ``name`` under its own URL expects.
 
 Each worker process reads the stored SearchParameters when it starts, after a
 write of one in that process (before that write is answered), and otherwise every
@@ -58,6 +59,8 @@ _CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-_]{0,63}")
 MAX_STORED = 10_000
 #: after a write here, how long to wait for the next before reading them all again
 _SETTLE_S = 0.3
+#: the code a SearchParameter is checked under (no base type has a parameter of it)
+_CHECK = "gw-check"
 
 
 def _bases(sp: dict[str, Any]) -> list[str]:
@@ -84,11 +87,14 @@ def _problem(base: Registry, expression: str, bases: tuple[str, ...], type: str)
             fn({"resourceType": rtype}, None)
     except Exception as exc:
         return f"the expression is not FHIRPath: {str(exc)[:200]}"
-    indexer = base.indexer.with_params([{"url": "urn:check", "code": "check", "base": bases,
+    indexer = base.indexer.with_params([{"url": "urn:check", "code": _CHECK, "base": list(bases),
                                          "type": type, "expression": expression}])
     try:
         for rtype in bases:
             indexer.extract({"resourceType": rtype, "id": "x"})
+            why = indexer.left_out(rtype).get(_CHECK)
+            if why is not None:  # what the indexer could not compile is never indexed
+                return f"the expression cannot be evaluated: {why}"
     except Exception as exc:
         return f"the expression cannot be evaluated: {str(exc)[:200]}"
     return None

@@ -236,3 +236,43 @@ def test_a_backtracking_pattern_in_an_expression_does_not_hold_writes(
     assert time.monotonic() - started < 3
     assert len(_matches(client, **{code: "a" * 25 + "b"})) == 1
     assert _matches(client, **{f"{code}:exact": "a" * 25}) == set()  # not indexed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_expression_the_indexer_cannot_compile_never_holds_writes_of_its_base(
+        backend: str, tmp_path: Any, new_schema: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An integer FHIRPath does not have (its Integer is 32-bit; Python reads no more
+    than 4,300 digits as one) is no expression: 422 GW-4005. One stored before it was
+    refused is left out when the stored parameters are read, on every start: the
+    writes of its base go on (they answered 500, even after a restart)."""
+    settings = backend_settings(backend, tmp_path, new_schema,
+                                search_parameter_refresh_s=REFRESH_S)
+    code = unique("huge")
+    body = _parameter(code, expression=f"Patient.name[{'1' * 5000}].family")
+
+    def writes_go_on(c: httpx.Client) -> None:
+        made = c.post("/Patient", json={"resourceType": "Patient", "name": [{"family": "A"}]})
+        assert made.status_code == 201, made.text[:500]
+        again = c.put(f"/Patient/{made.json()['id']}", json={
+            "resourceType": "Patient", "id": made.json()["id"], "name": [{"family": "B"}]})
+        assert again.status_code == 200, again.text[:500]
+
+    with RunningServer(settings) as running, httpx.Client(
+            base_url=running.url, timeout=60, headers={"Accept": FHIR}) as c:
+        refused = c.post("/SearchParameter", json=body)
+        assert refused.status_code == 422, refused.text[:500]
+        assert gw_code(refused) == "GW-4005"
+        assert "FHIRPath's Integer" in refused.json()["issue"][0]["diagnostics"]
+        writes_go_on(c)
+        # as a version that did not refuse it stored it
+        with monkeypatch.context() as patched:
+            patched.setattr("gateway.interactions.search_parameters.check",
+                            lambda base, sp: None)
+            stored = c.post("/SearchParameter", json=body)
+        assert stored.status_code == 201, stored.text[:500]
+        writes_go_on(c)
+        assert _matches(c, **{code: "B"}) == {"unknown parameter"}
+    with RunningServer(settings) as running, httpx.Client(
+            base_url=running.url, timeout=60, headers={"Accept": FHIR}) as c:
+        writes_go_on(c)
+        assert c.get(f"/SearchParameter/{stored.json()['id']}").status_code == 200

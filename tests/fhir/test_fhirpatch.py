@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.fhir import fhirpatch
 from gateway.fhir.outcome import FhirError
@@ -117,3 +119,50 @@ def test_the_patch_is_left_alone(model: Model) -> None:
     again = fhirpatch.apply(PATIENT, checked, model)
     assert first["name"][-1] == {"family": "Neu", "given": ["Eva"]}
     assert again == first
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                  max_size=4),
+    max_leaves=12)
+_paths = st.sampled_from([
+    "Patient", "Patient.name", "Patient.name[0]", "Patient.name.given", "Patient.telecom",
+    "Patient.telecom.where(system = 'phone')", "Patient.name.first().family", "Patient.gender",
+    "Patient.name[" + "1" * 5000 + "]", "Patient.telecom.last().value", "Patient.(", "x",
+    "Patient.deceased", "Patient.name.where(family != 'Alt' and given = 'Anna')"])
+_part = st.one_of(
+    st.fixed_dictionaries({"name": st.just("type"), "valueCode": st.sampled_from(
+        [*fhirpatch.OPERATIONS, "x"])}),
+    st.fixed_dictionaries({"name": st.just("path"), "valueString": _paths}),
+    st.fixed_dictionaries({"name": st.sampled_from(["name", "index", "source", "destination"]),
+                           "valueString": st.sampled_from(["given", "telecom", "gender"])}),
+    st.fixed_dictionaries({"name": st.sampled_from(["index", "source", "destination"]),
+                           "valueInteger": st.integers(-2, 3)}),
+    st.fixed_dictionaries({"name": st.just("value")}).flatmap(lambda base: st.one_of(
+        st.builds(lambda k, v: {**base, k: v}, st.sampled_from(
+            ["valueString", "valueCode", "valueHumanName", "valueBoolean", "valueX"]), _json),
+        st.builds(lambda v: {**base, "part": v}, _json))),
+    _json)
+_operation = st.one_of(
+    st.builds(lambda parts: {"name": "operation", "part": parts}, st.lists(_part, max_size=6)),
+    st.builds(lambda v: {"name": "operation", "part": v}, _json),
+    _json)
+_patches = st.one_of(
+    st.builds(lambda ops: {"resourceType": "Parameters", "parameter": ops},
+              st.lists(_operation, max_size=4)),
+    st.builds(lambda v: {"resourceType": "Parameters", "parameter": v}, _json),
+    st.dictionaries(st.text(max_size=6), _json).map(
+        lambda d: {**d, "resourceType": "Parameters"}))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_patches)
+def test_any_parameters_is_a_patch_or_an_error_never_a_crash(
+        model: Model, body: dict[str, Any]) -> None:
+    """Whatever the JSON, check() and apply() raise nothing but FhirError (a 4xx)."""
+    try:
+        ops = fhirpatch.check(body)
+        fhirpatch.apply(PATIENT, ops, model)
+    except FhirError as exc:
+        assert 400 <= exc.code.status < 500

@@ -933,3 +933,33 @@ def test_a_bundles_first_resource_is_indexed_under_the_bundle(ix: Indexer) -> No
                   "entry": [{"resource": {"resourceType": "Patient", "id": "x"}}]}
     assert all(not r[0].startswith(("composition", "message"))
                for table in ix.extract(collection).values() for r in table)
+
+
+def test_a_parameter_whose_expression_cannot_be_compiled_is_left_out(
+        ix: Indexer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stored SearchParameter the compiler fails on (an integer beyond FHIRPath's,
+    which Python does not even read past 4,300 digits; any other failure) is not
+    indexed; the type's other parameters are, and nothing is raised."""
+    from gateway.fhir.paths import Compiler
+
+    def sp(code: str, expression: str) -> dict[str, Any]:
+        return {"url": f"urn:test:{code}", "code": code, "base": ["Patient"],
+                "type": "string", "expression": expression}
+
+    failing = Compiler.compile
+
+    def compile_(self: Compiler, expression: str) -> Any:
+        if "failing" in expression:
+            raise KeyError("failing")
+        return failing(self, expression)
+
+    monkeypatch.setattr(Compiler, "compile", compile_)
+    with_them = ix.with_params([sp("huge", f"Patient.name[{'1' * 5000}].family"),
+                                sp("big", "Patient.name[2147483648].family"),
+                                sp("odd", "Patient.name.family.where($this = 'failing')"),
+                                sp("fine", "Patient.name[0].family")])
+    rows = with_them.extract({"resourceType": "Patient", "name": [{"family": "Muster"}]})
+    assert {r[0] for r in rows["sp_string"]} >= {"fine", "family", "name"}
+    assert not {"huge", "big", "odd"} & {r[0] for r in rows["sp_string"]}
+    assert set(with_them.left_out("Patient")) == {"huge", "big", "odd"}
+    assert with_them.left_out("Observation") == {}
