@@ -34,6 +34,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.fhir.budget import Visits
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.paths import Binary, Call, CompileError, Ident, Index, Literal, Member, parse
 from gateway.fhir.paths import Node as PathNode
@@ -109,7 +110,9 @@ def apply(resource: dict[str, Any], ops: list[dict[str, Any]], model: Model) -> 
     if root is None:
         raise _bad(f"unknown resource type {resource.get('resourceType')!r}")
     doc = copy.deepcopy(resource)
-    visits = _Visits()
+    visits = Visits(MAX_VISITS, f"FHIRPath Patch: the paths would examine more than"
+                                f" {MAX_VISITS} elements of the resource; send fewer"
+                                " operations or more precise paths")
     for n, parts in enumerate(ops, start=1):
         try:
             _apply_one(doc, root, parts, visits)
@@ -124,7 +127,7 @@ def apply(resource: dict[str, Any], ops: list[dict[str, Any]], model: Model) -> 
 
 
 def _apply_one(doc: dict[str, Any], root: Node, parts: dict[str, Any],
-               visits: _Visits) -> None:
+               visits: Visits) -> None:
     kind = _string(parts, "type")
     path = _path(_string(parts, "path"))
     if kind == "add":
@@ -205,7 +208,7 @@ def _remove(doc: dict[str, Any], loc: _Loc) -> None:
 
 
 def _slot_in(doc: dict[str, Any], root: Node, path: PathNode, name: str,
-             visits: _Visits) -> _Slot:
+             visits: Visits) -> _Slot:
     found = _eval(doc, root, path, visits)
     if len(found) != 1 or not isinstance(found[0].value, dict) or found[0].node is None:
         raise _bad(f"the path must find one element to add {name!r} to, not {len(found)}")
@@ -216,7 +219,7 @@ def _slot_in(doc: dict[str, Any], root: Node, path: PathNode, name: str,
 
 
 def _list_slot(doc: dict[str, Any], root: Node, path: PathNode,
-               visits: _Visits) -> tuple[_Slot, list[Any]]:
+               visits: Visits) -> tuple[_Slot, list[Any]]:
     """The element holding the list ``path`` names (``….name``), and the list."""
     if not isinstance(path, Member):
         raise _bad("insert and move take the path of a repeating element (….name)")
@@ -301,23 +304,7 @@ def _path(text: str) -> PathNode:
         raise _bad(f"cannot read the path {text[:200]!r}: {exc}") from None
 
 
-class _Visits:
-    """What the paths of one patch have examined so far (:data:`MAX_VISITS` at most:
-    many operations over a resource of long lists would otherwise take operations times
-    elements, on the event loop, for as long as that is)."""
-
-    def __init__(self) -> None:
-        self.left = MAX_VISITS
-
-    def spend(self, n: int) -> None:
-        self.left -= n
-        if self.left < 0:
-            raise FhirError(Code.TOO_LARGE, f"FHIRPath Patch: the paths would examine more"
-                                            f" than {MAX_VISITS} elements of the resource;"
-                                            " send fewer operations or more precise paths")
-
-
-def _eval(doc: dict[str, Any], root: Node, node: PathNode, visits: _Visits) -> list[_Loc]:
+def _eval(doc: dict[str, Any], root: Node, node: PathNode, visits: Visits) -> list[_Loc]:
     if isinstance(node, Ident):
         if node.name in (doc.get("resourceType"), "Resource", "DomainResource"):
             return [_Loc(None, "", None, doc, root)]
@@ -342,7 +329,7 @@ def _eval(doc: dict[str, Any], root: Node, node: PathNode, visits: _Visits) -> l
                f"{getattr(node, 'name', '')!r}, which FHIRPath Patch paths here do not")
 
 
-def _children(locs: list[_Loc], name: str, visits: _Visits) -> list[_Loc]:
+def _children(locs: list[_Loc], name: str, visits: Visits) -> list[_Loc]:
     visits.spend(len(locs))
     out: list[_Loc] = []
     for loc in locs:
@@ -364,7 +351,7 @@ def _children(locs: list[_Loc], name: str, visits: _Visits) -> list[_Loc]:
     return out
 
 
-def _holds(loc: _Loc, pred: PathNode, visits: _Visits) -> bool:
+def _holds(loc: _Loc, pred: PathNode, visits: Visits) -> bool:
     if isinstance(pred, Binary) and pred.op in ("and", "or"):
         left, right = _holds(loc, pred.left, visits), _holds(loc, pred.right, visits)
         return (left and right) if pred.op == "and" else (left or right)
@@ -378,7 +365,7 @@ def _holds(loc: _Loc, pred: PathNode, visits: _Visits) -> bool:
     raise _bad("where() takes comparisons (=, !=) joined by and/or")
 
 
-def _relative(loc: _Loc, node: PathNode, visits: _Visits) -> list[_Loc]:
+def _relative(loc: _Loc, node: PathNode, visits: Visits) -> list[_Loc]:
     if isinstance(node, Ident):
         return _children([loc], node.name, visits)
     if isinstance(node, Member):

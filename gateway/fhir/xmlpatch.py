@@ -48,6 +48,7 @@ from typing import Any
 from lxml import etree  # type: ignore[import-untyped]
 
 from gateway.fhir import xml as fhir_xml
+from gateway.fhir.budget import Visits
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.validation.xhtml import MAX_ATTRIBUTES
 
@@ -346,23 +347,11 @@ class _Text:
             self.after.tail = value
 
 
-class _Visits:
-    def __init__(self) -> None:
-        self.left = MAX_VISITS
-
-    def spend(self, n: int) -> None:
-        self.left -= n
-        if self.left < 0:
-            raise FhirError(Code.TOO_LARGE, f"XML Patch: the selectors would examine more than"
-                                            f" {MAX_VISITS} nodes of the resource; send"
-                                            " fewer operations or more precise selectors")
-
-
 def _is_element(node: Any) -> bool:
     return isinstance(node, etree._Element) and isinstance(node.tag, str)
 
 
-def _select(root: etree._Element, steps: tuple[_Step, ...], visits: _Visits) -> list[Any]:
+def _select(root: etree._Element, steps: tuple[_Step, ...], visits: Visits) -> list[Any]:
     context: list[etree._Element | None] = [None]  # None: the document node
     found: list[Any] = []
     for i, step in enumerate(steps):
@@ -375,7 +364,7 @@ def _select(root: etree._Element, steps: tuple[_Step, ...], visits: _Visits) -> 
 
 
 def _children(root: etree._Element, node: etree._Element | None, step: _Step,
-              visits: _Visits) -> list[Any]:
+              visits: Visits) -> list[Any]:
     if step.kind == "attribute":
         return [_Attribute(node, step.name)] if node is not None and step.name is not None \
             and step.name in node.attrib else []
@@ -403,7 +392,7 @@ def _children(root: etree._Element, node: etree._Element | None, step: _Step,
     return candidates
 
 
-def _holds(element: etree._Element, cond: tuple[str, str | None, str], visits: _Visits) -> bool:
+def _holds(element: etree._Element, cond: tuple[str, str | None, str], visits: Visits) -> bool:
     what, name, literal = cond
     if what == "@":
         return bool(element.get(name) == literal)
@@ -413,7 +402,7 @@ def _holds(element: etree._Element, cond: tuple[str, str | None, str], visits: _
     return any(_string_value(c, visits) == literal for c in element.iterchildren(name))
 
 
-def _string_value(element: etree._Element, visits: _Visits) -> str:
+def _string_value(element: etree._Element, visits: Visits) -> str:
     """XPath's string-value of an element: the text in it (a walk over all it holds,
     in C: a tenth of a visit a node; each call costs as ten)."""
     visits.spend(10 + int(_SIZE(element)) // 10)
@@ -426,7 +415,9 @@ def _string_value(element: etree._Element, visits: _Visits) -> str:
 def apply(root: etree._Element, ops: list[Operation]) -> etree._Element:
     """``root`` patched (in place; the root element itself may be replaced): GW-1016
     naming the first operation that cannot be applied."""
-    visits = _Visits()
+    visits = Visits(MAX_VISITS, f"XML Patch: the selectors would examine more than"
+                                f" {MAX_VISITS} nodes of the resource; send fewer"
+                                " operations or more precise selectors")
     for n, op in enumerate(ops):
         try:
             found = _select(root, op.steps, visits)

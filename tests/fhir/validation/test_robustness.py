@@ -43,14 +43,9 @@ def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return out
 
 
-_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
-
-
-@settings(max_examples=400, deadline=None, suppress_health_check=_QUIET)
-@given(st.data())
-def test_mutated_examples_never_crash_the_validator(validator: FhirValidator,
-                                                    data: st.DataObject) -> None:
-    resource = copy.deepcopy(data.draw(st.sampled_from(EXAMPLES)))
+def _mutated(example: dict[str, Any], data: st.DataObject) -> dict[str, Any]:
+    """A copy of ``example`` with one to three of its values replaced by any JSON."""
+    resource = copy.deepcopy(example)
     for _ in range(data.draw(st.integers(1, 3))):
         path = data.draw(st.sampled_from(_paths(resource)[1:] or [("x",)]))
         target: Any = resource
@@ -58,6 +53,17 @@ def test_mutated_examples_never_crash_the_validator(validator: FhirValidator,
             target = target[step]
         if isinstance(target, dict | list):
             target[path[-1]] = data.draw(json_values)
+    return resource
+
+
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=_QUIET)
+@given(st.data())
+def test_mutated_examples_never_crash_the_validator(validator: FhirValidator,
+                                                    data: st.DataObject) -> None:
+    resource = _mutated(data.draw(st.sampled_from(EXAMPLES)), data)
     profile = data.draw(st.sampled_from([None, TEST_BASE + "test-patient",
                                          "http://hl7.org/fhir/StructureDefinition/bp"]))
     issues = validator.validate(resource, profile=profile)
@@ -91,13 +97,6 @@ def test_mutated_examples_never_crash_any_profile(validator: FhirValidator,
     and never raise. Every resource profile the validator holds (R4's vital signs, the
     gateway's own, the test profiles), on mutated examples of its type."""
     example, url = data.draw(st.sampled_from(_profiled_examples(validator)))
-    resource = copy.deepcopy(example)
-    for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(_paths(resource)[1:] or [("x",)]))
-        target: Any = resource
-        for step in path[:-1]:
-            target = target[step]
-        if isinstance(target, dict | list):
-            target[path[-1]] = data.draw(json_values)
+    resource = _mutated(example, data)
     issues = validator.validate(resource, profile=url)
     assert all(i.severity in ("error", "warning", "information") for i in issues)
