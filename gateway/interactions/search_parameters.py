@@ -268,11 +268,8 @@ class StoredSearchParameters:
                              count, rtype)
                 except asyncio.CancelledError:
                     raise
-                except FhirError as exc:
-                    if exc.code is not Code.UNAVAILABLE:
-                        log.warning("%s not indexed again; run carepath reindex %s", rtype,
-                                    rtype, exc_info=True)
-                    else:
+                except Exception as exc:
+                    if isinstance(exc, FhirError) and exc.code is Code.UNAVAILABLE:
                         # the database out of reach for a while: begun again once it is
                         # back (what was indexed stays; it is indexed again, as it was)
                         log.warning("%s not indexed again yet, the database is out of reach;"
@@ -280,7 +277,6 @@ class StoredSearchParameters:
                         await asyncio.sleep(pause)
                         pause = min(pause * 2, REINDEX_RETRY_MAX_S)
                         continue
-                except Exception:
                     log.warning("%s not indexed again; run carepath reindex %s", rtype, rtype,
                                 exc_info=True)
                 break
