@@ -12,7 +12,10 @@ core, beside the floor ``orjson.loads`` of the same bytes:
   their profiles, and the gateway's own example instances
   (``tests/profiles/examples/valid``) against the profile each one shows;
 * ``bundle`` -- a document Bundle of 1,000 and of 10,000 entries (linear:
-  the per-entry time should not grow).
+  the per-entry time should not grow);
+* ``tree`` -- a Questionnaire of nested groups and a CodeSystem of nested
+  concepts, each at two sizes (R4's ``que-2`` and ``csd-1`` look at every
+  descendant: the time per MB should not grow).
 
 Each figure is the best of several rounds (the machine is shared), as
 resources per second and µs per resource. ``--rounds`` sets how many.
@@ -121,6 +124,36 @@ def _document(entries: int) -> dict[str, Any]:
             "entry": entry}
 
 
+def _questionnaire(groups: int) -> dict[str, Any]:
+    """``groups`` groups, each four levels of four groups deep, 341 items each."""
+    count = 0
+
+    def item(depth: int) -> dict[str, Any]:
+        nonlocal count
+        count += 1
+        if depth == 0:
+            return {"linkId": f"q{count}", "text": f"Question {count}", "type": "string"}
+        return {"linkId": f"g{count}", "text": f"Group {count}", "type": "group",
+                "item": [item(depth - 1) for _ in range(4)]}
+
+    return {"resourceType": "Questionnaire", "status": "active",
+            "item": [item(4) for _ in range(groups)]}
+
+
+def _code_system(chapters: int) -> dict[str, Any]:
+    """``chapters`` concepts, each with 20 children of 10 children (211 codes each)."""
+    def concept(code: str, depth: int) -> dict[str, Any]:
+        c: dict[str, Any] = {"code": code, "display": f"Concept {code}"}
+        if depth:
+            c["concept"] = [concept(f"{code}.{i}", depth - 1)
+                            for i in range(20 if depth == 2 else 10)]
+        return c
+
+    return {"resourceType": "CodeSystem", "status": "active", "content": "complete",
+            "url": "http://example.org/cs", "concept": [concept(f"C{i}", 2)
+                                                         for i in range(chapters)]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -183,6 +216,18 @@ def main() -> None:
             "orjson_loads_ms": round(floor * 1e3, 1),
             "invariant_evaluations": validator.last_evaluations,
         }), flush=True)
+
+    for name, make, sizes in (("Questionnaire", _questionnaire, (25, 100)),
+                              ("CodeSystem", _code_system, (40, 160))):
+        for size in sizes:
+            resource = make(size)
+            raw = orjson.dumps(resource)
+            took = _best(lambda r=resource: validator.validate(r), max(2, args.rounds // 7))
+            print(json.dumps({
+                "kind": "tree", "type": name, "bytes": len(raw),
+                "validate_ms": round(took * 1e3, 1),
+                "validate_s_per_mb": round(took / (len(raw) / 1e6), 2),
+            }), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,5 +8,7 @@ request.
 """
 
 # Before any FHIRPath is evaluated: fhirpathpy's matches()/replaceMatches() use RE2
-# (gateway.fhir.patterns), not Python's backtracking re.
+# (gateway.fhir.patterns), not Python's backtracking re; its children() and
+# descendants() run in linear time (gateway.fhir.navigation).
+from gateway.fhir import navigation as _navigation  # noqa: F401
 from gateway.fhir import patterns as _patterns  # noqa: F401
