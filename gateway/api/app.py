@@ -41,6 +41,7 @@ from gateway.fhir import xml as fhir_xml
 from gateway.fhir import xmlpatch
 from gateway.fhir.outcome import Code, FhirError
 from gateway.fhir.validation.model import Model
+from gateway.interactions import offload
 from gateway.interactions.base import Context, FhirResponse
 from gateway.interactions.router import FhirRequest, route
 from gateway.security.audit import AuditUnavailable, interaction_of, records_for
@@ -635,6 +636,9 @@ def _body(resp: FhirResponse, pretty: bool, xml: Model | None = None) -> bytes:
 #: bodies larger than this are compressed on a worker thread (zlib releases the GIL):
 #: about 12 ms per MB here, which would hold up every other request on the loop
 _GZIP_INLINE_MAX = 256 * 1024
+#: a body larger than this is parsed on a thread (FHIR JSON: about 0.15 s per MB;
+#: the loop answers other requests meanwhile, gateway.interactions.offload)
+_PARSE_INLINE_MAX = 256 * 1024
 
 
 async def _gzipped(resp: FhirResponse, pretty: bool, gzip_from: int,
@@ -920,8 +924,16 @@ def create_api(
             raw = await request.body(ctx.settings.max_request_bytes)
             binary = _binary_content(request.path, request.method, request.headers, raw,
                                      ctx.settings.max_string_length)
-            body, form = (binary, []) if binary is not None else _parse_body(
-                ctx, request.headers, raw, request.method, request.path)
+            offload.REQUEST_BYTES.set(len(raw))
+            form: list[tuple[str, str]]
+            if binary is not None:
+                body, form = binary, []
+            elif len(raw) > _PARSE_INLINE_MAX:
+                body, form = await asyncio.to_thread(_parse_body, ctx, request.headers, raw,
+                                                     request.method, request.path)
+            else:
+                body, form = _parse_body(ctx, request.headers, raw, request.method,
+                                         request.path)
             if form:
                 query += form
             bad = fjson.first_forbidden(query)

@@ -29,6 +29,7 @@ caller's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from gateway.fhir import json as fjson
 from gateway.fhir.outcome import Code, FhirError, Issue
 from gateway.fhir.search import parse_search
 from gateway.fhir.validation.profiles import ProfileSet
+from gateway.interactions.offload import in_thread
 
 if TYPE_CHECKING:  # (base validates with this module)
     from gateway.interactions.base import Context, Validator
@@ -74,7 +76,11 @@ async def validation_issues(ctx: Context, resource: dict[str, Any],
     write runs in one: it holds a connection, and must not wait for a second)."""
     validator = ctx.validator
     assert validator is not None
-    issues = validator.validate(resource, profile=profile)
+    threaded = in_thread(resource)
+    if threaded:
+        issues = await asyncio.to_thread(validator.validate, resource, profile=profile)
+    else:
+        issues = validator.validate(resource, profile=profile)
     if not any(i.code is Code.UNKNOWN_PROFILE for i in issues):
         return issues
     stored = await _stored(ctx, validator, ctx.store.within(tx) if tx else ctx.store, tx)
@@ -83,6 +89,9 @@ async def validation_issues(ctx: Context, resource: dict[str, Any],
                                  for url in _claims(resource, profile)):
         return issues
     try:
+        if threaded:
+            return await asyncio.to_thread(validator.validate, resource, profile=profile,
+                                           profiles=stored)
         return validator.validate(resource, profile=profile, profiles=stored)
     except Exception:  # a stored definition that makes no sense: not applied
         log.warning("a profile stored here could not be applied", exc_info=True)

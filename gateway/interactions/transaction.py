@@ -60,6 +60,7 @@ from gateway.interactions.conditional import (
 )
 from gateway.interactions.create import create_in, new_id
 from gateway.interactions.delete import delete_in
+from gateway.interactions.offload import Turns
 from gateway.interactions.patch import check_patch, patch_in
 from gateway.interactions.router import FhirRequest, route
 from gateway.interactions.stored_profiles import CONFORMANCE_TYPES
@@ -392,7 +393,9 @@ class _Transaction:
         criteria = {k for k in keys if "?" in k}
         if criteria and len(keys) > 1:
             await self.tx.lock(*criteria)
+        turns = Turns()
         for e in self._in_identity_order(writes):
+            await turns.take()
             try:
                 await self._identify(e)
             except FhirError as exc:
@@ -419,6 +422,7 @@ class _Transaction:
         defer = any(e.resource_type in CONFORMANCE_TYPES for e in writes)
         deferred: list[Entry] = []
         for e in writes:
+            await turns.take()
             if e.method in ("POST", "PUT") and isinstance(e.resource, dict):
                 try:
                     await self._rewrite(e)
@@ -430,6 +434,7 @@ class _Transaction:
                 except FhirError as exc:
                     raise _entry_error(e, exc) from None
         for e in sorted(writes, key=lambda e: (_ORDER[e.method], e.index)):
+            await turns.take()
             try:
                 await self._execute(e)
             except FhirError as exc:
@@ -441,6 +446,7 @@ class _Transaction:
             except FhirError as exc:
                 raise _entry_error(e, exc) from None
         for e in deferred:
+            await turns.take()
             try:
                 await check_valid(self.ctx, e.resource, self.tx)
             except FhirError as exc:

@@ -1,0 +1,135 @@
+"""A worker keeps answering while one request does long work: a transaction of
+many entries gives the event loop turns between them, and a large resource is
+parsed and validated on a thread (gateway.interactions.offload).
+
+Each test measures the longest time ``/healthz`` (liveness: the loop alone, no
+database) went unanswered while the long request was in flight, as a share of the
+request's time. Without turns or threads the loop is held for most of the request
+(0.6-0.95 of it); with them, for a few milliseconds at a time. Being a share, it
+does not grow on a slower machine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from itertools import pairwise
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.interactions import offload
+from tests.api.helpers import FHIR
+from tests.conftest import Server
+
+
+def _longest_wait(server: Server, long_request: Callable[[], httpx.Response]
+                  ) -> tuple[httpx.Response, float]:
+    """The long request's response, and the longest time ``/healthz`` went unanswered
+    while it ran, as a share of the time it ran."""
+    root = server.url.rsplit("/fhir", 1)[0]
+    running = threading.Event()
+    finished = threading.Event()
+    answered: list[float] = []
+
+    def poll() -> None:
+        with httpx.Client(timeout=60) as c:
+            while not finished.is_set():
+                c.get(f"{root}/healthz").raise_for_status()
+                answered.append(time.monotonic())
+                running.set()
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    assert running.wait(30)
+    started = time.monotonic()
+    try:
+        response = long_request()
+    finally:
+        ended = time.monotonic()
+        finished.set()
+        poller.join(60)
+    times = [started, *(t for t in answered if started < t < ended), ended]
+    return response, max(b - a for a, b in pairwise(times)) / (ended - started)
+
+
+def _observation(i: int, subject: str) -> dict[str, Any]:
+    return {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "request": {"method": "POST",
+                                                               "url": "Observation"},
+            "resource": {"resourceType": "Observation", "status": "final",
+                         "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                         "subject": {"reference": subject},
+                         "effectiveDateTime": "2024-01-01T10:00:00Z",
+                         "valueQuantity": {"value": 60 + i % 40, "unit": "/min",
+                                           "system": "http://unitsofmeasure.org",
+                                           "code": "/min"}}}
+
+
+def test_a_long_transaction_gives_the_loop_turns(server: Server,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(offload, "SLICE_S", 0.0)  # a turn after every entry
+    patient = f"urn:uuid:{uuid.uuid4()}"
+    entries = [{"fullUrl": patient, "request": {"method": "POST", "url": "Patient"},
+                "resource": {"resourceType": "Patient", "name": [{"family": "Turn"}]}}]
+    entries += [_observation(i, patient) for i in range(600)]
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+    def post() -> httpx.Response:
+        return httpx.post(server.url, json=bundle, timeout=120,
+                          headers={"Content-Type": FHIR, "Prefer": "return=minimal"})
+
+    response, longest = _longest_wait(server, post)
+    assert response.status_code == 200, response.text[:300]
+    assert len(response.json()["entry"]) == 601
+    assert longest < 0.5
+
+
+def _questionnaire(groups: int) -> dict[str, Any]:
+    count = 0
+
+    def item(depth: int) -> dict[str, Any]:
+        nonlocal count
+        count += 1
+        if depth == 0:
+            return {"linkId": f"q{count}", "text": f"Question {count}", "type": "string"}
+        return {"linkId": f"g{count}", "text": f"Group {count}", "type": "group",
+                "item": [item(depth - 1) for _ in range(4)]}
+
+    return {"resourceType": "Questionnaire", "status": "active",
+            "item": [item(4) for _ in range(groups)]}
+
+
+def test_a_large_resource_is_validated_off_the_loop(server: Server) -> None:
+    questionnaire = _questionnaire(40)  # about 0.8 MB, 13,640 items
+
+    def post() -> httpx.Response:
+        return httpx.post(f"{server.url}/Questionnaire", json=questionnaire, timeout=120,
+                          headers={"Content-Type": FHIR, "Prefer": "return=minimal"})
+
+    response, longest = _longest_wait(server, post)
+    assert response.status_code == 201, response.text[:300]
+    assert longest < 0.5
+
+
+def test_a_large_invalid_resource_still_gets_its_issues(server: Server) -> None:
+    questionnaire = _questionnaire(12)
+    questionnaire["item"][-1]["item"][0]["linkId"] = questionnaire["item"][0]["linkId"]
+    questionnaire["item"][3]["type"] = "no-such-type"
+    response = httpx.post(f"{server.url}/Questionnaire", json=questionnaire, timeout=120,
+                          headers={"Content-Type": FHIR})
+    assert response.status_code == 422
+    found = {i.get("diagnostics", "")[:6] for i in response.json()["issue"]}
+    assert "que-2:" in found
+    assert any("no-such-type" in i.get("diagnostics", "") for i in response.json()["issue"])
+
+
+def test_a_large_malformed_body_is_refused_as_a_small_one(server: Server) -> None:
+    body = b'{"resourceType": "Questionnaire", "status": "active", "item": [' + \
+        b'{"linkId": "a", "type": "string"},' * 20_000 + b"]"  # 0.7 MB, never closed
+    response = httpx.post(f"{server.url}/Questionnaire", content=body, timeout=60,
+                          headers={"Content-Type": FHIR})
+    assert response.status_code == 400
+    assert response.json()["resourceType"] == "OperationOutcome"
