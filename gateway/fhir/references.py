@@ -141,15 +141,16 @@ def split_restful(url: str) -> tuple[str, str] | None:
     return (f"{base}/", rel) if base and RELATIVE_REF.fullmatch(rel) else None
 
 
-def relative_names(names: Mapping[str, str], base: str) -> dict[str, str]:
-    """The entries named by absolute RESTful fullUrls under ``base``, by their
+def relative_names(names: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """The entries named by absolute RESTful fullUrls, by base and then by their
     relative form: a relative reference in an entry whose fullUrl has that base
-    means them (bundle.html#references)."""
-    out: dict[str, str] = {}
+    means them (bundle.html#references). One pass over ``names``, whatever the
+    number of bases (a Bundle whose every entry has a base of its own)."""
+    out: dict[str, dict[str, str]] = {}
     for name, target in names.items():
         split = split_restful(name)
-        if split is not None and split[0] == base:
-            out[split[1]] = target
+        if split is not None:
+            out.setdefault(split[0], {})[split[1]] = target
     return out
 
 

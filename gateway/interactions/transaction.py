@@ -376,7 +376,7 @@ class _Transaction:
         self.conditional_creates: dict[str, Entry] = {}  # criteria_key -> first entry
         self.resolved_refs: dict[str, str] = {}
         self.new_patients: frozenset[str] = frozenset()
-        self._relative_names: dict[str, dict[str, str]] = {}
+        self._relative_names: dict[str, dict[str, str]] | None = None
         #: conditional writes to check against their criteria once all are written
         self.satisfies: list[tuple[Entry, StoredResource, str]] = []
 
@@ -623,10 +623,9 @@ class _Transaction:
                                     (element,))
 
     def _relative(self, base: str) -> dict[str, str]:
-        found = self._relative_names.get(base)
-        if found is None:
-            found = self._relative_names[base] = relative_names(self.names, base)
-        return found
+        if self._relative_names is None:  # (once every entry has its name)
+            self._relative_names = relative_names(self.names)
+        return self._relative_names.get(base, {})
 
     async def _execute(self, e: Entry) -> None:
         assert e.id is not None or e.method == "DELETE"

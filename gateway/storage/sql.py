@@ -1045,12 +1045,17 @@ def history_sql(
         where.append("h.last_updated >= ?")
         params.append(since)
     if at is not None:
-        # versions current at some moment of the period [lo, hi]
+        # versions current at some moment of the period [lo, hi]: written by hi, and not
+        # replaced before lo. A resource's versions are written in time order (the store
+        # keeps each version's time after its predecessor's), so the next version alone
+        # tells: one probe of the primary key, where "any later version" compared every
+        # pair of a resource's versions (3,000 versions: 4.5 s on PostgreSQL)
         where.append("h.last_updated <= ?")
         params.append(at[1])
         where.append(
             "NOT EXISTS (SELECT 1 FROM resource_history h2 WHERE h2.res_type = h.res_type"
-            " AND h2.res_id = h.res_id AND h2.version > h.version AND h2.last_updated < ?)"
+            " AND h2.res_id = h.res_id AND h2.version = h.version + 1"
+            " AND h2.last_updated < ?)"
         )
         params.append(at[0])
     if after is not None:

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.fhir import references
 from tests.api.helpers import FHIR, gw_code, patient, post, search_ids
 from tests.conftest import unique
 
@@ -89,6 +90,34 @@ def test_relative_references_to_an_entry_named_by_its_full_url(client: httpx.Cli
     assert pid != "tmp-1"
     assert client.get(locations[1]).json()["subject"] == {"reference": f"Patient/{pid}"}
     assert client.get(locations[2]).json()["subject"] == {"reference": "Patient/tmp-1"}
+
+
+def test_full_urls_of_many_bases_are_read_once(client: httpx.Client,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each entry with a base of its own: the names by base are gathered in one pass
+    (4,000 such entries took 72 s when every base looked at every name)."""
+    calls = 0
+    split = references.split_restful
+
+    def counted(url: str) -> tuple[str, str] | None:
+        nonlocal calls
+        calls += 1
+        return split(url)
+
+    monkeypatch.setattr(references, "split_restful", counted)
+    n = 200
+    bundle = tx([
+        {"fullUrl": f"http://h{i}.example.org/fhir/Patient/p{i}",
+         "resource": {**patient(unique("mrn")), "id": f"p{i}",
+                      "link": [{"type": "seealso",
+                                "other": {"reference": f"Patient/p{(i + 1) % n}"}}]},
+         "request": {"method": "POST", "url": "Patient"}} for i in range(n)])
+    response = send(client, bundle)
+    assert response.status_code == 200, response.text
+    locations = entry_locations(response)
+    # a relative reference is read against its own entry's base: p1 is under another
+    assert client.get(locations[0]).json()["link"][0]["other"] == {"reference": "Patient/p1"}
+    assert calls <= 3 * n
 
 
 def test_transaction_rewrites_urn_uuid_references(client: httpx.Client) -> None:

@@ -58,8 +58,10 @@ def test_relative_references_resolve_against_the_entrys_full_url() -> None:
     assert split_restful("http://x.org/fhir/Patient/abc") == ("http://x.org/fhir/", "Patient/abc")
     assert split_restful("urn:uuid:0c4a5e6e-1111-4c1e-9d2b-000000000001") is None
     assert split_restful("http://x.org/fhir/metadata") is None
-    relative = relative_names(names, "http://x.org/fhir/")
-    assert relative == {"Patient/abc": "Patient/new1"}
+    by_base = relative_names(names)
+    assert by_base == {"http://x.org/fhir/": {"Patient/abc": "Patient/new1"},
+                       "https://y.org/": {"Patient/abc": "Patient/new3"}}
+    relative = by_base["http://x.org/fhir/"]
     obs: dict[str, Any] = {
         "resourceType": "Observation", "subject": {"reference": "Patient/abc"},
         "performer": [{"reference": "Patient/abcd"}],
