@@ -8,11 +8,13 @@ without one (``gateway.fhir.validation.snapshot``). Type level: the
 body) or the ``url`` of one stored here; instance level: the stored one. Its
 base is looked for among the profiles stored here, the gateway's own and R4's
 definitions. Nothing is stored. What the generator does not take (re-slicing, a
-base not known here, ...) answers 422 GW-4219 saying what.
+base not known here, ...) answers 422 GW-4219 saying what. The snapshot is made
+on a thread (``gateway.interactions.offload``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from gateway.fhir.outcome import Code, FhirError
@@ -54,7 +56,7 @@ async def snapshot(ctx: Context, req: OperationRequest) -> FhirResponse:
         raise FhirError(Code.SNAPSHOT_FAILED,
                         "the StructureDefinition has no differential to make a snapshot from")
     try:
-        made = ctx.validator.snapshot(definition, stored)
+        made = await asyncio.to_thread(ctx.validator.snapshot, definition, stored)
     except ProfileError as exc:
         raise FhirError(Code.SNAPSHOT_FAILED, str(exc)) from None
     return FhirResponse(200, made)

@@ -11,6 +11,7 @@ does not grow on a slower machine.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -21,6 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.fhir.validation import FhirValidator
+from gateway.fhir.validation.profiles import ProfileSet
 from gateway.interactions import offload
 from tests.api.helpers import FHIR
 from tests.conftest import Server
@@ -133,3 +136,58 @@ def test_a_large_malformed_body_is_refused_as_a_small_one(server: Server) -> Non
                           headers={"Content-Type": FHIR})
     assert response.status_code == 400
     assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def _on_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_stored_profiles_are_compiled_off_the_loop(server: Server,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snapshot of a profile stored without one (made when the stored profiles
+    are read again after a write of one), its compile on first use, and $snapshot
+    run on a thread: with many slices they take seconds."""
+    url = f"urn:test:sd:{uuid.uuid4().hex}"
+    seen: list[tuple[str, bool]] = []
+    with_stored, snapshot, get = FhirValidator.with_stored, FhirValidator.snapshot, \
+        ProfileSet.get
+
+    def recorded(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def run(self: Any, *args: Any, **kw: Any) -> Any:
+            if name != "get" or (args[0] == url and url in self.raw):  # a compile
+                seen.append((name, _on_loop()))
+            return call(self, *args, **kw)
+        return run
+
+    monkeypatch.setattr(FhirValidator, "with_stored", recorded("with_stored", with_stored))
+    monkeypatch.setattr(FhirValidator, "snapshot", recorded("snapshot", snapshot))
+    monkeypatch.setattr(ProfileSet, "get", recorded("get", get))
+    diff: list[dict[str, Any]] = [{"id": "Patient.identifier", "path": "Patient.identifier",
+                                   "slicing": {"discriminator": [
+                                       {"type": "value", "path": "system"}], "rules": "open"}}]
+    for i in range(50):
+        diff += [{"id": f"Patient.identifier:s{i}", "path": "Patient.identifier",
+                  "sliceName": f"s{i}"},
+                 {"id": f"Patient.identifier:s{i}.system", "path": "Patient.identifier.system",
+                  "fixedUri": f"urn:test:s{i}"}]
+    diff.append({"id": "Patient.birthDate", "path": "Patient.birthDate", "min": 1})
+    profile = {"resourceType": "StructureDefinition", "url": url, "name": "ManySlices",
+               "status": "draft", "kind": "resource", "abstract": False, "type": "Patient",
+               "baseDefinition": "http://hl7.org/fhir/StructureDefinition/Patient",
+               "derivation": "constraint", "differential": {"element": diff}}
+    with httpx.Client(base_url=server.url, timeout=60, headers={"Content-Type": FHIR}) as c:
+        stored = c.post("/StructureDefinition", json=profile)
+        assert stored.status_code == 201, stored.text
+        claiming = {"resourceType": "Patient", "meta": {"profile": [url]},
+                    "identifier": [{"system": "urn:test:s7", "value": "1"}]}
+        refused = c.post("/Patient", json=claiming)
+        assert refused.status_code == 422 and "Patient.birthDate" in refused.text
+        made = c.post("/StructureDefinition/$snapshot", json=profile)
+        assert made.status_code == 200
+        assert len(made.json()["snapshot"]["element"]) > 50 * 9
+    assert {"with_stored", "get", "snapshot"} <= {name for name, _ in seen}
+    assert [name for name, on_loop in seen if on_loop] == []

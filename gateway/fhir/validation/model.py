@@ -352,7 +352,9 @@ class Model:
         key = (expression, id(focus), type_path, resource)
         compiled = self._compiled.get(key)
         if compiled is None:
-            table = self._type_node(resource) if resource else None
+            # (the table through its lock: a profile's constraint, compiled on a thread,
+            # may be the first use of its type; the loop must not see it half built)
+            table = self.type_node(resource) if resource else None
             compiled = self._compiled[key] = compile_invariant(expression, focus, type_path,
                                                                table)
         return compiled

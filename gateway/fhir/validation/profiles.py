@@ -478,6 +478,11 @@ class ProfileSet:
             self._compiled[url] = compiled
             return compiled
 
+    def compiled(self, url: str) -> bool:
+        """Whether :meth:`get` has compiled ``url`` (or found it cannot be): then it
+        answers at once."""
+        return url.split("|", 1)[0] in self._compiled
+
     def base_constraints(self) -> set[tuple[str, str]]:
         if self._base_constraints is None:
             self._base_constraints = {
