@@ -250,6 +250,10 @@ class _Unexpandable(Exception):
     pass
 
 
+class _TooLarge(Exception):
+    """An include would take the expansion past :data:`MAX_EXPANSION` codes."""
+
+
 #: is (system, code) in a value set or compose part? ``None``: cannot be decided offline
 _Test = Callable[[str, str], "bool | None"]
 
@@ -449,12 +453,16 @@ class Terminology:
             raise _Unexpandable(f"value set {vs.get('url')} has neither compose nor expansion")
         out = _Expansion({})
         for part in compose.get("include", []) or []:
-            got = self._include(part, stack)
-            out.closed &= got.closed
-            out.versions |= got.versions
-            for key, item in got.items.items():
-                out.items.setdefault(key, item)
-            if len(out.items) > MAX_EXPANSION:
+            try:
+                got = self._include(part, stack, out.items)
+            except _TooLarge:
+                got = None
+            if got is not None:
+                out.closed &= got.closed
+                out.versions |= got.versions
+                for key, item in got.items.items():
+                    out.items.setdefault(key, item)
+            if got is None or len(out.items) > MAX_EXPANSION:
                 raise FhirError(Code.EXPANSION_TOO_LARGE,
                                 f"value set {vs.get('url')} has more than {MAX_EXPANSION} codes")
         for part in compose.get("exclude", []) or []:
@@ -483,7 +491,10 @@ class Terminology:
                              for e in expansion.get("extension", []) or [])
         return out
 
-    def _include(self, part: Json, stack: tuple[int, ...]) -> _Expansion:
+    def _include(self, part: Json, stack: tuple[int, ...],
+                 taken: Mapping[Key, _Item]) -> _Expansion:
+        """One include; raises :class:`_TooLarge` as soon as its codes and those ``taken``
+        (the expansion's so far) are more than :data:`MAX_EXPANSION`."""
         imports = [self._import(v, stack) for v in part.get("valueSet", []) or []]
         system = part.get("system")
         if not isinstance(system, str):
@@ -496,7 +507,8 @@ class Terminology:
             for i in imports:
                 result.versions |= i.versions
             return result
-        result = self._system_part(part, system)
+        # the system's codes are counted only when they all stay: imports intersect them
+        result = self._system_part(part, system, None if imports else taken)
         if imports:
             result.items = {k: v for k, v in result.items.items()
                             if all(self._in_expansion_or_unknown(i, k) for i in imports)}
@@ -513,9 +525,25 @@ class Terminology:
     def _in_expansion_or_unknown(exp: _Expansion, key: Key) -> bool:
         return key in exp.items or not exp.closed
 
-    def _system_part(self, part: Json, system: str) -> _Expansion:
+    def _system_part(self, part: Json, system: str,
+                     taken: Mapping[Key, _Item] | None = None) -> _Expansion:
+        """The codes of an include's system part. ``taken``: the expansion's codes so far,
+        with which this part's may not be more than :data:`MAX_EXPANSION` (:class:`_TooLarge`
+        once they are, not after a code system of a million codes has been listed)."""
         cs = self._cs(system, part.get("version"))
         out = _Expansion({})
+        room = MAX_EXPANSION - len(taken) if taken is not None else 0
+
+        def add(key: Key, item: _Item) -> None:
+            nonlocal room
+            if key in out.items:
+                return
+            if taken is not None and key not in taken:
+                room -= 1
+                if room < 0:
+                    raise _TooLarge
+            out.items[key] = item
+
         if cs is not None and cs.version:
             out.versions.add(f"{cs.url}|{cs.version}")
         concepts = part.get("concept")
@@ -536,7 +564,7 @@ class Terminology:
                 else:
                     item = _Item(system, code, part.get("version"), c.get("display"),
                                  designations=designations)
-                out.items.setdefault((system, item.code), item)
+                add((system, item.code), item)
             return out
         if cs is None or not cs.enumerable:
             # codes cannot be listed; membership may still be decidable (regex on code)
@@ -547,10 +575,10 @@ class Terminology:
         tests = [_filter_test(cs, f) for f in part.get("filter", []) or []]
         for code in cs.concepts:
             if all(test(code) is True for test in tests):
-                out.items[(system, code)] = _Item(
+                add((system, code), _Item(
                     system, code, cs.version, cs.concepts[code].get("display"),
                     cs.abstract(code), cs.inactive(code),
-                    list(cs.concepts[code].get("designation", []) or []))
+                    list(cs.concepts[code].get("designation", []) or [])))
         out.closed = cs.complete
         return out
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from gateway.fhir.outcome import FhirError
-from gateway.fhir.terminology import UNCLOSED, Terminology
+from gateway.fhir.terminology import MAX_EXPANSION, UNCLOSED, Terminology
 from gateway.registry import Registry
 
 B = "https://carepath-gateway.org/fhir"
@@ -547,3 +547,24 @@ def test_an_exclude_by_value_set_and_by_concepts(term: Terminology) -> None:
         timestamp=NOW)
     assert codes(out) == ["fruit", "apple", "quince"]
 
+
+def test_an_expansion_over_the_cap_stops_at_the_cap(term: Terminology) -> None:
+    """An include is cut short once the expansion passes MAX_EXPANSION codes: the codes
+    past the cap are never looked at (here: the first concept past it has no dict)."""
+    url = "urn:test:cs:big"
+    listed = CountingDict({"code": "b-last"})
+    big = {"resourceType": "CodeSystem", "url": url, "status": "active", "content": "complete",
+           "concept": [{"code": f"b{i}"} for i in range(MAX_EXPANSION + 5_000)]}
+    t = term.with_resources([big])
+    for include in ([{"system": url}],
+                    [{"system": DCM}, {"system": url}],
+                    [{"system": url, "concept": [{"code": f"b{i}"} for i in range(MAX_EXPANSION)]
+                      + [{"code": "b10000"}, listed]}]):
+        with pytest.raises(FhirError) as exc:
+            t.expand(vs({"include": include}), timestamp=NOW)
+        assert exc.value.code.gw == "GW-4307"
+    assert listed.reads == {}  # was read: the whole include was listed before the check
+    # at the cap exactly: every code, codes already taken not counted twice
+    t.expand(vs({"include": [{"system": url, "concept": [{"code": f"b{i}"}
+                                                         for i in range(MAX_EXPANSION)]},
+                             {"system": url, "concept": [{"code": "b0"}]}]}), timestamp=NOW)
