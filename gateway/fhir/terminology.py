@@ -146,13 +146,23 @@ class _CodeSystem:
         return None if self.case_sensitive else self._folded.get(code.casefold())
 
     def ancestors(self, code: str) -> set[str]:
+        """The codes above ``code`` (itself too when its parent links loop back to it)."""
+        return self._closure(code, self.parents)
+
+    def descendants(self, code: str) -> set[str]:
+        """The codes below ``code``: those whose :meth:`ancestors` hold it, found in one
+        walk down, not one walk up per code."""
+        return self._closure(code, self.children)
+
+    @staticmethod
+    def _closure(code: str, links: dict[str, list[str]]) -> set[str]:
         out: set[str] = set()
-        stack = list(self.parents.get(code, []))
+        stack = list(links.get(code, []))
         while stack:
             c = stack.pop()
             if c not in out:
                 out.add(c)
-                stack.extend(self.parents.get(c, []))
+                stack.extend(links.get(c, []))
         return out
 
     def property_values(self, code: str, prop: str) -> list[str]:
@@ -238,6 +248,28 @@ class _Expansion:
 
 class _Unexpandable(Exception):
     pass
+
+
+class _TooLarge(Exception):
+    """An include would take the expansion past :data:`MAX_EXPANSION` codes."""
+
+
+#: is (system, code) in a value set or compose part? ``None``: cannot be decided offline
+_Test = Callable[[str, str], "bool | None"]
+
+
+def _lazy(make: Callable[[], _Test]) -> _Test:
+    """The test ``make`` builds, built when first asked: what building it raises (a value
+    set importing itself, one that cannot be expanded) is raised by the ask, as when each
+    ask did all the work."""
+    built: list[_Test] = []
+
+    def test(system: str, code: str) -> bool | None:
+        if not built:
+            built.append(make())
+        return built[0](system, code)
+
+    return test
 
 
 # ---------------------------------------------------------------------------
@@ -421,17 +453,24 @@ class Terminology:
             raise _Unexpandable(f"value set {vs.get('url')} has neither compose nor expansion")
         out = _Expansion({})
         for part in compose.get("include", []) or []:
-            got = self._include(part, stack)
-            out.closed &= got.closed
-            out.versions |= got.versions
-            for key, item in got.items.items():
-                out.items.setdefault(key, item)
-            if len(out.items) > MAX_EXPANSION:
+            try:
+                got = self._include(part, stack, out.items)
+            except _TooLarge:
+                got = None
+            if got is not None:
+                out.closed &= got.closed
+                out.versions |= got.versions
+                for key, item in got.items.items():
+                    out.items.setdefault(key, item)
+            if got is None or len(out.items) > MAX_EXPANSION:
                 raise FhirError(Code.EXPANSION_TOO_LARGE,
                                 f"value set {vs.get('url')} has more than {MAX_EXPANSION} codes")
         for part in compose.get("exclude", []) or []:
+            # one test for all the codes: what it needs (the set of an exclude's concepts,
+            # the codes below a filter's target) is gathered once, not once a code
+            excluded = self._part_test(part, stack)
             for key in list(out.items):
-                if self._in_part(part, key[0], key[1], stack) is True:
+                if excluded(*key) is True:
                     del out.items[key]
         return out
 
@@ -452,7 +491,10 @@ class Terminology:
                              for e in expansion.get("extension", []) or [])
         return out
 
-    def _include(self, part: Json, stack: tuple[int, ...]) -> _Expansion:
+    def _include(self, part: Json, stack: tuple[int, ...],
+                 taken: Mapping[Key, _Item]) -> _Expansion:
+        """One include; raises :class:`_TooLarge` as soon as its codes and those ``taken``
+        (the expansion's so far) are more than :data:`MAX_EXPANSION`."""
         imports = [self._import(v, stack) for v in part.get("valueSet", []) or []]
         system = part.get("system")
         if not isinstance(system, str):
@@ -465,7 +507,8 @@ class Terminology:
             for i in imports:
                 result.versions |= i.versions
             return result
-        result = self._system_part(part, system)
+        # the system's codes are counted only when they all stay: imports intersect them
+        result = self._system_part(part, system, None if imports else taken)
         if imports:
             result.items = {k: v for k, v in result.items.items()
                             if all(self._in_expansion_or_unknown(i, k) for i in imports)}
@@ -482,9 +525,25 @@ class Terminology:
     def _in_expansion_or_unknown(exp: _Expansion, key: Key) -> bool:
         return key in exp.items or not exp.closed
 
-    def _system_part(self, part: Json, system: str) -> _Expansion:
+    def _system_part(self, part: Json, system: str,
+                     taken: Mapping[Key, _Item] | None = None) -> _Expansion:
+        """The codes of an include's system part. ``taken``: the expansion's codes so far,
+        with which this part's may not be more than :data:`MAX_EXPANSION` (:class:`_TooLarge`
+        once they are, not after a code system of a million codes has been listed)."""
         cs = self._cs(system, part.get("version"))
         out = _Expansion({})
+        room = MAX_EXPANSION - len(taken) if taken is not None else 0
+
+        def add(key: Key, item: _Item) -> None:
+            nonlocal room
+            if key in out.items:
+                return
+            if taken is not None and key not in taken:
+                room -= 1
+                if room < 0:
+                    raise _TooLarge
+            out.items[key] = item
+
         if cs is not None and cs.version:
             out.versions.add(f"{cs.url}|{cs.version}")
         concepts = part.get("concept")
@@ -505,7 +564,7 @@ class Terminology:
                 else:
                     item = _Item(system, code, part.get("version"), c.get("display"),
                                  designations=designations)
-                out.items.setdefault((system, item.code), item)
+                add((system, item.code), item)
             return out
         if cs is None or not cs.enumerable:
             # codes cannot be listed; membership may still be decidable (regex on code)
@@ -513,88 +572,154 @@ class Terminology:
                 raise _Unexpandable(f"code system {system} is not available offline")
             out.closed = False
             return out
-        filters = part.get("filter", []) or []
+        tests = [_filter_test(cs, f) for f in part.get("filter", []) or []]
         for code in cs.concepts:
-            if all(_filter(cs, code, f) is True for f in filters):
-                out.items[(system, code)] = _Item(
+            if all(test(code) is True for test in tests):
+                add((system, code), _Item(
                     system, code, cs.version, cs.concepts[code].get("display"),
                     cs.abstract(code), cs.inactive(code),
-                    list(cs.concepts[code].get("designation", []) or []))
+                    list(cs.concepts[code].get("designation", []) or [])))
         out.closed = cs.complete
         return out
 
     # -- membership ------------------------------------------------------------------
+    #
+    # Membership is decided by tests built once for a value set (or a compose part) and
+    # asked for each code: an exclude asks about every code of the expansion, a search
+    # about every code in use, so what a part needs is gathered once.
 
     def _member(self, vs: Mapping[str, Any], system: str, code: str,
                 stack: tuple[int, ...] = ()) -> bool | None:
         """Is (system, code) in ``vs``? ``None``: cannot be decided offline."""
+        return self._vs_test(vs, stack)(system, code)
+
+    def _vs_test(self, vs: Mapping[str, Any], stack: tuple[int, ...]) -> _Test:
+        """Is (system, code) in ``vs``? (See :meth:`_member`.)"""
         if id(vs) in stack:
             raise _Unexpandable(f"value set {vs.get('url')} imports itself")
         stack = (*stack, id(vs))
         compose = vs.get("compose")
         if not isinstance(compose, dict):
             exp = self._expand(vs, ())
-            return True if (system, code) in exp.items else (False if exp.closed else None)
-        verdict: bool | None = False
-        for part in compose.get("include", []) or []:
-            got = self._in_part(part, system, code, stack)
-            if got is True:
-                verdict = True
-                break
-            if got is None:
-                verdict = None
-        if verdict is not True:
+
+            def in_expansion(system: str, code: str) -> bool | None:
+                return True if (system, code) in exp.items else (False if exp.closed else None)
+
+            return in_expansion
+        includes = [self._part_test(part, stack) for part in compose.get("include", []) or []]
+        excludes = [self._part_test(part, stack) for part in compose.get("exclude", []) or []]
+
+        def member(system: str, code: str) -> bool | None:
+            verdict: bool | None = False
+            for included in includes:
+                got = included(system, code)
+                if got is True:
+                    verdict = True
+                    break
+                if got is None:
+                    verdict = None
+            if verdict is not True:
+                return verdict
+            for excluded in excludes:
+                got = excluded(system, code)
+                if got is True:
+                    return False
+                if got is None:
+                    verdict = None
             return verdict
-        for part in compose.get("exclude", []) or []:
-            got = self._in_part(part, system, code, stack)
-            if got is True:
-                return False
-            if got is None:
-                verdict = None
-        return verdict
 
-    def _in_part(self, part: Json, system: str, code: str,
-                 stack: tuple[int, ...]) -> bool | None:
-        verdicts: list[bool | None] = []
+        return member
+
+    def _part_test(self, part: Json, stack: tuple[int, ...]) -> _Test:
+        """Is (system, code) in the compose part ``part`` (an include or an exclude)?
+        Built when first asked."""
+        return _lazy(lambda: self._build_part_test(part, stack))
+
+    def _build_part_test(self, part: Json, stack: tuple[int, ...]) -> _Test:
+        tests: list[_Test] = []
         if isinstance(part.get("system"), str):
-            verdicts.append(self._in_system_part(part, system, code))
+            tests.append(self._system_test(part))
         for url in part.get("valueSet", []) or []:
-            vs = self.value_set(url)
-            verdicts.append(None if vs is None else self._member(vs, system, code, stack))
-        if not verdicts:
-            return False
-        if any(v is False for v in verdicts):
-            return False
-        return True if all(v is True for v in verdicts) else None
+            tests.append(self._import_test(url, stack))
 
-    def _in_system_part(self, part: Json, system: str, code: str) -> bool | None:
-        if part["system"] != system:
-            return False
+        def in_part(system: str, code: str) -> bool | None:
+            if not tests:
+                return False
+            verdicts = [test(system, code) for test in tests]
+            if any(v is False for v in verdicts):
+                return False
+            return True if all(v is True for v in verdicts) else None
+
+        return in_part
+
+    def _import_test(self, url: str, stack: tuple[int, ...]) -> _Test:
+        vs = self.value_set(url)
+        if vs is None:
+            return lambda system, code: None
+        return _lazy(lambda: self._vs_test(vs, stack))
+
+    def _system_test(self, part: Json) -> _Test:
+        """Is (system, code) in the system part of ``part``? The codes of its ``concept``
+        list are put in a set, its filters built, when first asked about its system."""
+        want = part["system"]
+        built: list[_Test] = []
+
+        def in_system_part(system: str, code: str) -> bool | None:
+            if want != system:
+                return False
+            if not built:
+                built.append(self._build_system_test(part, system))
+            return built[0](system, code)
+
+        return in_system_part
+
+    def _build_system_test(self, part: Json, system: str) -> _Test:
         cs = self._cs(system, part.get("version"))
-        found = cs.find(code) if cs is not None else None
         concepts = part.get("concept")
         if concepts:
-            wanted = found or code
-            return any(c.get("code") == wanted for c in concepts)
-        filters = part.get("filter", []) or []
-        if cs is not None and found is not None:
-            results = [_filter(cs, found, f) for f in filters]
-        else:
-            if cs is not None and cs.complete:
+            listed = {code for c in concepts if isinstance(code := c.get("code"), str)}
+
+            def in_concepts(system: str, code: str) -> bool | None:
+                found = cs.find(code) if cs is not None else None
+                return (found or code) in listed
+
+            return in_concepts
+        tests = [_filter_test(cs, f) for f in part.get("filter", []) or []]
+
+        def passes_filters(system: str, code: str) -> bool | None:
+            found = cs.find(code) if cs is not None else None
+            if cs is not None and found is not None:
+                results = [test(found) for test in tests]
+            else:
+                if cs is not None and cs.complete:
+                    return False
+                # a code the system does not hold: the filters decide without it
+                results = [test(code) for test in tests] if tests else [None]
+            if any(r is False for r in results):
                 return False
-            results = [_filter(None, code, f) for f in filters] if filters else [None]
-        if any(r is False for r in results):
-            return False
-        return True if all(r is True for r in results) else None
+            return True if all(r is True for r in results) else None
+
+        return passes_filters
 
     # -- $expand ---------------------------------------------------------------------
 
     def member(self, value_set: Mapping[str, Any], system: str, code: str) -> bool | None:
         """Is (system, code) in ``value_set``? None: that cannot be decided offline."""
-        try:
-            return self._member(value_set, system, code)
-        except _Unexpandable as exc:
-            raise FhirError(Code.EXPANSION_FAILED, str(exc)) from None
+        return self.membership(value_set)(system, code)
+
+    def membership(self, value_set: Mapping[str, Any]) -> Callable[[str, str], bool | None]:
+        """:meth:`member` for many codes: the test is built once (when first asked), so
+        asking about every code in use costs each code a look-up, not a pass over the
+        value set's concept lists and hierarchies."""
+        test = _lazy(lambda: self._vs_test(value_set, ()))
+
+        def member(system: str, code: str) -> bool | None:
+            try:
+                return test(system, code)
+            except _Unexpandable as exc:
+                raise FhirError(Code.EXPANSION_FAILED, str(exc)) from None
+
+        return member
 
     def members(self, value_set: Mapping[str, Any]) -> tuple[frozenset[tuple[str, str]], bool]:
         """The (system, code) pairs of ``value_set``'s expansion, and whether that
@@ -839,44 +964,72 @@ def _text_match(item: _Item, words: list[str]) -> bool:
     return all(w in haystack for w in words)
 
 
-def _filter(cs: _CodeSystem | None, code: str, f: Mapping[str, Any]) -> bool | None:
-    """Does ``code`` pass filter ``f``? ``None``: cannot tell without the code system."""
+def _filter_test(cs: _CodeSystem | None, f: Mapping[str, Any]) -> Callable[[str], bool | None]:
+    """Does a code pass filter ``f``? ``None``: cannot tell without the code system.
+
+    Built once for the codes of a part: the values of ``in``/``not-in`` are split once,
+    and for ``is-a``, ``descendent-of`` and ``is-not-a`` the codes below the target are
+    found by one walk down from it (from the second code asked on; the first is answered
+    by a walk up from it, as cheap for a single code). A walk up from every code was
+    quadratic in a deep hierarchy. Errors (a filter without a property, an operator not
+    supported) are raised when a code is asked, as they were."""
     prop, op, value = f.get("property"), f.get("op"), str(f.get("value", ""))
     if op == "regex" and prop in ("code", "concept"):
-        return _regex_match(value, code)
-    if cs is None or cs.find(code) is None:
-        if op in ("=", "in", "not-in") and prop in ("code", "concept"):
-            wanted = {value} if op == "=" else set(value.split(","))
-            return bool((code in wanted) != (op == "not-in"))
-        return None
-    if prop in ("concept", "code") and op in ("is-a", "descendent-of", "is-not-a",
-                                              "generalizes"):
-        target = cs.find(value) or value
-        if op == "is-a":
-            return code == target or target in cs.ancestors(code)
-        if op == "descendent-of":
-            return target in cs.ancestors(code)
-        if op == "is-not-a":
-            return not (code == target or target in cs.ancestors(code))
-        return code == target or code in cs.ancestors(target)
-    if prop in ("concept", "code"):
-        values = [code]
-    elif isinstance(prop, str):
-        values = cs.property_values(code, prop)
-    else:
-        raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST, "a filter has no property")
-    if op == "=":
-        return value in values
-    if op == "in":
-        return bool(set(value.split(",")) & set(values))
-    if op == "not-in":
-        return not set(value.split(",")) & set(values)
-    if op == "regex":
-        return any(_regex_match(value, v) for v in values)
-    if op == "exists":
-        return bool(values) == _bool_value(value)
-    raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST,
-                    f"filter operator '{op}' on '{prop}' is not supported")
+        return lambda code: _regex_match(value, code)
+    listed = {value} if op == "=" else set(value.split(",")) if op in ("in", "not-in") else set()
+    hierarchy = prop in ("concept", "code") and op in ("is-a", "descendent-of", "is-not-a",
+                                                       "generalizes")
+    target = (cs.find(value) or value) if cs is not None and hierarchy else value
+    below: set[str] | None = None  # the codes below target, once a second code is asked
+    above: set[str] | None = None  # the codes above target
+    asked = False
+
+    def under(cs: _CodeSystem, code: str) -> bool:
+        """Is target among the ancestors of ``code``?"""
+        nonlocal below, asked
+        if below is None:
+            if not asked:
+                asked = True
+                return target in cs.ancestors(code)
+            below = cs.descendants(target)
+        return code in below
+
+    def test(code: str) -> bool | None:
+        nonlocal above
+        if cs is None or cs.find(code) is None:
+            if op in ("=", "in", "not-in") and prop in ("code", "concept"):
+                return bool((code in listed) != (op == "not-in"))
+            return None
+        if hierarchy:
+            if op == "is-a":
+                return code == target or under(cs, code)
+            if op == "descendent-of":
+                return under(cs, code)
+            if op == "is-not-a":
+                return not (code == target or under(cs, code))
+            if above is None:
+                above = cs.ancestors(target)
+            return code == target or code in above
+        if prop in ("concept", "code"):
+            values = [code]
+        elif isinstance(prop, str):
+            values = cs.property_values(code, prop)
+        else:
+            raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST, "a filter has no property")
+        if op == "=":
+            return value in values
+        if op == "in":
+            return bool(listed & set(values))
+        if op == "not-in":
+            return not listed & set(values)
+        if op == "regex":
+            return any(_regex_match(value, v) for v in values)
+        if op == "exists":
+            return bool(values) == _bool_value(value)
+        raise FhirError(Code.INVALID_TERMINOLOGY_REQUEST,
+                        f"filter operator '{op}' on '{prop}' is not supported")
+
+    return test
 
 
 def _source_uri(cm: Mapping[str, Any]) -> str | None:

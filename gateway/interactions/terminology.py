@@ -305,7 +305,8 @@ async def with_value_set_members(ctx: Context, query: SearchQuery) -> SearchQuer
                 raise FhirError(Code.INVALID_SEARCH_VALUE,
                                 f"value set {url} cannot be expanded here, and the searched"
                                 f" parameter holds more than {MAX_IN_CODES} codes to check")
-            verdicts = {pair: term.member(value_set, *pair) for pair in in_use - codes}
+            member = term.membership(value_set)
+            verdicts = {pair: member(*pair) for pair in in_use - codes}
             if any(v is None for v in verdicts.values()):
                 raise FhirError(Code.INVALID_SEARCH_VALUE,
                                 f"value set {url} cannot be expanded here: membership of codes"

@@ -480,6 +480,37 @@ def test_token_below_and_above_follow_a_code_system_held_here(client: httpx.Clie
     assert response.status_code == 400 and "cannot be expanded" in response.text
 
 
+def test_token_below_and_above_over_parent_links_in_a_chain_and_a_cycle(
+        client: httpx.Client) -> None:
+    """A stored code system whose 2,000 codes form a chain by their ``parent`` property,
+    and two codes that are each other's parent: ``:below``/``:above`` follow the links
+    (one walk through the hierarchy, not one a code) and end on the cycle."""
+    system = f"urn:test:cs:{unique()}"
+    chain = [{"code": "c0"}] + [
+        {"code": f"c{i}", "property": [{"code": "parent", "valueCode": f"c{i - 1}"}]}
+        for i in range(1, 2000)]
+    cycle = [{"code": "p", "property": [{"code": "parent", "valueCode": "q"}]},
+             {"code": "q", "property": [{"code": "parent", "valueCode": "p"}]}]
+    created = post(client, {"resourceType": "CodeSystem", "url": system, "status": "active",
+                            "content": "complete", "concept": chain + cycle})
+    assert created.status_code == 201, created.text
+    subject = {"reference": f"Group/{unique('g')}"}
+    ids = {code: post(client, {"resourceType": "Condition", "subject": subject,
+                               "code": {"coding": [{"system": system, "code": code}]}}
+                      ).json()["id"] for code in ("c0", "c1", "c1999", "p")}
+
+    def found(**params: str) -> set[str]:
+        got = search_ids(client, "/Condition", subject=subject["reference"], **params)
+        return {code for code, rid in ids.items() if rid in got}
+
+    assert found(**{"code:below": f"{system}|c0"}) == {"c0", "c1", "c1999"}
+    assert found(**{"code:below": f"{system}|c2"}) == {"c1999"}
+    assert found(**{"code:above": f"{system}|c1"}) == {"c0", "c1"}
+    assert found(**{"code:above": f"{system}|c1999"}) == {"c0", "c1", "c1999"}
+    assert found(**{"code:below": f"{system}|q"}) == {"p"}
+    assert found(**{"code:above": f"{system}|q"}) == {"p"}
+
+
 def test_patient_everything(client: httpx.Client) -> None:
     pid = post(client, patient(unique("mrn"))).json()["id"]
     other = post(client, patient(unique("mrn"))).json()["id"]

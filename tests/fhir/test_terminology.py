@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from gateway.fhir.outcome import FhirError
-from gateway.fhir.terminology import UNCLOSED, Terminology
+from gateway.fhir.terminology import MAX_EXPANSION, UNCLOSED, Terminology
 from gateway.registry import Registry
 
 B = "https://carepath-gateway.org/fhir"
@@ -364,3 +364,207 @@ def test_hostile_text_never_breaks_expand_or_validate(term: Terminology, text: s
     if text:
         result = params(term.validate_code(value_set, [{"system": ICD10GM, "code": text}]))
         assert isinstance(result["result"], bool)
+
+
+# ------------------------------------------------------------------------------- work per code
+#
+# An exclude or a filter is asked about every code of an expansion: what it needs (the
+# set of its concepts, the split values of ``in``, the codes below a target) is gathered
+# once. Counted here by the reads of what a test is built from, not by time.
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+
+
+class CountingList(list[Any]):
+    """A list that counts the passes over it."""
+
+    passes = 0
+
+    def __iter__(self) -> Any:
+        self.passes += 1
+        return super().__iter__()
+
+
+class CountingDict(dict[str, Any]):
+    """A dict that counts its reads by ``get`` (a filter's fields, a hierarchy's links)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.reads: dict[str, int] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.reads[key] = self.reads.get(key, 0) + 1
+        return super().get(key, default)
+
+
+def dicom_codes(term: Terminology) -> list[str]:
+    return [c["code"] for c in (term.code_system(DCM) or {})["concept"]]
+
+
+def all_codes(out: dict[str, Any]) -> list[str]:
+    assert out["expansion"]["total"] == len(codes(out))
+    return codes(out)
+
+
+def test_an_exclude_of_50000_codes_reads_its_concept_list_once(term: Terminology) -> None:
+    dicom = dicom_codes(term)
+    assert len(dicom) > 3000
+    dropped = dicom[::7]
+    listed = CountingList([{"code": c} for c in dropped]
+                          + [{"code": f"x{i}"} for i in range(50_000 - len(dropped))])
+    out = term.expand(vs({"include": [{"system": DCM}],
+                          "exclude": [{"system": DCM, "concept": listed}]}), timestamp=NOW)
+    assert all_codes(out) == [c for i, c in enumerate(dicom) if i % 7]
+    assert listed.passes == 1  # was once for every code of the expansion
+
+
+def test_an_in_filter_splits_its_values_once(term: Terminology) -> None:
+    dicom = dicom_codes(term)
+    wanted = dicom[::3]
+    value = ",".join([*wanted, *(f"x{i}" for i in range(20_000))])
+    for op, expected in (("in", wanted), ("not-in", [c for i, c in enumerate(dicom) if i % 3])):
+        f = CountingDict({"property": "code", "op": op, "value": value})
+        out = term.expand(vs({"include": [{"system": DCM, "filter": [f]}]}), timestamp=NOW)
+        assert all_codes(out) == expected
+        assert f.reads["value"] == 1  # was once for every code of the system
+
+
+def chain(url: str, n: int, **links: list[str]) -> dict[str, Any]:
+    """A CodeSystem of codes c0..c{n-1}, each the child of the one before (by the
+    ``parent`` property); ``links``: more parents of a code."""
+    return {"resourceType": "CodeSystem", "url": url, "status": "active", "content": "complete",
+            "concept": [{"code": f"c{i}", "property": [
+                {"code": "parent", "valueCode": p}
+                for p in ([f"c{i - 1}"] if i else []) + links.get(f"c{i}", [])]}
+                for i in range(n)]}
+
+
+def count_walks(t: Terminology, url: str) -> CountingDict:
+    """Count the steps of walks through ``url``'s hierarchy (up and down)."""
+    cs = t._cs(url)
+    assert cs is not None
+    steps = CountingDict()
+    for name in ("parents", "children"):
+        links = CountingDict(getattr(cs, name))
+        links.reads = steps.reads
+        setattr(cs, name, links)
+    return steps
+
+
+@pytest.mark.parametrize(("op", "value", "expected"), [
+    ("is-a", "c0", range(0, 3000)),
+    ("is-a", "c1", range(1, 3000)),
+    ("descendent-of", "c1", range(2, 3000)),
+    ("is-not-a", "c2", range(0, 2)),
+    ("generalizes", "c2999", range(0, 3000)),
+])
+def test_hierarchy_filters_walk_a_deep_chain_once(op: str, value: str,
+                                                  expected: range) -> None:
+    url = "urn:test:cs:chain"
+    t = Terminology([chain(url, 3000)])
+    steps = count_walks(t, url)
+    out = t.expand(vs({"include": [{"system": url, "filter": [
+        {"property": "concept", "op": op, "value": value}]}]}), timestamp=NOW)
+    assert all_codes(out) == [f"c{i}" for i in expected]
+    assert sum(steps.reads.values()) <= 3 * 3000  # was a walk to the root per code: ~4.5 M
+    # an exclude by the same filter is asked about every code too
+    steps.reads.clear()
+    out = t.expand(vs({"include": [{"system": url}], "exclude": [{"system": url, "filter": [
+        {"property": "concept", "op": op, "value": value}]}]}), timestamp=NOW)
+    assert all_codes(out) == [f"c{i}" for i in range(3000) if i not in expected]
+    assert sum(steps.reads.values()) <= 3 * 3000
+
+
+def test_membership_in_a_deep_chain_is_one_walk_for_many_codes() -> None:
+    url = "urn:test:cs:chain"
+    t = Terminology([chain(url, 3000)])
+    steps = count_walks(t, url)
+    value_set = vs({"include": [{"system": url, "filter": [
+        {"property": "concept", "op": "descendent-of", "value": "c0"}]}]})
+    member = t.membership(value_set)
+    assert [member(url, f"c{i}") for i in range(3000)] == [False] + [True] * 2999
+    assert member(url, "nope") is False and member("urn:other", "c1") is False
+    assert sum(steps.reads.values()) <= 3 * 3000
+    assert t.member(value_set, url, "c2999") is True  # one code: one walk up
+
+
+# diamonds (d below b and c, both below a), a cycle (x -> y -> z -> x), a link to a code
+# the system does not hold (orphan's parent "ghost"); each code listed below its parents
+GRAPH: dict[str, list[str]] = {
+    "a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "e": ["d", "a"], "f": ["e"],
+    "x": ["z", "a"], "y": ["x"], "z": ["y"], "w": ["z"], "orphan": ["ghost"], "lone": [],
+}
+
+
+def graph_system(url: str) -> dict[str, Any]:
+    return {"resourceType": "CodeSystem", "url": url, "status": "active", "content": "complete",
+            "concept": [{"code": code, "property": [{"code": "parent", "valueCode": p}
+                                                    for p in parents]}
+                        for code, parents in GRAPH.items()]}
+
+
+def above(code: str) -> set[str]:
+    """The ancestors of ``code`` in GRAPH, by a plain search (itself if in a cycle)."""
+    seen: set[str] = set()
+    todo = list(GRAPH.get(code, []))
+    while todo:
+        c = todo.pop()
+        if c not in seen:
+            seen.add(c)
+            todo += GRAPH.get(c, [])
+    return seen
+
+
+@pytest.mark.parametrize("target", [*GRAPH, "ghost", "unknown"])
+@pytest.mark.parametrize("op", ["is-a", "descendent-of", "is-not-a", "generalizes"])
+def test_hierarchy_filters_over_diamonds_and_cycles(op: str, target: str) -> None:
+    url = "urn:test:cs:graph"
+    t = Terminology([graph_system(url)])
+    expected = [code for code in GRAPH if {
+        "is-a": code == target or target in above(code),
+        "descendent-of": target in above(code),
+        "is-not-a": not (code == target or target in above(code)),
+        "generalizes": code == target or code in above(target),
+    }[op]]
+    value_set = vs({"include": [{"system": url, "filter": [
+        {"property": "concept", "op": op, "value": target}]}]})
+    assert all_codes(t.expand(value_set, timestamp=NOW)) == expected
+    # the same answers one code at a time, and by an exclude
+    assert [code for code in GRAPH if t.member(value_set, url, code)] == expected
+    rest = vs({"include": [{"system": url}], "exclude": value_set["compose"]["include"]})
+    assert all_codes(t.expand(rest, timestamp=NOW)) == [c for c in GRAPH if c not in expected]
+
+
+def test_an_exclude_by_value_set_and_by_concepts(term: Terminology) -> None:
+    """An exclude naming a value set takes out its codes; a concept whose code is not a
+    string takes out nothing."""
+    toy = "urn:test:cs:toy"
+    t = term.with_resources([vs({"include": [{"system": toy, "concept": [{"code": "pear"}]}]},
+                                url="urn:test:vs:pear")])
+    out = t.expand(vs({"include": [{"system": toy}], "exclude": [
+        {"valueSet": ["urn:test:vs:pear"]},
+        {"system": toy, "concept": [{"code": "nut"}, {"code": 7}, {"code": ["x"]}]}]}),
+        timestamp=NOW)
+    assert codes(out) == ["fruit", "apple", "quince"]
+
+
+def test_an_expansion_over_the_cap_stops_at_the_cap(term: Terminology) -> None:
+    """An include is cut short once the expansion passes MAX_EXPANSION codes: the codes
+    past the cap are never looked at (here: the first concept past it has no dict)."""
+    url = "urn:test:cs:big"
+    listed = CountingDict({"code": "b-last"})
+    big = {"resourceType": "CodeSystem", "url": url, "status": "active", "content": "complete",
+           "concept": [{"code": f"b{i}"} for i in range(MAX_EXPANSION + 5_000)]}
+    t = term.with_resources([big])
+    for include in ([{"system": url}],
+                    [{"system": DCM}, {"system": url}],
+                    [{"system": url, "concept": [{"code": f"b{i}"} for i in range(MAX_EXPANSION)]
+                      + [{"code": "b10000"}, listed]}]):
+        with pytest.raises(FhirError) as exc:
+            t.expand(vs({"include": include}), timestamp=NOW)
+        assert exc.value.code.gw == "GW-4307"
+    assert listed.reads == {}  # was read: the whole include was listed before the check
+    # at the cap exactly: every code, codes already taken not counted twice
+    t.expand(vs({"include": [{"system": url, "concept": [{"code": f"b{i}"}
+                                                         for i in range(MAX_EXPANSION)]},
+                             {"system": url, "concept": [{"code": "b0"}]}]}), timestamp=NOW)
