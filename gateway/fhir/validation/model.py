@@ -178,8 +178,9 @@ class Model:
                 parent, _, _ = el["path"].rpartition(".")
                 if parent:
                     idx.setdefault(parent, []).append(el)
-            self._index[url] = idx
+            # elements first: a thread that finds the index reads them next
             self._elements[url] = elements
+            self._index[url] = idx
         return idx
 
     def element(self, sd: dict[str, Any], path: str) -> dict[str, Any] | None:
