@@ -124,7 +124,7 @@ def _document(entries: int) -> dict[str, Any]:
             "entry": entry}
 
 
-def _questionnaire(groups: int) -> dict[str, Any]:
+def nested_questionnaire(groups: int) -> dict[str, Any]:
     """``groups`` groups, each four levels of four groups deep, 341 items each."""
     count = 0
 
@@ -217,7 +217,7 @@ def main() -> None:
             "invariant_evaluations": validator.last_evaluations,
         }), flush=True)
 
-    for name, make, sizes in (("Questionnaire", _questionnaire, (25, 100)),
+    for name, make, sizes in (("Questionnaire", nested_questionnaire, (25, 100)),
                               ("CodeSystem", _code_system, (40, 160))):
         for size in sizes:
             resource = make(size)

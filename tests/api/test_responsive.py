@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.validate import nested_questionnaire
 from gateway.fhir.validation import FhirValidator
 from gateway.fhir.validation.profiles import ProfileSet
 from gateway.interactions import offload
@@ -90,23 +91,8 @@ def test_a_long_transaction_gives_the_loop_turns(server: Server,
     assert longest < 0.5
 
 
-def _questionnaire(groups: int) -> dict[str, Any]:
-    count = 0
-
-    def item(depth: int) -> dict[str, Any]:
-        nonlocal count
-        count += 1
-        if depth == 0:
-            return {"linkId": f"q{count}", "text": f"Question {count}", "type": "string"}
-        return {"linkId": f"g{count}", "text": f"Group {count}", "type": "group",
-                "item": [item(depth - 1) for _ in range(4)]}
-
-    return {"resourceType": "Questionnaire", "status": "active",
-            "item": [item(4) for _ in range(groups)]}
-
-
 def test_a_large_resource_is_validated_off_the_loop(server: Server) -> None:
-    questionnaire = _questionnaire(40)  # about 0.8 MB, 13,640 items
+    questionnaire = nested_questionnaire(40)  # about 0.8 MB, 13,640 items
 
     def post() -> httpx.Response:
         return httpx.post(f"{server.url}/Questionnaire", json=questionnaire, timeout=120,
@@ -118,7 +104,7 @@ def test_a_large_resource_is_validated_off_the_loop(server: Server) -> None:
 
 
 def test_a_large_invalid_resource_still_gets_its_issues(server: Server) -> None:
-    questionnaire = _questionnaire(12)
+    questionnaire = nested_questionnaire(12)
     questionnaire["item"][-1]["item"][0]["linkId"] = questionnaire["item"][0]["linkId"]
     questionnaire["item"][3]["type"] = "no-such-type"
     response = httpx.post(f"{server.url}/Questionnaire", json=questionnaire, timeout=120,
