@@ -168,12 +168,16 @@ def test_stored_profiles_are_compiled_off_the_loop(server: Server,
     with httpx.Client(base_url=server.url, timeout=60, headers={"Content-Type": FHIR}) as c:
         stored = c.post("/StructureDefinition", json=profile)
         assert stored.status_code == 201, stored.text
-        claiming = {"resourceType": "Patient", "meta": {"profile": [url]},
-                    "identifier": [{"system": "urn:test:s7", "value": "1"}]}
-        refused = c.post("/Patient", json=claiming)
-        assert refused.status_code == 422 and "Patient.birthDate" in refused.text
-        made = c.post("/StructureDefinition/$snapshot", json=profile)
-        assert made.status_code == 200
-        assert len(made.json()["snapshot"]["element"]) > 50 * 9
+        try:
+            claiming = {"resourceType": "Patient", "meta": {"profile": [url]},
+                        "identifier": [{"system": "urn:test:s7", "value": "1"}]}
+            refused = c.post("/Patient", json=claiming)
+            assert refused.status_code == 422 and "Patient.birthDate" in refused.text
+            made = c.post("/StructureDefinition/$snapshot", json=profile)
+            assert made.status_code == 200
+            assert len(made.json()["snapshot"]["element"]) > 50 * 9
+        finally:  # (the server is shared: its CapabilityStatement lists stored profiles)
+            gone = c.delete(f"/StructureDefinition/{stored.json()['id']}")
+            assert gone.status_code in (200, 204), gone.text
     assert {"with_stored", "get", "snapshot"} <= {name for name, _ in seen}
     assert [name for name, on_loop in seen if on_loop] == []
