@@ -12,8 +12,9 @@ second gives the loop a turn every 20 ms (:class:`Turns`).
 The profiles stored on the server are compiled on a thread too, whatever the
 request: after a write of a StructureDefinition, ValueSet or CodeSystem, the next
 write that claims a stored profile reads them again (on the loop: the database) and
-makes the snapshots of those stored without one (``FhirValidator.with_stored``:
-about 1 s for a profile of 1,000 slices) on a thread, and a resource that claims a
+expands the stored value sets they bind and makes the snapshots of those stored
+without one (``FhirValidator.with_stored``: about 1 s for a profile of 1,000 slices)
+on a thread, and a resource that claims a
 profile not compiled yet is validated on a thread (its first use compiles it,
 ``ProfileSet.get``: 0.65 s for that profile). ``StructureDefinition/$snapshot``
 makes its snapshot on a thread. The compiled tables are shared with the loop:

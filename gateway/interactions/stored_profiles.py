@@ -233,12 +233,22 @@ async def _load(ctx: Context, validator: Validator,
     # the value sets the profiles bind as required, over what is held and stored here
     stored = [*await _current(ctx, reader, "CodeSystem", []),
               *await _current(ctx, reader, "ValueSet", [])]
+    # expanding them and making the snapshots of profiles stored without one is a
+    # thread's work (1 s for a profile of 1,000 slices), the loop meanwhile serving
+    # the others; the reads above stay on the loop
+    return await asyncio.to_thread(_compile, ctx, validator, sds, stored)
+
+
+def _compile(ctx: Context, validator: Validator, sds: list[dict[str, Any]],
+             stored: list[dict[str, Any]]) -> ProfileSet | None:
+    """The stored profiles ``sds`` compiled, their required bindings checked against
+    the value sets held here and ``stored`` (CodeSystems and ValueSets)."""
     value_sets: dict[str, frozenset[tuple[str, str]]] = {}
     try:
         term = ctx.registry.terminology.with_resources(stored)
     except Exception:  # stored terminology that makes no sense: bindings not checked
         log.warning("the terminology stored here cannot be read", exc_info=True)
-        return await asyncio.to_thread(validator.with_stored, sds, {})
+        return validator.with_stored(sds, {})
     for url in sorted(_required_bindings(sds)):
         try:
             value_set = term.value_set(url)
@@ -251,6 +261,4 @@ async def _load(ctx: Context, validator: Validator,
             continue
         if closed and len(codes) <= MAX_BOUND_CODES:
             value_sets[url] = frozenset(codes)
-    # the snapshots of profiles stored without one are made here: a thread's work
-    # (1 s for one of 1,000 slices), the loop meanwhile serving the others
-    return await asyncio.to_thread(validator.with_stored, sds, value_sets)
+    return validator.with_stored(sds, value_sets)

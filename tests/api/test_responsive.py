@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from bench.validate import nested_questionnaire
+from gateway.fhir.terminology import Terminology
 from gateway.fhir.validation import FhirValidator
 from gateway.fhir.validation.profiles import ProfileSet
 from gateway.interactions import offload
@@ -135,16 +136,21 @@ def _on_loop() -> bool:
 def test_stored_profiles_are_compiled_off_the_loop(server: Server,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The snapshot of a profile stored without one (made when the stored profiles
-    are read again after a write of one), its compile on first use, and $snapshot
-    run on a thread: with many slices they take seconds."""
+    are read again after a write of one), the expansion of the stored value set it
+    binds, its compile on first use, and $snapshot run on a thread: with many slices
+    or codes they take seconds."""
     url = f"urn:test:sd:{uuid.uuid4().hex}"
+    vs_url = f"urn:test:vs:{uuid.uuid4().hex}"
     seen: list[tuple[str, bool]] = []
     with_stored, snapshot, get = FhirValidator.with_stored, FhirValidator.snapshot, \
         ProfileSet.get
+    members = Terminology.members
 
     def recorded(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
         def run(self: Any, *args: Any, **kw: Any) -> Any:
-            if name != "get" or (args[0] == url and url in self.raw):  # a compile
+            if (name == "get" and args[0] == url and url in self.raw) or (  # a compile
+                    name == "members" and args[0].get("url") == vs_url) or \
+                    name in ("with_stored", "snapshot"):
                 seen.append((name, _on_loop()))
             return call(self, *args, **kw)
         return run
@@ -152,6 +158,11 @@ def test_stored_profiles_are_compiled_off_the_loop(server: Server,
     monkeypatch.setattr(FhirValidator, "with_stored", recorded("with_stored", with_stored))
     monkeypatch.setattr(FhirValidator, "snapshot", recorded("snapshot", snapshot))
     monkeypatch.setattr(ProfileSet, "get", recorded("get", get))
+    monkeypatch.setattr(Terminology, "members", recorded("members", members))
+    marital = "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus"
+    value_set = {"resourceType": "ValueSet", "url": vs_url, "status": "active",
+                 "compose": {"include": [{"system": marital,
+                                          "concept": [{"code": "M"}, {"code": "S"}]}]}}
     diff: list[dict[str, Any]] = [{"id": "Patient.identifier", "path": "Patient.identifier",
                                    "slicing": {"discriminator": [
                                        {"type": "value", "path": "system"}], "rules": "open"}}]
@@ -161,23 +172,30 @@ def test_stored_profiles_are_compiled_off_the_loop(server: Server,
                  {"id": f"Patient.identifier:s{i}.system", "path": "Patient.identifier.system",
                   "fixedUri": f"urn:test:s{i}"}]
     diff.append({"id": "Patient.birthDate", "path": "Patient.birthDate", "min": 1})
+    diff.append({"id": "Patient.maritalStatus", "path": "Patient.maritalStatus",
+                 "binding": {"strength": "required", "valueSet": vs_url}})
     profile = {"resourceType": "StructureDefinition", "url": url, "name": "ManySlices",
                "status": "draft", "kind": "resource", "abstract": False, "type": "Patient",
                "baseDefinition": "http://hl7.org/fhir/StructureDefinition/Patient",
                "derivation": "constraint", "differential": {"element": diff}}
     with httpx.Client(base_url=server.url, timeout=60, headers={"Content-Type": FHIR}) as c:
+        bound = c.post("/ValueSet", json=value_set)
+        assert bound.status_code == 201, bound.text
         stored = c.post("/StructureDefinition", json=profile)
         assert stored.status_code == 201, stored.text
         try:
             claiming = {"resourceType": "Patient", "meta": {"profile": [url]},
-                        "identifier": [{"system": "urn:test:s7", "value": "1"}]}
+                        "identifier": [{"system": "urn:test:s7", "value": "1"}],
+                        "maritalStatus": {"coding": [{"system": marital, "code": "W"}]}}
             refused = c.post("/Patient", json=claiming)
             assert refused.status_code == 422 and "Patient.birthDate" in refused.text
+            assert vs_url in refused.text  # W is not in the stored value set
             made = c.post("/StructureDefinition/$snapshot", json=profile)
             assert made.status_code == 200
             assert len(made.json()["snapshot"]["element"]) > 50 * 9
         finally:  # (the server is shared: its CapabilityStatement lists stored profiles)
-            gone = c.delete(f"/StructureDefinition/{stored.json()['id']}")
-            assert gone.status_code in (200, 204), gone.text
-    assert {"with_stored", "get", "snapshot"} <= {name for name, _ in seen}
+            for kind, made in (("StructureDefinition", stored), ("ValueSet", bound)):
+                gone = c.delete(f"/{kind}/{made.json()['id']}")
+                assert gone.status_code in (200, 204), gone.text
+    assert {"with_stored", "members", "get", "snapshot"} <= {name for name, _ in seen}
     assert [name for name, on_loop in seen if on_loop] == []
