@@ -185,6 +185,20 @@ class Snapshot:
         (before its slices)."""
         node = self.nodes[parent_id]
         parent = node.element
+        children = self._type_children(parent, parent_id)
+        if all(c["id"].startswith(parent_id + ".") for c in children):
+            node.members[:0] = self._grow(children)
+        else:  # a definition whose ids do not all extend its root's: right after the
+            # parent, as they come, the tree regrown around them (their groups are not
+            # the parent's)
+            flat = self.elements
+            at = next(i for i, e in enumerate(flat) if e is parent) + 1
+            self.nodes = {}
+            self._roots = self._grow([*flat[:at], *children, *flat[at:]])
+
+    def _type_children(self, parent: Json, parent_id: str) -> list[Json]:
+        """Copies of the elements below ``parent`` in its type's definition (or the
+        element its ``contentReference`` names), with ids and paths under it."""
         if "contentReference" in parent:
             ref = parent["contentReference"].lstrip("#")
             source = [e for e in self.base_sd["snapshot"]["element"]
@@ -209,32 +223,29 @@ class Snapshot:
             child["id"] = parent_id + src["id"][len(prefix):]
             child["path"] = parent["path"] + src["path"][len(prefix):]
             children.append(child)
-        if all(c["id"].startswith(parent_id + ".") for c in children):
-            node.members[:0] = self._grow(children)
-        else:  # a definition whose ids do not all extend its root's: right after the
-            # parent, as they come, the tree regrown around them (their groups are not
-            # the parent's)
-            flat = self.elements
-            at = next(i for i, e in enumerate(flat) if e is parent) + 1
-            self.nodes = {}
-            self._roots = self._grow([*flat[:at], *children, *flat[at:]])
+        return children
 
     def _add_slice(self, sliced_id: str, slice_name: str) -> None:
         """A copy of ``sliced_id`` and its children (not its slices), last in its group."""
         node = self.nodes[sliced_id]
-        sliced = node.element
+        children = []
+        for member in node.members:  # the children come first, then the slices
+            if not member.id.startswith(sliced_id + "."):
+                break
+            children.append(member)
+        node.members += self._grow(
+            self._slice_copies(sliced_id, slice_name, [node.element, *_flatten(children)]))
+
+    def _slice_copies(self, sliced_id: str, slice_name: str, own: list[Json]) -> list[Json]:
+        """The new slice: copies of the sliced element and its children (``own``, the
+        element first), renamed; the element given its slicing if it is an extension."""
+        sliced = own[0]
         if "slicing" not in sliced:
             if sliced["path"].rsplit(".", 1)[-1] in ("extension", "modifierExtension"):
                 sliced["slicing"] = copy.deepcopy(EXTENSION_SLICING)
             else:
                 raise ProfileError(f"{self.url}: slice {sliced_id}:{slice_name} needs slicing "
                                    f"on {sliced_id}")
-        children = []
-        for member in node.members:  # the children come first, then the slices
-            if not member.id.startswith(sliced_id + "."):
-                break
-            children.append(member)
-        own = [sliced, *_flatten(children)]
         new = []
         for el in own:
             c = copy.deepcopy(el)
@@ -244,7 +255,7 @@ class Snapshot:
         head.pop("slicing", None)
         head["sliceName"] = slice_name
         head["min"] = 0
-        node.members += self._grow(new)
+        return new
 
     def merge(self, diff: Json) -> None:
         element_id = diff["id"]

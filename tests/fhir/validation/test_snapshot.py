@@ -1,7 +1,8 @@
 """Snapshot generation (gateway.fhir.validation.snapshot) is linear in the snapshot's
 size, and makes what the flat-list generator it replaced made.
 
-The reference (:class:`_ListSnapshot`) is that generator's placement of elements:
+The reference (:class:`_ListSnapshot`) is that generator's placement of elements
+(what it places, a type's children and a slice's copies, is the generator's own):
 the snapshot as one list, re-indexed by id after every insertion, a slice placed
 after a scan for the end of the sliced element's group. Its work grew with the
 square of the number of slices; the outputs are compared at sizes it still makes
@@ -95,56 +96,17 @@ class _ListSnapshot(Snapshot):
         return self.flat[self.pos[element_id]]
 
     def _unfold(self, parent_id: str) -> None:
-        parent = self.flat[self.pos[parent_id]]
-        if "contentReference" in parent:
-            ref = parent["contentReference"].lstrip("#")
-            source = [e for e in self.base_sd["snapshot"]["element"]
-                      if e["path"].startswith(ref + ".") and ":" not in e["id"]]
-            prefix = ref
-        else:
-            types = parent.get("type", [])
-            if len(types) != 1:
-                raise ProfileError(f"{self.url}: cannot constrain inside {parent_id}: it has "
-                                   f"{len(types)} types; restrict it to one first")
-            t = types[0]
-            profiles = t.get("profile", [])
-            if profiles and t["code"] != "Extension":
-                raise ProfileError(f"{self.url}: profiled {t['code']} at {parent_id} is not "
-                                   "supported")
-            sd = self.defs.get(profiles[0]) if profiles else self.defs.type_definition(t["code"])
-            root, *source = sd["snapshot"]["element"]
-            prefix = root["id"]
-        children = []
-        for src in source:
-            child = copy.deepcopy(src)
-            child["id"] = parent_id + src["id"][len(prefix):]
-            child["path"] = parent["path"] + src["path"][len(prefix):]
-            children.append(child)
+        children = self._type_children(self.flat[self.pos[parent_id]], parent_id)
         self._insert(self.pos[parent_id] + 1, children)
 
     def _add_slice(self, sliced_id: str, slice_name: str) -> None:
-        sliced = self.flat[self.pos[sliced_id]]
-        if "slicing" not in sliced:
-            if sliced["path"].rsplit(".", 1)[-1] in ("extension", "modifierExtension"):
-                sliced["slicing"] = copy.deepcopy(snapshot_module.EXTENSION_SLICING)
-            else:
-                raise ProfileError(f"{self.url}: slice {sliced_id}:{slice_name} needs slicing "
-                                   f"on {sliced_id}")
         start = self.pos[sliced_id]
-        own = [sliced]
+        own = [self.flat[start]]
         for el in self.flat[start + 1:]:
             if not el["id"].startswith(sliced_id + "."):
                 break
             own.append(el)
-        new = []
-        for el in own:
-            c = copy.deepcopy(el)
-            c["id"] = f"{sliced_id}:{slice_name}{el['id'][len(sliced_id):]}"
-            new.append(c)
-        head = new[0]
-        head.pop("slicing", None)
-        head["sliceName"] = slice_name
-        head["min"] = 0
+        new = self._slice_copies(sliced_id, slice_name, own)
         self._insert(self._group_end(sliced_id), new)
 
 
